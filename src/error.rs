@@ -1,0 +1,183 @@
+//! The one error type of the crate.
+//!
+//! Every variant says what was asked (device, region, range, IOVA, fd) and, where
+//! the kernel refused, carries its errno as a [`std::io::Error`].
+
+use std::io;
+
+use crate::range::ByteRange;
+
+/// Errors returned by dmabuf-p2p.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A system call on a named object failed; `source` holds the errno.
+    #[error("{op} on {target}: {source}")]
+    Sys {
+        /// The operation, e.g. `"VFIO_DEVICE_FEATURE(DMA_BUF)"` or `"open"`.
+        op: &'static str,
+        /// What it was applied to, e.g. `"0000:01:00.0 BAR2"` or `"/dev/iommu"`.
+        target: String,
+        /// The kernel's answer.
+        #[source]
+        source: io::Error,
+    },
+
+    /// A byte range is unusable for the object it addresses. Checked before any
+    /// ioctl, so the range named is the one that was wrong.
+    #[error("range {range} of {target}: {problem}")]
+    InvalidRange {
+        /// What the range addresses, e.g. `"0000:01:00.0 BAR2 (1 MiB)"`.
+        target: String,
+        /// The offending range.
+        range: ByteRange,
+        /// What is wrong with it.
+        problem: RangeProblem,
+    },
+
+    /// A region index that cannot be exported or used as a memory BAR.
+    #[error("{device} region {index}: {problem}")]
+    InvalidRegion {
+        /// The PCI address of the device.
+        device: String,
+        /// The VFIO region index.
+        index: u32,
+        /// What is wrong with it.
+        problem: String,
+    },
+
+    /// A PCI device is missing, or not usable the way it was asked for.
+    #[error("PCI device {device}: {problem}")]
+    Device {
+        /// The PCI address (or what was given as one).
+        device: String,
+        /// What is wrong.
+        problem: String,
+    },
+
+    /// A file descriptor that was expected to be a dma-buf is not one.
+    #[error("fd {fd} is not a dma-buf: {problem}")]
+    NotDmaBuf {
+        /// The raw fd number, for the message only.
+        fd: i32,
+        /// What it is instead, or why it could not be checked.
+        problem: String,
+    },
+
+    /// iommufd cannot import this dma-buf: it has more than one range, or it is
+    /// not a VFIO (P2P) dma-buf. `IOMMU_IOAS_MAP_FILE` answered `EOPNOTSUPP`.
+    #[error("iommufd cannot import dma-buf {buffer}: {problem}")]
+    NotImportable {
+        /// The buffer, e.g. `"udmabuf (64 KiB)"` or `"vfio_pci_core, 2 ranges"`.
+        buffer: String,
+        /// Why.
+        problem: String,
+        /// The kernel's answer.
+        #[source]
+        source: io::Error,
+    },
+
+    /// The exporter has revoked the buffer (`ENODEV` from the kernel).
+    #[error("dma-buf {buffer} is revoked by its exporter")]
+    Revoked {
+        /// The buffer.
+        buffer: String,
+    },
+
+    /// The exporter does not allow `mmap` of this dma-buf.
+    #[error("mmap of dma-buf {buffer} refused by exporter {exporter}: {source}")]
+    MmapRefused {
+        /// The buffer.
+        buffer: String,
+        /// The exporter name from fdinfo.
+        exporter: String,
+        /// The kernel's answer.
+        #[source]
+        source: io::Error,
+    },
+
+    /// A memfd breaks a udmabuf rule (seals, size, alignment).
+    #[error("memfd for udmabuf: {problem}")]
+    Memfd {
+        /// Which rule.
+        problem: String,
+    },
+
+    /// An IOVA is unusable: misaligned, outside the allowed ranges, or taken.
+    #[error("IOVA {iova:#x} (+{length:#x}) in IOAS {ioas}: {problem}")]
+    InvalidIova {
+        /// The IOAS id.
+        ioas: u32,
+        /// The requested IOVA.
+        iova: u64,
+        /// The requested length.
+        length: u64,
+        /// What is wrong.
+        problem: String,
+    },
+
+    /// Text (sysfs, fdinfo, a PCI address, a range spec) could not be parsed.
+    #[error("cannot parse {what} {input:?}: {problem}")]
+    Parse {
+        /// What kind of text, e.g. `"PCI address"`.
+        what: &'static str,
+        /// The input, possibly shortened.
+        input: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+/// What is wrong with a [`ByteRange`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RangeProblem {
+    /// Length zero.
+    #[error("length is zero")]
+    Empty,
+    /// Offset or length is not a multiple of the page size.
+    #[error("not aligned to {align:#x} bytes")]
+    Unaligned {
+        /// The required alignment.
+        align: u64,
+    },
+    /// `offset + length` does not fit in 64 bits.
+    #[error("offset + length overflows")]
+    Overflow,
+    /// The range ends past the end of the object.
+    #[error("ends past the end ({end:#x} > {size:#x})")]
+    OutOfBounds {
+        /// Where the range ends (exclusive).
+        end: u64,
+        /// The object's size.
+        size: u64,
+    },
+    /// Too many ranges, or none.
+    #[error("{0}")]
+    Count(String),
+}
+
+/// Result alias.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Builds [`Error::Sys`] from the current `errno`.
+    pub(crate) fn last_os(op: &'static str, target: impl Into<String>) -> Self {
+        Self::Sys { op, target: target.into(), source: io::Error::last_os_error() }
+    }
+
+    /// Builds [`Error::Sys`] from an [`io::Error`].
+    pub(crate) fn sys(op: &'static str, target: impl Into<String>, source: io::Error) -> Self {
+        Self::Sys { op, target: target.into(), source }
+    }
+
+    /// The errno behind this error, if the kernel gave one.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            Self::Sys { source, .. } | Self::NotImportable { source, .. } | Self::MmapRefused { source, .. } => {
+                source.raw_os_error()
+            }
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! Safe peer-to-peer DMA on Linux, the dma-buf way.
+//!
+//! * **Exporters** ([`exporter`]) turn memory into dma-buf fds: a VFIO PCI BAR
+//!   range (`VFIO_DEVICE_FEATURE_DMA_BUF`), memfd pages (udmabuf), or a dma-heap
+//!   allocation.
+//! * The **handle** [`DmaBuf`] owns one dma-buf fd.
+//! * **Importers** ([`importer`]) map a dma-buf into an iommufd IO address space
+//!   (`IOMMU_IOAS_MAP_FILE`) at an IOVA that devices then DMA to.
+//!
+//! See `docs/ARCHITECTURE.md` for the layers and which kernel object each type owns.
+
+pub mod error;
+pub mod range;
+pub mod sys;
+
+pub use error::{Error, RangeProblem, Result};
+pub use range::ByteRange;

@@ -1,0 +1,1 @@
+//! Raw Linux uAPI bindings (placeholder until the generated bindings land).

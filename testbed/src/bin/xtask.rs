@@ -1,0 +1,3 @@
+//! `cargo xtask`: developer and CI tasks for dmabuf-p2p.
+
+fn main() {}

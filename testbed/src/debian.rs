@@ -1,0 +1,157 @@
+//! Fetching Debian packages newer than the machine's own suite without touching
+//! the machine's apt configuration.
+//!
+//! Mixing a newer suite into `/etc/apt` upgrades libc and breaks the machine, so
+//! every call here points apt at a private sources list, private package lists
+//! and a private archive cache under the test bed's cache directory.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::{cache_dir, run_checked, Error, Result};
+
+/// The suite the 7.2 packages come from.
+pub const NEWER_SUITE: &str = "sid";
+
+/// A private apt root: sources list, lists and archives, all under `root`.
+#[derive(Debug, Clone)]
+pub struct PrivateApt {
+    root: PathBuf,
+}
+
+impl PrivateApt {
+    /// The private apt root in the test bed's cache directory.
+    pub fn new() -> Result<Self> {
+        let root = cache_dir()?.join("apt");
+        for sub in ["lists/partial", "archives/partial"] {
+            fs::create_dir_all(root.join(sub))
+                .map_err(|e| Error::io(format!("creating {}", root.join(sub).display()), e))?;
+        }
+        let me = Self { root };
+        me.write_sources()?;
+        Ok(me)
+    }
+
+    /// Writes `sources.list` from the machine's Debian entry, with the suite
+    /// replaced by [`NEWER_SUITE`].
+    fn write_sources(&self) -> Result<()> {
+        let system = Path::new("/etc/apt/sources.list.d/debian.sources");
+        let (uri, keyring) = match fs::read_to_string(system) {
+            Ok(text) => parse_deb822_debian_entry(&text),
+            Err(_) => (None, None),
+        };
+        let uri = uri.unwrap_or_else(|| "http://deb.debian.org/debian".to_owned());
+        let keyring =
+            keyring.unwrap_or_else(|| "/usr/share/keyrings/debian-archive-keyring.gpg".to_owned());
+        let text = format!(
+            "Types: deb\nURIs: {uri}\nSuites: {NEWER_SUITE}\nComponents: main\nSigned-By: {keyring}\n"
+        );
+        let path = self.root.join("private.sources");
+        fs::write(&path, text).map_err(|e| Error::io(format!("writing {}", path.display()), e))
+    }
+
+    fn apt_get(&self) -> Command {
+        let mut cmd = Command::new("apt-get");
+        let r = self.root.display();
+        cmd.args([
+            "-q",
+            "-o",
+            &format!("Dir::Etc::SourceList={r}/private.sources"),
+            "-o",
+            "Dir::Etc::SourceParts=/dev/null",
+            "-o",
+            &format!("Dir::State::Lists={r}/lists"),
+            "-o",
+            &format!("Dir::Cache::Archives={r}/archives"),
+            "-o",
+            &format!("Dir::Cache::pkgcache={r}/pkgcache.bin"),
+            "-o",
+            &format!("Dir::Cache::srcpkgcache={r}/srcpkgcache.bin"),
+            "-o",
+            "APT::Sandbox::User=root",
+        ]);
+        cmd
+    }
+
+    /// Refreshes the private package lists.
+    pub fn update(&self) -> Result<()> {
+        let mut cmd = self.apt_get();
+        cmd.arg("update");
+        run_checked(&mut cmd, "apt-get update (private sources list)")
+    }
+
+    /// Downloads `package` (optionally `=version`) into `dest` and returns the
+    /// `.deb` path. A `.deb` already in `dest` is reused without asking apt.
+    pub fn download(&self, package: &str, dest: &Path) -> Result<PathBuf> {
+        let name = package.split('=').next().unwrap_or(package);
+        if let Some(found) = find_deb(dest, name)? {
+            return Ok(found);
+        }
+        fs::create_dir_all(dest).map_err(|e| Error::io(format!("creating {}", dest.display()), e))?;
+        self.update()?;
+        let mut cmd = self.apt_get();
+        cmd.arg("download").arg(package).current_dir(dest);
+        run_checked(&mut cmd, &format!("apt-get download {package}"))?;
+        find_deb(dest, name)?.ok_or_else(|| Error::Setup(format!("apt-get download {package} left no .deb in {}", dest.display())))
+    }
+}
+
+/// Unpacks a `.deb` into `dest` without installing it.
+pub fn extract_deb(deb: &Path, dest: &Path) -> Result<()> {
+    fs::create_dir_all(dest).map_err(|e| Error::io(format!("creating {}", dest.display()), e))?;
+    let mut cmd = Command::new("dpkg-deb");
+    cmd.arg("-x").arg(deb).arg(dest);
+    run_checked(&mut cmd, &format!("dpkg-deb -x {}", deb.display()))
+}
+
+fn find_deb(dir: &Path, name: &str) -> Result<Option<PathBuf>> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Ok(None);
+    };
+    let prefix = format!("{name}_");
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
+        let file = entry.file_name();
+        let file = file.to_string_lossy();
+        if file.starts_with(&prefix) && file.ends_with(".deb") {
+            return Ok(Some(entry.path()));
+        }
+    }
+    Ok(None)
+}
+
+/// Finds the Debian archive entry (`URIs`, `Signed-By`) in a deb822 sources file.
+fn parse_deb822_debian_entry(text: &str) -> (Option<String>, Option<String>) {
+    for stanza in text.split("\n\n") {
+        let mut uri = None;
+        let mut key = None;
+        for line in stanza.lines() {
+            if let Some(v) = line.strip_prefix("URIs:") {
+                uri = v.split_whitespace().next().map(str::to_owned);
+            } else if let Some(v) = line.strip_prefix("Signed-By:") {
+                key = Some(v.trim().to_owned());
+            }
+        }
+        if let Some(u) = &uri {
+            if u.ends_with("/debian") {
+                return (uri, key);
+            }
+        }
+    }
+    (None, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_the_main_archive_not_security() {
+        let text = "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm\nSigned-By: /k.gpg\n\n\
+                    Types: deb\nURIs: http://deb.debian.org/debian-security\nSuites: bookworm-security\n";
+        let (uri, key) = parse_deb822_debian_entry(text);
+        assert_eq!(uri.as_deref(), Some("http://deb.debian.org/debian"));
+        assert_eq!(key.as_deref(), Some("/k.gpg"));
+    }
+}
