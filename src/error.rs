@@ -155,6 +155,16 @@ pub enum RangeProblem {
     /// Too many ranges, or none.
     #[error("{0}")]
     Count(String),
+    /// The lengths of a range list add up to more than 64 bits can hold.
+    #[error("total length of the ranges overflows 64 bits")]
+    TotalOverflow,
+    /// The lengths of a range list add up to a total with bit 63 set, which the
+    /// kernel refuses for a dma-buf export.
+    #[error("total length {total:#x} is too large (bit 63 set)")]
+    TotalTooLarge {
+        /// The running total when it first reached 2^63.
+        total: u64,
+    },
 }
 
 /// Result alias.

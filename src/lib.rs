@@ -10,8 +10,12 @@
 //! See `docs/ARCHITECTURE.md` for the layers and which kernel object each type owns.
 
 pub mod error;
+pub mod fdinfo;
+pub mod pci;
 pub mod range;
 pub mod sys;
+pub mod sysfs;
 
 pub use error::{Error, RangeProblem, Result};
+pub use pci::{PciAddress, TargetSpec};
 pub use range::ByteRange;

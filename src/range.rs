@@ -1,8 +1,37 @@
 //! Byte ranges and their checks (pure arithmetic, host-tested).
+//!
+//! * [`ByteRange`]: `[offset, offset + length)` inside an object (a BAR, a buffer),
+//!   with checked arithmetic, validation ([`ByteRange::check_in`]) and the CLI
+//!   syntax `OFFSET+LEN` ([`str::parse`]).
+//! * [`validate_export_ranges`]: the kernel's rules for the range list of a VFIO
+//!   BAR dma-buf export, checked before any ioctl so the error names the range.
+//! * [`PhysRange`] and [`map_to_phys`]: BAR-relative ranges turned into CPU
+//!   physical ranges, without silent overflow.
+//! * [`page_size`] and [`parse_size`]: small helpers the checks and the CLI share.
 
 use std::fmt;
+use std::str::FromStr;
+use std::sync::OnceLock;
+
+use crate::error::{Error, RangeProblem, Result};
+
+/// The largest total length a VFIO dma-buf export accepts, plus one: the kernel
+/// refuses a total with bit 63 set (`DMA_IOVA_USE_SWIOTLB`).
+const TOTAL_LIMIT: u64 = 1 << 63;
 
 /// A byte range `[offset, offset + length)` inside some object (a BAR, a buffer).
+///
+/// Its text form, used by [`fmt::Display`] and [`FromStr`], is `OFFSET+LEN`:
+///
+/// ```
+/// use dmabuf_p2p::ByteRange;
+///
+/// let r: ByteRange = "0x1000+8K".parse()?;
+/// assert_eq!(r, ByteRange::new(0x1000, 0x2000));
+/// assert_eq!(r.to_string(), "0x1000+0x2000");
+/// assert_eq!(r.end(), Some(0x3000));
+/// # Ok::<(), dmabuf_p2p::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct ByteRange {
     /// Start, in bytes from the start of the object.
@@ -16,10 +45,404 @@ impl ByteRange {
     pub const fn new(offset: u64, length: u64) -> Self {
         Self { offset, length }
     }
+
+    /// The exclusive end, `offset + length`, or `None` if it does not fit in 64 bits.
+    ///
+    /// ```
+    /// use dmabuf_p2p::ByteRange;
+    /// assert_eq!(ByteRange::new(0x1000, 0x1000).end(), Some(0x2000));
+    /// assert_eq!(ByteRange::new(u64::MAX, 1).end(), None);
+    /// ```
+    pub const fn end(&self) -> Option<u64> {
+        self.offset.checked_add(self.length)
+    }
+
+    /// Whether the range has length zero.
+    pub const fn is_empty(&self) -> bool {
+        self.length == 0
+    }
+
+    /// Whether byte `pos` lies inside the range. An empty range contains nothing.
+    ///
+    /// Works for ranges whose end does not fit in 64 bits, too.
+    ///
+    /// ```
+    /// use dmabuf_p2p::ByteRange;
+    /// let r = ByteRange::new(0x1000, 0x1000);
+    /// assert!(r.contains(0x1000) && r.contains(0x1fff));
+    /// assert!(!r.contains(0x2000) && !r.contains(0xfff));
+    /// ```
+    pub const fn contains(&self, pos: u64) -> bool {
+        // `pos - offset` cannot underflow once `pos >= offset`.
+        pos >= self.offset && pos - self.offset < self.length
+    }
+
+    /// Whether `other` lies entirely inside `self`. An empty `other` is inside
+    /// `self` if its offset is within `[offset, offset + length]`.
+    ///
+    /// ```
+    /// use dmabuf_p2p::ByteRange;
+    /// let bar = ByteRange::new(0, 0x10000);
+    /// assert!(bar.contains_range(&ByteRange::new(0x1000, 0x2000)));
+    /// assert!(!bar.contains_range(&ByteRange::new(0xf000, 0x2000)));
+    /// ```
+    pub const fn contains_range(&self, other: &ByteRange) -> bool {
+        if other.offset < self.offset {
+            return false;
+        }
+        let rel = other.offset - self.offset;
+        // Everything is compared as distances from `self.offset`, so no sum of
+        // two arbitrary u64 values is ever formed.
+        rel <= self.length && other.length <= self.length - rel
+    }
+
+    /// Whether the two ranges share at least one byte. Empty ranges overlap nothing.
+    ///
+    /// ```
+    /// use dmabuf_p2p::ByteRange;
+    /// let a = ByteRange::new(0x0, 0x2000);
+    /// assert!(a.overlaps(&ByteRange::new(0x1000, 0x2000)));
+    /// assert!(!a.overlaps(&ByteRange::new(0x2000, 0x1000)));
+    /// ```
+    pub const fn overlaps(&self, other: &ByteRange) -> bool {
+        if self.length == 0 || other.length == 0 {
+            return false;
+        }
+        if self.offset <= other.offset {
+            other.offset - self.offset < self.length
+        } else {
+            self.offset - other.offset < other.length
+        }
+    }
+
+    /// Whether offset and length are both multiples of `align`. An `align` of 0
+    /// or 1 means "no alignment required".
+    pub const fn is_aligned(&self, align: u64) -> bool {
+        align <= 1 || (self.offset % align == 0 && self.length % align == 0)
+    }
+
+    /// Checks that the range is usable inside an object of `size` bytes whose
+    /// ranges must be aligned to `align` bytes (0 or 1: no alignment rule).
+    ///
+    /// The checks run in this order and the first failing one is reported:
+    /// length zero ([`RangeProblem::Empty`]), offset or length not a multiple of
+    /// `align` ([`RangeProblem::Unaligned`]), `offset + length` beyond 64 bits
+    /// ([`RangeProblem::Overflow`]), end past `size` ([`RangeProblem::OutOfBounds`]).
+    ///
+    /// ```
+    /// use dmabuf_p2p::{ByteRange, RangeProblem};
+    /// let page = 4096;
+    /// assert_eq!(ByteRange::new(0, 0x2000).check_in(0x2000, page), Ok(()));
+    /// assert_eq!(ByteRange::new(0, 0).check_in(0x2000, page), Err(RangeProblem::Empty));
+    /// assert_eq!(
+    ///     ByteRange::new(0x1000, 0x2000).check_in(0x2000, page),
+    ///     Err(RangeProblem::OutOfBounds { end: 0x3000, size: 0x2000 })
+    /// );
+    /// ```
+    pub fn check_in(self, size: u64, align: u64) -> Result<(), RangeProblem> {
+        if self.length == 0 {
+            return Err(RangeProblem::Empty);
+        }
+        if !self.is_aligned(align) {
+            return Err(RangeProblem::Unaligned { align });
+        }
+        let end = self.end().ok_or(RangeProblem::Overflow)?;
+        if end > size {
+            return Err(RangeProblem::OutOfBounds { end, size });
+        }
+        Ok(())
+    }
+
+    /// The physical range this BAR-relative range occupies when the BAR starts
+    /// at physical address `bar_start`. Fails with [`RangeProblem::Overflow`] if
+    /// `bar_start + offset + length` does not fit in 64 bits (the kernel answers
+    /// `EOVERFLOW` in that case).
+    ///
+    /// ```
+    /// use dmabuf_p2p::{ByteRange, range::PhysRange};
+    /// let p = ByteRange::new(0x1000, 0x2000).to_phys(0xfe00_0000)?;
+    /// assert_eq!(p, PhysRange::new(0xfe00_1000, 0x2000));
+    /// # Ok::<(), dmabuf_p2p::RangeProblem>(())
+    /// ```
+    pub fn to_phys(self, bar_start: u64) -> Result<PhysRange, RangeProblem> {
+        let start = bar_start.checked_add(self.offset).ok_or(RangeProblem::Overflow)?;
+        start.checked_add(self.length).ok_or(RangeProblem::Overflow)?;
+        Ok(PhysRange { start, length: self.length })
+    }
 }
 
 impl fmt::Display for ByteRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:#x}+{:#x}", self.offset, self.length)
+    }
+}
+
+impl FromStr for ByteRange {
+    type Err = Error;
+
+    /// Parses `OFFSET+LEN`. Each number is hexadecimal with a `0x` prefix or
+    /// decimal, optionally followed by a binary size suffix (see [`parse_size`]).
+    /// Surrounding whitespace is ignored. The range is not validated against
+    /// any object here; use [`ByteRange::check_in`] for that.
+    fn from_str(s: &str) -> Result<Self> {
+        const WHAT: &str = "byte range";
+        let t = s.trim();
+        let Some((off, len)) = t.split_once('+') else {
+            return Err(parse_error(WHAT, s, "expected OFFSET+LEN, e.g. 0x1000+4K"));
+        };
+        let offset = parse_number(off).map_err(|p| parse_error(WHAT, s, format!("offset: {p}")))?;
+        let length = parse_number(len).map_err(|p| parse_error(WHAT, s, format!("length: {p}")))?;
+        Ok(Self { offset, length })
+    }
+}
+
+/// A range of CPU physical addresses, `[start, start + length)`.
+///
+/// Displayed in hex with an exclusive end, `0xfe001000..0xfe003000`; the end is
+/// computed in 128 bits so even a range ending at 2^64 prints correctly.
+///
+/// ```
+/// use dmabuf_p2p::range::PhysRange;
+/// assert_eq!(PhysRange::new(0xfe00_1000, 0x2000).to_string(), "0xfe001000..0xfe003000");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct PhysRange {
+    /// First physical address.
+    pub start: u64,
+    /// Length in bytes.
+    pub length: u64,
+}
+
+impl PhysRange {
+    /// A physical range of `length` bytes at `start`.
+    pub const fn new(start: u64, length: u64) -> Self {
+        Self { start, length }
+    }
+
+    /// The exclusive end, or `None` if it does not fit in 64 bits.
+    pub const fn end(&self) -> Option<u64> {
+        self.start.checked_add(self.length)
+    }
+
+    /// The page frame numbers `[first, last]` this range touches for pages of
+    /// `page` bytes, or `None` for an empty range, a zero page size, or an end
+    /// past 2^64.
+    ///
+    /// ```
+    /// use dmabuf_p2p::range::PhysRange;
+    /// assert_eq!(PhysRange::new(0x1800, 0x1000).pfns(0x1000), Some((1, 2)));
+    /// ```
+    pub const fn pfns(&self, page: u64) -> Option<(u64, u64)> {
+        if page == 0 || self.length == 0 {
+            return None;
+        }
+        match self.start.checked_add(self.length - 1) {
+            Some(last) => Some((self.start / page, last / page)),
+            None => None,
+        }
+    }
+}
+
+impl fmt::Display for PhysRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let end = u128::from(self.start) + u128::from(self.length);
+        write!(f, "{:#x}..{:#x}", self.start, end)
+    }
+}
+
+/// The CPU page size in bytes, from `sysconf(_SC_PAGESIZE)`, read once and cached.
+///
+/// Falls back to 4096 if `sysconf` gives no usable answer.
+///
+/// ```
+/// let page = dmabuf_p2p::range::page_size();
+/// assert!(page.is_power_of_two() && page >= 4096);
+/// ```
+pub fn page_size() -> u64 {
+    static PAGE: OnceLock<u64> = OnceLock::new();
+    *PAGE.get_or_init(|| {
+        // SAFETY: sysconf takes an integer name, touches no memory of ours and is
+        // thread-safe; _SC_PAGESIZE is a valid name on every Linux libc.
+        let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        match u64::try_from(v) {
+            Ok(p) if p.is_power_of_two() => p,
+            _ => 4096,
+        }
+    })
+}
+
+/// Checks the range list of a VFIO BAR dma-buf export against the kernel's
+/// rules (uAPI reference D.2), before any ioctl, and returns the total length
+/// (the size the dma-buf will have).
+///
+/// * the list must not be empty ([`RangeProblem::Count`]);
+/// * each range must pass [`ByteRange::check_in`]`(bar_size, align)`;
+/// * the sum of the lengths must fit in 64 bits ([`RangeProblem::TotalOverflow`])
+///   and must not have bit 63 set ([`RangeProblem::TotalTooLarge`]).
+///
+/// Ranges may overlap, repeat or come in any order, as the kernel allows.
+/// `target` names the BAR in the error, e.g. `"0000:00:04.0 BAR2 (1 MiB)"`; the
+/// error's `range` is the first offending one (for an empty list, `0x0+0x0`).
+///
+/// ```
+/// use dmabuf_p2p::{range::validate_export_ranges, ByteRange, Error, RangeProblem};
+///
+/// let ranges = [ByteRange::new(0, 0x1000), ByteRange::new(0x4000, 0x2000)];
+/// assert_eq!(validate_export_ranges("BAR2", &ranges, 0x10000, 0x1000)?, 0x3000);
+///
+/// let bad = [ByteRange::new(0, 0x1000), ByteRange::new(0x800, 0x1000)];
+/// match validate_export_ranges("BAR2", &bad, 0x10000, 0x1000) {
+///     Err(Error::InvalidRange { range, problem: RangeProblem::Unaligned { .. }, .. }) => {
+///         assert_eq!(range, bad[1]);
+///     }
+///     other => panic!("unexpected {other:?}"),
+/// }
+/// # Ok::<(), dmabuf_p2p::Error>(())
+/// ```
+pub fn validate_export_ranges(target: &str, ranges: &[ByteRange], bar_size: u64, align: u64) -> Result<u64> {
+    let invalid = |range: ByteRange, problem: RangeProblem| Error::InvalidRange {
+        target: target.to_owned(),
+        range,
+        problem,
+    };
+    if ranges.is_empty() {
+        return Err(invalid(ByteRange::new(0, 0), RangeProblem::Count("no ranges given".to_owned())));
+    }
+    let mut total: u64 = 0;
+    for &range in ranges {
+        range.check_in(bar_size, align).map_err(|p| invalid(range, p))?;
+        total = total.checked_add(range.length).ok_or_else(|| invalid(range, RangeProblem::TotalOverflow))?;
+        if total >= TOTAL_LIMIT {
+            return Err(invalid(range, RangeProblem::TotalTooLarge { total }));
+        }
+    }
+    Ok(total)
+}
+
+/// Maps BAR-relative ranges to physical ranges, given the BAR's physical start
+/// address. Every sum is checked: a range whose physical end does not fit in 64
+/// bits gives [`Error::InvalidRange`] with [`RangeProblem::Overflow`], naming
+/// `target` and the range. Bounds against the BAR size are not checked here
+/// (see [`validate_export_ranges`]).
+///
+/// ```
+/// use dmabuf_p2p::{range::{map_to_phys, PhysRange}, ByteRange};
+/// let phys = map_to_phys("BAR2", 0xfe00_0000, &[ByteRange::new(0x1000, 0x1000)])?;
+/// assert_eq!(phys, vec![PhysRange::new(0xfe00_1000, 0x1000)]);
+/// # Ok::<(), dmabuf_p2p::Error>(())
+/// ```
+pub fn map_to_phys(target: &str, bar_start: u64, ranges: &[ByteRange]) -> Result<Vec<PhysRange>> {
+    ranges
+        .iter()
+        .map(|&range| {
+            range.to_phys(bar_start).map_err(|problem| Error::InvalidRange {
+                target: target.to_owned(),
+                range,
+                problem,
+            })
+        })
+        .collect()
+}
+
+/// Parses a size or offset: `0x`-prefixed hex or decimal, optionally followed by
+/// a binary suffix `K`, `M`, `G` or `T` (case-insensitive, optionally followed
+/// by `iB`), meaning 2^10, 2^20, 2^30, 2^40. Surrounding whitespace is ignored.
+///
+/// ```
+/// use dmabuf_p2p::range::parse_size;
+/// assert_eq!(parse_size("4K")?, 4096);
+/// assert_eq!(parse_size("0x2M")?, 0x20_0000);
+/// assert_eq!(parse_size("1GiB")?, 1 << 30);
+/// assert!(parse_size("12Q").is_err());
+/// # Ok::<(), dmabuf_p2p::Error>(())
+/// ```
+pub fn parse_size(s: &str) -> Result<u64> {
+    parse_number(s).map_err(|p| parse_error("size", s, p))
+}
+
+/// The number parser behind [`parse_size`] and [`ByteRange::from_str`]; the
+/// error is the problem text only.
+fn parse_number(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    if t.is_empty() {
+        return Err("empty number".to_owned());
+    }
+    let (body, shift) = split_suffix(t);
+    let value = if let Some(hex) = body.strip_prefix("0x").or_else(|| body.strip_prefix("0X")) {
+        parse_digits(hex, 16).ok_or_else(|| format!("{body:?} is not a hex number"))?
+    } else {
+        parse_digits(body, 10).ok_or_else(|| format!("{body:?} is not a number (decimal, or hex with 0x)"))?
+    };
+    if shift == 0 {
+        return Ok(value);
+    }
+    if value.leading_zeros() < shift {
+        return Err(format!("{t:?} does not fit in 64 bits"));
+    }
+    Ok(value << shift)
+}
+
+/// Splits a size suffix off `t`, returning the rest and the shift it means.
+fn split_suffix(t: &str) -> (&str, u32) {
+    let core = t
+        .strip_suffix("iB")
+        .filter(|c| c.ends_with(|ch: char| matches!(ch.to_ascii_uppercase(), 'K' | 'M' | 'G' | 'T')))
+        .unwrap_or(t);
+    let shift = match core.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => 10,
+        Some('M') => 20,
+        Some('G') => 30,
+        Some('T') => 40,
+        _ => return (t, 0),
+    };
+    // The suffix is one ASCII byte, so slicing it off stays on a char boundary.
+    (&core[..core.len() - 1], shift)
+}
+
+/// Parses a non-empty run of ASCII digits in `radix` (no sign, no prefix).
+pub(crate) fn parse_digits(s: &str, radix: u32) -> Option<u64> {
+    if s.is_empty() || !s.chars().all(|c| c.is_digit(radix)) {
+        return None;
+    }
+    u64::from_str_radix(s, radix).ok()
+}
+
+/// Builds [`Error::Parse`], shortening very long inputs so messages stay readable.
+pub(crate) fn parse_error(what: &'static str, input: &str, problem: impl Into<String>) -> Error {
+    const MAX: usize = 80;
+    let input = if input.chars().count() > MAX {
+        let mut short: String = input.chars().take(MAX).collect();
+        short.push('…');
+        short
+    } else {
+        input.to_owned()
+    };
+    Error::Parse { what, input, problem: problem.into() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suffixes() {
+        assert_eq!(parse_number("2M"), Ok(2 << 20));
+        assert_eq!(parse_number("2m"), Ok(2 << 20));
+        assert_eq!(parse_number("0x10k"), Ok(0x4000));
+        assert_eq!(parse_number("0x1b"), Ok(0x1b));
+        assert_eq!(parse_number("3TiB"), Ok(3 << 40));
+        assert!(parse_number("iB").is_err());
+        assert!(parse_number("K").is_err());
+        assert!(parse_number("+5").is_err());
+        assert!(parse_number("16777216T").is_err());
+        assert_eq!(parse_number("16777215T"), Ok(16_777_215 << 40));
+    }
+
+    #[test]
+    fn contains_range_edges() {
+        let all = ByteRange::new(0, u64::MAX);
+        assert!(all.contains_range(&ByteRange::new(u64::MAX, 0)));
+        assert!(!all.contains_range(&ByteRange::new(u64::MAX, 1)));
+        assert!(ByteRange::new(5, 0).contains_range(&ByteRange::new(5, 0)));
     }
 }
