@@ -1,1 +1,384 @@
-//! (Being written.)
+//! The QEMU launcher: q35 with an emulated intel-iommu, one `edu` DMA engine and
+//! `ivshmem-plain` devices backed by host files, each on its own PCIe root port
+//! (so they can be hot-unplugged), with a QMP socket.
+//!
+//! Serial port 0 carries the kernel console (saved, then scanned for kernel
+//! warnings); serial port 1 carries the guest's report, which the host streams.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{Error, Result};
+
+/// One ivshmem device: the guest sees its BAR2 as `size` bytes of memory, and
+/// the host sees the same bytes in `backing`.
+#[derive(Debug, Clone)]
+pub struct Ivshmem {
+    /// QEMU id, also the name the guest report uses (`shm0`, `shm1`, ...).
+    pub id: String,
+    /// Size of the shared memory (a power of two, at least 4 KiB).
+    pub size: u64,
+}
+
+/// How to accelerate the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualisation through `/dev/kvm`.
+    Kvm,
+    /// Software emulation.
+    Tcg,
+}
+
+impl Accel {
+    /// KVM when `/dev/kvm` really works (a VM can be created), else TCG.
+    /// `DMABUF_P2P_ACCEL=kvm|tcg` overrides the probe.
+    pub fn detect() -> Self {
+        match std::env::var("DMABUF_P2P_ACCEL").as_deref() {
+            Ok("kvm") => return Self::Kvm,
+            Ok("tcg") => return Self::Tcg,
+            _ => {}
+        }
+        if !kvm_marker().is_some_and(|m| m.exists()) && kvm_works() {
+            Self::Kvm
+        } else {
+            Self::Tcg
+        }
+    }
+}
+
+impl Accel {
+    /// Records that KVM here boots too slowly to be useful, so later runs go
+    /// straight to TCG. Delete the marker (in the cache dir) to try again.
+    pub fn remember_kvm_is_slow() {
+        if let Some(m) = kvm_marker() {
+            let _ = fs::write(m, "KVM did not boot the test kernel within the deadline\n");
+        }
+    }
+}
+
+fn kvm_marker() -> Option<PathBuf> {
+    crate::cache_dir().ok().map(|d| d.join("kvm-too-slow"))
+}
+
+/// Whether KVM can really run a guest here: in a forked child, creates a VM
+/// whose only instruction (at the x86 reset vector) is `hlt`, runs its vCPU and
+/// expects a HLT exit within two seconds. Some sandboxes offer a `/dev/kvm`
+/// that answers ioctls but never runs a vCPU; this tells them apart.
+pub fn kvm_works() -> bool {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        return false;
+    }
+    // SAFETY: fork() in the child only performs raw syscalls and _exit()s;
+    // it allocates nothing and takes no locks.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return false;
+    }
+    if pid == 0 {
+        let ok = kvm_hlt_probe();
+        // SAFETY: terminate the forked child without running atexit handlers.
+        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let mut status = 0;
+        // SAFETY: waiting on our own child with a valid status pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            return libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+        }
+        if r < 0 || Instant::now() > deadline {
+            // SAFETY: killing and reaping our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Runs in the forked child: raw syscalls only.
+fn kvm_hlt_probe() -> bool {
+    const KVM_GET_API_VERSION: libc::c_ulong = 0xAE00;
+    const KVM_CREATE_VM: libc::c_ulong = 0xAE01;
+    const KVM_GET_VCPU_MMAP_SIZE: libc::c_ulong = 0xAE04;
+    const KVM_CREATE_VCPU: libc::c_ulong = 0xAE41;
+    const KVM_SET_USER_MEMORY_REGION: libc::c_ulong = 0x4020_AE46;
+    const KVM_RUN: libc::c_ulong = 0xAE80;
+    const KVM_EXIT_HLT: u32 = 5;
+    #[repr(C)]
+    struct Region {
+        slot: u32,
+        flags: u32,
+        guest_phys_addr: u64,
+        memory_size: u64,
+        userspace_addr: u64,
+    }
+    // SAFETY: a sequence of KVM ioctls on fds this child opens, with argument
+    // types matching each request; the memory and run areas are fresh mmaps.
+    unsafe {
+        let kvm = libc::open(c"/dev/kvm".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+        if kvm < 0 || libc::ioctl(kvm, KVM_GET_API_VERSION, 0) != 12 {
+            return false;
+        }
+        let vm = libc::ioctl(kvm, KVM_CREATE_VM, 0);
+        if vm < 0 {
+            return false;
+        }
+        let size = 0x10000usize;
+        let mem = libc::mmap(std::ptr::null_mut(), size, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
+        if mem == libc::MAP_FAILED {
+            return false;
+        }
+        // The reset vector is 0xfffffff0: offset 0xfff0 of a 64 KiB slot at 0xffff0000.
+        *(mem as *mut u8).add(0xfff0) = 0xf4;
+        let region = Region { slot: 0, flags: 0, guest_phys_addr: 0xffff_0000, memory_size: size as u64, userspace_addr: mem as u64 };
+        if libc::ioctl(vm, KVM_SET_USER_MEMORY_REGION, &region) != 0 {
+            return false;
+        }
+        let vcpu = libc::ioctl(vm, KVM_CREATE_VCPU, 0);
+        let run_size = libc::ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
+        if vcpu < 0 || run_size <= 0 {
+            return false;
+        }
+        let run = libc::mmap(std::ptr::null_mut(), run_size as usize, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, vcpu, 0);
+        if run == libc::MAP_FAILED || libc::ioctl(vcpu, KVM_RUN, 0) != 0 {
+            return false;
+        }
+        // exit_reason is the u32 at offset 8 of struct kvm_run.
+        *((run as *const u8).add(8) as *const u32) == KVM_EXIT_HLT
+    }
+}
+
+/// The VM's shape.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// bzImage to boot.
+    pub kernel: PathBuf,
+    /// initramfs (newc cpio) to boot.
+    pub initrd: PathBuf,
+    /// Directory for the run's files (backing files, logs, QMP socket).
+    pub run_dir: PathBuf,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// Guest CPUs.
+    pub cpus: u32,
+    /// 2 MiB huge pages reserved on the kernel command line.
+    pub hugepages: u32,
+    /// ivshmem devices, in order.
+    pub ivshmem: Vec<Ivshmem>,
+    /// Whether to add the edu DMA engine.
+    pub edu: bool,
+    /// Extra kernel command line.
+    pub extra_cmdline: String,
+    /// Acceleration.
+    pub accel: Accel,
+}
+
+impl VmConfig {
+    /// The standard test VM: 1 GiB, 2 CPUs, edu, a 1 MiB and a 64 MiB ivshmem.
+    pub fn standard(kernel: PathBuf, initrd: PathBuf, run_dir: PathBuf) -> Self {
+        Self {
+            kernel,
+            initrd,
+            run_dir,
+            memory_mib: 1024,
+            cpus: 2,
+            hugepages: 64,
+            ivshmem: vec![
+                Ivshmem { id: "shm0".into(), size: 1 << 20 },
+                Ivshmem { id: "shm1".into(), size: 64 << 20 },
+            ],
+            edu: true,
+            extra_cmdline: String::new(),
+            accel: Accel::detect(),
+        }
+    }
+
+    /// Host path of an ivshmem device's backing file.
+    pub fn backing_file(&self, id: &str) -> PathBuf {
+        self.run_dir.join(format!("{id}.mem"))
+    }
+
+    /// Where the kernel console is written.
+    pub fn console_log(&self) -> PathBuf {
+        self.run_dir.join("console.log")
+    }
+
+    /// Where the guest report is written.
+    pub fn report_log(&self) -> PathBuf {
+        self.run_dir.join("report.log")
+    }
+
+    /// The socket carrying the guest report (and the host's answers).
+    pub fn report_socket(&self) -> PathBuf {
+        self.run_dir.join("report.sock")
+    }
+
+    /// The QMP socket.
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.run_dir.join("qmp.sock")
+    }
+
+    /// The full QEMU argument list.
+    pub fn args(&self) -> Vec<String> {
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |s: &str| a.push(s.to_owned());
+        match self.accel {
+            // Interrupt remapping under KVM needs the split irqchip.
+            Accel::Kvm => {
+                push("-machine");
+                push("q35,accel=kvm,kernel-irqchip=split");
+                push("-cpu");
+                push("host");
+            }
+            Accel::Tcg => {
+                push("-machine");
+                push("q35,accel=tcg");
+                push("-cpu");
+                push("max");
+            }
+        }
+        let mut a2 = vec![
+            "-smp".to_owned(),
+            self.cpus.to_string(),
+            "-m".to_owned(),
+            format!("{}M", self.memory_mib),
+            "-display".to_owned(),
+            "none".to_owned(),
+            "-vga".to_owned(),
+            "none".to_owned(),
+            "-monitor".to_owned(),
+            "none".to_owned(),
+            "-no-reboot".to_owned(),
+            "-nodefaults".to_owned(),
+            "-serial".to_owned(),
+            format!("file:{}", self.console_log().display()),
+            // The report port is a socket so the host can also answer the guest;
+            // wait=on holds the VM until the host has connected.
+            "-chardev".to_owned(),
+            format!("socket,id=report,path={},server=on,wait=on", self.report_socket().display()),
+            "-serial".to_owned(),
+            "chardev:report".to_owned(),
+            "-qmp".to_owned(),
+            format!("unix:{},server=on,wait=off", self.qmp_socket().display()),
+            // The IOMMU must come before the devices it translates for.
+            "-device".to_owned(),
+            if self.accel == Accel::Kvm { "intel-iommu,intremap=on".to_owned() } else { "intel-iommu".to_owned() },
+        ];
+        a.append(&mut a2);
+        let mut port = 0u32;
+        let mut root_port = |a: &mut Vec<String>| -> String {
+            let id = format!("rp{port}");
+            a.push("-device".into());
+            a.push(format!("pcie-root-port,id={id},bus=pcie.0,chassis={},slot={},addr={:#x}", port + 1, port + 1, 0x10 + port));
+            port += 1;
+            id
+        };
+        if self.edu {
+            let rp = root_port(&mut a);
+            a.push("-device".into());
+            a.push(format!("edu,id=edu0,bus={rp},dma_mask=0xffffffffffffffff"));
+        }
+        for shm in &self.ivshmem {
+            let rp = root_port(&mut a);
+            a.push("-object".into());
+            a.push(format!(
+                "memory-backend-file,id=mem-{},mem-path={},size={},share=on",
+                shm.id,
+                self.backing_file(&shm.id).display(),
+                shm.size
+            ));
+            a.push("-device".into());
+            a.push(format!("ivshmem-plain,id={},memdev=mem-{},bus={rp}", shm.id, shm.id));
+        }
+        a.push("-kernel".into());
+        a.push(self.kernel.display().to_string());
+        a.push("-initrd".into());
+        a.push(self.initrd.display().to_string());
+        a.push("-append".into());
+        a.push(format!(
+            "console=ttyS0 intel_iommu=on panic=-1 oops=panic hugepages={} {}",
+            self.hugepages, self.extra_cmdline
+        ));
+        a
+    }
+}
+
+/// A running VM.
+#[derive(Debug)]
+pub struct Vm {
+    child: Child,
+    config: VmConfig,
+    started: Instant,
+}
+
+impl Vm {
+    /// Creates the backing files and starts QEMU.
+    pub fn start(config: VmConfig) -> Result<Self> {
+        fs::create_dir_all(&config.run_dir)
+            .map_err(|e| Error::io(format!("creating {}", config.run_dir.display()), e))?;
+        for shm in &config.ivshmem {
+            let path = config.backing_file(&shm.id);
+            // A fresh, zeroed (sparse) file each boot.
+            let f = fs::File::create(&path).map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+            f.set_len(shm.size).map_err(|e| Error::io(format!("sizing {}", path.display()), e))?;
+        }
+        for p in [config.console_log(), config.report_log(), config.qmp_socket(), config.report_socket()] {
+            let _ = fs::remove_file(p);
+        }
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(config.args())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(config.run_dir.join("qemu.stderr")).map_err(|e| Error::io("creating qemu.stderr", e))?);
+        let child = cmd.spawn().map_err(|e| Error::io("starting qemu-system-x86_64", e))?;
+        Ok(Self { child, config, started: Instant::now() })
+    }
+
+    /// The configuration the VM was started with.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Time since start.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Returns the exit status if QEMU has exited.
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
+        self.child.try_wait().map_err(|e| Error::io("waiting for qemu", e))
+    }
+
+    /// Kills QEMU (if still running) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// What QEMU wrote on stderr.
+    pub fn stderr_text(&self) -> String {
+        fs::read_to_string(self.config.run_dir.join("qemu.stderr")).unwrap_or_default()
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Reads the bytes `[offset, offset + len)` of a file.
+pub fn read_range(path: &Path, offset: u64, len: u64) -> Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = fs::File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    f.seek(SeekFrom::Start(offset)).map_err(|e| Error::io(format!("seeking {}", path.display()), e))?;
+    let mut buf = vec![0u8; usize::try_from(len).map_err(|_| Error::Setup(format!("range too large: {len}")))?];
+    f.read_exact(&mut buf).map_err(|e| Error::io(format!("reading {} at {offset:#x}+{len:#x}", path.display()), e))?;
+    Ok(buf)
+}

@@ -1,1 +1,205 @@
-//! (Being written.)
+//! The guest's report, line by line, and the verdict on a run.
+//!
+//! The guest writes its report on its second serial port. Ordinary lines are
+//! shown as they are (libtest's `test x ... ok` lines among them); lines starting
+//! with `@@` are directives for the host:
+//!
+//! * `@@booted <uptime>`: init reached userspace and bound the devices;
+//! * `@@host-check <shm> <offset> <len> fnv1a64=<hex>`: after the run, the host
+//!   hashes that range of the device's backing file and compares;
+//! * `@@exit <status>`: the guest job finished with this status.
+
+use std::fmt;
+
+/// The outcome of one libtest test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Passed.
+    Ok,
+    /// Failed.
+    Failed,
+    /// Ignored (counted, and fails a run that must not skip).
+    Ignored,
+}
+
+/// A host-side check requested by the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostCheck {
+    /// ivshmem device id (`shm0`, ...).
+    pub shm: String,
+    /// Offset into the backing file.
+    pub offset: u64,
+    /// Length.
+    pub len: u64,
+    /// Expected FNV-1a 64 hash of the bytes.
+    pub fnv1a64: u64,
+}
+
+impl fmt::Display for HostCheck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{:#x}+{:#x}", self.shm, self.offset, self.len)
+    }
+}
+
+/// One parsed report line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Line {
+    /// `test NAME ... ok|FAILED|ignored`.
+    Test(String, Outcome),
+    /// `@@booted`.
+    Booted,
+    /// `@@host-check ...`.
+    HostCheck(HostCheck),
+    /// `@@exit N`.
+    Exit(i32),
+    /// A directive that could not be parsed.
+    BadDirective(String),
+    /// Anything else.
+    Text,
+}
+
+fn parse_num(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+/// Parses one report line.
+pub fn parse_line(line: &str) -> Line {
+    let line = line.trim_end_matches(['\r', '\n']);
+    if let Some(rest) = line.strip_prefix("@@") {
+        let mut words = rest.split_whitespace();
+        return match words.next() {
+            Some("booted") => Line::Booted,
+            Some("exit") => match words.next().and_then(|w| w.parse().ok()) {
+                Some(n) => Line::Exit(n),
+                None => Line::BadDirective(line.to_owned()),
+            },
+            Some("host-check") => {
+                let shm = words.next().map(str::to_owned);
+                let offset = words.next().and_then(parse_num);
+                let len = words.next().and_then(parse_num);
+                let hash = words
+                    .next()
+                    .and_then(|w| w.strip_prefix("fnv1a64="))
+                    .and_then(|h| u64::from_str_radix(h.trim_start_matches("0x"), 16).ok());
+                match (shm, offset, len, hash) {
+                    (Some(shm), Some(offset), Some(len), Some(fnv1a64)) => {
+                        Line::HostCheck(HostCheck { shm, offset, len, fnv1a64 })
+                    }
+                    _ => Line::BadDirective(line.to_owned()),
+                }
+            }
+            _ => Line::BadDirective(line.to_owned()),
+        };
+    }
+    if let Some(rest) = line.strip_prefix("test ") {
+        if let Some((name, outcome)) = rest.rsplit_once(" ... ") {
+            let outcome = match outcome.trim() {
+                "ok" => Some(Outcome::Ok),
+                "FAILED" => Some(Outcome::Failed),
+                o if o.starts_with("ignored") => Some(Outcome::Ignored),
+                _ => None,
+            };
+            if let Some(o) = outcome {
+                return Line::Test(name.trim().to_owned(), o);
+            }
+        }
+    }
+    Line::Text
+}
+
+/// FNV-1a, 64 bit: the hash both sides use for host checks.
+pub fn fnv1a64(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in data {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Lines of the kernel console that fail a run: warnings, bugs, oopses, panics.
+pub fn kernel_problems(console: &str) -> Vec<String> {
+    const BAD: &[&str] = &["WARNING:", "BUG:", "Oops", "Kernel panic", "general protection fault", "UBSAN:", "KASAN:"];
+    console
+        .lines()
+        .filter(|l| BAD.iter().any(|b| l.contains(b)))
+        .map(|l| l.trim_end_matches('\r').to_owned())
+        .collect()
+}
+
+/// Everything the host learned from one run's report.
+#[derive(Debug, Default, Clone)]
+pub struct Report {
+    /// Whether init reported that it booted.
+    pub booted: bool,
+    /// Tests in the order they finished.
+    pub tests: Vec<(String, Outcome)>,
+    /// Host checks requested.
+    pub host_checks: Vec<HostCheck>,
+    /// The guest job's exit status.
+    pub exit: Option<i32>,
+    /// Directives that did not parse.
+    pub bad_directives: Vec<String>,
+}
+
+impl Report {
+    /// Folds one line into the report.
+    pub fn add(&mut self, line: &str) {
+        match parse_line(line) {
+            Line::Test(n, o) => self.tests.push((n, o)),
+            Line::Booted => self.booted = true,
+            Line::HostCheck(c) => self.host_checks.push(c),
+            Line::Exit(n) => self.exit = Some(n),
+            Line::BadDirective(d) => self.bad_directives.push(d),
+            Line::Text => {}
+        }
+    }
+
+    /// Count of tests with `outcome`.
+    pub fn count(&self, outcome: Outcome) -> usize {
+        self.tests.iter().filter(|(_, o)| *o == outcome).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libtest_lines() {
+        assert_eq!(parse_line("test smoke::iommu ... ok\r"), Line::Test("smoke::iommu".into(), Outcome::Ok));
+        assert_eq!(parse_line("test a::b ... FAILED"), Line::Test("a::b".into(), Outcome::Failed));
+        assert_eq!(parse_line("test a::b ... ignored, slow"), Line::Test("a::b".into(), Outcome::Ignored));
+        assert_eq!(parse_line("test result: ok. 3 passed; 0 failed"), Line::Text);
+        assert_eq!(parse_line("running 3 tests"), Line::Text);
+    }
+
+    #[test]
+    fn directives() {
+        assert_eq!(parse_line("@@exit 101"), Line::Exit(101));
+        assert_eq!(parse_line("@@booted 1.23"), Line::Booted);
+        assert_eq!(
+            parse_line("@@host-check shm0 0x1000 4096 fnv1a64=00ff"),
+            Line::HostCheck(HostCheck { shm: "shm0".into(), offset: 0x1000, len: 4096, fnv1a64: 0xff })
+        );
+        assert!(matches!(parse_line("@@exit x"), Line::BadDirective(_)));
+        assert!(matches!(parse_line("@@host-check shm0 1"), Line::BadDirective(_)));
+        assert!(matches!(parse_line("@@nonsense"), Line::BadDirective(_)));
+    }
+
+    #[test]
+    fn fnv_known_values() {
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+
+    #[test]
+    fn kernel_problems_found() {
+        let log = "ok line\n[ 1.0] WARNING: CPU: 0 PID: 1 at x.c:1\r\n[ 2.0] BUG: kernel NULL pointer\nfine\n";
+        assert_eq!(kernel_problems(log).len(), 2);
+        assert!(kernel_problems("all good\n").is_empty());
+    }
+}

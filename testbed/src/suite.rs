@@ -1,1 +1,389 @@
-//! (Being written.)
+//! One VM run from start to verdict: build the guest binaries, pack the
+//! initramfs, boot, stream the report, run the host checks and judge.
+
+use std::fs;
+use std::io::{BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::initramfs::Initramfs;
+use crate::qemu::{read_range, Accel, Vm, VmConfig};
+use crate::qmp::Qmp;
+use crate::report::{fnv1a64, kernel_problems, Outcome, Report};
+use crate::{kernel, run_captured, workspace_root, Error, Result};
+
+/// The guest's init, packed as `/init`.
+pub const INIT: &str = include_str!("../guest/init.sh");
+
+/// Where guest binaries live in the VM.
+pub const GUEST_VM_TESTS: &str = "/bin/vm-tests";
+/// The CLI inside the VM.
+pub const GUEST_CLI: &str = "/bin/dmabuf-p2p";
+
+/// Host paths of the binaries that go into the VM.
+#[derive(Debug, Clone)]
+pub struct GuestBinaries {
+    /// The libtest binary of the in-VM suite (`vm-tests` crate), if built.
+    pub vm_tests: Option<PathBuf>,
+    /// The `dmabuf-p2p` CLI.
+    pub cli: PathBuf,
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+/// Executables of the given kind from cargo's JSON messages.
+fn executables(json: &str, kind: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for line in json.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        if v["reason"] != "compiler-artifact" {
+            continue;
+        }
+        let kinds = v["target"]["kind"].as_array().cloned().unwrap_or_default();
+        if !kinds.iter().any(|k| k == kind) {
+            continue;
+        }
+        if let Some(exe) = v["executable"].as_str() {
+            out.push(PathBuf::from(exe));
+        }
+    }
+    out
+}
+
+/// Builds the CLI and (if `with_tests`) the in-VM suite with cargo, on the host.
+pub fn build_guest_binaries(with_tests: bool) -> Result<GuestBinaries> {
+    eprintln!("testbed: building the guest binaries");
+    let mut cmd = cargo();
+    cmd.args(["build", "--package", "dmabuf-p2p", "--bin", "dmabuf-p2p", "--message-format=json-render-diagnostics"]);
+    let out = run_captured(&mut cmd, "cargo build (dmabuf-p2p CLI)")?;
+    let cli = executables(&out, "bin")
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::Setup("cargo build reported no dmabuf-p2p executable".into()))?;
+    let vm_tests = if with_tests {
+        let mut cmd = cargo();
+        cmd.args(["test", "--package", "dmabuf-p2p-vm-tests", "--test", "vm", "--no-run", "--message-format=json-render-diagnostics"]);
+        let out = run_captured(&mut cmd, "cargo test --no-run (vm-tests)")?;
+        Some(
+            executables(&out, "test")
+                .into_iter()
+                .next()
+                .ok_or_else(|| Error::Setup("cargo test --no-run reported no vm-tests executable".into()))?,
+        )
+    } else {
+        None
+    };
+    Ok(GuestBinaries { vm_tests, cli })
+}
+
+/// What one run should do.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    /// A short name; the run directory is `target/testbed/<name>`.
+    pub name: String,
+    /// Shell script run by the guest's init, with the report port as stdio.
+    pub job: String,
+    /// Whether this run is a test run: it then must report at least one test
+    /// and no test may fail or be ignored.
+    pub expect_tests: bool,
+    /// Longest time the VM may run.
+    pub timeout: Duration,
+    /// Print the guest's report lines as they arrive.
+    pub stream: bool,
+}
+
+impl RunSpec {
+    /// A run of `job` named `name` with the default timeout
+    /// (`DMABUF_P2P_VM_TIMEOUT` seconds, else 900).
+    pub fn new(name: &str, job: String, expect_tests: bool) -> Self {
+        let secs = std::env::var("DMABUF_P2P_VM_TIMEOUT").ok().and_then(|s| s.parse().ok()).unwrap_or(900);
+        Self { name: name.to_owned(), job, expect_tests, timeout: Duration::from_secs(secs), stream: true }
+    }
+}
+
+/// The verdict on a run.
+#[derive(Debug, Clone)]
+pub struct Verdict {
+    /// The parsed report.
+    pub report: Report,
+    /// Host checks run, with their outcome.
+    pub host_checks: Vec<(String, std::result::Result<(), String>)>,
+    /// Why the run failed; empty when it passed.
+    pub failures: Vec<String>,
+    /// The run directory (logs, backing files).
+    pub run_dir: PathBuf,
+    /// Wall time of the VM.
+    pub elapsed: Duration,
+}
+
+impl Verdict {
+    /// Whether the run passed.
+    pub fn passed(&self) -> bool {
+        self.failures.is_empty()
+    }
+}
+
+/// Packs the initramfs for `spec` with `bins`.
+pub fn pack_initramfs(spec: &RunSpec, bins: &GuestBinaries, dest: &Path) -> Result<()> {
+    let mut fs_ = Initramfs::new();
+    fs_.host_binary("/bin/busybox", Path::new("/bin/busybox"))?;
+    fs_.file("/init", 0o755, INIT.as_bytes().to_vec());
+    fs_.file("/etc/testbed/job.sh", 0o755, spec.job.as_bytes().to_vec());
+    fs_.file("/etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n".to_vec());
+    fs_.file("/etc/group", 0o644, b"root:x:0:\nnogroup:x:65534:\n".to_vec());
+    for d in ["/proc", "/sys", "/dev", "/tmp", "/root", "/run"] {
+        fs_.dir(d);
+    }
+    fs_.host_binary(GUEST_CLI, &bins.cli)?;
+    if let Some(t) = &bins.vm_tests {
+        fs_.host_binary(GUEST_VM_TESTS, t)?;
+    }
+    fs_.write_to(dest)
+}
+
+/// Boots the VM for `spec`, streams the report and judges the run. A VM that
+/// cannot be started is an `Err`; a run that fails is a [`Verdict`] with failures.
+pub fn run(spec: &RunSpec, bins: &GuestBinaries, tweak: impl FnOnce(&mut VmConfig)) -> Result<Verdict> {
+    let kernel = kernel::resolve()?;
+    let run_dir = workspace_root().join("target/testbed").join(&spec.name);
+    fs::create_dir_all(&run_dir).map_err(|e| Error::io(format!("creating {}", run_dir.display()), e))?;
+    let initrd = run_dir.join("initramfs.cpio");
+    pack_initramfs(spec, bins, &initrd)?;
+    let mut config = VmConfig::standard(kernel, initrd, run_dir.clone());
+    tweak(&mut config);
+    let mut report;
+    let mut failures = Vec::new();
+    let (config, stderr, elapsed) = loop {
+        eprintln!(
+            "testbed: booting {} ({:?}, {} MiB, {} ivshmem) — logs in {}",
+            config.kernel.display(),
+            config.accel,
+            config.memory_mib,
+            config.ivshmem.len(),
+            run_dir.display()
+        );
+        let accel = config.accel;
+        let mut vm = Vm::start(config.clone())?;
+        report = Report::default();
+        // A KVM that boots slower than software emulation is no use: give it
+        // a deadline to reach userspace, then fall back to TCG for good.
+        let boot_deadline = (accel == Accel::Kvm).then_some(KVM_BOOT_DEADLINE);
+        let outcome = stream(&mut vm, spec, &mut report, boot_deadline);
+        let elapsed = vm.elapsed();
+        vm.kill();
+        let stderr = vm.stderr_text();
+        drop(vm);
+        match outcome {
+            Err(StreamError::KvmUnusable) => {
+                eprintln!(
+                    "testbed: KVM did not boot the guest (QEMU failed, or no userspace within {} s); using software emulation (TCG) from now on",
+                    KVM_BOOT_DEADLINE.as_secs()
+                );
+                Accel::remember_kvm_is_slow();
+                config.accel = Accel::Tcg;
+                continue;
+            }
+            Err(StreamError::Failed(why)) => failures.push(why),
+            Ok(()) => {}
+        }
+        break (config, stderr, elapsed);
+    };
+
+    let console = fs::read_to_string(config.console_log()).unwrap_or_default();
+    for line in kernel_problems(&console) {
+        failures.push(format!("kernel log: {line}"));
+    }
+    if !report.booted {
+        failures.push("the guest never reached userspace (boot failure)".into());
+    }
+    match report.exit {
+        None => failures.push("the guest job did not finish (no exit status: timeout, panic or crash)".into()),
+        Some(0) => {}
+        Some(n) => failures.push(format!("the guest job exited with status {n}")),
+    }
+    for d in &report.bad_directives {
+        failures.push(format!("malformed report directive: {d}"));
+    }
+    if spec.expect_tests {
+        if report.tests.is_empty() {
+            failures.push("the guest suite reported no tests".into());
+        }
+        for (name, o) in &report.tests {
+            match o {
+                Outcome::Failed => failures.push(format!("test failed: {name}")),
+                Outcome::Ignored => failures.push(format!("test ignored (the VM suite must run everything): {name}")),
+                Outcome::Ok => {}
+            }
+        }
+    }
+    let mut host_checks = Vec::new();
+    for c in &report.host_checks {
+        let path = config.backing_file(&c.shm);
+        let res = read_range(&path, c.offset, c.len).map_err(|e| e.to_string()).and_then(|bytes| {
+            let got = fnv1a64(&bytes);
+            if got == c.fnv1a64 {
+                Ok(())
+            } else {
+                Err(format!("backing file hash {got:016x}, guest expected {:016x}", c.fnv1a64))
+            }
+        });
+        if let Err(e) = &res {
+            failures.push(format!("host check {c}: {e}"));
+        }
+        host_checks.push((c.to_string(), res));
+    }
+    if !failures.is_empty() && !stderr.trim().is_empty() {
+        failures.push(format!("qemu stderr: {}", stderr.trim()));
+    }
+    Ok(Verdict { report, host_checks, failures, run_dir, elapsed })
+}
+
+/// How long KVM may take to reach userspace before the run falls back to TCG
+/// (TCG itself boots in about 4 s).
+const KVM_BOOT_DEADLINE: Duration = Duration::from_secs(20);
+
+#[derive(Debug)]
+enum StreamError {
+    /// KVM failed, or had not booted the guest by its deadline.
+    KvmUnusable,
+    /// The run failed, for the reason given.
+    Failed(String),
+}
+
+/// Connects to the report socket, then reads lines until the guest exits,
+/// QEMU stops or the timeout passes. Answers `@@qmp` requests.
+fn stream(vm: &mut Vm, spec: &RunSpec, report: &mut Report, boot_deadline: Option<Duration>) -> Result<(), StreamError> {
+    let sock_path = vm.config().report_socket();
+    let deadline = Instant::now() + spec.timeout;
+    let sock = loop {
+        match UnixStream::connect(&sock_path) {
+            Ok(s) => break s,
+            Err(e) => {
+                if let Ok(Some(st)) = vm.try_wait() {
+                    return Err(StreamError::Failed(format!("qemu exited before the VM started ({st}): {}", vm.stderr_text().trim())));
+                }
+                if Instant::now() > deadline || vm.elapsed() > Duration::from_secs(30) {
+                    return Err(StreamError::Failed(format!("cannot connect to the report socket {}: {e}", sock_path.display())));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    let _ = sock.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut writer = sock.try_clone().map_err(|e| StreamError::Failed(format!("cloning report socket: {e}")))?;
+    let mut log = fs::File::create(vm.config().report_log()).map_err(|e| StreamError::Failed(format!("creating report log: {e}")))?;
+    let mut reader = BufReader::new(sock);
+    let mut pending: Vec<u8> = Vec::new();
+    let mut qmp: Option<Qmp> = None;
+    loop {
+        let mut buf = [0u8; 4096];
+        match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => pending.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => return Err(StreamError::Failed(format!("reading the report socket: {e}"))),
+        }
+        while let Some(pos) = pending.iter().position(|b| *b == b'\n') {
+            let raw: Vec<u8> = pending.drain(..=pos).collect();
+            let line = String::from_utf8_lossy(&raw).trim_end_matches(['\r', '\n']).to_owned();
+            let _ = writeln!(log, "{line}");
+            if spec.stream && !line.starts_with("@@") {
+                println!("{line}");
+            }
+            if let Some(req) = line.strip_prefix("@@qmp ") {
+                let answer = answer_qmp(vm, &mut qmp, req);
+                let _ = writeln!(writer, "@@qmp-reply {answer}");
+            }
+            report.add(&line);
+        }
+        if report.exit.is_some() {
+            // Let init power off; QEMU exits shortly.
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = vm.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            return Ok(());
+        }
+        if let Ok(Some(st)) = vm.try_wait() {
+            if boot_deadline.is_some() && !report.booted {
+                return Err(StreamError::KvmUnusable);
+            }
+            return Err(StreamError::Failed(format!("qemu exited ({st}) before the guest job finished")));
+        }
+        if let Some(b) = boot_deadline {
+            if !report.booted && vm.elapsed() > b {
+                return Err(StreamError::KvmUnusable);
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(StreamError::Failed(format!("timeout: the VM ran longer than {} s", spec.timeout.as_secs())));
+        }
+    }
+    if report.exit.is_some() {
+        Ok(())
+    } else if boot_deadline.is_some() && !report.booted {
+        Err(StreamError::KvmUnusable)
+    } else {
+        Err(StreamError::Failed("the report socket closed before the guest job finished".into()))
+    }
+}
+
+/// Runs one QMP command for the guest: `req` is `{"execute":..,"arguments":..}`.
+fn answer_qmp(vm: &Vm, qmp: &mut Option<Qmp>, req: &str) -> String {
+    let parsed: serde_json::Value = match serde_json::from_str(req) {
+        Ok(v) => v,
+        Err(e) => return serde_json::json!({ "error": format!("bad request: {e}") }).to_string(),
+    };
+    if qmp.is_none() {
+        match Qmp::connect(&vm.config().qmp_socket()) {
+            Ok(q) => *qmp = Some(q),
+            Err(e) => return serde_json::json!({ "error": e.to_string() }).to_string(),
+        }
+    }
+    let Some(q) = qmp.as_mut() else { return "{\"error\":\"no QMP\"}".into() };
+    let cmd = parsed["execute"].as_str().unwrap_or_default().to_owned();
+    match q.execute(&cmd, parsed["arguments"].clone()) {
+        Ok(v) => serde_json::json!({ "return": v }).to_string(),
+        Err(e) => serde_json::json!({ "error": e.to_string() }).to_string(),
+    }
+}
+
+/// Reads a whole file into a string, for callers printing logs.
+pub fn read_log(path: &Path) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = fs::File::open(path) {
+        let _ = f.read_to_string(&mut s);
+    }
+    s
+}
+
+/// Prints a short account of a verdict: host checks, the closing count and the
+/// reasons for failure with the paths of the saved logs.
+pub fn print_verdict(label: &str, v: &Verdict) {
+    for (name, res) in &v.host_checks {
+        match res {
+            Ok(()) => println!("test host-check::{name} ... ok"),
+            Err(e) => println!("test host-check::{name} ... FAILED ({e})"),
+        }
+    }
+    let passed = v.report.count(Outcome::Ok) + v.host_checks.iter().filter(|(_, r)| r.is_ok()).count();
+    let failed = v.report.count(Outcome::Failed) + v.host_checks.iter().filter(|(_, r)| r.is_err()).count();
+    println!("{label}: VM run took {:.1} s (logs: {})", v.elapsed.as_secs_f64(), v.run_dir.display());
+    if !v.passed() {
+        println!("{label}: FAILED because:");
+        for f in &v.failures {
+            println!("  - {f}");
+        }
+        println!("{label}: kernel console log: {}", v.run_dir.join("console.log").display());
+    }
+    println!("{label}: {passed} passed, {failed} failed");
+}

@@ -1,3 +1,140 @@
 //! `cargo xtask`: developer and CI tasks for dmabuf-p2p.
+//!
+//! * `cargo xtask test` — everything: host tests, then the VM suite (the README's
+//!   test command, called by `.ci/run`).
+//! * `cargo xtask vm-test [FILTER..] [--fail-on-purpose]` — only the VM suite.
+//! * `cargo xtask vm-info` — boot the VM and show what it offers.
+//! * `cargo xtask kernel [--force]` — build (or find) the test kernel.
+//! * `cargo xtask bindings [--check]` — regenerate or check `src/sys/bindings.rs`.
 
-fn main() {}
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use testbed::suite::{self, GuestBinaries, RunSpec};
+use testbed::{deps, kernel, workspace_root, Result};
+
+const USAGE: &str = "usage: cargo xtask <test | vm-test [FILTER..] [--fail-on-purpose] | vm-info | kernel [--force]>";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(cmd) = args.first() else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let rest = &args[1..];
+    let result = match cmd.as_str() {
+        "test" => test_all(),
+        "vm-test" => vm_test(rest),
+        "vm-info" => vm_info(),
+        "kernel" => kernel::resolve().map(|p| {
+            println!("{}", p.display());
+            true
+        }),
+        "-h" | "--help" | "help" => {
+            println!("{USAGE}");
+            Ok(true)
+        }
+        other => {
+            eprintln!("unknown task {other:?}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("xtask {cmd}: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn tests_job(filters: &[String], fail_on_purpose: bool) -> String {
+    let mut job = String::from("export RUST_BACKTRACE=1\n");
+    if fail_on_purpose {
+        job.push_str("export DMABUF_P2P_FAIL_ON_PURPOSE=1\n");
+    }
+    job.push_str(suite::GUEST_VM_TESTS);
+    job.push_str(" --test-threads=1");
+    for f in filters {
+        job.push(' ');
+        job.push_str(&shell_quote(f));
+    }
+    job.push('\n');
+    job
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// Runs the VM suite; returns whether it passed.
+fn run_suite(bins: &GuestBinaries, filters: &[String], fail_on_purpose: bool, name: &str) -> Result<bool> {
+    let spec = RunSpec::new(name, tests_job(filters, fail_on_purpose), true);
+    let verdict = suite::run(&spec, bins, |_| {})?;
+    suite::print_verdict("vm-suite", &verdict);
+    Ok(verdict.passed())
+}
+
+fn vm_test(args: &[String]) -> Result<bool> {
+    deps::ensure(deps::VM_TOOLS)?;
+    let fail = args.iter().any(|a| a == "--fail-on-purpose");
+    let filters: Vec<String> = args.iter().filter(|a| !a.starts_with("--")).cloned().collect();
+    let bins = suite::build_guest_binaries(true)?;
+    run_suite(&bins, &filters, fail, "vm-test")
+}
+
+fn vm_info() -> Result<bool> {
+    deps::ensure(deps::VM_TOOLS)?;
+    let bins = suite::build_guest_binaries(false)?;
+    let job = include_str!("../../guest/info.sh").to_owned();
+    let spec = RunSpec::new("vm-info", job, false);
+    let verdict = suite::run(&spec, &bins, |_| {})?;
+    if !verdict.passed() {
+        suite::print_verdict("vm-info", &verdict);
+    }
+    Ok(verdict.passed())
+}
+
+/// The README's test command: host tests, then the VM suite, then a check that
+/// the test bed itself notices a failing guest test.
+fn test_all() -> Result<bool> {
+    let start = Instant::now();
+    deps::ensure(deps::VM_TOOLS)?;
+    // Resolve the kernel first: a bad DMABUF_P2P_KERNEL should fail fast.
+    let k = kernel::resolve()?;
+    eprintln!("testbed: kernel {}", k.display());
+
+    eprintln!("testbed: host tests");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let host_ok = Command::new(&cargo)
+        .current_dir(workspace_root())
+        .args(["test", "--workspace", "--exclude", "dmabuf-p2p-vm-tests"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !host_ok {
+        eprintln!("testbed: host tests failed");
+        return Ok(false);
+    }
+
+    let bins = suite::build_guest_binaries(true)?;
+    let vm_ok = run_suite(&bins, &[], false, "vm-test")?;
+
+    // The test bed must be able to fail: one test that fails on purpose.
+    eprintln!("testbed: self-check: a guest test that fails on purpose must fail the run");
+    let spec = RunSpec {
+        stream: false,
+        ..RunSpec::new("self-check", tests_job(&["testbed::fails_on_purpose".to_owned()], true), true)
+    };
+    let v = suite::run(&spec, &bins, |_| {})?;
+    let self_ok = !v.passed() && v.failures.iter().any(|f| f.contains("testbed::fails_on_purpose"));
+    if self_ok {
+        println!("test testbed-self-check::failing_guest_test_fails_the_run ... ok");
+    } else {
+        println!("test testbed-self-check::failing_guest_test_fails_the_run ... FAILED (failures: {:?})", v.failures);
+    }
+
+    println!("xtask test: finished in {:.1} s", start.elapsed().as_secs_f64());
+    Ok(vm_ok && self_ok)
+}

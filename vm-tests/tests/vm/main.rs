@@ -1,0 +1,6 @@
+//! The in-VM test suite. Built on the host, run inside the test VM by
+//! `cargo xtask vm-test`, one test at a time (`--test-threads=1`), because the
+//! tests share real devices.
+
+mod smoke;
+mod testbed;

@@ -1,0 +1,11 @@
+//! Tests of the test bed itself.
+
+/// Fails when the host asks it to (`cargo xtask vm-test --fail-on-purpose`),
+/// proving that a failing guest test fails the whole run.
+#[test]
+fn fails_on_purpose() {
+    assert!(
+        std::env::var_os("DMABUF_P2P_FAIL_ON_PURPOSE").is_none(),
+        "failing on purpose, as the host asked (DMABUF_P2P_FAIL_ON_PURPOSE is set)"
+    );
+}
