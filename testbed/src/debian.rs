@@ -71,6 +71,9 @@ impl PrivateApt {
             "-o",
             "APT::Sandbox::User=root",
         ]);
+        // apt's chatter goes to stderr, so that a tool printing a result on
+        // stdout (`cargo xtask kernel`) stays usable in `$(...)`.
+        cmd.stdout(std::io::stderr());
         cmd
     }
 
@@ -82,9 +85,11 @@ impl PrivateApt {
     }
 
     /// Downloads `package` (optionally `=version`) into `dest` and returns the
-    /// `.deb` path. A `.deb` already in `dest` is reused without asking apt.
+    /// `.deb` path. A `.deb` already in `dest` is reused without asking apt
+    /// (only one of the requested version, when a version is given).
     pub fn download(&self, package: &str, dest: &Path) -> Result<PathBuf> {
-        let name = package.split('=').next().unwrap_or(package);
+        let name = deb_file_prefix(package);
+        let name = name.as_str();
         if let Some(found) = find_deb(dest, name)? {
             return Ok(found);
         }
@@ -103,6 +108,16 @@ pub fn extract_deb(deb: &Path, dest: &Path) -> Result<()> {
     let mut cmd = Command::new("dpkg-deb");
     cmd.arg("-x").arg(deb).arg(dest);
     run_checked(&mut cmd, &format!("dpkg-deb -x {}", deb.display()))
+}
+
+/// The start of the `.deb` file name apt gives `package` (`name` or
+/// `name=version`), before the next `_`: `name` or `name_version`, with an
+/// epoch's `:` spelled `%3a` as apt does.
+fn deb_file_prefix(package: &str) -> String {
+    match package.split_once('=') {
+        Some((name, version)) => format!("{name}_{}", version.replace(':', "%3a")),
+        None => package.to_owned(),
+    }
 }
 
 fn find_deb(dir: &Path, name: &str) -> Result<Option<PathBuf>> {
@@ -145,6 +160,21 @@ fn parse_deb822_debian_entry(text: &str) -> (Option<String>, Option<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reused_debs_match_the_requested_version() {
+        assert_eq!(deb_file_prefix("linux-source-7.2"), "linux-source-7.2");
+        assert_eq!(deb_file_prefix("linux-source-7.2=7.2.13-1"), "linux-source-7.2_7.2.13-1");
+        assert_eq!(deb_file_prefix("p=1:2.0-1"), "p_1%3a2.0-1");
+        let dir = std::env::temp_dir().join(format!("debian-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("linux-source-7.2_7.2.12-1_all.deb"), b"").unwrap();
+        assert_eq!(find_deb(&dir, &deb_file_prefix("linux-source-7.2=7.2.13-1")).unwrap(), None);
+        fs::write(dir.join("linux-source-7.2_7.2.13-1_all.deb"), b"").unwrap();
+        let found = find_deb(&dir, &deb_file_prefix("linux-source-7.2=7.2.13-1")).unwrap();
+        assert_eq!(found, Some(dir.join("linux-source-7.2_7.2.13-1_all.deb")));
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn picks_the_main_archive_not_security() {

@@ -1,17 +1,934 @@
 //! The guest kernel: taken from `DMABUF_P2P_KERNEL`, from the cache, or built.
-//! (Stub: being written.)
+//!
+//! The kernel is Debian's `linux-source-7.2` (version [`SOURCE_VERSION`]) built
+//! with `x86_64_defconfig` + `kvm_guest.config` + the fragment
+//! `testbed/kernel/fragment.config` (embedded here as [`FRAGMENT`]). It lives in
+//! `<cache>/kernel/<key>/bzImage`, where the key ([`cache_key`]) changes whenever
+//! the source version or the fragment changes, so a changed fragment means a new
+//! build. Building takes 12–25 minutes on 2 cores; point [`KERNEL_ENV`] at a
+//! prebuilt bzImage to skip it.
 
-use std::path::PathBuf;
+use std::collections::{HashMap, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
-use crate::{Error, Result};
+use crate::debian::{extract_deb, PrivateApt};
+use crate::{cache_dir, Error, Result};
 
 /// Environment variable naming a prebuilt bzImage; when set, nothing is built.
 pub const KERNEL_ENV: &str = "DMABUF_P2P_KERNEL";
 
+/// The Debian package holding the kernel source.
+pub const SOURCE_PACKAGE: &str = "linux-source-7.2";
+
+/// The exact version of [`SOURCE_PACKAGE`] that is built.
+pub const SOURCE_VERSION: &str = "7.2.13-1";
+
+/// The Kconfig fragment applied on top of `x86_64_defconfig` + `kvm_guest.config`
+/// (the contents of `testbed/kernel/fragment.config`).
+pub const FRAGMENT: &str = include_str!("../kernel/fragment.config");
+
+/// Debian packages the build needs (bookworm names).
+pub const BUILD_DEPS: &[&str] =
+    &["bc", "bison", "flex", "libelf-dev", "libssl-dev", "cpio", "make", "gcc", "xz-utils"];
+
+/// Bumped whenever the build recipe changes in a way that changes the result, so
+/// that old cache entries are not reused.
+const RECIPE_VERSION: &str = "1";
+
+/// Offset of the x86 boot protocol magic `HdrS` in a bzImage.
+const BOOT_MAGIC_OFFSET: usize = 0x202;
+const BOOT_MAGIC: &[u8; 4] = b"HdrS";
+
+/// How often `make bzImage` progress is printed: every this many objects...
+const PROGRESS_EVERY_OBJECTS: u64 = 500;
+/// ...or after this much time without a progress line.
+const PROGRESS_EVERY: Duration = Duration::from_secs(30);
+/// How many lines of a failed command's output are shown in the error.
+const TAIL_LINES: usize = 40;
+
 /// Returns the bzImage to boot.
+///
+/// If [`KERNEL_ENV`] is set, its path is checked (an existing, non-empty regular
+/// file with the x86 boot header) and returned; nothing is built, and a bad path
+/// is an [`Error::KernelPath`]. Otherwise the cached kernel is returned, building
+/// it first if it is not in the cache.
 pub fn resolve() -> Result<PathBuf> {
-    match std::env::var_os(KERNEL_ENV) {
-        Some(p) => Ok(PathBuf::from(p)),
-        None => Err(Error::Setup("kernel build not written yet".into())),
+    if let Some(value) = std::env::var_os(KERNEL_ENV) {
+        return from_env(PathBuf::from(value));
+    }
+    match cached() {
+        Some(image) => Ok(image),
+        None => build(false),
+    }
+}
+
+/// Checks the path given in [`KERNEL_ENV`] and returns it made absolute.
+fn from_env(path: PathBuf) -> Result<PathBuf> {
+    if path.as_os_str().is_empty() {
+        return Err(Error::KernelPath {
+            path,
+            reason: format!("is set but empty; unset {KERNEL_ENV} to use the cached or built kernel"),
+        });
+    }
+    if let Err(reason) = check_bzimage(&path) {
+        return Err(Error::KernelPath { path, reason });
+    }
+    std::path::absolute(&path).map_err(|e| Error::KernelPath {
+        path: path.clone(),
+        reason: format!("cannot be made absolute: {e}"),
+    })
+}
+
+/// The cached bzImage for the current source version and fragment, if it has
+/// been built (and still looks like a bzImage).
+pub fn cached() -> Option<PathBuf> {
+    let image = key_dir().ok()?.join("bzImage");
+    check_bzimage(&image).is_ok().then_some(image)
+}
+
+/// The cache key: the source version plus a hash of the package name, version,
+/// build recipe and [`FRAGMENT`], e.g. `7.2.13-1-0123456789abcdef`.
+pub fn cache_key() -> String {
+    key_for(SOURCE_PACKAGE, SOURCE_VERSION, FRAGMENT)
+}
+
+/// The directory holding the kernel for the current [`cache_key`]:
+/// `<cache>/kernel/<key>` (with `bzImage`, `config`, `fragment.config`,
+/// `build.log` and the object tree `build/`).
+pub fn key_dir() -> Result<PathBuf> {
+    Ok(kernel_cache()?.join(cache_key()))
+}
+
+/// `cargo xtask kernel [--force]`: makes sure the kernel exists (building it if
+/// needed, or always with `force`) and prints the bzImage path on stdout.
+/// Progress goes to stderr.
+pub fn xtask(force: bool) -> Result<PathBuf> {
+    let image = if force {
+        if std::env::var_os(KERNEL_ENV).is_some() {
+            eprintln!(
+                "kernel: note: {KERNEL_ENV} is set, so test runs boot that kernel, not the one built now"
+            );
+        }
+        build(true)?
+    } else {
+        resolve()?
+    };
+    println!("{}", image.display());
+    Ok(image)
+}
+
+/// Builds the kernel into the cache and returns the installed bzImage.
+///
+/// Without `force`, an already cached kernel is returned as is. With `force`, the
+/// object tree is discarded and everything is rebuilt from a fresh configuration.
+/// Missing build dependencies are installed with apt-get (as root). The source
+/// package is fetched through a private apt sources list ([`PrivateApt`]), so the
+/// machine's apt configuration is never touched.
+pub fn build(force: bool) -> Result<PathBuf> {
+    let kdir = kernel_cache()?;
+    check_path_usable(&kdir)?;
+    let _lock = BuildLock::acquire(&kdir.join(".lock"))?;
+
+    let keydir = kdir.join(cache_key());
+    let image = keydir.join("bzImage");
+    if !force && check_bzimage(&image).is_ok() {
+        eprintln!("kernel: cached: {}", image.display());
+        return Ok(image);
+    }
+    let started = Instant::now();
+    let phase = |n: u32, what: &str| {
+        eprintln!("kernel: [{n}/7] {what} ({} elapsed)", fmt_duration(started.elapsed()));
+    };
+
+    phase(1, "checking build dependencies");
+    ensure_build_deps()?;
+
+    phase(2, &format!("fetching {SOURCE_PACKAGE} {SOURCE_VERSION}"));
+    let src = source_tree(&kdir)?;
+
+    let out = keydir.join("build");
+    if force && out.exists() {
+        eprintln!("kernel: --force: removing {}", out.display());
+        fs::remove_dir_all(&out).map_err(|e| Error::io(format!("removing {}", out.display()), e))?;
+    }
+    mkdir(&out)?;
+    let fragment_path = keydir.join("fragment.config");
+    write_file(&fragment_path, FRAGMENT.as_bytes())?;
+    let log_path = keydir.join("build.log");
+    let mut log = Log::create(&log_path)?;
+    eprintln!("kernel: full build log: {}", log_path.display());
+
+    phase(3, "configuring (x86_64_defconfig + kvm_guest.config + fragment)");
+    let out_arg = format!("O={}", out.display());
+    log.run(make(&src).arg(&out_arg).arg("x86_64_defconfig"), "make x86_64_defconfig", false)?;
+    log.run(make(&src).arg(&out_arg).arg("kvm_guest.config"), "make kvm_guest.config", false)?;
+    let mut merge = Command::new(src.join("scripts/kconfig/merge_config.sh"));
+    merge
+        .current_dir(&src)
+        .arg("-m")
+        .arg("-O")
+        .arg(&out)
+        .arg(out.join(".config"))
+        .arg(&fragment_path);
+    log.run(&mut merge, "merge_config.sh (fragment)", false)?;
+    log.run(make(&src).arg(&out_arg).arg("olddefconfig"), "make olddefconfig", false)?;
+
+    phase(4, "verifying the fragment's options in .config");
+    let config_path = out.join(".config");
+    let config = fs::read_to_string(&config_path)
+        .map_err(|e| Error::io(format!("reading {}", config_path.display()), e))?;
+    verify_config(&src, &config_path, &config)?;
+
+    let jobs = std::thread::available_parallelism().map_or(2, |n| n.get() + 1);
+    phase(5, &format!("make -j{jobs} bzImage (this is the long part: 12-25 minutes on 2 cores)"));
+    log.run(
+        make(&src).arg(&out_arg).arg(format!("-j{jobs}")).arg("bzImage"),
+        "make bzImage",
+        true,
+    )?;
+
+    phase(6, "installing");
+    let built = out.join("arch/x86/boot/bzImage");
+    check_bzimage(&built).map_err(|reason| {
+        Error::Setup(format!("make bzImage succeeded but {} {reason}", built.display()))
+    })?;
+    install(&config_path, &keydir.join("config"))?;
+    install(&built, &image)?;
+
+    phase(7, &format!("done in {}: {}", fmt_duration(started.elapsed()), image.display()));
+    Ok(image)
+}
+
+/// `<cache>/kernel`, absolute (make's `O=` needs an absolute path).
+fn kernel_cache() -> Result<PathBuf> {
+    let dir = cache_dir()?.join("kernel");
+    mkdir(&dir)?;
+    std::path::absolute(&dir).map_err(|e| Error::io(format!("resolving {}", dir.display()), e))
+}
+
+/// Kbuild cannot handle whitespace or colons in the source or object path.
+fn check_path_usable(dir: &Path) -> Result<()> {
+    let text = dir.to_string_lossy();
+    if text.chars().any(|c| c.is_whitespace() || c == ':') {
+        return Err(Error::Setup(format!(
+            "the kernel cannot be built under {}: kbuild does not support spaces or colons in paths; \
+             set DMABUF_P2P_CACHE to a plain path",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// A `make -C <src>` command with a clean kbuild environment.
+fn make(src: &Path) -> Command {
+    let mut cmd = Command::new("make");
+    cmd.arg("-C").arg(src).arg("ARCH=x86");
+    for var in ["MAKEFLAGS", "MFLAGS", "MAKELEVEL", "KBUILD_OUTPUT", "KCONFIG_CONFIG", "CROSS_COMPILE"] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+// ---------------------------------------------------------------------------
+// bzImage check
+
+/// Checks that `path` is a non-empty regular file with the x86 boot header
+/// (`HdrS` at offset 0x202). The error says what is wrong, as a phrase that
+/// follows the path ("does not exist", "is a directory", ...).
+pub fn check_bzimage(path: &Path) -> Result<(), String> {
+    let meta = match fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err("does not exist".into()),
+        Err(e) => return Err(format!("cannot be inspected: {e}")),
+    };
+    if meta.is_dir() {
+        return Err("is a directory, not a bzImage file".into());
+    }
+    if !meta.is_file() {
+        return Err("is not a regular file".into());
+    }
+    if meta.len() == 0 {
+        return Err("is an empty file".into());
+    }
+    let mut head = Vec::with_capacity(BOOT_MAGIC_OFFSET + BOOT_MAGIC.len());
+    let read = File::open(path).and_then(|f| {
+        f.take((BOOT_MAGIC_OFFSET + BOOT_MAGIC.len()) as u64).read_to_end(&mut head)
+    });
+    if let Err(e) = read {
+        return Err(format!("cannot be read: {e}"));
+    }
+    bzimage_header_problem(&head)
+}
+
+/// Checks the start of a file for the x86 boot header.
+fn bzimage_header_problem(head: &[u8]) -> Result<(), String> {
+    let end = BOOT_MAGIC_OFFSET + BOOT_MAGIC.len();
+    match head.get(BOOT_MAGIC_OFFSET..end) {
+        None => Err(format!(
+            "is too short ({} bytes) to be a bzImage: it has no x86 boot header",
+            head.len()
+        )),
+        Some(magic) if magic == BOOT_MAGIC => Ok(()),
+        Some(_) => Err(format!(
+            "is not a bzImage: no x86 boot header (\"HdrS\" at offset {BOOT_MAGIC_OFFSET:#x})"
+        )),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Cache key
+
+fn key_for(package: &str, version: &str, fragment: &str) -> String {
+    let mut hash = Fnv1a::new();
+    for part in [package, version, RECIPE_VERSION, fragment] {
+        hash.write(part.as_bytes());
+        hash.write(&[0]);
+    }
+    let version: String = version
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '+') { c } else { '_' })
+        .collect();
+    format!("{version}-{:016x}", hash.finish())
+}
+
+/// 64-bit FNV-1a: small, stable across Rust versions (unlike `DefaultHasher`).
+struct Fnv1a(u64);
+
+impl Fnv1a {
+    fn new() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Fragment vs .config
+
+/// One fragment option whose value did not make it into `.config`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Mismatch {
+    option: String,
+    wanted: String,
+    /// The value in `.config` (`n` for "is not set"), or `None` if absent.
+    got: Option<String>,
+}
+
+/// Parses a Kconfig fragment: `CONFIG_X=value` and `# CONFIG_X is not set`
+/// lines (the latter as `n`); other comments and blank lines are skipped.
+fn parse_fragment(text: &str) -> Result<Vec<(String, String)>, String> {
+    let mut options = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(name) = not_set(line) {
+            options.push((name.to_owned(), "n".to_owned()));
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        match line.split_once('=') {
+            Some((name, value)) if is_option_name(name) => {
+                options.push((name.to_owned(), value.trim().to_owned()));
+            }
+            _ => {
+                return Err(format!(
+                    "line {}: `{line}` is not a CONFIG_X=value or `# CONFIG_X is not set` line",
+                    n + 1
+                ))
+            }
+        }
+    }
+    Ok(options)
+}
+
+/// Parses a `.config` into option → value, with "is not set" as `n`.
+fn parse_config(text: &str) -> HashMap<String, String> {
+    let mut map = HashMap::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(name) = not_set(line) {
+            map.insert(name.to_owned(), "n".to_owned());
+        } else if let Some((name, value)) = line.split_once('=') {
+            if is_option_name(name) {
+                map.insert(name.to_owned(), value.to_owned());
+            }
+        }
+    }
+    map
+}
+
+/// `# CONFIG_X is not set` → `CONFIG_X`.
+fn not_set(line: &str) -> Option<&str> {
+    let name = line.strip_prefix('#')?.trim_start().strip_suffix(" is not set")?.trim_end();
+    is_option_name(name).then_some(name)
+}
+
+fn is_option_name(name: &str) -> bool {
+    name.strip_prefix("CONFIG_").is_some_and(|rest| {
+        !rest.is_empty() && rest.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    })
+}
+
+/// Every fragment option whose value is not in the config. `=n` also holds
+/// when the option is absent (its dependencies are off, so it is off too).
+fn check_config(fragment: &[(String, String)], config: &HashMap<String, String>) -> Vec<Mismatch> {
+    fragment
+        .iter()
+        .filter_map(|(option, wanted)| {
+            let got = config.get(option);
+            let holds = match got {
+                Some(v) => v == wanted,
+                None => wanted == "n",
+            };
+            (!holds).then(|| Mismatch { option: option.clone(), wanted: wanted.clone(), got: got.cloned() })
+        })
+        .collect()
+}
+
+/// Fails, naming every option, if the fragment does not hold in `config`.
+fn verify_config(src: &Path, config_path: &Path, config: &str) -> Result<()> {
+    let fragment = parse_fragment(FRAGMENT)
+        .map_err(|e| Error::Setup(format!("testbed/kernel/fragment.config {e}")))?;
+    let mismatches = check_config(&fragment, &parse_config(config));
+    if mismatches.is_empty() {
+        eprintln!("kernel: all {} fragment options hold", fragment.len());
+        return Ok(());
+    }
+    let lines: Vec<String> = mismatches
+        .iter()
+        .map(|m| match &m.got {
+            Some(got) => format!("  {}: fragment wants {}, .config has {got}", m.option, m.wanted),
+            None if kconfig_defines(src, &m.option) => format!(
+                "  {}: fragment wants {}, but it is absent from .config (its dependencies are not met)",
+                m.option, m.wanted
+            ),
+            None => format!(
+                "  {}: fragment wants {}, but no Kconfig in {SOURCE_PACKAGE} {SOURCE_VERSION} defines it",
+                m.option, m.wanted
+            ),
+        })
+        .collect();
+    Err(Error::Setup(format!(
+        "{} does not satisfy testbed/kernel/fragment.config:\n{}",
+        config_path.display(),
+        lines.join("\n")
+    )))
+}
+
+/// Whether any `Kconfig*` file under `src` has `config NAME` / `menuconfig NAME`.
+fn kconfig_defines(src: &Path, option: &str) -> bool {
+    let Some(name) = option.strip_prefix("CONFIG_") else {
+        return false;
+    };
+    let mut stack = vec![src.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(kind) = entry.file_type() else { continue };
+            if kind.is_dir() {
+                stack.push(path);
+            } else if entry.file_name().to_string_lossy().starts_with("Kconfig") {
+                let Ok(text) = fs::read_to_string(&path) else { continue };
+                let defines = text.lines().any(|l| {
+                    let mut words = l.split_whitespace();
+                    matches!(words.next(), Some("config" | "menuconfig")) && words.next() == Some(name)
+                });
+                if defines {
+                    return true;
+                }
+            }
+        }
+    }
+    false
+}
+
+// ---------------------------------------------------------------------------
+// Build dependencies
+
+fn ensure_build_deps() -> Result<()> {
+    let mut missing = Vec::new();
+    for &pkg in BUILD_DEPS {
+        let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]).output();
+        match out {
+            Err(e) => {
+                eprintln!(
+                    "kernel: cannot check build dependencies ({e}); assuming {} are installed",
+                    BUILD_DEPS.join(" ")
+                );
+                return Ok(());
+            }
+            Ok(o) => {
+                let status = String::from_utf8_lossy(&o.stdout);
+                if !(o.status.success() && status.split_whitespace().last() == Some("installed")) {
+                    missing.push(pkg);
+                }
+            }
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let list = missing.join(" ");
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        return Err(Error::Setup(format!(
+            "the kernel build needs {list}: install them with `sudo apt-get install --no-install-recommends {list}`"
+        )));
+    }
+    eprintln!("kernel: installing build dependencies: {list}");
+    let mut update = Command::new("apt-get");
+    // apt's output goes to stderr: stdout is for the bzImage path.
+    update.args(["-q", "update"]).env("DEBIAN_FRONTEND", "noninteractive").stdout(io::stderr());
+    crate::run_checked(&mut update, "apt-get update")?;
+    let mut install = Command::new("apt-get");
+    install
+        .args(["-q", "install", "-y", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdout(io::stderr());
+    crate::run_checked(&mut install, &format!("apt-get install {list}"))
+}
+
+// ---------------------------------------------------------------------------
+// Source tree
+
+/// Downloads and unpacks the source package once; returns the source tree
+/// (`<cache>/kernel/src/linux-source-7.2_7.2.13-1`).
+fn source_tree(kdir: &Path) -> Result<PathBuf> {
+    let srcroot = kdir.join("src");
+    let tree = srcroot.join(format!("{SOURCE_PACKAGE}_{SOURCE_VERSION}"));
+    if tree.join("Makefile").is_file() && tree.join("scripts/kconfig/merge_config.sh").is_file() {
+        eprintln!("kernel: reusing the source tree {}", tree.display());
+        return Ok(tree);
+    }
+    let debs = srcroot.join("debs");
+    let deb = PrivateApt::new()?.download(&format!("{SOURCE_PACKAGE}={SOURCE_VERSION}"), &debs)?;
+    eprintln!("kernel: unpacking {}", deb.display());
+
+    let tmp = srcroot.join(format!(".unpack-{}", std::process::id()));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(|e| Error::io(format!("removing {}", tmp.display()), e))?;
+    }
+    let debdir = tmp.join("deb");
+    extract_deb(&deb, &debdir)?;
+    let tarball = debdir.join(format!("usr/src/{SOURCE_PACKAGE}.tar.xz"));
+    if !tarball.is_file() {
+        return Err(Error::Setup(format!(
+            "{} has no usr/src/{SOURCE_PACKAGE}.tar.xz (unpacked in {})",
+            deb.display(),
+            debdir.display()
+        )));
+    }
+    let untar = tmp.join("tree");
+    mkdir(&untar)?;
+    let mut tar = Command::new("tar");
+    tar.arg("-xf").arg(&tarball).arg("-C").arg(&untar);
+    crate::run_checked(&mut tar, &format!("tar -xf {}", tarball.display()))?;
+    let top = untar.join(SOURCE_PACKAGE);
+    if !top.join("Makefile").is_file() {
+        return Err(Error::Setup(format!(
+            "{} did not unpack to {SOURCE_PACKAGE}/ with a Makefile (see {})",
+            tarball.display(),
+            untar.display()
+        )));
+    }
+    if tree.exists() {
+        // A partial tree from an interrupted older layout: replace it.
+        fs::remove_dir_all(&tree).map_err(|e| Error::io(format!("removing {}", tree.display()), e))?;
+    }
+    fs::rename(&top, &tree)
+        .map_err(|e| Error::io(format!("moving {} to {}", top.display(), tree.display()), e))?;
+    fs::remove_dir_all(&tmp).map_err(|e| Error::io(format!("removing {}", tmp.display()), e))?;
+    Ok(tree)
+}
+
+// ---------------------------------------------------------------------------
+// Running make with a log and progress
+
+/// The build log: every command's output goes here in full.
+struct Log {
+    path: PathBuf,
+    file: File,
+}
+
+impl Log {
+    fn create(path: &Path) -> Result<Self> {
+        let file = File::create(path).map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+        Ok(Self { path: path.to_path_buf(), file })
+    }
+
+    fn write_line(&mut self, line: &str) -> Result<()> {
+        writeln!(self.file, "{line}").map_err(|e| Error::io(format!("writing {}", self.path.display()), e))
+    }
+
+    /// Runs `cmd`, logging its stdout and stderr; with `progress`, prints a
+    /// compact progress line now and then. On failure, the error carries the
+    /// last lines of output and the log's path.
+    fn run(&mut self, cmd: &mut Command, what: &str, progress: bool) -> Result<()> {
+        self.write_line(&format!("==> {what}: {cmd:?}"))?;
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().map_err(|e| Error::io(format!("starting {what}"), e))?;
+        let (tx, rx) = mpsc::channel::<String>();
+        let mut readers = Vec::new();
+        if let Some(out) = child.stdout.take() {
+            readers.push(spawn_reader(out, tx.clone()));
+        }
+        if let Some(err) = child.stderr.take() {
+            readers.push(spawn_reader(err, tx.clone()));
+        }
+        drop(tx);
+
+        let mut tail = VecDeque::with_capacity(TAIL_LINES);
+        let mut meter = Progress::new(Instant::now());
+        let mut log_error = None;
+        loop {
+            match rx.recv_timeout(Duration::from_secs(1)) {
+                Ok(line) => {
+                    if log_error.is_none() {
+                        log_error = self.write_line(&line).err();
+                    }
+                    if progress {
+                        if let Some(msg) = meter.line(&line, Instant::now()) {
+                            eprintln!("kernel:   {what}: {msg}");
+                        }
+                    }
+                    if tail.len() == TAIL_LINES {
+                        tail.pop_front();
+                    }
+                    tail.push_back(line);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if progress {
+                        if let Some(msg) = meter.tick(Instant::now()) {
+                            eprintln!("kernel:   {what}: {msg}");
+                        }
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        for reader in readers {
+            // A reader thread cannot panic short of a bug; its loss only loses output.
+            let _ = reader.join();
+        }
+        let status = child.wait().map_err(|e| Error::io(format!("waiting for {what}"), e))?;
+        if let Some(e) = log_error {
+            return Err(e);
+        }
+        self.write_line(&format!("==> {what}: {status}"))?;
+        if progress && status.success() {
+            eprintln!("kernel:   {what}: {}", meter.summary(Instant::now()));
+        }
+        if status.success() {
+            return Ok(());
+        }
+        let tail: Vec<String> = tail.into_iter().collect();
+        Err(Error::Command {
+            what: what.to_owned(),
+            status: status.to_string(),
+            tail: format!(":\n{}\n(full log: {})", tail.join("\n"), self.path.display()),
+        })
+    }
+}
+
+fn spawn_reader(stream: impl Read + Send + 'static, tx: mpsc::Sender<String>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stream);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let line = String::from_utf8_lossy(&buf);
+                    if tx.send(line.trim_end_matches(['\n', '\r']).to_owned()).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Counts the objects kbuild reports (`  CC      path`, `  LD ...`) and decides
+/// when to print a progress line.
+struct Progress {
+    start: Instant,
+    last_print: Instant,
+    objects: u64,
+    printed_at: u64,
+    last_object: String,
+}
+
+impl Progress {
+    fn new(now: Instant) -> Self {
+        Self { start: now, last_print: now, objects: 0, printed_at: 0, last_object: String::new() }
+    }
+
+    /// Feeds one output line; returns a progress message when one is due.
+    fn line(&mut self, line: &str, now: Instant) -> Option<String> {
+        if let Some(object) = object_line(line) {
+            self.objects += 1;
+            self.last_object = object.to_owned();
+            if self.objects - self.printed_at >= PROGRESS_EVERY_OBJECTS {
+                return Some(self.report(now));
+            }
+        }
+        self.tick(now)
+    }
+
+    /// Returns a progress message if none was printed for [`PROGRESS_EVERY`].
+    fn tick(&mut self, now: Instant) -> Option<String> {
+        (now.duration_since(self.last_print) >= PROGRESS_EVERY).then(|| self.report(now))
+    }
+
+    fn report(&mut self, now: Instant) -> String {
+        self.last_print = now;
+        self.printed_at = self.objects;
+        format!(
+            "{} objects, {} elapsed (last: {})",
+            self.objects,
+            fmt_duration(now.duration_since(self.start)),
+            self.last_object
+        )
+    }
+
+    fn summary(&self, now: Instant) -> String {
+        format!("done: {} objects in {}", self.objects, fmt_duration(now.duration_since(self.start)))
+    }
+}
+
+/// For a kbuild quiet-mode line that builds an object (`CC`, `AS`, `LD`, `AR`,
+/// and their `HOST` variants), the object's path.
+fn object_line(line: &str) -> Option<&str> {
+    if !line.starts_with(' ') {
+        return None;
+    }
+    let mut words = line.split_whitespace();
+    let tag = words.next()?;
+    let tag = tag.strip_prefix("HOST").unwrap_or(tag);
+    if !matches!(tag, "CC" | "AS" | "LD" | "AR") {
+        return None;
+    }
+    let next = words.next()?;
+    // Module builds print `CC [M]  path`.
+    if next == "[M]" {
+        words.next()
+    } else {
+        Some(next)
+    }
+}
+
+fn fmt_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Files and locking
+
+fn mkdir(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))
+}
+
+fn write_file(path: &Path, data: &[u8]) -> Result<()> {
+    fs::write(path, data).map_err(|e| Error::io(format!("writing {}", path.display()), e))
+}
+
+/// Copies `from` to `to` atomically: a temporary name next to `to`, then rename.
+fn install(from: &Path, to: &Path) -> Result<()> {
+    let name = to.file_name().map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = to.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let what = format!("installing {} as {}", from.display(), to.display());
+    fs::copy(from, &tmp).map_err(|e| Error::io(what.clone(), e))?;
+    File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| Error::io(what.clone(), e))?;
+    fs::rename(&tmp, to).map_err(|e| Error::io(what, e))
+}
+
+/// An exclusive lock on `<cache>/kernel/.lock`, so two builds do not share an
+/// object tree. Released when dropped (the file is closed).
+struct BuildLock {
+    _file: File,
+}
+
+impl BuildLock {
+    fn acquire(path: &Path) -> Result<Self> {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        let fd = file.as_raw_fd();
+        // SAFETY: `fd` is an open descriptor owned by `file`; flock touches no memory.
+        let rc = unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::WouldBlock {
+                return Err(Error::io(format!("locking {}", path.display()), e));
+            }
+            eprintln!("kernel: another kernel build holds {}; waiting for it", path.display());
+            // SAFETY: as above.
+            let rc = unsafe { libc::flock(fd, libc::LOCK_EX) };
+            if rc != 0 {
+                return Err(Error::io(format!("locking {}", path.display()), io::Error::last_os_error()));
+            }
+        }
+        Ok(Self { _file: file })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image_with(magic: &[u8]) -> Vec<u8> {
+        let mut v = vec![0u8; 0x300];
+        v[0x202..0x206].copy_from_slice(magic);
+        v
+    }
+
+    #[test]
+    fn header_check_accepts_hdrs_at_0x202() {
+        assert_eq!(bzimage_header_problem(&image_with(b"HdrS")), Ok(()));
+    }
+
+    #[test]
+    fn header_check_rejects_wrong_magic_and_short_files() {
+        let e = bzimage_header_problem(&image_with(b"\x7fELF")).unwrap_err();
+        assert!(e.contains("not a bzImage") && e.contains("0x202"), "{e}");
+        let e = bzimage_header_problem(&[0u8; 0x204]).unwrap_err();
+        assert!(e.contains("too short (516 bytes)"), "{e}");
+        assert!(bzimage_header_problem(&[]).is_err());
+    }
+
+    #[test]
+    fn check_bzimage_names_what_is_wrong() {
+        let dir = std::env::temp_dir().join(format!("kernel-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        assert_eq!(check_bzimage(&dir.join("missing")).unwrap_err(), "does not exist");
+        assert!(check_bzimage(&dir).unwrap_err().contains("is a directory"));
+        let empty = dir.join("empty");
+        fs::write(&empty, b"").unwrap();
+        assert_eq!(check_bzimage(&empty).unwrap_err(), "is an empty file");
+        let text = dir.join("text");
+        fs::write(&text, b"not a kernel").unwrap();
+        assert!(check_bzimage(&text).unwrap_err().contains("too short"));
+        let good = dir.join("bzImage");
+        fs::write(&good, image_with(b"HdrS")).unwrap();
+        assert_eq!(check_bzimage(&good), Ok(()));
+        assert!(check_bzimage(Path::new("/dev/null")).unwrap_err().contains("not a regular file"));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn env_path_errors_are_typed_and_name_the_path() {
+        match from_env(PathBuf::from("/nonexistent/bzImage")) {
+            Err(Error::KernelPath { path, reason }) => {
+                assert_eq!(path, Path::new("/nonexistent/bzImage"));
+                assert_eq!(reason, "does not exist");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(from_env(PathBuf::new()), Err(Error::KernelPath { .. })));
+    }
+
+    #[test]
+    fn fnv1a_matches_reference_vectors() {
+        let mut h = Fnv1a::new();
+        assert_eq!(h.finish(), 0xcbf2_9ce4_8422_2325);
+        h.write(b"a");
+        assert_eq!(h.finish(), 0xaf63_dc4c_8601_ec8c);
+    }
+
+    #[test]
+    fn cache_key_depends_on_version_and_fragment() {
+        let k = key_for("linux-source-7.2", "7.2.13-1", "CONFIG_A=y\n");
+        assert!(k.starts_with("7.2.13-1-") && k.len() == "7.2.13-1-".len() + 16, "{k}");
+        assert_eq!(k, key_for("linux-source-7.2", "7.2.13-1", "CONFIG_A=y\n"));
+        assert_ne!(k, key_for("linux-source-7.2", "7.2.13-1", "CONFIG_A=n\n"));
+        assert_ne!(k, key_for("linux-source-7.2", "7.2.14-1", "CONFIG_A=y\n"));
+        assert!(key_for("p", "1:2.0~rc/1", "").starts_with("1_2.0_rc_1-"));
+        assert!(cache_key().starts_with("7.2.13-1-"));
+    }
+
+    #[test]
+    fn fragment_parser() {
+        let text = "# comment\n\nCONFIG_A=y\nCONFIG_B=n\n# CONFIG_C is not set\nCONFIG_S=\"x y\"\n";
+        let parsed = parse_fragment(text).unwrap();
+        let want: Vec<(String, String)> = [("CONFIG_A", "y"), ("CONFIG_B", "n"), ("CONFIG_C", "n"), ("CONFIG_S", "\"x y\"")]
+            .iter()
+            .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+            .collect();
+        assert_eq!(parsed, want);
+        assert!(parse_fragment("CONFIG_A y\n").unwrap_err().contains("line 1"));
+        assert!(parse_fragment("FOO=y\n").is_err());
+        assert!(parse_fragment(FRAGMENT).is_ok());
+    }
+
+    #[test]
+    fn config_check_reports_each_unmet_option() {
+        let config = parse_config(
+            "#\n# Linux/x86 7.2.13 Kernel Configuration\n#\nCONFIG_A=y\n# CONFIG_B is not set\n\
+             CONFIG_M=m\nCONFIG_S=\"x\"\n",
+        );
+        let fragment = parse_fragment(
+            "CONFIG_A=y\nCONFIG_B=n\nCONFIG_GONE=n\nCONFIG_B2=y\nCONFIG_M=y\nCONFIG_S=\"x\"\nCONFIG_ABSENT=y\n",
+        )
+        .unwrap();
+        let m = check_config(&fragment, &config);
+        let names: Vec<&str> = m.iter().map(|m| m.option.as_str()).collect();
+        assert_eq!(names, ["CONFIG_B2", "CONFIG_M", "CONFIG_ABSENT"]);
+        assert_eq!(m[1].got.as_deref(), Some("m"));
+        assert_eq!(m[2].got, None);
+        assert!(check_config(&parse_fragment("CONFIG_B=y\n").unwrap(), &config)[0].got.as_deref() == Some("n"));
+    }
+
+    #[test]
+    fn object_lines_are_counted() {
+        assert_eq!(object_line("  CC      init/main.o"), Some("init/main.o"));
+        assert_eq!(object_line("  HOSTCC  scripts/basic/fixdep"), Some("scripts/basic/fixdep"));
+        assert_eq!(object_line("  AR      lib/lib.a"), Some("lib/lib.a"));
+        assert_eq!(object_line("  CC [M]  drivers/x.o"), Some("drivers/x.o"));
+        assert_eq!(object_line("  GEN     Makefile"), None);
+        assert_eq!(object_line("CC init/main.o"), None);
+        assert_eq!(object_line("make[1]: Entering directory"), None);
+    }
+
+    #[test]
+    fn progress_prints_every_500_objects_or_30s() {
+        let t0 = Instant::now();
+        let mut p = Progress::new(t0);
+        for i in 1..PROGRESS_EVERY_OBJECTS {
+            assert_eq!(p.line(&format!("  CC      f{i}.o"), t0), None);
+        }
+        let msg = p.line("  CC      last.o", t0).unwrap();
+        assert!(msg.starts_with("500 objects") && msg.contains("last.o"), "{msg}");
+        assert_eq!(p.tick(t0 + Duration::from_secs(29)), None);
+        assert!(p.tick(t0 + Duration::from_secs(31)).unwrap().contains("31s elapsed"));
+        assert_eq!(fmt_duration(Duration::from_secs(754)), "12m34s");
     }
 }
