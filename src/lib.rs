@@ -9,13 +9,17 @@
 //!
 //! See `docs/ARCHITECTURE.md` for the layers and which kernel object each type owns.
 
+pub mod dmabuf;
 pub mod error;
+pub mod exporter;
+pub mod importer;
 pub mod fdinfo;
 pub mod pci;
 pub mod range;
 pub mod sys;
 pub mod sysfs;
 
+pub use dmabuf::DmaBuf;
 pub use error::{Error, RangeProblem, Result};
 pub use pci::{PciAddress, TargetSpec};
 pub use range::ByteRange;

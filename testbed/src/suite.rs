@@ -151,7 +151,13 @@ pub fn pack_initramfs(spec: &RunSpec, bins: &GuestBinaries, dest: &Path) -> Resu
 /// cannot be started is an `Err`; a run that fails is a [`Verdict`] with failures.
 pub fn run(spec: &RunSpec, bins: &GuestBinaries, tweak: impl FnOnce(&mut VmConfig)) -> Result<Verdict> {
     let kernel = kernel::resolve()?;
-    let run_dir = workspace_root().join("target/testbed").join(&spec.name);
+    // DMABUF_P2P_RUN_TAG keeps concurrent runs (e.g. two developers' suites)
+    // out of each other's run directories.
+    let dir_name = match std::env::var("DMABUF_P2P_RUN_TAG") {
+        Ok(tag) if !tag.is_empty() => format!("{}-{tag}", spec.name),
+        _ => spec.name.clone(),
+    };
+    let run_dir = workspace_root().join("target/testbed").join(dir_name);
     fs::create_dir_all(&run_dir).map_err(|e| Error::io(format!("creating {}", run_dir.display()), e))?;
     let initrd = run_dir.join("initramfs.cpio");
     pack_initramfs(spec, bins, &initrd)?;

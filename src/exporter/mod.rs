@@ -1,0 +1,5 @@
+//! Exporters: what turns memory into a dma-buf fd.
+//!
+//! * [`vfio`]: a VFIO PCI device's BAR ranges (`VFIO_DEVICE_FEATURE_DMA_BUF`);
+//! * [`udmabuf`]: memfd pages (`/dev/udmabuf`);
+//! * [`heap`]: dma-heap allocations (`/dev/dma_heap/<name>`).

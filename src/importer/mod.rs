@@ -1,0 +1,2 @@
+//! Importers: what maps a dma-buf for a device. [`iommufd`] maps it into an
+//! iommufd IO address space at an IOVA.
