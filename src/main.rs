@@ -1,5 +1,21 @@
-//! `dmabuf-p2p`: the command-line tool.
+//! `dmabuf-p2p`: export PCI BARs as dma-bufs, map them for peer devices through
+//! iommufd, and prove peer-to-peer DMA (and its revocation) end to end.
+//!
+//! Errors print as one line on stderr with a non-zero exit status.
 
-fn main() {
-    println!("dmabuf-p2p {}", env!("CARGO_PKG_VERSION"));
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    match cli::run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("dmabuf-p2p: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -17,6 +17,13 @@ use crate::{kernel, run_captured, workspace_root, Error, Result};
 /// The guest's init, packed as `/init`.
 pub const INIT: &str = include_str!("../guest/init.sh");
 
+/// A guest job that prints what the VM offers.
+pub const INFO_JOB: &str = include_str!("../guest/info.sh");
+
+/// The guest job of `dmabuf-p2p vm demo`: `p2p-test` between the edu engine and
+/// the first ivshmem device.
+pub const DEMO_JOB: &str = include_str!("../guest/demo.sh");
+
 /// Where guest binaries live in the VM.
 pub const GUEST_VM_TESTS: &str = "/bin/vm-tests";
 /// The CLI inside the VM.
@@ -391,5 +398,9 @@ pub fn print_verdict(label: &str, v: &Verdict) {
         }
         println!("{label}: kernel console log: {}", v.run_dir.join("console.log").display());
     }
-    println!("{label}: {passed} passed, {failed} failed");
+    if !v.report.tests.is_empty() || !v.host_checks.is_empty() {
+        println!("{label}: {passed} passed, {failed} failed");
+    } else if v.passed() {
+        println!("{label}: ok");
+    }
 }

@@ -87,7 +87,7 @@ fn vm_test(args: &[String]) -> Result<bool> {
 fn vm_info() -> Result<bool> {
     deps::ensure(deps::VM_TOOLS)?;
     let bins = suite::build_guest_binaries(false)?;
-    let job = include_str!("../../guest/info.sh").to_owned();
+    let job = suite::INFO_JOB.to_owned();
     let spec = RunSpec::new("vm-info", job, false);
     let verdict = suite::run(&spec, &bins, |_| {})?;
     if !verdict.passed() {

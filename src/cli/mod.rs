@@ -1,0 +1,58 @@
+//! Command-line parsing and dispatch.
+
+mod devices;
+mod vm;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Any error a command can end with; printed as one line.
+pub type CliError = Box<dyn std::error::Error>;
+
+/// Safe peer-to-peer DMA on Linux: VFIO BAR dma-bufs, iommufd import, revocation.
+#[derive(Debug, Parser)]
+#[command(name = "dmabuf-p2p", version, about)]
+pub struct Cli {
+    /// Print machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List PCI devices with driver, IOMMU group, vfio cdev and BARs.
+    Devices(devices::Args),
+    /// The bundled test VM (QEMU, intel-iommu, edu, ivshmem).
+    #[command(subcommand)]
+    Vm(vm::VmCommand),
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    match cli.command {
+        Command::Devices(a) => devices::run(&a, cli.json),
+        Command::Vm(c) => vm::run(c, cli.json),
+    }
+}
+
+/// Prints `value` as pretty JSON.
+pub fn print_json<T: serde::Serialize>(value: &T) -> Result<(), CliError> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// Formats a byte count compactly (`64 MiB`, `4 KiB`, `256 B`).
+pub fn human_size(n: u64) -> String {
+    const UNITS: [(&str, u64); 4] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10), ("B", 1)];
+    for (unit, scale) in UNITS {
+        if n >= scale && n % scale == 0 {
+            return format!("{} {unit}", n / scale);
+        }
+    }
+    format!("{n} B")
+}

@@ -1,0 +1,11 @@
+# The demo: the edu DMA engine copies into and out of an ivshmem BAR that was
+# exported as a dma-buf and mapped through the IOMMU, then the export is revoked.
+find_dev() {
+    for d in /sys/bus/pci/devices/*; do
+        [ "$(cat $d/vendor):$(cat $d/device)" = "$1" ] && { echo ${d##*/}; return; }
+    done
+}
+engine=$(find_dev 0x1234:0x11e8)
+target=$(find_dev 0x1af4:0x1110)
+echo "engine (edu): $engine   target (ivshmem): $target"
+/bin/dmabuf-p2p p2p-test --engine "$engine" --target "$target:2"
