@@ -11,6 +11,7 @@
 
 pub mod dmabuf;
 pub mod error;
+mod ioctl;
 pub mod exporter;
 pub mod importer;
 pub mod fdinfo;

@@ -14,6 +14,7 @@ pub mod qemu;
 pub mod qmp;
 pub mod report;
 pub mod suite;
+pub mod uapi;
 
 use std::io;
 use std::path::PathBuf;
