@@ -21,6 +21,9 @@ pub const VM_TOOLS: &[Tool] = &[
     Tool { path: "/bin/busybox", package: "busybox-static" },
 ];
 
+/// Tools for regenerating (or checking) the uAPI bindings with bindgen.
+pub const BINDGEN_TOOLS: &[Tool] = &[Tool { path: "/usr/lib/llvm-14/lib/libclang.so", package: "libclang-dev" }];
+
 /// Installs the packages of the `tools` that are missing (one `apt-get update`
 /// first, only if something is missing).
 pub fn ensure(tools: &[Tool]) -> Result<()> {
