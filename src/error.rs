@@ -126,6 +126,43 @@ pub enum Error {
         /// What is wrong with it.
         problem: String,
     },
+
+    /// A dma-buf name that `DMA_BUF_SET_NAME` would refuse: longer than 31
+    /// bytes, or with a NUL byte. Checked before the ioctl.
+    #[error("cannot name dma-buf {buffer} {name:?}: {problem}")]
+    InvalidName {
+        /// The buffer being named (empty when only the name was checked).
+        buffer: String,
+        /// The name that was asked for.
+        name: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+
+    /// No dma-heap of this name exists.
+    #[error("no dma-heap {name:?} in {dir} (available: {})", .available.join(", "))]
+    HeapNotFound {
+        /// The heap name that was asked for.
+        name: String,
+        /// The directory searched, normally `/dev/dma_heap`.
+        dir: String,
+        /// The heaps that do exist there.
+        available: Vec<String>,
+    },
+
+    /// A udmabuf request over one of the udmabuf module's limits
+    /// (`/sys/module/udmabuf/parameters/`). Checked before the ioctl.
+    #[error("udmabuf {limit} is {max}, but the request needs {requested}")]
+    UdmabufLimit {
+        /// Which parameter: `"list_limit"` (items per list) or
+        /// `"size_limit_mb"` (total MiB).
+        limit: &'static str,
+        /// The parameter's value.
+        max: u64,
+        /// What the request needs, in the parameter's unit (items, or MiB
+        /// rounded up).
+        requested: u64,
+    },
 }
 
 /// What is wrong with a [`ByteRange`].

@@ -14,13 +14,14 @@ pub mod error;
 mod ioctl;
 pub mod exporter;
 pub mod importer;
+pub mod memfd;
 pub mod fdinfo;
 pub mod pci;
 pub mod range;
 pub mod sys;
 pub mod sysfs;
 
-pub use dmabuf::DmaBuf;
+pub use dmabuf::{is_dmabuf, Access, DmaBuf, Mapping, SyncFile};
 pub use error::{Error, RangeProblem, Result};
 pub use pci::{PciAddress, TargetSpec};
 pub use range::ByteRange;
