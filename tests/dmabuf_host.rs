@@ -21,7 +21,7 @@ fn lock() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn open_fd_count() -> usize {
-    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap()
+    std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count)
 }
 
 fn pipe() -> (OwnedFd, OwnedFd) {
@@ -29,7 +29,10 @@ fn pipe() -> (OwnedFd, OwnedFd) {
     // SAFETY: `fds` has room for the two fds pipe2 writes.
     assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
     // SAFETY: both fds were just created and are owned by nobody else.
-    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    let r = unsafe { OwnedFd::from_raw_fd(fds[0]) };
+    // SAFETY: as above.
+    let w = unsafe { OwnedFd::from_raw_fd(fds[1]) };
+    (r, w)
 }
 
 fn limits() -> UdmabufLimits {
@@ -231,7 +234,8 @@ fn unaligned_empty_and_out_of_bounds_ranges_are_refused() {
     expect(check(100, 4096), RangeProblem::Unaligned { align: page }, ByteRange::new(100, 4096));
     expect(check(0, 4097), RangeProblem::Unaligned { align: page }, ByteRange::new(0, 4097));
     expect(check(8192, 12288), RangeProblem::OutOfBounds { end: 20480, size: 16384 }, ByteRange::new(8192, 12288));
-    expect(check(u64::MAX & !4095, 8192), RangeProblem::Overflow, ByteRange::new(u64::MAX & !4095, 8192));
+    let last_page = u64::MAX - 4095;
+    expect(check(last_page, 8192), RangeProblem::Overflow, ByteRange::new(last_page, 8192));
     // The list names the item.
     match check_items(&[(fd, 0, 4096), (fd, 4096, 100)], &limits()) {
         Err(Error::InvalidRange { target, .. }) => assert!(target.contains("item 1"), "{target}"),

@@ -143,56 +143,57 @@ pub fn check_items(items: &[(BorrowedFd<'_>, u64, u64)], limits: &UdmabufLimits)
 }
 
 /// One item's checks, in the order: range shape, file kind, seals, bounds.
+/// The item is named (via `/proc/self/fd`) only when a check fails.
 fn check_item(index: usize, count: usize, memfd: BorrowedFd<'_>, range: ByteRange) -> Result<()> {
-    let who = if count > 1 {
-        format!("udmabuf item {index}: memfd {}", fd_label(memfd))
-    } else {
-        format!("memfd {}", fd_label(memfd))
+    let who = || {
+        if count > 1 {
+            format!("udmabuf item {index}: memfd {}", fd_label(memfd))
+        } else {
+            format!("memfd {}", fd_label(memfd))
+        }
+    };
+    let renamed = |e: Error| match e {
+        Error::Sys { op, source, .. } => Error::sys(op, who(), source),
+        other => other,
     };
     let page = page_size();
     if range.is_empty() {
-        return Err(Error::InvalidRange { target: who, range, problem: RangeProblem::Empty });
+        return Err(Error::InvalidRange { target: who(), range, problem: RangeProblem::Empty });
     }
     if !range.is_aligned(page) {
-        return Err(Error::InvalidRange { target: who, range, problem: RangeProblem::Unaligned { align: page } });
+        return Err(Error::InvalidRange { target: who(), range, problem: RangeProblem::Unaligned { align: page } });
     }
 
     let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
     // SAFETY: `st` is valid for writes of one `stat`; `memfd` is open.
     if unsafe { libc::fstat(memfd.as_raw_fd(), st.as_mut_ptr()) } < 0 {
-        return Err(Error::last_os("fstat", who));
+        return Err(Error::last_os("fstat", who()));
     }
     // SAFETY: fstat succeeded and filled the (zero-initialised) struct.
     let st = unsafe { st.assume_init() };
     if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-        return Err(Error::Memfd { problem: format!("{who} is not a regular file (mode {:#o})", st.st_mode) });
+        return Err(Error::Memfd { problem: format!("{} is not a regular file (mode {:#o})", who(), st.st_mode) });
     }
-    let magic = fs_magic(memfd).map_err(|e| match e {
-        Error::Sys { op, source, .. } => Error::sys(op, who.clone(), source),
-        other => other,
-    })?;
+    let magic = fs_magic(memfd).map_err(renamed)?;
     if magic != TMPFS_MAGIC && magic != HUGETLBFS_MAGIC {
         return Err(Error::Memfd {
-            problem: format!("{who} is not a shmem (memfd/tmpfs) or hugetlbfs file (filesystem magic {magic:#x})"),
+            problem: format!("{} is not a shmem (memfd/tmpfs) or hugetlbfs file (filesystem magic {magic:#x})", who()),
         });
     }
 
-    let seals = Seals::of(memfd).map_err(|e| match e {
-        Error::Sys { op, source, .. } => Error::sys(op, who.clone(), source),
-        other => other,
-    })?;
+    let seals = Seals::of(memfd).map_err(renamed)?;
     if !seals.contains(Seals::SHRINK) {
         let hint = if seals.contains(Seals::SEAL) {
             "; its F_SEAL_SEAL forbids adding it (create the memfd with MFD_ALLOW_SEALING)"
         } else {
             "; add it with F_ADD_SEALS"
         };
-        return Err(Error::Memfd { problem: format!("{who} lacks the F_SEAL_SHRINK seal (seals: {seals}){hint}") });
+        return Err(Error::Memfd { problem: format!("{} lacks the F_SEAL_SHRINK seal (seals: {seals}){hint}", who()) });
     }
     for (seal, name) in [(Seals::WRITE, "F_SEAL_WRITE"), (Seals::FUTURE_WRITE, "F_SEAL_FUTURE_WRITE")] {
         if seals.contains(seal) {
             return Err(Error::Memfd {
-                problem: format!("{who} has the {name} seal, which udmabuf refuses (seals: {seals})"),
+                problem: format!("{} has the {name} seal, which udmabuf refuses (seals: {seals})", who()),
             });
         }
     }
@@ -200,7 +201,7 @@ fn check_item(index: usize, count: usize, memfd: BorrowedFd<'_>, range: ByteRang
     let size = u64::try_from(st.st_size).unwrap_or(0);
     range
         .check_in(size, page)
-        .map_err(|problem| Error::InvalidRange { target: format!("{who} ({})", human_size(size)), range, problem })
+        .map_err(|problem| Error::InvalidRange { target: format!("{} ({})", who(), human_size(size)), range, problem })
 }
 
 /// `/dev/udmabuf`, open.

@@ -2,5 +2,8 @@
 //! `cargo xtask vm-test`, one test at a time (`--test-threads=1`), because the
 //! tests share real devices.
 
+mod dmabuf;
+mod heap;
 mod smoke;
 mod testbed;
+mod udmabuf;
