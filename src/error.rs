@@ -127,6 +127,45 @@ pub enum Error {
         problem: String,
     },
 
+    /// A PCI device is bound to another driver than the one needed (or to none).
+    #[error("PCI device {device}: bound to {}, not {expected}", driver.as_deref().unwrap_or("no driver"))]
+    WrongDriver {
+        /// The PCI address.
+        device: String,
+        /// The driver it is bound to, if any.
+        driver: Option<String>,
+        /// The driver that is needed, e.g. `"vfio-pci"`.
+        expected: String,
+    },
+
+    /// The device or object does not support the operation (for example
+    /// `VFIO_DEVICE_RESET` on a device without a reset method, or `mmap` of a
+    /// region without the `MMAP` flag). Checked before any ioctl.
+    #[error("{target}: {operation} is not supported: {problem}")]
+    Unsupported {
+        /// What it was asked of, e.g. `"0000:00:03.0"` or `"0000:00:03.0 BAR0"`.
+        target: String,
+        /// The operation, e.g. `"VFIO_DEVICE_RESET"`.
+        operation: &'static str,
+        /// Why not.
+        problem: String,
+    },
+
+    /// An iommufd object ID (IOAS, HWPT, device) that does not exist in this
+    /// iommufd context, or is of the wrong type (`ENOENT` from the kernel).
+    #[error("{op}: no iommufd object {id} of the right type in {target}: {source}")]
+    UnknownObject {
+        /// The operation, e.g. `"VFIO_DEVICE_ATTACH_IOMMUFD_PT"`.
+        op: &'static str,
+        /// What it was applied to, e.g. `"0000:00:03.0"` or `"/dev/iommu"`.
+        target: String,
+        /// The object ID given.
+        id: u32,
+        /// The kernel's answer.
+        #[source]
+        source: io::Error,
+    },
+
     /// A dma-buf name that `DMA_BUF_SET_NAME` would refuse: longer than 31
     /// bytes, or with a NUL byte. Checked before the ioctl.
     #[error("cannot name dma-buf {buffer} {name:?}: {problem}")]
@@ -221,7 +260,10 @@ impl Error {
     /// The errno behind this error, if the kernel gave one.
     pub fn raw_os_error(&self) -> Option<i32> {
         match self {
-            Self::Sys { source, .. } | Self::NotImportable { source, .. } | Self::MmapRefused { source, .. } => {
+            Self::Sys { source, .. }
+            | Self::NotImportable { source, .. }
+            | Self::MmapRefused { source, .. }
+            | Self::UnknownObject { source, .. } => {
                 source.raw_os_error()
             }
             _ => None,

@@ -6,3 +6,4 @@
 
 pub mod heap;
 pub mod udmabuf;
+pub mod vfio;

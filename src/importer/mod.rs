@@ -1,2 +1,4 @@
 //! Importers: what maps a dma-buf for a device. [`iommufd`] maps it into an
 //! iommufd IO address space at an IOVA.
+
+pub mod iommufd;

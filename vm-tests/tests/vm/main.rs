@@ -4,6 +4,8 @@
 
 mod dmabuf;
 mod heap;
+mod iommufd;
 mod smoke;
 mod testbed;
 mod udmabuf;
+mod vfio;

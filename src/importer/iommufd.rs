@@ -1,0 +1,872 @@
+//! The iommufd importer: IO address spaces (IOAS) of `/dev/iommu` and the
+//! mappings in them.
+//!
+//! * [`Iommufd`] is an open `/dev/iommu`. Cloning it shares the one fd.
+//! * [`Ioas`] is an IO address space (`IOMMU_IOAS_ALLOC`). It is a shared
+//!   handle: clones name the same IOAS, and the IOAS is destroyed
+//!   (`IOMMU_DESTROY`) when the last handle goes. Every [`IoasMapping`] and
+//!   every attached [`VfioPciDevice`](crate::exporter::vfio::VfioPciDevice)
+//!   holds one, so the IOAS always outlives what uses it and the iommufd
+//!   outlives the IOAS, whatever order values are dropped in.
+//! * [`IoasMapping`] is one mapped area (`IOMMU_IOAS_MAP` of user memory or
+//!   `IOMMU_IOAS_MAP_FILE` of a memfd or a dma-buf). It unmaps on drop and
+//!   keeps what is needed to map the same source again at the same IOVA
+//!   ([`IoasMapping::remap`]): a duplicate of the file's fd, the offset, the
+//!   IOVA, the length and the [`MapPerms`].
+//!
+//! What iommufd accepts (uAPI reference E.4, E.5): any memfd (shmem or
+//! hugetlbfs file), and of the dma-bufs only single-range VFIO PCI ones. A
+//! dma-buf from anywhere else, or a VFIO one with several ranges, is refused
+//! with [`Error::NotImportable`]; a revoked VFIO dma-buf with
+//! [`Error::Revoked`]. IOVA problems (taken, misaligned, reserved, no room)
+//! are [`Error::InvalidIova`].
+//!
+//! ```no_run
+//! use dmabuf_p2p::importer::iommufd::{MapPerms, Iommufd, IovaPlacement};
+//! use dmabuf_p2p::ByteRange;
+//!
+//! let iommufd = Iommufd::open()?;
+//! let ioas = iommufd.alloc_ioas()?;
+//! println!("usable IOVAs: {:?}", ioas.iova_ranges()?);
+//! let memfd = std::fs::File::open("/proc/self/fd/3")?; // some memfd
+//! let map = ioas.map_file(&memfd, ByteRange::new(0, 0x10000), IovaPlacement::Auto, MapPerms::ReadWrite)?;
+//! println!("mapped at IOVA {:#x}", map.iova());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::fmt;
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use crate::dmabuf::{human_size, is_dmabuf, DmaBuf};
+use crate::error::{Error, RangeProblem, Result};
+use crate::ioctl;
+use crate::range::ByteRange;
+use crate::sys;
+
+/// The iommufd device node.
+pub const IOMMUFD_PATH: &str = "/dev/iommu";
+
+/// An open iommufd (`/dev/iommu`): the context that IO address spaces, bound
+/// devices and mappings live in.
+///
+/// Cloning is cheap and shares the one fd; the fd is closed when the last
+/// clone, [`Ioas`] and bound device using it are gone.
+///
+/// ```no_run
+/// use dmabuf_p2p::importer::iommufd::Iommufd;
+///
+/// let iommufd = Iommufd::open()?;
+/// let ioas = iommufd.alloc_ioas()?;
+/// assert!(!ioas.iova_ranges()?.ranges.is_empty());
+/// # Ok::<(), dmabuf_p2p::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Iommufd {
+    fd: Arc<OwnedFd>,
+}
+
+impl Iommufd {
+    /// Opens `/dev/iommu` read-write and close-on-exec.
+    pub fn open() -> Result<Self> {
+        Self::open_path(IOMMUFD_PATH)
+    }
+
+    /// Opens the iommufd device node at `path`.
+    ///
+    /// ```no_run
+    /// let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open_path("/dev/iommu")?;
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn open_path(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::sys("open", path.display().to_string(), e))?;
+        Ok(Self { fd: Arc::new(OwnedFd::from(file)) })
+    }
+
+    /// Wraps an fd the caller knows to be an open iommufd (for example one
+    /// received from another process). Nothing is checked here; a wrong fd
+    /// makes every later ioctl fail with `ENOTTY`.
+    ///
+    /// ```no_run
+    /// use dmabuf_p2p::importer::iommufd::Iommufd;
+    /// use std::os::fd::OwnedFd;
+    ///
+    /// let f = std::fs::OpenOptions::new().read(true).write(true).open("/dev/iommu")?;
+    /// let iommufd = Iommufd::from_fd(OwnedFd::from(f));
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn from_fd(fd: OwnedFd) -> Self {
+        Self { fd: Arc::new(fd) }
+    }
+
+    /// Whether `self` and `other` share the same open iommufd (are clones).
+    ///
+    /// ```no_run
+    /// use dmabuf_p2p::importer::iommufd::Iommufd;
+    /// let a = Iommufd::open()?;
+    /// assert!(a.same_context(&a.clone()));
+    /// assert!(!a.same_context(&Iommufd::open()?));
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn same_context(&self, other: &Iommufd) -> bool {
+        Arc::ptr_eq(&self.fd, &other.fd)
+    }
+
+    /// Allocates a new, empty IO address space (`IOMMU_IOAS_ALLOC`).
+    ///
+    /// ```no_run
+    /// let ioas = dmabuf_p2p::importer::iommufd::Iommufd::open()?.alloc_ioas()?;
+    /// println!("IOAS {}", ioas.id());
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn alloc_ioas(&self) -> Result<Ioas> {
+        let id = ioctl::iommu_ioas_alloc(self.as_fd()).map_err(|e| Error::sys("IOMMU_IOAS_ALLOC", self.name(), e))?;
+        Ok(Ioas { inner: Arc::new(IoasInner { iommufd: self.clone(), id }) })
+    }
+
+    /// The usable IOVA ranges of the IOAS with ID `ioas_id`
+    /// (`IOMMU_IOAS_IOVA_RANGES`): a thin wrapper for IDs that did not come
+    /// from [`Iommufd::alloc_ioas`]. An ID that is not an IOAS of this
+    /// iommufd is [`Error::UnknownObject`]. See [`Ioas::iova_ranges`].
+    ///
+    /// ```no_run
+    /// use dmabuf_p2p::{importer::iommufd::Iommufd, Error};
+    /// let iommufd = Iommufd::open()?;
+    /// assert!(matches!(iommufd.iova_ranges(12345), Err(Error::UnknownObject { id: 12345, .. })));
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn iova_ranges(&self, ioas_id: u32) -> Result<IovaRanges> {
+        const OP: &str = "IOMMU_IOAS_IOVA_RANGES";
+        // Start with room for a few ranges and grow when the kernel says the
+        // array is too small (its EMSGSIZE, reported by the helper as a count
+        // larger than the array). The count can change between two calls (a
+        // device attached meanwhile), hence the loop; it is bounded so a
+        // misbehaving kernel cannot make it spin forever.
+        let mut out = vec![sys::iommu_iova_range::default(); 8];
+        for _ in 0..16 {
+            let got = ioctl::iommu_ioas_iova_ranges(self.as_fd(), ioas_id, &mut out).map_err(|e| {
+                if e.raw_os_error() == Some(libc::ENOENT) {
+                    Error::UnknownObject { op: OP, target: self.name(), id: ioas_id, source: e }
+                } else {
+                    Error::sys(OP, format!("{} IOAS {ioas_id}", self.name()), e)
+                }
+            })?;
+            let count = usize::try_from(got.count).unwrap_or(usize::MAX);
+            if count <= out.len() {
+                out.truncate(count);
+                let ranges = out.iter().map(|r| IovaRange { start: r.start, last: r.last }).collect();
+                return Ok(IovaRanges { ranges, alignment: got.alignment });
+            }
+            out.resize(count, sys::iommu_iova_range::default());
+        }
+        Err(Error::sys(
+            OP,
+            format!("{} IOAS {ioas_id}", self.name()),
+            io::Error::other("the number of ranges kept changing"),
+        ))
+    }
+
+    /// The name used in error messages.
+    pub(crate) fn name(&self) -> String {
+        format!("iommufd (fd {})", self.fd.as_raw_fd())
+    }
+}
+
+impl AsFd for Iommufd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl AsRawFd for Iommufd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// One usable IOVA range, `start..=last` (inclusive, as the kernel reports it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IovaRange {
+    /// First usable IOVA.
+    pub start: u64,
+    /// Last usable IOVA (inclusive).
+    pub last: u64,
+}
+
+impl IovaRange {
+    /// Whether `[iova, iova + length)` lies entirely in this range. An empty
+    /// or overflowing request is never contained.
+    ///
+    /// ```
+    /// use dmabuf_p2p::importer::iommufd::IovaRange;
+    /// let r = IovaRange { start: 0x1000, last: 0xffff };
+    /// assert!(r.contains(0x1000, 0xf000));
+    /// assert!(!r.contains(0x1000, 0xf001));
+    /// assert!(!r.contains(0x2000, 0));
+    /// ```
+    pub const fn contains(&self, iova: u64, length: u64) -> bool {
+        if length == 0 || iova < self.start {
+            return false;
+        }
+        match iova.checked_add(length - 1) {
+            Some(last) => last <= self.last,
+            None => false,
+        }
+    }
+}
+
+impl fmt::Display for IovaRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x}..={:#x}", self.start, self.last)
+    }
+}
+
+/// What `IOMMU_IOAS_IOVA_RANGES` reports for an IOAS: where mappings may be
+/// placed, and how IOVAs and lengths must be aligned. Both change when
+/// devices are attached or detached; ask again after that.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IovaRanges {
+    /// The usable ranges, in ascending order.
+    pub ranges: Vec<IovaRange>,
+    /// Required alignment of IOVAs and lengths (`out_iova_alignment`, at most
+    /// the page size).
+    pub alignment: u64,
+}
+
+impl IovaRanges {
+    /// Whether `[iova, iova + length)` lies inside one usable range.
+    ///
+    /// ```
+    /// use dmabuf_p2p::importer::iommufd::{IovaRange, IovaRanges};
+    /// let r = IovaRanges { ranges: vec![IovaRange { start: 0, last: 0xfedf_ffff }], alignment: 4096 };
+    /// assert!(r.contains(0x1000_0000, 0x1000));
+    /// assert!(!r.contains(0xfee0_0000, 0x1000));
+    /// ```
+    pub fn contains(&self, iova: u64, length: u64) -> bool {
+        self.ranges.iter().any(|r| r.contains(iova, length))
+    }
+
+    /// Why `[iova, iova + length)` could not be mapped at a fixed IOVA, as far
+    /// as these ranges tell, or `None` if they allow it.
+    fn problem_with(&self, iova: u64, length: u64) -> Option<String> {
+        let align = self.alignment.max(1);
+        if iova % align != 0 || length % align != 0 {
+            return Some(format!("IOVA and length must be multiples of {align:#x}"));
+        }
+        if !self.contains(iova, length) {
+            let list: Vec<String> = self.ranges.iter().map(ToString::to_string).collect();
+            return Some(format!("not inside one usable IOVA range ({})", list.join(", ")));
+        }
+        None
+    }
+}
+
+/// Where a mapping goes in the IOAS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IovaPlacement {
+    /// Wherever the kernel finds room (never IOVA 0; it keeps the source's
+    /// offset within a page and prefers natural alignment).
+    Auto,
+    /// Exactly at this IOVA (`IOMMU_IOAS_MAP_FIXED_IOVA`).
+    Fixed(u64),
+}
+
+impl IovaPlacement {
+    /// The `iova` field and the flag bits for the kernel.
+    fn to_arg(self) -> (u64, u32) {
+        match self {
+            Self::Auto => (0, 0),
+            Self::Fixed(iova) => (iova, sys::IOMMU_IOAS_MAP_FIXED_IOVA),
+        }
+    }
+
+    /// The IOVA to name in errors (0 for [`IovaPlacement::Auto`]).
+    fn iova(self) -> u64 {
+        self.to_arg().0
+    }
+}
+
+/// What devices may do through a mapping. iommufd needs at least one of read
+/// and write, so there is no "none".
+///
+/// ```
+/// use dmabuf_p2p::importer::iommufd::MapPerms;
+/// assert!(MapPerms::ReadWrite.readable() && MapPerms::ReadWrite.writable());
+/// assert!(!MapPerms::Read.writable());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MapPerms {
+    /// Devices may read (DMA from the memory).
+    Read,
+    /// Devices may write (DMA to the memory).
+    Write,
+    /// Both.
+    ReadWrite,
+}
+
+impl MapPerms {
+    /// Whether devices may read.
+    pub const fn readable(self) -> bool {
+        matches!(self, Self::Read | Self::ReadWrite)
+    }
+
+    /// Whether devices may write.
+    pub const fn writable(self) -> bool {
+        matches!(self, Self::Write | Self::ReadWrite)
+    }
+
+    /// The `IOMMU_IOAS_MAP_{READABLE,WRITEABLE}` bits.
+    const fn flags(self) -> u32 {
+        match self {
+            Self::Read => sys::IOMMU_IOAS_MAP_READABLE,
+            Self::Write => sys::IOMMU_IOAS_MAP_WRITEABLE,
+            Self::ReadWrite => sys::IOMMU_IOAS_MAP_READABLE | sys::IOMMU_IOAS_MAP_WRITEABLE,
+        }
+    }
+}
+
+/// An IO address space of an [`Iommufd`] (`IOMMU_IOAS_ALLOC`).
+///
+/// A shared handle: clones name the same IOAS, and it is destroyed
+/// (`IOMMU_DESTROY`) when the last clone is dropped. Mappings and attached
+/// devices hold a clone, so it is never destroyed under them. (If a device
+/// was attached to it by raw ID and is still attached, the kernel refuses the
+/// destroy with `EBUSY`; the IOAS then lives until the iommufd is closed.)
+///
+/// ```no_run
+/// use dmabuf_p2p::importer::iommufd::Iommufd;
+///
+/// let ioas = Iommufd::open()?.alloc_ioas()?; // the IOAS keeps the iommufd open
+/// let ranges = ioas.iova_ranges()?;
+/// println!("IOAS {}: {:?}, alignment {:#x}", ioas.id(), ranges.ranges, ranges.alignment);
+/// # Ok::<(), dmabuf_p2p::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Ioas {
+    inner: Arc<IoasInner>,
+}
+
+#[derive(Debug)]
+struct IoasInner {
+    iommufd: Iommufd,
+    id: u32,
+}
+
+impl Drop for IoasInner {
+    fn drop(&mut self) {
+        // Nothing can be done about a failure here (EBUSY: a device attached
+        // by raw ID); the kernel frees the IOAS when the iommufd is closed.
+        let _ = ioctl::iommu_destroy(self.iommufd.as_fd(), self.id);
+    }
+}
+
+impl Ioas {
+    /// The IOAS ID (what `VFIO_DEVICE_ATTACH_IOMMUFD_PT` takes).
+    pub fn id(&self) -> u32 {
+        self.inner.id
+    }
+
+    /// The iommufd the IOAS belongs to.
+    pub fn iommufd(&self) -> &Iommufd {
+        &self.inner.iommufd
+    }
+
+    /// Whether `self` and `other` are handles of the same IOAS.
+    pub fn same_ioas(&self, other: &Ioas) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// The usable IOVA ranges and the required alignment
+    /// (`IOMMU_IOAS_IOVA_RANGES`; an array too small for the answer,
+    /// `EMSGSIZE`, is grown and the question asked again).
+    ///
+    /// ```no_run
+    /// let ioas = dmabuf_p2p::importer::iommufd::Iommufd::open()?.alloc_ioas()?;
+    /// for r in ioas.iova_ranges()?.ranges {
+    ///     println!("{r}");
+    /// }
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn iova_ranges(&self) -> Result<IovaRanges> {
+        self.iommufd().iova_ranges(self.id())
+    }
+
+    /// Maps `length` bytes of this process's memory at `addr`
+    /// (`IOMMU_IOAS_MAP`). The pages are pinned by the kernel; memory that
+    /// cannot be pinned (a VFIO BAR or udmabuf `mmap`, `VM_PFNMAP`) fails
+    /// with `EFAULT`.
+    ///
+    /// # Safety
+    ///
+    /// Devices attached to the IOAS may read and (with a writable `perms`)
+    /// write the memory at any time until the returned mapping is dropped
+    /// (an [`IoasMapping::remap`] maps it again). Until then the caller must
+    /// keep the memory allocated and mapped at `addr`, and must not hold
+    /// Rust references to it that such device writes would invalidate
+    /// (access it through raw pointers or volatile operations only).
+    ///
+    /// ```no_run
+    /// use dmabuf_p2p::importer::iommufd::{MapPerms, Iommufd, IovaPlacement};
+    ///
+    /// let ioas = Iommufd::open()?.alloc_ioas()?;
+    /// let len = 0x10000;
+    /// // SAFETY: an anonymous private mapping we own and never free here.
+    /// let mem = unsafe {
+    ///     libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE,
+    ///                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+    /// };
+    /// assert_ne!(mem, libc::MAP_FAILED);
+    /// let ptr = std::ptr::NonNull::new(mem.cast::<u8>()).unwrap();
+    /// // SAFETY: the memory stays mapped for the life of the process and is
+    /// // only accessed through raw pointers.
+    /// let map = unsafe { ioas.map_user(ptr, len, IovaPlacement::Auto, MapPerms::ReadWrite)? };
+    /// println!("IOVA {:#x}", map.iova());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub unsafe fn map_user(
+        &self,
+        addr: NonNull<u8>,
+        length: usize,
+        at: IovaPlacement,
+        perms: MapPerms,
+    ) -> Result<IoasMapping> {
+        let source = Source::User { addr: addr.as_ptr() as usize };
+        let length = length as u64;
+        if length == 0 {
+            return Err(Error::InvalidRange {
+                target: source.describe(),
+                range: ByteRange::new(addr.as_ptr() as u64, 0),
+                problem: RangeProblem::Empty,
+            });
+        }
+        let mut mapping = IoasMapping { ioas: self.clone(), iova: at.iova(), length, perms, source, mapped: false };
+        // SAFETY: the caller's contract (see `# Safety`) covers device access
+        // to `addr..addr+length` until `mapping` is dropped, which is when it
+        // is unmapped for the last time.
+        unsafe { mapping.map_at(at) }?;
+        Ok(mapping)
+    }
+
+    /// Maps `range` (byte offsets) of a file into the IOAS
+    /// (`IOMMU_IOAS_MAP_FILE`). The file is a memfd (any shmem or hugetlbfs
+    /// file) or a dma-buf; iommufd takes only single-range VFIO PCI dma-bufs
+    /// (see [`Ioas::map_dmabuf`] for the errors).
+    ///
+    /// The mapping keeps a duplicate of the fd (close-on-exec), so the
+    /// caller's fd may be closed, and [`IoasMapping::remap`] can map the same
+    /// range again. The range is checked against the file's size first
+    /// ([`Error::InvalidRange`]): for a memfd with no device attached to the
+    /// IOAS the kernel would not check it until a device attaches.
+    ///
+    /// ```no_run
+    /// use dmabuf_p2p::importer::iommufd::{MapPerms, Iommufd, IovaPlacement};
+    /// use dmabuf_p2p::ByteRange;
+    /// use std::os::fd::{FromRawFd, OwnedFd};
+    ///
+    /// // SAFETY: memfd_create with a valid name returns a new fd or -1.
+    /// let fd = unsafe { libc::memfd_create(c"buf".as_ptr(), libc::MFD_CLOEXEC) };
+    /// assert!(fd >= 0);
+    /// // SAFETY: fd is new and owned by nobody else.
+    /// let memfd = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    /// memfd.set_len(0x20000)?;
+    /// let ioas = Iommufd::open()?.alloc_ioas()?;
+    /// let map = ioas.map_file(&memfd, ByteRange::new(0, 0x20000), IovaPlacement::Fixed(0x100_0000), MapPerms::ReadWrite)?;
+    /// assert_eq!((map.iova(), map.length()), (0x100_0000, 0x20000));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn map_file(&self, file: impl AsFd, range: ByteRange, at: IovaPlacement, perms: MapPerms) -> Result<IoasMapping> {
+        let file = file.as_fd();
+        // Duplicate before mapping: if the dup fails nothing has been mapped,
+        // and once mapped, the area is owned by a handle that can undo it.
+        let fd = file
+            .try_clone_to_owned()
+            .map_err(|e| Error::sys("fcntl(F_DUPFD_CLOEXEC)", format!("fd {}", file.as_raw_fd()), e))?;
+        let source = if is_dmabuf(fd.as_fd())? {
+            Source::DmaBuf { buf: DmaBuf::from_owned_unchecked(fd), start: range.offset }
+        } else {
+            Source::File { fd, start: range.offset }
+        };
+        let size = source.size()?;
+        range.check_in(size, 1).map_err(|problem| Error::InvalidRange {
+            target: format!("{} ({})", source.describe(), human_size(size)),
+            range,
+            problem,
+        })?;
+        let mut mapping =
+            IoasMapping { ioas: self.clone(), iova: at.iova(), length: range.length, perms, source, mapped: false };
+        // SAFETY: a file source maps kernel-owned pages (shmem, hugetlbfs or
+        // device MMIO), not this process's Rust memory.
+        unsafe { mapping.map_at(at) }?;
+        Ok(mapping)
+    }
+
+    /// Maps the whole of a dma-buf (`IOMMU_IOAS_MAP_FILE`, offset 0, its
+    /// full size): the P2P path of a VFIO BAR export.
+    ///
+    /// Errors besides those of [`Ioas::map_file`]:
+    /// * [`Error::NotImportable`] (`EOPNOTSUPP`): a VFIO dma-buf with more
+    ///   than one range, or a dma-buf of another exporter (udmabuf, a heap,
+    ///   a GPU driver); the message says which, from fdinfo's `exp_name`;
+    /// * [`Error::Revoked`] (`ENODEV`): the exporter has revoked it (for VFIO:
+    ///   memory decode off, the device in D3, reset in progress, or the
+    ///   device fd closed);
+    /// * [`Error::InvalidIova`]: IOVA taken (`EEXIST`), misaligned or reserved
+    ///   (`EINVAL` at a fixed IOVA), or no room (`ENOSPC`).
+    ///
+    /// ```no_run
+    /// use dmabuf_p2p::exporter::vfio::VfioPciDevice;
+    /// use dmabuf_p2p::importer::iommufd::{MapPerms, Iommufd, IovaPlacement};
+    /// use dmabuf_p2p::ByteRange;
+    ///
+    /// let iommufd = Iommufd::open()?;
+    /// let mut dev = VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// dev.bind(&iommufd)?;
+    /// dev.set_memory_decode(true)?;
+    /// let export = dev.export_bar(2, &[ByteRange::new(0, 0x10_0000)])?;
+    /// let ioas = iommufd.alloc_ioas()?;
+    /// let map = ioas.map_dmabuf(export.dmabuf(), IovaPlacement::Auto, MapPerms::ReadWrite)?;
+    /// println!("BAR2 at IOVA {:#x}", map.iova());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn map_dmabuf(&self, buf: &DmaBuf, at: IovaPlacement, perms: MapPerms) -> Result<IoasMapping> {
+        let size = buf.size()?;
+        self.map_file(buf, ByteRange::new(0, size), at, perms)
+    }
+}
+
+/// What a mapping maps.
+#[derive(Debug)]
+enum Source {
+    /// Process memory at this address (`IOMMU_IOAS_MAP`).
+    User { addr: usize },
+    /// A file that is not a dma-buf (a memfd), from byte `start`
+    /// (`IOMMU_IOAS_MAP_FILE`); a duplicate of the caller's fd.
+    File { fd: OwnedFd, start: u64 },
+    /// A dma-buf from byte `start` (`IOMMU_IOAS_MAP_FILE`); a duplicate of
+    /// the caller's fd.
+    DmaBuf { buf: DmaBuf, start: u64 },
+}
+
+impl Source {
+    /// Names the source for messages.
+    fn describe(&self) -> String {
+        match self {
+            Self::User { addr } => format!("user memory at {addr:#x}"),
+            Self::File { fd, .. } => format!("file fd {}", fd.as_raw_fd()),
+            Self::DmaBuf { buf, .. } => buf.describe(),
+        }
+    }
+
+    /// The fd to pass to `IOMMU_IOAS_MAP_FILE` and the start offset.
+    fn file(&self) -> Option<(BorrowedFd<'_>, u64)> {
+        match self {
+            Self::User { .. } => None,
+            Self::File { fd, start } => Some((fd.as_fd(), *start)),
+            Self::DmaBuf { buf, start } => Some((buf.as_fd(), *start)),
+        }
+    }
+
+    /// The size of a file source (a dma-buf's buffer size, a memfd's
+    /// `st_size`).
+    fn size(&self) -> Result<u64> {
+        match self {
+            Self::User { .. } => Ok(0),
+            Self::File { fd, .. } => file_size(fd.as_fd()).map_err(|e| Error::sys("fstat", self.describe(), e)),
+            Self::DmaBuf { buf, .. } => buf.size(),
+        }
+    }
+}
+
+/// One mapped area of an [`Ioas`]: `length` bytes at `iova`. Unmapped
+/// (`IOMMU_IOAS_UNMAP`) when dropped.
+///
+/// Keeps what is needed to map the same source again ([`IoasMapping::remap`]):
+/// the IOAS (a shared handle, so the IOAS outlives the mapping), a duplicate
+/// of the file's fd (for a dma-buf, this also keeps the buffer alive), the
+/// file offset or user address, the IOVA, the length and the permissions.
+///
+/// A VFIO dma-buf mapping stays in place when the exporter revokes the
+/// buffer: the IOMMU entries are gone, the area is not. Revocation is
+/// permanent for that area (uAPI reference F); [`IoasMapping::remap`] is how
+/// to restore it once the exporter has un-revoked.
+///
+/// ```no_run
+/// # use dmabuf_p2p::importer::iommufd::{MapPerms, Iommufd, IovaPlacement};
+/// # use dmabuf_p2p::ByteRange;
+/// # let memfd = std::fs::File::open("/proc/self/fd/3")?;
+/// let ioas = Iommufd::open()?.alloc_ioas()?;
+/// let mut map = ioas.map_file(&memfd, ByteRange::new(0, 0x1000), IovaPlacement::Auto, MapPerms::Read)?;
+/// println!("{map}");
+/// assert_eq!(map.unmap()?, 0x1000);
+/// assert!(!map.is_mapped());
+/// map.remap()?; // same IOVA again
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct IoasMapping {
+    ioas: Ioas,
+    iova: u64,
+    length: u64,
+    perms: MapPerms,
+    source: Source,
+    mapped: bool,
+}
+
+impl IoasMapping {
+    /// The IOVA of the first byte.
+    pub fn iova(&self) -> u64 {
+        self.iova
+    }
+
+    /// The length in bytes.
+    pub fn length(&self) -> u64 {
+        self.length
+    }
+
+    /// The ID of the IOAS it is in.
+    pub fn ioas_id(&self) -> u32 {
+        self.ioas.id()
+    }
+
+    /// The IOAS it is in.
+    pub fn ioas(&self) -> &Ioas {
+        &self.ioas
+    }
+
+    /// What devices may do through it.
+    pub fn perms(&self) -> MapPerms {
+        self.perms
+    }
+
+    /// Whether the area is currently mapped (false after
+    /// [`IoasMapping::unmap`], or after a failed [`IoasMapping::remap`]).
+    pub fn is_mapped(&self) -> bool {
+        self.mapped
+    }
+
+    /// The dma-buf it maps (the mapping's own duplicate of the caller's fd),
+    /// or `None` if it maps a memfd or user memory.
+    pub fn dmabuf(&self) -> Option<&DmaBuf> {
+        match &self.source {
+            Source::DmaBuf { buf, .. } => Some(buf),
+            _ => None,
+        }
+    }
+
+    /// The mapping's own duplicate of the source file's fd (memfd or
+    /// dma-buf); `None` for user memory.
+    pub fn source_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.source.file().map(|(fd, _)| fd)
+    }
+
+    /// The byte offset in the source file, or the user address for user
+    /// memory.
+    pub fn source_offset(&self) -> u64 {
+        match self.source {
+            Source::File { start, .. } | Source::DmaBuf { start, .. } => start,
+            Source::User { addr } => addr as u64,
+        }
+    }
+
+    /// Unmaps the area now (`IOMMU_IOAS_UNMAP`) and returns the bytes the
+    /// kernel unmapped. Idempotent: on an unmapped handle it returns 0. On an
+    /// error the area stays mapped and owned by this handle (drop retries).
+    /// A revoked dma-buf area unmaps normally.
+    pub fn unmap(&mut self) -> Result<u64> {
+        if !self.mapped {
+            return Ok(0);
+        }
+        let n = ioctl::iommu_ioas_unmap(self.ioas.iommufd().as_fd(), self.ioas.id(), self.iova, self.length)
+            .map_err(|e| self.error("IOMMU_IOAS_UNMAP", e))?;
+        self.mapped = false;
+        Ok(n)
+    }
+
+    /// Maps the same source again at the same IOVA (fixed), unmapping first
+    /// if still mapped: the way to restore a dma-buf area after its exporter
+    /// revoked and then restored the buffer. If the new map fails, the handle
+    /// stays unmapped ([`IoasMapping::is_mapped`] is false) and the error
+    /// says why ([`Error::Revoked`] while the exporter still revokes).
+    pub fn remap(&mut self) -> Result<()> {
+        self.unmap()?;
+        // SAFETY: a file source maps kernel-owned pages; for user memory the
+        // contract of `Ioas::map_user` covers device access until this
+        // handle is dropped, remaps included.
+        unsafe { self.map_at(IovaPlacement::Fixed(self.iova)) }
+    }
+
+    /// Issues the map ioctl for this handle's source at `at`, and records the
+    /// IOVA on success.
+    ///
+    /// # Safety
+    ///
+    /// For a user-memory source, the memory must be valid for device access
+    /// as [`Ioas::map_user`] requires.
+    unsafe fn map_at(&mut self, at: IovaPlacement) -> Result<()> {
+        let (iova, placement) = at.to_arg();
+        let flags = placement | self.perms.flags();
+        let iommufd = self.ioas.iommufd().as_fd();
+        let result = match (&self.source, self.source.file()) {
+            (Source::User { addr }, _) => {
+                let arg = sys::iommu_ioas_map {
+                    flags,
+                    ioas_id: self.ioas.id(),
+                    user_va: *addr as u64,
+                    length: self.length,
+                    iova,
+                    ..Default::default()
+                };
+                // SAFETY: the caller guarantees the user memory may be handed
+                // to devices (see `# Safety`).
+                unsafe { ioctl::iommu_ioas_map(iommufd, &arg) }.map_err(|e| ("IOMMU_IOAS_MAP", e))
+            }
+            (_, Some((fd, start))) => {
+                let arg = sys::iommu_ioas_map_file {
+                    flags,
+                    ioas_id: self.ioas.id(),
+                    fd: fd.as_raw_fd(),
+                    start,
+                    length: self.length,
+                    iova,
+                    ..Default::default()
+                };
+                ioctl::iommu_ioas_map_file(iommufd, &arg).map_err(|e| ("IOMMU_IOAS_MAP_FILE", e))
+            }
+            (_, None) => Err(("IOMMU_IOAS_MAP_FILE", io::Error::from_raw_os_error(libc::EBADF))),
+        };
+        match result {
+            Ok(got) => {
+                self.iova = got;
+                self.mapped = true;
+                Ok(())
+            }
+            Err((op, e)) => {
+                self.iova = iova;
+                Err(self.map_error(op, at, e))
+            }
+        }
+    }
+
+    /// Turns a failed map into the most specific error.
+    fn map_error(&self, op: &'static str, at: IovaPlacement, e: io::Error) -> Error {
+        let dmabuf = self.dmabuf();
+        let invalid_iova = |problem: String| Error::InvalidIova {
+            ioas: self.ioas.id(),
+            iova: at.iova(),
+            length: self.length,
+            problem,
+        };
+        match e.raw_os_error() {
+            Some(libc::ENODEV) if dmabuf.is_some() => Error::Revoked { buffer: self.source.describe() },
+            Some(libc::EOPNOTSUPP) if dmabuf.is_some() => Error::NotImportable {
+                buffer: self.source.describe(),
+                problem: why_not_importable(dmabuf),
+                source: e,
+            },
+            Some(libc::EEXIST) => invalid_iova("overlaps an existing mapping (EEXIST)".to_owned()),
+            Some(libc::ENOSPC) => invalid_iova("no free IOVA range of this length (ENOSPC)".to_owned()),
+            Some(libc::EOVERFLOW) => invalid_iova("IOVA + length overflows (EOVERFLOW)".to_owned()),
+            Some(libc::EINVAL) => match at {
+                IovaPlacement::Fixed(iova) => {
+                    let why = match self.ioas.iova_ranges() {
+                        Ok(r) => r.problem_with(iova, self.length),
+                        Err(_) => None,
+                    };
+                    let why = why.unwrap_or_else(|| "misaligned, reserved or not allowed".to_owned());
+                    invalid_iova(format!("{why} (EINVAL)"))
+                }
+                IovaPlacement::Auto => self.error(op, e),
+            },
+            _ => self.error(op, e),
+        }
+    }
+
+    /// [`Error::Sys`] naming this mapping.
+    fn error(&self, op: &'static str, e: io::Error) -> Error {
+        Error::sys(op, self.to_string(), e)
+    }
+}
+
+impl fmt::Display for IoasMapping {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let end = u128::from(self.iova) + u128::from(self.length);
+        write!(f, "IOAS {} IOVA {:#x}..{end:#x} <- {}", self.ioas.id(), self.iova, self.source.describe())?;
+        if let Some((_, start)) = self.source.file() {
+            write!(f, " @ {start:#x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for IoasMapping {
+    fn drop(&mut self) {
+        // A failure cannot be reported from drop; the area then goes away
+        // with the IOAS (destroyed with the last handle) or the iommufd.
+        let _ = self.unmap();
+    }
+}
+
+/// The `exp_name` of VFIO PCI dma-bufs in fdinfo.
+pub(crate) const VFIO_EXPORTER: &str = "vfio_pci_core";
+
+/// Why iommufd refused a dma-buf with `EOPNOTSUPP`, decided by the exporter
+/// name in fdinfo.
+fn why_not_importable(buf: Option<&DmaBuf>) -> String {
+    let exp = buf.and_then(|b| b.fdinfo().ok()).map(|i| i.exp_name);
+    match exp.as_deref() {
+        Some(VFIO_EXPORTER) => "a VFIO dma-buf with more than one range: iommufd imports single-range \
+                                VFIO dma-bufs only; export each range separately"
+            .to_owned(),
+        Some(other) => format!(
+            "exported by {other}, not by VFIO PCI: iommufd imports only VFIO P2P dma-bufs \
+             (for memfd-backed buffers, map the memfd itself)"
+        ),
+        None => "not a VFIO PCI dma-buf (exporter unknown)".to_owned(),
+    }
+}
+
+/// The size of a file (`fstat`'s `st_size`).
+fn file_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut st = MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat writes one `stat` to the valid, writable pointer; `fd` is
+    // open for the call.
+    let ret = unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fstat returned 0, so it filled in the whole struct.
+    let st = unsafe { st.assume_init() };
+    u64::try_from(st.st_size).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iova_problems_are_explained() {
+        let r = IovaRanges { ranges: vec![IovaRange { start: 0, last: 0xfedf_ffff }], alignment: 0x1000 };
+        assert!(r.problem_with(0x1000, 0x1000).is_none());
+        assert!(r.problem_with(0x1800, 0x1000).is_some_and(|p| p.contains("multiples of 0x1000")));
+        assert!(r.problem_with(0xfee0_0000, 0x1000).is_some_and(|p| p.contains("not inside")));
+    }
+
+    #[test]
+    fn placement_flags() {
+        assert_eq!(IovaPlacement::Auto.to_arg(), (0, 0));
+        assert_eq!(IovaPlacement::Fixed(0x1000).to_arg(), (0x1000, sys::IOMMU_IOAS_MAP_FIXED_IOVA));
+        assert_eq!(
+            MapPerms::ReadWrite.flags(),
+            sys::IOMMU_IOAS_MAP_READABLE | sys::IOMMU_IOAS_MAP_WRITEABLE
+        );
+    }
+}
