@@ -202,6 +202,23 @@ pub enum Error {
         /// rounded up).
         requested: u64,
     },
+    /// An operation did not finish in time (a DMA copy, a device request).
+    #[error("{what} did not finish within {after:?}")]
+    Timeout {
+        /// What was waited for.
+        what: String,
+        /// How long.
+        after: std::time::Duration,
+    },
+
+    /// A DMA engine refused a request or reported a failure.
+    #[error("DMA engine {engine}: {problem}")]
+    Engine {
+        /// The engine, e.g. `"edu 0000:01:00.0"`.
+        engine: String,
+        /// What went wrong.
+        problem: String,
+    },
 }
 
 /// What is wrong with a [`ByteRange`].

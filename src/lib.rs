@@ -10,6 +10,7 @@
 //! See `docs/ARCHITECTURE.md` for the layers and which kernel object each type owns.
 
 pub mod dmabuf;
+pub mod engine;
 pub mod error;
 mod ioctl;
 pub mod exporter;
@@ -18,6 +19,7 @@ pub mod memfd;
 pub mod fdinfo;
 pub mod pci;
 pub mod range;
+pub mod revoke;
 pub mod sys;
 pub mod sysfs;
 

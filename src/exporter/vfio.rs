@@ -49,7 +49,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use crate::dmabuf::DmaBuf;
 use crate::error::{Error, RangeProblem, Result};
@@ -59,22 +59,44 @@ use crate::ioctl;
 use crate::pci::{PciAddress, Resource, BAR_COUNT};
 use crate::range::{map_to_phys, page_size, validate_export_ranges, ByteRange, PhysRange};
 use crate::sys;
+use crate::revoke::{Revocable, RevocationHub, RevokeReason};
 use crate::sysfs::Sysfs;
 
 /// The driver a device must be bound to: `vfio-pci`.
+///
+/// ```
+/// assert_eq!(dmabuf_p2p::exporter::vfio::VFIO_PCI_DRIVER, "vfio-pci");
+/// ```
 pub const VFIO_PCI_DRIVER: &str = "vfio-pci";
 
 /// Where VFIO cdevs live: `/dev/vfio/devices`.
+///
+/// ```
+/// assert_eq!(dmabuf_p2p::exporter::vfio::VFIO_CDEV_DIR, "/dev/vfio/devices");
+/// ```
 pub const VFIO_CDEV_DIR: &str = "/dev/vfio/devices";
 
 /// The `open_flags` of every export: `O_RDWR | O_CLOEXEC`.
+///
+/// ```
+/// use dmabuf_p2p::exporter::vfio::EXPORT_OPEN_FLAGS;
+/// assert_eq!(EXPORT_OPEN_FLAGS, (libc::O_RDWR | libc::O_CLOEXEC) as u32);
+/// ```
 #[allow(clippy::cast_sign_loss)]
 pub const EXPORT_OPEN_FLAGS: u32 = (libc::O_RDWR | libc::O_CLOEXEC) as u32;
 
 /// VFIO region index of the expansion ROM.
+///
+/// ```
+/// assert_eq!(dmabuf_p2p::exporter::vfio::ROM_REGION_INDEX, 6);
+/// ```
 pub const ROM_REGION_INDEX: u32 = sys::VFIO_PCI_ROM_REGION_INDEX;
 
 /// VFIO region index of PCI config space.
+///
+/// ```
+/// assert_eq!(dmabuf_p2p::exporter::vfio::CONFIG_REGION_INDEX, 7);
+/// ```
 pub const CONFIG_REGION_INDEX: u32 = sys::VFIO_PCI_CONFIG_REGION_INDEX;
 
 /// Offset of the 16-bit `PCI_COMMAND` register in config space.
@@ -147,6 +169,15 @@ fn ensure_present(sysfs: &Sysfs, addr: PciAddress) -> Result<()> {
 }
 
 /// What `VFIO_DEVICE_GET_INFO` reports.
+///
+/// ```no_run
+/// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+/// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+/// # dev.bind(&iommufd)?;
+/// let info = dev.info()?;
+/// assert!(info.is_pci());
+/// # Ok::<(), dmabuf_p2p::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeviceInfo {
     /// `VFIO_DEVICE_FLAGS_*`.
@@ -159,17 +190,37 @@ pub struct DeviceInfo {
 
 impl DeviceInfo {
     /// Whether `VFIO_DEVICE_RESET` works (`VFIO_DEVICE_FLAGS_RESET`).
+    ///
+    /// ```
+    /// use dmabuf_p2p::exporter::vfio::DeviceInfo;
+    /// let info = DeviceInfo { flags: 3, num_regions: 9, num_irqs: 5 };
+    /// assert!(info.supports_reset());
+    /// ```
     pub const fn supports_reset(&self) -> bool {
         self.flags & sys::VFIO_DEVICE_FLAGS_RESET != 0
     }
 
     /// Whether it is a PCI device (`VFIO_DEVICE_FLAGS_PCI`).
+    ///
+    /// ```
+    /// use dmabuf_p2p::exporter::vfio::DeviceInfo;
+    /// assert!(DeviceInfo { flags: 2, num_regions: 9, num_irqs: 5 }.is_pci());
+    /// ```
     pub const fn is_pci(&self) -> bool {
         self.flags & sys::VFIO_DEVICE_FLAGS_PCI != 0
     }
 }
 
 /// What `VFIO_DEVICE_GET_REGION_INFO` reports for one region.
+///
+/// ```no_run
+/// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+/// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+/// # dev.bind(&iommufd)?;
+/// let config = dev.region_info(dmabuf_p2p::exporter::vfio::CONFIG_REGION_INDEX)?;
+/// println!("config space: {} bytes", config.size);
+/// # Ok::<(), dmabuf_p2p::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RegionInfo {
     /// The region index (BARs 0..=5, ROM 6, config 7, VGA 8).
@@ -185,16 +236,31 @@ pub struct RegionInfo {
 
 impl RegionInfo {
     /// Whether the region can be read (`VFIO_REGION_INFO_FLAG_READ`).
+    ///
+    /// ```
+    /// # let r = dmabuf_p2p::exporter::vfio::RegionInfo { index: 2, flags: 7, size: 1 << 20, offset: 2 << 40 };
+    /// assert!(r.readable());
+    /// ```
     pub const fn readable(&self) -> bool {
         self.flags & sys::VFIO_REGION_INFO_FLAG_READ != 0
     }
 
     /// Whether the region can be written (`VFIO_REGION_INFO_FLAG_WRITE`).
+    ///
+    /// ```
+    /// # let r = dmabuf_p2p::exporter::vfio::RegionInfo { index: 2, flags: 7, size: 1 << 20, offset: 2 << 40 };
+    /// assert!(r.writable());
+    /// ```
     pub const fn writable(&self) -> bool {
         self.flags & sys::VFIO_REGION_INFO_FLAG_WRITE != 0
     }
 
     /// Whether the region can be `mmap`ed (`VFIO_REGION_INFO_FLAG_MMAP`).
+    ///
+    /// ```
+    /// # let r = dmabuf_p2p::exporter::vfio::RegionInfo { index: 2, flags: 7, size: 1 << 20, offset: 2 << 40 };
+    /// assert!(r.mmap_supported());
+    /// ```
     pub const fn mmap_supported(&self) -> bool {
         self.flags & sys::VFIO_REGION_INFO_FLAG_MMAP != 0
     }
@@ -225,16 +291,49 @@ pub struct Bar {
 
 impl Bar {
     /// Whether the BAR exists (VFIO reports a non-zero size).
+    ///
+    /// ```
+    /// # use dmabuf_p2p::pci::{Resource, IORESOURCE_MEM};
+    /// # use dmabuf_p2p::exporter::vfio::{Bar, RegionInfo};
+    /// let bar = Bar {
+    ///     index: 2,
+    ///     region: RegionInfo { index: 2, flags: 7, size: 0x10_0000, offset: 2 << 40 },
+    ///     resource: Resource { index: 2, start: 0xfe00_0000, size: 0x10_0000, flags: IORESOURCE_MEM },
+    /// };
+    /// assert!(bar.is_present());
+    /// ```
     pub const fn is_present(&self) -> bool {
         self.region.size != 0
     }
 
     /// The size in bytes.
+    ///
+    /// ```
+    /// # use dmabuf_p2p::pci::{Resource, IORESOURCE_MEM};
+    /// # use dmabuf_p2p::exporter::vfio::{Bar, RegionInfo};
+    /// let bar = Bar {
+    ///     index: 2,
+    ///     region: RegionInfo { index: 2, flags: 7, size: 0x10_0000, offset: 2 << 40 },
+    ///     resource: Resource { index: 2, start: 0xfe00_0000, size: 0x10_0000, flags: IORESOURCE_MEM },
+    /// };
+    /// assert_eq!(bar.size(), 0x10_0000);
+    /// ```
     pub const fn size(&self) -> u64 {
         self.region.size
     }
 
     /// The physical address of its first byte.
+    ///
+    /// ```
+    /// # use dmabuf_p2p::pci::{Resource, IORESOURCE_MEM};
+    /// # use dmabuf_p2p::exporter::vfio::{Bar, RegionInfo};
+    /// let bar = Bar {
+    ///     index: 2,
+    ///     region: RegionInfo { index: 2, flags: 7, size: 0x10_0000, offset: 2 << 40 },
+    ///     resource: Resource { index: 2, start: 0xfe00_0000, size: 0x10_0000, flags: IORESOURCE_MEM },
+    /// };
+    /// assert_eq!(bar.phys_start(), 0xfe00_0000);
+    /// ```
     pub const fn phys_start(&self) -> u64 {
         self.resource.start
     }
@@ -242,6 +341,19 @@ impl Bar {
 
 /// An export request checked against a BAR, ready for the kernel: what
 /// [`VfioPciDevice::export_bar`] sends and records. Built by [`plan_export`].
+///
+/// ```
+/// # use dmabuf_p2p::pci::{Resource, IORESOURCE_MEM};
+/// # use dmabuf_p2p::exporter::vfio::{Bar, RegionInfo};
+/// let bar = Bar {
+///     index: 2,
+///     region: RegionInfo { index: 2, flags: 7, size: 0x10_0000, offset: 2 << 40 },
+///     resource: Resource { index: 2, start: 0xfe00_0000, size: 0x10_0000, flags: IORESOURCE_MEM },
+/// };
+/// let plan = dmabuf_p2p::exporter::vfio::plan_export("0000:00:03.0".parse()?, &bar, &[dmabuf_p2p::ByteRange::new(0, 0x2000)], 0x1000)?;
+/// assert_eq!((plan.size, plan.phys[0].start), (0x2000, 0xfe00_0000));
+/// # Ok::<(), dmabuf_p2p::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportPlan {
     /// The device.
@@ -381,6 +493,8 @@ pub struct VfioPciDevice {
     bound: Option<Bound>,
     attached: Option<Attached>,
     config: OnceLock<RegionInfo>,
+    /// Every attachment of this device's exports; told when the device revokes.
+    hub: Arc<RevocationHub>,
 }
 
 #[derive(Debug)]
@@ -458,15 +572,41 @@ impl VfioPciDevice {
             bound: None,
             attached: None,
             config: OnceLock::new(),
+            hub: RevocationHub::new(address.to_string()),
         })
     }
 
+    /// The revocation hub of this device's exports: every
+    /// [`Attachment`](crate::revoke::Attachment) made from them is registered
+    /// here. Memory decode off ([`set_memory_decode`](Self::set_memory_decode),
+    /// or a [`config_write`](Self::config_write) of `PCI_COMMAND`), a
+    /// [`reset`](Self::reset) and closing the device revoke through it.
+    pub fn hub(&self) -> &Arc<RevocationHub> {
+        &self.hub
+    }
+
     /// The PCI address.
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// assert_eq!(dev.address().to_string(), "0000:00:03.0");
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn address(&self) -> PciAddress {
         self.address
     }
 
     /// The cdev path, e.g. `/dev/vfio/devices/vfio0`.
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// println!("{}", dev.cdev_path().display());
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn cdev_path(&self) -> &Path {
         &self.cdev
     }
@@ -493,16 +633,40 @@ impl VfioPciDevice {
     }
 
     /// Whether [`VfioPciDevice::bind`] succeeded.
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// assert!(dev.is_bound());
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn is_bound(&self) -> bool {
         self.bound.is_some()
     }
 
     /// The iommufd device ID from the bind.
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// println!("iommufd device ID {:?}", dev.devid());
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn devid(&self) -> Option<u32> {
         self.bound.as_ref().map(|b| b.devid)
     }
 
     /// The iommufd the device is bound to.
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// assert!(dev.iommufd().is_some_and(|i| i.same_context(&iommufd)));
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn iommufd(&self) -> Option<&Iommufd> {
         self.bound.as_ref().map(|b| &b.iommufd)
     }
@@ -568,6 +732,17 @@ impl VfioPciDevice {
     /// Detaches the device from its IOAS or HWPT
     /// (`VFIO_DEVICE_DETACH_IOMMUFD_PT`) and drops the device's clone of the
     /// IOAS. Does nothing if it is not attached.
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// let ioas = iommufd.alloc_ioas()?;
+    /// dev.attach(&ioas)?;
+    /// dev.detach()?;
+    /// assert!(dev.attached_ioas().is_none());
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn detach(&mut self) -> Result<()> {
         self.bound()?;
         if self.attached.is_none() {
@@ -580,12 +755,32 @@ impl VfioPciDevice {
     }
 
     /// The IOAS the device is attached to (through [`VfioPciDevice::attach`]).
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// let ioas = iommufd.alloc_ioas()?;
+    /// dev.attach(&ioas)?;
+    /// assert_eq!(dev.attached_ioas().map(|a| a.id()), Some(ioas.id()));
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn attached_ioas(&self) -> Option<&Ioas> {
         self.attached.as_ref().and_then(|a| a.ioas.as_ref())
     }
 
     /// The IOAS/HWPT ID given to the attach and the HWPT ID the kernel
     /// reported, if attached.
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// let ioas = iommufd.alloc_ioas()?;
+    /// let hwpt = dev.attach(&ioas)?;
+    /// assert_eq!(dev.attached_pt(), Some((ioas.id(), hwpt)));
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn attached_pt(&self) -> Option<(u32, u32)> {
         self.attached.as_ref().map(|a| (a.pt_id, a.hwpt_id))
     }
@@ -677,12 +872,43 @@ impl VfioPciDevice {
     /// dev.config_write(0x3c, &[0x0b])?; // interrupt line
     /// # Ok::<(), dmabuf_p2p::Error>(())
     /// ```
+    ///
+    /// A write that changes `PCI_COMMAND`'s memory-decode bit goes through the
+    /// revocation path: turning it off revokes this device's dma-bufs in the
+    /// kernel, and every attachment is then torn down; turning it on restores
+    /// them (per each attachment's policy). A VMM forwarding a guest's config
+    /// writes gets the same behaviour by writing through here.
     pub fn config_write(&self, offset: u64, data: &[u8]) -> Result<()> {
         let at = self.config_at(offset, data.len())?;
-        self.file.write_all_at(data, at).map_err(|e| self.config_error("pwrite", offset, data.len(), e))
+        let touches_memory_bit = ByteRange::new(offset, data.len() as u64).contains(PCI_COMMAND);
+        let before = if touches_memory_bit { self.memory_decode().ok() } else { None };
+        let written = self.file.write_all_at(data, at).map_err(|e| self.config_error("pwrite", offset, data.len(), e));
+        if touches_memory_bit {
+            // Even a failed write may have revoked (the kernel revokes first);
+            // ask the device what it has now.
+            let after = self.memory_decode().ok();
+            match (before, after) {
+                (_, Some(false)) => {
+                    self.hub.revoke(RevokeReason::MemoryDecodeOff);
+                }
+                (Some(false), Some(true)) => {
+                    self.hub.restore();
+                }
+                _ => {}
+            }
+        }
+        written
     }
 
     /// Reads a byte of config space.
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// let revision = dev.config_read_u8(8)?;
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn config_read_u8(&self, offset: u64) -> Result<u8> {
         let mut b = [0u8; 1];
         self.config_read(offset, &mut b)?;
@@ -704,6 +930,14 @@ impl VfioPciDevice {
     }
 
     /// Reads a little-endian 32-bit config register.
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// let ids = dev.config_read_u32(0)?; // device << 16 | vendor
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn config_read_u32(&self, offset: u64) -> Result<u32> {
         let mut b = [0u8; 4];
         self.config_read(offset, &mut b)?;
@@ -711,21 +945,56 @@ impl VfioPciDevice {
     }
 
     /// Writes a little-endian 16-bit config register.
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// let cmd = dev.command()?;
+    /// dev.config_write_u16(4, cmd | 0x4)?; // bus master on
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn config_write_u16(&self, offset: u64, value: u16) -> Result<()> {
         self.config_write(offset, &value.to_le_bytes())
     }
 
     /// Writes a little-endian 32-bit config register.
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// dev.config_write_u32(0x10, 0xffff_ffff)?; // BAR0 sizing (virtualised by VFIO)
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn config_write_u32(&self, offset: u64, value: u32) -> Result<()> {
         self.config_write(offset, &value.to_le_bytes())
     }
 
     /// The `PCI_COMMAND` register (as VFIO presents it).
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// println!("PCI_COMMAND = {:#06x}", dev.command()?);
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn command(&self) -> Result<u16> {
         self.config_read_u16(PCI_COMMAND)
     }
 
     /// Whether memory decode (`PCI_COMMAND` bit 1) is on.
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// if !dev.memory_decode()? {
+    ///     dev.set_memory_decode(true)?;
+    /// }
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn memory_decode(&self) -> Result<bool> {
         Ok(self.command()? & COMMAND_MEMORY != 0)
     }
@@ -749,6 +1018,15 @@ impl VfioPciDevice {
     }
 
     /// Whether bus mastering (`PCI_COMMAND` bit 2) is on.
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// dev.set_bus_master(true)?;
+    /// assert!(dev.bus_master()?);
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn bus_master(&self) -> Result<bool> {
         Ok(self.command()? & COMMAND_MASTER != 0)
     }
@@ -776,6 +1054,14 @@ impl VfioPciDevice {
     }
 
     /// Whether the device supports [`VfioPciDevice::reset`].
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// println!("reset: {}", dev.supports_reset()?);
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn supports_reset(&self) -> Result<bool> {
         Ok(self.info()?.supports_reset())
     }
@@ -802,7 +1088,15 @@ impl VfioPciDevice {
                 problem: "the device has no reset method VFIO can use (VFIO_DEVICE_FLAGS_RESET is clear)".to_owned(),
             });
         }
-        ioctl::vfio_device_reset(self.fd()).map_err(|e| Error::sys("VFIO_DEVICE_RESET", self.address.to_string(), e))
+        let reset = ioctl::vfio_device_reset(self.fd()).map_err(|e| Error::sys("VFIO_DEVICE_RESET", self.address.to_string(), e));
+        // The kernel revoked for the reset and un-revoked if memory decode is
+        // on; the iommufd areas are dead either way, so tear down, then
+        // restore if the buffers are usable again.
+        self.hub.revoke(RevokeReason::Reset);
+        if self.memory_decode().unwrap_or(false) {
+            self.hub.restore();
+        }
+        reset
     }
 
     /// Maps BAR `index` into this process (`mmap` of the device fd at the
@@ -910,7 +1204,7 @@ impl VfioPciDevice {
                 e,
             )
         })?;
-        Ok(BarExport { buf: DmaBuf::from_owned_unchecked(fd), plan, memory_decode })
+        Ok(BarExport { buf: DmaBuf::from_owned_unchecked(fd), plan, memory_decode, hub: Arc::clone(&self.hub) })
     }
 
     fn fd(&self) -> BorrowedFd<'_> {
@@ -958,6 +1252,14 @@ impl VfioPciDevice {
     }
 }
 
+impl Drop for VfioPciDevice {
+    fn drop(&mut self) {
+        // Closing the device fd revokes its dma-bufs for good (the kernel's
+        // cleanup on last close); tear the attachments down with it.
+        self.hub.close(RevokeReason::DeviceClosed);
+    }
+}
+
 impl AsFd for VfioPciDevice {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()
@@ -989,40 +1291,125 @@ pub struct BarExport {
     buf: DmaBuf,
     plan: ExportPlan,
     memory_decode: Option<bool>,
+    hub: Arc<RevocationHub>,
+}
+
+impl Revocable for BarExport {
+    fn dmabuf(&self) -> &DmaBuf {
+        &self.buf
+    }
+
+    fn hub(&self) -> &Arc<RevocationHub> {
+        &self.hub
+    }
+
+    fn phys_ranges(&self) -> Vec<PhysRange> {
+        self.plan.phys.clone()
+    }
 }
 
 impl BarExport {
     /// The dma-buf.
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// # dev.set_memory_decode(true)?;
+    /// # let export = dev.export_bar(2, &[dmabuf_p2p::ByteRange::new(0x1000, 0x1000)])?;
+    /// assert_eq!(export.dmabuf().size()?, 0x1000);
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn dmabuf(&self) -> &DmaBuf {
         &self.buf
     }
 
     /// Takes the dma-buf out, dropping the record.
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// # dev.set_memory_decode(true)?;
+    /// # let export = dev.export_bar(2, &[dmabuf_p2p::ByteRange::new(0x1000, 0x1000)])?;
+    /// let buf: dmabuf_p2p::DmaBuf = export.into_dmabuf();
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn into_dmabuf(self) -> DmaBuf {
         self.buf
     }
 
     /// The exporting device.
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// # dev.set_memory_decode(true)?;
+    /// # let export = dev.export_bar(2, &[dmabuf_p2p::ByteRange::new(0x1000, 0x1000)])?;
+    /// assert_eq!(export.device(), dev.address());
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn device(&self) -> PciAddress {
         self.plan.device
     }
 
     /// The BAR index.
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// # dev.set_memory_decode(true)?;
+    /// # let export = dev.export_bar(2, &[dmabuf_p2p::ByteRange::new(0x1000, 0x1000)])?;
+    /// assert_eq!(export.bar(), 2);
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn bar(&self) -> u32 {
         self.plan.bar
     }
 
     /// The BAR-relative ranges, in request order.
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// # dev.set_memory_decode(true)?;
+    /// # let export = dev.export_bar(2, &[dmabuf_p2p::ByteRange::new(0x1000, 0x1000)])?;
+    /// assert_eq!(export.ranges(), &[dmabuf_p2p::ByteRange::new(0x1000, 0x1000)]);
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn ranges(&self) -> &[ByteRange] {
         &self.plan.ranges
     }
 
     /// The physical ranges behind the buffer, in request order.
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// # dev.set_memory_decode(true)?;
+    /// # let export = dev.export_bar(2, &[dmabuf_p2p::ByteRange::new(0x1000, 0x1000)])?;
+    /// assert_eq!(export.phys_ranges()[0].start, dev.bar(2)?.phys_start() + 0x1000);
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn phys_ranges(&self) -> &[PhysRange] {
         &self.plan.phys
     }
 
     /// The buffer size: the sum of the range lengths.
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// # dev.set_memory_decode(true)?;
+    /// # let export = dev.export_bar(2, &[dmabuf_p2p::ByteRange::new(0x1000, 0x1000)])?;
+    /// assert_eq!(export.size(), 0x1000);
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn size(&self) -> u64 {
         self.plan.size
     }
@@ -1030,6 +1417,16 @@ impl BarExport {
     /// What `PCI_COMMAND` memory decode was just before the export (`None`
     /// if it could not be read). `Some(false)` means the buffer was born
     /// revoked.
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// # dev.set_memory_decode(true)?;
+    /// # let export = dev.export_bar(2, &[dmabuf_p2p::ByteRange::new(0x1000, 0x1000)])?;
+    /// assert_eq!(export.memory_decode_at_export(), Some(true));
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn memory_decode_at_export(&self) -> Option<bool> {
         self.memory_decode
     }
@@ -1111,72 +1508,215 @@ impl MmioValue for u64 {}
 
 impl BarMapping {
     /// The BAR size in bytes (the accessible length).
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// # dev.set_memory_decode(true)?;
+    /// # let bar = dev.map_bar(2)?;
+    /// assert_eq!(bar.len() as u64, dev.bar(2)?.size());
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn len(&self) -> usize {
         self.size
     }
 
     /// Whether the BAR is empty (never, for a mapped BAR).
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// # dev.set_memory_decode(true)?;
+    /// # let bar = dev.map_bar(2)?;
+    /// assert!(!bar.is_empty());
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn is_empty(&self) -> bool {
         self.size == 0
     }
 
     /// The device.
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// # dev.set_memory_decode(true)?;
+    /// # let bar = dev.map_bar(2)?;
+    /// assert_eq!(bar.device(), dev.address());
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn device(&self) -> PciAddress {
         self.device
     }
 
     /// The BAR index.
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// # dev.set_memory_decode(true)?;
+    /// # let bar = dev.map_bar(2)?;
+    /// assert_eq!(bar.index(), 2);
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn index(&self) -> u32 {
         self.index
     }
 
     /// The start of the mapping, for callers that need raw access (which must
     /// be volatile and within [`BarMapping::len`]).
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// # dev.set_memory_decode(true)?;
+    /// # let bar = dev.map_bar(2)?;
+    /// // SAFETY: inside the BAR, volatile.
+    /// let first = unsafe { bar.as_ptr().read_volatile() };
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn as_ptr(&self) -> *mut u8 {
         self.ptr.as_ptr()
     }
 
     /// Volatile 8-bit read at `offset`.
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// # dev.set_memory_decode(true)?;
+    /// # let bar = dev.map_bar(2)?;
+    /// let b = bar.read_u8(3)?;
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn read_u8(&self, offset: u64) -> Result<u8> {
         self.read(offset)
     }
 
     /// Volatile 16-bit read at `offset` (2-byte aligned).
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// # dev.set_memory_decode(true)?;
+    /// # let bar = dev.map_bar(2)?;
+    /// let h = bar.read_u16(2)?;
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn read_u16(&self, offset: u64) -> Result<u16> {
         self.read(offset)
     }
 
     /// Volatile 32-bit read at `offset` (4-byte aligned).
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// # dev.set_memory_decode(true)?;
+    /// # let bar = dev.map_bar(2)?;
+    /// let w = bar.read_u32(4)?;
+    /// assert!(bar.read_u32(2).is_err()); // misaligned
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn read_u32(&self, offset: u64) -> Result<u32> {
         self.read(offset)
     }
 
     /// Volatile 64-bit read at `offset` (8-byte aligned).
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// # dev.set_memory_decode(true)?;
+    /// # let bar = dev.map_bar(2)?;
+    /// let q = bar.read_u64(8)?;
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn read_u64(&self, offset: u64) -> Result<u64> {
         self.read(offset)
     }
 
     /// Volatile 8-bit write at `offset`.
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// # dev.set_memory_decode(true)?;
+    /// # let bar = dev.map_bar(2)?;
+    /// bar.write_u8(3, 0xff)?;
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn write_u8(&self, offset: u64, value: u8) -> Result<()> {
         self.write(offset, value)
     }
 
     /// Volatile 16-bit write at `offset` (2-byte aligned).
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// # dev.set_memory_decode(true)?;
+    /// # let bar = dev.map_bar(2)?;
+    /// bar.write_u16(2, 0xbeef)?;
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn write_u16(&self, offset: u64, value: u16) -> Result<()> {
         self.write(offset, value)
     }
 
     /// Volatile 32-bit write at `offset` (4-byte aligned).
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// # dev.set_memory_decode(true)?;
+    /// # let bar = dev.map_bar(2)?;
+    /// bar.write_u32(4, 0xdead_beef)?;
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn write_u32(&self, offset: u64, value: u32) -> Result<()> {
         self.write(offset, value)
     }
 
     /// Volatile 64-bit write at `offset` (8-byte aligned).
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// # dev.set_memory_decode(true)?;
+    /// # let bar = dev.map_bar(2)?;
+    /// bar.write_u64(8, u64::MAX)?;
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn write_u64(&self, offset: u64, value: u64) -> Result<()> {
         self.write(offset, value)
     }
 
     /// Reads `buf.len()` bytes from `offset`, one volatile byte read each.
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// # dev.set_memory_decode(true)?;
+    /// # let bar = dev.map_bar(2)?;
+    /// let mut buf = [0u8; 16];
+    /// bar.read_bytes(0, &mut buf)?;
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn read_bytes(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let start = self.check(offset, buf.len(), 1)?;
         for (i, b) in buf.iter_mut().enumerate() {
@@ -1188,6 +1728,16 @@ impl BarMapping {
     }
 
     /// Writes `data` at `offset`, one volatile byte write each.
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// # dev.set_memory_decode(true)?;
+    /// # let bar = dev.map_bar(2)?;
+    /// bar.write_bytes(0, b"hello")?;
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn write_bytes(&self, offset: u64, data: &[u8]) -> Result<()> {
         let start = self.check(offset, data.len(), 1)?;
         for (i, b) in data.iter().enumerate() {

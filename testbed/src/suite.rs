@@ -294,6 +294,7 @@ fn stream(vm: &mut Vm, spec: &RunSpec, report: &mut Report, boot_deadline: Optio
     let mut reader = BufReader::new(sock);
     let mut pending: Vec<u8> = Vec::new();
     let mut qmp: Option<Qmp> = None;
+    let mut prefix_carry: Option<String> = None;
     loop {
         let mut buf = [0u8; 4096];
         match reader.read(&mut buf) {
@@ -304,7 +305,18 @@ fn stream(vm: &mut Vm, spec: &RunSpec, report: &mut Report, boot_deadline: Optio
         }
         while let Some(pos) = pending.iter().position(|b| *b == b'\n') {
             let raw: Vec<u8> = pending.drain(..=pos).collect();
-            let line = String::from_utf8_lossy(&raw).trim_end_matches(['\r', '\n']).to_owned();
+            let mut line = String::from_utf8_lossy(&raw).trim_end_matches(['\r', '\n']).to_owned();
+            // libtest prints "test NAME ... " before running a test and the
+            // outcome after, so a directive the test writes lands mid-line:
+            // take it out and glue the prefix to the outcome.
+            if let Some(prefix) = prefix_carry.take() {
+                line = format!("{prefix}{line}");
+            }
+            if let Some(pos) = line.find(" ... @@") {
+                let directive = line.split_off(pos + 5);
+                prefix_carry = Some(line);
+                line = directive;
+            }
             let _ = writeln!(log, "{line}");
             if spec.stream && !line.starts_with("@@") {
                 println!("{line}");

@@ -83,5 +83,14 @@ pub fn fnv1a64(data: &[u8]) -> u64 {
 /// Asks the host to check, after the VM has stopped, that bytes
 /// `[offset, offset + data.len())` of ivshmem device `shm`'s backing file equal `data`.
 pub fn request_host_check(shm: &str, offset: u64, data: &[u8]) {
-    println!("@@host-check {shm} {offset:#x} {:#x} fnv1a64={:016x}", data.len(), fnv1a64(data));
+    directive(&format!("@@host-check {shm} {offset:#x} {:#x} fnv1a64={:016x}", data.len(), fnv1a64(data)));
+}
+
+/// Writes a line for the host straight to stdout: libtest captures `println!`
+/// of passing tests, but not writes to the stdout handle.
+pub fn directive(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
 }

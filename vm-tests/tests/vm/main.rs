@@ -5,6 +5,7 @@
 mod dmabuf;
 mod heap;
 mod iommufd;
+mod p2p;
 mod smoke;
 mod testbed;
 mod udmabuf;

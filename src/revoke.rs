@@ -1,0 +1,577 @@
+//! Revocation: what replaces vma zapping.
+//!
+//! When a VFIO exporter revokes its dma-bufs (memory decode off, reset, close,
+//! unplug), the kernel removes every iommufd mapping's IOMMU entries, but on
+//! Linux 7.2 the IOVA area stays allocated and **stays dead** after the BAR comes
+//! back: only an unmap plus a fresh map restores it (uAPI reference F). This module
+//! keeps the importer's side of that contract:
+//!
+//! * a [`RevocationHub`] belongs to one exporter (a
+//!   [`VfioPciDevice`](crate::exporter::vfio::VfioPciDevice), or the receiving
+//!   end of a buffer passed from another process) and knows every
+//!   [`Attachment`] made from its buffers;
+//! * when the exporter revokes, each attachment records it, tears its IOVA
+//!   range down (so no stale area survives) and calls its callbacks;
+//! * when the exporter is back, each attachment with
+//!   [`RestorePolicy::Automatic`] maps the same buffer again at the same IOVA;
+//!   the others stay revoked until [`Attachment::restore`].
+//!
+//! Revocations the library did not cause (another process toggled the device)
+//! are found with [`probe_revoked`], which asks the kernel, and
+//! [`Attachment::sync_with_kernel`].
+
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+
+use crate::importer::iommufd::{Iommufd, Ioas, IoasMapping, IovaPlacement, MapPerms};
+use crate::range::PhysRange;
+use crate::{DmaBuf, Error, Result};
+
+/// Why a buffer was revoked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub enum RevokeReason {
+    /// `PCI_COMMAND` memory decode was turned off.
+    MemoryDecodeOff,
+    /// The device was reset.
+    Reset,
+    /// The exporting device was closed: permanent.
+    DeviceClosed,
+    /// The device is being removed (hot-unplug request): permanent.
+    Unplug,
+    /// The kernel says the buffer is revoked, for a reason this process did
+    /// not see (found by [`probe_revoked`]).
+    External,
+    /// The exporting process said so (buffer passed between processes).
+    Remote,
+}
+
+impl RevokeReason {
+    /// Whether the buffer can never come back after this.
+    pub fn is_permanent(self) -> bool {
+        matches!(self, Self::DeviceClosed | Self::Unplug)
+    }
+}
+
+impl fmt::Display for RevokeReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::MemoryDecodeOff => "memory decode off",
+            Self::Reset => "device reset",
+            Self::DeviceClosed => "exporter closed",
+            Self::Unplug => "device unplugged",
+            Self::External => "revoked outside this process",
+            Self::Remote => "revoked by the exporting process",
+        })
+    }
+}
+
+/// The state of an exporter's buffers, as the hub knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum BufferState {
+    /// Usable.
+    Live,
+    /// Revoked; may come back.
+    Revoked(RevokeReason),
+    /// Revoked for good (the exporter is closed or gone).
+    Gone(RevokeReason),
+}
+
+/// What an attachment does when its exporter is back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub enum RestorePolicy {
+    /// Unmap and map again at the same IOVA as soon as the exporter is back.
+    #[default]
+    Automatic,
+    /// Stay revoked until [`Attachment::restore`] is called.
+    LeaveRevoked,
+}
+
+/// What an attachment's callbacks are told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RevocationEvent {
+    /// The mapping was torn down; DMA to its IOVA now faults.
+    Revoked(RevokeReason),
+    /// The mapping is back at the same IOVA.
+    Restored,
+    /// The exporter is back but mapping again failed (the attachment stays revoked).
+    RestoreFailed(String),
+}
+
+type Callback = Arc<dyn Fn(&AttachmentInfo, &RevocationEvent) + Send + Sync>;
+
+/// A description of an attachment, handed to callbacks.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AttachmentInfo {
+    /// The exporter's name (e.g. the PCI address).
+    pub exporter: String,
+    /// The IOAS the buffer is mapped into.
+    pub ioas: u32,
+    /// The IOVA of the first byte.
+    pub iova: u64,
+    /// The mapped length.
+    pub length: u64,
+    /// The physical ranges behind the buffer, when known.
+    pub phys: Vec<PhysRange>,
+}
+
+/// One exporter's revocation state and the attachments of its buffers.
+///
+/// Cheap to share (`Arc`); an exporter keeps one and hands a clone to each
+/// export. Its methods are what the exporter calls when it revokes
+/// ([`revoke`](Self::revoke)), comes back ([`restore`](Self::restore)) or goes
+/// away ([`close`](Self::close)).
+pub struct RevocationHub {
+    name: String,
+    inner: Mutex<HubInner>,
+}
+
+struct HubInner {
+    state: BufferState,
+    attachments: Vec<Weak<AttachmentCore>>,
+    revocations: u64,
+}
+
+impl fmt::Debug for RevocationHub {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let inner = lock(&self.inner);
+        f.debug_struct("RevocationHub")
+            .field("name", &self.name)
+            .field("state", &inner.state)
+            .field("attachments", &inner.attachments.iter().filter(|w| w.strong_count() > 0).count())
+            .finish()
+    }
+}
+
+/// Locks a mutex, recovering from poisoning: every critical section here leaves
+/// the state consistent, so a panic in a caller's callback must not wedge it.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl RevocationHub {
+    /// A hub for the exporter called `name`, whose buffers are live.
+    ///
+    /// ```
+    /// use dmabuf_p2p::revoke::{BufferState, RevocationHub};
+    /// let hub = RevocationHub::new("0000:02:00.0");
+    /// assert_eq!(hub.state(), BufferState::Live);
+    /// ```
+    pub fn new(name: impl Into<String>) -> Arc<Self> {
+        Arc::new(Self {
+            name: name.into(),
+            inner: Mutex::new(HubInner { state: BufferState::Live, attachments: Vec::new(), revocations: 0 }),
+        })
+    }
+
+    /// The exporter's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The current state.
+    pub fn state(&self) -> BufferState {
+        lock(&self.inner).state
+    }
+
+    /// How many times the buffers were revoked.
+    pub fn revocations(&self) -> u64 {
+        lock(&self.inner).revocations
+    }
+
+    /// The attachments still alive.
+    pub fn attachment_count(&self) -> usize {
+        lock(&self.inner).attachments.iter().filter(|w| w.strong_count() > 0).count()
+    }
+
+    fn live_attachments(inner: &mut HubInner) -> Vec<Arc<AttachmentCore>> {
+        inner.attachments.retain(|w| w.strong_count() > 0);
+        inner.attachments.iter().filter_map(Weak::upgrade).collect()
+    }
+
+    /// The exporter has revoked its buffers: every attachment tears its IOVA
+    /// range down and is told. Returns how many attachments were torn down.
+    ///
+    /// A permanent `reason` ([`RevokeReason::is_permanent`]) makes the hub
+    /// [`BufferState::Gone`]. Revoking a revoked hub only updates the reason.
+    ///
+    /// ```
+    /// use dmabuf_p2p::revoke::{BufferState, RevocationHub, RevokeReason};
+    /// let hub = RevocationHub::new("dev");
+    /// hub.revoke(RevokeReason::MemoryDecodeOff);
+    /// assert_eq!(hub.state(), BufferState::Revoked(RevokeReason::MemoryDecodeOff));
+    /// ```
+    pub fn revoke(&self, reason: RevokeReason) -> usize {
+        let atts = {
+            let mut inner = lock(&self.inner);
+            if matches!(inner.state, BufferState::Gone(_)) {
+                return 0;
+            }
+            if inner.state == BufferState::Live {
+                inner.revocations += 1;
+            }
+            inner.state = if reason.is_permanent() { BufferState::Gone(reason) } else { BufferState::Revoked(reason) };
+            Self::live_attachments(&mut inner)
+        };
+        atts.iter().filter(|a| a.on_revoked(reason)).count()
+    }
+
+    /// The exporter's buffers are usable again: attachments with
+    /// [`RestorePolicy::Automatic`] map again. Returns how many were restored.
+    /// Does nothing once the hub is [`BufferState::Gone`].
+    pub fn restore(&self) -> usize {
+        let atts = {
+            let mut inner = lock(&self.inner);
+            match inner.state {
+                BufferState::Gone(_) => return 0,
+                BufferState::Live => {}
+                BufferState::Revoked(_) => inner.state = BufferState::Live,
+            }
+            Self::live_attachments(&mut inner)
+        };
+        atts.iter().filter(|a| a.policy() == RestorePolicy::Automatic && a.try_restore()).count()
+    }
+
+    /// The exporter is gone for good (closed, unplugged).
+    pub fn close(&self, reason: RevokeReason) -> usize {
+        let reason = if reason.is_permanent() { reason } else { RevokeReason::DeviceClosed };
+        self.revoke(reason)
+    }
+
+    fn register(&self, core: &Arc<AttachmentCore>) {
+        lock(&self.inner).attachments.push(Arc::downgrade(core));
+    }
+}
+
+/// An importer's hold on an exported buffer: the buffer mapped into an IOAS,
+/// tied to its exporter's [`RevocationHub`]. Dropping it unmaps.
+///
+/// ```no_run
+/// use dmabuf_p2p::exporter::vfio::VfioPciDevice;
+/// use dmabuf_p2p::importer::iommufd::{Iommufd, IovaPlacement, MapPerms};
+/// use dmabuf_p2p::revoke::{Attachment, RestorePolicy};
+/// use dmabuf_p2p::ByteRange;
+///
+/// let iommufd = Iommufd::open()?;
+/// let ioas = iommufd.alloc_ioas()?;
+/// let mut dev = VfioPciDevice::open("0000:02:00.0".parse()?)?;
+/// dev.bind(&iommufd)?;
+/// dev.set_memory_decode(true)?;
+/// let export = dev.export_bar(2, &[ByteRange::new(0, 0x10000)])?;
+/// let att = Attachment::map(&export, &ioas, IovaPlacement::Auto, MapPerms::ReadWrite, RestorePolicy::Automatic)?;
+/// att.on_event(|info, ev| eprintln!("{:#x}: {ev:?}", info.iova));
+/// dev.set_memory_decode(false)?; // the mapping is torn down
+/// assert!(att.is_revoked());
+/// dev.set_memory_decode(true)?; // and mapped again at the same IOVA
+/// assert!(!att.is_revoked());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct Attachment {
+    core: Arc<AttachmentCore>,
+}
+
+struct AttachmentCore {
+    hub: Arc<RevocationHub>,
+    info: AttachmentInfo,
+    policy: Mutex<RestorePolicy>,
+    state: Mutex<AttState>,
+    callbacks: Mutex<Vec<Callback>>,
+}
+
+struct AttState {
+    mapping: IoasMapping,
+    revoked: Option<RevokeReason>,
+    revocations: u64,
+    restores: u64,
+    last_error: Option<String>,
+}
+
+impl fmt::Debug for Attachment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let st = lock(&self.core.state);
+        f.debug_struct("Attachment")
+            .field("info", &self.core.info)
+            .field("revoked", &st.revoked)
+            .field("policy", &*lock(&self.core.policy))
+            .finish()
+    }
+}
+
+/// Something an [`Attachment`] can be made from: a buffer and the hub of its
+/// exporter.
+pub trait Revocable {
+    /// The dma-buf.
+    fn dmabuf(&self) -> &DmaBuf;
+    /// The exporter's hub.
+    fn hub(&self) -> &Arc<RevocationHub>;
+    /// The physical ranges behind the buffer, when known.
+    fn phys_ranges(&self) -> Vec<PhysRange> {
+        Vec::new()
+    }
+}
+
+impl Attachment {
+    /// Maps `source`'s whole buffer into `ioas` and ties the mapping to the
+    /// exporter's hub. Fails with [`Error::Revoked`] while the exporter has its
+    /// buffers revoked.
+    pub fn map(
+        source: &impl Revocable,
+        ioas: &Ioas,
+        at: IovaPlacement,
+        perms: MapPerms,
+        policy: RestorePolicy,
+    ) -> Result<Self> {
+        Self::map_parts(source.dmabuf(), source.hub(), source.phys_ranges(), ioas, at, perms, policy)
+    }
+
+    /// Like [`map`](Self::map), from the parts: a buffer, its exporter's hub
+    /// and what is known of its physical ranges.
+    pub fn map_parts(
+        buf: &DmaBuf,
+        hub: &Arc<RevocationHub>,
+        phys: Vec<PhysRange>,
+        ioas: &Ioas,
+        at: IovaPlacement,
+        perms: MapPerms,
+        policy: RestorePolicy,
+    ) -> Result<Self> {
+        match hub.state() {
+            BufferState::Live => {}
+            BufferState::Revoked(_) | BufferState::Gone(_) => {
+                return Err(Error::Revoked { buffer: format!("{} (exporter {})", buf.describe(), hub.name()) })
+            }
+        }
+        let mapping = ioas.map_dmabuf(buf, at, perms)?;
+        let info = AttachmentInfo {
+            exporter: hub.name().to_owned(),
+            ioas: ioas.id(),
+            iova: mapping.iova(),
+            length: mapping.length(),
+            phys,
+        };
+        let core = Arc::new(AttachmentCore {
+            hub: Arc::clone(hub),
+            info,
+            policy: Mutex::new(policy),
+            state: Mutex::new(AttState { mapping, revoked: None, revocations: 0, restores: 0, last_error: None }),
+            callbacks: Mutex::new(Vec::new()),
+        });
+        hub.register(&core);
+        // The exporter may have revoked between the state check and the
+        // registration; the hub has told nobody about this attachment yet.
+        if let BufferState::Revoked(r) | BufferState::Gone(r) = hub.state() {
+            core.on_revoked(r);
+        }
+        Ok(Self { core })
+    }
+
+    /// What is attached where.
+    pub fn info(&self) -> &AttachmentInfo {
+        &self.core.info
+    }
+
+    /// The IOVA devices use.
+    pub fn iova(&self) -> u64 {
+        self.core.info.iova
+    }
+
+    /// The mapped length.
+    pub fn length(&self) -> u64 {
+        self.core.info.length
+    }
+
+    /// The physical (PFN) ranges behind the buffer, when known.
+    pub fn phys_ranges(&self) -> &[PhysRange] {
+        &self.core.info.phys
+    }
+
+    /// The exporter's hub.
+    pub fn hub(&self) -> &Arc<RevocationHub> {
+        &self.core.hub
+    }
+
+    /// Whether the mapping is revoked (torn down) now.
+    pub fn is_revoked(&self) -> bool {
+        lock(&self.core.state).revoked.is_some()
+    }
+
+    /// Why the mapping is revoked, if it is.
+    pub fn revoked_reason(&self) -> Option<RevokeReason> {
+        lock(&self.core.state).revoked
+    }
+
+    /// How many times the mapping was revoked and restored.
+    pub fn counts(&self) -> (u64, u64) {
+        let st = lock(&self.core.state);
+        (st.revocations, st.restores)
+    }
+
+    /// The last restore error, if a restore failed.
+    pub fn last_error(&self) -> Option<String> {
+        lock(&self.core.state).last_error.clone()
+    }
+
+    /// The restore policy.
+    pub fn policy(&self) -> RestorePolicy {
+        self.core.policy()
+    }
+
+    /// Changes the restore policy.
+    pub fn set_policy(&self, policy: RestorePolicy) {
+        *lock(&self.core.policy) = policy;
+    }
+
+    /// Registers a callback for revoke and restore events. It runs on the
+    /// thread that revoked or restored, with no lock of this attachment held.
+    pub fn on_event(&self, f: impl Fn(&AttachmentInfo, &RevocationEvent) + Send + Sync + 'static) {
+        lock(&self.core.callbacks).push(Arc::new(f));
+    }
+
+    /// Fails with [`Error::Revoked`] if the mapping is revoked: the check to
+    /// make before starting DMA to [`iova`](Self::iova).
+    pub fn ensure_live(&self) -> Result<()> {
+        match self.revoked_reason() {
+            None => Ok(()),
+            Some(r) => Err(Error::Revoked { buffer: format!("IOVA {:#x} of exporter {} ({r})", self.iova(), self.core.info.exporter) }),
+        }
+    }
+
+    /// Maps the buffer again at the same IOVA now, whatever the policy. Fails
+    /// with [`Error::Revoked`] while the exporter is revoked.
+    pub fn restore(&self) -> Result<()> {
+        if let BufferState::Revoked(r) | BufferState::Gone(r) = self.core.hub.state() {
+            return Err(Error::Revoked { buffer: format!("exporter {} ({r})", self.core.hub.name()) });
+        }
+        if self.core.try_restore() {
+            Ok(())
+        } else {
+            let why = self.last_error().unwrap_or_else(|| "restore failed".into());
+            Err(Error::Revoked { buffer: format!("IOVA {:#x} of exporter {}: {why}", self.iova(), self.core.hub.name()) })
+        }
+    }
+
+    /// Unmaps and maps again at the same IOVA. On Linux 7.2 this is the only
+    /// cure for a mapping that was revoked and un-revoked behind this
+    /// process's back, which no uAPI reports.
+    pub fn refresh(&self) -> Result<()> {
+        let mut st = lock(&self.core.state);
+        st.mapping.remap()?;
+        st.revoked = None;
+        Ok(())
+    }
+
+    /// Asks the kernel whether the buffer is revoked now ([`probe_revoked`]
+    /// in a scratch IOAS of `iommufd`) and brings the attachment in line:
+    /// a revocation nobody reported tears the mapping down; a buffer that is
+    /// live again is restored when the policy says so. Returns whether the
+    /// buffer is revoked.
+    pub fn sync_with_kernel(&self, iommufd: &Iommufd) -> Result<bool> {
+        let buf_revoked = {
+            let st = lock(&self.core.state);
+            let Some(buf) = st.mapping.dmabuf() else { return Ok(false) };
+            probe_revoked(iommufd, buf)?
+        };
+        if buf_revoked {
+            if !self.is_revoked() {
+                self.core.hub.revoke(RevokeReason::External);
+                // The hub may be gone already; make sure this one is torn down.
+                self.core.on_revoked(RevokeReason::External);
+            }
+        } else if self.is_revoked() {
+            self.core.hub.restore();
+        }
+        Ok(buf_revoked)
+    }
+}
+
+impl AttachmentCore {
+    fn policy(&self) -> RestorePolicy {
+        *lock(&self.policy)
+    }
+
+    fn notify(&self, ev: &RevocationEvent) {
+        // Call without the lock, so a callback may register another.
+        let cbs: Vec<Callback> = lock(&self.callbacks).clone();
+        for cb in cbs {
+            cb(&self.info, ev);
+        }
+    }
+
+    /// Tears the mapping down; returns whether it was live before.
+    fn on_revoked(&self, reason: RevokeReason) -> bool {
+        let was_live = {
+            let mut st = lock(&self.state);
+            let was_live = st.revoked.is_none();
+            if was_live {
+                st.revocations += 1;
+            }
+            st.revoked = Some(reason);
+            // The kernel already removed the IOMMU entries; unmapping the
+            // dead area keeps no stale mapping around (it cannot fail for a
+            // revoked dma-buf area, and a failure leaves it for drop).
+            if st.mapping.is_mapped() {
+                if let Err(e) = st.mapping.unmap() {
+                    st.last_error = Some(format!("unmap after revoke: {e}"));
+                }
+            }
+            was_live
+        };
+        if was_live {
+            self.notify(&RevocationEvent::Revoked(reason));
+        }
+        was_live
+    }
+
+    /// Maps again at the same IOVA if revoked; returns whether it is live now.
+    fn try_restore(&self) -> bool {
+        let ev = {
+            let mut st = lock(&self.state);
+            if st.revoked.is_none() {
+                return true;
+            }
+            match st.mapping.remap() {
+                Ok(()) => {
+                    st.revoked = None;
+                    st.restores += 1;
+                    st.last_error = None;
+                    RevocationEvent::Restored
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    st.last_error = Some(msg.clone());
+                    RevocationEvent::RestoreFailed(msg)
+                }
+            }
+        };
+        let ok = ev == RevocationEvent::Restored;
+        self.notify(&ev);
+        ok
+    }
+}
+
+/// Asks the kernel whether `buf` is revoked right now: maps it into a scratch
+/// IOAS of `iommufd` (`IOMMU_IOAS_MAP_FILE`), where a revoked VFIO dma-buf gives
+/// `ENODEV`, and unmaps again. No uAPI reports the state directly.
+///
+/// Returns [`Error::NotImportable`] for buffers iommufd cannot map (udmabuf,
+/// heaps, multi-range VFIO exports): their state cannot be probed this way.
+pub fn probe_revoked(iommufd: &Iommufd, buf: &DmaBuf) -> Result<bool> {
+    let scratch = iommufd.alloc_ioas()?;
+    match scratch.map_dmabuf(buf, IovaPlacement::Auto, MapPerms::Read) {
+        Ok(mut m) => {
+            m.unmap()?;
+            Ok(false)
+        }
+        Err(Error::Revoked { .. }) => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
+// A hub and attachments are shared across threads (a VMM revokes on its
+// config-write path while its DMA threads hold attachments).
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<RevocationHub>();
+    assert_send_sync::<Attachment>();
+};
