@@ -25,5 +25,7 @@ pub mod sysfs;
 
 pub use dmabuf::{is_dmabuf, Access, DmaBuf, Mapping, SyncFile};
 pub use error::{Error, RangeProblem, Result};
+pub use exporter::vfio::{BarExport, VfioPciDevice};
+pub use importer::iommufd::{Ioas, IoasMapping, Iommufd, IovaPlacement, MapPerms};
 pub use pci::{PciAddress, TargetSpec};
 pub use range::ByteRange;

@@ -78,7 +78,10 @@ fn plan_rejects_bad_ranges_naming_them() {
         (ByteRange::new(0, PAGE + 1), RangeProblem::Unaligned { align: PAGE }),
         (ByteRange::new(PAGE, 0), RangeProblem::Empty),
         (ByteRange::new(u64::MAX - PAGE + 1, 2 * PAGE), RangeProblem::Overflow),
-        (ByteRange::new((1 << 20) - PAGE, 2 * PAGE), RangeProblem::OutOfBounds { end: (1 << 20) + PAGE, size: 1 << 20 }),
+        (
+            ByteRange::new((1 << 20) - PAGE, 2 * PAGE),
+            RangeProblem::OutOfBounds { end: (1 << 20) + PAGE, size: 1 << 20 },
+        ),
         (ByteRange::new(1 << 20, PAGE), RangeProblem::OutOfBounds { end: (1 << 20) + PAGE, size: 1 << 20 }),
     ];
     for (bad, problem) in cases {

@@ -28,7 +28,7 @@
 //! let iommufd = Iommufd::open()?;
 //! let ioas = iommufd.alloc_ioas()?;
 //! println!("usable IOVAs: {:?}", ioas.iova_ranges()?);
-//! let memfd = std::fs::File::open("/proc/self/fd/3")?; // some memfd
+//! let memfd = dmabuf_p2p::memfd::Memfd::new("buffer", 0x10000)?;
 //! let map = ioas.map_file(&memfd, ByteRange::new(0, 0x10000), IovaPlacement::Auto, MapPerms::ReadWrite)?;
 //! println!("mapped at IOVA {:#x}", map.iova());
 //! # Ok::<(), Box<dyn std::error::Error>>(())
@@ -49,6 +49,10 @@ use crate::range::ByteRange;
 use crate::sys;
 
 /// The iommufd device node.
+///
+/// ```
+/// assert_eq!(dmabuf_p2p::importer::iommufd::IOMMUFD_PATH, "/dev/iommu");
+/// ```
 pub const IOMMUFD_PATH: &str = "/dev/iommu";
 
 /// An open iommufd (`/dev/iommu`): the context that IO address spaces, bound
@@ -72,6 +76,11 @@ pub struct Iommufd {
 
 impl Iommufd {
     /// Opens `/dev/iommu` read-write and close-on-exec.
+    ///
+    /// ```no_run
+    /// let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn open() -> Result<Self> {
         Self::open_path(IOMMUFD_PATH)
     }
@@ -194,6 +203,14 @@ impl AsRawFd for Iommufd {
 }
 
 /// One usable IOVA range, `start..=last` (inclusive, as the kernel reports it).
+///
+/// ```no_run
+/// let ioas = dmabuf_p2p::importer::iommufd::Iommufd::open()?.alloc_ioas()?;
+/// for r in ioas.iova_ranges()?.ranges {
+///     println!("{:#x}..={:#x}", r.start, r.last);
+/// }
+/// # Ok::<(), dmabuf_p2p::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct IovaRange {
     /// First usable IOVA.
@@ -233,6 +250,13 @@ impl fmt::Display for IovaRange {
 /// What `IOMMU_IOAS_IOVA_RANGES` reports for an IOAS: where mappings may be
 /// placed, and how IOVAs and lengths must be aligned. Both change when
 /// devices are attached or detached; ask again after that.
+///
+/// ```no_run
+/// let ioas = dmabuf_p2p::importer::iommufd::Iommufd::open()?.alloc_ioas()?;
+/// let r = ioas.iova_ranges()?;
+/// assert!(r.alignment.is_power_of_two());
+/// # Ok::<(), dmabuf_p2p::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IovaRanges {
     /// The usable ranges, in ascending order.
@@ -271,6 +295,13 @@ impl IovaRanges {
 }
 
 /// Where a mapping goes in the IOAS.
+///
+/// ```
+/// use dmabuf_p2p::importer::iommufd::IovaPlacement;
+/// let anywhere = IovaPlacement::Auto;
+/// let there = IovaPlacement::Fixed(0x4000_0000);
+/// assert_ne!(anywhere, there);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum IovaPlacement {
     /// Wherever the kernel finds room (never IOVA 0; it keeps the source's
@@ -315,11 +346,21 @@ pub enum MapPerms {
 
 impl MapPerms {
     /// Whether devices may read.
+    ///
+    /// ```
+    /// use dmabuf_p2p::importer::iommufd::MapPerms;
+    /// assert!(MapPerms::Read.readable() && !MapPerms::Write.readable());
+    /// ```
     pub const fn readable(self) -> bool {
         matches!(self, Self::Read | Self::ReadWrite)
     }
 
     /// Whether devices may write.
+    ///
+    /// ```
+    /// use dmabuf_p2p::importer::iommufd::MapPerms;
+    /// assert!(MapPerms::Write.writable() && !MapPerms::Read.writable());
+    /// ```
     pub const fn writable(self) -> bool {
         matches!(self, Self::Write | Self::ReadWrite)
     }
@@ -371,16 +412,35 @@ impl Drop for IoasInner {
 
 impl Ioas {
     /// The IOAS ID (what `VFIO_DEVICE_ATTACH_IOMMUFD_PT` takes).
+    ///
+    /// ```no_run
+    /// let ioas = dmabuf_p2p::importer::iommufd::Iommufd::open()?.alloc_ioas()?;
+    /// println!("IOAS {}", ioas.id());
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn id(&self) -> u32 {
         self.inner.id
     }
 
     /// The iommufd the IOAS belongs to.
+    ///
+    /// ```no_run
+    /// let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// let ioas = iommufd.alloc_ioas()?;
+    /// assert!(ioas.iommufd().same_context(&iommufd));
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn iommufd(&self) -> &Iommufd {
         &self.inner.iommufd
     }
 
     /// Whether `self` and `other` are handles of the same IOAS.
+    ///
+    /// ```no_run
+    /// let ioas = dmabuf_p2p::importer::iommufd::Iommufd::open()?.alloc_ioas()?;
+    /// assert!(ioas.clone().same_ioas(&ioas));
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn same_ioas(&self, other: &Ioas) -> bool {
         Arc::ptr_eq(&self.inner, &other.inner)
     }
@@ -470,20 +530,21 @@ impl Ioas {
     /// ```no_run
     /// use dmabuf_p2p::importer::iommufd::{MapPerms, Iommufd, IovaPlacement};
     /// use dmabuf_p2p::ByteRange;
-    /// use std::os::fd::{FromRawFd, OwnedFd};
+    /// use dmabuf_p2p::memfd::Memfd;
     ///
-    /// // SAFETY: memfd_create with a valid name returns a new fd or -1.
-    /// let fd = unsafe { libc::memfd_create(c"buf".as_ptr(), libc::MFD_CLOEXEC) };
-    /// assert!(fd >= 0);
-    /// // SAFETY: fd is new and owned by nobody else.
-    /// let memfd = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    /// memfd.set_len(0x20000)?;
+    /// let memfd = Memfd::new("buf", 0x20000)?;
     /// let ioas = Iommufd::open()?.alloc_ioas()?;
     /// let map = ioas.map_file(&memfd, ByteRange::new(0, 0x20000), IovaPlacement::Fixed(0x100_0000), MapPerms::ReadWrite)?;
     /// assert_eq!((map.iova(), map.length()), (0x100_0000, 0x20000));
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
-    pub fn map_file(&self, file: impl AsFd, range: ByteRange, at: IovaPlacement, perms: MapPerms) -> Result<IoasMapping> {
+    pub fn map_file(
+        &self,
+        file: impl AsFd,
+        range: ByteRange,
+        at: IovaPlacement,
+        perms: MapPerms,
+    ) -> Result<IoasMapping> {
         let file = file.as_fd();
         // Duplicate before mapping: if the dup fails nothing has been mapped,
         // and once mapped, the area is owned by a handle that can undo it.
@@ -602,7 +663,7 @@ impl Source {
 /// ```no_run
 /// # use dmabuf_p2p::importer::iommufd::{MapPerms, Iommufd, IovaPlacement};
 /// # use dmabuf_p2p::ByteRange;
-/// # let memfd = std::fs::File::open("/proc/self/fd/3")?;
+/// # let memfd = dmabuf_p2p::memfd::Memfd::new("buffer", 0x1000)?;
 /// let ioas = Iommufd::open()?.alloc_ioas()?;
 /// let mut map = ioas.map_file(&memfd, ByteRange::new(0, 0x1000), IovaPlacement::Auto, MapPerms::Read)?;
 /// println!("{map}");
@@ -623,38 +684,103 @@ pub struct IoasMapping {
 
 impl IoasMapping {
     /// The IOVA of the first byte.
+    ///
+    /// ```no_run
+    /// # let ioas = dmabuf_p2p::importer::iommufd::Iommufd::open()?.alloc_ioas()?;
+    /// # let memfd = dmabuf_p2p::memfd::Memfd::new("doc", 0x10000)?;
+    /// # use dmabuf_p2p::importer::iommufd::{IovaPlacement, MapPerms};
+    /// # let mut map = ioas.map_file(&memfd, dmabuf_p2p::ByteRange::new(0, 0x10000), IovaPlacement::Auto, MapPerms::Read)?;
+    /// println!("IOVA {:#x}", map.iova());
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn iova(&self) -> u64 {
         self.iova
     }
 
     /// The length in bytes.
+    ///
+    /// ```no_run
+    /// # let ioas = dmabuf_p2p::importer::iommufd::Iommufd::open()?.alloc_ioas()?;
+    /// # let memfd = dmabuf_p2p::memfd::Memfd::new("doc", 0x10000)?;
+    /// # use dmabuf_p2p::importer::iommufd::{IovaPlacement, MapPerms};
+    /// # let mut map = ioas.map_file(&memfd, dmabuf_p2p::ByteRange::new(0, 0x10000), IovaPlacement::Auto, MapPerms::Read)?;
+    /// assert_eq!(map.length(), 0x10000);
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn length(&self) -> u64 {
         self.length
     }
 
     /// The ID of the IOAS it is in.
+    ///
+    /// ```no_run
+    /// # let ioas = dmabuf_p2p::importer::iommufd::Iommufd::open()?.alloc_ioas()?;
+    /// # let memfd = dmabuf_p2p::memfd::Memfd::new("doc", 0x10000)?;
+    /// # use dmabuf_p2p::importer::iommufd::{IovaPlacement, MapPerms};
+    /// # let mut map = ioas.map_file(&memfd, dmabuf_p2p::ByteRange::new(0, 0x10000), IovaPlacement::Auto, MapPerms::Read)?;
+    /// assert_eq!(map.ioas_id(), ioas.id());
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn ioas_id(&self) -> u32 {
         self.ioas.id()
     }
 
     /// The IOAS it is in.
+    ///
+    /// ```no_run
+    /// # let ioas = dmabuf_p2p::importer::iommufd::Iommufd::open()?.alloc_ioas()?;
+    /// # let memfd = dmabuf_p2p::memfd::Memfd::new("doc", 0x10000)?;
+    /// # use dmabuf_p2p::importer::iommufd::{IovaPlacement, MapPerms};
+    /// # let mut map = ioas.map_file(&memfd, dmabuf_p2p::ByteRange::new(0, 0x10000), IovaPlacement::Auto, MapPerms::Read)?;
+    /// assert!(map.ioas().same_ioas(&ioas));
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn ioas(&self) -> &Ioas {
         &self.ioas
     }
 
     /// What devices may do through it.
+    ///
+    /// ```no_run
+    /// # let ioas = dmabuf_p2p::importer::iommufd::Iommufd::open()?.alloc_ioas()?;
+    /// # let memfd = dmabuf_p2p::memfd::Memfd::new("doc", 0x10000)?;
+    /// # use dmabuf_p2p::importer::iommufd::{IovaPlacement, MapPerms};
+    /// # let mut map = ioas.map_file(&memfd, dmabuf_p2p::ByteRange::new(0, 0x10000), IovaPlacement::Auto, MapPerms::Read)?;
+    /// assert_eq!(map.perms(), MapPerms::Read);
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn perms(&self) -> MapPerms {
         self.perms
     }
 
     /// Whether the area is currently mapped (false after
     /// [`IoasMapping::unmap`], or after a failed [`IoasMapping::remap`]).
+    ///
+    /// ```no_run
+    /// # let ioas = dmabuf_p2p::importer::iommufd::Iommufd::open()?.alloc_ioas()?;
+    /// # let memfd = dmabuf_p2p::memfd::Memfd::new("doc", 0x10000)?;
+    /// # use dmabuf_p2p::importer::iommufd::{IovaPlacement, MapPerms};
+    /// # let mut map = ioas.map_file(&memfd, dmabuf_p2p::ByteRange::new(0, 0x10000), IovaPlacement::Auto, MapPerms::Read)?;
+    /// assert!(map.is_mapped());
+    /// map.unmap()?;
+    /// assert!(!map.is_mapped());
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn is_mapped(&self) -> bool {
         self.mapped
     }
 
     /// The dma-buf it maps (the mapping's own duplicate of the caller's fd),
     /// or `None` if it maps a memfd or user memory.
+    ///
+    /// ```no_run
+    /// # let ioas = dmabuf_p2p::importer::iommufd::Iommufd::open()?.alloc_ioas()?;
+    /// # let memfd = dmabuf_p2p::memfd::Memfd::new("doc", 0x10000)?;
+    /// # use dmabuf_p2p::importer::iommufd::{IovaPlacement, MapPerms};
+    /// # let mut map = ioas.map_file(&memfd, dmabuf_p2p::ByteRange::new(0, 0x10000), IovaPlacement::Auto, MapPerms::Read)?;
+    /// assert!(map.dmabuf().is_none()); // a memfd
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn dmabuf(&self) -> Option<&DmaBuf> {
         match &self.source {
             Source::DmaBuf { buf, .. } => Some(buf),
@@ -664,12 +790,30 @@ impl IoasMapping {
 
     /// The mapping's own duplicate of the source file's fd (memfd or
     /// dma-buf); `None` for user memory.
+    ///
+    /// ```no_run
+    /// # let ioas = dmabuf_p2p::importer::iommufd::Iommufd::open()?.alloc_ioas()?;
+    /// # let memfd = dmabuf_p2p::memfd::Memfd::new("doc", 0x10000)?;
+    /// # use dmabuf_p2p::importer::iommufd::{IovaPlacement, MapPerms};
+    /// # let mut map = ioas.map_file(&memfd, dmabuf_p2p::ByteRange::new(0, 0x10000), IovaPlacement::Auto, MapPerms::Read)?;
+    /// assert!(map.source_fd().is_some());
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn source_fd(&self) -> Option<BorrowedFd<'_>> {
         self.source.file().map(|(fd, _)| fd)
     }
 
     /// The byte offset in the source file, or the user address for user
     /// memory.
+    ///
+    /// ```no_run
+    /// # let ioas = dmabuf_p2p::importer::iommufd::Iommufd::open()?.alloc_ioas()?;
+    /// # let memfd = dmabuf_p2p::memfd::Memfd::new("doc", 0x10000)?;
+    /// # use dmabuf_p2p::importer::iommufd::{IovaPlacement, MapPerms};
+    /// # let mut map = ioas.map_file(&memfd, dmabuf_p2p::ByteRange::new(0, 0x10000), IovaPlacement::Auto, MapPerms::Read)?;
+    /// assert_eq!(map.source_offset(), 0);
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn source_offset(&self) -> u64 {
         match self.source {
             Source::File { start, .. } | Source::DmaBuf { start, .. } => start,
@@ -681,6 +825,16 @@ impl IoasMapping {
     /// kernel unmapped. Idempotent: on an unmapped handle it returns 0. On an
     /// error the area stays mapped and owned by this handle (drop retries).
     /// A revoked dma-buf area unmaps normally.
+    ///
+    /// ```no_run
+    /// # let ioas = dmabuf_p2p::importer::iommufd::Iommufd::open()?.alloc_ioas()?;
+    /// # let memfd = dmabuf_p2p::memfd::Memfd::new("doc", 0x10000)?;
+    /// # use dmabuf_p2p::importer::iommufd::{IovaPlacement, MapPerms};
+    /// # let mut map = ioas.map_file(&memfd, dmabuf_p2p::ByteRange::new(0, 0x10000), IovaPlacement::Auto, MapPerms::Read)?;
+    /// assert_eq!(map.unmap()?, 0x10000);
+    /// assert_eq!(map.unmap()?, 0); // already unmapped
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn unmap(&mut self) -> Result<u64> {
         if !self.mapped {
             return Ok(0);
@@ -696,6 +850,17 @@ impl IoasMapping {
     /// revoked and then restored the buffer. If the new map fails, the handle
     /// stays unmapped ([`IoasMapping::is_mapped`] is false) and the error
     /// says why ([`Error::Revoked`] while the exporter still revokes).
+    ///
+    /// ```no_run
+    /// # let ioas = dmabuf_p2p::importer::iommufd::Iommufd::open()?.alloc_ioas()?;
+    /// # let memfd = dmabuf_p2p::memfd::Memfd::new("doc", 0x10000)?;
+    /// # use dmabuf_p2p::importer::iommufd::{IovaPlacement, MapPerms};
+    /// # let mut map = ioas.map_file(&memfd, dmabuf_p2p::ByteRange::new(0, 0x10000), IovaPlacement::Auto, MapPerms::Read)?;
+    /// let iova = map.iova();
+    /// map.remap()?;
+    /// assert_eq!(map.iova(), iova);
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
     pub fn remap(&mut self) -> Result<()> {
         self.unmap()?;
         // SAFETY: a file source maps kernel-owned pages; for user memory the
@@ -767,11 +932,9 @@ impl IoasMapping {
         };
         match e.raw_os_error() {
             Some(libc::ENODEV) if dmabuf.is_some() => Error::Revoked { buffer: self.source.describe() },
-            Some(libc::EOPNOTSUPP) if dmabuf.is_some() => Error::NotImportable {
-                buffer: self.source.describe(),
-                problem: why_not_importable(dmabuf),
-                source: e,
-            },
+            Some(libc::EOPNOTSUPP) if dmabuf.is_some() => {
+                Error::NotImportable { buffer: self.source.describe(), problem: why_not_importable(dmabuf), source: e }
+            }
             Some(libc::EEXIST) => invalid_iova("overlaps an existing mapping (EEXIST)".to_owned()),
             Some(libc::ENOSPC) => invalid_iova("no free IOVA range of this length (ENOSPC)".to_owned()),
             Some(libc::EOVERFLOW) => invalid_iova("IOVA + length overflows (EOVERFLOW)".to_owned()),
@@ -864,9 +1027,6 @@ mod tests {
     fn placement_flags() {
         assert_eq!(IovaPlacement::Auto.to_arg(), (0, 0));
         assert_eq!(IovaPlacement::Fixed(0x1000).to_arg(), (0x1000, sys::IOMMU_IOAS_MAP_FIXED_IOVA));
-        assert_eq!(
-            MapPerms::ReadWrite.flags(),
-            sys::IOMMU_IOAS_MAP_READABLE | sys::IOMMU_IOAS_MAP_WRITEABLE
-        );
+        assert_eq!(MapPerms::ReadWrite.flags(), sys::IOMMU_IOAS_MAP_READABLE | sys::IOMMU_IOAS_MAP_WRITEABLE);
     }
 }

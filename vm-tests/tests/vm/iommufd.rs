@@ -54,7 +54,14 @@ impl Anon {
     fn new(len: usize) -> Self {
         // SAFETY: a fresh anonymous mapping at a kernel-chosen address.
         let p = unsafe {
-            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
         };
         assert_ne!(p, libc::MAP_FAILED);
         Self { ptr: NonNull::new(p.cast()).unwrap(), len }
@@ -99,7 +106,11 @@ fn iova_ranges_are_non_empty() {
     let empty = ioas.iova_ranges().unwrap();
     assert!(!empty.ranges.is_empty());
     assert!(empty.alignment.is_power_of_two() && empty.alignment <= PAGE, "{empty:?}");
-    println!("IOAS without devices: {:?}, alignment {:#x}", empty.ranges.iter().map(ToString::to_string).collect::<Vec<_>>(), empty.alignment);
+    println!(
+        "IOAS without devices: {:?}, alignment {:#x}",
+        empty.ranges.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        empty.alignment
+    );
 
     // Attaching a device behind the intel-iommu narrows the ranges (its
     // aperture and the MSI window are reserved).
@@ -109,7 +120,11 @@ fn iova_ranges_are_non_empty() {
     let attached = ioas.iova_ranges().unwrap();
     assert!(!attached.ranges.is_empty());
     assert!(attached.contains(FIXED, PAGE), "{attached:?}");
-    println!("IOAS with edu: {:?}, alignment {:#x}", attached.ranges.iter().map(ToString::to_string).collect::<Vec<_>>(), attached.alignment);
+    println!(
+        "IOAS with edu: {:?}, alignment {:#x}",
+        attached.ranges.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        attached.alignment
+    );
 }
 
 #[test]
@@ -174,7 +189,8 @@ fn map_file_of_a_memfd() {
     let memfd = Memfd::new("iommufd-test", 256 << 10).unwrap();
     let before = open_fd_count();
     {
-        let auto = ioas.map_file(&memfd, ByteRange::new(0, 256 << 10), IovaPlacement::Auto, MapPerms::ReadWrite).unwrap();
+        let auto =
+            ioas.map_file(&memfd, ByteRange::new(0, 256 << 10), IovaPlacement::Auto, MapPerms::ReadWrite).unwrap();
         assert_ne!(auto.iova(), 0);
         assert!(auto.dmabuf().is_none());
         assert_eq!(open_fd_count(), before + 1, "the mapping keeps a dup of the memfd");
@@ -310,7 +326,7 @@ fn revoked_mapping_is_restored_by_remap() {
     let mut map = ioas.map_dmabuf(e.dmabuf(), IovaPlacement::Fixed(FIXED), MapPerms::ReadWrite).unwrap();
     let before = open_fd_count();
     dev.set_memory_decode(false).unwrap(); // revokes
-    // While revoked, a remap unmaps and then fails: the handle ends unmapped.
+                                           // While revoked, a remap unmaps and then fails: the handle ends unmapped.
     match map.remap() {
         Err(Error::Revoked { .. }) => {}
         other => panic!("remap while revoked: {other:?}"),

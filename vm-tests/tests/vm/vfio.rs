@@ -160,7 +160,13 @@ fn region_and_bar_info_match_sysfs() {
             assert_eq!(b.phys_start(), sysfs_bar_start(addr(&bdf), bar as usize));
             assert!(b.resource.is_mem());
             assert!(b.region.readable() && b.region.writable(), "{bdf} BAR{bar} flags {:#x}", b.region.flags);
-            println!("{bdf} BAR{bar}: {} bytes at {:#x}, fd offset {:#x}, flags {:#x}", b.size(), b.phys_start(), b.region.offset, b.region.flags);
+            println!(
+                "{bdf} BAR{bar}: {} bytes at {:#x}, fd offset {:#x}, flags {:#x}",
+                b.size(),
+                b.phys_start(),
+                b.region.offset,
+                b.region.flags
+            );
         }
         assert_eq!(dev.bar(0).unwrap().size(), 256);
         assert!(dev.bar(2).unwrap().region.mmap_supported());
@@ -271,10 +277,19 @@ fn bar_mmap_write_then_read_back() {
         assert_eq!(again.read_u32(0).unwrap(), 0xdead_beef);
 
         // Bounds and alignment are checked.
-        assert!(matches!(bar.read_u32(size), Err(Error::InvalidRange { problem: RangeProblem::OutOfBounds { .. }, .. })));
+        assert!(matches!(
+            bar.read_u32(size),
+            Err(Error::InvalidRange { problem: RangeProblem::OutOfBounds { .. }, .. })
+        ));
         assert!(matches!(bar.read_u32(size - 2), Err(Error::InvalidRange { .. })));
-        assert!(matches!(bar.write_u32(2, 0), Err(Error::InvalidRange { problem: RangeProblem::Unaligned { align: 4 }, .. })));
-        assert!(matches!(bar.read_bytes(u64::MAX, &mut back), Err(Error::InvalidRange { problem: RangeProblem::Overflow, .. })));
+        assert!(matches!(
+            bar.write_u32(2, 0),
+            Err(Error::InvalidRange { problem: RangeProblem::Unaligned { align: 4 }, .. })
+        ));
+        assert!(matches!(
+            bar.read_bytes(u64::MAX, &mut back),
+            Err(Error::InvalidRange { problem: RangeProblem::Overflow, .. })
+        ));
         // BAR1 is absent, the ROM is not a BAR.
         assert!(matches!(dev.map_bar(1), Err(Error::InvalidRegion { index: 1, .. })));
         assert!(matches!(dev.map_bar(6), Err(Error::InvalidRegion { index: 6, .. })));
@@ -476,4 +491,35 @@ fn bind_to_vfio_pci_rebinds_an_unbound_device() {
 
     // A device that does not exist.
     assert!(matches!(bind_to_vfio_pci(addr("0000:7f:1f.7")), Err(Error::Device { .. })));
+}
+
+#[test]
+fn reset_revokes_and_restores_exports() {
+    use dmabuf_p2p::importer::iommufd::{IovaPlacement, MapPerms};
+    let (shm, size) = small_shm();
+    let (iommufd, dev) = open_bound(shm);
+    dev.set_memory_decode(true).unwrap();
+    let bar = dev.map_bar(2).unwrap();
+    bar.write_u32(0x40, 0x1234_5678).unwrap();
+    let export = dev.export_bar(2, &[ByteRange::new(0, size)]).unwrap();
+    let ioas = iommufd.alloc_ioas().unwrap();
+    let mut map = ioas.map_dmabuf(export.dmabuf(), IovaPlacement::Fixed(0x4000_0000), MapPerms::ReadWrite).unwrap();
+    let before = open_fd_count();
+    if !dev.supports_reset().unwrap() {
+        println!("{shm}: no reset, nothing to check");
+        return;
+    }
+    dev.reset().unwrap();
+    // PCI_COMMAND is restored after the reset, so the buffer is live again
+    // for new importers; the old area was revoked and needs a remap.
+    println!("{shm} PCI_COMMAND after reset: {:#06x}", dev.command().unwrap());
+    assert!(dev.memory_decode().unwrap());
+    let again = ioas.map_dmabuf(export.dmabuf(), IovaPlacement::Auto, MapPerms::Read).unwrap();
+    assert!(again.is_mapped());
+    map.remap().unwrap();
+    assert_eq!(map.iova(), 0x4000_0000);
+    // The BAR mmap faults its pages back in; ivshmem memory survives a reset.
+    assert_eq!(bar.read_u32(0x40).unwrap(), 0x1234_5678);
+    drop(again);
+    assert_eq!(open_fd_count(), before);
 }
