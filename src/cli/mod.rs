@@ -1,6 +1,8 @@
 //! Command-line parsing and dispatch.
 
 mod devices;
+mod export;
+mod p2p;
 mod vm;
 
 use std::process::ExitCode;
@@ -27,6 +29,11 @@ pub struct Cli {
 pub enum Command {
     /// List PCI devices with driver, IOMMU group, vfio cdev and BARs.
     Devices(devices::Args),
+    /// Export a BAR range as a dma-buf and show its fdinfo and physical ranges.
+    Export(export::Args),
+    /// Copy into and out of a BAR with a DMA engine through the IOMMU, verify
+    /// every transfer, then revoke and restore.
+    P2pTest(p2p::Args),
     /// The bundled test VM (QEMU, intel-iommu, edu, ivshmem).
     #[command(subcommand)]
     Vm(vm::VmCommand),
@@ -36,6 +43,8 @@ pub enum Command {
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
         Command::Devices(a) => devices::run(&a, cli.json),
+        Command::Export(a) => export::run(&a, cli.json),
+        Command::P2pTest(a) => p2p::run(&a, cli.json),
         Command::Vm(c) => vm::run(c, cli.json),
     }
 }

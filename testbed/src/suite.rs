@@ -127,6 +127,9 @@ pub struct Verdict {
     pub run_dir: PathBuf,
     /// Wall time of the VM.
     pub elapsed: Duration,
+    /// DMA requests the emulated IOMMU refused (QEMU's translation-failure
+    /// reports): evidence that revoked or unmapped IOVAs were blocked.
+    pub iommu_faults: usize,
 }
 
 impl Verdict {
@@ -251,10 +254,13 @@ pub fn run(spec: &RunSpec, bins: &GuestBinaries, tweak: impl FnOnce(&mut VmConfi
         }
         host_checks.push((c.to_string(), res));
     }
-    if !failures.is_empty() && !stderr.trim().is_empty() {
-        failures.push(format!("qemu stderr: {}", stderr.trim()));
+    let iommu_faults = stderr.lines().filter(|l| l.contains("detected translation failure")).count();
+    // QEMU's own notice that it waits for the report socket is not news.
+    let stderr: Vec<&str> = stderr.lines().filter(|l| !l.contains("QEMU waiting for connection")).collect();
+    if !failures.is_empty() && !stderr.is_empty() {
+        failures.push(format!("qemu stderr: {}", stderr.join("\n")));
     }
-    Ok(Verdict { report, host_checks, failures, run_dir, elapsed })
+    Ok(Verdict { report, host_checks, failures, run_dir, elapsed, iommu_faults })
 }
 
 /// How long KVM may take to reach userspace before the run falls back to TCG
@@ -403,6 +409,9 @@ pub fn print_verdict(label: &str, v: &Verdict) {
     let passed = v.report.count(Outcome::Ok) + v.host_checks.iter().filter(|(_, r)| r.is_ok()).count();
     let failed = v.report.count(Outcome::Failed) + v.host_checks.iter().filter(|(_, r)| r.is_err()).count();
     println!("{label}: VM run took {:.1} s (logs: {})", v.elapsed.as_secs_f64(), v.run_dir.display());
+    if v.iommu_faults > 0 {
+        println!("{label}: the emulated IOMMU refused {} DMA request(s) to unmapped or revoked IOVAs", v.iommu_faults);
+    }
     if !v.passed() {
         println!("{label}: FAILED because:");
         for f in &v.failures {

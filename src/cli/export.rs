@@ -1,0 +1,75 @@
+//! `dmabuf-p2p export`: export a BAR range as a dma-buf and show what it is.
+
+use std::process::ExitCode;
+
+use dmabuf_p2p::exporter::vfio::VfioPciDevice;
+use dmabuf_p2p::importer::iommufd::Iommufd;
+use dmabuf_p2p::{ByteRange, TargetSpec};
+
+use super::{human_size, print_json, CliError};
+
+/// Options of `export`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// What to export: `<bdf>[:bar[:offset+len]]`, e.g. `0000:02:00.0:2:0x1000+64K`.
+    /// The BAR defaults to 2, the range to the whole BAR.
+    pub target: TargetSpec,
+    /// Leave memory decode as it is (an export made while it is off is born revoked).
+    #[arg(long)]
+    pub keep_decode: bool,
+}
+
+/// The facts printed about an export.
+#[derive(Debug, serde::Serialize)]
+pub struct ExportReport {
+    /// The device.
+    pub device: String,
+    /// The BAR.
+    pub bar: u32,
+    /// BAR-relative ranges.
+    pub ranges: Vec<ByteRange>,
+    /// Physical ranges behind them.
+    pub phys: Vec<dmabuf_p2p::range::PhysRange>,
+    /// Memory decode when exported.
+    pub memory_decode: Option<bool>,
+    /// The buffer's fdinfo.
+    pub fdinfo: dmabuf_p2p::dmabuf::DmaBufFdInfo,
+}
+
+/// Exports and prints.
+pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
+    let iommufd = Iommufd::open()?;
+    let mut dev = VfioPciDevice::open(args.target.device)?;
+    dev.bind(&iommufd)?;
+    if !args.keep_decode {
+        dev.set_memory_decode(true)?;
+    }
+    let bar = args.target.bar.unwrap_or(2);
+    let range = match args.target.range {
+        Some(r) => r,
+        None => ByteRange::new(0, dev.bar(bar)?.size()),
+    };
+    let export = dev.export_bar(bar, &[range])?;
+    let report = ExportReport {
+        device: dev.address().to_string(),
+        bar,
+        ranges: export.ranges().to_vec(),
+        phys: export.phys_ranges().to_vec(),
+        memory_decode: export.memory_decode_at_export(),
+        fdinfo: export.dmabuf().fdinfo()?,
+    };
+    if json {
+        print_json(&report)?;
+    } else {
+        println!("exported {} BAR{} as dma-buf fd {}", report.device, bar, std::os::fd::AsRawFd::as_raw_fd(export.dmabuf()));
+        for (r, p) in report.ranges.iter().zip(&report.phys) {
+            println!("  range {r}  ({})  phys {p}", human_size(r.length));
+        }
+        let fi = &report.fdinfo;
+        println!("  fdinfo: exp_name {}  size {}  count {}  ino {}  flags {:o}", fi.exp_name, fi.size, fi.count, fi.ino, fi.flags);
+        if report.memory_decode == Some(false) {
+            println!("  note: memory decode was off, so the buffer was born revoked");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
