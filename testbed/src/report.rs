@@ -7,6 +7,8 @@
 //! * `@@booted <uptime>`: init reached userspace and bound the devices;
 //! * `@@host-check <shm> <offset> <len> fnv1a64=<hex>`: after the run, the host
 //!   hashes that range of the device's backing file and compares;
+//! * `@@qmp {json}`: run a QMP command now; the answer goes back to the guest
+//!   as `@@qmp-reply {json}` on the same port;
 //! * `@@exit <status>`: the guest job finished with this status.
 
 use std::fmt;
@@ -72,6 +74,8 @@ pub fn parse_line(line: &str) -> Line {
         let mut words = rest.split_whitespace();
         return match words.next() {
             Some("booted") => Line::Booted,
+            // Answered by the streaming loop as it arrives.
+            Some("qmp") => Line::Text,
             Some("exit") => match words.next().and_then(|w| w.parse().ok()) {
                 Some(n) => Line::Exit(n),
                 None => Line::BadDirective(line.to_owned()),
@@ -188,6 +192,7 @@ mod tests {
         assert!(matches!(parse_line("@@exit x"), Line::BadDirective(_)));
         assert!(matches!(parse_line("@@host-check shm0 1"), Line::BadDirective(_)));
         assert!(matches!(parse_line("@@nonsense"), Line::BadDirective(_)));
+        assert_eq!(parse_line("@@qmp {\"execute\":\"query-status\"}"), Line::Text);
     }
 
     #[test]

@@ -94,3 +94,24 @@ pub fn directive(line: &str) {
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
 }
+
+/// Asks the host to run a QMP command on this VM's QEMU (for example
+/// `device_del` to hot-unplug a device) and returns the host's JSON answer:
+/// `{"return": ...}` or `{"error": "..."}`. The answer comes back on stdin,
+/// which the test bed connects to the same serial port as stdout.
+pub fn qmp(execute: &str, arguments: &str) -> String {
+    use std::io::BufRead;
+    directive(&format!("@@qmp {{\"execute\":\"{execute}\",\"arguments\":{arguments}}}"));
+    let stdin = std::io::stdin();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match stdin.lock().read_line(&mut line) {
+            Ok(0) | Err(_) => return "{\"error\":\"no answer from the host\"}".to_owned(),
+            Ok(_) => {}
+        }
+        if let Some(answer) = line.trim_end().strip_prefix("@@qmp-reply ") {
+            return answer.to_owned();
+        }
+    }
+}
