@@ -241,10 +241,6 @@ impl VmConfig {
                 push("q35,accel=tcg");
                 push("-cpu");
                 push("max");
-                if std::env::var("DMABUF_P2P_ICOUNT").is_ok_and(|v| v == "1") {
-                    push("-icount");
-                    push("shift=0,sleep=off");
-                }
             }
         }
         let mut a2 = vec![
