@@ -29,3 +29,8 @@ pub use exporter::vfio::{BarExport, VfioPciDevice};
 pub use importer::iommufd::{Ioas, IoasMapping, Iommufd, IovaPlacement, MapPerms};
 pub use pci::{PciAddress, TargetSpec};
 pub use range::ByteRange;
+
+/// The VMM author's guide (`docs/GUIDE.md`), here so its snippets compile as
+/// doctests.
+#[doc = include_str!("../docs/GUIDE.md")]
+pub mod guide {}

@@ -3,6 +3,7 @@
 //! tests share real devices.
 
 mod dmabuf;
+mod guide;
 mod heap;
 mod iommufd;
 mod p2p;
