@@ -14,7 +14,9 @@
 //!   range down (so no stale area survives) and calls its callbacks;
 //! * when the exporter is back, each attachment with
 //!   [`RestorePolicy::Automatic`] maps the same buffer again at the same IOVA;
-//!   the others stay revoked until [`Attachment::restore`].
+//!   the others stay revoked until [`Attachment::restore`];
+//! * anyone else can follow a hub's state with [`RevocationHub::subscribe`]
+//!   (how `dmabuf_p2p::share` forwards revocations to other processes).
 //!
 //! Revocations the library did not cause (another process toggled the device)
 //! are found with [`probe_revoked`], which asks the kernel, and
@@ -101,6 +103,43 @@ pub enum RevocationEvent {
 
 type Callback = Arc<dyn Fn(&AttachmentInfo, &RevocationEvent) + Send + Sync>;
 
+/// A change of a hub's [`BufferState`], told to the hub's observers
+/// ([`RevocationHub::subscribe`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct StateChange {
+    /// The state the hub is in after the change.
+    pub state: BufferState,
+    /// The change's number: 0 for a hub that never changed, then one more per
+    /// change. Observers may be called from several threads at once; one that
+    /// has handled a higher number already has a newer state than this one.
+    pub seq: u64,
+}
+
+type Observer = Arc<dyn Fn(&StateChange) + Send + Sync>;
+
+/// An observer's registration with a [`RevocationHub`]
+/// ([`RevocationHub::subscribe`]). Dropping it unsubscribes.
+#[must_use = "dropping a Subscription unsubscribes at once"]
+pub struct Subscription {
+    hub: Weak<RevocationHub>,
+    id: u64,
+}
+
+impl fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hub = self.hub.upgrade().map(|h| h.name().to_owned());
+        f.debug_struct("Subscription").field("hub", &hub).field("id", &self.id).finish()
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Some(hub) = self.hub.upgrade() {
+            lock(&hub.inner).observers.retain(|(id, _)| *id != self.id);
+        }
+    }
+}
+
 /// A description of an attachment, handed to callbacks.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct AttachmentInfo {
@@ -131,6 +170,33 @@ struct HubInner {
     state: BufferState,
     attachments: Vec<Weak<AttachmentCore>>,
     revocations: u64,
+    /// State changes so far (the `seq` of the last [`StateChange`]).
+    changes: u64,
+    observers: Vec<(u64, Observer)>,
+    next_observer: u64,
+}
+
+impl HubInner {
+    /// Sets the state; if it changed, returns the change and the observers to
+    /// tell (called once the hub's lock is released).
+    fn set_state(&mut self, state: BufferState) -> Option<(StateChange, Vec<Observer>)> {
+        if self.state == state {
+            return None;
+        }
+        self.state = state;
+        self.changes += 1;
+        let change = StateChange { state, seq: self.changes };
+        Some((change, self.observers.iter().map(|(_, o)| Arc::clone(o)).collect()))
+    }
+}
+
+/// Tells `observers` about `change`, if there was one.
+fn tell(change: Option<(StateChange, Vec<Observer>)>) {
+    if let Some((change, observers)) = change {
+        for o in observers {
+            o(&change);
+        }
+    }
 }
 
 impl fmt::Debug for RevocationHub {
@@ -161,7 +227,14 @@ impl RevocationHub {
     pub fn new(name: impl Into<String>) -> Arc<Self> {
         Arc::new(Self {
             name: name.into(),
-            inner: Mutex::new(HubInner { state: BufferState::Live, attachments: Vec::new(), revocations: 0 }),
+            inner: Mutex::new(HubInner {
+                state: BufferState::Live,
+                attachments: Vec::new(),
+                revocations: 0,
+                changes: 0,
+                observers: Vec::new(),
+                next_observer: 0,
+            }),
         })
     }
 
@@ -178,6 +251,47 @@ impl RevocationHub {
     /// How many times the buffers were revoked.
     pub fn revocations(&self) -> u64 {
         lock(&self.inner).revocations
+    }
+
+    /// The current state with the number of the change that made it (0 if
+    /// the hub never changed), read together.
+    pub fn last_change(&self) -> StateChange {
+        let inner = lock(&self.inner);
+        StateChange { state: inner.state, seq: inner.changes }
+    }
+
+    /// Calls `f` after every change of the hub's [`state`](Self::state)
+    /// (revoked, restored, gone, or a revoked hub's reason changing), until
+    /// the returned [`Subscription`] is dropped: the way to follow an exporter
+    /// without an attachment (e.g. to forward its revocations to another
+    /// process, `dmabuf_p2p::share`).
+    ///
+    /// `f` runs on the thread that changed the state, after the hub's
+    /// attachments were torn down or restored, with no lock of the hub held
+    /// (it may call the hub). Calls for concurrent changes may overlap or
+    /// arrive out of order; [`StateChange::seq`] orders them.
+    ///
+    /// ```
+    /// use std::sync::{Arc, Mutex};
+    /// use dmabuf_p2p::revoke::{BufferState, RevocationHub, RevokeReason};
+    ///
+    /// let hub = RevocationHub::new("dev");
+    /// let seen = Arc::new(Mutex::new(Vec::new()));
+    /// let log = Arc::clone(&seen);
+    /// let sub = hub.subscribe(move |change| log.lock().unwrap().push(change.state));
+    /// hub.revoke(RevokeReason::MemoryDecodeOff);
+    /// hub.restore();
+    /// hub.restore(); // no change, no call
+    /// drop(sub);
+    /// hub.revoke(RevokeReason::Reset); // unsubscribed
+    /// assert_eq!(*seen.lock().unwrap(), [BufferState::Revoked(RevokeReason::MemoryDecodeOff), BufferState::Live]);
+    /// ```
+    pub fn subscribe(self: &Arc<Self>, f: impl Fn(&StateChange) + Send + Sync + 'static) -> Subscription {
+        let mut inner = lock(&self.inner);
+        let id = inner.next_observer;
+        inner.next_observer += 1;
+        inner.observers.push((id, Arc::new(f)));
+        Subscription { hub: Arc::downgrade(self), id }
     }
 
     /// The attachments still alive.
@@ -203,7 +317,7 @@ impl RevocationHub {
     /// assert_eq!(hub.state(), BufferState::Revoked(RevokeReason::MemoryDecodeOff));
     /// ```
     pub fn revoke(&self, reason: RevokeReason) -> usize {
-        let atts = {
+        let (atts, change) = {
             let mut inner = lock(&self.inner);
             if matches!(inner.state, BufferState::Gone(_)) {
                 return 0;
@@ -211,26 +325,34 @@ impl RevocationHub {
             if inner.state == BufferState::Live {
                 inner.revocations += 1;
             }
-            inner.state = if reason.is_permanent() { BufferState::Gone(reason) } else { BufferState::Revoked(reason) };
-            Self::live_attachments(&mut inner)
+            let change = inner.set_state(if reason.is_permanent() {
+                BufferState::Gone(reason)
+            } else {
+                BufferState::Revoked(reason)
+            });
+            (Self::live_attachments(&mut inner), change)
         };
-        atts.iter().filter(|a| a.on_revoked(reason)).count()
+        let n = atts.iter().filter(|a| a.on_revoked(reason)).count();
+        tell(change);
+        n
     }
 
     /// The exporter's buffers are usable again: attachments with
     /// [`RestorePolicy::Automatic`] map again. Returns how many were restored.
     /// Does nothing once the hub is [`BufferState::Gone`].
     pub fn restore(&self) -> usize {
-        let atts = {
+        let (atts, change) = {
             let mut inner = lock(&self.inner);
-            match inner.state {
+            let change = match inner.state {
                 BufferState::Gone(_) => return 0,
-                BufferState::Live => {}
-                BufferState::Revoked(_) => inner.state = BufferState::Live,
-            }
-            Self::live_attachments(&mut inner)
+                BufferState::Live => None,
+                BufferState::Revoked(_) => inner.set_state(BufferState::Live),
+            };
+            (Self::live_attachments(&mut inner), change)
         };
-        atts.iter().filter(|a| a.policy() == RestorePolicy::Automatic && a.try_restore()).count()
+        let n = atts.iter().filter(|a| a.policy() == RestorePolicy::Automatic && a.try_restore()).count();
+        tell(change);
+        n
     }
 
     /// The exporter is gone for good (closed, unplugged).
