@@ -34,8 +34,17 @@ pub const SOURCE_VERSION: &str = "7.2.13-1";
 pub const FRAGMENT: &str = include_str!("../kernel/fragment.config");
 
 /// Debian packages the build needs (bookworm names).
-pub const BUILD_DEPS: &[&str] =
-    &["bc", "bison", "flex", "libelf-dev", "libssl-dev", "cpio", "make", "gcc", "xz-utils"];
+pub const BUILD_DEPS: &[&str] = &[
+    "bc",
+    "bison",
+    "flex",
+    "libelf-dev",
+    "libssl-dev",
+    "cpio",
+    "make",
+    "gcc",
+    "xz-utils",
+];
 
 /// Bumped whenever the build recipe changes in a way that changes the result, so
 /// that old cache entries are not reused.
@@ -73,7 +82,9 @@ fn from_env(path: PathBuf) -> Result<PathBuf> {
     if path.as_os_str().is_empty() {
         return Err(Error::KernelPath {
             path,
-            reason: format!("is set but empty; unset {KERNEL_ENV} to use the cached or built kernel"),
+            reason: format!(
+                "is set but empty; unset {KERNEL_ENV} to use the cached or built kernel"
+            ),
         });
     }
     if let Err(reason) = check_bzimage(&path) {
@@ -143,7 +154,10 @@ pub fn build(force: bool) -> Result<PathBuf> {
     }
     let started = Instant::now();
     let phase = |n: u32, what: &str| {
-        eprintln!("kernel: [{n}/7] {what} ({} elapsed)", fmt_duration(started.elapsed()));
+        eprintln!(
+            "kernel: [{n}/7] {what} ({} elapsed)",
+            fmt_duration(started.elapsed())
+        );
     };
 
     phase(1, "checking build dependencies");
@@ -155,7 +169,8 @@ pub fn build(force: bool) -> Result<PathBuf> {
     let out = keydir.join("build");
     if force && out.exists() {
         eprintln!("kernel: --force: removing {}", out.display());
-        fs::remove_dir_all(&out).map_err(|e| Error::io(format!("removing {}", out.display()), e))?;
+        fs::remove_dir_all(&out)
+            .map_err(|e| Error::io(format!("removing {}", out.display()), e))?;
     }
     mkdir(&out)?;
     let fragment_path = keydir.join("fragment.config");
@@ -164,10 +179,21 @@ pub fn build(force: bool) -> Result<PathBuf> {
     let mut log = Log::create(&log_path)?;
     eprintln!("kernel: full build log: {}", log_path.display());
 
-    phase(3, "configuring (x86_64_defconfig + kvm_guest.config + fragment)");
+    phase(
+        3,
+        "configuring (x86_64_defconfig + kvm_guest.config + fragment)",
+    );
     let out_arg = format!("O={}", out.display());
-    log.run(make(&src).arg(&out_arg).arg("x86_64_defconfig"), "make x86_64_defconfig", false)?;
-    log.run(make(&src).arg(&out_arg).arg("kvm_guest.config"), "make kvm_guest.config", false)?;
+    log.run(
+        make(&src).arg(&out_arg).arg("x86_64_defconfig"),
+        "make x86_64_defconfig",
+        false,
+    )?;
+    log.run(
+        make(&src).arg(&out_arg).arg("kvm_guest.config"),
+        "make kvm_guest.config",
+        false,
+    )?;
     let mut merge = Command::new(src.join("scripts/kconfig/merge_config.sh"));
     merge
         .current_dir(&src)
@@ -177,7 +203,11 @@ pub fn build(force: bool) -> Result<PathBuf> {
         .arg(out.join(".config"))
         .arg(&fragment_path);
     log.run(&mut merge, "merge_config.sh (fragment)", false)?;
-    log.run(make(&src).arg(&out_arg).arg("olddefconfig"), "make olddefconfig", false)?;
+    log.run(
+        make(&src).arg(&out_arg).arg("olddefconfig"),
+        "make olddefconfig",
+        false,
+    )?;
 
     phase(4, "verifying the fragment's options in .config");
     let config_path = out.join(".config");
@@ -186,9 +216,15 @@ pub fn build(force: bool) -> Result<PathBuf> {
     verify_config(&src, &config_path, &config)?;
 
     let jobs = std::thread::available_parallelism().map_or(2, |n| n.get() + 1);
-    phase(5, &format!("make -j{jobs} bzImage (this is the long part: 12-25 minutes on 2 cores)"));
+    phase(
+        5,
+        &format!("make -j{jobs} bzImage (this is the long part: 12-25 minutes on 2 cores)"),
+    );
     log.run(
-        make(&src).arg(&out_arg).arg(format!("-j{jobs}")).arg("bzImage"),
+        make(&src)
+            .arg(&out_arg)
+            .arg(format!("-j{jobs}"))
+            .arg("bzImage"),
         "make bzImage",
         true,
     )?;
@@ -196,12 +232,22 @@ pub fn build(force: bool) -> Result<PathBuf> {
     phase(6, "installing");
     let built = out.join("arch/x86/boot/bzImage");
     check_bzimage(&built).map_err(|reason| {
-        Error::Setup(format!("make bzImage succeeded but {} {reason}", built.display()))
+        Error::Setup(format!(
+            "make bzImage succeeded but {} {reason}",
+            built.display()
+        ))
     })?;
     install(&config_path, &keydir.join("config"))?;
     install(&built, &image)?;
 
-    phase(7, &format!("done in {}: {}", fmt_duration(started.elapsed()), image.display()));
+    phase(
+        7,
+        &format!(
+            "done in {}: {}",
+            fmt_duration(started.elapsed()),
+            image.display()
+        ),
+    );
     Ok(image)
 }
 
@@ -229,7 +275,14 @@ fn check_path_usable(dir: &Path) -> Result<()> {
 fn make(src: &Path) -> Command {
     let mut cmd = Command::new("make");
     cmd.arg("-C").arg(src).arg("ARCH=x86");
-    for var in ["MAKEFLAGS", "MFLAGS", "MAKELEVEL", "KBUILD_OUTPUT", "KCONFIG_CONFIG", "CROSS_COMPILE"] {
+    for var in [
+        "MAKEFLAGS",
+        "MFLAGS",
+        "MAKELEVEL",
+        "KBUILD_OUTPUT",
+        "KCONFIG_CONFIG",
+        "CROSS_COMPILE",
+    ] {
         cmd.env_remove(var);
     }
     cmd
@@ -258,7 +311,8 @@ pub fn check_bzimage(path: &Path) -> Result<(), String> {
     }
     let mut head = Vec::with_capacity(BOOT_MAGIC_OFFSET + BOOT_MAGIC.len());
     let read = File::open(path).and_then(|f| {
-        f.take((BOOT_MAGIC_OFFSET + BOOT_MAGIC.len()) as u64).read_to_end(&mut head)
+        f.take((BOOT_MAGIC_OFFSET + BOOT_MAGIC.len()) as u64)
+            .read_to_end(&mut head)
     });
     if let Err(e) = read {
         return Err(format!("cannot be read: {e}"));
@@ -292,7 +346,13 @@ fn key_for(package: &str, version: &str, fragment: &str) -> String {
     }
     let version: String = version
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '+') { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '+') {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     format!("{version}-{:016x}", hash.finish())
 }
@@ -376,7 +436,11 @@ fn parse_config(text: &str) -> HashMap<String, String> {
 
 /// `# CONFIG_X is not set` → `CONFIG_X`.
 fn not_set(line: &str) -> Option<&str> {
-    let name = line.strip_prefix('#')?.trim_start().strip_suffix(" is not set")?.trim_end();
+    let name = line
+        .strip_prefix('#')?
+        .trim_start()
+        .strip_suffix(" is not set")?
+        .trim_end();
     is_option_name(name).then_some(name)
 }
 
@@ -397,7 +461,11 @@ fn check_config(fragment: &[(String, String)], config: &HashMap<String, String>)
                 Some(v) => v == wanted,
                 None => wanted == "n",
             };
-            (!holds).then(|| Mismatch { option: option.clone(), wanted: wanted.clone(), got: got.cloned() })
+            (!holds).then(|| Mismatch {
+                option: option.clone(),
+                wanted: wanted.clone(),
+                got: got.cloned(),
+            })
         })
         .collect()
 }
@@ -439,17 +507,24 @@ fn kconfig_defines(src: &Path, option: &str) -> bool {
     };
     let mut stack = vec![src.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
         for entry in entries.flatten() {
             let path = entry.path();
-            let Ok(kind) = entry.file_type() else { continue };
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
             if kind.is_dir() {
                 stack.push(path);
             } else if entry.file_name().to_string_lossy().starts_with("Kconfig") {
-                let Ok(text) = fs::read_to_string(&path) else { continue };
+                let Ok(text) = fs::read_to_string(&path) else {
+                    continue;
+                };
                 let defines = text.lines().any(|l| {
                     let mut words = l.split_whitespace();
-                    matches!(words.next(), Some("config" | "menuconfig")) && words.next() == Some(name)
+                    matches!(words.next(), Some("config" | "menuconfig"))
+                        && words.next() == Some(name)
                 });
                 if defines {
                     return true;
@@ -466,7 +541,9 @@ fn kconfig_defines(src: &Path, option: &str) -> bool {
 fn ensure_build_deps() -> Result<()> {
     let mut missing = Vec::new();
     for &pkg in BUILD_DEPS {
-        let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]).output();
+        let out = Command::new("dpkg-query")
+            .args(["-W", "-f=${Status}", pkg])
+            .output();
         match out {
             Err(e) => {
                 eprintln!(
@@ -497,7 +574,10 @@ fn ensure_build_deps() -> Result<()> {
     eprintln!("kernel: installing build dependencies: {list}");
     let mut update = Command::new("apt-get");
     // apt's output goes to stderr: stdout is for the bzImage path.
-    update.args(["-q", "update"]).env("DEBIAN_FRONTEND", "noninteractive").stdout(io::stderr());
+    update
+        .args(["-q", "update"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdout(io::stderr());
     crate::run_checked(&mut update, "apt-get update")?;
     let mut install = Command::new("apt-get");
     install
@@ -526,7 +606,8 @@ fn source_tree(kdir: &Path) -> Result<PathBuf> {
 
     let tmp = srcroot.join(format!(".unpack-{}", std::process::id()));
     if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(|e| Error::io(format!("removing {}", tmp.display()), e))?;
+        fs::remove_dir_all(&tmp)
+            .map_err(|e| Error::io(format!("removing {}", tmp.display()), e))?;
     }
     let debdir = tmp.join("deb");
     extract_deb(&deb, &debdir)?;
@@ -553,7 +634,8 @@ fn source_tree(kdir: &Path) -> Result<PathBuf> {
     }
     if tree.exists() {
         // A partial tree from an interrupted older layout: replace it.
-        fs::remove_dir_all(&tree).map_err(|e| Error::io(format!("removing {}", tree.display()), e))?;
+        fs::remove_dir_all(&tree)
+            .map_err(|e| Error::io(format!("removing {}", tree.display()), e))?;
     }
     fs::rename(&top, &tree)
         .map_err(|e| Error::io(format!("moving {} to {}", top.display(), tree.display()), e))?;
@@ -572,12 +654,17 @@ struct Log {
 
 impl Log {
     fn create(path: &Path) -> Result<Self> {
-        let file = File::create(path).map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
-        Ok(Self { path: path.to_path_buf(), file })
+        let file =
+            File::create(path).map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+        })
     }
 
     fn write_line(&mut self, line: &str) -> Result<()> {
-        writeln!(self.file, "{line}").map_err(|e| Error::io(format!("writing {}", self.path.display()), e))
+        writeln!(self.file, "{line}")
+            .map_err(|e| Error::io(format!("writing {}", self.path.display()), e))
     }
 
     /// Runs `cmd`, logging its stdout and stderr; with `progress`, prints a
@@ -585,8 +672,12 @@ impl Log {
     /// last lines of output and the log's path.
     fn run(&mut self, cmd: &mut Command, what: &str, progress: bool) -> Result<()> {
         self.write_line(&format!("==> {what}: {cmd:?}"))?;
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().map_err(|e| Error::io(format!("starting {what}"), e))?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| Error::io(format!("starting {what}"), e))?;
         let (tx, rx) = mpsc::channel::<String>();
         let mut readers = Vec::new();
         if let Some(out) = child.stdout.take() {
@@ -630,7 +721,9 @@ impl Log {
             // A reader thread cannot panic short of a bug; its loss only loses output.
             let _ = reader.join();
         }
-        let status = child.wait().map_err(|e| Error::io(format!("waiting for {what}"), e))?;
+        let status = child
+            .wait()
+            .map_err(|e| Error::io(format!("waiting for {what}"), e))?;
         if let Some(e) = log_error {
             return Err(e);
         }
@@ -645,12 +738,19 @@ impl Log {
         Err(Error::Command {
             what: what.to_owned(),
             status: status.to_string(),
-            tail: format!(":\n{}\n(full log: {})", tail.join("\n"), self.path.display()),
+            tail: format!(
+                ":\n{}\n(full log: {})",
+                tail.join("\n"),
+                self.path.display()
+            ),
         })
     }
 }
 
-fn spawn_reader(stream: impl Read + Send + 'static, tx: mpsc::Sender<String>) -> std::thread::JoinHandle<()> {
+fn spawn_reader(
+    stream: impl Read + Send + 'static,
+    tx: mpsc::Sender<String>,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut reader = BufReader::new(stream);
         let mut buf = Vec::new();
@@ -660,7 +760,10 @@ fn spawn_reader(stream: impl Read + Send + 'static, tx: mpsc::Sender<String>) ->
                 Ok(0) | Err(_) => break,
                 Ok(_) => {
                     let line = String::from_utf8_lossy(&buf);
-                    if tx.send(line.trim_end_matches(['\n', '\r']).to_owned()).is_err() {
+                    if tx
+                        .send(line.trim_end_matches(['\n', '\r']).to_owned())
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -681,7 +784,13 @@ struct Progress {
 
 impl Progress {
     fn new(now: Instant) -> Self {
-        Self { start: now, last_print: now, objects: 0, printed_at: 0, last_object: String::new() }
+        Self {
+            start: now,
+            last_print: now,
+            objects: 0,
+            printed_at: 0,
+            last_object: String::new(),
+        }
     }
 
     /// Feeds one output line; returns a progress message when one is due.
@@ -713,7 +822,11 @@ impl Progress {
     }
 
     fn summary(&self, now: Instant) -> String {
-        format!("done: {} objects in {}", self.objects, fmt_duration(now.duration_since(self.start)))
+        format!(
+            "done: {} objects in {}",
+            self.objects,
+            fmt_duration(now.duration_since(self.start))
+        )
     }
 }
 
@@ -760,11 +873,15 @@ fn write_file(path: &Path, data: &[u8]) -> Result<()> {
 
 /// Copies `from` to `to` atomically: a temporary name next to `to`, then rename.
 fn install(from: &Path, to: &Path) -> Result<()> {
-    let name = to.file_name().map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
+    let name = to
+        .file_name()
+        .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
     let tmp = to.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     let what = format!("installing {} as {}", from.display(), to.display());
     fs::copy(from, &tmp).map_err(|e| Error::io(what.clone(), e))?;
-    File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| Error::io(what.clone(), e))?;
+    File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(what.clone(), e))?;
     fs::rename(&tmp, to).map_err(|e| Error::io(what, e))
 }
 
@@ -790,11 +907,17 @@ impl BuildLock {
             if e.kind() != io::ErrorKind::WouldBlock {
                 return Err(Error::io(format!("locking {}", path.display()), e));
             }
-            eprintln!("kernel: another kernel build holds {}; waiting for it", path.display());
+            eprintln!(
+                "kernel: another kernel build holds {}; waiting for it",
+                path.display()
+            );
             // SAFETY: as above.
             let rc = unsafe { libc::flock(fd, libc::LOCK_EX) };
             if rc != 0 {
-                return Err(Error::io(format!("locking {}", path.display()), io::Error::last_os_error()));
+                return Err(Error::io(
+                    format!("locking {}", path.display()),
+                    io::Error::last_os_error(),
+                ));
             }
         }
         Ok(Self { _file: file })
@@ -829,7 +952,10 @@ mod tests {
     fn check_bzimage_names_what_is_wrong() {
         let dir = std::env::temp_dir().join(format!("kernel-test-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
-        assert_eq!(check_bzimage(&dir.join("missing")).unwrap_err(), "does not exist");
+        assert_eq!(
+            check_bzimage(&dir.join("missing")).unwrap_err(),
+            "does not exist"
+        );
         assert!(check_bzimage(&dir).unwrap_err().contains("is a directory"));
         let empty = dir.join("empty");
         fs::write(&empty, b"").unwrap();
@@ -840,7 +966,9 @@ mod tests {
         let good = dir.join("bzImage");
         fs::write(&good, image_with(b"HdrS")).unwrap();
         assert_eq!(check_bzimage(&good), Ok(()));
-        assert!(check_bzimage(Path::new("/dev/null")).unwrap_err().contains("not a regular file"));
+        assert!(check_bzimage(Path::new("/dev/null"))
+            .unwrap_err()
+            .contains("not a regular file"));
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -853,7 +981,10 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
-        assert!(matches!(from_env(PathBuf::new()), Err(Error::KernelPath { .. })));
+        assert!(matches!(
+            from_env(PathBuf::new()),
+            Err(Error::KernelPath { .. })
+        ));
     }
 
     #[test]
@@ -867,7 +998,10 @@ mod tests {
     #[test]
     fn cache_key_depends_on_version_and_fragment() {
         let k = key_for("linux-source-7.2", "7.2.13-1", "CONFIG_A=y\n");
-        assert!(k.starts_with("7.2.13-1-") && k.len() == "7.2.13-1-".len() + 16, "{k}");
+        assert!(
+            k.starts_with("7.2.13-1-") && k.len() == "7.2.13-1-".len() + 16,
+            "{k}"
+        );
         assert_eq!(k, key_for("linux-source-7.2", "7.2.13-1", "CONFIG_A=y\n"));
         assert_ne!(k, key_for("linux-source-7.2", "7.2.13-1", "CONFIG_A=n\n"));
         assert_ne!(k, key_for("linux-source-7.2", "7.2.14-1", "CONFIG_A=y\n"));
@@ -879,12 +1013,19 @@ mod tests {
     fn fragment_parser() {
         let text = "# comment\n\nCONFIG_A=y\nCONFIG_B=n\n# CONFIG_C is not set\nCONFIG_S=\"x y\"\n";
         let parsed = parse_fragment(text).unwrap();
-        let want: Vec<(String, String)> = [("CONFIG_A", "y"), ("CONFIG_B", "n"), ("CONFIG_C", "n"), ("CONFIG_S", "\"x y\"")]
-            .iter()
-            .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
-            .collect();
+        let want: Vec<(String, String)> = [
+            ("CONFIG_A", "y"),
+            ("CONFIG_B", "n"),
+            ("CONFIG_C", "n"),
+            ("CONFIG_S", "\"x y\""),
+        ]
+        .iter()
+        .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+        .collect();
         assert_eq!(parsed, want);
-        assert!(parse_fragment("CONFIG_A y\n").unwrap_err().contains("line 1"));
+        assert!(parse_fragment("CONFIG_A y\n")
+            .unwrap_err()
+            .contains("line 1"));
         assert!(parse_fragment("FOO=y\n").is_err());
         assert!(parse_fragment(FRAGMENT).is_ok());
     }
@@ -904,13 +1045,52 @@ mod tests {
         assert_eq!(names, ["CONFIG_B2", "CONFIG_M", "CONFIG_ABSENT"]);
         assert_eq!(m[1].got.as_deref(), Some("m"));
         assert_eq!(m[2].got, None);
-        assert!(check_config(&parse_fragment("CONFIG_B=y\n").unwrap(), &config)[0].got.as_deref() == Some("n"));
+        assert!(
+            check_config(&parse_fragment("CONFIG_B=y\n").unwrap(), &config)[0]
+                .got
+                .as_deref()
+                == Some("n")
+        );
+    }
+
+    #[test]
+    fn logged_run_keeps_the_output_and_reports_the_tail() {
+        let dir = std::env::temp_dir().join(format!("kernel-log-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let log_path = dir.join("build.log");
+        let mut log = Log::create(&log_path).unwrap();
+        let mut ok = Command::new("sh");
+        ok.args(["-c", "echo '  CC      a.o'"]);
+        log.run(&mut ok, "ok step", true).unwrap();
+        let mut bad = Command::new("sh");
+        bad.args(["-c", "echo out-line; echo err-line >&2; exit 3"]);
+        match log.run(&mut bad, "bad step", false) {
+            Err(Error::Command { what, tail, .. }) => {
+                assert_eq!(what, "bad step");
+                assert!(
+                    tail.contains("out-line") && tail.contains("err-line"),
+                    "{tail}"
+                );
+                assert!(tail.contains(&log_path.display().to_string()), "{tail}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let text = fs::read_to_string(&log_path).unwrap();
+        assert!(
+            text.contains("  CC      a.o")
+                && text.contains("out-line")
+                && text.contains("err-line")
+        );
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn object_lines_are_counted() {
         assert_eq!(object_line("  CC      init/main.o"), Some("init/main.o"));
-        assert_eq!(object_line("  HOSTCC  scripts/basic/fixdep"), Some("scripts/basic/fixdep"));
+        assert_eq!(
+            object_line("  HOSTCC  scripts/basic/fixdep"),
+            Some("scripts/basic/fixdep")
+        );
         assert_eq!(object_line("  AR      lib/lib.a"), Some("lib/lib.a"));
         assert_eq!(object_line("  CC [M]  drivers/x.o"), Some("drivers/x.o"));
         assert_eq!(object_line("  GEN     Makefile"), None);
@@ -926,9 +1106,15 @@ mod tests {
             assert_eq!(p.line(&format!("  CC      f{i}.o"), t0), None);
         }
         let msg = p.line("  CC      last.o", t0).unwrap();
-        assert!(msg.starts_with("500 objects") && msg.contains("last.o"), "{msg}");
+        assert!(
+            msg.starts_with("500 objects") && msg.contains("last.o"),
+            "{msg}"
+        );
         assert_eq!(p.tick(t0 + Duration::from_secs(29)), None);
-        assert!(p.tick(t0 + Duration::from_secs(31)).unwrap().contains("31s elapsed"));
+        assert!(p
+            .tick(t0 + Duration::from_secs(31))
+            .unwrap()
+            .contains("31s elapsed"));
         assert_eq!(fmt_duration(Duration::from_secs(754)), "12m34s");
     }
 }
