@@ -219,6 +219,17 @@ pub enum Error {
         /// What went wrong.
         problem: String,
     },
+
+    /// A message of the buffer-sharing protocol ([`crate::share`]) was refused,
+    /// or the connection it needed is over. Every fd that came with a refused
+    /// message was closed.
+    #[error("buffer sharing over {peer}: {problem}")]
+    Share {
+        /// The other end, e.g. `"socket /tmp/bar.sock"`.
+        peer: String,
+        /// What is wrong.
+        problem: crate::share::ShareProblem,
+    },
 }
 
 /// What is wrong with a [`ByteRange`].

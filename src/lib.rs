@@ -20,6 +20,7 @@ pub mod fdinfo;
 pub mod pci;
 pub mod range;
 pub mod revoke;
+pub mod share;
 pub mod sys;
 pub mod sysfs;
 

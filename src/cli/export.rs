@@ -17,6 +17,11 @@ pub struct Args {
     /// Leave memory decode as it is (an export made while it is off is born revoked).
     #[arg(long)]
     pub keep_decode: bool,
+    /// Keep the export alive and hand it to every process that connects to
+    /// this Unix socket, forwarding revocations (SIGUSR1: memory decode off,
+    /// SIGUSR2: on, SIGTERM: stop). See `dmabuf-p2p map --from`.
+    #[arg(long, value_name = "SOCKET")]
+    pub serve: Option<std::path::PathBuf>,
 }
 
 /// The facts printed about an export.
@@ -50,6 +55,9 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
         None => ByteRange::new(0, dev.bar(bar)?.size()),
     };
     let export = dev.export_bar(bar, &[range])?;
+    if let Some(socket) = &args.serve {
+        return super::share::serve(dev, export, socket, json);
+    }
     let report = ExportReport {
         device: dev.address().to_string(),
         bar,

@@ -3,6 +3,7 @@
 mod devices;
 mod export;
 mod p2p;
+mod share;
 mod vm;
 
 use std::process::ExitCode;
@@ -34,6 +35,9 @@ pub enum Command {
     /// Copy into and out of a BAR with a DMA engine through the IOMMU, verify
     /// every transfer, then revoke and restore.
     P2pTest(p2p::Args),
+    /// Receive a BAR buffer from `export --serve <socket>`, map it into this
+    /// process's IOAS, optionally copy into it with a DMA engine and verify.
+    Map(share::MapArgs),
     /// The bundled test VM (QEMU, intel-iommu, edu, ivshmem).
     #[command(subcommand)]
     Vm(vm::VmCommand),
@@ -45,6 +49,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Devices(a) => devices::run(&a, cli.json),
         Command::Export(a) => export::run(&a, cli.json),
         Command::P2pTest(a) => p2p::run(&a, cli.json),
+        Command::Map(a) => share::run_map(&a, cli.json),
         Command::Vm(c) => vm::run(c, cli.json),
     }
 }

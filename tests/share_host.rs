@@ -1,0 +1,360 @@
+//! The receiving side of the sharing protocol against every malformed
+//! message, over socketpairs on the host: each is refused with its typed
+//! problem, and no fd that came with it stays open (the process's fd count is
+//! unchanged). The sending side and real dma-bufs are tested in the VM
+//! (`vm-tests/tests/vm/share.rs`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use dmabuf_p2p::revoke::{BufferState, RevokeReason};
+use dmabuf_p2p::share::wire::{encode_frame, recv_frame, send_raw, FD_ROOM, HEADER_LEN, MAGIC, MAX_PAYLOAD, VERSION};
+use dmabuf_p2p::share::{
+    encode_offer, recv, send_message, BufferInfo, Incoming, Kind, Message, ShareProblem, SharedBuffer,
+};
+use dmabuf_p2p::{ByteRange, Error};
+
+/// Every test counts this process's fds; they must not run at the same time.
+static FDS: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    FDS.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+const T: Option<Duration> = Some(Duration::from_secs(5));
+
+fn info(size: u64) -> BufferInfo {
+    BufferInfo {
+        size,
+        exporter: "0000:02:00.0 BAR2".into(),
+        device: Some("0000:02:00.0".into()),
+        bar: Some(2),
+        ranges: vec![ByteRange::new(0, size)],
+        phys: vec![],
+    }
+}
+
+fn offer_frame() -> Vec<u8> {
+    encode_offer(&info(0x10000), BufferState::Live).unwrap()
+}
+
+fn files(n: usize) -> Vec<File> {
+    (0..n).map(|_| File::open("/dev/null").unwrap()).collect()
+}
+
+fn fds(files: &[File]) -> Vec<BorrowedFd<'_>> {
+    files.iter().map(AsFd::as_fd).collect()
+}
+
+/// Sends `data` with `n` fds on one end of a socketpair, closes that end, and
+/// returns what `recv` makes of it on the other, checking that the fds that
+/// arrived were all closed again by the time it returns.
+fn receive(data: &[u8], n: usize) -> Result<Option<Incoming>, Error> {
+    let (tx, rx) = UnixStream::pair().unwrap();
+    let sent = files(n);
+    send_raw(&tx, data, &fds(&sent), T).unwrap();
+    drop(tx);
+    let before = fd_count();
+    let got = recv(&rx);
+    if got.is_err() {
+        assert_eq!(fd_count(), before, "a refused message left received fds open");
+    }
+    got
+}
+
+/// The problem of a refused message.
+fn problem(r: Result<Option<Incoming>, Error>) -> ShareProblem {
+    match r {
+        Err(Error::Share { problem, peer }) => {
+            assert!(peer.contains("unix socket fd"), "the error names the socket: {peer}");
+            problem
+        }
+        other => panic!("expected a sharing-protocol error, got {other:?}"),
+    }
+}
+
+fn header(magic: [u8; 4], version: u16, kind: u16, len: u32) -> Vec<u8> {
+    let mut h = Vec::new();
+    h.extend_from_slice(&magic);
+    h.extend_from_slice(&version.to_le_bytes());
+    h.extend_from_slice(&kind.to_le_bytes());
+    h.extend_from_slice(&len.to_le_bytes());
+    h
+}
+
+#[test]
+fn offer_of_a_non_dmabuf_is_refused_and_its_fd_closed() {
+    let _s = serial();
+    let base = fd_count();
+    match problem(receive(&offer_frame(), 1)) {
+        ShareProblem::NotDmaBuf(why) => assert!(why.contains("not a dma-buf"), "{why}"),
+        p => panic!("{p:?}"),
+    }
+    assert_eq!(fd_count(), base);
+}
+
+#[test]
+fn offer_without_fd() {
+    let _s = serial();
+    let base = fd_count();
+    assert_eq!(problem(receive(&offer_frame(), 0)), ShareProblem::MissingFd { kind: "offer" });
+    assert_eq!(fd_count(), base);
+}
+
+#[test]
+fn offer_with_several_fds() {
+    let _s = serial();
+    let base = fd_count();
+    assert_eq!(problem(receive(&offer_frame(), 3)), ShareProblem::UnexpectedFds { kind: "offer", count: 3, expected: 1 });
+    assert_eq!(fd_count(), base);
+}
+
+#[test]
+fn event_with_an_fd() {
+    let _s = serial();
+    let base = fd_count();
+    let frame = Message::Revoked(RevokeReason::MemoryDecodeOff).encode().unwrap();
+    assert_eq!(problem(receive(&frame, 1)), ShareProblem::UnexpectedFds { kind: "revoked", count: 1, expected: 0 });
+    assert_eq!(fd_count(), base);
+}
+
+#[test]
+fn more_fds_than_room_is_ctrunc_and_all_closed() {
+    let _s = serial();
+    let base = fd_count();
+    let n = FD_ROOM + 5;
+    assert_eq!(problem(receive(&offer_frame(), n)), ShareProblem::ControlTruncated { closed: FD_ROOM, room: FD_ROOM });
+    assert_eq!(fd_count(), base);
+}
+
+#[test]
+fn truncated_header() {
+    let _s = serial();
+    let base = fd_count();
+    let frame = offer_frame();
+    assert_eq!(
+        problem(receive(&frame[..5], 1)),
+        ShareProblem::Truncated { what: "header", expected: HEADER_LEN as u64, got: 5 }
+    );
+    assert_eq!(fd_count(), base);
+}
+
+#[test]
+fn truncated_payload_with_an_fd() {
+    let _s = serial();
+    let base = fd_count();
+    let frame = offer_frame();
+    let cut = frame.len() - 3;
+    let payload = (frame.len() - HEADER_LEN) as u64;
+    assert_eq!(
+        problem(receive(&frame[..cut], 1)),
+        ShareProblem::Truncated { what: "payload", expected: payload, got: payload - 3 }
+    );
+    assert_eq!(fd_count(), base);
+}
+
+#[test]
+fn bad_magic() {
+    let _s = serial();
+    let base = fd_count();
+    let mut frame = offer_frame();
+    frame[..4].copy_from_slice(b"HTTP");
+    assert_eq!(problem(receive(&frame, 1)), ShareProblem::BadMagic { found: *b"HTTP" });
+    assert_eq!(fd_count(), base);
+}
+
+#[test]
+fn wrong_version() {
+    let _s = serial();
+    let base = fd_count();
+    let mut frame = offer_frame();
+    frame[4..6].copy_from_slice(&(VERSION + 1).to_le_bytes());
+    assert_eq!(problem(receive(&frame, 1)), ShareProblem::Version { found: VERSION + 1, supported: VERSION });
+    assert_eq!(fd_count(), base);
+}
+
+#[test]
+fn oversized_length_is_refused_before_reading() {
+    let _s = serial();
+    let base = fd_count();
+    // Only the header is sent: the receiver must not wait for 4 GiB.
+    let h = header(MAGIC, VERSION, Kind::Offer as u16, u32::MAX);
+    assert_eq!(
+        problem(receive(&h, 1)),
+        ShareProblem::Oversized { length: u64::from(u32::MAX), max: u64::from(MAX_PAYLOAD) }
+    );
+    let h = header(MAGIC, VERSION, Kind::Restored as u16, MAX_PAYLOAD + 1);
+    assert!(matches!(problem(receive(&h, 0)), ShareProblem::Oversized { .. }));
+    assert_eq!(fd_count(), base);
+}
+
+#[test]
+fn unknown_kind() {
+    let _s = serial();
+    let base = fd_count();
+    assert_eq!(problem(receive(&encode_frame(99, b"{}"), 1)), ShareProblem::UnknownKind(99));
+    assert_eq!(fd_count(), base);
+}
+
+#[test]
+fn malformed_payloads() {
+    let _s = serial();
+    let base = fd_count();
+    let offer = Kind::Offer as u16;
+    let cases: Vec<(u16, Vec<u8>, usize)> = vec![
+        (offer, b"not json".to_vec(), 1),
+        (offer, br#"{"buffer": {"size": 4096}, "state": "live"}"#.to_vec(), 1),
+        (offer, br#"{"buffer": {"size": 4096, "exporter": "x"}, "state": "sideways"}"#.to_vec(), 1),
+        (offer, br#"{"buffer": {"size": 0, "exporter": "x"}, "state": "live"}"#.to_vec(), 1),
+        (
+            offer,
+            br#"{"buffer": {"size": 8192, "exporter": "x", "ranges": [{"offset": 0, "length": 4096}]}, "state": "live"}"#
+                .to_vec(),
+            1,
+        ),
+        (Kind::Revoked as u16, br#"{"why": 1}"#.to_vec(), 0),
+        (Kind::Restored as u16, b"[]".to_vec(), 0),
+        (Kind::ReadRequest as u16, b"[1, 0, 4]".to_vec(), 0),
+        (Kind::ReadRequest as u16, br#"{"id": 1, "offset": -1, "length": 4}"#.to_vec(), 0),
+        (Kind::ReadReply as u16, br#"{"id": 1, "offset": 0}"#.to_vec(), 0),
+        (Kind::ReadReply as u16, br#"{"id": 1, "offset": 0, "data": "zz"}"#.to_vec(), 0),
+        (Kind::ReadReply as u16, br#"{"id": 1, "offset": 0, "data": "00", "error": "x"}"#.to_vec(), 0),
+        (Kind::Gone as u16, vec![0xff, 0xfe], 0),
+    ];
+    for (kind, payload, n) in cases {
+        let text = String::from_utf8_lossy(&payload).into_owned();
+        match problem(receive(&encode_frame(kind, &payload), n)) {
+            ShareProblem::Malformed { kind: k, .. } => assert_eq!(Some(k), Kind::from_u16(kind).map(Kind::name), "{text}"),
+            p => panic!("{text}: {p:?}"),
+        }
+    }
+    assert_eq!(fd_count(), base);
+}
+
+#[test]
+fn closed_before_the_offer_and_events_before_it() {
+    let _s = serial();
+    let base = fd_count();
+    let (tx, rx) = UnixStream::pair().unwrap();
+    drop(tx);
+    assert!(matches!(recv(&rx), Ok(None)));
+    match SharedBuffer::receive(rx) {
+        Err(Error::Share { problem: ShareProblem::Closed, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    let (tx, rx) = UnixStream::pair().unwrap();
+    send_message(&tx, &Message::Restored, T).unwrap();
+    match SharedBuffer::receive(rx) {
+        Err(Error::Share { problem: ShareProblem::Unexpected { kind: "restored", .. }, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    drop(tx);
+    assert_eq!(fd_count(), base);
+}
+
+#[test]
+fn offer_timeout_is_typed() {
+    let _s = serial();
+    let (_tx, rx) = UnixStream::pair().unwrap();
+    rx.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    match SharedBuffer::receive(rx) {
+        // The kernel keeps the timeout in jiffies: it may read back a bit longer.
+        Err(Error::Timeout { after, .. }) => assert!((50..100).contains(&after.as_millis()), "{after:?}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn well_formed_messages_pass_and_frames_split_anywhere_reassemble() {
+    let _s = serial();
+    let (tx, rx) = UnixStream::pair().unwrap();
+    let msgs = [
+        Message::Revoked(RevokeReason::Reset),
+        Message::Restored,
+        Message::ReadReply { id: 3, offset: 16, result: Ok(vec![0xde, 0xad]) },
+        Message::Gone(RevokeReason::DeviceClosed),
+    ];
+    let mut bytes = Vec::new();
+    for m in &msgs {
+        bytes.extend(m.encode().unwrap());
+    }
+    // One byte per send: the receiver must put frames together.
+    for b in &bytes {
+        send_raw(&tx, std::slice::from_ref(b), &[], T).unwrap();
+    }
+    drop(tx);
+    for m in &msgs {
+        match recv(&rx).unwrap() {
+            Some(Incoming::Message(got)) => assert_eq!(&got, m),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(recv(&rx).unwrap().is_none());
+}
+
+#[test]
+fn unknown_reason_reads_as_remote() {
+    let _s = serial();
+    let (tx, rx) = UnixStream::pair().unwrap();
+    send_raw(&tx, &encode_frame(Kind::Revoked as u16, br#"{"reason": "cosmic-ray", "extra": 1}"#), &[], T).unwrap();
+    match recv(&rx).unwrap() {
+        Some(Incoming::Message(Message::Revoked(RevokeReason::Remote))) => {}
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn send_to_a_closed_peer_is_epipe_not_sigpipe() {
+    let _s = serial();
+    // SAFETY: restores the default action, so a send without MSG_NOSIGNAL
+    // would kill this test process.
+    let old = unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    let (tx, rx) = UnixStream::pair().unwrap();
+    drop(rx);
+    let r = send_message(&tx, &Message::Restored, T);
+    // SAFETY: puts back the previous action.
+    unsafe { libc::signal(libc::SIGPIPE, old) };
+    assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EPIPE));
+}
+
+#[test]
+fn send_to_a_full_socket_times_out() {
+    let _s = serial();
+    let (tx, _rx) = UnixStream::pair().unwrap();
+    let frame = Message::Restored.encode().unwrap();
+    let t = std::time::Instant::now();
+    let err = loop {
+        if let Err(e) = send_raw(&tx, &frame, &[], Some(Duration::from_millis(100))) {
+            break e;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "the socket never filled");
+    };
+    assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
+}
+
+#[test]
+fn raw_frame_keeps_fds_with_it() {
+    let _s = serial();
+    let (tx, rx) = UnixStream::pair().unwrap();
+    let f = files(2);
+    send_raw(&tx, &encode_frame(42, b"xy"), &fds(&f), T).unwrap();
+    let frame = recv_frame(&rx).unwrap().unwrap();
+    assert_eq!((frame.kind, frame.payload.as_slice(), frame.fds.len()), (42, &b"xy"[..], 2));
+    let flags = nix_flags(frame.fds[0].as_fd());
+    assert!(flags & libc::FD_CLOEXEC != 0, "received fds are close-on-exec (MSG_CMSG_CLOEXEC)");
+}
+
+fn nix_flags(fd: BorrowedFd<'_>) -> i32 {
+    use std::os::fd::AsRawFd;
+    // SAFETY: F_GETFD on an open fd reads its flags; no memory is involved.
+    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) }
+}
