@@ -41,6 +41,10 @@ const BUFFER_ADDR: u64 = 0x40000;
 /// that ends exactly at the buffer's end (an off-by-one fixed later). Half the
 /// buffer keeps every transfer clear of it.
 pub const EDU_MAX_COPY: u64 = 2048;
+/// The bytes of the device buffer that [`Edu::load`] and [`Edu::store`] may
+/// use: `0..EDU_BUFFER_USABLE`. Every byte but the last, which QEMU 7.2's edu
+/// must never be asked to touch (see [`EDU_MAX_COPY`]).
+pub const EDU_BUFFER_USABLE: u64 = 4095;
 
 /// The edu DMA engine, owning its VFIO device.
 #[derive(Debug)]
@@ -146,6 +150,67 @@ impl Edu {
     /// Why completion falls back to polling, if it does.
     pub fn polling_reason(&self) -> Option<&str> {
         self.fallback_reason.as_deref()
+    }
+
+    /// Reads `len` bytes from IOVA `src` into the device buffer at byte
+    /// `offset`, and waits for it: one transfer. With [`store`](Self::store),
+    /// data loaded once can be written out to many IOVAs, one transfer each,
+    /// where [`DmaEngine::memcpy`] takes two transfers per copy.
+    ///
+    /// `offset + len` must be at most [`EDU_BUFFER_USABLE`]. A copy started
+    /// with [`DmaEngine::memcpy_start`] must have been waited for.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use dmabuf_p2p::engine::edu::Edu;
+    /// # let ioas = dmabuf_p2p::importer::iommufd::Iommufd::open()?.alloc_ioas()?;
+    /// let mut edu = Edu::open("0000:01:00.0".parse()?, &ioas)?;
+    /// edu.load(0x10_0000, 0, 64, Duration::from_secs(1))?; // 64 bytes from IOVA 0x100000
+    /// for dst in [0x20_0000, 0x30_0000] {
+    ///     edu.store(0, dst, 64, Duration::from_secs(1))?; // ... to two places
+    /// }
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn load(&mut self, src: u64, offset: u64, len: u64, timeout: Duration) -> Result<()> {
+        self.buffer_transfer(src, offset, len, false, timeout)
+    }
+
+    /// Writes `len` bytes of the device buffer, from byte `offset`, to IOVA
+    /// `dst`, and waits for it: one transfer. The buffer holds what
+    /// [`load`](Self::load) (or the first half of a copy) put there.
+    ///
+    /// `offset + len` must be at most [`EDU_BUFFER_USABLE`]. A copy started
+    /// with [`DmaEngine::memcpy_start`] must have been waited for.
+    pub fn store(&mut self, offset: u64, dst: u64, len: u64, timeout: Duration) -> Result<()> {
+        self.buffer_transfer(dst, offset, len, true, timeout)
+    }
+
+    /// One transfer between IOVA `iova` and the device buffer at `offset`.
+    fn buffer_transfer(&mut self, iova: u64, offset: u64, len: u64, to_bus: bool, timeout: Duration) -> Result<()> {
+        let fits = matches!(offset.checked_add(len), Some(end) if end <= EDU_BUFFER_USABLE);
+        if len == 0 || !fits {
+            return Err(Error::Engine {
+                engine: format!("edu {}", self.dev.address()),
+                problem: format!(
+                    "transfer of {len:#x} bytes at buffer offset {offset:#x}: it must be non-empty and end \
+                     within the first {EDU_BUFFER_USABLE:#x} bytes of the device buffer"
+                ),
+            });
+        }
+        if self.pending.is_some() || self.busy()? {
+            return Err(Error::Engine {
+                engine: format!("edu {}", self.dev.address()),
+                problem: "a copy is still running; wait for it first".into(),
+            });
+        }
+        let deadline = Instant::now() + timeout;
+        let dev_addr = BUFFER_ADDR + offset;
+        if to_bus {
+            self.start_transfer(dev_addr, iova, len, true)?;
+        } else {
+            self.start_transfer(iova, dev_addr, len, false)?;
+        }
+        self.wait_transfer(deadline, timeout)
     }
 
     fn start_transfer(&mut self, src: u64, dst: u64, len: u64, to_bus: bool) -> Result<()> {

@@ -7,6 +7,7 @@ mod guide;
 mod heap;
 mod iommufd;
 mod p2p;
+mod revoke;
 mod share;
 mod smoke;
 mod testbed;
