@@ -16,7 +16,7 @@
 //!   [`RestorePolicy::Automatic`] maps the same buffer again at the same IOVA;
 //!   the others stay revoked until [`Attachment::restore`];
 //! * anyone else can follow a hub's state with [`RevocationHub::subscribe`]
-//!   (how `dmabuf_p2p::share` forwards revocations to other processes).
+//!   (how [`crate::share`] forwards revocations to other processes).
 //!
 //! Revocations the library did not cause (another process toggled the device)
 //! are found with [`probe_revoked`], which asks the kernel, and
@@ -264,7 +264,7 @@ impl RevocationHub {
     /// (revoked, restored, gone, or a revoked hub's reason changing), until
     /// the returned [`Subscription`] is dropped: the way to follow an exporter
     /// without an attachment (e.g. to forward its revocations to another
-    /// process, `dmabuf_p2p::share`).
+    /// process, [`crate::share`]).
     ///
     /// `f` runs on the thread that changed the state, after the hub's
     /// attachments were torn down or restored, with no lock of the hub held

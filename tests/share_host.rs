@@ -358,3 +358,40 @@ fn nix_flags(fd: BorrowedFd<'_>) -> i32 {
     // SAFETY: F_GETFD on an open fd reads its flags; no memory is involved.
     unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) }
 }
+
+/// The observer API the server is built on: numbered changes, only real
+/// changes, and nothing after the subscription is dropped.
+#[test]
+fn hub_observers_see_numbered_changes() {
+    use dmabuf_p2p::revoke::{RevocationHub, StateChange};
+    use std::sync::Arc;
+    let hub = RevocationHub::new("observed");
+    assert_eq!(hub.last_change(), StateChange { state: BufferState::Live, seq: 0 });
+    let seen: Arc<Mutex<Vec<StateChange>>> = Arc::default();
+    let log = Arc::clone(&seen);
+    let sub = hub.subscribe(move |c| log.lock().unwrap().push(*c));
+    hub.revoke(RevokeReason::MemoryDecodeOff);
+    hub.revoke(RevokeReason::MemoryDecodeOff); // no change
+    hub.revoke(RevokeReason::Reset); // the reason changes
+    hub.restore();
+    hub.restore(); // no change
+    hub.close(RevokeReason::Unplug);
+    hub.revoke(RevokeReason::Reset); // gone stays gone
+    hub.restore();
+    let want = [
+        BufferState::Revoked(RevokeReason::MemoryDecodeOff),
+        BufferState::Revoked(RevokeReason::Reset),
+        BufferState::Live,
+        BufferState::Gone(RevokeReason::Unplug),
+    ];
+    let got = seen.lock().unwrap().clone();
+    assert_eq!(got.iter().map(|c| c.state).collect::<Vec<_>>(), want);
+    assert_eq!(got.iter().map(|c| c.seq).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    assert_eq!(hub.last_change(), StateChange { state: BufferState::Gone(RevokeReason::Unplug), seq: 4 });
+    drop(sub);
+    let other = RevocationHub::new("again");
+    let log = Arc::clone(&seen);
+    drop(other.subscribe(move |c| log.lock().unwrap().push(*c)));
+    other.revoke(RevokeReason::Reset);
+    assert_eq!(seen.lock().unwrap().len(), 4, "a dropped subscription is not called");
+}

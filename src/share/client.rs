@@ -38,6 +38,10 @@ fn left_until(deadline: Option<Instant>) -> Option<Duration> {
 /// closes it. Attachments made with [`attach`](Self::attach) therefore tear
 /// down and map again at the same IOVA as they would in the exporting process.
 ///
+/// The attachments' callbacks and the hub's observers run on that background
+/// thread: they must not wait for the exporter (e.g. with
+/// [`wait_remote`](Self::wait_remote)), which would hold up the next message.
+///
 /// When the connection ends (the exporter hung up, its process died, it sent
 /// something malformed) or this value is dropped, the hub is closed for good:
 /// without the exporter's word the buffer cannot be trusted, and its
@@ -220,8 +224,9 @@ impl SharedBuffer {
 
     /// Waits until the exporter's reported state (applied to the hub and its
     /// attachments) satisfies `pred`, and returns it. [`Error::Timeout`] after
-    /// `timeout`; [`ShareProblem::Disconnected`] if the connection ended with
-    /// a state that does not satisfy it.
+    /// `timeout` (one too large to add to the clock is no limit);
+    /// [`ShareProblem::Disconnected`] if the connection ended with a state
+    /// that does not satisfy it.
     pub fn wait_remote(&self, timeout: Duration, pred: impl Fn(BufferState) -> bool) -> Result<BufferState> {
         let deadline = Instant::now().checked_add(timeout);
         let mut st = lock(&self.conn.status);

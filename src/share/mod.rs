@@ -3,7 +3,7 @@
 //! it over the same socket.
 //!
 //! * The exporting process keeps a [`ShareServer`] per buffer (made from a
-//!   [`BarExport`](crate::exporter::vfio::BarExport)) and hands it every
+//!   [`BarExport`]) and hands it every
 //!   connection ([`ShareServer::add_client`]). The server subscribes to the
 //!   exporter's [`RevocationHub`](crate::revoke::RevocationHub)
 //!   ([`RevocationHub::subscribe`](crate::revoke::RevocationHub::subscribe))
