@@ -236,9 +236,15 @@ impl VmConfig {
                 push("-cpu");
                 push("host");
             }
+            // Multi-threaded TCG races with the guest kernel's live text
+            // patching (int3-based static keys): seen here as an early-boot
+            // "Oops: int3" in sched_clock_cpu. One TCG thread for both vCPUs
+            // keeps SMP semantics without the race.
             Accel::Tcg => {
                 push("-machine");
-                push("q35,accel=tcg");
+                push("q35");
+                push("-accel");
+                push("tcg,thread=single");
                 push("-cpu");
                 push("max");
             }
