@@ -127,9 +127,13 @@ pub struct Verdict {
     pub run_dir: PathBuf,
     /// Wall time of the VM.
     pub elapsed: Duration,
-    /// DMA requests the emulated IOMMU refused (QEMU's translation-failure
-    /// reports): evidence that revoked or unmapped IOVAs were blocked.
-    pub iommu_faults: usize,
+    /// Whether QEMU's emulated IOMMU reported a translation failure (it says
+    /// so once per run): evidence that DMA to a revoked or unmapped IOVA was
+    /// blocked.
+    pub iommu_blocked: bool,
+    /// DMAR fault records the guest kernel logged (rate-limited by the
+    /// kernel, so a lower bound).
+    pub dmar_faults: usize,
 }
 
 impl Verdict {
@@ -254,13 +258,14 @@ pub fn run(spec: &RunSpec, bins: &GuestBinaries, tweak: impl FnOnce(&mut VmConfi
         }
         host_checks.push((c.to_string(), res));
     }
-    let iommu_faults = stderr.lines().filter(|l| l.contains("detected translation failure")).count();
+    let iommu_blocked = stderr.contains("detected translation failure");
+    let dmar_faults = console.lines().filter(|l| l.contains("DMAR: [DMA ")).count();
     // QEMU's own notice that it waits for the report socket is not news.
     let stderr: Vec<&str> = stderr.lines().filter(|l| !l.contains("QEMU waiting for connection")).collect();
     if !failures.is_empty() && !stderr.is_empty() {
         failures.push(format!("qemu stderr: {}", stderr.join("\n")));
     }
-    Ok(Verdict { report, host_checks, failures, run_dir, elapsed, iommu_faults })
+    Ok(Verdict { report, host_checks, failures, run_dir, elapsed, iommu_blocked, dmar_faults })
 }
 
 /// How long KVM may take to reach userspace before the run falls back to TCG
@@ -409,8 +414,12 @@ pub fn print_verdict(label: &str, v: &Verdict) {
     let passed = v.report.count(Outcome::Ok) + v.host_checks.iter().filter(|(_, r)| r.is_ok()).count();
     let failed = v.report.count(Outcome::Failed) + v.host_checks.iter().filter(|(_, r)| r.is_err()).count();
     println!("{label}: VM run took {:.1} s (logs: {})", v.elapsed.as_secs_f64(), v.run_dir.display());
-    if v.iommu_faults > 0 {
-        println!("{label}: the emulated IOMMU refused {} DMA request(s) to unmapped or revoked IOVAs", v.iommu_faults);
+    if v.iommu_blocked || v.dmar_faults > 0 {
+        println!(
+            "{label}: the emulated IOMMU blocked DMA to revoked or unmapped IOVAs (QEMU reported translation \
+             failures; the guest logged {} DMAR fault record(s), rate-limited)",
+            v.dmar_faults
+        );
     }
     if !v.passed() {
         println!("{label}: FAILED because:");
