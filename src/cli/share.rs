@@ -23,7 +23,7 @@ use dmabuf_p2p::exporter::vfio::{BarExport, VfioPciDevice};
 use dmabuf_p2p::importer::iommufd::{Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::range::{page_size, parse_size};
-use dmabuf_p2p::revoke::{BufferState, RestorePolicy};
+use dmabuf_p2p::revoke::{BufferState, RestorePolicy, RevokeReason};
 use dmabuf_p2p::share::{BufferInfo, ShareProblem, ShareServer, SharedBuffer};
 use dmabuf_p2p::{ByteRange, Error, PciAddress};
 
@@ -115,9 +115,15 @@ pub fn serve(dev: VfioPciDevice, export: BarExport, socket: &Path, json: bool) -
     let base = export.ranges().first().map_or(0, |r| r.offset);
     let info = BufferInfo::from_export(&export);
     let window = Arc::new(dev.map_bar(bar)?);
+    // An export made with memory decode off (`--keep-decode`) is born
+    // revoked; the hub does not know that yet.
+    let on = dev.memory_decode()?;
+    if !on {
+        dev.hub().revoke(RevokeReason::MemoryDecodeOff);
+    }
     // Read-backs hold it shared; revoking holds it exclusively, so no read
     // touches the BAR while memory decode is off (that would be SIGBUS).
-    let decode_on = Arc::new(RwLock::new(true));
+    let decode_on = Arc::new(RwLock::new(on));
     let server = Arc::new(ShareServer::new(&export)?);
     {
         let window = Arc::clone(&window);
