@@ -11,7 +11,7 @@
 use std::mem::{align_of, offset_of, size_of};
 
 use dmabuf_p2p::sys;
-use dmabuf_p2p::sys::bindings as gen;
+use dmabuf_p2p::sys::bindings as generated;
 use dmabuf_p2p::sys::iommufd_test;
 
 /// `layout!(T, size, align; field => offset, ...)`
@@ -143,7 +143,7 @@ macro_rules! requests {
             let expected: u32 = $value;
             assert_eq!(sys::$name, expected, "sys::{} vs the documented {expected:#x}", stringify!($name));
             assert_eq!(
-                gen::$name, expected,
+                generated::$name, expected,
                 "sys::bindings::{} (clang's value from the headers) vs {expected:#x}",
                 stringify!($name)
             );
@@ -160,8 +160,8 @@ fn dma_buf_requests() {
         DMA_BUF_IOCTL_IMPORT_SYNC_FILE = 0x4008_6203,
     );
     // The name ioctl is the `_B` (u64) flavour on 64-bit.
-    assert_eq!(sys::DMA_BUF_SET_NAME, gen::DMA_BUF_SET_NAME_B);
-    assert_eq!(gen::DMA_BUF_SET_NAME_A, 0x4004_6201);
+    assert_eq!(sys::DMA_BUF_SET_NAME, generated::DMA_BUF_SET_NAME_B);
+    assert_eq!(generated::DMA_BUF_SET_NAME_A, 0x4004_6201);
 }
 
 #[test]
@@ -199,7 +199,7 @@ fn vfio_requests() {
     );
     // kernel-uapi.md D.3 gives VFIO_DEVICE_PCI_HOT_RESET as 0x3b71 too (same
     // number as VFIO_IOMMU_MAP_DMA, on a different fd type).
-    assert_eq!(gen::VFIO_DEVICE_PCI_HOT_RESET, 0x3b71);
+    assert_eq!(generated::VFIO_DEVICE_PCI_HOT_RESET, 0x3b71);
 }
 
 #[test]
