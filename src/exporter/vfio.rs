@@ -45,11 +45,13 @@
 use std::fmt;
 use std::fs::{self, File};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use crate::dmabuf::DmaBuf;
 use crate::error::{Error, RangeProblem, Result};
@@ -470,6 +472,16 @@ fn bar_name(device: PciAddress, index: u32, size: u64) -> String {
 /// to, and closes its own fd before dropping them, so the kernel detaches
 /// before the IOAS is destroyed, whatever the caller's drop order.
 ///
+/// **Hot-unplug.** The bind also registers an eventfd for VFIO's device
+/// request (`VFIO_PCI_REQ_IRQ_INDEX`): the kernel signals it when it wants
+/// the device back and waits for the device to be closed.
+/// [`unplug_requested`](VfioPciDevice::unplug_requested) (non-blocking),
+/// [`wait_unplug_request`](VfioPciDevice::wait_unplug_request) or
+/// [`unplug_request_fd`](VfioPciDevice::unplug_request_fd) (for an event
+/// loop) notice it, revoke every export with
+/// [`RevokeReason::Unplug`](crate::revoke::RevokeReason::Unplug), and the
+/// owner then drops the device.
+///
 /// ```no_run
 /// use dmabuf_p2p::exporter::vfio::VfioPciDevice;
 /// use dmabuf_p2p::importer::iommufd::Iommufd;
@@ -493,8 +505,28 @@ pub struct VfioPciDevice {
     bound: Option<Bound>,
     attached: Option<Attached>,
     config: OnceLock<RegionInfo>,
+    /// BARs 0..=5 as first read by [`VfioPciDevice::bar`]: they cannot move or
+    /// change size while vfio-pci holds the device (a resize or reassignment
+    /// needs it unbound), so every export after the first reads no sysfs.
+    bars: [OnceLock<Bar>; BAR_COUNT as usize],
     /// Every attachment of this device's exports; told when the device revokes.
     hub: Arc<RevocationHub>,
+    /// The eventfd registered for `VFIO_PCI_REQ_IRQ_INDEX` at bind time (the
+    /// kernel's "give the device back" request), or why there is none.
+    request: RequestChannel,
+    /// Set once the kernel has asked for the device back.
+    unplug_requested: AtomicBool,
+}
+
+/// The device-request channel of a [`VfioPciDevice`].
+#[derive(Debug)]
+enum RequestChannel {
+    /// Not bound yet: VFIO refuses `VFIO_DEVICE_SET_IRQS` before the bind.
+    NotBound,
+    /// An eventfd the kernel signals when it wants the device back.
+    Armed(OwnedFd),
+    /// Registering failed; the text says why.
+    Unavailable(String),
 }
 
 #[derive(Debug)]
@@ -572,7 +604,10 @@ impl VfioPciDevice {
             bound: None,
             attached: None,
             config: OnceLock::new(),
+            bars: Default::default(),
             hub: RevocationHub::new(address.to_string()),
+            request: RequestChannel::NotBound,
+            unplug_requested: AtomicBool::new(false),
         })
     }
 
@@ -615,6 +650,12 @@ impl VfioPciDevice {
     /// its iommufd device ID. Needed once, before anything else; a second
     /// bind is [`Error::Device`]. The device keeps a clone of `iommufd`.
     ///
+    /// The bind also registers an eventfd for the kernel's device request
+    /// (`VFIO_PCI_REQ_IRQ_INDEX`, see
+    /// [`unplug_requested`](Self::unplug_requested)): one more fd, closed
+    /// with the device. If that fails the bind still succeeds, and
+    /// `unplug_requested` says why there is no channel.
+    ///
     /// ```no_run
     /// # use dmabuf_p2p::{exporter::vfio::VfioPciDevice, importer::iommufd::Iommufd};
     /// let mut dev = VfioPciDevice::open("0000:00:03.0".parse()?)?;
@@ -629,7 +670,174 @@ impl VfioPciDevice {
         let devid = ioctl::vfio_device_bind_iommufd(self.fd(), iommufd.as_fd())
             .map_err(|e| Error::sys("VFIO_DEVICE_BIND_IOMMUFD", format!("{} to {}", self.address, iommufd.name()), e))?;
         self.bound = Some(Bound { iommufd: iommufd.clone(), devid });
+        // The kernel refuses SET_IRQS before the bind, so the request channel
+        // is set up here. A device without one still works; it just cannot
+        // hear unplug requests (`unplug_requested` then says why).
+        self.request = match self.arm_request_channel() {
+            Ok(efd) => RequestChannel::Armed(efd),
+            Err(e) => RequestChannel::Unavailable(e.to_string()),
+        };
         Ok(devid)
+    }
+
+    /// Registers a fresh eventfd as the trigger of `VFIO_PCI_REQ_IRQ_INDEX`.
+    fn arm_request_channel(&self) -> Result<OwnedFd> {
+        let target = self.address.to_string();
+        let index = sys::VFIO_PCI_REQ_IRQ_INDEX;
+        let info = ioctl::vfio_device_get_irq_info(self.fd(), index)
+            .map_err(|e| Error::sys("VFIO_DEVICE_GET_IRQ_INFO(REQ)", target.clone(), e))?;
+        if info.count == 0 {
+            return Err(Error::Unsupported {
+                target,
+                operation: "device request IRQ",
+                problem: "VFIO reports no VFIO_PCI_REQ_IRQ_INDEX vector".to_owned(),
+            });
+        }
+        // SAFETY: eventfd() takes no pointers; the result is checked below.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if raw < 0 {
+            return Err(Error::last_os("eventfd", format!("{target} device request")));
+        }
+        // SAFETY: `raw` is a fresh eventfd that nothing else owns.
+        let efd = unsafe { OwnedFd::from_raw_fd(raw) };
+        ioctl::vfio_device_set_irqs(
+            self.fd(),
+            sys::VFIO_IRQ_SET_ACTION_TRIGGER,
+            index,
+            0,
+            ioctl::IrqData::Eventfd(&[efd.as_raw_fd()]),
+        )
+        .map_err(|e| Error::sys("VFIO_DEVICE_SET_IRQS(REQ, eventfd)", target, e))?;
+        Ok(efd)
+    }
+
+    /// The eventfd the kernel signals when it asks for the device back
+    /// (`VFIO_PCI_REQ_IRQ_INDEX`, registered by [`bind`](Self::bind)), for
+    /// an event loop: when it is readable, call
+    /// [`unplug_requested`](Self::unplug_requested). `None` before the bind
+    /// or if registering failed. VFIO keeps one request trigger per device:
+    /// if the same device is opened and bound twice, only the later bind's
+    /// eventfd is signalled.
+    ///
+    /// ```no_run
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:02:00.0".parse()?)?;
+    /// # dev.bind(&dmabuf_p2p::importer::iommufd::Iommufd::open()?)?;
+    /// let fd = dev.unplug_request_fd().expect("request channel");
+    /// // add `fd` to an epoll set with EPOLLIN ...
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn unplug_request_fd(&self) -> Option<BorrowedFd<'_>> {
+        match &self.request {
+            RequestChannel::Armed(efd) => Some(efd.as_fd()),
+            RequestChannel::NotBound | RequestChannel::Unavailable(_) => None,
+        }
+    }
+
+    /// Whether the kernel has asked for the device back, without blocking.
+    ///
+    /// When a device bound to `vfio-pci` is being removed (hot-unplug, or
+    /// an unbind from the driver), the kernel signals the device-request
+    /// eventfd and then **waits until every fd of the device is closed**,
+    /// repeating the request every 10 seconds. The first time this sees the
+    /// request it revokes every export through the [`hub`](Self::hub) with
+    /// [`RevokeReason::Unplug`] (attachments tear their IOVA ranges down, so
+    /// peer DMA to them faults instead of reaching a vanishing BAR); from
+    /// then on it keeps answering `true`, and
+    /// [`export_bar`](Self::export_bar) refuses new exports.
+    ///
+    /// The owner must then **drop the device**, and every [`BarMapping`] of
+    /// it (a BAR `mmap` holds the device file open too), so the kernel can
+    /// finish the removal. Dma-buf fds of its exports may stay open; they
+    /// are dead for good.
+    ///
+    /// Errors: [`Error::Device`] before [`bind`](Self::bind);
+    /// [`Error::Unsupported`] if the request channel could not be set up at
+    /// bind time (the message says why); [`Error::Sys`] if reading the
+    /// eventfd fails.
+    ///
+    /// ```no_run
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:02:00.0".parse()?)?;
+    /// # dev.bind(&dmabuf_p2p::importer::iommufd::Iommufd::open()?)?;
+    /// if dev.unplug_requested()? {
+    ///     drop(dev); // let the kernel remove it
+    /// }
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn unplug_requested(&self) -> Result<bool> {
+        if self.unplug_requested.load(Ordering::Acquire) {
+            return Ok(true);
+        }
+        let efd = self.request_eventfd()?;
+        let mut count = 0u64;
+        // SAFETY: reads 8 bytes into a local u64 from the non-blocking
+        // eventfd this device owns.
+        let n = unsafe { libc::read(efd.as_raw_fd(), (&raw mut count).cast(), 8) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EAGAIN | libc::EINTR) => Ok(false),
+                _ => Err(Error::sys("read", format!("{} device-request eventfd", self.address), e)),
+            };
+        }
+        if n != 8 || count == 0 {
+            return Ok(false);
+        }
+        if !self.unplug_requested.swap(true, Ordering::AcqRel) {
+            self.hub.revoke(RevokeReason::Unplug);
+        }
+        Ok(true)
+    }
+
+    /// Waits up to `timeout` for the kernel to ask for the device back; then
+    /// as [`unplug_requested`](Self::unplug_requested) (which this calls).
+    /// Returns `false` if the time passed without a request.
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:02:00.0".parse()?)?;
+    /// # dev.bind(&dmabuf_p2p::importer::iommufd::Iommufd::open()?)?;
+    /// if dev.wait_unplug_request(Duration::from_secs(30))? {
+    ///     assert!(dev.hub().state() != dmabuf_p2p::revoke::BufferState::Live);
+    ///     drop(dev);
+    /// }
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn wait_unplug_request(&self, timeout: Duration) -> Result<bool> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.unplug_requested()? {
+                return Ok(true);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            let efd = self.request_eventfd()?;
+            let mut pfd = libc::pollfd { fd: efd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // Round up, so a sub-millisecond rest does not spin.
+            let ms = libc::c_int::try_from(left.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX);
+            // SAFETY: one valid pollfd for the duration of the call.
+            if unsafe { libc::poll(&mut pfd, 1, ms) } < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(Error::sys("poll", format!("{} device-request eventfd", self.address), e));
+                }
+            }
+        }
+    }
+
+    fn request_eventfd(&self) -> Result<&OwnedFd> {
+        match &self.request {
+            RequestChannel::Armed(efd) => Ok(efd),
+            RequestChannel::NotBound => Err(self.device_error(
+                "not bound to an iommufd yet; call bind() first (the device-request channel is set up by the bind)",
+            )),
+            RequestChannel::Unavailable(why) => Err(Error::Unsupported {
+                target: self.address.to_string(),
+                operation: "device request IRQ",
+                problem: format!("no device-request channel: {why}"),
+            }),
+        }
     }
 
     /// Whether [`VfioPciDevice::bind`] succeeded.
@@ -830,7 +1038,8 @@ impl VfioPciDevice {
     /// BAR `index` (0..=5): VFIO's region info plus sysfs's `resource` line
     /// (its physical start and kind). Indexes 6 (ROM), 7 (config) and above
     /// are [`Error::InvalidRegion`]. An absent BAR is returned with size 0
-    /// ([`Bar::is_present`]).
+    /// ([`Bar::is_present`]). Read once, then remembered: a BAR cannot change
+    /// while vfio-pci holds the device.
     ///
     /// ```no_run
     /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
@@ -841,9 +1050,14 @@ impl VfioPciDevice {
     /// ```
     pub fn bar(&self, index: u32) -> Result<Bar> {
         check_bar_index(self.address, index)?;
+        // `index` is below BAR_COUNT (checked above).
+        let slot = &self.bars[index as usize];
+        if let Some(bar) = slot.get() {
+            return Ok(*bar);
+        }
         let region = self.region_info(index)?;
         let resource = self.sysfs.bar(self.address, index)?;
-        Ok(Bar { index, region, resource })
+        Ok(*slot.get_or_init(|| Bar { index, region, resource }))
     }
 
     /// Reads `buf.len()` bytes of config space at `offset` (a `pread` of the
@@ -1192,6 +1406,9 @@ impl VfioPciDevice {
     /// ```
     pub fn export_bar(&self, index: u32, ranges: &[ByteRange]) -> Result<BarExport> {
         self.bound()?;
+        if self.unplug_requested.load(Ordering::Acquire) {
+            return Err(self.device_error("is being removed (the kernel asked for it back); close it"));
+        }
         let bar = self.bar(index)?;
         let plan = plan_export(self.address, &bar, ranges, page_size())?;
         let memory_decode = self.memory_decode().ok();
