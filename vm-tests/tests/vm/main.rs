@@ -2,7 +2,9 @@
 //! `cargo xtask vm-test`, one test at a time (`--test-threads=1`), because the
 //! tests share real devices.
 
+mod bad_input;
 mod dmabuf;
+mod faults;
 mod guide;
 mod heap;
 mod iommufd;
