@@ -51,7 +51,7 @@ pub(crate) fn fs_magic(fd: BorrowedFd<'_>) -> Result<u64> {
     // `fd` is open for the call.
     let ret = unsafe { libc::fstatfs(fd.as_raw_fd(), st.as_mut_ptr()) };
     if ret < 0 {
-        return Err(Error::last_os("fstatfs", format!("fd {}", fd.as_raw_fd())));
+        return Err(Error::last_os("fstatfs", || format!("fd {}", fd.as_raw_fd())));
     }
     // SAFETY: fstatfs succeeded, so it initialised the struct (and it was
     // zeroed before, which is a valid `statfs` too: integers only).

@@ -107,7 +107,7 @@ impl Seals {
         // `fd` is open for the call.
         let ret = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
         if ret < 0 {
-            return Err(Error::last_os("fcntl(F_GET_SEALS)", fd_label(fd)));
+            return Err(Error::last_os("fcntl(F_GET_SEALS)", || fd_label(fd)));
         }
         Ok(Self(seal_bit(ret)))
     }
@@ -240,7 +240,7 @@ impl MemfdOptions {
         let raw = unsafe { libc::memfd_create(cname.as_ptr(), flags) };
         if raw < 0 {
             let what = if self.hugetlb { format!("{name:?} (MFD_HUGETLB, 2 MiB pages)") } else { format!("{name:?}") };
-            return Err(Error::last_os("memfd_create", what));
+            return Err(Error::last_os("memfd_create", || what));
         }
         // SAFETY: `raw` was just returned by memfd_create and is owned by
         // nobody else.
@@ -248,7 +248,7 @@ impl MemfdOptions {
         // SAFETY: ftruncate on an fd we own, with an in-range length; no
         // memory of ours is involved.
         if unsafe { libc::ftruncate(fd.as_raw_fd(), len) } < 0 {
-            return Err(Error::last_os("ftruncate", format!("memfd {name:?} to {size:#x} bytes")));
+            return Err(Error::last_os("ftruncate", || format!("memfd {name:?} to {size:#x} bytes")));
         }
         let memfd = Memfd { fd, name: name.to_owned(), size, hugetlb: self.hugetlb };
         if self.seal_shrink {
@@ -347,7 +347,7 @@ impl Memfd {
         })?;
         // SAFETY: F_ADD_SEALS takes an int by value; the fd is ours and open.
         if unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_ADD_SEALS, bits) } < 0 {
-            return Err(Error::last_os("fcntl(F_ADD_SEALS)", format!("{} adding {seals}", self.label())));
+            return Err(Error::last_os("fcntl(F_ADD_SEALS)", || format!("{} adding {seals}", self.label())));
         }
         Ok(())
     }

@@ -127,7 +127,7 @@ impl Edu {
         // SAFETY: eventfd() takes no pointers; the result is checked below.
         let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if raw < 0 {
-            return Err(Error::last_os("eventfd", target));
+            return Err(Error::last_os("eventfd", || target));
         }
         // SAFETY: `raw` is a fresh eventfd that nothing else owns.
         let efd = unsafe { OwnedFd::from_raw_fd(raw) };

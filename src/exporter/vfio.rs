@@ -50,7 +50,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::dmabuf::DmaBuf;
@@ -511,6 +511,12 @@ pub struct VfioPciDevice {
     bars: [OnceLock<Bar>; BAR_COUNT as usize],
     /// Every attachment of this device's exports; told when the device revokes.
     hub: Arc<RevocationHub>,
+    /// Held across a change of `PCI_COMMAND` (read, write, read back) and the
+    /// hub call it makes, and across a reset: threads that toggle memory
+    /// decode or reset at once otherwise interleave their reads and writes,
+    /// lose updates and leave the hub out of step with the device (live while
+    /// the kernel had revoked, and so attachments whose areas are dead).
+    command_lock: Mutex<()>,
     /// The eventfd registered for `VFIO_PCI_REQ_IRQ_INDEX` at bind time (the
     /// kernel's "give the device back" request), or why there is none.
     request: RequestChannel,
@@ -606,6 +612,7 @@ impl VfioPciDevice {
             config: OnceLock::new(),
             bars: Default::default(),
             hub: RevocationHub::new(address.to_string()),
+            command_lock: Mutex::new(()),
             request: RequestChannel::NotBound,
             unplug_requested: AtomicBool::new(false),
         })
@@ -696,7 +703,7 @@ impl VfioPciDevice {
         // SAFETY: eventfd() takes no pointers; the result is checked below.
         let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if raw < 0 {
-            return Err(Error::last_os("eventfd", format!("{target} device request")));
+            return Err(Error::last_os("eventfd", || format!("{target} device request")));
         }
         // SAFETY: `raw` is a fresh eventfd that nothing else owns.
         let efd = unsafe { OwnedFd::from_raw_fd(raw) };
@@ -1092,7 +1099,29 @@ impl VfioPciDevice {
     /// kernel, and every attachment is then torn down; turning it on restores
     /// them (per each attachment's policy). A VMM forwarding a guest's config
     /// writes gets the same behaviour by writing through here.
+    ///
+    /// Such writes are serialised per device (with
+    /// [`set_memory_decode`](Self::set_memory_decode),
+    /// [`set_bus_master`](Self::set_bus_master) and [`reset`](Self::reset)), and
+    /// the attachments' callbacks run inside: a callback must not change this
+    /// device's `PCI_COMMAND` or reset it (it would wait for itself).
     pub fn config_write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        if ByteRange::new(offset, data.len() as u64).contains(PCI_COMMAND) {
+            let held = self.lock_command();
+            self.config_write_held(offset, data, &held)
+        } else {
+            let at = self.config_at(offset, data.len())?;
+            self.file.write_all_at(data, at).map_err(|e| self.config_error("pwrite", offset, data.len(), e))
+        }
+    }
+
+    /// Locks `command_lock`.
+    fn lock_command(&self) -> MutexGuard<'_, ()> {
+        self.command_lock.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// [`config_write`](Self::config_write), with the command lock held.
+    fn config_write_held(&self, offset: u64, data: &[u8], _held: &MutexGuard<'_, ()>) -> Result<()> {
         let at = self.config_at(offset, data.len())?;
         let touches_memory_bit = ByteRange::new(offset, data.len() as u64).contains(PCI_COMMAND);
         let before = if touches_memory_bit { self.memory_decode().ok() } else { None };
@@ -1102,8 +1131,10 @@ impl VfioPciDevice {
             // ask the device what it has now.
             let after = self.memory_decode().ok();
             match (before, after) {
+                // Decode is off: the kernel has revoked every dma-buf of the
+                // device, so the attachments' areas are dead already.
                 (_, Some(false)) => {
-                    self.hub.revoke(RevokeReason::MemoryDecodeOff);
+                    self.hub.revoked_by_kernel(RevokeReason::MemoryDecodeOff);
                 }
                 (Some(false), Some(true)) => {
                     self.hub.restore();
@@ -1259,12 +1290,15 @@ impl VfioPciDevice {
     }
 
     fn set_command_bits(&self, bits: u16, on: bool) -> Result<()> {
+        // Read-modify-write under the lock, or two threads setting different
+        // bits at once lose one of the changes.
+        let held = self.lock_command();
         let cmd = self.command()?;
         let new = if on { cmd | bits } else { cmd & !bits };
         if new == cmd {
             return Ok(());
         }
-        self.config_write_u16(PCI_COMMAND, new)
+        self.config_write_held(PCI_COMMAND, &new.to_le_bytes(), &held)
     }
 
     /// Whether the device supports [`VfioPciDevice::reset`].
@@ -1302,11 +1336,12 @@ impl VfioPciDevice {
                 problem: "the device has no reset method VFIO can use (VFIO_DEVICE_FLAGS_RESET is clear)".to_owned(),
             });
         }
+        let _held = self.lock_command();
         let reset = ioctl::vfio_device_reset(self.fd()).map_err(|e| Error::sys("VFIO_DEVICE_RESET", self.address.to_string(), e));
         // The kernel revoked for the reset and un-revoked if memory decode is
         // on; the iommufd areas are dead either way, so tear down, then
         // restore if the buffers are usable again.
-        self.hub.revoke(RevokeReason::Reset);
+        self.hub.revoked_by_kernel(RevokeReason::Reset);
         if self.memory_decode().unwrap_or(false) {
             self.hub.restore();
         }
@@ -1368,7 +1403,7 @@ impl VfioPciDevice {
             libc::mmap(std::ptr::null_mut(), map_len, prot, libc::MAP_SHARED, self.file.as_raw_fd(), offset)
         };
         if ptr == libc::MAP_FAILED {
-            return Err(Error::last_os("mmap", name));
+            return Err(Error::last_os("mmap", || name));
         }
         let Some(ptr) = NonNull::new(ptr.cast::<u8>()) else {
             return Err(Error::sys("mmap", name, io::Error::from_raw_os_error(libc::EFAULT)));

@@ -502,10 +502,7 @@ fn rows(ctx: &Ctx) -> Vec<(&'static str, Want, Run)> {
             Box::new(|_: &Ctx| with_closed_fd(|fd| lib(is_dmabuf(fd))))),
         ("map_file: an fd already closed", want_errno("Sys", libc::EBADF, &["F_DUPFD_CLOEXEC"]),
             Box::new(|c: &Ctx| with_closed_fd(|fd| lib(c.ioas.map_file(fd, r(0, PAGE), IovaPlacement::Auto, MapPerms::Read))))),
-        // The errno is not checked here: the library reads it after
-        // formatting the fd's name (a readlink that fails on a closed fd and
-        // leaves ENOENT), so it reports ENOENT instead of EBADF.
-        ("udmabuf: a memfd fd already closed", want("Sys", &["fstat", "memfd fd"]),
+        ("udmabuf: a memfd fd already closed", want_errno("Sys", libc::EBADF, &["fstat", "memfd fd"]),
             Box::new(|c: &Ctx| with_closed_fd(|fd| lib(c.udmabuf.create(fd, 0, PAGE))))),
         // --- iommufd import ---
         ("map_dmabuf: a two-range VFIO dma-buf", want_errno("NotImportable", libc::EOPNOTSUPP, &["vfio_pci_core", "more than one range"]),
