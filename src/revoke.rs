@@ -10,8 +10,14 @@
 //!   [`VfioPciDevice`](crate::exporter::vfio::VfioPciDevice), or the receiving
 //!   end of a buffer passed from another process) and knows every
 //!   [`Attachment`] made from its buffers;
-//! * when the exporter revokes, each attachment records it, tears its IOVA
-//!   range down (so no stale area survives) and calls its callbacks;
+//! * when the exporter revokes, each attachment records it, tears its
+//!   mapping down and calls its callbacks. When the kernel has done the
+//!   revoking ([`RevocationHub::revoked_by_kernel`]: the exporter's own
+//!   memory-decode and reset paths), its IOMMU entries are gone already and
+//!   the dead area is kept until the restore, so that the IOVA stays reserved:
+//!   an automatic placement of another mapping in the same IOAS cannot take it
+//!   and make the restore at the same IOVA fail. Any other revocation
+//!   ([`RevocationHub::revoke`]), and every permanent one, unmaps at once;
 //! * when the exporter is back, each attachment with
 //!   [`RestorePolicy::Automatic`] maps the same buffer again at the same IOVA;
 //!   the others stay revoked until [`Attachment::restore`];
@@ -304,8 +310,8 @@ impl RevocationHub {
         inner.attachments.iter().filter_map(Weak::upgrade).collect()
     }
 
-    /// The exporter has revoked its buffers: every attachment tears its IOVA
-    /// range down and is told. Returns how many attachments were torn down.
+    /// The exporter has revoked its buffers: every attachment unmaps its IOVA
+    /// range and is told. Returns how many attachments were torn down.
     ///
     /// A permanent `reason` ([`RevokeReason::is_permanent`]) makes the hub
     /// [`BufferState::Gone`]. Revoking a revoked hub only updates the reason.
@@ -317,6 +323,33 @@ impl RevocationHub {
     /// assert_eq!(hub.state(), BufferState::Revoked(RevokeReason::MemoryDecodeOff));
     /// ```
     pub fn revoke(&self, reason: RevokeReason) -> usize {
+        self.revoke_with(reason, false)
+    }
+
+    /// Like [`revoke`](Self::revoke), for when the **kernel** has already
+    /// revoked the buffers (memory decode went off, a reset ran): their IOMMU
+    /// entries are gone, so DMA to the attachments' IOVAs faults already.
+    /// Attachments then keep their dead areas until they are restored
+    /// (unmapped and mapped again) or dropped, which keeps their IOVAs
+    /// reserved: no mapping placed automatically in the same IOAS meanwhile
+    /// can take one and make the restore fail. A permanent `reason` unmaps at
+    /// once, as [`revoke`](Self::revoke) does.
+    ///
+    /// Call it only when the kernel has revoked: a live area kept this way
+    /// would still let DMA through.
+    ///
+    /// ```
+    /// use dmabuf_p2p::revoke::{BufferState, RevocationHub, RevokeReason};
+    /// let hub = RevocationHub::new("dev");
+    /// hub.revoked_by_kernel(RevokeReason::Reset);
+    /// assert_eq!(hub.state(), BufferState::Revoked(RevokeReason::Reset));
+    /// ```
+    pub fn revoked_by_kernel(&self, reason: RevokeReason) -> usize {
+        self.revoke_with(reason, true)
+    }
+
+    fn revoke_with(&self, reason: RevokeReason, kernel_revoked: bool) -> usize {
+        let keep_dead_area = kernel_revoked && !reason.is_permanent();
         let (atts, change) = {
             let mut inner = lock(&self.inner);
             if matches!(inner.state, BufferState::Gone(_)) {
@@ -332,7 +365,7 @@ impl RevocationHub {
             });
             (Self::live_attachments(&mut inner), change)
         };
-        let n = atts.iter().filter(|a| a.on_revoked(reason)).count();
+        let n = atts.iter().filter(|a| a.on_revoked(reason, keep_dead_area)).count();
         tell(change);
         n
     }
@@ -362,7 +395,11 @@ impl RevocationHub {
     }
 
     fn register(&self, core: &Arc<AttachmentCore>) {
-        lock(&self.inner).attachments.push(Arc::downgrade(core));
+        let mut inner = lock(&self.inner);
+        // Forget dropped attachments here too, or a hub that is never revoked
+        // would keep one entry per attachment ever made.
+        inner.attachments.retain(|w| w.strong_count() > 0);
+        inner.attachments.push(Arc::downgrade(core));
     }
 }
 
@@ -458,7 +495,8 @@ impl Attachment {
         perms: MapPerms,
         policy: RestorePolicy,
     ) -> Result<Self> {
-        match hub.state() {
+        let before = hub.last_change();
+        match before.state {
             BufferState::Live => {}
             BufferState::Revoked(_) | BufferState::Gone(_) => {
                 return Err(Error::Revoked { buffer: format!("{} (exporter {})", buf.describe(), hub.name()) })
@@ -481,9 +519,17 @@ impl Attachment {
         });
         hub.register(&core);
         // The exporter may have revoked between the state check and the
-        // registration; the hub has told nobody about this attachment yet.
-        if let BufferState::Revoked(r) | BufferState::Gone(r) = hub.state() {
-            core.on_revoked(r);
+        // registration, which the hub told nobody about this attachment: if
+        // it is revoked now, tear down; if it revoked and came back, the new
+        // area may be dead (a revoked area stays dead), so map it again.
+        let after = hub.last_change();
+        if after.seq != before.seq {
+            match after.state {
+                BufferState::Revoked(r) | BufferState::Gone(r) => {
+                    core.on_revoked(r, false);
+                }
+                BufferState::Live => core.remap_unheard(),
+            }
         }
         Ok(Self { core })
     }
@@ -596,9 +642,9 @@ impl Attachment {
         };
         if buf_revoked {
             if !self.is_revoked() {
-                self.core.hub.revoke(RevokeReason::External);
+                self.core.hub.revoked_by_kernel(RevokeReason::External);
                 // The hub may be gone already; make sure this one is torn down.
-                self.core.on_revoked(RevokeReason::External);
+                self.core.on_revoked(RevokeReason::External, true);
             }
         } else if self.is_revoked() {
             self.core.hub.restore();
@@ -620,8 +666,10 @@ impl AttachmentCore {
         }
     }
 
-    /// Tears the mapping down; returns whether it was live before.
-    fn on_revoked(&self, reason: RevokeReason) -> bool {
+    /// Tears the mapping down; returns whether it was live before. With
+    /// `keep_dead_area` (the kernel has revoked the area already) the area
+    /// stays, reserving the IOVA; otherwise it is unmapped.
+    fn on_revoked(&self, reason: RevokeReason, keep_dead_area: bool) -> bool {
         let was_live = {
             let mut st = lock(&self.state);
             let was_live = st.revoked.is_none();
@@ -629,10 +677,9 @@ impl AttachmentCore {
                 st.revocations += 1;
             }
             st.revoked = Some(reason);
-            // The kernel already removed the IOMMU entries; unmapping the
-            // dead area keeps no stale mapping around (it cannot fail for a
-            // revoked dma-buf area, and a failure leaves it for drop).
-            if st.mapping.is_mapped() {
+            // Unmapping cannot fail for a revoked dma-buf area; a failure
+            // leaves it for the restore's remap or for drop.
+            if !keep_dead_area && st.mapping.is_mapped() {
                 if let Err(e) = st.mapping.unmap() {
                     st.last_error = Some(format!("unmap after revoke: {e}"));
                 }
@@ -643,6 +690,21 @@ impl AttachmentCore {
             self.notify(&RevocationEvent::Revoked(reason));
         }
         was_live
+    }
+
+    /// Maps again at the same IOVA, right after the attachment was made, for
+    /// a revocation that happened while it was being made (the new area may
+    /// be dead). Nobody has heard of the attachment yet, so there is no
+    /// event; a failure leaves it revoked with the error recorded.
+    fn remap_unheard(&self) {
+        let mut st = lock(&self.state);
+        if st.revoked.is_none() {
+            if let Err(e) = st.mapping.remap() {
+                st.revoked = Some(RevokeReason::External);
+                st.revocations += 1;
+                st.last_error = Some(format!("remap after a revocation during the map: {e}"));
+            }
+        }
     }
 
     /// Maps again at the same IOVA if revoked; returns whether it is live now.

@@ -40,7 +40,7 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::ptr::NonNull;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::dmabuf::{human_size, is_dmabuf, DmaBuf};
 use crate::error::{Error, RangeProblem, Result};
@@ -139,7 +139,7 @@ impl Iommufd {
     /// ```
     pub fn alloc_ioas(&self) -> Result<Ioas> {
         let id = ioctl::iommu_ioas_alloc(self.as_fd()).map_err(|e| Error::sys("IOMMU_IOAS_ALLOC", self.name(), e))?;
-        Ok(Ioas { inner: Arc::new(IoasInner { iommufd: self.clone(), id }) })
+        Ok(Ioas { inner: Arc::new(IoasInner { iommufd: self.clone(), id, placement: Mutex::new(()) }) })
     }
 
     /// The usable IOVA ranges of the IOAS with ID `ioas_id`
@@ -400,6 +400,17 @@ pub struct Ioas {
 struct IoasInner {
     iommufd: Iommufd,
     id: u32,
+    /// Held while the kernel picks an IOVA (automatic placement) and across
+    /// the unmap and map of [`IoasMapping::remap`], so that a remap gets its
+    /// IOVA back: no automatic placement through another handle of this IOAS
+    /// can take the IOVA between the two.
+    placement: Mutex<()>,
+}
+
+impl IoasInner {
+    fn lock_placement(&self) -> MutexGuard<'_, ()> {
+        self.placement.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl Drop for IoasInner {
@@ -862,6 +873,10 @@ impl IoasMapping {
     /// # Ok::<(), dmabuf_p2p::Error>(())
     /// ```
     pub fn remap(&mut self) -> Result<()> {
+        // No automatic placement in this IOAS may take the IOVA between the
+        // unmap and the map (the map is fixed, so it does not lock again).
+        let ioas = Arc::clone(&self.ioas.inner);
+        let _placing = ioas.lock_placement();
         self.unmap()?;
         // SAFETY: a file source maps kernel-owned pages; for user memory the
         // contract of `Ioas::map_user` covers device access until this
@@ -877,6 +892,8 @@ impl IoasMapping {
     /// For a user-memory source, the memory must be valid for device access
     /// as [`Ioas::map_user`] requires.
     unsafe fn map_at(&mut self, at: IovaPlacement) -> Result<()> {
+        let ioas = Arc::clone(&self.ioas.inner);
+        let _placing = (at == IovaPlacement::Auto).then(|| ioas.lock_placement());
         let (iova, placement) = at.to_arg();
         let flags = placement | self.perms.flags();
         let iommufd = self.ioas.iommufd().as_fd();
