@@ -1,4 +1,4 @@
-//! The QEMU launcher: q35 with an emulated intel-iommu, one `edu` DMA engine and
+//! The QEMU launcher: q35 with an emulated intel-iommu, `edu` DMA engines and
 //! `ivshmem-plain` devices backed by host files, each on its own PCIe root port
 //! (so they can be hot-unplugged), with a QMP socket.
 //!
@@ -21,6 +21,10 @@ pub struct Ivshmem {
     /// Size of the shared memory (a power of two, at least 4 KiB).
     pub size: u64,
 }
+
+/// The BAR2 size of the small ivshmem devices `shm2`..`shm7` of
+/// [`VmConfig::standard`]: 64 KiB.
+pub const SMALL_SHM_SIZE: u64 = 64 << 10;
 
 /// How to accelerate the VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,8 +175,13 @@ pub struct VmConfig {
     pub hugepages: u32,
     /// ivshmem devices, in order.
     pub ivshmem: Vec<Ivshmem>,
-    /// Whether to add the edu DMA engine.
+    /// Whether to add the edu DMA engine (`edu0`, on the first root port).
     pub edu: bool,
+    /// More edu engines (`edu1`, `edu2`, ...), each on its own root port
+    /// after the ivshmem devices, so that `edu0` keeps the lowest PCI address.
+    /// Each runs its transfers on its own QEMU timer: several engines move
+    /// data in parallel (the revocation load test runs one stream per engine).
+    pub extra_edu: u32,
     /// Extra kernel command line.
     pub extra_cmdline: String,
     /// Acceleration.
@@ -180,8 +189,19 @@ pub struct VmConfig {
 }
 
 impl VmConfig {
-    /// The standard test VM: 1 GiB, 2 CPUs, edu, a 1 MiB and a 64 MiB ivshmem.
+    /// The standard test VM: 1 GiB, 2 CPUs, edu, a 1 MiB (`shm0`) and a 64 MiB
+    /// (`shm1`) ivshmem, then six 64 KiB ivshmem (`shm2`..`shm7`) and five more
+    /// edu engines (`edu1`..`edu5`) for the tests that run parallel DMA
+    /// streams (revocation under load, concurrency). Every device is on its
+    /// own root port, in this order, so the buses (and PCI addresses) follow
+    /// it: edu0 on bus 1, shm0 on bus 2, shm1 on bus 3, shm2..shm7 on buses
+    /// 4..9, edu1..edu5 on buses 10..14.
     pub fn standard(kernel: PathBuf, initrd: PathBuf, run_dir: PathBuf) -> Self {
+        let mut ivshmem = vec![
+            Ivshmem { id: "shm0".into(), size: 1 << 20 },
+            Ivshmem { id: "shm1".into(), size: 64 << 20 },
+        ];
+        ivshmem.extend((2..8).map(|i| Ivshmem { id: format!("shm{i}"), size: SMALL_SHM_SIZE }));
         Self {
             kernel,
             initrd,
@@ -189,11 +209,9 @@ impl VmConfig {
             memory_mib: 1024,
             cpus: 2,
             hugepages: 64,
-            ivshmem: vec![
-                Ivshmem { id: "shm0".into(), size: 1 << 20 },
-                Ivshmem { id: "shm1".into(), size: 64 << 20 },
-            ],
+            ivshmem,
             edu: true,
+            extra_edu: 5,
             extra_cmdline: String::new(),
             accel: Accel::detect(),
         }
@@ -301,6 +319,11 @@ impl VmConfig {
             ));
             a.push("-device".into());
             a.push(format!("ivshmem-plain,id={},memdev=mem-{},bus={rp}", shm.id, shm.id));
+        }
+        for i in 1..=self.extra_edu {
+            let rp = root_port(&mut a);
+            a.push("-device".into());
+            a.push(format!("edu,id=edu{i},bus={rp},dma_mask=0xffffffffffffffff"));
         }
         a.push("-kernel".into());
         a.push(self.kernel.display().to_string());

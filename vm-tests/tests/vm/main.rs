@@ -3,11 +3,13 @@
 //! tests share real devices.
 
 mod bad_input;
+mod concurrency;
 mod dmabuf;
 mod faults;
 mod guide;
 mod heap;
 mod iommufd;
+mod load;
 mod p2p;
 mod revoke;
 mod share;
