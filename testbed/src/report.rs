@@ -9,6 +9,8 @@
 //!   hashes that range of the device's backing file and compares;
 //! * `@@qmp {json}`: run a QMP command now; the answer goes back to the guest
 //!   as `@@qmp-reply {json}` on the same port;
+//! * `@@bench {json}`: one benchmark result (`cargo xtask bench`), kept as
+//!   the JSON text;
 //! * `@@exit <status>`: the guest job finished with this status.
 
 use std::fmt;
@@ -54,6 +56,8 @@ pub enum Line {
     HostCheck(HostCheck),
     /// `@@exit N`.
     Exit(i32),
+    /// `@@bench {json}`: a benchmark result, the JSON text as sent.
+    Bench(String),
     /// A directive that could not be parsed.
     BadDirective(String),
     /// Anything else.
@@ -80,6 +84,13 @@ pub fn parse_line(line: &str) -> Line {
                 Some(n) => Line::Exit(n),
                 None => Line::BadDirective(line.to_owned()),
             },
+            Some("bench") => {
+                let json = rest.trim_start().strip_prefix("bench").unwrap_or_default().trim();
+                match serde_json::from_str::<serde_json::Value>(json) {
+                    Ok(v) if v.is_object() => Line::Bench(json.to_owned()),
+                    _ => Line::BadDirective(line.to_owned()),
+                }
+            }
             Some("host-check") => {
                 let shm = words.next().map(str::to_owned);
                 let offset = words.next().and_then(parse_num);
@@ -147,6 +158,8 @@ pub struct Report {
     pub exit: Option<i32>,
     /// Directives that did not parse.
     pub bad_directives: Vec<String>,
+    /// Benchmark results (`@@bench`), the JSON objects as sent.
+    pub bench: Vec<String>,
 }
 
 impl Report {
@@ -157,6 +170,7 @@ impl Report {
             Line::Booted => self.booted = true,
             Line::HostCheck(c) => self.host_checks.push(c),
             Line::Exit(n) => self.exit = Some(n),
+            Line::Bench(j) => self.bench.push(j),
             Line::BadDirective(d) => self.bad_directives.push(d),
             Line::Text => {}
         }
@@ -193,6 +207,19 @@ mod tests {
         assert!(matches!(parse_line("@@host-check shm0 1"), Line::BadDirective(_)));
         assert!(matches!(parse_line("@@nonsense"), Line::BadDirective(_)));
         assert_eq!(parse_line("@@qmp {\"execute\":\"query-status\"}"), Line::Text);
+    }
+
+    #[test]
+    fn bench_directives() {
+        let j = r#"{"group":"sweep","x":65536,"median":1.5}"#;
+        assert_eq!(parse_line(&format!("@@bench {j}\r")), Line::Bench(j.to_owned()));
+        assert!(matches!(parse_line("@@bench"), Line::BadDirective(_)));
+        assert!(matches!(parse_line("@@bench {not json"), Line::BadDirective(_)));
+        assert!(matches!(parse_line("@@bench [1,2]"), Line::BadDirective(_)));
+        let mut r = Report::default();
+        r.add(&format!("@@bench {j}"));
+        assert_eq!(r.bench, vec![j.to_owned()]);
+        assert!(r.bad_directives.is_empty());
     }
 
     #[test]
