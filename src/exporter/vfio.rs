@@ -407,9 +407,16 @@ pub fn plan_export(device: PciAddress, bar: &Bar, ranges: &[ByteRange], page: u6
     if bar.resource.is_io() || !bar.resource.is_mem() {
         return Err(invalid("an I/O-port BAR; only memory BARs can be exported".to_owned()));
     }
-    let target = bar_name(device, bar.index, bar.size());
-    let size = validate_export_ranges(&target, ranges, bar.size(), page)?;
-    let phys = map_to_phys(&target, bar.phys_start(), ranges)?;
+    // The BAR's name only goes into an error: format it then, not on every
+    // export.
+    let named = |e: Error| match e {
+        Error::InvalidRange { range, problem, .. } => {
+            Error::InvalidRange { target: bar_name(device, bar.index, bar.size()), range, problem }
+        }
+        other => other,
+    };
+    let size = validate_export_ranges("", ranges, bar.size(), page).map_err(named)?;
+    let phys = map_to_phys("", bar.phys_start(), ranges).map_err(named)?;
     Ok(ExportPlan { device, bar: bar.index, ranges: ranges.to_vec(), phys, size })
 }
 

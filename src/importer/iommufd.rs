@@ -556,18 +556,26 @@ impl Ioas {
         at: IovaPlacement,
         perms: MapPerms,
     ) -> Result<IoasMapping> {
-        let file = file.as_fd();
-        // Duplicate before mapping: if the dup fails nothing has been mapped,
-        // and once mapped, the area is owned by a handle that can undo it.
-        let fd = file
-            .try_clone_to_owned()
-            .map_err(|e| Error::sys("fcntl(F_DUPFD_CLOEXEC)", format!("fd {}", file.as_raw_fd()), e))?;
+        let fd = dup_source(file.as_fd())?;
         let source = if is_dmabuf(fd.as_fd())? {
             Source::DmaBuf { buf: DmaBuf::from_owned_unchecked(fd), start: range.offset }
         } else {
             Source::File { fd, start: range.offset }
         };
         let size = source.size()?;
+        self.map_source(source, size, range, at, perms)
+    }
+
+    /// Maps `range` of `source`, whose size is `size`, after checking the
+    /// range against it.
+    fn map_source(
+        &self,
+        source: Source,
+        size: u64,
+        range: ByteRange,
+        at: IovaPlacement,
+        perms: MapPerms,
+    ) -> Result<IoasMapping> {
         range.check_in(size, 1).map_err(|problem| Error::InvalidRange {
             target: format!("{} ({})", source.describe(), human_size(size)),
             range,
@@ -610,9 +618,20 @@ impl Ioas {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn map_dmabuf(&self, buf: &DmaBuf, at: IovaPlacement, perms: MapPerms) -> Result<IoasMapping> {
+        // A `DmaBuf` is known to be one: unlike `map_file`, no `fstatfs` to
+        // find out, and its size is asked once (`lseek`), not twice.
         let size = buf.size()?;
-        self.map_file(buf, ByteRange::new(0, size), at, perms)
+        let source = Source::DmaBuf { buf: DmaBuf::from_owned_unchecked(dup_source(buf.as_fd())?), start: 0 };
+        self.map_source(source, size, ByteRange::new(0, size), at, perms)
     }
+}
+
+/// Duplicates the fd a mapping keeps (close-on-exec). Done before mapping: if
+/// the dup fails nothing has been mapped, and once mapped, the area is owned
+/// by a handle that can undo it.
+fn dup_source(file: BorrowedFd<'_>) -> Result<OwnedFd> {
+    file.try_clone_to_owned()
+        .map_err(|e| Error::sys("fcntl(F_DUPFD_CLOEXEC)", format!("fd {}", file.as_raw_fd()), e))
 }
 
 /// What a mapping maps.
