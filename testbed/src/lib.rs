@@ -6,6 +6,7 @@
 //! This crate builds (or finds) the kernel, packs the guest initramfs, boots the
 //! VM, streams the guest's test report back and judges the run.
 
+pub mod bench;
 pub mod debian;
 pub mod deps;
 pub mod initramfs;

@@ -5,6 +5,8 @@
 //! * `cargo xtask vm-test [FILTER..] [--fail-on-purpose]` — only the VM suite.
 //! * `cargo xtask vm-info` — boot the VM and show what it offers.
 //! * `cargo xtask kernel [--force]` — build (or find) the test kernel.
+//! * `cargo xtask bench [--quick] [--only=PARTS] [--render FILE]` — the
+//!   in-VM benchmarks; writes `docs/BENCHMARKS.md` and `docs/bench/*.svg`.
 //! * `cargo xtask bindings [--check]` — regenerate or check `src/sys/bindings.rs`.
 
 use std::process::{Command, ExitCode};
@@ -14,7 +16,7 @@ use testbed::suite::{self, GuestBinaries, RunSpec};
 use testbed::{deps, kernel, uapi, workspace_root, Result};
 
 const USAGE: &str =
-    "usage: cargo xtask <test | vm-test [FILTER..] [--fail-on-purpose] | vm-info | kernel [--force] | bindings [--check]>";
+    "usage: cargo xtask <test | vm-test [FILTER..] [--fail-on-purpose] | vm-info | kernel [--force] | bindings [--check] | bench [--quick] [--only=PARTS] [--render FILE]>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -27,6 +29,7 @@ fn main() -> ExitCode {
         "test" => test_all(),
         "vm-test" => vm_test(rest),
         "vm-info" => vm_info(),
+        "bench" => testbed::bench::xtask(rest),
         "kernel" => kernel::xtask(rest.iter().any(|a| a == "--force")).map(|p| {
             println!("{}", p.display());
             true

@@ -22,7 +22,7 @@ fn device_nodes_exist() {
 fn test_devices_are_bound_to_vfio_pci() {
     let edu = pci_devices(EDU_ID);
     let shm = pci_devices(IVSHMEM_ID);
-    assert_eq!(edu.len(), 1, "edu devices: {edu:?}");
+    assert!(!edu.is_empty(), "no edu device: {edu:?}");
     assert!(shm.len() >= 2, "ivshmem devices: {shm:?}");
     for bdf in edu.iter().chain(&shm) {
         assert_eq!(driver_of(bdf).as_deref(), Some("vfio-pci"), "{bdf} driver");

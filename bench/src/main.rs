@@ -1,0 +1,764 @@
+//! `dmabuf-p2p-bench`: the benchmarks behind `docs/BENCHMARKS.md`. Runs inside
+//! the test VM (`cargo xtask bench` builds it, boots the VM with a 1 GiB
+//! ivshmem BAR and collects what it prints); each result is one line
+//! `@@bench {json}` on stdout.
+//!
+//! 1. **sweep**: map and unmap cost against size, for a BAR dma-buf
+//!    (`IOMMU_IOAS_MAP_FILE`), the legacy type1 container
+//!    (`VFIO_IOMMU_MAP_DMA` of the mmap'd BAR) and a memfd (`MAP_FILE`).
+//! 2. **overhead**: export, map, unmap and close through the library and
+//!    through raw ioctls, interleaved, as ratios per operation; **profile**:
+//!    the steps the library adds around the ioctls, timed alone.
+//! 3. **revoke**: memory decode off (revoke) and on (restore) with N
+//!    single-page attachments.
+//! 4. **scale**: exporting and mapping N single-page dma-bufs: time per
+//!    buffer and kernel memory per buffer.
+//!
+//! Every figure is the median of repeated runs, with min and max. Options:
+//! `--quick` (a quarter of the time budgets), `--only=sweep,overhead,...`.
+
+mod raw;
+mod stats;
+
+use std::error::Error;
+use std::fs;
+use std::os::fd::{AsRawFd, RawFd};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use dmabuf_p2p::exporter::vfio::VfioPciDevice;
+use dmabuf_p2p::importer::iommufd::{Ioas, Iommufd, IovaPlacement, MapPerms};
+use dmabuf_p2p::revoke::{Attachment, RestorePolicy};
+use dmabuf_p2p::ByteRange;
+
+use stats::{emit, emit_meta, ns_since, Budget, Stats};
+
+type R<T> = Result<T, Box<dyn Error>>;
+
+/// The BAR under test (ivshmem's shared memory).
+const BAR: u32 = 2;
+/// Where every fixed mapping goes: 1 GiB, so that a 1 GiB mapping is
+/// naturally aligned and clear of the MSI window at 0xfee00000.
+const IOVA: u64 = 0x4000_0000;
+/// The page size (x86-64).
+const PAGE: u64 = 4096;
+/// Smallest size of the sweeps.
+const MIN_SIZE: u64 = 64 << 10;
+
+struct Opts {
+    quick: bool,
+    only: Option<Vec<String>>,
+}
+
+impl Opts {
+    fn parse() -> Self {
+        let mut o = Self { quick: false, only: None };
+        for a in std::env::args().skip(1) {
+            if a == "--quick" {
+                o.quick = true;
+            } else if let Some(list) = a.strip_prefix("--only=") {
+                o.only = Some(list.split(',').map(str::to_owned).collect());
+            }
+        }
+        o
+    }
+
+    fn wants(&self, part: &str) -> bool {
+        self.only.as_ref().is_none_or(|l| l.iter().any(|p| p == part))
+    }
+
+    fn budget(&self, min: usize, max: usize, secs: f64) -> Budget {
+        let b = Budget::new(min, max, secs);
+        if self.quick {
+            b.scaled(0.25)
+        } else {
+            b
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> R<()> {
+    let opts = Opts::parse();
+    let start = Instant::now();
+    raise_fd_limit(1 << 16)?;
+    let (bdf, bar_size) = largest_ivshmem()?;
+    let group = iommu_group(&bdf)?;
+    println!("bench: device {bdf} (IOMMU group {group}), BAR{BAR} {} MiB", bar_size >> 20);
+    emit_meta("device", &bdf);
+    emit_meta("bar_size", &bar_size.to_string());
+    emit_meta("kernel", fs::read_to_string("/proc/sys/kernel/osrelease")?.trim());
+    emit_meta("cpus", &std::thread::available_parallelism().map_or(0, usize::from).to_string());
+    emit_meta("mem_total_kib", &meminfo("MemTotal").unwrap_or(0).to_string());
+    let sizes: Vec<u64> = std::iter::successors(Some(MIN_SIZE), |s| Some(s * 4)).take_while(|s| *s <= bar_size).collect();
+
+    // The legacy measurements need the device opened through its group, the
+    // rest through its cdev; a device cannot be open both ways at once.
+    if opts.wants("sweep") {
+        sweep_type1(&opts, &bdf, group, &sizes)?;
+    }
+
+    let iommufd = Iommufd::open()?;
+    let ioas = iommufd.alloc_ioas()?;
+    let mut dev = VfioPciDevice::open(bdf.parse()?)?;
+    dev.bind(&iommufd)?;
+    // Attached, so that every mapping really fills IOMMU page tables.
+    dev.attach(&ioas)?;
+    dev.set_memory_decode(true)?;
+    let (config, _) = raw::region_info(dev.as_raw_fd(), dmabuf_p2p::sys::VFIO_PCI_CONFIG_REGION_INDEX)?;
+    let ctx = Ctx { iommufd: iommufd.as_raw_fd(), ioas: ioas.id(), device: dev.as_raw_fd(), config };
+
+    if opts.wants("sweep") {
+        sweep_dmabuf(&opts, &ctx, &sizes)?;
+        sweep_memfd(&opts, &ctx, &sizes)?;
+    }
+    if opts.only.as_ref().is_some_and(|l| l.iter().any(|p| p == "trace")) {
+        trace(&ctx, &dev, &ioas)?;
+    }
+    if opts.wants("profile") {
+        profile(&opts, &ctx, &dev, &ioas, &bdf)?;
+    }
+    if opts.wants("overhead") {
+        overhead(&opts, &ctx, &dev, &ioas, &sizes)?;
+    }
+    if opts.wants("revoke") {
+        revocation(&opts, &ctx, &dev, &ioas)?;
+    }
+    if opts.wants("scale") {
+        scale(&opts, &ctx, &dev, &ioas)?;
+    }
+    emit_meta("guest_seconds", &format!("{:.1}", start.elapsed().as_secs_f64()));
+    println!("bench: done in {:.1} s", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Raw fds and ids of the cdev setup, for the raw baseline.
+struct Ctx {
+    iommufd: RawFd,
+    ioas: u32,
+    device: RawFd,
+    /// Offset of the config region in the device fd.
+    config: u64,
+}
+
+// ---------------------------------------------------------------------------
+// 1. Map cost against size
+// ---------------------------------------------------------------------------
+
+/// Times `map(size)` and `unmap(size)` for each size after one untimed
+/// warm-up pair (which faults in BAR mmaps and allocates memfd pages).
+fn sweep(
+    opts: &Opts,
+    series: &str,
+    sizes: &[u64],
+    mut map: impl FnMut(u64) -> R<()>,
+    mut unmap: impl FnMut(u64) -> R<()>,
+) -> R<()> {
+    for &size in sizes {
+        map(size)?;
+        unmap(size)?;
+        let (mut m, mut u) = (Vec::new(), Vec::new());
+        opts.budget(3, 15, 3.0).repeat(|_| -> R<()> {
+            let t = Instant::now();
+            map(size)?;
+            m.push(ns_since(t));
+            let t = Instant::now();
+            unmap(size)?;
+            u.push(ns_since(t));
+            Ok(())
+        })?;
+        let (sm, su) = (Stats::of(&m), Stats::of(&u));
+        emit("sweep", series, "map", size, "ns", &sm);
+        emit("sweep", series, "unmap", size, "ns", &su);
+        println!("bench: sweep {series:7} {:>8} KiB: map {:>10.1} us, unmap {:>10.1} us (n={})", size >> 10, sm.median / 1e3, su.median / 1e3, sm.n);
+    }
+    Ok(())
+}
+
+fn sweep_type1(opts: &Opts, bdf: &str, group: u32, sizes: &[u64]) -> R<()> {
+    let t1 = raw::Type1::open(group, bdf, BAR)?;
+    emit_meta("type1_iova_pgsizes", &format!("{:#x}", t1.iova_pgsizes));
+    // Fault the whole BAR mapping in once, as a VMM would have.
+    t1.map(IOVA, t1.bar_len())?;
+    t1.unmap(IOVA, t1.bar_len())?;
+    sweep(
+        opts,
+        "type1",
+        sizes,
+        |s| Ok(t1.map(IOVA, s)?),
+        |s| {
+            let n = t1.unmap(IOVA, s)?;
+            check_len("VFIO_IOMMU_UNMAP_DMA", n, s)
+        },
+    )
+}
+
+fn sweep_dmabuf(opts: &Opts, ctx: &Ctx, sizes: &[u64]) -> R<()> {
+    // One export per size (outside the timing), mapped and unmapped repeatedly.
+    let mut current: Option<(u64, RawFd)> = None;
+    let result = sweep(
+        opts,
+        "dmabuf",
+        sizes,
+        |s| {
+            let fd = match current {
+                Some((size, fd)) if size == s => fd,
+                other => {
+                    if let Some((_, old)) = other {
+                        raw::close(old)?;
+                    }
+                    let fd = raw::export(ctx.device, BAR, 0, s)?;
+                    current = Some((s, fd));
+                    fd
+                }
+            };
+            raw::map_file(ctx.iommufd, ctx.ioas, fd, 0, s, IOVA)?;
+            Ok(())
+        },
+        |s| check_len("IOMMU_IOAS_UNMAP", raw::unmap(ctx.iommufd, ctx.ioas, IOVA, s)?, s),
+    );
+    if let Some((_, fd)) = current {
+        raw::close(fd)?;
+    }
+    result
+}
+
+fn sweep_memfd(opts: &Opts, ctx: &Ctx, sizes: &[u64]) -> R<()> {
+    // The memfd's pages are really allocated (and pinned): leave the guest
+    // 384 MiB to live on.
+    let avail = meminfo("MemAvailable").unwrap_or(0) * 1024;
+    let sizes: Vec<u64> = sizes.iter().copied().filter(|s| s + (384 << 20) <= avail).collect();
+    let Some(&max) = sizes.last() else { return Ok(()) };
+    emit_meta("memfd_max_size", &max.to_string());
+    let fd = raw::memfd(max)?;
+    // Allocate every page once.
+    raw::map_file(ctx.iommufd, ctx.ioas, fd, 0, max, IOVA)?;
+    raw::unmap(ctx.iommufd, ctx.ioas, IOVA, max)?;
+    let r = sweep(
+        opts,
+        "memfd",
+        &sizes,
+        |s| Ok(raw::map_file(ctx.iommufd, ctx.ioas, fd, 0, s, IOVA).map(drop)?),
+        |s| check_len("IOMMU_IOAS_UNMAP", raw::unmap(ctx.iommufd, ctx.ioas, IOVA, s)?, s),
+    );
+    raw::close(fd)?;
+    r
+}
+
+fn check_len(op: &str, got: u64, want: u64) -> R<()> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(format!("{op} unmapped {got:#x} bytes, expected {want:#x}").into())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 2. Library overhead
+// ---------------------------------------------------------------------------
+
+/// Operations of one export-map-unmap-close cycle.
+const OPS: [&str; 4] = ["export", "map", "unmap", "close"];
+
+/// One cycle through the library; per-operation nanoseconds.
+fn cycle_library(dev: &VfioPciDevice, ioas: &Ioas, size: u64) -> R<[f64; 4]> {
+    let t0 = Instant::now();
+    let export = dev.export_bar(BAR, &[ByteRange::new(0, size)])?;
+    let t1 = Instant::now();
+    let mut mapping = ioas.map_dmabuf(export.dmabuf(), IovaPlacement::Fixed(IOVA), MapPerms::ReadWrite)?;
+    let t2 = Instant::now();
+    mapping.unmap()?;
+    let t3 = Instant::now();
+    drop(mapping);
+    drop(export);
+    let t4 = Instant::now();
+    Ok(spans([t0, t1, t2, t3, t4]))
+}
+
+/// The same cycle with raw ioctls.
+fn cycle_raw(ctx: &Ctx, size: u64) -> R<[f64; 4]> {
+    let t0 = Instant::now();
+    let fd = raw::export(ctx.device, BAR, 0, size)?;
+    let t1 = Instant::now();
+    raw::map_file(ctx.iommufd, ctx.ioas, fd, 0, size, IOVA)?;
+    let t2 = Instant::now();
+    raw::unmap(ctx.iommufd, ctx.ioas, IOVA, size)?;
+    let t3 = Instant::now();
+    raw::close(fd)?;
+    let t4 = Instant::now();
+    Ok(spans([t0, t1, t2, t3, t4]))
+}
+
+/// The raw cycle plus, by hand, the syscalls the library adds (see
+/// `cargo xtask bench --strace`): a `PCI_COMMAND` read before the export, an
+/// `lseek` and a dup before the map, closing the dup. Library minus this is
+/// what the library's own code (not its syscalls) costs.
+fn cycle_raw_like_library(ctx: &Ctx, size: u64) -> R<[f64; 4]> {
+    let t0 = Instant::now();
+    raw::command(ctx.device, ctx.config)?;
+    let fd = raw::export(ctx.device, BAR, 0, size)?;
+    let t1 = Instant::now();
+    // SAFETY: lseek on an fd this function owns.
+    unsafe { libc::lseek(fd, 0, libc::SEEK_END) };
+    // SAFETY: duplicating an fd this function owns; the copy is closed below.
+    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if dup < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    raw::map_file(ctx.iommufd, ctx.ioas, fd, 0, size, IOVA)?;
+    let t2 = Instant::now();
+    raw::unmap(ctx.iommufd, ctx.ioas, IOVA, size)?;
+    let t3 = Instant::now();
+    raw::close(dup)?;
+    raw::close(fd)?;
+    let t4 = Instant::now();
+    Ok(spans([t0, t1, t2, t3, t4]))
+}
+
+fn spans(t: [Instant; 5]) -> [f64; 4] {
+    std::array::from_fn(|i| t[i + 1].duration_since(t[i]).as_secs_f64() * 1e9)
+}
+
+fn overhead(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas, sizes: &[u64]) -> R<()> {
+    // A batch is K cycles of each of four paths, interleaved in rotating
+    // order: the library, raw, raw again (the control: raw / raw shows what
+    // the interleaving alone does to a ratio) and raw with the library's
+    // extra syscalls. A batch's figure per operation is the median over its
+    // K cycles (one emulator hiccup does not move it); its ratios are each
+    // path / raw. The results are the medians over the batches, with min and
+    // max.
+    const K: usize = 8;
+    const PATHS: [&str; 4] = ["library", "raw", "control", "syscalls"];
+    for &size in sizes {
+        cycle_library(dev, ioas, size)?;
+        cycle_raw(ctx, size)?;
+        cycle_raw_like_library(ctx, size)?;
+        let mut batches: [Vec<[f64; 5]>; 4] = Default::default();
+        opts.budget(5, 25, 4.0).repeat(|_| -> R<()> {
+            let mut cycles: [Vec<[f64; 4]>; 4] = Default::default();
+            for k in 0..K {
+                for j in 0..4 {
+                    let path = (k + j) % 4;
+                    let c = match path {
+                        0 => cycle_library(dev, ioas, size)?,
+                        3 => cycle_raw_like_library(ctx, size)?,
+                        _ => cycle_raw(ctx, size)?,
+                    };
+                    cycles[path].push(c);
+                }
+            }
+            for (b, c) in batches.iter_mut().zip(&cycles) {
+                b.push(batch_medians(c));
+            }
+            Ok(())
+        })?;
+        let mut line = format!("bench: overhead {:>8} KiB:", size >> 10);
+        for (i, op) in OPS.iter().chain(&["total"]).enumerate() {
+            let col = |v: &Vec<[f64; 5]>| v.iter().map(|b| b[i]).collect::<Vec<f64>>();
+            let raw_col = col(&batches[1]);
+            emit("overhead", "raw", op, size, "ns", &Stats::of(&raw_col));
+            line.push_str(&format!(" {op}"));
+            for (p, name) in PATHS.iter().enumerate().filter(|(p, _)| *p != 1) {
+                let v = col(&batches[p]);
+                emit("overhead", name, op, size, "ns", &Stats::of(&v));
+                let ratio: Vec<f64> = v.iter().zip(&raw_col).map(|(a, b)| a / b).collect();
+                let s = Stats::of(&ratio);
+                let series = match *name {
+                    "library" => "ratio".to_owned(),
+                    other => format!("ratio_{other}"),
+                };
+                emit("overhead", &series, op, size, "ratio", &s);
+                line.push_str(&format!(" {:.2}", s.median));
+            }
+        }
+        println!("{line} (library, control, raw+syscalls; n={})", batches[0].len());
+    }
+    Ok(())
+}
+
+/// Per-operation medians of a batch of cycles, and the median cycle total.
+fn batch_medians(cycles: &[[f64; 4]]) -> [f64; 5] {
+    let col = |i: usize| Stats::of(&cycles.iter().map(|c| c[i]).collect::<Vec<_>>()).median;
+    let total = Stats::of(&cycles.iter().map(|c| c.iter().sum()).collect::<Vec<f64>>()).median;
+    [col(0), col(1), col(2), col(3), total]
+}
+
+/// Two cycles of each path with labelled marker syscalls in between, for
+/// `strace` (`cargo xtask bench --strace`): a marker is a `write` of its
+/// label to fd -1, which fails with `EBADF` and shows in the trace.
+fn trace(ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas) -> R<()> {
+    let mark = |label: &str| {
+        // SAFETY: writes from a valid buffer to an invalid fd (fails, EBADF).
+        unsafe { libc::write(-1, label.as_ptr().cast(), label.len()) };
+    };
+    for _ in 0..2 {
+        mark("library export");
+        let e = dev.export_bar(BAR, &[ByteRange::new(0, MIN_SIZE)])?;
+        mark("library map");
+        let mut m = ioas.map_dmabuf(e.dmabuf(), IovaPlacement::Fixed(IOVA), MapPerms::ReadWrite)?;
+        mark("library unmap");
+        m.unmap()?;
+        mark("library close");
+        drop(m);
+        drop(e);
+        mark("raw export");
+        let fd = raw::export(ctx.device, BAR, 0, MIN_SIZE)?;
+        mark("raw map");
+        raw::map_file(ctx.iommufd, ctx.ioas, fd, 0, MIN_SIZE, IOVA)?;
+        mark("raw unmap");
+        raw::unmap(ctx.iommufd, ctx.ioas, IOVA, MIN_SIZE)?;
+        mark("raw close");
+        raw::close(fd)?;
+        mark("end");
+    }
+    Ok(())
+}
+
+/// One step of the profile.
+type Step<'a> = Box<dyn FnMut() -> R<()> + 'a>;
+
+/// Where the library's time goes: each extra step it makes around the
+/// ioctls, timed alone (median of many), next to the ioctls themselves.
+fn profile(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas, bdf: &str) -> R<()> {
+    use std::os::fd::AsFd;
+    let fd = raw::export(ctx.device, BAR, 0, MIN_SIZE)?;
+    let resource = format!("/sys/bus/pci/devices/{bdf}/resource");
+    let dir = format!("/sys/bus/pci/devices/{bdf}");
+    // SAFETY: `fd` is a dma-buf fd this function owns; the handle takes it over.
+    let owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let buf = dmabuf_p2p::DmaBuf::try_from(owned).map_err(|_| "the export is not a dma-buf")?;
+    let bfd = buf.as_fd().as_raw_fd();
+    let mut kept = Vec::new();
+    let mut steps: Vec<(&str, Step<'_>)> = vec![
+        ("getppid", Box::new(|| {
+            // SAFETY: no arguments, no memory.
+            unsafe { libc::getppid() };
+            Ok(())
+        })),
+        ("clock_pair", Box::new(|| {
+            let _ = Instant::now().elapsed();
+            Ok(())
+        })),
+        ("export_ioctl", Box::new(|| Ok(raw::close(raw::export(ctx.device, BAR, 0, MIN_SIZE)?)?))),
+        ("pread_export_ioctl", Box::new(|| {
+            raw::command(ctx.device, ctx.config)?;
+            Ok(raw::close(raw::export(ctx.device, BAR, 0, MIN_SIZE)?)?)
+        })),
+        ("lib_export_bar", Box::new(|| {
+            let e = dev.export_bar(BAR, &[ByteRange::new(0, MIN_SIZE)])?;
+            drop(e);
+            Ok(())
+        })),
+        ("lib_export_bar_no_drop", Box::new(|| {
+            let e = dev.export_bar(BAR, &[ByteRange::new(0, MIN_SIZE)])?;
+            kept.push(e);
+            if kept.len() >= 64 {
+                kept.clear();
+            }
+            Ok(())
+        })),
+        ("lib_plan_export", Box::new(|| {
+            let bar = dev.bar(BAR)?;
+            let plan = dmabuf_p2p::exporter::vfio::plan_export(
+                dev.address(),
+                &bar,
+                &[ByteRange::new(0, MIN_SIZE)],
+                dmabuf_p2p::range::page_size(),
+            )?;
+            std::hint::black_box(plan);
+            Ok(())
+        })),
+        ("region_info_ioctl", Box::new(|| Ok(raw::region_info(ctx.device, BAR).map(drop)?))),
+        ("stat_sysfs_dir", Box::new(|| {
+            let _ = std::path::Path::new(&dir).is_dir();
+            Ok(())
+        })),
+        ("read_sysfs_resource", Box::new(|| Ok(fs::read_to_string(&resource).map(drop)?))),
+        ("config_pread", Box::new(|| Ok(raw::command(ctx.device, ctx.config).map(drop)?))),
+        ("lib_bar", Box::new(|| Ok(dev.bar(BAR).map(drop)?))),
+        ("lib_memory_decode", Box::new(|| Ok(dev.memory_decode().map(drop)?))),
+        ("fstatfs", Box::new(|| Ok(dmabuf_p2p::is_dmabuf(buf.as_fd()).map(drop)?))),
+        ("lseek_end", Box::new(|| Ok(buf.size().map(drop)?))),
+        ("dup_and_close", Box::new(|| {
+            // SAFETY: duplicating an open fd; the copy is closed at once.
+            let d = unsafe { libc::fcntl(bfd, libc::F_DUPFD_CLOEXEC, 0) };
+            if d < 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+            Ok(raw::close(d)?)
+        })),
+    ];
+    for (name, f) in &mut steps {
+        for _ in 0..3 {
+            f()?;
+        }
+        let mut v = Vec::new();
+        opts.budget(50, 400, 1.0).repeat(|_| -> R<()> {
+            let t = Instant::now();
+            f()?;
+            v.push(ns_since(t));
+            Ok(())
+        })?;
+        let s = Stats::of(&v);
+        emit("profile", "step", name, 0, "ns", &s);
+        println!("bench: profile {name:20} {:>8.2} us (n={})", s.median / 1e3, s.n);
+    }
+    drop(steps);
+    // The unmap ioctl alone, after a raw map and after a library map of the
+    // same buffer (the library keeps a duplicate fd of it).
+    let (mut raw_u, mut lib_u) = (Vec::new(), Vec::new());
+    opts.budget(50, 400, 1.0).repeat(|_| -> R<()> {
+        raw::map_file(ctx.iommufd, ctx.ioas, bfd, 0, MIN_SIZE, IOVA)?;
+        let t = Instant::now();
+        raw::unmap(ctx.iommufd, ctx.ioas, IOVA, MIN_SIZE)?;
+        raw_u.push(ns_since(t));
+        let mut m = ioas.map_dmabuf(&buf, IovaPlacement::Fixed(IOVA), MapPerms::ReadWrite)?;
+        let t = Instant::now();
+        m.unmap()?;
+        lib_u.push(ns_since(t));
+        Ok(())
+    })?;
+    for (name, v) in [("unmap_after_raw_map", &raw_u), ("unmap_after_library_map", &lib_u)] {
+        let s = Stats::of(v);
+        emit("profile", "step", name, 0, "ns", &s);
+        println!("bench: profile {name:20} {:>8.2} us (n={})", s.median / 1e3, s.n);
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// 3. Revocation
+// ---------------------------------------------------------------------------
+
+fn revocation(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas) -> R<()> {
+    for n in [1u64, 16, 256, 1024] {
+        // Through the library: N exports, each mapped once as an Attachment
+        // (restored automatically when the device is back).
+        let mut exports = Vec::new();
+        let mut atts = Vec::new();
+        for i in 0..n {
+            let e = dev.export_bar(BAR, &[ByteRange::new(i * PAGE, PAGE)])?;
+            let a = Attachment::map(&e, ioas, IovaPlacement::Fixed(IOVA + i * PAGE), MapPerms::ReadWrite, RestorePolicy::Automatic)?;
+            exports.push(e);
+            atts.push(a);
+        }
+        let (mut rv, mut rs) = (Vec::new(), Vec::new());
+        opts.budget(3, 10, 4.0).repeat(|_| -> R<()> {
+            let t = Instant::now();
+            dev.set_memory_decode(false)?;
+            rv.push(ns_since(t));
+            let t = Instant::now();
+            dev.set_memory_decode(true)?;
+            rs.push(ns_since(t));
+            Ok(())
+        })?;
+        if let Some(a) = atts.iter().find(|a| a.is_revoked()) {
+            return Err(format!("attachment at IOVA {:#x} still revoked after restore: {:?}", a.iova(), a.last_error()).into());
+        }
+        drop(atts);
+        drop(exports);
+        let (lv, ls) = (Stats::of(&rv), Stats::of(&rs));
+        emit("revoke", "library", "revoke", n, "ns", &lv);
+        emit("revoke", "library", "restore", n, "ns", &ls);
+
+        // Raw: the config write, then unmapping (revoke) or mapping again
+        // (restore) every area by hand.
+        let mut fds = Vec::new();
+        for i in 0..n {
+            let fd = raw::export(ctx.device, BAR, i * PAGE, PAGE)?;
+            raw::map_file(ctx.iommufd, ctx.ioas, fd, 0, PAGE, IOVA + i * PAGE)?;
+            fds.push(fd);
+        }
+        let cmd = raw::command(ctx.device, ctx.config)?;
+        let (mut wv, mut rv, mut ws, mut rs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        opts.budget(3, 10, 4.0).repeat(|_| -> R<()> {
+            let t = Instant::now();
+            raw::set_command(ctx.device, ctx.config, cmd & !raw::COMMAND_MEMORY)?;
+            wv.push(ns_since(t));
+            for i in 0..n {
+                raw::unmap(ctx.iommufd, ctx.ioas, IOVA + i * PAGE, PAGE)?;
+            }
+            rv.push(ns_since(t));
+            let t = Instant::now();
+            raw::set_command(ctx.device, ctx.config, cmd | raw::COMMAND_MEMORY)?;
+            ws.push(ns_since(t));
+            for (i, fd) in (0..n).zip(&fds) {
+                raw::map_file(ctx.iommufd, ctx.ioas, *fd, 0, PAGE, IOVA + i * PAGE)?;
+            }
+            rs.push(ns_since(t));
+            Ok(())
+        })?;
+        for (i, fd) in (0..n).zip(&fds) {
+            raw::unmap(ctx.iommufd, ctx.ioas, IOVA + i * PAGE, PAGE)?;
+            raw::close(*fd)?;
+        }
+        let (sv, ss) = (Stats::of(&rv), Stats::of(&rs));
+        emit("revoke", "raw", "revoke", n, "ns", &sv);
+        emit("revoke", "raw", "restore", n, "ns", &ss);
+        emit("revoke", "raw", "revoke_write", n, "ns", &Stats::of(&wv));
+        emit("revoke", "raw", "restore_write", n, "ns", &Stats::of(&ws));
+        println!(
+            "bench: revoke N={n:5}: library revoke {:.2} ms restore {:.2} ms; raw revoke {:.2} ms restore {:.2} ms (n={})",
+            lv.median / 1e6,
+            ls.median / 1e6,
+            sv.median / 1e6,
+            ss.median / 1e6,
+            lv.n
+        );
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// 4. Export and attach scale
+// ---------------------------------------------------------------------------
+
+/// Kernel memory counters: (`Slab`, `SUnreclaim`) in bytes, IOMMU page-table
+/// pages (`nr_iommu_pages` of /proc/vmstat, if the kernel has it).
+fn kernel_memory() -> [f64; 3] {
+    let kib = |k| meminfo(k).map_or(f64::NAN, |v| (v * 1024) as f64);
+    let iommu = vmstat("nr_iommu_pages").map_or(f64::NAN, |v| (v * PAGE) as f64);
+    [kib("Slab"), kib("SUnreclaim"), iommu]
+}
+
+const MEM_OPS: [&str; 3] = ["slab", "sunreclaim", "iommu_pt"];
+
+fn scale(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas) -> R<()> {
+    for n in [1u64, 16, 256, 1024, 4096] {
+        // Per buffer: export, map, teardown (unmap + close) in ns; memory in bytes.
+        let mut lib: Vec<[f64; 6]> = Vec::new();
+        let mut rawv: Vec<[f64; 6]> = Vec::new();
+        let nf = n as f64;
+        opts.budget(3, 9, 5.0).repeat(|_| -> R<()> {
+            let m0 = kernel_memory();
+            let t0 = Instant::now();
+            let exports = (0..n)
+                .map(|i| dev.export_bar(BAR, &[ByteRange::new(i * PAGE, PAGE)]))
+                .collect::<Result<Vec<_>, _>>()?;
+            let t1 = Instant::now();
+            let maps = exports
+                .iter()
+                .enumerate()
+                .map(|(i, e)| ioas.map_dmabuf(e.dmabuf(), IovaPlacement::Fixed(IOVA + i as u64 * PAGE), MapPerms::ReadWrite))
+                .collect::<Result<Vec<_>, _>>()?;
+            let t2 = Instant::now();
+            let m1 = kernel_memory();
+            let t3 = Instant::now();
+            drop(maps);
+            drop(exports);
+            let t4 = Instant::now();
+            let span = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1e9 / nf;
+            lib.push([span(t0, t1), span(t1, t2), span(t3, t4), (m1[0] - m0[0]) / nf, (m1[1] - m0[1]) / nf, (m1[2] - m0[2]) / nf]);
+
+            let m0 = kernel_memory();
+            let t0 = Instant::now();
+            let fds = (0..n).map(|i| raw::export(ctx.device, BAR, i * PAGE, PAGE)).collect::<Result<Vec<_>, _>>()?;
+            let t1 = Instant::now();
+            for (i, fd) in (0..n).zip(&fds) {
+                raw::map_file(ctx.iommufd, ctx.ioas, *fd, 0, PAGE, IOVA + i * PAGE)?;
+            }
+            let t2 = Instant::now();
+            let m1 = kernel_memory();
+            let t3 = Instant::now();
+            for (i, fd) in (0..n).zip(&fds) {
+                raw::unmap(ctx.iommufd, ctx.ioas, IOVA + i * PAGE, PAGE)?;
+                raw::close(*fd)?;
+            }
+            let t4 = Instant::now();
+            rawv.push([span(t0, t1), span(t1, t2), span(t3, t4), (m1[0] - m0[0]) / nf, (m1[1] - m0[1]) / nf, (m1[2] - m0[2]) / nf]);
+            Ok(())
+        })?;
+        for (series, v) in [("library", &lib), ("raw", &rawv)] {
+            for (i, op) in ["export", "map", "teardown"].iter().enumerate() {
+                emit("scale", series, op, n, "ns", &Stats::of(&v.iter().map(|r| r[i]).collect::<Vec<_>>()));
+            }
+            for (i, op) in MEM_OPS.iter().enumerate() {
+                let vals: Vec<f64> = v.iter().map(|r| r[3 + i]).filter(|x| x.is_finite()).collect();
+                if !vals.is_empty() {
+                    emit("scale", series, op, n, "bytes", &Stats::of(&vals));
+                }
+            }
+        }
+        let med = |v: &Vec<[f64; 6]>, i: usize| Stats::of(&v.iter().map(|r| r[i]).collect::<Vec<_>>()).median;
+        println!(
+            "bench: scale N={n:5}: library export {:.1} us map {:.1} us; raw export {:.1} us map {:.1} us; slab {:.0} B/buffer (n={})",
+            med(&lib, 0) / 1e3,
+            med(&lib, 1) / 1e3,
+            med(&rawv, 0) / 1e3,
+            med(&rawv, 1) / 1e3,
+            med(&rawv, 3),
+            lib.len()
+        );
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The VM
+// ---------------------------------------------------------------------------
+
+fn read_hex(path: &str) -> Option<u64> {
+    let s = fs::read_to_string(path).ok()?;
+    u64::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok()
+}
+
+/// The ivshmem device (1af4:1110) with the largest BAR2: (address, size).
+fn largest_ivshmem() -> R<(String, u64)> {
+    let mut best: Option<(String, u64)> = None;
+    for e in fs::read_dir("/sys/bus/pci/devices")?.flatten() {
+        let bdf = e.file_name().to_string_lossy().into_owned();
+        let dir = format!("/sys/bus/pci/devices/{bdf}");
+        if read_hex(&format!("{dir}/vendor")) != Some(0x1af4) || read_hex(&format!("{dir}/device")) != Some(0x1110) {
+            continue;
+        }
+        let res = fs::read_to_string(format!("{dir}/resource"))?;
+        let Some(line) = res.lines().nth(BAR as usize) else { continue };
+        let mut w = line.split_whitespace().filter_map(|x| u64::from_str_radix(x.trim_start_matches("0x"), 16).ok());
+        let (Some(start), Some(end)) = (w.next(), w.next()) else { continue };
+        let size = if end == 0 { 0 } else { end - start + 1 };
+        if best.as_ref().is_none_or(|(_, s)| size > *s) {
+            best = Some((bdf, size));
+        }
+    }
+    best.ok_or_else(|| "no ivshmem device in this VM".into())
+}
+
+fn iommu_group(bdf: &str) -> R<u32> {
+    let link = fs::read_link(format!("/sys/bus/pci/devices/{bdf}/iommu_group"))?;
+    let name = link.file_name().and_then(|n| n.to_str()).ok_or("iommu_group link without a name")?;
+    Ok(name.parse()?)
+}
+
+fn meminfo(key: &str) -> Option<u64> {
+    let text = fs::read_to_string("/proc/meminfo").ok()?;
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        (k == key).then(|| v.split_whitespace().next()?.parse().ok())?
+    })
+}
+
+fn vmstat(key: &str) -> Option<u64> {
+    let text = fs::read_to_string("/proc/vmstat").ok()?;
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok())?
+    })
+}
+
+fn raise_fd_limit(n: u64) -> R<()> {
+    let lim = libc::rlimit { rlim_cur: n, rlim_max: n };
+    // SAFETY: setrlimit reads one valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        return Err(format!("setrlimit(RLIMIT_NOFILE, {n}): {}", std::io::Error::last_os_error()).into());
+    }
+    Ok(())
+}

@@ -1,0 +1,289 @@
+//! The raw-libc baseline: hand-written `libc::ioctl` calls on the bindings'
+//! structs (`dmabuf_p2p::sys`), no library types. Everything the benchmark
+//! compares the library against, and the legacy VFIO type1 container path that
+//! dma-buf export replaces, goes through here.
+
+use std::ffi::CString;
+use std::io;
+use std::mem::{offset_of, size_of};
+use std::os::fd::RawFd;
+
+use dmabuf_p2p::sys;
+use libc::{c_int, c_void};
+
+/// `O_RDWR | O_CLOEXEC` as the `u32` the export request wants.
+#[allow(clippy::cast_sign_loss)]
+const OPEN_FLAGS: u32 = (libc::O_RDWR | libc::O_CLOEXEC) as u32;
+
+/// Offset of `PCI_COMMAND` in config space and its memory decode bit.
+const PCI_COMMAND: u64 = 4;
+/// `PCI_COMMAND_MEMORY`.
+#[allow(clippy::cast_possible_truncation)]
+pub const COMMAND_MEMORY: u16 = sys::PCI_COMMAND_MEMORY as u16;
+
+fn cvt(ret: c_int) -> io::Result<c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// `ioctl(fd, request, arg)`.
+///
+/// # Safety
+///
+/// `arg` must be what `request` expects: a pointer to memory the kernel may
+/// read and write as that request's argument, or an integer for requests that
+/// take one by value.
+unsafe fn ioctl<T>(fd: RawFd, request: u32, arg: T) -> io::Result<c_int> {
+    // SAFETY: the caller guarantees `arg` suits `request`.
+    cvt(unsafe { libc::ioctl(fd, request as libc::Ioctl, arg) })
+}
+
+/// `argsz`/`size` of a uAPI struct.
+#[allow(clippy::cast_possible_truncation)]
+const fn size32<T>() -> u32 {
+    size_of::<T>() as u32
+}
+
+/// `VFIO_DEVICE_FEATURE` GET `DMA_BUF` with one range, as one C struct built
+/// from the bindings' structs: header, feature, the single range.
+#[repr(C)]
+struct DmaBufRequest {
+    hdr: sys::vfio_device_feature,
+    feat: sys::vfio_device_feature_dma_buf,
+    range: sys::vfio_region_dma_range,
+}
+
+const _: () = {
+    assert!(offset_of!(DmaBufRequest, feat) == 8);
+    assert!(offset_of!(DmaBufRequest, range) == 24);
+    assert!(size_of::<DmaBufRequest>() == 40);
+};
+
+/// Exports `[offset, offset + length)` of region `bar` as a dma-buf; returns its fd.
+pub fn export(device: RawFd, bar: u32, offset: u64, length: u64) -> io::Result<RawFd> {
+    let mut req = DmaBufRequest {
+        hdr: sys::vfio_device_feature {
+            argsz: size32::<DmaBufRequest>(),
+            flags: sys::VFIO_DEVICE_FEATURE_GET | sys::VFIO_DEVICE_FEATURE_DMA_BUF,
+            data: sys::__IncompleteArrayField::new(),
+        },
+        feat: sys::vfio_device_feature_dma_buf {
+            region_index: bar,
+            open_flags: OPEN_FLAGS,
+            flags: 0,
+            nr_ranges: 1,
+            dma_ranges: sys::__IncompleteArrayField::new(),
+        },
+        range: sys::vfio_region_dma_range { offset, length },
+    };
+    // SAFETY: the kernel reads `argsz` (40) bytes: header, feature and the one
+    // range that `nr_ranges` announces; it returns the new fd.
+    unsafe { ioctl(device, sys::VFIO_DEVICE_FEATURE, std::ptr::addr_of_mut!(req)) }
+}
+
+/// `IOMMU_IOAS_MAP_FILE` of `[start, start + length)` of `fd` at the fixed `iova`, read-write.
+pub fn map_file(iommufd: RawFd, ioas: u32, fd: RawFd, start: u64, length: u64, iova: u64) -> io::Result<u64> {
+    let mut arg = sys::iommu_ioas_map_file {
+        size: size32::<sys::iommu_ioas_map_file>(),
+        flags: sys::IOMMU_IOAS_MAP_FIXED_IOVA | sys::IOMMU_IOAS_MAP_READABLE | sys::IOMMU_IOAS_MAP_WRITEABLE,
+        ioas_id: ioas,
+        fd,
+        start,
+        length,
+        iova,
+    };
+    // SAFETY: the kernel reads and writes back this struct (integers only).
+    unsafe { ioctl(iommufd, sys::IOMMU_IOAS_MAP_FILE, std::ptr::addr_of_mut!(arg)) }?;
+    Ok(arg.iova)
+}
+
+/// `IOMMU_IOAS_UNMAP` of `[iova, iova + length)`; returns the bytes unmapped.
+pub fn unmap(iommufd: RawFd, ioas: u32, iova: u64, length: u64) -> io::Result<u64> {
+    let mut arg = sys::iommu_ioas_unmap { size: size32::<sys::iommu_ioas_unmap>(), ioas_id: ioas, iova, length };
+    // SAFETY: the kernel reads and writes back this struct (integers only).
+    unsafe { ioctl(iommufd, sys::IOMMU_IOAS_UNMAP, std::ptr::addr_of_mut!(arg)) }?;
+    Ok(arg.length)
+}
+
+/// `close(2)`.
+pub fn close(fd: RawFd) -> io::Result<()> {
+    // SAFETY: closing an fd this program owns and uses no more.
+    cvt(unsafe { libc::close(fd) }).map(drop)
+}
+
+/// `VFIO_DEVICE_GET_REGION_INFO`: (offset in the device fd, size).
+pub fn region_info(device: RawFd, index: u32) -> io::Result<(u64, u64)> {
+    let mut arg = sys::vfio_region_info { argsz: size32::<sys::vfio_region_info>(), index, ..Default::default() };
+    // SAFETY: the kernel reads `argsz` and writes back at most this struct.
+    unsafe { ioctl(device, sys::VFIO_DEVICE_GET_REGION_INFO, std::ptr::addr_of_mut!(arg)) }?;
+    Ok((arg.offset, arg.size))
+}
+
+/// Reads `PCI_COMMAND` through the config region at `config_offset`.
+pub fn command(device: RawFd, config_offset: u64) -> io::Result<u16> {
+    let mut b = [0u8; 2];
+    // SAFETY: reads 2 bytes into a 2-byte buffer.
+    let n = unsafe { libc::pread(device, b.as_mut_ptr().cast::<c_void>(), 2, off(config_offset + PCI_COMMAND)?) };
+    if n != 2 {
+        return Err(if n < 0 { io::Error::last_os_error() } else { io::Error::other("short config read") });
+    }
+    Ok(u16::from_le_bytes(b))
+}
+
+/// Writes `PCI_COMMAND` through the config region at `config_offset`.
+pub fn set_command(device: RawFd, config_offset: u64, value: u16) -> io::Result<()> {
+    let b = value.to_le_bytes();
+    // SAFETY: writes 2 bytes from a 2-byte buffer.
+    let n = unsafe { libc::pwrite(device, b.as_ptr().cast::<c_void>(), 2, off(config_offset + PCI_COMMAND)?) };
+    if n != 2 {
+        return Err(if n < 0 { io::Error::last_os_error() } else { io::Error::other("short config write") });
+    }
+    Ok(())
+}
+
+fn off(v: u64) -> io::Result<libc::off_t> {
+    libc::off_t::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))
+}
+
+fn open(path: &str) -> io::Result<RawFd> {
+    let c = CString::new(path).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: a valid C string; the result is a new fd or -1.
+    cvt(unsafe { libc::open(c.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) })
+}
+
+/// The legacy path: a VFIO type1 container (`/dev/vfio/vfio`) holding the
+/// device's group, the device opened through the group, and its BAR mmap'd.
+/// Everything is closed on drop.
+pub struct Type1 {
+    container: RawFd,
+    group: RawFd,
+    device: RawFd,
+    bar: *mut c_void,
+    bar_len: usize,
+    /// Supported IOMMU page sizes (`VFIO_IOMMU_GET_INFO` `iova_pgsizes`).
+    pub iova_pgsizes: u64,
+}
+
+impl Type1 {
+    /// Opens the container and `group`, sets type1v2, opens device `bdf`,
+    /// turns its memory decode on and maps BAR `bar` into this process.
+    pub fn open(group: u32, bdf: &str, bar: u32) -> io::Result<Self> {
+        let mut t = Self { container: -1, group: -1, device: -1, bar: std::ptr::null_mut(), bar_len: 0, iova_pgsizes: 0 };
+        t.container = open("/dev/vfio/vfio")?;
+        // SAFETY: VFIO_GET_API_VERSION takes no argument.
+        let api = unsafe { ioctl(t.container, sys::VFIO_GET_API_VERSION, 0usize) }?;
+        if api != 0 {
+            return Err(io::Error::other(format!("VFIO API version {api}")));
+        }
+        t.group = open(&format!("/dev/vfio/{group}"))?;
+        let mut st = sys::vfio_group_status { argsz: size32::<sys::vfio_group_status>(), flags: 0 };
+        // SAFETY: the kernel reads `argsz` and writes back the flags.
+        unsafe { ioctl(t.group, sys::VFIO_GROUP_GET_STATUS, std::ptr::addr_of_mut!(st)) }?;
+        if st.flags & sys::VFIO_GROUP_FLAGS_VIABLE == 0 {
+            return Err(io::Error::other(format!("group {group} is not viable")));
+        }
+        let c: c_int = t.container;
+        // SAFETY: the argument points at an int holding the container fd.
+        unsafe { ioctl(t.group, sys::VFIO_GROUP_SET_CONTAINER, std::ptr::addr_of!(c)) }?;
+        // SAFETY: VFIO_SET_IOMMU takes the IOMMU type by value.
+        unsafe { ioctl(t.container, sys::VFIO_SET_IOMMU, sys::VFIO_TYPE1v2_IOMMU as usize) }?;
+        let mut info = sys::vfio_iommu_type1_info { argsz: size32::<sys::vfio_iommu_type1_info>(), ..Default::default() };
+        // SAFETY: the kernel writes back at most `argsz` bytes of this struct.
+        unsafe { ioctl(t.container, sys::VFIO_IOMMU_GET_INFO, std::ptr::addr_of_mut!(info)) }?;
+        t.iova_pgsizes = info.iova_pgsizes;
+        let name = CString::new(bdf).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: the argument is a C string the kernel reads; returns the device fd.
+        t.device = unsafe { ioctl(t.group, sys::VFIO_GROUP_GET_DEVICE_FD, name.as_ptr()) }?;
+        let (config, _) = region_info(t.device, sys::VFIO_PCI_CONFIG_REGION_INDEX)?;
+        let cmd = command(t.device, config)?;
+        if cmd & COMMAND_MEMORY == 0 {
+            set_command(t.device, config, cmd | COMMAND_MEMORY)?;
+        }
+        let (offset, size) = region_info(t.device, bar)?;
+        t.bar_len = usize::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+        // SAFETY: a new shared mapping of the BAR chosen by the kernel.
+        let p = unsafe {
+            libc::mmap(std::ptr::null_mut(), t.bar_len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, t.device, off(offset)?)
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        t.bar = p;
+        Ok(t)
+    }
+
+    /// The BAR's size.
+    pub fn bar_len(&self) -> u64 {
+        self.bar_len as u64
+    }
+
+    /// `VFIO_IOMMU_MAP_DMA` of the first `size` bytes of the BAR mapping at `iova`.
+    pub fn map(&self, iova: u64, size: u64) -> io::Result<()> {
+        let arg = sys::vfio_iommu_type1_dma_map {
+            argsz: size32::<sys::vfio_iommu_type1_dma_map>(),
+            flags: sys::VFIO_DMA_MAP_FLAG_READ | sys::VFIO_DMA_MAP_FLAG_WRITE,
+            vaddr: self.bar as u64,
+            iova,
+            size,
+        };
+        // SAFETY: the kernel reads this struct; the memory it maps is device
+        // MMIO mapped by this value, which unmaps all DMA before it goes.
+        unsafe { ioctl(self.container, sys::VFIO_IOMMU_MAP_DMA, std::ptr::addr_of!(arg)) }.map(drop)
+    }
+
+    /// `VFIO_IOMMU_UNMAP_DMA` of `[iova, iova + size)`; returns the bytes unmapped.
+    pub fn unmap(&self, iova: u64, size: u64) -> io::Result<u64> {
+        let mut arg = sys::vfio_iommu_type1_dma_unmap {
+            argsz: 24,
+            flags: 0,
+            iova,
+            size,
+            data: sys::__IncompleteArrayField::new(),
+        };
+        // SAFETY: without the dirty-bitmap flag the kernel reads and writes
+        // back the 24-byte fixed part only.
+        unsafe { ioctl(self.container, sys::VFIO_IOMMU_UNMAP_DMA, std::ptr::addr_of_mut!(arg)) }?;
+        Ok(arg.size)
+    }
+}
+
+impl Drop for Type1 {
+    fn drop(&mut self) {
+        if !self.bar.is_null() {
+            // SAFETY: the BAR mapping made in `open`, unmapped only here.
+            unsafe { libc::munmap(self.bar, self.bar_len) };
+        }
+        if self.container >= 0 {
+            let all = sys::vfio_iommu_type1_dma_unmap {
+                argsz: 24,
+                flags: sys::VFIO_DMA_UNMAP_FLAG_ALL,
+                iova: 0,
+                size: 0,
+                data: sys::__IncompleteArrayField::new(),
+            };
+            // SAFETY: UNMAP_ALL reads the 24-byte fixed part only.
+            let _ = unsafe { ioctl(self.container, sys::VFIO_IOMMU_UNMAP_DMA, std::ptr::addr_of!(all)) };
+        }
+        for fd in [self.device, self.group, self.container] {
+            if fd >= 0 {
+                let _ = close(fd);
+            }
+        }
+    }
+}
+
+/// A plain memfd of `size` bytes (no seals): `memfd_create` + `ftruncate`.
+pub fn memfd(size: u64) -> io::Result<RawFd> {
+    // SAFETY: a valid C string literal; the result is a new fd or -1.
+    let fd = cvt(unsafe { libc::memfd_create(c"bench".as_ptr(), libc::MFD_CLOEXEC) })?;
+    // SAFETY: sizing the memfd just created.
+    if unsafe { libc::ftruncate(fd, off(size)?) } != 0 {
+        let e = io::Error::last_os_error();
+        let _ = close(fd);
+        return Err(e);
+    }
+    Ok(fd)
+}
