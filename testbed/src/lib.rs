@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod debian;
 pub mod deps;
+pub mod fuzz;
 pub mod initramfs;
 pub mod kernel;
 pub mod qemu;

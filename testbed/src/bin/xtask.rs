@@ -5,6 +5,7 @@
 //! * `cargo xtask vm-test [FILTER..] [--fail-on-purpose]` — only the VM suite.
 //! * `cargo xtask vm-info` — boot the VM and show what it offers.
 //! * `cargo xtask kernel [--force]` — build (or find) the test kernel.
+//! * `cargo xtask fuzz [TARGET..] [--seconds N]` — fuzz the parsers (`docs/FUZZING.md`).
 //! * `cargo xtask bench [--quick] [--only=PARTS] [--render FILE]` — the
 //!   in-VM benchmarks; writes `docs/BENCHMARKS.md` and `docs/bench/*.svg`.
 //! * `cargo xtask bindings [--check]` — regenerate or check `src/sys/bindings.rs`.
@@ -13,10 +14,10 @@ use std::process::{Command, ExitCode};
 use std::time::Instant;
 
 use testbed::suite::{self, GuestBinaries, RunSpec};
-use testbed::{deps, kernel, uapi, workspace_root, Result};
+use testbed::{deps, fuzz, kernel, uapi, workspace_root, Result};
 
 const USAGE: &str =
-    "usage: cargo xtask <test | vm-test [FILTER..] [--fail-on-purpose] | vm-info | kernel [--force] | bindings [--check] | bench [--quick] [--only=PARTS] [--render FILE]>";
+    "usage: cargo xtask <test | vm-test [FILTER..] [--fail-on-purpose] | vm-info | kernel [--force] | bindings [--check] | bench [--quick] [--only=PARTS] [--render FILE] | fuzz [TARGET..] [--seconds N]>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -35,6 +36,7 @@ fn main() -> ExitCode {
             true
         }),
         "bindings" => uapi::run_bindings(rest.iter().any(|a| a == "--check")).map(|()| true),
+        "fuzz" => fuzz::xtask(rest),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             Ok(true)
@@ -123,6 +125,10 @@ fn test_all() -> Result<bool> {
         return Ok(false);
     }
 
+    // A short run of every fuzz target (parsers and range checks).
+    eprintln!("testbed: fuzz smoke run");
+    let fuzz_ok = fuzz::smoke()?;
+
     // The committed bindings must match a fresh bindgen run (needs libclang,
     // which the test command installs).
     deps::ensure(deps::BINDGEN_TOOLS)?;
@@ -161,5 +167,5 @@ fn test_all() -> Result<bool> {
     }
 
     println!("xtask test: finished in {:.1} s", start.elapsed().as_secs_f64());
-    Ok(bindings_ok && vm_ok && self_ok)
+    Ok(fuzz_ok && bindings_ok && vm_ok && self_ok)
 }
