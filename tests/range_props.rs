@@ -3,6 +3,7 @@
 //! nothing can overflow.
 
 use dmabuf_p2p::fdinfo::FdInfo;
+use dmabuf_p2p::importer::iommufd::IovaRange;
 use dmabuf_p2p::pci::{parse_resources, PciAddress, TargetSpec};
 use dmabuf_p2p::range::{map_to_phys, parse_size, validate_export_ranges, PhysRange};
 use dmabuf_p2p::{ByteRange, Error, RangeProblem};
@@ -229,6 +230,39 @@ proptest! {
         let shown = PhysRange::new(start, length).to_string();
         let end = u128::from(start) + u128::from(length);
         prop_assert_eq!(shown, format!("{start:#x}..{end:#x}"));
+    }
+
+    /// The page frames a physical range touches, against the oracle.
+    #[test]
+    fn pfns_match_oracle(start in edgy_u64(), length in edgy_u64(), page in prop_oneof![Just(0u64), Just(1), Just(0x1000), Just(0x20_0000), any::<u64>()]) {
+        let last = u128::from(start) + u128::from(length);
+        let want = if page == 0 || length == 0 || last - 1 > u128::from(u64::MAX) {
+            None
+        } else {
+            Some((start / page, ((last - 1) as u64) / page))
+        };
+        prop_assert_eq!(PhysRange::new(start, length).pfns(page), want);
+    }
+
+    /// `IovaRange::contains` (an inclusive `last`), against the oracle.
+    #[test]
+    fn iova_range_contains_matches_oracle(r in range(), iova in edgy_u64(), length in edgy_u64()) {
+        let usable = IovaRange { start: r.offset, last: r.length };
+        let end = u128::from(iova) + u128::from(length);
+        let want = length > 0 && iova >= usable.start && end - 1 <= u128::from(usable.last);
+        prop_assert_eq!(usable.contains(iova, length), want);
+    }
+
+    /// `OFFSET+LEN` parses exactly when both sides parse as sizes, to the
+    /// same numbers (the CLI's two number syntaxes cannot drift apart).
+    #[test]
+    fn byte_range_parses_as_two_sizes(s in "[0-9a-fA-FxXkKmMgGtTiB ]{0,12}\\+[0-9a-fA-FxXkKmMgGtTiB ]{0,12}") {
+        let (off, len) = s.trim().split_once('+').expect("the pattern has a '+'");
+        let want = match (parse_size(off), parse_size(len)) {
+            (Ok(o), Ok(l)) => Some(ByteRange::new(o, l)),
+            _ => None,
+        };
+        prop_assert_eq!(s.parse::<ByteRange>().ok(), want);
     }
 
     /// No parser panics on any input, and every failure is `Error::Parse`.
