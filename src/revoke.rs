@@ -28,6 +28,7 @@
 //! are found with [`probe_revoked`], which asks the kernel, and
 //! [`Attachment::sync_with_kernel`].
 
+use std::cell::Cell;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
@@ -170,6 +171,8 @@ pub struct AttachmentInfo {
 pub struct RevocationHub {
     name: String,
     inner: Mutex<HubInner>,
+    /// See [`RevocationHub::lock_transitions`].
+    transitions: Mutex<()>,
 }
 
 struct HubInner {
@@ -199,9 +202,38 @@ impl HubInner {
 /// Tells `observers` about `change`, if there was one.
 fn tell(change: Option<(StateChange, Vec<Observer>)>) {
     if let Some((change, observers)) = change {
+        let _inside = InCallback::enter();
         for o in observers {
             o(&change);
         }
+    }
+}
+
+thread_local! {
+    /// How deep this thread is in attachment callbacks and hub observers.
+    static IN_CALLBACK: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Marks this thread as running callbacks while it lives. Callbacks run on
+/// the thread that revoked or restored, which holds the exporter's
+/// transition lock ([`RevocationHub::lock_transitions`]): what they call must
+/// not take it again.
+struct InCallback;
+
+impl InCallback {
+    fn enter() -> Self {
+        IN_CALLBACK.with(|d| d.set(d.get() + 1));
+        Self
+    }
+
+    fn active() -> bool {
+        IN_CALLBACK.with(Cell::get) > 0
+    }
+}
+
+impl Drop for InCallback {
+    fn drop(&mut self) {
+        IN_CALLBACK.with(|d| d.set(d.get().saturating_sub(1)));
     }
 }
 
@@ -233,6 +265,7 @@ impl RevocationHub {
     pub fn new(name: impl Into<String>) -> Arc<Self> {
         Arc::new(Self {
             name: name.into(),
+            transitions: Mutex::new(()),
             inner: Mutex::new(HubInner {
                 state: BufferState::Live,
                 attachments: Vec::new(),
@@ -242,6 +275,41 @@ impl RevocationHub {
                 next_observer: 0,
             }),
         })
+    }
+
+    /// Serialises the exporter's state transitions with the attachments'
+    /// own maps and restores. An exporter holds it from the moment it changes
+    /// what the kernel does with its buffers (memory decode off or on, a
+    /// reset) until it has told the hub ([`revoked_by_kernel`](Self::revoked_by_kernel),
+    /// [`restore`](Self::restore)); [`Attachment::map`] and
+    /// [`Attachment::restore`] hold it too. Without it, a restore that runs
+    /// while another thread turns decode off fails after unmapping the dead
+    /// area, and the freed IOVA can go to another mapping; and a map can land
+    /// between a revoke and a restore it never hears of.
+    /// [`VfioPciDevice`](crate::exporter::vfio::VfioPciDevice) takes it for
+    /// every change of `PCI_COMMAND` and every reset.
+    ///
+    /// Attachment callbacks and hub observers run with it held (on the
+    /// exporter's thread); [`Attachment::map`] and [`Attachment::restore`]
+    /// called from one do not take it again.
+    ///
+    /// ```
+    /// use dmabuf_p2p::revoke::{RevocationHub, RevokeReason};
+    /// let hub = RevocationHub::new("dev");
+    /// {
+    ///     let _transition = hub.lock_transitions();
+    ///     // ... turn the exporter's buffers off in the kernel, then:
+    ///     hub.revoked_by_kernel(RevokeReason::MemoryDecodeOff);
+    /// }
+    /// ```
+    pub fn lock_transitions(&self) -> MutexGuard<'_, ()> {
+        lock(&self.transitions)
+    }
+
+    /// [`lock_transitions`](Self::lock_transitions), unless this thread is
+    /// running callbacks (then the exporter's thread holds it already).
+    fn lock_transitions_outside_callbacks(&self) -> Option<MutexGuard<'_, ()>> {
+        (!InCallback::active()).then(|| self.lock_transitions())
     }
 
     /// The exporter's name.
@@ -495,6 +563,9 @@ impl Attachment {
         perms: MapPerms,
         policy: RestorePolicy,
     ) -> Result<Self> {
+        // No transition of the exporter between the state check and the
+        // registration (for exporters that take the lock).
+        let _transition = hub.lock_transitions_outside_callbacks();
         let before = hub.last_change();
         match before.state {
             BufferState::Live => {}
@@ -608,6 +679,9 @@ impl Attachment {
     /// Maps the buffer again at the same IOVA now, whatever the policy. Fails
     /// with [`Error::Revoked`] while the exporter is revoked.
     pub fn restore(&self) -> Result<()> {
+        // The exporter must not revoke between the check and the remap: the
+        // remap's unmap would free the IOVA, and its map then fail.
+        let _transition = self.core.hub.lock_transitions_outside_callbacks();
         if let BufferState::Revoked(r) | BufferState::Gone(r) = self.core.hub.state() {
             return Err(Error::Revoked { buffer: format!("exporter {} ({r})", self.core.hub.name()) });
         }
@@ -661,6 +735,7 @@ impl AttachmentCore {
     fn notify(&self, ev: &RevocationEvent) {
         // Call without the lock, so a callback may register another.
         let cbs: Vec<Callback> = lock(&self.callbacks).clone();
+        let _inside = InCallback::enter();
         for cb in cbs {
             cb(&self.info, ev);
         }

@@ -50,7 +50,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::dmabuf::DmaBuf;
@@ -518,12 +518,6 @@ pub struct VfioPciDevice {
     bars: [OnceLock<Bar>; BAR_COUNT as usize],
     /// Every attachment of this device's exports; told when the device revokes.
     hub: Arc<RevocationHub>,
-    /// Held across a change of `PCI_COMMAND` (read, write, read back) and the
-    /// hub call it makes, and across a reset: threads that toggle memory
-    /// decode or reset at once otherwise interleave their reads and writes,
-    /// lose updates and leave the hub out of step with the device (live while
-    /// the kernel had revoked, and so attachments whose areas are dead).
-    command_lock: Mutex<()>,
     /// The eventfd registered for `VFIO_PCI_REQ_IRQ_INDEX` at bind time (the
     /// kernel's "give the device back" request), or why there is none.
     request: RequestChannel,
@@ -619,7 +613,6 @@ impl VfioPciDevice {
             config: OnceLock::new(),
             bars: Default::default(),
             hub: RevocationHub::new(address.to_string()),
-            command_lock: Mutex::new(()),
             request: RequestChannel::NotBound,
             unplug_requested: AtomicBool::new(false),
         })
@@ -1122,9 +1115,16 @@ impl VfioPciDevice {
         }
     }
 
-    /// Locks `command_lock`.
+    /// Held across a change of `PCI_COMMAND` (read, write, read back) and the
+    /// hub call it makes, and across a reset: the hub's transition lock
+    /// ([`RevocationHub::lock_transitions`]). Threads that toggle memory decode
+    /// or reset at once otherwise interleave their reads and writes, lose
+    /// updates and leave the hub out of step with the device (live while the
+    /// kernel had revoked, and so attachments whose areas are dead); and an
+    /// attachment's own restore or map could run between the kernel's
+    /// revocation and the hub's.
     fn lock_command(&self) -> MutexGuard<'_, ()> {
-        self.command_lock.lock().unwrap_or_else(PoisonError::into_inner)
+        self.hub.lock_transitions()
     }
 
     /// [`config_write`](Self::config_write), with the command lock held.
