@@ -168,7 +168,7 @@ impl Sysfs {
             let entry = entry.map_err(|e| Error::sys("read_dir", target(addr, &dir), e))?;
             let Ok(name) = entry.file_name().into_string() else { continue };
             let Some(n) = name.strip_prefix("vfio").and_then(|d| parse_digits(d, 10)) else { continue };
-            if best.as_ref().map_or(true, |(b, _)| n < *b) {
+            if best.as_ref().is_none_or(|(b, _)| n < *b) {
                 best = Some((n, name));
             }
         }

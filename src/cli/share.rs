@@ -345,7 +345,7 @@ pub fn run_map(args: &MapArgs, json: bool) -> Result<ExitCode, CliError> {
     let mut engine_and_ram = None;
     if let Some(bdf) = args.engine {
         let size = args.size;
-        if size == 0 || args.offset.checked_add(size).map_or(true, |end| end > shared.info().size) {
+        if size == 0 || args.offset.checked_add(size).is_none_or(|end| end > shared.info().size) {
             return Err(format!(
                 "--offset {:#x} --size {size:#x}: not inside the {}-byte buffer",
                 args.offset,

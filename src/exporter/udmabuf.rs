@@ -167,7 +167,7 @@ fn check_item(index: usize, count: usize, memfd: BorrowedFd<'_>, range: ByteRang
     let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
     // SAFETY: `st` is valid for writes of one `stat`; `memfd` is open.
     if unsafe { libc::fstat(memfd.as_raw_fd(), st.as_mut_ptr()) } < 0 {
-        return Err(Error::last_os("fstat", || who()));
+        return Err(Error::last_os("fstat", who));
     }
     // SAFETY: fstat succeeded and filled the (zero-initialised) struct.
     let st = unsafe { st.assume_init() };

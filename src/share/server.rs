@@ -286,7 +286,7 @@ impl Shared {
         if length == 0 || length > MAX_READ {
             return Err(format!("read of {length} bytes: 1 to {MAX_READ} bytes per request"));
         }
-        if offset.checked_add(length).map_or(true, |end| end > self.info.size) {
+        if offset.checked_add(length).is_none_or(|end| end > self.info.size) {
             return Err(format!("read of {length} bytes at {offset:#x}: past the end of the {}-byte buffer", self.info.size));
         }
         let state = self.hub.state();
