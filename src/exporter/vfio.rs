@@ -1513,8 +1513,10 @@ impl VfioPciDevice {
 
 impl Drop for VfioPciDevice {
     fn drop(&mut self) {
-        // Closing the device fd revokes its dma-bufs for good (the kernel's
-        // cleanup on last close); tear the attachments down with it.
+        // The kernel revokes the device's dma-bufs for good when its last
+        // reference goes (this fd, and any BarMapping's mmap, which keeps the
+        // file open). This process's attachments are torn down now either way:
+        // after this, nothing of ours may reach the BAR.
         self.hub.close(RevokeReason::DeviceClosed);
     }
 }
