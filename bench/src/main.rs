@@ -167,7 +167,7 @@ fn sweep(
         map(size)?;
         unmap(size)?;
         let (mut m, mut u) = (Vec::new(), Vec::new());
-        opts.budget(3, 15, 3.0).repeat(|_| -> R<()> {
+        opts.budget(3, 31, 4.0).repeat(|_| -> R<()> {
             let t = Instant::now();
             map(size)?;
             m.push(ns_since(t));
@@ -343,7 +343,7 @@ fn overhead(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas, sizes: &[u
         cycle_raw(ctx, size)?;
         cycle_raw_like_library(ctx, size)?;
         let mut batches: [Vec<[f64; 5]>; 4] = Default::default();
-        opts.budget(5, 25, 4.0).repeat(|_| -> R<()> {
+        opts.budget(5, 41, 6.0).repeat(|_| -> R<()> {
             let mut cycles: [Vec<[f64; 4]>; 4] = Default::default();
             for k in 0..K {
                 for j in 0..4 {
@@ -420,6 +420,39 @@ fn trace(ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas) -> R<()> {
         raw::close(fd)?;
         mark("end");
     }
+    // Revoke and restore with two attachments, through the library and by hand.
+    let exports =
+        (0..2).map(|i| dev.export_bar(BAR, &[ByteRange::new(i * PAGE, PAGE)])).collect::<Result<Vec<_>, _>>()?;
+    let atts = exports
+        .iter()
+        .zip(0u64..)
+        .map(|(e, i)| Attachment::map(e, ioas, IovaPlacement::Fixed(IOVA + i * PAGE), MapPerms::ReadWrite, RestorePolicy::Automatic))
+        .collect::<Result<Vec<_>, _>>()?;
+    mark("library revoke (2 attachments)");
+    dev.set_memory_decode(false)?;
+    mark("library restore (2 attachments)");
+    dev.set_memory_decode(true)?;
+    mark("end");
+    drop(atts);
+    drop(exports);
+    let fds = (0..2).map(|i| raw::export(ctx.device, BAR, i * PAGE, PAGE)).collect::<Result<Vec<_>, _>>()?;
+    for (fd, i) in fds.iter().zip(0u64..) {
+        raw::map_file(ctx.iommufd, ctx.ioas, *fd, 0, PAGE, IOVA + i * PAGE)?;
+    }
+    let cmd = raw::command(ctx.device, ctx.config)?;
+    mark("raw revoke (2 mappings)");
+    raw::set_command(ctx.device, ctx.config, cmd & !raw::COMMAND_MEMORY)?;
+    mark("raw restore (2 mappings)");
+    raw::set_command(ctx.device, ctx.config, cmd | raw::COMMAND_MEMORY)?;
+    for (fd, i) in fds.iter().zip(0u64..) {
+        raw::unmap(ctx.iommufd, ctx.ioas, IOVA + i * PAGE, PAGE)?;
+        raw::map_file(ctx.iommufd, ctx.ioas, *fd, 0, PAGE, IOVA + i * PAGE)?;
+    }
+    mark("end");
+    for (fd, i) in fds.iter().zip(0u64..) {
+        raw::unmap(ctx.iommufd, ctx.ioas, IOVA + i * PAGE, PAGE)?;
+        raw::close(*fd)?;
+    }
     Ok(())
 }
 
@@ -437,7 +470,6 @@ fn profile(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas, bdf: &str) 
     let owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
     let buf = dmabuf_p2p::DmaBuf::try_from(owned).map_err(|_| "the export is not a dma-buf")?;
     let bfd = buf.as_fd().as_raw_fd();
-    let mut kept = Vec::new();
     let mut steps: Vec<(&str, Step<'_>)> = vec![
         ("getppid", Box::new(|| {
             // SAFETY: no arguments, no memory.
@@ -456,14 +488,6 @@ fn profile(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas, bdf: &str) 
         ("lib_export_bar", Box::new(|| {
             let e = dev.export_bar(BAR, &[ByteRange::new(0, MIN_SIZE)])?;
             drop(e);
-            Ok(())
-        })),
-        ("lib_export_bar_no_drop", Box::new(|| {
-            let e = dev.export_bar(BAR, &[ByteRange::new(0, MIN_SIZE)])?;
-            kept.push(e);
-            if kept.len() >= 64 {
-                kept.clear();
-            }
             Ok(())
         })),
         ("lib_plan_export", Box::new(|| {
@@ -502,7 +526,7 @@ fn profile(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas, bdf: &str) 
             f()?;
         }
         let mut v = Vec::new();
-        opts.budget(50, 400, 1.0).repeat(|_| -> R<()> {
+        opts.budget(50, 1000, 2.0).repeat(|_| -> R<()> {
             let t = Instant::now();
             f()?;
             v.push(ns_since(t));
@@ -516,7 +540,7 @@ fn profile(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas, bdf: &str) 
     // The unmap ioctl alone, after a raw map and after a library map of the
     // same buffer (the library keeps a duplicate fd of it).
     let (mut raw_u, mut lib_u) = (Vec::new(), Vec::new());
-    opts.budget(50, 400, 1.0).repeat(|_| -> R<()> {
+    opts.budget(50, 1000, 2.0).repeat(|_| -> R<()> {
         raw::map_file(ctx.iommufd, ctx.ioas, bfd, 0, MIN_SIZE, IOVA)?;
         let t = Instant::now();
         raw::unmap(ctx.iommufd, ctx.ioas, IOVA, MIN_SIZE)?;
@@ -540,82 +564,112 @@ fn profile(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas, bdf: &str) 
 // ---------------------------------------------------------------------------
 
 fn revocation(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas) -> R<()> {
+    // Both setups cannot coexist (a config write revokes every dma-buf of
+    // the device), so the library and raw paths alternate in rounds, each
+    // round setting up N mappings, timing a few revoke/restore pairs and
+    // tearing down. A round's ratio is its library median / its raw median.
+    const ROUNDS: usize = 5;
     for n in [1u64, 16, 256, 1024] {
-        // Through the library: N exports, each mapped once as an Attachment
-        // (restored automatically when the device is back).
-        let mut exports = Vec::new();
-        let mut atts = Vec::new();
-        for i in 0..n {
-            let e = dev.export_bar(BAR, &[ByteRange::new(i * PAGE, PAGE)])?;
-            let a = Attachment::map(&e, ioas, IovaPlacement::Fixed(IOVA + i * PAGE), MapPerms::ReadWrite, RestorePolicy::Automatic)?;
-            exports.push(e);
-            atts.push(a);
-        }
-        let (mut rv, mut rs) = (Vec::new(), Vec::new());
-        opts.budget(3, 10, 4.0).repeat(|_| -> R<()> {
-            let t = Instant::now();
-            dev.set_memory_decode(false)?;
-            rv.push(ns_since(t));
-            let t = Instant::now();
-            dev.set_memory_decode(true)?;
-            rs.push(ns_since(t));
-            Ok(())
-        })?;
-        if let Some(a) = atts.iter().find(|a| a.is_revoked()) {
-            return Err(format!("attachment at IOVA {:#x} still revoked after restore: {:?}", a.iova(), a.last_error()).into());
-        }
-        drop(atts);
-        drop(exports);
-        let (lv, ls) = (Stats::of(&rv), Stats::of(&rs));
-        emit("revoke", "library", "revoke", n, "ns", &lv);
-        emit("revoke", "library", "restore", n, "ns", &ls);
-
-        // Raw: the config write, then unmapping (revoke) or mapping again
-        // (restore) every area by hand.
-        let mut fds = Vec::new();
-        for i in 0..n {
-            let fd = raw::export(ctx.device, BAR, i * PAGE, PAGE)?;
-            raw::map_file(ctx.iommufd, ctx.ioas, fd, 0, PAGE, IOVA + i * PAGE)?;
-            fds.push(fd);
-        }
-        let cmd = raw::command(ctx.device, ctx.config)?;
-        let (mut wv, mut rv, mut ws, mut rs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        opts.budget(3, 10, 4.0).repeat(|_| -> R<()> {
-            let t = Instant::now();
-            raw::set_command(ctx.device, ctx.config, cmd & !raw::COMMAND_MEMORY)?;
-            wv.push(ns_since(t));
-            for i in 0..n {
-                raw::unmap(ctx.iommufd, ctx.ioas, IOVA + i * PAGE, PAGE)?;
+        // [revoke, restore, cycle] samples, and per-round medians.
+        let mut lib: [Vec<f64>; 3] = Default::default();
+        let mut raw_: [Vec<f64>; 3] = Default::default();
+        let mut restore_write = Vec::new();
+        let mut ratios: [Vec<f64>; 3] = Default::default();
+        for _ in 0..ROUNDS {
+            let l = revoke_round_library(opts, dev, ioas, n)?;
+            let r = revoke_round_raw(opts, ctx, n, &mut restore_write)?;
+            for k in 0..3 {
+                ratios[k].push(Stats::of(&l[k]).median / Stats::of(&r[k]).median);
+                lib[k].extend(&l[k]);
+                raw_[k].extend(&r[k]);
             }
-            rv.push(ns_since(t));
-            let t = Instant::now();
-            raw::set_command(ctx.device, ctx.config, cmd | raw::COMMAND_MEMORY)?;
-            ws.push(ns_since(t));
-            for (i, fd) in (0..n).zip(&fds) {
-                raw::map_file(ctx.iommufd, ctx.ioas, *fd, 0, PAGE, IOVA + i * PAGE)?;
-            }
-            rs.push(ns_since(t));
-            Ok(())
-        })?;
-        for (i, fd) in (0..n).zip(&fds) {
-            raw::unmap(ctx.iommufd, ctx.ioas, IOVA + i * PAGE, PAGE)?;
-            raw::close(*fd)?;
         }
-        let (sv, ss) = (Stats::of(&rv), Stats::of(&rs));
-        emit("revoke", "raw", "revoke", n, "ns", &sv);
-        emit("revoke", "raw", "restore", n, "ns", &ss);
-        emit("revoke", "raw", "revoke_write", n, "ns", &Stats::of(&wv));
-        emit("revoke", "raw", "restore_write", n, "ns", &Stats::of(&ws));
+        for (k, op) in ["revoke", "restore", "cycle"].iter().enumerate() {
+            emit("revoke", "library", op, n, "ns", &Stats::of(&lib[k]));
+            emit("revoke", "raw", op, n, "ns", &Stats::of(&raw_[k]));
+            emit("revoke", "ratio", op, n, "ratio", &Stats::of(&ratios[k]));
+        }
+        emit("revoke", "raw", "restore_write", n, "ns", &Stats::of(&restore_write));
+        let m = |v: &Vec<f64>| Stats::of(v).median / 1e6;
         println!(
-            "bench: revoke N={n:5}: library revoke {:.2} ms restore {:.2} ms; raw revoke {:.2} ms restore {:.2} ms (n={})",
-            lv.median / 1e6,
-            ls.median / 1e6,
-            sv.median / 1e6,
-            ss.median / 1e6,
-            lv.n
+            "bench: revoke N={n:5}: library revoke {:.2} ms restore {:.2} ms; raw revoke {:.2} ms restore {:.2} ms; cycle ratio {:.3} (n={})",
+            m(&lib[0]),
+            m(&lib[1]),
+            m(&raw_[0]),
+            m(&raw_[1]),
+            Stats::of(&ratios[2]).median,
+            lib[0].len()
         );
     }
     Ok(())
+}
+
+/// One library round: N single-page exports, each mapped once as an
+/// Attachment (restored automatically), then revoke/restore pairs through
+/// `set_memory_decode`. Returns [revoke, restore, cycle] times.
+fn revoke_round_library(opts: &Opts, dev: &VfioPciDevice, ioas: &Ioas, n: u64) -> R<[Vec<f64>; 3]> {
+    let mut exports = Vec::new();
+    let mut atts = Vec::new();
+    for i in 0..n {
+        let e = dev.export_bar(BAR, &[ByteRange::new(i * PAGE, PAGE)])?;
+        let a = Attachment::map(&e, ioas, IovaPlacement::Fixed(IOVA + i * PAGE), MapPerms::ReadWrite, RestorePolicy::Automatic)?;
+        exports.push(e);
+        atts.push(a);
+    }
+    let mut out: [Vec<f64>; 3] = Default::default();
+    opts.budget(3, 8, 1.5).repeat(|_| -> R<()> {
+        let t = Instant::now();
+        dev.set_memory_decode(false)?;
+        let a = ns_since(t);
+        let t = Instant::now();
+        dev.set_memory_decode(true)?;
+        let b = ns_since(t);
+        out[0].push(a);
+        out[1].push(b);
+        out[2].push(a + b);
+        Ok(())
+    })?;
+    if let Some(a) = atts.iter().find(|a| a.is_revoked()) {
+        return Err(format!("attachment at IOVA {:#x} still revoked after restore: {:?}", a.iova(), a.last_error()).into());
+    }
+    Ok(out)
+}
+
+/// One raw round, the same done by hand: the config write revokes (the
+/// kernel zaps the IOMMU entries; the dead areas stay, as the library keeps
+/// them so that their IOVAs stay reserved); the restore is the config write,
+/// then unmapping each dead area and mapping it again at its IOVA.
+fn revoke_round_raw(opts: &Opts, ctx: &Ctx, n: u64, restore_write: &mut Vec<f64>) -> R<[Vec<f64>; 3]> {
+    let mut fds = Vec::new();
+    for i in 0..n {
+        let fd = raw::export(ctx.device, BAR, i * PAGE, PAGE)?;
+        raw::map_file(ctx.iommufd, ctx.ioas, fd, 0, PAGE, IOVA + i * PAGE)?;
+        fds.push(fd);
+    }
+    let cmd = raw::command(ctx.device, ctx.config)?;
+    let mut out: [Vec<f64>; 3] = Default::default();
+    opts.budget(3, 8, 1.5).repeat(|_| -> R<()> {
+        let t = Instant::now();
+        raw::set_command(ctx.device, ctx.config, cmd & !raw::COMMAND_MEMORY)?;
+        let a = ns_since(t);
+        let t = Instant::now();
+        raw::set_command(ctx.device, ctx.config, cmd | raw::COMMAND_MEMORY)?;
+        restore_write.push(ns_since(t));
+        for (i, fd) in (0..n).zip(&fds) {
+            raw::unmap(ctx.iommufd, ctx.ioas, IOVA + i * PAGE, PAGE)?;
+            raw::map_file(ctx.iommufd, ctx.ioas, *fd, 0, PAGE, IOVA + i * PAGE)?;
+        }
+        let b = ns_since(t);
+        out[0].push(a);
+        out[1].push(b);
+        out[2].push(a + b);
+        Ok(())
+    })?;
+    for (i, fd) in (0..n).zip(&fds) {
+        raw::unmap(ctx.iommufd, ctx.ioas, IOVA + i * PAGE, PAGE)?;
+        raw::close(*fd)?;
+    }
+    Ok(out)
 }
 
 // ---------------------------------------------------------------------------
@@ -632,14 +686,70 @@ fn kernel_memory() -> [f64; 3] {
 
 const MEM_OPS: [&str; 3] = ["slab", "sunreclaim", "iommu_pt"];
 
+/// The largest N of the scale part.
+const SCALE_MAX: u64 = 4096;
+
+/// Bytes in use per slab cache (`active_objs * objsize` of /proc/slabinfo).
+fn slabinfo() -> Vec<(String, f64)> {
+    let Ok(text) = fs::read_to_string("/proc/slabinfo") else { return Vec::new() };
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with("slabinfo"))
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let name = w.next()?.to_owned();
+            let active: f64 = w.next()?.parse().ok()?;
+            let _total = w.next()?;
+            let size: f64 = w.next()?.parse().ok()?;
+            Some((name, active * size))
+        })
+        .collect()
+}
+
+/// Bytes per buffer by which each cache grew.
+fn growth(before: &[(String, f64)], after: &[(String, f64)], n: u64) -> Vec<(String, f64)> {
+    after
+        .iter()
+        .map(|(name, bytes)| {
+            let b0 = before.iter().find(|(k, _)| k == name).map_or(0.0, |(_, v)| *v);
+            (name.clone(), (bytes - b0) / n as f64)
+        })
+        .collect()
+}
+
+/// Emits, over the runs, the caches whose median growth is at least 16
+/// bytes per buffer, and the total of the per-run sums of those caches.
+fn emit_slab_growth(runs: &[Vec<(String, f64)>], n: u64) {
+    let Some(first) = runs.first() else { return };
+    let mut kept = Vec::new();
+    for (name, _) in first {
+        let v: Vec<f64> = runs.iter().filter_map(|r| r.iter().find(|(k, _)| k == name).map(|(_, b)| *b)).collect();
+        let s = Stats::of(&v);
+        if s.median >= 16.0 {
+            emit("slabinfo", name, "bytes_per_buffer", n, "bytes", &s);
+            kept.push(name.clone());
+        }
+    }
+    let totals: Vec<f64> =
+        runs.iter().map(|r| r.iter().filter(|(k, _)| kept.contains(k)).map(|(_, b)| *b).sum()).collect();
+    emit("slabinfo", "total", "bytes_per_buffer", n, "bytes", &Stats::of(&totals));
+}
+
+/// One raw export, map, unmap and close: the first syscalls after reading
+/// /proc are slow under emulation, which would land on the first buffer.
+fn warm_up(ctx: &Ctx) -> R<()> {
+    cycle_raw(ctx, PAGE).map(drop)
+}
+
 fn scale(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas) -> R<()> {
-    for n in [1u64, 16, 256, 1024, 4096] {
+    for n in [1u64, 16, 256, 1024, SCALE_MAX] {
         // Per buffer: export, map, teardown (unmap + close) in ns; memory in bytes.
         let mut lib: Vec<[f64; 6]> = Vec::new();
         let mut rawv: Vec<[f64; 6]> = Vec::new();
+        let mut slab_growth: Vec<Vec<(String, f64)>> = Vec::new();
         let nf = n as f64;
-        opts.budget(3, 9, 5.0).repeat(|_| -> R<()> {
+        opts.budget(3, 15, 10.0).repeat(|_| -> R<()> {
             let m0 = kernel_memory();
+            warm_up(ctx)?;
             let t0 = Instant::now();
             let exports = (0..n)
                 .map(|i| dev.export_bar(BAR, &[ByteRange::new(i * PAGE, PAGE)]))
@@ -659,7 +769,11 @@ fn scale(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas) -> R<()> {
             let span = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1e9 / nf;
             lib.push([span(t0, t1), span(t1, t2), span(t3, t4), (m1[0] - m0[0]) / nf, (m1[1] - m0[1]) / nf, (m1[2] - m0[2]) / nf]);
 
+            // Which kernel objects a buffer costs: /proc/slabinfo around the
+            // raw runs of the largest N.
+            let caches0 = (n == SCALE_MAX).then(slabinfo);
             let m0 = kernel_memory();
+            warm_up(ctx)?;
             let t0 = Instant::now();
             let fds = (0..n).map(|i| raw::export(ctx.device, BAR, i * PAGE, PAGE)).collect::<Result<Vec<_>, _>>()?;
             let t1 = Instant::now();
@@ -668,6 +782,9 @@ fn scale(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas) -> R<()> {
             }
             let t2 = Instant::now();
             let m1 = kernel_memory();
+            if let Some(before) = caches0 {
+                slab_growth.push(growth(&before, &slabinfo(), n));
+            }
             let t3 = Instant::now();
             for (i, fd) in (0..n).zip(&fds) {
                 raw::unmap(ctx.iommufd, ctx.ioas, IOVA + i * PAGE, PAGE)?;
@@ -677,6 +794,7 @@ fn scale(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas) -> R<()> {
             rawv.push([span(t0, t1), span(t1, t2), span(t3, t4), (m1[0] - m0[0]) / nf, (m1[1] - m0[1]) / nf, (m1[2] - m0[2]) / nf]);
             Ok(())
         })?;
+        emit_slab_growth(&slab_growth, n);
         for (series, v) in [("library", &lib), ("raw", &rawv)] {
             for (i, op) in ["export", "map", "teardown"].iter().enumerate() {
                 emit("scale", series, op, n, "ns", &Stats::of(&v.iter().map(|r| r[i]).collect::<Vec<_>>()));
