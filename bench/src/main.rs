@@ -329,7 +329,7 @@ fn spans(t: [Instant; 5]) -> [f64; 4] {
 }
 
 fn overhead(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas, sizes: &[u64]) -> R<()> {
-    // A batch is K cycles of each of four paths, interleaved in rotating
+    // A batch is K cycles of each of four paths, interleaved in balanced
     // order: the library, raw, raw again (the control: raw / raw shows what
     // the interleaving alone does to a ratio) and raw with the library's
     // extra syscalls. A batch's figure per operation is the median over its
@@ -338,6 +338,10 @@ fn overhead(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas, sizes: &[u
     // max.
     const K: usize = 8;
     const PATHS: [&str; 4] = ["library", "raw", "control", "syscalls"];
+    // A Williams square: over four rounds every path runs in every position
+    // and right after every other path once, so no path always follows the
+    // heavier library cycle (whose after-effects would slow it).
+    const ORDERS: [[usize; 4]; 4] = [[0, 1, 3, 2], [1, 2, 0, 3], [2, 3, 1, 0], [3, 0, 2, 1]];
     for &size in sizes {
         cycle_library(dev, ioas, size)?;
         cycle_raw(ctx, size)?;
@@ -346,8 +350,7 @@ fn overhead(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas, sizes: &[u
         opts.budget(5, 41, 6.0).repeat(|_| -> R<()> {
             let mut cycles: [Vec<[f64; 4]>; 4] = Default::default();
             for k in 0..K {
-                for j in 0..4 {
-                    let path = (k + j) % 4;
+                for &path in &ORDERS[k % 4] {
                     let c = match path {
                         0 => cycle_library(dev, ioas, size)?,
                         3 => cycle_raw_like_library(ctx, size)?,

@@ -372,6 +372,15 @@ pub fn fmt_ns(ns: f64) -> String {
     format!("{} {unit}", sig3(v))
 }
 
+/// [`fmt_ns`] with a sign.
+fn fmt_signed_ns(ns: f64) -> String {
+    if ns < 0.0 {
+        format!("−{}", fmt_ns(-ns))
+    } else {
+        format!("+{}", fmt_ns(ns))
+    }
+}
+
 fn sig3(v: f64) -> String {
     if v >= 100.0 {
         format!("{v:.0}")
@@ -484,8 +493,9 @@ pub fn page(r: &Results) -> String {
     let _ = writeln!(
         s,
         "\nEvery figure is the **median** of repeated runs, with the minimum and maximum in \
-         brackets: `median (min–max)`. Repetitions are budgeted by time (TCG is slow), at \
-         least 3 and usually 5-25; `n` is in `results.json`. The guest binary is \
+         brackets: `median (min–max)`. Repetitions are budgeted by time: at least 3 (the \
+         slowest points), up to 31 or 41, 1000 for the single steps of the profile; `n` is in \
+         `results.json`. The guest binary is \
          `bench/` (`dmabuf-p2p-bench`), built in release mode.\n"
     );
 
@@ -493,7 +503,8 @@ pub fn page(r: &Results) -> String {
     let _ = writeln!(s, "## 1. Map cost against size\n");
     let _ = writeln!(
         s,
-        "Mapping and unmapping one range of {} starting at IOVA 1 GiB, for each size. \
+        "Mapping and unmapping the first `size` bytes of the {} BAR (or of a memfd) at IOVA \
+         1 GiB, for each size. \
          **dma-buf**: a single-range `VFIO_DEVICE_FEATURE_DMA_BUF` export of the BAR (made \
          outside the timing), `IOMMU_IOAS_MAP_FILE` / `IOMMU_IOAS_UNMAP`. **type1**: the path \
          dma-buf export replaces, the device opened through its group in a `/dev/vfio/vfio` \
@@ -565,10 +576,11 @@ pub fn page(r: &Results) -> String {
          `IoasMapping::unmap`, dropping the mapping and the export. **raw**: hand-written \
          `libc::ioctl` calls on the bindings' structs (`VFIO_DEVICE_FEATURE`, \
          `IOMMU_IOAS_MAP_FILE`, `IOMMU_IOAS_UNMAP`) and `close`, in the same binary, on the \
-         same device, IOAS and iommufd. A batch runs 8 cycles of each, interleaved and \
-         alternating which goes first; its ratio is library time / raw time for each \
-         operation; the table gives the median ratio over the batches with min and max. \
-         *total* is the whole cycle.\n"
+         same device, IOAS and iommufd. A batch runs 8 cycles of each of four paths (these two \
+         and the two below) interleaved in a balanced order, every path running after every \
+         other equally often; a batch's figure per operation is the median of its 8 cycles, \
+         its ratio library / raw; the table gives the median ratio over 41 batches (fewer \
+         if time ran out) with min and max. *total* is the whole cycle.\n"
     );
     let _ = writeln!(s, "![library / raw time per operation against size](bench/overhead.svg)\n");
     let _ = writeln!(s, "| size | {} |", OVERHEAD_OPS.join(" | "));
@@ -608,8 +620,11 @@ pub fn page(r: &Results) -> String {
     // cycle twice (the control).
     let _ = writeln!(
         s,
-        "
-Where the excess comes from. The same batches also ran, interleaved with the two          above, **raw + the library's syscalls** (the raw cycle plus, by hand, exactly the          syscalls the library adds: see the strace below) and the raw cycle a second time, the          **control**, whose ratio to raw shows how far interleaving alone moves a ratio. Medians          over all sizes of the per-size medians:\n"
+        "\nWhere the excess comes from. The same batches also ran, interleaved with the two \
+         above, **raw + the library's syscalls** (the raw cycle plus, by hand, exactly the \
+         syscalls the library adds: see the strace below) and the raw cycle a second time, the \
+         **control**, whose ratio to raw shows how far the measurement alone moves a ratio. \
+         Medians over all sizes of the per-size medians:\n"
     );
     let _ = writeln!(s, "| operation | library / raw | (raw + library's syscalls) / raw | control: raw / raw |\n|---|---|---|---|");
     for op in OVERHEAD_OPS {
@@ -673,6 +688,13 @@ Where the excess comes from. The same batches also ran, interleaved with the two
         );
     }
     let rx = r.xs("revoke");
+    if let Some(&hi) = rx.last() {
+        for op in ["revoke", "restore"] {
+            if let (Some(l), Some(w)) = (r.median("revoke", "library", op, hi), r.median("revoke", "raw", op, hi)) {
+                let _ = writeln!(s, "\nlibrary − raw {op} at N={hi}: {} per attachment.", fmt_signed_ns((l - w) / hi as f64));
+            }
+        }
+    }
     if let (Some(&lo), Some(&hi)) = (rx.first(), rx.last()) {
         let _ = writeln!(s);
         for (series, op) in [("library", "revoke"), ("library", "restore"), ("raw", "revoke"), ("raw", "restore")] {
@@ -821,7 +843,7 @@ operation, after the changes below:
 
 1. `VfioPciDevice::export_bar` asked for the BAR on *every* export:
    `VFIO_DEVICE_GET_REGION_INFO` plus a `stat` and a full read of the sysfs
-   `resource` file, seven syscalls and a sysfs path walk, about ten times the
+   `resource` file, seven syscalls and a sysfs path walk, over ten times the
    cost of the export ioctl itself (see `region_info_ioctl`, `stat_sysfs_dir`
    and `read_sysfs_resource` above). `VfioPciDevice::bar` now keeps each BAR
    after the first look (`src/exporter/vfio.rs`, the `bars` field): a BAR
@@ -829,7 +851,7 @@ operation, after the changes below:
    reassignment needs the driver unbound.
 2. `plan_export` formatted the BAR's name into a `String` on every export,
    for error messages; it now does so only when there is an error
-   (`lib_plan_export`: about 5 µs down to about 1 µs under TCG).
+   (`lib_plan_export`: about 6 µs down to under 2 µs under TCG).
 3. `Ioas::map_dmabuf` asked the buffer's size twice (`lseek`) and asked
    `fstatfs` whether a `DmaBuf` was a dma-buf; it now asks the size once
    (`src/importer/iommufd.rs`; `map_file`, for fds of unknown kind, still
@@ -865,7 +887,7 @@ raw ioctls under emulation:
   own code under emulation: QEMU translates guest user code too, and the
   allocations and argument building of a cycle, and the emulator state they
   disturb for the next syscall, cost far more than on hardware. The control
-  column shows that interleaving alone moves a ratio by a few percent at most.
+  column shows how far from 1 a ratio of two identical paths lands.
 
 On hardware the leftover syscalls (`lseek`, `fcntl`, `close` take well under a
 microsecond each) are small next to a dma-buf export or map, which allocate
@@ -889,9 +911,13 @@ What the numbers say:
 - The library makes the same syscalls as the raw sequence (checked with
   `cargo xtask bench --strace`: per attachment one `IOMMU_IOAS_UNMAP` and one
   `IOMMU_IOAS_MAP_FILE` in the restore, nothing in the revoke) plus three
-  `pread`s of `PCI_COMMAND` around each config write; with its bookkeeping
-  (hub, locks, events) it stays within about 10% of the raw sequence, which is
-  the noise of this measurement on a shared machine.
+  `pread`s of `PCI_COMMAND` around each config write. What it adds is its
+  bookkeeping: on a revoke the hub walks its attachments and each one takes
+  its locks, records the revocation and emits its event; on a restore each
+  one also goes through `IoasMapping::remap`. The *library − raw* lines below
+  the table give that cost per attachment; under TCG it makes the library
+  cycle 5-20% slower than the bare syscalls, with a few percent of run-to-run
+  noise on top (compare runs).
 "#;
 
 /// Observations on scale.
