@@ -871,8 +871,9 @@ raw ioctls under emulation:
   decode is off is born revoked (the CLI warns about it). VFIO answers that
   read from the device's real config space: an emulated config access under
   QEMU, a non-posted PCIe read on hardware, so it is not cheap anywhere. The
-  *raw + library's syscalls* column shows it alone accounts for most of the
-  export's excess. If the excess matters, the read could become opt-in, or the
+  *raw + library's syscalls* column shows that this one read accounts for a
+  large part of the export's excess (the rest is the library's own code, see
+  *unmap* below). If the excess matters, the read could become opt-in, or the
   device could remember the command register it last wrote; both change what
   the field promises, so they are left to a decision.
 - *map*: `lseek` for the size (checked against the range) and the duplicate fd
@@ -916,8 +917,8 @@ What the numbers say:
   its locks, records the revocation and emits its event; on a restore each
   one also goes through `IoasMapping::remap`. The *library − raw* lines below
   the table give that cost per attachment; under TCG it makes the library
-  cycle 5-20% slower than the bare syscalls, with a few percent of run-to-run
-  noise on top (compare runs).
+  cycle up to about 20% slower than the bare syscalls at large N. At small N
+  the config write's own variation (see the min–max) decides the ratio.
 "#;
 
 /// Observations on scale.
