@@ -21,6 +21,11 @@
 //! * when the exporter is back, each attachment with
 //!   [`RestorePolicy::Automatic`] maps the same buffer again at the same IOVA;
 //!   the others stay revoked until [`Attachment::restore`];
+//! * the exporter's transitions (decode off and on, resets) and the
+//!   attachments' own maps and restores are serialised by the hub's
+//!   transition lock ([`RevocationHub::lock_transitions`]), so that threads
+//!   revoking, restoring and mapping at once leave the attachments in step
+//!   with the hub;
 //! * anyone else can follow a hub's state with [`RevocationHub::subscribe`]
 //!   (how [`crate::share`] forwards revocations to other processes).
 //!
