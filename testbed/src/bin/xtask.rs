@@ -116,7 +116,7 @@ fn test_all() -> Result<bool> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let host_ok = Command::new(&cargo)
         .current_dir(workspace_root())
-        .args(["test", "--workspace", "--exclude", "dmabuf-p2p-vm-tests", "--exclude", "dmabuf-p2p-bench"])
+        .args(["test", "--workspace", "--exclude", "dmabuf-p2p-vm-tests"])
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
