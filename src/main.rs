@@ -22,7 +22,7 @@ fn main() -> ExitCode {
             _ => {
                 let text = e.to_string();
                 let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("invalid arguments");
-                eprintln!("dmabuf-p2p: {} (see --help)", first.trim_start_matches("error: "));
+                eprintln!("dmabuf-p2p: error: {} (see --help)", first.trim_start_matches("error: "));
                 return ExitCode::from(2);
             }
         },
