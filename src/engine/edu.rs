@@ -10,13 +10,12 @@
 //! `0x98` command (bit 0 start/busy, bit 1 direction buffer-to-bus, bit 2 raise
 //! an interrupt when done). Bus mastering must be on.
 
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use super::{Completion, DmaEngine};
 use crate::exporter::vfio::{BarMapping, VfioPciDevice};
 use crate::importer::iommufd::Ioas;
-use crate::ioctl::{self, IrqData};
 use crate::pci::PciAddress;
 use crate::{sys, Error, Result};
 
@@ -113,33 +112,7 @@ impl Edu {
 
     /// An eventfd triggered by edu's MSI (`VFIO_DEVICE_SET_IRQS`).
     fn setup_msi(&self) -> Result<OwnedFd> {
-        let target = self.dev.address().to_string();
-        let index = sys::VFIO_PCI_MSI_IRQ_INDEX;
-        let info = ioctl::vfio_device_get_irq_info(self.dev.as_fd(), index)
-            .map_err(|e| Error::sys("VFIO_DEVICE_GET_IRQ_INFO(MSI)", target.clone(), e))?;
-        if info.count == 0 {
-            return Err(Error::Unsupported {
-                target,
-                operation: "MSI",
-                problem: "the device reports no MSI vectors".into(),
-            });
-        }
-        // SAFETY: eventfd() takes no pointers; the result is checked below.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if raw < 0 {
-            return Err(Error::last_os("eventfd", || target));
-        }
-        // SAFETY: `raw` is a fresh eventfd that nothing else owns.
-        let efd = unsafe { OwnedFd::from_raw_fd(raw) };
-        ioctl::vfio_device_set_irqs(
-            self.dev.as_fd(),
-            sys::VFIO_IRQ_SET_ACTION_TRIGGER,
-            index,
-            0,
-            IrqData::Eventfd(&[efd.as_raw_fd()]),
-        )
-        .map_err(|e| Error::sys("VFIO_DEVICE_SET_IRQS(MSI, eventfd)", target, e))?;
-        Ok(efd)
+        self.dev.irq_eventfd(sys::VFIO_PCI_MSI_IRQ_INDEX, "MSI")
     }
 
     /// The VFIO device behind the engine.
@@ -342,13 +315,7 @@ impl Drop for Edu {
     fn drop(&mut self) {
         if self.irq.is_some() {
             // Disable the MSI trigger before the eventfd closes.
-            let _ = ioctl::vfio_device_set_irqs(
-                self.dev.as_fd(),
-                sys::VFIO_IRQ_SET_ACTION_TRIGGER,
-                sys::VFIO_PCI_MSI_IRQ_INDEX,
-                0,
-                IrqData::None { count: 0 },
-            );
+            let _ = self.dev.disable_irq(sys::VFIO_PCI_MSI_IRQ_INDEX);
         }
     }
 }

@@ -689,21 +689,37 @@ impl VfioPciDevice {
 
     /// Registers a fresh eventfd as the trigger of `VFIO_PCI_REQ_IRQ_INDEX`.
     fn arm_request_channel(&self) -> Result<OwnedFd> {
+        self.irq_eventfd(sys::VFIO_PCI_REQ_IRQ_INDEX, "device request IRQ")
+    }
+
+    /// Registers a fresh non-blocking eventfd as the trigger of vector 0 of
+    /// the VFIO interrupt `index` (`VFIO_DEVICE_SET_IRQS`, action TRIGGER):
+    /// e.g. `VFIO_PCI_MSI_IRQ_INDEX` for a DMA engine's completion interrupt.
+    /// The eventfd becomes readable each time the interrupt fires. An index
+    /// the device has no vector for is [`Error::Unsupported`]; `what` names
+    /// the interrupt in errors. [`disable_irq`](Self::disable_irq) undoes it.
+    ///
+    /// ```no_run
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:01:00.0".parse()?)?;
+    /// # dev.bind(&dmabuf_p2p::importer::iommufd::Iommufd::open()?)?;
+    /// let msi = dev.irq_eventfd(dmabuf_p2p::sys::VFIO_PCI_MSI_IRQ_INDEX, "MSI")?;
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn irq_eventfd(&self, index: u32, what: &'static str) -> Result<OwnedFd> {
         let target = self.address.to_string();
-        let index = sys::VFIO_PCI_REQ_IRQ_INDEX;
         let info = ioctl::vfio_device_get_irq_info(self.fd(), index)
-            .map_err(|e| Error::sys("VFIO_DEVICE_GET_IRQ_INFO(REQ)", target.clone(), e))?;
+            .map_err(|e| Error::sys("VFIO_DEVICE_GET_IRQ_INFO", format!("{target} {what}"), e))?;
         if info.count == 0 {
             return Err(Error::Unsupported {
                 target,
-                operation: "device request IRQ",
-                problem: "VFIO reports no VFIO_PCI_REQ_IRQ_INDEX vector".to_owned(),
+                operation: what,
+                problem: format!("VFIO reports no vector for IRQ index {index}"),
             });
         }
         // SAFETY: eventfd() takes no pointers; the result is checked below.
         let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if raw < 0 {
-            return Err(Error::last_os("eventfd", || format!("{target} device request")));
+            return Err(Error::last_os("eventfd", || format!("{target} {what}")));
         }
         // SAFETY: `raw` is a fresh eventfd that nothing else owns.
         let efd = unsafe { OwnedFd::from_raw_fd(raw) };
@@ -714,8 +730,22 @@ impl VfioPciDevice {
             0,
             ioctl::IrqData::Eventfd(&[efd.as_raw_fd()]),
         )
-        .map_err(|e| Error::sys("VFIO_DEVICE_SET_IRQS(REQ, eventfd)", target, e))?;
+        .map_err(|e| Error::sys("VFIO_DEVICE_SET_IRQS(eventfd)", format!("{target} {what}"), e))?;
         Ok(efd)
+    }
+
+    /// Unregisters every trigger of VFIO interrupt `index` (`VFIO_DEVICE_SET_IRQS`
+    /// with no data and count 0), e.g. before closing an eventfd from
+    /// [`irq_eventfd`](Self::irq_eventfd).
+    pub fn disable_irq(&self, index: u32) -> Result<()> {
+        ioctl::vfio_device_set_irqs(
+            self.fd(),
+            sys::VFIO_IRQ_SET_ACTION_TRIGGER,
+            index,
+            0,
+            ioctl::IrqData::None { count: 0 },
+        )
+        .map_err(|e| Error::sys("VFIO_DEVICE_SET_IRQS(disable)", format!("{} IRQ index {index}", self.address), e))
     }
 
     /// The eventfd the kernel signals when it asks for the device back
