@@ -303,3 +303,26 @@ pub fn bar_write(bar: &dmabuf_p2p::exporter::vfio::BarMapping, offset: u64, data
         bar.write_bytes(offset + done as u64, &data[done..]).unwrap_or_else(|e| panic!("BAR write: {e}"));
     }
 }
+
+/// A close-on-exec pipe: (read end, write end), for reports from forked children.
+pub fn pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two fds pipe2 returns.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0, "pipe2");
+    // SAFETY: pipe2 just returned this fd, owned by nobody else.
+    let read_end = unsafe { std::os::fd::OwnedFd::from_raw_fd(fds[0]) };
+    // SAFETY: as above.
+    let write_end = unsafe { std::os::fd::OwnedFd::from_raw_fd(fds[1]) };
+    (read_end, write_end)
+}
+
+/// In a forked child: writes `text` to `fd` and ends the process at once,
+/// running none of the parent's destructors.
+pub fn child_exit(fd: &std::os::fd::OwnedFd, text: &str, code: i32) -> ! {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a write from a live buffer to an open pipe.
+    unsafe { libc::write(fd.as_raw_fd(), text.as_ptr().cast(), text.len()) };
+    // SAFETY: _exit takes an int and never returns.
+    unsafe { libc::_exit(code) }
+}

@@ -9,7 +9,7 @@
 
 use std::fs;
 use std::io::Read;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::process::{Command, Output};
 use std::ptr::NonNull;
@@ -22,7 +22,7 @@ use dmabuf_p2p::importer::iommufd::{Ioas, IoasMapping, Iommufd, IovaPlacement, M
 use dmabuf_p2p::memfd::{Memfd, MemfdOptions, Seals};
 use dmabuf_p2p::pci::{Resource, IORESOURCE_IO};
 use dmabuf_p2p::{ByteRange, DmaBuf, Error, PciAddress};
-use dmabuf_p2p_vm_tests::{driver_of, ivshmem_devices, open_fd_count, pci_devices, EDU_ID};
+use dmabuf_p2p_vm_tests::{child_exit, driver_of, ivshmem_devices, open_fd_count, pci_devices, pipe, EDU_ID};
 
 const PAGE: u64 = 4096;
 /// An IOVA inside the usable space of the emulated intel-iommu.
@@ -193,27 +193,6 @@ fn with_closed_fd(f: impl FnOnce(BorrowedFd<'_>) -> Outcome) -> Outcome {
         }
         other => other,
     }
-}
-
-/// A close-on-exec pipe: (read end, write end).
-fn pipe() -> (OwnedFd, OwnedFd) {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` has room for the two fds pipe2 returns.
-    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-    // SAFETY: pipe2 just returned this fd, owned by nobody else.
-    let read_end = unsafe { OwnedFd::from_raw_fd(fds[0]) };
-    // SAFETY: as above.
-    let write_end = unsafe { OwnedFd::from_raw_fd(fds[1]) };
-    (read_end, write_end)
-}
-
-/// In a forked child: writes `text` to `fd` and ends the process at once,
-/// running none of the parent's destructors.
-fn child_exit(fd: &OwnedFd, text: &str, code: i32) -> ! {
-    // SAFETY: a write from a live buffer to an open pipe.
-    unsafe { libc::write(fd.as_raw_fd(), text.as_ptr().cast(), text.len()) };
-    // SAFETY: _exit takes an int and never returns.
-    unsafe { libc::_exit(code) }
 }
 
 /// Runs `f` in a forked child as uid/gid 65534 (no capabilities) and

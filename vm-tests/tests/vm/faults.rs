@@ -11,7 +11,7 @@
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -24,7 +24,9 @@ use dmabuf_p2p::importer::iommufd::{Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::revoke::{Attachment, BufferState, RestorePolicy, RevocationEvent, RevokeReason};
 use dmabuf_p2p::{ByteRange, Error, PciAddress};
-use dmabuf_p2p_vm_tests::{driver_of, ivshmem_devices, open_fd_count, pci_devices, qmp, request_host_check, EDU_ID};
+use dmabuf_p2p_vm_tests::{
+    child_exit, driver_of, ivshmem_devices, open_fd_count, pattern, pci_devices, pipe, qmp, request_host_check, EDU_ID,
+};
 
 const PAGE: u64 = 4096;
 /// One edu copy (two 100 ms transfers) takes well under this.
@@ -41,19 +43,6 @@ const SYSFS_TIMEOUT: Duration = Duration::from_secs(60);
 const UNPLUG_BASE: u64 = 0x3e0_0000;
 const REPLUG_BASE: u64 = 0x3d0_0000;
 const INFLIGHT_BASE: u64 = 0x3c0_0000;
-
-/// `len` bytes that differ with `seed` and have no short period.
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    let mut x = 0x9e37_79b9_7f4a_7c15_u64 ^ u64::from(seed).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    (0..len)
-        .map(|_| {
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8
-        })
-        .collect()
-}
 
 fn edu_addr() -> PciAddress {
     pci_devices(EDU_ID).first().expect("an edu device").parse().unwrap()
@@ -471,27 +460,6 @@ fn child_hold_and_wait(ready: &OwnedFd) -> Result<(), Error> {
         unsafe { libc::pause() };
         let _ = (&dev, &export, &second, &att, &src_map);
     }
-}
-
-/// A close-on-exec pipe: (read end, write end).
-fn pipe() -> (OwnedFd, OwnedFd) {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` has room for the two fds pipe2 returns.
-    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-    // SAFETY: pipe2 just returned this fd, owned by nobody else.
-    let read_end = unsafe { OwnedFd::from_raw_fd(fds[0]) };
-    // SAFETY: as above.
-    let write_end = unsafe { OwnedFd::from_raw_fd(fds[1]) };
-    (read_end, write_end)
-}
-
-/// In a forked child: writes `text` to `fd` and ends the process at once,
-/// running none of the parent's destructors.
-fn child_exit(fd: &OwnedFd, text: &str, code: i32) -> ! {
-    // SAFETY: a write from a live buffer to an open pipe.
-    unsafe { libc::write(fd.as_raw_fd(), text.as_ptr().cast(), text.len()) };
-    // SAFETY: _exit takes an int and never returns.
-    unsafe { libc::_exit(code) }
 }
 
 /// A process holding an engine, an exporter, two exports, a mapping and a
