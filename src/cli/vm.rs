@@ -3,9 +3,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use testbed::suite::{self, GuestBinaries, RunSpec};
+use testbed::suite::{self, GuestBinaries, RunSpec, Verdict};
 
-use super::CliError;
+use super::{print_json, CliError};
 
 /// VM subcommands.
 #[derive(Debug, clap::Subcommand)]
@@ -22,15 +22,52 @@ fn self_binaries() -> Result<GuestBinaries, CliError> {
     Ok(GuestBinaries { vm_tests: None, cli })
 }
 
+/// What `--json` prints: the guest command's own JSON and the run's verdict.
+#[derive(Debug, serde::Serialize)]
+struct JsonRun {
+    guest: serde_json::Value,
+    passed: bool,
+    failures: Vec<String>,
+    host_checks: Vec<(String, Result<(), String>)>,
+    iommu_blocked: bool,
+    vm_seconds: f64,
+    run_dir: PathBuf,
+}
+
+fn json_run(v: &Verdict) -> JsonRun {
+    // The guest's report minus the test bed's directives is the guest command's JSON.
+    let text: String = suite::read_log(&v.run_dir.join("report.log"))
+        .lines()
+        .filter(|l| !l.starts_with("@@"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    JsonRun {
+        guest: serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+        passed: v.passed(),
+        failures: v.failures.clone(),
+        host_checks: v.host_checks.clone(),
+        iommu_blocked: v.iommu_blocked,
+        vm_seconds: v.elapsed.as_secs_f64(),
+        run_dir: v.run_dir.clone(),
+    }
+}
+
 /// Runs a VM subcommand.
-pub fn run(cmd: VmCommand, _json: bool) -> Result<ExitCode, CliError> {
+pub fn run(cmd: VmCommand, json: bool) -> Result<ExitCode, CliError> {
     testbed::deps::ensure(testbed::deps::VM_TOOLS)?;
+    let flag = if json { " --json" } else { "" };
     let (name, job) = match cmd {
-        VmCommand::Info => ("vm-info", format!("{}\n{} devices\n", testbed::suite::INFO_JOB, suite::GUEST_CLI)),
-        VmCommand::Demo => ("vm-demo", testbed::suite::DEMO_JOB.to_owned()),
+        VmCommand::Info if json => ("vm-info", format!("{}{flag} devices\n", suite::GUEST_CLI)),
+        VmCommand::Info => ("vm-info", format!("{}\n{} devices\n", suite::INFO_JOB, suite::GUEST_CLI)),
+        VmCommand::Demo => ("vm-demo", format!("DEMO_JSON={}\n{}", flag.trim(), suite::DEMO_JOB)),
     };
-    let spec = RunSpec::new(name, job, false);
+    let mut spec = RunSpec::new(name, job, false);
+    spec.stream = !json;
     let verdict = suite::run(&spec, &self_binaries()?, |_| {})?;
-    suite::print_verdict(name, &verdict);
+    if json {
+        print_json(&json_run(&verdict))?;
+    } else {
+        suite::print_verdict(name, &verdict);
+    }
     Ok(if verdict.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

@@ -7,5 +7,6 @@ find_dev() {
 }
 engine=$(find_dev 0x1234:0x11e8)
 target=$(find_dev 0x1af4:0x1110)
-echo "engine (edu): $engine   target (ivshmem): $target"
-DMABUF_P2P_HOST_CHECK=shm0 /bin/dmabuf-p2p p2p-test --engine "$engine" --target "$target:2"
+# DEMO_JSON=--json (set by `vm demo --json`) keeps the report pure JSON.
+[ -z "$DEMO_JSON" ] && echo "engine (edu): $engine   target (ivshmem): $target"
+DMABUF_P2P_HOST_CHECK=shm0 /bin/dmabuf-p2p $DEMO_JSON p2p-test --engine "$engine" --target "$target:2"
