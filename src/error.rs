@@ -220,6 +220,37 @@ pub enum Error {
         problem: String,
     },
 
+    /// An allowed-IOVA list for [`Ioas::allow_iovas`](crate::Ioas::allow_iovas)
+    /// that cannot be set: a range that is empty or overlaps another (checked
+    /// before the ioctl), or one that covers IOVAs reserved in the IOAS
+    /// (`EADDRINUSE` from the kernel). The kernel kept the previous list.
+    #[error("allowed IOVA range #{index} {range} for IOAS {ioas}: {problem}")]
+    InvalidAllowedIova {
+        /// The IOAS id.
+        ioas: u32,
+        /// The position of the offending range in the list given.
+        index: usize,
+        /// The offending range.
+        range: crate::importer::iommufd::IovaRange,
+        /// What is wrong with it.
+        problem: AllowedIovaProblem,
+    },
+
+    /// The kernel refused to read or set an iommufd option (`IOMMU_OPTION`).
+    #[error("{target}: IOMMU_OPTION {option} refused: {problem}")]
+    OptionRefused {
+        /// The option and, for a set, the value, e.g. `"RLIMIT_MODE = mm"` or
+        /// `"HUGE_PAGES of IOAS 2 = off"`.
+        option: String,
+        /// The iommufd, e.g. `"iommufd (fd 3)"`.
+        target: String,
+        /// Why, in words.
+        problem: String,
+        /// The kernel's answer.
+        #[source]
+        source: io::Error,
+    },
+
     /// A message of the buffer-sharing protocol ([`crate::share`]) was refused,
     /// or the connection it needed is over. Every fd that came with a refused
     /// message was closed.
@@ -271,6 +302,39 @@ pub enum RangeProblem {
     },
 }
 
+/// What is wrong with one range of an allowed-IOVA list
+/// ([`Error::InvalidAllowedIova`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AllowedIovaProblem {
+    /// `start` is not below `last`: the kernel refuses empty and one-byte
+    /// ranges alike (`EINVAL`).
+    #[error("start is not below last")]
+    Empty,
+    /// It overlaps another range of the same list (`EINVAL`).
+    #[error("overlaps range #{other} {with}")]
+    Overlaps {
+        /// The position of the other range in the list.
+        other: usize,
+        /// The other range.
+        with: crate::importer::iommufd::IovaRange,
+    },
+    /// It covers IOVAs that are reserved in the IOAS (the MSI window or
+    /// what lies outside the IOMMU's aperture, once a device is attached):
+    /// `EADDRINUSE`. `usable` is what `IOMMU_IOAS_IOVA_RANGES` reported
+    /// afterwards.
+    #[error("covers reserved IOVAs (EADDRINUSE); the usable ranges are {}", join_ranges(usable))]
+    Reserved {
+        /// The IOAS's usable ranges.
+        usable: Vec<crate::importer::iommufd::IovaRange>,
+    },
+}
+
+fn join_ranges(ranges: &[crate::importer::iommufd::IovaRange]) -> String {
+    let list: Vec<String> = ranges.iter().map(ToString::to_string).collect();
+    list.join(", ")
+}
+
 /// Result alias.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -295,9 +359,11 @@ impl Error {
             Self::Sys { source, .. }
             | Self::NotImportable { source, .. }
             | Self::MmapRefused { source, .. }
-            | Self::UnknownObject { source, .. } => {
+            | Self::UnknownObject { source, .. }
+            | Self::OptionRefused { source, .. } => {
                 source.raw_os_error()
             }
+            Self::InvalidAllowedIova { problem: AllowedIovaProblem::Reserved { .. }, .. } => Some(libc::EADDRINUSE),
             _ => None,
         }
     }

@@ -3,8 +3,8 @@
 //! Two layers:
 //!
 //! * **Raw, generic:** [`ioctl_none`] (safe: the argument is 0) and the
-//!   `unsafe fn`s [`ioctl_with_val`], [`ioctl_with_ref`], [`ioctl_with_mut`],
-//!   [`ioctl_with_cstr`] and [`ioctl_with_buf`], whose callers must guarantee
+//!   `unsafe fn`s [`ioctl_with_ref`], [`ioctl_with_mut`], [`ioctl_with_cstr`]
+//!   and [`ioctl_with_buf`], whose callers must guarantee
 //!   that the argument matches what the request makes the kernel read or write.
 //! * **Typed, safe:** one function per request the crate uses
 //!   ([`dma_buf_sync`], [`udmabuf_create_list`], [`vfio_device_feature_dma_buf`],
@@ -17,14 +17,13 @@
 //! Every function returns the ioctl's non-negative return value (several
 //! requests return a new fd) or the `errno` as an [`io::Error`].
 //!
-//! Requests that hand process memory to a device for DMA
-//! ([`iommu_ioas_map`], [`vfio_iommu_map_dma`]) stay `unsafe`: the ioctl
-//! itself is harmless, but afterwards a device may write those pages at any
-//! time.
-
-// Helpers are added for every request the crate wraps; the modules calling
-// them land separately, so not all are used in every build.
-#![allow(dead_code)]
+//! The request that hands process memory to a device for DMA
+//! ([`iommu_ioas_map`]) stays `unsafe`: the ioctl itself is harmless, but
+//! afterwards a device may write those pages at any time.
+//!
+//! Only requests the public API uses have a wrapper here (the legacy VFIO
+//! group/container requests, for one, have none: their numbers and structs
+//! stay in [`crate::sys`]).
 
 use std::ffi::CStr;
 use std::io;
@@ -63,24 +62,6 @@ pub fn ioctl_none(fd: BorrowedFd<'_>, request: u32) -> io::Result<c_int> {
     // write any of this process's memory through it; `fd` is open for the
     // duration of the call because it is borrowed.
     let ret = unsafe { libc::ioctl(fd.as_raw_fd(), req(request), 0 as c_ulong) };
-    check(ret)
-}
-
-/// `ioctl(fd, request, value)`: a request whose argument is an integer.
-///
-/// # Safety
-///
-/// `request` must take its argument by value (like `VFIO_CHECK_EXTENSION`),
-/// not as a pointer: the kernel would otherwise read or write memory at the
-/// address `value`.
-pub unsafe fn ioctl_with_val(
-    fd: BorrowedFd<'_>,
-    request: u32,
-    value: c_ulong,
-) -> io::Result<c_int> {
-    // SAFETY: the caller guarantees `request` treats `value` as a plain
-    // integer; `fd` is open for the duration of the call.
-    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), req(request), value) };
     check(ret)
 }
 
@@ -222,14 +203,12 @@ pod!(
     sys::udmabuf_create_item,
     sys::dma_heap_allocation_data,
     sys::vfio_region_dma_range,
-    sys::vfio_group_status,
     sys::vfio_device_info,
     sys::vfio_region_info,
     sys::vfio_irq_info,
     sys::vfio_device_bind_iommufd,
     sys::vfio_device_attach_iommufd_pt,
     sys::vfio_device_detach_iommufd_pt,
-    sys::vfio_iommu_type1_dma_map,
     sys::iommu_destroy,
     sys::iommu_ioas_alloc,
     sys::iommu_iova_range,
@@ -266,6 +245,7 @@ impl ArgBuf {
     }
 
     /// Whether nothing was pushed yet.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -311,6 +291,7 @@ impl ArgBuf {
     }
 
     /// Reads back the `T` at `offset` (aligned for `T`, inside the buffer).
+    #[cfg(test)]
     pub fn get<T: Pod>(&self, offset: usize) -> T {
         self.check_range::<T>(offset);
         let src = &self.words_as_bytes()[offset..offset + size_of::<T>()];
@@ -498,111 +479,6 @@ pub fn dma_heap_alloc(
 }
 
 // ---------------------------------------------------------------------------
-// VFIO: container and group
-// ---------------------------------------------------------------------------
-
-/// `VFIO_GET_API_VERSION` on a container: returns `VFIO_API_VERSION` (0).
-pub fn vfio_get_api_version(container: BorrowedFd<'_>) -> io::Result<c_int> {
-    ioctl_none(container, sys::VFIO_GET_API_VERSION)
-}
-
-/// `VFIO_CHECK_EXTENSION` on a container (or group): positive if supported.
-pub fn vfio_check_extension(container: BorrowedFd<'_>, extension: u32) -> io::Result<c_int> {
-    // SAFETY: VFIO_CHECK_EXTENSION takes the extension number by value.
-    unsafe {
-        ioctl_with_val(
-            container,
-            sys::VFIO_CHECK_EXTENSION,
-            c_ulong::from(extension),
-        )
-    }
-}
-
-/// `VFIO_SET_IOMMU` on a container, e.g. with `VFIO_TYPE1v2_IOMMU`.
-pub fn vfio_set_iommu(container: BorrowedFd<'_>, iommu_type: u32) -> io::Result<()> {
-    // SAFETY: VFIO_SET_IOMMU takes the IOMMU type by value.
-    unsafe { ioctl_with_val(container, sys::VFIO_SET_IOMMU, c_ulong::from(iommu_type)) }.map(drop)
-}
-
-/// `VFIO_GROUP_GET_STATUS`.
-pub fn vfio_group_get_status(group: BorrowedFd<'_>) -> io::Result<sys::vfio_group_status> {
-    let mut arg = sys::vfio_group_status {
-        argsz: argsz::<sys::vfio_group_status>(),
-        flags: 0,
-    };
-    // SAFETY: the kernel reads `argsz` and writes back at most this struct's
-    // `minsz` (both fields), all plain integers.
-    unsafe { ioctl_with_mut(group, sys::VFIO_GROUP_GET_STATUS, &mut arg) }?;
-    Ok(arg)
-}
-
-/// `VFIO_GROUP_SET_CONTAINER`: attaches the group to `container`.
-pub fn vfio_group_set_container(
-    group: BorrowedFd<'_>,
-    container: BorrowedFd<'_>,
-) -> io::Result<()> {
-    let fd: c_int = container.as_raw_fd();
-    // SAFETY: the argument is a pointer to an `int` holding the container fd,
-    // which the kernel only reads.
-    unsafe { ioctl_with_ref(group, sys::VFIO_GROUP_SET_CONTAINER, &fd) }.map(drop)
-}
-
-/// `VFIO_GROUP_GET_DEVICE_FD`: opens the device called `name` (its PCI
-/// address, e.g. `0000:00:03.0`).
-pub fn vfio_group_get_device_fd(group: BorrowedFd<'_>, name: &CStr) -> io::Result<OwnedFd> {
-    // SAFETY: the argument is a C string the kernel only reads.
-    let fd = unsafe { ioctl_with_cstr(group, sys::VFIO_GROUP_GET_DEVICE_FD, name) }?;
-    Ok(owned_fd(fd))
-}
-
-/// `VFIO_IOMMU_MAP_DMA` on a type1 container: maps `arg.size` bytes of this
-/// process's memory at `arg.vaddr` to `arg.iova`. `argsz` is filled in.
-///
-/// # Safety
-///
-/// After this returns, devices in the container may read and write that
-/// memory at any time until it is unmapped; the caller must own it for that
-/// long and must not let Rust code hold references into it that such writes
-/// would invalidate.
-pub unsafe fn vfio_iommu_map_dma(
-    container: BorrowedFd<'_>,
-    arg: &sys::vfio_iommu_type1_dma_map,
-) -> io::Result<()> {
-    let arg = sys::vfio_iommu_type1_dma_map {
-        argsz: argsz::<sys::vfio_iommu_type1_dma_map>(),
-        ..*arg
-    };
-    // SAFETY: the kernel only reads this struct; the memory it names is the
-    // caller's responsibility (see `# Safety`).
-    unsafe { ioctl_with_ref(container, sys::VFIO_IOMMU_MAP_DMA, &arg) }.map(drop)
-}
-
-/// `VFIO_IOMMU_UNMAP_DMA` on a type1 container: unmaps `size` bytes at
-/// `iova` (`flags` may hold `VFIO_DMA_UNMAP_FLAG_ALL`); returns the number of
-/// bytes unmapped. Dirty-bitmap retrieval is not offered here.
-pub fn vfio_iommu_unmap_dma(
-    container: BorrowedFd<'_>,
-    iova: u64,
-    size: u64,
-    flags: u32,
-) -> io::Result<u64> {
-    if flags & sys::VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP != 0 {
-        return Err(io::Error::from_raw_os_error(libc::EINVAL));
-    }
-    let mut arg = sys::vfio_iommu_type1_dma_unmap {
-        argsz: argsz::<sys::vfio_iommu_type1_dma_unmap>(),
-        flags,
-        iova,
-        size,
-        ..Default::default()
-    };
-    // SAFETY: without GET_DIRTY_BITMAP the kernel reads and writes back only
-    // the 24-byte fixed part (integers); the trailing `data[]` is not used.
-    unsafe { ioctl_with_mut(container, sys::VFIO_IOMMU_UNMAP_DMA, &mut arg) }?;
-    Ok(arg.size)
-}
-
-// ---------------------------------------------------------------------------
 // VFIO: device
 // ---------------------------------------------------------------------------
 
@@ -660,8 +536,6 @@ pub enum IrqData<'a> {
         /// Number of vectors from `start`.
         count: u32,
     },
-    /// `DATA_BOOL`: one byte per vector.
-    Bool(&'a [u8]),
     /// `DATA_EVENTFD`: one eventfd per vector, `-1` to unregister it.
     Eventfd(&'a [RawFd]),
 }
@@ -677,7 +551,6 @@ pub fn vfio_irq_set_arg(
     let mut buf = ArgBuf::new();
     let (data_flag, count) = match data {
         IrqData::None { count } => (sys::VFIO_IRQ_SET_DATA_NONE, count),
-        IrqData::Bool(v) => (sys::VFIO_IRQ_SET_DATA_BOOL, len_u32(v.len())?),
         IrqData::Eventfd(v) => (sys::VFIO_IRQ_SET_DATA_EVENTFD, len_u32(v.len())?),
     };
     let argsz_at = buf.push::<u32>(0);
@@ -687,9 +560,6 @@ pub fn vfio_irq_set_arg(
     buf.push::<u32>(count);
     match data {
         IrqData::None { .. } => {}
-        IrqData::Bool(v) => {
-            buf.push_slice(v);
-        }
         IrqData::Eventfd(v) => {
             buf.push_slice::<i32>(v);
         }
@@ -1053,7 +923,35 @@ mod tests {
             errno(ioctl_none(fd, sys::VFIO_DEVICE_RESET)),
             Some(libc::ENOTTY)
         );
-        assert_eq!(errno(vfio_get_api_version(fd)), Some(libc::ENOTTY));
+        assert_eq!(
+            errno(vfio_device_feature_probe(
+                fd,
+                sys::VFIO_DEVICE_FEATURE_DMA_BUF,
+                sys::VFIO_DEVICE_FEATURE_GET
+            )),
+            Some(libc::ENOTTY)
+        );
+        let option = sys::iommu_option {
+            option_id: sys::IOMMU_OPTION_RLIMIT_MODE,
+            op: 1,
+            ..Default::default()
+        };
+        assert_eq!(errno(iommu_option(fd, &option)), Some(libc::ENOTTY));
+        assert_eq!(
+            errno(iommu_ioas_allow_iovas(
+                fd,
+                1,
+                &[sys::iommu_iova_range {
+                    start: 0x1000,
+                    last: 0x1fff
+                }]
+            )),
+            Some(libc::ENOTTY)
+        );
+        assert_eq!(
+            errno(iommu_ioas_copy(fd, &sys::iommu_ioas_copy::default())),
+            Some(libc::ENOTTY)
+        );
         assert_eq!(
             errno(dma_buf_sync(
                 fd,
@@ -1100,6 +998,10 @@ mod tests {
         );
         assert_eq!(
             errno(iommu_test_dmabuf_get(fd, 4096, 0)),
+            Some(libc::ENOTTY)
+        );
+        assert_eq!(
+            errno(iommu_test_dmabuf_revoke(fd, fd, true)),
             Some(libc::ENOTTY)
         );
     }

@@ -1351,6 +1351,33 @@ impl VfioPciDevice {
         Ok(self.info()?.supports_reset())
     }
 
+    /// Whether the device can export BAR ranges as dma-bufs
+    /// ([`export_bar`](Self::export_bar)): a `VFIO_DEVICE_FEATURE` PROBE of
+    /// GET `VFIO_DEVICE_FEATURE_DMA_BUF`. `false` when the driver lacks it
+    /// (`EOPNOTSUPP`: a variant driver without P2P support) or the kernel
+    /// has no such feature (`ENOTTY`: built without `CONFIG_VFIO_PCI_DMABUF`).
+    /// Needs the device bound ([`bind`](Self::bind)); before that VFIO
+    /// answers every device ioctl with `EINVAL`, so this is
+    /// [`Error::Device`] without an ioctl.
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::exporter::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// dev.bind(&iommufd)?;
+    /// if !dev.supports_dma_buf_export()? {
+    ///     eprintln!("{}: no dma-buf export, no P2P through iommufd", dev.address());
+    /// }
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn supports_dma_buf_export(&self) -> Result<bool> {
+        self.bound()?;
+        match ioctl::vfio_device_feature_probe(self.fd(), sys::VFIO_DEVICE_FEATURE_DMA_BUF, sys::VFIO_DEVICE_FEATURE_GET) {
+            Ok(()) => Ok(true),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOTTY)) => Ok(false),
+            Err(e) => Err(Error::sys("VFIO_DEVICE_FEATURE(PROBE DMA_BUF)", self.address.to_string(), e)),
+        }
+    }
+
     /// Resets the device (`VFIO_DEVICE_RESET`). Its dma-bufs are revoked for
     /// the reset and restored after it if memory decode is on; iommufd areas
     /// of them stay dead until remapped. A device without a reset method

@@ -43,7 +43,7 @@ use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::dmabuf::{human_size, is_dmabuf, DmaBuf};
-use crate::error::{Error, RangeProblem, Result};
+use crate::error::{AllowedIovaProblem, Error, RangeProblem, Result};
 use crate::ioctl;
 use crate::range::ByteRange;
 use crate::sys;
@@ -184,6 +184,120 @@ impl Iommufd {
         ))
     }
 
+    /// Reads an iommufd option (`IOMMU_OPTION`, `IOMMU_OPTION_OP_GET`): the
+    /// context-wide accounting mode, or whether one IOAS may use huge IOMMU
+    /// pages. An IOAS ID that is not an IOAS of this iommufd is
+    /// [`Error::UnknownObject`]. [`Ioas::huge_pages`] is the same for an
+    /// [`Ioas`] handle.
+    ///
+    /// ```no_run
+    /// use dmabuf_p2p::importer::iommufd::{Iommufd, IommufdOption, OptionId, RlimitMode};
+    ///
+    /// let iommufd = Iommufd::open()?;
+    /// let ioas = iommufd.alloc_ioas()?;
+    /// assert_eq!(iommufd.option(OptionId::RlimitMode)?, IommufdOption::RlimitMode(RlimitMode::User));
+    /// let huge = iommufd.option(OptionId::HugePages { ioas: ioas.id() })?;
+    /// assert_eq!(huge, IommufdOption::HugePages { ioas: ioas.id(), enabled: true });
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn option(&self, id: OptionId) -> Result<IommufdOption> {
+        let arg = sys::iommu_option { option_id: id.raw(), op: OPTION_OP_GET, object_id: id.object(), ..Default::default() };
+        let got = ioctl::iommu_option(self.as_fd(), &arg).map_err(|e| self.option_error(id, None, e))?;
+        let unexpected = || {
+            Error::sys(
+                "IOMMU_OPTION",
+                self.option_target(id),
+                io::Error::other(format!("the kernel reported {} = {}, which is neither 0 nor 1", id, got.val64)),
+            )
+        };
+        Ok(match id {
+            OptionId::RlimitMode => IommufdOption::RlimitMode(match got.val64 {
+                0 => RlimitMode::User,
+                1 => RlimitMode::Mm,
+                _ => return Err(unexpected()),
+            }),
+            OptionId::HugePages { ioas } => IommufdOption::HugePages {
+                ioas,
+                enabled: match got.val64 {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(unexpected()),
+                },
+            },
+        })
+    }
+
+    /// Sets an iommufd option (`IOMMU_OPTION`, `IOMMU_OPTION_OP_SET`).
+    ///
+    /// * [`IommufdOption::RlimitMode`] needs `CAP_SYS_RESOURCE` and a fresh
+    ///   iommufd: once it holds any object (an IOAS, a bound device) the
+    ///   kernel refuses with `EBUSY`. Set it right after [`Iommufd::open`].
+    /// * [`IommufdOption::HugePages`] with `enabled: false` maps everything
+    ///   with `PAGE_SIZE` IOMMU pages (for measurements); the kernel refuses
+    ///   it once a device is attached to the IOAS and areas are mapped
+    ///   (`EINVAL`). Turning it on again always works.
+    ///
+    /// Refusals are [`Error::OptionRefused`] saying which rule was broken; an
+    /// IOAS ID that is not an IOAS of this iommufd is [`Error::UnknownObject`].
+    ///
+    /// ```no_run
+    /// use dmabuf_p2p::importer::iommufd::{Iommufd, IommufdOption, OptionId, RlimitMode};
+    ///
+    /// let iommufd = Iommufd::open()?;
+    /// iommufd.set_option(IommufdOption::RlimitMode(RlimitMode::Mm))?; // before anything else
+    /// let ioas = iommufd.alloc_ioas()?;
+    /// iommufd.set_option(IommufdOption::HugePages { ioas: ioas.id(), enabled: false })?;
+    /// assert_eq!(
+    ///     iommufd.option(OptionId::HugePages { ioas: ioas.id() })?,
+    ///     IommufdOption::HugePages { ioas: ioas.id(), enabled: false }
+    /// );
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn set_option(&self, value: IommufdOption) -> Result<()> {
+        let id = value.id();
+        let val64 = match value {
+            IommufdOption::RlimitMode(RlimitMode::User) => 0,
+            IommufdOption::RlimitMode(RlimitMode::Mm) => 1,
+            IommufdOption::HugePages { enabled, .. } => u64::from(enabled),
+        };
+        let arg = sys::iommu_option { option_id: id.raw(), op: OPTION_OP_SET, object_id: id.object(), val64, ..Default::default() };
+        ioctl::iommu_option(self.as_fd(), &arg).map(drop).map_err(|e| self.option_error(id, Some(value), e))
+    }
+
+    /// What an option applies to, for messages.
+    fn option_target(&self, id: OptionId) -> String {
+        match id {
+            OptionId::RlimitMode => self.name(),
+            OptionId::HugePages { ioas } => format!("{} IOAS {ioas}", self.name()),
+        }
+    }
+
+    /// The error for a failed `IOMMU_OPTION` (`set` is the value of a SET).
+    fn option_error(&self, id: OptionId, set: Option<IommufdOption>, e: io::Error) -> Error {
+        const OP: &str = "IOMMU_OPTION";
+        let option = match set {
+            Some(v) => v.to_string(),
+            None => format!("{id} (get)"),
+        };
+        let problem = match (e.raw_os_error(), id) {
+            (Some(libc::ENOENT), OptionId::HugePages { ioas }) => {
+                return Error::UnknownObject { op: OP, target: self.name(), id: ioas, source: e };
+            }
+            (Some(libc::EBUSY), OptionId::RlimitMode) => {
+                "the iommufd already holds objects (an IOAS, a bound device): the accounting mode can only be \
+                 changed on a fresh iommufd, before anything else (EBUSY)"
+            }
+            (Some(libc::EPERM), OptionId::RlimitMode) => "changing the accounting mode needs CAP_SYS_RESOURCE (EPERM)",
+            (Some(libc::EINVAL), OptionId::HugePages { .. }) if set.is_some() => {
+                "huge pages cannot be turned off while a device is attached to the IOAS and areas are mapped: \
+                 turn them off before mapping (EINVAL)"
+            }
+            (Some(libc::EOPNOTSUPP), _) => "this kernel does not know the option (EOPNOTSUPP)",
+            _ => return Error::sys(OP, format!("{} ({option})", self.option_target(id)), e),
+        };
+        Error::OptionRefused { option, target: self.name(), problem: problem.to_owned(), source: e }
+    }
+
     /// The name used in error messages.
     pub(crate) fn name(&self) -> String {
         format!("iommufd (fd {})", self.fd.as_raw_fd())
@@ -199,6 +313,134 @@ impl AsFd for Iommufd {
 impl AsRawFd for Iommufd {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+}
+
+/// `IOMMU_OPTION_OP_GET` and `_SET`, as the `u16` the `op` field is.
+const OPTION_OP_GET: u16 = sys::IOMMU_OPTION_OP_GET as u16;
+const OPTION_OP_SET: u16 = sys::IOMMU_OPTION_OP_SET as u16;
+
+/// How iommufd charges the memory it pins against `RLIMIT_MEMLOCK`
+/// (`IOMMU_OPTION_RLIMIT_MODE`, one setting per iommufd). Processes with
+/// `CAP_IPC_LOCK` are not charged either way.
+///
+/// ```
+/// use dmabuf_p2p::importer::iommufd::RlimitMode;
+/// assert_eq!(RlimitMode::default(), RlimitMode::User);
+/// assert_eq!(RlimitMode::Mm.to_string(), "mm");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum RlimitMode {
+    /// Per user: pins count against the user's locked-memory total (the
+    /// kernel's default, value 0).
+    #[default]
+    User,
+    /// Per process: pins count against the process's own pinned memory, the
+    /// way VFIO's type1 container does (value 1).
+    Mm,
+}
+
+impl fmt::Display for RlimitMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::User => "user",
+            Self::Mm => "mm",
+        })
+    }
+}
+
+/// Which iommufd option to read with [`Iommufd::option`].
+///
+/// ```
+/// use dmabuf_p2p::importer::iommufd::OptionId;
+/// assert_eq!(OptionId::HugePages { ioas: 2 }.to_string(), "HUGE_PAGES of IOAS 2");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum OptionId {
+    /// `IOMMU_OPTION_RLIMIT_MODE`: the iommufd's accounting mode.
+    RlimitMode,
+    /// `IOMMU_OPTION_HUGE_PAGES` of the IOAS with this ID.
+    HugePages {
+        /// The IOAS ID.
+        ioas: u32,
+    },
+}
+
+impl OptionId {
+    /// The `option_id` field.
+    const fn raw(self) -> u32 {
+        match self {
+            Self::RlimitMode => sys::IOMMU_OPTION_RLIMIT_MODE,
+            Self::HugePages { .. } => sys::IOMMU_OPTION_HUGE_PAGES,
+        }
+    }
+
+    /// The `object_id` field (0 for the context-wide option).
+    const fn object(self) -> u32 {
+        match self {
+            Self::RlimitMode => 0,
+            Self::HugePages { ioas } => ioas,
+        }
+    }
+}
+
+impl fmt::Display for OptionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::RlimitMode => f.write_str("RLIMIT_MODE"),
+            Self::HugePages { ioas } => write!(f, "HUGE_PAGES of IOAS {ioas}"),
+        }
+    }
+}
+
+/// An iommufd option with its value: what [`Iommufd::option`] reads and
+/// [`Iommufd::set_option`] sets.
+///
+/// ```
+/// use dmabuf_p2p::importer::iommufd::{IommufdOption, OptionId, RlimitMode};
+/// let off = IommufdOption::HugePages { ioas: 3, enabled: false };
+/// assert_eq!(off.id(), OptionId::HugePages { ioas: 3 });
+/// assert_eq!(IommufdOption::RlimitMode(RlimitMode::Mm).to_string(), "RLIMIT_MODE = mm");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum IommufdOption {
+    /// How pinned memory is accounted, for the whole iommufd.
+    RlimitMode(RlimitMode),
+    /// Whether IOAS `ioas` may combine contiguous pages into huge IOMMU
+    /// pages (the default) or maps everything with `PAGE_SIZE` pages.
+    HugePages {
+        /// The IOAS ID.
+        ioas: u32,
+        /// Huge pages allowed.
+        enabled: bool,
+    },
+}
+
+impl IommufdOption {
+    /// Which option this is.
+    ///
+    /// ```
+    /// use dmabuf_p2p::importer::iommufd::{IommufdOption, OptionId, RlimitMode};
+    /// assert_eq!(IommufdOption::RlimitMode(RlimitMode::User).id(), OptionId::RlimitMode);
+    /// ```
+    pub const fn id(self) -> OptionId {
+        match self {
+            Self::RlimitMode(_) => OptionId::RlimitMode,
+            Self::HugePages { ioas, .. } => OptionId::HugePages { ioas },
+        }
+    }
+}
+
+impl fmt::Display for IommufdOption {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::RlimitMode(mode) => write!(f, "RLIMIT_MODE = {mode}"),
+            Self::HugePages { ioas, enabled } => {
+                write!(f, "HUGE_PAGES of IOAS {ioas} = {}", if *enabled { "on" } else { "off" })
+            }
+        }
     }
 }
 
@@ -471,6 +713,206 @@ impl Ioas {
         self.iommufd().iova_ranges(self.id())
     }
 
+    /// Sets the IOAS's allowed IOVA list (`IOMMU_IOAS_ALLOW_IOVAS`),
+    /// replacing the previous one; an empty slice removes it.
+    ///
+    /// What the kernel does with the list (Linux 7.2):
+    /// * automatic placement ([`IovaPlacement::Auto`]) picks IOVAs inside
+    ///   the allowed ranges only; when they are full it is
+    ///   [`Error::InvalidIova`] (`ENOSPC`);
+    /// * the ranges are guaranteed to stay usable: attaching a device whose
+    ///   reserved regions (MSI window, aperture) intersect them is refused;
+    /// * fixed IOVAs ([`IovaPlacement::Fixed`]) are **not** restricted to the
+    ///   list: only reserved regions and existing areas stop them.
+    ///
+    /// Ranges are inclusive (`start..=last`). Checked before the ioctl, each
+    /// an [`Error::InvalidAllowedIova`] naming the range and its position:
+    /// `start` not below `last` ([`AllowedIovaProblem::Empty`], the kernel
+    /// refuses one-byte ranges too) and ranges that overlap
+    /// ([`AllowedIovaProblem::Overlaps`]). A range that covers IOVAs already
+    /// reserved in the IOAS (an attached device's MSI window, say) is refused
+    /// by the kernel with `EADDRINUSE`, reported as
+    /// [`AllowedIovaProblem::Reserved`] for the first such range, with the
+    /// usable ranges. After any error the previous list stays in force.
+    ///
+    /// ```no_run
+    /// use dmabuf_p2p::importer::iommufd::{Iommufd, IovaPlacement, IovaRange, MapPerms};
+    /// use dmabuf_p2p::ByteRange;
+    ///
+    /// let ioas = Iommufd::open()?.alloc_ioas()?;
+    /// let window = IovaRange { start: 0x1_0000_0000, last: 0x1_3fff_ffff };
+    /// ioas.allow_iovas(&[window])?;
+    /// let memfd = dmabuf_p2p::memfd::Memfd::new("buf", 0x10000)?;
+    /// let map = ioas.map_file(&memfd, ByteRange::new(0, 0x10000), IovaPlacement::Auto, MapPerms::ReadWrite)?;
+    /// assert!(window.contains(map.iova(), map.length()));
+    /// ioas.allow_iovas(&[])?; // no restriction any more
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// [`AllowedIovaProblem::Empty`]: crate::error::AllowedIovaProblem::Empty
+    /// [`AllowedIovaProblem::Overlaps`]: crate::error::AllowedIovaProblem::Overlaps
+    /// [`AllowedIovaProblem::Reserved`]: crate::error::AllowedIovaProblem::Reserved
+    pub fn allow_iovas(&self, ranges: &[IovaRange]) -> Result<()> {
+        check_allowed_iovas(self.id(), ranges)?;
+        let raw: Vec<sys::iommu_iova_range> =
+            ranges.iter().map(|r| sys::iommu_iova_range { start: r.start, last: r.last }).collect();
+        ioctl::iommu_ioas_allow_iovas(self.iommufd().as_fd(), self.id(), &raw).map_err(|e| {
+            if e.raw_os_error() == Some(libc::EADDRINUSE) {
+                // IOVA_RANGES reports exactly what is not reserved, whatever
+                // the allowed list: the first range not inside one of those
+                // is (one of) the culprit(s).
+                if let Ok(usable) = self.iova_ranges() {
+                    let inside = |r: &IovaRange| usable.ranges.iter().any(|u| u.start <= r.start && r.last <= u.last);
+                    if let Some((index, range)) = ranges.iter().enumerate().find(|(_, r)| !inside(r)) {
+                        return Error::InvalidAllowedIova {
+                            ioas: self.id(),
+                            index,
+                            range: *range,
+                            problem: AllowedIovaProblem::Reserved { usable: usable.ranges },
+                        };
+                    }
+                }
+            }
+            let list: Vec<String> = ranges.iter().map(ToString::to_string).collect();
+            Error::sys("IOMMU_IOAS_ALLOW_IOVAS", format!("IOAS {} ranges [{}]", self.id(), list.join(", ")), e)
+        })
+    }
+
+    /// Whether this IOAS may use huge IOMMU pages
+    /// (`IOMMU_OPTION_HUGE_PAGES`, on by default). See [`Iommufd::option`].
+    ///
+    /// ```no_run
+    /// let ioas = dmabuf_p2p::importer::iommufd::Iommufd::open()?.alloc_ioas()?;
+    /// assert!(ioas.huge_pages()?);
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn huge_pages(&self) -> Result<bool> {
+        match self.iommufd().option(OptionId::HugePages { ioas: self.id() })? {
+            IommufdOption::HugePages { enabled, .. } => Ok(enabled),
+            other => Err(Error::sys(
+                "IOMMU_OPTION",
+                format!("{} IOAS {}", self.iommufd().name(), self.id()),
+                io::Error::other(format!("asked for HUGE_PAGES, got {other}")),
+            )),
+        }
+    }
+
+    /// Allows or forbids huge IOMMU pages in this IOAS
+    /// (`IOMMU_OPTION_HUGE_PAGES`). Turning them off is refused once a
+    /// device is attached and areas are mapped ([`Error::OptionRefused`]);
+    /// see [`Iommufd::set_option`].
+    ///
+    /// ```no_run
+    /// let ioas = dmabuf_p2p::importer::iommufd::Iommufd::open()?.alloc_ioas()?;
+    /// ioas.set_huge_pages(false)?; // before anything is mapped
+    /// assert!(!ioas.huge_pages()?);
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn set_huge_pages(&self, enabled: bool) -> Result<()> {
+        self.iommufd().set_option(IommufdOption::HugePages { ioas: self.id(), enabled })
+    }
+
+    /// Maps into this IOAS the pages behind `range` of an existing mapping
+    /// `src` (`IOMMU_IOAS_COPY`): the new area shares the source area's
+    /// pages object, pinned pages or a dma-buf alike, and nothing is pinned
+    /// or attached twice. `range` is relative to the source mapping (offset
+    /// 0 is `src.iova()`). `src` may be in this IOAS or another IOAS of the
+    /// same iommufd.
+    ///
+    /// The returned [`IoasMapping`] unmaps on drop and does not depend on
+    /// `src`, which may be dropped first. It records the same file as the
+    /// source (its own duplicate of the fd, at the matching offset), so
+    /// [`IoasMapping::remap`] maps that file again with `IOMMU_IOAS_MAP_FILE`
+    /// at the same IOVA: the same pages, from a fresh pages object. A copy of
+    /// a dma-buf area is revoked together with the source area (they share
+    /// the buffer's attachment) and is restored by its own remap; copies are
+    /// not known to a [`RevocationHub`](crate::revoke::RevocationHub).
+    ///
+    /// Checked before the ioctl: `src` must belong to the same iommufd and
+    /// be mapped, and must map a file (memfd or dma-buf), not user memory
+    /// (a copy could outlive the promise made to [`Ioas::map_user`]): each
+    /// [`Error::Unsupported`] naming the source; `range` must be non-empty
+    /// and inside the source ([`Error::InvalidRange`]). IOVA problems at the
+    /// destination are [`Error::InvalidIova`], as for the map calls. The
+    /// kernel copies a revoked dma-buf area without complaint, as an area
+    /// that maps nothing.
+    ///
+    /// ```no_run
+    /// use dmabuf_p2p::importer::iommufd::{Iommufd, IovaPlacement, MapPerms};
+    /// use dmabuf_p2p::ByteRange;
+    ///
+    /// let iommufd = Iommufd::open()?;
+    /// let (a, b) = (iommufd.alloc_ioas()?, iommufd.alloc_ioas()?);
+    /// let memfd = dmabuf_p2p::memfd::Memfd::new("shared", 0x20000)?;
+    /// let src = a.map_file(&memfd, ByteRange::new(0, 0x20000), IovaPlacement::Auto, MapPerms::ReadWrite)?;
+    /// let copy = b.copy_from(&src, ByteRange::new(0x10000, 0x10000), IovaPlacement::Fixed(0x100_0000), MapPerms::Read)?;
+    /// assert_eq!((copy.iova(), copy.length(), copy.source_offset()), (0x100_0000, 0x10000, 0x10000));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn copy_from(&self, src: &IoasMapping, range: ByteRange, at: IovaPlacement, perms: MapPerms) -> Result<IoasMapping> {
+        const OP: &str = "IOMMU_IOAS_COPY";
+        let refuse = |problem: String| Error::Unsupported { target: format!("source {src}"), operation: OP, problem };
+        if !src.ioas.iommufd().same_context(self.iommufd()) {
+            return Err(refuse(format!(
+                "the source is in another iommufd than IOAS {}; a copy works within one iommufd (map the \
+                 source's file into IOAS {} instead)",
+                self.id(),
+                self.id()
+            )));
+        }
+        if !src.mapped {
+            return Err(refuse("the source is not mapped (unmapped, or its last remap failed)".to_owned()));
+        }
+        range.check_in(src.length, 1).map_err(|problem| Error::InvalidRange {
+            target: format!("source {src} ({})", human_size(src.length)),
+            range,
+            problem,
+        })?;
+        let overflow = || Error::InvalidRange { target: format!("source {src}"), range, problem: RangeProblem::Overflow };
+        let src_iova = src.iova.checked_add(range.offset).ok_or_else(overflow)?;
+        let source = match &src.source {
+            Source::User { .. } => {
+                return Err(refuse(
+                    "the source maps user memory: a copy could outlive the promise made for it to \
+                     Ioas::map_user; map the memory into this IOAS with map_user instead"
+                        .to_owned(),
+                ));
+            }
+            Source::File { fd, start } => {
+                let start = start.checked_add(range.offset).ok_or_else(overflow)?;
+                Source::File { fd: dup_source(fd.as_fd())?, start }
+            }
+            Source::DmaBuf { buf, start } => {
+                let start = start.checked_add(range.offset).ok_or_else(overflow)?;
+                Source::DmaBuf { buf: DmaBuf::from_owned_unchecked(dup_source(buf.as_fd())?), start }
+            }
+        };
+        let mut mapping =
+            IoasMapping { ioas: self.clone(), iova: at.iova(), length: range.length, perms, source, mapped: false };
+        let _placing = (at == IovaPlacement::Auto).then(|| self.inner.lock_placement());
+        let (iova, placement) = at.to_arg();
+        let arg = sys::iommu_ioas_copy {
+            flags: placement | perms.flags(),
+            dst_ioas_id: self.id(),
+            src_ioas_id: src.ioas.id(),
+            length: range.length,
+            dst_iova: iova,
+            src_iova,
+            ..Default::default()
+        };
+        match ioctl::iommu_ioas_copy(self.iommufd().as_fd(), &arg) {
+            Ok(got) => {
+                mapping.iova = got;
+                mapping.mapped = true;
+                Ok(mapping)
+            }
+            // `mapping` is dropped unmapped: only its duplicate fd is closed.
+            Err(e) => Err(mapping.placement_error(at, &e).unwrap_or_else(|| {
+                Error::sys(OP, format!("{src} {range} -> IOAS {} at {:#x}", self.id(), at.iova()), e)
+            })),
+        }
+    }
+
     /// Maps `length` bytes of this process's memory at `addr`
     /// (`IOMMU_IOAS_MAP`). The pages are pinned by the kernel; memory that
     /// cannot be pinned (a VFIO BAR or udmabuf `mmap`, `VM_PFNMAP`) fails
@@ -624,6 +1066,27 @@ impl Ioas {
         let source = Source::DmaBuf { buf: DmaBuf::from_owned_unchecked(dup_source(buf.as_fd())?), start: 0 };
         self.map_source(source, size, ByteRange::new(0, size), at, perms)
     }
+}
+
+/// The checks of [`Ioas::allow_iovas`] that need no kernel: every range has
+/// `start < last`, and no two overlap.
+fn check_allowed_iovas(ioas: u32, ranges: &[IovaRange]) -> Result<()> {
+    let invalid = |index: usize, problem| Error::InvalidAllowedIova { ioas, index, range: ranges[index], problem };
+    if let Some(index) = ranges.iter().position(|r| r.start >= r.last) {
+        return Err(invalid(index, AllowedIovaProblem::Empty));
+    }
+    // Sorted by start, a list with an overlap has one between neighbours.
+    let mut order: Vec<usize> = (0..ranges.len()).collect();
+    order.sort_by_key(|&i| (ranges[i].start, i));
+    for pair in order.windows(2) {
+        let (a, b) = (pair[0], pair[1]);
+        if ranges[b].start <= ranges[a].last {
+            // Name the later one in the caller's list, against the earlier.
+            let (index, other) = if a < b { (b, a) } else { (a, b) };
+            return Err(invalid(index, AllowedIovaProblem::Overlaps { other, with: ranges[other] }));
+        }
+    }
+    Ok(())
 }
 
 /// Duplicates the fd a mapping keeps (close-on-exec). Done before mapping: if
@@ -960,17 +1423,26 @@ impl IoasMapping {
     /// Turns a failed map into the most specific error.
     fn map_error(&self, op: &'static str, at: IovaPlacement, e: io::Error) -> Error {
         let dmabuf = self.dmabuf();
-        let invalid_iova = |problem: String| Error::InvalidIova {
-            ioas: self.ioas.id(),
-            iova: at.iova(),
-            length: self.length,
-            problem,
-        };
         match e.raw_os_error() {
             Some(libc::ENODEV) if dmabuf.is_some() => Error::Revoked { buffer: self.source.describe() },
             Some(libc::EOPNOTSUPP) if dmabuf.is_some() => {
                 Error::NotImportable { buffer: self.source.describe(), problem: why_not_importable(dmabuf), source: e }
             }
+            _ => match self.placement_error(at, &e) {
+                Some(err) => err,
+                None => self.error(op, e),
+            },
+        }
+    }
+
+    /// [`Error::InvalidIova`] for a map or copy to `at` that failed because
+    /// of the IOVA (taken, no room, overflowing, or at a fixed IOVA
+    /// misaligned or reserved), or `None` if the errno says something else.
+    fn placement_error(&self, at: IovaPlacement, e: &io::Error) -> Option<Error> {
+        let invalid_iova = |problem: String| {
+            Some(Error::InvalidIova { ioas: self.ioas.id(), iova: at.iova(), length: self.length, problem })
+        };
+        match e.raw_os_error() {
             Some(libc::EEXIST) => invalid_iova("overlaps an existing mapping (EEXIST)".to_owned()),
             Some(libc::ENOSPC) => invalid_iova("no free IOVA range of this length (ENOSPC)".to_owned()),
             Some(libc::EOVERFLOW) => invalid_iova("IOVA + length overflows (EOVERFLOW)".to_owned()),
@@ -983,9 +1455,9 @@ impl IoasMapping {
                     let why = why.unwrap_or_else(|| "misaligned, reserved or not allowed".to_owned());
                     invalid_iova(format!("{why} (EINVAL)"))
                 }
-                IovaPlacement::Auto => self.error(op, e),
+                IovaPlacement::Auto => None,
             },
-            _ => self.error(op, e),
+            _ => None,
         }
     }
 
@@ -1057,6 +1529,51 @@ mod tests {
         assert!(r.problem_with(0x1000, 0x1000).is_none());
         assert!(r.problem_with(0x1800, 0x1000).is_some_and(|p| p.contains("multiples of 0x1000")));
         assert!(r.problem_with(0xfee0_0000, 0x1000).is_some_and(|p| p.contains("not inside")));
+    }
+
+    #[test]
+    fn allowed_iova_lists_are_checked() {
+        let r = |start, last| IovaRange { start, last };
+        assert!(check_allowed_iovas(1, &[]).is_ok());
+        assert!(check_allowed_iovas(1, &[r(0, u64::MAX)]).is_ok());
+        // Adjacent is fine, touching is not.
+        assert!(check_allowed_iovas(1, &[r(0x2000, 0x2fff), r(0x1000, 0x1fff)]).is_ok());
+        match check_allowed_iovas(7, &[r(0x1000, 0x1fff), r(0x5000, 0x5000)]) {
+            Err(Error::InvalidAllowedIova { ioas: 7, index: 1, range, problem: AllowedIovaProblem::Empty }) => {
+                assert_eq!(range, r(0x5000, 0x5000));
+            }
+            other => panic!("one-byte range: {other:?}"),
+        }
+        assert!(matches!(
+            check_allowed_iovas(7, &[r(0x9000, 0x1000)]),
+            Err(Error::InvalidAllowedIova { index: 0, problem: AllowedIovaProblem::Empty, .. })
+        ));
+        // [0] covers [2]; [1] is apart. The later of the pair is named.
+        let list = [r(0x1000, 0x8fff), r(0x10000, 0x1ffff), r(0x8000, 0x8fff)];
+        match check_allowed_iovas(7, &list) {
+            Err(e @ Error::InvalidAllowedIova { index: 2, problem: AllowedIovaProblem::Overlaps { other: 0, .. }, .. }) => {
+                assert_eq!(
+                    e.to_string(),
+                    "allowed IOVA range #2 0x8000..=0x8fff for IOAS 7: overlaps range #0 0x1000..=0x8fff"
+                );
+            }
+            other => panic!("overlap: {other:?}"),
+        }
+        let touching = [r(0x2000, 0x3000), r(0x1000, 0x2000)];
+        assert!(matches!(
+            check_allowed_iovas(7, &touching),
+            Err(Error::InvalidAllowedIova { index: 1, problem: AllowedIovaProblem::Overlaps { other: 0, .. }, .. })
+        ));
+    }
+
+    #[test]
+    fn option_values() {
+        assert_eq!((OptionId::RlimitMode.raw(), OptionId::RlimitMode.object()), (sys::IOMMU_OPTION_RLIMIT_MODE, 0));
+        let huge = OptionId::HugePages { ioas: 9 };
+        assert_eq!((huge.raw(), huge.object()), (sys::IOMMU_OPTION_HUGE_PAGES, 9));
+        assert_eq!(u32::from(OPTION_OP_GET), sys::IOMMU_OPTION_OP_GET);
+        assert_eq!(u32::from(OPTION_OP_SET), sys::IOMMU_OPTION_OP_SET);
+        assert_eq!(IommufdOption::HugePages { ioas: 9, enabled: true }.to_string(), "HUGE_PAGES of IOAS 9 = on");
     }
 
     #[test]

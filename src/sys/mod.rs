@@ -11,9 +11,9 @@
 //!   same encoding as the kernel's `_IOC`. They shadow the same-named numbers
 //!   in [`bindings`] (which bindgen took from clang); `tests/sys_layout.rs`
 //!   checks that both agree with each other and with the documented values.
-//! * [`iommufd_test`] holds the few `IOMMUFD_TEST` selftest definitions the
-//!   VM tests use. `iommufd_test.h` is not a uAPI header, so they are written
-//!   by hand.
+//! * [`iommufd_test`] holds the few `IOMMUFD_TEST` selftest definitions
+//!   behind [`crate::importer::mock::MockDmaBuf`]. `iommufd_test.h` is not a
+//!   uAPI header, so they are written by hand.
 //!
 //! Nothing here is safe to pass to the kernel by itself: the typed ioctl
 //! wrappers live in the crate-private `ioctl` module.
@@ -260,8 +260,8 @@ pub const IOMMU_OPTION: u32 = io(IOMMUFD_IOCTL_TYPE, IOMMUFD_IOCTL_BASE + 7);
 pub const IOMMU_IOAS_MAP_FILE: u32 = io(IOMMUFD_IOCTL_TYPE, IOMMUFD_IOCTL_BASE + 0x0f);
 
 /// Hand-written definitions for the `CONFIG_IOMMUFD_TEST` selftest interface
-/// of iommufd: its mock dma-buf exporter, which the VM tests use to get a
-/// revocable dma-buf without a VFIO device.
+/// of iommufd: its mock dma-buf exporter, a revocable dma-buf without a VFIO
+/// device ([`crate::importer::mock::MockDmaBuf`] wraps it).
 ///
 /// **Not uAPI and not generated.** `drivers/iommu/iommufd/iommufd_test.h` is a
 /// private kernel header that changes between releases; these definitions

@@ -11,6 +11,8 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use dmabuf_p2p::dmabuf::{Access, SyncFile, MAX_NAME_LEN};
 use dmabuf_p2p::exporter::heap::DmaHeap;
 use dmabuf_p2p::exporter::udmabuf::Udmabuf;
+use dmabuf_p2p::importer::iommufd::Iommufd;
+use dmabuf_p2p::importer::mock::MockDmaBuf;
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::{is_dmabuf, sys, ByteRange, DmaBuf, Error, RangeProblem};
 use dmabuf_p2p_vm_tests::{ivshmem_devices, open_fd_count, vfio_cdev};
@@ -30,15 +32,10 @@ fn udmabuf(len: u64) -> (Memfd, DmaBuf) {
 
 /// A mock dma-buf from iommufd's selftest exporter (no mmap, exp_name
 /// `iommufd`), and the iommufd it came from.
-fn mock_dmabuf(len: u32) -> (fs::File, OwnedFd) {
-    let iommufd = OpenOptions::new().read(true).write(true).open("/dev/iommu").unwrap();
-    let mut cmd = sys::iommufd_test::iommu_test_cmd::dmabuf_get(len, (libc::O_RDWR | libc::O_CLOEXEC) as u32);
-    // SAFETY: IOMMU_TEST_CMD reads and may write back one command struct of
-    // exactly this (full) size; it holds only integers.
-    let fd = unsafe { libc::ioctl(iommufd.as_raw_fd(), sys::iommufd_test::IOMMU_TEST_CMD as libc::Ioctl, &mut cmd) };
-    assert!(fd >= 0, "IOMMU_TEST_OP_DMABUF_GET: {}", std::io::Error::last_os_error());
-    // SAFETY: a new fd returned by the kernel, owned by nobody else.
-    (iommufd, unsafe { OwnedFd::from_raw_fd(fd) })
+fn mock_dmabuf(len: u64) -> (Iommufd, OwnedFd) {
+    let iommufd = Iommufd::open().unwrap();
+    let buf = MockDmaBuf::new(&iommufd, len).unwrap().into_dmabuf();
+    (iommufd, OwnedFd::from(buf))
 }
 
 /// `VFIO_DEVICE_FEATURE` with the dma-buf request and one range.
@@ -92,7 +89,7 @@ fn dmabuf_try_from_real_buffers_succeeds() {
     {
         let (_memfd, u) = udmabuf(4 * PAGE);
         let h = heap_buf(4 * PAGE);
-        let (_iommufd, m) = mock_dmabuf(4 * PAGE as u32);
+        let (_iommufd, m) = mock_dmabuf(4 * PAGE);
         for (fd, exp) in [(OwnedFd::from(u), "udmabuf"), (OwnedFd::from(h), "system"), (m, "iommufd")] {
             assert!(is_dmabuf(fd.as_fd()).unwrap(), "{exp}");
             let raw = fd.as_raw_fd();
@@ -257,7 +254,7 @@ fn dmabuf_mmap_refused_by_exporters_without_mmap() {
     let before = open_fd_count();
     {
         // The iommufd mock exporter has no mmap.
-        let (_iommufd, fd) = mock_dmabuf(2 * PAGE as u32);
+        let (_iommufd, fd) = mock_dmabuf(2 * PAGE);
         let mock = DmaBuf::try_from(fd).unwrap();
         match mock.mmap() {
             Err(e @ Error::MmapRefused { .. }) => {

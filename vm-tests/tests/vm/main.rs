@@ -9,6 +9,7 @@ mod faults;
 mod guide;
 mod heap;
 mod iommufd;
+mod iommufd_extra;
 mod load;
 mod p2p;
 mod revoke;
