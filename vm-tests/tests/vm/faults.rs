@@ -189,6 +189,21 @@ fn replug_shm1(addr: PciAddress) -> Duration {
     added + shown
 }
 
+/// Binds a freshly hot-added device to vfio-pci. Its sysfs directory shows up
+/// a moment before the PCI core lets drivers bind it (`is_added`), and a
+/// probe in that gap binds nothing, so retry until a deadline.
+fn bind_replugged(addr: PciAddress) {
+    let t = Instant::now();
+    loop {
+        match bind_to_vfio_pci(addr) {
+            Ok(()) => break,
+            Err(e) => assert!(t.elapsed() < SYSFS_TIMEOUT, "{addr} would not bind to vfio-pci: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    note(&format!("{addr} bound to vfio-pci {:?} after it appeared", t.elapsed()));
+}
+
 /// Puts `shm1` back the way the suite expects it (present, bound to
 /// vfio-pci) when dropped, even if the test failed half-way.
 struct Shm1Restorer {
@@ -205,9 +220,7 @@ impl Drop for Shm1Restorer {
         }
         if Path::new(&sysfs_dir(self.addr)).exists() && driver_of(&self.addr.to_string()).as_deref() != Some("vfio-pci")
         {
-            if let Err(e) = bind_to_vfio_pci(self.addr) {
-                eprintln!("could not rebind {} to vfio-pci: {e}", self.addr);
-            }
+            let _ = std::panic::catch_unwind(|| bind_replugged(self.addr));
         }
     }
 }
@@ -318,7 +331,7 @@ fn hot_unplug_of_a_mapped_exporter() {
     replug_shm1(shm1);
     klog.print_new("device_add");
     assert_eq!(driver_of(&shm1.to_string()), None, "a hot-added ivshmem has no driver");
-    bind_to_vfio_pci(shm1).unwrap();
+    bind_replugged(shm1);
     assert_eq!(driver_of(&shm1.to_string()).as_deref(), Some("vfio-pci"));
     let exporter = open_exporter(shm1, &iommufd);
     {
@@ -397,7 +410,7 @@ fn hot_unplug_during_a_copy() {
     drop((att, export));
 
     replug_shm1(shm1);
-    bind_to_vfio_pci(shm1).unwrap();
+    bind_replugged(shm1);
     let exporter = open_exporter(shm1, &iommufd);
     let bar = exporter.map_bar(2).unwrap();
     let mut got = vec![0u8; 2 * CHUNK as usize];
