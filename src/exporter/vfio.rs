@@ -486,7 +486,7 @@ fn bar_name(device: PciAddress, index: u32, size: u64) -> String {
 /// [`wait_unplug_request`](VfioPciDevice::wait_unplug_request) or
 /// [`unplug_request_fd`](VfioPciDevice::unplug_request_fd) (for an event
 /// loop) notice it, revoke every export with
-/// [`RevokeReason::Unplug`](crate::revoke::RevokeReason::Unplug), and the
+/// [`RevokeReason::Unplug`], and the
 /// owner then drops the device.
 ///
 /// ```no_run
