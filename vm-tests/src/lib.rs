@@ -125,8 +125,8 @@ pub const DMA_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// `len` bytes of a pattern that differs with `seed` and has no short period
 /// (so a copy landing at the wrong offset does not look right by accident).
-pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    let mut x = 0x9e37_79b9_7f4a_7c15_u64 ^ u64::from(seed).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64 ^ seed.wrapping_mul(0xbf58_476d_1ce4_e5b9);
     (0..len)
         .map(|_| {
             // xorshift64*
@@ -208,6 +208,12 @@ impl Kmsg {
     /// The messages logged since the last call (or since opening), without
     /// the record headers.
     pub fn read_new(&mut self) -> Vec<String> {
+        self.read_records().into_iter().map(|(_, msg)| msg).collect()
+    }
+
+    /// Like [`read_new`](Self::read_new), with each record's timestamp in
+    /// microseconds since boot.
+    pub fn read_records(&mut self) -> Vec<(u64, String)> {
         use std::io::Read;
         let mut out = Vec::new();
         let mut rec = vec![0u8; 8192];
@@ -218,8 +224,9 @@ impl Kmsg {
                     // "prio,seq,usec,flags;message\n" then continuation lines.
                     let text = String::from_utf8_lossy(&rec[..n]);
                     let first = text.lines().next().unwrap_or_default();
-                    if let Some((_, msg)) = first.split_once(';') {
-                        out.push(msg.to_owned());
+                    if let Some((head, msg)) = first.split_once(';') {
+                        let usec = head.split(',').nth(2).and_then(|u| u.parse().ok()).unwrap_or(0);
+                        out.push((usec, msg.to_owned()));
                     }
                 }
                 // EPIPE: records were overwritten before we read them; go on.
@@ -325,4 +332,53 @@ pub fn child_exit(fd: &std::os::fd::OwnedFd, text: &str, code: i32) -> ! {
     unsafe { libc::write(fd.as_raw_fd(), text.as_ptr().cast(), text.len()) };
     // SAFETY: _exit takes an int and never returns.
     unsafe { libc::_exit(code) }
+}
+
+/// Anonymous private pages, unmapped on drop (user memory for `map_user`).
+#[derive(Debug)]
+pub struct AnonPages {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+impl AnonPages {
+    /// Maps `len` bytes; a test helper, so a failed `mmap` fails the test.
+    #[allow(clippy::expect_used)]
+    pub fn new(len: usize) -> Self {
+        // SAFETY: a fresh anonymous mapping at a kernel-chosen address.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED, "mmap of {len} anonymous bytes");
+        Self { ptr: std::ptr::NonNull::new(p.cast()).expect("mmap returned null"), len }
+    }
+
+    /// The first byte.
+    pub fn ptr(&self) -> std::ptr::NonNull<u8> {
+        self.ptr
+    }
+
+    /// The length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the mapping is empty (never: `mmap` refuses length 0).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for AnonPages {
+    fn drop(&mut self) {
+        // SAFETY: exactly the mapping made in `new`.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
 }

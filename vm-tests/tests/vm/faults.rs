@@ -10,9 +10,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::fs;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,7 +24,8 @@ use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::revoke::{Attachment, BufferState, RestorePolicy, RevocationEvent, RevokeReason};
 use dmabuf_p2p::{ByteRange, Error, PciAddress};
 use dmabuf_p2p_vm_tests::{
-    child_exit, driver_of, ivshmem_devices, open_fd_count, pattern, pci_devices, pipe, qmp, request_host_check, EDU_ID,
+    child_exit, driver_of, ivshmem_devices, open_fd_count, pattern, pci_devices, pipe, qmp, request_host_check, Kmsg,
+    EDU_ID,
 };
 
 const PAGE: u64 = 4096;
@@ -87,37 +87,21 @@ fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> Option<Durat
 /// The kernel log from the moment of opening: what the kernel said during a
 /// fault, for the test output.
 struct KernelLog {
-    file: fs::File,
+    kmsg: Kmsg,
 }
 
 impl KernelLog {
     fn open() -> Self {
-        let mut file =
-            fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open("/dev/kmsg").expect("/dev/kmsg");
-        file.seek(SeekFrom::End(0)).unwrap();
-        Self { file }
+        Self { kmsg: Kmsg::open_at_end().expect("/dev/kmsg") }
     }
 
     /// New messages as `[seconds] text`.
     fn read_new(&mut self) -> Vec<String> {
-        let mut out = Vec::new();
-        let mut rec = vec![0u8; 8192];
-        loop {
-            match self.file.read(&mut rec) {
-                Ok(0) => break,
-                Ok(n) => {
-                    let text = String::from_utf8_lossy(&rec[..n]);
-                    let first = text.lines().next().unwrap_or_default();
-                    if let Some((head, msg)) = first.split_once(';') {
-                        let usec: u64 = head.split(',').nth(2).and_then(|u| u.parse().ok()).unwrap_or(0);
-                        out.push(format!("[{:>5}.{:03}] {msg}", usec / 1_000_000, (usec / 1000) % 1000));
-                    }
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue,
-                Err(_) => break,
-            }
-        }
-        out
+        self.kmsg
+            .read_records()
+            .into_iter()
+            .map(|(usec, msg)| format!("[{:>5}.{:03}] {msg}", usec / 1_000_000, (usec / 1000) % 1000))
+            .collect()
     }
 
     fn print_new(&mut self, what: &str) {

@@ -8,7 +8,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::os::fd::AsFd;
-use std::ptr::NonNull;
 
 use dmabuf_p2p::exporter::udmabuf::Udmabuf;
 use dmabuf_p2p::exporter::vfio::{BarExport, VfioPciDevice};
@@ -42,37 +41,6 @@ fn exporter() -> (Iommufd, VfioPciDevice, u64) {
 
 fn export(dev: &VfioPciDevice, ranges: &[ByteRange]) -> BarExport {
     dev.export_bar(2, ranges).unwrap()
-}
-
-/// An anonymous private mapping of `len` bytes, unmapped on drop.
-struct Anon {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-impl Anon {
-    fn new(len: usize) -> Self {
-        // SAFETY: a fresh anonymous mapping at a kernel-chosen address.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        Self { ptr: NonNull::new(p.cast()).unwrap(), len }
-    }
-}
-
-impl Drop for Anon {
-    fn drop(&mut self) {
-        // SAFETY: exactly the mapping made in `new`.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
-    }
 }
 
 #[test]
@@ -144,26 +112,26 @@ fn wrong_ioas_id_is_unknown_object() {
 fn map_user_memory_and_unmap() {
     let iommufd = Iommufd::open().unwrap();
     let ioas = iommufd.alloc_ioas().unwrap();
-    let mem = Anon::new(64 << 10);
+    let mem = dmabuf_p2p_vm_tests::AnonPages::new(64 << 10);
     let before = open_fd_count();
     {
         // SAFETY: `mem` outlives the mapping (dropped at the end of this
         // block) and is not accessed by Rust while mapped.
-        let mut map = unsafe { ioas.map_user(mem.ptr, mem.len, IovaPlacement::Auto, MapPerms::ReadWrite) }.unwrap();
+        let mut map = unsafe { ioas.map_user(mem.ptr(), mem.len(), IovaPlacement::Auto, MapPerms::ReadWrite) }.unwrap();
         assert_ne!(map.iova(), 0);
         assert_eq!(map.length(), 64 << 10);
         assert_eq!(map.ioas_id(), ioas.id());
-        assert_eq!(map.source_offset(), mem.ptr.as_ptr() as u64);
+        assert_eq!(map.source_offset(), mem.ptr().as_ptr() as u64);
         assert!(map.source_fd().is_none());
         assert_eq!(map.unmap().unwrap(), 64 << 10);
         assert!(!map.is_mapped());
         assert_eq!(map.unmap().unwrap(), 0);
 
         // SAFETY: as above.
-        let fixed = unsafe { ioas.map_user(mem.ptr, mem.len, IovaPlacement::Fixed(FIXED), MapPerms::Read) }.unwrap();
+        let fixed = unsafe { ioas.map_user(mem.ptr(), mem.len(), IovaPlacement::Fixed(FIXED), MapPerms::Read) }.unwrap();
         assert_eq!(fixed.iova(), FIXED);
         // SAFETY: as above; this one must fail (same IOVA).
-        let clash = unsafe { ioas.map_user(mem.ptr, 4096, IovaPlacement::Fixed(FIXED + PAGE), MapPerms::Read) };
+        let clash = unsafe { ioas.map_user(mem.ptr(), 4096, IovaPlacement::Fixed(FIXED + PAGE), MapPerms::Read) };
         match clash {
             Err(Error::InvalidIova { ioas: i, iova, length, problem }) => {
                 assert_eq!((i, iova, length), (ioas.id(), FIXED + PAGE, PAGE));
@@ -172,7 +140,7 @@ fn map_user_memory_and_unmap() {
             other => panic!("overlapping user map: {other:?}"),
         }
         // SAFETY: a zero-length request is refused before the ioctl.
-        let empty = unsafe { ioas.map_user(mem.ptr, 0, IovaPlacement::Auto, MapPerms::Read) };
+        let empty = unsafe { ioas.map_user(mem.ptr(), 0, IovaPlacement::Auto, MapPerms::Read) };
         assert!(matches!(empty, Err(Error::InvalidRange { problem: RangeProblem::Empty, .. })));
     }
     assert_eq!(open_fd_count(), before);

@@ -12,7 +12,6 @@
 // Failing a test by panicking is what tests do.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::ptr::NonNull;
 
 use dmabuf_p2p::engine::edu::Edu;
 use dmabuf_p2p::error::AllowedIovaProblem;
@@ -239,10 +238,10 @@ fn copy_bad_inputs_and_remap() {
     let src = map_memfd(&a, &memfd, ByteRange::new(0, 64 << 10), IovaPlacement::Auto).unwrap();
     let mut gone = map_memfd(&a, &memfd, ByteRange::new(0, PAGE), IovaPlacement::Auto).unwrap();
     gone.unmap().unwrap();
-    let user = UserPages::new(PAGE as usize);
+    let user = dmabuf_p2p_vm_tests::AnonPages::new(PAGE as usize);
     // SAFETY: `user` outlives the mapping (declared earlier, dropped later)
     // and Rust never reads or writes it.
-    let user_map = unsafe { a.map_user(user.ptr, user.len, IovaPlacement::Auto, MapPerms::ReadWrite) }.unwrap();
+    let user_map = unsafe { a.map_user(user.ptr(), user.len(), IovaPlacement::Auto, MapPerms::ReadWrite) }.unwrap();
     let before = open_fd_count();
 
     let unsupported = |what: &str, res: dmabuf_p2p::Result<IoasMapping>, needle: &str, source: &IoasMapping| {
@@ -537,35 +536,4 @@ fn mock_dmabuf_drives_attachments() {
     assert_eq!(att.counts(), (2, 2));
     assert!(!probe_revoked(&iommufd, mock.dmabuf()).unwrap());
     assert_eq!(open_fd_count(), before);
-}
-
-/// Anonymous private pages, unmapped on drop.
-struct UserPages {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-impl UserPages {
-    fn new(len: usize) -> Self {
-        // SAFETY: a fresh anonymous mapping at a kernel-chosen address.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        Self { ptr: NonNull::new(p.cast()).unwrap(), len }
-    }
-}
-
-impl Drop for UserPages {
-    fn drop(&mut self) {
-        // SAFETY: exactly the mapping made in `new`.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
-    }
 }

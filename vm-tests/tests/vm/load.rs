@@ -57,19 +57,7 @@ const COPY: u64 = 0x800;
 /// How long one edu transfer may take (it takes 100 ms).
 const DMA_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// `len` bytes of a pattern without a short period that differs with `seed`.
-pub(crate) fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = 0x9e37_79b9_7f4a_7c15_u64 ^ seed.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    (0..len)
-        .map(|_| {
-            // xorshift64*
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8
-        })
-        .collect()
-}
+pub(crate) use dmabuf_p2p_vm_tests::pattern;
 
 /// The small ivshmem devices with their test-bed names, in PCI address order
 /// (which is the order of their root ports: `shm2` first).

@@ -66,9 +66,9 @@ impl Rig {
         dev.bind(&iommufd).unwrap();
         dev.set_memory_decode(true).unwrap();
         let bar = dev.map_bar(2).unwrap();
-        let old = pattern(seed, LEN as usize);
+        let old = pattern(seed.into(), LEN as usize);
         bar_write(&bar, area, &old);
-        let new = pattern(seed.wrapping_add(100), COPY as usize);
+        let new = pattern(seed.wrapping_add(100).into(), COPY as usize);
         let src = Memfd::new("revoke-src", 0x1000).unwrap();
         src.write_at(0, &new).unwrap();
         let src_map = ioas.map_file(&src, ByteRange::new(0, 0x1000), IovaPlacement::Auto, MapPerms::Read).unwrap();
