@@ -24,7 +24,7 @@ use std::time::Duration;
 use crate::error::{Error, RangeProblem, Result};
 use crate::fdinfo::FdInfo;
 use crate::range::page_size;
-use crate::{ioctl, sys, ByteRange};
+use crate::{ByteRange, ioctl, sys};
 
 /// The longest name `DMA_BUF_SET_NAME` accepts, in bytes (`DMA_BUF_NAME_LEN`
 /// minus the NUL).
@@ -51,7 +51,9 @@ pub(crate) fn fs_magic(fd: BorrowedFd<'_>) -> Result<u64> {
     // `fd` is open for the call.
     let ret = unsafe { libc::fstatfs(fd.as_raw_fd(), st.as_mut_ptr()) };
     if ret < 0 {
-        return Err(Error::last_os("fstatfs", || format!("fd {}", fd.as_raw_fd())));
+        return Err(Error::last_os("fstatfs", || {
+            format!("fd {}", fd.as_raw_fd())
+        }));
     }
     // SAFETY: fstatfs succeeded, so it initialised the struct (and it was
     // zeroed before, which is a valid `statfs` too: integers only).
@@ -219,7 +221,11 @@ impl DmaBuf {
         let raw = self.fd.as_raw_fd();
         match self.fdinfo() {
             Ok(i) => match i.name {
-                Some(name) => format!("{} dma-buf {name:?} fd {raw} ({})", i.exp_name, human_size(i.size)),
+                Some(name) => format!(
+                    "{} dma-buf {name:?} fd {raw} ({})",
+                    i.exp_name,
+                    human_size(i.size)
+                ),
                 None => format!("{} dma-buf fd {raw} ({})", i.exp_name, human_size(i.size)),
             },
             Err(_) => format!("dma-buf fd {raw}"),
@@ -228,7 +234,8 @@ impl DmaBuf {
 
     /// The exporter's name from fdinfo, or `"unknown"`.
     fn exporter(&self) -> String {
-        self.fdinfo().map_or_else(|_| "unknown".to_owned(), |i| i.exp_name)
+        self.fdinfo()
+            .map_or_else(|_| "unknown".to_owned(), |i| i.exp_name)
     }
 
     /// The buffer size in bytes: `lseek(fd, 0, SEEK_END)`, which a dma-buf
@@ -301,8 +308,13 @@ impl DmaBuf {
             name: name.to_owned(),
             problem,
         })?;
-        ioctl::dma_buf_set_name(self.fd.as_fd(), &cname)
-            .map_err(|e| Error::sys("DMA_BUF_SET_NAME", format!("{} to {name:?}", self.describe()), e))
+        ioctl::dma_buf_set_name(self.fd.as_fd(), &cname).map_err(|e| {
+            Error::sys(
+                "DMA_BUF_SET_NAME",
+                format!("{} to {name:?}", self.describe()),
+                e,
+            )
+        })
     }
 
     /// Begins CPU access (`DMA_BUF_IOCTL_SYNC` START) and returns a guard that
@@ -321,7 +333,11 @@ impl DmaBuf {
     /// ```
     pub fn begin_cpu_access(&self, access: Access) -> Result<CpuAccessGuard<'_>> {
         self.sync_start(access)?;
-        Ok(CpuAccessGuard { buf: self, access, ended: false })
+        Ok(CpuAccessGuard {
+            buf: self,
+            access,
+            ended: false,
+        })
     }
 
     /// Raw `DMA_BUF_IOCTL_SYNC` START, without a guard. Prefer
@@ -336,7 +352,8 @@ impl DmaBuf {
     /// ```
     pub fn sync_start(&self, access: Access) -> Result<()> {
         let flags = u64::from(sys::DMA_BUF_SYNC_START | access.bits());
-        ioctl::dma_buf_sync(self.fd.as_fd(), flags).map_err(|e| Error::sys(access.sync_op(false), self.describe(), e))
+        ioctl::dma_buf_sync(self.fd.as_fd(), flags)
+            .map_err(|e| Error::sys(access.sync_op(false), self.describe(), e))
     }
 
     /// Raw `DMA_BUF_IOCTL_SYNC` END, without a guard. udmabuf answers an END
@@ -353,7 +370,8 @@ impl DmaBuf {
     /// ```
     pub fn sync_end(&self, access: Access) -> Result<()> {
         let flags = u64::from(sys::DMA_BUF_SYNC_END | access.bits());
-        ioctl::dma_buf_sync(self.fd.as_fd(), flags).map_err(|e| Error::sys(access.sync_op(true), self.describe(), e))
+        ioctl::dma_buf_sync(self.fd.as_fd(), flags)
+            .map_err(|e| Error::sys(access.sync_op(true), self.describe(), e))
     }
 
     /// Exports the buffer's current fences as a sync_file
@@ -387,9 +405,18 @@ impl DmaBuf {
     /// # Ok::<(), dmabuf_p2p::Error>(())
     /// ```
     pub fn import_sync_file(&self, access: Access, sync_file: &SyncFile) -> Result<()> {
-        ioctl::dma_buf_import_sync_file(self.fd.as_fd(), access.bits(), sync_file.0.as_fd()).map_err(|e| {
-            Error::sys(access.import_op(), format!("{} with sync_file fd {}", self.describe(), sync_file.0.as_raw_fd()), e)
-        })
+        ioctl::dma_buf_import_sync_file(self.fd.as_fd(), access.bits(), sync_file.0.as_fd())
+            .map_err(|e| {
+                Error::sys(
+                    access.import_op(),
+                    format!(
+                        "{} with sync_file fd {}",
+                        self.describe(),
+                        sync_file.0.as_raw_fd()
+                    ),
+                    e,
+                )
+            })
     }
 
     /// Maps the whole buffer read-write (`MAP_SHARED`). See [`Mapping`].
@@ -427,7 +454,11 @@ impl DmaBuf {
     /// ```
     pub fn mmap_range(&self, range: ByteRange, writable: bool) -> Result<Mapping> {
         let size = self.size()?;
-        let bad = |problem| Error::InvalidRange { target: self.describe(), range, problem };
+        let bad = |problem| Error::InvalidRange {
+            target: self.describe(),
+            range,
+            problem,
+        };
         range.check_in(size, 1).map_err(bad)?;
         if range.offset % page_size() != 0 {
             return Err(bad(RangeProblem::Unaligned { align: page_size() }));
@@ -436,7 +467,11 @@ impl DmaBuf {
         let label = self.describe();
         Mapping::map_fd(self.fd.as_fd(), range.offset, len, writable, &label).map_err(|source| {
             if source.raw_os_error() == Some(libc::EINVAL) {
-                Error::MmapRefused { buffer: label, exporter: self.exporter(), source }
+                Error::MmapRefused {
+                    buffer: label,
+                    exporter: self.exporter(),
+                    source,
+                }
             } else {
                 Error::sys("mmap", format!("{range} of {label}"), source)
             }
@@ -462,7 +497,10 @@ impl DmaBuf {
 /// Checks a dma-buf name; the problem as text if it is unusable.
 fn check_name(name: &str) -> Result<std::ffi::CString, String> {
     if name.len() > MAX_NAME_LEN {
-        return Err(format!("{} bytes long, the kernel takes at most {MAX_NAME_LEN}", name.len()));
+        return Err(format!(
+            "{} bytes long, the kernel takes at most {MAX_NAME_LEN}",
+            name.len()
+        ));
     }
     std::ffi::CString::new(name).map_err(|e| format!("contains a NUL byte at {}", e.nul_position()))
 }
@@ -480,7 +518,11 @@ fn check_name(name: &str) -> Result<std::ffi::CString, String> {
 pub fn validate_name(name: &str) -> Result<()> {
     check_name(name)
         .map(drop)
-        .map_err(|problem| Error::InvalidName { buffer: String::new(), name: name.to_owned(), problem })
+        .map_err(|problem| Error::InvalidName {
+            buffer: String::new(),
+            name: name.to_owned(),
+            problem,
+        })
 }
 
 /// Ends CPU access to a [`DmaBuf`] (`DMA_BUF_IOCTL_SYNC` END) when dropped;
@@ -547,7 +589,11 @@ impl SyncFile {
             None => -1,
             Some(t) => libc::c_int::try_from(t.as_millis()).unwrap_or(libc::c_int::MAX),
         };
-        let mut pfd = libc::pollfd { fd: self.0.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: self.0.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         loop {
             // SAFETY: `pfd` is one valid pollfd for the call; the fd is ours.
             let ret = unsafe { libc::poll(&mut pfd, 1, ms) };
@@ -556,7 +602,11 @@ impl SyncFile {
             }
             let e = io::Error::last_os_error();
             if e.kind() != io::ErrorKind::Interrupted {
-                return Err(Error::sys("poll", format!("sync_file fd {}", self.0.as_raw_fd()), e));
+                return Err(Error::sys(
+                    "poll",
+                    format!("sync_file fd {}", self.0.as_raw_fd()),
+                    e,
+                ));
             }
         }
     }
@@ -656,7 +706,10 @@ impl TryFrom<OwnedFd> for DmaBuf {
                     .unwrap_or_default();
                 let error = Error::NotDmaBuf {
                     fd: raw,
-                    problem: format!("it is {what}on {} (filesystem magic {magic:#x})", fs_name(magic)),
+                    problem: format!(
+                        "it is {what}on {} (filesystem magic {magic:#x})",
+                        fs_name(magic)
+                    ),
                 };
                 Err(TryFromFdError { fd, error })
             }
@@ -694,7 +747,9 @@ impl FromRawFd for DmaBuf {
     /// `fd` must be an open dma-buf fd that the caller owns.
     unsafe fn from_raw_fd(fd: RawFd) -> Self {
         // SAFETY: the caller hands over ownership of an open fd.
-        Self { fd: unsafe { OwnedFd::from_raw_fd(fd) } }
+        Self {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        }
     }
 }
 
@@ -749,20 +804,46 @@ impl fmt::Debug for Mapping {
 
 impl Mapping {
     /// `mmap(NULL, len, PROT_READ[|PROT_WRITE], MAP_SHARED, fd, offset)`.
-    pub(crate) fn map_fd(fd: BorrowedFd<'_>, offset: u64, len: usize, writable: bool, label: &str) -> io::Result<Self> {
-        let off = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+    pub(crate) fn map_fd(
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        writable: bool,
+        label: &str,
+    ) -> io::Result<Self> {
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
         if len == 0 {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
-        let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
         // SAFETY: a fresh mapping at an address the kernel picks (NULL hint,
         // no MAP_FIXED), so no existing memory is replaced; `fd` is open.
-        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd.as_raw_fd(), off) };
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                off,
+            )
+        };
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
-        Ok(Self { ptr, len, writable, label: format!("mapping of {label} at {offset:#x}") })
+        let ptr = NonNull::new(p.cast::<u8>())
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        Ok(Self {
+            ptr,
+            len,
+            writable,
+            label: format!("mapping of {label} at {offset:#x}"),
+        })
     }
 
     /// Length in bytes.
@@ -798,14 +879,22 @@ impl Mapping {
         }
         range
             .check_in(self.len as u64, 1)
-            .map_err(|problem| Error::InvalidRange { target: self.label.clone(), range, problem })
+            .map_err(|problem| Error::InvalidRange {
+                target: self.label.clone(),
+                range,
+                problem,
+            })
     }
 
     fn check_writable(&self) -> Result<()> {
         if self.writable {
             Ok(())
         } else {
-            Err(Error::sys("write", format!("read-only {}", self.label), io::Error::from_raw_os_error(libc::EACCES)))
+            Err(Error::sys(
+                "write",
+                format!("read-only {}", self.label),
+                io::Error::from_raw_os_error(libc::EACCES),
+            ))
         }
     }
 
@@ -946,7 +1035,12 @@ mod tests {
                 // SAFETY: same bounds, in `out`.
                 unsafe { volatile_write(out.as_mut_ptr().wrapping_add(start), &dst) };
                 assert_eq!(&out[start..start + len], &src[start..start + len]);
-                assert!(out[..start].iter().chain(&out[start + len..]).all(|&b| b == 0xff));
+                assert!(
+                    out[..start]
+                        .iter()
+                        .chain(&out[start + len..])
+                        .all(|&b| b == 0xff)
+                );
             }
         }
     }
@@ -955,7 +1049,11 @@ mod tests {
     fn names() {
         assert!(check_name("").is_ok());
         assert!(check_name(&"a".repeat(31)).is_ok());
-        assert!(check_name(&"a".repeat(32)).unwrap_err().contains("32 bytes"));
+        assert!(
+            check_name(&"a".repeat(32))
+                .unwrap_err()
+                .contains("32 bytes")
+        );
         assert!(check_name("a\0").unwrap_err().contains("NUL"));
     }
 }

@@ -323,7 +323,10 @@ pub enum AllowedIovaProblem {
     /// what lies outside the IOMMU's aperture, once a device is attached):
     /// `EADDRINUSE`. `usable` is what `IOMMU_IOAS_IOVA_RANGES` reported
     /// afterwards.
-    #[error("covers reserved IOVAs (EADDRINUSE); the usable ranges are {}", join_ranges(usable))]
+    #[error(
+        "covers reserved IOVAs (EADDRINUSE); the usable ranges are {}",
+        join_ranges(usable)
+    )]
     Reserved {
         /// The IOAS's usable ranges.
         usable: Vec<crate::importer::iommufd::IovaRange>,
@@ -345,12 +348,20 @@ impl Error {
     /// make system calls (a `readlink` of the fd) that overwrite `errno`.
     pub(crate) fn last_os<S: Into<String>>(op: &'static str, target: impl FnOnce() -> S) -> Self {
         let source = io::Error::last_os_error();
-        Self::Sys { op, target: target().into(), source }
+        Self::Sys {
+            op,
+            target: target().into(),
+            source,
+        }
     }
 
     /// Builds [`Error::Sys`] from an [`io::Error`].
     pub(crate) fn sys(op: &'static str, target: impl Into<String>, source: io::Error) -> Self {
-        Self::Sys { op, target: target.into(), source }
+        Self::Sys {
+            op,
+            target: target.into(),
+            source,
+        }
     }
 
     /// The errno behind this error, if the kernel gave one.
@@ -360,10 +371,11 @@ impl Error {
             | Self::NotImportable { source, .. }
             | Self::MmapRefused { source, .. }
             | Self::UnknownObject { source, .. }
-            | Self::OptionRefused { source, .. } => {
-                source.raw_os_error()
-            }
-            Self::InvalidAllowedIova { problem: AllowedIovaProblem::Reserved { .. }, .. } => Some(libc::EADDRINUSE),
+            | Self::OptionRefused { source, .. } => source.raw_os_error(),
+            Self::InvalidAllowedIova {
+                problem: AllowedIovaProblem::Reserved { .. },
+                ..
+            } => Some(libc::EADDRINUSE),
             _ => None,
         }
     }

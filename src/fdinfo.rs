@@ -67,15 +67,23 @@ impl FdInfo {
     pub fn parse(text: &str) -> Result<Self> {
         let mut fields: HashMap<&str, &str> = HashMap::new();
         for line in text.lines() {
-            let Some((key, value)) = line.split_once(':') else { continue };
+            let Some((key, value)) = line.split_once(':') else {
+                continue;
+            };
             if !KNOWN.contains(&key) {
                 continue;
             }
             // The kernel separates with one tab; keep the rest verbatim (names
             // may contain spaces).
-            let value = value.strip_prefix('\t').unwrap_or_else(|| value.trim_start());
+            let value = value
+                .strip_prefix('\t')
+                .unwrap_or_else(|| value.trim_start());
             if fields.insert(key, value).is_some() {
-                return Err(parse_error(WHAT, text, format!("key {key:?} appears twice")));
+                return Err(parse_error(
+                    WHAT,
+                    text,
+                    format!("key {key:?} appears twice"),
+                ));
             }
         }
         let get = |key: &str| {
@@ -97,7 +105,9 @@ impl FdInfo {
             // Validate first: `i64::from_str` would also take a leading '+'.
             parse_digits(digits, 10)
                 .and_then(|_| v.parse::<i64>().ok())
-                .ok_or_else(|| parse_error(WHAT, text, format!("pos: {v:?} is not a decimal number")))?
+                .ok_or_else(|| {
+                    parse_error(WHAT, text, format!("pos: {v:?} is not a decimal number"))
+                })?
         };
         let flags = u32::try_from(number("flags", 8)?)
             .map_err(|_| parse_error(WHAT, text, "flags: does not fit in 32 bits"))?;
@@ -112,14 +122,21 @@ impl FdInfo {
                 name: fields.get("name").map(|n| (*n).to_owned()),
             }),
         };
-        Ok(Self { pos, flags, mnt_id, ino, dmabuf })
+        Ok(Self {
+            pos,
+            flags,
+            mnt_id,
+            ino,
+            dmabuf,
+        })
     }
 
     /// Reads and parses an fdinfo file, e.g. `/proc/1234/fdinfo/5`. A failed
     /// read is [`Error::Sys`] naming the path.
     pub fn read_path(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = fs::read_to_string(path).map_err(|e| Error::sys("read", path.display().to_string(), e))?;
+        let text = fs::read_to_string(path)
+            .map_err(|e| Error::sys("read", path.display().to_string(), e))?;
         Self::parse(&text)
     }
 
@@ -154,7 +171,9 @@ impl FdInfo {
 }
 
 /// The keys this parser reads; every other line is ignored.
-const KNOWN: [&str; 8] = ["pos", "flags", "mnt_id", "ino", "size", "count", "exp_name", "name"];
+const KNOWN: [&str; 8] = [
+    "pos", "flags", "mnt_id", "ino", "size", "count", "exp_name", "name",
+];
 
 impl FromStr for FdInfo {
     type Err = Error;

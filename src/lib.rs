@@ -12,11 +12,11 @@
 pub mod dmabuf;
 pub mod engine;
 pub mod error;
-mod ioctl;
 pub mod exporter;
-pub mod importer;
-pub mod memfd;
 pub mod fdinfo;
+pub mod importer;
+mod ioctl;
+pub mod memfd;
 pub mod pci;
 pub mod range;
 pub mod revoke;
@@ -24,7 +24,7 @@ pub mod share;
 pub mod sys;
 pub mod sysfs;
 
-pub use dmabuf::{is_dmabuf, Access, DmaBuf, Mapping, SyncFile};
+pub use dmabuf::{Access, DmaBuf, Mapping, SyncFile, is_dmabuf};
 pub use error::{Error, RangeProblem, Result};
 pub use exporter::vfio::{BarExport, VfioPciDevice};
 pub use importer::iommufd::{Ioas, IoasMapping, Iommufd, IovaPlacement, MapPerms};

@@ -7,22 +7,28 @@ mod cli;
 
 use std::process::ExitCode;
 
-use clap::error::ErrorKind;
 use clap::Parser;
+use clap::error::ErrorKind;
 
 fn main() -> ExitCode {
     let args = match cli::Cli::try_parse() {
         Ok(a) => a,
         Err(e) => match e.kind() {
             // Help and version are not errors: clap prints them as usual.
-            ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-                e.exit()
-            }
+            ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
             // One line, like every other error (clap would add a usage block).
             _ => {
                 let text = e.to_string();
-                let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("invalid arguments");
-                eprintln!("dmabuf-p2p: error: {} (see --help)", first.trim_start_matches("error: "));
+                let first = text
+                    .lines()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("invalid arguments");
+                eprintln!(
+                    "dmabuf-p2p: error: {} (see --help)",
+                    first.trim_start_matches("error: ")
+                );
                 return ExitCode::from(2);
             }
         },

@@ -15,9 +15,9 @@ use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
+use crate::ByteRange;
 use crate::dmabuf::Mapping;
 use crate::error::{Error, Result};
-use crate::ByteRange;
 
 /// The huge page size [`MemfdOptions::hugetlb`] asks for (`MFD_HUGE_2MB`).
 pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
@@ -183,7 +183,10 @@ impl Default for MemfdOptions {
 impl MemfdOptions {
     /// Base pages, `F_SEAL_SHRINK` added: ready for udmabuf.
     pub const fn new() -> Self {
-        Self { hugetlb: false, seal_shrink: true }
+        Self {
+            hugetlb: false,
+            seal_shrink: true,
+        }
     }
 
     /// Back the memfd with 2 MiB huge pages (`MFD_HUGETLB | MFD_HUGE_2MB`).
@@ -219,8 +222,9 @@ impl MemfdOptions {
     /// # Ok::<(), dmabuf_p2p::Error>(())
     /// ```
     pub fn create(self, name: &str, size: u64) -> Result<Memfd> {
-        let cname = CString::new(name)
-            .map_err(|_| Error::Memfd { problem: format!("memfd name {name:?} contains a NUL byte") })?;
+        let cname = CString::new(name).map_err(|_| Error::Memfd {
+            problem: format!("memfd name {name:?} contains a NUL byte"),
+        })?;
         if self.hugetlb && size % HUGE_PAGE_SIZE != 0 {
             return Err(Error::Memfd {
                 problem: format!(
@@ -239,7 +243,11 @@ impl MemfdOptions {
         // flags are plain integers.
         let raw = unsafe { libc::memfd_create(cname.as_ptr(), flags) };
         if raw < 0 {
-            let what = if self.hugetlb { format!("{name:?} (MFD_HUGETLB, 2 MiB pages)") } else { format!("{name:?}") };
+            let what = if self.hugetlb {
+                format!("{name:?} (MFD_HUGETLB, 2 MiB pages)")
+            } else {
+                format!("{name:?}")
+            };
             return Err(Error::last_os("memfd_create", || what));
         }
         // SAFETY: `raw` was just returned by memfd_create and is owned by
@@ -248,9 +256,16 @@ impl MemfdOptions {
         // SAFETY: ftruncate on an fd we own, with an in-range length; no
         // memory of ours is involved.
         if unsafe { libc::ftruncate(fd.as_raw_fd(), len) } < 0 {
-            return Err(Error::last_os("ftruncate", || format!("memfd {name:?} to {size:#x} bytes")));
+            return Err(Error::last_os("ftruncate", || {
+                format!("memfd {name:?} to {size:#x} bytes")
+            }));
         }
-        let memfd = Memfd { fd, name: name.to_owned(), size, hugetlb: self.hugetlb };
+        let memfd = Memfd {
+            fd,
+            name: name.to_owned(),
+            size,
+            hugetlb: self.hugetlb,
+        };
         if self.seal_shrink {
             memfd.add_seals(Seals::SHRINK)?;
         }
@@ -343,11 +358,17 @@ impl Memfd {
     /// ```
     pub fn add_seals(&self, seals: Seals) -> Result<()> {
         let bits = libc::c_int::try_from(seals.bits()).map_err(|_| Error::Memfd {
-            problem: format!("seal bits {:#x} for {} do not fit in an int", seals.bits(), self.label()),
+            problem: format!(
+                "seal bits {:#x} for {} do not fit in an int",
+                seals.bits(),
+                self.label()
+            ),
         })?;
         // SAFETY: F_ADD_SEALS takes an int by value; the fd is ours and open.
         if unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_ADD_SEALS, bits) } < 0 {
-            return Err(Error::last_os("fcntl(F_ADD_SEALS)", || format!("{} adding {seals}", self.label())));
+            return Err(Error::last_os("fcntl(F_ADD_SEALS)", || {
+                format!("{} adding {seals}", self.label())
+            }));
         }
         Ok(())
     }
@@ -363,10 +384,17 @@ impl Memfd {
             let pos = offset_at(offset, done)?;
             // SAFETY: `rest` is valid for reads of `rest.len()` bytes for the
             // call; the fd is ours.
-            let n = unsafe { libc::pwrite(self.fd.as_raw_fd(), rest.as_ptr().cast(), rest.len(), pos) };
+            let n =
+                unsafe { libc::pwrite(self.fd.as_raw_fd(), rest.as_ptr().cast(), rest.len(), pos) };
             match n {
                 n if n > 0 => done += n.unsigned_abs(),
-                0 => return Err(Error::sys("pwrite", self.label(), io::ErrorKind::WriteZero.into())),
+                0 => {
+                    return Err(Error::sys(
+                        "pwrite",
+                        self.label(),
+                        io::ErrorKind::WriteZero.into(),
+                    ));
+                }
                 _ => {
                     let e = io::Error::last_os_error();
                     if e.kind() != io::ErrorKind::Interrupted {
@@ -388,10 +416,23 @@ impl Memfd {
             let pos = offset_at(offset, done)?;
             // SAFETY: `rest` is valid for writes of `rest.len()` bytes for the
             // call and not otherwise borrowed; the fd is ours.
-            let n = unsafe { libc::pread(self.fd.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len(), pos) };
+            let n = unsafe {
+                libc::pread(
+                    self.fd.as_raw_fd(),
+                    rest.as_mut_ptr().cast(),
+                    rest.len(),
+                    pos,
+                )
+            };
             match n {
                 n if n > 0 => done += n.unsigned_abs(),
-                0 => return Err(Error::sys("pread", self.label(), io::ErrorKind::UnexpectedEof.into())),
+                0 => {
+                    return Err(Error::sys(
+                        "pread",
+                        self.label(),
+                        io::ErrorKind::UnexpectedEof.into(),
+                    ));
+                }
                 _ => {
                     let e = io::Error::last_os_error();
                     if e.kind() != io::ErrorKind::Interrupted {
@@ -430,7 +471,8 @@ impl Memfd {
                 problem: crate::RangeProblem::Empty,
             });
         }
-        Mapping::map_fd(self.fd.as_fd(), 0, len, true, &label).map_err(|e| Error::sys("mmap", label, e))
+        Mapping::map_fd(self.fd.as_fd(), 0, len, true, &label)
+            .map_err(|e| Error::sys("mmap", label, e))
     }
 
     fn check_io_range(&self, offset: u64, len: usize) -> Result<()> {
@@ -440,11 +482,21 @@ impl Memfd {
         }
         range
             .check_in(self.size, 1)
-            .map_err(|problem| Error::InvalidRange { target: self.label(), range, problem })
+            .map_err(|problem| Error::InvalidRange {
+                target: self.label(),
+                range,
+                problem,
+            })
     }
 
     fn label(&self) -> String {
-        format!("memfd {:?} (fd {}, {} bytes{})", self.name, self.fd.as_raw_fd(), self.size, if self.hugetlb { ", hugetlb" } else { "" })
+        format!(
+            "memfd {:?} (fd {}, {} bytes{})",
+            self.name,
+            self.fd.as_raw_fd(),
+            self.size,
+            if self.hugetlb { ", hugetlb" } else { "" }
+        )
     }
 }
 

@@ -5,7 +5,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::error::{Error, Result};
-use crate::range::{parse_digits, parse_error, ByteRange};
+use crate::range::{ByteRange, parse_digits, parse_error};
 
 /// A PCI address (domain, bus, device, function), as sysfs names devices.
 ///
@@ -44,7 +44,12 @@ impl PciAddress {
             };
             return Err(parse_error(WHAT_ADDR, &text, problem));
         }
-        Ok(Self { domain, bus, device, function })
+        Ok(Self {
+            domain,
+            bus,
+            device,
+            function,
+        })
     }
 
     /// The PCI domain (segment).
@@ -72,7 +77,11 @@ const WHAT_ADDR: &str = "PCI address";
 
 impl fmt::Display for PciAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:04x}:{:02x}:{:02x}.{:x}", self.domain, self.bus, self.device, self.function)
+        write!(
+            f,
+            "{:04x}:{:02x}:{:02x}.{:x}",
+            self.domain, self.bus, self.device, self.function
+        )
     }
 }
 
@@ -94,8 +103,10 @@ impl FromStr for PciAddress {
                 if !(4..=8).contains(&d.len()) {
                     return Err(err(format!("domain {d:?} must have 4 to 8 hex digits")));
                 }
-                let v = parse_digits(d, 16).ok_or_else(|| err(format!("domain {d:?} is not hex")))?;
-                u32::try_from(v).map_err(|_| err(format!("domain {d:?} does not fit in 32 bits")))?
+                let v =
+                    parse_digits(d, 16).ok_or_else(|| err(format!("domain {d:?} is not hex")))?;
+                u32::try_from(v)
+                    .map_err(|_| err(format!("domain {d:?} does not fit in 32 bits")))?
             }
         };
         let bus = hex_field(bus_txt, 2, "bus").map_err(err)?;
@@ -110,14 +121,21 @@ impl FromStr for PciAddress {
         if function > 7 {
             return Err(err(format!("function {fn_txt} is above 7")));
         }
-        Ok(Self { domain, bus, device, function })
+        Ok(Self {
+            domain,
+            bus,
+            device,
+            function,
+        })
     }
 }
 
 /// Parses exactly `digits` hex digits into a byte.
 fn hex_field(t: &str, digits: usize, name: &str) -> Result<u8, String> {
     if t.len() != digits {
-        return Err(format!("{name} {t:?} must be exactly {digits} hex digit(s)"));
+        return Err(format!(
+            "{name} {t:?} must be exactly {digits} hex digit(s)"
+        ));
     }
     parse_digits(t, 16)
         .and_then(|v| u8::try_from(v).ok())
@@ -125,13 +143,18 @@ fn hex_field(t: &str, digits: usize, name: &str) -> Result<u8, String> {
 }
 
 impl serde::Serialize for PciAddress {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
         serializer.collect_str(self)
     }
 }
 
 impl<'de> serde::Deserialize<'de> for PciAddress {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
         let s = <std::borrow::Cow<'de, str> as serde::Deserialize>::deserialize(deserializer)?;
         s.parse().map_err(serde::de::Error::custom)
     }
@@ -195,7 +218,9 @@ impl FromStr for TargetSpec {
         let t = s.trim();
         // The address ends at the function digit after its '.', so the first ':'
         // after the first '.' starts the BAR part.
-        let split = t.find('.').and_then(|dot| t[dot..].find(':').map(|c| dot + c));
+        let split = t
+            .find('.')
+            .and_then(|dot| t[dot..].find(':').map(|c| dot + c));
         let (bdf, rest) = match split {
             Some(i) => (&t[..i], Some(&t[i + 1..])),
             None => (t, None),
@@ -205,7 +230,11 @@ impl FromStr for TargetSpec {
             other => other,
         })?;
         let Some(rest) = rest else {
-            return Ok(Self { device, bar: None, range: None });
+            return Ok(Self {
+                device,
+                bar: None,
+                range: None,
+            });
         };
         let (bar_txt, range_txt) = match rest.split_once(':') {
             Some((b, r)) => (b, Some(r)),
@@ -226,7 +255,11 @@ impl FromStr for TargetSpec {
                 other => other,
             })?),
         };
-        Ok(Self { device, bar: Some(bar), range })
+        Ok(Self {
+            device,
+            bar: Some(bar),
+            range,
+        })
     }
 }
 
@@ -303,18 +336,22 @@ impl fmt::Display for Resource {
             return write!(f, "[{}] unused", self.index);
         }
         let kind = if self.is_mem() {
-            if self.is_mem64() {
-                "mem64"
-            } else {
-                "mem32"
-            }
+            if self.is_mem64() { "mem64" } else { "mem32" }
         } else if self.is_io() {
             "io"
         } else {
             "other"
         };
-        let pref = if self.is_prefetch() { " prefetchable" } else { "" };
-        write!(f, "[{}] {kind}{pref} at {:#x} size {:#x}", self.index, self.start, self.size)
+        let pref = if self.is_prefetch() {
+            " prefetchable"
+        } else {
+            ""
+        };
+        write!(
+            f,
+            "[{}] {kind}{pref} at {:#x} size {:#x}",
+            self.index, self.start, self.size
+        )
     }
 }
 
@@ -349,7 +386,12 @@ pub fn parse_resources(text: &str) -> Result<Vec<Resource>> {
                 .ok_or_else(|| err(format!("end {end:#x} is not after start {start:#x}")))?
         };
         let index = u32::try_from(out.len()).map_err(|_| err("too many lines".to_owned()))?;
-        out.push(Resource { index, start, size, flags });
+        out.push(Resource {
+            index,
+            start,
+            size,
+            flags,
+        });
     }
     Ok(out)
 }

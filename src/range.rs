@@ -165,9 +165,16 @@ impl ByteRange {
     /// # Ok::<(), dmabuf_p2p::RangeProblem>(())
     /// ```
     pub fn to_phys(self, bar_start: u64) -> Result<PhysRange, RangeProblem> {
-        let start = bar_start.checked_add(self.offset).ok_or(RangeProblem::Overflow)?;
-        start.checked_add(self.length).ok_or(RangeProblem::Overflow)?;
-        Ok(PhysRange { start, length: self.length })
+        let start = bar_start
+            .checked_add(self.offset)
+            .ok_or(RangeProblem::Overflow)?;
+        start
+            .checked_add(self.length)
+            .ok_or(RangeProblem::Overflow)?;
+        Ok(PhysRange {
+            start,
+            length: self.length,
+        })
     }
 }
 
@@ -299,19 +306,31 @@ pub fn page_size() -> u64 {
 /// }
 /// # Ok::<(), dmabuf_p2p::Error>(())
 /// ```
-pub fn validate_export_ranges(target: &str, ranges: &[ByteRange], bar_size: u64, align: u64) -> Result<u64> {
+pub fn validate_export_ranges(
+    target: &str,
+    ranges: &[ByteRange],
+    bar_size: u64,
+    align: u64,
+) -> Result<u64> {
     let invalid = |range: ByteRange, problem: RangeProblem| Error::InvalidRange {
         target: target.to_owned(),
         range,
         problem,
     };
     if ranges.is_empty() {
-        return Err(invalid(ByteRange::new(0, 0), RangeProblem::Count("no ranges given".to_owned())));
+        return Err(invalid(
+            ByteRange::new(0, 0),
+            RangeProblem::Count("no ranges given".to_owned()),
+        ));
     }
     let mut total: u64 = 0;
     for &range in ranges {
-        range.check_in(bar_size, align).map_err(|p| invalid(range, p))?;
-        total = total.checked_add(range.length).ok_or_else(|| invalid(range, RangeProblem::TotalOverflow))?;
+        range
+            .check_in(bar_size, align)
+            .map_err(|p| invalid(range, p))?;
+        total = total
+            .checked_add(range.length)
+            .ok_or_else(|| invalid(range, RangeProblem::TotalOverflow))?;
         if total >= TOTAL_LIMIT {
             return Err(invalid(range, RangeProblem::TotalTooLarge { total }));
         }
@@ -335,11 +354,13 @@ pub fn map_to_phys(target: &str, bar_start: u64, ranges: &[ByteRange]) -> Result
     ranges
         .iter()
         .map(|&range| {
-            range.to_phys(bar_start).map_err(|problem| Error::InvalidRange {
-                target: target.to_owned(),
-                range,
-                problem,
-            })
+            range
+                .to_phys(bar_start)
+                .map_err(|problem| Error::InvalidRange {
+                    target: target.to_owned(),
+                    range,
+                    problem,
+                })
         })
         .collect()
 }
@@ -371,7 +392,8 @@ fn parse_number(s: &str) -> Result<u64, String> {
     let value = if let Some(hex) = body.strip_prefix("0x").or_else(|| body.strip_prefix("0X")) {
         parse_digits(hex, 16).ok_or_else(|| format!("{body:?} is not a hex number"))?
     } else {
-        parse_digits(body, 10).ok_or_else(|| format!("{body:?} is not a number (decimal, or hex with 0x)"))?
+        parse_digits(body, 10)
+            .ok_or_else(|| format!("{body:?} is not a number (decimal, or hex with 0x)"))?
     };
     if shift == 0 {
         return Ok(value);
@@ -386,7 +408,9 @@ fn parse_number(s: &str) -> Result<u64, String> {
 fn split_suffix(t: &str) -> (&str, u32) {
     let core = t
         .strip_suffix("iB")
-        .filter(|c| c.ends_with(|ch: char| matches!(ch.to_ascii_uppercase(), 'K' | 'M' | 'G' | 'T')))
+        .filter(|c| {
+            c.ends_with(|ch: char| matches!(ch.to_ascii_uppercase(), 'K' | 'M' | 'G' | 'T'))
+        })
         .unwrap_or(t);
     let shift = match core.chars().last().map(|c| c.to_ascii_uppercase()) {
         Some('K') => 10,
@@ -417,7 +441,11 @@ pub(crate) fn parse_error(what: &'static str, input: &str, problem: impl Into<St
     } else {
         input.to_owned()
     };
-    Error::Parse { what, input, problem: problem.into() }
+    Error::Parse {
+        what,
+        input,
+        problem: problem.into(),
+    }
 }
 
 #[cfg(test)]

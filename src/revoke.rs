@@ -37,7 +37,7 @@ use std::cell::Cell;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
-use crate::importer::iommufd::{Iommufd, Ioas, IoasMapping, IovaPlacement, MapPerms};
+use crate::importer::iommufd::{Ioas, IoasMapping, Iommufd, IovaPlacement, MapPerms};
 use crate::range::PhysRange;
 use crate::{DmaBuf, Error, Result};
 
@@ -140,7 +140,10 @@ pub struct Subscription {
 impl fmt::Debug for Subscription {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let hub = self.hub.upgrade().map(|h| h.name().to_owned());
-        f.debug_struct("Subscription").field("hub", &hub).field("id", &self.id).finish()
+        f.debug_struct("Subscription")
+            .field("hub", &hub)
+            .field("id", &self.id)
+            .finish()
     }
 }
 
@@ -199,8 +202,14 @@ impl HubInner {
         }
         self.state = state;
         self.changes += 1;
-        let change = StateChange { state, seq: self.changes };
-        Some((change, self.observers.iter().map(|(_, o)| Arc::clone(o)).collect()))
+        let change = StateChange {
+            state,
+            seq: self.changes,
+        };
+        Some((
+            change,
+            self.observers.iter().map(|(_, o)| Arc::clone(o)).collect(),
+        ))
     }
 }
 
@@ -248,7 +257,14 @@ impl fmt::Debug for RevocationHub {
         f.debug_struct("RevocationHub")
             .field("name", &self.name)
             .field("state", &inner.state)
-            .field("attachments", &inner.attachments.iter().filter(|w| w.strong_count() > 0).count())
+            .field(
+                "attachments",
+                &inner
+                    .attachments
+                    .iter()
+                    .filter(|w| w.strong_count() > 0)
+                    .count(),
+            )
             .finish()
     }
 }
@@ -336,7 +352,10 @@ impl RevocationHub {
     /// the hub never changed), read together.
     pub fn last_change(&self) -> StateChange {
         let inner = lock(&self.inner);
-        StateChange { state: inner.state, seq: inner.changes }
+        StateChange {
+            state: inner.state,
+            seq: inner.changes,
+        }
     }
 
     /// Calls `f` after every change of the hub's [`state`](Self::state)
@@ -365,17 +384,27 @@ impl RevocationHub {
     /// hub.revoke(RevokeReason::Reset); // unsubscribed
     /// assert_eq!(*seen.lock().unwrap(), [BufferState::Revoked(RevokeReason::MemoryDecodeOff), BufferState::Live]);
     /// ```
-    pub fn subscribe(self: &Arc<Self>, f: impl Fn(&StateChange) + Send + Sync + 'static) -> Subscription {
+    pub fn subscribe(
+        self: &Arc<Self>,
+        f: impl Fn(&StateChange) + Send + Sync + 'static,
+    ) -> Subscription {
         let mut inner = lock(&self.inner);
         let id = inner.next_observer;
         inner.next_observer += 1;
         inner.observers.push((id, Arc::new(f)));
-        Subscription { hub: Arc::downgrade(self), id }
+        Subscription {
+            hub: Arc::downgrade(self),
+            id,
+        }
     }
 
     /// The attachments still alive.
     pub fn attachment_count(&self) -> usize {
-        lock(&self.inner).attachments.iter().filter(|w| w.strong_count() > 0).count()
+        lock(&self.inner)
+            .attachments
+            .iter()
+            .filter(|w| w.strong_count() > 0)
+            .count()
     }
 
     fn live_attachments(inner: &mut HubInner) -> Vec<Arc<AttachmentCore>> {
@@ -438,7 +467,10 @@ impl RevocationHub {
             });
             (Self::live_attachments(&mut inner), change)
         };
-        let n = atts.iter().filter(|a| a.on_revoked(reason, keep_dead_area)).count();
+        let n = atts
+            .iter()
+            .filter(|a| a.on_revoked(reason, keep_dead_area))
+            .count();
         tell(change);
         n
     }
@@ -456,14 +488,21 @@ impl RevocationHub {
             };
             (Self::live_attachments(&mut inner), change)
         };
-        let n = atts.iter().filter(|a| a.policy() == RestorePolicy::Automatic && a.try_restore()).count();
+        let n = atts
+            .iter()
+            .filter(|a| a.policy() == RestorePolicy::Automatic && a.try_restore())
+            .count();
         tell(change);
         n
     }
 
     /// The exporter is gone for good (closed, unplugged).
     pub fn close(&self, reason: RevokeReason) -> usize {
-        let reason = if reason.is_permanent() { reason } else { RevokeReason::DeviceClosed };
+        let reason = if reason.is_permanent() {
+            reason
+        } else {
+            RevokeReason::DeviceClosed
+        };
         self.revoke(reason)
     }
 
@@ -554,7 +593,15 @@ impl Attachment {
         perms: MapPerms,
         policy: RestorePolicy,
     ) -> Result<Self> {
-        Self::map_parts(source.dmabuf(), source.hub(), source.phys_ranges(), ioas, at, perms, policy)
+        Self::map_parts(
+            source.dmabuf(),
+            source.hub(),
+            source.phys_ranges(),
+            ioas,
+            at,
+            perms,
+            policy,
+        )
     }
 
     /// Like [`map`](Self::map), from the parts: a buffer, its exporter's hub
@@ -575,7 +622,9 @@ impl Attachment {
         match before.state {
             BufferState::Live => {}
             BufferState::Revoked(_) | BufferState::Gone(_) => {
-                return Err(Error::Revoked { buffer: format!("{} (exporter {})", buf.describe(), hub.name()) })
+                return Err(Error::Revoked {
+                    buffer: format!("{} (exporter {})", buf.describe(), hub.name()),
+                });
             }
         }
         let mapping = ioas.map_dmabuf(buf, at, perms)?;
@@ -590,7 +639,13 @@ impl Attachment {
             hub: Arc::clone(hub),
             info,
             policy: Mutex::new(policy),
-            state: Mutex::new(AttState { mapping, revoked: None, revocations: 0, restores: 0, last_error: None }),
+            state: Mutex::new(AttState {
+                mapping,
+                revoked: None,
+                revocations: 0,
+                restores: 0,
+                last_error: None,
+            }),
             callbacks: Mutex::new(Vec::new()),
         });
         hub.register(&core);
@@ -677,7 +732,13 @@ impl Attachment {
     pub fn ensure_live(&self) -> Result<()> {
         match self.revoked_reason() {
             None => Ok(()),
-            Some(r) => Err(Error::Revoked { buffer: format!("IOVA {:#x} of exporter {} ({r})", self.iova(), self.core.info.exporter) }),
+            Some(r) => Err(Error::Revoked {
+                buffer: format!(
+                    "IOVA {:#x} of exporter {} ({r})",
+                    self.iova(),
+                    self.core.info.exporter
+                ),
+            }),
         }
     }
 
@@ -688,13 +749,21 @@ impl Attachment {
         // remap's unmap would free the IOVA, and its map then fail.
         let _transition = self.core.hub.lock_transitions_outside_callbacks();
         if let BufferState::Revoked(r) | BufferState::Gone(r) = self.core.hub.state() {
-            return Err(Error::Revoked { buffer: format!("exporter {} ({r})", self.core.hub.name()) });
+            return Err(Error::Revoked {
+                buffer: format!("exporter {} ({r})", self.core.hub.name()),
+            });
         }
         if self.core.try_restore() {
             Ok(())
         } else {
             let why = self.last_error().unwrap_or_else(|| "restore failed".into());
-            Err(Error::Revoked { buffer: format!("IOVA {:#x} of exporter {}: {why}", self.iova(), self.core.hub.name()) })
+            Err(Error::Revoked {
+                buffer: format!(
+                    "IOVA {:#x} of exporter {}: {why}",
+                    self.iova(),
+                    self.core.hub.name()
+                ),
+            })
         }
     }
 
@@ -716,7 +785,9 @@ impl Attachment {
     pub fn sync_with_kernel(&self, iommufd: &Iommufd) -> Result<bool> {
         let buf_revoked = {
             let st = lock(&self.core.state);
-            let Some(buf) = st.mapping.dmabuf() else { return Ok(false) };
+            let Some(buf) = st.mapping.dmabuf() else {
+                return Ok(false);
+            };
             probe_revoked(iommufd, buf)?
         };
         if buf_revoked {

@@ -22,7 +22,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::pci::{parse_resources, PciAddress, Resource, BAR_COUNT};
+use crate::pci::{BAR_COUNT, PciAddress, Resource, parse_resources};
 use crate::range::{parse_digits, parse_error};
 
 /// A sysfs tree to read PCI devices from, `/sys` by default.
@@ -101,7 +101,11 @@ impl Sysfs {
         let mut out = Vec::new();
         for entry in entries {
             let entry = entry.map_err(|e| Error::sys("read_dir", target(), e))?;
-            if let Some(addr) = entry.file_name().to_str().and_then(|n| n.parse::<PciAddress>().ok()) {
+            if let Some(addr) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<PciAddress>().ok())
+            {
                 out.push(addr);
             }
         }
@@ -117,13 +121,15 @@ impl Sysfs {
     /// The PCI vendor ID, from `vendor`.
     pub fn vendor(&self, addr: PciAddress) -> Result<u16> {
         let v = self.read_hex(addr, "vendor")?;
-        u16::try_from(v).map_err(|_| self.bad_content(addr, "vendor", &format!("{v:#x}"), "above 0xffff"))
+        u16::try_from(v)
+            .map_err(|_| self.bad_content(addr, "vendor", &format!("{v:#x}"), "above 0xffff"))
     }
 
     /// The PCI device ID, from `device`.
     pub fn device_id(&self, addr: PciAddress) -> Result<u16> {
         let v = self.read_hex(addr, "device")?;
-        u16::try_from(v).map_err(|_| self.bad_content(addr, "device", &format!("{v:#x}"), "above 0xffff"))
+        u16::try_from(v)
+            .map_err(|_| self.bad_content(addr, "device", &format!("{v:#x}"), "above 0xffff"))
     }
 
     /// The 24-bit class code, from `class`.
@@ -150,7 +156,14 @@ impl Sysfs {
         parse_digits(&name, 10)
             .and_then(|v| u32::try_from(v).ok())
             .map(Some)
-            .ok_or_else(|| self.bad_content(addr, "iommu_group", &name, "link target is not a group number"))
+            .ok_or_else(|| {
+                self.bad_content(
+                    addr,
+                    "iommu_group",
+                    &name,
+                    "link target is not a group number",
+                )
+            })
     }
 
     /// The VFIO cdev name under `vfio-dev/` (`vfioN`), or `None` if there is
@@ -166,8 +179,12 @@ impl Sysfs {
         let mut best: Option<(u64, String)> = None;
         for entry in entries {
             let entry = entry.map_err(|e| Error::sys("read_dir", target(addr, &dir), e))?;
-            let Ok(name) = entry.file_name().into_string() else { continue };
-            let Some(n) = name.strip_prefix("vfio").and_then(|d| parse_digits(d, 10)) else { continue };
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            let Some(n) = name.strip_prefix("vfio").and_then(|d| parse_digits(d, 10)) else {
+                continue;
+            };
             if best.as_ref().is_none_or(|(b, _)| n < *b) {
                 best = Some((n, name));
             }
@@ -185,9 +202,16 @@ impl Sysfs {
     /// One BAR (0..=5) from the `resource` file. A BAR the file does not list
     /// is [`Error::InvalidRegion`]; an unused BAR is returned with size 0.
     pub fn bar(&self, addr: PciAddress, index: u32) -> Result<Resource> {
-        let invalid = |problem: String| Error::InvalidRegion { device: addr.to_string(), index, problem };
+        let invalid = |problem: String| Error::InvalidRegion {
+            device: addr.to_string(),
+            index,
+            problem,
+        };
         if index >= BAR_COUNT {
-            return Err(invalid(format!("not a BAR (BARs are 0..={})", BAR_COUNT - 1)));
+            return Err(invalid(format!(
+                "not a BAR (BARs are 0..={})",
+                BAR_COUNT - 1
+            )));
         }
         self.resources(addr)?
             .into_iter()
@@ -246,14 +270,23 @@ impl Sysfs {
             .map(|n| Some(n.to_owned()))
             .ok_or_else(|| {
                 let shown = link.display().to_string();
-                self.bad_content(addr, name, &shown, "link target has no UTF-8 last component")
+                self.bad_content(
+                    addr,
+                    name,
+                    &shown,
+                    "link target has no UTF-8 last component",
+                )
             })
     }
 
     /// [`Error::Parse`] for bad content in a device attribute file.
     fn bad_content(&self, addr: PciAddress, name: &str, content: &str, problem: &str) -> Error {
         let path = self.device_dir(addr).join(name);
-        parse_error("sysfs attribute", content, format!("{problem} (in {})", path.display()))
+        parse_error(
+            "sysfs attribute",
+            content,
+            format!("{problem} (in {})", path.display()),
+        )
     }
 }
 
@@ -270,9 +303,15 @@ fn read_text(addr: PciAddress, path: &Path) -> Result<String> {
 /// Adds the file's path to a parse error's problem.
 fn in_file(e: Error, path: &Path) -> Error {
     match e {
-        Error::Parse { what, input, problem } => {
-            Error::Parse { what, input, problem: format!("{problem} (in {})", path.display()) }
-        }
+        Error::Parse {
+            what,
+            input,
+            problem,
+        } => Error::Parse {
+            what,
+            input,
+            problem: format!("{problem} (in {})", path.display()),
+        },
         other => other,
     }
 }

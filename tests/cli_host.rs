@@ -15,7 +15,11 @@ const CLAP_HINT: &str = "For more information, try '--help'.";
 
 /// Runs the CLI with a backtrace requested, so a panic would show one.
 fn run(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).env("RUST_BACKTRACE", "1").output().unwrap()
+    Command::new(BIN)
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap()
 }
 
 /// What is wrong with a failing run, or `None` if it failed the right way:
@@ -37,12 +41,20 @@ fn problem(out: &Output, needles: &[&str]) -> Option<String> {
     if !stdout.trim().is_empty() {
         return Some(format!("printed to stdout: {stdout:?}"));
     }
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty() && l.trim() != CLAP_HINT).collect();
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty() && l.trim() != CLAP_HINT)
+        .collect();
     let [line] = lines.as_slice() else {
-        return Some(format!("{} diagnostic lines, want one: {stderr:?}", lines.len()));
+        return Some(format!(
+            "{} diagnostic lines, want one: {stderr:?}",
+            lines.len()
+        ));
     };
     if !line.starts_with("error:") && !line.starts_with("dmabuf-p2p: error:") {
-        return Some(format!("the line does not start with an error label: {line:?}"));
+        return Some(format!(
+            "the line does not start with an error label: {line:?}"
+        ));
     }
     let missing: Vec<&&str> = needles.iter().filter(|n| !line.contains(**n)).collect();
     if !missing.is_empty() {
@@ -60,7 +72,13 @@ fn check_all(cases: &[(&[&str], &[&str])]) {
             failures.push(format!("dmabuf-p2p {args:?}: {p}"));
         }
     }
-    assert!(failures.is_empty(), "{} of {} cases failed:\n  {}", failures.len(), cases.len(), failures.join("\n  "));
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n  {}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n  ")
+    );
 }
 
 #[test]
@@ -68,19 +86,52 @@ fn malformed_export_targets_are_one_line_errors() {
     let cases: &[(&[&str], &[&str])] = &[
         (&["export", ""], &["''", "expected DDDD:BB:DD.F"]),
         (&["export", "zz"], &["'zz'", "expected DDDD:BB:DD.F"]),
-        (&["export", "0000:zz:00.0"], &["0000:zz:00.0", "bus \"zz\" is not hex"]),
-        (&["export", "0000:100:00.0"], &["0000:100:00.0", "bus \"100\""]),
+        (
+            &["export", "0000:zz:00.0"],
+            &["0000:zz:00.0", "bus \"zz\" is not hex"],
+        ),
+        (
+            &["export", "0000:100:00.0"],
+            &["0000:100:00.0", "bus \"100\""],
+        ),
         (&["export", "0000:00:1f"], &["0000:00:1f", "DD.F"]),
         (&["export", "0000:00:00.8"], &["0000:00:00.8", "function 8"]),
-        (&["export", "0000:00:04.0:6"], &["0000:00:04.0:6", "BAR \"6\" must be 0..=5"]),
-        (&["export", "0000:00:04.0:x"], &["0000:00:04.0:x", "BAR \"x\""]),
-        (&["export", "0000:00:04.0:2:0x1000"], &["range \"0x1000\"", "OFFSET+LEN"]),
-        (&["export", "0000:00:04.0:2:+4K"], &["range \"+4K\"", "offset: empty number"]),
-        (&["export", "0000:00:04.0:2:0x1000+"], &["range \"0x1000+\"", "length: empty number"]),
-        (&["export", "0000:00:04.0:2:0+4Q"], &["range \"0+4Q\"", "\"4Q\" is not a number"]),
-        (&["export", "0000:00:04.0:2:0+0xfffffffffffffffff"], &["0xfffffffffffffffff", "not a hex number"]),
-        (&["export", "0000:00:04.0:2:0+99999999T"], &["\"99999999T\" does not fit in 64 bits"]),
-        (&["export", "0000:00:04.0:2:0x1000+4K:7"], &["range \"0x1000+4K:7\""]),
+        (
+            &["export", "0000:00:04.0:6"],
+            &["0000:00:04.0:6", "BAR \"6\" must be 0..=5"],
+        ),
+        (
+            &["export", "0000:00:04.0:x"],
+            &["0000:00:04.0:x", "BAR \"x\""],
+        ),
+        (
+            &["export", "0000:00:04.0:2:0x1000"],
+            &["range \"0x1000\"", "OFFSET+LEN"],
+        ),
+        (
+            &["export", "0000:00:04.0:2:+4K"],
+            &["range \"+4K\"", "offset: empty number"],
+        ),
+        (
+            &["export", "0000:00:04.0:2:0x1000+"],
+            &["range \"0x1000+\"", "length: empty number"],
+        ),
+        (
+            &["export", "0000:00:04.0:2:0+4Q"],
+            &["range \"0+4Q\"", "\"4Q\" is not a number"],
+        ),
+        (
+            &["export", "0000:00:04.0:2:0+0xfffffffffffffffff"],
+            &["0xfffffffffffffffff", "not a hex number"],
+        ),
+        (
+            &["export", "0000:00:04.0:2:0+99999999T"],
+            &["\"99999999T\" does not fit in 64 bits"],
+        ),
+        (
+            &["export", "0000:00:04.0:2:0x1000+4K:7"],
+            &["range \"0x1000+4K:7\""],
+        ),
     ];
     check_all(cases);
 }
@@ -90,17 +141,72 @@ fn malformed_p2p_test_arguments_are_one_line_errors() {
     const T: &str = "0000:00:04.0";
     const E: &str = "0000:00:03.0";
     let cases: &[(&[&str], &[&str])] = &[
-        (&["p2p-test", "--engine", E, "--target", T, "--size", "12Q"], &["'12Q'", "--size", "not a number"]),
-        (&["p2p-test", "--engine", E, "--target", T, "--size", "0x"], &["'0x'", "--size", "not a hex number"]),
-        (&["p2p-test", "--engine", E, "--target", T, "--size", ""], &["--size", "empty number"]),
-        (&["p2p-test", "--engine", E, "--target", T, "--size", "1E"], &["'1E'", "--size"]),
-        (&["p2p-test", "--engine", E, "--target", T, "--size", "99999999999T"], &["99999999999T", "does not fit in 64 bits"]),
-        (&["p2p-test", "--engine=zz", "--target", T], &["'zz'", "--engine", "PCI address"]),
-        (&["p2p-test", "--engine", "00:03", "--target", T], &["'00:03'", "--engine"]),
-        (&["p2p-test", "--engine", E, "--target", "0000:00:04.0:7"], &["--target", "BAR \"7\""]),
-        (&["p2p-test", "--engine", E, "--target", "0000:00:04.0:2:0x800"], &["--target", "range \"0x800\""]),
-        (&["p2p-test", "--engine", E, "--target", T, "--timeout=-1"], &["'-1'", "--timeout"]),
-        (&["p2p-test", "--engine", E, "--target", T, "--timeout", "99999999999999999999999"], &["--timeout", "too large"]),
+        (
+            &["p2p-test", "--engine", E, "--target", T, "--size", "12Q"],
+            &["'12Q'", "--size", "not a number"],
+        ),
+        (
+            &["p2p-test", "--engine", E, "--target", T, "--size", "0x"],
+            &["'0x'", "--size", "not a hex number"],
+        ),
+        (
+            &["p2p-test", "--engine", E, "--target", T, "--size", ""],
+            &["--size", "empty number"],
+        ),
+        (
+            &["p2p-test", "--engine", E, "--target", T, "--size", "1E"],
+            &["'1E'", "--size"],
+        ),
+        (
+            &[
+                "p2p-test",
+                "--engine",
+                E,
+                "--target",
+                T,
+                "--size",
+                "99999999999T",
+            ],
+            &["99999999999T", "does not fit in 64 bits"],
+        ),
+        (
+            &["p2p-test", "--engine=zz", "--target", T],
+            &["'zz'", "--engine", "PCI address"],
+        ),
+        (
+            &["p2p-test", "--engine", "00:03", "--target", T],
+            &["'00:03'", "--engine"],
+        ),
+        (
+            &["p2p-test", "--engine", E, "--target", "0000:00:04.0:7"],
+            &["--target", "BAR \"7\""],
+        ),
+        (
+            &[
+                "p2p-test",
+                "--engine",
+                E,
+                "--target",
+                "0000:00:04.0:2:0x800",
+            ],
+            &["--target", "range \"0x800\""],
+        ),
+        (
+            &["p2p-test", "--engine", E, "--target", T, "--timeout=-1"],
+            &["'-1'", "--timeout"],
+        ),
+        (
+            &[
+                "p2p-test",
+                "--engine",
+                E,
+                "--target",
+                T,
+                "--timeout",
+                "99999999999999999999999",
+            ],
+            &["--timeout", "too large"],
+        ),
     ];
     check_all(cases);
 }

@@ -7,17 +7,19 @@ use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Mutex;
 
-use dmabuf_p2p::dmabuf::{is_dmabuf, validate_name, MAX_NAME_LEN};
+use dmabuf_p2p::dmabuf::{MAX_NAME_LEN, is_dmabuf, validate_name};
 use dmabuf_p2p::exporter::heap;
-use dmabuf_p2p::exporter::udmabuf::{check_items, UdmabufLimits};
-use dmabuf_p2p::memfd::{Memfd, MemfdOptions, Seals, HUGE_PAGE_SIZE};
+use dmabuf_p2p::exporter::udmabuf::{UdmabufLimits, check_items};
+use dmabuf_p2p::memfd::{HUGE_PAGE_SIZE, Memfd, MemfdOptions, Seals};
 use dmabuf_p2p::{ByteRange, DmaBuf, Error, RangeProblem};
 
 /// Tests that count open fds must not run alongside tests that open fds.
 static FD_LOCK: Mutex<()> = Mutex::new(());
 
 fn lock() -> std::sync::MutexGuard<'static, ()> {
-    FD_LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    FD_LOCK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn open_fd_count() -> usize {
@@ -109,7 +111,10 @@ fn names_longer_than_31_bytes_or_with_nul_are_refused() {
         other => panic!("unexpected {other:?}"),
     }
     // Multi-byte characters count in bytes: 11 x 3 = 33.
-    assert!(matches!(validate_name(&"€".repeat(11)), Err(Error::InvalidName { .. })));
+    assert!(matches!(
+        validate_name(&"€".repeat(11)),
+        Err(Error::InvalidName { .. })
+    ));
     match validate_name("ab\0cd") {
         Err(e @ Error::InvalidName { .. }) => assert!(e.to_string().contains("NUL"), "{e}"),
         other => panic!("unexpected {other:?}"),
@@ -122,10 +127,19 @@ fn memfd_defaults_are_ready_for_udmabuf() {
     let m = Memfd::new("ready", 16384).unwrap();
     assert_eq!(m.size(), 16384);
     assert_eq!(m.seals().unwrap(), Seals::SHRINK);
-    assert_eq!(check_items(&[(m.as_fd(), 0, 16384)], &limits()).unwrap(), 16384);
-    assert_eq!(check_items(&[(m.as_fd(), 4096, 8192), (m.as_fd(), 0, 4096)], &limits()).unwrap(), 12288);
+    assert_eq!(
+        check_items(&[(m.as_fd(), 0, 16384)], &limits()).unwrap(),
+        16384
+    );
+    assert_eq!(
+        check_items(&[(m.as_fd(), 4096, 8192), (m.as_fd(), 0, 4096)], &limits()).unwrap(),
+        12288
+    );
     let link = std::fs::read_link(format!("/proc/self/fd/{}", m.as_raw_fd())).unwrap();
-    assert!(link.to_string_lossy().starts_with("/memfd:ready"), "{link:?}");
+    assert!(
+        link.to_string_lossy().starts_with("/memfd:ready"),
+        "{link:?}"
+    );
     // Close-on-exec.
     // SAFETY: F_GETFD takes no argument.
     let fdflags = unsafe { libc::fcntl(m.as_raw_fd(), libc::F_GETFD) };
@@ -148,8 +162,14 @@ fn memfd_read_write_and_mmap_agree() {
         m.read_at(0, &mut back).unwrap();
         assert_eq!(&back, b"mapped");
         // Out of range, both ways.
-        assert!(matches!(map.read(8190, &mut got), Err(Error::InvalidRange { .. })));
-        assert!(matches!(m.write_at(8190, b"abc"), Err(Error::InvalidRange { .. })));
+        assert!(matches!(
+            map.read(8190, &mut got),
+            Err(Error::InvalidRange { .. })
+        ));
+        assert!(matches!(
+            m.write_at(8190, b"abc"),
+            Err(Error::InvalidRange { .. })
+        ));
         drop(m); // the mapping keeps the pages
         map.fill(8000, 192, 7).unwrap();
         assert!(map.to_vec()[8000..].iter().all(|&b| b == 7));
@@ -160,11 +180,17 @@ fn memfd_read_write_and_mmap_agree() {
 #[test]
 fn memfd_without_shrink_seal_is_refused_naming_the_seal() {
     let _g = lock();
-    let m = MemfdOptions::new().seal_shrink(false).create("unsealed", 4096).unwrap();
+    let m = MemfdOptions::new()
+        .seal_shrink(false)
+        .create("unsealed", 4096)
+        .unwrap();
     match check_items(&[(m.as_fd(), 0, 4096)], &limits()) {
         Err(Error::Memfd { problem }) => {
             assert!(problem.contains("F_SEAL_SHRINK"), "{problem}");
-            assert!(problem.contains(&format!("fd {}", m.as_raw_fd())), "{problem}");
+            assert!(
+                problem.contains(&format!("fd {}", m.as_raw_fd())),
+                "{problem}"
+            );
             assert!(problem.contains("/memfd:unsealed"), "{problem}");
         }
         other => panic!("unexpected {other:?}"),
@@ -174,7 +200,10 @@ fn memfd_without_shrink_seal_is_refused_naming_the_seal() {
 #[test]
 fn memfd_with_write_seals_is_refused_naming_the_seal() {
     let _g = lock();
-    for (seal, name) in [(Seals::WRITE, "F_SEAL_WRITE"), (Seals::FUTURE_WRITE, "F_SEAL_FUTURE_WRITE")] {
+    for (seal, name) in [
+        (Seals::WRITE, "F_SEAL_WRITE"),
+        (Seals::FUTURE_WRITE, "F_SEAL_FUTURE_WRITE"),
+    ] {
         let m = Memfd::new("sealed", 4096).unwrap();
         m.add_seals(seal).unwrap();
         match check_items(&[(m.as_fd(), 0, 4096)], &limits()) {
@@ -196,7 +225,10 @@ fn memfd_without_allow_sealing_is_refused() {
     assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), 4096) }, 0);
     match check_items(&[(fd.as_fd(), 0, 4096)], &limits()) {
         Err(Error::Memfd { problem }) => {
-            assert!(problem.contains("F_SEAL_SHRINK") && problem.contains("F_SEAL_SEAL"), "{problem}");
+            assert!(
+                problem.contains("F_SEAL_SHRINK") && problem.contains("F_SEAL_SEAL"),
+                "{problem}"
+            );
         }
         other => panic!("unexpected {other:?}"),
     }
@@ -206,7 +238,10 @@ fn memfd_without_allow_sealing_is_refused() {
 fn non_shmem_files_are_refused() {
     let _g = lock();
     let (r, _w) = pipe();
-    assert!(matches!(check_items(&[(r.as_fd(), 0, 4096)], &limits()), Err(Error::Memfd { .. })));
+    assert!(matches!(
+        check_items(&[(r.as_fd(), 0, 4096)], &limits()),
+        Err(Error::Memfd { .. })
+    ));
     let f = File::open("Cargo.toml").unwrap();
     match check_items(&[(f.as_fd(), 0, 4096)], &limits()) {
         // Cargo.toml could live on tmpfs; then it is the seal that is missing.
@@ -222,20 +257,46 @@ fn unaligned_empty_and_out_of_bounds_ranges_are_refused() {
     let fd = m.as_fd();
     let check = |offset, size| check_items(&[(fd, offset, size)], &limits());
     let expect = |r: dmabuf_p2p::Result<u64>, want: RangeProblem, range: ByteRange| match r {
-        Err(Error::InvalidRange { target, range: got, problem }) => {
+        Err(Error::InvalidRange {
+            target,
+            range: got,
+            problem,
+        }) => {
             assert_eq!(problem, want);
             assert_eq!(got, range);
-            assert!(target.contains(&format!("fd {}", fd.as_raw_fd())), "{target}");
+            assert!(
+                target.contains(&format!("fd {}", fd.as_raw_fd())),
+                "{target}"
+            );
         }
         other => panic!("unexpected {other:?}"),
     };
     let page = dmabuf_p2p::range::page_size();
     expect(check(0, 0), RangeProblem::Empty, ByteRange::new(0, 0));
-    expect(check(100, 4096), RangeProblem::Unaligned { align: page }, ByteRange::new(100, 4096));
-    expect(check(0, 4097), RangeProblem::Unaligned { align: page }, ByteRange::new(0, 4097));
-    expect(check(8192, 12288), RangeProblem::OutOfBounds { end: 20480, size: 16384 }, ByteRange::new(8192, 12288));
+    expect(
+        check(100, 4096),
+        RangeProblem::Unaligned { align: page },
+        ByteRange::new(100, 4096),
+    );
+    expect(
+        check(0, 4097),
+        RangeProblem::Unaligned { align: page },
+        ByteRange::new(0, 4097),
+    );
+    expect(
+        check(8192, 12288),
+        RangeProblem::OutOfBounds {
+            end: 20480,
+            size: 16384,
+        },
+        ByteRange::new(8192, 12288),
+    );
     let last_page = u64::MAX - 4095;
-    expect(check(last_page, 8192), RangeProblem::Overflow, ByteRange::new(last_page, 8192));
+    expect(
+        check(last_page, 8192),
+        RangeProblem::Overflow,
+        ByteRange::new(last_page, 8192),
+    );
     // The list names the item.
     match check_items(&[(fd, 0, 4096), (fd, 4096, 100)], &limits()) {
         Err(Error::InvalidRange { target, .. }) => assert!(target.contains("item 1"), "{target}"),
@@ -249,17 +310,33 @@ fn list_count_and_total_limits() {
     let m = Memfd::new("limits", 3 << 20).unwrap();
     let fd = m.as_fd();
     match check_items(&[], &limits()) {
-        Err(Error::InvalidRange { problem: RangeProblem::Count(_), .. }) => {}
+        Err(Error::InvalidRange {
+            problem: RangeProblem::Count(_),
+            ..
+        }) => {}
         other => panic!("unexpected {other:?}"),
     }
-    let small = UdmabufLimits { list_limit: 2, size_limit_mb: 2 };
+    let small = UdmabufLimits {
+        list_limit: 2,
+        size_limit_mb: 2,
+    };
     match check_items(&[(fd, 0, 4096); 3], &small) {
-        Err(Error::UdmabufLimit { limit: "list_limit", max: 2, requested: 3 }) => {}
+        Err(Error::UdmabufLimit {
+            limit: "list_limit",
+            max: 2,
+            requested: 3,
+        }) => {}
         other => panic!("unexpected {other:?}"),
     }
     assert_eq!(check_items(&[(fd, 0, 2 << 20)], &small).unwrap(), 2 << 20);
     match check_items(&[(fd, 0, 2 << 20), (fd, 0, 4096)], &small) {
-        Err(e @ Error::UdmabufLimit { limit: "size_limit_mb", max: 2, requested: 3 }) => {
+        Err(
+            e @ Error::UdmabufLimit {
+                limit: "size_limit_mb",
+                max: 2,
+                requested: 3,
+            },
+        ) => {
             assert!(e.to_string().contains("size_limit_mb"), "{e}");
         }
         other => panic!("unexpected {other:?}"),
@@ -274,7 +351,13 @@ fn limits_are_read_from_sysfs_with_defaults() {
     assert_eq!(UdmabufLimits::read_from(&dir), UdmabufLimits::default());
     std::fs::write(dir.join("list_limit"), "7\n").unwrap();
     std::fs::write(dir.join("size_limit_mb"), "garbage\n").unwrap();
-    assert_eq!(UdmabufLimits::read_from(&dir), UdmabufLimits { list_limit: 7, size_limit_mb: 64 });
+    assert_eq!(
+        UdmabufLimits::read_from(&dir),
+        UdmabufLimits {
+            list_limit: 7,
+            size_limit_mb: 64
+        }
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -287,14 +370,23 @@ fn memfd_creation_errors() {
         Err(Error::Memfd { problem }) => assert!(problem.contains("huge page"), "{problem}"),
         other => panic!("unexpected {other:?}"),
     }
-    assert!(matches!(Memfd::new("huge", u64::MAX), Err(Error::Memfd { .. })));
+    assert!(matches!(
+        Memfd::new("huge", u64::MAX),
+        Err(Error::Memfd { .. })
+    ));
     assert_eq!(open_fd_count(), before);
 }
 
 #[test]
 fn seals_display_and_bits() {
-    assert_eq!((Seals::SHRINK | Seals::WRITE).to_string(), "F_SEAL_SHRINK|F_SEAL_WRITE");
-    assert_eq!(Seals::from_bits(0x1000 | 2).to_string(), "F_SEAL_SHRINK|0x1000");
+    assert_eq!(
+        (Seals::SHRINK | Seals::WRITE).to_string(),
+        "F_SEAL_SHRINK|F_SEAL_WRITE"
+    );
+    assert_eq!(
+        Seals::from_bits(0x1000 | 2).to_string(),
+        "F_SEAL_SHRINK|0x1000"
+    );
     assert!(Seals::empty().is_empty());
 }
 
@@ -308,7 +400,14 @@ fn missing_heaps_are_named() {
     for bad in ["nope", "", "..", "a/b"] {
         match heap::DmaHeap::open_in(&dir, bad) {
             Err(e @ Error::HeapNotFound { .. }) => {
-                let Error::HeapNotFound { ref name, ref available, .. } = e else { unreachable!() };
+                let Error::HeapNotFound {
+                    ref name,
+                    ref available,
+                    ..
+                } = e
+                else {
+                    unreachable!()
+                };
                 assert_eq!(name, bad);
                 assert_eq!(available, &vec!["system".to_owned()]);
                 assert!(e.to_string().contains("system"), "{e}");

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use dmabuf_p2p::fdinfo::FdInfo;
-use dmabuf_p2p::pci::{parse_resources, PciAddress, TargetSpec};
-use dmabuf_p2p::range::{parse_size, validate_export_ranges, PhysRange};
+use dmabuf_p2p::pci::{PciAddress, TargetSpec, parse_resources};
+use dmabuf_p2p::range::{PhysRange, parse_size, validate_export_ranges};
 use dmabuf_p2p::sysfs::Sysfs;
 use dmabuf_p2p::{ByteRange, Error, RangeProblem};
 
@@ -24,13 +24,21 @@ fn assert_parse_err<T: std::fmt::Debug>(r: Result<T, Error>, what: &str, needle:
     match r {
         Err(e @ Error::Parse { .. }) => {
             let msg = e.to_string();
-            let Error::Parse { what: w, input, .. } = e else { unreachable!() };
+            let Error::Parse { what: w, input, .. } = e else {
+                unreachable!()
+            };
             assert_eq!(w, what, "wrong `what` in {msg}");
-            assert!(input.contains(needle), "input {input:?} does not contain {needle:?}");
+            assert!(
+                input.contains(needle),
+                "input {input:?} does not contain {needle:?}"
+            );
             // The message shows the input Debug-quoted.
             let quoted = format!("{needle:?}");
             let quoted = &quoted[1..quoted.len() - 1];
-            assert!(msg.contains(quoted), "message {msg:?} does not name {needle:?}");
+            assert!(
+                msg.contains(quoted),
+                "message {msg:?} does not name {needle:?}"
+            );
         }
         other => panic!("expected Error::Parse for {what}, got {other:?}"),
     }
@@ -46,12 +54,20 @@ fn pci_address_good() -> TestResult {
         ("0000:3b:1f.7", (0, 0x3b, 0x1f, 7), "0000:3b:1f.7"),
         ("0000:3B:1F.7", (0, 0x3b, 0x1f, 7), "0000:3b:1f.7"),
         ("10000:e1:00.1", (0x10000, 0xe1, 0, 1), "10000:e1:00.1"),
-        ("ffffffff:ff:1f.7", (0xffff_ffff, 0xff, 0x1f, 7), "ffffffff:ff:1f.7"),
+        (
+            "ffffffff:ff:1f.7",
+            (0xffff_ffff, 0xff, 0x1f, 7),
+            "ffffffff:ff:1f.7",
+        ),
         ("ff:00.3", (0, 0xff, 0, 3), "0000:ff:00.3"),
     ];
     for (text, (d, b, s, f), shown) in cases {
         let a: PciAddress = text.parse()?;
-        assert_eq!((a.domain(), a.bus(), a.device(), a.function()), (d, b, s, f), "{text}");
+        assert_eq!(
+            (a.domain(), a.bus(), a.device(), a.function()),
+            (d, b, s, f),
+            "{text}"
+        );
         assert_eq!(a.to_string(), shown);
         assert_eq!(shown.parse::<PciAddress>()?, a);
         assert_eq!(PciAddress::new(d, b, s, f)?, a);
@@ -101,8 +117,14 @@ fn pci_address_bad() {
 
 #[test]
 fn pci_address_new_checks_ranges() {
-    assert!(matches!(PciAddress::new(0, 0, 32, 0), Err(Error::Parse { .. })));
-    assert!(matches!(PciAddress::new(0, 0, 0, 8), Err(Error::Parse { .. })));
+    assert!(matches!(
+        PciAddress::new(0, 0, 32, 0),
+        Err(Error::Parse { .. })
+    ));
+    assert!(matches!(
+        PciAddress::new(0, 0, 0, 8),
+        Err(Error::Parse { .. })
+    ));
 }
 
 #[test]
@@ -141,11 +163,24 @@ fn target_spec_good() -> TestResult {
             Some(ByteRange::new(0x1000, 0x2000)),
             "0000:00:04.0:2:0x1000+0x2000",
         ),
-        ("00:04.0:2:0+1M", Some(2), Some(ByteRange::new(0, 1 << 20)), "0000:00:04.0:2:0x0+0x100000"),
+        (
+            "00:04.0:2:0+1M",
+            Some(2),
+            Some(ByteRange::new(0, 1 << 20)),
+            "0000:00:04.0:2:0x0+0x100000",
+        ),
     ];
     for (text, bar, range, shown) in cases {
         let t: TargetSpec = text.parse()?;
-        assert_eq!(t, TargetSpec { device: dev, bar, range }, "{text}");
+        assert_eq!(
+            t,
+            TargetSpec {
+                device: dev,
+                bar,
+                range
+            },
+            "{text}"
+        );
         assert_eq!(t.to_string(), shown);
         assert_eq!(shown.parse::<TargetSpec>()?, t);
     }
@@ -196,7 +231,11 @@ fn byte_range_good() -> TestResult {
         ("16777215T+0", 16_777_215 << 40, 0),
     ];
     for (text, offset, length) in cases {
-        assert_eq!(text.parse::<ByteRange>()?, ByteRange::new(offset, length), "{text}");
+        assert_eq!(
+            text.parse::<ByteRange>()?,
+            ByteRange::new(offset, length),
+            "{text}"
+        );
     }
     Ok(())
 }
@@ -260,8 +299,16 @@ fn export_range_errors_name_target_and_range() {
     let bar = 0x10_0000;
     let page = 0x1000;
     let cases: [(&[ByteRange], ByteRange, RangeProblem); 5] = [
-        (&[], ByteRange::new(0, 0), RangeProblem::Count("no ranges given".into())),
-        (&[ByteRange::new(0, 0)], ByteRange::new(0, 0), RangeProblem::Empty),
+        (
+            &[],
+            ByteRange::new(0, 0),
+            RangeProblem::Count("no ranges given".into()),
+        ),
+        (
+            &[ByteRange::new(0, 0)],
+            ByteRange::new(0, 0),
+            RangeProblem::Empty,
+        ),
         (
             &[ByteRange::new(0, page), ByteRange::new(0x800, page)],
             ByteRange::new(0x800, page),
@@ -270,7 +317,10 @@ fn export_range_errors_name_target_and_range() {
         (
             &[ByteRange::new(0xf_f000, 0x2000)],
             ByteRange::new(0xf_f000, 0x2000),
-            RangeProblem::OutOfBounds { end: 0x10_1000, size: bar },
+            RangeProblem::OutOfBounds {
+                end: 0x10_1000,
+                size: bar,
+            },
         ),
         (
             &[ByteRange::new(u64::MAX - 0xfff, 0x1000)],
@@ -284,15 +334,24 @@ fn export_range_errors_name_target_and_range() {
                 let msg = e.to_string();
                 assert!(msg.contains("0000:00:04.0 BAR2"), "{msg}");
                 assert!(msg.contains(&want_range.to_string()), "{msg}");
-                let Error::InvalidRange { range, problem, .. } = e else { unreachable!() };
+                let Error::InvalidRange { range, problem, .. } = e else {
+                    unreachable!()
+                };
                 assert_eq!((range, problem), (want_range, want_problem));
             }
             other => panic!("{ranges:?}: {other:?}"),
         }
     }
     // Overlapping and repeated ranges are allowed; the total is their sum.
-    let ranges = [ByteRange::new(0, 0x8_0000), ByteRange::new(0x8_0000, 0x8_0000), ByteRange::new(0, 0x3000)];
-    assert_eq!(validate_export_ranges("bar", &ranges, bar, page).ok(), Some(0x10_3000));
+    let ranges = [
+        ByteRange::new(0, 0x8_0000),
+        ByteRange::new(0x8_0000, 0x8_0000),
+        ByteRange::new(0, 0x3000),
+    ];
+    assert_eq!(
+        validate_export_ranges("bar", &ranges, bar, page).ok(),
+        Some(0x10_3000)
+    );
 }
 
 #[test]
@@ -301,20 +360,33 @@ fn export_total_limits() {
     let bar = !0xfff_u64;
     let ranges = [ByteRange::new(0, huge), ByteRange::new(0, huge)];
     match validate_export_ranges("bar", &ranges, bar, 0x1000) {
-        Err(Error::InvalidRange { range, problem: RangeProblem::TotalTooLarge { total }, .. }) => {
+        Err(Error::InvalidRange {
+            range,
+            problem: RangeProblem::TotalTooLarge { total },
+            ..
+        }) => {
             assert_eq!((range, total), (ranges[1], 1 << 63));
         }
         other => panic!("{other:?}"),
     }
     // Just below the limit is fine.
     let ok = [ByteRange::new(0, huge), ByteRange::new(0, huge - 0x1000)];
-    assert_eq!(validate_export_ranges("bar", &ok, bar, 0x1000).ok(), Some((1 << 63) - 0x1000));
+    assert_eq!(
+        validate_export_ranges("bar", &ok, bar, 0x1000).ok(),
+        Some((1 << 63) - 0x1000)
+    );
 }
 
 #[test]
 fn phys_range_display() {
-    assert_eq!(PhysRange::new(0xfe00_0000, 0x1000).to_string(), "0xfe000000..0xfe001000");
-    assert_eq!(PhysRange::new(u64::MAX, 1).to_string(), "0xffffffffffffffff..0x10000000000000000");
+    assert_eq!(
+        PhysRange::new(0xfe00_0000, 0x1000).to_string(),
+        "0xfe000000..0xfe001000"
+    );
+    assert_eq!(
+        PhysRange::new(u64::MAX, 1).to_string(),
+        "0xffffffffffffffff..0x10000000000000000"
+    );
 }
 
 // ---------------------------------------------------------------- resource
@@ -341,7 +413,10 @@ fn resource_good() -> TestResult {
     assert!(r[3].is_io() && !r[3].is_mem());
     assert_eq!(r[3].size, 0x20);
     assert_eq!(r[6].index, 6);
-    assert_eq!(r[2].to_string(), "[2] mem64 prefetchable at 0x800000000 size 0x100000");
+    assert_eq!(
+        r[2].to_string(),
+        "[2] mem64 prefetchable at 0x800000000 size 0x100000"
+    );
     assert_eq!(r[1].to_string(), "[1] unused");
     assert_eq!(r[2].as_range(), ByteRange::new(0, 0x10_0000));
     // Blank lines are skipped, CRLF and extra spacing tolerated.
@@ -382,7 +457,8 @@ impl TempDir {
     fn new() -> std::io::Result<Self> {
         static N: AtomicU32 = AtomicU32::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("dmabuf-p2p-parsers-{}-{n}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("dmabuf-p2p-parsers-{}-{n}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir)?;
         Ok(Self(dir))
@@ -405,7 +481,10 @@ fn fake_device(root: &Path, name: &str, files: &[(&str, &str)]) -> std::io::Resu
     }
     let bus = root.join("bus/pci/devices");
     fs::create_dir_all(&bus)?;
-    symlink(format!("../../../devices/pci0000:00/{name}"), bus.join(name))?;
+    symlink(
+        format!("../../../devices/pci0000:00/{name}"),
+        bus.join(name),
+    )?;
     Ok(real)
 }
 
@@ -416,17 +495,33 @@ fn fake_sysfs() -> TestResult {
     let ivshmem = fake_device(
         root,
         "0000:00:04.0",
-        &[("vendor", "0x1af4\n"), ("device", "0x1110\n"), ("class", "0x050000\n"), ("resource", RESOURCE)],
+        &[
+            ("vendor", "0x1af4\n"),
+            ("device", "0x1110\n"),
+            ("class", "0x050000\n"),
+            ("resource", RESOURCE),
+        ],
     )?;
     fs::create_dir_all(root.join("bus/pci/drivers/vfio-pci"))?;
     fs::create_dir_all(root.join("kernel/iommu_groups/7"))?;
     symlink("../../../bus/pci/drivers/vfio-pci", ivshmem.join("driver"))?;
-    symlink("../../../kernel/iommu_groups/7", ivshmem.join("iommu_group"))?;
+    symlink(
+        "../../../kernel/iommu_groups/7",
+        ivshmem.join("iommu_group"),
+    )?;
     fs::create_dir_all(ivshmem.join("vfio-dev/vfio3"))?;
     fs::create_dir_all(ivshmem.join("vfio-dev/vfio12"))?;
     fs::create_dir_all(ivshmem.join("vfio-dev/other"))?;
 
-    let bare = fake_device(root, "0000:00:03.0", &[("vendor", "0x1234\n"), ("device", "0x11e8\n"), ("class", "0x00ff00\n")])?;
+    let bare = fake_device(
+        root,
+        "0000:00:03.0",
+        &[
+            ("vendor", "0x1234\n"),
+            ("device", "0x11e8\n"),
+            ("class", "0x00ff00\n"),
+        ],
+    )?;
     fs::write(bare.join("resource"), "0x0 0x0 0x0\n")?;
     // Entries that are not PCI addresses are skipped when listing.
     fs::create_dir_all(root.join("bus/pci/devices/not-a-device"))?;
@@ -449,14 +544,22 @@ fn fake_sysfs() -> TestResult {
     assert!(sys.bar(a, 1)?.is_unused());
 
     let info = sys.info(b)?;
-    assert_eq!((info.vendor, info.device, info.class), (0x1234, 0x11e8, 0xff00));
-    assert_eq!((info.driver, info.iommu_group, info.vfio_dev), (None, None, None));
+    assert_eq!(
+        (info.vendor, info.device, info.class),
+        (0x1234, 0x11e8, 0xff00)
+    );
+    assert_eq!(
+        (info.driver, info.iommu_group, info.vfio_dev),
+        (None, None, None)
+    );
     assert_eq!(info.resources.len(), 1);
 
     // A BAR the file does not list, and a non-BAR index.
     for idx in [1, 6] {
         match sys.bar(b, idx) {
-            Err(Error::InvalidRegion { device, index, .. }) => assert_eq!((device.as_str(), index), ("0000:00:03.0", idx)),
+            Err(Error::InvalidRegion { device, index, .. }) => {
+                assert_eq!((device.as_str(), index), ("0000:00:03.0", idx))
+            }
             other => panic!("{other:?}"),
         }
     }
@@ -470,7 +573,12 @@ fn fake_sysfs_errors_name_device_and_file() -> TestResult {
     let dev = fake_device(
         root,
         "0000:00:05.0",
-        &[("vendor", "1af4\n"), ("device", "0x10000\n"), ("class", "0x1000000\n"), ("resource", "0x0 0x0\n")],
+        &[
+            ("vendor", "1af4\n"),
+            ("device", "0x10000\n"),
+            ("class", "0x1000000\n"),
+            ("resource", "0x0 0x0\n"),
+        ],
     )?;
     symlink("../../../kernel/iommu_groups/abc", dev.join("iommu_group"))?;
     let sys = Sysfs::new(root);
@@ -500,7 +608,10 @@ fn fake_sysfs_errors_name_device_and_file() -> TestResult {
         Err(e @ Error::Sys { .. }) => {
             assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
             let msg = e.to_string();
-            assert!(msg.contains("0000:00:06.0") && msg.contains("vendor"), "{msg}");
+            assert!(
+                msg.contains("0000:00:06.0") && msg.contains("vendor"),
+                "{msg}"
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -527,7 +638,10 @@ size:\t1048576\ncount:\t2\nexp_name:\tvfio_pci_core\n";
 #[test]
 fn fdinfo_dmabuf() -> TestResult {
     let info = FdInfo::parse(VFIO_DMABUF)?;
-    assert_eq!((info.pos, info.flags, info.mnt_id, info.ino), (0, 0o2_000_002, 15, 2061));
+    assert_eq!(
+        (info.pos, info.flags, info.mnt_id, info.ino),
+        (0, 0o2_000_002, 15, 2061)
+    );
     assert!(info.is_dmabuf() && info.is_cloexec());
     assert_eq!(info.access_mode(), libc::O_RDWR as u32);
     let buf = info.dmabuf.ok_or("no dmabuf")?;
@@ -571,13 +685,19 @@ fn fdinfo_bad() {
         ("pos:\t+1\nflags:\t02\nmnt_id:\t15\nino:\t7\n", "pos"),
         ("pos:\t0\nflags:\t08\nmnt_id:\t15\nino:\t7\n", "flags"),
         ("pos:\t0\nflags:\t0x2\nmnt_id:\t15\nino:\t7\n", "flags"),
-        ("pos:\t0\nflags:\t77777777777\nmnt_id:\t15\nino:\t7\n", "flags"),
+        (
+            "pos:\t0\nflags:\t77777777777\nmnt_id:\t15\nino:\t7\n",
+            "flags",
+        ),
         ("pos:\t0\nflags:\t02\nmnt_id:\t-1\nino:\t7\n", "mnt_id"),
         ("pos:\t0\nflags:\t02\nmnt_id:\t15\nino:\t\n", "ino"),
         ("pos:\t0\nflags:\t02\nmnt_id:\t15\nino:\t٣\n", "ino"),
         ("flags:\t02\nmnt_id:\t15\nino:\t7\n", "pos"),
         ("pos:\t0\nmnt_id:\t15\nino:\t7\n", "flags"),
-        ("pos:\t0\npos:\t0\nflags:\t02\nmnt_id:\t15\nino:\t7\n", "pos"),
+        (
+            "pos:\t0\npos:\t0\nflags:\t02\nmnt_id:\t15\nino:\t7\n",
+            "pos",
+        ),
         ("", "pos"),
     ];
     for (text, key) in cases {
@@ -585,7 +705,9 @@ fn fdinfo_bad() {
             Err(e @ Error::Parse { .. }) => {
                 let msg = e.to_string();
                 assert!(msg.contains(key), "{msg}");
-                let Error::Parse { what, input, .. } = e else { unreachable!() };
+                let Error::Parse { what, input, .. } = e else {
+                    unreachable!()
+                };
                 assert_eq!(what, "fdinfo");
                 assert_eq!(input, text);
             }
@@ -615,7 +737,9 @@ fn fdinfo_of_real_fd() -> TestResult {
     assert!(info.is_cloexec());
     assert_eq!(info.access_mode(), libc::O_RDONLY as u32);
     match FdInfo::read_path("/proc/self/fdinfo/999999") {
-        Err(e @ Error::Sys { .. }) => assert!(e.to_string().contains("/proc/self/fdinfo/999999"), "{e}"),
+        Err(e @ Error::Sys { .. }) => {
+            assert!(e.to_string().contains("/proc/self/fdinfo/999999"), "{e}")
+        }
         other => panic!("{other:?}"),
     }
     Ok(())

@@ -4,8 +4,8 @@
 
 use dmabuf_p2p::fdinfo::FdInfo;
 use dmabuf_p2p::importer::iommufd::IovaRange;
-use dmabuf_p2p::pci::{parse_resources, PciAddress, TargetSpec};
-use dmabuf_p2p::range::{map_to_phys, parse_size, validate_export_ranges, PhysRange};
+use dmabuf_p2p::pci::{PciAddress, TargetSpec, parse_resources};
+use dmabuf_p2p::range::{PhysRange, map_to_phys, parse_size, validate_export_ranges};
 use dmabuf_p2p::{ByteRange, Error, RangeProblem};
 use proptest::prelude::*;
 
@@ -26,7 +26,13 @@ fn range() -> impl Strategy<Value = ByteRange> {
 }
 
 fn align() -> impl Strategy<Value = u64> {
-    prop_oneof![Just(0u64), Just(1), Just(0x1000), Just(0x1_0000), Just(0x20_0000)]
+    prop_oneof![
+        Just(0u64),
+        Just(1),
+        Just(0x1000),
+        Just(0x1_0000),
+        Just(0x20_0000)
+    ]
 }
 
 fn pci_address() -> impl Strategy<Value = PciAddress> {
@@ -45,7 +51,10 @@ fn oracle(r: ByteRange, size: u64, align: u64) -> Result<(), RangeProblem> {
     } else if end > u128::from(u64::MAX) {
         Err(RangeProblem::Overflow)
     } else if end > u128::from(size) {
-        Err(RangeProblem::OutOfBounds { end: end as u64, size })
+        Err(RangeProblem::OutOfBounds {
+            end: end as u64,
+            size,
+        })
     } else {
         Ok(())
     }

@@ -37,18 +37,22 @@
 use dmabuf_p2p::engine::edu::Edu;
 use dmabuf_p2p::exporter::heap::DmaHeap;
 use dmabuf_p2p::exporter::udmabuf::Udmabuf;
-use dmabuf_p2p::exporter::vfio::{Bar, BarExport, BarMapping, DeviceInfo, ExportPlan, RegionInfo, VfioPciDevice};
+use dmabuf_p2p::exporter::vfio::{
+    Bar, BarExport, BarMapping, DeviceInfo, ExportPlan, RegionInfo, VfioPciDevice,
+};
 use dmabuf_p2p::fdinfo::{DmaBufInfo, FdInfo};
 use dmabuf_p2p::importer::iommufd::{IovaPlacement, IovaRange, IovaRanges, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::pci::Resource;
 use dmabuf_p2p::range::PhysRange;
 use dmabuf_p2p::revoke::{
-    Attachment, AttachmentInfo, BufferState, RestorePolicy, RevocationEvent, RevocationHub, RevokeReason,
+    Attachment, AttachmentInfo, BufferState, RestorePolicy, RevocationEvent, RevocationHub,
+    RevokeReason,
 };
 use dmabuf_p2p::sysfs::{PciDeviceInfo, Sysfs};
 use dmabuf_p2p::{
-    ByteRange, DmaBuf, Error, Ioas, IoasMapping, Iommufd, Mapping, PciAddress, RangeProblem, SyncFile, TargetSpec,
+    ByteRange, DmaBuf, Error, Ioas, IoasMapping, Iommufd, Mapping, PciAddress, RangeProblem,
+    SyncFile, TargetSpec,
 };
 
 const fn send_sync<T: Send + Sync>() {}
@@ -116,7 +120,9 @@ fn shared_values_cross_threads() {
         problem: "y".to_owned(),
     });
     let (name, r, e) = std::thread::scope(|s| {
-        s.spawn(|| (hub.name().to_owned(), range, err.to_string())).join().unwrap()
+        s.spawn(|| (hub.name().to_owned(), range, err.to_string()))
+            .join()
+            .unwrap()
     });
     assert_eq!((name.as_str(), r), ("send-sync", range));
     assert!(e.contains('x'));

@@ -13,9 +13,12 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use dmabuf_p2p::revoke::{BufferState, RevokeReason};
-use dmabuf_p2p::share::wire::{encode_frame, recv_frame, send_raw, FD_ROOM, HEADER_LEN, MAGIC, MAX_PAYLOAD, VERSION};
+use dmabuf_p2p::share::wire::{
+    FD_ROOM, HEADER_LEN, MAGIC, MAX_PAYLOAD, VERSION, encode_frame, recv_frame, send_raw,
+};
 use dmabuf_p2p::share::{
-    encode_offer, recv, send_message, BufferInfo, Incoming, Kind, Message, ShareProblem, SharedBuffer,
+    BufferInfo, Incoming, Kind, Message, ShareProblem, SharedBuffer, encode_offer, recv,
+    send_message,
 };
 use dmabuf_p2p::{ByteRange, Error};
 
@@ -66,7 +69,11 @@ fn receive(data: &[u8], n: usize) -> Result<Option<Incoming>, Error> {
     let before = fd_count();
     let got = recv(&rx);
     if got.is_err() {
-        assert_eq!(fd_count(), before, "a refused message left received fds open");
+        assert_eq!(
+            fd_count(),
+            before,
+            "a refused message left received fds open"
+        );
     }
     got
 }
@@ -75,7 +82,10 @@ fn receive(data: &[u8], n: usize) -> Result<Option<Incoming>, Error> {
 fn problem(r: Result<Option<Incoming>, Error>) -> ShareProblem {
     match r {
         Err(Error::Share { problem, peer }) => {
-            assert!(peer.contains("unix socket fd"), "the error names the socket: {peer}");
+            assert!(
+                peer.contains("unix socket fd"),
+                "the error names the socket: {peer}"
+            );
             problem
         }
         other => panic!("expected a sharing-protocol error, got {other:?}"),
@@ -106,7 +116,10 @@ fn offer_of_a_non_dmabuf_is_refused_and_its_fd_closed() {
 fn offer_without_fd() {
     let _s = serial();
     let base = fd_count();
-    assert_eq!(problem(receive(&offer_frame(), 0)), ShareProblem::MissingFd { kind: "offer" });
+    assert_eq!(
+        problem(receive(&offer_frame(), 0)),
+        ShareProblem::MissingFd { kind: "offer" }
+    );
     assert_eq!(fd_count(), base);
 }
 
@@ -114,7 +127,14 @@ fn offer_without_fd() {
 fn offer_with_several_fds() {
     let _s = serial();
     let base = fd_count();
-    assert_eq!(problem(receive(&offer_frame(), 3)), ShareProblem::UnexpectedFds { kind: "offer", count: 3, expected: 1 });
+    assert_eq!(
+        problem(receive(&offer_frame(), 3)),
+        ShareProblem::UnexpectedFds {
+            kind: "offer",
+            count: 3,
+            expected: 1
+        }
+    );
     assert_eq!(fd_count(), base);
 }
 
@@ -122,8 +142,17 @@ fn offer_with_several_fds() {
 fn event_with_an_fd() {
     let _s = serial();
     let base = fd_count();
-    let frame = Message::Revoked(RevokeReason::MemoryDecodeOff).encode().unwrap();
-    assert_eq!(problem(receive(&frame, 1)), ShareProblem::UnexpectedFds { kind: "revoked", count: 1, expected: 0 });
+    let frame = Message::Revoked(RevokeReason::MemoryDecodeOff)
+        .encode()
+        .unwrap();
+    assert_eq!(
+        problem(receive(&frame, 1)),
+        ShareProblem::UnexpectedFds {
+            kind: "revoked",
+            count: 1,
+            expected: 0
+        }
+    );
     assert_eq!(fd_count(), base);
 }
 
@@ -132,7 +161,13 @@ fn more_fds_than_room_is_ctrunc_and_all_closed() {
     let _s = serial();
     let base = fd_count();
     let n = FD_ROOM + 5;
-    assert_eq!(problem(receive(&offer_frame(), n)), ShareProblem::ControlTruncated { closed: FD_ROOM, room: FD_ROOM });
+    assert_eq!(
+        problem(receive(&offer_frame(), n)),
+        ShareProblem::ControlTruncated {
+            closed: FD_ROOM,
+            room: FD_ROOM
+        }
+    );
     assert_eq!(fd_count(), base);
 }
 
@@ -143,7 +178,11 @@ fn truncated_header() {
     let frame = offer_frame();
     assert_eq!(
         problem(receive(&frame[..5], 1)),
-        ShareProblem::Truncated { what: "header", expected: HEADER_LEN as u64, got: 5 }
+        ShareProblem::Truncated {
+            what: "header",
+            expected: HEADER_LEN as u64,
+            got: 5
+        }
     );
     assert_eq!(fd_count(), base);
 }
@@ -157,7 +196,11 @@ fn truncated_payload_with_an_fd() {
     let payload = (frame.len() - HEADER_LEN) as u64;
     assert_eq!(
         problem(receive(&frame[..cut], 1)),
-        ShareProblem::Truncated { what: "payload", expected: payload, got: payload - 3 }
+        ShareProblem::Truncated {
+            what: "payload",
+            expected: payload,
+            got: payload - 3
+        }
     );
     assert_eq!(fd_count(), base);
 }
@@ -168,7 +211,10 @@ fn bad_magic() {
     let base = fd_count();
     let mut frame = offer_frame();
     frame[..4].copy_from_slice(b"HTTP");
-    assert_eq!(problem(receive(&frame, 1)), ShareProblem::BadMagic { found: *b"HTTP" });
+    assert_eq!(
+        problem(receive(&frame, 1)),
+        ShareProblem::BadMagic { found: *b"HTTP" }
+    );
     assert_eq!(fd_count(), base);
 }
 
@@ -178,7 +224,13 @@ fn wrong_version() {
     let base = fd_count();
     let mut frame = offer_frame();
     frame[4..6].copy_from_slice(&(VERSION + 1).to_le_bytes());
-    assert_eq!(problem(receive(&frame, 1)), ShareProblem::Version { found: VERSION + 1, supported: VERSION });
+    assert_eq!(
+        problem(receive(&frame, 1)),
+        ShareProblem::Version {
+            found: VERSION + 1,
+            supported: VERSION
+        }
+    );
     assert_eq!(fd_count(), base);
 }
 
@@ -190,10 +242,16 @@ fn oversized_length_is_refused_before_reading() {
     let h = header(MAGIC, VERSION, Kind::Offer as u16, u32::MAX);
     assert_eq!(
         problem(receive(&h, 1)),
-        ShareProblem::Oversized { length: u64::from(u32::MAX), max: u64::from(MAX_PAYLOAD) }
+        ShareProblem::Oversized {
+            length: u64::from(u32::MAX),
+            max: u64::from(MAX_PAYLOAD)
+        }
     );
     let h = header(MAGIC, VERSION, Kind::Restored as u16, MAX_PAYLOAD + 1);
-    assert!(matches!(problem(receive(&h, 0)), ShareProblem::Oversized { .. }));
+    assert!(matches!(
+        problem(receive(&h, 0)),
+        ShareProblem::Oversized { .. }
+    ));
     assert_eq!(fd_count(), base);
 }
 
@@ -201,7 +259,10 @@ fn oversized_length_is_refused_before_reading() {
 fn unknown_kind() {
     let _s = serial();
     let base = fd_count();
-    assert_eq!(problem(receive(&encode_frame(99, b"{}"), 1)), ShareProblem::UnknownKind(99));
+    assert_eq!(
+        problem(receive(&encode_frame(99, b"{}"), 1)),
+        ShareProblem::UnknownKind(99)
+    );
     assert_eq!(fd_count(), base);
 }
 
@@ -233,7 +294,9 @@ fn malformed_payloads() {
     for (kind, payload, n) in cases {
         let text = String::from_utf8_lossy(&payload).into_owned();
         match problem(receive(&encode_frame(kind, &payload), n)) {
-            ShareProblem::Malformed { kind: k, .. } => assert_eq!(Some(k), Kind::from_u16(kind).map(Kind::name), "{text}"),
+            ShareProblem::Malformed { kind: k, .. } => {
+                assert_eq!(Some(k), Kind::from_u16(kind).map(Kind::name), "{text}")
+            }
             p => panic!("{text}: {p:?}"),
         }
     }
@@ -248,13 +311,21 @@ fn closed_before_the_offer_and_events_before_it() {
     drop(tx);
     assert!(matches!(recv(&rx), Ok(None)));
     match SharedBuffer::receive(rx) {
-        Err(Error::Share { problem: ShareProblem::Closed, .. }) => {}
+        Err(Error::Share {
+            problem: ShareProblem::Closed,
+            ..
+        }) => {}
         other => panic!("{other:?}"),
     }
     let (tx, rx) = UnixStream::pair().unwrap();
     send_message(&tx, &Message::Restored, T).unwrap();
     match SharedBuffer::receive(rx) {
-        Err(Error::Share { problem: ShareProblem::Unexpected { kind: "restored", .. }, .. }) => {}
+        Err(Error::Share {
+            problem: ShareProblem::Unexpected {
+                kind: "restored", ..
+            },
+            ..
+        }) => {}
         other => panic!("{other:?}"),
     }
     drop(tx);
@@ -265,10 +336,13 @@ fn closed_before_the_offer_and_events_before_it() {
 fn offer_timeout_is_typed() {
     let _s = serial();
     let (_tx, rx) = UnixStream::pair().unwrap();
-    rx.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    rx.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
     match SharedBuffer::receive(rx) {
         // The kernel keeps the timeout in jiffies: it may read back a bit longer.
-        Err(Error::Timeout { after, .. }) => assert!((50..100).contains(&after.as_millis()), "{after:?}"),
+        Err(Error::Timeout { after, .. }) => {
+            assert!((50..100).contains(&after.as_millis()), "{after:?}")
+        }
         other => panic!("{other:?}"),
     }
 }
@@ -280,7 +354,11 @@ fn well_formed_messages_pass_and_frames_split_anywhere_reassemble() {
     let msgs = [
         Message::Revoked(RevokeReason::Reset),
         Message::Restored,
-        Message::ReadReply { id: 3, offset: 16, result: Ok(vec![0xde, 0xad]) },
+        Message::ReadReply {
+            id: 3,
+            offset: 16,
+            result: Ok(vec![0xde, 0xad]),
+        },
         Message::Gone(RevokeReason::DeviceClosed),
     ];
     let mut bytes = Vec::new();
@@ -305,7 +383,16 @@ fn well_formed_messages_pass_and_frames_split_anywhere_reassemble() {
 fn unknown_reason_reads_as_remote() {
     let _s = serial();
     let (tx, rx) = UnixStream::pair().unwrap();
-    send_raw(&tx, &encode_frame(Kind::Revoked as u16, br#"{"reason": "cosmic-ray", "extra": 1}"#), &[], T).unwrap();
+    send_raw(
+        &tx,
+        &encode_frame(
+            Kind::Revoked as u16,
+            br#"{"reason": "cosmic-ray", "extra": 1}"#,
+        ),
+        &[],
+        T,
+    )
+    .unwrap();
     match recv(&rx).unwrap() {
         Some(Incoming::Message(Message::Revoked(RevokeReason::Remote))) => {}
         other => panic!("{other:?}"),
@@ -336,7 +423,10 @@ fn send_to_a_full_socket_times_out() {
         if let Err(e) = send_raw(&tx, &frame, &[], Some(Duration::from_millis(100))) {
             break e;
         }
-        assert!(t.elapsed() < Duration::from_secs(30), "the socket never filled");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the socket never filled"
+        );
     };
     assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
 }
@@ -348,9 +438,15 @@ fn raw_frame_keeps_fds_with_it() {
     let f = files(2);
     send_raw(&tx, &encode_frame(42, b"xy"), &fds(&f), T).unwrap();
     let frame = recv_frame(&rx).unwrap().unwrap();
-    assert_eq!((frame.kind, frame.payload.as_slice(), frame.fds.len()), (42, &b"xy"[..], 2));
+    assert_eq!(
+        (frame.kind, frame.payload.as_slice(), frame.fds.len()),
+        (42, &b"xy"[..], 2)
+    );
     let flags = nix_flags(frame.fds[0].as_fd());
-    assert!(flags & libc::FD_CLOEXEC != 0, "received fds are close-on-exec (MSG_CMSG_CLOEXEC)");
+    assert!(
+        flags & libc::FD_CLOEXEC != 0,
+        "received fds are close-on-exec (MSG_CMSG_CLOEXEC)"
+    );
 }
 
 fn nix_flags(fd: BorrowedFd<'_>) -> i32 {
@@ -366,7 +462,13 @@ fn hub_observers_see_numbered_changes() {
     use dmabuf_p2p::revoke::{RevocationHub, StateChange};
     use std::sync::Arc;
     let hub = RevocationHub::new("observed");
-    assert_eq!(hub.last_change(), StateChange { state: BufferState::Live, seq: 0 });
+    assert_eq!(
+        hub.last_change(),
+        StateChange {
+            state: BufferState::Live,
+            seq: 0
+        }
+    );
     let seen: Arc<Mutex<Vec<StateChange>>> = Arc::default();
     let log = Arc::clone(&seen);
     let sub = hub.subscribe(move |c| log.lock().unwrap().push(*c));
@@ -387,11 +489,21 @@ fn hub_observers_see_numbered_changes() {
     let got = seen.lock().unwrap().clone();
     assert_eq!(got.iter().map(|c| c.state).collect::<Vec<_>>(), want);
     assert_eq!(got.iter().map(|c| c.seq).collect::<Vec<_>>(), [1, 2, 3, 4]);
-    assert_eq!(hub.last_change(), StateChange { state: BufferState::Gone(RevokeReason::Unplug), seq: 4 });
+    assert_eq!(
+        hub.last_change(),
+        StateChange {
+            state: BufferState::Gone(RevokeReason::Unplug),
+            seq: 4
+        }
+    );
     drop(sub);
     let other = RevocationHub::new("again");
     let log = Arc::clone(&seen);
     drop(other.subscribe(move |c| log.lock().unwrap().push(*c)));
     other.revoke(RevokeReason::Reset);
-    assert_eq!(seen.lock().unwrap().len(), 4, "a dropped subscription is not called");
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        4,
+        "a dropped subscription is not called"
+    );
 }

@@ -16,12 +16,15 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use dmabuf_p2p::exporter::vfio::{
-    bind_to_vfio_pci_in, export_request, plan_export, Bar, RegionInfo, VfioPciDevice, EXPORT_OPEN_FLAGS,
+    Bar, EXPORT_OPEN_FLAGS, RegionInfo, VfioPciDevice, bind_to_vfio_pci_in, export_request,
+    plan_export,
 };
 use dmabuf_p2p::importer::iommufd::{Iommufd, IovaRange, IovaRanges, MapPerms};
-use dmabuf_p2p::pci::{Resource, IORESOURCE_IO, IORESOURCE_MEM, IORESOURCE_MEM_64, IORESOURCE_PREFETCH};
+use dmabuf_p2p::pci::{
+    IORESOURCE_IO, IORESOURCE_MEM, IORESOURCE_MEM_64, IORESOURCE_PREFETCH, Resource,
+};
 use dmabuf_p2p::sysfs::Sysfs;
-use dmabuf_p2p::{sys, ByteRange, Error, PciAddress, RangeProblem};
+use dmabuf_p2p::{ByteRange, Error, PciAddress, RangeProblem, sys};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -36,19 +39,40 @@ fn dev() -> PciAddress {
 fn mem_bar(index: u32, start: u64, size: u64) -> Bar {
     Bar {
         index,
-        region: RegionInfo { index, flags: 7, size, offset: u64::from(index) << 40 },
-        resource: Resource { index, start, size, flags: IORESOURCE_MEM | IORESOURCE_MEM_64 | IORESOURCE_PREFETCH },
+        region: RegionInfo {
+            index,
+            flags: 7,
+            size,
+            offset: u64::from(index) << 40,
+        },
+        resource: Resource {
+            index,
+            start,
+            size,
+            flags: IORESOURCE_MEM | IORESOURCE_MEM_64 | IORESOURCE_PREFETCH,
+        },
     }
 }
 
 /// Asserts an `InvalidRange` naming `range` with `problem`, and a target that
 /// names the device and BAR.
 #[track_caller]
-fn assert_invalid_range<T: std::fmt::Debug>(r: Result<T, Error>, range: ByteRange, problem: RangeProblem) {
+fn assert_invalid_range<T: std::fmt::Debug>(
+    r: Result<T, Error>,
+    range: ByteRange,
+    problem: RangeProblem,
+) {
     match r {
-        Err(Error::InvalidRange { target, range: got, problem: p }) => {
+        Err(Error::InvalidRange {
+            target,
+            range: got,
+            problem: p,
+        }) => {
             assert_eq!((got, p), (range, problem));
-            assert!(target.contains(DEV) && target.contains("BAR2"), "target {target:?}");
+            assert!(
+                target.contains(DEV) && target.contains("BAR2"),
+                "target {target:?}"
+            );
         }
         other => panic!("expected InvalidRange for {range}, got {other:?}"),
     }
@@ -57,15 +81,29 @@ fn assert_invalid_range<T: std::fmt::Debug>(r: Result<T, Error>, range: ByteRang
 #[test]
 fn plan_records_physical_ranges() -> TestResult {
     let bar = mem_bar(2, 0xfe00_0000, 1 << 20);
-    let ranges = [ByteRange::new(0, PAGE), ByteRange::new(0x4000, 2 * PAGE), ByteRange::new(0, PAGE)];
+    let ranges = [
+        ByteRange::new(0, PAGE),
+        ByteRange::new(0x4000, 2 * PAGE),
+        ByteRange::new(0, PAGE),
+    ];
     let plan = plan_export(dev(), &bar, &ranges, PAGE)?;
     assert_eq!((plan.device, plan.bar, plan.size), (dev(), 2, 4 * PAGE));
     assert_eq!(plan.ranges, ranges);
     let phys: Vec<(u64, u64)> = plan.phys.iter().map(|p| (p.start, p.length)).collect();
-    assert_eq!(phys, vec![(0xfe00_0000, PAGE), (0xfe00_4000, 2 * PAGE), (0xfe00_0000, PAGE)]);
+    assert_eq!(
+        phys,
+        vec![
+            (0xfe00_0000, PAGE),
+            (0xfe00_4000, 2 * PAGE),
+            (0xfe00_0000, PAGE)
+        ]
+    );
     assert_eq!(plan.phys[1].pfns(PAGE), Some((0xfe004, 0xfe005)));
     // The whole BAR is fine.
-    assert_eq!(plan_export(dev(), &bar, &[ByteRange::new(0, 1 << 20)], PAGE)?.size, 1 << 20);
+    assert_eq!(
+        plan_export(dev(), &bar, &[ByteRange::new(0, 1 << 20)], PAGE)?.size,
+        1 << 20
+    );
     Ok(())
 }
 
@@ -74,15 +112,33 @@ fn plan_rejects_bad_ranges_naming_them() {
     let bar = mem_bar(2, 0xfe00_0000, 1 << 20);
     let good = ByteRange::new(0, PAGE);
     let cases = [
-        (ByteRange::new(0x800, PAGE), RangeProblem::Unaligned { align: PAGE }),
-        (ByteRange::new(0, PAGE + 1), RangeProblem::Unaligned { align: PAGE }),
+        (
+            ByteRange::new(0x800, PAGE),
+            RangeProblem::Unaligned { align: PAGE },
+        ),
+        (
+            ByteRange::new(0, PAGE + 1),
+            RangeProblem::Unaligned { align: PAGE },
+        ),
         (ByteRange::new(PAGE, 0), RangeProblem::Empty),
-        (ByteRange::new(u64::MAX - PAGE + 1, 2 * PAGE), RangeProblem::Overflow),
+        (
+            ByteRange::new(u64::MAX - PAGE + 1, 2 * PAGE),
+            RangeProblem::Overflow,
+        ),
         (
             ByteRange::new((1 << 20) - PAGE, 2 * PAGE),
-            RangeProblem::OutOfBounds { end: (1 << 20) + PAGE, size: 1 << 20 },
+            RangeProblem::OutOfBounds {
+                end: (1 << 20) + PAGE,
+                size: 1 << 20,
+            },
         ),
-        (ByteRange::new(1 << 20, PAGE), RangeProblem::OutOfBounds { end: (1 << 20) + PAGE, size: 1 << 20 }),
+        (
+            ByteRange::new(1 << 20, PAGE),
+            RangeProblem::OutOfBounds {
+                end: (1 << 20) + PAGE,
+                size: 1 << 20,
+            },
+        ),
     ];
     for (bad, problem) in cases {
         // The bad range is named even when a good one comes first.
@@ -98,9 +154,16 @@ fn plan_rejects_bad_ranges_naming_them() {
 #[test]
 fn plan_rejects_a_sub_page_bar() {
     // ivshmem BAR0 is 256 bytes: no page-aligned range fits.
-    let bar = Bar { index: 0, ..mem_bar(0, 0xfe60_0000, 256) };
+    let bar = Bar {
+        index: 0,
+        ..mem_bar(0, 0xfe60_0000, 256)
+    };
     match plan_export(dev(), &bar, &[ByteRange::new(0, PAGE)], PAGE) {
-        Err(Error::InvalidRange { target, problem: RangeProblem::OutOfBounds { end, size }, .. }) => {
+        Err(Error::InvalidRange {
+            target,
+            problem: RangeProblem::OutOfBounds { end, size },
+            ..
+        }) => {
             assert_eq!((end, size), (PAGE, 256));
             assert!(target.contains("BAR0"), "{target}");
         }
@@ -113,7 +176,11 @@ fn plan_rejects_non_bars_absent_and_io_bars() {
     for index in [6u32, 7, 8, 9, u32::MAX] {
         let bar = mem_bar(index, 0xfe00_0000, 1 << 20);
         match plan_export(dev(), &bar, &[ByteRange::new(0, PAGE)], PAGE) {
-            Err(Error::InvalidRegion { device, index: i, problem }) => {
+            Err(Error::InvalidRegion {
+                device,
+                index: i,
+                problem,
+            }) => {
                 assert_eq!((device.as_str(), i), (DEV, index));
                 assert!(problem.contains("not a BAR"), "{problem}");
                 if index == 6 {
@@ -125,13 +192,17 @@ fn plan_rejects_non_bars_absent_and_io_bars() {
     }
     let absent = mem_bar(3, 0, 0);
     match plan_export(dev(), &absent, &[ByteRange::new(0, PAGE)], PAGE) {
-        Err(Error::InvalidRegion { index: 3, problem, .. }) => assert!(problem.contains("not present"), "{problem}"),
+        Err(Error::InvalidRegion {
+            index: 3, problem, ..
+        }) => assert!(problem.contains("not present"), "{problem}"),
         other => panic!("absent BAR: {other:?}"),
     }
     let mut io = mem_bar(4, 0xc000, 0x1000);
     io.resource.flags = IORESOURCE_IO;
     match plan_export(dev(), &io, &[ByteRange::new(0, PAGE)], PAGE) {
-        Err(Error::InvalidRegion { index: 4, problem, .. }) => assert!(problem.contains("I/O"), "{problem}"),
+        Err(Error::InvalidRegion {
+            index: 4, problem, ..
+        }) => assert!(problem.contains("I/O"), "{problem}"),
         other => panic!("I/O BAR: {other:?}"),
     }
 }
@@ -142,7 +213,11 @@ fn plan_rejects_physical_overflow() {
     // physical space: the kernel would say EOVERFLOW.
     let bar = mem_bar(2, u64::MAX - PAGE + 1, 1 << 20);
     let r = ByteRange::new(0x2000, PAGE);
-    assert_invalid_range(plan_export(dev(), &bar, &[r], PAGE), r, RangeProblem::Overflow);
+    assert_invalid_range(
+        plan_export(dev(), &bar, &[r], PAGE),
+        r,
+        RangeProblem::Overflow,
+    );
 }
 
 #[test]
@@ -157,12 +232,28 @@ fn two_range_request_has_the_uapi_layout() -> TestResult {
     assert_eq!((hdr, feat), (8, 16));
     assert_eq!(b.len(), 8 + 16 + 2 * 16);
     assert_eq!(u32_at(0) as usize, b.len(), "argsz");
-    assert_eq!(u32_at(4), sys::VFIO_DEVICE_FEATURE_GET | sys::VFIO_DEVICE_FEATURE_DMA_BUF, "flags");
-    assert_eq!(u32_at(hdr + offset_of!(sys::vfio_device_feature_dma_buf, region_index)), 2);
-    assert_eq!(u32_at(hdr + offset_of!(sys::vfio_device_feature_dma_buf, open_flags)), EXPORT_OPEN_FLAGS);
+    assert_eq!(
+        u32_at(4),
+        sys::VFIO_DEVICE_FEATURE_GET | sys::VFIO_DEVICE_FEATURE_DMA_BUF,
+        "flags"
+    );
+    assert_eq!(
+        u32_at(hdr + offset_of!(sys::vfio_device_feature_dma_buf, region_index)),
+        2
+    );
+    assert_eq!(
+        u32_at(hdr + offset_of!(sys::vfio_device_feature_dma_buf, open_flags)),
+        EXPORT_OPEN_FLAGS
+    );
     assert_eq!(EXPORT_OPEN_FLAGS, (libc::O_RDWR | libc::O_CLOEXEC) as u32);
-    assert_eq!(u32_at(hdr + offset_of!(sys::vfio_device_feature_dma_buf, flags)), 0);
-    assert_eq!(u32_at(hdr + offset_of!(sys::vfio_device_feature_dma_buf, nr_ranges)), 2);
+    assert_eq!(
+        u32_at(hdr + offset_of!(sys::vfio_device_feature_dma_buf, flags)),
+        0
+    );
+    assert_eq!(
+        u32_at(hdr + offset_of!(sys::vfio_device_feature_dma_buf, nr_ranges)),
+        2
+    );
     let first = hdr + feat;
     assert_eq!((u64_at(first), u64_at(first + 8)), (0, 0x1000));
     assert_eq!((u64_at(first + 16), u64_at(first + 24)), (0x4000, 0x2000));
@@ -179,7 +270,9 @@ fn opening_a_missing_device_names_it() {
     match VfioPciDevice::open(addr) {
         Err(e @ Error::Device { .. }) => {
             assert!(e.to_string().contains("7fff:ff:1f.7"), "{e}");
-            let Error::Device { device, problem } = e else { unreachable!() };
+            let Error::Device { device, problem } = e else {
+                unreachable!()
+            };
             assert_eq!(device, "7fff:ff:1f.7");
             assert!(problem.contains("not present"), "{problem}");
         }
@@ -201,12 +294,24 @@ fn opening_iommufd_at_a_missing_path_names_it() {
 #[test]
 fn iova_range_arithmetic() {
     let r = IovaRanges {
-        ranges: vec![IovaRange { start: 0, last: 0xfedf_ffff }, IovaRange { start: 0xfef0_0000, last: 0x7f_ffff_ffff }],
+        ranges: vec![
+            IovaRange {
+                start: 0,
+                last: 0xfedf_ffff,
+            },
+            IovaRange {
+                start: 0xfef0_0000,
+                last: 0x7f_ffff_ffff,
+            },
+        ],
         alignment: 0x1000,
     };
     assert!(r.contains(0x4000_0000, 0x1000));
     assert!(!r.contains(0xfee0_0000, 0x1000), "the MSI window is a hole");
-    assert!(!r.contains(0xfedf_f000, 0x2000), "a request across the hole");
+    assert!(
+        !r.contains(0xfedf_f000, 0x2000),
+        "a request across the hole"
+    );
     assert!(r.contains(0xfef0_0000, 0x1000));
     assert!(!r.contains(0x7f_ffff_f000, 0x2000));
     assert!(!r.contains(u64::MAX, 2));
@@ -224,7 +329,8 @@ impl TempDir {
     fn new() -> std::io::Result<Self> {
         static N: AtomicU32 = AtomicU32::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("dmabuf-p2p-vfio-host-{}-{n}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("dmabuf-p2p-vfio-host-{}-{n}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir)?;
         Ok(Self(dir))
@@ -246,7 +352,10 @@ fn fake_device(root: &Path, name: &str, driver: Option<&str>) -> std::io::Result
     fs::write(real.join("device"), "0x1110\n")?;
     let bus = root.join("bus/pci/devices");
     fs::create_dir_all(&bus)?;
-    symlink(format!("../../../devices/pci0000:00/{name}"), bus.join(name))?;
+    symlink(
+        format!("../../../devices/pci0000:00/{name}"),
+        bus.join(name),
+    )?;
     if let Some(d) = driver {
         fs::create_dir_all(root.join("bus/pci/drivers").join(d))?;
         symlink(format!("../../../bus/pci/drivers/{d}"), real.join("driver"))?;
@@ -261,9 +370,22 @@ fn open_names_the_wrong_driver() -> TestResult {
     let sysfs = Sysfs::new(&tmp.0);
     match VfioPciDevice::open_in(&sysfs, tmp.0.join("dev"), dev()) {
         Err(e @ Error::WrongDriver { .. }) => {
-            assert!(e.to_string().contains("e1000e") && e.to_string().contains("vfio-pci"), "{e}");
-            let Error::WrongDriver { device, driver, expected } = e else { unreachable!() };
-            assert_eq!((device.as_str(), driver.as_deref(), expected.as_str()), (DEV, Some("e1000e"), "vfio-pci"));
+            assert!(
+                e.to_string().contains("e1000e") && e.to_string().contains("vfio-pci"),
+                "{e}"
+            );
+            let Error::WrongDriver {
+                device,
+                driver,
+                expected,
+            } = e
+            else {
+                unreachable!()
+            };
+            assert_eq!(
+                (device.as_str(), driver.as_deref(), expected.as_str()),
+                (DEV, Some("e1000e"), "vfio-pci")
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -275,7 +397,9 @@ fn open_of_an_unbound_device_says_so() -> TestResult {
     let tmp = TempDir::new()?;
     fake_device(&tmp.0, DEV, None)?;
     match VfioPciDevice::open_in(&Sysfs::new(&tmp.0), tmp.0.join("dev"), dev()) {
-        Err(e @ Error::WrongDriver { driver: None, .. }) => assert!(e.to_string().contains("no driver"), "{e}"),
+        Err(e @ Error::WrongDriver { driver: None, .. }) => {
+            assert!(e.to_string().contains("no driver"), "{e}")
+        }
         other => panic!("{other:?}"),
     }
     Ok(())
@@ -291,7 +415,10 @@ fn open_without_a_cdev_says_so() -> TestResult {
     match VfioPciDevice::open_in(&sysfs, &cdev_dir, dev()) {
         Err(Error::Device { device, problem }) => {
             assert_eq!(device, DEV);
-            assert!(problem.contains("no VFIO cdev") && problem.contains("CONFIG_VFIO_DEVICE_CDEV"), "{problem}");
+            assert!(
+                problem.contains("no VFIO cdev") && problem.contains("CONFIG_VFIO_DEVICE_CDEV"),
+                "{problem}"
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -312,14 +439,24 @@ fn open_without_a_cdev_says_so() -> TestResult {
         Err(Error::Device { problem, .. }) => assert!(problem.contains("not bound"), "{problem}"),
         other => panic!("{other:?}"),
     }
-    assert!(matches!(d.export_bar(2, &[ByteRange::new(0, PAGE)]), Err(Error::Device { .. })));
-    assert!(matches!(d.set_memory_decode(true), Err(Error::Device { .. })));
+    assert!(matches!(
+        d.export_bar(2, &[ByteRange::new(0, PAGE)]),
+        Err(Error::Device { .. })
+    ));
+    assert!(matches!(
+        d.set_memory_decode(true),
+        Err(Error::Device { .. })
+    ));
     assert!(matches!(d.map_bar(2), Err(Error::Device { .. })));
     // /dev/null is no iommufd: the kernel's answer (ENOTTY) comes back typed,
     // and the device stays unbound.
     let not_iommufd = Iommufd::from_fd(std::fs::File::open("/dev/null")?.into());
     let r = d.bind(&not_iommufd);
-    assert_eq!(r.as_ref().err().and_then(Error::raw_os_error), Some(libc::ENOTTY), "{r:?}");
+    assert_eq!(
+        r.as_ref().err().and_then(Error::raw_os_error),
+        Some(libc::ENOTTY),
+        "{r:?}"
+    );
     assert!(!d.is_bound());
     Ok(())
 }
@@ -335,9 +472,18 @@ fn binding_writes_override_unbind_and_probe() -> TestResult {
         Err(Error::WrongDriver { driver, .. }) => assert_eq!(driver.as_deref(), Some("e1000e")),
         other => panic!("{other:?}"),
     }
-    assert_eq!(fs::read_to_string(real.join("driver_override"))?, "vfio-pci");
-    assert_eq!(fs::read_to_string(tmp.0.join("bus/pci/drivers/e1000e/unbind"))?, DEV);
-    assert_eq!(fs::read_to_string(tmp.0.join("bus/pci/drivers_probe"))?, DEV);
+    assert_eq!(
+        fs::read_to_string(real.join("driver_override"))?,
+        "vfio-pci"
+    );
+    assert_eq!(
+        fs::read_to_string(tmp.0.join("bus/pci/drivers/e1000e/unbind"))?,
+        DEV
+    );
+    assert_eq!(
+        fs::read_to_string(tmp.0.join("bus/pci/drivers_probe"))?,
+        DEV
+    );
 
     // Already on vfio-pci: nothing is written.
     let other: PciAddress = "0000:00:05.0".parse()?;
@@ -348,11 +494,23 @@ fn binding_writes_override_unbind_and_probe() -> TestResult {
     // Unbound: override and probe, no unbind.
     let third: PciAddress = "0000:00:06.0".parse()?;
     let real3 = fake_device(&tmp.0, "0000:00:06.0", None)?;
-    assert!(matches!(bind_to_vfio_pci_in(&sysfs, third), Err(Error::WrongDriver { driver: None, .. })));
-    assert_eq!(fs::read_to_string(real3.join("driver_override"))?, "vfio-pci");
-    assert_eq!(fs::read_to_string(tmp.0.join("bus/pci/drivers_probe"))?, "0000:00:06.0");
+    assert!(matches!(
+        bind_to_vfio_pci_in(&sysfs, third),
+        Err(Error::WrongDriver { driver: None, .. })
+    ));
+    assert_eq!(
+        fs::read_to_string(real3.join("driver_override"))?,
+        "vfio-pci"
+    );
+    assert_eq!(
+        fs::read_to_string(tmp.0.join("bus/pci/drivers_probe"))?,
+        "0000:00:06.0"
+    );
 
     // Missing device.
-    assert!(matches!(bind_to_vfio_pci_in(&sysfs, "0000:00:1f.0".parse()?), Err(Error::Device { .. })));
+    assert!(matches!(
+        bind_to_vfio_pci_in(&sysfs, "0000:00:1f.0".parse()?),
+        Err(Error::Device { .. })
+    ));
     Ok(())
 }

@@ -26,12 +26,12 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::process::ExitCode;
 use std::time::Instant;
 
+use dmabuf_p2p::ByteRange;
 use dmabuf_p2p::exporter::vfio::VfioPciDevice;
 use dmabuf_p2p::importer::iommufd::{Ioas, Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::revoke::{Attachment, RestorePolicy};
-use dmabuf_p2p::ByteRange;
 
-use stats::{emit, emit_meta, ns_since, Budget, Stats};
+use stats::{Budget, Stats, emit, emit_meta, ns_since};
 
 type R<T> = Result<T, Box<dyn Error>>;
 
@@ -52,7 +52,10 @@ struct Opts {
 
 impl Opts {
     fn parse() -> Self {
-        let mut o = Self { quick: false, only: None };
+        let mut o = Self {
+            quick: false,
+            only: None,
+        };
         for a in std::env::args().skip(1) {
             if a == "--quick" {
                 o.quick = true;
@@ -64,16 +67,14 @@ impl Opts {
     }
 
     fn wants(&self, part: &str) -> bool {
-        self.only.as_ref().is_none_or(|l| l.iter().any(|p| p == part))
+        self.only
+            .as_ref()
+            .is_none_or(|l| l.iter().any(|p| p == part))
     }
 
     fn budget(&self, min: usize, max: usize, secs: f64) -> Budget {
         let b = Budget::new(min, max, secs);
-        if self.quick {
-            b.scaled(0.25)
-        } else {
-            b
-        }
+        if self.quick { b.scaled(0.25) } else { b }
     }
 }
 
@@ -93,13 +94,29 @@ fn run() -> R<()> {
     raise_fd_limit(1 << 16)?;
     let (bdf, bar_size) = largest_ivshmem()?;
     let group = iommu_group(&bdf)?;
-    println!("bench: device {bdf} (IOMMU group {group}), BAR{BAR} {} MiB", bar_size >> 20);
+    println!(
+        "bench: device {bdf} (IOMMU group {group}), BAR{BAR} {} MiB",
+        bar_size >> 20
+    );
     emit_meta("device", &bdf);
     emit_meta("bar_size", &bar_size.to_string());
-    emit_meta("kernel", fs::read_to_string("/proc/sys/kernel/osrelease")?.trim());
-    emit_meta("cpus", &std::thread::available_parallelism().map_or(0, usize::from).to_string());
-    emit_meta("mem_total_kib", &meminfo("MemTotal").unwrap_or(0).to_string());
-    let sizes: Vec<u64> = std::iter::successors(Some(MIN_SIZE), |s| Some(s * 4)).take_while(|s| *s <= bar_size).collect();
+    emit_meta(
+        "kernel",
+        fs::read_to_string("/proc/sys/kernel/osrelease")?.trim(),
+    );
+    emit_meta(
+        "cpus",
+        &std::thread::available_parallelism()
+            .map_or(0, usize::from)
+            .to_string(),
+    );
+    emit_meta(
+        "mem_total_kib",
+        &meminfo("MemTotal").unwrap_or(0).to_string(),
+    );
+    let sizes: Vec<u64> = std::iter::successors(Some(MIN_SIZE), |s| Some(s * 4))
+        .take_while(|s| *s <= bar_size)
+        .collect();
 
     // The legacy measurements need the device opened through its group, the
     // rest through its cdev; a device cannot be open both ways at once.
@@ -114,14 +131,26 @@ fn run() -> R<()> {
     // Attached, so that every mapping really fills IOMMU page tables.
     dev.attach(&ioas)?;
     dev.set_memory_decode(true)?;
-    let (config, _) = raw::region_info(dev.as_raw_fd(), dmabuf_p2p::sys::VFIO_PCI_CONFIG_REGION_INDEX)?;
-    let ctx = Ctx { iommufd: iommufd.as_raw_fd(), ioas: ioas.id(), device: dev.as_raw_fd(), config };
+    let (config, _) = raw::region_info(
+        dev.as_raw_fd(),
+        dmabuf_p2p::sys::VFIO_PCI_CONFIG_REGION_INDEX,
+    )?;
+    let ctx = Ctx {
+        iommufd: iommufd.as_raw_fd(),
+        ioas: ioas.id(),
+        device: dev.as_raw_fd(),
+        config,
+    };
 
     if opts.wants("sweep") {
         sweep_dmabuf(&opts, &ctx, &sizes)?;
         sweep_memfd(&opts, &ctx, &sizes)?;
     }
-    if opts.only.as_ref().is_some_and(|l| l.iter().any(|p| p == "trace")) {
+    if opts
+        .only
+        .as_ref()
+        .is_some_and(|l| l.iter().any(|p| p == "trace"))
+    {
         trace(&ctx, &dev, &ioas)?;
     }
     if opts.wants("profile") {
@@ -136,7 +165,10 @@ fn run() -> R<()> {
     if opts.wants("scale") {
         scale(&opts, &ctx, &dev, &ioas)?;
     }
-    emit_meta("guest_seconds", &format!("{:.1}", start.elapsed().as_secs_f64()));
+    emit_meta(
+        "guest_seconds",
+        &format!("{:.1}", start.elapsed().as_secs_f64()),
+    );
     println!("bench: done in {:.1} s", start.elapsed().as_secs_f64());
     Ok(())
 }
@@ -179,7 +211,13 @@ fn sweep(
         let (sm, su) = (Stats::of(&m), Stats::of(&u));
         emit("sweep", series, "map", size, "ns", &sm);
         emit("sweep", series, "unmap", size, "ns", &su);
-        println!("bench: sweep {series:7} {:>8} KiB: map {:>10.1} us, unmap {:>10.1} us (n={})", size >> 10, sm.median / 1e3, su.median / 1e3, sm.n);
+        println!(
+            "bench: sweep {series:7} {:>8} KiB: map {:>10.1} us, unmap {:>10.1} us (n={})",
+            size >> 10,
+            sm.median / 1e3,
+            su.median / 1e3,
+            sm.n
+        );
     }
     Ok(())
 }
@@ -224,7 +262,13 @@ fn sweep_dmabuf(opts: &Opts, ctx: &Ctx, sizes: &[u64]) -> R<()> {
             raw::map_file(ctx.iommufd, ctx.ioas, fd, 0, s, IOVA)?;
             Ok(())
         },
-        |s| check_len("IOMMU_IOAS_UNMAP", raw::unmap(ctx.iommufd, ctx.ioas, IOVA, s)?, s),
+        |s| {
+            check_len(
+                "IOMMU_IOAS_UNMAP",
+                raw::unmap(ctx.iommufd, ctx.ioas, IOVA, s)?,
+                s,
+            )
+        },
     );
     if let Some((_, fd)) = current {
         raw::close(fd)?;
@@ -236,8 +280,14 @@ fn sweep_memfd(opts: &Opts, ctx: &Ctx, sizes: &[u64]) -> R<()> {
     // The memfd's pages are really allocated (and pinned): leave the guest
     // 384 MiB to live on.
     let avail = meminfo("MemAvailable").unwrap_or(0) * 1024;
-    let sizes: Vec<u64> = sizes.iter().copied().filter(|s| s + (384 << 20) <= avail).collect();
-    let Some(&max) = sizes.last() else { return Ok(()) };
+    let sizes: Vec<u64> = sizes
+        .iter()
+        .copied()
+        .filter(|s| s + (384 << 20) <= avail)
+        .collect();
+    let Some(&max) = sizes.last() else {
+        return Ok(());
+    };
     emit_meta("memfd_max_size", &max.to_string());
     let fd = raw::memfd(max)?;
     // Allocate every page once.
@@ -248,7 +298,13 @@ fn sweep_memfd(opts: &Opts, ctx: &Ctx, sizes: &[u64]) -> R<()> {
         "memfd",
         &sizes,
         |s| Ok(raw::map_file(ctx.iommufd, ctx.ioas, fd, 0, s, IOVA).map(drop)?),
-        |s| check_len("IOMMU_IOAS_UNMAP", raw::unmap(ctx.iommufd, ctx.ioas, IOVA, s)?, s),
+        |s| {
+            check_len(
+                "IOMMU_IOAS_UNMAP",
+                raw::unmap(ctx.iommufd, ctx.ioas, IOVA, s)?,
+                s,
+            )
+        },
     );
     raw::close(fd)?;
     r
@@ -274,7 +330,11 @@ fn cycle_library(dev: &VfioPciDevice, ioas: &Ioas, size: u64) -> R<[f64; 4]> {
     let t0 = Instant::now();
     let export = dev.export_bar(BAR, &[ByteRange::new(0, size)])?;
     let t1 = Instant::now();
-    let mut mapping = ioas.map_dmabuf(export.dmabuf(), IovaPlacement::Fixed(IOVA), MapPerms::ReadWrite)?;
+    let mut mapping = ioas.map_dmabuf(
+        export.dmabuf(),
+        IovaPlacement::Fixed(IOVA),
+        MapPerms::ReadWrite,
+    )?;
     let t2 = Instant::now();
     mapping.unmap()?;
     let t3 = Instant::now();
@@ -383,7 +443,10 @@ fn overhead(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas, sizes: &[u
                 line.push_str(&format!(" {:.2}", s.median));
             }
         }
-        println!("{line} (library, control, raw+syscalls; n={})", batches[0].len());
+        println!(
+            "{line} (library, control, raw+syscalls; n={})",
+            batches[0].len()
+        );
     }
     Ok(())
 }
@@ -424,12 +487,21 @@ fn trace(ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas) -> R<()> {
         mark("end");
     }
     // Revoke and restore with two attachments, through the library and by hand.
-    let exports =
-        (0..2).map(|i| dev.export_bar(BAR, &[ByteRange::new(i * PAGE, PAGE)])).collect::<Result<Vec<_>, _>>()?;
+    let exports = (0..2)
+        .map(|i| dev.export_bar(BAR, &[ByteRange::new(i * PAGE, PAGE)]))
+        .collect::<Result<Vec<_>, _>>()?;
     let atts = exports
         .iter()
         .zip(0u64..)
-        .map(|(e, i)| Attachment::map(e, ioas, IovaPlacement::Fixed(IOVA + i * PAGE), MapPerms::ReadWrite, RestorePolicy::Automatic))
+        .map(|(e, i)| {
+            Attachment::map(
+                e,
+                ioas,
+                IovaPlacement::Fixed(IOVA + i * PAGE),
+                MapPerms::ReadWrite,
+                RestorePolicy::Automatic,
+            )
+        })
         .collect::<Result<Vec<_>, _>>()?;
     mark("library revoke (2 attachments)");
     dev.set_memory_decode(false)?;
@@ -438,7 +510,9 @@ fn trace(ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas) -> R<()> {
     mark("end");
     drop(atts);
     drop(exports);
-    let fds = (0..2).map(|i| raw::export(ctx.device, BAR, i * PAGE, PAGE)).collect::<Result<Vec<_>, _>>()?;
+    let fds = (0..2)
+        .map(|i| raw::export(ctx.device, BAR, i * PAGE, PAGE))
+        .collect::<Result<Vec<_>, _>>()?;
     for (fd, i) in fds.iter().zip(0u64..) {
         raw::map_file(ctx.iommufd, ctx.ioas, *fd, 0, PAGE, IOVA + i * PAGE)?;
     }
@@ -474,55 +548,94 @@ fn profile(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas, bdf: &str) 
     let buf = dmabuf_p2p::DmaBuf::try_from(owned).map_err(|_| "the export is not a dma-buf")?;
     let bfd = buf.as_fd().as_raw_fd();
     let mut steps: Vec<(&str, Step<'_>)> = vec![
-        ("getppid", Box::new(|| {
-            // SAFETY: no arguments, no memory.
-            unsafe { libc::getppid() };
-            Ok(())
-        })),
-        ("clock_pair", Box::new(|| {
-            let _ = Instant::now().elapsed();
-            Ok(())
-        })),
-        ("export_ioctl", Box::new(|| Ok(raw::close(raw::export(ctx.device, BAR, 0, MIN_SIZE)?)?))),
-        ("pread_export_ioctl", Box::new(|| {
-            raw::command(ctx.device, ctx.config)?;
-            Ok(raw::close(raw::export(ctx.device, BAR, 0, MIN_SIZE)?)?)
-        })),
-        ("lib_export_bar", Box::new(|| {
-            let e = dev.export_bar(BAR, &[ByteRange::new(0, MIN_SIZE)])?;
-            drop(e);
-            Ok(())
-        })),
-        ("lib_plan_export", Box::new(|| {
-            let bar = dev.bar(BAR)?;
-            let plan = dmabuf_p2p::exporter::vfio::plan_export(
-                dev.address(),
-                &bar,
-                &[ByteRange::new(0, MIN_SIZE)],
-                dmabuf_p2p::range::page_size(),
-            )?;
-            std::hint::black_box(plan);
-            Ok(())
-        })),
-        ("region_info_ioctl", Box::new(|| Ok(raw::region_info(ctx.device, BAR).map(drop)?))),
-        ("stat_sysfs_dir", Box::new(|| {
-            let _ = std::path::Path::new(&dir).is_dir();
-            Ok(())
-        })),
-        ("read_sysfs_resource", Box::new(|| Ok(fs::read_to_string(&resource).map(drop)?))),
-        ("config_pread", Box::new(|| Ok(raw::command(ctx.device, ctx.config).map(drop)?))),
+        (
+            "getppid",
+            Box::new(|| {
+                // SAFETY: no arguments, no memory.
+                unsafe { libc::getppid() };
+                Ok(())
+            }),
+        ),
+        (
+            "clock_pair",
+            Box::new(|| {
+                let _ = Instant::now().elapsed();
+                Ok(())
+            }),
+        ),
+        (
+            "export_ioctl",
+            Box::new(|| Ok(raw::close(raw::export(ctx.device, BAR, 0, MIN_SIZE)?)?)),
+        ),
+        (
+            "pread_export_ioctl",
+            Box::new(|| {
+                raw::command(ctx.device, ctx.config)?;
+                Ok(raw::close(raw::export(ctx.device, BAR, 0, MIN_SIZE)?)?)
+            }),
+        ),
+        (
+            "lib_export_bar",
+            Box::new(|| {
+                let e = dev.export_bar(BAR, &[ByteRange::new(0, MIN_SIZE)])?;
+                drop(e);
+                Ok(())
+            }),
+        ),
+        (
+            "lib_plan_export",
+            Box::new(|| {
+                let bar = dev.bar(BAR)?;
+                let plan = dmabuf_p2p::exporter::vfio::plan_export(
+                    dev.address(),
+                    &bar,
+                    &[ByteRange::new(0, MIN_SIZE)],
+                    dmabuf_p2p::range::page_size(),
+                )?;
+                std::hint::black_box(plan);
+                Ok(())
+            }),
+        ),
+        (
+            "region_info_ioctl",
+            Box::new(|| Ok(raw::region_info(ctx.device, BAR).map(drop)?)),
+        ),
+        (
+            "stat_sysfs_dir",
+            Box::new(|| {
+                let _ = std::path::Path::new(&dir).is_dir();
+                Ok(())
+            }),
+        ),
+        (
+            "read_sysfs_resource",
+            Box::new(|| Ok(fs::read_to_string(&resource).map(drop)?)),
+        ),
+        (
+            "config_pread",
+            Box::new(|| Ok(raw::command(ctx.device, ctx.config).map(drop)?)),
+        ),
         ("lib_bar", Box::new(|| Ok(dev.bar(BAR).map(drop)?))),
-        ("lib_memory_decode", Box::new(|| Ok(dev.memory_decode().map(drop)?))),
-        ("fstatfs", Box::new(|| Ok(dmabuf_p2p::is_dmabuf(buf.as_fd()).map(drop)?))),
+        (
+            "lib_memory_decode",
+            Box::new(|| Ok(dev.memory_decode().map(drop)?)),
+        ),
+        (
+            "fstatfs",
+            Box::new(|| Ok(dmabuf_p2p::is_dmabuf(buf.as_fd()).map(drop)?)),
+        ),
         ("lseek_end", Box::new(|| Ok(buf.size().map(drop)?))),
-        ("dup_and_close", Box::new(|| {
-            // SAFETY: duplicating an open fd; the copy is closed at once.
-            let d = unsafe { libc::fcntl(bfd, libc::F_DUPFD_CLOEXEC, 0) };
-            if d < 0 {
-                return Err(std::io::Error::last_os_error().into());
-            }
-            Ok(raw::close(d)?)
-        })),
+        (
+            "dup_and_close",
+            Box::new(|| {
+                // SAFETY: duplicating an open fd; the copy is closed at once.
+                let d = unsafe { libc::fcntl(bfd, libc::F_DUPFD_CLOEXEC, 0) };
+                if d < 0 {
+                    return Err(std::io::Error::last_os_error().into());
+                }
+                Ok(raw::close(d)?)
+            }),
+        ),
     ];
     for (name, f) in &mut steps {
         for _ in 0..3 {
@@ -537,7 +650,11 @@ fn profile(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas, bdf: &str) 
         })?;
         let s = Stats::of(&v);
         emit("profile", "step", name, 0, "ns", &s);
-        println!("bench: profile {name:20} {:>8.2} us (n={})", s.median / 1e3, s.n);
+        println!(
+            "bench: profile {name:20} {:>8.2} us (n={})",
+            s.median / 1e3,
+            s.n
+        );
     }
     drop(steps);
     // The unmap ioctl alone, after a raw map and after a library map of the
@@ -554,10 +671,17 @@ fn profile(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas, bdf: &str) 
         lib_u.push(ns_since(t));
         Ok(())
     })?;
-    for (name, v) in [("unmap_after_raw_map", &raw_u), ("unmap_after_library_map", &lib_u)] {
+    for (name, v) in [
+        ("unmap_after_raw_map", &raw_u),
+        ("unmap_after_library_map", &lib_u),
+    ] {
         let s = Stats::of(v);
         emit("profile", "step", name, 0, "ns", &s);
-        println!("bench: profile {name:20} {:>8.2} us (n={})", s.median / 1e3, s.n);
+        println!(
+            "bench: profile {name:20} {:>8.2} us (n={})",
+            s.median / 1e3,
+            s.n
+        );
     }
     Ok(())
 }
@@ -592,7 +716,14 @@ fn revocation(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas) -> R<()>
             emit("revoke", "raw", op, n, "ns", &Stats::of(&raw_[k]));
             emit("revoke", "ratio", op, n, "ratio", &Stats::of(&ratios[k]));
         }
-        emit("revoke", "raw", "restore_write", n, "ns", &Stats::of(&restore_write));
+        emit(
+            "revoke",
+            "raw",
+            "restore_write",
+            n,
+            "ns",
+            &Stats::of(&restore_write),
+        );
         let m = |v: &Vec<f64>| Stats::of(v).median / 1e6;
         println!(
             "bench: revoke N={n:5}: library revoke {:.2} ms restore {:.2} ms; raw revoke {:.2} ms restore {:.2} ms; cycle ratio {:.3} (n={})",
@@ -615,7 +746,13 @@ fn revoke_round_library(opts: &Opts, dev: &VfioPciDevice, ioas: &Ioas, n: u64) -
     let mut atts = Vec::new();
     for i in 0..n {
         let e = dev.export_bar(BAR, &[ByteRange::new(i * PAGE, PAGE)])?;
-        let a = Attachment::map(&e, ioas, IovaPlacement::Fixed(IOVA + i * PAGE), MapPerms::ReadWrite, RestorePolicy::Automatic)?;
+        let a = Attachment::map(
+            &e,
+            ioas,
+            IovaPlacement::Fixed(IOVA + i * PAGE),
+            MapPerms::ReadWrite,
+            RestorePolicy::Automatic,
+        )?;
         exports.push(e);
         atts.push(a);
     }
@@ -633,7 +770,12 @@ fn revoke_round_library(opts: &Opts, dev: &VfioPciDevice, ioas: &Ioas, n: u64) -
         Ok(())
     })?;
     if let Some(a) = atts.iter().find(|a| a.is_revoked()) {
-        return Err(format!("attachment at IOVA {:#x} still revoked after restore: {:?}", a.iova(), a.last_error()).into());
+        return Err(format!(
+            "attachment at IOVA {:#x} still revoked after restore: {:?}",
+            a.iova(),
+            a.last_error()
+        )
+        .into());
     }
     Ok(out)
 }
@@ -642,7 +784,12 @@ fn revoke_round_library(opts: &Opts, dev: &VfioPciDevice, ioas: &Ioas, n: u64) -
 /// kernel zaps the IOMMU entries; the dead areas stay, as the library keeps
 /// them so that their IOVAs stay reserved); the restore is the config write,
 /// then unmapping each dead area and mapping it again at its IOVA.
-fn revoke_round_raw(opts: &Opts, ctx: &Ctx, n: u64, restore_write: &mut Vec<f64>) -> R<[Vec<f64>; 3]> {
+fn revoke_round_raw(
+    opts: &Opts,
+    ctx: &Ctx,
+    n: u64,
+    restore_write: &mut Vec<f64>,
+) -> R<[Vec<f64>; 3]> {
     let mut fds = Vec::new();
     for i in 0..n {
         let fd = raw::export(ctx.device, BAR, i * PAGE, PAGE)?;
@@ -694,7 +841,9 @@ const SCALE_MAX: u64 = 4096;
 
 /// Bytes in use per slab cache (`active_objs * objsize` of /proc/slabinfo).
 fn slabinfo() -> Vec<(String, f64)> {
-    let Ok(text) = fs::read_to_string("/proc/slabinfo") else { return Vec::new() };
+    let Ok(text) = fs::read_to_string("/proc/slabinfo") else {
+        return Vec::new();
+    };
     text.lines()
         .filter(|l| !l.starts_with('#') && !l.starts_with("slabinfo"))
         .filter_map(|l| {
@@ -713,7 +862,10 @@ fn growth(before: &[(String, f64)], after: &[(String, f64)], n: u64) -> Vec<(Str
     after
         .iter()
         .map(|(name, bytes)| {
-            let b0 = before.iter().find(|(k, _)| k == name).map_or(0.0, |(_, v)| *v);
+            let b0 = before
+                .iter()
+                .find(|(k, _)| k == name)
+                .map_or(0.0, |(_, v)| *v);
             (name.clone(), (bytes - b0) / n as f64)
         })
         .collect()
@@ -725,16 +877,33 @@ fn emit_slab_growth(runs: &[Vec<(String, f64)>], n: u64) {
     let Some(first) = runs.first() else { return };
     let mut kept = Vec::new();
     for (name, _) in first {
-        let v: Vec<f64> = runs.iter().filter_map(|r| r.iter().find(|(k, _)| k == name).map(|(_, b)| *b)).collect();
+        let v: Vec<f64> = runs
+            .iter()
+            .filter_map(|r| r.iter().find(|(k, _)| k == name).map(|(_, b)| *b))
+            .collect();
         let s = Stats::of(&v);
         if s.median >= 16.0 {
             emit("slabinfo", name, "bytes_per_buffer", n, "bytes", &s);
             kept.push(name.clone());
         }
     }
-    let totals: Vec<f64> =
-        runs.iter().map(|r| r.iter().filter(|(k, _)| kept.contains(k)).map(|(_, b)| *b).sum()).collect();
-    emit("slabinfo", "total", "bytes_per_buffer", n, "bytes", &Stats::of(&totals));
+    let totals: Vec<f64> = runs
+        .iter()
+        .map(|r| {
+            r.iter()
+                .filter(|(k, _)| kept.contains(k))
+                .map(|(_, b)| *b)
+                .sum()
+        })
+        .collect();
+    emit(
+        "slabinfo",
+        "total",
+        "bytes_per_buffer",
+        n,
+        "bytes",
+        &Stats::of(&totals),
+    );
 }
 
 /// One raw export, map, unmap and close: the first syscalls after reading
@@ -761,7 +930,13 @@ fn scale(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas) -> R<()> {
             let maps = exports
                 .iter()
                 .enumerate()
-                .map(|(i, e)| ioas.map_dmabuf(e.dmabuf(), IovaPlacement::Fixed(IOVA + i as u64 * PAGE), MapPerms::ReadWrite))
+                .map(|(i, e)| {
+                    ioas.map_dmabuf(
+                        e.dmabuf(),
+                        IovaPlacement::Fixed(IOVA + i as u64 * PAGE),
+                        MapPerms::ReadWrite,
+                    )
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             let t2 = Instant::now();
             let m1 = kernel_memory();
@@ -770,7 +945,14 @@ fn scale(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas) -> R<()> {
             drop(exports);
             let t4 = Instant::now();
             let span = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1e9 / nf;
-            lib.push([span(t0, t1), span(t1, t2), span(t3, t4), (m1[0] - m0[0]) / nf, (m1[1] - m0[1]) / nf, (m1[2] - m0[2]) / nf]);
+            lib.push([
+                span(t0, t1),
+                span(t1, t2),
+                span(t3, t4),
+                (m1[0] - m0[0]) / nf,
+                (m1[1] - m0[1]) / nf,
+                (m1[2] - m0[2]) / nf,
+            ]);
 
             // Which kernel objects a buffer costs: /proc/slabinfo around the
             // raw runs of the largest N.
@@ -778,7 +960,9 @@ fn scale(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas) -> R<()> {
             let m0 = kernel_memory();
             warm_up(ctx)?;
             let t0 = Instant::now();
-            let fds = (0..n).map(|i| raw::export(ctx.device, BAR, i * PAGE, PAGE)).collect::<Result<Vec<_>, _>>()?;
+            let fds = (0..n)
+                .map(|i| raw::export(ctx.device, BAR, i * PAGE, PAGE))
+                .collect::<Result<Vec<_>, _>>()?;
             let t1 = Instant::now();
             for (i, fd) in (0..n).zip(&fds) {
                 raw::map_file(ctx.iommufd, ctx.ioas, *fd, 0, PAGE, IOVA + i * PAGE)?;
@@ -794,22 +978,42 @@ fn scale(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas) -> R<()> {
                 raw::close(*fd)?;
             }
             let t4 = Instant::now();
-            rawv.push([span(t0, t1), span(t1, t2), span(t3, t4), (m1[0] - m0[0]) / nf, (m1[1] - m0[1]) / nf, (m1[2] - m0[2]) / nf]);
+            rawv.push([
+                span(t0, t1),
+                span(t1, t2),
+                span(t3, t4),
+                (m1[0] - m0[0]) / nf,
+                (m1[1] - m0[1]) / nf,
+                (m1[2] - m0[2]) / nf,
+            ]);
             Ok(())
         })?;
         emit_slab_growth(&slab_growth, n);
         for (series, v) in [("library", &lib), ("raw", &rawv)] {
             for (i, op) in ["export", "map", "teardown"].iter().enumerate() {
-                emit("scale", series, op, n, "ns", &Stats::of(&v.iter().map(|r| r[i]).collect::<Vec<_>>()));
+                emit(
+                    "scale",
+                    series,
+                    op,
+                    n,
+                    "ns",
+                    &Stats::of(&v.iter().map(|r| r[i]).collect::<Vec<_>>()),
+                );
             }
             for (i, op) in MEM_OPS.iter().enumerate() {
-                let vals: Vec<f64> = v.iter().map(|r| r[3 + i]).filter(|x| x.is_finite()).collect();
+                let vals: Vec<f64> = v
+                    .iter()
+                    .map(|r| r[3 + i])
+                    .filter(|x| x.is_finite())
+                    .collect();
                 if !vals.is_empty() {
                     emit("scale", series, op, n, "bytes", &Stats::of(&vals));
                 }
             }
         }
-        let med = |v: &Vec<[f64; 6]>, i: usize| Stats::of(&v.iter().map(|r| r[i]).collect::<Vec<_>>()).median;
+        let med = |v: &Vec<[f64; 6]>, i: usize| {
+            Stats::of(&v.iter().map(|r| r[i]).collect::<Vec<_>>()).median
+        };
         println!(
             "bench: scale N={n:5}: library export {:.1} us map {:.1} us; raw export {:.1} us map {:.1} us; slab {:.0} B/buffer (n={})",
             med(&lib, 0) / 1e3,
@@ -838,13 +1042,21 @@ fn largest_ivshmem() -> R<(String, u64)> {
     for e in fs::read_dir("/sys/bus/pci/devices")?.flatten() {
         let bdf = e.file_name().to_string_lossy().into_owned();
         let dir = format!("/sys/bus/pci/devices/{bdf}");
-        if read_hex(&format!("{dir}/vendor")) != Some(0x1af4) || read_hex(&format!("{dir}/device")) != Some(0x1110) {
+        if read_hex(&format!("{dir}/vendor")) != Some(0x1af4)
+            || read_hex(&format!("{dir}/device")) != Some(0x1110)
+        {
             continue;
         }
         let res = fs::read_to_string(format!("{dir}/resource"))?;
-        let Some(line) = res.lines().nth(BAR as usize) else { continue };
-        let mut w = line.split_whitespace().filter_map(|x| u64::from_str_radix(x.trim_start_matches("0x"), 16).ok());
-        let (Some(start), Some(end)) = (w.next(), w.next()) else { continue };
+        let Some(line) = res.lines().nth(BAR as usize) else {
+            continue;
+        };
+        let mut w = line
+            .split_whitespace()
+            .filter_map(|x| u64::from_str_radix(x.trim_start_matches("0x"), 16).ok());
+        let (Some(start), Some(end)) = (w.next(), w.next()) else {
+            continue;
+        };
         let size = if end == 0 { 0 } else { end - start + 1 };
         if best.as_ref().is_none_or(|(_, s)| size > *s) {
             best = Some((bdf, size));
@@ -855,7 +1067,10 @@ fn largest_ivshmem() -> R<(String, u64)> {
 
 fn iommu_group(bdf: &str) -> R<u32> {
     let link = fs::read_link(format!("/sys/bus/pci/devices/{bdf}/iommu_group"))?;
-    let name = link.file_name().and_then(|n| n.to_str()).ok_or("iommu_group link without a name")?;
+    let name = link
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or("iommu_group link without a name")?;
     Ok(name.parse()?)
 }
 
@@ -876,10 +1091,17 @@ fn vmstat(key: &str) -> Option<u64> {
 }
 
 fn raise_fd_limit(n: u64) -> R<()> {
-    let lim = libc::rlimit { rlim_cur: n, rlim_max: n };
+    let lim = libc::rlimit {
+        rlim_cur: n,
+        rlim_max: n,
+    };
     // SAFETY: setrlimit reads one valid struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-        return Err(format!("setrlimit(RLIMIT_NOFILE, {n}): {}", std::io::Error::last_os_error()).into());
+        return Err(format!(
+            "setrlimit(RLIMIT_NOFILE, {n}): {}",
+            std::io::Error::last_os_error()
+        )
+        .into());
     }
     Ok(())
 }

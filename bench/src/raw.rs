@@ -81,14 +81,29 @@ pub fn export(device: RawFd, bar: u32, offset: u64, length: u64) -> io::Result<R
     };
     // SAFETY: the kernel reads `argsz` (40) bytes: header, feature and the one
     // range that `nr_ranges` announces; it returns the new fd.
-    unsafe { ioctl(device, sys::VFIO_DEVICE_FEATURE, std::ptr::addr_of_mut!(req)) }
+    unsafe {
+        ioctl(
+            device,
+            sys::VFIO_DEVICE_FEATURE,
+            std::ptr::addr_of_mut!(req),
+        )
+    }
 }
 
 /// `IOMMU_IOAS_MAP_FILE` of `[start, start + length)` of `fd` at the fixed `iova`, read-write.
-pub fn map_file(iommufd: RawFd, ioas: u32, fd: RawFd, start: u64, length: u64, iova: u64) -> io::Result<u64> {
+pub fn map_file(
+    iommufd: RawFd,
+    ioas: u32,
+    fd: RawFd,
+    start: u64,
+    length: u64,
+    iova: u64,
+) -> io::Result<u64> {
     let mut arg = sys::iommu_ioas_map_file {
         size: size32::<sys::iommu_ioas_map_file>(),
-        flags: sys::IOMMU_IOAS_MAP_FIXED_IOVA | sys::IOMMU_IOAS_MAP_READABLE | sys::IOMMU_IOAS_MAP_WRITEABLE,
+        flags: sys::IOMMU_IOAS_MAP_FIXED_IOVA
+            | sys::IOMMU_IOAS_MAP_READABLE
+            | sys::IOMMU_IOAS_MAP_WRITEABLE,
         ioas_id: ioas,
         fd,
         start,
@@ -96,13 +111,24 @@ pub fn map_file(iommufd: RawFd, ioas: u32, fd: RawFd, start: u64, length: u64, i
         iova,
     };
     // SAFETY: the kernel reads and writes back this struct (integers only).
-    unsafe { ioctl(iommufd, sys::IOMMU_IOAS_MAP_FILE, std::ptr::addr_of_mut!(arg)) }?;
+    unsafe {
+        ioctl(
+            iommufd,
+            sys::IOMMU_IOAS_MAP_FILE,
+            std::ptr::addr_of_mut!(arg),
+        )
+    }?;
     Ok(arg.iova)
 }
 
 /// `IOMMU_IOAS_UNMAP` of `[iova, iova + length)`; returns the bytes unmapped.
 pub fn unmap(iommufd: RawFd, ioas: u32, iova: u64, length: u64) -> io::Result<u64> {
-    let mut arg = sys::iommu_ioas_unmap { size: size32::<sys::iommu_ioas_unmap>(), ioas_id: ioas, iova, length };
+    let mut arg = sys::iommu_ioas_unmap {
+        size: size32::<sys::iommu_ioas_unmap>(),
+        ioas_id: ioas,
+        iova,
+        length,
+    };
     // SAFETY: the kernel reads and writes back this struct (integers only).
     unsafe { ioctl(iommufd, sys::IOMMU_IOAS_UNMAP, std::ptr::addr_of_mut!(arg)) }?;
     Ok(arg.length)
@@ -116,9 +142,19 @@ pub fn close(fd: RawFd) -> io::Result<()> {
 
 /// `VFIO_DEVICE_GET_REGION_INFO`: (offset in the device fd, size).
 pub fn region_info(device: RawFd, index: u32) -> io::Result<(u64, u64)> {
-    let mut arg = sys::vfio_region_info { argsz: size32::<sys::vfio_region_info>(), index, ..Default::default() };
+    let mut arg = sys::vfio_region_info {
+        argsz: size32::<sys::vfio_region_info>(),
+        index,
+        ..Default::default()
+    };
     // SAFETY: the kernel reads `argsz` and writes back at most this struct.
-    unsafe { ioctl(device, sys::VFIO_DEVICE_GET_REGION_INFO, std::ptr::addr_of_mut!(arg)) }?;
+    unsafe {
+        ioctl(
+            device,
+            sys::VFIO_DEVICE_GET_REGION_INFO,
+            std::ptr::addr_of_mut!(arg),
+        )
+    }?;
     Ok((arg.offset, arg.size))
 }
 
@@ -126,9 +162,20 @@ pub fn region_info(device: RawFd, index: u32) -> io::Result<(u64, u64)> {
 pub fn command(device: RawFd, config_offset: u64) -> io::Result<u16> {
     let mut b = [0u8; 2];
     // SAFETY: reads 2 bytes into a 2-byte buffer.
-    let n = unsafe { libc::pread(device, b.as_mut_ptr().cast::<c_void>(), 2, off(config_offset + PCI_COMMAND)?) };
+    let n = unsafe {
+        libc::pread(
+            device,
+            b.as_mut_ptr().cast::<c_void>(),
+            2,
+            off(config_offset + PCI_COMMAND)?,
+        )
+    };
     if n != 2 {
-        return Err(if n < 0 { io::Error::last_os_error() } else { io::Error::other("short config read") });
+        return Err(if n < 0 {
+            io::Error::last_os_error()
+        } else {
+            io::Error::other("short config read")
+        });
     }
     Ok(u16::from_le_bytes(b))
 }
@@ -137,9 +184,20 @@ pub fn command(device: RawFd, config_offset: u64) -> io::Result<u16> {
 pub fn set_command(device: RawFd, config_offset: u64, value: u16) -> io::Result<()> {
     let b = value.to_le_bytes();
     // SAFETY: writes 2 bytes from a 2-byte buffer.
-    let n = unsafe { libc::pwrite(device, b.as_ptr().cast::<c_void>(), 2, off(config_offset + PCI_COMMAND)?) };
+    let n = unsafe {
+        libc::pwrite(
+            device,
+            b.as_ptr().cast::<c_void>(),
+            2,
+            off(config_offset + PCI_COMMAND)?,
+        )
+    };
     if n != 2 {
-        return Err(if n < 0 { io::Error::last_os_error() } else { io::Error::other("short config write") });
+        return Err(if n < 0 {
+            io::Error::last_os_error()
+        } else {
+            io::Error::other("short config write")
+        });
     }
     Ok(())
 }
@@ -171,7 +229,14 @@ impl Type1 {
     /// Opens the container and `group`, sets type1v2, opens device `bdf`,
     /// turns its memory decode on and maps BAR `bar` into this process.
     pub fn open(group: u32, bdf: &str, bar: u32) -> io::Result<Self> {
-        let mut t = Self { container: -1, group: -1, device: -1, bar: std::ptr::null_mut(), bar_len: 0, iova_pgsizes: 0 };
+        let mut t = Self {
+            container: -1,
+            group: -1,
+            device: -1,
+            bar: std::ptr::null_mut(),
+            bar_len: 0,
+            iova_pgsizes: 0,
+        };
         t.container = open("/dev/vfio/vfio")?;
         // SAFETY: VFIO_GET_API_VERSION takes no argument.
         let api = unsafe { ioctl(t.container, sys::VFIO_GET_API_VERSION, 0usize) }?;
@@ -179,20 +244,50 @@ impl Type1 {
             return Err(io::Error::other(format!("VFIO API version {api}")));
         }
         t.group = open(&format!("/dev/vfio/{group}"))?;
-        let mut st = sys::vfio_group_status { argsz: size32::<sys::vfio_group_status>(), flags: 0 };
+        let mut st = sys::vfio_group_status {
+            argsz: size32::<sys::vfio_group_status>(),
+            flags: 0,
+        };
         // SAFETY: the kernel reads `argsz` and writes back the flags.
-        unsafe { ioctl(t.group, sys::VFIO_GROUP_GET_STATUS, std::ptr::addr_of_mut!(st)) }?;
+        unsafe {
+            ioctl(
+                t.group,
+                sys::VFIO_GROUP_GET_STATUS,
+                std::ptr::addr_of_mut!(st),
+            )
+        }?;
         if st.flags & sys::VFIO_GROUP_FLAGS_VIABLE == 0 {
             return Err(io::Error::other(format!("group {group} is not viable")));
         }
         let c: c_int = t.container;
         // SAFETY: the argument points at an int holding the container fd.
-        unsafe { ioctl(t.group, sys::VFIO_GROUP_SET_CONTAINER, std::ptr::addr_of!(c)) }?;
+        unsafe {
+            ioctl(
+                t.group,
+                sys::VFIO_GROUP_SET_CONTAINER,
+                std::ptr::addr_of!(c),
+            )
+        }?;
         // SAFETY: VFIO_SET_IOMMU takes the IOMMU type by value.
-        unsafe { ioctl(t.container, sys::VFIO_SET_IOMMU, sys::VFIO_TYPE1v2_IOMMU as usize) }?;
-        let mut info = sys::vfio_iommu_type1_info { argsz: size32::<sys::vfio_iommu_type1_info>(), ..Default::default() };
+        unsafe {
+            ioctl(
+                t.container,
+                sys::VFIO_SET_IOMMU,
+                sys::VFIO_TYPE1v2_IOMMU as usize,
+            )
+        }?;
+        let mut info = sys::vfio_iommu_type1_info {
+            argsz: size32::<sys::vfio_iommu_type1_info>(),
+            ..Default::default()
+        };
         // SAFETY: the kernel writes back at most `argsz` bytes of this struct.
-        unsafe { ioctl(t.container, sys::VFIO_IOMMU_GET_INFO, std::ptr::addr_of_mut!(info)) }?;
+        unsafe {
+            ioctl(
+                t.container,
+                sys::VFIO_IOMMU_GET_INFO,
+                std::ptr::addr_of_mut!(info),
+            )
+        }?;
         t.iova_pgsizes = info.iova_pgsizes;
         let name = CString::new(bdf).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         // SAFETY: the argument is a C string the kernel reads; returns the device fd.
@@ -203,10 +298,18 @@ impl Type1 {
             set_command(t.device, config, cmd | COMMAND_MEMORY)?;
         }
         let (offset, size) = region_info(t.device, bar)?;
-        t.bar_len = usize::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+        t.bar_len =
+            usize::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
         // SAFETY: a new shared mapping of the BAR chosen by the kernel.
         let p = unsafe {
-            libc::mmap(std::ptr::null_mut(), t.bar_len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, t.device, off(offset)?)
+            libc::mmap(
+                std::ptr::null_mut(),
+                t.bar_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                t.device,
+                off(offset)?,
+            )
         };
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
@@ -231,7 +334,14 @@ impl Type1 {
         };
         // SAFETY: the kernel reads this struct; the memory it maps is device
         // MMIO mapped by this value, which unmaps all DMA before it goes.
-        unsafe { ioctl(self.container, sys::VFIO_IOMMU_MAP_DMA, std::ptr::addr_of!(arg)) }.map(drop)
+        unsafe {
+            ioctl(
+                self.container,
+                sys::VFIO_IOMMU_MAP_DMA,
+                std::ptr::addr_of!(arg),
+            )
+        }
+        .map(drop)
     }
 
     /// `VFIO_IOMMU_UNMAP_DMA` of `[iova, iova + size)`; returns the bytes unmapped.
@@ -245,7 +355,13 @@ impl Type1 {
         };
         // SAFETY: without the dirty-bitmap flag the kernel reads and writes
         // back the 24-byte fixed part only.
-        unsafe { ioctl(self.container, sys::VFIO_IOMMU_UNMAP_DMA, std::ptr::addr_of_mut!(arg)) }?;
+        unsafe {
+            ioctl(
+                self.container,
+                sys::VFIO_IOMMU_UNMAP_DMA,
+                std::ptr::addr_of_mut!(arg),
+            )
+        }?;
         Ok(arg.size)
     }
 }
@@ -265,7 +381,13 @@ impl Drop for Type1 {
                 data: sys::__IncompleteArrayField::new(),
             };
             // SAFETY: UNMAP_ALL reads the 24-byte fixed part only.
-            let _ = unsafe { ioctl(self.container, sys::VFIO_IOMMU_UNMAP_DMA, std::ptr::addr_of!(all)) };
+            let _ = unsafe {
+                ioctl(
+                    self.container,
+                    sys::VFIO_IOMMU_UNMAP_DMA,
+                    std::ptr::addr_of!(all),
+                )
+            };
         }
         for fd in [self.device, self.group, self.container] {
             if fd >= 0 {

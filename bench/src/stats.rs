@@ -28,7 +28,12 @@ impl Stats {
         } else {
             (v[n / 2 - 1] + v[n / 2]) / 2.0
         };
-        Self { median, min: v.first().copied().unwrap_or(f64::NAN), max: v.last().copied().unwrap_or(f64::NAN), n }
+        Self {
+            median,
+            min: v.first().copied().unwrap_or(f64::NAN),
+            max: v.last().copied().unwrap_or(f64::NAN),
+            n,
+        }
     }
 }
 
@@ -47,12 +52,19 @@ pub struct Budget {
 impl Budget {
     /// A budget of `min..=max` runs within `secs` seconds.
     pub fn new(min: usize, max: usize, secs: f64) -> Self {
-        Self { min, max, time: Duration::from_secs_f64(secs) }
+        Self {
+            min,
+            max,
+            time: Duration::from_secs_f64(secs),
+        }
     }
 
     /// The same budget with the time scaled by `f` (`--quick`).
     pub fn scaled(self, f: f64) -> Self {
-        Self { time: self.time.mul_f64(f), ..self }
+        Self {
+            time: self.time.mul_f64(f),
+            ..self
+        }
     }
 
     /// Runs `f(i)` for `i = 0, 1, ...` until the budget is spent.
@@ -127,10 +139,13 @@ mod tests {
     fn budget_counts() {
         let b = Budget::new(2, 5, 0.0);
         let mut n = 0;
-        assert_eq!(b.repeat::<()>(|_| {
-            n += 1;
-            Ok(())
-        }), Ok(2));
+        assert_eq!(
+            b.repeat::<()>(|_| {
+                n += 1;
+                Ok(())
+            }),
+            Ok(2)
+        );
         assert_eq!(n, 2);
     }
 }

@@ -7,12 +7,14 @@
 
 #![no_main]
 
-use dmabuf_p2p::range::parse_size;
 use dmabuf_p2p::ByteRange;
+use dmabuf_p2p::range::parse_size;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
 
     if let Ok(v) = parse_size(text) {
         assert_eq!(parse_size(&v.to_string()).ok(), Some(v));
@@ -28,8 +30,13 @@ fuzz_target!(|data: &[u8]| {
     let range = text.parse::<ByteRange>();
     match text.trim().split_once('+') {
         Some((off, len)) => match (parse_size(off), parse_size(len)) {
-            (Ok(o), Ok(l)) => assert_eq!(range.as_ref().ok(), Some(&ByteRange::new(o, l)), "{text:?}"),
-            _ => assert!(range.is_err(), "{text:?} parsed though a side does not: {range:?}"),
+            (Ok(o), Ok(l)) => {
+                assert_eq!(range.as_ref().ok(), Some(&ByteRange::new(o, l)), "{text:?}")
+            }
+            _ => assert!(
+                range.is_err(),
+                "{text:?} parsed though a side does not: {range:?}"
+            ),
         },
         None => assert!(range.is_err(), "{text:?} has no '+' yet parsed"),
     }

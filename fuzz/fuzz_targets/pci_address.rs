@@ -12,12 +12,26 @@ fn check(a: PciAddress) {
     let text = a.to_string();
     // DDDD:BB:DD.F, with 4 to 8 domain digits.
     assert!((12..=16).contains(&text.len()), "canonical form {text:?}");
-    assert_eq!(text.parse::<PciAddress>().expect("canonical form parses"), a);
-    assert_eq!(text.to_uppercase().parse::<PciAddress>().expect("upper case parses"), a);
+    assert_eq!(
+        text.parse::<PciAddress>().expect("canonical form parses"),
+        a
+    );
+    assert_eq!(
+        text.to_uppercase()
+            .parse::<PciAddress>()
+            .expect("upper case parses"),
+        a
+    );
     if a.domain() == 0 {
-        assert_eq!(text[5..].parse::<PciAddress>().expect("short form parses"), a);
+        assert_eq!(
+            text[5..].parse::<PciAddress>().expect("short form parses"),
+            a
+        );
     }
-    assert_eq!(PciAddress::new(a.domain(), a.bus(), a.device(), a.function()).expect("parts are valid"), a);
+    assert_eq!(
+        PciAddress::new(a.domain(), a.bus(), a.device(), a.function()).expect("parts are valid"),
+        a
+    );
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -26,14 +40,23 @@ fuzz_target!(|data: &[u8]| {
         let domain = u32::from_le_bytes([d0, d1, d2, d3]);
         match PciAddress::new(domain, bus, dev, func) {
             Ok(a) => check(a),
-            Err(_) => assert!(dev > 31 || func > 7, "valid parts refused: {domain:#x} {bus} {dev} {func}"),
+            Err(_) => assert!(
+                dev > 31 || func > 7,
+                "valid parts refused: {domain:#x} {bus} {dev} {func}"
+            ),
         }
     }
     // Text.
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     if let Ok(a) = text.parse::<PciAddress>() {
         check(a);
         // Only hex digits and the separators make an address.
-        assert!(text.chars().all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.'), "accepted {text:?}");
+        assert!(
+            text.chars()
+                .all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.'),
+            "accepted {text:?}"
+        );
     }
 });

@@ -8,10 +8,10 @@
 
 #![no_main]
 
-use dmabuf_p2p::exporter::vfio::{plan_export, Bar, RegionInfo};
+use dmabuf_p2p::exporter::vfio::{Bar, RegionInfo, plan_export};
 use dmabuf_p2p::importer::iommufd::IovaRange;
-use dmabuf_p2p::pci::{PciAddress, Resource, IORESOURCE_MEM};
-use dmabuf_p2p::range::{map_to_phys, validate_export_ranges, PhysRange};
+use dmabuf_p2p::pci::{IORESOURCE_MEM, PciAddress, Resource};
+use dmabuf_p2p::range::{PhysRange, map_to_phys, validate_export_ranges};
 use dmabuf_p2p::{ByteRange, Error, RangeProblem};
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
@@ -39,7 +39,9 @@ fn model_check(r: ByteRange, size: u64, align: u64) -> Result<(), RangeProblem> 
         return Err(RangeProblem::Unaligned { align });
     }
     let end = u128::from(r.offset) + u128::from(r.length);
-    let Ok(end) = u64::try_from(end) else { return Err(RangeProblem::Overflow) };
+    let Ok(end) = u64::try_from(end) else {
+        return Err(RangeProblem::Overflow);
+    };
     if end > size {
         return Err(RangeProblem::OutOfBounds { end, size });
     }
@@ -47,14 +49,22 @@ fn model_check(r: ByteRange, size: u64, align: u64) -> Result<(), RangeProblem> 
 }
 
 fuzz_target!(|input: Input| {
-    let ranges: Vec<ByteRange> = input.ranges.iter().map(|&(o, l)| ByteRange::new(o, l)).collect();
+    let ranges: Vec<ByteRange> = input
+        .ranges
+        .iter()
+        .map(|&(o, l)| ByteRange::new(o, l))
+        .collect();
     let align = input.odd_align.unwrap_or(1u64 << (input.align_log2 % 64));
     let size = input.size;
 
     // check_in: exactly the model, and an accepted range really is usable.
     for &r in &ranges {
         let got = r.check_in(size, align);
-        assert_eq!(got, model_check(r, size, align), "{r} in {size:#x} aligned {align:#x}");
+        assert_eq!(
+            got,
+            model_check(r, size, align),
+            "{r} in {size:#x} aligned {align:#x}"
+        );
         if got.is_ok() {
             let end = r.end().expect("an accepted range does not overflow");
             assert!(r.length > 0 && end <= size && r.is_aligned(align));
@@ -83,14 +93,26 @@ fuzz_target!(|input: Input| {
         if total > u128::from(u64::MAX) {
             model = Err((r, RangeProblem::TotalOverflow));
         } else if total >= 1 << 63 {
-            model = Err((r, RangeProblem::TotalTooLarge { total: total as u64 }));
+            model = Err((
+                r,
+                RangeProblem::TotalTooLarge {
+                    total: total as u64,
+                },
+            ));
         } else {
             model = Ok(total as u64);
         }
     }
     match (&got, &model) {
         (Ok(t), Ok(m)) => assert_eq!(t, m),
-        (Err(Error::InvalidRange { range, problem, target }), Err((mr, mp))) => {
+        (
+            Err(Error::InvalidRange {
+                range,
+                problem,
+                target,
+            }),
+            Err((mr, mp)),
+        ) => {
             assert_eq!(target, "fuzz");
             assert_eq!(range, mr);
             match (problem, mp) {
@@ -104,19 +126,30 @@ fuzz_target!(|input: Input| {
     // map_to_phys: exact physical ranges, or an overflow error naming the
     // first range whose physical end passes 2^64.
     let phys = map_to_phys("fuzz", input.bar_start, &ranges);
-    let first_bad = ranges
-        .iter()
-        .find(|r| u128::from(input.bar_start) + u128::from(r.offset) + u128::from(r.length) > u128::from(u64::MAX));
+    let first_bad = ranges.iter().find(|r| {
+        u128::from(input.bar_start) + u128::from(r.offset) + u128::from(r.length)
+            > u128::from(u64::MAX)
+    });
     match (&phys, first_bad) {
         (Ok(p), None) => {
             assert_eq!(p.len(), ranges.len());
             for (pr, r) in p.iter().zip(&ranges) {
-                assert_eq!(u128::from(pr.start), u128::from(input.bar_start) + u128::from(r.offset));
+                assert_eq!(
+                    u128::from(pr.start),
+                    u128::from(input.bar_start) + u128::from(r.offset)
+                );
                 assert_eq!(pr.length, r.length);
                 assert!(pr.end().is_some());
             }
         }
-        (Err(Error::InvalidRange { range, problem: RangeProblem::Overflow, .. }), Some(r)) => assert_eq!(range, r),
+        (
+            Err(Error::InvalidRange {
+                range,
+                problem: RangeProblem::Overflow,
+                ..
+            }),
+            Some(r),
+        ) => assert_eq!(range, r),
         _ => panic!("map_to_phys gave {phys:?}, expected an overflow at {first_bad:?}"),
     }
 
@@ -125,14 +158,30 @@ fuzz_target!(|input: Input| {
     let dev = PciAddress::new(0, 0, 4, 0).expect("a valid address");
     let bar = Bar {
         index: 2,
-        region: RegionInfo { index: 2, flags: 7, size, offset: 2 << 40 },
-        resource: Resource { index: 2, start: input.bar_start, size, flags: IORESOURCE_MEM },
+        region: RegionInfo {
+            index: 2,
+            flags: 7,
+            size,
+            offset: 2 << 40,
+        },
+        resource: Resource {
+            index: 2,
+            start: input.bar_start,
+            size,
+            flags: IORESOURCE_MEM,
+        },
     };
     let page = align.max(1);
     match plan_export(dev, &bar, &ranges, page) {
         Ok(plan) => {
-            assert_eq!(Some(plan.size), validate_export_ranges("fuzz", &ranges, size, page).ok());
-            assert_eq!(Some(plan.phys), map_to_phys("fuzz", input.bar_start, &ranges).ok());
+            assert_eq!(
+                Some(plan.size),
+                validate_export_ranges("fuzz", &ranges, size, page).ok()
+            );
+            assert_eq!(
+                Some(plan.phys),
+                map_to_phys("fuzz", input.bar_start, &ranges).ok()
+            );
             assert_eq!(plan.ranges, ranges);
             assert!(size > 0);
         }
@@ -144,15 +193,30 @@ fuzz_target!(|input: Input| {
     }
 
     // The predicates, against 128-bit arithmetic.
-    let (a, b) = (ByteRange::new(input.other.0, input.other.1), ranges.first().copied().unwrap_or(ByteRange::new(0, 0)));
-    let (a0, a1) = (u128::from(a.offset), u128::from(a.offset) + u128::from(a.length));
-    let (b0, b1) = (u128::from(b.offset), u128::from(b.offset) + u128::from(b.length));
+    let (a, b) = (
+        ByteRange::new(input.other.0, input.other.1),
+        ranges.first().copied().unwrap_or(ByteRange::new(0, 0)),
+    );
+    let (a0, a1) = (
+        u128::from(a.offset),
+        u128::from(a.offset) + u128::from(a.length),
+    );
+    let (b0, b1) = (
+        u128::from(b.offset),
+        u128::from(b.offset) + u128::from(b.length),
+    );
     let pos = u128::from(input.pos);
     assert_eq!(a.contains(input.pos), a0 <= pos && pos < a1);
     assert_eq!(a.contains_range(&b), a0 <= b0 && b1 <= a1);
-    assert_eq!(a.overlaps(&b), a.length > 0 && b.length > 0 && a0 < b1 && b0 < a1);
+    assert_eq!(
+        a.overlaps(&b),
+        a.length > 0 && b.length > 0 && a0 < b1 && b0 < a1
+    );
     assert_eq!(a.overlaps(&b), b.overlaps(&a));
-    assert_eq!(a.end().map(u128::from), u64::try_from(a1).ok().map(u128::from));
+    assert_eq!(
+        a.end().map(u128::from),
+        u64::try_from(a1).ok().map(u128::from)
+    );
     let p = PhysRange::new(a.offset, a.length);
     let page = align;
     match p.pfns(page) {
@@ -163,7 +227,10 @@ fuzz_target!(|input: Input| {
         None => assert!(page == 0 || a.length == 0 || a1 - 1 > u128::from(u64::MAX)),
     }
     assert_eq!(p.to_string(), format!("{:#x}..{:#x}", a0, a1));
-    let iova = IovaRange { start: b.offset, last: b.length };
+    let iova = IovaRange {
+        start: b.offset,
+        last: b.length,
+    };
     let want = a.length > 0 && a0 >= u128::from(iova.start) && a1 - 1 <= u128::from(iova.last);
     assert_eq!(iova.contains(a.offset, a.length), want);
 });

@@ -13,10 +13,10 @@ use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use dmabuf_p2p::exporter::udmabuf::UdmabufLimits;
-use dmabuf_p2p::pci::{parse_resources, PciAddress, Resource, BAR_COUNT};
-use dmabuf_p2p::sysfs::Sysfs;
 use dmabuf_p2p::Error;
+use dmabuf_p2p::exporter::udmabuf::UdmabufLimits;
+use dmabuf_p2p::pci::{BAR_COUNT, PciAddress, Resource, parse_resources};
+use dmabuf_p2p::sysfs::Sysfs;
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 
@@ -43,46 +43,74 @@ fn base() -> &'static Path {
     static BASE: OnceLock<PathBuf> = OnceLock::new();
     BASE.get_or_init(|| {
         let shm = Path::new("/dev/shm");
-        let tmp = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
+        let tmp = if shm.is_dir() {
+            shm.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        };
         tmp.join(format!("dmabuf-p2p-fuzz-sysfs-{}", std::process::id()))
     })
 }
 
 /// Whether `name` can be one path component.
 fn component(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 255 && name != "." && name != ".." && !name.contains(['/', '\0'])
+    !name.is_empty()
+        && name.len() <= 255
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', '\0'])
 }
 
 /// The model of an attribute holding a `0x`-prefixed hex number.
 fn hex_attr(text: &str) -> Option<u64> {
     let h = text.trim().strip_prefix("0x")?;
-    (!h.is_empty() && h.chars().all(|c| c.is_ascii_hexdigit())).then(|| u64::from_str_radix(h, 16).ok())?
+    (!h.is_empty() && h.chars().all(|c| c.is_ascii_hexdigit()))
+        .then(|| u64::from_str_radix(h, 16).ok())?
 }
 
 /// The `resource` file as the kernel prints it.
 fn render(resources: &[Resource]) -> String {
     let mut s = String::new();
     for r in resources {
-        let end = if r.size == 0 { 0 } else { r.start + (r.size - 1) };
-        s.push_str(&format!("{:#018x} {:#018x} {:#018x}\n", r.start, end, r.flags));
+        let end = if r.size == 0 {
+            0
+        } else {
+            r.start + (r.size - 1)
+        };
+        s.push_str(&format!(
+            "{:#018x} {:#018x} {:#018x}\n",
+            r.start, end, r.flags
+        ));
     }
     s
 }
 
 fn check_resources(text: &str) {
-    let Ok(res) = parse_resources(text) else { return };
-    assert_eq!(res.len(), text.lines().filter(|l| !l.trim().is_empty()).count(), "one resource per line");
+    let Ok(res) = parse_resources(text) else {
+        return;
+    };
+    assert_eq!(
+        res.len(),
+        text.lines().filter(|l| !l.trim().is_empty()).count(),
+        "one resource per line"
+    );
     for (i, r) in res.iter().enumerate() {
         assert_eq!(r.index as usize, i);
         if r.size == 0 {
             assert_eq!(r.start, 0, "an unused resource starts at 0: {r:?}");
         } else {
-            assert!(r.start.checked_add(r.size - 1).is_some(), "end overflows: {r:?}");
+            assert!(
+                r.start.checked_add(r.size - 1).is_some(),
+                "end overflows: {r:?}"
+            );
         }
         assert_eq!(r.is_unused(), r.size == 0);
         assert_eq!(r.as_range().length, r.size);
     }
-    assert_eq!(parse_resources(&render(&res)).expect("the kernel's printing parses"), res);
+    assert_eq!(
+        parse_resources(&render(&res)).expect("the kernel's printing parses"),
+        res
+    );
 }
 
 fn build(t: &Tree) -> std::io::Result<PathBuf> {
@@ -99,7 +127,10 @@ fn build(t: &Tree) -> std::io::Result<PathBuf> {
         symlink(format!("../../../bus/pci/drivers/{d}"), dev.join("driver"))?;
     }
     if let Some(g) = t.group.as_deref().filter(|g| component(g)) {
-        symlink(format!("../../../kernel/iommu_groups/{g}"), dev.join("iommu_group"))?;
+        symlink(
+            format!("../../../kernel/iommu_groups/{g}"),
+            dev.join("iommu_group"),
+        )?;
     }
     if !t.vfio.is_empty() {
         fs::create_dir(dev.join("vfio-dev"))?;
@@ -126,13 +157,34 @@ fuzz_target!(|t: Tree| {
 
     // IDs and class: hex with 0x, in range.
     let vendor = hex_attr(&t.vendor).filter(|&v| v <= 0xffff);
-    assert_eq!(sys.vendor(addr).ok().map(u64::from), vendor, "vendor {:?}", t.vendor);
+    assert_eq!(
+        sys.vendor(addr).ok().map(u64::from),
+        vendor,
+        "vendor {:?}",
+        t.vendor
+    );
     let device = hex_attr(&t.device).filter(|&v| v <= 0xffff);
-    assert_eq!(sys.device_id(addr).ok().map(u64::from), device, "device {:?}", t.device);
+    assert_eq!(
+        sys.device_id(addr).ok().map(u64::from),
+        device,
+        "device {:?}",
+        t.device
+    );
     let class = hex_attr(&t.class).filter(|&v| v <= 0xff_ffff);
-    assert_eq!(sys.class(addr).ok().map(u64::from), class, "class {:?}", t.class);
-    for bad in [sys.vendor(addr).err(), sys.class(addr).err()].into_iter().flatten() {
-        assert!(matches!(bad, Error::Parse { .. }), "a bad attribute is a parse error: {bad:?}");
+    assert_eq!(
+        sys.class(addr).ok().map(u64::from),
+        class,
+        "class {:?}",
+        t.class
+    );
+    for bad in [sys.vendor(addr).err(), sys.class(addr).err()]
+        .into_iter()
+        .flatten()
+    {
+        assert!(
+            matches!(bad, Error::Parse { .. }),
+            "a bad attribute is a parse error: {bad:?}"
+        );
     }
 
     // Resources, and BARs out of them.
@@ -142,11 +194,17 @@ fuzz_target!(|t: Tree| {
         match sys.bar(addr, index) {
             Ok(r) => {
                 assert!(index < BAR_COUNT);
-                assert_eq!(Some(r), parsed.as_ref().and_then(|p| p.get(index as usize).copied()));
+                assert_eq!(
+                    Some(r),
+                    parsed.as_ref().and_then(|p| p.get(index as usize).copied())
+                );
             }
             Err(Error::InvalidRegion { index: i, .. }) => {
                 assert_eq!(i, index);
-                assert!(index >= BAR_COUNT || parsed.as_ref().is_some_and(|p| p.len() <= index as usize));
+                assert!(
+                    index >= BAR_COUNT
+                        || parsed.as_ref().is_some_and(|p| p.len() <= index as usize)
+                );
             }
             Err(_) => assert!(parsed.is_none() && index < BAR_COUNT),
         }
@@ -158,9 +216,11 @@ fuzz_target!(|t: Tree| {
     let group = t.group.as_deref().filter(|g| component(g));
     let want_group = match group {
         None => Some(None),
-        Some(g) if !g.is_empty() && g.chars().all(|c| c.is_ascii_digit()) => {
-            g.parse::<u64>().ok().and_then(|v| u32::try_from(v).ok()).map(Some)
-        }
+        Some(g) if !g.is_empty() && g.chars().all(|c| c.is_ascii_digit()) => g
+            .parse::<u64>()
+            .ok()
+            .and_then(|v| u32::try_from(v).ok())
+            .map(Some),
         Some(_) => None,
     };
     assert_eq!(sys.iommu_group(addr).ok(), want_group, "group {group:?}");
@@ -172,11 +232,15 @@ fuzz_target!(|t: Tree| {
         .filter(|v| component(v))
         .filter_map(|v| {
             let n = v.strip_prefix("vfio")?;
-            (!n.is_empty() && n.chars().all(|c| c.is_ascii_digit())).then(|| n.parse::<u64>().ok().map(|n| (n, v)))?
+            (!n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+                .then(|| n.parse::<u64>().ok().map(|n| (n, v)))?
         })
         .min_by_key(|(n, _)| *n);
     // (Entries with the same number, vfio1 and vfio01, may come in any order.)
-    let number = |name: &str| name.strip_prefix("vfio").and_then(|n| n.parse::<u64>().ok());
+    let number = |name: &str| {
+        name.strip_prefix("vfio")
+            .and_then(|n| n.parse::<u64>().ok())
+    };
     match sys.vfio_dev(addr).expect("vfio-dev reads") {
         Some(name) => assert_eq!(number(&name), best.map(|(n, _)| n), "picked {name:?}"),
         None => assert!(best.is_none()),
@@ -199,10 +263,20 @@ fuzz_target!(|t: Tree| {
     }
 
     // udmabuf's module parameters: an int, negative meaning 0; else the default.
-    let param = |text: &str, default: u64| text.trim().parse::<i64>().map_or(default, |v| u64::try_from(v).unwrap_or(0));
+    let param = |text: &str, default: u64| {
+        text.trim()
+            .parse::<i64>()
+            .map_or(default, |v| u64::try_from(v).unwrap_or(0))
+    };
     let limits = UdmabufLimits::read_from(&root.join("module/udmabuf/parameters"));
     let d = UdmabufLimits::default();
     assert_eq!(limits.list_limit, param(&t.list_limit, d.list_limit));
-    assert_eq!(limits.size_limit_mb, param(&t.size_limit_mb, d.size_limit_mb));
-    assert_eq!(limits.size_limit_bytes(), limits.size_limit_mb.saturating_mul(1 << 20));
+    assert_eq!(
+        limits.size_limit_mb,
+        param(&t.size_limit_mb, d.size_limit_mb)
+    );
+    assert_eq!(
+        limits.size_limit_bytes(),
+        limits.size_limit_mb.saturating_mul(1 << 20)
+    );
 });

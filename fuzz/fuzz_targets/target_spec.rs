@@ -4,19 +4,36 @@
 
 #![no_main]
 
-use dmabuf_p2p::pci::{TargetSpec, BAR_COUNT};
+use dmabuf_p2p::pci::{BAR_COUNT, TargetSpec};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
-    let Ok(spec) = text.parse::<TargetSpec>() else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(spec) = text.parse::<TargetSpec>() else {
+        return;
+    };
     if let Some(bar) = spec.bar {
         assert!(bar < BAR_COUNT, "BAR {bar} accepted");
     } else {
         assert!(spec.range.is_none(), "a range without a BAR");
     }
     let printed = spec.to_string();
-    assert_eq!(printed.parse::<TargetSpec>().expect("the printed form parses"), spec, "{printed:?}");
+    assert_eq!(
+        printed
+            .parse::<TargetSpec>()
+            .expect("the printed form parses"),
+        spec,
+        "{printed:?}"
+    );
     // The device part alone is an address.
-    assert_eq!(spec.device.to_string().parse::<TargetSpec>().expect("device alone").device, spec.device);
+    assert_eq!(
+        spec.device
+            .to_string()
+            .parse::<TargetSpec>()
+            .expect("device alone")
+            .device,
+        spec.device
+    );
 });

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use dmabuf_p2p::sysfs::{PciDeviceInfo, Sysfs};
 
-use super::{human_size, print_json, CliError};
+use super::{CliError, human_size, print_json};
 
 /// Options of `devices`.
 #[derive(Debug, clap::Args)]
@@ -23,7 +23,11 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     let mut infos: Vec<PciDeviceInfo> = Vec::new();
     for addr in sysfs.devices()? {
         let info = sysfs.info(addr)?;
-        if args.driver.as_deref().is_none_or(|d| info.driver.as_deref() == Some(d)) {
+        if args
+            .driver
+            .as_deref()
+            .is_none_or(|d| info.driver.as_deref() == Some(d))
+        {
             infos.push(info);
         }
     }
@@ -40,7 +44,9 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
             info.class,
             info.driver.as_deref().unwrap_or("-"),
             info.iommu_group.map_or("-".to_owned(), |g| g.to_string()),
-            info.vfio_dev.as_deref().map_or("-".to_owned(), |v| format!("/dev/vfio/devices/{v}")),
+            info.vfio_dev
+                .as_deref()
+                .map_or("-".to_owned(), |v| format!("/dev/vfio/devices/{v}")),
         );
         for r in info.resources.iter().take(6).filter(|r| !r.is_unused()) {
             let kind = if r.is_io() {

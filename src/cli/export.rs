@@ -6,7 +6,7 @@ use dmabuf_p2p::exporter::vfio::VfioPciDevice;
 use dmabuf_p2p::importer::iommufd::Iommufd;
 use dmabuf_p2p::{ByteRange, TargetSpec};
 
-use super::{human_size, print_json, CliError};
+use super::{CliError, human_size, print_json};
 
 /// Options of `export`.
 #[derive(Debug, clap::Args)]
@@ -69,12 +69,20 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     if json {
         print_json(&report)?;
     } else {
-        println!("exported {} BAR{} as dma-buf fd {}", report.device, bar, std::os::fd::AsRawFd::as_raw_fd(export.dmabuf()));
+        println!(
+            "exported {} BAR{} as dma-buf fd {}",
+            report.device,
+            bar,
+            std::os::fd::AsRawFd::as_raw_fd(export.dmabuf())
+        );
         for (r, p) in report.ranges.iter().zip(&report.phys) {
             println!("  range {r}  ({})  phys {p}", human_size(r.length));
         }
         let fi = &report.fdinfo;
-        println!("  fdinfo: exp_name {}  size {}  count {}  ino {}  flags {:o}", fi.exp_name, fi.size, fi.count, fi.ino, fi.flags);
+        println!(
+            "  fdinfo: exp_name {}  size {}  count {}  ino {}  flags {:o}",
+            fi.exp_name, fi.size, fi.count, fi.ino, fi.flags
+        );
         if report.memory_decode == Some(false) {
             println!("  note: memory decode was off, so the buffer was born revoked");
         }

@@ -5,8 +5,8 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use dmabuf_p2p::engine::edu::{Edu, EDU_ID};
 use dmabuf_p2p::engine::DmaEngine;
+use dmabuf_p2p::engine::edu::{EDU_ID, Edu};
 use dmabuf_p2p::exporter::vfio::VfioPciDevice;
 use dmabuf_p2p::importer::iommufd::{Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
@@ -15,7 +15,7 @@ use dmabuf_p2p::revoke::{Attachment, RestorePolicy};
 use dmabuf_p2p::sysfs::Sysfs;
 use dmabuf_p2p::{ByteRange, PciAddress, TargetSpec};
 
-use super::{human_size, print_json, CliError};
+use super::{CliError, human_size, print_json};
 
 /// Options of `p2p-test`.
 #[derive(Debug, clap::Args)]
@@ -72,7 +72,9 @@ pub struct Report {
 }
 
 fn pattern(seed: u8, len: u64) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(167).wrapping_add(seed) ^ ((i >> 8) as u8)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(167).wrapping_add(seed) ^ ((i >> 8) as u8))
+        .collect()
 }
 
 /// Emits a host-check directive when running in the test VM (the host then
@@ -84,7 +86,10 @@ fn host_check(offset: u64, data: &[u8]) {
             h ^= u64::from(*b);
             h = h.wrapping_mul(0x0000_0100_0000_01b3);
         }
-        println!("@@host-check {name} {offset:#x} {:#x} fnv1a64={h:016x}", data.len());
+        println!(
+            "@@host-check {name} {offset:#x} {:#x} fnv1a64={h:016x}",
+            data.len()
+        );
     }
 }
 
@@ -94,7 +99,11 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     let sysfs = Sysfs::default();
     let (v, d) = (sysfs.vendor(args.engine)?, sysfs.device_id(args.engine)?);
     if (v, d) != EDU_ID {
-        return Err(format!("no DMA engine driver for {} ({v:04x}:{d:04x}); supported: edu (1234:11e8)", args.engine).into());
+        return Err(format!(
+            "no DMA engine driver for {} ({v:04x}:{d:04x}); supported: edu (1234:11e8)",
+            args.engine
+        )
+        .into());
     }
     let iommufd = Iommufd::open()?;
     let ioas = iommufd.alloc_ioas()?;
@@ -103,29 +112,61 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     target.set_memory_decode(true)?;
     let bar = args.target.bar.unwrap_or(2);
     let bar_size = target.bar(bar)?.size();
-    let range = args.target.range.unwrap_or(ByteRange::new(0, bar_size.min(0x10000)));
+    let range = args
+        .target
+        .range
+        .unwrap_or(ByteRange::new(0, bar_size.min(0x10000)));
     let size = args.size;
     if size == 0 || size.checked_mul(2).is_none_or(|two| two > range.length) {
-        return Err(format!("--size {size:#x}: the target range {range} must hold two transfers").into());
+        return Err(
+            format!("--size {size:#x}: the target range {range} must hold two transfers").into(),
+        );
     }
     let export = target.export_bar(bar, &[range])?;
-    let att = Attachment::map(&export, &ioas, IovaPlacement::Auto, MapPerms::ReadWrite, RestorePolicy::Automatic)?;
+    let att = Attachment::map(
+        &export,
+        &ioas,
+        IovaPlacement::Auto,
+        MapPerms::ReadWrite,
+        RestorePolicy::Automatic,
+    )?;
     let mut engine = Edu::open(args.engine, &ioas)?;
     let ram = Memfd::new("p2p-test", range.length)?;
-    let ram_map = ioas.map_file(&ram, ByteRange::new(0, range.length), IovaPlacement::Auto, MapPerms::ReadWrite)?;
+    let ram_map = ioas.map_file(
+        &ram,
+        ByteRange::new(0, range.length),
+        IovaPlacement::Auto,
+        MapPerms::ReadWrite,
+    )?;
     let window = target.map_bar(bar)?;
     let bar_at = |off: u64| range.offset + off;
 
     let mut report = Report {
-        engine: format!("{} {} ({:?})", engine.name(), args.engine, engine.completion()),
+        engine: format!(
+            "{} {} ({:?})",
+            engine.name(),
+            args.engine,
+            engine.completion()
+        ),
         target: format!("{} BAR{bar} {range}", args.target.device),
-        phys: export.phys_ranges().iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+        phys: export
+            .phys_ranges()
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
         iova: att.iova(),
         steps: Vec::new(),
         passed: false,
     };
     let mut step = |name: &str, bytes: u64, ok: bool, detail: String, t: Instant| {
-        report.steps.push(Step { step: name.to_owned(), bytes, ok, detail, millis: t.elapsed().as_millis() });
+        report.steps.push(Step {
+            step: name.to_owned(),
+            bytes,
+            ok,
+            detail,
+            millis: t.elapsed().as_millis(),
+        });
     };
     let len = usize::try_from(size)?;
 
@@ -138,7 +179,17 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     let mut got = vec![0u8; len];
     window.read_bytes(bar_at(0), &mut got)?;
     let ok = got == a;
-    step("host RAM -> BAR", size, ok, if ok { "verified through a BAR mmap".into() } else { "BAR contents differ".into() }, t);
+    step(
+        "host RAM -> BAR",
+        size,
+        ok,
+        if ok {
+            "verified through a BAR mmap".into()
+        } else {
+            "BAR contents differ".into()
+        },
+        t,
+    );
 
     // 2. BAR -> host RAM
     let t = Instant::now();
@@ -149,7 +200,17 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     let mut got = vec![0u8; len];
     ram.read_at(size, &mut got)?;
     let ok = got == b;
-    step("BAR -> host RAM", size, ok, if ok { "verified in host memory".into() } else { "host memory differs".into() }, t);
+    step(
+        "BAR -> host RAM",
+        size,
+        ok,
+        if ok {
+            "verified in host memory".into()
+        } else {
+            "host memory differs".into()
+        },
+        t,
+    );
 
     // 3. revoke: memory decode off tears the mapping down
     let t = Instant::now();
@@ -158,7 +219,13 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     let iova = att.iova();
     target.set_memory_decode(false)?;
     let ok = att.is_revoked() && att.ensure_live().is_err();
-    step("revoke (memory decode off)", 0, ok, format!("attachment revoked: {}", att.is_revoked()), t);
+    step(
+        "revoke (memory decode off)",
+        0,
+        ok,
+        format!("attachment revoked: {}", att.is_revoked()),
+        t,
+    );
 
     // 4. a copy to the revoked IOVA must not land
     let t = Instant::now();
@@ -174,21 +241,44 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
         "copy while revoked",
         size,
         ok,
-        format!("engine: {}; {changed} BAR bytes changed", if attempted.is_ok() { "completed" } else { "failed" }),
+        format!(
+            "engine: {}; {changed} BAR bytes changed",
+            if attempted.is_ok() {
+                "completed"
+            } else {
+                "failed"
+            }
+        ),
         t,
     );
 
     // 5. decode on restored the mapping at the same IOVA
     let t = Instant::now();
     let ok = !att.is_revoked() && att.iova() == iova;
-    step("restore (memory decode on)", 0, ok, format!("live again at IOVA {:#x}", att.iova()), t);
+    step(
+        "restore (memory decode on)",
+        0,
+        ok,
+        format!("live again at IOVA {:#x}", att.iova()),
+        t,
+    );
 
     // 6. and the next copy lands
     let t = Instant::now();
     engine.memcpy(ram_map.iova(), att.iova(), size, timeout)?;
     window.read_bytes(bar_at(0), &mut after)?;
     let ok = after == c;
-    step("copy after restore", size, ok, if ok { "verified through a BAR mmap".into() } else { "BAR contents differ".into() }, t);
+    step(
+        "copy after restore",
+        size,
+        ok,
+        if ok {
+            "verified through a BAR mmap".into()
+        } else {
+            "BAR contents differ".into()
+        },
+        t,
+    );
     // The host compares the device's backing file after the VM stops: the last
     // write to each place is what it sees.
     host_check(bar_at(0), &c);
@@ -198,14 +288,39 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
         print_json(&report)?;
     } else {
         println!("engine: {}", report.engine);
-        println!("target: {}  phys {}  mapped at IOVA {:#x}", report.target, report.phys, report.iova);
-        println!("{:<28} {:>9}  {:<6}  {:>7}  detail", "step", "bytes", "result", "time");
+        println!(
+            "target: {}  phys {}  mapped at IOVA {:#x}",
+            report.target, report.phys, report.iova
+        );
+        println!(
+            "{:<28} {:>9}  {:<6}  {:>7}  detail",
+            "step", "bytes", "result", "time"
+        );
         for s in &report.steps {
-            let bytes = if s.bytes == 0 { "-".to_owned() } else { human_size(s.bytes) };
-            println!("{:<28} {:>9}  {:<6}  {:>5}ms  {}", s.step, bytes, if s.ok { "ok" } else { "FAILED" }, s.millis, s.detail);
+            let bytes = if s.bytes == 0 {
+                "-".to_owned()
+            } else {
+                human_size(s.bytes)
+            };
+            println!(
+                "{:<28} {:>9}  {:<6}  {:>5}ms  {}",
+                s.step,
+                bytes,
+                if s.ok { "ok" } else { "FAILED" },
+                s.millis,
+                s.detail
+            );
         }
         let n = report.steps.iter().filter(|s| s.ok).count();
-        println!("p2p-test: {} ({n} of {} checks passed)", if report.passed { "PASS" } else { "FAIL" }, report.steps.len());
+        println!(
+            "p2p-test: {} ({n} of {} checks passed)",
+            if report.passed { "PASS" } else { "FAIL" },
+            report.steps.len()
+        );
     }
-    Ok(if report.passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if report.passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

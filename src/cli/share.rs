@@ -17,8 +17,8 @@ use std::process::ExitCode;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use dmabuf_p2p::engine::edu::Edu;
 use dmabuf_p2p::engine::DmaEngine;
+use dmabuf_p2p::engine::edu::Edu;
 use dmabuf_p2p::exporter::vfio::{BarExport, VfioPciDevice};
 use dmabuf_p2p::importer::iommufd::{Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
@@ -27,7 +27,7 @@ use dmabuf_p2p::revoke::{BufferState, RestorePolicy, RevokeReason};
 use dmabuf_p2p::share::{BufferInfo, ShareProblem, ShareServer, SharedBuffer};
 use dmabuf_p2p::{ByteRange, Error, PciAddress};
 
-use super::{human_size, print_json, CliError};
+use super::{CliError, human_size, print_json};
 
 /// Prints one line: compact JSON with `--json`, else `text`.
 fn event_line(json: bool, value: &serde_json::Value, text: &str) {
@@ -100,16 +100,28 @@ fn bind(socket: &Path) -> Result<UnixListener, CliError> {
         if UnixStream::connect(socket).is_ok() {
             return Err(format!("{}: another process is serving there", socket.display()).into());
         }
-        std::fs::remove_file(socket).map_err(|e| format!("{}: removing the stale socket: {e}", socket.display()))?;
+        std::fs::remove_file(socket)
+            .map_err(|e| format!("{}: removing the stale socket: {e}", socket.display()))?;
     }
     UnixListener::bind(socket).map_err(|e| format!("{}: bind: {e}", socket.display()).into())
 }
 
 /// `export <target> --serve <socket>`: serves `export` to every client until
 /// a stop signal.
-pub fn serve(dev: VfioPciDevice, export: BarExport, socket: &Path, json: bool) -> Result<ExitCode, CliError> {
+pub fn serve(
+    dev: VfioPciDevice,
+    export: BarExport,
+    socket: &Path,
+    json: bool,
+) -> Result<ExitCode, CliError> {
     // First, before any thread exists: every thread inherits the mask.
-    let signals = block_signals(&[libc::SIGUSR1, libc::SIGUSR2, libc::SIGTERM, libc::SIGINT, libc::SIGHUP])?;
+    let signals = block_signals(&[
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+        libc::SIGTERM,
+        libc::SIGINT,
+        libc::SIGHUP,
+    ])?;
     let listener = bind(socket)?;
     let bar = export.bar();
     let base = export.ranges().first().map_or(0, |r| r.offset);
@@ -132,7 +144,9 @@ pub fn serve(dev: VfioPciDevice, export: BarExport, socket: &Path, json: bool) -
         server.set_read_back(move |offset, buf| {
             let on = decode_on.read().unwrap_or_else(PoisonError::into_inner);
             if !*on {
-                return Err(Error::Revoked { buffer: format!("{name} (memory decode off)") });
+                return Err(Error::Revoked {
+                    buffer: format!("{name} (memory decode off)"),
+                });
             }
             window.read_bytes(base + offset, buf)
         });
@@ -145,30 +159,39 @@ pub fn serve(dev: VfioPciDevice, export: BarExport, socket: &Path, json: bool) -
             let mut v = state_json(change.state);
             v["event"] = "state".into();
             v["clients"] = clients.into();
-            event_line(json, &v, &format!("state: {} (told {clients} clients)", state_text(change.state)));
+            event_line(
+                json,
+                &v,
+                &format!(
+                    "state: {} (told {clients} clients)",
+                    state_text(change.state)
+                ),
+            );
         })
     };
     {
         let server = Arc::clone(&server);
-        std::thread::Builder::new().name("accept".into()).spawn(move || {
-            for conn in listener.incoming() {
-                let added = match conn {
-                    Ok(c) => server.add_client(c).map_err(|e| e.to_string()),
-                    Err(e) => Err(format!("accept: {e}")),
-                };
-                match added {
-                    Ok(id) => {
-                        let n = server.client_count();
-                        event_line(
-                            json,
-                            &serde_json::json!({"event": "client", "id": id, "clients": n}),
-                            &format!("client {id} connected ({n} connected)"),
-                        );
+        std::thread::Builder::new()
+            .name("accept".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    let added = match conn {
+                        Ok(c) => server.add_client(c).map_err(|e| e.to_string()),
+                        Err(e) => Err(format!("accept: {e}")),
+                    };
+                    match added {
+                        Ok(id) => {
+                            let n = server.client_count();
+                            event_line(
+                                json,
+                                &serde_json::json!({"event": "client", "id": id, "clients": n}),
+                                &format!("client {id} connected ({n} connected)"),
+                            );
+                        }
+                        Err(e) => eprintln!("dmabuf-p2p: a client was refused: {e}"),
                     }
-                    Err(e) => eprintln!("dmabuf-p2p: a client was refused: {e}"),
                 }
-            }
-        })?;
+            })?;
     }
     let ready = serde_json::json!({
         "event": "ready",
@@ -183,7 +206,11 @@ pub fn serve(dev: VfioPciDevice, export: BarExport, socket: &Path, json: bool) -
         &format!(
             "serving {} {} ({}) on {} (pid {}); SIGUSR1: memory decode off, SIGUSR2: on, SIGTERM: stop",
             info.exporter,
-            info.ranges.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+            info.ranges
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
             human_size(info.size),
             socket.display(),
             std::process::id()
@@ -202,7 +229,10 @@ pub fn serve(dev: VfioPciDevice, export: BarExport, socket: &Path, json: bool) -
         let mut flag = decode_on.write().unwrap_or_else(PoisonError::into_inner);
         match dev.set_memory_decode(on) {
             Ok(()) => *flag = on,
-            Err(e) => eprintln!("dmabuf-p2p: memory decode {}: {e}", if on { "on" } else { "off" }),
+            Err(e) => eprintln!(
+                "dmabuf-p2p: memory decode {}: {e}",
+                if on { "on" } else { "off" }
+            ),
         }
     };
     let _ = std::fs::remove_file(socket);
@@ -249,7 +279,9 @@ fn parse_size_arg(s: &str) -> Result<u64, String> {
 
 /// The bytes copied for `seed`.
 fn pattern(seed: u8, len: u64) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(151).wrapping_add(seed) ^ ((i >> 8) as u8).rotate_left(3)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(151).wrapping_add(seed) ^ ((i >> 8) as u8).rotate_left(3))
+        .collect()
 }
 
 fn fnv1a64(data: &[u8]) -> String {
@@ -318,7 +350,12 @@ pub fn run_map(args: &MapArgs, json: bool) -> Result<ExitCode, CliError> {
     let shared = SharedBuffer::connect(&args.from, timeout)?;
     let iommufd = Iommufd::open()?;
     let ioas = iommufd.alloc_ioas()?;
-    let att = shared.attach(&ioas, IovaPlacement::Auto, MapPerms::ReadWrite, RestorePolicy::Automatic)?;
+    let att = shared.attach(
+        &ioas,
+        IovaPlacement::Auto,
+        MapPerms::ReadWrite,
+        RestorePolicy::Automatic,
+    )?;
     let fdinfo = shared.dmabuf().fdinfo()?;
     let mut report = MapReport {
         socket: args.from.display().to_string(),
@@ -332,20 +369,36 @@ pub fn run_map(args: &MapArgs, json: bool) -> Result<ExitCode, CliError> {
         passed: false,
     };
     let step = |report: &mut MapReport, name: &str, ok: bool, detail: String, t: Instant| {
-        report.steps.push(Step { step: name.to_owned(), ok, detail, millis: t.elapsed().as_millis() });
+        report.steps.push(Step {
+            step: name.to_owned(),
+            ok,
+            detail,
+            millis: t.elapsed().as_millis(),
+        });
     };
     let t = Instant::now();
     step(
         &mut report,
         "receive and map",
         true,
-        format!("{} dma-buf of {} at IOVA {:#x} in IOAS {}", fdinfo.exp_name, human_size(fdinfo.size), att.iova(), ioas.id()),
+        format!(
+            "{} dma-buf of {} at IOVA {:#x} in IOAS {}",
+            fdinfo.exp_name,
+            human_size(fdinfo.size),
+            att.iova(),
+            ioas.id()
+        ),
         t,
     );
     let mut engine_and_ram = None;
     if let Some(bdf) = args.engine {
         let size = args.size;
-        if size == 0 || args.offset.checked_add(size).is_none_or(|end| end > shared.info().size) {
+        if size == 0
+            || args
+                .offset
+                .checked_add(size)
+                .is_none_or(|end| end > shared.info().size)
+        {
             return Err(format!(
                 "--offset {:#x} --size {size:#x}: not inside the {}-byte buffer",
                 args.offset,
@@ -358,17 +411,33 @@ pub fn run_map(args: &MapArgs, json: bool) -> Result<ExitCode, CliError> {
         let page = page_size();
         let ram_len = (2 * size).div_ceil(page) * page;
         let ram = Memfd::new("map-copy", ram_len)?;
-        let ram_map = ioas.map_file(&ram, ByteRange::new(0, ram_len), IovaPlacement::Auto, MapPerms::ReadWrite)?;
+        let ram_map = ioas.map_file(
+            &ram,
+            ByteRange::new(0, ram_len),
+            IovaPlacement::Auto,
+            MapPerms::ReadWrite,
+        )?;
         let data = pattern(args.seed, size);
         ram.write_at(0, &data)?;
-        report.copy = Some(CopyReport { offset: args.offset, size, seed: args.seed, fnv1a64: fnv1a64(&data) });
+        report.copy = Some(CopyReport {
+            offset: args.offset,
+            size,
+            seed: args.seed,
+            fnv1a64: fnv1a64(&data),
+        });
 
         // 1. The engine copies the pattern into the buffer.
         let t = Instant::now();
-        let copied = att.ensure_live().and_then(|()| engine.memcpy(ram_map.iova(), att.iova() + args.offset, size, timeout));
+        let copied = att
+            .ensure_live()
+            .and_then(|()| engine.memcpy(ram_map.iova(), att.iova() + args.offset, size, timeout));
         let ok = copied.is_ok();
         let detail = match &copied {
-            Ok(()) => format!("{} from host RAM to IOVA {:#x}", human_size(size), att.iova() + args.offset),
+            Ok(()) => format!(
+                "{} from host RAM to IOVA {:#x}",
+                human_size(size),
+                att.iova() + args.offset
+            ),
             Err(e) => e.to_string(),
         };
         step(&mut report, "copy into the buffer", ok, detail, t);
@@ -386,24 +455,52 @@ pub fn run_map(args: &MapArgs, json: bool) -> Result<ExitCode, CliError> {
                 };
                 step(&mut report, "check by the exporter", same, detail, t);
             }
-            Err(Error::Share { problem: ShareProblem::Refused(why), .. }) if why.contains("read-back") => {
-                step(&mut report, "check by the exporter", true, format!("skipped: {why}"), t);
+            Err(Error::Share {
+                problem: ShareProblem::Refused(why),
+                ..
+            }) if why.contains("read-back") => {
+                step(
+                    &mut report,
+                    "check by the exporter",
+                    true,
+                    format!("skipped: {why}"),
+                    t,
+                );
             }
-            Err(e) => step(&mut report, "check by the exporter", false, e.to_string(), t),
+            Err(e) => step(
+                &mut report,
+                "check by the exporter",
+                false,
+                e.to_string(),
+                t,
+            ),
         }
 
         // 3. The engine copies the buffer back out into host RAM.
         let t = Instant::now();
-        let back = att.ensure_live().and_then(|()| engine.memcpy(att.iova() + args.offset, ram_map.iova() + size, size, timeout));
+        let back = att.ensure_live().and_then(|()| {
+            engine.memcpy(
+                att.iova() + args.offset,
+                ram_map.iova() + size,
+                size,
+                timeout,
+            )
+        });
         let (ok, detail) = match back {
             Ok(()) => {
                 let mut got = vec![0u8; usize::try_from(size)?];
                 ram.read_at(size, &mut got)?;
                 if got == data {
-                    (true, "copied back out by the engine: the pattern".to_owned())
+                    (
+                        true,
+                        "copied back out by the engine: the pattern".to_owned(),
+                    )
                 } else {
                     let differ = got.iter().zip(&data).filter(|(a, b)| a != b).count();
-                    (false, format!("copied back out by the engine: {differ} of {size} bytes differ"))
+                    (
+                        false,
+                        format!("copied back out by the engine: {differ} of {size} bytes differ"),
+                    )
                 }
             }
             Err(e) => (false, e.to_string()),
@@ -419,15 +516,38 @@ pub fn run_map(args: &MapArgs, json: bool) -> Result<ExitCode, CliError> {
             print_json(&report)?;
         }
     } else {
-        println!("buffer: {} ({}), over {}", report.buffer.exporter, human_size(report.buffer.size), report.socket);
-        println!("mapped at IOVA {:#x} in IOAS {}{}", report.iova, report.ioas, report.engine.as_ref().map_or(String::new(), |e| format!("; engine {e}")));
+        println!(
+            "buffer: {} ({}), over {}",
+            report.buffer.exporter,
+            human_size(report.buffer.size),
+            report.socket
+        );
+        println!(
+            "mapped at IOVA {:#x} in IOAS {}{}",
+            report.iova,
+            report.ioas,
+            report
+                .engine
+                .as_ref()
+                .map_or(String::new(), |e| format!("; engine {e}"))
+        );
         for s in &report.steps {
-            println!("{:<24} {:<6} {:>5}ms  {}", s.step, if s.ok { "ok" } else { "FAILED" }, s.millis, s.detail);
+            println!(
+                "{:<24} {:<6} {:>5}ms  {}",
+                s.step,
+                if s.ok { "ok" } else { "FAILED" },
+                s.millis,
+                s.detail
+            );
         }
         println!("map: {}", if report.passed { "PASS" } else { "FAIL" });
     }
     if args.watch {
-        event_line(json, &serde_json::json!({"event": "watching", "iova": att.iova()}), "watching the exporter");
+        event_line(
+            json,
+            &serde_json::json!({"event": "watching", "iova": att.iova()}),
+            "watching the exporter",
+        );
         let mut last = shared.remote_state();
         loop {
             match shared.wait_remote(Duration::from_secs(3600), |s| s != last) {
@@ -440,7 +560,16 @@ pub fn run_map(args: &MapArgs, json: bool) -> Result<ExitCode, CliError> {
                     event_line(
                         json,
                         &v,
-                        &format!("exporter: {}; IOVA {:#x} {}", state_text(s), att.iova(), if att.is_revoked() { "torn down" } else { "mapped" }),
+                        &format!(
+                            "exporter: {}; IOVA {:#x} {}",
+                            state_text(s),
+                            att.iova(),
+                            if att.is_revoked() {
+                                "torn down"
+                            } else {
+                                "mapped"
+                            }
+                        ),
                     );
                     if matches!(s, BufferState::Gone(_)) {
                         break;
@@ -448,12 +577,20 @@ pub fn run_map(args: &MapArgs, json: bool) -> Result<ExitCode, CliError> {
                 }
                 Err(Error::Timeout { .. }) => {}
                 Err(e) => {
-                    event_line(json, &serde_json::json!({"event": "ended", "why": e.to_string()}), &format!("ended: {e}"));
+                    event_line(
+                        json,
+                        &serde_json::json!({"event": "ended", "why": e.to_string()}),
+                        &format!("ended: {e}"),
+                    );
                     break;
                 }
             }
         }
     }
     drop(engine_and_ram);
-    Ok(if report.passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if report.passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use testbed::suite::{self, GuestBinaries, RunSpec, Verdict};
 
-use super::{print_json, CliError};
+use super::{CliError, print_json};
 
 /// VM subcommands.
 #[derive(Debug, clap::Subcommand)]
@@ -19,7 +19,10 @@ pub enum VmCommand {
 /// This very binary goes into the VM, so the demo runs what the user runs.
 fn self_binaries() -> Result<GuestBinaries, CliError> {
     let cli: PathBuf = std::env::current_exe()?;
-    Ok(GuestBinaries { vm_tests: None, cli })
+    Ok(GuestBinaries {
+        vm_tests: None,
+        cli,
+    })
 }
 
 /// What `--json` prints: the guest command's own JSON and the run's verdict.
@@ -58,8 +61,14 @@ pub fn run(cmd: VmCommand, json: bool) -> Result<ExitCode, CliError> {
     let flag = if json { " --json" } else { "" };
     let (name, job) = match cmd {
         VmCommand::Info if json => ("vm-info", format!("{}{flag} devices\n", suite::GUEST_CLI)),
-        VmCommand::Info => ("vm-info", format!("{}\n{} devices\n", suite::INFO_JOB, suite::GUEST_CLI)),
-        VmCommand::Demo => ("vm-demo", format!("DEMO_JSON={}\n{}", flag.trim(), suite::DEMO_JOB)),
+        VmCommand::Info => (
+            "vm-info",
+            format!("{}\n{} devices\n", suite::INFO_JOB, suite::GUEST_CLI),
+        ),
+        VmCommand::Demo => (
+            "vm-demo",
+            format!("DEMO_JSON={}\n{}", flag.trim(), suite::DEMO_JOB),
+        ),
     };
     let mut spec = RunSpec::new(name, job, false);
     spec.stream = !json;
@@ -69,5 +78,9 @@ pub fn run(cmd: VmCommand, json: bool) -> Result<ExitCode, CliError> {
     } else {
         suite::print_verdict(name, &verdict);
     }
-    Ok(if verdict.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if verdict.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -17,7 +17,7 @@ use super::{Completion, DmaEngine};
 use crate::exporter::vfio::{BarMapping, VfioPciDevice};
 use crate::importer::iommufd::Ioas;
 use crate::pci::PciAddress;
-use crate::{sys, Error, Result};
+use crate::{Error, Result, sys};
 
 /// edu's PCI vendor and device IDs.
 pub const EDU_ID: (u16, u16) = (0x1234, 0x11e8);
@@ -99,10 +99,18 @@ impl Edu {
         if ident & 0xff != 0xed {
             return Err(Error::Device {
                 device: address.to_string(),
-                problem: format!("edu identification register reads {ident:#x}, expected 0x??????ed"),
+                problem: format!(
+                    "edu identification register reads {ident:#x}, expected 0x??????ed"
+                ),
             });
         }
-        let mut me = Self { dev, bar0, irq: None, fallback_reason: None, pending: None };
+        let mut me = Self {
+            dev,
+            bar0,
+            irq: None,
+            fallback_reason: None,
+            pending: None,
+        };
         match me.setup_msi() {
             Ok(fd) => me.irq = Some(fd),
             Err(e) => me.fallback_reason = Some(e.to_string()),
@@ -159,7 +167,14 @@ impl Edu {
     }
 
     /// One transfer between IOVA `iova` and the device buffer at `offset`.
-    fn buffer_transfer(&mut self, iova: u64, offset: u64, len: u64, to_bus: bool, timeout: Duration) -> Result<()> {
+    fn buffer_transfer(
+        &mut self,
+        iova: u64,
+        offset: u64,
+        len: u64,
+        to_bus: bool,
+        timeout: Duration,
+    ) -> Result<()> {
         let fits = matches!(offset.checked_add(len), Some(end) if end <= EDU_BUFFER_USABLE);
         if len == 0 || !fits {
             return Err(Error::Engine {
@@ -243,7 +258,11 @@ impl Edu {
 
 /// Waits up to `timeout` for `fd` to become readable.
 fn wait_readable(fd: &OwnedFd, timeout: Duration) -> Result<()> {
-    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
     let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
     // SAFETY: one valid pollfd for the duration of the call.
     let r = unsafe { libc::poll(&mut pfd, 1, ms) };
@@ -277,7 +296,9 @@ impl DmaEngine for Edu {
         if len == 0 || len > EDU_MAX_COPY {
             return Err(Error::Engine {
                 engine: format!("edu {}", self.dev.address()),
-                problem: format!("copy of {len:#x} bytes: one copy takes 1..={EDU_MAX_COPY:#x} bytes"),
+                problem: format!(
+                    "copy of {len:#x} bytes: one copy takes 1..={EDU_MAX_COPY:#x} bytes"
+                ),
             });
         }
         if self.pending.is_some() || self.busy()? {

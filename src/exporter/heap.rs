@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use crate::dmabuf::DmaBuf;
 use crate::error::{Error, RangeProblem, Result};
 use crate::range::page_size;
-use crate::{ioctl, ByteRange};
+use crate::{ByteRange, ioctl};
 
 /// Where heaps appear.
 pub const HEAP_DIR: &str = "/dev/dma_heap";
@@ -89,12 +89,21 @@ impl DmaHeap {
             dir: dir.display().to_string(),
             available: list_in(dir).unwrap_or_default(),
         };
-        if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
+        if name.is_empty()
+            || name == "."
+            || name == ".."
+            || name.contains('/')
+            || name.contains('\0')
+        {
             return Err(not_found());
         }
         let path = dir.join(name);
         match OpenOptions::new().read(true).open(&path) {
-            Ok(f) => Ok(Self { fd: f.into(), name: name.to_owned(), path }),
+            Ok(f) => Ok(Self {
+                fd: f.into(),
+                name: name.to_owned(),
+                path,
+            }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Err(not_found()),
             Err(e) => Err(Error::sys("open", path.display().to_string(), e)),
         }
@@ -117,18 +126,29 @@ impl DmaHeap {
     /// ```
     pub fn alloc(&self, len: u64) -> Result<DmaBuf> {
         let range = ByteRange::new(0, len);
-        let bad = |problem| Error::InvalidRange { target: format!("allocation from dma-heap {:?}", self.name), range, problem };
+        let bad = |problem| Error::InvalidRange {
+            target: format!("allocation from dma-heap {:?}", self.name),
+            range,
+            problem,
+        };
         if len == 0 {
             return Err(bad(RangeProblem::Empty));
         }
         // The kernel rounds up with PAGE_ALIGN and refuses a length that
         // wraps to 0; check the same thing here.
-        len.checked_next_multiple_of(page_size()).ok_or_else(|| bad(RangeProblem::Overflow))?;
+        len.checked_next_multiple_of(page_size())
+            .ok_or_else(|| bad(RangeProblem::Overflow))?;
         #[allow(clippy::cast_sign_loss)]
         let fd_flags = (libc::O_RDWR | libc::O_CLOEXEC) as u32;
         ioctl::dma_heap_alloc(self.fd.as_fd(), len, fd_flags, 0)
             .map(DmaBuf::from_owned_unchecked)
-            .map_err(|e| Error::sys("DMA_HEAP_IOCTL_ALLOC", format!("{} ({len:#x} bytes)", self.path.display()), e))
+            .map_err(|e| {
+                Error::sys(
+                    "DMA_HEAP_IOCTL_ALLOC",
+                    format!("{} ({len:#x} bytes)", self.path.display()),
+                    e,
+                )
+            })
     }
 }
 

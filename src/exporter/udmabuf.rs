@@ -22,11 +22,11 @@ use std::fs::OpenOptions;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use crate::dmabuf::{fs_magic, human_size, DmaBuf};
+use crate::dmabuf::{DmaBuf, fs_magic, human_size};
 use crate::error::{Error, RangeProblem, Result};
-use crate::memfd::{fd_label, Seals};
+use crate::memfd::{Seals, fd_label};
 use crate::range::page_size;
-use crate::{ioctl, sys, ByteRange};
+use crate::{ByteRange, ioctl, sys};
 
 /// The udmabuf device node.
 pub const DEVICE: &str = "/dev/udmabuf";
@@ -53,7 +53,10 @@ pub struct UdmabufLimits {
 
 impl Default for UdmabufLimits {
     fn default() -> Self {
-        Self { list_limit: 1024, size_limit_mb: 64 }
+        Self {
+            list_limit: 1024,
+            size_limit_mb: 64,
+        }
     }
 }
 
@@ -121,7 +124,11 @@ pub fn check_items(items: &[(BorrowedFd<'_>, u64, u64)], limits: &UdmabufLimits)
     }
     let count = items.len() as u64;
     if count > limits.list_limit {
-        return Err(Error::UdmabufLimit { limit: "list_limit", max: limits.list_limit, requested: count });
+        return Err(Error::UdmabufLimit {
+            limit: "list_limit",
+            max: limits.list_limit,
+            requested: count,
+        });
     }
     let mut total: u64 = 0;
     for (index, &(memfd, offset, size)) in items.iter().enumerate() {
@@ -158,10 +165,18 @@ fn check_item(index: usize, count: usize, memfd: BorrowedFd<'_>, range: ByteRang
     };
     let page = page_size();
     if range.is_empty() {
-        return Err(Error::InvalidRange { target: who(), range, problem: RangeProblem::Empty });
+        return Err(Error::InvalidRange {
+            target: who(),
+            range,
+            problem: RangeProblem::Empty,
+        });
     }
     if !range.is_aligned(page) {
-        return Err(Error::InvalidRange { target: who(), range, problem: RangeProblem::Unaligned { align: page } });
+        return Err(Error::InvalidRange {
+            target: who(),
+            range,
+            problem: RangeProblem::Unaligned { align: page },
+        });
     }
 
     let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
@@ -172,12 +187,17 @@ fn check_item(index: usize, count: usize, memfd: BorrowedFd<'_>, range: ByteRang
     // SAFETY: fstat succeeded and filled the (zero-initialised) struct.
     let st = unsafe { st.assume_init() };
     if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-        return Err(Error::Memfd { problem: format!("{} is not a regular file (mode {:#o})", who(), st.st_mode) });
+        return Err(Error::Memfd {
+            problem: format!("{} is not a regular file (mode {:#o})", who(), st.st_mode),
+        });
     }
     let magic = fs_magic(memfd).map_err(renamed)?;
     if magic != TMPFS_MAGIC && magic != HUGETLBFS_MAGIC {
         return Err(Error::Memfd {
-            problem: format!("{} is not a shmem (memfd/tmpfs) or hugetlbfs file (filesystem magic {magic:#x})", who()),
+            problem: format!(
+                "{} is not a shmem (memfd/tmpfs) or hugetlbfs file (filesystem magic {magic:#x})",
+                who()
+            ),
         });
     }
 
@@ -188,12 +208,23 @@ fn check_item(index: usize, count: usize, memfd: BorrowedFd<'_>, range: ByteRang
         } else {
             "; add it with F_ADD_SEALS"
         };
-        return Err(Error::Memfd { problem: format!("{} lacks the F_SEAL_SHRINK seal (seals: {seals}){hint}", who()) });
+        return Err(Error::Memfd {
+            problem: format!(
+                "{} lacks the F_SEAL_SHRINK seal (seals: {seals}){hint}",
+                who()
+            ),
+        });
     }
-    for (seal, name) in [(Seals::WRITE, "F_SEAL_WRITE"), (Seals::FUTURE_WRITE, "F_SEAL_FUTURE_WRITE")] {
+    for (seal, name) in [
+        (Seals::WRITE, "F_SEAL_WRITE"),
+        (Seals::FUTURE_WRITE, "F_SEAL_FUTURE_WRITE"),
+    ] {
         if seals.contains(seal) {
             return Err(Error::Memfd {
-                problem: format!("{} has the {name} seal, which udmabuf refuses (seals: {seals})", who()),
+                problem: format!(
+                    "{} has the {name} seal, which udmabuf refuses (seals: {seals})",
+                    who()
+                ),
             });
         }
     }
@@ -201,7 +232,11 @@ fn check_item(index: usize, count: usize, memfd: BorrowedFd<'_>, range: ByteRang
     let size = u64::try_from(st.st_size).unwrap_or(0);
     range
         .check_in(size, page)
-        .map_err(|problem| Error::InvalidRange { target: format!("{} ({})", who(), human_size(size)), range, problem })
+        .map_err(|problem| Error::InvalidRange {
+            target: format!("{} ({})", who(), human_size(size)),
+            range,
+            problem,
+        })
 }
 
 /// `/dev/udmabuf`, open.
@@ -247,7 +282,11 @@ impl Udmabuf {
             .write(true)
             .open(path)
             .map_err(|e| Error::sys("open", path.display().to_string(), e))?;
-        Ok(Self { dev: file.into(), path: path.to_owned(), limits: UdmabufLimits::read() })
+        Ok(Self {
+            dev: file.into(),
+            path: path.to_owned(),
+            limits: UdmabufLimits::read(),
+        })
     }
 
     /// The limits read at open.
@@ -278,7 +317,11 @@ impl Udmabuf {
             .map(DmaBuf::from_owned_unchecked)
             .map_err(|e| {
                 let range = ByteRange::new(offset, size);
-                Error::sys("UDMABUF_CREATE", format!("{}: memfd {} {range}", self.path.display(), fd_label(memfd)), e)
+                Error::sys(
+                    "UDMABUF_CREATE",
+                    format!("{}: memfd {} {range}", self.path.display(), fd_label(memfd)),
+                    e,
+                )
             })
     }
 
@@ -299,16 +342,27 @@ impl Udmabuf {
         check_items(items, &self.limits)?;
         let list: Vec<sys::udmabuf_create_item> = items
             .iter()
-            .map(|&(memfd, offset, size)| sys::udmabuf_create_item { memfd: raw_u32(memfd), __pad: 0, offset, size })
+            .map(|&(memfd, offset, size)| sys::udmabuf_create_item {
+                memfd: raw_u32(memfd),
+                __pad: 0,
+                offset,
+                size,
+            })
             .collect();
         ioctl::udmabuf_create_list(self.dev.as_fd(), sys::UDMABUF_FLAGS_CLOEXEC, &list)
             .map(DmaBuf::from_owned_unchecked)
             .map_err(|e| {
                 let what: Vec<String> = items
                     .iter()
-                    .map(|&(fd, offset, size)| format!("fd {} {}", fd.as_raw_fd(), ByteRange::new(offset, size)))
+                    .map(|&(fd, offset, size)| {
+                        format!("fd {} {}", fd.as_raw_fd(), ByteRange::new(offset, size))
+                    })
                     .collect();
-                Error::sys("UDMABUF_CREATE_LIST", format!("{}: [{}]", self.path.display(), what.join(", ")), e)
+                Error::sys(
+                    "UDMABUF_CREATE_LIST",
+                    format!("{}: [{}]", self.path.display(), what.join(", ")),
+                    e,
+                )
             })
     }
 }

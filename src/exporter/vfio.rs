@@ -54,14 +54,14 @@ use std::sync::{Arc, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::dmabuf::DmaBuf;
-use crate::error::{Error, RangeProblem, Result};
 use crate::dmabuf::human_size;
+use crate::error::{Error, RangeProblem, Result};
 use crate::importer::iommufd::{Ioas, Iommufd};
 use crate::ioctl;
-use crate::pci::{PciAddress, Resource, BAR_COUNT};
-use crate::range::{map_to_phys, page_size, validate_export_ranges, ByteRange, PhysRange};
-use crate::sys;
+use crate::pci::{BAR_COUNT, PciAddress, Resource};
+use crate::range::{ByteRange, PhysRange, map_to_phys, page_size, validate_export_ranges};
 use crate::revoke::{Revocable, RevocationHub, RevokeReason};
+use crate::sys;
 use crate::sysfs::Sysfs;
 
 /// The driver a device must be bound to: `vfio-pci`.
@@ -151,7 +151,11 @@ pub fn bind_to_vfio_pci_in(sysfs: &Sysfs, addr: PciAddress) -> Result<()> {
     write_attr(addr, &sysfs.root().join("bus/pci/drivers_probe"), &name)?;
     match sysfs.driver(addr)? {
         Some(d) if d == VFIO_PCI_DRIVER => Ok(()),
-        driver => Err(Error::WrongDriver { device: name, driver, expected: VFIO_PCI_DRIVER.to_owned() }),
+        driver => Err(Error::WrongDriver {
+            device: name,
+            driver,
+            expected: VFIO_PCI_DRIVER.to_owned(),
+        }),
     }
 }
 
@@ -398,26 +402,47 @@ pub struct ExportPlan {
 /// }
 /// # Ok::<(), dmabuf_p2p::Error>(())
 /// ```
-pub fn plan_export(device: PciAddress, bar: &Bar, ranges: &[ByteRange], page: u64) -> Result<ExportPlan> {
+pub fn plan_export(
+    device: PciAddress,
+    bar: &Bar,
+    ranges: &[ByteRange],
+    page: u64,
+) -> Result<ExportPlan> {
     check_bar_index(device, bar.index)?;
-    let invalid = |problem: String| Error::InvalidRegion { device: device.to_string(), index: bar.index, problem };
+    let invalid = |problem: String| Error::InvalidRegion {
+        device: device.to_string(),
+        index: bar.index,
+        problem,
+    };
     if !bar.is_present() {
-        return Err(invalid("BAR not present (size 0: unused, or the upper half of a 64-bit BAR)".to_owned()));
+        return Err(invalid(
+            "BAR not present (size 0: unused, or the upper half of a 64-bit BAR)".to_owned(),
+        ));
     }
     if bar.resource.is_io() || !bar.resource.is_mem() {
-        return Err(invalid("an I/O-port BAR; only memory BARs can be exported".to_owned()));
+        return Err(invalid(
+            "an I/O-port BAR; only memory BARs can be exported".to_owned(),
+        ));
     }
     // The BAR's name only goes into an error: format it then, not on every
     // export.
     let named = |e: Error| match e {
-        Error::InvalidRange { range, problem, .. } => {
-            Error::InvalidRange { target: bar_name(device, bar.index, bar.size()), range, problem }
-        }
+        Error::InvalidRange { range, problem, .. } => Error::InvalidRange {
+            target: bar_name(device, bar.index, bar.size()),
+            range,
+            problem,
+        },
         other => other,
     };
     let size = validate_export_ranges("", ranges, bar.size(), page).map_err(named)?;
     let phys = map_to_phys("", bar.phys_start(), ranges).map_err(named)?;
-    Ok(ExportPlan { device, bar: bar.index, ranges: ranges.to_vec(), phys, size })
+    Ok(ExportPlan {
+        device,
+        bar: bar.index,
+        ranges: ranges.to_vec(),
+        phys,
+        size,
+    })
 }
 
 /// The exact bytes [`VfioPciDevice::export_bar`] passes to
@@ -438,11 +463,23 @@ pub fn export_request(region_index: u32, ranges: &[ByteRange]) -> Result<Vec<u8>
     let raw = to_dma_ranges(ranges);
     ioctl::vfio_dma_buf_feature_arg(region_index, EXPORT_OPEN_FLAGS, &raw)
         .map(|b| b.as_bytes().to_vec())
-        .map_err(|e| Error::sys("VFIO_DEVICE_FEATURE(DMA_BUF) request", format!("BAR{region_index}"), e))
+        .map_err(|e| {
+            Error::sys(
+                "VFIO_DEVICE_FEATURE(DMA_BUF) request",
+                format!("BAR{region_index}"),
+                e,
+            )
+        })
 }
 
 fn to_dma_ranges(ranges: &[ByteRange]) -> Vec<sys::vfio_region_dma_range> {
-    ranges.iter().map(|r| sys::vfio_region_dma_range { offset: r.offset, length: r.length }).collect()
+    ranges
+        .iter()
+        .map(|r| sys::vfio_region_dma_range {
+            offset: r.offset,
+            length: r.length,
+        })
+        .collect()
 }
 
 /// `index` must be a BAR (0..=5).
@@ -588,21 +625,33 @@ impl VfioPciDevice {
             return Err(match sysfs.driver(address)? {
                 Some(d) if d == VFIO_PCI_DRIVER => Error::Device {
                     device,
-                    problem: "bound to vfio-pci but has no VFIO cdev (vfio-dev/vfioN): the kernel needs \
+                    problem:
+                        "bound to vfio-pci but has no VFIO cdev (vfio-dev/vfioN): the kernel needs \
                               CONFIG_VFIO_DEVICE_CDEV and CONFIG_IOMMUFD"
-                        .to_owned(),
+                            .to_owned(),
                 },
-                driver => Error::WrongDriver { device, driver, expected: VFIO_PCI_DRIVER.to_owned() },
+                driver => Error::WrongDriver {
+                    device,
+                    driver,
+                    expected: VFIO_PCI_DRIVER.to_owned(),
+                },
             });
         };
         let cdev = cdev_dir.as_ref().join(&name);
-        let file = fs::OpenOptions::new().read(true).write(true).open(&cdev).map_err(|e| {
-            if e.kind() == io::ErrorKind::NotFound {
-                Error::Device { device: device.clone(), problem: format!("no VFIO cdev node {}", cdev.display()) }
-            } else {
-                Error::sys("open", format!("{device} {}", cdev.display()), e)
-            }
-        })?;
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&cdev)
+            .map_err(|e| {
+                if e.kind() == io::ErrorKind::NotFound {
+                    Error::Device {
+                        device: device.clone(),
+                        problem: format!("no VFIO cdev node {}", cdev.display()),
+                    }
+                } else {
+                    Error::sys("open", format!("{device} {}", cdev.display()), e)
+                }
+            })?;
         Ok(Self {
             file,
             address,
@@ -674,9 +723,17 @@ impl VfioPciDevice {
         if self.bound.is_some() {
             return Err(self.device_error("already bound to an iommufd"));
         }
-        let devid = ioctl::vfio_device_bind_iommufd(self.fd(), iommufd.as_fd())
-            .map_err(|e| Error::sys("VFIO_DEVICE_BIND_IOMMUFD", format!("{} to {}", self.address, iommufd.name()), e))?;
-        self.bound = Some(Bound { iommufd: iommufd.clone(), devid });
+        let devid = ioctl::vfio_device_bind_iommufd(self.fd(), iommufd.as_fd()).map_err(|e| {
+            Error::sys(
+                "VFIO_DEVICE_BIND_IOMMUFD",
+                format!("{} to {}", self.address, iommufd.name()),
+                e,
+            )
+        })?;
+        self.bound = Some(Bound {
+            iommufd: iommufd.clone(),
+            devid,
+        });
         // The kernel refuses SET_IRQS before the bind, so the request channel
         // is set up here. A device without one still works; it just cannot
         // hear unplug requests (`unplug_requested` then says why).
@@ -730,7 +787,13 @@ impl VfioPciDevice {
             0,
             ioctl::IrqData::Eventfd(&[efd.as_raw_fd()]),
         )
-        .map_err(|e| Error::sys("VFIO_DEVICE_SET_IRQS(eventfd)", format!("{target} {what}"), e))?;
+        .map_err(|e| {
+            Error::sys(
+                "VFIO_DEVICE_SET_IRQS(eventfd)",
+                format!("{target} {what}"),
+                e,
+            )
+        })?;
         Ok(efd)
     }
 
@@ -745,7 +808,13 @@ impl VfioPciDevice {
             0,
             ioctl::IrqData::None { count: 0 },
         )
-        .map_err(|e| Error::sys("VFIO_DEVICE_SET_IRQS(disable)", format!("{} IRQ index {index}", self.address), e))
+        .map_err(|e| {
+            Error::sys(
+                "VFIO_DEVICE_SET_IRQS(disable)",
+                format!("{} IRQ index {index}", self.address),
+                e,
+            )
+        })
     }
 
     /// The eventfd the kernel signals when it asks for the device back
@@ -813,7 +882,11 @@ impl VfioPciDevice {
             let e = io::Error::last_os_error();
             return match e.raw_os_error() {
                 Some(libc::EAGAIN | libc::EINTR) => Ok(false),
-                _ => Err(Error::sys("read", format!("{} device-request eventfd", self.address), e)),
+                _ => Err(Error::sys(
+                    "read",
+                    format!("{} device-request eventfd", self.address),
+                    e,
+                )),
             };
         }
         if n != 8 || count == 0 {
@@ -850,14 +923,23 @@ impl VfioPciDevice {
                 return Ok(false);
             }
             let efd = self.request_eventfd()?;
-            let mut pfd = libc::pollfd { fd: efd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            let mut pfd = libc::pollfd {
+                fd: efd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
             // Round up, so a sub-millisecond rest does not spin.
-            let ms = libc::c_int::try_from(left.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX);
+            let ms =
+                libc::c_int::try_from(left.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX);
             // SAFETY: one valid pollfd for the duration of the call.
             if unsafe { libc::poll(&mut pfd, 1, ms) } < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(Error::sys("poll", format!("{} device-request eventfd", self.address), e));
+                    return Err(Error::sys(
+                        "poll",
+                        format!("{} device-request eventfd", self.address),
+                        e,
+                    ));
                 }
             }
         }
@@ -941,7 +1023,11 @@ impl VfioPciDevice {
             )));
         }
         let hwpt_id = self.attach_raw(ioas.id())?;
-        self.attached = Some(Attached { pt_id: ioas.id(), hwpt_id, ioas: Some(ioas.clone()) });
+        self.attached = Some(Attached {
+            pt_id: ioas.id(),
+            hwpt_id,
+            ioas: Some(ioas.clone()),
+        });
         Ok(hwpt_id)
     }
 
@@ -959,7 +1045,11 @@ impl VfioPciDevice {
     pub fn attach_pt(&mut self, pt_id: u32) -> Result<u32> {
         self.bound()?;
         let hwpt_id = self.attach_raw(pt_id)?;
-        self.attached = Some(Attached { pt_id, hwpt_id, ioas: None });
+        self.attached = Some(Attached {
+            pt_id,
+            hwpt_id,
+            ioas: None,
+        });
         Ok(hwpt_id)
     }
 
@@ -967,7 +1057,12 @@ impl VfioPciDevice {
         const OP: &str = "VFIO_DEVICE_ATTACH_IOMMUFD_PT";
         ioctl::vfio_device_attach_iommufd_pt(self.fd(), pt_id).map_err(|e| {
             if e.raw_os_error() == Some(libc::ENOENT) {
-                Error::UnknownObject { op: OP, target: self.address.to_string(), id: pt_id, source: e }
+                Error::UnknownObject {
+                    op: OP,
+                    target: self.address.to_string(),
+                    id: pt_id,
+                    source: e,
+                }
             } else {
                 Error::sys(OP, format!("{} to {pt_id}", self.address), e)
             }
@@ -993,8 +1088,9 @@ impl VfioPciDevice {
         if self.attached.is_none() {
             return Ok(());
         }
-        ioctl::vfio_device_detach_iommufd_pt(self.fd())
-            .map_err(|e| Error::sys("VFIO_DEVICE_DETACH_IOMMUFD_PT", self.address.to_string(), e))?;
+        ioctl::vfio_device_detach_iommufd_pt(self.fd()).map_err(|e| {
+            Error::sys("VFIO_DEVICE_DETACH_IOMMUFD_PT", self.address.to_string(), e)
+        })?;
         self.attached = None;
         Ok(())
     }
@@ -1043,7 +1139,11 @@ impl VfioPciDevice {
         self.bound()?;
         let i = ioctl::vfio_device_get_info(self.fd())
             .map_err(|e| Error::sys("VFIO_DEVICE_GET_INFO", self.address.to_string(), e))?;
-        Ok(DeviceInfo { flags: i.flags, num_regions: i.num_regions, num_irqs: i.num_irqs })
+        Ok(DeviceInfo {
+            flags: i.flags,
+            num_regions: i.num_regions,
+            num_irqs: i.num_irqs,
+        })
     }
 
     /// `VFIO_DEVICE_GET_REGION_INFO` for region `index`. An index past the
@@ -1066,10 +1166,19 @@ impl VfioPciDevice {
                     problem: format!("no such region (VFIO_DEVICE_GET_REGION_INFO: {e})"),
                 }
             } else {
-                Error::sys("VFIO_DEVICE_GET_REGION_INFO", format!("{} region {index}", self.address), e)
+                Error::sys(
+                    "VFIO_DEVICE_GET_REGION_INFO",
+                    format!("{} region {index}", self.address),
+                    e,
+                )
             }
         })?;
-        Ok(RegionInfo { index, flags: r.flags, size: r.size, offset: r.offset })
+        Ok(RegionInfo {
+            index,
+            flags: r.flags,
+            size: r.size,
+            offset: r.offset,
+        })
     }
 
     /// BAR `index` (0..=5): VFIO's region info plus sysfs's `resource` line
@@ -1094,7 +1203,11 @@ impl VfioPciDevice {
         }
         let region = self.region_info(index)?;
         let resource = self.sysfs.bar(self.address, index)?;
-        Ok(*slot.get_or_init(|| Bar { index, region, resource }))
+        Ok(*slot.get_or_init(|| Bar {
+            index,
+            region,
+            resource,
+        }))
     }
 
     /// Reads `buf.len()` bytes of config space at `offset` (a `pread` of the
@@ -1110,7 +1223,9 @@ impl VfioPciDevice {
     /// ```
     pub fn config_read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let at = self.config_at(offset, buf.len())?;
-        self.file.read_exact_at(buf, at).map_err(|e| self.config_error("pread", offset, buf.len(), e))
+        self.file
+            .read_exact_at(buf, at)
+            .map_err(|e| self.config_error("pread", offset, buf.len(), e))
     }
 
     /// Writes `data` to config space at `offset` (a `pwrite` of the config
@@ -1141,7 +1256,9 @@ impl VfioPciDevice {
             self.config_write_held(offset, data, &held)
         } else {
             let at = self.config_at(offset, data.len())?;
-            self.file.write_all_at(data, at).map_err(|e| self.config_error("pwrite", offset, data.len(), e))
+            self.file
+                .write_all_at(data, at)
+                .map_err(|e| self.config_error("pwrite", offset, data.len(), e))
         }
     }
 
@@ -1158,11 +1275,23 @@ impl VfioPciDevice {
     }
 
     /// [`config_write`](Self::config_write), with the command lock held.
-    fn config_write_held(&self, offset: u64, data: &[u8], _held: &MutexGuard<'_, ()>) -> Result<()> {
+    fn config_write_held(
+        &self,
+        offset: u64,
+        data: &[u8],
+        _held: &MutexGuard<'_, ()>,
+    ) -> Result<()> {
         let at = self.config_at(offset, data.len())?;
         let touches_memory_bit = ByteRange::new(offset, data.len() as u64).contains(PCI_COMMAND);
-        let before = if touches_memory_bit { self.memory_decode().ok() } else { None };
-        let written = self.file.write_all_at(data, at).map_err(|e| self.config_error("pwrite", offset, data.len(), e));
+        let before = if touches_memory_bit {
+            self.memory_decode().ok()
+        } else {
+            None
+        };
+        let written = self
+            .file
+            .write_all_at(data, at)
+            .map_err(|e| self.config_error("pwrite", offset, data.len(), e));
         if touches_memory_bit {
             // Even a failed write may have revoked (the kernel revokes first);
             // ask the device what it has now.
@@ -1371,10 +1500,20 @@ impl VfioPciDevice {
     /// ```
     pub fn supports_dma_buf_export(&self) -> Result<bool> {
         self.bound()?;
-        match ioctl::vfio_device_feature_probe(self.fd(), sys::VFIO_DEVICE_FEATURE_DMA_BUF, sys::VFIO_DEVICE_FEATURE_GET) {
+        match ioctl::vfio_device_feature_probe(
+            self.fd(),
+            sys::VFIO_DEVICE_FEATURE_DMA_BUF,
+            sys::VFIO_DEVICE_FEATURE_GET,
+        ) {
             Ok(()) => Ok(true),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOTTY)) => Ok(false),
-            Err(e) => Err(Error::sys("VFIO_DEVICE_FEATURE(PROBE DMA_BUF)", self.address.to_string(), e)),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOTTY)) => {
+                Ok(false)
+            }
+            Err(e) => Err(Error::sys(
+                "VFIO_DEVICE_FEATURE(PROBE DMA_BUF)",
+                self.address.to_string(),
+                e,
+            )),
         }
     }
 
@@ -1397,11 +1536,14 @@ impl VfioPciDevice {
             return Err(Error::Unsupported {
                 target: self.address.to_string(),
                 operation: "VFIO_DEVICE_RESET",
-                problem: "the device has no reset method VFIO can use (VFIO_DEVICE_FLAGS_RESET is clear)".to_owned(),
+                problem:
+                    "the device has no reset method VFIO can use (VFIO_DEVICE_FLAGS_RESET is clear)"
+                        .to_owned(),
             });
         }
         let _held = self.lock_command();
-        let reset = ioctl::vfio_device_reset(self.fd()).map_err(|e| Error::sys("VFIO_DEVICE_RESET", self.address.to_string(), e));
+        let reset = ioctl::vfio_device_reset(self.fd())
+            .map_err(|e| Error::sys("VFIO_DEVICE_RESET", self.address.to_string(), e));
         // The kernel revoked for the reset and un-revoked if memory decode is
         // on; the iommufd areas are dead either way, so tear down, then
         // restore if the buffers are usable again.
@@ -1441,7 +1583,8 @@ impl VfioPciDevice {
             return Err(Error::Unsupported {
                 target: name,
                 operation: "mmap",
-                problem: "VFIO does not allow mmap of this region (no VFIO_REGION_INFO_FLAG_MMAP)".to_owned(),
+                problem: "VFIO does not allow mmap of this region (no VFIO_REGION_INFO_FLAG_MMAP)"
+                    .to_owned(),
             });
         }
         let too_big = || Error::InvalidRegion {
@@ -1464,15 +1607,32 @@ impl VfioPciDevice {
         // existing memory is replaced; the fd is open for the call and the
         // kernel keeps its own reference to the file for the mapping.
         let ptr = unsafe {
-            libc::mmap(std::ptr::null_mut(), map_len, prot, libc::MAP_SHARED, self.file.as_raw_fd(), offset)
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                prot,
+                libc::MAP_SHARED,
+                self.file.as_raw_fd(),
+                offset,
+            )
         };
         if ptr == libc::MAP_FAILED {
             return Err(Error::last_os("mmap", || name));
         }
         let Some(ptr) = NonNull::new(ptr.cast::<u8>()) else {
-            return Err(Error::sys("mmap", name, io::Error::from_raw_os_error(libc::EFAULT)));
+            return Err(Error::sys(
+                "mmap",
+                name,
+                io::Error::from_raw_os_error(libc::EFAULT),
+            ));
         };
-        Ok(BarMapping { ptr, map_len, size, device: self.address, index })
+        Ok(BarMapping {
+            ptr,
+            map_len,
+            size,
+            device: self.address,
+            index,
+        })
     }
 
     /// Exports `ranges` (BAR-relative byte ranges) of BAR `index` as one
@@ -1506,21 +1666,33 @@ impl VfioPciDevice {
     pub fn export_bar(&self, index: u32, ranges: &[ByteRange]) -> Result<BarExport> {
         self.bound()?;
         if self.unplug_requested.load(Ordering::Acquire) {
-            return Err(self.device_error("is being removed (the kernel asked for it back); close it"));
+            return Err(
+                self.device_error("is being removed (the kernel asked for it back); close it")
+            );
         }
         let bar = self.bar(index)?;
         let plan = plan_export(self.address, &bar, ranges, page_size())?;
         let memory_decode = self.memory_decode().ok();
         let raw = to_dma_ranges(ranges);
-        let fd = ioctl::vfio_device_feature_dma_buf(self.fd(), index, EXPORT_OPEN_FLAGS, &raw).map_err(|e| {
-            let list: Vec<String> = ranges.iter().map(ToString::to_string).collect();
-            Error::sys(
-                "VFIO_DEVICE_FEATURE(DMA_BUF)",
-                format!("{} ranges [{}]", bar_name(self.address, index, bar.size()), list.join(", ")),
-                e,
-            )
-        })?;
-        Ok(BarExport { buf: DmaBuf::from_owned_unchecked(fd), plan, memory_decode, hub: Arc::clone(&self.hub) })
+        let fd = ioctl::vfio_device_feature_dma_buf(self.fd(), index, EXPORT_OPEN_FLAGS, &raw)
+            .map_err(|e| {
+                let list: Vec<String> = ranges.iter().map(ToString::to_string).collect();
+                Error::sys(
+                    "VFIO_DEVICE_FEATURE(DMA_BUF)",
+                    format!(
+                        "{} ranges [{}]",
+                        bar_name(self.address, index, bar.size()),
+                        list.join(", ")
+                    ),
+                    e,
+                )
+            })?;
+        Ok(BarExport {
+            buf: DmaBuf::from_owned_unchecked(fd),
+            plan,
+            memory_decode,
+            hub: Arc::clone(&self.hub),
+        })
     }
 
     fn fd(&self) -> BorrowedFd<'_> {
@@ -1534,7 +1706,10 @@ impl VfioPciDevice {
     }
 
     fn device_error(&self, problem: &str) -> Error {
-        Error::Device { device: self.address.to_string(), problem: problem.to_owned() }
+        Error::Device {
+            device: self.address.to_string(),
+            problem: problem.to_owned(),
+        }
     }
 
     /// The config region (cached after the first query).
@@ -1551,20 +1726,37 @@ impl VfioPciDevice {
     fn config_at(&self, offset: u64, len: usize) -> Result<u64> {
         let region = self.config_region()?;
         let range = ByteRange::new(offset, len as u64);
-        range.check_in(region.size, 1).map_err(|problem| Error::InvalidRange {
-            target: format!("{} config space ({})", self.address, human_size(region.size)),
-            range,
-            problem,
-        })?;
-        region.offset.checked_add(offset).ok_or_else(|| Error::InvalidRange {
-            target: format!("{} config space", self.address),
-            range,
-            problem: RangeProblem::Overflow,
-        })
+        range
+            .check_in(region.size, 1)
+            .map_err(|problem| Error::InvalidRange {
+                target: format!(
+                    "{} config space ({})",
+                    self.address,
+                    human_size(region.size)
+                ),
+                range,
+                problem,
+            })?;
+        region
+            .offset
+            .checked_add(offset)
+            .ok_or_else(|| Error::InvalidRange {
+                target: format!("{} config space", self.address),
+                range,
+                problem: RangeProblem::Overflow,
+            })
     }
 
     fn config_error(&self, op: &'static str, offset: u64, len: usize, e: io::Error) -> Error {
-        Error::sys(op, format!("{} config space {}", self.address, ByteRange::new(offset, len as u64)), e)
+        Error::sys(
+            op,
+            format!(
+                "{} config space {}",
+                self.address,
+                ByteRange::new(offset, len as u64)
+            ),
+            e,
+        )
     }
 }
 
@@ -1770,7 +1962,13 @@ impl From<BarExport> for OwnedFd {
 
 impl fmt::Display for BarExport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "dma-buf fd {} = {} BAR{} [", self.buf.as_raw_fd(), self.plan.device, self.plan.bar)?;
+        write!(
+            f,
+            "dma-buf fd {} = {} BAR{} [",
+            self.buf.as_raw_fd(),
+            self.plan.device,
+            self.plan.bar
+        )?;
         for (i, (r, p)) in self.plan.ranges.iter().zip(&self.plan.phys).enumerate() {
             if i > 0 {
                 f.write_str(", ")?;
@@ -2071,14 +2269,26 @@ impl BarMapping {
         // SAFETY: `check` proved the value lies inside the live mapping and is
         // naturally aligned (the mapping is page-aligned); every bit pattern
         // is a valid integer.
-        Ok(unsafe { self.ptr.as_ptr().wrapping_add(at).cast::<T>().read_volatile() })
+        Ok(unsafe {
+            self.ptr
+                .as_ptr()
+                .wrapping_add(at)
+                .cast::<T>()
+                .read_volatile()
+        })
     }
 
     fn write<T: MmioValue>(&self, offset: u64, value: T) -> Result<()> {
         let at = self.check(offset, std::mem::size_of::<T>(), std::mem::align_of::<T>())?;
         // SAFETY: `check` proved the value lies inside the live mapping and is
         // naturally aligned; no Rust reference points into device memory.
-        unsafe { self.ptr.as_ptr().wrapping_add(at).cast::<T>().write_volatile(value) };
+        unsafe {
+            self.ptr
+                .as_ptr()
+                .wrapping_add(at)
+                .cast::<T>()
+                .write_volatile(value)
+        };
         Ok(())
     }
 
@@ -2087,16 +2297,26 @@ impl BarMapping {
     fn check(&self, offset: u64, len: usize, align: usize) -> Result<usize> {
         let range = ByteRange::new(offset, len as u64);
         let invalid = |problem| Error::InvalidRange {
-            target: format!("{} BAR{} mapping ({})", self.device, self.index, human_size(self.size as u64)),
+            target: format!(
+                "{} BAR{} mapping ({})",
+                self.device,
+                self.index,
+                human_size(self.size as u64)
+            ),
             range,
             problem,
         };
         if offset % align as u64 != 0 {
-            return Err(invalid(RangeProblem::Unaligned { align: align as u64 }));
+            return Err(invalid(RangeProblem::Unaligned {
+                align: align as u64,
+            }));
         }
         let end = range.end().ok_or_else(|| invalid(RangeProblem::Overflow))?;
         if end > self.size as u64 {
-            return Err(invalid(RangeProblem::OutOfBounds { end, size: self.size as u64 }));
+            return Err(invalid(RangeProblem::OutOfBounds {
+                end,
+                size: self.size as u64,
+            }));
         }
         usize::try_from(offset).map_err(|_| invalid(RangeProblem::Overflow))
     }

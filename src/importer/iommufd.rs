@@ -42,7 +42,7 @@ use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use crate::dmabuf::{human_size, is_dmabuf, DmaBuf};
+use crate::dmabuf::{DmaBuf, human_size, is_dmabuf};
 use crate::error::{AllowedIovaProblem, Error, RangeProblem, Result};
 use crate::ioctl;
 use crate::range::ByteRange;
@@ -98,7 +98,9 @@ impl Iommufd {
             .write(true)
             .open(path)
             .map_err(|e| Error::sys("open", path.display().to_string(), e))?;
-        Ok(Self { fd: Arc::new(OwnedFd::from(file)) })
+        Ok(Self {
+            fd: Arc::new(OwnedFd::from(file)),
+        })
     }
 
     /// Wraps an fd the caller knows to be an open iommufd (for example one
@@ -138,8 +140,15 @@ impl Iommufd {
     /// # Ok::<(), dmabuf_p2p::Error>(())
     /// ```
     pub fn alloc_ioas(&self) -> Result<Ioas> {
-        let id = ioctl::iommu_ioas_alloc(self.as_fd()).map_err(|e| Error::sys("IOMMU_IOAS_ALLOC", self.name(), e))?;
-        Ok(Ioas { inner: Arc::new(IoasInner { iommufd: self.clone(), id, placement: Mutex::new(()) }) })
+        let id = ioctl::iommu_ioas_alloc(self.as_fd())
+            .map_err(|e| Error::sys("IOMMU_IOAS_ALLOC", self.name(), e))?;
+        Ok(Ioas {
+            inner: Arc::new(IoasInner {
+                iommufd: self.clone(),
+                id,
+                placement: Mutex::new(()),
+            }),
+        })
     }
 
     /// The usable IOVA ranges of the IOAS with ID `ioas_id`
@@ -162,18 +171,33 @@ impl Iommufd {
         // misbehaving kernel cannot make it spin forever.
         let mut out = vec![sys::iommu_iova_range::default(); 8];
         for _ in 0..16 {
-            let got = ioctl::iommu_ioas_iova_ranges(self.as_fd(), ioas_id, &mut out).map_err(|e| {
-                if e.raw_os_error() == Some(libc::ENOENT) {
-                    Error::UnknownObject { op: OP, target: self.name(), id: ioas_id, source: e }
-                } else {
-                    Error::sys(OP, format!("{} IOAS {ioas_id}", self.name()), e)
-                }
-            })?;
+            let got =
+                ioctl::iommu_ioas_iova_ranges(self.as_fd(), ioas_id, &mut out).map_err(|e| {
+                    if e.raw_os_error() == Some(libc::ENOENT) {
+                        Error::UnknownObject {
+                            op: OP,
+                            target: self.name(),
+                            id: ioas_id,
+                            source: e,
+                        }
+                    } else {
+                        Error::sys(OP, format!("{} IOAS {ioas_id}", self.name()), e)
+                    }
+                })?;
             let count = usize::try_from(got.count).unwrap_or(usize::MAX);
             if count <= out.len() {
                 out.truncate(count);
-                let ranges = out.iter().map(|r| IovaRange { start: r.start, last: r.last }).collect();
-                return Ok(IovaRanges { ranges, alignment: got.alignment });
+                let ranges = out
+                    .iter()
+                    .map(|r| IovaRange {
+                        start: r.start,
+                        last: r.last,
+                    })
+                    .collect();
+                return Ok(IovaRanges {
+                    ranges,
+                    alignment: got.alignment,
+                });
             }
             out.resize(count, sys::iommu_iova_range::default());
         }
@@ -201,13 +225,22 @@ impl Iommufd {
     /// # Ok::<(), dmabuf_p2p::Error>(())
     /// ```
     pub fn option(&self, id: OptionId) -> Result<IommufdOption> {
-        let arg = sys::iommu_option { option_id: id.raw(), op: OPTION_OP_GET, object_id: id.object(), ..Default::default() };
-        let got = ioctl::iommu_option(self.as_fd(), &arg).map_err(|e| self.option_error(id, None, e))?;
+        let arg = sys::iommu_option {
+            option_id: id.raw(),
+            op: OPTION_OP_GET,
+            object_id: id.object(),
+            ..Default::default()
+        };
+        let got =
+            ioctl::iommu_option(self.as_fd(), &arg).map_err(|e| self.option_error(id, None, e))?;
         let unexpected = || {
             Error::sys(
                 "IOMMU_OPTION",
                 self.option_target(id),
-                io::Error::other(format!("the kernel reported {} = {}, which is neither 0 nor 1", id, got.val64)),
+                io::Error::other(format!(
+                    "the kernel reported {} = {}, which is neither 0 nor 1",
+                    id, got.val64
+                )),
             )
         };
         Ok(match id {
@@ -260,8 +293,16 @@ impl Iommufd {
             IommufdOption::RlimitMode(RlimitMode::Mm) => 1,
             IommufdOption::HugePages { enabled, .. } => u64::from(enabled),
         };
-        let arg = sys::iommu_option { option_id: id.raw(), op: OPTION_OP_SET, object_id: id.object(), val64, ..Default::default() };
-        ioctl::iommu_option(self.as_fd(), &arg).map(drop).map_err(|e| self.option_error(id, Some(value), e))
+        let arg = sys::iommu_option {
+            option_id: id.raw(),
+            op: OPTION_OP_SET,
+            object_id: id.object(),
+            val64,
+            ..Default::default()
+        };
+        ioctl::iommu_option(self.as_fd(), &arg)
+            .map(drop)
+            .map_err(|e| self.option_error(id, Some(value), e))
     }
 
     /// What an option applies to, for messages.
@@ -281,13 +322,20 @@ impl Iommufd {
         };
         let problem = match (e.raw_os_error(), id) {
             (Some(libc::ENOENT), OptionId::HugePages { ioas }) => {
-                return Error::UnknownObject { op: OP, target: self.name(), id: ioas, source: e };
+                return Error::UnknownObject {
+                    op: OP,
+                    target: self.name(),
+                    id: ioas,
+                    source: e,
+                };
             }
             (Some(libc::EBUSY), OptionId::RlimitMode) => {
                 "the iommufd already holds objects (an IOAS, a bound device): the accounting mode can only be \
                  changed on a fresh iommufd, before anything else (EBUSY)"
             }
-            (Some(libc::EPERM), OptionId::RlimitMode) => "changing the accounting mode needs CAP_SYS_RESOURCE (EPERM)",
+            (Some(libc::EPERM), OptionId::RlimitMode) => {
+                "changing the accounting mode needs CAP_SYS_RESOURCE (EPERM)"
+            }
             (Some(libc::EINVAL), OptionId::HugePages { .. }) if set.is_some() => {
                 "huge pages cannot be turned off while a device is attached to the IOAS and areas are mapped: \
                  turn them off before mapping (EINVAL)"
@@ -295,7 +343,12 @@ impl Iommufd {
             (Some(libc::EOPNOTSUPP), _) => "this kernel does not know the option (EOPNOTSUPP)",
             _ => return Error::sys(OP, format!("{} ({option})", self.option_target(id)), e),
         };
-        Error::OptionRefused { option, target: self.name(), problem: problem.to_owned(), source: e }
+        Error::OptionRefused {
+            option,
+            target: self.name(),
+            problem: problem.to_owned(),
+            source: e,
+        }
     }
 
     /// The name used in error messages.
@@ -438,7 +491,11 @@ impl fmt::Display for IommufdOption {
         match self {
             Self::RlimitMode(mode) => write!(f, "RLIMIT_MODE = {mode}"),
             Self::HugePages { ioas, enabled } => {
-                write!(f, "HUGE_PAGES of IOAS {ioas} = {}", if *enabled { "on" } else { "off" })
+                write!(
+                    f,
+                    "HUGE_PAGES of IOAS {ioas} = {}",
+                    if *enabled { "on" } else { "off" }
+                )
             }
         }
     }
@@ -530,7 +587,10 @@ impl IovaRanges {
         }
         if !self.contains(iova, length) {
             let list: Vec<String> = self.ranges.iter().map(ToString::to_string).collect();
-            return Some(format!("not inside one usable IOVA range ({})", list.join(", ")));
+            return Some(format!(
+                "not inside one usable IOVA range ({})",
+                list.join(", ")
+            ));
         }
         None
     }
@@ -651,7 +711,9 @@ struct IoasInner {
 
 impl IoasInner {
     fn lock_placement(&self) -> MutexGuard<'_, ()> {
-        self.placement.lock().unwrap_or_else(PoisonError::into_inner)
+        self.placement
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -754,27 +816,45 @@ impl Ioas {
     /// [`AllowedIovaProblem::Reserved`]: crate::error::AllowedIovaProblem::Reserved
     pub fn allow_iovas(&self, ranges: &[IovaRange]) -> Result<()> {
         check_allowed_iovas(self.id(), ranges)?;
-        let raw: Vec<sys::iommu_iova_range> =
-            ranges.iter().map(|r| sys::iommu_iova_range { start: r.start, last: r.last }).collect();
+        let raw: Vec<sys::iommu_iova_range> = ranges
+            .iter()
+            .map(|r| sys::iommu_iova_range {
+                start: r.start,
+                last: r.last,
+            })
+            .collect();
         ioctl::iommu_ioas_allow_iovas(self.iommufd().as_fd(), self.id(), &raw).map_err(|e| {
             if e.raw_os_error() == Some(libc::EADDRINUSE) {
                 // IOVA_RANGES reports exactly what is not reserved, whatever
                 // the allowed list: the first range not inside one of those
                 // is (one of) the culprit(s).
                 if let Ok(usable) = self.iova_ranges() {
-                    let inside = |r: &IovaRange| usable.ranges.iter().any(|u| u.start <= r.start && r.last <= u.last);
-                    if let Some((index, range)) = ranges.iter().enumerate().find(|(_, r)| !inside(r)) {
+                    let inside = |r: &IovaRange| {
+                        usable
+                            .ranges
+                            .iter()
+                            .any(|u| u.start <= r.start && r.last <= u.last)
+                    };
+                    if let Some((index, range)) =
+                        ranges.iter().enumerate().find(|(_, r)| !inside(r))
+                    {
                         return Error::InvalidAllowedIova {
                             ioas: self.id(),
                             index,
                             range: *range,
-                            problem: AllowedIovaProblem::Reserved { usable: usable.ranges },
+                            problem: AllowedIovaProblem::Reserved {
+                                usable: usable.ranges,
+                            },
                         };
                     }
                 }
             }
             let list: Vec<String> = ranges.iter().map(ToString::to_string).collect();
-            Error::sys("IOMMU_IOAS_ALLOW_IOVAS", format!("IOAS {} ranges [{}]", self.id(), list.join(", ")), e)
+            Error::sys(
+                "IOMMU_IOAS_ALLOW_IOVAS",
+                format!("IOAS {} ranges [{}]", self.id(), list.join(", ")),
+                e,
+            )
         })
     }
 
@@ -787,7 +867,10 @@ impl Ioas {
     /// # Ok::<(), dmabuf_p2p::Error>(())
     /// ```
     pub fn huge_pages(&self) -> Result<bool> {
-        match self.iommufd().option(OptionId::HugePages { ioas: self.id() })? {
+        match self
+            .iommufd()
+            .option(OptionId::HugePages { ioas: self.id() })?
+        {
             IommufdOption::HugePages { enabled, .. } => Ok(enabled),
             other => Err(Error::sys(
                 "IOMMU_OPTION",
@@ -809,7 +892,10 @@ impl Ioas {
     /// # Ok::<(), dmabuf_p2p::Error>(())
     /// ```
     pub fn set_huge_pages(&self, enabled: bool) -> Result<()> {
-        self.iommufd().set_option(IommufdOption::HugePages { ioas: self.id(), enabled })
+        self.iommufd().set_option(IommufdOption::HugePages {
+            ioas: self.id(),
+            enabled,
+        })
     }
 
     /// Maps into this IOAS the pages behind `range` of an existing mapping
@@ -849,9 +935,19 @@ impl Ioas {
     /// assert_eq!((copy.iova(), copy.length(), copy.source_offset()), (0x100_0000, 0x10000, 0x10000));
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
-    pub fn copy_from(&self, src: &IoasMapping, range: ByteRange, at: IovaPlacement, perms: MapPerms) -> Result<IoasMapping> {
+    pub fn copy_from(
+        &self,
+        src: &IoasMapping,
+        range: ByteRange,
+        at: IovaPlacement,
+        perms: MapPerms,
+    ) -> Result<IoasMapping> {
         const OP: &str = "IOMMU_IOAS_COPY";
-        let refuse = |problem: String| Error::Unsupported { target: format!("source {src}"), operation: OP, problem };
+        let refuse = |problem: String| Error::Unsupported {
+            target: format!("source {src}"),
+            operation: OP,
+            problem,
+        };
         if !src.ioas.iommufd().same_context(self.iommufd()) {
             return Err(refuse(format!(
                 "the source is in another iommufd than IOAS {}; a copy works within one iommufd (map the \
@@ -861,14 +957,22 @@ impl Ioas {
             )));
         }
         if !src.mapped {
-            return Err(refuse("the source is not mapped (unmapped, or its last remap failed)".to_owned()));
+            return Err(refuse(
+                "the source is not mapped (unmapped, or its last remap failed)".to_owned(),
+            ));
         }
-        range.check_in(src.length, 1).map_err(|problem| Error::InvalidRange {
-            target: format!("source {src} ({})", human_size(src.length)),
+        range
+            .check_in(src.length, 1)
+            .map_err(|problem| Error::InvalidRange {
+                target: format!("source {src} ({})", human_size(src.length)),
+                range,
+                problem,
+            })?;
+        let overflow = || Error::InvalidRange {
+            target: format!("source {src}"),
             range,
-            problem,
-        })?;
-        let overflow = || Error::InvalidRange { target: format!("source {src}"), range, problem: RangeProblem::Overflow };
+            problem: RangeProblem::Overflow,
+        };
         let src_iova = src.iova.checked_add(range.offset).ok_or_else(overflow)?;
         let source = match &src.source {
             Source::User { .. } => {
@@ -880,15 +984,27 @@ impl Ioas {
             }
             Source::File { fd, start } => {
                 let start = start.checked_add(range.offset).ok_or_else(overflow)?;
-                Source::File { fd: dup_source(fd.as_fd())?, start }
+                Source::File {
+                    fd: dup_source(fd.as_fd())?,
+                    start,
+                }
             }
             Source::DmaBuf { buf, start } => {
                 let start = start.checked_add(range.offset).ok_or_else(overflow)?;
-                Source::DmaBuf { buf: DmaBuf::from_owned_unchecked(dup_source(buf.as_fd())?), start }
+                Source::DmaBuf {
+                    buf: DmaBuf::from_owned_unchecked(dup_source(buf.as_fd())?),
+                    start,
+                }
             }
         };
-        let mut mapping =
-            IoasMapping { ioas: self.clone(), iova: at.iova(), length: range.length, perms, source, mapped: false };
+        let mut mapping = IoasMapping {
+            ioas: self.clone(),
+            iova: at.iova(),
+            length: range.length,
+            perms,
+            source,
+            mapped: false,
+        };
         let _placing = (at == IovaPlacement::Auto).then(|| self.inner.lock_placement());
         let (iova, placement) = at.to_arg();
         let arg = sys::iommu_ioas_copy {
@@ -908,7 +1024,11 @@ impl Ioas {
             }
             // `mapping` is dropped unmapped: only its duplicate fd is closed.
             Err(e) => Err(mapping.placement_error(at, &e).unwrap_or_else(|| {
-                Error::sys(OP, format!("{src} {range} -> IOAS {} at {:#x}", self.id(), at.iova()), e)
+                Error::sys(
+                    OP,
+                    format!("{src} {range} -> IOAS {} at {:#x}", self.id(), at.iova()),
+                    e,
+                )
             })),
         }
     }
@@ -952,7 +1072,9 @@ impl Ioas {
         at: IovaPlacement,
         perms: MapPerms,
     ) -> Result<IoasMapping> {
-        let source = Source::User { addr: addr.as_ptr() as usize };
+        let source = Source::User {
+            addr: addr.as_ptr() as usize,
+        };
         let length = length as u64;
         if length == 0 {
             return Err(Error::InvalidRange {
@@ -961,7 +1083,14 @@ impl Ioas {
                 problem: RangeProblem::Empty,
             });
         }
-        let mut mapping = IoasMapping { ioas: self.clone(), iova: at.iova(), length, perms, source, mapped: false };
+        let mut mapping = IoasMapping {
+            ioas: self.clone(),
+            iova: at.iova(),
+            length,
+            perms,
+            source,
+            mapped: false,
+        };
         // SAFETY: the caller's contract (see `# Safety`) covers device access
         // to `addr..addr+length` until `mapping` is dropped, which is when it
         // is unmapped for the last time.
@@ -1000,9 +1129,15 @@ impl Ioas {
     ) -> Result<IoasMapping> {
         let fd = dup_source(file.as_fd())?;
         let source = if is_dmabuf(fd.as_fd())? {
-            Source::DmaBuf { buf: DmaBuf::from_owned_unchecked(fd), start: range.offset }
+            Source::DmaBuf {
+                buf: DmaBuf::from_owned_unchecked(fd),
+                start: range.offset,
+            }
         } else {
-            Source::File { fd, start: range.offset }
+            Source::File {
+                fd,
+                start: range.offset,
+            }
         };
         let size = source.size()?;
         self.map_source(source, size, range, at, perms)
@@ -1018,13 +1153,21 @@ impl Ioas {
         at: IovaPlacement,
         perms: MapPerms,
     ) -> Result<IoasMapping> {
-        range.check_in(size, 1).map_err(|problem| Error::InvalidRange {
-            target: format!("{} ({})", source.describe(), human_size(size)),
-            range,
-            problem,
-        })?;
-        let mut mapping =
-            IoasMapping { ioas: self.clone(), iova: at.iova(), length: range.length, perms, source, mapped: false };
+        range
+            .check_in(size, 1)
+            .map_err(|problem| Error::InvalidRange {
+                target: format!("{} ({})", source.describe(), human_size(size)),
+                range,
+                problem,
+            })?;
+        let mut mapping = IoasMapping {
+            ioas: self.clone(),
+            iova: at.iova(),
+            length: range.length,
+            perms,
+            source,
+            mapped: false,
+        };
         // SAFETY: a file source maps kernel-owned pages (shmem, hugetlbfs or
         // device MMIO), not this process's Rust memory.
         unsafe { mapping.map_at(at) }?;
@@ -1059,11 +1202,19 @@ impl Ioas {
     /// println!("BAR2 at IOVA {:#x}", map.iova());
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
-    pub fn map_dmabuf(&self, buf: &DmaBuf, at: IovaPlacement, perms: MapPerms) -> Result<IoasMapping> {
+    pub fn map_dmabuf(
+        &self,
+        buf: &DmaBuf,
+        at: IovaPlacement,
+        perms: MapPerms,
+    ) -> Result<IoasMapping> {
         // A `DmaBuf` is known to be one: unlike `map_file`, no `fstatfs` to
         // find out, and its size is asked once (`lseek`), not twice.
         let size = buf.size()?;
-        let source = Source::DmaBuf { buf: DmaBuf::from_owned_unchecked(dup_source(buf.as_fd())?), start: 0 };
+        let source = Source::DmaBuf {
+            buf: DmaBuf::from_owned_unchecked(dup_source(buf.as_fd())?),
+            start: 0,
+        };
         self.map_source(source, size, ByteRange::new(0, size), at, perms)
     }
 }
@@ -1071,7 +1222,12 @@ impl Ioas {
 /// The checks of [`Ioas::allow_iovas`] that need no kernel: every range has
 /// `start < last`, and no two overlap.
 fn check_allowed_iovas(ioas: u32, ranges: &[IovaRange]) -> Result<()> {
-    let invalid = |index: usize, problem| Error::InvalidAllowedIova { ioas, index, range: ranges[index], problem };
+    let invalid = |index: usize, problem| Error::InvalidAllowedIova {
+        ioas,
+        index,
+        range: ranges[index],
+        problem,
+    };
     if let Some(index) = ranges.iter().position(|r| r.start >= r.last) {
         return Err(invalid(index, AllowedIovaProblem::Empty));
     }
@@ -1083,7 +1239,13 @@ fn check_allowed_iovas(ioas: u32, ranges: &[IovaRange]) -> Result<()> {
         if ranges[b].start <= ranges[a].last {
             // Name the later one in the caller's list, against the earlier.
             let (index, other) = if a < b { (b, a) } else { (a, b) };
-            return Err(invalid(index, AllowedIovaProblem::Overlaps { other, with: ranges[other] }));
+            return Err(invalid(
+                index,
+                AllowedIovaProblem::Overlaps {
+                    other,
+                    with: ranges[other],
+                },
+            ));
         }
     }
     Ok(())
@@ -1093,8 +1255,13 @@ fn check_allowed_iovas(ioas: u32, ranges: &[IovaRange]) -> Result<()> {
 /// the dup fails nothing has been mapped, and once mapped, the area is owned
 /// by a handle that can undo it.
 fn dup_source(file: BorrowedFd<'_>) -> Result<OwnedFd> {
-    file.try_clone_to_owned()
-        .map_err(|e| Error::sys("fcntl(F_DUPFD_CLOEXEC)", format!("fd {}", file.as_raw_fd()), e))
+    file.try_clone_to_owned().map_err(|e| {
+        Error::sys(
+            "fcntl(F_DUPFD_CLOEXEC)",
+            format!("fd {}", file.as_raw_fd()),
+            e,
+        )
+    })
 }
 
 /// What a mapping maps.
@@ -1134,7 +1301,9 @@ impl Source {
     fn size(&self) -> Result<u64> {
         match self {
             Self::User { .. } => Ok(0),
-            Self::File { fd, .. } => file_size(fd.as_fd()).map_err(|e| Error::sys("fstat", self.describe(), e)),
+            Self::File { fd, .. } => {
+                file_size(fd.as_fd()).map_err(|e| Error::sys("fstat", self.describe(), e))
+            }
             Self::DmaBuf { buf, .. } => buf.size(),
         }
     }
@@ -1332,8 +1501,13 @@ impl IoasMapping {
         if !self.mapped {
             return Ok(0);
         }
-        let n = ioctl::iommu_ioas_unmap(self.ioas.iommufd().as_fd(), self.ioas.id(), self.iova, self.length)
-            .map_err(|e| self.error("IOMMU_IOAS_UNMAP", e))?;
+        let n = ioctl::iommu_ioas_unmap(
+            self.ioas.iommufd().as_fd(),
+            self.ioas.id(),
+            self.iova,
+            self.length,
+        )
+        .map_err(|e| self.error("IOMMU_IOAS_UNMAP", e))?;
         self.mapped = false;
         Ok(n)
     }
@@ -1405,7 +1579,10 @@ impl IoasMapping {
                 };
                 ioctl::iommu_ioas_map_file(iommufd, &arg).map_err(|e| ("IOMMU_IOAS_MAP_FILE", e))
             }
-            (_, None) => Err(("IOMMU_IOAS_MAP_FILE", io::Error::from_raw_os_error(libc::EBADF))),
+            (_, None) => Err((
+                "IOMMU_IOAS_MAP_FILE",
+                io::Error::from_raw_os_error(libc::EBADF),
+            )),
         };
         match result {
             Ok(got) => {
@@ -1424,10 +1601,14 @@ impl IoasMapping {
     fn map_error(&self, op: &'static str, at: IovaPlacement, e: io::Error) -> Error {
         let dmabuf = self.dmabuf();
         match e.raw_os_error() {
-            Some(libc::ENODEV) if dmabuf.is_some() => Error::Revoked { buffer: self.source.describe() },
-            Some(libc::EOPNOTSUPP) if dmabuf.is_some() => {
-                Error::NotImportable { buffer: self.source.describe(), problem: why_not_importable(dmabuf), source: e }
-            }
+            Some(libc::ENODEV) if dmabuf.is_some() => Error::Revoked {
+                buffer: self.source.describe(),
+            },
+            Some(libc::EOPNOTSUPP) if dmabuf.is_some() => Error::NotImportable {
+                buffer: self.source.describe(),
+                problem: why_not_importable(dmabuf),
+                source: e,
+            },
             _ => match self.placement_error(at, &e) {
                 Some(err) => err,
                 None => self.error(op, e),
@@ -1440,11 +1621,18 @@ impl IoasMapping {
     /// misaligned or reserved), or `None` if the errno says something else.
     fn placement_error(&self, at: IovaPlacement, e: &io::Error) -> Option<Error> {
         let invalid_iova = |problem: String| {
-            Some(Error::InvalidIova { ioas: self.ioas.id(), iova: at.iova(), length: self.length, problem })
+            Some(Error::InvalidIova {
+                ioas: self.ioas.id(),
+                iova: at.iova(),
+                length: self.length,
+                problem,
+            })
         };
         match e.raw_os_error() {
             Some(libc::EEXIST) => invalid_iova("overlaps an existing mapping (EEXIST)".to_owned()),
-            Some(libc::ENOSPC) => invalid_iova("no free IOVA range of this length (ENOSPC)".to_owned()),
+            Some(libc::ENOSPC) => {
+                invalid_iova("no free IOVA range of this length (ENOSPC)".to_owned())
+            }
             Some(libc::EOVERFLOW) => invalid_iova("IOVA + length overflows (EOVERFLOW)".to_owned()),
             Some(libc::EINVAL) => match at {
                 IovaPlacement::Fixed(iova) => {
@@ -1452,7 +1640,8 @@ impl IoasMapping {
                         Ok(r) => r.problem_with(iova, self.length),
                         Err(_) => None,
                     };
-                    let why = why.unwrap_or_else(|| "misaligned, reserved or not allowed".to_owned());
+                    let why =
+                        why.unwrap_or_else(|| "misaligned, reserved or not allowed".to_owned());
                     invalid_iova(format!("{why} (EINVAL)"))
                 }
                 IovaPlacement::Auto => None,
@@ -1470,7 +1659,13 @@ impl IoasMapping {
 impl fmt::Display for IoasMapping {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let end = u128::from(self.iova) + u128::from(self.length);
-        write!(f, "IOAS {} IOVA {:#x}..{end:#x} <- {}", self.ioas.id(), self.iova, self.source.describe())?;
+        write!(
+            f,
+            "IOAS {} IOVA {:#x}..{end:#x} <- {}",
+            self.ioas.id(),
+            self.iova,
+            self.source.describe()
+        )?;
         if let Some((_, start)) = self.source.file() {
             write!(f, " @ {start:#x}")?;
         }
@@ -1494,9 +1689,11 @@ pub(crate) const VFIO_EXPORTER: &str = "vfio_pci_core";
 fn why_not_importable(buf: Option<&DmaBuf>) -> String {
     let exp = buf.and_then(|b| b.fdinfo().ok()).map(|i| i.exp_name);
     match exp.as_deref() {
-        Some(VFIO_EXPORTER) => "a VFIO dma-buf with more than one range: iommufd imports single-range \
+        Some(VFIO_EXPORTER) => {
+            "a VFIO dma-buf with more than one range: iommufd imports single-range \
                                 VFIO dma-bufs only; export each range separately"
-            .to_owned(),
+                .to_owned()
+        }
         Some(other) => format!(
             "exported by {other}, not by VFIO PCI: iommufd imports only VFIO P2P dma-bufs \
              (for memfd-backed buffers, map the memfd itself)"
@@ -1525,10 +1722,22 @@ mod tests {
 
     #[test]
     fn iova_problems_are_explained() {
-        let r = IovaRanges { ranges: vec![IovaRange { start: 0, last: 0xfedf_ffff }], alignment: 0x1000 };
+        let r = IovaRanges {
+            ranges: vec![IovaRange {
+                start: 0,
+                last: 0xfedf_ffff,
+            }],
+            alignment: 0x1000,
+        };
         assert!(r.problem_with(0x1000, 0x1000).is_none());
-        assert!(r.problem_with(0x1800, 0x1000).is_some_and(|p| p.contains("multiples of 0x1000")));
-        assert!(r.problem_with(0xfee0_0000, 0x1000).is_some_and(|p| p.contains("not inside")));
+        assert!(
+            r.problem_with(0x1800, 0x1000)
+                .is_some_and(|p| p.contains("multiples of 0x1000"))
+        );
+        assert!(
+            r.problem_with(0xfee0_0000, 0x1000)
+                .is_some_and(|p| p.contains("not inside"))
+        );
     }
 
     #[test]
@@ -1539,19 +1748,34 @@ mod tests {
         // Adjacent is fine, touching is not.
         assert!(check_allowed_iovas(1, &[r(0x2000, 0x2fff), r(0x1000, 0x1fff)]).is_ok());
         match check_allowed_iovas(7, &[r(0x1000, 0x1fff), r(0x5000, 0x5000)]) {
-            Err(Error::InvalidAllowedIova { ioas: 7, index: 1, range, problem: AllowedIovaProblem::Empty }) => {
+            Err(Error::InvalidAllowedIova {
+                ioas: 7,
+                index: 1,
+                range,
+                problem: AllowedIovaProblem::Empty,
+            }) => {
                 assert_eq!(range, r(0x5000, 0x5000));
             }
             other => panic!("one-byte range: {other:?}"),
         }
         assert!(matches!(
             check_allowed_iovas(7, &[r(0x9000, 0x1000)]),
-            Err(Error::InvalidAllowedIova { index: 0, problem: AllowedIovaProblem::Empty, .. })
+            Err(Error::InvalidAllowedIova {
+                index: 0,
+                problem: AllowedIovaProblem::Empty,
+                ..
+            })
         ));
         // [0] covers [2]; [1] is apart. The later of the pair is named.
         let list = [r(0x1000, 0x8fff), r(0x10000, 0x1ffff), r(0x8000, 0x8fff)];
         match check_allowed_iovas(7, &list) {
-            Err(e @ Error::InvalidAllowedIova { index: 2, problem: AllowedIovaProblem::Overlaps { other: 0, .. }, .. }) => {
+            Err(
+                e @ Error::InvalidAllowedIova {
+                    index: 2,
+                    problem: AllowedIovaProblem::Overlaps { other: 0, .. },
+                    ..
+                },
+            ) => {
                 assert_eq!(
                     e.to_string(),
                     "allowed IOVA range #2 0x8000..=0x8fff for IOAS 7: overlaps range #0 0x1000..=0x8fff"
@@ -1562,24 +1786,47 @@ mod tests {
         let touching = [r(0x2000, 0x3000), r(0x1000, 0x2000)];
         assert!(matches!(
             check_allowed_iovas(7, &touching),
-            Err(Error::InvalidAllowedIova { index: 1, problem: AllowedIovaProblem::Overlaps { other: 0, .. }, .. })
+            Err(Error::InvalidAllowedIova {
+                index: 1,
+                problem: AllowedIovaProblem::Overlaps { other: 0, .. },
+                ..
+            })
         ));
     }
 
     #[test]
     fn option_values() {
-        assert_eq!((OptionId::RlimitMode.raw(), OptionId::RlimitMode.object()), (sys::IOMMU_OPTION_RLIMIT_MODE, 0));
+        assert_eq!(
+            (OptionId::RlimitMode.raw(), OptionId::RlimitMode.object()),
+            (sys::IOMMU_OPTION_RLIMIT_MODE, 0)
+        );
         let huge = OptionId::HugePages { ioas: 9 };
-        assert_eq!((huge.raw(), huge.object()), (sys::IOMMU_OPTION_HUGE_PAGES, 9));
+        assert_eq!(
+            (huge.raw(), huge.object()),
+            (sys::IOMMU_OPTION_HUGE_PAGES, 9)
+        );
         assert_eq!(u32::from(OPTION_OP_GET), sys::IOMMU_OPTION_OP_GET);
         assert_eq!(u32::from(OPTION_OP_SET), sys::IOMMU_OPTION_OP_SET);
-        assert_eq!(IommufdOption::HugePages { ioas: 9, enabled: true }.to_string(), "HUGE_PAGES of IOAS 9 = on");
+        assert_eq!(
+            IommufdOption::HugePages {
+                ioas: 9,
+                enabled: true
+            }
+            .to_string(),
+            "HUGE_PAGES of IOAS 9 = on"
+        );
     }
 
     #[test]
     fn placement_flags() {
         assert_eq!(IovaPlacement::Auto.to_arg(), (0, 0));
-        assert_eq!(IovaPlacement::Fixed(0x1000).to_arg(), (0x1000, sys::IOMMU_IOAS_MAP_FIXED_IOVA));
-        assert_eq!(MapPerms::ReadWrite.flags(), sys::IOMMU_IOAS_MAP_READABLE | sys::IOMMU_IOAS_MAP_WRITEABLE);
+        assert_eq!(
+            IovaPlacement::Fixed(0x1000).to_arg(),
+            (0x1000, sys::IOMMU_IOAS_MAP_FIXED_IOVA)
+        );
+        assert_eq!(
+            MapPerms::ReadWrite.flags(),
+            sys::IOMMU_IOAS_MAP_READABLE | sys::IOMMU_IOAS_MAP_WRITEABLE
+        );
     }
 }

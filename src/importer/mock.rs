@@ -40,11 +40,11 @@ use std::fmt;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
-use crate::dmabuf::{human_size, DmaBuf};
+use crate::dmabuf::{DmaBuf, human_size};
 use crate::error::{Error, RangeProblem, Result};
 use crate::importer::iommufd::Iommufd;
 use crate::ioctl;
-use crate::range::{page_size, ByteRange};
+use crate::range::{ByteRange, page_size};
 use crate::revoke::{Revocable, RevocationHub};
 
 /// The largest mock buffer the kernel makes, in pages (Linux 7.2).
@@ -117,31 +117,46 @@ impl MockDmaBuf {
         let max = MAX_PAGES.saturating_mul(page);
         let range = ByteRange::new(0, len);
         let target = format!("an iommufd mock dma-buf (at most {})", human_size(max));
-        range.check_in(max, page).map_err(|problem| Error::InvalidRange { target: target.clone(), range, problem })?;
+        range
+            .check_in(max, page)
+            .map_err(|problem| Error::InvalidRange {
+                target: target.clone(),
+                range,
+                problem,
+            })?;
         let length = u32::try_from(len).map_err(|_| Error::InvalidRange {
             target,
             range,
-            problem: RangeProblem::OutOfBounds { end: len, size: max },
+            problem: RangeProblem::OutOfBounds {
+                end: len,
+                size: max,
+            },
         })?;
         // The flags are small positive constants; the cast cannot change them.
         #[allow(clippy::cast_sign_loss)]
         let open_flags = (libc::O_RDWR | libc::O_CLOEXEC) as u32;
-        let fd: OwnedFd = ioctl::iommu_test_dmabuf_get(iommufd.as_fd(), length, open_flags).map_err(|e| {
-            if e.raw_os_error() == Some(libc::ENOTTY) {
-                Error::Unsupported {
-                    target: iommufd.name(),
-                    operation: OP,
-                    problem: "the kernel has no iommufd selftest interface (it was built without \
+        let fd: OwnedFd = ioctl::iommu_test_dmabuf_get(iommufd.as_fd(), length, open_flags)
+            .map_err(|e| {
+                if e.raw_os_error() == Some(libc::ENOTTY) {
+                    Error::Unsupported {
+                        target: iommufd.name(),
+                        operation: OP,
+                        problem:
+                            "the kernel has no iommufd selftest interface (it was built without \
                               CONFIG_IOMMUFD_TEST)"
-                        .to_owned(),
+                                .to_owned(),
+                    }
+                } else {
+                    Error::sys(OP, format!("{} length {len:#x}", iommufd.name()), e)
                 }
-            } else {
-                Error::sys(OP, format!("{} length {len:#x}", iommufd.name()), e)
-            }
-        })?;
+            })?;
         let buf = DmaBuf::from_owned_unchecked(fd);
         let hub = RevocationHub::new(format!("iommufd mock dma-buf fd {}", buf.as_raw_fd()));
-        Ok(Self { buf, iommufd: iommufd.clone(), hub })
+        Ok(Self {
+            buf,
+            iommufd: iommufd.clone(),
+            hub,
+        })
     }
 
     /// Revokes the buffer (`revoked = true`) or restores it (`false`) in the
@@ -165,10 +180,16 @@ impl MockDmaBuf {
     ///
     /// [`IoasMapping::remap`]: crate::IoasMapping::remap
     pub fn revoke(&self, revoked: bool) -> Result<()> {
-        ioctl::iommu_test_dmabuf_revoke(self.iommufd.as_fd(), self.buf.as_fd(), revoked).map_err(|e| {
-            let what = if revoked { "revoke" } else { "restore" };
-            Error::sys("IOMMU_TEST_OP_DMABUF_REVOKE", format!("{what} {}", self.buf.describe()), e)
-        })
+        ioctl::iommu_test_dmabuf_revoke(self.iommufd.as_fd(), self.buf.as_fd(), revoked).map_err(
+            |e| {
+                let what = if revoked { "revoke" } else { "restore" };
+                Error::sys(
+                    "IOMMU_TEST_OP_DMABUF_REVOKE",
+                    format!("{what} {}", self.buf.describe()),
+                    e,
+                )
+            },
+        )
     }
 
     /// The dma-buf.

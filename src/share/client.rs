@@ -10,7 +10,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{recv, send_message, wire, BufferInfo, Incoming, Message, ShareProblem, MAX_READ};
+use super::{BufferInfo, Incoming, MAX_READ, Message, ShareProblem, recv, send_message, wire};
 use crate::importer::iommufd::{Ioas, IovaPlacement, MapPerms};
 use crate::revoke::{Attachment, BufferState, RestorePolicy, RevocationHub, RevokeReason};
 use crate::{ByteRange, DmaBuf, Error, RangeProblem, Result};
@@ -124,10 +124,15 @@ impl SharedBuffer {
     /// ([`receive`](Self::receive)); `timeout` bounds the wait for the offer.
     pub fn connect(path: impl AsRef<Path>, timeout: Duration) -> Result<Self> {
         let path = path.as_ref();
-        let stream = UnixStream::connect(path).map_err(|e| Error::sys("connect", format!("socket {}", path.display()), e))?;
-        stream
-            .set_read_timeout(Some(timeout))
-            .map_err(|e| Error::sys("setsockopt(SO_RCVTIMEO)", format!("socket {}", path.display()), e))?;
+        let stream = UnixStream::connect(path)
+            .map_err(|e| Error::sys("connect", format!("socket {}", path.display()), e))?;
+        stream.set_read_timeout(Some(timeout)).map_err(|e| {
+            Error::sys(
+                "setsockopt(SO_RCVTIMEO)",
+                format!("socket {}", path.display()),
+                e,
+            )
+        })?;
         Self::receive(stream)
     }
 
@@ -142,15 +147,23 @@ impl SharedBuffer {
     /// [`Error::Timeout`] if the stream's read timeout passed.
     pub fn receive(stream: UnixStream) -> Result<Self> {
         let peer = wire::describe_stream(&stream);
-        let share_err = |problem| Error::Share { peer: peer.clone(), problem };
+        let share_err = |problem| Error::Share {
+            peer: peer.clone(),
+            problem,
+        };
         let offer = match recv(&stream)? {
             None => return Err(share_err(ShareProblem::Closed)),
             Some(Incoming::Offer(o)) => o,
             Some(Incoming::Message(m)) => {
-                return Err(share_err(ShareProblem::Unexpected { kind: m.kind().name(), context: "before the offer" }))
+                return Err(share_err(ShareProblem::Unexpected {
+                    kind: m.kind().name(),
+                    context: "before the offer",
+                }));
             }
         };
-        stream.set_read_timeout(None).map_err(|e| Error::sys("setsockopt(SO_RCVTIMEO)", peer.clone(), e))?;
+        stream
+            .set_read_timeout(None)
+            .map_err(|e| Error::sys("setsockopt(SO_RCVTIMEO)", peer.clone(), e))?;
         let hub = RevocationHub::new(format!("{} (shared over {peer})", offer.info.exporter));
         apply(&hub, offer.state);
         let conn = Arc::new(Conn {
@@ -158,7 +171,12 @@ impl SharedBuffer {
             peer: peer.clone(),
             hub,
             write: Mutex::new(()),
-            status: Mutex::new(Status { remote: offer.state, events: 0, ended: None, pending: HashMap::new() }),
+            status: Mutex::new(Status {
+                remote: offer.state,
+                events: 0,
+                ended: None,
+                pending: HashMap::new(),
+            }),
             changed: Condvar::new(),
             next_id: AtomicU64::new(1),
             closing: AtomicBool::new(false),
@@ -168,7 +186,12 @@ impl SharedBuffer {
             .name("share-importer".into())
             .spawn(move || pumped.pump())
             .map_err(|e| Error::sys("spawn thread", peer, e))?;
-        Ok(Self { buf: offer.buf, info: offer.info, conn, pump: Some(pump) })
+        Ok(Self {
+            buf: offer.buf,
+            info: offer.info,
+            conn,
+            pump: Some(pump),
+        })
     }
 
     /// The received dma-buf.
@@ -218,8 +241,22 @@ impl SharedBuffer {
     /// receiver-side hub ([`Attachment::map_parts`], with the physical ranges
     /// the exporter announced). Fails with [`Error::Revoked`] while the
     /// exporter has the buffer revoked.
-    pub fn attach(&self, ioas: &Ioas, at: IovaPlacement, perms: MapPerms, policy: RestorePolicy) -> Result<Attachment> {
-        Attachment::map_parts(&self.buf, &self.conn.hub, self.info.phys.clone(), ioas, at, perms, policy)
+    pub fn attach(
+        &self,
+        ioas: &Ioas,
+        at: IovaPlacement,
+        perms: MapPerms,
+        policy: RestorePolicy,
+    ) -> Result<Attachment> {
+        Attachment::map_parts(
+            &self.buf,
+            &self.conn.hub,
+            self.info.phys.clone(),
+            ioas,
+            at,
+            perms,
+            policy,
+        )
     }
 
     /// Waits until the exporter's reported state (applied to the hub and its
@@ -227,7 +264,11 @@ impl SharedBuffer {
     /// `timeout` (one too large to add to the clock is no limit);
     /// [`ShareProblem::Disconnected`] if the connection ended with a state
     /// that does not satisfy it.
-    pub fn wait_remote(&self, timeout: Duration, pred: impl Fn(BufferState) -> bool) -> Result<BufferState> {
+    pub fn wait_remote(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(BufferState) -> bool,
+    ) -> Result<BufferState> {
         let deadline = Instant::now().checked_add(timeout);
         let mut st = lock(&self.conn.status);
         loop {
@@ -239,11 +280,19 @@ impl SharedBuffer {
             }
             let Some(left) = left_until(deadline) else {
                 return Err(Error::Timeout {
-                    what: format!("a state change from {} (it is {:?})", self.conn.peer, st.remote),
+                    what: format!(
+                        "a state change from {} (it is {:?})",
+                        self.conn.peer, st.remote
+                    ),
                     after: timeout,
                 });
             };
-            st = self.conn.changed.wait_timeout(st, left).unwrap_or_else(PoisonError::into_inner).0;
+            st = self
+                .conn
+                .changed
+                .wait_timeout(st, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
     }
 
@@ -255,11 +304,16 @@ impl SharedBuffer {
     /// no read-back.
     pub fn read_back(&self, offset: u64, length: u64, timeout: Duration) -> Result<Vec<u8>> {
         let range = ByteRange::new(offset, length);
-        range.check_in(self.info.size, 1).map_err(|problem| Error::InvalidRange {
-            target: format!("shared buffer of {} ({} bytes)", self.info.exporter, self.info.size),
-            range,
-            problem,
-        })?;
+        range
+            .check_in(self.info.size, 1)
+            .map_err(|problem| Error::InvalidRange {
+                target: format!(
+                    "shared buffer of {} ({} bytes)",
+                    self.info.exporter, self.info.size
+                ),
+                range,
+                problem,
+            })?;
         let total = usize::try_from(length).map_err(|_| Error::InvalidRange {
             target: format!("shared buffer of {}", self.info.exporter),
             range,
@@ -293,7 +347,11 @@ impl SharedBuffer {
         }
         let sent = {
             let _w = lock(&self.conn.write);
-            send_message(&self.conn.stream, &Message::ReadRequest { id, offset, length }, Some(timeout))
+            send_message(
+                &self.conn.stream,
+                &Message::ReadRequest { id, offset, length },
+                Some(timeout),
+            )
         };
         let deadline = Instant::now().checked_add(timeout);
         let mut st = lock(&self.conn.status);
@@ -317,9 +375,17 @@ impl SharedBuffer {
             }
             let Some(left) = left_until(deadline) else {
                 st.pending.remove(&id);
-                return Err(Error::Timeout { what: format!("a read-reply from {}", self.conn.peer), after: timeout });
+                return Err(Error::Timeout {
+                    what: format!("a read-reply from {}", self.conn.peer),
+                    after: timeout,
+                });
             };
-            st = self.conn.changed.wait_timeout(st, left).unwrap_or_else(PoisonError::into_inner).0;
+            st = self
+                .conn
+                .changed
+                .wait_timeout(st, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
     }
 }
@@ -338,7 +404,10 @@ impl Drop for SharedBuffer {
 
 impl Conn {
     fn error(&self, problem: ShareProblem) -> Error {
-        Error::Share { peer: self.peer.clone(), problem }
+        Error::Share {
+            peer: self.peer.clone(),
+            problem,
+        }
     }
 
     /// The background thread: applies the exporter's messages until the
@@ -370,17 +439,31 @@ impl Conn {
                         }
                     }
                     Message::ReadRequest { .. } => {
-                        break self.error(ShareProblem::Unexpected { kind: "read-request", context: "from the exporter" }).to_string()
+                        break self
+                            .error(ShareProblem::Unexpected {
+                                kind: "read-request",
+                                context: "from the exporter",
+                            })
+                            .to_string();
                     }
                 },
                 Ok(Some(Incoming::Offer(_))) => {
                     // The offer's fd is closed here, with the offer.
-                    break self.error(ShareProblem::Unexpected { kind: "offer", context: "after the first" }).to_string();
+                    break self
+                        .error(ShareProblem::Unexpected {
+                            kind: "offer",
+                            context: "after the first",
+                        })
+                        .to_string();
                 }
                 Err(e) => break e.to_string(),
             }
         };
-        let end = if self.closing.load(Ordering::Relaxed) { "closed by this process".to_owned() } else { end };
+        let end = if self.closing.load(Ordering::Relaxed) {
+            "closed by this process".to_owned()
+        } else {
+            end
+        };
         // No word from the exporter from now on: the buffer cannot be trusted.
         self.hub.close(RevokeReason::DeviceClosed);
         let _ = self.stream.shutdown(Shutdown::Both);

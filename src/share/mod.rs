@@ -154,7 +154,9 @@ pub enum ShareProblem {
     },
     /// More fds arrived at once than there was room for (`MSG_CTRUNC`); the
     /// kernel dropped the rest and the ones that arrived were closed.
-    #[error("control data truncated (MSG_CTRUNC): more fds than the {room} this side takes; the {closed} that arrived were closed")]
+    #[error(
+        "control data truncated (MSG_CTRUNC): more fds than the {room} this side takes; the {closed} that arrived were closed"
+    )]
     ControlTruncated {
         /// Fds that arrived and were closed.
         closed: usize,
@@ -287,9 +289,15 @@ impl BufferInfo {
             return Err("no exporter name".into());
         }
         if !self.ranges.is_empty() {
-            let total = self.ranges.iter().try_fold(0u64, |t, r| t.checked_add(r.length));
+            let total = self
+                .ranges
+                .iter()
+                .try_fold(0u64, |t, r| t.checked_add(r.length));
             if total != Some(self.size) {
-                return Err(format!("the ranges add up to {total:?} bytes, not the size {}", self.size));
+                return Err(format!(
+                    "the ranges add up to {total:?} bytes, not the size {}",
+                    self.size
+                ));
             }
         }
         Ok(())
@@ -432,11 +440,19 @@ fn unhex(s: &str) -> std::result::Result<Vec<u8>, String> {
 }
 
 /// A frame of `kind` with `body` as JSON; refuses a payload over the limit.
-fn encode_json<T: serde::Serialize>(kind: Kind, body: &T) -> std::result::Result<Vec<u8>, ShareProblem> {
-    let payload = serde_json::to_vec(body)
-        .map_err(|e| ShareProblem::Malformed { kind: kind.name(), problem: format!("cannot encode: {e}") })?;
+fn encode_json<T: serde::Serialize>(
+    kind: Kind,
+    body: &T,
+) -> std::result::Result<Vec<u8>, ShareProblem> {
+    let payload = serde_json::to_vec(body).map_err(|e| ShareProblem::Malformed {
+        kind: kind.name(),
+        problem: format!("cannot encode: {e}"),
+    })?;
     if payload.len() as u64 > u64::from(MAX_PAYLOAD) {
-        return Err(ShareProblem::Oversized { length: payload.len() as u64, max: u64::from(MAX_PAYLOAD) });
+        return Err(ShareProblem::Oversized {
+            length: payload.len() as u64,
+            max: u64::from(MAX_PAYLOAD),
+        });
     }
     Ok(wire::encode_frame(kind as u16, &payload))
 }
@@ -451,13 +467,23 @@ fn encode_json<T: serde::Serialize>(kind: Kind, body: &T) -> std::result::Result
 /// assert_eq!(&frame[..4], b"DPSH");
 /// # Ok::<(), dmabuf_p2p::share::ShareProblem>(())
 /// ```
-pub fn encode_offer(info: &BufferInfo, state: BufferState) -> std::result::Result<Vec<u8>, ShareProblem> {
+pub fn encode_offer(
+    info: &BufferInfo,
+    state: BufferState,
+) -> std::result::Result<Vec<u8>, ShareProblem> {
     let (state, reason) = match state {
         BufferState::Live => ("live", None),
         BufferState::Revoked(r) => ("revoked", Some(reason_name(r).to_owned())),
         BufferState::Gone(r) => ("gone", Some(reason_name(r).to_owned())),
     };
-    encode_json(Kind::Offer, &OfferBody { buffer: info.clone(), state: state.to_owned(), reason })
+    encode_json(
+        Kind::Offer,
+        &OfferBody {
+            buffer: info.clone(),
+            state: state.to_owned(),
+            reason,
+        },
+    )
 }
 
 impl Message {
@@ -493,17 +519,35 @@ impl Message {
     pub fn encode(&self) -> std::result::Result<Vec<u8>, ShareProblem> {
         let kind = self.kind();
         match self {
-            Self::Revoked(r) | Self::Gone(r) => encode_json(kind, &ReasonBody { reason: reason_name(*r).to_owned() }),
+            Self::Revoked(r) | Self::Gone(r) => encode_json(
+                kind,
+                &ReasonBody {
+                    reason: reason_name(*r).to_owned(),
+                },
+            ),
             Self::Restored => encode_json(kind, &EmptyBody {}),
-            Self::ReadRequest { id, offset, length } => {
-                encode_json(kind, &ReadRequestBody { id: *id, offset: *offset, length: *length })
-            }
+            Self::ReadRequest { id, offset, length } => encode_json(
+                kind,
+                &ReadRequestBody {
+                    id: *id,
+                    offset: *offset,
+                    length: *length,
+                },
+            ),
             Self::ReadReply { id, offset, result } => {
                 let (data, error) = match result {
                     Ok(d) => (Some(hex(d)), None),
                     Err(e) => (None, Some(e.clone())),
                 };
-                encode_json(kind, &ReadReplyBody { id: *id, offset: *offset, data, error })
+                encode_json(
+                    kind,
+                    &ReadReplyBody {
+                        id: *id,
+                        offset: *offset,
+                        data,
+                        error,
+                    },
+                )
             }
         }
     }
@@ -511,9 +555,16 @@ impl Message {
 
 /// Parses a payload: a JSON object (serde would take an array for a struct
 /// too), then the kind's fields.
-fn parse<T: serde::de::DeserializeOwned>(kind: Kind, payload: &[u8]) -> std::result::Result<T, ShareProblem> {
-    let malformed = |problem: String| ShareProblem::Malformed { kind: kind.name(), problem };
-    let value: serde_json::Value = serde_json::from_slice(payload).map_err(|e| malformed(e.to_string()))?;
+fn parse<T: serde::de::DeserializeOwned>(
+    kind: Kind,
+    payload: &[u8],
+) -> std::result::Result<T, ShareProblem> {
+    let malformed = |problem: String| ShareProblem::Malformed {
+        kind: kind.name(),
+        problem,
+    };
+    let value: serde_json::Value =
+        serde_json::from_slice(payload).map_err(|e| malformed(e.to_string()))?;
     if !value.is_object() {
         let what = match value {
             serde_json::Value::Array(_) => "an array",
@@ -522,7 +573,9 @@ fn parse<T: serde::de::DeserializeOwned>(kind: Kind, payload: &[u8]) -> std::res
             serde_json::Value::Bool(_) => "a boolean",
             _ => "null",
         };
-        return Err(malformed(format!("the payload is {what}, not a JSON object")));
+        return Err(malformed(format!(
+            "the payload is {what}, not a JSON object"
+        )));
     }
     serde_json::from_value(value).map_err(|e| malformed(e.to_string()))
 }
@@ -536,32 +589,51 @@ pub fn decode(frame: wire::Frame) -> std::result::Result<Incoming, ShareProblem>
         return decode_offer(&payload, fds).map(Incoming::Offer);
     }
     if !fds.is_empty() {
-        return Err(ShareProblem::UnexpectedFds { kind: kind.name(), count: fds.len(), expected: 0 });
+        return Err(ShareProblem::UnexpectedFds {
+            kind: kind.name(),
+            count: fds.len(),
+            expected: 0,
+        });
     }
     let msg = match kind {
-        Kind::Revoked => Message::Revoked(reason_from_name(&parse::<ReasonBody>(kind, &payload)?.reason)),
-        Kind::Gone => Message::Gone(reason_from_name(&parse::<ReasonBody>(kind, &payload)?.reason)),
+        Kind::Revoked => Message::Revoked(reason_from_name(
+            &parse::<ReasonBody>(kind, &payload)?.reason,
+        )),
+        Kind::Gone => Message::Gone(reason_from_name(
+            &parse::<ReasonBody>(kind, &payload)?.reason,
+        )),
         Kind::Restored => {
             parse::<EmptyBody>(kind, &payload)?;
             Message::Restored
         }
         Kind::ReadRequest => {
             let b: ReadRequestBody = parse(kind, &payload)?;
-            Message::ReadRequest { id: b.id, offset: b.offset, length: b.length }
+            Message::ReadRequest {
+                id: b.id,
+                offset: b.offset,
+                length: b.length,
+            }
         }
         Kind::ReadReply | Kind::Offer => {
             let b: ReadReplyBody = parse(kind, &payload)?;
             let result = match (b.data, b.error) {
-                (Some(d), None) => Ok(unhex(&d).map_err(|problem| ShareProblem::Malformed { kind: kind.name(), problem })?),
+                (Some(d), None) => Ok(unhex(&d).map_err(|problem| ShareProblem::Malformed {
+                    kind: kind.name(),
+                    problem,
+                })?),
                 (None, Some(e)) => Err(e),
                 _ => {
                     return Err(ShareProblem::Malformed {
                         kind: kind.name(),
                         problem: "needs exactly one of \"data\" and \"error\"".into(),
-                    })
+                    });
                 }
             };
-            Message::ReadReply { id: b.id, offset: b.offset, result }
+            Message::ReadReply {
+                id: b.id,
+                offset: b.offset,
+                result,
+            }
         }
     };
     Ok(Incoming::Message(msg))
@@ -569,15 +641,33 @@ pub fn decode(frame: wire::Frame) -> std::result::Result<Incoming, ShareProblem>
 
 /// Checks an `offer`: exactly one fd, the JSON, then the fd (a dma-buf of the
 /// announced size). `fds` are closed on every error path (dropped).
-fn decode_offer(payload: &[u8], mut fds: Vec<std::os::fd::OwnedFd>) -> std::result::Result<Offer, ShareProblem> {
+fn decode_offer(
+    payload: &[u8],
+    mut fds: Vec<std::os::fd::OwnedFd>,
+) -> std::result::Result<Offer, ShareProblem> {
     let kind = Kind::Offer;
     if fds.len() > 1 {
-        return Err(ShareProblem::UnexpectedFds { kind: kind.name(), count: fds.len(), expected: 1 });
+        return Err(ShareProblem::UnexpectedFds {
+            kind: kind.name(),
+            count: fds.len(),
+            expected: 1,
+        });
     }
-    let Some(fd) = fds.pop() else { return Err(ShareProblem::MissingFd { kind: kind.name() }) };
+    let Some(fd) = fds.pop() else {
+        return Err(ShareProblem::MissingFd { kind: kind.name() });
+    };
     let body: OfferBody = parse(kind, payload)?;
-    body.buffer.check().map_err(|problem| ShareProblem::Malformed { kind: kind.name(), problem })?;
-    let reason = || body.reason.as_deref().map_or(RevokeReason::Remote, reason_from_name);
+    body.buffer
+        .check()
+        .map_err(|problem| ShareProblem::Malformed {
+            kind: kind.name(),
+            problem,
+        })?;
+    let reason = || {
+        body.reason
+            .as_deref()
+            .map_or(RevokeReason::Remote, reason_from_name)
+    };
     let state = match body.state.as_str() {
         "live" => BufferState::Live,
         "revoked" => BufferState::Revoked(reason()),
@@ -586,15 +676,24 @@ fn decode_offer(payload: &[u8], mut fds: Vec<std::os::fd::OwnedFd>) -> std::resu
             return Err(ShareProblem::Malformed {
                 kind: kind.name(),
                 problem: format!("state {other:?} (expected \"live\", \"revoked\" or \"gone\")"),
-            })
+            });
         }
     };
     let buf = DmaBuf::try_from(fd).map_err(|e| ShareProblem::NotDmaBuf(e.error().to_string()))?;
-    let actual = buf.size().map_err(|e| ShareProblem::NotDmaBuf(e.to_string()))?;
+    let actual = buf
+        .size()
+        .map_err(|e| ShareProblem::NotDmaBuf(e.to_string()))?;
     if actual != body.buffer.size {
-        return Err(ShareProblem::SizeMismatch { announced: body.buffer.size, actual });
+        return Err(ShareProblem::SizeMismatch {
+            announced: body.buffer.size,
+            actual,
+        });
     }
-    Ok(Offer { buf, info: body.buffer, state })
+    Ok(Offer {
+        buf,
+        info: body.buffer,
+        state,
+    })
 }
 
 /// Receives and checks one message ([`wire::recv_frame`], then [`decode`]).
@@ -612,9 +711,10 @@ fn decode_offer(payload: &[u8], mut fds: Vec<std::os::fd::OwnedFd>) -> std::resu
 pub fn recv(stream: &UnixStream) -> Result<Option<Incoming>> {
     match wire::recv_frame(stream)? {
         None => Ok(None),
-        Some(frame) => decode(frame)
-            .map(Some)
-            .map_err(|problem| Error::Share { peer: wire::describe_stream(stream), problem }),
+        Some(frame) => decode(frame).map(Some).map_err(|problem| Error::Share {
+            peer: wire::describe_stream(stream),
+            problem,
+        }),
     }
 }
 
@@ -643,14 +743,20 @@ pub fn send_offer(
     state: BufferState,
     timeout: Option<Duration>,
 ) -> Result<()> {
-    let frame = encode_offer(info, state).map_err(|problem| Error::Share { peer: wire::describe_stream(stream), problem })?;
+    let frame = encode_offer(info, state).map_err(|problem| Error::Share {
+        peer: wire::describe_stream(stream),
+        problem,
+    })?;
     wire::send_raw(stream, &frame, &[buf.as_fd()], timeout)
 }
 
 /// Sends a message without an fd. `timeout` bounds the wait while the socket
 /// is full ([`wire::send_raw`]).
 pub fn send_message(stream: &UnixStream, msg: &Message, timeout: Option<Duration>) -> Result<()> {
-    let frame = msg.encode().map_err(|problem| Error::Share { peer: wire::describe_stream(stream), problem })?;
+    let frame = msg.encode().map_err(|problem| Error::Share {
+        peer: wire::describe_stream(stream),
+        problem,
+    })?;
     wire::send_raw(stream, &frame, &[], timeout)
 }
 
@@ -672,9 +778,21 @@ mod tests {
             Message::Revoked(RevokeReason::Reset),
             Message::Restored,
             Message::Gone(RevokeReason::Unplug),
-            Message::ReadRequest { id: 7, offset: 0x1000, length: 64 },
-            Message::ReadReply { id: 7, offset: 0x1000, result: Ok(vec![1, 2, 0xff]) },
-            Message::ReadReply { id: 8, offset: 0, result: Err("revoked".into()) },
+            Message::ReadRequest {
+                id: 7,
+                offset: 0x1000,
+                length: 64,
+            },
+            Message::ReadReply {
+                id: 7,
+                offset: 0x1000,
+                result: Ok(vec![1, 2, 0xff]),
+            },
+            Message::ReadReply {
+                id: 8,
+                offset: 0,
+                result: Err("revoked".into()),
+            },
         ];
         for m in msgs {
             let f = m.encode().unwrap_or_default();

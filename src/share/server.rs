@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::{encode_offer, recv, send_message, wire, BufferInfo, Incoming, Message, MAX_READ};
+use super::{BufferInfo, Incoming, MAX_READ, Message, encode_offer, recv, send_message, wire};
 use crate::exporter::vfio::BarExport;
 use crate::revoke::{BufferState, Revocable, RevocationHub, StateChange, Subscription};
 use crate::{DmaBuf, Error, Result};
@@ -97,7 +97,11 @@ impl ShareServer {
     /// A server for `export` (a duplicate of its dma-buf fd), following its
     /// device's hub.
     pub fn new(export: &BarExport) -> Result<Self> {
-        Ok(Self::from_parts(export.dmabuf().try_clone()?, BufferInfo::from_export(export), Arc::clone(export.hub())))
+        Ok(Self::from_parts(
+            export.dmabuf().try_clone()?,
+            BufferInfo::from_export(export),
+            Arc::clone(export.hub()),
+        ))
     }
 
     /// A server for any buffer: the dma-buf, what importers are told about it
@@ -108,7 +112,10 @@ impl ShareServer {
             buf,
             info,
             hub: Arc::clone(&hub),
-            clients: Mutex::new(Clients { next_id: 1, list: Vec::new() }),
+            clients: Mutex::new(Clients {
+                next_id: 1,
+                list: Vec::new(),
+            }),
             send_timeout: Mutex::new(DEFAULT_SEND_TIMEOUT),
             read_back: Mutex::new(None),
             dropped: AtomicU64::new(0),
@@ -119,7 +126,11 @@ impl ShareServer {
                 shared.broadcast(change);
             }
         });
-        Self { shared, _subscription: subscription, readers: Mutex::new(Vec::new()) }
+        Self {
+            shared,
+            _subscription: subscription,
+            readers: Mutex::new(Vec::new()),
+        }
     }
 
     /// What importers are told about the buffer.
@@ -139,7 +150,11 @@ impl ShareServer {
 
     /// The ids of the clients connected now.
     pub fn client_ids(&self) -> Vec<u64> {
-        lock(&self.shared.clients).list.iter().map(|c| c.id).collect()
+        lock(&self.shared.clients)
+            .list
+            .iter()
+            .map(|c| c.id)
+            .collect()
     }
 
     /// How many clients were dropped so far (hung up, dead, stuck, or broke
@@ -171,18 +186,26 @@ impl ShareServer {
     /// is closed and not kept.
     pub fn add_client(&self, stream: UnixStream) -> Result<u64> {
         let peer = wire::describe_stream(&stream);
-        stream.set_nonblocking(false).map_err(|e| Error::sys("fcntl(O_NONBLOCK off)", peer.clone(), e))?;
+        stream
+            .set_nonblocking(false)
+            .map_err(|e| Error::sys("fcntl(O_NONBLOCK off)", peer.clone(), e))?;
         let timeout = self.shared.send_timeout();
         let client = {
             // Under the clients lock, so no change is broadcast between the
             // state read here and the client joining the list.
             let mut clients = lock(&self.shared.clients);
             let change = self.shared.hub.last_change();
-            let frame = encode_offer(&self.shared.info, change.state).map_err(|problem| Error::Share { peer, problem })?;
+            let frame = encode_offer(&self.shared.info, change.state)
+                .map_err(|problem| Error::Share { peer, problem })?;
             wire::send_raw(&stream, &frame, &[self.shared.buf.as_fd()], Some(timeout))?;
             let id = clients.next_id;
             clients.next_id += 1;
-            let client = Arc::new(Client { id, stream, write: Mutex::new(()), seen: AtomicU64::new(change.seq) });
+            let client = Arc::new(Client {
+                id,
+                stream,
+                write: Mutex::new(()),
+                seen: AtomicU64::new(change.seq),
+            });
             clients.list.push(Arc::clone(&client));
             client
         };
@@ -200,7 +223,11 @@ impl ShareServer {
             }
             Err(e) => {
                 self.shared.drop_client(client.id);
-                Err(Error::sys("spawn thread", wire::describe_stream(&client.stream), e))
+                Err(Error::sys(
+                    "spawn thread",
+                    wire::describe_stream(&client.stream),
+                    e,
+                ))
             }
         }
     }
@@ -268,8 +295,14 @@ impl Shared {
     /// breaks the protocol, then drops it.
     fn serve_client(&self, client: &Client) {
         // Until it hangs up, errs, or sends something an importer must not.
-        while let Ok(Some(Incoming::Message(Message::ReadRequest { id, offset, length }))) = recv(&client.stream) {
-            let reply = Message::ReadReply { id, offset, result: self.read(offset, length) };
+        while let Ok(Some(Incoming::Message(Message::ReadRequest { id, offset, length }))) =
+            recv(&client.stream)
+        {
+            let reply = Message::ReadReply {
+                id,
+                offset,
+                result: self.read(offset, length),
+            };
             let sent = {
                 let _w = lock(&client.write);
                 send_message(&client.stream, &reply, Some(self.send_timeout()))
@@ -284,10 +317,18 @@ impl Shared {
 
     fn read(&self, offset: u64, length: u64) -> std::result::Result<Vec<u8>, String> {
         if length == 0 || length > MAX_READ {
-            return Err(format!("read of {length} bytes: 1 to {MAX_READ} bytes per request"));
+            return Err(format!(
+                "read of {length} bytes: 1 to {MAX_READ} bytes per request"
+            ));
         }
-        if offset.checked_add(length).is_none_or(|end| end > self.info.size) {
-            return Err(format!("read of {length} bytes at {offset:#x}: past the end of the {}-byte buffer", self.info.size));
+        if offset
+            .checked_add(length)
+            .is_none_or(|end| end > self.info.size)
+        {
+            return Err(format!(
+                "read of {length} bytes at {offset:#x}: past the end of the {}-byte buffer",
+                self.info.size
+            ));
         }
         let state = self.hub.state();
         if state != BufferState::Live {

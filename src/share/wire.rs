@@ -23,7 +23,7 @@
 //! and [`super::recv`] are the normal way in.
 
 use std::io;
-use std::mem::{size_of, MaybeUninit};
+use std::mem::{MaybeUninit, size_of};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
@@ -80,7 +80,10 @@ pub fn encode_frame(kind: u16, payload: &[u8]) -> Vec<u8> {
 /// Names the other end of `stream` for messages: `socket /run/x.sock` (the
 /// peer's path, or ours on the accepting side), else `unix socket fd N`.
 pub fn describe_stream(stream: &UnixStream) -> String {
-    let path = |a: io::Result<std::os::unix::net::SocketAddr>| a.ok().and_then(|a| a.as_pathname().map(|p| p.display().to_string()));
+    let path = |a: io::Result<std::os::unix::net::SocketAddr>| {
+        a.ok()
+            .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
+    };
     match path(stream.peer_addr()).or_else(|| path(stream.local_addr())) {
         Some(p) => format!("socket {p}"),
         None => format!("unix socket fd {}", stream.as_raw_fd()),
@@ -88,7 +91,10 @@ pub fn describe_stream(stream: &UnixStream) -> String {
 }
 
 fn share_error(peer: &str, problem: ShareProblem) -> Error {
-    Error::Share { peer: peer.to_owned(), problem }
+    Error::Share {
+        peer: peer.to_owned(),
+        problem,
+    }
 }
 
 /// `CMSG_ALIGN`: control messages are aligned to `size_t`.
@@ -129,14 +135,22 @@ fn empty_msghdr() -> libc::msghdr {
 /// assert_eq!((frame.kind, frame.payload.as_slice(), frame.fds.len()), (3, &b"{}"[..], 0));
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-pub fn send_raw(stream: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>], timeout: Option<Duration>) -> Result<()> {
+pub fn send_raw(
+    stream: &UnixStream,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+    timeout: Option<Duration>,
+) -> Result<()> {
     if data.is_empty() {
         if fds.is_empty() {
             return Ok(());
         }
         return Err(share_error(
             &describe_stream(stream),
-            ShareProblem::Malformed { kind: "frame", problem: "fds need at least one byte of data to travel with".into() },
+            ShareProblem::Malformed {
+                kind: "frame",
+                problem: "fds need at least one byte of data to travel with".into(),
+            },
         ));
     }
     // A timeout too large to add to the clock is no limit.
@@ -154,7 +168,9 @@ pub fn send_raw(stream: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>], timeou
         // bytes; write_unaligned makes no alignment demand.
         unsafe { std::ptr::write_unaligned(base.cast::<libc::cmsghdr>(), hdr) };
         for (i, fd) in fds.iter().enumerate() {
-            let at = base.wrapping_add(CMSG_DATA_AT + i * size_of::<RawFd>()).cast::<RawFd>();
+            let at = base
+                .wrapping_add(CMSG_DATA_AT + i * size_of::<RawFd>())
+                .cast::<RawFd>();
             // SAFETY: CMSG_DATA_AT + (i + 1) * 4 <= cmsg_space(fd_bytes), inside
             // `control`; write_unaligned makes no alignment demand.
             unsafe { std::ptr::write_unaligned(at, fd.as_raw_fd()) };
@@ -164,7 +180,10 @@ pub fn send_raw(stream: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>], timeou
     let mut fds_pending = !fds.is_empty();
     while sent < data.len() {
         let rest = &data[sent..];
-        let mut iov = libc::iovec { iov_base: rest.as_ptr().cast_mut().cast(), iov_len: rest.len() };
+        let mut iov = libc::iovec {
+            iov_base: rest.as_ptr().cast_mut().cast(),
+            iov_len: rest.len(),
+        };
         let mut msg = empty_msghdr();
         msg.msg_iov = &mut iov;
         msg.msg_iovlen = 1;
@@ -175,7 +194,13 @@ pub fn send_raw(stream: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>], timeou
         // SAFETY: `msg` points at one iovec describing `rest` (valid for reads
         // of its length for the call) and, when set, at `control`, which holds
         // `msg_controllen` initialised bytes; sendmsg only reads them.
-        let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
+        let n = unsafe {
+            libc::sendmsg(
+                stream.as_raw_fd(),
+                &msg,
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        };
         if n < 0 {
             let e = io::Error::last_os_error();
             match e.raw_os_error() {
@@ -208,12 +233,19 @@ fn wait_writable(stream: &UnixStream, deadline: Option<(Instant, Duration)>) -> 
         Some((at, total)) => {
             let left = at.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(Error::Timeout { what: format!("sending to {}", describe_stream(stream)), after: total });
+                return Err(Error::Timeout {
+                    what: format!("sending to {}", describe_stream(stream)),
+                    after: total,
+                });
             }
             i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX)
         }
     };
-    let mut pfd = libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd for the duration of the call.
     let r = unsafe { libc::poll(&mut pfd, 1, ms) };
     if r < 0 {
@@ -236,7 +268,9 @@ fn rights_in(control: &[u8]) -> Vec<RawFd> {
         // SAFETY: `at + size_of::<cmsghdr>() <= control.len()`, so the read is
         // in bounds; read_unaligned makes no alignment demand; cmsghdr is plain
         // integers, valid for any bytes.
-        let hdr = unsafe { std::ptr::read_unaligned(control.as_ptr().wrapping_add(at).cast::<libc::cmsghdr>()) };
+        let hdr = unsafe {
+            std::ptr::read_unaligned(control.as_ptr().wrapping_add(at).cast::<libc::cmsghdr>())
+        };
         // `cmsg_len` is a size_t on glibc, a socklen_t on musl.
         #[allow(clippy::useless_conversion)]
         let len = usize::try_from(hdr.cmsg_len).unwrap_or(usize::MAX);
@@ -244,7 +278,10 @@ fn rights_in(control: &[u8]) -> Vec<RawFd> {
             break;
         }
         let end = at.saturating_add(len).min(control.len());
-        if hdr.cmsg_level == libc::SOL_SOCKET && hdr.cmsg_type == libc::SCM_RIGHTS && at + CMSG_DATA_AT <= end {
+        if hdr.cmsg_level == libc::SOL_SOCKET
+            && hdr.cmsg_type == libc::SCM_RIGHTS
+            && at + CMSG_DATA_AT <= end
+        {
             for chunk in control[at + CMSG_DATA_AT..end].chunks_exact(size_of::<RawFd>()) {
                 let mut b = [0u8; size_of::<RawFd>()];
                 b.copy_from_slice(chunk);
@@ -261,7 +298,10 @@ fn rights_in(control: &[u8]) -> Vec<RawFd> {
 fn recv_some(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<usize> {
     let mut control = [0u64; RECV_CONTROL_WORDS];
     loop {
-        let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
         let mut msg = empty_msghdr();
         msg.msg_iov = &mut iov;
         msg.msg_iovlen = 1;
@@ -285,8 +325,14 @@ fn recv_some(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Res
         // Own every fd that arrived before anything else, so that every path
         // from here on closes them.
         #[allow(clippy::useless_conversion)]
-        let filled = usize::try_from(msg.msg_controllen).unwrap_or(0).min(std::mem::size_of_val(&control));
-        let bytes: Vec<u8> = control.iter().flat_map(|w| w.to_ne_bytes()).take(filled).collect();
+        let filled = usize::try_from(msg.msg_controllen)
+            .unwrap_or(0)
+            .min(std::mem::size_of_val(&control));
+        let bytes: Vec<u8> = control
+            .iter()
+            .flat_map(|w| w.to_ne_bytes())
+            .take(filled)
+            .collect();
         for raw in rights_in(&bytes) {
             // SAFETY: the kernel just installed `raw` in this process's fd
             // table for us (SCM_RIGHTS); nothing else owns it.
@@ -295,7 +341,13 @@ fn recv_some(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Res
         if msg.msg_flags & libc::MSG_CTRUNC != 0 {
             let closed = fds.len();
             fds.clear();
-            return Err(share_error(&describe_stream(stream), ShareProblem::ControlTruncated { closed, room: FD_ROOM }));
+            return Err(share_error(
+                &describe_stream(stream),
+                ShareProblem::ControlTruncated {
+                    closed,
+                    room: FD_ROOM,
+                },
+            ));
         }
         return Ok(n.unsigned_abs());
     }
@@ -330,7 +382,11 @@ pub fn recv_frame(stream: &UnixStream) -> Result<Option<Frame>> {
         return Ok(None);
     }
     if got < HEADER_LEN {
-        return fail(ShareProblem::Truncated { what: "header", expected: HEADER_LEN as u64, got: got as u64 });
+        return fail(ShareProblem::Truncated {
+            what: "header",
+            expected: HEADER_LEN as u64,
+            got: got as u64,
+        });
     }
     let mut magic = [0u8; 4];
     magic.copy_from_slice(&header[0..4]);
@@ -341,15 +397,25 @@ pub fn recv_frame(stream: &UnixStream) -> Result<Option<Frame>> {
         return fail(ShareProblem::BadMagic { found: magic });
     }
     if version != VERSION {
-        return fail(ShareProblem::Version { found: version, supported: VERSION });
+        return fail(ShareProblem::Version {
+            found: version,
+            supported: VERSION,
+        });
     }
     if length > MAX_PAYLOAD {
-        return fail(ShareProblem::Oversized { length: u64::from(length), max: u64::from(MAX_PAYLOAD) });
+        return fail(ShareProblem::Oversized {
+            length: u64::from(length),
+            max: u64::from(MAX_PAYLOAD),
+        });
     }
     let mut payload = vec![0u8; length as usize];
     let got = recv_exact(stream, &mut payload, &mut fds)?;
     if got < payload.len() {
-        return fail(ShareProblem::Truncated { what: "payload", expected: u64::from(length), got: got as u64 });
+        return fail(ShareProblem::Truncated {
+            what: "payload",
+            expected: u64::from(length),
+            got: got as u64,
+        });
     }
     Ok(Some(Frame { kind, payload, fds }))
 }

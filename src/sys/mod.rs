@@ -270,7 +270,7 @@ pub const IOMMU_IOAS_MAP_FILE: u32 = io(IOMMUFD_IOCTL_TYPE, IOMMUFD_IOCTL_BASE +
 /// with `CONFIG_IOMMUFD_TEST` (elsewhere it fails with `ENOTTY`).
 #[allow(non_camel_case_types)]
 pub mod iommufd_test {
-    use super::{io, IOMMUFD_IOCTL_BASE, IOMMUFD_IOCTL_TYPE};
+    use super::{IOMMUFD_IOCTL_BASE, IOMMUFD_IOCTL_TYPE, io};
 
     /// `IOMMU_TEST_CMD` = `_IO(';', 0x80 + 32)` = `0x3ba0`; arg [`iommu_test_cmd`].
     pub const IOMMU_TEST_CMD: u32 = io(IOMMUFD_IOCTL_TYPE, IOMMUFD_IOCTL_BASE + 32);

@@ -22,15 +22,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
 use plotters::coord::Shift;
+use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::initramfs::Initramfs;
 use crate::qemu::{Accel, Ivshmem};
 use crate::suite::{self, GuestBinaries, RunSpec};
-use crate::{deps, run_captured, workspace_root, Error, Result};
+use crate::{Error, Result, deps, run_captured, workspace_root};
 
 /// Where the benchmark binary lives in the VM.
 pub const GUEST_BENCH: &str = "/bin/dmabuf-p2p-bench";
@@ -111,7 +111,9 @@ pub struct Results {
 impl Results {
     /// The record of one measurement.
     pub fn get(&self, group: &str, series: &str, op: &str, x: u64) -> Option<&Record> {
-        self.records.iter().find(|r| r.group == group && r.series == series && r.op == op && r.x == x)
+        self.records
+            .iter()
+            .find(|r| r.group == group && r.series == series && r.op == op && r.x == x)
     }
 
     /// The median of one measurement.
@@ -121,13 +123,21 @@ impl Results {
 
     /// The x values of a group, sorted.
     pub fn xs(&self, group: &str) -> Vec<u64> {
-        let set: BTreeSet<u64> = self.records.iter().filter(|r| r.group == group).map(|r| r.x).collect();
+        let set: BTreeSet<u64> = self
+            .records
+            .iter()
+            .filter(|r| r.group == group)
+            .map(|r| r.x)
+            .collect();
         set.into_iter().collect()
     }
 
     /// A `meta` fact.
     pub fn meta(&self, key: &str) -> Option<&str> {
-        self.records.iter().find(|r| r.group == "meta" && r.key == key).map(|r| r.value.as_str())
+        self.records
+            .iter()
+            .find(|r| r.group == "meta" && r.key == key)
+            .map(|r| r.value.as_str())
     }
 
     /// (x, median, min, max) of one series and operation, by x.
@@ -161,7 +171,9 @@ fn parse_opts(args: &[String]) -> Result<Opts> {
             "--quick" => o.quick = true,
             "--strace" => o.strace = true,
             "--render" => {
-                let f = it.next().ok_or_else(|| Error::Setup("--render needs a results.json".into()))?;
+                let f = it
+                    .next()
+                    .ok_or_else(|| Error::Setup("--render needs a results.json".into()))?;
                 o.render = Some(PathBuf::from(f));
             }
             s if s.starts_with("--only=") => o.only = Some(s["--only=".len()..].to_owned()),
@@ -176,11 +188,15 @@ fn parse_opts(args: &[String]) -> Result<Opts> {
 pub fn xtask(args: &[String]) -> Result<bool> {
     let opts = parse_opts(args)?;
     if let Some(file) = &opts.render {
-        let text = fs::read_to_string(file).map_err(|e| Error::io(format!("reading {}", file.display()), e))?;
-        let results: Results =
-            serde_json::from_str(&text).map_err(|e| Error::Setup(format!("{}: {e}", file.display())))?;
+        let text = fs::read_to_string(file)
+            .map_err(|e| Error::io(format!("reading {}", file.display()), e))?;
+        let results: Results = serde_json::from_str(&text)
+            .map_err(|e| Error::Setup(format!("{}: {e}", file.display())))?;
         write_docs(&results, &workspace_root())?;
-        println!("bench: wrote {DOC} and {PLOTS}/*.svg from {}", file.display());
+        println!(
+            "bench: wrote {DOC} and {PLOTS}/*.svg from {}",
+            file.display()
+        );
         return Ok(true);
     }
     let start = Instant::now();
@@ -188,7 +204,9 @@ pub fn xtask(args: &[String]) -> Result<bool> {
     let bench_bin = build_bench()?;
 
     let job = if opts.strace {
-        format!("strace -f -o /tmp/strace.log {GUEST_BENCH} --only=trace; s=$?; cat /tmp/strace.log; exit $s\n")
+        format!(
+            "strace -f -o /tmp/strace.log {GUEST_BENCH} --only=trace; s=$?; cat /tmp/strace.log; exit $s\n"
+        )
     } else {
         let mut job = GUEST_BENCH.to_owned();
         if opts.quick {
@@ -201,20 +219,30 @@ pub fn xtask(args: &[String]) -> Result<bool> {
     };
     let spec = RunSpec::new("bench", job, false);
     let run_dir = run_dir(&spec.name);
-    fs::create_dir_all(&run_dir).map_err(|e| Error::io(format!("creating {}", run_dir.display()), e))?;
+    fs::create_dir_all(&run_dir)
+        .map_err(|e| Error::io(format!("creating {}", run_dir.display()), e))?;
     let initrd = run_dir.join("bench-initramfs.cpio");
     pack(&spec, &bench_bin, opts.strace, &initrd)?;
     // suite::run packs its standard initramfs (the CLI slot gets the bench
     // binary, nothing else is built) and the tweak replaces it with ours.
-    let bins = GuestBinaries { vm_tests: None, cli: bench_bin };
+    let bins = GuestBinaries {
+        vm_tests: None,
+        cli: bench_bin,
+    };
     let mut shape = String::new();
     let verdict = suite::run(&spec, &bins, |c| {
         // Only the device under test: fewer devices, less to boot and bind.
-        c.ivshmem = vec![Ivshmem { id: BENCH_SHM.into(), size: BIG_BAR }];
+        c.ivshmem = vec![Ivshmem {
+            id: BENCH_SHM.into(),
+            size: BIG_BAR,
+        }];
         c.memory_mib = BENCH_MEMORY_MIB;
         c.hugepages = 0;
         c.initrd = initrd.clone();
-        shape = format!("{} vCPUs, {} MiB RAM, {:?} accel", c.cpus, c.memory_mib, c.accel);
+        shape = format!(
+            "{} vCPUs, {} MiB RAM, {:?} accel",
+            c.cpus, c.memory_mib, c.accel
+        );
     })?;
     // Remove the sparse 1 GiB backing file: nothing checks it afterwards.
     let _ = fs::remove_file(run_dir.join(format!("{BENCH_SHM}.mem")));
@@ -225,7 +253,8 @@ pub fn xtask(args: &[String]) -> Result<bool> {
     let mut records = Vec::new();
     for j in &verdict.report.bench {
         records.push(
-            serde_json::from_str::<Record>(j).map_err(|e| Error::Setup(format!("bad @@bench record {j}: {e}")))?,
+            serde_json::from_str::<Record>(j)
+                .map_err(|e| Error::Setup(format!("bad @@bench record {j}: {e}")))?,
         );
     }
     let accel = match Accel::detect() {
@@ -245,7 +274,11 @@ pub fn xtask(args: &[String]) -> Result<bool> {
     let json = serde_json::to_string_pretty(&results).map_err(|e| Error::Setup(e.to_string()))?;
     // Partial runs keep their results apart from the last full run's.
     let partial = opts.only.is_some() || opts.strace;
-    let saved = run_dir.join(if partial { "results-partial.json" } else { "results.json" });
+    let saved = run_dir.join(if partial {
+        "results-partial.json"
+    } else {
+        "results.json"
+    });
     fs::write(&saved, json).map_err(|e| Error::io(format!("writing {}", saved.display()), e))?;
     if partial {
         write_docs(&results, &run_dir.join("partial"))?;
@@ -256,7 +289,10 @@ pub fn xtask(args: &[String]) -> Result<bool> {
         write_docs(&results, &workspace_root())?;
         println!("bench: wrote {DOC} and {PLOTS}/*.svg");
     } else {
-        println!("bench: partial run: docs written to {} only", run_dir.join("partial").display());
+        println!(
+            "bench: partial run: docs written to {} only",
+            run_dir.join("partial").display()
+        );
     }
     println!(
         "bench: VM {:.0} s, total {:.0} s; results in {}",
@@ -292,14 +328,18 @@ fn build_bench() -> Result<PathBuf> {
     ]);
     let out = run_captured(&mut cmd, "cargo build --release (dmabuf-p2p-bench)")?;
     for line in out.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
         if v["reason"] == "compiler-artifact" && v["target"]["name"] == "dmabuf-p2p-bench" {
             if let Some(exe) = v["executable"].as_str() {
                 return Ok(PathBuf::from(exe));
             }
         }
     }
-    Err(Error::Setup("cargo build reported no dmabuf-p2p-bench executable".into()))
+    Err(Error::Setup(
+        "cargo build reported no dmabuf-p2p-bench executable".into(),
+    ))
 }
 
 /// The benchmark VM's root: the standard layout plus the bench binary.
@@ -308,7 +348,11 @@ fn pack(spec: &RunSpec, bench: &Path, strace: bool, dest: &Path) -> Result<()> {
     fs_.host_binary("/bin/busybox", Path::new("/bin/busybox"))?;
     fs_.file("/init", 0o755, suite::INIT.as_bytes().to_vec());
     fs_.file("/etc/testbed/job.sh", 0o755, spec.job.as_bytes().to_vec());
-    fs_.file("/etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n".to_vec());
+    fs_.file(
+        "/etc/passwd",
+        0o644,
+        b"root:x:0:0:root:/root:/bin/sh\n".to_vec(),
+    );
     fs_.file("/etc/group", 0o644, b"root:x:0:\n".to_vec());
     for d in ["/proc", "/sys", "/dev", "/tmp", "/root", "/run"] {
         fs_.dir(d);
@@ -331,7 +375,12 @@ fn utc_date() -> String {
 fn host_cpu() -> String {
     fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())))
+        .and_then(|t| {
+            t.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
         .unwrap_or_else(|| "unknown".into())
 }
 
@@ -339,7 +388,13 @@ fn qemu_version() -> String {
     Command::new("qemu-system-x86_64")
         .arg("--version")
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or_default().to_owned())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        })
         .unwrap_or_default()
 }
 
@@ -394,7 +449,9 @@ fn sig3(v: f64) -> String {
 /// `median (min–max)` in the unit of the median.
 fn cell(r: Option<&Record>) -> String {
     let Some(r) = r else { return "–".into() };
-    let (Some(med), Some(min), Some(max)) = (r.median, r.min, r.max) else { return "–".into() };
+    let (Some(med), Some(min), Some(max)) = (r.median, r.min, r.max) else {
+        return "–".into();
+    };
     match r.unit.as_str() {
         "ratio" => format!("**{med:.3}** ({min:.2}–{max:.2})"),
         "bytes" => format!("{med:.0} ({min:.0}–{max:.0})"),
@@ -408,7 +465,12 @@ fn cell(r: Option<&Record>) -> String {
             } else {
                 (1.0, "ns")
             };
-            format!("{} {unit} ({}–{})", sig3(med / div), sig3(min / div), sig3(max / div))
+            format!(
+                "{} {unit} ({}–{})",
+                sig3(med / div),
+                sig3(min / div),
+                sig3(max / div)
+            )
         }
     }
 }
@@ -416,7 +478,12 @@ fn cell(r: Option<&Record>) -> String {
 /// Least-squares slope of log(median) against log(x) over the last `k`
 /// points: about 1 for a cost proportional to size, 0 for a constant one.
 pub fn loglog_slope(points: &[(f64, f64, f64, f64)], k: usize) -> Option<f64> {
-    let pts: Vec<(f64, f64)> = points.iter().rev().take(k).map(|p| (p.0.ln(), p.1.ln())).collect();
+    let pts: Vec<(f64, f64)> = points
+        .iter()
+        .rev()
+        .take(k)
+        .map(|p| (p.0.ln(), p.1.ln()))
+        .collect();
     if pts.len() < 2 {
         return None;
     }
@@ -434,7 +501,10 @@ pub fn loglog_slope(points: &[(f64, f64, f64, f64)], k: usize) -> Option<f64> {
 
 const SWEEP_SERIES: [(&str, &str); 3] = [
     ("dmabuf", "BAR dma-buf, `IOMMU_IOAS_MAP_FILE`"),
-    ("type1", "legacy type1, `VFIO_IOMMU_MAP_DMA` of the BAR mmap"),
+    (
+        "type1",
+        "legacy type1, `VFIO_IOMMU_MAP_DMA` of the BAR mmap",
+    ),
     ("memfd", "memfd, `IOMMU_IOAS_MAP_FILE`"),
 ];
 const OVERHEAD_OPS: [&str; 5] = ["export", "map", "unmap", "close", "total"];
@@ -442,7 +512,8 @@ const OVERHEAD_OPS: [&str; 5] = ["export", "map", "unmap", "close", "total"];
 /// Writes `docs/BENCHMARKS.md` and the plots under `root`.
 pub fn write_docs(r: &Results, root: &Path) -> Result<()> {
     let plots = root.join(PLOTS);
-    fs::create_dir_all(&plots).map_err(|e| Error::io(format!("creating {}", plots.display()), e))?;
+    fs::create_dir_all(&plots)
+        .map_err(|e| Error::io(format!("creating {}", plots.display()), e))?;
     plot_sweep(r, &plots.join("map-vs-size.svg"))?;
     plot_overhead(r, &plots.join("overhead.svg"))?;
     plot_revoke(r, &plots.join("revocation.svg"))?;
@@ -454,7 +525,10 @@ pub fn write_docs(r: &Results, root: &Path) -> Result<()> {
 /// The Markdown page.
 pub fn page(r: &Results) -> String {
     let mut s = String::new();
-    let bar = r.meta("bar_size").and_then(|v| v.parse().ok()).unwrap_or(BIG_BAR);
+    let bar = r
+        .meta("bar_size")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(BIG_BAR);
     let _ = writeln!(s, "# Benchmarks\n");
     let _ = writeln!(
         s,
@@ -463,7 +537,11 @@ pub fn page(r: &Results) -> String {
          --render target/testbed/bench-bench/results.json` rewrites this page and its plots from \
          saved results.\n"
     );
-    let accel = if r.accel == "tcg" { "**emulated (QEMU TCG, no KVM)**" } else { "run under KVM" };
+    let accel = if r.accel == "tcg" {
+        "**emulated (QEMU TCG, no KVM)**"
+    } else {
+        "run under KVM"
+    };
     let _ = writeln!(
         s,
         "**Read the numbers as relative ones.** The VM is {accel}: every guest instruction, \
@@ -489,7 +567,12 @@ pub fn page(r: &Results) -> String {
     if let Some(p) = r.meta("type1_iova_pgsizes") {
         let _ = writeln!(s, "| IOMMU page sizes (type1 `iova_pgsizes`) | `{p}` |");
     }
-    let _ = writeln!(s, "| VM wall time | {:.0} s{} |", r.vm_seconds, if r.quick { " (`--quick`)" } else { "" });
+    let _ = writeln!(
+        s,
+        "| VM wall time | {:.0} s{} |",
+        r.vm_seconds,
+        if r.quick { " (`--quick`)" } else { "" }
+    );
     let _ = writeln!(
         s,
         "\nEvery figure is the **median** of repeated runs, with the minimum and maximum in \
@@ -514,7 +597,10 @@ pub fn page(r: &Results) -> String {
          before timing). All raw ioctls, one untimed warm-up per size.\n",
         fmt_size(bar)
     );
-    let _ = writeln!(s, "![map and unmap time against size, log-log](bench/map-vs-size.svg)\n");
+    let _ = writeln!(
+        s,
+        "![map and unmap time against size, log-log](bench/map-vs-size.svg)\n"
+    );
     let xs = r.xs("sweep");
     let _ = write!(s, "| size |");
     for (_, name) in SWEEP_SERIES {
@@ -525,16 +611,30 @@ pub fn page(r: &Results) -> String {
     for &x in &xs {
         let _ = write!(s, "| {} |", fmt_size(x));
         for (series, _) in SWEEP_SERIES {
-            let _ = write!(s, " {} | {} |", cell(r.get("sweep", series, "map", x)), cell(r.get("sweep", series, "unmap", x)));
+            let _ = write!(
+                s,
+                " {} | {} |",
+                cell(r.get("sweep", series, "map", x)),
+                cell(r.get("sweep", series, "unmap", x))
+            );
         }
-        let ratio = match (r.median("sweep", "type1", "map", x), r.median("sweep", "dmabuf", "map", x)) {
+        let ratio = match (
+            r.median("sweep", "type1", "map", x),
+            r.median("sweep", "dmabuf", "map", x),
+        ) {
             (Some(a), Some(b)) => format!("{:.2}", a / b),
             _ => "–".into(),
         };
         let _ = writeln!(s, " {ratio} |");
     }
-    let _ = writeln!(s, "\nHow each cost grows (log-log slope of the median over the four largest sizes: 1 means proportional to size, 0 means flat; and the cost at the largest size over the cost at the smallest):\n");
-    let _ = writeln!(s, "| path | map slope | map growth | unmap slope | unmap growth |\n|---|---|---|---|---|");
+    let _ = writeln!(
+        s,
+        "\nHow each cost grows (log-log slope of the median over the four largest sizes: 1 means proportional to size, 0 means flat; and the cost at the largest size over the cost at the smallest):\n"
+    );
+    let _ = writeln!(
+        s,
+        "| path | map slope | map growth | unmap slope | unmap growth |\n|---|---|---|---|---|"
+    );
     for (series, name) in SWEEP_SERIES {
         let mut row = format!("| {name} |");
         for op in ["map", "unmap"] {
@@ -542,7 +642,12 @@ pub fn page(r: &Results) -> String {
             let slope = loglog_slope(&p, 4).map_or("–".into(), |v| format!("{v:.2}"));
             let growth = match (p.first(), p.last()) {
                 (Some(a), Some(b)) if p.len() > 1 => {
-                    format!("×{:.0} ({} → {})", b.1 / a.1, fmt_size(a.0 as u64), fmt_size(b.0 as u64))
+                    format!(
+                        "×{:.0} ({} → {})",
+                        b.1 / a.1,
+                        fmt_size(a.0 as u64),
+                        fmt_size(b.0 as u64)
+                    )
                 }
                 _ => "–".into(),
             };
@@ -551,7 +656,10 @@ pub fn page(r: &Results) -> String {
         let _ = writeln!(s, "{row}");
     }
     if let Some(&top) = xs.last() {
-        if let (Some(t), Some(d)) = (r.median("sweep", "type1", "map", top), r.median("sweep", "dmabuf", "map", top)) {
+        if let (Some(t), Some(d)) = (
+            r.median("sweep", "type1", "map", top),
+            r.median("sweep", "dmabuf", "map", top),
+        ) {
             let _ = writeln!(
                 s,
                 "\nAt {}, mapping through type1 takes {} and through the dma-buf {}: ×{:.0}.",
@@ -563,7 +671,11 @@ pub fn page(r: &Results) -> String {
         }
     }
     if let Some(m) = r.meta("memfd_max_size") {
-        let _ = writeln!(s, "\nThe memfd sweep stops at {} (what the guest's memory allows).", fmt_size(m.parse().unwrap_or(0)));
+        let _ = writeln!(
+            s,
+            "\nThe memfd sweep stops at {} (what the guest's memory allows).",
+            fmt_size(m.parse().unwrap_or(0))
+        );
     }
     s.push_str(SWEEP_NOTES);
 
@@ -582,7 +694,10 @@ pub fn page(r: &Results) -> String {
          its ratio library / raw; the table gives the median ratio over 41 batches (fewer \
          if time ran out) with min and max. *total* is the whole cycle.\n"
     );
-    let _ = writeln!(s, "![library / raw time per operation against size](bench/overhead.svg)\n");
+    let _ = writeln!(
+        s,
+        "![library / raw time per operation against size](bench/overhead.svg)\n"
+    );
     let _ = writeln!(s, "| size | {} |", OVERHEAD_OPS.join(" | "));
     let _ = writeln!(s, "|---|{}", "---|".repeat(OVERHEAD_OPS.len()));
     let oxs = r.xs("overhead");
@@ -593,13 +708,25 @@ pub fn page(r: &Results) -> String {
         }
         s.push('\n');
     }
-    let _ = writeln!(s, "\nThe raw times behind the ratios (median per operation):\n");
-    let _ = writeln!(s, "| size | {} |", OVERHEAD_OPS.map(|o| format!("raw {o} | library {o}")).join(" | "));
+    let _ = writeln!(
+        s,
+        "\nThe raw times behind the ratios (median per operation):\n"
+    );
+    let _ = writeln!(
+        s,
+        "| size | {} |",
+        OVERHEAD_OPS
+            .map(|o| format!("raw {o} | library {o}"))
+            .join(" | ")
+    );
     let _ = writeln!(s, "|---|{}", "---|".repeat(OVERHEAD_OPS.len() * 2));
     for &x in &oxs {
         let _ = write!(s, "| {} |", fmt_size(x));
         for op in OVERHEAD_OPS {
-            let f = |series| r.median("overhead", series, op, x).map_or("–".into(), fmt_ns);
+            let f = |series| {
+                r.median("overhead", series, op, x)
+                    .map_or("–".into(), fmt_ns)
+            };
             let _ = write!(s, " {} | {} |", f("raw"), f("library"));
         }
         s.push('\n');
@@ -611,8 +738,16 @@ pub fn page(r: &Results) -> String {
             .filter_map(|&x| r.median("overhead", "ratio", op, x).map(|m| (x, m)))
             .max_by(|a, b| a.1.total_cmp(&b.1));
         if let Some((x, m)) = worst {
-            let verdict = if m <= 1.05 { "within 5%" } else { "**more than 5%**" };
-            let _ = writeln!(s, "- {op}: worst median ratio {m:.3} (at {}), {verdict} of raw ioctls.", fmt_size(x));
+            let verdict = if m <= 1.05 {
+                "within 5%"
+            } else {
+                "**more than 5%**"
+            };
+            let _ = writeln!(
+                s,
+                "- {op}: worst median ratio {m:.3} (at {}), {verdict} of raw ioctls.",
+                fmt_size(x)
+            );
         }
     }
     // Where the excess comes from: the same interleaved batches also ran the
@@ -626,13 +761,25 @@ pub fn page(r: &Results) -> String {
          **control**, whose ratio to raw shows how far the measurement alone moves a ratio. \
          Medians over all sizes of the per-size medians:\n"
     );
-    let _ = writeln!(s, "| operation | library / raw | (raw + library's syscalls) / raw | control: raw / raw |\n|---|---|---|---|");
+    let _ = writeln!(
+        s,
+        "| operation | library / raw | (raw + library's syscalls) / raw | control: raw / raw |\n|---|---|---|---|"
+    );
     for op in OVERHEAD_OPS {
         let across = |series: &str| {
-            let v: Vec<f64> = oxs.iter().filter_map(|&x| r.median("overhead", series, op, x)).collect();
+            let v: Vec<f64> = oxs
+                .iter()
+                .filter_map(|&x| r.median("overhead", series, op, x))
+                .collect();
             median_of(&v).map_or("–".into(), |m| format!("{m:.3}"))
         };
-        let _ = writeln!(s, "| {op} | {} | {} | {} |", across("ratio"), across("ratio_syscalls"), across("ratio_control"));
+        let _ = writeln!(
+            s,
+            "| {op} | {} | {} | {} |",
+            across("ratio"),
+            across("ratio_syscalls"),
+            across("ratio_control")
+        );
     }
     let steps: Vec<&Record> = r.records.iter().filter(|x| x.group == "profile").collect();
     if !steps.is_empty() {
@@ -641,14 +788,20 @@ pub fn page(r: &Results) -> String {
             "\nEach step alone (`profile` part: one step repeated, median time; dma-buf of 64 KiB):\n\n| step | what | median (min–max) |\n|---|---|---|"
         );
         for x in steps {
-            let what = PROFILE_STEPS.iter().find(|(k, _)| *k == x.op).map_or("", |(_, d)| d);
+            let what = PROFILE_STEPS
+                .iter()
+                .find(|(k, _)| *k == x.op)
+                .map_or("", |(_, d)| d);
             let _ = writeln!(s, "| `{}` | {what} | {} |", x.op, cell(Some(x)));
         }
     }
     s.push_str(OVERHEAD_NOTES);
 
     // 3. Revocation
-    let _ = writeln!(s, "\n## 3. Revocation and restore against the number of mappings\n");
+    let _ = writeln!(
+        s,
+        "\n## 3. Revocation and restore against the number of mappings\n"
+    );
     let _ = writeln!(
         s,
         "N single-page exports of the BAR, each mapped once at its own IOVA. **library**: each \
@@ -667,7 +820,10 @@ pub fn page(r: &Results) -> String {
          medians over all pairs, ratios are medians over the rounds of the round's library \
          median / raw median.\n"
     );
-    let _ = writeln!(s, "![revoke and restore time against the number of mappings](bench/revocation.svg)\n");
+    let _ = writeln!(
+        s,
+        "![revoke and restore time against the number of mappings](bench/revocation.svg)\n"
+    );
     let _ = writeln!(
         s,
         "| N | library revoke | library restore | raw revoke | raw restore | config write (restore) | library / raw revoke | library / raw restore | library / raw cycle |\n|---|---|---|---|---|---|---|---|---|"
@@ -690,17 +846,36 @@ pub fn page(r: &Results) -> String {
     let rx = r.xs("revoke");
     if let Some(&hi) = rx.last() {
         for op in ["revoke", "restore"] {
-            if let (Some(l), Some(w)) = (r.median("revoke", "library", op, hi), r.median("revoke", "raw", op, hi)) {
-                let _ = writeln!(s, "\nlibrary − raw {op} at N={hi}: {} per attachment.", fmt_signed_ns((l - w) / hi as f64));
+            if let (Some(l), Some(w)) = (
+                r.median("revoke", "library", op, hi),
+                r.median("revoke", "raw", op, hi),
+            ) {
+                let _ = writeln!(
+                    s,
+                    "\nlibrary − raw {op} at N={hi}: {} per attachment.",
+                    fmt_signed_ns((l - w) / hi as f64)
+                );
             }
         }
     }
     if let (Some(&lo), Some(&hi)) = (rx.first(), rx.last()) {
         let _ = writeln!(s);
-        for (series, op) in [("library", "revoke"), ("library", "restore"), ("raw", "revoke"), ("raw", "restore")] {
-            if let (Some(a), Some(b)) = (r.median("revoke", series, op, lo), r.median("revoke", series, op, hi)) {
+        for (series, op) in [
+            ("library", "revoke"),
+            ("library", "restore"),
+            ("raw", "revoke"),
+            ("raw", "restore"),
+        ] {
+            if let (Some(a), Some(b)) = (
+                r.median("revoke", series, op, lo),
+                r.median("revoke", series, op, hi),
+            ) {
                 let per = (b - a) / (hi - lo) as f64;
-                let _ = writeln!(s, "- {series} {op}: {} per extra mapping (from N={lo} to N={hi}).", fmt_ns(per));
+                let _ = writeln!(
+                    s,
+                    "- {series} {op}: {} per extra mapping (from N={lo} to N={hi}).",
+                    fmt_ns(per)
+                );
             }
         }
     }
@@ -717,7 +892,10 @@ pub fn page(r: &Results) -> String {
          `/proc/vmstat` (`nr_iommu_pages`, the IOMMU page tables) before the exports and after \
          the mappings; the growth is given per buffer. Small N are dominated by slab noise.\n"
     );
-    let _ = writeln!(s, "![time per buffer against the number of buffers](bench/scale.svg)\n");
+    let _ = writeln!(
+        s,
+        "![time per buffer against the number of buffers](bench/scale.svg)\n"
+    );
     let _ = writeln!(
         s,
         "| N | library export | library map | library teardown | raw export | raw map | raw teardown | Slab / buffer (B) | SUnreclaim / buffer (B) | IOMMU page tables / buffer (B) |\n|---|---|---|---|---|---|---|---|---|---|"
@@ -737,7 +915,11 @@ pub fn page(r: &Results) -> String {
             cell(r.get("scale", "raw", "iommu_pt", x)),
         );
     }
-    let mut caches: Vec<&Record> = r.records.iter().filter(|x| x.group == "slabinfo" && x.series != "total").collect();
+    let mut caches: Vec<&Record> = r
+        .records
+        .iter()
+        .filter(|x| x.group == "slabinfo" && x.series != "total")
+        .collect();
     if !caches.is_empty() {
         caches.sort_by(|a, b| b.median.unwrap_or(0.0).total_cmp(&a.median.unwrap_or(0.0)));
         let n = caches[0].x;
@@ -772,23 +954,65 @@ pub fn page(r: &Results) -> String {
 
 /// The steps of the `profile` part, described.
 const PROFILE_STEPS: [(&str, &str); 17] = [
-    ("getppid", "the cheapest syscall: what entering the kernel costs"),
+    (
+        "getppid",
+        "the cheapest syscall: what entering the kernel costs",
+    ),
     ("clock_pair", "two clock reads (the timer's own cost)"),
-    ("export_ioctl", "raw `VFIO_DEVICE_FEATURE(DMA_BUF)` plus `close`"),
-    ("pread_export_ioctl", "the same after a raw `PCI_COMMAND` read: what the library's export does"),
-    ("lib_export_bar", "`VfioPciDevice::export_bar` plus dropping the export"),
-    ("lib_plan_export", "`bar()` (cached) and `plan_export`: the checks before the ioctl"),
-    ("region_info_ioctl", "`VFIO_DEVICE_GET_REGION_INFO` (what `bar()` asked on every export before the cache)"),
-    ("stat_sysfs_dir", "`stat` of the device's sysfs directory (ditto)"),
+    (
+        "export_ioctl",
+        "raw `VFIO_DEVICE_FEATURE(DMA_BUF)` plus `close`",
+    ),
+    (
+        "pread_export_ioctl",
+        "the same after a raw `PCI_COMMAND` read: what the library's export does",
+    ),
+    (
+        "lib_export_bar",
+        "`VfioPciDevice::export_bar` plus dropping the export",
+    ),
+    (
+        "lib_plan_export",
+        "`bar()` (cached) and `plan_export`: the checks before the ioctl",
+    ),
+    (
+        "region_info_ioctl",
+        "`VFIO_DEVICE_GET_REGION_INFO` (what `bar()` asked on every export before the cache)",
+    ),
+    (
+        "stat_sysfs_dir",
+        "`stat` of the device's sysfs directory (ditto)",
+    ),
     ("read_sysfs_resource", "reading sysfs `resource` (ditto)"),
-    ("config_pread", "raw `pread` of `PCI_COMMAND` through the config region"),
-    ("lib_bar", "`VfioPciDevice::bar` now (cached after the first call)"),
-    ("lib_memory_decode", "`VfioPciDevice::memory_decode` (the config read `export_bar` makes)"),
-    ("fstatfs", "`is_dmabuf` (what `map_dmabuf` asked before the fix)"),
+    (
+        "config_pread",
+        "raw `pread` of `PCI_COMMAND` through the config region",
+    ),
+    (
+        "lib_bar",
+        "`VfioPciDevice::bar` now (cached after the first call)",
+    ),
+    (
+        "lib_memory_decode",
+        "`VfioPciDevice::memory_decode` (the config read `export_bar` makes)",
+    ),
+    (
+        "fstatfs",
+        "`is_dmabuf` (what `map_dmabuf` asked before the fix)",
+    ),
     ("lseek_end", "`DmaBuf::size` (`lseek(SEEK_END)`)"),
-    ("dup_and_close", "`fcntl(F_DUPFD_CLOEXEC)` and `close`: the fd a mapping keeps"),
-    ("unmap_after_raw_map", "`IOMMU_IOAS_UNMAP` alone, after a raw map"),
-    ("unmap_after_library_map", "the same ioctl through `IoasMapping::unmap`, after `map_dmabuf`"),
+    (
+        "dup_and_close",
+        "`fcntl(F_DUPFD_CLOEXEC)` and `close`: the fd a mapping keeps",
+    ),
+    (
+        "unmap_after_raw_map",
+        "`IOMMU_IOAS_UNMAP` alone, after a raw map",
+    ),
+    (
+        "unmap_after_library_map",
+        "the same ioctl through `IoasMapping::unmap`, after `map_dmabuf`",
+    ),
 ];
 
 fn median_of(v: &[f64]) -> Option<f64> {
@@ -961,8 +1185,21 @@ const COLORS: [RGBColor; 6] = [
     RGBColor(0x8c, 0x56, 0x4b),
 ];
 
-fn curve(r: &Results, group: &str, series: &str, op: &str, name: &str, color: usize, dashed: bool) -> Curve {
-    Curve { name: name.to_owned(), color: COLORS[color % COLORS.len()], dashed, points: r.points(group, series, op) }
+fn curve(
+    r: &Results,
+    group: &str,
+    series: &str,
+    op: &str,
+    name: &str,
+    color: usize,
+    dashed: bool,
+) -> Curve {
+    Curve {
+        name: name.to_owned(),
+        color: COLORS[color % COLORS.len()],
+        dashed,
+        points: r.points(group, series, op),
+    }
 }
 
 type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
@@ -984,7 +1221,8 @@ fn fmt_log2_count(v: f64) -> String {
 
 fn log2_tick(v: f64) -> Option<u32> {
     let r = v.round();
-    ((v - r).abs() < 1e-6 && (0.0..63.0).contains(&r) && (r as u32).is_multiple_of(2)).then_some(r as u32)
+    ((v - r).abs() < 1e-6 && (0.0..63.0).contains(&r) && (r as u32).is_multiple_of(2))
+        .then_some(r as u32)
 }
 
 /// A y tick of a time axis whose values are nanoseconds.
@@ -1020,7 +1258,12 @@ fn chart(
             name: c.name.clone(),
             color: c.color,
             dashed: c.dashed,
-            points: c.points.iter().filter(|p| p.0 > 0.0).map(|p| (p.0.log2(), p.1, p.2, p.3)).collect(),
+            points: c
+                .points
+                .iter()
+                .filter(|p| p.0 > 0.0)
+                .map(|p| (p.0.log2(), p.1, p.2, p.3))
+                .collect(),
         })
         .collect();
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
@@ -1036,15 +1279,38 @@ fn chart(
     }
     if x0 > x1 {
         // Nothing measured: an empty frame with the title.
-        area.titled(&format!("{title} (no data)"), ("sans-serif", 18)).map_err(plot_err)?;
+        area.titled(&format!("{title} (no data)"), ("sans-serif", 18))
+            .map_err(plot_err)?;
         return Ok(());
     }
     let xr = (x0 - 0.5)..(x1 + 0.5);
     if y_log {
-        chart_in(area, title, x_label, x_fmt, y_label, y_fmt, xr, (y0 / 1.5..y1 * 1.5).log_scale(), &curves, hline)
+        chart_in(
+            area,
+            title,
+            x_label,
+            x_fmt,
+            y_label,
+            y_fmt,
+            xr,
+            (y0 / 1.5..y1 * 1.5).log_scale(),
+            &curves,
+            hline,
+        )
     } else {
         let pad = ((y1 - y0) * 0.08).max(0.01);
-        chart_in(area, title, x_label, x_fmt, y_label, y_fmt, xr, (y0 - pad)..(y1 + pad), &curves, hline)
+        chart_in(
+            area,
+            title,
+            x_label,
+            x_fmt,
+            y_label,
+            y_fmt,
+            xr,
+            (y0 - pad)..(y1 + pad),
+            &curves,
+            hline,
+        )
     }
 }
 
@@ -1087,32 +1353,52 @@ where
         .map_err(plot_err)?;
     if let Some(h) = hline {
         let (xa, xb) = (ch.x_range().start, ch.x_range().end);
-        ch.draw_series(DashedLineSeries::new(vec![(xa, h), (xb, h)], 6, 4, BLACK.mix(0.5).stroke_width(1)))
-            .map_err(plot_err)?
-            .label(format!("{h}"))
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.5)));
+        ch.draw_series(DashedLineSeries::new(
+            vec![(xa, h), (xb, h)],
+            6,
+            4,
+            BLACK.mix(0.5).stroke_width(1),
+        ))
+        .map_err(plot_err)?
+        .label(format!("{h}"))
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.5)));
     }
     for c in curves.iter().filter(|c| !c.points.is_empty()) {
         let color = c.color;
         let style = color.stroke_width(2);
         let line: Vec<(f64, f64)> = c.points.iter().map(|p| (p.0, p.1)).collect();
         let anno = if c.dashed {
-            ch.draw_series(DashedLineSeries::new(line, 8, 5, style)).map_err(plot_err)?
+            ch.draw_series(DashedLineSeries::new(line, 8, 5, style))
+                .map_err(plot_err)?
         } else {
-            ch.draw_series(LineSeries::new(line, style)).map_err(plot_err)?
+            ch.draw_series(LineSeries::new(line, style))
+                .map_err(plot_err)?
         };
         let dashed = c.dashed;
         anno.label(c.name.as_str()).legend(move |(x, y)| {
             // A dashed series gets a dashed sample: two short strokes.
             let style = color.stroke_width(2);
-            let (a, b) = if dashed { ((x, x + 8), (x + 12, x + 20)) } else { ((x, x + 10), (x + 10, x + 20)) };
+            let (a, b) = if dashed {
+                ((x, x + 8), (x + 12, x + 20))
+            } else {
+                ((x, x + 10), (x + 10, x + 20))
+            };
             EmptyElement::at((0, 0))
                 + PathElement::new(vec![(a.0, y), (a.1, y)], style)
                 + PathElement::new(vec![(b.0, y), (b.1, y)], style)
         });
-        ch.draw_series(c.points.iter().map(|p| ErrorBar::new_vertical(p.0, p.2, p.1, p.3, color.stroke_width(1), 6)))
-            .map_err(plot_err)?;
-        ch.draw_series(c.points.iter().map(|p| Circle::new((p.0, p.1), 3, color.filled()))).map_err(plot_err)?;
+        ch.draw_series(
+            c.points
+                .iter()
+                .map(|p| ErrorBar::new_vertical(p.0, p.2, p.1, p.3, color.stroke_width(1), 6)),
+        )
+        .map_err(plot_err)?;
+        ch.draw_series(
+            c.points
+                .iter()
+                .map(|p| Circle::new((p.0, p.1), 3, color.filled())),
+        )
+        .map_err(plot_err)?;
     }
     ch.configure_series_labels()
         .position(SeriesLabelPosition::UpperLeft)
@@ -1137,7 +1423,13 @@ fn axis_number(v: f64) -> String {
 }
 
 fn trim(v: f64) -> String {
-    let s = if v.abs() >= 100.0 { format!("{v:.0}") } else if v.abs() >= 1.0 { format!("{v:.2}") } else { format!("{v:.3}") };
+    let s = if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    };
     if s.contains('.') {
         s.trim_end_matches('0').trim_end_matches('.').to_owned()
     } else {
@@ -1162,7 +1454,17 @@ fn plot_sweep(r: &Results, path: &Path) -> Result<()> {
                 curve(r, "sweep", series, op, name, i, false)
             })
             .collect();
-        chart(area, &format!("{op} time against size (log-log)"), "size", fmt_log2_size, &format!("{op} time"), fmt_time_axis, true, &curves, None)?;
+        chart(
+            area,
+            &format!("{op} time against size (log-log)"),
+            "size",
+            fmt_log2_size,
+            &format!("{op} time"),
+            fmt_time_axis,
+            true,
+            &curves,
+            None,
+        )?;
     }
     root.present().map_err(plot_err)
 }
@@ -1175,10 +1477,28 @@ fn plot_overhead(r: &Results, path: &Path) -> Result<()> {
         .enumerate()
         .map(|(i, op)| curve(r, "overhead", "ratio", op, op, i, *op == "total"))
         .collect();
-    let mut control = curve(r, "overhead", "ratio_control", "total", "control: raw / raw (total)", 0, true);
+    let mut control = curve(
+        r,
+        "overhead",
+        "ratio_control",
+        "total",
+        "control: raw / raw (total)",
+        0,
+        true,
+    );
     control.color = RGBColor(0x80, 0x80, 0x80);
     curves.push(control);
-    chart(&root, "library / raw ioctl time per operation (median of batches)", "size", fmt_log2_size, "ratio", axis_number, false, &curves, Some(1.05))?;
+    chart(
+        &root,
+        "library / raw ioctl time per operation (median of batches)",
+        "size",
+        fmt_log2_size,
+        "ratio",
+        axis_number,
+        false,
+        &curves,
+        Some(1.05),
+    )?;
     root.present().map_err(plot_err)
 }
 
@@ -1187,12 +1507,38 @@ fn plot_revoke(r: &Results, path: &Path) -> Result<()> {
     root.fill(&WHITE).map_err(plot_err)?;
     let curves = vec![
         curve(r, "revoke", "library", "revoke", "library revoke", 0, false),
-        curve(r, "revoke", "library", "restore", "library restore", 1, false),
+        curve(
+            r,
+            "revoke",
+            "library",
+            "restore",
+            "library restore",
+            1,
+            false,
+        ),
         curve(r, "revoke", "raw", "revoke", "raw revoke", 0, true),
         curve(r, "revoke", "raw", "restore", "raw restore", 1, true),
-        curve(r, "revoke", "raw", "restore_write", "config write alone (restore)", 2, true),
+        curve(
+            r,
+            "revoke",
+            "raw",
+            "restore_write",
+            "config write alone (restore)",
+            2,
+            true,
+        ),
     ];
-    chart(&root, "revoke and restore against mappings attached (log-log)", "mappings", fmt_log2_count, "time", fmt_time_axis, true, &curves, None)?;
+    chart(
+        &root,
+        "revoke and restore against mappings attached (log-log)",
+        "mappings",
+        fmt_log2_count,
+        "time",
+        fmt_time_axis,
+        true,
+        &curves,
+        None,
+    )?;
     root.present().map_err(plot_err)
 }
 
@@ -1202,12 +1548,30 @@ fn plot_scale(r: &Results, path: &Path) -> Result<()> {
     let curves = vec![
         curve(r, "scale", "library", "export", "library export", 0, false),
         curve(r, "scale", "library", "map", "library map", 1, false),
-        curve(r, "scale", "library", "teardown", "library teardown", 2, false),
+        curve(
+            r,
+            "scale",
+            "library",
+            "teardown",
+            "library teardown",
+            2,
+            false,
+        ),
         curve(r, "scale", "raw", "export", "raw export", 0, true),
         curve(r, "scale", "raw", "map", "raw map", 1, true),
         curve(r, "scale", "raw", "teardown", "raw teardown", 2, true),
     ];
-    chart(&root, "time per buffer against buffers exported and mapped", "buffers (N)", fmt_log2_count, "time per buffer", fmt_time_axis, true, &curves, None)?;
+    chart(
+        &root,
+        "time per buffer against buffers exported and mapped",
+        "buffers (N)",
+        fmt_log2_count,
+        "time per buffer",
+        fmt_time_axis,
+        true,
+        &curves,
+        None,
+    )?;
     root.present().map_err(plot_err)
 }
 
@@ -1233,7 +1597,10 @@ mod tests {
 
     fn sample() -> Results {
         let mut records = Vec::new();
-        for (i, x) in [65536u64, 1 << 20, 16 << 20, 1 << 30].into_iter().enumerate() {
+        for (i, x) in [65536u64, 1 << 20, 16 << 20, 1 << 30]
+            .into_iter()
+            .enumerate()
+        {
             let f = (1u64 << (4 * i)) as f64;
             records.push(rec("sweep", "dmabuf", "map", x, "ns", 2e4));
             records.push(rec("sweep", "dmabuf", "unmap", x, "ns", 1e4));
@@ -1272,15 +1639,19 @@ mod tests {
         let j = r#"{"group":"sweep","series":"dmabuf","op":"map","x":65536,"unit":"ns","median":1.5,"min":1.0,"max":2.0,"n":3}"#;
         let r: Record = serde_json::from_str(j).unwrap();
         assert_eq!((r.x, r.median, r.n), (65536, Some(1.5), 3));
-        let m: Record = serde_json::from_str(r#"{"group":"meta","key":"kernel","value":"7.2.13"}"#).unwrap();
+        let m: Record =
+            serde_json::from_str(r#"{"group":"meta","key":"kernel","value":"7.2.13"}"#).unwrap();
         assert_eq!((m.key.as_str(), m.value.as_str()), ("kernel", "7.2.13"));
     }
 
     #[test]
     fn slopes() {
-        let lin: Vec<(f64, f64, f64, f64)> = (0..5).map(|i| (2f64.powi(i), 3.0 * 2f64.powi(i), 0.0, 0.0)).collect();
+        let lin: Vec<(f64, f64, f64, f64)> = (0..5)
+            .map(|i| (2f64.powi(i), 3.0 * 2f64.powi(i), 0.0, 0.0))
+            .collect();
         assert!((loglog_slope(&lin, 4).unwrap() - 1.0).abs() < 1e-9);
-        let flat: Vec<(f64, f64, f64, f64)> = (0..5).map(|i| (2f64.powi(i), 7.0, 0.0, 0.0)).collect();
+        let flat: Vec<(f64, f64, f64, f64)> =
+            (0..5).map(|i| (2f64.powi(i), 7.0, 0.0, 0.0)).collect();
         assert!(loglog_slope(&flat, 4).unwrap().abs() < 1e-9);
         assert!(loglog_slope(&flat[..1], 4).is_none());
     }
@@ -1305,7 +1676,12 @@ mod tests {
         assert!(p.contains("within 5%"));
         let dir = std::env::temp_dir().join(format!("bench-docs-{}", std::process::id()));
         write_docs(&r, &dir).unwrap();
-        for f in ["map-vs-size.svg", "overhead.svg", "revocation.svg", "scale.svg"] {
+        for f in [
+            "map-vs-size.svg",
+            "overhead.svg",
+            "revocation.svg",
+            "scale.svg",
+        ] {
             let svg = fs::read_to_string(dir.join(PLOTS).join(f)).unwrap();
             assert!(svg.starts_with("<svg") && svg.contains("</svg>"), "{f}");
         }

@@ -9,7 +9,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::{cache_dir, run_checked, Error, Result};
+use crate::{Error, Result, cache_dir, run_checked};
 
 /// The suite the 7.2 packages come from.
 pub const NEWER_SUITE: &str = "sid";
@@ -93,12 +93,18 @@ impl PrivateApt {
         if let Some(found) = find_deb(dest, name)? {
             return Ok(found);
         }
-        fs::create_dir_all(dest).map_err(|e| Error::io(format!("creating {}", dest.display()), e))?;
+        fs::create_dir_all(dest)
+            .map_err(|e| Error::io(format!("creating {}", dest.display()), e))?;
         self.update()?;
         let mut cmd = self.apt_get();
         cmd.arg("download").arg(package).current_dir(dest);
         run_checked(&mut cmd, &format!("apt-get download {package}"))?;
-        find_deb(dest, name)?.ok_or_else(|| Error::Setup(format!("apt-get download {package} left no .deb in {}", dest.display())))
+        find_deb(dest, name)?.ok_or_else(|| {
+            Error::Setup(format!(
+                "apt-get download {package} left no .deb in {}",
+                dest.display()
+            ))
+        })
     }
 }
 
@@ -164,12 +170,18 @@ mod tests {
     #[test]
     fn reused_debs_match_the_requested_version() {
         assert_eq!(deb_file_prefix("linux-source-7.2"), "linux-source-7.2");
-        assert_eq!(deb_file_prefix("linux-source-7.2=7.2.13-1"), "linux-source-7.2_7.2.13-1");
+        assert_eq!(
+            deb_file_prefix("linux-source-7.2=7.2.13-1"),
+            "linux-source-7.2_7.2.13-1"
+        );
         assert_eq!(deb_file_prefix("p=1:2.0-1"), "p_1%3a2.0-1");
         let dir = std::env::temp_dir().join(format!("debian-test-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         fs::write(dir.join("linux-source-7.2_7.2.12-1_all.deb"), b"").unwrap();
-        assert_eq!(find_deb(&dir, &deb_file_prefix("linux-source-7.2=7.2.13-1")).unwrap(), None);
+        assert_eq!(
+            find_deb(&dir, &deb_file_prefix("linux-source-7.2=7.2.13-1")).unwrap(),
+            None
+        );
         fs::write(dir.join("linux-source-7.2_7.2.13-1_all.deb"), b"").unwrap();
         let found = find_deb(&dir, &deb_file_prefix("linux-source-7.2=7.2.13-1")).unwrap();
         assert_eq!(found, Some(dir.join("linux-source-7.2_7.2.13-1_all.deb")));

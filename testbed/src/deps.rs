@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::{run_checked, Result};
+use crate::{Result, run_checked};
 
 /// A program the test bed runs and the Debian package that provides it.
 #[derive(Debug, Clone, Copy)]
@@ -17,23 +17,42 @@ pub struct Tool {
 
 /// Tools for booting the VM.
 pub const VM_TOOLS: &[Tool] = &[
-    Tool { path: "/usr/bin/qemu-system-x86_64", package: "qemu-system-x86" },
-    Tool { path: "/bin/busybox", package: "busybox-static" },
+    Tool {
+        path: "/usr/bin/qemu-system-x86_64",
+        package: "qemu-system-x86",
+    },
+    Tool {
+        path: "/bin/busybox",
+        package: "busybox-static",
+    },
 ];
 
 /// Tools for regenerating (or checking) the uAPI bindings with bindgen.
-pub const BINDGEN_TOOLS: &[Tool] = &[Tool { path: "/usr/lib/llvm-14/lib/libclang.so", package: "libclang-dev" }];
+pub const BINDGEN_TOOLS: &[Tool] = &[Tool {
+    path: "/usr/lib/llvm-14/lib/libclang.so",
+    package: "libclang-dev",
+}];
 
 /// Installs the packages of the `tools` that are missing (one `apt-get update`
 /// first, only if something is missing).
 pub fn ensure(tools: &[Tool]) -> Result<()> {
-    let missing: Vec<&Tool> = tools.iter().filter(|t| !Path::new(t.path).exists()).collect();
+    let missing: Vec<&Tool> = tools
+        .iter()
+        .filter(|t| !Path::new(t.path).exists())
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
     let pkgs: Vec<&str> = missing.iter().map(|t| t.package).collect();
-    eprintln!("testbed: installing {} (missing: {})", pkgs.join(" "), missing.iter().map(|t| t.path).collect::<Vec<_>>().join(" "));
-    run_checked(Command::new("apt-get").args(["-q", "update"]), "apt-get update")?;
+    eprintln!(
+        "testbed: installing {} (missing: {})",
+        pkgs.join(" "),
+        missing.iter().map(|t| t.path).collect::<Vec<_>>().join(" ")
+    );
+    run_checked(
+        Command::new("apt-get").args(["-q", "update"]),
+        "apt-get update",
+    )?;
     run_checked(
         Command::new("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])

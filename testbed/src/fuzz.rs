@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::{run_captured, run_checked, workspace_root, Error, Result};
+use crate::{Error, Result, run_captured, run_checked, workspace_root};
 
 /// Seconds each target runs in the smoke run, unless
 /// `DMABUF_P2P_FUZZ_SECONDS` says otherwise.
@@ -32,18 +32,34 @@ fn cargo() -> Command {
 /// Installs cargo-fuzz from crates.io (`cargo install cargo-fuzz --locked`)
 /// unless `cargo fuzz` already works.
 pub fn ensure_cargo_fuzz() -> Result<()> {
-    let works = cargo().args(["fuzz", "--version"]).output().map(|o| o.status.success()).unwrap_or(false);
+    let works = cargo()
+        .args(["fuzz", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     if works {
         return Ok(());
     }
     eprintln!("testbed: installing cargo-fuzz (cargo install cargo-fuzz --locked)");
-    run_checked(Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).args(["install", "cargo-fuzz", "--locked"]), "cargo install cargo-fuzz")
+    run_checked(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).args([
+            "install",
+            "cargo-fuzz",
+            "--locked",
+        ]),
+        "cargo install cargo-fuzz",
+    )
 }
 
 /// The fuzz targets (`cargo fuzz list`).
 pub fn targets() -> Result<Vec<String>> {
     let out = run_captured(cargo().args(["fuzz", "list"]), "cargo fuzz list")?;
-    let list: Vec<String> = out.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect();
+    let list: Vec<String> = out
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect();
     if list.is_empty() {
         return Err(Error::Setup("cargo fuzz list names no target".into()));
     }
@@ -57,7 +73,10 @@ const BUILD_FLAGS: [&str; 4] = ["--release", "--debug-assertions", "--sanitizer"
 
 /// Builds every target.
 pub fn build() -> Result<()> {
-    run_checked(cargo().args(["fuzz", "build"]).args(BUILD_FLAGS), "cargo fuzz build")
+    run_checked(
+        cargo().args(["fuzz", "build"]).args(BUILD_FLAGS),
+        "cargo fuzz build",
+    )
 }
 
 /// Fuzzes `target` for `seconds`, starting from its seeds
@@ -65,14 +84,24 @@ pub fn build() -> Result<()> {
 /// `corpus`. A crash is written to `fuzz/artifacts/<target>/`, and the run
 /// fails.
 pub fn run(target: &str, seconds: u64, corpus: &std::path::Path) -> Result<()> {
-    std::fs::create_dir_all(corpus).map_err(|e| Error::io(format!("creating {}", corpus.display()), e))?;
+    std::fs::create_dir_all(corpus)
+        .map_err(|e| Error::io(format!("creating {}", corpus.display()), e))?;
     let mut cmd = cargo();
-    cmd.args(["fuzz", "run"]).args(BUILD_FLAGS).arg(target).arg(corpus);
+    cmd.args(["fuzz", "run"])
+        .args(BUILD_FLAGS)
+        .arg(target)
+        .arg(corpus);
     let seeds = fuzz_dir().join("seeds").join(target);
     if seeds.is_dir() {
         cmd.arg(seeds);
     }
-    cmd.args(["--", &format!("-max_total_time={seconds}"), "-timeout=10", "-rss_limit_mb=2048", "-print_final_stats=1"]);
+    cmd.args([
+        "--",
+        &format!("-max_total_time={seconds}"),
+        "-timeout=10",
+        "-rss_limit_mb=2048",
+        "-print_final_stats=1",
+    ]);
     run_checked(&mut cmd, &format!("cargo fuzz run {target}"))
 }
 
@@ -83,7 +112,10 @@ pub fn run(target: &str, seconds: u64, corpus: &std::path::Path) -> Result<()> {
 /// Returns whether every target ran clean.
 pub fn smoke() -> Result<bool> {
     let started = Instant::now();
-    let seconds = std::env::var("DMABUF_P2P_FUZZ_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(SMOKE_SECONDS);
+    let seconds = std::env::var("DMABUF_P2P_FUZZ_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(SMOKE_SECONDS);
     ensure_cargo_fuzz()?;
     let targets = targets()?;
     eprintln!("testbed: fuzz: building {} targets", targets.len());
@@ -97,7 +129,9 @@ pub fn smoke() -> Result<bool> {
             match run(t, seconds, &corpus) {
                 Ok(()) => println!("test fuzz::{t} ... ok"),
                 Err(e) => {
-                    println!("test fuzz::{t} ... FAILED ({e}; the crashing input is in fuzz/artifacts/{t}/)");
+                    println!(
+                        "test fuzz::{t} ... FAILED ({e}; the crashing input is in fuzz/artifacts/{t}/)"
+                    );
                     ok = false;
                 }
             }
@@ -133,7 +167,10 @@ pub fn xtask(args: &[String]) -> Result<bool> {
     ensure_cargo_fuzz()?;
     let all = targets()?;
     if let Some(bad) = named.iter().find(|n| !all.contains(n)) {
-        return Err(Error::Setup(format!("no fuzz target {bad:?}; the targets are {}", all.join(", "))));
+        return Err(Error::Setup(format!(
+            "no fuzz target {bad:?}; the targets are {}",
+            all.join(", ")
+        )));
     }
     let chosen = if named.is_empty() { all } else { named };
     build()?;
@@ -145,7 +182,9 @@ pub fn xtask(args: &[String]) -> Result<bool> {
         match result {
             Ok(()) => println!("test fuzz::{t} ... ok ({took:?})"),
             Err(e) => {
-                println!("test fuzz::{t} ... FAILED ({e}; the crashing input is in fuzz/artifacts/{t}/)");
+                println!(
+                    "test fuzz::{t} ... FAILED ({e}; the crashing input is in fuzz/artifacts/{t}/)"
+                );
                 ok = false;
             }
         }

@@ -10,7 +10,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::{run_captured, Error, Result};
+use crate::{Error, Result, run_captured};
 
 const S_IFDIR: u32 = 0o040000;
 const S_IFREG: u32 = 0o100000;
@@ -56,20 +56,28 @@ impl Initramfs {
     /// Adds a regular file with the given permission bits.
     pub fn file(&mut self, path: &str, mode: u32, data: impl Into<Vec<u8>>) -> &mut Self {
         self.add_parents(path);
-        self.nodes.insert(path.to_owned(), Node::File { mode: mode & 0o7777, data: data.into() });
+        self.nodes.insert(
+            path.to_owned(),
+            Node::File {
+                mode: mode & 0o7777,
+                data: data.into(),
+            },
+        );
         self
     }
 
     /// Adds a symbolic link at `path` pointing to `target`.
     pub fn symlink(&mut self, path: &str, target: &str) -> &mut Self {
         self.add_parents(path);
-        self.nodes.insert(path.to_owned(), Node::Symlink(target.to_owned()));
+        self.nodes
+            .insert(path.to_owned(), Node::Symlink(target.to_owned()));
         self
     }
 
     /// Copies a host file into the archive at `guest_path`.
     pub fn host_file(&mut self, guest_path: &str, host: &Path, mode: u32) -> Result<&mut Self> {
-        let data = fs::read(host).map_err(|e| Error::io(format!("reading {}", host.display()), e))?;
+        let data =
+            fs::read(host).map_err(|e| Error::io(format!("reading {}", host.display()), e))?;
         Ok(self.file(guest_path, mode, data))
     }
 
@@ -80,7 +88,8 @@ impl Initramfs {
         for lib in shared_libraries(host)? {
             let guest = lib.to_string_lossy().into_owned();
             if !self.nodes.contains_key(&guest) {
-                let real = fs::canonicalize(&lib).map_err(|e| Error::io(format!("resolving {}", lib.display()), e))?;
+                let real = fs::canonicalize(&lib)
+                    .map_err(|e| Error::io(format!("resolving {}", lib.display()), e))?;
                 self.host_file(&guest, &real, 0o755)?;
             }
         }
@@ -106,8 +115,10 @@ impl Initramfs {
 
     /// Writes the archive to `path`.
     pub fn write_to(&self, path: &Path) -> Result<()> {
-        let mut f = fs::File::create(path).map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
-        f.write_all(&self.to_bytes()).map_err(|e| Error::io(format!("writing {}", path.display()), e))
+        let mut f = fs::File::create(path)
+            .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+        f.write_all(&self.to_bytes())
+            .map_err(|e| Error::io(format!("writing {}", path.display()), e))
     }
 }
 
@@ -119,7 +130,21 @@ fn pad4(out: &mut Vec<u8>) {
 
 fn write_entry(out: &mut Vec<u8>, name: &str, ino: u32, mode: u32, nlink: u32, data: &[u8]) {
     let namesize = name.len() + 1;
-    let fields = [ino, mode, 0, 0, nlink, 0, data.len() as u32, 0, 0, 0, 0, namesize as u32, 0];
+    let fields = [
+        ino,
+        mode,
+        0,
+        0,
+        nlink,
+        0,
+        data.len() as u32,
+        0,
+        0,
+        0,
+        0,
+        namesize as u32,
+        0,
+    ];
     out.extend_from_slice(b"070701");
     for f in fields {
         out.extend_from_slice(format!("{f:08x}").as_bytes());
@@ -183,7 +208,8 @@ mod tests {
     #[test]
     fn archive_has_parents_headers_and_trailer() {
         let mut a = Initramfs::new();
-        a.file("/etc/x/y", 0o644, b"abc".to_vec()).symlink("/bin/sh", "busybox");
+        a.file("/etc/x/y", 0o644, b"abc".to_vec())
+            .symlink("/bin/sh", "busybox");
         let bytes = a.to_bytes();
         let text = String::from_utf8_lossy(&bytes);
         assert!(bytes.starts_with(b"070701"));

@@ -17,8 +17,8 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::debian::{extract_deb, PrivateApt};
-use crate::{cache_dir, Error, Result};
+use crate::debian::{PrivateApt, extract_deb};
+use crate::{Error, Result, cache_dir};
 
 /// Environment variable naming a prebuilt bzImage; when set, nothing is built.
 pub const KERNEL_ENV: &str = "DMABUF_P2P_KERNEL";
@@ -411,7 +411,7 @@ fn parse_fragment(text: &str) -> Result<Vec<(String, String)>, String> {
                 return Err(format!(
                     "line {}: `{line}` is not a CONFIG_X=value or `# CONFIG_X is not set` line",
                     n + 1
-                ))
+                ));
             }
         }
     }
@@ -966,9 +966,11 @@ mod tests {
         let good = dir.join("bzImage");
         fs::write(&good, image_with(b"HdrS")).unwrap();
         assert_eq!(check_bzimage(&good), Ok(()));
-        assert!(check_bzimage(Path::new("/dev/null"))
-            .unwrap_err()
-            .contains("not a regular file"));
+        assert!(
+            check_bzimage(Path::new("/dev/null"))
+                .unwrap_err()
+                .contains("not a regular file")
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -1023,9 +1025,11 @@ mod tests {
         .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
         .collect();
         assert_eq!(parsed, want);
-        assert!(parse_fragment("CONFIG_A y\n")
-            .unwrap_err()
-            .contains("line 1"));
+        assert!(
+            parse_fragment("CONFIG_A y\n")
+                .unwrap_err()
+                .contains("line 1")
+        );
         assert!(parse_fragment("FOO=y\n").is_err());
         assert!(parse_fragment(FRAGMENT).is_ok());
     }
@@ -1111,10 +1115,11 @@ mod tests {
             "{msg}"
         );
         assert_eq!(p.tick(t0 + Duration::from_secs(29)), None);
-        assert!(p
-            .tick(t0 + Duration::from_secs(31))
-            .unwrap()
-            .contains("31s elapsed"));
+        assert!(
+            p.tick(t0 + Duration::from_secs(31))
+                .unwrap()
+                .contains("31s elapsed")
+        );
         assert_eq!(fmt_duration(Duration::from_secs(754)), "12m34s");
     }
 }

@@ -69,7 +69,10 @@ pub enum Error {
 impl Error {
     /// An [`Error::Io`] with a description of what was being done.
     pub fn io(what: impl Into<String>, source: io::Error) -> Self {
-        Self::Io { what: what.into(), source }
+        Self::Io {
+            what: what.into(),
+            source,
+        }
     }
 }
 
@@ -88,24 +91,33 @@ pub fn cache_dir() -> Result<PathBuf> {
     } else {
         PathBuf::from("/tmp/dmabuf-p2p-cache")
     };
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     Ok(dir)
 }
 
 /// Runs `cmd` with inherited stdio and fails unless it exits 0.
 pub fn run_checked(cmd: &mut Command, what: &str) -> Result<()> {
-    let status = cmd.status().map_err(|e| Error::io(format!("starting {what}"), e))?;
+    let status = cmd
+        .status()
+        .map_err(|e| Error::io(format!("starting {what}"), e))?;
     if status.success() {
         Ok(())
     } else {
-        Err(Error::Command { what: what.to_owned(), status: status.to_string(), tail: String::new() })
+        Err(Error::Command {
+            what: what.to_owned(),
+            status: status.to_string(),
+            tail: String::new(),
+        })
     }
 }
 
 /// Runs `cmd`, capturing its output, and fails unless it exits 0. The error
 /// carries the last lines of stderr.
 pub fn run_captured(cmd: &mut Command, what: &str) -> Result<String> {
-    let out = cmd.output().map_err(|e| Error::io(format!("starting {what}"), e))?;
+    let out = cmd
+        .output()
+        .map_err(|e| Error::io(format!("starting {what}"), e))?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
@@ -115,7 +127,11 @@ pub fn run_captured(cmd: &mut Command, what: &str) -> Result<String> {
         Err(Error::Command {
             what: what.to_owned(),
             status: out.status.to_string(),
-            tail: if tail.is_empty() { String::new() } else { format!(":\n{}", tail.join("\n")) },
+            tail: if tail.is_empty() {
+                String::new()
+            } else {
+                format!(":\n{}", tail.join("\n"))
+            },
         })
     }
 }

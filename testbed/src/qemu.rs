@@ -135,13 +135,26 @@ fn kvm_hlt_probe() -> bool {
             return false;
         }
         let size = 0x10000usize;
-        let mem = libc::mmap(std::ptr::null_mut(), size, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
+        let mem = libc::mmap(
+            std::ptr::null_mut(),
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
         if mem == libc::MAP_FAILED {
             return false;
         }
         // The reset vector is 0xfffffff0: offset 0xfff0 of a 64 KiB slot at 0xffff0000.
         *(mem as *mut u8).add(0xfff0) = 0xf4;
-        let region = Region { slot: 0, flags: 0, guest_phys_addr: 0xffff_0000, memory_size: size as u64, userspace_addr: mem as u64 };
+        let region = Region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0xffff_0000,
+            memory_size: size as u64,
+            userspace_addr: mem as u64,
+        };
         if libc::ioctl(vm, KVM_SET_USER_MEMORY_REGION, &region) != 0 {
             return false;
         }
@@ -150,7 +163,14 @@ fn kvm_hlt_probe() -> bool {
         if vcpu < 0 || run_size <= 0 {
             return false;
         }
-        let run = libc::mmap(std::ptr::null_mut(), run_size as usize, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, vcpu, 0);
+        let run = libc::mmap(
+            std::ptr::null_mut(),
+            run_size as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            vcpu,
+            0,
+        );
         if run == libc::MAP_FAILED || libc::ioctl(vcpu, KVM_RUN, 0) != 0 {
             return false;
         }
@@ -199,10 +219,19 @@ impl VmConfig {
     /// 4..9, edu1..edu5 on buses 10..14.
     pub fn standard(kernel: PathBuf, initrd: PathBuf, run_dir: PathBuf) -> Self {
         let mut ivshmem = vec![
-            Ivshmem { id: "shm0".into(), size: 1 << 20 },
-            Ivshmem { id: "shm1".into(), size: 64 << 20 },
+            Ivshmem {
+                id: "shm0".into(),
+                size: 1 << 20,
+            },
+            Ivshmem {
+                id: "shm1".into(),
+                size: 64 << 20,
+            },
         ];
-        ivshmem.extend((2..8).map(|i| Ivshmem { id: format!("shm{i}"), size: SMALL_SHM_SIZE }));
+        ivshmem.extend((2..8).map(|i| Ivshmem {
+            id: format!("shm{i}"),
+            size: SMALL_SHM_SIZE,
+        }));
         Self {
             kernel,
             initrd,
@@ -286,21 +315,33 @@ impl VmConfig {
             // The report port is a socket so the host can also answer the guest;
             // wait=on holds the VM until the host has connected.
             "-chardev".to_owned(),
-            format!("socket,id=report,path={},server=on,wait=on", self.report_socket().display()),
+            format!(
+                "socket,id=report,path={},server=on,wait=on",
+                self.report_socket().display()
+            ),
             "-serial".to_owned(),
             "chardev:report".to_owned(),
             "-qmp".to_owned(),
             format!("unix:{},server=on,wait=off", self.qmp_socket().display()),
             // The IOMMU must come before the devices it translates for.
             "-device".to_owned(),
-            if self.accel == Accel::Kvm { "intel-iommu,intremap=on".to_owned() } else { "intel-iommu".to_owned() },
+            if self.accel == Accel::Kvm {
+                "intel-iommu,intremap=on".to_owned()
+            } else {
+                "intel-iommu".to_owned()
+            },
         ];
         a.append(&mut a2);
         let mut port = 0u32;
         let mut root_port = |a: &mut Vec<String>| -> String {
             let id = format!("rp{port}");
             a.push("-device".into());
-            a.push(format!("pcie-root-port,id={id},bus=pcie.0,chassis={},slot={},addr={:#x}", port + 1, port + 1, 0x10 + port));
+            a.push(format!(
+                "pcie-root-port,id={id},bus=pcie.0,chassis={},slot={},addr={:#x}",
+                port + 1,
+                port + 1,
+                0x10 + port
+            ));
             port += 1;
             id
         };
@@ -319,12 +360,17 @@ impl VmConfig {
                 shm.size
             ));
             a.push("-device".into());
-            a.push(format!("ivshmem-plain,id={},memdev=mem-{},bus={rp}", shm.id, shm.id));
+            a.push(format!(
+                "ivshmem-plain,id={},memdev=mem-{},bus={rp}",
+                shm.id, shm.id
+            ));
         }
         for i in 1..=self.extra_edu {
             let rp = root_port(&mut a);
             a.push("-device".into());
-            a.push(format!("edu,id=edu{i},bus={rp},dma_mask=0xffffffffffffffff"));
+            a.push(format!(
+                "edu,id=edu{i},bus={rp},dma_mask=0xffffffffffffffff"
+            ));
         }
         a.push("-kernel".into());
         a.push(self.kernel.display().to_string());
@@ -358,19 +404,35 @@ impl Vm {
         for shm in &config.ivshmem {
             let path = config.backing_file(&shm.id);
             // A fresh, zeroed (sparse) file each boot.
-            let f = fs::File::create(&path).map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
-            f.set_len(shm.size).map_err(|e| Error::io(format!("sizing {}", path.display()), e))?;
+            let f = fs::File::create(&path)
+                .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+            f.set_len(shm.size)
+                .map_err(|e| Error::io(format!("sizing {}", path.display()), e))?;
         }
-        for p in [config.console_log(), config.report_log(), config.qmp_socket(), config.report_socket()] {
+        for p in [
+            config.console_log(),
+            config.report_log(),
+            config.qmp_socket(),
+            config.report_socket(),
+        ] {
             let _ = fs::remove_file(p);
         }
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(config.args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(fs::File::create(config.run_dir.join("qemu.stderr")).map_err(|e| Error::io("creating qemu.stderr", e))?);
-        let child = cmd.spawn().map_err(|e| Error::io("starting qemu-system-x86_64", e))?;
-        Ok(Self { child, config, started: Instant::now() })
+            .stderr(
+                fs::File::create(config.run_dir.join("qemu.stderr"))
+                    .map_err(|e| Error::io("creating qemu.stderr", e))?,
+            );
+        let child = cmd
+            .spawn()
+            .map_err(|e| Error::io("starting qemu-system-x86_64", e))?;
+        Ok(Self {
+            child,
+            config,
+            started: Instant::now(),
+        })
     }
 
     /// The configuration the VM was started with.
@@ -385,7 +447,9 @@ impl Vm {
 
     /// Returns the exit status if QEMU has exited.
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
-        self.child.try_wait().map_err(|e| Error::io("waiting for qemu", e))
+        self.child
+            .try_wait()
+            .map_err(|e| Error::io("waiting for qemu", e))
     }
 
     /// Kills QEMU (if still running) and reaps it.
@@ -409,9 +473,20 @@ impl Drop for Vm {
 /// Reads the bytes `[offset, offset + len)` of a file.
 pub fn read_range(path: &Path, offset: u64, len: u64) -> Result<Vec<u8>> {
     use std::io::{Read, Seek, SeekFrom};
-    let mut f = fs::File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-    f.seek(SeekFrom::Start(offset)).map_err(|e| Error::io(format!("seeking {}", path.display()), e))?;
-    let mut buf = vec![0u8; usize::try_from(len).map_err(|_| Error::Setup(format!("range too large: {len}")))?];
-    f.read_exact(&mut buf).map_err(|e| Error::io(format!("reading {} at {offset:#x}+{len:#x}", path.display()), e))?;
+    let mut f =
+        fs::File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    f.seek(SeekFrom::Start(offset))
+        .map_err(|e| Error::io(format!("seeking {}", path.display()), e))?;
+    let mut buf = vec![
+        0u8;
+        usize::try_from(len)
+            .map_err(|_| Error::Setup(format!("range too large: {len}")))?
+    ];
+    f.read_exact(&mut buf).map_err(|e| {
+        Error::io(
+            format!("reading {} at {offset:#x}+{len:#x}", path.display()),
+            e,
+        )
+    })?;
     Ok(buf)
 }

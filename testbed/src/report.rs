@@ -85,7 +85,11 @@ pub fn parse_line(line: &str) -> Line {
                 None => Line::BadDirective(line.to_owned()),
             },
             Some("bench") => {
-                let json = rest.trim_start().strip_prefix("bench").unwrap_or_default().trim();
+                let json = rest
+                    .trim_start()
+                    .strip_prefix("bench")
+                    .unwrap_or_default()
+                    .trim();
                 match serde_json::from_str::<serde_json::Value>(json) {
                     Ok(v) if v.is_object() => Line::Bench(json.to_owned()),
                     _ => Line::BadDirective(line.to_owned()),
@@ -101,7 +105,12 @@ pub fn parse_line(line: &str) -> Line {
                     .and_then(|h| u64::from_str_radix(h.trim_start_matches("0x"), 16).ok());
                 match (shm, offset, len, hash) {
                     (Some(shm), Some(offset), Some(len), Some(fnv1a64)) => {
-                        Line::HostCheck(HostCheck { shm, offset, len, fnv1a64 })
+                        Line::HostCheck(HostCheck {
+                            shm,
+                            offset,
+                            len,
+                            fnv1a64,
+                        })
                     }
                     _ => Line::BadDirective(line.to_owned()),
                 }
@@ -137,7 +146,15 @@ pub fn fnv1a64(data: &[u8]) -> u64 {
 
 /// Lines of the kernel console that fail a run: warnings, bugs, oopses, panics.
 pub fn kernel_problems(console: &str) -> Vec<String> {
-    const BAD: &[&str] = &["WARNING:", "BUG:", "Oops", "Kernel panic", "general protection fault", "UBSAN:", "KASAN:"];
+    const BAD: &[&str] = &[
+        "WARNING:",
+        "BUG:",
+        "Oops",
+        "Kernel panic",
+        "general protection fault",
+        "UBSAN:",
+        "KASAN:",
+    ];
     console
         .lines()
         .filter(|l| BAD.iter().any(|b| l.contains(b)))
@@ -188,10 +205,22 @@ mod tests {
 
     #[test]
     fn libtest_lines() {
-        assert_eq!(parse_line("test smoke::iommu ... ok\r"), Line::Test("smoke::iommu".into(), Outcome::Ok));
-        assert_eq!(parse_line("test a::b ... FAILED"), Line::Test("a::b".into(), Outcome::Failed));
-        assert_eq!(parse_line("test a::b ... ignored, slow"), Line::Test("a::b".into(), Outcome::Ignored));
-        assert_eq!(parse_line("test result: ok. 3 passed; 0 failed"), Line::Text);
+        assert_eq!(
+            parse_line("test smoke::iommu ... ok\r"),
+            Line::Test("smoke::iommu".into(), Outcome::Ok)
+        );
+        assert_eq!(
+            parse_line("test a::b ... FAILED"),
+            Line::Test("a::b".into(), Outcome::Failed)
+        );
+        assert_eq!(
+            parse_line("test a::b ... ignored, slow"),
+            Line::Test("a::b".into(), Outcome::Ignored)
+        );
+        assert_eq!(
+            parse_line("test result: ok. 3 passed; 0 failed"),
+            Line::Text
+        );
         assert_eq!(parse_line("running 3 tests"), Line::Text);
     }
 
@@ -201,20 +230,37 @@ mod tests {
         assert_eq!(parse_line("@@booted 1.23"), Line::Booted);
         assert_eq!(
             parse_line("@@host-check shm0 0x1000 4096 fnv1a64=00ff"),
-            Line::HostCheck(HostCheck { shm: "shm0".into(), offset: 0x1000, len: 4096, fnv1a64: 0xff })
+            Line::HostCheck(HostCheck {
+                shm: "shm0".into(),
+                offset: 0x1000,
+                len: 4096,
+                fnv1a64: 0xff
+            })
         );
         assert!(matches!(parse_line("@@exit x"), Line::BadDirective(_)));
-        assert!(matches!(parse_line("@@host-check shm0 1"), Line::BadDirective(_)));
+        assert!(matches!(
+            parse_line("@@host-check shm0 1"),
+            Line::BadDirective(_)
+        ));
         assert!(matches!(parse_line("@@nonsense"), Line::BadDirective(_)));
-        assert_eq!(parse_line("@@qmp {\"execute\":\"query-status\"}"), Line::Text);
+        assert_eq!(
+            parse_line("@@qmp {\"execute\":\"query-status\"}"),
+            Line::Text
+        );
     }
 
     #[test]
     fn bench_directives() {
         let j = r#"{"group":"sweep","x":65536,"median":1.5}"#;
-        assert_eq!(parse_line(&format!("@@bench {j}\r")), Line::Bench(j.to_owned()));
+        assert_eq!(
+            parse_line(&format!("@@bench {j}\r")),
+            Line::Bench(j.to_owned())
+        );
         assert!(matches!(parse_line("@@bench"), Line::BadDirective(_)));
-        assert!(matches!(parse_line("@@bench {not json"), Line::BadDirective(_)));
+        assert!(matches!(
+            parse_line("@@bench {not json"),
+            Line::BadDirective(_)
+        ));
         assert!(matches!(parse_line("@@bench [1,2]"), Line::BadDirective(_)));
         let mut r = Report::default();
         r.add(&format!("@@bench {j}"));

@@ -9,10 +9,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::initramfs::Initramfs;
-use crate::qemu::{read_range, Accel, Vm, VmConfig};
+use crate::qemu::{Accel, Vm, VmConfig, read_range};
 use crate::qmp::Qmp;
-use crate::report::{fnv1a64, kernel_problems, Outcome, Report};
-use crate::{kernel, run_captured, workspace_root, Error, Result};
+use crate::report::{Outcome, Report, fnv1a64, kernel_problems};
+use crate::{Error, Result, kernel, run_captured, workspace_root};
 
 /// The guest's init, packed as `/init`.
 pub const INIT: &str = include_str!("../guest/init.sh");
@@ -48,7 +48,9 @@ fn cargo() -> Command {
 fn executables(json: &str, kind: &str) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for line in json.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
         if v["reason"] != "compiler-artifact" {
             continue;
         }
@@ -67,7 +69,14 @@ fn executables(json: &str, kind: &str) -> Vec<PathBuf> {
 pub fn build_guest_binaries(with_tests: bool) -> Result<GuestBinaries> {
     eprintln!("testbed: building the guest binaries");
     let mut cmd = cargo();
-    cmd.args(["build", "--package", "dmabuf-p2p", "--bin", "dmabuf-p2p", "--message-format=json-render-diagnostics"]);
+    cmd.args([
+        "build",
+        "--package",
+        "dmabuf-p2p",
+        "--bin",
+        "dmabuf-p2p",
+        "--message-format=json-render-diagnostics",
+    ]);
     let out = run_captured(&mut cmd, "cargo build (dmabuf-p2p CLI)")?;
     let cli = executables(&out, "bin")
         .into_iter()
@@ -75,13 +84,23 @@ pub fn build_guest_binaries(with_tests: bool) -> Result<GuestBinaries> {
         .ok_or_else(|| Error::Setup("cargo build reported no dmabuf-p2p executable".into()))?;
     let vm_tests = if with_tests {
         let mut cmd = cargo();
-        cmd.args(["test", "--package", "dmabuf-p2p-vm-tests", "--test", "vm", "--no-run", "--message-format=json-render-diagnostics"]);
+        cmd.args([
+            "test",
+            "--package",
+            "dmabuf-p2p-vm-tests",
+            "--test",
+            "vm",
+            "--no-run",
+            "--message-format=json-render-diagnostics",
+        ]);
         let out = run_captured(&mut cmd, "cargo test --no-run (vm-tests)")?;
         Some(
             executables(&out, "test")
                 .into_iter()
                 .next()
-                .ok_or_else(|| Error::Setup("cargo test --no-run reported no vm-tests executable".into()))?,
+                .ok_or_else(|| {
+                    Error::Setup("cargo test --no-run reported no vm-tests executable".into())
+                })?,
         )
     } else {
         None
@@ -109,8 +128,17 @@ impl RunSpec {
     /// A run of `job` named `name` with the default timeout
     /// (`DMABUF_P2P_VM_TIMEOUT` seconds, else 900).
     pub fn new(name: &str, job: String, expect_tests: bool) -> Self {
-        let secs = std::env::var("DMABUF_P2P_VM_TIMEOUT").ok().and_then(|s| s.parse().ok()).unwrap_or(900);
-        Self { name: name.to_owned(), job, expect_tests, timeout: Duration::from_secs(secs), stream: true }
+        let secs = std::env::var("DMABUF_P2P_VM_TIMEOUT")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(900);
+        Self {
+            name: name.to_owned(),
+            job,
+            expect_tests,
+            timeout: Duration::from_secs(secs),
+            stream: true,
+        }
     }
 }
 
@@ -149,8 +177,16 @@ pub fn pack_initramfs(spec: &RunSpec, bins: &GuestBinaries, dest: &Path) -> Resu
     fs_.host_binary("/bin/busybox", Path::new("/bin/busybox"))?;
     fs_.file("/init", 0o755, INIT.as_bytes().to_vec());
     fs_.file("/etc/testbed/job.sh", 0o755, spec.job.as_bytes().to_vec());
-    fs_.file("/etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n".to_vec());
-    fs_.file("/etc/group", 0o644, b"root:x:0:\nnogroup:x:65534:\n".to_vec());
+    fs_.file(
+        "/etc/passwd",
+        0o644,
+        b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n".to_vec(),
+    );
+    fs_.file(
+        "/etc/group",
+        0o644,
+        b"root:x:0:\nnogroup:x:65534:\n".to_vec(),
+    );
     for d in ["/proc", "/sys", "/dev", "/tmp", "/root", "/run"] {
         fs_.dir(d);
     }
@@ -163,7 +199,11 @@ pub fn pack_initramfs(spec: &RunSpec, bins: &GuestBinaries, dest: &Path) -> Resu
 
 /// Boots the VM for `spec`, streams the report and judges the run. A VM that
 /// cannot be started is an `Err`; a run that fails is a [`Verdict`] with failures.
-pub fn run(spec: &RunSpec, bins: &GuestBinaries, tweak: impl FnOnce(&mut VmConfig)) -> Result<Verdict> {
+pub fn run(
+    spec: &RunSpec,
+    bins: &GuestBinaries,
+    tweak: impl FnOnce(&mut VmConfig),
+) -> Result<Verdict> {
     let kernel = kernel::resolve()?;
     // DMABUF_P2P_RUN_TAG keeps concurrent runs (e.g. two developers' suites)
     // out of each other's run directories.
@@ -172,7 +212,8 @@ pub fn run(spec: &RunSpec, bins: &GuestBinaries, tweak: impl FnOnce(&mut VmConfi
         _ => spec.name.clone(),
     };
     let run_dir = workspace_root().join("target/testbed").join(dir_name);
-    fs::create_dir_all(&run_dir).map_err(|e| Error::io(format!("creating {}", run_dir.display()), e))?;
+    fs::create_dir_all(&run_dir)
+        .map_err(|e| Error::io(format!("creating {}", run_dir.display()), e))?;
     let initrd = run_dir.join("initramfs.cpio");
     pack_initramfs(spec, bins, &initrd)?;
     let mut config = VmConfig::standard(kernel, initrd, run_dir.clone());
@@ -223,7 +264,8 @@ pub fn run(spec: &RunSpec, bins: &GuestBinaries, tweak: impl FnOnce(&mut VmConfi
         failures.push("the guest never reached userspace (boot failure)".into());
     }
     match report.exit {
-        None => failures.push("the guest job did not finish (no exit status: timeout, panic or crash)".into()),
+        None => failures
+            .push("the guest job did not finish (no exit status: timeout, panic or crash)".into()),
         Some(0) => {}
         Some(n) => failures.push(format!("the guest job exited with status {n}")),
     }
@@ -237,7 +279,9 @@ pub fn run(spec: &RunSpec, bins: &GuestBinaries, tweak: impl FnOnce(&mut VmConfi
         for (name, o) in &report.tests {
             match o {
                 Outcome::Failed => failures.push(format!("test failed: {name}")),
-                Outcome::Ignored => failures.push(format!("test ignored (the VM suite must run everything): {name}")),
+                Outcome::Ignored => failures.push(format!(
+                    "test ignored (the VM suite must run everything): {name}"
+                )),
                 Outcome::Ok => {}
             }
         }
@@ -245,27 +289,46 @@ pub fn run(spec: &RunSpec, bins: &GuestBinaries, tweak: impl FnOnce(&mut VmConfi
     let mut host_checks = Vec::new();
     for c in &report.host_checks {
         let path = config.backing_file(&c.shm);
-        let res = read_range(&path, c.offset, c.len).map_err(|e| e.to_string()).and_then(|bytes| {
-            let got = fnv1a64(&bytes);
-            if got == c.fnv1a64 {
-                Ok(())
-            } else {
-                Err(format!("backing file hash {got:016x}, guest expected {:016x}", c.fnv1a64))
-            }
-        });
+        let res = read_range(&path, c.offset, c.len)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| {
+                let got = fnv1a64(&bytes);
+                if got == c.fnv1a64 {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "backing file hash {got:016x}, guest expected {:016x}",
+                        c.fnv1a64
+                    ))
+                }
+            });
         if let Err(e) = &res {
             failures.push(format!("host check {c}: {e}"));
         }
         host_checks.push((c.to_string(), res));
     }
     let iommu_blocked = stderr.contains("detected translation failure");
-    let dmar_faults = console.lines().filter(|l| l.contains("DMAR: [DMA ")).count();
+    let dmar_faults = console
+        .lines()
+        .filter(|l| l.contains("DMAR: [DMA "))
+        .count();
     // QEMU's own notice that it waits for the report socket is not news.
-    let stderr: Vec<&str> = stderr.lines().filter(|l| !l.contains("QEMU waiting for connection")).collect();
+    let stderr: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.contains("QEMU waiting for connection"))
+        .collect();
     if !failures.is_empty() && !stderr.is_empty() {
         failures.push(format!("qemu stderr: {}", stderr.join("\n")));
     }
-    Ok(Verdict { report, host_checks, failures, run_dir, elapsed, iommu_blocked, dmar_faults })
+    Ok(Verdict {
+        report,
+        host_checks,
+        failures,
+        run_dir,
+        elapsed,
+        iommu_blocked,
+        dmar_faults,
+    })
 }
 
 /// How long KVM may take to reach userspace before the run falls back to TCG
@@ -282,7 +345,12 @@ enum StreamError {
 
 /// Connects to the report socket, then reads lines until the guest exits,
 /// QEMU stops or the timeout passes. Answers `@@qmp` requests.
-fn stream(vm: &mut Vm, spec: &RunSpec, report: &mut Report, boot_deadline: Option<Duration>) -> Result<(), StreamError> {
+fn stream(
+    vm: &mut Vm,
+    spec: &RunSpec,
+    report: &mut Report,
+    boot_deadline: Option<Duration>,
+) -> Result<(), StreamError> {
     let sock_path = vm.config().report_socket();
     let deadline = Instant::now() + spec.timeout;
     let sock = loop {
@@ -290,18 +358,27 @@ fn stream(vm: &mut Vm, spec: &RunSpec, report: &mut Report, boot_deadline: Optio
             Ok(s) => break s,
             Err(e) => {
                 if let Ok(Some(st)) = vm.try_wait() {
-                    return Err(StreamError::Failed(format!("qemu exited before the VM started ({st}): {}", vm.stderr_text().trim())));
+                    return Err(StreamError::Failed(format!(
+                        "qemu exited before the VM started ({st}): {}",
+                        vm.stderr_text().trim()
+                    )));
                 }
                 if Instant::now() > deadline || vm.elapsed() > Duration::from_secs(30) {
-                    return Err(StreamError::Failed(format!("cannot connect to the report socket {}: {e}", sock_path.display())));
+                    return Err(StreamError::Failed(format!(
+                        "cannot connect to the report socket {}: {e}",
+                        sock_path.display()
+                    )));
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
     };
     let _ = sock.set_read_timeout(Some(Duration::from_millis(200)));
-    let mut writer = sock.try_clone().map_err(|e| StreamError::Failed(format!("cloning report socket: {e}")))?;
-    let mut log = fs::File::create(vm.config().report_log()).map_err(|e| StreamError::Failed(format!("creating report log: {e}")))?;
+    let mut writer = sock
+        .try_clone()
+        .map_err(|e| StreamError::Failed(format!("cloning report socket: {e}")))?;
+    let mut log = fs::File::create(vm.config().report_log())
+        .map_err(|e| StreamError::Failed(format!("creating report log: {e}")))?;
     let mut reader = BufReader::new(sock);
     let mut pending: Vec<u8> = Vec::new();
     let mut qmp: Option<Qmp> = None;
@@ -311,12 +388,22 @@ fn stream(vm: &mut Vm, spec: &RunSpec, report: &mut Report, boot_deadline: Optio
         match reader.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => pending.extend_from_slice(&buf[..n]),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-            Err(e) => return Err(StreamError::Failed(format!("reading the report socket: {e}"))),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => {
+                return Err(StreamError::Failed(format!(
+                    "reading the report socket: {e}"
+                )));
+            }
         }
         while let Some(pos) = pending.iter().position(|b| *b == b'\n') {
             let raw: Vec<u8> = pending.drain(..=pos).collect();
-            let mut line = String::from_utf8_lossy(&raw).trim_end_matches(['\r', '\n']).to_owned();
+            let mut line = String::from_utf8_lossy(&raw)
+                .trim_end_matches(['\r', '\n'])
+                .to_owned();
             // libtest prints "test NAME ... " before running a test and the
             // outcome after, so a directive the test writes lands mid-line:
             // take it out and glue the prefix to the outcome.
@@ -353,7 +440,9 @@ fn stream(vm: &mut Vm, spec: &RunSpec, report: &mut Report, boot_deadline: Optio
             if boot_deadline.is_some() && !report.booted {
                 return Err(StreamError::KvmUnusable);
             }
-            return Err(StreamError::Failed(format!("qemu exited ({st}) before the guest job finished")));
+            return Err(StreamError::Failed(format!(
+                "qemu exited ({st}) before the guest job finished"
+            )));
         }
         if let Some(b) = boot_deadline {
             if !report.booted && vm.elapsed() > b {
@@ -361,7 +450,10 @@ fn stream(vm: &mut Vm, spec: &RunSpec, report: &mut Report, boot_deadline: Optio
             }
         }
         if Instant::now() > deadline {
-            return Err(StreamError::Failed(format!("timeout: the VM ran longer than {} s", spec.timeout.as_secs())));
+            return Err(StreamError::Failed(format!(
+                "timeout: the VM ran longer than {} s",
+                spec.timeout.as_secs()
+            )));
         }
     }
     if report.exit.is_some() {
@@ -369,7 +461,9 @@ fn stream(vm: &mut Vm, spec: &RunSpec, report: &mut Report, boot_deadline: Optio
     } else if boot_deadline.is_some() && !report.booted {
         Err(StreamError::KvmUnusable)
     } else {
-        Err(StreamError::Failed("the report socket closed before the guest job finished".into()))
+        Err(StreamError::Failed(
+            "the report socket closed before the guest job finished".into(),
+        ))
     }
 }
 
@@ -385,7 +479,9 @@ fn answer_qmp(vm: &Vm, qmp: &mut Option<Qmp>, req: &str) -> String {
             Err(e) => return serde_json::json!({ "error": e.to_string() }).to_string(),
         }
     }
-    let Some(q) = qmp.as_mut() else { return "{\"error\":\"no QMP\"}".into() };
+    let Some(q) = qmp.as_mut() else {
+        return "{\"error\":\"no QMP\"}".into();
+    };
     let cmd = parsed["execute"].as_str().unwrap_or_default().to_owned();
     match q.execute(&cmd, parsed["arguments"].clone()) {
         Ok(v) => serde_json::json!({ "return": v }).to_string(),
@@ -411,9 +507,15 @@ pub fn print_verdict(label: &str, v: &Verdict) {
             Err(e) => println!("test host-check::{name} ... FAILED ({e})"),
         }
     }
-    let passed = v.report.count(Outcome::Ok) + v.host_checks.iter().filter(|(_, r)| r.is_ok()).count();
-    let failed = v.report.count(Outcome::Failed) + v.host_checks.iter().filter(|(_, r)| r.is_err()).count();
-    println!("{label}: VM run took {:.1} s (logs: {})", v.elapsed.as_secs_f64(), v.run_dir.display());
+    let passed =
+        v.report.count(Outcome::Ok) + v.host_checks.iter().filter(|(_, r)| r.is_ok()).count();
+    let failed =
+        v.report.count(Outcome::Failed) + v.host_checks.iter().filter(|(_, r)| r.is_err()).count();
+    println!(
+        "{label}: VM run took {:.1} s (logs: {})",
+        v.elapsed.as_secs_f64(),
+        v.run_dir.display()
+    );
     if v.iommu_blocked || v.dmar_faults > 0 {
         println!(
             "{label}: the emulated IOMMU blocked DMA to revoked or unmapped IOVAs (QEMU reported translation \
@@ -426,7 +528,10 @@ pub fn print_verdict(label: &str, v: &Verdict) {
         for f in &v.failures {
             println!("  - {f}");
         }
-        println!("{label}: kernel console log: {}", v.run_dir.join("console.log").display());
+        println!(
+            "{label}: kernel console log: {}",
+            v.run_dir.join("console.log").display()
+        );
     }
     if !v.report.tests.is_empty() || !v.host_checks.is_empty() {
         println!("{label}: {passed} passed, {failed} failed");

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::debian::{self, PrivateApt};
-use crate::{cache_dir, workspace_root, Error, Result};
+use crate::{Error, Result, cache_dir, workspace_root};
 
 /// The Debian package holding the uAPI headers.
 pub const LIBC_DEV_PACKAGE: &str = "linux-libc-dev";
@@ -152,7 +152,7 @@ pub fn run_bindings(check: bool) -> Result<()> {
             return Err(Error::io(
                 format!("reading {}", committed_path.display()),
                 e,
-            ))
+            ));
         }
     };
     let fresh = fs::read_to_string(&generated)
@@ -191,7 +191,10 @@ fn generate(root: &Path, include: &Path) -> Result<PathBuf> {
         ])
         .args(["--message-format", "json"])
         .env(INCLUDE_ENV, include)
-        .env(SOURCE_ENV, format!("Debian {LIBC_DEV_PACKAGE} {LIBC_DEV_VERSION}"))
+        .env(
+            SOURCE_ENV,
+            format!("Debian {LIBC_DEV_PACKAGE} {LIBC_DEV_VERSION}"),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     let out = cmd

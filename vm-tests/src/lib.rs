@@ -23,10 +23,14 @@ fn read_hex(path: &Path) -> Option<u64> {
 /// PCI addresses (`0000:01:00.0`) of all devices with this vendor:device, sorted.
 pub fn pci_devices(id: (u16, u16)) -> Vec<String> {
     let mut out = Vec::new();
-    let Ok(entries) = fs::read_dir("/sys/bus/pci/devices") else { return out };
+    let Ok(entries) = fs::read_dir("/sys/bus/pci/devices") else {
+        return out;
+    };
     for e in entries.flatten() {
         let p = e.path();
-        if read_hex(&p.join("vendor")) == Some(u64::from(id.0)) && read_hex(&p.join("device")) == Some(u64::from(id.1)) {
+        if read_hex(&p.join("vendor")) == Some(u64::from(id.0))
+            && read_hex(&p.join("device")) == Some(u64::from(id.1))
+        {
             out.push(e.file_name().to_string_lossy().into_owned());
         }
     }
@@ -43,14 +47,18 @@ pub fn driver_of(bdf: &str) -> Option<String> {
 /// `/dev/vfio/devices/vfioN` of a device bound to vfio-pci.
 pub fn vfio_cdev(bdf: &str) -> Option<PathBuf> {
     let dir = fs::read_dir(format!("/sys/bus/pci/devices/{bdf}/vfio-dev")).ok()?;
-    dir.flatten().map(|e| PathBuf::from("/dev/vfio/devices").join(e.file_name())).next()
+    dir.flatten()
+        .map(|e| PathBuf::from("/dev/vfio/devices").join(e.file_name()))
+        .next()
 }
 
 /// Size of BAR `bar` from sysfs `resource`.
 pub fn bar_size(bdf: &str, bar: usize) -> Option<u64> {
     let text = fs::read_to_string(format!("/sys/bus/pci/devices/{bdf}/resource")).ok()?;
     let line = text.lines().nth(bar)?;
-    let mut it = line.split_whitespace().map(|w| u64::from_str_radix(w.trim_start_matches("0x"), 16).ok());
+    let mut it = line
+        .split_whitespace()
+        .map(|w| u64::from_str_radix(w.trim_start_matches("0x"), 16).ok());
     let (start, end) = (it.next()??, it.next()??);
     if end == 0 {
         Some(0)
@@ -62,15 +70,20 @@ pub fn bar_size(bdf: &str, bar: usize) -> Option<u64> {
 /// The ivshmem devices with their BAR2 sizes, in PCI address order. The test
 /// bed gives them distinct sizes (1 MiB for `shm0`, 64 MiB for `shm1`).
 pub fn ivshmem_devices() -> Vec<(String, u64)> {
-    pci_devices(IVSHMEM_ID).into_iter().map(|b| {
-        let s = bar_size(&b, 2).unwrap_or(0);
-        (b, s)
-    }).collect()
+    pci_devices(IVSHMEM_ID)
+        .into_iter()
+        .map(|b| {
+            let s = bar_size(&b, 2).unwrap_or(0);
+            (b, s)
+        })
+        .collect()
 }
 
 /// The number of open fds of this process.
 pub fn open_fd_count() -> usize {
-    fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+    fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 /// FNV-1a 64, the hash the host uses for host checks.
@@ -86,7 +99,11 @@ pub fn fnv1a64(data: &[u8]) -> u64 {
 /// Asks the host to check, after the VM has stopped, that bytes
 /// `[offset, offset + data.len())` of ivshmem device `shm`'s backing file equal `data`.
 pub fn request_host_check(shm: &str, offset: u64, data: &[u8]) {
-    directive(&format!("@@host-check {shm} {offset:#x} {:#x} fnv1a64={:016x}", data.len(), fnv1a64(data)));
+    directive(&format!(
+        "@@host-check {shm} {offset:#x} {:#x} fnv1a64={:016x}",
+        data.len(),
+        fnv1a64(data)
+    ));
 }
 
 /// Writes a line for the host straight to stdout: libtest captures `println!`
@@ -104,7 +121,9 @@ pub fn directive(line: &str) {
 /// which the test bed connects to the same serial port as stdout.
 pub fn qmp(execute: &str, arguments: &str) -> String {
     use std::io::BufRead;
-    directive(&format!("@@qmp {{\"execute\":\"{execute}\",\"arguments\":{arguments}}}"));
+    directive(&format!(
+        "@@qmp {{\"execute\":\"{execute}\",\"arguments\":{arguments}}}"
+    ));
     let stdin = std::io::stdin();
     let mut line = String::new();
     loop {
@@ -140,7 +159,10 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 
 /// The PCI address of the test bed's edu engine.
 pub fn edu_address() -> String {
-    pci_devices(EDU_ID).into_iter().next().unwrap_or_else(|| panic!("no edu device (1234:11e8) in this VM"))
+    pci_devices(EDU_ID)
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| panic!("no edu device (1234:11e8) in this VM"))
 }
 
 /// The ivshmem device the test bed calls `name` (`"shm0"`: the 1 MiB BAR2,
@@ -189,7 +211,10 @@ impl Kmsg {
     pub fn open_at_end() -> std::io::Result<Self> {
         use std::io::{Seek, SeekFrom};
         use std::os::unix::fs::OpenOptionsExt;
-        let mut file = fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open("/dev/kmsg")?;
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open("/dev/kmsg")?;
         file.seek(SeekFrom::End(0))?;
         Ok(Self { file })
     }
@@ -208,7 +233,10 @@ impl Kmsg {
     /// The messages logged since the last call (or since opening), without
     /// the record headers.
     pub fn read_new(&mut self) -> Vec<String> {
-        self.read_records().into_iter().map(|(_, msg)| msg).collect()
+        self.read_records()
+            .into_iter()
+            .map(|(_, msg)| msg)
+            .collect()
     }
 
     /// Like [`read_new`](Self::read_new), with each record's timestamp in
@@ -225,7 +253,11 @@ impl Kmsg {
                     let text = String::from_utf8_lossy(&rec[..n]);
                     let first = text.lines().next().unwrap_or_default();
                     if let Some((head, msg)) = first.split_once(';') {
-                        let usec = head.split(',').nth(2).and_then(|u| u.parse().ok()).unwrap_or(0);
+                        let usec = head
+                            .split(',')
+                            .nth(2)
+                            .and_then(|u| u.parse().ok())
+                            .unwrap_or(0);
                         out.push((usec, msg.to_owned()));
                     }
                 }
@@ -265,7 +297,10 @@ impl Kmsg {
 /// the previous one is still pending).
 #[track_caller]
 pub fn check_write_faults(faults: &[String], engine: &str) -> usize {
-    let records: Vec<&String> = faults.iter().filter(|l| l.contains("Request device [")).collect();
+    let records: Vec<&String> = faults
+        .iter()
+        .filter(|l| l.contains("Request device ["))
+        .collect();
     for r in &records {
         assert!(
             r.contains(&format!("Request device [{engine}]")) && r.contains("DMA Write"),
@@ -287,12 +322,15 @@ pub fn bar_read(bar: &dmabuf_p2p::exporter::vfio::BarMapping, offset: u64, len: 
     let mut out = vec![0u8; len];
     let words = if offset & 7 == 0 { len / 8 } else { 0 };
     for (i, chunk) in out[..words * 8].chunks_exact_mut(8).enumerate() {
-        let v = bar.read_u64(offset + 8 * i as u64).unwrap_or_else(|e| panic!("BAR read: {e}"));
+        let v = bar
+            .read_u64(offset + 8 * i as u64)
+            .unwrap_or_else(|e| panic!("BAR read: {e}"));
         chunk.copy_from_slice(&v.to_le_bytes());
     }
     let done = words * 8;
     if done < len {
-        bar.read_bytes(offset + done as u64, &mut out[done..]).unwrap_or_else(|e| panic!("BAR read: {e}"));
+        bar.read_bytes(offset + done as u64, &mut out[done..])
+            .unwrap_or_else(|e| panic!("BAR read: {e}"));
     }
     out
 }
@@ -303,11 +341,13 @@ pub fn bar_write(bar: &dmabuf_p2p::exporter::vfio::BarMapping, offset: u64, data
     let words = if offset & 7 == 0 { data.len() / 8 } else { 0 };
     for (i, chunk) in data[..words * 8].chunks_exact(8).enumerate() {
         let v = u64::from_le_bytes(chunk.try_into().unwrap_or_default());
-        bar.write_u64(offset + 8 * i as u64, v).unwrap_or_else(|e| panic!("BAR write: {e}"));
+        bar.write_u64(offset + 8 * i as u64, v)
+            .unwrap_or_else(|e| panic!("BAR write: {e}"));
     }
     let done = words * 8;
     if done < data.len() {
-        bar.write_bytes(offset + done as u64, &data[done..]).unwrap_or_else(|e| panic!("BAR write: {e}"));
+        bar.write_bytes(offset + done as u64, &data[done..])
+            .unwrap_or_else(|e| panic!("BAR write: {e}"));
     }
 }
 
@@ -316,7 +356,11 @@ pub fn pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
     use std::os::fd::FromRawFd;
     let mut fds = [0; 2];
     // SAFETY: `fds` has room for the two fds pipe2 returns.
-    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0, "pipe2");
+    assert_eq!(
+        unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) },
+        0,
+        "pipe2"
+    );
     // SAFETY: pipe2 just returned this fd, owned by nobody else.
     let read_end = unsafe { std::os::fd::OwnedFd::from_raw_fd(fds[0]) };
     // SAFETY: as above.
@@ -357,7 +401,10 @@ impl AnonPages {
             )
         };
         assert_ne!(p, libc::MAP_FAILED, "mmap of {len} anonymous bytes");
-        Self { ptr: std::ptr::NonNull::new(p.cast()).expect("mmap returned null"), len }
+        Self {
+            ptr: std::ptr::NonNull::new(p.cast()).expect("mmap returned null"),
+            len,
+        }
     }
 
     /// The first byte.

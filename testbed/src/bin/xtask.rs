@@ -14,10 +14,9 @@ use std::process::{Command, ExitCode};
 use std::time::Instant;
 
 use testbed::suite::{self, GuestBinaries, RunSpec};
-use testbed::{deps, fuzz, kernel, uapi, workspace_root, Result};
+use testbed::{Result, deps, fuzz, kernel, uapi, workspace_root};
 
-const USAGE: &str =
-    "usage: cargo xtask <test | vm-test [FILTER..] [--fail-on-purpose] | vm-info | kernel [--force] | bindings [--check] | bench [--quick] [--only=PARTS] [--render FILE] | fuzz [TARGET..] [--seconds N]>";
+const USAGE: &str = "usage: cargo xtask <test | vm-test [FILTER..] [--fail-on-purpose] | vm-info | kernel [--force] | bindings [--check] | bench [--quick] [--only=PARTS] [--render FILE] | fuzz [TARGET..] [--seconds N]>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -76,7 +75,12 @@ fn shell_quote(s: &str) -> String {
 }
 
 /// Runs the VM suite; returns whether it passed.
-fn run_suite(bins: &GuestBinaries, filters: &[String], fail_on_purpose: bool, name: &str) -> Result<bool> {
+fn run_suite(
+    bins: &GuestBinaries,
+    filters: &[String],
+    fail_on_purpose: bool,
+    name: &str,
+) -> Result<bool> {
     let spec = RunSpec::new(name, tests_job(filters, fail_on_purpose), true);
     let verdict = suite::run(&spec, bins, |_| {})?;
     suite::print_verdict("vm-suite", &verdict);
@@ -86,7 +90,11 @@ fn run_suite(bins: &GuestBinaries, filters: &[String], fail_on_purpose: bool, na
 fn vm_test(args: &[String]) -> Result<bool> {
     deps::ensure(deps::VM_TOOLS)?;
     let fail = args.iter().any(|a| a == "--fail-on-purpose");
-    let filters: Vec<String> = args.iter().filter(|a| !a.starts_with("--")).cloned().collect();
+    let filters: Vec<String> = args
+        .iter()
+        .filter(|a| !a.starts_with("--"))
+        .cloned()
+        .collect();
     let bins = suite::build_guest_binaries(true)?;
     run_suite(&bins, &filters, fail, "vm-test")
 }
@@ -156,16 +164,29 @@ fn test_all() -> Result<bool> {
     eprintln!("testbed: self-check: a guest test that fails on purpose must fail the run");
     let spec = RunSpec {
         stream: false,
-        ..RunSpec::new("self-check", tests_job(&["testbed::fails_on_purpose".to_owned()], true), true)
+        ..RunSpec::new(
+            "self-check",
+            tests_job(&["testbed::fails_on_purpose".to_owned()], true),
+            true,
+        )
     };
     let v = suite::run(&spec, &bins, |_| {})?;
-    let self_ok = !v.passed() && v.failures.iter().any(|f| f.contains("testbed::fails_on_purpose"));
+    let self_ok = !v.passed()
+        && v.failures
+            .iter()
+            .any(|f| f.contains("testbed::fails_on_purpose"));
     if self_ok {
         println!("test testbed-self-check::failing_guest_test_fails_the_run ... ok");
     } else {
-        println!("test testbed-self-check::failing_guest_test_fails_the_run ... FAILED (failures: {:?})", v.failures);
+        println!(
+            "test testbed-self-check::failing_guest_test_fails_the_run ... FAILED (failures: {:?})",
+            v.failures
+        );
     }
 
-    println!("xtask test: finished in {:.1} s", start.elapsed().as_secs_f64());
+    println!(
+        "xtask test: finished in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
     Ok(fuzz_ok && bindings_ok && vm_ok && self_ok)
 }

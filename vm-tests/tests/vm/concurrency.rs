@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -30,7 +30,7 @@ use dmabuf_p2p::importer::iommufd::{Ioas, Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::revoke::{Attachment, BufferState, RestorePolicy};
 use dmabuf_p2p::{ByteRange, Error};
-use dmabuf_p2p_vm_tests::{directive, open_fd_count, pci_devices, EDU_ID};
+use dmabuf_p2p_vm_tests::{EDU_ID, directive, open_fd_count, pci_devices};
 
 use crate::load::{kmsg, pattern, small_shms};
 
@@ -156,16 +156,33 @@ impl Shared {
             drop(dropped); // unmaps, outside the pool's lock
             return true;
         }
-        let Some(export) = self.random_export(rng) else { return false };
-        let policy = if rng.below(4) == 0 { RestorePolicy::LeaveRevoked } else { RestorePolicy::Automatic };
-        match Attachment::map(&export.export, &self.ioas, IovaPlacement::Auto, MapPerms::ReadWrite, policy) {
+        let Some(export) = self.random_export(rng) else {
+            return false;
+        };
+        let policy = if rng.below(4) == 0 {
+            RestorePolicy::LeaveRevoked
+        } else {
+            RestorePolicy::Automatic
+        };
+        match Attachment::map(
+            &export.export,
+            &self.ioas,
+            IovaPlacement::Auto,
+            MapPerms::ReadWrite,
+            policy,
+        ) {
             Ok(att) => {
                 self.stats.maps.fetch_add(1, Ordering::Relaxed);
-                self.attachments.lock().unwrap().push(Arc::new(Att { export, att }));
+                self.attachments
+                    .lock()
+                    .unwrap()
+                    .push(Arc::new(Att { export, att }));
             }
             // The exporter is revoked right now (decode off on another thread).
             Err(Error::Revoked { .. }) => {
-                self.stats.maps_refused_revoked.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .maps_refused_revoked
+                    .fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => self.fail(format!("map of an export of device {}: {e}", export.dev)),
         }
@@ -198,13 +215,23 @@ impl Shared {
     /// Looks at a random attachment from another thread; restores a manual
     /// one that is revoked. Returns whether there was anything to look at.
     fn check(&self, rng: &mut Rng) -> bool {
-        let Some(a) = self.random_attachment(rng) else { return false };
+        let Some(a) = self.random_attachment(rng) else {
+            return false;
+        };
         self.stats.checks.fetch_add(1, Ordering::Relaxed);
         let (revocations, restores) = a.att.counts();
         if restores > revocations {
-            self.fail(format!("attachment at {:#x}: {restores} restores after {revocations} revocations", a.att.iova()));
+            self.fail(format!(
+                "attachment at {:#x}: {restores} restores after {revocations} revocations",
+                a.att.iova()
+            ));
         }
-        let _ = (a.att.info().clone(), a.att.ensure_live(), a.att.revoked_reason(), a.att.hub().state());
+        let _ = (
+            a.att.info().clone(),
+            a.att.ensure_live(),
+            a.att.revoked_reason(),
+            a.att.hub().state(),
+        );
         if a.att.is_revoked() && a.att.policy() == RestorePolicy::LeaveRevoked {
             match a.att.restore() {
                 Ok(()) => {
@@ -276,7 +303,10 @@ fn threads_share_exports_attachments_and_revocation() {
     let started = Instant::now();
     let baseline_fds = open_fd_count();
     let shms = small_shms();
-    assert!(shms.len() >= DEVICES, "the concurrency test needs {DEVICES} 64 KiB ivshmem devices: {shms:?}");
+    assert!(
+        shms.len() >= DEVICES,
+        "the concurrency test needs {DEVICES} 64 KiB ivshmem devices: {shms:?}"
+    );
     let iommufd = Iommufd::open().unwrap();
     let ioas = iommufd.alloc_ioas().unwrap();
     let ioas_id = ioas.id();
@@ -293,10 +323,18 @@ fn threads_share_exports_attachments_and_revocation() {
     // What one attachment adds to its buffer's fdinfo `count`, live and
     // revoked, measured alone before the threads start.
     let (delta_live, delta_revoked) = {
-        let export = devices[0].export_bar(2, &[ByteRange::new(0, PAGE)]).unwrap();
-        let alone = fd_count(&export);
-        let att = Attachment::map(&export, &ioas, IovaPlacement::Auto, MapPerms::ReadWrite, RestorePolicy::Automatic)
+        let export = devices[0]
+            .export_bar(2, &[ByteRange::new(0, PAGE)])
             .unwrap();
+        let alone = fd_count(&export);
+        let att = Attachment::map(
+            &export,
+            &ioas,
+            IovaPlacement::Auto,
+            MapPerms::ReadWrite,
+            RestorePolicy::Automatic,
+        )
+        .unwrap();
         let live = fd_count(&export) - alone;
         devices[0].set_memory_decode(false).unwrap();
         let revoked = fd_count(&export) - alone;
@@ -304,7 +342,11 @@ fn threads_share_exports_attachments_and_revocation() {
         assert!(!att.is_revoked());
         assert_eq!(fd_count(&export) - alone, live, "count after restore");
         drop(att);
-        assert_eq!(fd_count(&export), alone, "count after the attachment is dropped");
+        assert_eq!(
+            fd_count(&export),
+            alone,
+            "count after the attachment is dropped"
+        );
         (live, revoked)
     };
 
@@ -358,7 +400,10 @@ fn threads_share_exports_attachments_and_revocation() {
     let run_time = started.elapsed();
 
     let failures = shared.failures.lock().unwrap().clone();
-    assert!(failures.is_empty(), "operations failed during the run: {failures:#?}");
+    assert!(
+        failures.is_empty(),
+        "operations failed during the run: {failures:#?}"
+    );
     let st = &shared.stats;
     let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let ops: u64 = progress.iter().map(|p| p.load(Ordering::Relaxed)).sum();
@@ -379,29 +424,58 @@ fn threads_share_exports_attachments_and_revocation() {
     ));
     assert_eq!(ops, OPS * ROLES.len() as u64);
 
-    let Shared { devices, exports, attachments, ioas: shared_ioas, .. } = shared;
+    let Shared {
+        devices,
+        exports,
+        attachments,
+        ioas: shared_ioas,
+        ..
+    } = shared;
     drop(shared_ioas);
     let mut exports = exports.into_inner().unwrap();
     let attachments: Vec<Arc<Att>> = attachments.into_inner().unwrap();
 
     // Devices: decode on, hubs live, counting exactly the attachments alive.
     for (d, dev) in devices.iter().enumerate() {
-        assert!(dev.memory_decode().unwrap(), "device {d}: memory decode is left off");
-        assert_eq!(dev.hub().state(), BufferState::Live, "device {d}: its hub is not live with decode on");
+        assert!(
+            dev.memory_decode().unwrap(),
+            "device {d}: memory decode is left off"
+        );
+        assert_eq!(
+            dev.hub().state(),
+            BufferState::Live,
+            "device {d}: its hub is not live with decode on"
+        );
         let mine = attachments.iter().filter(|a| a.export.dev == d).count();
-        assert_eq!(dev.hub().attachment_count(), mine, "device {d}: the hub's attachment count");
+        assert_eq!(
+            dev.hub().attachment_count(),
+            mine,
+            "device {d}: the hub's attachment count"
+        );
     }
 
     // Attachments: an automatic one is live (the hub is); a manual one may be
     // revoked. Its mapping must be live exactly when it says so.
     let edu_addr = pci_devices(EDU_ID)[0].parse().unwrap();
     let mut edu = Edu::open(edu_addr, &ioas).unwrap();
-    assert_eq!(edu.completion(), Completion::Interrupt, "MSI set-up failed: {:?}", edu.polling_reason());
+    assert_eq!(
+        edu.completion(),
+        Completion::Interrupt,
+        "MSI set-up failed: {:?}",
+        edu.polling_reason()
+    );
     let data = pattern(0xc0, COPY as usize);
     let poison: Vec<u8> = data.iter().map(|b| !b).collect();
     let src = Memfd::new("concurrency-src", PAGE).unwrap();
     src.write_at(0, &data).unwrap();
-    let src_map = ioas.map_file(&src, ByteRange::new(0, PAGE), IovaPlacement::Auto, MapPerms::Read).unwrap();
+    let src_map = ioas
+        .map_file(
+            &src,
+            ByteRange::new(0, PAGE),
+            IovaPlacement::Auto,
+            MapPerms::Read,
+        )
+        .unwrap();
     edu.load(src_map.iova(), 0, COPY, DMA_TIMEOUT).unwrap();
     let bars: Vec<_> = devices.iter().map(|d| d.map_bar(2).unwrap()).collect();
     let (mut live, mut revoked) = (0, 0);
@@ -425,7 +499,12 @@ fn threads_share_exports_attachments_and_revocation() {
         bar.read_bytes(range.offset + at, &mut got).unwrap();
         if is_revoked {
             revoked += 1;
-            assert_eq!(got, poison, "attachment {k} ({:#x}) is revoked, yet a copy to it landed", a.att.iova());
+            assert_eq!(
+                got,
+                poison,
+                "attachment {k} ({:#x}) is revoked, yet a copy to it landed",
+                a.att.iova()
+            );
             a.att.restore().unwrap();
             assert!(!a.att.is_revoked());
             edu.store(0, a.att.iova() + at, COPY, DMA_TIMEOUT).unwrap();
@@ -433,20 +512,32 @@ fn threads_share_exports_attachments_and_revocation() {
         } else {
             live += 1;
         }
-        assert_eq!(got, data, "attachment {k} ({:#x}) is live, yet a copy to it did not land", a.att.iova());
+        assert_eq!(
+            got,
+            data,
+            "attachment {k} ({:#x}) is live, yet a copy to it did not land",
+            a.att.iova()
+        );
     }
 
     // fdinfo: each buffer's count is its own plus what its attachments add.
     // Every attachment is live now.
     let mut per_export: HashMap<*const Export, (Arc<Export>, u64)> = HashMap::new();
     for a in &attachments {
-        per_export.entry(Arc::as_ptr(&a.export)).or_insert_with(|| (Arc::clone(&a.export), 0)).1 += 1;
+        per_export
+            .entry(Arc::as_ptr(&a.export))
+            .or_insert_with(|| (Arc::clone(&a.export), 0))
+            .1 += 1;
     }
     for e in &exports {
-        per_export.entry(Arc::as_ptr(e)).or_insert_with(|| (Arc::clone(e), 0));
+        per_export
+            .entry(Arc::as_ptr(e))
+            .or_insert_with(|| (Arc::clone(e), 0));
     }
     let alone = {
-        let probe = devices[0].export_bar(2, &[ByteRange::new(0, PAGE)]).unwrap();
+        let probe = devices[0]
+            .export_bar(2, &[ByteRange::new(0, PAGE)])
+            .unwrap();
         fd_count(&probe)
     };
     for (export, n) in per_export.values() {
@@ -468,7 +559,11 @@ fn threads_share_exports_attachments_and_revocation() {
     drop(per_export);
     drop(attachments);
     for (d, dev) in devices.iter().enumerate() {
-        assert_eq!(dev.hub().attachment_count(), 0, "device {d}: attachments left after all were dropped");
+        assert_eq!(
+            dev.hub().attachment_count(),
+            0,
+            "device {d}: attachments left after all were dropped"
+        );
     }
     exports.clear();
     drop((src_map, src, bars, edu, devices));
@@ -479,5 +574,8 @@ fn threads_share_exports_attachments_and_revocation() {
     }
     drop(iommufd);
     assert_eq!(open_fd_count(), baseline_fds, "fds leaked");
-    kmsg(&format!("concurrency: done in {:.1} s", started.elapsed().as_secs_f64()));
+    kmsg(&format!(
+        "concurrency: done in {:.1} s",
+        started.elapsed().as_secs_f64()
+    ));
 }

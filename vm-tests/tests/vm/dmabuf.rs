@@ -8,13 +8,13 @@
 use std::fs::{self, OpenOptions};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
-use dmabuf_p2p::dmabuf::{Access, SyncFile, MAX_NAME_LEN};
+use dmabuf_p2p::dmabuf::{Access, MAX_NAME_LEN, SyncFile};
 use dmabuf_p2p::exporter::heap::DmaHeap;
 use dmabuf_p2p::exporter::udmabuf::Udmabuf;
 use dmabuf_p2p::importer::iommufd::Iommufd;
 use dmabuf_p2p::importer::mock::MockDmaBuf;
 use dmabuf_p2p::memfd::Memfd;
-use dmabuf_p2p::{is_dmabuf, sys, ByteRange, DmaBuf, Error, RangeProblem};
+use dmabuf_p2p::{ByteRange, DmaBuf, Error, RangeProblem, is_dmabuf, sys};
 use dmabuf_p2p_vm_tests::{ivshmem_devices, open_fd_count, vfio_cdev};
 
 const PAGE: u64 = 4096;
@@ -26,7 +26,10 @@ fn heap_buf(len: u64) -> DmaBuf {
 /// A udmabuf and the memfd behind it.
 fn udmabuf(len: u64) -> (Memfd, DmaBuf) {
     let memfd = Memfd::new("dmabuf-test", len).unwrap();
-    let buf = Udmabuf::open().unwrap().create(memfd.as_fd(), 0, len).unwrap();
+    let buf = Udmabuf::open()
+        .unwrap()
+        .create(memfd.as_fd(), 0, len)
+        .unwrap();
     (memfd, buf)
 }
 
@@ -50,9 +53,20 @@ struct DmaBufFeature {
 /// A VFIO dma-buf over the first page of the first ivshmem BAR2, with the
 /// device and iommufd fds that must stay open meanwhile.
 fn vfio_dmabuf() -> (fs::File, fs::File, OwnedFd) {
-    let (bdf, _) = ivshmem_devices().into_iter().next().expect("an ivshmem device");
-    let dev = OpenOptions::new().read(true).write(true).open(vfio_cdev(&bdf).expect("vfio cdev")).unwrap();
-    let iommufd = OpenOptions::new().read(true).write(true).open("/dev/iommu").unwrap();
+    let (bdf, _) = ivshmem_devices()
+        .into_iter()
+        .next()
+        .expect("an ivshmem device");
+    let dev = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(vfio_cdev(&bdf).expect("vfio cdev"))
+        .unwrap();
+    let iommufd = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/iommu")
+        .unwrap();
     let mut bind = sys::vfio_device_bind_iommufd {
         argsz: std::mem::size_of::<sys::vfio_device_bind_iommufd>() as u32,
         flags: 0,
@@ -61,8 +75,19 @@ fn vfio_dmabuf() -> (fs::File, fs::File, OwnedFd) {
         token_uuid_ptr: 0,
     };
     // SAFETY: BIND_IOMMUFD reads and writes back this struct (integers).
-    let r = unsafe { libc::ioctl(dev.as_raw_fd(), sys::VFIO_DEVICE_BIND_IOMMUFD as libc::Ioctl, &mut bind) };
-    assert_eq!(r, 0, "VFIO_DEVICE_BIND_IOMMUFD on {bdf}: {}", std::io::Error::last_os_error());
+    let r = unsafe {
+        libc::ioctl(
+            dev.as_raw_fd(),
+            sys::VFIO_DEVICE_BIND_IOMMUFD as libc::Ioctl,
+            &mut bind,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "VFIO_DEVICE_BIND_IOMMUFD on {bdf}: {}",
+        std::io::Error::last_os_error()
+    );
     let mut feat = DmaBufFeature {
         hdr_argsz: std::mem::size_of::<DmaBufFeature>() as u32,
         hdr_flags: sys::VFIO_DEVICE_FEATURE_GET | sys::VFIO_DEVICE_FEATURE_DMA_BUF,
@@ -73,12 +98,25 @@ fn vfio_dmabuf() -> (fs::File, fs::File, OwnedFd) {
             nr_ranges: 1,
             dma_ranges: Default::default(),
         },
-        range: sys::vfio_region_dma_range { offset: 0, length: PAGE },
+        range: sys::vfio_region_dma_range {
+            offset: 0,
+            length: PAGE,
+        },
     };
     // SAFETY: header, request and one range laid out as the uAPI says;
     // `argsz` covers them all and the kernel reads only them.
-    let fd = unsafe { libc::ioctl(dev.as_raw_fd(), sys::VFIO_DEVICE_FEATURE as libc::Ioctl, &mut feat) };
-    assert!(fd >= 0, "VFIO_DEVICE_FEATURE(DMA_BUF) on {bdf}: {}", std::io::Error::last_os_error());
+    let fd = unsafe {
+        libc::ioctl(
+            dev.as_raw_fd(),
+            sys::VFIO_DEVICE_FEATURE as libc::Ioctl,
+            &mut feat,
+        )
+    };
+    assert!(
+        fd >= 0,
+        "VFIO_DEVICE_FEATURE(DMA_BUF) on {bdf}: {}",
+        std::io::Error::last_os_error()
+    );
     // SAFETY: a new fd returned by the kernel, owned by nobody else.
     (dev, iommufd, unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -90,7 +128,11 @@ fn dmabuf_try_from_real_buffers_succeeds() {
         let (_memfd, u) = udmabuf(4 * PAGE);
         let h = heap_buf(4 * PAGE);
         let (_iommufd, m) = mock_dmabuf(4 * PAGE);
-        for (fd, exp) in [(OwnedFd::from(u), "udmabuf"), (OwnedFd::from(h), "system"), (m, "iommufd")] {
+        for (fd, exp) in [
+            (OwnedFd::from(u), "udmabuf"),
+            (OwnedFd::from(h), "system"),
+            (m, "iommufd"),
+        ] {
             assert!(is_dmabuf(fd.as_fd()).unwrap(), "{exp}");
             let raw = fd.as_raw_fd();
             let buf = DmaBuf::try_from(fd).unwrap();
@@ -101,7 +143,9 @@ fn dmabuf_try_from_real_buffers_succeeds() {
         // A memfd next to them is still refused.
         let memfd = Memfd::new("not-a-dmabuf", PAGE).unwrap();
         let raw = memfd.as_raw_fd();
-        let back = DmaBuf::try_from(OwnedFd::from(memfd)).unwrap_err().into_fd();
+        let back = DmaBuf::try_from(OwnedFd::from(memfd))
+            .unwrap_err()
+            .into_fd();
         assert_eq!(back.as_raw_fd(), raw);
     }
     assert_eq!(open_fd_count(), before, "fds leaked");
@@ -127,13 +171,30 @@ fn dmabuf_fdinfo_of_udmabuf_and_heap_buffers() {
         assert_ne!(twin.as_raw_fd(), buf.as_raw_fd());
         assert_eq!(twin.fdinfo().unwrap().ino, info.ino);
         assert!(twin.fdinfo().unwrap().is_cloexec());
-        assert_eq!(buf.fdinfo().unwrap().count, base + 1, "{exp}: count with a second fd");
+        assert_eq!(
+            buf.fdinfo().unwrap().count,
+            base + 1,
+            "{exp}: count with a second fd"
+        );
         let map = buf.mmap().unwrap();
-        assert_eq!(buf.fdinfo().unwrap().count, base + 2, "{exp}: count with a mapping");
+        assert_eq!(
+            buf.fdinfo().unwrap().count,
+            base + 2,
+            "{exp}: count with a mapping"
+        );
         drop(twin);
         drop(map);
-        assert_eq!(buf.fdinfo().unwrap().count, base, "{exp}: count after both are gone");
-        assert!(buf.describe().starts_with(&format!("{exp} dma-buf fd {}", buf.as_raw_fd())), "{}", buf.describe());
+        assert_eq!(
+            buf.fdinfo().unwrap().count,
+            base,
+            "{exp}: count after both are gone"
+        );
+        assert!(
+            buf.describe()
+                .starts_with(&format!("{exp} dma-buf fd {}", buf.as_raw_fd())),
+            "{}",
+            buf.describe()
+        );
     }
 }
 
@@ -147,29 +208,51 @@ fn dmabuf_set_name_shows_in_fdinfo_and_proc() {
         assert_eq!(buf.fdinfo().unwrap().name.as_deref(), Some("frames-0"));
         let link = fs::read_link(format!("/proc/self/fd/{}", buf.as_raw_fd())).unwrap();
         assert_eq!(link.to_string_lossy(), "/dmabuf:frames-0");
-        assert!(buf.describe().contains("\"frames-0\""), "{}", buf.describe());
+        assert!(
+            buf.describe().contains("\"frames-0\""),
+            "{}",
+            buf.describe()
+        );
         // Renaming is allowed; 31 bytes is the longest.
         let longest = "n".repeat(MAX_NAME_LEN);
         buf.set_name(&longest).unwrap();
-        assert_eq!(buf.fdinfo().unwrap().name.as_deref(), Some(longest.as_str()));
+        assert_eq!(
+            buf.fdinfo().unwrap().name.as_deref(),
+            Some(longest.as_str())
+        );
         buf.set_name("with spaces and ünïcode").unwrap();
-        assert_eq!(buf.fdinfo().unwrap().name.as_deref(), Some("with spaces and ünïcode"));
+        assert_eq!(
+            buf.fdinfo().unwrap().name.as_deref(),
+            Some("with spaces and ünïcode")
+        );
 
         let too_long = "x".repeat(MAX_NAME_LEN + 1);
         match buf.set_name(&too_long) {
-            Err(Error::InvalidName { buffer, name, problem }) => {
+            Err(Error::InvalidName {
+                buffer,
+                name,
+                problem,
+            }) => {
                 assert_eq!(name, too_long);
-                assert!(buffer.contains(&format!("fd {}", buf.as_raw_fd())), "{buffer}");
+                assert!(
+                    buffer.contains(&format!("fd {}", buf.as_raw_fd())),
+                    "{buffer}"
+                );
                 assert!(problem.contains("32 bytes"), "{problem}");
             }
             other => panic!("unexpected {other:?}"),
         }
         match buf.set_name("nul\0inside") {
-            Err(Error::InvalidName { problem, .. }) => assert!(problem.contains("NUL"), "{problem}"),
+            Err(Error::InvalidName { problem, .. }) => {
+                assert!(problem.contains("NUL"), "{problem}")
+            }
             other => panic!("unexpected {other:?}"),
         }
         // Refused names left the old one in place.
-        assert_eq!(buf.fdinfo().unwrap().name.as_deref(), Some("with spaces and ünïcode"));
+        assert_eq!(
+            buf.fdinfo().unwrap().name.as_deref(),
+            Some("with spaces and ünïcode")
+        );
         assert_eq!(open_fd_count(), before, "fds leaked");
     }
 }
@@ -184,7 +267,11 @@ fn dmabuf_sync_file_export_import_round_trip() {
             // No fences yet: a signalled stub.
             let fence = h.export_sync_file(access).unwrap();
             assert!(fence.is_signaled().unwrap(), "{access:?}");
-            assert!(fence.wait(Some(std::time::Duration::from_millis(1))).unwrap());
+            assert!(
+                fence
+                    .wait(Some(std::time::Duration::from_millis(1)))
+                    .unwrap()
+            );
             // The exported fd is close-on-exec.
             // SAFETY: F_GETFD takes no argument.
             let fdflags = unsafe { libc::fcntl(fence.as_raw_fd(), libc::F_GETFD) };
@@ -218,26 +305,48 @@ fn dmabuf_mmap_ranges_are_checked() {
     let h = heap_buf(4 * PAGE);
     let before = open_fd_count();
     let expect = |r: dmabuf_p2p::Result<dmabuf_p2p::Mapping>, want: RangeProblem| match r {
-        Err(Error::InvalidRange { problem, target, .. }) => {
+        Err(Error::InvalidRange {
+            problem, target, ..
+        }) => {
             assert_eq!(problem, want);
             assert!(target.contains("system dma-buf"), "{target}");
         }
         other => panic!("expected {want:?}, got {other:?}"),
     };
-    expect(h.mmap_range(ByteRange::new(100, PAGE), true), RangeProblem::Unaligned { align: PAGE });
-    expect(h.mmap_range(ByteRange::new(0, 0), true), RangeProblem::Empty);
-    expect(h.mmap_range(ByteRange::new(3 * PAGE, 2 * PAGE), true), RangeProblem::OutOfBounds { end: 5 * PAGE, size: 4 * PAGE });
+    expect(
+        h.mmap_range(ByteRange::new(100, PAGE), true),
+        RangeProblem::Unaligned { align: PAGE },
+    );
+    expect(
+        h.mmap_range(ByteRange::new(0, 0), true),
+        RangeProblem::Empty,
+    );
+    expect(
+        h.mmap_range(ByteRange::new(3 * PAGE, 2 * PAGE), true),
+        RangeProblem::OutOfBounds {
+            end: 5 * PAGE,
+            size: 4 * PAGE,
+        },
+    );
     // A partial mapping at an offset sees the right bytes.
     let mut all = h.mmap().unwrap();
     all.write(2 * PAGE as usize, b"third page").unwrap();
-    let mut part = h.mmap_range(ByteRange::new(2 * PAGE, PAGE + 10), true).unwrap();
+    let mut part = h
+        .mmap_range(ByteRange::new(2 * PAGE, PAGE + 10), true)
+        .unwrap();
     assert_eq!(part.len() as u64, PAGE + 10);
     let mut got = [0u8; 10];
     part.read(0, &mut got).unwrap();
     assert_eq!(&got, b"third page");
     // Accesses past the mapping's end are refused, not performed.
-    assert!(matches!(part.read(PAGE as usize + 5, &mut got), Err(Error::InvalidRange { .. })));
-    assert!(matches!(part.write(PAGE as usize + 1, &[0; 10]), Err(Error::InvalidRange { .. })));
+    assert!(matches!(
+        part.read(PAGE as usize + 5, &mut got),
+        Err(Error::InvalidRange { .. })
+    ));
+    assert!(matches!(
+        part.write(PAGE as usize + 1, &[0; 10]),
+        Err(Error::InvalidRange { .. })
+    ));
     // A read-only mapping refuses writes.
     let mut ro = h.mmap_range(ByteRange::new(0, PAGE), false).unwrap();
     assert!(!ro.is_writable());
@@ -259,9 +368,17 @@ fn dmabuf_mmap_refused_by_exporters_without_mmap() {
         match mock.mmap() {
             Err(e @ Error::MmapRefused { .. }) => {
                 assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
-                let Error::MmapRefused { buffer, exporter, .. } = &e else { unreachable!() };
+                let Error::MmapRefused {
+                    buffer, exporter, ..
+                } = &e
+                else {
+                    unreachable!()
+                };
                 assert_eq!(exporter, "iommufd");
-                assert!(buffer.contains(&format!("fd {}", mock.as_raw_fd())), "{buffer}");
+                assert!(
+                    buffer.contains(&format!("fd {}", mock.as_raw_fd())),
+                    "{buffer}"
+                );
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -273,13 +390,18 @@ fn dmabuf_mmap_refused_by_exporters_without_mmap() {
         assert_eq!(vfio.size().unwrap(), PAGE);
         assert_eq!(vfio.fdinfo().unwrap().exp_name, "vfio_pci_core");
         match vfio.mmap() {
-            Err(Error::MmapRefused { exporter, source, .. }) => {
+            Err(Error::MmapRefused {
+                exporter, source, ..
+            }) => {
                 assert_eq!(exporter, "vfio_pci_core");
                 assert_eq!(source.raw_os_error(), Some(libc::EINVAL));
             }
             other => panic!("unexpected {other:?}"),
         }
-        vfio.begin_cpu_access(Access::ReadWrite).unwrap().end().unwrap();
+        vfio.begin_cpu_access(Access::ReadWrite)
+            .unwrap()
+            .end()
+            .unwrap();
         vfio.sync_end(Access::Read).unwrap();
         vfio.set_name("bar2").unwrap();
         assert_eq!(vfio.fdinfo().unwrap().name.as_deref(), Some("bar2"));

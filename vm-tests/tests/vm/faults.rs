@@ -16,16 +16,16 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dmabuf_p2p::engine::edu::Edu;
 use dmabuf_p2p::engine::DmaEngine;
-use dmabuf_p2p::exporter::vfio::{bind_to_vfio_pci, VfioPciDevice};
+use dmabuf_p2p::engine::edu::Edu;
+use dmabuf_p2p::exporter::vfio::{VfioPciDevice, bind_to_vfio_pci};
 use dmabuf_p2p::importer::iommufd::{Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::revoke::{Attachment, BufferState, RestorePolicy, RevocationEvent, RevokeReason};
 use dmabuf_p2p::{ByteRange, Error, PciAddress};
 use dmabuf_p2p_vm_tests::{
-    child_exit, driver_of, ivshmem_devices, open_fd_count, pattern, pci_devices, pipe, qmp, request_host_check, Kmsg,
-    EDU_ID,
+    EDU_ID, Kmsg, child_exit, driver_of, ivshmem_devices, open_fd_count, pattern, pci_devices,
+    pipe, qmp, request_host_check,
 };
 
 const PAGE: u64 = 4096;
@@ -45,12 +45,19 @@ const REPLUG_BASE: u64 = 0x3d0_0000;
 const INFLIGHT_BASE: u64 = 0x3c0_0000;
 
 fn edu_addr() -> PciAddress {
-    pci_devices(EDU_ID).first().expect("an edu device").parse().unwrap()
+    pci_devices(EDU_ID)
+        .first()
+        .expect("an edu device")
+        .parse()
+        .unwrap()
 }
 
 /// The ivshmem device with a BAR2 of `size` bytes.
 fn shm_with(size: u64) -> PciAddress {
-    let (bdf, _) = ivshmem_devices().into_iter().find(|(_, s)| *s == size).expect("the ivshmem device");
+    let (bdf, _) = ivshmem_devices()
+        .into_iter()
+        .find(|(_, s)| *s == size)
+        .expect("the ivshmem device");
     bdf.parse().unwrap()
 }
 
@@ -92,7 +99,9 @@ struct KernelLog {
 
 impl KernelLog {
     fn open() -> Self {
-        Self { kmsg: Kmsg::open_at_end().expect("/dev/kmsg") }
+        Self {
+            kmsg: Kmsg::open_at_end().expect("/dev/kmsg"),
+        }
     }
 
     /// New messages as `[seconds] text`.
@@ -100,7 +109,13 @@ impl KernelLog {
         self.kmsg
             .read_records()
             .into_iter()
-            .map(|(usec, msg)| format!("[{:>5}.{:03}] {msg}", usec / 1_000_000, (usec / 1000) % 1000))
+            .map(|(usec, msg)| {
+                format!(
+                    "[{:>5}.{:03}] {msg}",
+                    usec / 1_000_000,
+                    (usec / 1000) % 1000
+                )
+            })
             .collect()
     }
 
@@ -115,7 +130,10 @@ impl KernelLog {
 /// the test on a QMP error.
 fn qmp_ok(execute: &str, arguments: &str) -> String {
     let answer = qmp(execute, arguments);
-    assert!(answer.contains("\"return\""), "QMP {execute} {arguments}: {answer}");
+    assert!(
+        answer.contains("\"return\""),
+        "QMP {execute} {arguments}: {answer}"
+    );
     answer
 }
 
@@ -139,15 +157,21 @@ fn qmp_string(answer: &str) -> Option<String> {
 /// same file, the same id, a fresh RAM block.
 fn replug_shm1(addr: PciAddress) -> Duration {
     let t = Instant::now();
-    let path = qmp_string(&qmp_ok("qom-get", r#"{"path":"/objects/mem-shm1","property":"mem-path"}"#))
-        .expect("mem-path of mem-shm1");
+    let path = qmp_string(&qmp_ok(
+        "qom-get",
+        r#"{"path":"/objects/mem-shm1","property":"mem-path"}"#,
+    ))
+    .expect("mem-path of mem-shm1");
     // The old device may still be finalizing in QEMU: its backend is "in use".
     loop {
         let answer = qmp("object-del", r#"{"id":"mem-shm1"}"#);
         if answer.contains("\"return\"") {
             break;
         }
-        assert!(t.elapsed() < SYSFS_TIMEOUT, "object-del of mem-shm1 kept failing: {answer}");
+        assert!(
+            t.elapsed() < SYSFS_TIMEOUT,
+            "object-del of mem-shm1 kept failing: {answer}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     qmp_ok(
@@ -163,13 +187,20 @@ fn replug_shm1(addr: PciAddress) -> Duration {
             break;
         }
         // "Duplicate device ID": the old device is not finalized yet.
-        assert!(t.elapsed() < SYSFS_TIMEOUT, "device_add of shm1 kept failing: {answer}");
+        assert!(
+            t.elapsed() < SYSFS_TIMEOUT,
+            "device_add of shm1 kept failing: {answer}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let added = t.elapsed();
-    let shown = wait_until(SYSFS_TIMEOUT, || Path::new(&sysfs_dir(addr)).exists())
-        .unwrap_or_else(|| panic!("{addr} did not appear in sysfs within {SYSFS_TIMEOUT:?} after device_add"));
-    note(&format!("backend replaced and device_add accepted after {added:?}; {addr} in sysfs {shown:?} later"));
+    let shown =
+        wait_until(SYSFS_TIMEOUT, || Path::new(&sysfs_dir(addr)).exists()).unwrap_or_else(|| {
+            panic!("{addr} did not appear in sysfs within {SYSFS_TIMEOUT:?} after device_add")
+        });
+    note(&format!(
+        "backend replaced and device_add accepted after {added:?}; {addr} in sysfs {shown:?} later"
+    ));
     added + shown
 }
 
@@ -181,11 +212,17 @@ fn bind_replugged(addr: PciAddress) {
     loop {
         match bind_to_vfio_pci(addr) {
             Ok(()) => break,
-            Err(e) => assert!(t.elapsed() < SYSFS_TIMEOUT, "{addr} would not bind to vfio-pci: {e}"),
+            Err(e) => assert!(
+                t.elapsed() < SYSFS_TIMEOUT,
+                "{addr} would not bind to vfio-pci: {e}"
+            ),
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    note(&format!("{addr} bound to vfio-pci {:?} after it appeared", t.elapsed()));
+    note(&format!(
+        "{addr} bound to vfio-pci {:?} after it appeared",
+        t.elapsed()
+    ));
 }
 
 /// Puts `shm1` back the way the suite expects it (present, bound to
@@ -202,7 +239,8 @@ impl Drop for Shm1Restorer {
                 let _ = std::panic::catch_unwind(|| replug_shm1(self.addr));
             }
         }
-        if Path::new(&sysfs_dir(self.addr)).exists() && driver_of(&self.addr.to_string()).as_deref() != Some("vfio-pci")
+        if Path::new(&sysfs_dir(self.addr)).exists()
+            && driver_of(&self.addr.to_string()).as_deref() != Some("vfio-pci")
         {
             let _ = std::panic::catch_unwind(|| bind_replugged(self.addr));
         }
@@ -244,19 +282,38 @@ fn hot_unplug_of_a_mapped_exporter() {
     let after_unplug = pattern(0x32, PAGE as usize);
     src.write_at(0, &before_unplug).unwrap();
     src.write_at(PAGE, &after_unplug).unwrap();
-    let src_map = ioas.map_file(&src, ByteRange::new(0, 4 * PAGE), IovaPlacement::Auto, MapPerms::Read).unwrap();
+    let src_map = ioas
+        .map_file(
+            &src,
+            ByteRange::new(0, 4 * PAGE),
+            IovaPlacement::Auto,
+            MapPerms::Read,
+        )
+        .unwrap();
 
     let exporter = open_exporter(shm1, &iommufd);
-    assert!(exporter.unplug_request_fd().is_some(), "bind registers the device-request eventfd");
+    assert!(
+        exporter.unplug_request_fd().is_some(),
+        "bind registers the device-request eventfd"
+    );
     assert!(!exporter.unplug_requested().unwrap());
-    let export = exporter.export_bar(2, &[ByteRange::new(UNPLUG_BASE, 16 * PAGE)]).unwrap();
-    let att = Attachment::map(&export, &ioas, IovaPlacement::Auto, MapPerms::ReadWrite, RestorePolicy::Automatic)
+    let export = exporter
+        .export_bar(2, &[ByteRange::new(UNPLUG_BASE, 16 * PAGE)])
         .unwrap();
+    let att = Attachment::map(
+        &export,
+        &ioas,
+        IovaPlacement::Auto,
+        MapPerms::ReadWrite,
+        RestorePolicy::Automatic,
+    )
+    .unwrap();
     let events = record_events(&att);
     let old_iova = att.iova();
 
     // The path works before the fault.
-    edu.memcpy(src_map.iova(), old_iova, PAGE, DMA_TIMEOUT).unwrap();
+    edu.memcpy(src_map.iova(), old_iova, PAGE, DMA_TIMEOUT)
+        .unwrap();
     {
         let bar = exporter.map_bar(2).unwrap();
         let mut got = vec![0u8; PAGE as usize];
@@ -268,18 +325,35 @@ fn hot_unplug_of_a_mapped_exporter() {
     qmp_ok("device_del", r#"{"id":"shm1"}"#);
     let asked = exporter.wait_unplug_request(REQUEST_TIMEOUT).unwrap();
     klog.print_new("device_del");
-    assert!(asked, "no device request within {REQUEST_TIMEOUT:?} of device_del");
+    assert!(
+        asked,
+        "no device request within {REQUEST_TIMEOUT:?} of device_del"
+    );
     let request_after = t0.elapsed();
-    note(&format!("device request {request_after:?} after device_del"));
+    note(&format!(
+        "device request {request_after:?} after device_del"
+    ));
 
     // The hub revoked everything; the device is still there, waiting for us.
-    assert!(exporter.unplug_requested().unwrap(), "the request is remembered");
-    assert_eq!(exporter.hub().state(), BufferState::Gone(RevokeReason::Unplug));
+    assert!(
+        exporter.unplug_requested().unwrap(),
+        "the request is remembered"
+    );
+    assert_eq!(
+        exporter.hub().state(),
+        BufferState::Gone(RevokeReason::Unplug)
+    );
     assert!(att.is_revoked());
     assert_eq!(att.revoked_reason(), Some(RevokeReason::Unplug));
     assert!(matches!(att.ensure_live(), Err(Error::Revoked { .. })));
-    assert_eq!(events.lock().unwrap().as_slice(), &[RevocationEvent::Revoked(RevokeReason::Unplug)]);
-    assert!(Path::new(&sysfs_dir(shm1)).exists(), "the kernel waits for the device to be closed");
+    assert_eq!(
+        events.lock().unwrap().as_slice(),
+        &[RevocationEvent::Revoked(RevokeReason::Unplug)]
+    );
+    assert!(
+        Path::new(&sysfs_dir(shm1)).exists(),
+        "the kernel waits for the device to be closed"
+    );
     match exporter.export_bar(2, &[ByteRange::new(0, PAGE)]) {
         Err(Error::Device { device, problem }) => {
             assert_eq!(device, shm1.to_string());
@@ -288,14 +362,22 @@ fn hot_unplug_of_a_mapped_exporter() {
         other => panic!("export after the unplug request: {other:?}"),
     }
     assert!(matches!(
-        Attachment::map(&export, &ioas, IovaPlacement::Auto, MapPerms::ReadWrite, RestorePolicy::Automatic),
+        Attachment::map(
+            &export,
+            &ioas,
+            IovaPlacement::Auto,
+            MapPerms::ReadWrite,
+            RestorePolicy::Automatic
+        ),
         Err(Error::Revoked { .. })
     ));
 
     // A raw copy to the old IOVA must not reach the BAR: the IOMMU entries
     // are gone. The engine itself completes (the IOMMU drops the writes).
     let raw = edu.memcpy(src_map.iova() + PAGE, old_iova, PAGE, DMA_TIMEOUT);
-    note(&format!("raw copy to the revoked IOVA {old_iova:#x}: {raw:?}"));
+    note(&format!(
+        "raw copy to the revoked IOVA {old_iova:#x}: {raw:?}"
+    ));
     klog.print_new("copy to the revoked IOVA");
 
     // Close the device: the kernel finishes the removal.
@@ -303,8 +385,12 @@ fn hot_unplug_of_a_mapped_exporter() {
     drop(exporter);
     let gone = wait_until(SYSFS_TIMEOUT, || !Path::new(&sysfs_dir(shm1)).exists());
     klog.print_new("close");
-    let gone = gone.unwrap_or_else(|| panic!("{shm1} still in sysfs {SYSFS_TIMEOUT:?} after closing it"));
-    note(&format!("{shm1} left sysfs {gone:?} after the close ({:?} after device_del)", t1.elapsed() + request_after));
+    let gone =
+        gone.unwrap_or_else(|| panic!("{shm1} still in sysfs {SYSFS_TIMEOUT:?} after closing it"));
+    note(&format!(
+        "{shm1} left sysfs {gone:?} after the close ({:?} after device_del)",
+        t1.elapsed() + request_after
+    ));
     assert!(att.is_revoked());
     // What the engine wrote after the revoke is not in the device's memory:
     // the host checks the backing file (the first copy is still there).
@@ -314,7 +400,11 @@ fn hot_unplug_of_a_mapped_exporter() {
     // Hot-add it again, bind it, and a fresh export, map and copy work.
     replug_shm1(shm1);
     klog.print_new("device_add");
-    assert_eq!(driver_of(&shm1.to_string()), None, "a hot-added ivshmem has no driver");
+    assert_eq!(
+        driver_of(&shm1.to_string()),
+        None,
+        "a hot-added ivshmem has no driver"
+    );
     bind_replugged(shm1);
     assert_eq!(driver_of(&shm1.to_string()).as_deref(), Some("vfio-pci"));
     let exporter = open_exporter(shm1, &iommufd);
@@ -322,16 +412,31 @@ fn hot_unplug_of_a_mapped_exporter() {
         let bar = exporter.map_bar(2).unwrap();
         let mut got = vec![0u8; PAGE as usize];
         bar.read_bytes(UNPLUG_BASE, &mut got).unwrap();
-        assert_eq!(got, before_unplug, "the device memory survived unplug and replug; nothing later landed");
+        assert_eq!(
+            got, before_unplug,
+            "the device memory survived unplug and replug; nothing later landed"
+        );
     }
-    let export = exporter.export_bar(2, &[ByteRange::new(REPLUG_BASE, 16 * PAGE)]).unwrap();
-    let att = Attachment::map(&export, &ioas, IovaPlacement::Auto, MapPerms::ReadWrite, RestorePolicy::Automatic)
+    let export = exporter
+        .export_bar(2, &[ByteRange::new(REPLUG_BASE, 16 * PAGE)])
         .unwrap();
-    edu.memcpy(src_map.iova() + PAGE, att.iova(), PAGE, DMA_TIMEOUT).unwrap();
+    let att = Attachment::map(
+        &export,
+        &ioas,
+        IovaPlacement::Auto,
+        MapPerms::ReadWrite,
+        RestorePolicy::Automatic,
+    )
+    .unwrap();
+    edu.memcpy(src_map.iova() + PAGE, att.iova(), PAGE, DMA_TIMEOUT)
+        .unwrap();
     let bar = exporter.map_bar(2).unwrap();
     let mut got = vec![0u8; PAGE as usize];
     bar.read_bytes(REPLUG_BASE, &mut got).unwrap();
-    assert_eq!(got, after_unplug, "a copy into the re-plugged device landed");
+    assert_eq!(
+        got, after_unplug,
+        "a copy into the re-plugged device landed"
+    );
     request_host_check("shm1", REPLUG_BASE, &after_unplug);
     drop((bar, att, export, exporter, edu, src_map, src, ioas, iommufd));
     klog.print_new("end");
@@ -357,26 +462,50 @@ fn hot_unplug_during_a_copy() {
     let data = pattern(0x41, 2 * CHUNK as usize);
     let src = Memfd::new("inflight-src", PAGE).unwrap();
     src.write_at(0, &data).unwrap();
-    let src_map = ioas.map_file(&src, ByteRange::new(0, PAGE), IovaPlacement::Auto, MapPerms::Read).unwrap();
+    let src_map = ioas
+        .map_file(
+            &src,
+            ByteRange::new(0, PAGE),
+            IovaPlacement::Auto,
+            MapPerms::Read,
+        )
+        .unwrap();
 
     let exporter = open_exporter(shm1, &iommufd);
     {
         let bar = exporter.map_bar(2).unwrap();
-        bar.write_bytes(INFLIGHT_BASE, &[0u8; 2 * CHUNK as usize]).unwrap();
+        bar.write_bytes(INFLIGHT_BASE, &[0u8; 2 * CHUNK as usize])
+            .unwrap();
     }
-    let export = exporter.export_bar(2, &[ByteRange::new(INFLIGHT_BASE, 16 * PAGE)]).unwrap();
-    let att = Attachment::map(&export, &ioas, IovaPlacement::Auto, MapPerms::ReadWrite, RestorePolicy::Automatic)
+    let export = exporter
+        .export_bar(2, &[ByteRange::new(INFLIGHT_BASE, 16 * PAGE)])
         .unwrap();
+    let att = Attachment::map(
+        &export,
+        &ioas,
+        IovaPlacement::Auto,
+        MapPerms::ReadWrite,
+        RestorePolicy::Automatic,
+    )
+    .unwrap();
 
     // Copy 0 lands; copy 1 is started (source read into the engine) and
     // left half done while the device is taken away.
-    edu.memcpy(src_map.iova(), att.iova(), CHUNK, DMA_TIMEOUT).unwrap();
+    edu.memcpy(src_map.iova(), att.iova(), CHUNK, DMA_TIMEOUT)
+        .unwrap();
     att.ensure_live().unwrap();
-    edu.memcpy_start(src_map.iova() + CHUNK, att.iova() + CHUNK, CHUNK).unwrap();
+    edu.memcpy_start(src_map.iova() + CHUNK, att.iova() + CHUNK, CHUNK)
+        .unwrap();
     let t0 = Instant::now();
     qmp_ok("device_del", r#"{"id":"shm1"}"#);
-    assert!(exporter.wait_unplug_request(REQUEST_TIMEOUT).unwrap(), "no device request after device_del");
-    note(&format!("device request {:?} after device_del, with a copy in flight", t0.elapsed()));
+    assert!(
+        exporter.wait_unplug_request(REQUEST_TIMEOUT).unwrap(),
+        "no device request after device_del"
+    );
+    note(&format!(
+        "device request {:?} after device_del, with a copy in flight",
+        t0.elapsed()
+    ));
     assert_eq!(att.revoked_reason(), Some(RevokeReason::Unplug));
     // The engine finishes the copy: its write goes to a torn-down IOVA.
     edu.memcpy_wait(DMA_TIMEOUT).unwrap();
@@ -400,9 +529,17 @@ fn hot_unplug_during_a_copy() {
     let mut got = vec![0u8; 2 * CHUNK as usize];
     bar.read_bytes(INFLIGHT_BASE, &mut got).unwrap();
     assert_eq!(got, want, "copy 0 is there, the half-done copy is not");
-    let export = exporter.export_bar(2, &[ByteRange::new(INFLIGHT_BASE, 16 * PAGE)]).unwrap();
-    let att = Attachment::map(&export, &ioas, IovaPlacement::Auto, MapPerms::ReadWrite, RestorePolicy::Automatic)
+    let export = exporter
+        .export_bar(2, &[ByteRange::new(INFLIGHT_BASE, 16 * PAGE)])
         .unwrap();
+    let att = Attachment::map(
+        &export,
+        &ioas,
+        IovaPlacement::Auto,
+        MapPerms::ReadWrite,
+        RestorePolicy::Automatic,
+    )
+    .unwrap();
     assert!(!att.is_revoked());
     drop((bar, att, export, exporter, edu, src_map, src, ioas, iommufd));
     klog.print_new("end");
@@ -413,13 +550,17 @@ fn hot_unplug_during_a_copy() {
 /// `exp_name:\tvfio_pci_core`).
 fn vfio_dmabuf_fds() -> Vec<String> {
     let mut found = Vec::new();
-    let Ok(procs) = fs::read_dir("/proc") else { return found };
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return found;
+    };
     for p in procs.flatten() {
         let pid = p.file_name().to_string_lossy().into_owned();
         if !pid.bytes().all(|b| b.is_ascii_digit()) {
             continue;
         }
-        let Ok(fds) = fs::read_dir(p.path().join("fdinfo")) else { continue };
+        let Ok(fds) = fs::read_dir(p.path().join("fdinfo")) else {
+            continue;
+        };
         for fd in fds.flatten() {
             if fs::read_to_string(fd.path()).is_ok_and(|t| t.contains("exp_name:\tvfio_pci_core")) {
                 found.push(format!("{pid}/{}", fd.file_name().to_string_lossy()));
@@ -445,9 +586,20 @@ fn child_hold_and_wait(ready: &OwnedFd) -> Result<(), Error> {
     let dev = open_exporter(shm0(), &iommufd);
     let export = dev.export_bar(2, &[ByteRange::new(0, 16 * PAGE)])?;
     let second = dev.export_bar(2, &[ByteRange::new(16 * PAGE, 16 * PAGE)])?;
-    let att = Attachment::map(&export, &ioas, IovaPlacement::Auto, MapPerms::ReadWrite, RestorePolicy::Automatic)?;
+    let att = Attachment::map(
+        &export,
+        &ioas,
+        IovaPlacement::Auto,
+        MapPerms::ReadWrite,
+        RestorePolicy::Automatic,
+    )?;
     let src = Memfd::new("sigkill-src", PAGE)?;
-    let src_map = ioas.map_file(&src, ByteRange::new(0, PAGE), IovaPlacement::Auto, MapPerms::Read)?;
+    let src_map = ioas.map_file(
+        &src,
+        ByteRange::new(0, PAGE),
+        IovaPlacement::Auto,
+        MapPerms::Read,
+    )?;
     edu.memcpy_start(src_map.iova(), att.iova(), 2048)?;
     // SAFETY: writes one byte from a local to the pipe's write end, open
     // for the call.
@@ -466,7 +618,11 @@ fn child_hold_and_wait(ready: &OwnedFd) -> Result<(), Error> {
 #[test]
 fn sigkill_of_a_process_holding_exports_and_mappings() {
     let fds_at_start = open_fd_count();
-    assert_eq!(vfio_dmabuf_fds(), Vec::<String>::new(), "VFIO dma-bufs open before the test");
+    assert_eq!(
+        vfio_dmabuf_fds(),
+        Vec::<String>::new(),
+        "VFIO dma-bufs open before the test"
+    );
     let (read_end, write_end) = pipe();
 
     // SAFETY: the child runs only this test's code (no unwinding back into
@@ -477,7 +633,9 @@ fn sigkill_of_a_process_holding_exports_and_mappings() {
     assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
     if pid == 0 {
         drop(read_end);
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| child_hold_and_wait(&write_end)));
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            child_hold_and_wait(&write_end)
+        }));
         let msg = match result {
             Ok(Err(e)) => format!("E{e}"),
             Ok(Ok(())) => "Ereturned".to_owned(),
@@ -494,13 +652,21 @@ fn sigkill_of_a_process_holding_exports_and_mappings() {
         let _ = pipe.read_to_string(&mut rest);
         // SAFETY: reaping our own child.
         unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
-        panic!("the child failed to set up: {}{rest}", String::from_utf8_lossy(&first[..n]));
+        panic!(
+            "the child failed to set up: {}{rest}",
+            String::from_utf8_lossy(&first[..n])
+        );
     }
-    let held: Vec<String> = vfio_dmabuf_fds().into_iter().filter(|f| f.starts_with(&format!("{pid}/"))).collect();
+    let held: Vec<String> = vfio_dmabuf_fds()
+        .into_iter()
+        .filter(|f| f.starts_with(&format!("{pid}/")))
+        .collect();
     // Two exports, plus the duplicate the mapping keeps of the first.
     assert_eq!(held.len(), 3, "the child's VFIO dma-buf fds: {held:?}");
     let in_debugfs = vfio_dmabufs_in_debugfs();
-    note(&format!("child {pid} holds VFIO dma-bufs {held:?}; debugfs lists {in_debugfs:?}"));
+    note(&format!(
+        "child {pid} holds VFIO dma-bufs {held:?}; debugfs lists {in_debugfs:?}"
+    ));
 
     let t = Instant::now();
     // SAFETY: signalling our own child.
@@ -508,7 +674,10 @@ fn sigkill_of_a_process_holding_exports_and_mappings() {
     let mut status = 0;
     // SAFETY: reaping our own child; `status` is a valid out-pointer.
     assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-    assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL, "wait status {status:#x}");
+    assert!(
+        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL,
+        "wait status {status:#x}"
+    );
     note(&format!("child killed and reaped in {:?}", t.elapsed()));
 
     let left = wait_until(Duration::from_secs(10), || {
@@ -521,7 +690,11 @@ fn sigkill_of_a_process_holding_exports_and_mappings() {
         vfio_dmabufs_in_debugfs()
     );
     if in_debugfs.is_some() {
-        assert_eq!(in_debugfs, Some(2), "debugfs listed the child's two buffers while it lived");
+        assert_eq!(
+            in_debugfs,
+            Some(2),
+            "debugfs listed the child's two buffers while it lived"
+        );
     }
 
     // Both devices are free again and work. (Let the engine finish the
@@ -532,13 +705,27 @@ fn sigkill_of_a_process_holding_exports_and_mappings() {
     let mut edu = Edu::open(edu_addr(), &ioas).unwrap();
     let dev = open_exporter(shm0(), &iommufd);
     let export = dev.export_bar(2, &[ByteRange::new(0, 16 * PAGE)]).unwrap();
-    let att = Attachment::map(&export, &ioas, IovaPlacement::Auto, MapPerms::ReadWrite, RestorePolicy::Automatic)
-        .unwrap();
+    let att = Attachment::map(
+        &export,
+        &ioas,
+        IovaPlacement::Auto,
+        MapPerms::ReadWrite,
+        RestorePolicy::Automatic,
+    )
+    .unwrap();
     let data = pattern(0x51, 2048);
     let src = Memfd::new("after-kill", PAGE).unwrap();
     src.write_at(0, &data).unwrap();
-    let src_map = ioas.map_file(&src, ByteRange::new(0, PAGE), IovaPlacement::Auto, MapPerms::Read).unwrap();
-    edu.memcpy(src_map.iova(), att.iova() + PAGE, 2048, DMA_TIMEOUT).unwrap();
+    let src_map = ioas
+        .map_file(
+            &src,
+            ByteRange::new(0, PAGE),
+            IovaPlacement::Auto,
+            MapPerms::Read,
+        )
+        .unwrap();
+    edu.memcpy(src_map.iova(), att.iova() + PAGE, 2048, DMA_TIMEOUT)
+        .unwrap();
     let mut got = vec![0u8; 2048];
     dev.map_bar(2).unwrap().read_bytes(PAGE, &mut got).unwrap();
     assert_eq!(got, data, "a copy after the kill lands");
@@ -563,33 +750,59 @@ fn exporter_closed_before_the_importer() {
     let src = Memfd::new("close-src", PAGE).unwrap();
     src.write_at(0, &first).unwrap();
     src.write_at(2048, &second).unwrap();
-    let src_map = ioas.map_file(&src, ByteRange::new(0, PAGE), IovaPlacement::Auto, MapPerms::Read).unwrap();
+    let src_map = ioas
+        .map_file(
+            &src,
+            ByteRange::new(0, PAGE),
+            IovaPlacement::Auto,
+            MapPerms::Read,
+        )
+        .unwrap();
 
     let dev = open_exporter(shm, &iommufd);
-    let export = dev.export_bar(2, &[ByteRange::new(OFF, 16 * PAGE)]).unwrap();
-    let att = Attachment::map(&export, &ioas, IovaPlacement::Auto, MapPerms::ReadWrite, RestorePolicy::Automatic)
+    let export = dev
+        .export_bar(2, &[ByteRange::new(OFF, 16 * PAGE)])
         .unwrap();
+    let att = Attachment::map(
+        &export,
+        &ioas,
+        IovaPlacement::Auto,
+        MapPerms::ReadWrite,
+        RestorePolicy::Automatic,
+    )
+    .unwrap();
     let events = record_events(&att);
     let hub = Arc::clone(dev.hub());
-    edu.memcpy(src_map.iova(), att.iova(), 2048, DMA_TIMEOUT).unwrap();
+    edu.memcpy(src_map.iova(), att.iova(), 2048, DMA_TIMEOUT)
+        .unwrap();
 
     drop(dev);
     assert_eq!(hub.state(), BufferState::Gone(RevokeReason::DeviceClosed));
     assert_eq!(att.revoked_reason(), Some(RevokeReason::DeviceClosed));
-    assert_eq!(events.lock().unwrap().as_slice(), &[RevocationEvent::Revoked(RevokeReason::DeviceClosed)]);
+    assert_eq!(
+        events.lock().unwrap().as_slice(),
+        &[RevocationEvent::Revoked(RevokeReason::DeviceClosed)]
+    );
     assert!(matches!(att.restore(), Err(Error::Revoked { .. })));
     assert!(matches!(att.ensure_live(), Err(Error::Revoked { .. })));
     // The dma-buf fd is still a dma-buf, revoked for good in the kernel.
     assert_eq!(export.dmabuf().size().unwrap(), 16 * PAGE);
     assert!(matches!(
-        Attachment::map(&export, &ioas, IovaPlacement::Auto, MapPerms::ReadWrite, RestorePolicy::Automatic),
+        Attachment::map(
+            &export,
+            &ioas,
+            IovaPlacement::Auto,
+            MapPerms::ReadWrite,
+            RestorePolicy::Automatic
+        ),
         Err(Error::Revoked { .. })
     ));
     match ioas.map_dmabuf(export.dmabuf(), IovaPlacement::Auto, MapPerms::ReadWrite) {
         Err(Error::Revoked { .. }) => {}
         other => panic!("the kernel maps a buffer of a closed exporter: {other:?}"),
     }
-    edu.memcpy(src_map.iova() + 2048, att.iova(), 2048, DMA_TIMEOUT).unwrap();
+    edu.memcpy(src_map.iova() + 2048, att.iova(), 2048, DMA_TIMEOUT)
+        .unwrap();
     // Importer side last, in the "wrong" order: the IOAS handle and the
     // iommufd before the attachment that maps into them.
     drop(iommufd);
@@ -610,11 +823,18 @@ fn exporter_closed_before_the_importer() {
 /// `IOMMU_DESTROY` of an IOAS by its ID, behind the library's back.
 fn destroy_ioas_raw(iommufd: &Iommufd, id: u32) -> std::io::Result<()> {
     use std::os::fd::AsFd;
-    let arg = dmabuf_p2p::sys::iommu_destroy { size: std::mem::size_of::<dmabuf_p2p::sys::iommu_destroy>() as u32, id };
+    let arg = dmabuf_p2p::sys::iommu_destroy {
+        size: std::mem::size_of::<dmabuf_p2p::sys::iommu_destroy>() as u32,
+        id,
+    };
     // SAFETY: IOMMU_DESTROY reads an 8-byte `iommu_destroy`, which `arg` is,
     // for the duration of the call; the iommufd is open.
     let r = unsafe {
-        libc::ioctl(iommufd.as_fd().as_raw_fd(), dmabuf_p2p::sys::IOMMU_DESTROY as libc::Ioctl, &arg)
+        libc::ioctl(
+            iommufd.as_fd().as_raw_fd(),
+            dmabuf_p2p::sys::IOMMU_DESTROY as libc::Ioctl,
+            &arg,
+        )
     };
     if r < 0 {
         Err(std::io::Error::last_os_error())
@@ -639,24 +859,49 @@ fn ioas_destroyed_before_the_dmabuf_is_closed() {
     // In order: the attachment, then the last IOAS handle (IOMMU_DESTROY).
     let ioas = iommufd.alloc_ioas().unwrap();
     let id = ioas.id();
-    let att = Attachment::map(&export, &ioas, IovaPlacement::Auto, MapPerms::ReadWrite, RestorePolicy::Automatic)
-        .unwrap();
-    assert!(export.dmabuf().fdinfo().unwrap().count > refs_alone, "the mapping holds the buffer");
+    let att = Attachment::map(
+        &export,
+        &ioas,
+        IovaPlacement::Auto,
+        MapPerms::ReadWrite,
+        RestorePolicy::Automatic,
+    )
+    .unwrap();
+    assert!(
+        export.dmabuf().fdinfo().unwrap().count > refs_alone,
+        "the mapping holds the buffer"
+    );
     drop(att);
     drop(ioas);
-    assert!(matches!(iommufd.iova_ranges(id), Err(Error::UnknownObject { .. })), "IOAS {id} is destroyed");
-    assert_eq!(export.dmabuf().fdinfo().unwrap().count, refs_alone, "nothing holds the buffer but its fd");
+    assert!(
+        matches!(iommufd.iova_ranges(id), Err(Error::UnknownObject { .. })),
+        "IOAS {id} is destroyed"
+    );
+    assert_eq!(
+        export.dmabuf().fdinfo().unwrap().count,
+        refs_alone,
+        "nothing holds the buffer but its fd"
+    );
     dev.set_memory_decode(false).unwrap();
     dev.set_memory_decode(true).unwrap();
 
     // Behind the library's back: the IOAS is destroyed while the
     // attachment maps the buffer into it.
     let ioas = iommufd.alloc_ioas().unwrap();
-    let att = Attachment::map(&export, &ioas, IovaPlacement::Auto, MapPerms::ReadWrite, RestorePolicy::Automatic)
-        .unwrap();
+    let att = Attachment::map(
+        &export,
+        &ioas,
+        IovaPlacement::Auto,
+        MapPerms::ReadWrite,
+        RestorePolicy::Automatic,
+    )
+    .unwrap();
     let events = record_events(&att);
     destroy_ioas_raw(&iommufd, ioas.id()).unwrap();
-    assert!(matches!(iommufd.iova_ranges(ioas.id()), Err(Error::UnknownObject { .. })));
+    assert!(matches!(
+        iommufd.iova_ranges(ioas.id()),
+        Err(Error::UnknownObject { .. })
+    ));
     // The exporter revokes and restores: the attachment cannot unmap or map
     // into the vanished IOAS, and says so instead of failing loudly.
     // (A kernel revoke keeps the dead area reserved until the restore, so the
@@ -665,10 +910,21 @@ fn ioas_destroyed_before_the_dmabuf_is_closed() {
     assert_eq!(att.revoked_reason(), Some(RevokeReason::MemoryDecodeOff));
     dev.set_memory_decode(true).unwrap();
     assert!(att.is_revoked(), "nothing to restore into");
-    assert!(att.last_error().is_some_and(|e| e.contains("IOMMU_IOAS_UNMAP")), "{:?}", att.last_error());
+    assert!(
+        att.last_error()
+            .is_some_and(|e| e.contains("IOMMU_IOAS_UNMAP")),
+        "{:?}",
+        att.last_error()
+    );
     let evs = events.lock().unwrap().clone();
     assert!(
-        matches!(evs.as_slice(), [RevocationEvent::Revoked(RevokeReason::MemoryDecodeOff), RevocationEvent::RestoreFailed(_)]),
+        matches!(
+            evs.as_slice(),
+            [
+                RevocationEvent::Revoked(RevokeReason::MemoryDecodeOff),
+                RevocationEvent::RestoreFailed(_)
+            ]
+        ),
         "{evs:?}"
     );
     note(&format!("attachment into a destroyed IOAS: {evs:?}"));
@@ -699,13 +955,28 @@ fn reset_while_mapped_revokes_and_restores() {
     let src = Memfd::new("reset-src", PAGE).unwrap();
     src.write_at(0, &before).unwrap();
     src.write_at(2048, &after).unwrap();
-    let src_map = ioas.map_file(&src, ByteRange::new(0, PAGE), IovaPlacement::Auto, MapPerms::Read).unwrap();
+    let src_map = ioas
+        .map_file(
+            &src,
+            ByteRange::new(0, PAGE),
+            IovaPlacement::Auto,
+            MapPerms::Read,
+        )
+        .unwrap();
 
     let dev = open_exporter(shm1, &iommufd);
     assert!(dev.supports_reset().unwrap(), "ivshmem resets here");
-    let export = dev.export_bar(2, &[ByteRange::new(RESET_BASE, 16 * PAGE)]).unwrap();
-    let att = Attachment::map(&export, &ioas, IovaPlacement::Auto, MapPerms::ReadWrite, RestorePolicy::Automatic)
+    let export = dev
+        .export_bar(2, &[ByteRange::new(RESET_BASE, 16 * PAGE)])
         .unwrap();
+    let att = Attachment::map(
+        &export,
+        &ioas,
+        IovaPlacement::Auto,
+        MapPerms::ReadWrite,
+        RestorePolicy::Automatic,
+    )
+    .unwrap();
     let events = record_events(&att);
     let iova = att.iova();
     edu.memcpy(src_map.iova(), iova, 2048, DMA_TIMEOUT).unwrap();
@@ -714,17 +985,24 @@ fn reset_while_mapped_revokes_and_restores() {
     dev.reset().unwrap();
     assert_eq!(
         events.lock().unwrap().as_slice(),
-        &[RevocationEvent::Revoked(RevokeReason::Reset), RevocationEvent::Restored]
+        &[
+            RevocationEvent::Revoked(RevokeReason::Reset),
+            RevocationEvent::Restored
+        ]
     );
     assert!(!att.is_revoked());
     assert_eq!(att.iova(), iova, "restored at the same IOVA");
     assert_eq!(att.counts(), (1, 1));
-    assert!(dev.memory_decode().unwrap(), "VFIO restores PCI_COMMAND after the reset");
+    assert!(
+        dev.memory_decode().unwrap(),
+        "VFIO restores PCI_COMMAND after the reset"
+    );
     let mut got = vec![0u8; 2048];
     bar.read_bytes(RESET_BASE, &mut got).unwrap();
     assert_eq!(got, before, "the BAR's bytes survive the reset");
 
-    edu.memcpy(src_map.iova() + 2048, iova + 2048, 2048, DMA_TIMEOUT).unwrap();
+    edu.memcpy(src_map.iova() + 2048, iova + 2048, 2048, DMA_TIMEOUT)
+        .unwrap();
     bar.read_bytes(RESET_BASE + 2048, &mut got).unwrap();
     assert_eq!(got, after, "the first copy after the reset lands");
     let mut both = before.clone();

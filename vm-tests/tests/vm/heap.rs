@@ -27,13 +27,20 @@ fn heap_alloc_is_zeroed_then_written_and_read_back() {
         let info = buf.fdinfo().unwrap();
         assert_eq!(info.exp_name, "system");
         assert_eq!(info.size, len);
-        assert!(info.is_cloexec(), "heap fd not close-on-exec: flags {:#o}", info.flags);
+        assert!(
+            info.is_cloexec(),
+            "heap fd not close-on-exec: flags {:#o}",
+            info.flags
+        );
         assert_eq!(info.flags & libc::O_ACCMODE as u32, libc::O_RDWR as u32);
 
         let mut map = buf.mmap().unwrap();
         {
             let _cpu = buf.begin_cpu_access(Access::Read).unwrap();
-            assert!(map.to_vec().iter().all(|&b| b == 0), "fresh heap memory is not zeroed");
+            assert!(
+                map.to_vec().iter().all(|&b| b == 0),
+                "fresh heap memory is not zeroed"
+            );
         }
         let data: Vec<u8> = (0..len as usize).map(|i| (i % 251) as u8).collect();
         {
@@ -53,10 +60,20 @@ fn heap_alloc_is_zeroed_then_written_and_read_back() {
 #[test]
 fn heap_alloc_rounds_up_to_a_page() {
     let heap = DmaHeap::open("system").unwrap();
-    for (len, size) in [(1, 4096), (4095, 4096), (4096, 4096), (4097, 8192), (100_000, 102_400)] {
+    for (len, size) in [
+        (1, 4096),
+        (4095, 4096),
+        (4096, 4096),
+        (4097, 8192),
+        (100_000, 102_400),
+    ] {
         let buf = heap.alloc(len).unwrap();
         assert_eq!(buf.size().unwrap(), size, "alloc({len})");
-        assert_eq!(buf.fdinfo().unwrap().size, size, "fdinfo size of alloc({len})");
+        assert_eq!(
+            buf.fdinfo().unwrap().size,
+            size,
+            "fdinfo size of alloc({len})"
+        );
     }
 }
 
@@ -67,17 +84,30 @@ fn heap_bad_inputs_give_typed_errors_and_leak_no_fd() {
     match DmaHeap::open("no-such-heap") {
         Err(e @ Error::HeapNotFound { .. }) => {
             let msg = e.to_string();
-            assert!(msg.contains("no-such-heap") && msg.contains("system"), "{msg}");
+            assert!(
+                msg.contains("no-such-heap") && msg.contains("system"),
+                "{msg}"
+            );
         }
         other => panic!("unexpected {other:?}"),
     }
-    assert!(matches!(DmaHeap::open("../udmabuf"), Err(Error::HeapNotFound { .. })));
+    assert!(matches!(
+        DmaHeap::open("../udmabuf"),
+        Err(Error::HeapNotFound { .. })
+    ));
     match heap.alloc(0) {
-        Err(Error::InvalidRange { target, problem: RangeProblem::Empty, .. }) => assert!(target.contains("system"), "{target}"),
+        Err(Error::InvalidRange {
+            target,
+            problem: RangeProblem::Empty,
+            ..
+        }) => assert!(target.contains("system"), "{target}"),
         other => panic!("unexpected {other:?}"),
     }
     match heap.alloc(u64::MAX - 10) {
-        Err(Error::InvalidRange { problem: RangeProblem::Overflow, .. }) => {}
+        Err(Error::InvalidRange {
+            problem: RangeProblem::Overflow,
+            ..
+        }) => {}
         other => panic!("unexpected {other:?}"),
     }
     assert_eq!(open_fd_count(), before, "a refused allocation leaked an fd");

@@ -34,19 +34,19 @@
 // Failing a test by panicking is what tests do.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use dmabuf_p2p::ByteRange;
 use dmabuf_p2p::engine::edu::Edu;
 use dmabuf_p2p::engine::{Completion, DmaEngine};
 use dmabuf_p2p::exporter::vfio::{BarMapping, VfioPciDevice};
 use dmabuf_p2p::importer::iommufd::{Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::revoke::{Attachment, RestorePolicy, RevocationEvent, RevokeReason};
-use dmabuf_p2p::ByteRange;
-use dmabuf_p2p_vm_tests::{ivshmem_devices, pci_devices, request_host_check, EDU_ID};
+use dmabuf_p2p_vm_tests::{EDU_ID, ivshmem_devices, pci_devices, request_host_check};
 
 /// Rounds in all, split between the streams.
 const ROUNDS: u32 = 1000;
@@ -99,7 +99,10 @@ fn compare_bar(bar: &BarMapping, expected: &mut [u64]) -> (u64, Option<usize>) {
 
 /// The bytes as native-endian 8-byte words (`bytes.len()` is a multiple of 8).
 fn words(bytes: &[u8]) -> Vec<u64> {
-    bytes.chunks_exact(8).map(|c| u64::from_ne_bytes(c.try_into().unwrap())).collect()
+    bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_ne_bytes(c.try_into().unwrap()))
+        .collect()
 }
 
 /// Writes a line to the kernel log (`/dev/kmsg`), which the test bed saves as
@@ -134,11 +137,23 @@ struct StreamReport {
 }
 
 /// Runs `rounds` rounds on one engine and one exporter in an IOAS of its own.
-fn stream(iommufd: &Iommufd, engine: &str, shm_bdf: &str, shm: &str, rounds: u32, seed: u64) -> StreamReport {
+fn stream(
+    iommufd: &Iommufd,
+    engine: &str,
+    shm_bdf: &str,
+    shm: &str,
+    rounds: u32,
+    seed: u64,
+) -> StreamReport {
     let started = Instant::now();
     let ioas = iommufd.alloc_ioas().unwrap();
     let mut edu = Edu::open(engine.parse().unwrap(), &ioas).unwrap();
-    assert_eq!(edu.completion(), Completion::Interrupt, "{engine}: MSI set-up failed: {:?}", edu.polling_reason());
+    assert_eq!(
+        edu.completion(),
+        Completion::Interrupt,
+        "{engine}: MSI set-up failed: {:?}",
+        edu.polling_reason()
+    );
 
     let mut dev = VfioPciDevice::open(shm_bdf.parse().unwrap()).unwrap();
     dev.bind(iommufd).unwrap();
@@ -151,8 +166,14 @@ fn stream(iommufd: &Iommufd, engine: &str, shm_bdf: &str, shm: &str, rounds: u32
     let mut expected = words(&initial);
 
     let export = dev.export_bar(2, &[ByteRange::new(0, len)]).unwrap();
-    let att = Attachment::map(&export, &ioas, IovaPlacement::Auto, MapPerms::ReadWrite, RestorePolicy::Automatic)
-        .unwrap();
+    let att = Attachment::map(
+        &export,
+        &ioas,
+        IovaPlacement::Auto,
+        MapPerms::ReadWrite,
+        RestorePolicy::Automatic,
+    )
+    .unwrap();
     let iova = att.iova();
     let revoked_events = Arc::new(AtomicU64::new(0));
     let restored_events = Arc::new(AtomicU64::new(0));
@@ -176,10 +197,21 @@ fn stream(iommufd: &Iommufd, engine: &str, shm_bdf: &str, shm: &str, rounds: u32
     let poison_words = words(&poison);
     let src = Memfd::new("load-src", 0x1000).unwrap();
     src.write_at(0, &data).unwrap();
-    let src_map = ioas.map_file(&src, ByteRange::new(0, 0x1000), IovaPlacement::Auto, MapPerms::Read).unwrap();
+    let src_map = ioas
+        .map_file(
+            &src,
+            ByteRange::new(0, 0x1000),
+            IovaPlacement::Auto,
+            MapPerms::Read,
+        )
+        .unwrap();
     edu.load(src_map.iova(), 0, COPY, DMA_TIMEOUT).unwrap();
 
-    let mut report = StreamReport { shm: shm.to_owned(), engine: engine.to_owned(), ..StreamReport::default() };
+    let mut report = StreamReport {
+        shm: shm.to_owned(),
+        engine: engine.to_owned(),
+        ..StreamReport::default()
+    };
     let slots = (len - COPY) / 8 + 1;
     for round in 0..rounds {
         // Offsets spread over the whole BAR, 8-byte aligned.
@@ -197,8 +229,15 @@ fn stream(iommufd: &Iommufd, engine: &str, shm_bdf: &str, shm: &str, rounds: u32
 
         // 2. Revoke.
         dev.set_memory_decode(false).unwrap();
-        assert_eq!(att.revoked_reason(), Some(RevokeReason::MemoryDecodeOff), "{shm} round {round}: not revoked");
-        assert!(att.ensure_live().is_err(), "{shm} round {round}: ensure_live passes while revoked");
+        assert_eq!(
+            att.revoked_reason(),
+            Some(RevokeReason::MemoryDecodeOff),
+            "{shm} round {round}: not revoked"
+        );
+        assert!(
+            att.ensure_live().is_err(),
+            "{shm} round {round}: ensure_live passes while revoked"
+        );
         lap(0, &mut report.steps);
 
         // 3. A raw copy to the revoked IOVA, bypassing the library's check.
@@ -207,8 +246,16 @@ fn stream(iommufd: &Iommufd, engine: &str, shm_bdf: &str, shm: &str, rounds: u32
 
         // 4. Restore.
         dev.set_memory_decode(true).unwrap();
-        assert!(!att.is_revoked(), "{shm} round {round}: not restored ({:?})", att.last_error());
-        assert_eq!(att.iova(), iova, "{shm} round {round}: restored at another IOVA");
+        assert!(
+            !att.is_revoked(),
+            "{shm} round {round}: not restored ({:?})",
+            att.last_error()
+        );
+        assert_eq!(
+            att.iova(),
+            iova,
+            "{shm} round {round}: restored at another IOVA"
+        );
         lap(2, &mut report.steps);
 
         // 5. Not one byte may have changed.
@@ -237,14 +284,24 @@ fn stream(iommufd: &Iommufd, engine: &str, shm_bdf: &str, shm: &str, rounds: u32
     }
 
     let (n, first) = compare_bar(&bar, &mut expected);
-    assert_eq!(n, 0, "{shm}: {n} bytes of the BAR changed outside the rounds' copies, the first at {first:?}");
+    assert_eq!(
+        n, 0,
+        "{shm}: {n} bytes of the BAR changed outside the rounds' copies, the first at {first:?}"
+    );
     let end: Vec<u8> = expected.iter().flat_map(|w| w.to_ne_bytes()).collect();
     request_host_check(shm, 0, &end);
     let (revocations, restores) = att.counts();
-    assert_eq!((revocations, restores), (u64::from(rounds), u64::from(rounds)), "{shm}: attachment counts");
+    assert_eq!(
+        (revocations, restores),
+        (u64::from(rounds), u64::from(rounds)),
+        "{shm}: attachment counts"
+    );
     report.revoked_events = revoked_events.load(Ordering::Relaxed);
     report.restored_events = restored_events.load(Ordering::Relaxed);
-    assert!(dev.memory_decode().unwrap(), "{shm}: memory decode is left on");
+    assert!(
+        dev.memory_decode().unwrap(),
+        "{shm}: memory decode is left on"
+    );
     report.elapsed = started.elapsed();
     report
 }
@@ -258,22 +315,31 @@ fn thousand_revocations_under_load_leak_nothing() {
     let engines = pci_devices(EDU_ID);
     let shms = small_shms();
     let streams = engines.len().min(shms.len());
-    assert!(streams > 0, "the load test needs edu engines ({engines:?}) and 64 KiB ivshmem devices ({shms:?})");
+    assert!(
+        streams > 0,
+        "the load test needs edu engines ({engines:?}) and 64 KiB ivshmem devices ({shms:?})"
+    );
     let iommufd = Iommufd::open().unwrap();
 
     let reports: Vec<StreamReport> = thread::scope(|s| {
         let handles: Vec<_> = (0..streams)
             .map(|i| {
-                let rounds = ROUNDS / streams as u32 + u32::from((i as u32) < ROUNDS % streams as u32);
+                let rounds =
+                    ROUNDS / streams as u32 + u32::from((i as u32) < ROUNDS % streams as u32);
                 let (engine, (shm_bdf, shm)) = (&engines[i], &shms[i]);
                 let iommufd = &iommufd;
                 thread::Builder::new()
                     .name(format!("load-{shm}"))
-                    .spawn_scoped(s, move || stream(iommufd, engine, shm_bdf, shm, rounds, 0x10ad + i as u64))
+                    .spawn_scoped(s, move || {
+                        stream(iommufd, engine, shm_bdf, shm, rounds, 0x10ad + i as u64)
+                    })
                     .unwrap()
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
     });
 
     let wall = started.elapsed();
@@ -301,9 +367,24 @@ fn thousand_revocations_under_load_leak_nothing() {
         wall.as_secs_f64()
     ));
     for r in &reports {
-        assert!(r.leaks.is_empty(), "{}: the BAR changed while revoked in rounds (round, first offset) {:?}", r.shm, r.leaks);
-        assert!(r.missed.is_empty(), "{}: copies after restore did not land in rounds {:?}", r.shm, r.missed);
-        assert_eq!((r.revoked_events, r.restored_events), (u64::from(r.rounds), u64::from(r.rounds)), "{}", r.shm);
+        assert!(
+            r.leaks.is_empty(),
+            "{}: the BAR changed while revoked in rounds (round, first offset) {:?}",
+            r.shm,
+            r.leaks
+        );
+        assert!(
+            r.missed.is_empty(),
+            "{}: copies after restore did not land in rounds {:?}",
+            r.shm,
+            r.missed
+        );
+        assert_eq!(
+            (r.revoked_events, r.restored_events),
+            (u64::from(r.rounds), u64::from(r.rounds)),
+            "{}",
+            r.shm
+        );
     }
     assert_eq!(rounds, ROUNDS);
     assert_eq!(leaked, 0);

@@ -24,20 +24,20 @@
 // Failing a test by panicking is what tests do.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use dmabuf_p2p::engine::edu::{Edu, EDU_BUFFER_USABLE};
+use dmabuf_p2p::ByteRange;
+use dmabuf_p2p::engine::edu::{EDU_BUFFER_USABLE, Edu};
 use dmabuf_p2p::engine::{Completion, DmaEngine};
 use dmabuf_p2p::exporter::vfio::{BarExport, VfioPciDevice};
 use dmabuf_p2p::importer::iommufd::{Ioas, Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::revoke::{Attachment, BufferState, RestorePolicy, RevocationEvent, RevokeReason};
-use dmabuf_p2p::ByteRange;
 use dmabuf_p2p_vm_tests::{
-    assert_bytes, bar_read, bar_write, check_write_faults, edu_address, pattern, pci_devices, request_host_check,
-    shm_address, Kmsg, DMA_TIMEOUT, EDU_ID,
+    DMA_TIMEOUT, EDU_ID, Kmsg, assert_bytes, bar_read, bar_write, check_write_faults, edu_address,
+    pattern, pci_devices, request_host_check, shm_address,
 };
 
 const PAGE: u64 = 0x1000;
@@ -45,7 +45,12 @@ const PAGE: u64 = 0x1000;
 /// The edu engine attached to `ioas`, completing by MSI.
 fn open_edu(ioas: &Ioas) -> Edu {
     let edu = Edu::open(edu_address().parse().unwrap(), ioas).unwrap();
-    assert_eq!(edu.completion(), Completion::Interrupt, "MSI set-up failed: {:?}", edu.polling_reason());
+    assert_eq!(
+        edu.completion(),
+        Completion::Interrupt,
+        "MSI set-up failed: {:?}",
+        edu.polling_reason()
+    );
     edu
 }
 
@@ -58,11 +63,17 @@ fn open_shm(name: &str, iommufd: &Iommufd) -> VfioPciDevice {
 }
 
 /// A memfd holding `data` (and zeros up to a whole page), mapped in `ioas`.
-fn source(ioas: &Ioas, data: &[u8], perms: MapPerms) -> (Memfd, dmabuf_p2p::importer::iommufd::IoasMapping) {
+fn source(
+    ioas: &Ioas,
+    data: &[u8],
+    perms: MapPerms,
+) -> (Memfd, dmabuf_p2p::importer::iommufd::IoasMapping) {
     let size = (data.len() as u64).next_multiple_of(PAGE);
     let mem = Memfd::new("p2p-src", size).unwrap();
     mem.write_at(0, data).unwrap();
-    let map = ioas.map_file(&mem, ByteRange::new(0, size), IovaPlacement::Auto, perms).unwrap();
+    let map = ioas
+        .map_file(&mem, ByteRange::new(0, size), IovaPlacement::Auto, perms)
+        .unwrap();
     (mem, map)
 }
 
@@ -77,13 +88,25 @@ fn host_ram_to_bar() {
     let bar = target.map_bar(2).unwrap();
     bar_write(&bar, 0, &[0u8; 8192]);
     let export = target.export_bar(2, &[ByteRange::new(0, 0x10000)]).unwrap();
-    let att =
-        Attachment::map(&export, &ioas, IovaPlacement::Auto, MapPerms::ReadWrite, RestorePolicy::Automatic).unwrap();
+    let att = Attachment::map(
+        &export,
+        &ioas,
+        IovaPlacement::Auto,
+        MapPerms::ReadWrite,
+        RestorePolicy::Automatic,
+    )
+    .unwrap();
 
     let data = pattern(7, 4096);
     let (_src, src_map) = source(&ioas, &data, MapPerms::Read);
-    edu.memcpy(src_map.iova(), att.iova() + 0x1000, 4096, DMA_TIMEOUT).unwrap();
-    assert_bytes(&bar_read(&bar, 0x1000, 4096), &data, 0x1000, "shm0 BAR2 after the copy");
+    edu.memcpy(src_map.iova(), att.iova() + 0x1000, 4096, DMA_TIMEOUT)
+        .unwrap();
+    assert_bytes(
+        &bar_read(&bar, 0x1000, 4096),
+        &data,
+        0x1000,
+        "shm0 BAR2 after the copy",
+    );
     request_host_check("shm0", 0x1000, &data);
 }
 
@@ -100,12 +123,27 @@ fn bar_to_host_ram() {
     let data = pattern(21, 0x800);
     bar_write(&bar, 0x6000, &data);
     let export = dev.export_bar(2, &[ByteRange::new(0x6000, PAGE)]).unwrap();
-    let att = Attachment::map(&export, &ioas, IovaPlacement::Auto, MapPerms::Read, RestorePolicy::Automatic).unwrap();
+    let att = Attachment::map(
+        &export,
+        &ioas,
+        IovaPlacement::Auto,
+        MapPerms::Read,
+        RestorePolicy::Automatic,
+    )
+    .unwrap();
 
     let dst = Memfd::new("p2p-dst", 0x4000).unwrap();
     dst.write_at(0, &[0xee; 0x4000]).unwrap();
-    let dst_map = ioas.map_file(&dst, ByteRange::new(0, 0x4000), IovaPlacement::Auto, MapPerms::ReadWrite).unwrap();
-    edu.memcpy(att.iova(), dst_map.iova() + 0x1230, 0x800, DMA_TIMEOUT).unwrap();
+    let dst_map = ioas
+        .map_file(
+            &dst,
+            ByteRange::new(0, 0x4000),
+            IovaPlacement::Auto,
+            MapPerms::ReadWrite,
+        )
+        .unwrap();
+    edu.memcpy(att.iova(), dst_map.iova() + 0x1230, 0x800, DMA_TIMEOUT)
+        .unwrap();
 
     let mut got = vec![0u8; 0x4000];
     dst.read_at(0, &mut got).unwrap();
@@ -128,25 +166,52 @@ fn bar_to_bar() {
     let src_bar = src_dev.map_bar(2).unwrap();
     let data = pattern(33, 0x800);
     bar_write(&src_bar, 0x8100, &data);
-    let src_export = src_dev.export_bar(2, &[ByteRange::new(0x8000, PAGE)]).unwrap();
-    let src =
-        Attachment::map(&src_export, &ioas, IovaPlacement::Auto, MapPerms::Read, RestorePolicy::Automatic).unwrap();
+    let src_export = src_dev
+        .export_bar(2, &[ByteRange::new(0x8000, PAGE)])
+        .unwrap();
+    let src = Attachment::map(
+        &src_export,
+        &ioas,
+        IovaPlacement::Auto,
+        MapPerms::Read,
+        RestorePolicy::Automatic,
+    )
+    .unwrap();
 
     let dst_dev = open_shm("shm1", &iommufd);
     let dst_bar = dst_dev.map_bar(2).unwrap();
     let background = pattern(34, PAGE as usize);
     bar_write(&dst_bar, 0x10_0000, &background);
-    let dst_export = dst_dev.export_bar(2, &[ByteRange::new(0x10_0000, PAGE)]).unwrap();
-    let dst = Attachment::map(&dst_export, &ioas, IovaPlacement::Auto, MapPerms::ReadWrite, RestorePolicy::Automatic)
+    let dst_export = dst_dev
+        .export_bar(2, &[ByteRange::new(0x10_0000, PAGE)])
         .unwrap();
+    let dst = Attachment::map(
+        &dst_export,
+        &ioas,
+        IovaPlacement::Auto,
+        MapPerms::ReadWrite,
+        RestorePolicy::Automatic,
+    )
+    .unwrap();
     assert_ne!(src.info().exporter, dst.info().exporter, "two exporters");
 
-    edu.memcpy(src.iova() + 0x100, dst.iova() + 0x300, 0x800, DMA_TIMEOUT).unwrap();
+    edu.memcpy(src.iova() + 0x100, dst.iova() + 0x300, 0x800, DMA_TIMEOUT)
+        .unwrap();
 
     let mut want = background;
     want[0x300..0xb00].copy_from_slice(&data);
-    assert_bytes(&bar_read(&dst_bar, 0x10_0000, PAGE as usize), &want, 0x10_0000, "shm1 BAR2 after the copy");
-    assert_bytes(&bar_read(&src_bar, 0x8100, data.len()), &data, 0x8100, "shm0 BAR2 (the source) after the copy");
+    assert_bytes(
+        &bar_read(&dst_bar, 0x10_0000, PAGE as usize),
+        &want,
+        0x10_0000,
+        "shm1 BAR2 after the copy",
+    );
+    assert_bytes(
+        &bar_read(&src_bar, 0x8100, data.len()),
+        &data,
+        0x8100,
+        "shm0 BAR2 (the source) after the copy",
+    );
     request_host_check("shm1", 0x10_0000, &want);
 }
 
@@ -164,25 +229,43 @@ fn sub_range_export() {
     let background = pattern(40, 0x4000);
     bar_write(&bar, AREA, &background);
 
-    let export = dev.export_bar(2, &[ByteRange::new(0x3000, 0x2000)]).unwrap();
+    let export = dev
+        .export_bar(2, &[ByteRange::new(0x3000, 0x2000)])
+        .unwrap();
     assert_eq!(export.size(), 0x2000);
     let bar_start = dev.bar(2).unwrap().resource.start;
-    assert_eq!(export.phys_ranges()[0].start, bar_start + 0x3000, "the export's physical start");
-    let att =
-        Attachment::map(&export, &ioas, IovaPlacement::Auto, MapPerms::ReadWrite, RestorePolicy::Automatic).unwrap();
+    assert_eq!(
+        export.phys_ranges()[0].start,
+        bar_start + 0x3000,
+        "the export's physical start"
+    );
+    let att = Attachment::map(
+        &export,
+        &ioas,
+        IovaPlacement::Auto,
+        MapPerms::ReadWrite,
+        RestorePolicy::Automatic,
+    )
+    .unwrap();
     assert_eq!(att.length(), 0x2000);
 
     let data = pattern(41, 0x40);
     let (_src, src_map) = source(&ioas, &data, MapPerms::Read);
     edu.load(src_map.iova(), 0, 0x40, DMA_TIMEOUT).unwrap();
     edu.store(0, att.iova() + 0x10, 0x40, DMA_TIMEOUT).unwrap();
-    edu.store(0, att.iova() + 0x2000 - 0x30, 0x30, DMA_TIMEOUT).unwrap();
+    edu.store(0, att.iova() + 0x2000 - 0x30, 0x30, DMA_TIMEOUT)
+        .unwrap();
 
     let mut want = background;
     let at = |bar_off: u64| (bar_off - AREA) as usize;
     want[at(0x3010)..at(0x3050)].copy_from_slice(&data);
     want[at(0x4fd0)..at(0x5000)].copy_from_slice(&data[..0x30]);
-    assert_bytes(&bar_read(&bar, AREA, 0x4000), &want, AREA, "shm0 BAR2 0x2000..0x6000");
+    assert_bytes(
+        &bar_read(&bar, AREA, 0x4000),
+        &want,
+        AREA,
+        "shm0 BAR2 0x2000..0x6000",
+    );
     request_host_check("shm0", AREA, &want);
 }
 
@@ -200,7 +283,14 @@ fn read_only_import() {
     let old = pattern(50, PAGE as usize);
     bar_write(&bar, AT, &old);
     let export = dev.export_bar(2, &[ByteRange::new(AT, PAGE)]).unwrap();
-    let ro = Attachment::map(&export, &ioas, IovaPlacement::Auto, MapPerms::Read, RestorePolicy::Automatic).unwrap();
+    let ro = Attachment::map(
+        &export,
+        &ioas,
+        IovaPlacement::Auto,
+        MapPerms::Read,
+        RestorePolicy::Automatic,
+    )
+    .unwrap();
 
     // The memfd: new bytes in its first half, a marked second half to read into.
     let mut init = pattern(51, 0x800);
@@ -209,20 +299,36 @@ fn read_only_import() {
 
     let mut kmsg = Kmsg::open_at_end().unwrap();
     edu.load(mem_map.iova(), 0, 0x800, DMA_TIMEOUT).unwrap();
-    Kmsg::mark(&format!("edu store of 0x800 bytes to read-only IOVA {:#x}", ro.iova() + 0x100));
+    Kmsg::mark(&format!(
+        "edu store of 0x800 bytes to read-only IOVA {:#x}",
+        ro.iova() + 0x100
+    ));
     edu.store(0, ro.iova() + 0x100, 0x800, DMA_TIMEOUT).unwrap();
     let faults = kmsg.iommu_faults(Duration::from_millis(200));
     let records = check_write_faults(&faults, &edu_address());
-    println!("{records} IOMMU fault record(s) logged for the write through the read-only import: {faults:#?}");
-    assert_bytes(&bar_read(&bar, AT, PAGE as usize), &old, AT, "BAR after a DMA write through a read-only import");
+    println!(
+        "{records} IOMMU fault record(s) logged for the write through the read-only import: {faults:#?}"
+    );
+    assert_bytes(
+        &bar_read(&bar, AT, PAGE as usize),
+        &old,
+        AT,
+        "BAR after a DMA write through a read-only import",
+    );
 
     edu.load(ro.iova() + 0x100, 0, 0x800, DMA_TIMEOUT).unwrap();
-    edu.store(0, mem_map.iova() + 0x1000, 0x800, DMA_TIMEOUT).unwrap();
+    edu.store(0, mem_map.iova() + 0x1000, 0x800, DMA_TIMEOUT)
+        .unwrap();
     let mut got = vec![0u8; 0x1000];
     mem.read_at(0x1000, &mut got).unwrap();
     let mut want = old[0x100..0x900].to_vec();
     want.resize(0x1000, 0xee);
-    assert_bytes(&got, &want, 0x1000, "memfd after reading through the read-only import");
+    assert_bytes(
+        &got,
+        &want,
+        0x1000,
+        "memfd after reading through the read-only import",
+    );
     request_host_check("shm0", AT, &old);
 }
 
@@ -234,7 +340,10 @@ fn free_iova(ioas: &Ioas, len: u64) -> u64 {
     for floor in [1u64 << 32, ALIGN] {
         for r in &ranges.ranges {
             let start = r.start.max(floor).next_multiple_of(ALIGN);
-            if start.checked_add(len - 1).is_some_and(|last| last <= r.last) {
+            if start
+                .checked_add(len - 1)
+                .is_some_and(|last| last <= r.last)
+            {
                 return start;
             }
         }
@@ -260,7 +369,12 @@ fn many_dmabufs_at_once() {
         .iter()
         .map(|a| {
             let edu = Edu::open(a.parse().unwrap(), &ioas).unwrap();
-            assert_eq!(edu.completion(), Completion::Interrupt, "{a}: MSI set-up failed: {:?}", edu.polling_reason());
+            assert_eq!(
+                edu.completion(),
+                Completion::Interrupt,
+                "{a}: MSI set-up failed: {:?}",
+                edu.polling_reason()
+            );
             edu
         })
         .collect();
@@ -273,15 +387,25 @@ fn many_dmabufs_at_once() {
     // a store reaching the wrong buffer shows.
     let page_of = |s: usize| (s * 77 + 13) % N;
     let base = free_iova(&ioas, N as u64 * PAGE);
-    let exports: Vec<BarExport> =
-        (0..N).map(|p| dev.export_bar(2, &[ByteRange::new(REGION + p as u64 * PAGE, PAGE)]).unwrap()).collect();
+    let exports: Vec<BarExport> = (0..N)
+        .map(|p| {
+            dev.export_bar(2, &[ByteRange::new(REGION + p as u64 * PAGE, PAGE)])
+                .unwrap()
+        })
+        .collect();
     let revoked = Arc::new(AtomicUsize::new(0));
     let restored = Arc::new(AtomicUsize::new(0));
     let atts: Vec<Attachment> = (0..N)
         .map(|s| {
             let at = IovaPlacement::Fixed(base + s as u64 * PAGE);
-            let att = Attachment::map(&exports[page_of(s)], &ioas, at, MapPerms::ReadWrite, RestorePolicy::Automatic)
-                .unwrap_or_else(|e| panic!("mapping dma-buf {s}: {e}"));
+            let att = Attachment::map(
+                &exports[page_of(s)],
+                &ioas,
+                at,
+                MapPerms::ReadWrite,
+                RestorePolicy::Automatic,
+            )
+            .unwrap_or_else(|e| panic!("mapping dma-buf {s}: {e}"));
             let (rv, rs) = (Arc::clone(&revoked), Arc::clone(&restored));
             att.on_event(move |_, ev| match ev {
                 RevocationEvent::Revoked(RevokeReason::MemoryDecodeOff) => {
@@ -323,7 +447,13 @@ fn many_dmabufs_at_once() {
             scope.spawn(move || {
                 edu.load(src, 0, EDU_BUFFER_USABLE, DMA_TIMEOUT).unwrap();
                 for j in (e..N / 2).step_by(count) {
-                    edu.store(buffer_offset(j) as u64, boundary(2 * j + 1), 2 * HALF as u64, DMA_TIMEOUT).unwrap();
+                    edu.store(
+                        buffer_offset(j) as u64,
+                        boundary(2 * j + 1),
+                        2 * HALF as u64,
+                        DMA_TIMEOUT,
+                    )
+                    .unwrap();
                 }
             });
         }
@@ -331,21 +461,46 @@ fn many_dmabufs_at_once() {
     for j in 0..N / 2 {
         expect(&mut want, 2 * j + 1, buffer_offset(j));
     }
-    assert_bytes(&bar_read(&bar, REGION, N * PAGE as usize), &want, REGION, "shm1 BAR2 after the 128 stores");
+    assert_bytes(
+        &bar_read(&bar, REGION, N * PAGE as usize),
+        &want,
+        REGION,
+        "shm1 BAR2 after the 128 stores",
+    );
 
     // Revoke all 256 at once; a store across slots 127|128 must change nothing.
     let (b, o) = (N / 2, buffer_offset(N / 2));
     dev.set_memory_decode(false).unwrap();
-    assert_eq!(revoked.load(Ordering::SeqCst), N, "every attachment told of the revocation");
-    assert!(atts.iter().all(|a| a.revoked_reason() == Some(RevokeReason::MemoryDecodeOff)));
+    assert_eq!(
+        revoked.load(Ordering::SeqCst),
+        N,
+        "every attachment told of the revocation"
+    );
+    assert!(
+        atts.iter()
+            .all(|a| a.revoked_reason() == Some(RevokeReason::MemoryDecodeOff))
+    );
     let edu = &mut engines[0];
-    Kmsg::mark(&format!("edu store of {:#x} bytes to revoked IOVA {:#x}", 2 * HALF, boundary(b)));
-    edu.store(o as u64, boundary(b), 2 * HALF as u64, DMA_TIMEOUT).unwrap();
+    Kmsg::mark(&format!(
+        "edu store of {:#x} bytes to revoked IOVA {:#x}",
+        2 * HALF,
+        boundary(b)
+    ));
+    edu.store(o as u64, boundary(b), 2 * HALF as u64, DMA_TIMEOUT)
+        .unwrap();
     dev.set_memory_decode(true).unwrap();
     assert_eq!(dev.hub().state(), BufferState::Live);
-    assert_eq!(restored.load(Ordering::SeqCst), N, "every attachment restored");
+    assert_eq!(
+        restored.load(Ordering::SeqCst),
+        N,
+        "every attachment restored"
+    );
     for (s, att) in atts.iter().enumerate() {
-        assert!(!att.is_revoked(), "slot {s} still revoked: {:?}", att.last_error());
+        assert!(
+            !att.is_revoked(),
+            "slot {s} still revoked: {:?}",
+            att.last_error()
+        );
         assert_eq!(att.iova(), base + s as u64 * PAGE);
     }
     // That store could only reach the pages behind slots b-1 and b (the
@@ -354,12 +509,18 @@ fn many_dmabufs_at_once() {
         for page in [page_of(b - 1), page_of(b)] {
             let at = page * PAGE as usize;
             let off = REGION + at as u64;
-            assert_bytes(&bar_read(&bar, off, PAGE as usize), &want[at..at + PAGE as usize], off, what);
+            assert_bytes(
+                &bar_read(&bar, off, PAGE as usize),
+                &want[at..at + PAGE as usize],
+                off,
+                what,
+            );
         }
     };
     check_pages(&want, "shm1 BAR2 after a store into 256 revoked dma-bufs");
 
-    edu.store(o as u64, boundary(b), 2 * HALF as u64, DMA_TIMEOUT).unwrap();
+    edu.store(o as u64, boundary(b), 2 * HALF as u64, DMA_TIMEOUT)
+        .unwrap();
     expect(&mut want, b, o);
     check_pages(&want, "shm1 BAR2 after a store into the restored dma-bufs");
     request_host_check("shm1", REGION, &want);

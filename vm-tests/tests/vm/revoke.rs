@@ -21,14 +21,16 @@ use std::time::Duration;
 
 use dmabuf_p2p::engine::edu::Edu;
 use dmabuf_p2p::engine::{Completion, DmaEngine};
-use dmabuf_p2p::exporter::vfio::{BarMapping, VfioPciDevice, CONFIG_REGION_INDEX};
+use dmabuf_p2p::exporter::vfio::{BarMapping, CONFIG_REGION_INDEX, VfioPciDevice};
 use dmabuf_p2p::importer::iommufd::{Ioas, IoasMapping, Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
-use dmabuf_p2p::revoke::{probe_revoked, Attachment, BufferState, RestorePolicy, RevocationEvent, RevokeReason};
+use dmabuf_p2p::revoke::{
+    Attachment, BufferState, RestorePolicy, RevocationEvent, RevokeReason, probe_revoked,
+};
 use dmabuf_p2p::{ByteRange, Error};
 use dmabuf_p2p_vm_tests::{
-    assert_bytes, bar_read, bar_write, check_write_faults, edu_address, pattern, request_host_check, shm_address, Kmsg,
-    DMA_TIMEOUT,
+    DMA_TIMEOUT, Kmsg, assert_bytes, bar_read, bar_write, check_write_faults, edu_address, pattern,
+    request_host_check, shm_address,
 };
 
 /// The size of each test's area and of its export.
@@ -61,7 +63,12 @@ impl Rig {
         let iommufd = Iommufd::open().unwrap();
         let ioas = iommufd.alloc_ioas().unwrap();
         let edu = Edu::open(edu_address().parse().unwrap(), &ioas).unwrap();
-        assert_eq!(edu.completion(), Completion::Interrupt, "MSI set-up failed: {:?}", edu.polling_reason());
+        assert_eq!(
+            edu.completion(),
+            Completion::Interrupt,
+            "MSI set-up failed: {:?}",
+            edu.polling_reason()
+        );
         let mut dev = VfioPciDevice::open(shm_address("shm0").parse().unwrap()).unwrap();
         dev.bind(&iommufd).unwrap();
         dev.set_memory_decode(true).unwrap();
@@ -71,8 +78,26 @@ impl Rig {
         let new = pattern(seed.wrapping_add(100).into(), COPY as usize);
         let src = Memfd::new("revoke-src", 0x1000).unwrap();
         src.write_at(0, &new).unwrap();
-        let src_map = ioas.map_file(&src, ByteRange::new(0, 0x1000), IovaPlacement::Auto, MapPerms::Read).unwrap();
-        Self { iommufd, ioas, edu, src_map, src, new, old, area, bar: Some(bar), dev: Some(dev) }
+        let src_map = ioas
+            .map_file(
+                &src,
+                ByteRange::new(0, 0x1000),
+                IovaPlacement::Auto,
+                MapPerms::Read,
+            )
+            .unwrap();
+        Self {
+            iommufd,
+            ioas,
+            edu,
+            src_map,
+            src,
+            new,
+            old,
+            area,
+            bar: Some(bar),
+            dev: Some(dev),
+        }
     }
 
     fn dev(&self) -> &VfioPciDevice {
@@ -81,8 +106,18 @@ impl Rig {
 
     /// Exports `area + at .. + len` and maps it with `policy`, recording its events.
     fn attach(&self, at: u64, len: u64, policy: RestorePolicy) -> (Attachment, Events) {
-        let export = self.dev().export_bar(2, &[ByteRange::new(self.area + at, len)]).unwrap();
-        let att = Attachment::map(&export, &self.ioas, IovaPlacement::Auto, MapPerms::ReadWrite, policy).unwrap();
+        let export = self
+            .dev()
+            .export_bar(2, &[ByteRange::new(self.area + at, len)])
+            .unwrap();
+        let att = Attachment::map(
+            &export,
+            &self.ioas,
+            IovaPlacement::Auto,
+            MapPerms::ReadWrite,
+            policy,
+        )
+        .unwrap();
         let events = Events::default();
         let log = Arc::clone(&events.0);
         att.on_event(move |_, ev| log.lock().unwrap().push(ev.clone()));
@@ -96,7 +131,9 @@ impl Rig {
 
     /// An engine copy of the new bytes to `iova`: two transfers.
     fn copy(&mut self, iova: u64) {
-        self.edu.memcpy(self.src_map.iova(), iova, COPY, DMA_TIMEOUT).unwrap();
+        self.edu
+            .memcpy(self.src_map.iova(), iova, COPY, DMA_TIMEOUT)
+            .unwrap();
     }
 
     /// A raw engine copy of the new bytes to `iova`, which is revoked, as a
@@ -107,7 +144,9 @@ impl Rig {
     /// caller checks the BAR.
     fn copy_into_revoked(&mut self, iova: u64, what: &str) {
         let mut kmsg = Kmsg::open_at_end().unwrap();
-        Kmsg::mark(&format!("{what}: edu copy of {COPY:#x} bytes to IOVA {iova:#x}"));
+        Kmsg::mark(&format!(
+            "{what}: edu copy of {COPY:#x} bytes to IOVA {iova:#x}"
+        ));
         self.copy(iova);
         let faults = kmsg.iommu_faults(Duration::from_millis(200));
         let records = check_write_faults(&faults, &edu_address());
@@ -138,7 +177,10 @@ impl Rig {
     /// `probe_revoked` to ask about (an attachment keeps its dma-buf to
     /// itself); it is revoked and restored with the attachment's.
     fn probe_buf(&self, at: u64) -> dmabuf_p2p::DmaBuf {
-        self.dev().export_bar(2, &[ByteRange::new(self.area + at, 0x1000)]).unwrap().into_dmabuf()
+        self.dev()
+            .export_bar(2, &[ByteRange::new(self.area + at, 0x1000)])
+            .unwrap()
+            .into_dmabuf()
     }
 }
 
@@ -162,31 +204,66 @@ fn memory_decode_off_revokes_and_on_restores() {
     let (att, events) = rig.attach(0, LEN, RestorePolicy::Automatic);
     let iova = att.iova();
     let buf = rig.probe_buf(0);
-    assert!(!probe_revoked(&rig.iommufd, &buf).unwrap(), "a live buffer probes live");
+    assert!(
+        !probe_revoked(&rig.iommufd, &buf).unwrap(),
+        "a live buffer probes live"
+    );
     att.ensure_live().unwrap();
 
     rig.dev().set_memory_decode(false).unwrap();
-    assert_eq!(events.get(), [RevocationEvent::Revoked(RevokeReason::MemoryDecodeOff)]);
+    assert_eq!(
+        events.get(),
+        [RevocationEvent::Revoked(RevokeReason::MemoryDecodeOff)]
+    );
     assert!(att.is_revoked());
     assert_eq!(att.revoked_reason(), Some(RevokeReason::MemoryDecodeOff));
-    assert!(matches!(att.ensure_live(), Err(Error::Revoked { .. })), "{:?}", att.ensure_live());
-    assert_eq!(rig.dev().hub().state(), BufferState::Revoked(RevokeReason::MemoryDecodeOff));
-    assert!(probe_revoked(&rig.iommufd, &buf).unwrap(), "the kernel says revoked while decode is off");
+    assert!(
+        matches!(att.ensure_live(), Err(Error::Revoked { .. })),
+        "{:?}",
+        att.ensure_live()
+    );
+    assert_eq!(
+        rig.dev().hub().state(),
+        BufferState::Revoked(RevokeReason::MemoryDecodeOff)
+    );
+    assert!(
+        probe_revoked(&rig.iommufd, &buf).unwrap(),
+        "the kernel says revoked while decode is off"
+    );
 
     rig.copy_into_revoked(iova + OFF, "copy into the revoked BAR");
 
     rig.dev().set_memory_decode(true).unwrap();
-    assert_eq!(events.get(), [RevocationEvent::Revoked(RevokeReason::MemoryDecodeOff), RevocationEvent::Restored]);
+    assert_eq!(
+        events.get(),
+        [
+            RevocationEvent::Revoked(RevokeReason::MemoryDecodeOff),
+            RevocationEvent::Restored
+        ]
+    );
     assert!(!att.is_revoked());
     assert_eq!(att.iova(), iova, "restored at the same IOVA");
     att.ensure_live().unwrap();
-    assert!(!probe_revoked(&rig.iommufd, &buf).unwrap(), "the kernel says live after decode on");
+    assert!(
+        !probe_revoked(&rig.iommufd, &buf).unwrap(),
+        "the kernel says live after decode on"
+    );
     assert_eq!(att.counts(), (1, 1));
-    assert_bytes(&rig.area_now(), &rig.old, rig.area, "BAR after a copy into the revoked buffer");
+    assert_bytes(
+        &rig.area_now(),
+        &rig.old,
+        rig.area,
+        "BAR after a copy into the revoked buffer",
+    );
 
     rig.store_again(iova + OFF);
     let want = rig.with_new_at(&rig.old, OFF);
-    assert_bytes(&rig.area_now(), &want, rig.area, "BAR after a copy into the restored buffer");
+    assert_bytes(
+        &rig.area_now(),
+        &want,
+        rig.area,
+        "BAR after a copy into the restored buffer",
+    );
     request_host_check("shm0", rig.area, &want);
 }
 
@@ -202,25 +279,48 @@ fn leave_revoked_stays_revoked_until_restore() {
 
     rig.dev().set_memory_decode(false).unwrap();
     assert!(att.is_revoked());
-    assert!(matches!(att.restore(), Err(Error::Revoked { .. })), "restore while the exporter revokes");
+    assert!(
+        matches!(att.restore(), Err(Error::Revoked { .. })),
+        "restore while the exporter revokes"
+    );
 
     rig.dev().set_memory_decode(true).unwrap();
     assert_eq!(rig.dev().hub().state(), BufferState::Live);
-    assert_eq!(events.get(), [RevocationEvent::Revoked(RevokeReason::MemoryDecodeOff)], "no automatic restore");
+    assert_eq!(
+        events.get(),
+        [RevocationEvent::Revoked(RevokeReason::MemoryDecodeOff)],
+        "no automatic restore"
+    );
     assert_eq!(att.revoked_reason(), Some(RevokeReason::MemoryDecodeOff));
     assert!(matches!(att.ensure_live(), Err(Error::Revoked { .. })));
 
     // The BAR is live, the attachment is not: the copy must not land.
     rig.copy_into_revoked(iova + OFF, "copy into the left-revoked attachment");
-    assert_bytes(&rig.area_now(), &rig.old, rig.area, "BAR after a copy into the left-revoked attachment");
+    assert_bytes(
+        &rig.area_now(),
+        &rig.old,
+        rig.area,
+        "BAR after a copy into the left-revoked attachment",
+    );
 
     att.restore().unwrap();
-    assert_eq!(events.get(), [RevocationEvent::Revoked(RevokeReason::MemoryDecodeOff), RevocationEvent::Restored]);
+    assert_eq!(
+        events.get(),
+        [
+            RevocationEvent::Revoked(RevokeReason::MemoryDecodeOff),
+            RevocationEvent::Restored
+        ]
+    );
     assert_eq!(att.iova(), iova, "restored at the same IOVA");
     att.ensure_live().unwrap();
     rig.store_again(iova + OFF);
     let want = rig.with_new_at(&rig.old, OFF);
-    assert_bytes(&rig.area_now(), &want, rig.area, "BAR after a copy into the restored attachment");
+    assert_bytes(
+        &rig.area_now(),
+        &want,
+        rig.area,
+        "BAR after a copy into the restored attachment",
+    );
     request_host_check("shm0", rig.area, &want);
 }
 
@@ -240,33 +340,66 @@ fn external_revoke_found_by_sync_with_kernel() {
     let raw = File::from(rig.dev().as_fd().try_clone_to_owned().unwrap());
     let command = rig.dev().command().unwrap();
     assert_ne!(command & 0x2, 0, "memory decode on");
-    raw.write_all_at(&(command & !0x2).to_le_bytes(), config + 4).unwrap();
+    raw.write_all_at(&(command & !0x2).to_le_bytes(), config + 4)
+        .unwrap();
 
     // The library did not see it ...
     assert!(!att.is_revoked());
     assert_eq!(rig.dev().hub().state(), BufferState::Live);
     assert!(events.get().is_empty());
     // ... but the kernel tore the IOMMU entries down already.
-    rig.copy_into_revoked(iova + OFF, "copy after the external revoke, before the library noticed");
+    rig.copy_into_revoked(
+        iova + OFF,
+        "copy after the external revoke, before the library noticed",
+    );
     assert!(probe_revoked(&rig.iommufd, &buf).unwrap());
-    assert!(att.sync_with_kernel(&rig.iommufd).unwrap(), "sync_with_kernel finds the revocation");
+    assert!(
+        att.sync_with_kernel(&rig.iommufd).unwrap(),
+        "sync_with_kernel finds the revocation"
+    );
     assert_eq!(att.revoked_reason(), Some(RevokeReason::External));
-    assert_eq!(events.get(), [RevocationEvent::Revoked(RevokeReason::External)]);
+    assert_eq!(
+        events.get(),
+        [RevocationEvent::Revoked(RevokeReason::External)]
+    );
     assert!(matches!(att.ensure_live(), Err(Error::Revoked { .. })));
 
-    raw.write_all_at(&command.to_le_bytes(), config + 4).unwrap();
-    assert!(att.is_revoked(), "the library did not see the decode-on either");
+    raw.write_all_at(&command.to_le_bytes(), config + 4)
+        .unwrap();
+    assert!(
+        att.is_revoked(),
+        "the library did not see the decode-on either"
+    );
     assert!(!probe_revoked(&rig.iommufd, &buf).unwrap());
-    assert!(!att.sync_with_kernel(&rig.iommufd).unwrap(), "sync_with_kernel finds the buffer live");
+    assert!(
+        !att.sync_with_kernel(&rig.iommufd).unwrap(),
+        "sync_with_kernel finds the buffer live"
+    );
     assert!(!att.is_revoked());
-    assert_eq!(events.get(), [RevocationEvent::Revoked(RevokeReason::External), RevocationEvent::Restored]);
+    assert_eq!(
+        events.get(),
+        [
+            RevocationEvent::Revoked(RevokeReason::External),
+            RevocationEvent::Restored
+        ]
+    );
     assert_eq!(att.iova(), iova, "restored at the same IOVA");
     assert_eq!(rig.dev().hub().state(), BufferState::Live);
-    assert_bytes(&rig.area_now(), &rig.old, rig.area, "BAR after a copy into the externally revoked buffer");
+    assert_bytes(
+        &rig.area_now(),
+        &rig.old,
+        rig.area,
+        "BAR after a copy into the externally revoked buffer",
+    );
 
     rig.store_again(iova + OFF);
     let want = rig.with_new_at(&rig.old, OFF);
-    assert_bytes(&rig.area_now(), &want, rig.area, "BAR after a copy into the restored buffer");
+    assert_bytes(
+        &rig.area_now(),
+        &want,
+        rig.area,
+        "BAR after a copy into the restored buffer",
+    );
     request_host_check("shm0", rig.area, &want);
 }
 
@@ -293,24 +426,55 @@ fn reset_revokes_and_restores() {
         return;
     }
     rig.dev().reset().unwrap();
-    assert!(rig.dev().memory_decode().unwrap(), "memory decode is on after the reset");
+    assert!(
+        rig.dev().memory_decode().unwrap(),
+        "memory decode is on after the reset"
+    );
     assert_eq!(rig.dev().hub().state(), BufferState::Live);
-    assert_eq!(auto_events.get(), [RevocationEvent::Revoked(RevokeReason::Reset), RevocationEvent::Restored]);
+    assert_eq!(
+        auto_events.get(),
+        [
+            RevocationEvent::Revoked(RevokeReason::Reset),
+            RevocationEvent::Restored
+        ]
+    );
     assert!(!auto.is_revoked());
     assert_eq!(auto.iova(), auto_iova, "restored at the same IOVA");
-    assert_eq!(left_events.get(), [RevocationEvent::Revoked(RevokeReason::Reset)]);
+    assert_eq!(
+        left_events.get(),
+        [RevocationEvent::Revoked(RevokeReason::Reset)]
+    );
     assert_eq!(left.revoked_reason(), Some(RevokeReason::Reset));
 
-    rig.copy_into_revoked(left_iova + OFF, "copy into the attachment left revoked by the reset");
-    assert_bytes(&rig.area_now(), &rig.old, rig.area, "BAR after a copy into the revoked attachment");
+    rig.copy_into_revoked(
+        left_iova + OFF,
+        "copy into the attachment left revoked by the reset",
+    );
+    assert_bytes(
+        &rig.area_now(),
+        &rig.old,
+        rig.area,
+        "BAR after a copy into the revoked attachment",
+    );
 
     rig.store_again(auto_iova + OFF);
     left.restore().unwrap();
     assert_eq!(left.iova(), left_iova);
-    assert_eq!(left_events.get(), [RevocationEvent::Revoked(RevokeReason::Reset), RevocationEvent::Restored]);
+    assert_eq!(
+        left_events.get(),
+        [
+            RevocationEvent::Revoked(RevokeReason::Reset),
+            RevocationEvent::Restored
+        ]
+    );
     rig.store_again(left_iova + OFF);
     let want = rig.with_new_at(&rig.with_new_at(&rig.old, OFF), half + OFF);
-    assert_bytes(&rig.area_now(), &want, rig.area, "BAR after copies into both restored attachments");
+    assert_bytes(
+        &rig.area_now(),
+        &want,
+        rig.area,
+        "BAR after copies into both restored attachments",
+    );
     request_host_check("shm0", rig.area, &want);
 }
 
@@ -323,31 +487,57 @@ fn reset_revokes_and_restores() {
 fn closing_the_exporter_revokes_for_good() {
     let mut rig = Rig::new(0x50000, 120);
     let (att, events) = rig.attach(0, LEN, RestorePolicy::Automatic);
-    let export = rig.dev().export_bar(2, &[ByteRange::new(rig.area, LEN)]).unwrap();
+    let export = rig
+        .dev()
+        .export_bar(2, &[ByteRange::new(rig.area, LEN)])
+        .unwrap();
     let iova = att.iova();
     let hub = Arc::clone(rig.dev().hub());
 
     // The IOVA works while the exporter is open.
     rig.copy(iova + OFF);
     let before = rig.with_new_at(&rig.old, OFF);
-    assert_bytes(&rig.area_now(), &before, rig.area, "BAR after a copy while open");
+    assert_bytes(
+        &rig.area_now(),
+        &before,
+        rig.area,
+        "BAR after a copy while open",
+    );
 
     // Close it: the BAR mmap holds the device file too, so it goes first.
     drop(rig.bar.take());
     drop(rig.dev.take());
-    assert_eq!(events.get(), [RevocationEvent::Revoked(RevokeReason::DeviceClosed)]);
+    assert_eq!(
+        events.get(),
+        [RevocationEvent::Revoked(RevokeReason::DeviceClosed)]
+    );
     assert_eq!(att.revoked_reason(), Some(RevokeReason::DeviceClosed));
     assert_eq!(hub.state(), BufferState::Gone(RevokeReason::DeviceClosed));
-    assert!(probe_revoked(&rig.iommufd, export.dmabuf()).unwrap(), "the kernel says revoked after close");
+    assert!(
+        probe_revoked(&rig.iommufd, export.dmabuf()).unwrap(),
+        "the kernel says revoked after close"
+    );
 
     // Other bytes, so that landing would show.
     rig.new = pattern(121, COPY as usize);
     rig.src.write_at(0, &rig.new).unwrap();
     rig.copy_into_revoked(iova + OFF, "copy into the closed exporter's buffer");
 
-    assert!(matches!(att.restore(), Err(Error::Revoked { .. })), "no restore after close");
-    let again = Attachment::map(&export, &rig.ioas, IovaPlacement::Auto, MapPerms::ReadWrite, RestorePolicy::Automatic);
-    assert!(matches!(again, Err(Error::Revoked { .. })), "no new map after close: {again:?}");
+    assert!(
+        matches!(att.restore(), Err(Error::Revoked { .. })),
+        "no restore after close"
+    );
+    let again = Attachment::map(
+        &export,
+        &rig.ioas,
+        IovaPlacement::Auto,
+        MapPerms::ReadWrite,
+        RestorePolicy::Automatic,
+    );
+    assert!(
+        matches!(again, Err(Error::Revoked { .. })),
+        "no new map after close: {again:?}"
+    );
     assert!(att.is_revoked());
     request_host_check("shm0", rig.area, &before);
 

@@ -19,17 +19,19 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dmabuf_p2p::engine::edu::Edu;
 use dmabuf_p2p::engine::DmaEngine;
+use dmabuf_p2p::engine::edu::Edu;
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::revoke::{BufferState, RestorePolicy, RevocationHub, RevokeReason};
-use dmabuf_p2p::share::wire::{encode_frame, send_raw, FD_ROOM};
+use dmabuf_p2p::share::wire::{FD_ROOM, encode_frame, send_raw};
 use dmabuf_p2p::share::{
-    encode_offer, recv, send_message, send_offer, BufferInfo, Incoming, Message, ShareProblem, ShareServer,
-    SharedBuffer,
+    BufferInfo, Incoming, Message, ShareProblem, ShareServer, SharedBuffer, encode_offer, recv,
+    send_message, send_offer,
 };
 use dmabuf_p2p::{BarExport, ByteRange, Error, Iommufd, IovaPlacement, MapPerms, VfioPciDevice};
-use dmabuf_p2p_vm_tests::{fnv1a64, ivshmem_devices, open_fd_count, pci_devices, request_host_check, EDU_ID};
+use dmabuf_p2p_vm_tests::{
+    EDU_ID, fnv1a64, ivshmem_devices, open_fd_count, pci_devices, request_host_check,
+};
 
 const CLI: &str = "/bin/dmabuf-p2p";
 /// Generous: everything runs under software emulation.
@@ -38,15 +40,24 @@ const WAIT: Duration = Duration::from_secs(60);
 const COPY: u64 = 2048;
 
 fn shm(size: u64) -> String {
-    ivshmem_devices().into_iter().find(|(_, s)| *s == size).map(|(b, _)| b).expect("ivshmem device of that BAR2 size")
+    ivshmem_devices()
+        .into_iter()
+        .find(|(_, s)| *s == size)
+        .map(|(b, _)| b)
+        .expect("ivshmem device of that BAR2 size")
 }
 
 fn edu() -> String {
-    pci_devices(EDU_ID).into_iter().next().expect("an edu device")
+    pci_devices(EDU_ID)
+        .into_iter()
+        .next()
+        .expect("an edu device")
 }
 
 fn pattern(seed: u8, len: u64) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(73).wrapping_add(seed) ^ ((i >> 7) as u8)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(73).wrapping_add(seed) ^ ((i >> 7) as u8))
+        .collect()
 }
 
 fn socket(name: &str) -> PathBuf {
@@ -88,9 +99,16 @@ impl Proc {
         std::thread::spawn(move || {
             let mut text = String::new();
             let _ = BufReader::new(err).read_to_string(&mut text);
-            l.lock().unwrap().extend(text.lines().map(|s| format!("stderr: {s}")));
+            l.lock()
+                .unwrap()
+                .extend(text.lines().map(|s| format!("stderr: {s}")));
         });
-        Self { name: name.to_owned(), child, lines, log }
+        Self {
+            name: name.to_owned(),
+            child,
+            lines,
+            log,
+        }
     }
 
     fn log(&self) -> String {
@@ -105,10 +123,18 @@ impl Proc {
             match self.lines.recv_timeout(left) {
                 Ok(line) if line.contains(needle) => return line,
                 Ok(_) => {}
-                Err(RecvTimeoutError::Timeout) => panic!("{}: no line with {needle:?} within {WAIT:?}:\n{}", self.name, self.log()),
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "{}: no line with {needle:?} within {WAIT:?}:\n{}",
+                    self.name,
+                    self.log()
+                ),
                 Err(RecvTimeoutError::Disconnected) => {
                     std::thread::sleep(Duration::from_millis(100));
-                    panic!("{}: ended without a line with {needle:?}:\n{}", self.name, self.log())
+                    panic!(
+                        "{}: ended without a line with {needle:?}:\n{}",
+                        self.name,
+                        self.log()
+                    )
                 }
             }
         }
@@ -133,7 +159,12 @@ impl Proc {
                 std::thread::sleep(Duration::from_millis(200));
                 return (st, self.log());
             }
-            assert!(Instant::now() < deadline, "{} did not exit within {WAIT:?}:\n{}", self.name, self.log());
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within {WAIT:?}:\n{}",
+                self.name,
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -151,7 +182,16 @@ impl Drop for Proc {
 /// `export <bdf>:2:<range> --serve <socket> --json`, once it is ready.
 fn serve(bdf: &str, range: ByteRange, sock: &std::path::Path) -> Proc {
     let target = format!("{bdf}:2:{:#x}+{:#x}", range.offset, range.length);
-    let p = Proc::spawn("exporter", &["--json", "export", &target, "--serve", sock.to_str().unwrap()]);
+    let p = Proc::spawn(
+        "exporter",
+        &[
+            "--json",
+            "export",
+            &target,
+            "--serve",
+            sock.to_str().unwrap(),
+        ],
+    );
     p.wait_line("\"event\":\"ready\"");
     p
 }
@@ -188,14 +228,41 @@ fn cli_importer_copy_lands_in_the_exporters_bar() {
     let edu = edu();
     let importer = Proc::spawn(
         "importer",
-        &["--json", "map", "--from", sock.to_str().unwrap(), "--engine", &edu, "--size", "2K", "--offset", "0x1000", "--seed", "90"],
+        &[
+            "--json",
+            "map",
+            "--from",
+            sock.to_str().unwrap(),
+            "--engine",
+            &edu,
+            "--size",
+            "2K",
+            "--offset",
+            "0x1000",
+            "--seed",
+            "90",
+        ],
     );
     let (st, out) = importer.wait();
-    assert!(st.success(), "map failed ({st}):\n{out}\nexporter:\n{}", exporter.log());
+    assert!(
+        st.success(),
+        "map failed ({st}):\n{out}\nexporter:\n{}",
+        exporter.log()
+    );
     assert!(out.contains("\"passed\": true"), "{out}");
-    assert!(out.contains("the exporter read the pattern from its BAR"), "{out}");
-    assert!(out.contains("copied back out by the engine: the pattern"), "{out}");
-    assert_eq!(json_str(&out, "exp_name").as_deref(), Some("vfio_pci_core"), "{out}");
+    assert!(
+        out.contains("the exporter read the pattern from its BAR"),
+        "{out}"
+    );
+    assert!(
+        out.contains("copied back out by the engine: the pattern"),
+        "{out}"
+    );
+    assert_eq!(
+        json_str(&out, "exp_name").as_deref(),
+        Some("vfio_pci_core"),
+        "{out}"
+    );
     let want = json_str(&out, "fnv1a64").expect("the copy's hash");
     exporter.wait_line("\"event\":\"client\"");
     stop(exporter);
@@ -206,8 +273,15 @@ fn cli_importer_copy_lands_in_the_exporters_bar() {
     dev.bind(&iommufd).unwrap();
     dev.set_memory_decode(true).unwrap();
     let mut got = vec![0u8; COPY as usize];
-    dev.map_bar(2).unwrap().read_bytes(AREA + AT, &mut got).unwrap();
-    assert_eq!(format!("{:016x}", fnv1a64(&got)), want, "the BAR holds what the importer's engine copied");
+    dev.map_bar(2)
+        .unwrap()
+        .read_bytes(AREA + AT, &mut got)
+        .unwrap();
+    assert_eq!(
+        format!("{:016x}", fnv1a64(&got)),
+        want,
+        "the BAR holds what the importer's engine copied"
+    );
     request_host_check("shm1", AREA + AT, &got);
 }
 
@@ -227,7 +301,10 @@ fn revocation_follows_the_buffer_to_the_importer() {
     let shared = SharedBuffer::connect(&sock, WAIT).unwrap();
     let info = shared.info().clone();
     assert_eq!(info.size, 0x10000);
-    assert_eq!((info.device.as_deref(), info.bar), (Some(shm1.as_str()), Some(2)));
+    assert_eq!(
+        (info.device.as_deref(), info.bar),
+        (Some(shm1.as_str()), Some(2))
+    );
     assert_eq!(info.ranges, vec![ByteRange::new(AREA, 0x10000)]);
     assert_eq!(info.phys.len(), 1);
     assert_eq!(shared.dmabuf().fdinfo().unwrap().exp_name, "vfio_pci_core");
@@ -235,7 +312,14 @@ fn revocation_follows_the_buffer_to_the_importer() {
 
     let iommufd = Iommufd::open().unwrap();
     let ioas = iommufd.alloc_ioas().unwrap();
-    let att = shared.attach(&ioas, IovaPlacement::Auto, MapPerms::ReadWrite, RestorePolicy::Automatic).unwrap();
+    let att = shared
+        .attach(
+            &ioas,
+            IovaPlacement::Auto,
+            MapPerms::ReadWrite,
+            RestorePolicy::Automatic,
+        )
+        .unwrap();
     assert_eq!(att.phys_ranges(), info.phys.as_slice());
     let mut engine = Edu::open(edu().parse().unwrap(), &ioas).unwrap();
     let src = Memfd::new("share-src", 0x3000).unwrap();
@@ -243,24 +327,45 @@ fn revocation_follows_the_buffer_to_the_importer() {
     src.write_at(0, &a).unwrap();
     src.write_at(0x1000, &b).unwrap();
     src.write_at(0x2000, &c).unwrap();
-    let src_map = ioas.map_file(&src, ByteRange::new(0, 0x3000), IovaPlacement::Auto, MapPerms::Read).unwrap();
+    let src_map = ioas
+        .map_file(
+            &src,
+            ByteRange::new(0, 0x3000),
+            IovaPlacement::Auto,
+            MapPerms::Read,
+        )
+        .unwrap();
     let iova = att.iova();
 
     // Live: the copy lands, as the exporter's read-back shows.
     att.ensure_live().unwrap();
-    engine.memcpy(src_map.iova(), iova + AT, COPY, WAIT).unwrap();
-    assert_eq!(shared.read_back(AT, COPY, WAIT).unwrap(), a, "the first copy landed");
+    engine
+        .memcpy(src_map.iova(), iova + AT, COPY, WAIT)
+        .unwrap();
+    assert_eq!(
+        shared.read_back(AT, COPY, WAIT).unwrap(),
+        a,
+        "the first copy landed"
+    );
 
     // Revoked by the exporter.
     exporter.signal(libc::SIGUSR1);
-    let state = shared.wait_remote(WAIT, |s| s != BufferState::Live).unwrap();
+    let state = shared
+        .wait_remote(WAIT, |s| s != BufferState::Live)
+        .unwrap();
     assert_eq!(state, BufferState::Revoked(RevokeReason::MemoryDecodeOff));
     assert!(att.is_revoked());
     assert_eq!(att.revoked_reason(), Some(RevokeReason::Remote));
     assert!(matches!(att.ensure_live(), Err(Error::Revoked { .. })));
-    assert_eq!(shared.hub().state(), BufferState::Revoked(RevokeReason::Remote));
+    assert_eq!(
+        shared.hub().state(),
+        BufferState::Revoked(RevokeReason::Remote)
+    );
     match shared.read_back(AT, COPY, WAIT) {
-        Err(Error::Share { problem: ShareProblem::Refused(why), .. }) => assert!(why.contains("not live"), "{why}"),
+        Err(Error::Share {
+            problem: ShareProblem::Refused(why),
+            ..
+        }) => assert!(why.contains("not live"), "{why}"),
         other => panic!("a read-back of a revoked buffer: {other:?}"),
     }
     let line = exporter.wait_line("\"state\":\"revoked\"");
@@ -271,26 +376,42 @@ fn revocation_follows_the_buffer_to_the_importer() {
 
     // Restored by the exporter: same IOVA, and the blocked copy left no trace.
     exporter.signal(libc::SIGUSR2);
-    assert_eq!(shared.wait_remote(WAIT, |s| s == BufferState::Live).unwrap(), BufferState::Live);
+    assert_eq!(
+        shared
+            .wait_remote(WAIT, |s| s == BufferState::Live)
+            .unwrap(),
+        BufferState::Live
+    );
     assert!(!att.is_revoked());
     assert_eq!(att.iova(), iova, "restored at the same IOVA");
     assert_eq!(att.counts(), (1, 1));
     exporter.wait_line("\"state\":\"live\"");
     let after = shared.read_back(AT, COPY, WAIT).unwrap();
     let changed = after.iter().zip(&a).filter(|(x, y)| x != y).count();
-    assert_eq!(changed, 0, "the copy to the revoked IOVA changed {changed} bytes of the BAR");
+    assert_eq!(
+        changed, 0,
+        "the copy to the revoked IOVA changed {changed} bytes of the BAR"
+    );
 
     // And the next copy lands.
     att.ensure_live().unwrap();
-    engine.memcpy(src_map.iova() + 0x2000, iova + AT, COPY, WAIT).unwrap();
-    assert_eq!(shared.read_back(AT, COPY, WAIT).unwrap(), c, "the copy after the restore landed");
+    engine
+        .memcpy(src_map.iova() + 0x2000, iova + AT, COPY, WAIT)
+        .unwrap();
+    assert_eq!(
+        shared.read_back(AT, COPY, WAIT).unwrap(),
+        c,
+        "the copy after the restore landed"
+    );
     request_host_check("shm1", AREA + AT, &c);
     assert_eq!(shared.events(), 2);
 
     // The exporter stops: gone here too.
     assert!(exporter.running());
     stop(exporter);
-    let gone = shared.wait_remote(WAIT, |s| matches!(s, BufferState::Gone(_))).unwrap();
+    let gone = shared
+        .wait_remote(WAIT, |s| matches!(s, BufferState::Gone(_)))
+        .unwrap();
     assert_eq!(gone, BufferState::Gone(RevokeReason::DeviceClosed));
     assert!(att.is_revoked());
     assert!(matches!(shared.hub().state(), BufferState::Gone(_)));
@@ -306,7 +427,10 @@ fn killed_importer_leaves_the_exporter_serving() {
     let sock = socket("c");
     let mut exporter = serve(&shm0, ByteRange::new(AREA, 0x10000), &sock);
 
-    let mut first = Proc::spawn("importer", &["--json", "map", "--from", sock.to_str().unwrap(), "--watch"]);
+    let mut first = Proc::spawn(
+        "importer",
+        &["--json", "map", "--from", sock.to_str().unwrap(), "--watch"],
+    );
     first.wait_line("\"event\":\"watching\"");
     exporter.wait_line("\"event\":\"client\"");
     first.child.kill().unwrap();
@@ -319,19 +443,42 @@ fn killed_importer_leaves_the_exporter_serving() {
     exporter.wait_line("\"state\":\"revoked\"");
     exporter.signal(libc::SIGUSR2);
     let line = exporter.wait_line("\"state\":\"live\"");
-    assert!(line.contains("\"clients\":0"), "the dead client was dropped: {line}");
-    assert!(exporter.running(), "the exporter survived its client:\n{}", exporter.log());
+    assert!(
+        line.contains("\"clients\":0"),
+        "the dead client was dropped: {line}"
+    );
+    assert!(
+        exporter.running(),
+        "the exporter survived its client:\n{}",
+        exporter.log()
+    );
 
     // A new client.
     let shared = SharedBuffer::connect(&sock, WAIT).unwrap();
     let ioas = Iommufd::open().unwrap().alloc_ioas().unwrap();
-    let att = shared.attach(&ioas, IovaPlacement::Auto, MapPerms::ReadWrite, RestorePolicy::Automatic).unwrap();
+    let att = shared
+        .attach(
+            &ioas,
+            IovaPlacement::Auto,
+            MapPerms::ReadWrite,
+            RestorePolicy::Automatic,
+        )
+        .unwrap();
     let mut engine = Edu::open(edu().parse().unwrap(), &ioas).unwrap();
     let data = pattern(9, COPY);
     let src = Memfd::new("share-src", 0x1000).unwrap();
     src.write_at(0, &data).unwrap();
-    let src_map = ioas.map_file(&src, ByteRange::new(0, 0x1000), IovaPlacement::Auto, MapPerms::Read).unwrap();
-    engine.memcpy(src_map.iova(), att.iova(), COPY, WAIT).unwrap();
+    let src_map = ioas
+        .map_file(
+            &src,
+            ByteRange::new(0, 0x1000),
+            IovaPlacement::Auto,
+            MapPerms::Read,
+        )
+        .unwrap();
+    engine
+        .memcpy(src_map.iova(), att.iova(), COPY, WAIT)
+        .unwrap();
     assert_eq!(shared.read_back(0, COPY, WAIT).unwrap(), data);
     let line = exporter.wait_line("\"event\":\"client\"");
     assert!(line.contains("\"clients\":1"), "{line}");
@@ -363,7 +510,11 @@ fn bad_messages_with_a_real_dmabuf_leave_nothing_behind() {
     let refs = buf.fdinfo().unwrap().count;
     let unchanged = |what: &str| {
         assert_eq!(open_fd_count(), fds, "{what}: an fd was left open");
-        assert_eq!(buf.fdinfo().unwrap().count, refs, "{what}: a reference to the dma-buf was left");
+        assert_eq!(
+            buf.fdinfo().unwrap().count,
+            refs,
+            "{what}: a reference to the dma-buf was left"
+        );
     };
     let refused = |what: &str, data: &[u8], n: usize| -> ShareProblem {
         let (tx, rx) = UnixStream::pair().unwrap();
@@ -383,33 +534,70 @@ fn bad_messages_with_a_real_dmabuf_leave_nothing_behind() {
     wrong.size = 0x20000;
     wrong.ranges = vec![ByteRange::new(0xd_0000, 0x20000)];
     assert_eq!(
-        refused("wrong size", &encode_offer(&wrong, BufferState::Live).unwrap(), 1),
-        ShareProblem::SizeMismatch { announced: 0x20000, actual: 0x10000 }
+        refused(
+            "wrong size",
+            &encode_offer(&wrong, BufferState::Live).unwrap(),
+            1
+        ),
+        ShareProblem::SizeMismatch {
+            announced: 0x20000,
+            actual: 0x10000
+        }
     );
     let offer = encode_offer(&info, BufferState::Live).unwrap();
     assert_eq!(
         refused("two fds", &offer, 2),
-        ShareProblem::UnexpectedFds { kind: "offer", count: 2, expected: 1 }
+        ShareProblem::UnexpectedFds {
+            kind: "offer",
+            count: 2,
+            expected: 1
+        }
     );
     assert_eq!(
         refused("too many fds", &offer, FD_ROOM + 3),
-        ShareProblem::ControlTruncated { closed: FD_ROOM, room: FD_ROOM }
+        ShareProblem::ControlTruncated {
+            closed: FD_ROOM,
+            room: FD_ROOM
+        }
     );
-    assert!(matches!(refused("cut short", &offer[..offer.len() - 1], 1), ShareProblem::Truncated { what: "payload", .. }));
+    assert!(matches!(
+        refused("cut short", &offer[..offer.len() - 1], 1),
+        ShareProblem::Truncated {
+            what: "payload",
+            ..
+        }
+    ));
     let mut bad = offer.clone();
     bad[0] = b'X';
-    assert!(matches!(refused("bad magic", &bad, 1), ShareProblem::BadMagic { .. }));
-    assert_eq!(refused("unknown kind", &encode_frame(77, b"{}"), 1), ShareProblem::UnknownKind(77));
+    assert!(matches!(
+        refused("bad magic", &bad, 1),
+        ShareProblem::BadMagic { .. }
+    ));
     assert_eq!(
-        refused("not an offer", &Message::Revoked(RevokeReason::Reset).encode().unwrap(), 1),
-        ShareProblem::UnexpectedFds { kind: "revoked", count: 1, expected: 0 }
+        refused("unknown kind", &encode_frame(77, b"{}"), 1),
+        ShareProblem::UnknownKind(77)
+    );
+    assert_eq!(
+        refused(
+            "not an offer",
+            &Message::Revoked(RevokeReason::Reset).encode().unwrap(),
+            1
+        ),
+        ShareProblem::UnexpectedFds {
+            kind: "revoked",
+            count: 1,
+            expected: 0
+        }
     );
 
     // A good offer passes, and it is the same buffer.
     let (tx, rx) = UnixStream::pair().unwrap();
     send_offer(&tx, buf, &info, BufferState::Live, Some(WAIT)).unwrap();
     let shared = SharedBuffer::receive(rx).unwrap();
-    assert_eq!(shared.dmabuf().fdinfo().unwrap().ino, buf.fdinfo().unwrap().ino);
+    assert_eq!(
+        shared.dmabuf().fdinfo().unwrap().ino,
+        buf.fdinfo().unwrap().ino
+    );
     assert_eq!(shared.info(), &info);
     drop(shared);
     drop(tx);
@@ -428,30 +616,64 @@ fn server_forwards_events_and_drops_dead_and_stuck_clients() {
     match recv(&theirs).unwrap() {
         Some(Incoming::Offer(o)) => {
             assert_eq!((o.info.size, o.state), (0x10000, BufferState::Live));
-            assert_eq!(o.buf.fdinfo().unwrap().ino, export.dmabuf().fdinfo().unwrap().ino);
+            assert_eq!(
+                o.buf.fdinfo().unwrap().ino,
+                export.dmabuf().fdinfo().unwrap().ino
+            );
         }
         other => panic!("{other:?}"),
     }
     dev.set_memory_decode(false).unwrap();
     dev.set_memory_decode(true).unwrap();
-    for want in [Message::Revoked(RevokeReason::MemoryDecodeOff), Message::Restored] {
+    for want in [
+        Message::Revoked(RevokeReason::MemoryDecodeOff),
+        Message::Restored,
+    ] {
         match recv(&theirs).unwrap() {
             Some(Incoming::Message(m)) => assert_eq!(m, want),
             other => panic!("{other:?}"),
         }
     }
-    send_message(&theirs, &Message::ReadRequest { id: 5, offset: 0, length: 16 }, Some(WAIT)).unwrap();
+    send_message(
+        &theirs,
+        &Message::ReadRequest {
+            id: 5,
+            offset: 0,
+            length: 16,
+        },
+        Some(WAIT),
+    )
+    .unwrap();
     match recv(&theirs).unwrap() {
-        Some(Incoming::Message(Message::ReadReply { id: 5, result: Err(why), .. })) => assert!(why.contains("read-back"), "{why}"),
+        Some(Incoming::Message(Message::ReadReply {
+            id: 5,
+            result: Err(why),
+            ..
+        })) => assert!(why.contains("read-back"), "{why}"),
         other => panic!("{other:?}"),
     }
     server.set_read_back(|offset, buf| {
-        buf.iter_mut().enumerate().for_each(|(i, b)| *b = (offset as u8).wrapping_add(i as u8));
+        buf.iter_mut()
+            .enumerate()
+            .for_each(|(i, b)| *b = (offset as u8).wrapping_add(i as u8));
         Ok(())
     });
-    send_message(&theirs, &Message::ReadRequest { id: 6, offset: 3, length: 4 }, Some(WAIT)).unwrap();
+    send_message(
+        &theirs,
+        &Message::ReadRequest {
+            id: 6,
+            offset: 3,
+            length: 4,
+        },
+        Some(WAIT),
+    )
+    .unwrap();
     match recv(&theirs).unwrap() {
-        Some(Incoming::Message(Message::ReadReply { id: 6, result: Ok(d), .. })) => assert_eq!(d, [3, 4, 5, 6]),
+        Some(Incoming::Message(Message::ReadReply {
+            id: 6,
+            result: Ok(d),
+            ..
+        })) => assert_eq!(d, [3, 4, 5, 6]),
         other => panic!("{other:?}"),
     }
 
@@ -486,14 +708,24 @@ fn server_forwards_events_and_drops_dead_and_stuck_clients() {
     let t = Instant::now();
     let mut changes = 0u32;
     while stuck_server.client_count() > 0 {
-        assert!(t.elapsed() < WAIT, "the stuck client is still there after {changes} changes");
+        assert!(
+            t.elapsed() < WAIT,
+            "the stuck client is still there after {changes} changes"
+        );
         let round = Instant::now();
         stuck_server.hub().revoke(RevokeReason::Reset);
         stuck_server.hub().restore();
-        assert!(round.elapsed() < Duration::from_secs(5), "a change blocked for {:?}", round.elapsed());
+        assert!(
+            round.elapsed() < Duration::from_secs(5),
+            "a change blocked for {:?}",
+            round.elapsed()
+        );
         changes += 2;
     }
-    eprintln!("the stuck client was dropped after {changes} changes, {:?}", t.elapsed());
+    eprintln!(
+        "the stuck client was dropped after {changes} changes, {:?}",
+        t.elapsed()
+    );
     drop(stuck_server);
     drop(server);
     // The first client hears what it has not read yet, then the end.
@@ -505,7 +737,13 @@ fn server_forwards_events_and_drops_dead_and_stuck_clients() {
             other => panic!("{other:?}"),
         }
     }
-    assert_eq!(tail, [Message::Revoked(RevokeReason::MemoryDecodeOff), Message::Restored]);
+    assert_eq!(
+        tail,
+        [
+            Message::Revoked(RevokeReason::MemoryDecodeOff),
+            Message::Restored
+        ]
+    );
 }
 
 /// The snippet of `docs/GUIDE.md`, "Sharing BARs between processes", as
@@ -514,11 +752,11 @@ fn server_forwards_events_and_drops_dead_and_stuck_clients() {
 fn guide_sharing_walkthrough() -> Result<(), Box<dyn std::error::Error>> {
     let exporter_bdf = shm(1 << 20);
     // --- from docs/GUIDE.md ---
-    use std::os::unix::net::UnixStream;
-    use std::time::Duration;
     use dmabuf_p2p::revoke::{BufferState, RestorePolicy};
     use dmabuf_p2p::share::{ShareServer, SharedBuffer};
     use dmabuf_p2p::{ByteRange, Iommufd, IovaPlacement, MapPerms, VfioPciDevice};
+    use std::os::unix::net::UnixStream;
+    use std::time::Duration;
 
     // The exporting process: export a BAR range and serve it.
     let iommufd = Iommufd::open()?;
@@ -534,7 +772,12 @@ fn guide_sharing_walkthrough() -> Result<(), Box<dyn std::error::Error>> {
     let shared = SharedBuffer::receive(from_exporter)?;
     println!("{} bytes of {}", shared.info().size, shared.info().exporter);
     let ioas = Iommufd::open()?.alloc_ioas()?;
-    let att = shared.attach(&ioas, IovaPlacement::Auto, MapPerms::ReadWrite, RestorePolicy::Automatic)?;
+    let att = shared.attach(
+        &ioas,
+        IovaPlacement::Auto,
+        MapPerms::ReadWrite,
+        RestorePolicy::Automatic,
+    )?;
     let iova = att.iova();
 
     // The exporter revokes: the importer's attachment follows...

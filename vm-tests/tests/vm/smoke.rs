@@ -3,19 +3,27 @@
 use std::fs;
 use std::path::Path;
 
+use dmabuf_p2p::ByteRange;
 use dmabuf_p2p::exporter::vfio::VfioPciDevice;
 use dmabuf_p2p::importer::iommufd::Iommufd;
-use dmabuf_p2p::ByteRange;
 
-use dmabuf_p2p_vm_tests::{driver_of, ivshmem_devices, pci_devices, vfio_cdev, EDU_ID, IVSHMEM_ID};
+use dmabuf_p2p_vm_tests::{EDU_ID, IVSHMEM_ID, driver_of, ivshmem_devices, pci_devices, vfio_cdev};
 
 #[test]
 fn device_nodes_exist() {
-    for node in ["/dev/iommu", "/dev/udmabuf", "/dev/dma_heap/system", "/dev/vfio/devices"] {
+    for node in [
+        "/dev/iommu",
+        "/dev/udmabuf",
+        "/dev/dma_heap/system",
+        "/dev/vfio/devices",
+    ] {
         assert!(Path::new(node).exists(), "{node} is missing");
     }
     let cdevs = fs::read_dir("/dev/vfio/devices").unwrap().count();
-    assert!(cdevs >= 3, "expected a vfio cdev for edu and two ivshmem devices, found {cdevs}");
+    assert!(
+        cdevs >= 3,
+        "expected a vfio cdev for edu and two ivshmem devices, found {cdevs}"
+    );
 }
 
 #[test]
@@ -26,25 +34,41 @@ fn test_devices_are_bound_to_vfio_pci() {
     assert!(shm.len() >= 2, "ivshmem devices: {shm:?}");
     for bdf in edu.iter().chain(&shm) {
         assert_eq!(driver_of(bdf).as_deref(), Some("vfio-pci"), "{bdf} driver");
-        assert!(vfio_cdev(bdf).is_some_and(|p| p.exists()), "{bdf} has no vfio cdev");
+        assert!(
+            vfio_cdev(bdf).is_some_and(|p| p.exists()),
+            "{bdf} has no vfio cdev"
+        );
     }
 }
 
 #[test]
 fn ivshmem_bars_have_the_configured_sizes() {
     let sizes: Vec<u64> = ivshmem_devices().iter().map(|(_, s)| *s).collect();
-    assert!(sizes.contains(&(1 << 20)), "no 1 MiB ivshmem BAR2: {sizes:?}");
-    assert!(sizes.contains(&(64 << 20)), "no 64 MiB ivshmem BAR2: {sizes:?}");
+    assert!(
+        sizes.contains(&(1 << 20)),
+        "no 1 MiB ivshmem BAR2: {sizes:?}"
+    );
+    assert!(
+        sizes.contains(&(64 << 20)),
+        "no 64 MiB ivshmem BAR2: {sizes:?}"
+    );
 }
 
 #[test]
 fn export_of_ivshmem_bar2_has_the_bar_size() {
-    let (bdf, size) = ivshmem_devices().into_iter().next().expect("an ivshmem device");
+    let (bdf, size) = ivshmem_devices()
+        .into_iter()
+        .next()
+        .expect("an ivshmem device");
     let iommufd = Iommufd::open().unwrap();
     let mut dev = VfioPciDevice::open(bdf.parse().unwrap()).unwrap();
     dev.bind(&iommufd).unwrap();
     dev.set_memory_decode(true).unwrap();
     let export = dev.export_bar(2, &[ByteRange::new(0, size)]).unwrap();
-    assert_eq!(export.dmabuf().size().unwrap(), size, "dma-buf size of {bdf} BAR2");
+    assert_eq!(
+        export.dmabuf().size().unwrap(),
+        size,
+        "dma-buf size of {bdf} BAR2"
+    );
     assert_eq!(export.dmabuf().fdinfo().unwrap().exp_name, "vfio_pci_core");
 }

@@ -14,7 +14,10 @@ fn fails_on_purpose() {
 #[test]
 fn qmp_round_trip() {
     let answer = dmabuf_p2p_vm_tests::qmp("query-status", "{}");
-    assert!(answer.contains("\"running\""), "query-status answered {answer}");
+    assert!(
+        answer.contains("\"running\""),
+        "query-status answered {answer}"
+    );
     let bad = dmabuf_p2p_vm_tests::qmp("no-such-command", "{}");
     assert!(bad.contains("\"error\""), "a bad command answered {bad}");
 }

@@ -10,15 +10,17 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use dmabuf_p2p::dmabuf::Access;
 use dmabuf_p2p::exporter::udmabuf::{Udmabuf, UdmabufLimits};
-use dmabuf_p2p::memfd::{Memfd, MemfdOptions, Seals, HUGE_PAGE_SIZE};
-use dmabuf_p2p::{sys, ByteRange, Error, RangeProblem};
+use dmabuf_p2p::memfd::{HUGE_PAGE_SIZE, Memfd, MemfdOptions, Seals};
+use dmabuf_p2p::{ByteRange, Error, RangeProblem, sys};
 use dmabuf_p2p_vm_tests::open_fd_count;
 
 const PAGE: u64 = 4096;
 
 /// A byte pattern that differs per page and per offset.
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31) ^ ((i / 4096) as u8).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ ((i / 4096) as u8).wrapping_add(seed))
+        .collect()
 }
 
 #[test]
@@ -36,7 +38,11 @@ fn udmabuf_single_create_shares_pages_with_the_memfd() {
         let info = buf.fdinfo().unwrap();
         assert_eq!(info.exp_name, "udmabuf");
         assert_eq!(info.size, len);
-        assert!(info.is_cloexec(), "udmabuf fd is not close-on-exec: flags {:#o}", info.flags);
+        assert!(
+            info.is_cloexec(),
+            "udmabuf fd is not close-on-exec: flags {:#o}",
+            info.flags
+        );
         assert_eq!(info.flags & libc::O_ACCMODE as u32, libc::O_RDWR as u32);
 
         // memfd -> dma-buf mapping.
@@ -84,7 +90,11 @@ fn udmabuf_list_create_concatenates_the_items() {
         b.write_at(0, &db).unwrap();
 
         let dev = Udmabuf::open().unwrap();
-        let items = [(a.as_fd(), PAGE, 2 * PAGE), (b.as_fd(), 0, 2 * PAGE), (a.as_fd(), 0, PAGE)];
+        let items = [
+            (a.as_fd(), PAGE, 2 * PAGE),
+            (b.as_fd(), 0, 2 * PAGE),
+            (a.as_fd(), 0, PAGE),
+        ];
         let buf = dev.create_list(&items).unwrap();
         assert_eq!(buf.size().unwrap(), 5 * PAGE);
         assert_eq!(buf.fdinfo().unwrap().size, 5 * PAGE);
@@ -131,11 +141,19 @@ fn udmabuf_from_hugetlb_memfd() {
 
         // Base-page alignment is enough inside a huge page.
         let off = HUGE_PAGE_SIZE - PAGE;
-        let cross = dev.create_list(&[(memfd.as_fd(), off, 2 * PAGE), (memfd.as_fd(), PAGE, PAGE)]).unwrap();
+        let cross = dev
+            .create_list(&[(memfd.as_fd(), off, 2 * PAGE), (memfd.as_fd(), PAGE, PAGE)])
+            .unwrap();
         assert_eq!(cross.size().unwrap(), 3 * PAGE);
         let got = cross.mmap().unwrap().to_vec();
-        assert_eq!(&got[..2 * PAGE as usize], &data[off as usize..(off + 2 * PAGE) as usize]);
-        assert_eq!(&got[2 * PAGE as usize..], &data[PAGE as usize..2 * PAGE as usize]);
+        assert_eq!(
+            &got[..2 * PAGE as usize],
+            &data[off as usize..(off + 2 * PAGE) as usize]
+        );
+        assert_eq!(
+            &got[2 * PAGE as usize..],
+            &data[PAGE as usize..2 * PAGE as usize]
+        );
 
         // dma-buf -> memfd.
         map.write(HUGE_PAGE_SIZE as usize + 3, b"huge").unwrap();
@@ -154,19 +172,28 @@ fn udmabuf_pins_pages_until_the_buffer_is_gone() {
     let buf = dev.create(memfd.as_fd(), 0, 4 * PAGE).unwrap();
     memfd.write_at(3 * PAGE, b"after").unwrap();
     let mut got = [0u8; 5];
-    buf.mmap().unwrap().read(3 * PAGE as usize, &mut got).unwrap();
+    buf.mmap()
+        .unwrap()
+        .read(3 * PAGE as usize, &mut got)
+        .unwrap();
     assert_eq!(&got, b"after");
     // The memfd fd may go; the buffer keeps the pages.
     drop(memfd);
     let mut again = [0u8; 5];
-    buf.mmap().unwrap().read(3 * PAGE as usize, &mut again).unwrap();
+    buf.mmap()
+        .unwrap()
+        .read(3 * PAGE as usize, &mut again)
+        .unwrap();
     assert_eq!(&again, b"after");
 }
 
 #[test]
 fn udmabuf_sync_guard_and_raw_end_before_start() {
     let memfd = Memfd::new("sync", 2 * PAGE).unwrap();
-    let buf = Udmabuf::open().unwrap().create(memfd.as_fd(), 0, 2 * PAGE).unwrap();
+    let buf = Udmabuf::open()
+        .unwrap()
+        .create(memfd.as_fd(), 0, 2 * PAGE)
+        .unwrap();
     // udmabuf refuses an END before the first START.
     match buf.sync_end(Access::ReadWrite) {
         Err(e @ Error::Sys { .. }) => {
@@ -190,12 +217,24 @@ fn udmabuf_sync_guard_and_raw_end_before_start() {
 
 /// Asserts `r` failed with `Error::InvalidRange` with this problem and range.
 #[track_caller]
-fn expect_range<T: std::fmt::Debug>(r: dmabuf_p2p::Result<T>, problem: RangeProblem, range: ByteRange, memfd: BorrowedFd<'_>) {
+fn expect_range<T: std::fmt::Debug>(
+    r: dmabuf_p2p::Result<T>,
+    problem: RangeProblem,
+    range: ByteRange,
+    memfd: BorrowedFd<'_>,
+) {
     match r {
-        Err(Error::InvalidRange { target, range: got, problem: p }) => {
+        Err(Error::InvalidRange {
+            target,
+            range: got,
+            problem: p,
+        }) => {
             assert_eq!(p, problem, "problem for {target}");
             assert_eq!(got, range);
-            assert!(target.contains(&format!("fd {}", memfd.as_raw_fd())), "target does not name the memfd: {target}");
+            assert!(
+                target.contains(&format!("fd {}", memfd.as_raw_fd())),
+                "target does not name the memfd: {target}"
+            );
         }
         other => panic!("expected InvalidRange {problem:?}, got {other:?}"),
     }
@@ -205,7 +244,9 @@ fn expect_range<T: std::fmt::Debug>(r: dmabuf_p2p::Result<T>, problem: RangeProb
 #[track_caller]
 fn expect_memfd<T: std::fmt::Debug>(r: dmabuf_p2p::Result<T>, needle: &str) {
     match r {
-        Err(Error::Memfd { problem }) => assert!(problem.contains(needle), "{needle:?} not in {problem:?}"),
+        Err(Error::Memfd { problem }) => {
+            assert!(problem.contains(needle), "{needle:?} not in {problem:?}")
+        }
         other => panic!("expected Error::Memfd about {needle}, got {other:?}"),
     }
 }
@@ -214,7 +255,10 @@ fn expect_memfd<T: std::fmt::Debug>(r: dmabuf_p2p::Result<T>, needle: &str) {
 fn udmabuf_bad_inputs_give_typed_errors_and_leak_no_fd() {
     let dev = Udmabuf::open().unwrap();
     let good = Memfd::new("good", 4 * PAGE).unwrap();
-    let unsealed = MemfdOptions::new().seal_shrink(false).create("unsealed", 4 * PAGE).unwrap();
+    let unsealed = MemfdOptions::new()
+        .seal_shrink(false)
+        .create("unsealed", 4 * PAGE)
+        .unwrap();
     let write_sealed = Memfd::new("write-sealed", 4 * PAGE).unwrap();
     write_sealed.add_seals(Seals::WRITE).unwrap();
     let future_sealed = Memfd::new("future-write-sealed", 4 * PAGE).unwrap();
@@ -225,11 +269,17 @@ fn udmabuf_bad_inputs_give_typed_errors_and_leak_no_fd() {
     // SAFETY: just created, owned by nobody else.
     let no_sealing = unsafe { OwnedFd::from_raw_fd(raw) };
     // SAFETY: ftruncate on our own fd.
-    assert_eq!(unsafe { libc::ftruncate(no_sealing.as_raw_fd(), (4 * PAGE) as libc::off_t) }, 0);
+    assert_eq!(
+        unsafe { libc::ftruncate(no_sealing.as_raw_fd(), (4 * PAGE) as libc::off_t) },
+        0
+    );
     let regular = File::open("/proc/self/status").unwrap();
     let mut pipe = [0; 2];
     // SAFETY: room for two fds.
-    assert_eq!(unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    assert_eq!(
+        unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) },
+        0
+    );
     // SAFETY: just created, owned by nobody else.
     let pr = unsafe { OwnedFd::from_raw_fd(pipe[0]) };
     // SAFETY: as above.
@@ -242,22 +292,56 @@ fn udmabuf_bad_inputs_give_typed_errors_and_leak_no_fd() {
     let g = good.as_fd();
 
     // Range shape and bounds.
-    expect_range(dev.create(g, PAGE / 2, PAGE), RangeProblem::Unaligned { align: PAGE }, ByteRange::new(PAGE / 2, PAGE), g);
-    expect_range(dev.create(g, 0, PAGE / 2), RangeProblem::Unaligned { align: PAGE }, ByteRange::new(0, PAGE / 2), g);
-    expect_range(dev.create(g, 0, 0), RangeProblem::Empty, ByteRange::new(0, 0), g);
+    expect_range(
+        dev.create(g, PAGE / 2, PAGE),
+        RangeProblem::Unaligned { align: PAGE },
+        ByteRange::new(PAGE / 2, PAGE),
+        g,
+    );
+    expect_range(
+        dev.create(g, 0, PAGE / 2),
+        RangeProblem::Unaligned { align: PAGE },
+        ByteRange::new(0, PAGE / 2),
+        g,
+    );
+    expect_range(
+        dev.create(g, 0, 0),
+        RangeProblem::Empty,
+        ByteRange::new(0, 0),
+        g,
+    );
     expect_range(
         dev.create(g, 2 * PAGE, 3 * PAGE),
-        RangeProblem::OutOfBounds { end: 5 * PAGE, size: 4 * PAGE },
+        RangeProblem::OutOfBounds {
+            end: 5 * PAGE,
+            size: 4 * PAGE,
+        },
         ByteRange::new(2 * PAGE, 3 * PAGE),
         g,
     );
-    expect_range(dev.create(g, 4 * PAGE, PAGE), RangeProblem::OutOfBounds { end: 5 * PAGE, size: 4 * PAGE }, ByteRange::new(4 * PAGE, PAGE), g);
-    expect_range(dev.create(g, u64::MAX - PAGE + 1, PAGE), RangeProblem::Overflow, ByteRange::new(u64::MAX - PAGE + 1, PAGE), g);
+    expect_range(
+        dev.create(g, 4 * PAGE, PAGE),
+        RangeProblem::OutOfBounds {
+            end: 5 * PAGE,
+            size: 4 * PAGE,
+        },
+        ByteRange::new(4 * PAGE, PAGE),
+        g,
+    );
+    expect_range(
+        dev.create(g, u64::MAX - PAGE + 1, PAGE),
+        RangeProblem::Overflow,
+        ByteRange::new(u64::MAX - PAGE + 1, PAGE),
+        g,
+    );
 
     // Seals and file kinds.
     expect_memfd(dev.create(unsealed.as_fd(), 0, PAGE), "F_SEAL_SHRINK");
     expect_memfd(dev.create(write_sealed.as_fd(), 0, PAGE), "F_SEAL_WRITE");
-    expect_memfd(dev.create(future_sealed.as_fd(), 0, PAGE), "F_SEAL_FUTURE_WRITE");
+    expect_memfd(
+        dev.create(future_sealed.as_fd(), 0, PAGE),
+        "F_SEAL_FUTURE_WRITE",
+    );
     expect_memfd(dev.create(no_sealing.as_fd(), 0, PAGE), "F_SEAL_SEAL");
     expect_memfd(dev.create(regular.as_fd(), 0, PAGE), "not a shmem");
     expect_memfd(dev.create(pr.as_fd(), 0, PAGE), "not a regular file");
@@ -266,28 +350,52 @@ fn udmabuf_bad_inputs_give_typed_errors_and_leak_no_fd() {
 
     // Lists: empty, the bad item named, too many, too large.
     match dev.create_list(&[]) {
-        Err(Error::InvalidRange { problem: RangeProblem::Count(_), .. }) => {}
+        Err(Error::InvalidRange {
+            problem: RangeProblem::Count(_),
+            ..
+        }) => {}
         other => panic!("unexpected {other:?}"),
     }
-    match dev.create_list(&[(g, 0, PAGE), (g, PAGE, PAGE), (write_sealed.as_fd(), 0, PAGE)]) {
-        Err(Error::Memfd { problem }) => assert!(problem.contains("item 2") && problem.contains("F_SEAL_WRITE"), "{problem}"),
+    match dev.create_list(&[
+        (g, 0, PAGE),
+        (g, PAGE, PAGE),
+        (write_sealed.as_fd(), 0, PAGE),
+    ]) {
+        Err(Error::Memfd { problem }) => assert!(
+            problem.contains("item 2") && problem.contains("F_SEAL_WRITE"),
+            "{problem}"
+        ),
         other => panic!("unexpected {other:?}"),
     }
     let many = vec![(g, 0, PAGE); usize::try_from(limits.list_limit).unwrap() + 1];
     match dev.create_list(&many) {
-        Err(Error::UdmabufLimit { limit: "list_limit", max, requested }) => {
+        Err(Error::UdmabufLimit {
+            limit: "list_limit",
+            max,
+            requested,
+        }) => {
             assert_eq!((max, requested), (limits.list_limit, limits.list_limit + 1));
         }
         other => panic!("unexpected {other:?}"),
     }
     match dev.create(big.as_fd(), 0, big.size()) {
-        Err(Error::UdmabufLimit { limit: "size_limit_mb", max, requested }) => {
-            assert_eq!((max, requested), (limits.size_limit_mb, limits.size_limit_mb + 1));
+        Err(Error::UdmabufLimit {
+            limit: "size_limit_mb",
+            max,
+            requested,
+        }) => {
+            assert_eq!(
+                (max, requested),
+                (limits.size_limit_mb, limits.size_limit_mb + 1)
+            );
         }
         other => panic!("unexpected {other:?}"),
     }
     match dev.create_list(&[(big.as_fd(), 0, limits.size_limit_mb << 20), (g, 0, PAGE)]) {
-        Err(Error::UdmabufLimit { limit: "size_limit_mb", .. }) => {}
+        Err(Error::UdmabufLimit {
+            limit: "size_limit_mb",
+            ..
+        }) => {}
         other => panic!("unexpected {other:?}"),
     }
 
@@ -299,17 +407,35 @@ fn udmabuf_bad_inputs_give_typed_errors_and_leak_no_fd() {
     let buf = dev.create_list(&at_limit).unwrap();
     assert_eq!(buf.size().unwrap(), limits.list_limit * PAGE);
     drop(buf);
-    let buf = dev.create(big.as_fd(), PAGE, limits.size_limit_mb << 20).unwrap();
+    let buf = dev
+        .create(big.as_fd(), PAGE, limits.size_limit_mb << 20)
+        .unwrap();
     assert_eq!(buf.size().unwrap(), limits.size_limit_mb << 20);
     drop(buf);
     assert_eq!(open_fd_count(), before, "fds leaked");
 }
 
 /// `UDMABUF_CREATE` straight to the kernel, bypassing the library's checks.
-fn raw_create(dev: &Udmabuf, memfd: BorrowedFd<'_>, offset: u64, size: u64) -> std::io::Result<OwnedFd> {
-    let arg = sys::udmabuf_create { memfd: memfd.as_raw_fd() as u32, flags: sys::UDMABUF_FLAGS_CLOEXEC, offset, size };
+fn raw_create(
+    dev: &Udmabuf,
+    memfd: BorrowedFd<'_>,
+    offset: u64,
+    size: u64,
+) -> std::io::Result<OwnedFd> {
+    let arg = sys::udmabuf_create {
+        memfd: memfd.as_raw_fd() as u32,
+        flags: sys::UDMABUF_FLAGS_CLOEXEC,
+        offset,
+        size,
+    };
     // SAFETY: UDMABUF_CREATE reads one `udmabuf_create` and writes nothing.
-    let fd = unsafe { libc::ioctl(dev.as_fd().as_raw_fd(), sys::UDMABUF_CREATE as libc::Ioctl, &arg) };
+    let fd = unsafe {
+        libc::ioctl(
+            dev.as_fd().as_raw_fd(),
+            sys::UDMABUF_CREATE as libc::Ioctl,
+            &arg,
+        )
+    };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -324,20 +450,44 @@ fn udmabuf_rules_checked_up_front_are_the_kernels() {
     // uAPI reference (B.4).
     let dev = Udmabuf::open().unwrap();
     let good = Memfd::new("good", 4 * PAGE).unwrap();
-    let unsealed = MemfdOptions::new().seal_shrink(false).create("unsealed", 4 * PAGE).unwrap();
+    let unsealed = MemfdOptions::new()
+        .seal_shrink(false)
+        .create("unsealed", 4 * PAGE)
+        .unwrap();
     let sealed = Memfd::new("sealed", 4 * PAGE).unwrap();
     sealed.add_seals(Seals::WRITE).unwrap();
     let regular = File::open("/proc/self/status").unwrap();
     let errno = |r: std::io::Result<OwnedFd>| r.map(drop).unwrap_err().raw_os_error();
 
     let before = open_fd_count();
-    assert_eq!(errno(raw_create(&dev, good.as_fd(), PAGE / 2, PAGE)), Some(libc::EINVAL));
-    assert_eq!(errno(raw_create(&dev, good.as_fd(), 0, PAGE / 2)), Some(libc::EINVAL));
-    assert_eq!(errno(raw_create(&dev, good.as_fd(), 0, 0)), Some(libc::EINVAL));
-    assert_eq!(errno(raw_create(&dev, good.as_fd(), 2 * PAGE, 3 * PAGE)), Some(libc::EINVAL));
-    assert_eq!(errno(raw_create(&dev, unsealed.as_fd(), 0, PAGE)), Some(libc::EINVAL));
-    assert_eq!(errno(raw_create(&dev, sealed.as_fd(), 0, PAGE)), Some(libc::EINVAL));
-    assert_eq!(errno(raw_create(&dev, regular.as_fd(), 0, PAGE)), Some(libc::EBADFD));
+    assert_eq!(
+        errno(raw_create(&dev, good.as_fd(), PAGE / 2, PAGE)),
+        Some(libc::EINVAL)
+    );
+    assert_eq!(
+        errno(raw_create(&dev, good.as_fd(), 0, PAGE / 2)),
+        Some(libc::EINVAL)
+    );
+    assert_eq!(
+        errno(raw_create(&dev, good.as_fd(), 0, 0)),
+        Some(libc::EINVAL)
+    );
+    assert_eq!(
+        errno(raw_create(&dev, good.as_fd(), 2 * PAGE, 3 * PAGE)),
+        Some(libc::EINVAL)
+    );
+    assert_eq!(
+        errno(raw_create(&dev, unsealed.as_fd(), 0, PAGE)),
+        Some(libc::EINVAL)
+    );
+    assert_eq!(
+        errno(raw_create(&dev, sealed.as_fd(), 0, PAGE)),
+        Some(libc::EINVAL)
+    );
+    assert_eq!(
+        errno(raw_create(&dev, regular.as_fd(), 0, PAGE)),
+        Some(libc::EBADFD)
+    );
     assert_eq!(open_fd_count(), before);
     // And what it accepts, the kernel accepts.
     let ok = raw_create(&dev, good.as_fd(), 3 * PAGE, PAGE).unwrap();
@@ -349,7 +499,10 @@ fn udmabuf_pins_refuse_a_later_write_seal() {
     // uAPI reference B.3: while a udmabuf pins the pages, F_SEAL_WRITE
     // cannot be added (EBUSY).
     let memfd = Memfd::new("pinned", 2 * PAGE).unwrap();
-    let buf = Udmabuf::open().unwrap().create(memfd.as_fd(), 0, 2 * PAGE).unwrap();
+    let buf = Udmabuf::open()
+        .unwrap()
+        .create(memfd.as_fd(), 0, 2 * PAGE)
+        .unwrap();
     match memfd.add_seals(Seals::WRITE) {
         Err(e @ Error::Sys { .. }) => assert_eq!(e.raw_os_error(), Some(libc::EBUSY), "{e}"),
         other => panic!("unexpected {other:?}"),

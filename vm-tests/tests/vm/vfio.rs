@@ -8,10 +8,14 @@
 
 use std::fs;
 
-use dmabuf_p2p::exporter::vfio::{bind_to_vfio_pci, VfioPciDevice, CONFIG_REGION_INDEX, ROM_REGION_INDEX};
+use dmabuf_p2p::exporter::vfio::{
+    CONFIG_REGION_INDEX, ROM_REGION_INDEX, VfioPciDevice, bind_to_vfio_pci,
+};
 use dmabuf_p2p::importer::iommufd::Iommufd;
 use dmabuf_p2p::{ByteRange, Error, PciAddress, RangeProblem};
-use dmabuf_p2p_vm_tests::{bar_size, driver_of, ivshmem_devices, open_fd_count, pci_devices, EDU_ID, IVSHMEM_ID};
+use dmabuf_p2p_vm_tests::{
+    EDU_ID, IVSHMEM_ID, bar_size, driver_of, ivshmem_devices, open_fd_count, pci_devices,
+};
 
 const PAGE: u64 = 4096;
 
@@ -21,13 +25,19 @@ fn addr(bdf: &str) -> PciAddress {
 
 /// The ivshmem device with the 1 MiB BAR2, and that size.
 fn small_shm() -> (PciAddress, u64) {
-    let (bdf, size) = ivshmem_devices().into_iter().find(|(_, s)| *s == 1 << 20).expect("a 1 MiB ivshmem");
+    let (bdf, size) = ivshmem_devices()
+        .into_iter()
+        .find(|(_, s)| *s == 1 << 20)
+        .expect("a 1 MiB ivshmem");
     (addr(&bdf), size)
 }
 
 /// The ivshmem device with the 64 MiB BAR2, and that size.
 fn big_shm() -> (PciAddress, u64) {
-    let (bdf, size) = ivshmem_devices().into_iter().find(|(_, s)| *s == 64 << 20).expect("a 64 MiB ivshmem");
+    let (bdf, size) = ivshmem_devices()
+        .into_iter()
+        .find(|(_, s)| *s == 64 << 20)
+        .expect("a 64 MiB ivshmem");
     (addr(&bdf), size)
 }
 
@@ -46,7 +56,13 @@ fn open_bound(a: PciAddress) -> (Iommufd, VfioPciDevice) {
 /// The physical start of BAR `bar` from sysfs.
 fn sysfs_bar_start(a: PciAddress, bar: usize) -> u64 {
     let text = fs::read_to_string(format!("/sys/bus/pci/devices/{a}/resource")).unwrap();
-    let first = text.lines().nth(bar).unwrap().split_whitespace().next().unwrap();
+    let first = text
+        .lines()
+        .nth(bar)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
     u64::from_str_radix(first.trim_start_matches("0x"), 16).unwrap()
 }
 
@@ -69,20 +85,31 @@ fn open_bind_attach_detach() {
     {
         let iommufd = Iommufd::open().unwrap();
         let mut dev = VfioPciDevice::open(edu()).unwrap();
-        assert!(dev.cdev_path().starts_with("/dev/vfio/devices"), "{}", dev.cdev_path().display());
+        assert!(
+            dev.cdev_path().starts_with("/dev/vfio/devices"),
+            "{}",
+            dev.cdev_path().display()
+        );
 
         // Before the bind nothing else is allowed (the kernel would say EINVAL).
         match dev.region_info(0) {
-            Err(Error::Device { problem, .. }) => assert!(problem.contains("not bound"), "{problem}"),
+            Err(Error::Device { problem, .. }) => {
+                assert!(problem.contains("not bound"), "{problem}")
+            }
             other => panic!("region_info before bind: {other:?}"),
         }
-        assert!(matches!(dev.export_bar(0, &[ByteRange::new(0, PAGE)]), Err(Error::Device { .. })));
+        assert!(matches!(
+            dev.export_bar(0, &[ByteRange::new(0, PAGE)]),
+            Err(Error::Device { .. })
+        ));
 
         let devid = dev.bind(&iommufd).unwrap();
         assert_eq!(dev.devid(), Some(devid));
         assert!(dev.iommufd().is_some_and(|i| i.same_context(&iommufd)));
         match dev.bind(&iommufd) {
-            Err(Error::Device { problem, .. }) => assert!(problem.contains("already bound"), "{problem}"),
+            Err(Error::Device { problem, .. }) => {
+                assert!(problem.contains("already bound"), "{problem}")
+            }
             other => panic!("second bind: {other:?}"),
         }
 
@@ -104,7 +131,9 @@ fn open_bind_attach_detach() {
         // An IOAS of another iommufd is refused before the ioctl.
         let other = Iommufd::open().unwrap().alloc_ioas().unwrap();
         match dev.attach(&other) {
-            Err(Error::Device { problem, .. }) => assert!(problem.contains("another iommufd"), "{problem}"),
+            Err(Error::Device { problem, .. }) => {
+                assert!(problem.contains("another iommufd"), "{problem}")
+            }
             r => panic!("attach to a foreign IOAS: {r:?}"),
         }
     }
@@ -119,7 +148,9 @@ fn attach_to_a_wrong_id_is_unknown_object() {
         match dev.attach_pt(id) {
             Err(e @ Error::UnknownObject { .. }) => {
                 assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
-                let Error::UnknownObject { id: got, .. } = e else { unreachable!() };
+                let Error::UnknownObject { id: got, .. } = e else {
+                    unreachable!()
+                };
                 assert_eq!(got, id);
             }
             other => panic!("attach_pt({id:#x}): {other:?}"),
@@ -127,7 +158,10 @@ fn attach_to_a_wrong_id_is_unknown_object() {
     }
     // The device's own ID is not an IOAS or HWPT.
     let devid = dev.devid().unwrap();
-    assert!(matches!(dev.attach_pt(devid), Err(Error::UnknownObject { .. }) | Err(Error::Sys { .. })));
+    assert!(matches!(
+        dev.attach_pt(devid),
+        Err(Error::UnknownObject { .. }) | Err(Error::Sys { .. })
+    ));
     assert!(dev.attached_pt().is_none());
     assert_eq!(open_fd_count(), before);
     drop((iommufd, dev));
@@ -155,11 +189,19 @@ fn region_and_bar_info_match_sysfs() {
         assert_eq!(info.num_regions, 9, "{bdf}: {info:?}");
         for bar in [0u32, 2] {
             let b = dev.bar(bar).unwrap();
-            assert_eq!(b.size(), bar_size(&bdf, bar as usize).unwrap(), "{bdf} BAR{bar}");
+            assert_eq!(
+                b.size(),
+                bar_size(&bdf, bar as usize).unwrap(),
+                "{bdf} BAR{bar}"
+            );
             assert_eq!(b.resource.size, b.size(), "{bdf} BAR{bar}");
             assert_eq!(b.phys_start(), sysfs_bar_start(addr(&bdf), bar as usize));
             assert!(b.resource.is_mem());
-            assert!(b.region.readable() && b.region.writable(), "{bdf} BAR{bar} flags {:#x}", b.region.flags);
+            assert!(
+                b.region.readable() && b.region.writable(),
+                "{bdf} BAR{bar} flags {:#x}",
+                b.region.flags
+            );
             println!(
                 "{bdf} BAR{bar}: {} bytes at {:#x}, fd offset {:#x}, flags {:#x}",
                 b.size(),
@@ -176,17 +218,26 @@ fn region_and_bar_info_match_sysfs() {
             assert!(!b.is_present(), "{bdf} BAR{absent}: {b:?}");
         }
         let cfg = dev.region_info(CONFIG_REGION_INDEX).unwrap();
-        assert!(cfg.size == 256 || cfg.size == 4096, "config size {}", cfg.size);
+        assert!(
+            cfg.size == 256 || cfg.size == 4096,
+            "config size {}",
+            cfg.size
+        );
         // The ROM and config are not BARs; index 9 is not a region at all.
         for index in [ROM_REGION_INDEX, CONFIG_REGION_INDEX, 8, 100] {
             match dev.bar(index) {
-                Err(Error::InvalidRegion { index: i, device, .. }) => {
+                Err(Error::InvalidRegion {
+                    index: i, device, ..
+                }) => {
                     assert_eq!((i, device.as_str()), (index, bdf.as_str()));
                 }
                 other => panic!("bar({index}): {other:?}"),
             }
         }
-        assert!(matches!(dev.region_info(9), Err(Error::InvalidRegion { index: 9, .. })));
+        assert!(matches!(
+            dev.region_info(9),
+            Err(Error::InvalidRegion { index: 9, .. })
+        ));
     }
     let (_iommufd, dev) = open_bound(edu());
     let b = dev.bar(0).unwrap();
@@ -196,18 +247,29 @@ fn region_and_bar_info_match_sysfs() {
 
 #[test]
 fn config_space_reads_the_ids() {
-    for (a, id) in [(edu(), EDU_ID), (small_shm().0, IVSHMEM_ID), (big_shm().0, IVSHMEM_ID)] {
+    for (a, id) in [
+        (edu(), EDU_ID),
+        (small_shm().0, IVSHMEM_ID),
+        (big_shm().0, IVSHMEM_ID),
+    ] {
         let (_iommufd, dev) = open_bound(a);
         assert_eq!(dev.config_read_u16(0).unwrap(), id.0, "{a} vendor");
         assert_eq!(dev.config_read_u16(2).unwrap(), id.1, "{a} device");
-        assert_eq!(dev.config_read_u32(0).unwrap(), u32::from(id.0) | (u32::from(id.1) << 16));
+        assert_eq!(
+            dev.config_read_u32(0).unwrap(),
+            u32::from(id.0) | (u32::from(id.1) << 16)
+        );
         let mut four = [0u8; 4];
         dev.config_read(0, &mut four).unwrap();
         assert_eq!(u16::from_le_bytes([four[0], four[1]]), id.0);
         // Past the end of config space: typed, before any pread.
         let size = dev.region_info(CONFIG_REGION_INDEX).unwrap().size;
         match dev.config_read(size - 2, &mut four) {
-            Err(Error::InvalidRange { problem: RangeProblem::OutOfBounds { .. }, range, .. }) => {
+            Err(Error::InvalidRange {
+                problem: RangeProblem::OutOfBounds { .. },
+                range,
+                ..
+            }) => {
                 assert_eq!(range, ByteRange::new(size - 2, 4));
             }
             other => panic!("read past config end: {other:?}"),
@@ -219,7 +281,10 @@ fn config_space_reads_the_ids() {
 fn memory_decode_and_bus_master_round_trip() {
     let (shm, _) = small_shm();
     let (_iommufd, dev) = open_bound(shm);
-    println!("{shm} PCI_COMMAND after open: {:#06x}", dev.command().unwrap());
+    println!(
+        "{shm} PCI_COMMAND after open: {:#06x}",
+        dev.command().unwrap()
+    );
     for on in [true, false, true] {
         dev.set_memory_decode(on).unwrap();
         assert_eq!(dev.memory_decode().unwrap(), on);
@@ -241,7 +306,9 @@ fn reset_where_supported_and_typed_error_where_not() {
         println!("{a}: VFIO_DEVICE_FLAGS_RESET = {supported}");
         match dev.reset() {
             Ok(()) => assert!(supported, "{a}: reset worked without the RESET flag"),
-            Err(Error::Unsupported { operation, target, .. }) => {
+            Err(Error::Unsupported {
+                operation, target, ..
+            }) => {
                 assert!(!supported);
                 assert_eq!((operation, target), ("VFIO_DEVICE_RESET", a.to_string()));
             }
@@ -279,20 +346,38 @@ fn bar_mmap_write_then_read_back() {
         // Bounds and alignment are checked.
         assert!(matches!(
             bar.read_u32(size),
-            Err(Error::InvalidRange { problem: RangeProblem::OutOfBounds { .. }, .. })
+            Err(Error::InvalidRange {
+                problem: RangeProblem::OutOfBounds { .. },
+                ..
+            })
         ));
-        assert!(matches!(bar.read_u32(size - 2), Err(Error::InvalidRange { .. })));
+        assert!(matches!(
+            bar.read_u32(size - 2),
+            Err(Error::InvalidRange { .. })
+        ));
         assert!(matches!(
             bar.write_u32(2, 0),
-            Err(Error::InvalidRange { problem: RangeProblem::Unaligned { align: 4 }, .. })
+            Err(Error::InvalidRange {
+                problem: RangeProblem::Unaligned { align: 4 },
+                ..
+            })
         ));
         assert!(matches!(
             bar.read_bytes(u64::MAX, &mut back),
-            Err(Error::InvalidRange { problem: RangeProblem::Overflow, .. })
+            Err(Error::InvalidRange {
+                problem: RangeProblem::Overflow,
+                ..
+            })
         ));
         // BAR1 is absent, the ROM is not a BAR.
-        assert!(matches!(dev.map_bar(1), Err(Error::InvalidRegion { index: 1, .. })));
-        assert!(matches!(dev.map_bar(6), Err(Error::InvalidRegion { index: 6, .. })));
+        assert!(matches!(
+            dev.map_bar(1),
+            Err(Error::InvalidRegion { index: 1, .. })
+        ));
+        assert!(matches!(
+            dev.map_bar(6),
+            Err(Error::InvalidRegion { index: 6, .. })
+        ));
     }
     assert_eq!(open_fd_count(), before, "BAR mappings keep no fds");
 }
@@ -308,12 +393,18 @@ fn bar_mmap_of_the_register_bar() {
         Ok(map) => {
             assert_eq!(map.len(), 256);
             // Register 0 is the interrupt mask; reading it is harmless.
-            println!("{shm} BAR0 mmap ok, INTRMASK = {:#x}", map.read_u32(0).unwrap());
+            println!(
+                "{shm} BAR0 mmap ok, INTRMASK = {:#x}",
+                map.read_u32(0).unwrap()
+            );
             assert!(matches!(map.read_u32(256), Err(Error::InvalidRange { .. })));
         }
         Err(Error::Unsupported { .. }) => {
             assert!(!b.region.mmap_supported());
-            println!("{shm} BAR0: no VFIO_REGION_INFO_FLAG_MMAP (flags {:#x})", b.region.flags);
+            println!(
+                "{shm} BAR0: no VFIO_REGION_INFO_FLAG_MMAP (flags {:#x})",
+                b.region.flags
+            );
         }
         Err(e) => panic!("map_bar(0): {e}"),
     }
@@ -334,7 +425,13 @@ fn export_one_range_of_bar2() {
             assert_eq!(export.memory_decode_at_export(), Some(true));
             let start = sysfs_bar_start(shm, 2);
             assert_eq!(export.phys_ranges().len(), 1);
-            assert_eq!((export.phys_ranges()[0].start, export.phys_ranges()[0].length), (start, size));
+            assert_eq!(
+                (
+                    export.phys_ranges()[0].start,
+                    export.phys_ranges()[0].length
+                ),
+                (start, size)
+            );
             let info = export.dmabuf().fdinfo().unwrap();
             assert_eq!(info.exp_name, "vfio_pci_core");
             assert_eq!(info.size, size);
@@ -357,12 +454,20 @@ fn export_two_ranges_of_bar2() {
     assert_eq!(export.dmabuf().size().unwrap(), 3 * PAGE);
     assert_eq!(export.ranges(), &ranges);
     let start = sysfs_bar_start(shm, 2);
-    let phys: Vec<(u64, u64)> = export.phys_ranges().iter().map(|p| (p.start, p.length)).collect();
+    let phys: Vec<(u64, u64)> = export
+        .phys_ranges()
+        .iter()
+        .map(|p| (p.start, p.length))
+        .collect();
     assert_eq!(phys, vec![(start, PAGE), (start + 0x4000, 2 * PAGE)]);
     assert_eq!(export.dmabuf().fdinfo().unwrap().exp_name, "vfio_pci_core");
 
     // Overlapping, repeated and unordered ranges are what the kernel allows too.
-    let odd = [ByteRange::new(size - PAGE, PAGE), ByteRange::new(0, 2 * PAGE), ByteRange::new(PAGE, PAGE)];
+    let odd = [
+        ByteRange::new(size - PAGE, PAGE),
+        ByteRange::new(0, 2 * PAGE),
+        ByteRange::new(PAGE, PAGE),
+    ];
     let e2 = dev.export_bar(2, &odd).unwrap();
     assert_eq!(e2.dmabuf().size().unwrap(), 4 * PAGE);
 }
@@ -377,7 +482,9 @@ fn mmap_of_a_vfio_dmabuf_is_refused() {
     match export.dmabuf().mmap() {
         Err(e @ Error::MmapRefused { .. }) => {
             assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
-            let Error::MmapRefused { exporter, .. } = e else { unreachable!() };
+            let Error::MmapRefused { exporter, .. } = e else {
+                unreachable!()
+            };
             assert_eq!(exporter, "vfio_pci_core");
         }
         other => panic!("mmap of a VFIO dma-buf: {other:?}"),
@@ -393,26 +500,64 @@ fn bad_export_requests_are_typed_and_leak_nothing() {
     let before = open_fd_count();
 
     let range_cases: [(&str, Vec<ByteRange>, usize, RangeProblem); 6] = [
-        ("unaligned offset", vec![ByteRange::new(0x800, PAGE)], 0, RangeProblem::Unaligned { align: PAGE }),
-        ("unaligned length", vec![ByteRange::new(0, PAGE + 1)], 0, RangeProblem::Unaligned { align: PAGE }),
-        ("zero length", vec![ByteRange::new(0, PAGE), ByteRange::new(PAGE, 0)], 1, RangeProblem::Empty),
-        ("overflow", vec![ByteRange::new(u64::MAX - PAGE + 1, 2 * PAGE)], 0, RangeProblem::Overflow),
+        (
+            "unaligned offset",
+            vec![ByteRange::new(0x800, PAGE)],
+            0,
+            RangeProblem::Unaligned { align: PAGE },
+        ),
+        (
+            "unaligned length",
+            vec![ByteRange::new(0, PAGE + 1)],
+            0,
+            RangeProblem::Unaligned { align: PAGE },
+        ),
+        (
+            "zero length",
+            vec![ByteRange::new(0, PAGE), ByteRange::new(PAGE, 0)],
+            1,
+            RangeProblem::Empty,
+        ),
+        (
+            "overflow",
+            vec![ByteRange::new(u64::MAX - PAGE + 1, 2 * PAGE)],
+            0,
+            RangeProblem::Overflow,
+        ),
         (
             "past the end",
-            vec![ByteRange::new(0, PAGE), ByteRange::new(size - PAGE, 2 * PAGE)],
+            vec![
+                ByteRange::new(0, PAGE),
+                ByteRange::new(size - PAGE, 2 * PAGE),
+            ],
             1,
-            RangeProblem::OutOfBounds { end: size + PAGE, size },
+            RangeProblem::OutOfBounds {
+                end: size + PAGE,
+                size,
+            },
         ),
-        ("no ranges", vec![], 0, RangeProblem::Count("no ranges given".to_owned())),
+        (
+            "no ranges",
+            vec![],
+            0,
+            RangeProblem::Count("no ranges given".to_owned()),
+        ),
     ];
     for (what, ranges, bad, want) in range_cases {
         match dev.export_bar(2, &ranges) {
-            Err(Error::InvalidRange { target, range, problem }) => {
+            Err(Error::InvalidRange {
+                target,
+                range,
+                problem,
+            }) => {
                 assert_eq!(problem, want, "{what}");
                 if let Some(r) = ranges.get(bad) {
                     assert_eq!(range, *r, "{what}: wrong range named");
                 }
-                assert!(target.contains(&shm.to_string()) && target.contains("BAR2"), "{what}: target {target}");
+                assert!(
+                    target.contains(&shm.to_string()) && target.contains("BAR2"),
+                    "{what}: target {target}"
+                );
             }
             other => panic!("{what}: {other:?}"),
         }
@@ -421,7 +566,11 @@ fn bad_export_requests_are_typed_and_leak_nothing() {
 
     // BAR0 of ivshmem is 256 bytes: no page-sized range fits.
     match dev.export_bar(0, &[ByteRange::new(0, PAGE)]) {
-        Err(Error::InvalidRange { problem: RangeProblem::OutOfBounds { end, size }, target, .. }) => {
+        Err(Error::InvalidRange {
+            problem: RangeProblem::OutOfBounds { end, size },
+            target,
+            ..
+        }) => {
             assert_eq!((end, size), (PAGE, 256));
             assert!(target.contains("BAR0"), "{target}");
         }
@@ -429,12 +578,19 @@ fn bad_export_requests_are_typed_and_leak_nothing() {
     }
     assert!(matches!(
         dev.export_bar(0, &[ByteRange::new(0, 256)]),
-        Err(Error::InvalidRange { problem: RangeProblem::Unaligned { .. }, .. })
+        Err(Error::InvalidRange {
+            problem: RangeProblem::Unaligned { .. },
+            ..
+        })
     ));
     // The ROM, config space, the VGA region and nonsense are not BARs.
     for index in [6u32, 7, 8, 42] {
         match dev.export_bar(index, &[ByteRange::new(0, PAGE)]) {
-            Err(Error::InvalidRegion { index: i, device, problem }) => {
+            Err(Error::InvalidRegion {
+                index: i,
+                device,
+                problem,
+            }) => {
                 assert_eq!((i, device), (index, shm.to_string()));
                 assert!(problem.contains("not a BAR"), "{problem}");
             }
@@ -444,7 +600,9 @@ fn bad_export_requests_are_typed_and_leak_nothing() {
     // BAR1 is unused, BAR3 the upper half of BAR2.
     for index in [1u32, 3] {
         match dev.export_bar(index, &[ByteRange::new(0, PAGE)]) {
-            Err(Error::InvalidRegion { index: i, problem, .. }) => {
+            Err(Error::InvalidRegion {
+                index: i, problem, ..
+            }) => {
                 assert_eq!(i, index);
                 assert!(problem.contains("not present"), "{problem}");
             }
@@ -477,8 +635,15 @@ fn bind_to_vfio_pci_rebinds_an_unbound_device() {
     assert_eq!(driver_of(&bdf), None);
     let before = open_fd_count();
     match VfioPciDevice::open(shm) {
-        Err(Error::WrongDriver { device, driver, expected }) => {
-            assert_eq!((device, driver, expected.as_str()), (bdf.clone(), None, "vfio-pci"));
+        Err(Error::WrongDriver {
+            device,
+            driver,
+            expected,
+        }) => {
+            assert_eq!(
+                (device, driver, expected.as_str()),
+                (bdf.clone(), None, "vfio-pci")
+            );
         }
         other => panic!("open of an unbound device: {other:?}"),
     }
@@ -490,7 +655,10 @@ fn bind_to_vfio_pci_rebinds_an_unbound_device() {
     assert_eq!(dev.config_read_u16(0).unwrap(), IVSHMEM_ID.0);
 
     // A device that does not exist.
-    assert!(matches!(bind_to_vfio_pci(addr("0000:7f:1f.7")), Err(Error::Device { .. })));
+    assert!(matches!(
+        bind_to_vfio_pci(addr("0000:7f:1f.7")),
+        Err(Error::Device { .. })
+    ));
 }
 
 #[test]
@@ -503,7 +671,13 @@ fn reset_revokes_and_restores_exports() {
     bar.write_u32(0x40, 0x1234_5678).unwrap();
     let export = dev.export_bar(2, &[ByteRange::new(0, size)]).unwrap();
     let ioas = iommufd.alloc_ioas().unwrap();
-    let mut map = ioas.map_dmabuf(export.dmabuf(), IovaPlacement::Fixed(0x4000_0000), MapPerms::ReadWrite).unwrap();
+    let mut map = ioas
+        .map_dmabuf(
+            export.dmabuf(),
+            IovaPlacement::Fixed(0x4000_0000),
+            MapPerms::ReadWrite,
+        )
+        .unwrap();
     let before = open_fd_count();
     if !dev.supports_reset().unwrap() {
         println!("{shm}: no reset, nothing to check");
@@ -512,9 +686,14 @@ fn reset_revokes_and_restores_exports() {
     dev.reset().unwrap();
     // PCI_COMMAND is restored after the reset, so the buffer is live again
     // for new importers; the old area was revoked and needs a remap.
-    println!("{shm} PCI_COMMAND after reset: {:#06x}", dev.command().unwrap());
+    println!(
+        "{shm} PCI_COMMAND after reset: {:#06x}",
+        dev.command().unwrap()
+    );
     assert!(dev.memory_decode().unwrap());
-    let again = ioas.map_dmabuf(export.dmabuf(), IovaPlacement::Auto, MapPerms::Read).unwrap();
+    let again = ioas
+        .map_dmabuf(export.dmabuf(), IovaPlacement::Auto, MapPerms::Read)
+        .unwrap();
     assert!(again.is_mapped());
     map.remap().unwrap();
     assert_eq!(map.iova(), 0x4000_0000);
