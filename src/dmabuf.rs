@@ -747,9 +747,8 @@ impl FromRawFd for DmaBuf {
     /// `fd` must be an open dma-buf fd that the caller owns.
     unsafe fn from_raw_fd(fd: RawFd) -> Self {
         // SAFETY: the caller hands over ownership of an open fd.
-        Self {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        }
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Self { fd }
     }
 }
 

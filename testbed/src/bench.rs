@@ -331,10 +331,11 @@ fn build_bench() -> Result<PathBuf> {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
         };
-        if v["reason"] == "compiler-artifact" && v["target"]["name"] == "dmabuf-p2p-bench" {
-            if let Some(exe) = v["executable"].as_str() {
-                return Ok(PathBuf::from(exe));
-            }
+        if v["reason"] == "compiler-artifact"
+            && v["target"]["name"] == "dmabuf-p2p-bench"
+            && let Some(exe) = v["executable"].as_str()
+        {
+            return Ok(PathBuf::from(exe));
         }
     }
     Err(Error::Setup(
@@ -655,20 +656,20 @@ pub fn page(r: &Results) -> String {
         }
         let _ = writeln!(s, "{row}");
     }
-    if let Some(&top) = xs.last() {
-        if let (Some(t), Some(d)) = (
+    if let Some(&top) = xs.last()
+        && let (Some(t), Some(d)) = (
             r.median("sweep", "type1", "map", top),
             r.median("sweep", "dmabuf", "map", top),
-        ) {
-            let _ = writeln!(
-                s,
-                "\nAt {}, mapping through type1 takes {} and through the dma-buf {}: ×{:.0}.",
-                fmt_size(top),
-                fmt_ns(t),
-                fmt_ns(d),
-                t / d
-            );
-        }
+        )
+    {
+        let _ = writeln!(
+            s,
+            "\nAt {}, mapping through type1 takes {} and through the dma-buf {}: ×{:.0}.",
+            fmt_size(top),
+            fmt_ns(t),
+            fmt_ns(d),
+            t / d
+        );
     }
     if let Some(m) = r.meta("memfd_max_size") {
         let _ = writeln!(

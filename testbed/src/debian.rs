@@ -154,10 +154,10 @@ fn parse_deb822_debian_entry(text: &str) -> (Option<String>, Option<String>) {
                 key = Some(v.trim().to_owned());
             }
         }
-        if let Some(u) = &uri {
-            if u.ends_with("/debian") {
-                return (uri, key);
-            }
+        if let Some(u) = &uri
+            && u.ends_with("/debian")
+        {
+            return (uri, key);
         }
     }
     (None, None)

@@ -425,10 +425,10 @@ fn parse_config(text: &str) -> HashMap<String, String> {
         let line = line.trim();
         if let Some(name) = not_set(line) {
             map.insert(name.to_owned(), "n".to_owned());
-        } else if let Some((name, value)) = line.split_once('=') {
-            if is_option_name(name) {
-                map.insert(name.to_owned(), value.to_owned());
-            }
+        } else if let Some((name, value)) = line.split_once('=')
+            && is_option_name(name)
+        {
+            map.insert(name.to_owned(), value.to_owned());
         }
     }
     map
@@ -697,10 +697,8 @@ impl Log {
                     if log_error.is_none() {
                         log_error = self.write_line(&line).err();
                     }
-                    if progress {
-                        if let Some(msg) = meter.line(&line, Instant::now()) {
-                            eprintln!("kernel:   {what}: {msg}");
-                        }
+                    if progress && let Some(msg) = meter.line(&line, Instant::now()) {
+                        eprintln!("kernel:   {what}: {msg}");
                     }
                     if tail.len() == TAIL_LINES {
                         tail.pop_front();
@@ -708,10 +706,8 @@ impl Log {
                     tail.push_back(line);
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if progress {
-                        if let Some(msg) = meter.tick(Instant::now()) {
-                            eprintln!("kernel:   {what}: {msg}");
-                        }
+                    if progress && let Some(msg) = meter.tick(Instant::now()) {
+                        eprintln!("kernel:   {what}: {msg}");
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,

@@ -118,17 +118,17 @@ pub fn parse_line(line: &str) -> Line {
             _ => Line::BadDirective(line.to_owned()),
         };
     }
-    if let Some(rest) = line.strip_prefix("test ") {
-        if let Some((name, outcome)) = rest.rsplit_once(" ... ") {
-            let outcome = match outcome.trim() {
-                "ok" => Some(Outcome::Ok),
-                "FAILED" => Some(Outcome::Failed),
-                o if o.starts_with("ignored") => Some(Outcome::Ignored),
-                _ => None,
-            };
-            if let Some(o) = outcome {
-                return Line::Test(name.trim().to_owned(), o);
-            }
+    if let Some(rest) = line.strip_prefix("test ")
+        && let Some((name, outcome)) = rest.rsplit_once(" ... ")
+    {
+        let outcome = match outcome.trim() {
+            "ok" => Some(Outcome::Ok),
+            "FAILED" => Some(Outcome::Failed),
+            o if o.starts_with("ignored") => Some(Outcome::Ignored),
+            _ => None,
+        };
+        if let Some(o) = outcome {
+            return Line::Test(name.trim().to_owned(), o);
         }
     }
     Line::Text

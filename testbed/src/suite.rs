@@ -444,10 +444,11 @@ fn stream(
                 "qemu exited ({st}) before the guest job finished"
             )));
         }
-        if let Some(b) = boot_deadline {
-            if !report.booted && vm.elapsed() > b {
-                return Err(StreamError::KvmUnusable);
-            }
+        if let Some(b) = boot_deadline
+            && !report.booted
+            && vm.elapsed() > b
+        {
+            return Err(StreamError::KvmUnusable);
         }
         if Instant::now() > deadline {
             return Err(StreamError::Failed(format!(
