@@ -356,11 +356,8 @@ pub fn pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
     use std::os::fd::FromRawFd;
     let mut fds = [0; 2];
     // SAFETY: `fds` has room for the two fds pipe2 returns.
-    assert_eq!(
-        unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) },
-        0,
-        "pipe2"
-    );
+    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(rc, 0, "pipe2");
     // SAFETY: pipe2 just returned this fd, owned by nobody else.
     let read_end = unsafe { std::os::fd::OwnedFd::from_raw_fd(fds[0]) };
     // SAFETY: as above.
