@@ -5,3 +5,4 @@
 
 pub mod iommufd;
 pub mod mock;
+pub mod placement;
