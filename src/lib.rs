@@ -23,13 +23,16 @@ pub mod revoke;
 pub mod share;
 pub mod sys;
 pub mod sysfs;
+pub mod vfio;
 
 pub use dmabuf::{Access, DmaBuf, Mapping, SyncFile, is_dmabuf};
 pub use error::{Error, RangeProblem, Result};
-pub use exporter::vfio::{BarExport, VfioPciDevice};
+pub use exporter::bar::BarExport;
+pub use exporter::mock::MockDmaBuf;
 pub use importer::iommufd::{Ioas, IoasMapping, Iommufd, IovaPlacement, MapPerms};
 pub use pci::{PciAddress, TargetSpec};
 pub use range::ByteRange;
+pub use vfio::{BarMapping, VfioPciDevice};
 
 /// The VMM author's guide (`docs/GUIDE.md`), here so its snippets compile as
 /// doctests.

@@ -7,7 +7,7 @@
 //! keeps the importer's side of that contract:
 //!
 //! * a [`RevocationHub`] belongs to one exporter (a
-//!   [`VfioPciDevice`](crate::exporter::vfio::VfioPciDevice), or the receiving
+//!   [`VfioPciDevice`](crate::vfio::VfioPciDevice), or the receiving
 //!   end of a buffer passed from another process) and knows every
 //!   [`Attachment`] made from its buffers;
 //! * when the exporter revokes, each attachment records it, tears its
@@ -307,7 +307,7 @@ impl RevocationHub {
     /// while another thread turns decode off fails after unmapping the dead
     /// area, and the freed IOVA can go to another mapping; and a map can land
     /// between a revoke and a restore it never hears of.
-    /// [`VfioPciDevice`](crate::exporter::vfio::VfioPciDevice) takes it for
+    /// [`VfioPciDevice`](crate::vfio::VfioPciDevice) takes it for
     /// every change of `PCI_COMMAND` and every reset.
     ///
     /// Attachment callbacks and hub observers run with it held (on the
@@ -519,7 +519,7 @@ impl RevocationHub {
 /// tied to its exporter's [`RevocationHub`]. Dropping it unmaps.
 ///
 /// ```no_run
-/// use dmabuf_p2p::exporter::vfio::VfioPciDevice;
+/// use dmabuf_p2p::vfio::VfioPciDevice;
 /// use dmabuf_p2p::importer::iommufd::{Iommufd, IovaPlacement, MapPerms};
 /// use dmabuf_p2p::revoke::{Attachment, RestorePolicy};
 /// use dmabuf_p2p::ByteRange;

@@ -35,11 +35,9 @@
 #![allow(clippy::unwrap_used)]
 
 use dmabuf_p2p::engine::edu::Edu;
+use dmabuf_p2p::exporter::bar::{BarExport, ExportPlan};
 use dmabuf_p2p::exporter::heap::DmaHeap;
 use dmabuf_p2p::exporter::udmabuf::Udmabuf;
-use dmabuf_p2p::exporter::vfio::{
-    Bar, BarExport, BarMapping, DeviceInfo, ExportPlan, RegionInfo, VfioPciDevice,
-};
 use dmabuf_p2p::fdinfo::{DmaBufInfo, FdInfo};
 use dmabuf_p2p::importer::iommufd::{IovaPlacement, IovaRange, IovaRanges, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
@@ -50,6 +48,7 @@ use dmabuf_p2p::revoke::{
     RevokeReason,
 };
 use dmabuf_p2p::sysfs::{PciDeviceInfo, Sysfs};
+use dmabuf_p2p::vfio::{Bar, BarMapping, DeviceInfo, RegionInfo, VfioPciDevice};
 use dmabuf_p2p::{
     ByteRange, DmaBuf, Error, Ioas, IoasMapping, Iommufd, Mapping, PciAddress, RangeProblem,
     SyncFile, TargetSpec,

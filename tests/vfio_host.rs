@@ -15,15 +15,13 @@ use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use dmabuf_p2p::exporter::vfio::{
-    Bar, EXPORT_OPEN_FLAGS, RegionInfo, VfioPciDevice, bind_to_vfio_pci_in, export_request,
-    plan_export,
-};
+use dmabuf_p2p::exporter::bar::{EXPORT_OPEN_FLAGS, export_request, plan_export};
 use dmabuf_p2p::importer::iommufd::{Iommufd, IovaRange, IovaRanges, MapPerms};
 use dmabuf_p2p::pci::{
     IORESOURCE_IO, IORESOURCE_MEM, IORESOURCE_MEM_64, IORESOURCE_PREFETCH, Resource,
 };
 use dmabuf_p2p::sysfs::Sysfs;
+use dmabuf_p2p::vfio::{Bar, RegionInfo, VfioPciDevice, bind_to_vfio_pci_in};
 use dmabuf_p2p::{ByteRange, Error, PciAddress, RangeProblem, sys};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;

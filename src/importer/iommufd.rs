@@ -5,7 +5,7 @@
 //! * [`Ioas`] is an IO address space (`IOMMU_IOAS_ALLOC`). It is a shared
 //!   handle: clones name the same IOAS, and the IOAS is destroyed
 //!   (`IOMMU_DESTROY`) when the last handle goes. Every [`IoasMapping`] and
-//!   every attached [`VfioPciDevice`](crate::exporter::vfio::VfioPciDevice)
+//!   every attached [`VfioPciDevice`](crate::vfio::VfioPciDevice)
 //!   holds one, so the IOAS always outlives what uses it and the iommufd
 //!   outlives the IOAS, whatever order values are dropped in.
 //! * [`IoasMapping`] is one mapped area (`IOMMU_IOAS_MAP` of user memory or
@@ -1188,7 +1188,7 @@ impl Ioas {
     ///   (`EINVAL` at a fixed IOVA), or no room (`ENOSPC`).
     ///
     /// ```no_run
-    /// use dmabuf_p2p::exporter::vfio::VfioPciDevice;
+    /// use dmabuf_p2p::vfio::VfioPciDevice;
     /// use dmabuf_p2p::importer::iommufd::{MapPerms, Iommufd, IovaPlacement};
     /// use dmabuf_p2p::ByteRange;
     ///

@@ -1,8 +1,12 @@
 //! Importers: what maps a dma-buf for a device. [`iommufd`] maps it into an
-//! iommufd IO address space at an IOVA; [`mock`] is the kernel's selftest
-//! dma-buf, a revocable buffer for testing revocation handling without
-//! hardware.
+//! iommufd IO address space at an IOVA; [`placement`] picks automatic IOVAs.
 
 pub mod iommufd;
-pub mod mock;
 pub mod placement;
+
+/// The old home of the selftest mock dma-buf, now [`crate::exporter::mock`];
+/// kept so code written against it keeps compiling.
+#[doc(hidden)]
+pub mod mock {
+    pub use crate::exporter::mock::*;
+}

@@ -12,7 +12,7 @@
 //!   in [`bindings`] (which bindgen took from clang); `tests/sys_layout.rs`
 //!   checks that both agree with each other and with the documented values.
 //! * [`iommufd_test`] holds the few `IOMMUFD_TEST` selftest definitions
-//!   behind [`crate::importer::mock::MockDmaBuf`]. `iommufd_test.h` is not a
+//!   behind [`crate::exporter::mock::MockDmaBuf`]. `iommufd_test.h` is not a
 //!   uAPI header, so they are written by hand.
 //!
 //! Nothing here is safe to pass to the kernel by itself: the typed ioctl
@@ -261,7 +261,7 @@ pub const IOMMU_IOAS_MAP_FILE: u32 = io(IOMMUFD_IOCTL_TYPE, IOMMUFD_IOCTL_BASE +
 
 /// Hand-written definitions for the `CONFIG_IOMMUFD_TEST` selftest interface
 /// of iommufd: its mock dma-buf exporter, a revocable dma-buf without a VFIO
-/// device ([`crate::importer::mock::MockDmaBuf`] wraps it).
+/// device ([`crate::exporter::mock::MockDmaBuf`] wraps it).
 ///
 /// **Not uAPI and not generated.** `drivers/iommu/iommufd/iommufd_test.h` is a
 /// private kernel header that changes between releases; these definitions

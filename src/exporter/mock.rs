@@ -20,7 +20,7 @@
 //!
 //! ```no_run
 //! use dmabuf_p2p::importer::iommufd::{Iommufd, IovaPlacement, MapPerms};
-//! use dmabuf_p2p::importer::mock::MockDmaBuf;
+//! use dmabuf_p2p::exporter::mock::MockDmaBuf;
 //! use dmabuf_p2p::revoke::{Attachment, Revocable, RestorePolicy, RevokeReason};
 //!
 //! let iommufd = Iommufd::open()?;
@@ -50,14 +50,14 @@ use crate::revoke::{Revocable, RevocationHub};
 /// The largest mock buffer the kernel makes, in pages (Linux 7.2).
 ///
 /// ```
-/// assert_eq!(dmabuf_p2p::importer::mock::MAX_PAGES, 512);
+/// assert_eq!(dmabuf_p2p::exporter::mock::MAX_PAGES, 512);
 /// ```
 pub const MAX_PAGES: u64 = 512;
 
 /// The exporter name a mock dma-buf shows in fdinfo (`exp_name`).
 ///
 /// ```
-/// assert_eq!(dmabuf_p2p::importer::mock::MOCK_EXPORTER, "iommufd");
+/// assert_eq!(dmabuf_p2p::exporter::mock::MOCK_EXPORTER, "iommufd");
 /// ```
 pub const MOCK_EXPORTER: &str = "iommufd";
 
@@ -73,7 +73,7 @@ pub const MOCK_EXPORTER: &str = "iommufd";
 ///
 /// ```no_run
 /// use dmabuf_p2p::importer::iommufd::{Iommufd, IovaPlacement, MapPerms};
-/// use dmabuf_p2p::importer::mock::MockDmaBuf;
+/// use dmabuf_p2p::exporter::mock::MockDmaBuf;
 /// use dmabuf_p2p::Error;
 ///
 /// let iommufd = Iommufd::open()?;
@@ -107,7 +107,7 @@ impl MockDmaBuf {
     ///
     /// ```no_run
     /// let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
-    /// let mock = dmabuf_p2p::importer::mock::MockDmaBuf::new(&iommufd, 0x10000)?;
+    /// let mock = dmabuf_p2p::exporter::mock::MockDmaBuf::new(&iommufd, 0x10000)?;
     /// assert_eq!(mock.dmabuf().size()?, 0x10000);
     /// # Ok::<(), dmabuf_p2p::Error>(())
     /// ```
@@ -171,7 +171,7 @@ impl MockDmaBuf {
     ///
     /// ```no_run
     /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
-    /// let mock = dmabuf_p2p::importer::mock::MockDmaBuf::new(&iommufd, 0x1000)?;
+    /// let mock = dmabuf_p2p::exporter::mock::MockDmaBuf::new(&iommufd, 0x1000)?;
     /// mock.revoke(true)?;
     /// assert!(dmabuf_p2p::revoke::probe_revoked(&iommufd, mock.dmabuf())?);
     /// mock.revoke(false)?;
@@ -196,7 +196,7 @@ impl MockDmaBuf {
     ///
     /// ```no_run
     /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
-    /// let mock = dmabuf_p2p::importer::mock::MockDmaBuf::new(&iommufd, 0x1000)?;
+    /// let mock = dmabuf_p2p::exporter::mock::MockDmaBuf::new(&iommufd, 0x1000)?;
     /// assert_eq!(mock.dmabuf().fdinfo()?.exp_name, "iommufd");
     /// # Ok::<(), dmabuf_p2p::Error>(())
     /// ```
@@ -208,7 +208,7 @@ impl MockDmaBuf {
     ///
     /// ```no_run
     /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
-    /// let mock = dmabuf_p2p::importer::mock::MockDmaBuf::new(&iommufd, 0x1000)?;
+    /// let mock = dmabuf_p2p::exporter::mock::MockDmaBuf::new(&iommufd, 0x1000)?;
     /// assert!(mock.iommufd().same_context(&iommufd));
     /// # Ok::<(), dmabuf_p2p::Error>(())
     /// ```
@@ -221,7 +221,7 @@ impl MockDmaBuf {
     ///
     /// ```no_run
     /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
-    /// let buf = dmabuf_p2p::importer::mock::MockDmaBuf::new(&iommufd, 0x1000)?.into_dmabuf();
+    /// let buf = dmabuf_p2p::exporter::mock::MockDmaBuf::new(&iommufd, 0x1000)?.into_dmabuf();
     /// assert!(buf.mmap().is_err()); // the mock exporter has no mmap
     /// # Ok::<(), dmabuf_p2p::Error>(())
     /// ```

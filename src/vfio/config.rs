@@ -1,0 +1,331 @@
+//! Config space and the `PCI_COMMAND` register. A change of memory decode
+//! revokes or restores the device's dma-bufs in the kernel, so it goes
+//! through the revocation hub here.
+
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::MutexGuard;
+
+use super::VfioPciDevice;
+use super::info::{CONFIG_REGION_INDEX, RegionInfo};
+use crate::dmabuf::human_size;
+use crate::error::{Error, RangeProblem, Result};
+use crate::range::ByteRange;
+use crate::revoke::RevokeReason;
+use crate::sys;
+
+/// Offset of the 16-bit `PCI_COMMAND` register in config space.
+#[allow(clippy::cast_possible_truncation)]
+const PCI_COMMAND: u64 = sys::PCI_COMMAND as u64;
+/// `PCI_COMMAND` bit 1: memory space decode.
+#[allow(clippy::cast_possible_truncation)]
+const COMMAND_MEMORY: u16 = sys::PCI_COMMAND_MEMORY as u16;
+/// `PCI_COMMAND` bit 2: bus master.
+#[allow(clippy::cast_possible_truncation)]
+const COMMAND_MASTER: u16 = sys::PCI_COMMAND_MASTER as u16;
+
+impl VfioPciDevice {
+    /// Reads `buf.len()` bytes of config space at `offset` (a `pread` of the
+    /// config region). VFIO virtualises parts of it (e.g. `PCI_COMMAND`).
+    /// Reads past the end of config space are [`Error::InvalidRange`].
+    ///
+    /// ```no_run
+    /// # let mut dev = dmabuf_p2p::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&dmabuf_p2p::importer::iommufd::Iommufd::open()?)?;
+    /// let mut ids = [0u8; 4];
+    /// dev.config_read(0, &mut ids)?;
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn config_read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let at = self.config_at(offset, buf.len())?;
+        self.file
+            .read_exact_at(buf, at)
+            .map_err(|e| self.config_error("pread", offset, buf.len(), e))
+    }
+
+    /// Writes `data` to config space at `offset` (a `pwrite` of the config
+    /// region). Clearing `PCI_COMMAND` memory decode this way revokes the
+    /// device's dma-bufs; prefer [`VfioPciDevice::set_memory_decode`].
+    ///
+    /// ```no_run
+    /// # let mut dev = dmabuf_p2p::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&dmabuf_p2p::importer::iommufd::Iommufd::open()?)?;
+    /// dev.config_write(0x3c, &[0x0b])?; // interrupt line
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    ///
+    /// A write that changes `PCI_COMMAND`'s memory-decode bit goes through the
+    /// revocation path: turning it off revokes this device's dma-bufs in the
+    /// kernel, and every attachment is then torn down; turning it on restores
+    /// them (per each attachment's policy). A VMM forwarding a guest's config
+    /// writes gets the same behaviour by writing through here.
+    ///
+    /// Such writes are serialised per device (with
+    /// [`set_memory_decode`](Self::set_memory_decode),
+    /// [`set_bus_master`](Self::set_bus_master) and [`reset`](Self::reset)), and
+    /// the attachments' callbacks run inside: a callback must not change this
+    /// device's `PCI_COMMAND` or reset it (it would wait for itself).
+    pub fn config_write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        if ByteRange::new(offset, data.len() as u64).contains(PCI_COMMAND) {
+            let held = self.lock_command();
+            self.config_write_held(offset, data, &held)
+        } else {
+            let at = self.config_at(offset, data.len())?;
+            self.file
+                .write_all_at(data, at)
+                .map_err(|e| self.config_error("pwrite", offset, data.len(), e))
+        }
+    }
+
+    /// Held across a change of `PCI_COMMAND` (read, write, read back) and the
+    /// hub call it makes, and across a reset: the hub's transition lock
+    /// ([`RevocationHub::lock_transitions`]). Threads that toggle memory decode
+    /// or reset at once otherwise interleave their reads and writes, lose
+    /// updates and leave the hub out of step with the device (live while the
+    /// kernel had revoked, and so attachments whose areas are dead); and an
+    /// attachment's own restore or map could run between the kernel's
+    /// revocation and the hub's.
+    pub(super) fn lock_command(&self) -> MutexGuard<'_, ()> {
+        self.hub.lock_transitions()
+    }
+
+    /// [`config_write`](Self::config_write), with the command lock held.
+    fn config_write_held(
+        &self,
+        offset: u64,
+        data: &[u8],
+        _held: &MutexGuard<'_, ()>,
+    ) -> Result<()> {
+        let at = self.config_at(offset, data.len())?;
+        let touches_memory_bit = ByteRange::new(offset, data.len() as u64).contains(PCI_COMMAND);
+        let before = if touches_memory_bit {
+            self.memory_decode().ok()
+        } else {
+            None
+        };
+        let written = self
+            .file
+            .write_all_at(data, at)
+            .map_err(|e| self.config_error("pwrite", offset, data.len(), e));
+        if touches_memory_bit {
+            // Even a failed write may have revoked (the kernel revokes first);
+            // ask the device what it has now.
+            let after = self.memory_decode().ok();
+            match (before, after) {
+                // Decode is off: the kernel has revoked every dma-buf of the
+                // device, so the attachments' areas are dead already.
+                (_, Some(false)) => {
+                    self.hub.revoked_by_kernel(RevokeReason::MemoryDecodeOff);
+                }
+                (Some(false), Some(true)) => {
+                    self.hub.restore();
+                }
+                _ => {}
+            }
+        }
+        written
+    }
+
+    /// Reads a byte of config space.
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// let revision = dev.config_read_u8(8)?;
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn config_read_u8(&self, offset: u64) -> Result<u8> {
+        let mut b = [0u8; 1];
+        self.config_read(offset, &mut b)?;
+        Ok(b[0])
+    }
+
+    /// Reads a little-endian 16-bit config register, e.g. the vendor ID at 0.
+    ///
+    /// ```no_run
+    /// # let mut dev = dmabuf_p2p::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&dmabuf_p2p::importer::iommufd::Iommufd::open()?)?;
+    /// let (vendor, device) = (dev.config_read_u16(0)?, dev.config_read_u16(2)?);
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn config_read_u16(&self, offset: u64) -> Result<u16> {
+        let mut b = [0u8; 2];
+        self.config_read(offset, &mut b)?;
+        Ok(u16::from_le_bytes(b))
+    }
+
+    /// Reads a little-endian 32-bit config register.
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// let ids = dev.config_read_u32(0)?; // device << 16 | vendor
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn config_read_u32(&self, offset: u64) -> Result<u32> {
+        let mut b = [0u8; 4];
+        self.config_read(offset, &mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    /// Writes a little-endian 16-bit config register.
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// let cmd = dev.command()?;
+    /// dev.config_write_u16(4, cmd | 0x4)?; // bus master on
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn config_write_u16(&self, offset: u64, value: u16) -> Result<()> {
+        self.config_write(offset, &value.to_le_bytes())
+    }
+
+    /// Writes a little-endian 32-bit config register.
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// dev.config_write_u32(0x10, 0xffff_ffff)?; // BAR0 sizing (virtualised by VFIO)
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn config_write_u32(&self, offset: u64, value: u32) -> Result<()> {
+        self.config_write(offset, &value.to_le_bytes())
+    }
+
+    /// The `PCI_COMMAND` register (as VFIO presents it).
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// println!("PCI_COMMAND = {:#06x}", dev.command()?);
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn command(&self) -> Result<u16> {
+        self.config_read_u16(PCI_COMMAND)
+    }
+
+    /// Whether memory decode (`PCI_COMMAND` bit 1) is on.
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// if !dev.memory_decode()? {
+    ///     dev.set_memory_decode(true)?;
+    /// }
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn memory_decode(&self) -> Result<bool> {
+        Ok(self.command()? & COMMAND_MEMORY != 0)
+    }
+
+    /// Turns memory decode (`PCI_COMMAND` bit 1) on or off with a
+    /// read-modify-write of `PCI_COMMAND`. Turning it off revokes every
+    /// dma-buf of the device (importers are told and unmap); turning it on
+    /// restores them for the exporter, but an iommufd area that was revoked
+    /// stays dead until remapped. Exports made while it is off are born
+    /// revoked. BAR `mmap`s fault (`SIGBUS`) while it is off.
+    ///
+    /// ```no_run
+    /// # let mut dev = dmabuf_p2p::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&dmabuf_p2p::importer::iommufd::Iommufd::open()?)?;
+    /// dev.set_memory_decode(true)?;
+    /// assert!(dev.memory_decode()?);
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn set_memory_decode(&self, on: bool) -> Result<()> {
+        self.set_command_bits(COMMAND_MEMORY, on)
+    }
+
+    /// Whether bus mastering (`PCI_COMMAND` bit 2) is on.
+    ///
+    /// ```no_run
+    /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;
+    /// # let mut dev = dmabuf_p2p::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&iommufd)?;
+    /// dev.set_bus_master(true)?;
+    /// assert!(dev.bus_master()?);
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn bus_master(&self) -> Result<bool> {
+        Ok(self.command()? & COMMAND_MASTER != 0)
+    }
+
+    /// Turns bus mastering (`PCI_COMMAND` bit 2) on or off: the device may
+    /// only start DMA while it is on.
+    ///
+    /// ```no_run
+    /// # let mut dev = dmabuf_p2p::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// # dev.bind(&dmabuf_p2p::importer::iommufd::Iommufd::open()?)?;
+    /// dev.set_bus_master(true)?;
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn set_bus_master(&self, on: bool) -> Result<()> {
+        self.set_command_bits(COMMAND_MASTER, on)
+    }
+
+    fn set_command_bits(&self, bits: u16, on: bool) -> Result<()> {
+        // Read-modify-write under the lock, or two threads setting different
+        // bits at once lose one of the changes.
+        let held = self.lock_command();
+        let cmd = self.command()?;
+        let new = if on { cmd | bits } else { cmd & !bits };
+        if new == cmd {
+            return Ok(());
+        }
+        self.config_write_held(PCI_COMMAND, &new.to_le_bytes(), &held)
+    }
+
+    /// The config region (cached after the first query).
+    fn config_region(&self) -> Result<RegionInfo> {
+        if let Some(r) = self.config.get() {
+            return Ok(*r);
+        }
+        let r = self.region_info(CONFIG_REGION_INDEX)?;
+        Ok(*self.config.get_or_init(|| r))
+    }
+
+    /// The fd offset of config-space byte `offset`, after checking that
+    /// `len` bytes from there are inside config space.
+    fn config_at(&self, offset: u64, len: usize) -> Result<u64> {
+        let region = self.config_region()?;
+        let range = ByteRange::new(offset, len as u64);
+        range
+            .check_in(region.size, 1)
+            .map_err(|problem| Error::InvalidRange {
+                target: format!(
+                    "{} config space ({})",
+                    self.address,
+                    human_size(region.size)
+                ),
+                range,
+                problem,
+            })?;
+        region
+            .offset
+            .checked_add(offset)
+            .ok_or_else(|| Error::InvalidRange {
+                target: format!("{} config space", self.address),
+                range,
+                problem: RangeProblem::Overflow,
+            })
+    }
+
+    fn config_error(&self, op: &'static str, offset: u64, len: usize, e: io::Error) -> Error {
+        Error::sys(
+            op,
+            format!(
+                "{} config space {}",
+                self.address,
+                ByteRange::new(offset, len as u64)
+            ),
+            e,
+        )
+    }
+}
