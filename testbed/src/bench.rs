@@ -200,7 +200,7 @@ pub fn xtask(args: &[String]) -> Result<bool> {
         return Ok(true);
     }
     let start = Instant::now();
-    deps::ensure(deps::VM_TOOLS)?;
+    deps::ensure_vm_tools()?;
     let bench_bin = build_bench()?;
 
     let job = if opts.strace {
@@ -386,16 +386,8 @@ fn host_cpu() -> String {
 }
 
 fn qemu_version() -> String {
-    Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .to_owned()
-        })
+    crate::qemu_binary::QemuBinary::resolve()
+        .map(|q| q.version())
         .unwrap_or_default()
 }
 

@@ -138,7 +138,8 @@ pub fn xtask(force: bool) -> Result<PathBuf> {
 ///
 /// Without `force`, an already cached kernel is returned as is. With `force`, the
 /// object tree is discarded and everything is rebuilt from a fresh configuration.
-/// Missing build dependencies are installed with apt-get (as root). The source
+/// Missing build dependencies are installed with apt-get (as root; never
+/// removing a package, see [`crate::deps::install_packages`]). The source
 /// package is fetched through a private apt sources list ([`PrivateApt`]), so the
 /// machine's apt configuration is never touched.
 pub fn build(force: bool) -> Result<PathBuf> {
@@ -563,29 +564,8 @@ fn ensure_build_deps() -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    let list = missing.join(" ");
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    if euid != 0 {
-        return Err(Error::Setup(format!(
-            "the kernel build needs {list}: install them with `sudo apt-get install --no-install-recommends {list}`"
-        )));
-    }
-    eprintln!("kernel: installing build dependencies: {list}");
-    let mut update = Command::new("apt-get");
-    // apt's output goes to stderr: stdout is for the bzImage path.
-    update
-        .args(["-q", "update"])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .stdout(io::stderr());
-    crate::run_checked(&mut update, "apt-get update")?;
-    let mut install = Command::new("apt-get");
-    install
-        .args(["-q", "install", "-y", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .stdout(io::stderr());
-    crate::run_checked(&mut install, &format!("apt-get install {list}"))
+    eprintln!("kernel: the build needs {}", missing.join(" "));
+    crate::deps::install_packages(&missing)
 }
 
 // ---------------------------------------------------------------------------

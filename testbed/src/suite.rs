@@ -174,7 +174,7 @@ impl Verdict {
 /// Packs the initramfs for `spec` with `bins`.
 pub fn pack_initramfs(spec: &RunSpec, bins: &GuestBinaries, dest: &Path) -> Result<()> {
     let mut fs_ = Initramfs::new();
-    fs_.host_binary("/bin/busybox", Path::new("/bin/busybox"))?;
+    fs_.host_binary("/bin/busybox", &crate::deps::busybox()?)?;
     fs_.file("/init", 0o755, INIT.as_bytes().to_vec());
     fs_.file("/etc/testbed/job.sh", 0o755, spec.job.as_bytes().to_vec());
     fs_.file(
@@ -243,10 +243,9 @@ pub fn run(
         match outcome {
             Err(StreamError::KvmUnusable) => {
                 eprintln!(
-                    "testbed: KVM did not boot the guest (QEMU failed, or no userspace within {} s); using software emulation (TCG) from now on",
+                    "testbed: KVM did not boot the guest (QEMU failed, or no userspace within {} s); using software emulation (TCG) for this run",
                     KVM_BOOT_DEADLINE.as_secs()
                 );
-                Accel::remember_kvm_is_slow();
                 config.accel = Accel::Tcg;
                 continue;
             }

@@ -88,7 +88,7 @@ fn run_suite(
 }
 
 fn vm_test(args: &[String]) -> Result<bool> {
-    deps::ensure(deps::VM_TOOLS)?;
+    deps::ensure_vm_tools()?;
     let fail = args.iter().any(|a| a == "--fail-on-purpose");
     let filters: Vec<String> = args
         .iter()
@@ -100,7 +100,7 @@ fn vm_test(args: &[String]) -> Result<bool> {
 }
 
 fn vm_info() -> Result<bool> {
-    deps::ensure(deps::VM_TOOLS)?;
+    deps::ensure_vm_tools()?;
     let bins = suite::build_guest_binaries(false)?;
     let job = suite::INFO_JOB.to_owned();
     let spec = RunSpec::new("vm-info", job, false);
@@ -115,7 +115,7 @@ fn vm_info() -> Result<bool> {
 /// the test bed itself notices a failing guest test.
 fn test_all() -> Result<bool> {
     let start = Instant::now();
-    deps::ensure(deps::VM_TOOLS)?;
+    deps::ensure_vm_tools()?;
     // Resolve the kernel first: a bad DMABUF_P2P_KERNEL should fail fast.
     let k = kernel::resolve()?;
     eprintln!("testbed: kernel {}", k.display());
