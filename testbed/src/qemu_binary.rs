@@ -48,7 +48,7 @@ impl QemuBinary {
                     path.display()
                 )));
             }
-            return Ok(Self::system(path, format!("{QEMU_ENV}")));
+            return Ok(Self::system(path, QEMU_ENV.to_owned()));
         }
         if let Some(path) = on_path("qemu-system-x86_64") {
             return Ok(Self::system(path, "the machine's QEMU".into()));
