@@ -1216,3 +1216,120 @@ mod tests {
         );
     }
 }
+
+// ---------------------------------------------------------------------------
+// Receiving fds (SCM_RIGHTS)
+// ---------------------------------------------------------------------------
+//
+// Not an ioctl, but the same job as `owned_fd` above: the kernel installs
+// new fds in this process and only this layer may turn raw numbers into
+// owned fds. The syscall itself is nix's.
+
+/// What one [`recv_with_rights`] got.
+#[derive(Debug)]
+pub struct Received {
+    /// Bytes read into the buffer (0: end of stream).
+    pub bytes: usize,
+    /// Every fd that came with them, owned (also when the control data was
+    /// truncated).
+    pub fds: Vec<OwnedFd>,
+    /// `MSG_CTRUNC`: the kernel had more control data than there was room
+    /// for, or could not install an fd (the fd table is full).
+    pub truncated: bool,
+}
+
+/// One non-blocking `recvmsg(MSG_CMSG_CLOEXEC | MSG_DONTWAIT)` on `sock` into
+/// `buf`, with room for `room` fds. Every fd that arrived is owned by the
+/// result, whatever the flags say, so none can leak. `EAGAIN` comes back as
+/// [`io::ErrorKind::WouldBlock`].
+pub fn recv_with_rights(sock: BorrowedFd<'_>, buf: &mut [u8], room: usize) -> io::Result<Received> {
+    use nix::sys::socket::{MsgFlags, recvmsg};
+    let word = size_of::<usize>();
+    let hdr = size_of::<libc::cmsghdr>().next_multiple_of(word);
+    let space = hdr + (room * size_of::<RawFd>()).next_multiple_of(word);
+    // Zeroed: parsing stops at the first header the kernel did not write.
+    let mut control = vec![0u8; space];
+    let (bytes, truncated) = {
+        let mut iov = [io::IoSliceMut::new(buf)];
+        let msg = recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut control),
+            MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+        )
+        .map_err(io::Error::from)?;
+        (msg.bytes, msg.flags.contains(MsgFlags::MSG_CTRUNC))
+    };
+    let fds = rights_in(&control, hdr)
+        .into_iter()
+        .map(|raw| {
+            // SAFETY: `raw` is an fd number the kernel just installed in
+            // this process for this recvmsg (SCM_RIGHTS); nothing else
+            // knows it, so this is its only owner.
+            unsafe { OwnedFd::from_raw_fd(raw) }
+        })
+        .collect();
+    Ok(Received {
+        bytes,
+        fds,
+        truncated,
+    })
+}
+
+/// The fds of the `SCM_RIGHTS` messages in a control buffer the kernel
+/// filled in (`data_at`: `CMSG_LEN(0)`).
+fn rights_in(control: &[u8], data_at: usize) -> Vec<RawFd> {
+    let word = size_of::<usize>();
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while at + size_of::<libc::cmsghdr>() <= control.len() {
+        // SAFETY: the read is in bounds (checked above); read_unaligned makes
+        // no alignment demand; cmsghdr is plain integers, valid for any bytes.
+        let hdr = unsafe {
+            std::ptr::read_unaligned(control.as_ptr().wrapping_add(at).cast::<libc::cmsghdr>())
+        };
+        // `cmsg_len` is a size_t on glibc, a socklen_t on musl.
+        #[allow(clippy::useless_conversion)]
+        let len = usize::try_from(hdr.cmsg_len).unwrap_or(usize::MAX);
+        if len < data_at {
+            break;
+        }
+        let end = at.saturating_add(len).min(control.len());
+        if hdr.cmsg_level == libc::SOL_SOCKET
+            && hdr.cmsg_type == libc::SCM_RIGHTS
+            && at + data_at <= end
+        {
+            for chunk in control[at + data_at..end].chunks_exact(size_of::<RawFd>()) {
+                let mut b = [0u8; size_of::<RawFd>()];
+                b.copy_from_slice(chunk);
+                out.push(RawFd::from_ne_bytes(b));
+            }
+        }
+        at = at.saturating_add(len.next_multiple_of(word));
+    }
+    out
+}
+
+/// `SO_PASSRIGHTS` (Linux 6.16, commit 77cbe1a6d873): 83 in
+/// include/uapi/asm-generic/socket.h, the header x86-64 and arm64 use.
+/// libc 0.2.191 does not define it yet.
+pub const SO_PASSRIGHTS: c_int = 83;
+
+/// `setsockopt(sock, SOL_SOCKET, SO_PASSRIGHTS, on)`: whether the peer may
+/// send this socket fds. Off, the kernel refuses a peer's `SCM_RIGHTS` with
+/// `EPERM` (net/unix/af_unix.c). Kernels before 6.16 answer `ENOPROTOOPT`.
+pub fn set_pass_rights(sock: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    let value = c_int::from(on);
+    // SAFETY: the option value is a c_int read by the kernel for the length
+    // given; `value` outlives the call.
+    let ret = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PASSRIGHTS,
+            (&raw const value).cast::<c_void>(),
+            size_of::<c_int>() as libc::socklen_t,
+        )
+    };
+    check(ret).map(drop)
+}

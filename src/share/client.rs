@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::Shutdown;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -10,10 +11,18 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{BufferInfo, Incoming, MAX_READ, Message, ShareProblem, recv, send_message, wire};
+use nix::errno::Errno;
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+
+use super::peer::{AccessPolicy, PeerCred, refuse_fds, sanitize_text};
+use super::{BufferInfo, Incoming, MAX_READ, Message, ShareProblem, send_message, wire};
 use crate::importer::iommufd::{Ioas, IovaPlacement, MapPerms};
 use crate::revoke::{Attachment, BufferState, RestorePolicy, RevocationHub, RevokeReason};
 use crate::{ByteRange, DmaBuf, Error, RangeProblem, Result};
+
+/// The `exp_name` of a VFIO BAR dma-buf (`KBUILD_MODNAME` of
+/// drivers/vfio/pci/vfio_pci_dmabuf.c, built into `vfio-pci-core`).
+pub const VFIO_EXP_NAME: &str = "vfio_pci_core";
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -53,7 +62,7 @@ fn left_until(deadline: Option<Instant>) -> Option<Duration> {
 /// use dmabuf_p2p::share::SharedBuffer;
 /// use dmabuf_p2p::{Iommufd, IovaPlacement, MapPerms};
 ///
-/// let shared = SharedBuffer::connect("/tmp/bar.sock", Duration::from_secs(10))?;
+/// let shared = SharedBuffer::connect("/run/dmabuf-p2p/0000:02:00.0-bar2.sock", Duration::from_secs(10))?;
 /// println!("{} bytes of {}", shared.info().size, shared.info().exporter);
 /// let ioas = Iommufd::open()?.alloc_ioas()?;
 /// let att = shared.attach(&ioas, IovaPlacement::Auto, MapPerms::ReadWrite, RestorePolicy::Automatic)?;
@@ -72,6 +81,8 @@ pub struct SharedBuffer {
 struct Conn {
     stream: UnixStream,
     peer: String,
+    exporter: PeerCred,
+    frame_timeout: Duration,
     hub: Arc<RevocationHub>,
     /// One frame at a time on the stream.
     write: Mutex<()>,
@@ -119,39 +130,127 @@ fn apply(hub: &RevocationHub, state: BufferState) {
     }
 }
 
+/// How [`SharedBuffer::connect_with`] and [`SharedBuffer::receive_with`]
+/// connect: the overall deadline and who may be the exporter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConnectOptions {
+    /// Connecting and receiving the offer together take at most this long.
+    pub timeout: Duration,
+    /// Who may serve (`SO_PEERCRED` of the exporter's socket): by default
+    /// the same uid as this process, or root.
+    pub policy: AccessPolicy,
+    /// How long any later message may take from its first byte to its last.
+    pub frame_timeout: Duration,
+}
+
+impl ConnectOptions {
+    /// The defaults, with `timeout` for connecting and the offer.
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            policy: AccessPolicy::same_user(),
+            frame_timeout: wire::DEFAULT_FRAME_TIMEOUT,
+        }
+    }
+}
+
+/// How long [`SharedBuffer::receive`] waits for the offer.
+pub const DEFAULT_OFFER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects to `path` without blocking past `deadline` (a listener whose
+/// backlog is full would otherwise keep `connect` waiting).
+fn connect_until(path: &Path, deadline: Option<Instant>, timeout: Duration) -> Result<UnixStream> {
+    let target = || format!("socket {}", path.display());
+    let addr = UnixAddr::new(path).map_err(|e| Error::sys("connect", target(), e.into()))?;
+    loop {
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .map_err(|e| Error::sys("socket", target(), e.into()))?;
+        match connect(fd.as_raw_fd(), &addr) {
+            Ok(()) => return Ok(UnixStream::from(fd)),
+            Err(Errno::EINTR) => {}
+            // The backlog is full: try again shortly, within the deadline.
+            Err(Errno::EAGAIN) => {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Err(Error::Timeout {
+                        what: format!("connecting to {} (its backlog is full)", target()),
+                        after: timeout,
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(Error::sys("connect", target(), e.into())),
+        }
+    }
+}
+
 impl SharedBuffer {
     /// Connects to the exporter's socket at `path` and receives the buffer
-    /// ([`receive`](Self::receive)); `timeout` bounds the wait for the offer.
+    /// ([`connect_with`](Self::connect_with) with
+    /// [`ConnectOptions::new`]`(timeout)`): `timeout` bounds the connect and
+    /// the offer together.
     pub fn connect(path: impl AsRef<Path>, timeout: Duration) -> Result<Self> {
-        let path = path.as_ref();
-        let stream = UnixStream::connect(path)
-            .map_err(|e| Error::sys("connect", format!("socket {}", path.display()), e))?;
-        stream.set_read_timeout(Some(timeout)).map_err(|e| {
-            Error::sys(
-                "setsockopt(SO_RCVTIMEO)",
-                format!("socket {}", path.display()),
-                e,
-            )
-        })?;
-        Self::receive(stream)
+        Self::connect_with(path, &ConnectOptions::new(timeout))
     }
 
-    /// Receives the `offer` on `stream` (blocking as the stream does),
-    /// checks it ([`super::decode`]), and starts following the exporter: a
-    /// background thread reads its messages from then on. The stream's read
-    /// timeout is cleared for that.
-    ///
-    /// Errors: [`Error::Share`] for a refused offer (every fd that came with
-    /// it closed), a connection closed before it ([`ShareProblem::Closed`])
-    /// or another message first ([`ShareProblem::Unexpected`]);
-    /// [`Error::Timeout`] if the stream's read timeout passed.
+    /// Connects to the exporter's socket at `path` and receives the buffer
+    /// ([`receive_with`](Self::receive_with)), all within `options.timeout`.
+    pub fn connect_with(path: impl AsRef<Path>, options: &ConnectOptions) -> Result<Self> {
+        let deadline = Instant::now().checked_add(options.timeout);
+        let stream = connect_until(path.as_ref(), deadline, options.timeout)?;
+        Self::receive_until(stream, options, deadline)
+    }
+
+    /// [`receive_with`](Self::receive_with) with the default options and
+    /// [`DEFAULT_OFFER_TIMEOUT`].
     pub fn receive(stream: UnixStream) -> Result<Self> {
+        Self::receive_with(stream, &ConnectOptions::new(DEFAULT_OFFER_TIMEOUT))
+    }
+
+    /// Checks who is at the other end of `stream` (`options.policy`: by
+    /// default the same uid or root), receives the `offer` within
+    /// `options.timeout`, checks it ([`super::decode`]; an offer that names a
+    /// VFIO device must be a `vfio_pci_core` dma-buf), stops accepting fds
+    /// on the stream (`SO_PASSRIGHTS` off, where the kernel has it), and
+    /// starts following the exporter: a background thread reads its
+    /// messages from then on.
+    ///
+    /// Errors: [`Error::Share`] for an exporter that is not allowed
+    /// ([`ShareProblem::PeerRefused`]), a refused offer (every fd that came
+    /// with it closed), a connection closed before it
+    /// ([`ShareProblem::Closed`]) or another message first
+    /// ([`ShareProblem::Unexpected`]); [`Error::Timeout`] when the time is up.
+    pub fn receive_with(stream: UnixStream, options: &ConnectOptions) -> Result<Self> {
+        let deadline = Instant::now().checked_add(options.timeout);
+        Self::receive_until(stream, options, deadline)
+    }
+
+    fn receive_until(
+        stream: UnixStream,
+        options: &ConnectOptions,
+        deadline: Option<Instant>,
+    ) -> Result<Self> {
         let peer = wire::describe_stream(&stream);
         let share_err = |problem| Error::Share {
             peer: peer.clone(),
             problem,
         };
-        let offer = match recv(&stream)? {
+        let cred = options.policy.admit(&stream)?;
+        let frame = match wire::recv_frame_within(&stream, deadline, options.frame_timeout) {
+            Err(Error::Timeout { what, .. }) => {
+                return Err(Error::Timeout {
+                    what,
+                    after: options.timeout,
+                });
+            }
+            other => other?,
+        };
+        let offer = match frame.map(super::decode).transpose().map_err(share_err)? {
             None => return Err(share_err(ShareProblem::Closed)),
             Some(Incoming::Offer(o)) => o,
             Some(Incoming::Message(m)) => {
@@ -161,14 +260,22 @@ impl SharedBuffer {
                 }));
             }
         };
-        stream
-            .set_read_timeout(None)
-            .map_err(|e| Error::sys("setsockopt(SO_RCVTIMEO)", peer.clone(), e))?;
+        if offer.info.device.is_some() || offer.info.bar.is_some() {
+            let exp_name = offer.buf.fdinfo()?.exp_name;
+            if exp_name != VFIO_EXP_NAME {
+                return Err(share_err(ShareProblem::NotVfio {
+                    exp_name: sanitize_text(&exp_name),
+                }));
+            }
+        }
+        refuse_fds(&stream)?;
         let hub = RevocationHub::new(format!("{} (shared over {peer})", offer.info.exporter));
         apply(&hub, offer.state);
         let conn = Arc::new(Conn {
             stream,
             peer: peer.clone(),
+            exporter: cred,
+            frame_timeout: options.frame_timeout,
             hub,
             write: Mutex::new(()),
             status: Mutex::new(Status {
@@ -194,6 +301,11 @@ impl SharedBuffer {
         })
     }
 
+    /// Who serves the buffer (`SO_PEERCRED` of the exporter's socket).
+    pub fn exporter(&self) -> PeerCred {
+        self.conn.exporter
+    }
+
     /// The received dma-buf.
     pub fn dmabuf(&self) -> &DmaBuf {
         &self.buf
@@ -210,7 +322,7 @@ impl SharedBuffer {
         &self.conn.hub
     }
 
-    /// The other end, e.g. `socket /tmp/bar.sock`.
+    /// The other end, e.g. `socket /run/dmabuf-p2p/bar.sock`.
     pub fn peer(&self) -> &str {
         &self.conn.peer
     }
@@ -414,7 +526,13 @@ impl Conn {
     /// connection ends, then closes the hub.
     fn pump(&self) {
         let end = loop {
-            match recv(&self.stream) {
+            let received = wire::recv_frame_within(&self.stream, None, self.frame_timeout)
+                .and_then(|f| {
+                    f.map(super::decode)
+                        .transpose()
+                        .map_err(|problem| self.error(problem))
+                });
+            match received {
                 Ok(None) => break "the exporter closed the connection".to_owned(),
                 Ok(Some(Incoming::Message(m))) => match m {
                     Message::Revoked(_) | Message::Restored | Message::Gone(_) => {
@@ -432,6 +550,7 @@ impl Conn {
                         self.changed.notify_all();
                     }
                     Message::ReadReply { id, result, .. } => {
+                        let result = result.map_err(|why| sanitize_text(&why));
                         let mut st = lock(&self.status);
                         if let Some(slot) = st.pending.get_mut(&id) {
                             *slot = Some(result);

@@ -3,11 +3,11 @@
 //! it over the same socket.
 //!
 //! * The exporting process keeps a [`ShareServer`] per buffer (made from a
-//!   [`BarExport`]) and hands it every
-//!   connection ([`ShareServer::add_client`]). The server subscribes to the
-//!   exporter's [`RevocationHub`](crate::revoke::RevocationHub)
-//!   ([`RevocationHub::subscribe`](crate::revoke::RevocationHub::subscribe))
-//!   and tells every client when the buffer is revoked, restored or gone.
+//!   [`BarExport`]), gives it a listener ([`ShareServer::listen`], bound with
+//!   [`bind_listener`]) or hands it connections ([`ShareServer::add_client`]).
+//!   The server follows the exporter's
+//!   [`RevocationHub`](crate::revoke::RevocationHub) and tells every client
+//!   when the buffer is revoked, restored or gone.
 //! * The importing process receives it as a [`SharedBuffer`]
 //!   ([`SharedBuffer::connect`] or [`SharedBuffer::receive`]): the checked
 //!   [`DmaBuf`], what the exporter said about it ([`BufferInfo`]), and a
@@ -20,6 +20,30 @@
 //! revokes (it is the same dma-buf); the messages are what lets the importer
 //! know, drop the dead IOVA area and map it again at the same IOVA once the
 //! exporter is back (Linux 7.2 does not bring a revoked area back).
+//!
+//! # Access
+//!
+//! A BAR dma-buf fd is a capability to device memory. Both sides check who is
+//! at the other end with `SO_PEERCRED` ([`AccessPolicy`]): the same effective
+//! uid, root, or a uid/gid the user allowed. The server checks before it
+//! sends anything; the client before it believes anything, and it refuses an
+//! offer that names a VFIO device but whose dma-buf another exporter made
+//! ([`VFIO_EXP_NAME`]). [`bind_listener`] makes the socket mode 0600 (in a
+//! 0700 directory when it creates one; [`default_socket_path`] is under
+//! `$XDG_RUNTIME_DIR`, else `/run/dmabuf-p2p`). Reading the buffer back is
+//! off unless the exporter sets a reader ([`ShareServer::set_read_back`]).
+//! Once the offer is in, each side turns `SO_PASSRIGHTS` off (Linux 6.16 and
+//! later): the peer can send it no more fds.
+//!
+//! # Nobody can delay a revocation
+//!
+//! The server's hub observer only records the newest state; one thread sends
+//! it to the clients without blocking and without the device's transition
+//! lock. A client whose messages stay unsent for the send timeout is
+//! dropped; so is one whose request does not complete within the frame
+//! deadline. The server serves at most [`ServerOptions::max_clients`], backs
+//! off when `accept` runs out of fds, and rate-limits what it logs. The client
+//! bounds the connect and the offer together ([`ConnectOptions::timeout`]).
 //!
 //! # Wire format (version 1)
 //!
@@ -46,9 +70,12 @@
 //!
 //! The receiver refuses, with [`Error::Share`] naming the socket and a
 //! [`ShareProblem`], a wrong magic or version, a length over the limit, a frame
-//! cut short, an unknown kind, a payload that is not the kind's JSON, an offer
-//! without an fd or with several, any other message with an fd, control data
-//! it has no room for (`MSG_CTRUNC`), an fd that is not a dma-buf
+//! cut short or stalled past its deadline, an unknown kind, a payload that is
+//! not the kind's JSON, names over [`MAX_NAME_LEN`] bytes or with control
+//! characters, more than [`MAX_RANGES`] ranges, an offer without an fd, a
+//! frame with more than [`wire::MAX_FRAME_FDS`] fds, any other message with an
+//! fd, control data it has no room for (`MSG_CTRUNC`; [`ShareProblem::FdTableFull`]
+//! when the fd table is full), an fd that is not a dma-buf
 //! ([`DmaBuf::try_from`]) and a dma-buf whose size is not the announced one.
 //! Every fd that arrived with a refused message is closed before the error is
 //! returned. A refused message leaves the stream out of step; both sides drop
@@ -64,15 +91,21 @@
 //! or sends something malformed, the importer's hub is closed for good.
 
 mod client;
+mod peer;
 mod server;
+mod socket;
 pub mod wire;
 
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-pub use client::SharedBuffer;
-pub use server::{ReadBack, ShareServer};
+pub use client::{ConnectOptions, DEFAULT_OFFER_TIMEOUT, SharedBuffer, VFIO_EXP_NAME};
+pub use peer::{
+    AccessPolicy, MAX_NAME_LEN, MAX_TEXT_LEN, PeerCred, check_name, refuse_fds, sanitize_text,
+};
+pub use server::{ReadBack, ServerEvent, ServerOptions, ShareServer};
+pub use socket::{bind_listener, default_socket_dir, default_socket_path};
 pub use wire::{MAX_PAYLOAD, VERSION};
 
 use crate::exporter::vfio::BarExport;
@@ -84,6 +117,9 @@ use crate::{DmaBuf, Error, Result};
 /// hex, within [`MAX_PAYLOAD`]). [`SharedBuffer::read_back`] splits longer
 /// reads.
 pub const MAX_READ: u64 = 16 << 10;
+
+/// The most ranges (and physical ranges) an offer may list.
+pub const MAX_RANGES: usize = 256;
 
 /// What is wrong with a message of the sharing protocol, or with the
 /// connection ([`Error::Share`]).
@@ -189,6 +225,60 @@ pub enum ShareProblem {
     /// The connection is over; what ended it.
     #[error("disconnected: {0}")]
     Disconnected(String),
+    /// The peer's credentials (`SO_PEERCRED`) are not allowed
+    /// ([`AccessPolicy`]); nothing was sent to it or taken from it.
+    #[error("peer pid {pid} uid {uid} gid {gid} refused: {why}")]
+    PeerRefused {
+        /// Its process id.
+        pid: i32,
+        /// Its effective uid.
+        uid: u32,
+        /// Its effective gid.
+        gid: u32,
+        /// Why.
+        why: String,
+    },
+    /// An offer that names a VFIO device came with a dma-buf some other
+    /// exporter made (it was closed).
+    #[error(
+        "the offer names a VFIO device but its dma-buf was exported by {exp_name:?}, not {VFIO_EXP_NAME:?} (closed)"
+    )]
+    NotVfio {
+        /// The dma-buf's `exp_name`.
+        exp_name: String,
+    },
+    /// A frame came with more fds than any message may carry (all closed).
+    #[error("a frame carries {count} fds, at most {max} allowed (all closed)")]
+    TooManyFds {
+        /// How many arrived (at least).
+        count: usize,
+        /// [`wire::MAX_FRAME_FDS`].
+        max: usize,
+    },
+    /// The kernel could not install a passed fd because this process's fd
+    /// table is full (`MSG_CTRUNC` with room left; `EMFILE`); the fds that
+    /// arrived were closed.
+    #[error(
+        "this process's fd table is full (RLIMIT_NOFILE): a passed fd could not be received; the {closed} that arrived were closed"
+    )]
+    FdTableFull {
+        /// Fds that arrived and were closed.
+        closed: usize,
+    },
+    /// A frame started but did not complete in time.
+    #[error("a frame stalled: {got} bytes arrived, then nothing more for {after:?}")]
+    Stalled {
+        /// Bytes of the frame that arrived.
+        got: u64,
+        /// The per-frame deadline.
+        after: Duration,
+    },
+    /// The server serves as many clients as it may.
+    #[error("the server is full ({max} clients)")]
+    Busy {
+        /// [`ServerOptions::max_clients`].
+        max: usize,
+    },
 }
 
 /// The message kinds (the header's kind field).
@@ -279,7 +369,8 @@ impl BufferInfo {
         }
     }
 
-    /// Checks what a receiver relies on: a non-zero size, a name, and ranges
+    /// Checks what a receiver relies on: a non-zero size, a printable name
+    /// of at most [`MAX_NAME_LEN`] bytes, at most [`MAX_RANGES`] ranges
     /// that add up to the size.
     fn check(&self) -> std::result::Result<(), String> {
         if self.size == 0 {
@@ -287,6 +378,17 @@ impl BufferInfo {
         }
         if self.exporter.is_empty() {
             return Err("no exporter name".into());
+        }
+        check_name("exporter", &self.exporter)?;
+        if let Some(d) = &self.device {
+            check_name("device", d)?;
+        }
+        if self.ranges.len() > MAX_RANGES || self.phys.len() > MAX_RANGES {
+            return Err(format!(
+                "{} ranges and {} physical ranges: at most {MAX_RANGES} each",
+                self.ranges.len(),
+                self.phys.len()
+            ));
         }
         if !self.ranges.is_empty() {
             let total = self
@@ -702,7 +804,7 @@ fn decode_offer(
 /// ```no_run
 /// use std::os::unix::net::UnixStream;
 /// use dmabuf_p2p::share::{recv, Incoming};
-/// let stream = UnixStream::connect("/tmp/bar.sock")?;
+/// let stream = UnixStream::connect("/run/dmabuf-p2p/0000:02:00.0-bar2.sock")?;
 /// if let Some(Incoming::Offer(offer)) = recv(&stream)? {
 ///     println!("{} bytes of {}", offer.info.size, offer.info.exporter);
 /// }

@@ -1,6 +1,7 @@
 //! The framing of the sharing protocol: the 12-byte header, `sendmsg` with
-//! `SCM_RIGHTS`, and `recvmsg` with the fd bookkeeping that makes sure no
-//! received fd outlives a refused message.
+//! `SCM_RIGHTS`, and a receiver ([`FrameReader`]) that reads one frame at a
+//! time without blocking, counts the fds that come with it and makes sure no
+//! received fd outlives a refused frame.
 //!
 //! A frame is a [`HEADER_LEN`]-byte header, then `length` bytes of payload:
 //!
@@ -13,20 +14,26 @@
 //!
 //! File descriptors travel as `SCM_RIGHTS` control data on the `sendmsg` that
 //! carries the frame's first byte. The receiver reads with `recvmsg`
-//! (`MSG_CMSG_CLOEXEC`) for every byte, so fds attached anywhere in a frame
-//! are collected with it ([`Frame::fds`]); control data the receiver has no
-//! room for (more than [`FD_ROOM`] fds, `MSG_CTRUNC`) fails the frame, and
-//! every fd that did arrive is closed.
+//! (`MSG_CMSG_CLOEXEC`) for every byte and never past the end of the frame, so
+//! fds attached anywhere in a frame are collected with it ([`Frame::fds`]).
+//! It refuses a frame with more than [`MAX_FRAME_FDS`] fds, control data it
+//! has no room for (`MSG_CTRUNC`; [`ShareProblem::FdTableFull`] when room was
+//! left, so the fd table must be full), and a frame that started but does not
+//! complete within its deadline ([`ShareProblem::Stalled`]). Every fd that
+//! did arrive with a refused frame is closed.
 //!
 //! These functions are public for tests and tools that need to put arbitrary
 //! bytes and fds on the wire; [`super::send_offer`], [`super::send_message`]
 //! and [`super::recv`] are the normal way in.
 
-use std::io;
-use std::mem::{MaybeUninit, size_of};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::io::{self, IoSlice};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 
 use super::ShareProblem;
 use crate::{Error, Result};
@@ -40,9 +47,14 @@ pub const VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 12;
 /// The largest payload accepted ([`ShareProblem::Oversized`] beyond).
 pub const MAX_PAYLOAD: u32 = 64 << 10;
-/// How many fds one `recvmsg` has room for. The protocol never sends more
-/// than one; more than this many at once is [`ShareProblem::ControlTruncated`].
+/// How many fds one `recvmsg` has room for.
 pub const FD_ROOM: usize = 8;
+/// The most fds one frame may carry, over all its `recvmsg`s (the protocol
+/// sends one, with the offer): more is [`ShareProblem::TooManyFds`].
+pub const MAX_FRAME_FDS: usize = 1;
+/// How long a frame may take from its first byte to its last, unless the
+/// caller says otherwise.
+pub const DEFAULT_FRAME_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One frame as received: kind, payload and every fd that came with it
 /// (owned: dropping the frame closes them).
@@ -97,33 +109,33 @@ fn share_error(peer: &str, problem: ShareProblem) -> Error {
     }
 }
 
-/// `CMSG_ALIGN`: control messages are aligned to `size_t`.
-const fn cmsg_align(n: usize) -> usize {
-    (n + size_of::<usize>() - 1) & !(size_of::<usize>() - 1)
+/// One non-blocking `sendmsg(MSG_NOSIGNAL | MSG_DONTWAIT)` of `data` with
+/// `fds` attached (`SCM_RIGHTS`). Returns the bytes the socket took;
+/// [`io::ErrorKind::WouldBlock`] when it is full. A closed peer is `EPIPE`,
+/// not a `SIGPIPE`.
+pub fn send_some(stream: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let rights = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &rights };
+    loop {
+        match sendmsg::<()>(
+            stream.as_raw_fd(),
+            &[IoSlice::new(data)],
+            cmsgs,
+            MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+            None,
+        ) {
+            Err(Errno::EINTR) => {}
+            other => return other.map_err(io::Error::from),
+        }
+    }
 }
-/// `CMSG_LEN(0)`: where a control message's data starts.
-const CMSG_DATA_AT: usize = cmsg_align(size_of::<libc::cmsghdr>());
-/// `CMSG_SPACE(n)`.
-const fn cmsg_space(n: usize) -> usize {
-    CMSG_DATA_AT + cmsg_align(n)
-}
-/// The receive control buffer, in `u64`s (for alignment).
-const RECV_CONTROL_WORDS: usize = cmsg_space(FD_ROOM * size_of::<RawFd>()).div_ceil(8);
 
-/// A zeroed `msghdr`.
-fn empty_msghdr() -> libc::msghdr {
-    let m = MaybeUninit::<libc::msghdr>::zeroed();
-    // SAFETY: msghdr is plain data (integers and raw pointers); all zeroes is a
-    // valid value of it (null pointers, zero lengths).
-    unsafe { m.assume_init() }
-}
-
-/// Sends all of `data` on `stream` with `MSG_NOSIGNAL` (a closed peer is
-/// `EPIPE`, not a `SIGPIPE`), attaching `fds` (`SCM_RIGHTS`) to the first
-/// `sendmsg`. Never blocks in the kernel (`MSG_DONTWAIT`): while the socket
-/// is full it waits with `poll` for at most `timeout` in all (`None`: no
-/// limit), then fails with [`Error::Timeout`]. `fds` need at least one byte of
-/// `data` to travel with.
+/// Sends all of `data` on `stream`, attaching `fds` (`SCM_RIGHTS`) to the
+/// first `sendmsg`. Never blocks in the kernel: while the socket is full it
+/// waits with `poll` for at most `timeout` in all (`None`: no limit), then
+/// fails with [`Error::Timeout`]. `fds` need at least one byte of `data` to
+/// travel with.
 ///
 /// ```
 /// use std::os::unix::net::UnixStream;
@@ -154,268 +166,396 @@ pub fn send_raw(
         ));
     }
     // A timeout too large to add to the clock is no limit.
-    let deadline = timeout.and_then(|t| Some((Instant::now().checked_add(t)?, t)));
-    let fd_bytes = fds.len() * size_of::<RawFd>();
-    // The control message: cmsghdr, then the fds, in a u64-aligned buffer.
-    let mut control = vec![0u64; cmsg_space(fd_bytes).div_ceil(8)];
-    if !fds.is_empty() {
-        let base = control.as_mut_ptr().cast::<u8>();
-        let mut hdr = zeroed_cmsghdr();
-        hdr.cmsg_len = (CMSG_DATA_AT + fd_bytes) as _;
-        hdr.cmsg_level = libc::SOL_SOCKET;
-        hdr.cmsg_type = libc::SCM_RIGHTS;
-        // SAFETY: `control` holds cmsg_space(fd_bytes) >= size_of::<cmsghdr>()
-        // bytes; write_unaligned makes no alignment demand.
-        unsafe { std::ptr::write_unaligned(base.cast::<libc::cmsghdr>(), hdr) };
-        for (i, fd) in fds.iter().enumerate() {
-            let at = base
-                .wrapping_add(CMSG_DATA_AT + i * size_of::<RawFd>())
-                .cast::<RawFd>();
-            // SAFETY: CMSG_DATA_AT + (i + 1) * 4 <= cmsg_space(fd_bytes), inside
-            // `control`; write_unaligned makes no alignment demand.
-            unsafe { std::ptr::write_unaligned(at, fd.as_raw_fd()) };
-        }
-    }
+    let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
     let mut sent = 0usize;
-    let mut fds_pending = !fds.is_empty();
     while sent < data.len() {
-        let rest = &data[sent..];
-        let mut iov = libc::iovec {
-            iov_base: rest.as_ptr().cast_mut().cast(),
-            iov_len: rest.len(),
-        };
-        let mut msg = empty_msghdr();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        if fds_pending {
-            msg.msg_control = control.as_mut_ptr().cast();
-            msg.msg_controllen = cmsg_space(fd_bytes) as _;
-        }
-        // SAFETY: `msg` points at one iovec describing `rest` (valid for reads
-        // of its length for the call) and, when set, at `control`, which holds
-        // `msg_controllen` initialised bytes; sendmsg only reads them.
-        let n = unsafe {
-            libc::sendmsg(
-                stream.as_raw_fd(),
-                &msg,
-                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::EAGAIN) => {
-                    wait_writable(stream, deadline)?;
-                    continue;
+        let with = if sent == 0 { fds } else { &[] };
+        match send_some(stream, &data[sent..], with) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if !wait_for(stream.as_fd(), PollFlags::POLLOUT, deadline)? {
+                    return Err(Error::Timeout {
+                        what: format!("sending to {}", describe_stream(stream)),
+                        after: timeout.unwrap_or_default(),
+                    });
                 }
-                _ => return Err(Error::sys("sendmsg", describe_stream(stream), e)),
             }
+            Err(e) => return Err(Error::sys("sendmsg", describe_stream(stream), e)),
         }
-        sent += n.unsigned_abs();
-        fds_pending = false;
     }
     Ok(())
 }
 
-/// A zeroed `cmsghdr` (its layout has private padding on some libcs, so it
-/// cannot be built with a literal).
-fn zeroed_cmsghdr() -> libc::cmsghdr {
-    let h = MaybeUninit::<libc::cmsghdr>::zeroed();
-    // SAFETY: cmsghdr is plain integers; all zeroes is a valid value.
-    unsafe { h.assume_init() }
-}
-
-/// Waits until `stream` can take more data, or the deadline passes.
-fn wait_writable(stream: &UnixStream, deadline: Option<(Instant, Duration)>) -> Result<()> {
-    let ms = match deadline {
-        None => -1,
-        Some((at, total)) => {
-            let left = at.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(Error::Timeout {
-                    what: format!("sending to {}", describe_stream(stream)),
-                    after: total,
-                });
-            }
-            i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX)
-        }
+/// The `poll` timeout for the time left until `deadline` (rounded up to a
+/// millisecond, so a short rest does not spin); `None` once it has passed.
+pub(crate) fn poll_timeout(deadline: Option<Instant>) -> Option<PollTimeout> {
+    let Some(at) = deadline else {
+        return Some(PollTimeout::NONE);
     };
-    let mut pfd = libc::pollfd {
-        fd: stream.as_raw_fd(),
-        events: libc::POLLOUT,
-        revents: 0,
+    let left = at.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return None;
+    }
+    let ms = left.as_micros().div_ceil(1000);
+    Some(PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX))
+}
+
+/// Waits until `fd` has one of `events` (or an error or hang-up), or the
+/// deadline passes (`false`). An interrupted wait counts as ready: the
+/// caller tries again.
+fn wait_for(fd: BorrowedFd<'_>, events: PollFlags, deadline: Option<Instant>) -> Result<bool> {
+    let Some(timeout) = poll_timeout(deadline) else {
+        return Ok(false);
     };
-    // SAFETY: one valid pollfd for the duration of the call.
-    let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINTR) {
-            return Err(Error::sys("poll", describe_stream(stream), e));
-        }
+    let mut fds = [PollFd::new(fd, events)];
+    match poll(&mut fds, timeout) {
+        Ok(_) | Err(Errno::EINTR) => Ok(true),
+        Err(e) => Err(Error::sys(
+            "poll",
+            format!("socket fd {}", fd.as_raw_fd()),
+            e.into(),
+        )),
     }
-    // Ready, interrupted or timed out: the caller tries again and the next
-    // round sees the deadline (or the error, e.g. EPIPE).
-    Ok(())
 }
 
-/// The fds of the `SCM_RIGHTS` messages in `control` (the bytes the kernel
-/// filled in).
-fn rights_in(control: &[u8]) -> Vec<RawFd> {
-    let mut out = Vec::new();
-    let mut at = 0usize;
-    while at + size_of::<libc::cmsghdr>() <= control.len() {
-        // SAFETY: `at + size_of::<cmsghdr>() <= control.len()`, so the read is
-        // in bounds; read_unaligned makes no alignment demand; cmsghdr is plain
-        // integers, valid for any bytes.
-        let hdr = unsafe {
-            std::ptr::read_unaligned(control.as_ptr().wrapping_add(at).cast::<libc::cmsghdr>())
-        };
-        // `cmsg_len` is a size_t on glibc, a socklen_t on musl.
-        #[allow(clippy::useless_conversion)]
-        let len = usize::try_from(hdr.cmsg_len).unwrap_or(usize::MAX);
-        if len < CMSG_DATA_AT {
-            break;
-        }
-        let end = at.saturating_add(len).min(control.len());
-        if hdr.cmsg_level == libc::SOL_SOCKET
-            && hdr.cmsg_type == libc::SCM_RIGHTS
-            && at + CMSG_DATA_AT <= end
-        {
-            for chunk in control[at + CMSG_DATA_AT..end].chunks_exact(size_of::<RawFd>()) {
-                let mut b = [0u8; size_of::<RawFd>()];
-                b.copy_from_slice(chunk);
-                out.push(RawFd::from_ne_bytes(b));
-            }
-        }
-        at = at.saturating_add(cmsg_align(len));
-    }
-    out
+/// What one [`FrameReader::read_from`] came to.
+#[derive(Debug)]
+pub enum Progress {
+    /// Nothing more to read now (the socket is empty); call again when it is
+    /// readable.
+    Pending,
+    /// A whole frame.
+    Frame(Frame),
+    /// The peer closed the connection between frames.
+    Closed,
 }
 
-/// One `recvmsg` into `buf`: returns the bytes read (0 at end of stream) and
-/// adds the fds that came with them to `fds`, owned.
-fn recv_some(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<usize> {
-    let mut control = [0u64; RECV_CONTROL_WORDS];
-    loop {
-        let mut iov = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        };
-        let mut msg = empty_msghdr();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = std::mem::size_of_val(&control) as _;
-        // SAFETY: `msg` points at one iovec describing `buf` (valid for writes
-        // of its length) and at `control` (valid for writes of
-        // `msg_controllen` bytes); both outlive the call.
-        let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::EAGAIN) => Err(Error::Timeout {
-                    what: format!("a message from {}", describe_stream(stream)),
-                    after: stream.read_timeout().ok().flatten().unwrap_or_default(),
-                }),
-                _ => Err(Error::sys("recvmsg", describe_stream(stream), e)),
+/// Receives frames from a stream socket one `recvmsg` at a time, without
+/// blocking: for an event loop that serves many peers, or (through
+/// [`recv_frame_within`]) a blocking reader with deadlines.
+///
+/// It never reads past the end of the current frame, so the next frame's
+/// bytes and fds stay in the socket. It notes when the frame's first byte
+/// arrived ([`started`](Self::started)): the caller enforces the per-frame
+/// deadline.
+#[derive(Debug, Default)]
+pub struct FrameReader {
+    header: [u8; HEADER_LEN],
+    got: usize,
+    kind: u16,
+    payload: Option<Vec<u8>>,
+    fds: Vec<OwnedFd>,
+    started: Option<Instant>,
+}
+
+impl FrameReader {
+    /// A reader between frames.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// When the current frame's first byte arrived; `None` between frames.
+    pub fn started(&self) -> Option<Instant> {
+        self.started
+    }
+
+    /// Bytes of the current frame received so far.
+    pub fn received(&self) -> usize {
+        self.got
+    }
+
+    /// Forgets the current frame, closing its fds.
+    pub fn reset(&mut self) {
+        *self = Self::default();
+    }
+
+    /// Reads what the socket has of the current frame (one or more
+    /// `recvmsg`s, until it would block or the frame is whole). On an error
+    /// the frame's fds are closed and the reader is reset; the stream is out
+    /// of step then: drop it.
+    pub fn read_from(&mut self, stream: &UnixStream) -> Result<Progress> {
+        let r = self.read_inner(stream);
+        if r.is_err() {
+            self.reset();
+        }
+        r
+    }
+
+    fn read_inner(&mut self, stream: &UnixStream) -> Result<Progress> {
+        let fail = |problem| share_error(&describe_stream(stream), problem);
+        loop {
+            let in_header = self.got < HEADER_LEN;
+            let buf: &mut [u8] = match (&mut self.payload, in_header) {
+                (_, true) => &mut self.header[self.got..],
+                (Some(p), false) => {
+                    let at = self.got - HEADER_LEN;
+                    &mut p[at..]
+                }
+                (None, false) => &mut [],
             };
+            if buf.is_empty() {
+                // A header that announced an empty payload: whole.
+                return Ok(Progress::Frame(self.take()));
+            }
+            let room = FD_ROOM;
+            let got = match crate::ioctl::recv_with_rights(stream.as_fd(), buf, room) {
+                Ok(r) => r,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Progress::Pending),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::sys("recvmsg", describe_stream(stream), e)),
+            };
+            let arrived = got.fds.len();
+            self.fds.extend(got.fds);
+            if got.truncated {
+                let closed = self.fds.len();
+                return Err(fail(if arrived < room {
+                    ShareProblem::FdTableFull { closed }
+                } else {
+                    ShareProblem::ControlTruncated { closed, room }
+                }));
+            }
+            if self.fds.len() > MAX_FRAME_FDS {
+                return Err(fail(ShareProblem::TooManyFds {
+                    count: self.fds.len(),
+                    max: MAX_FRAME_FDS,
+                }));
+            }
+            if got.bytes == 0 {
+                if self.got == 0 && self.fds.is_empty() {
+                    return Ok(Progress::Closed);
+                }
+                let (what, expected) = if in_header {
+                    ("header", HEADER_LEN as u64)
+                } else {
+                    ("payload", self.payload_len() as u64)
+                };
+                let done = if in_header {
+                    self.got
+                } else {
+                    self.got - HEADER_LEN
+                };
+                return Err(fail(ShareProblem::Truncated {
+                    what,
+                    expected,
+                    got: done as u64,
+                }));
+            }
+            if self.started.is_none() {
+                self.started = Some(Instant::now());
+            }
+            self.got += got.bytes;
+            if in_header && self.got == HEADER_LEN {
+                self.check_header().map_err(fail)?;
+            }
+            if self.got >= HEADER_LEN && self.got == HEADER_LEN + self.payload_len() {
+                return Ok(Progress::Frame(self.take()));
+            }
         }
-        // Own every fd that arrived before anything else, so that every path
-        // from here on closes them.
-        #[allow(clippy::useless_conversion)]
-        let filled = usize::try_from(msg.msg_controllen)
-            .unwrap_or(0)
-            .min(std::mem::size_of_val(&control));
-        let bytes: Vec<u8> = control
-            .iter()
-            .flat_map(|w| w.to_ne_bytes())
-            .take(filled)
-            .collect();
-        for raw in rights_in(&bytes) {
-            // SAFETY: the kernel just installed `raw` in this process's fd
-            // table for us (SCM_RIGHTS); nothing else owns it.
-            fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+    }
+
+    fn payload_len(&self) -> usize {
+        self.payload.as_ref().map_or(0, Vec::len)
+    }
+
+    /// Checks the header just completed and makes room for the payload.
+    fn check_header(&mut self) -> std::result::Result<(), ShareProblem> {
+        let h = &self.header;
+        let magic = [h[0], h[1], h[2], h[3]];
+        let version = u16::from_le_bytes([h[4], h[5]]);
+        let kind = u16::from_le_bytes([h[6], h[7]]);
+        let length = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
+        if magic != MAGIC {
+            return Err(ShareProblem::BadMagic { found: magic });
         }
-        if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-            let closed = fds.len();
-            fds.clear();
-            return Err(share_error(
-                &describe_stream(stream),
-                ShareProblem::ControlTruncated {
-                    closed,
-                    room: FD_ROOM,
-                },
-            ));
+        if version != VERSION {
+            return Err(ShareProblem::Version {
+                found: version,
+                supported: VERSION,
+            });
         }
-        return Ok(n.unsigned_abs());
+        if length > MAX_PAYLOAD {
+            return Err(ShareProblem::Oversized {
+                length: u64::from(length),
+                max: u64::from(MAX_PAYLOAD),
+            });
+        }
+        self.kind = kind;
+        // Within MAX_PAYLOAD: fits any usize.
+        self.payload = Some(vec![0u8; length as usize]);
+        Ok(())
+    }
+
+    fn take(&mut self) -> Frame {
+        let frame = Frame {
+            kind: self.kind,
+            payload: self.payload.take().unwrap_or_default(),
+            fds: std::mem::take(&mut self.fds),
+        };
+        self.reset();
+        frame
     }
 }
 
-/// Fills `buf` unless the stream ends first; returns the bytes read.
-fn recv_exact(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        let n = recv_some(stream, &mut buf[got..], fds)?;
-        if n == 0 {
-            break;
-        }
-        got += n;
-    }
-    Ok(got)
+/// Receives one frame, waiting as long as it takes for it to start and
+/// [`DEFAULT_FRAME_TIMEOUT`] for it to complete
+/// ([`recv_frame_within`]).
+pub fn recv_frame(stream: &UnixStream) -> Result<Option<Frame>> {
+    recv_frame_within(stream, None, DEFAULT_FRAME_TIMEOUT)
 }
 
 /// Receives one frame. `Ok(None)` when the peer closed the connection between
 /// frames. The header is checked (magic, version, length limit) before the
-/// payload is read; a failed check, a frame cut short, or control data that
-/// did not fit is an [`Error::Share`], and every fd received with the frame
-/// is closed by then. After an error the stream is out of step: drop it.
+/// payload is read; a failed check, a frame cut short, too many fds, or
+/// control data that did not fit is an [`Error::Share`], and every fd
+/// received with the frame is closed by then. After an error the stream is
+/// out of step: drop it.
 ///
-/// Blocks as the stream does (its read timeout gives [`Error::Timeout`]).
-pub fn recv_frame(stream: &UnixStream) -> Result<Option<Frame>> {
-    let mut fds = Vec::new();
-    let mut header = [0u8; HEADER_LEN];
-    let got = recv_exact(stream, &mut header, &mut fds)?;
-    let fail = |problem| Err(share_error(&describe_stream(stream), problem));
-    if got == 0 {
-        return Ok(None);
+/// Waits until `deadline` at most ([`Error::Timeout`]; `None`: no limit), and
+/// `per_frame` from the frame's first byte to its last
+/// ([`ShareProblem::Stalled`]), whatever the stream's blocking mode and read
+/// timeout.
+pub fn recv_frame_within(
+    stream: &UnixStream,
+    deadline: Option<Instant>,
+    per_frame: Duration,
+) -> Result<Option<Frame>> {
+    let mut reader = FrameReader::new();
+    let started_at = Instant::now();
+    loop {
+        match reader.read_from(stream)? {
+            Progress::Frame(f) => return Ok(Some(f)),
+            Progress::Closed => return Ok(None),
+            Progress::Pending => {}
+        }
+        let frame_deadline = reader.started().and_then(|s| s.checked_add(per_frame));
+        let until = match (deadline, frame_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if !wait_for(stream.as_fd(), PollFlags::POLLIN, until)? {
+            if frame_deadline.is_some_and(|f| Instant::now() >= f) {
+                let got = reader.received();
+                reader.reset();
+                return Err(share_error(
+                    &describe_stream(stream),
+                    ShareProblem::Stalled {
+                        got: got as u64,
+                        after: per_frame,
+                    },
+                ));
+            }
+            reader.reset();
+            return Err(Error::Timeout {
+                what: format!("a message from {}", describe_stream(stream)),
+                after: started_at.elapsed(),
+            });
+        }
     }
-    if got < HEADER_LEN {
-        return fail(ShareProblem::Truncated {
-            what: "header",
-            expected: HEADER_LEN as u64,
-            got: got as u64,
-        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fd_count() -> usize {
+        std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count)
     }
-    let mut magic = [0u8; 4];
-    magic.copy_from_slice(&header[0..4]);
-    let version = u16::from_le_bytes([header[4], header[5]]);
-    let kind = u16::from_le_bytes([header[6], header[7]]);
-    let length = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
-    if magic != MAGIC {
-        return fail(ShareProblem::BadMagic { found: magic });
+
+    #[test]
+    fn frames_in_pieces_and_back_to_back() {
+        let (a, b) = UnixStream::pair().unwrap_or_else(|e| unreachable!("{e}"));
+        let one = encode_frame(3, b"{}");
+        let two = encode_frame(2, br#"{"reason":"reset"}"#);
+        for piece in one.chunks(5) {
+            send_raw(&a, piece, &[], None).unwrap_or_else(|e| unreachable!("{e}"));
+        }
+        send_raw(&a, &two, &[], None).unwrap_or_else(|e| unreachable!("{e}"));
+        drop(a);
+        let f1 = recv_frame(&b).ok().flatten().map(|f| (f.kind, f.payload));
+        assert_eq!(f1, Some((3, b"{}".to_vec())));
+        let f2 = recv_frame(&b).ok().flatten().map(|f| f.kind);
+        assert_eq!(f2, Some(2));
+        assert!(matches!(recv_frame(&b), Ok(None)));
     }
-    if version != VERSION {
-        return fail(ShareProblem::Version {
-            found: version,
-            supported: VERSION,
-        });
+
+    #[test]
+    fn fds_over_the_frame_limit_are_refused_and_closed() {
+        let (a, b) = UnixStream::pair().unwrap_or_else(|e| unreachable!("{e}"));
+        let before = fd_count();
+        let frame = encode_frame(1, b"{}");
+        // Two fds on the first byte, then the rest: over MAX_FRAME_FDS.
+        {
+            let (x, y) = UnixStream::pair().unwrap_or_else(|e| unreachable!("{e}"));
+            send_raw(&a, &frame[..1], &[x.as_fd(), y.as_fd()], None)
+                .unwrap_or_else(|e| unreachable!("{e}"));
+        }
+        send_raw(&a, &frame[1..], &[], None).unwrap_or_else(|e| unreachable!("{e}"));
+        let r = recv_frame(&b);
+        assert!(
+            matches!(
+                r,
+                Err(Error::Share {
+                    problem: ShareProblem::TooManyFds { count: 2, max: 1 },
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        assert_eq!(fd_count(), before);
     }
-    if length > MAX_PAYLOAD {
-        return fail(ShareProblem::Oversized {
-            length: u64::from(length),
-            max: u64::from(MAX_PAYLOAD),
-        });
+
+    #[test]
+    fn a_dripping_frame_misses_its_deadline() {
+        let (a, b) = UnixStream::pair().unwrap_or_else(|e| unreachable!("{e}"));
+        send_raw(&a, &encode_frame(3, b"{}")[..3], &[], None)
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        let t = Instant::now();
+        let r = recv_frame_within(&b, None, Duration::from_millis(200));
+        assert!(
+            matches!(
+                r,
+                Err(Error::Share {
+                    problem: ShareProblem::Stalled { got: 3, .. },
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(5));
+        drop(a);
     }
-    let mut payload = vec![0u8; length as usize];
-    let got = recv_exact(stream, &mut payload, &mut fds)?;
-    if got < payload.len() {
-        return fail(ShareProblem::Truncated {
-            what: "payload",
-            expected: u64::from(length),
-            got: got as u64,
-        });
+
+    #[test]
+    fn the_overall_deadline_holds_while_nothing_comes() {
+        let (_a, b) = UnixStream::pair().unwrap_or_else(|e| unreachable!("{e}"));
+        let t = Instant::now();
+        let r = recv_frame_within(
+            &b,
+            Some(Instant::now() + Duration::from_millis(100)),
+            Duration::from_secs(60),
+        );
+        assert!(matches!(r, Err(Error::Timeout { .. })), "{r:?}");
+        assert!(t.elapsed() < Duration::from_secs(5));
     }
-    Ok(Some(Frame { kind, payload, fds }))
+
+    #[test]
+    fn bad_headers_are_refused() {
+        for (bytes, want) in [
+            (b"XXXX\x01\x00\x01\x00\x00\x00\x00\x00".to_vec(), "magic"),
+            (b"DPSH\x02\x00\x01\x00\x00\x00\x00\x00".to_vec(), "version"),
+            (b"DPSH\x01\x00\x01\x00\xff\xff\xff\xff".to_vec(), "limit"),
+            (b"DPSH\x01".to_vec(), "truncated header"),
+            (
+                b"DPSH\x01\x00\x01\x00\x05\x00\x00\x00ab".to_vec(),
+                "truncated payload",
+            ),
+        ] {
+            let (a, b) = UnixStream::pair().unwrap_or_else(|e| unreachable!("{e}"));
+            send_raw(&a, &bytes, &[], None).unwrap_or_else(|e| unreachable!("{e}"));
+            drop(a);
+            let r = recv_frame(&b);
+            let text = r.map(|_| String::new()).unwrap_or_else(|e| e.to_string());
+            assert!(text.contains(want), "{want}: {text}");
+        }
+    }
 }
