@@ -23,8 +23,9 @@ use std::time::Duration;
 
 use crate::error::{Error, RangeProblem, Result};
 use crate::fdinfo::FdInfo;
+use crate::range::ByteRange;
 use crate::range::page_size;
-use crate::{ByteRange, ioctl, sys};
+use crate::{ioctl, sys};
 
 /// The longest name `DMA_BUF_SET_NAME` accepts, in bytes (`DMA_BUF_NAME_LEN`
 /// minus the NUL).

@@ -5,7 +5,8 @@
 
 use std::io;
 
-use crate::range::ByteRange;
+pub use crate::types::{AllowedIovaProblem, RangeProblem};
+use crate::types::{ByteRange, IovaRange, ShareProblem};
 
 /// Errors returned by dmabuf-p2p.
 #[derive(Debug, thiserror::Error)]
@@ -231,7 +232,7 @@ pub enum Error {
         /// The position of the offending range in the list given.
         index: usize,
         /// The offending range.
-        range: crate::importer::iommufd::IovaRange,
+        range: IovaRange,
         /// What is wrong with it.
         problem: AllowedIovaProblem,
     },
@@ -259,83 +260,8 @@ pub enum Error {
         /// The other end, e.g. `"socket /tmp/bar.sock"`.
         peer: String,
         /// What is wrong.
-        problem: crate::share::ShareProblem,
+        problem: ShareProblem,
     },
-}
-
-/// What is wrong with a [`ByteRange`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum RangeProblem {
-    /// Length zero.
-    #[error("length is zero")]
-    Empty,
-    /// Offset or length is not a multiple of the page size.
-    #[error("not aligned to {align:#x} bytes")]
-    Unaligned {
-        /// The required alignment.
-        align: u64,
-    },
-    /// `offset + length` does not fit in 64 bits.
-    #[error("offset + length overflows")]
-    Overflow,
-    /// The range ends past the end of the object.
-    #[error("ends past the end ({end:#x} > {size:#x})")]
-    OutOfBounds {
-        /// Where the range ends (exclusive).
-        end: u64,
-        /// The object's size.
-        size: u64,
-    },
-    /// Too many ranges, or none.
-    #[error("{0}")]
-    Count(String),
-    /// The lengths of a range list add up to more than 64 bits can hold.
-    #[error("total length of the ranges overflows 64 bits")]
-    TotalOverflow,
-    /// The lengths of a range list add up to a total with bit 63 set, which the
-    /// kernel refuses for a dma-buf export.
-    #[error("total length {total:#x} is too large (bit 63 set)")]
-    TotalTooLarge {
-        /// The running total when it first reached 2^63.
-        total: u64,
-    },
-}
-
-/// What is wrong with one range of an allowed-IOVA list
-/// ([`Error::InvalidAllowedIova`]).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum AllowedIovaProblem {
-    /// `start` is not below `last`: the kernel refuses empty and one-byte
-    /// ranges alike (`EINVAL`).
-    #[error("start is not below last")]
-    Empty,
-    /// It overlaps another range of the same list (`EINVAL`).
-    #[error("overlaps range #{other} {with}")]
-    Overlaps {
-        /// The position of the other range in the list.
-        other: usize,
-        /// The other range.
-        with: crate::importer::iommufd::IovaRange,
-    },
-    /// It covers IOVAs that are reserved in the IOAS (the MSI window or
-    /// what lies outside the IOMMU's aperture, once a device is attached):
-    /// `EADDRINUSE`. `usable` is what `IOMMU_IOAS_IOVA_RANGES` reported
-    /// afterwards.
-    #[error(
-        "covers reserved IOVAs (EADDRINUSE); the usable ranges are {}",
-        join_ranges(usable)
-    )]
-    Reserved {
-        /// The IOAS's usable ranges.
-        usable: Vec<crate::importer::iommufd::IovaRange>,
-    },
-}
-
-fn join_ranges(ranges: &[crate::importer::iommufd::IovaRange]) -> String {
-    let list: Vec<String> = ranges.iter().map(ToString::to_string).collect();
-    list.join(", ")
 }
 
 /// Result alias.

@@ -23,6 +23,7 @@ pub mod revoke;
 pub mod share;
 pub mod sys;
 pub mod sysfs;
+mod types;
 pub mod vfio;
 
 pub use dmabuf::{Access, DmaBuf, Mapping, SyncFile, is_dmabuf};

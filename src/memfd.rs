@@ -15,9 +15,9 @@ use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
-use crate::ByteRange;
 use crate::dmabuf::Mapping;
 use crate::error::{Error, Result};
+use crate::range::ByteRange;
 
 /// The huge page size [`MemfdOptions::hugetlb`] asks for (`MFD_HUGE_2MB`).
 pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
@@ -462,13 +462,13 @@ impl Memfd {
         let len = usize::try_from(self.size).map_err(|_| Error::InvalidRange {
             target: label.clone(),
             range: ByteRange::new(0, self.size),
-            problem: crate::RangeProblem::Overflow,
+            problem: crate::error::RangeProblem::Overflow,
         })?;
         if len == 0 {
             return Err(Error::InvalidRange {
                 target: label,
                 range: ByteRange::new(0, 0),
-                problem: crate::RangeProblem::Empty,
+                problem: crate::error::RangeProblem::Empty,
             });
         }
         Mapping::map_fd(self.fd.as_fd(), 0, len, true, &label)
@@ -507,7 +507,7 @@ fn offset_at(offset: u64, done: usize) -> Result<libc::off_t> {
         .ok_or_else(|| Error::InvalidRange {
             target: "memfd".to_owned(),
             range: ByteRange::new(offset, done as u64),
-            problem: crate::RangeProblem::Overflow,
+            problem: crate::error::RangeProblem::Overflow,
         })
 }
 

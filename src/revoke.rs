@@ -37,9 +37,10 @@ use std::cell::Cell;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
+use crate::dmabuf::DmaBuf;
+use crate::error::{Error, Result};
 use crate::importer::iommufd::{Ioas, IoasMapping, Iommufd, IovaPlacement, MapPerms};
 use crate::range::PhysRange;
-use crate::{DmaBuf, Error, Result};
 
 /// Why a buffer was revoked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 
 use crate::dmabuf::DmaBuf;
 use crate::error::{Error, RangeProblem, Result};
+use crate::ioctl;
+use crate::range::ByteRange;
 use crate::range::page_size;
-use crate::{ByteRange, ioctl};
 
 /// Where heaps appear.
 pub const HEAP_DIR: &str = "/dev/dma_heap";

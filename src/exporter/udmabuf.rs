@@ -25,8 +25,9 @@ use std::path::{Path, PathBuf};
 use crate::dmabuf::{DmaBuf, fs_magic, human_size};
 use crate::error::{Error, RangeProblem, Result};
 use crate::memfd::{Seals, fd_label};
+use crate::range::ByteRange;
 use crate::range::page_size;
-use crate::{ByteRange, ioctl, sys};
+use crate::{ioctl, sys};
 
 /// The udmabuf device node.
 pub const DEVICE: &str = "/dev/udmabuf";

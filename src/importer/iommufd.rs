@@ -47,6 +47,7 @@ use crate::error::{AllowedIovaProblem, Error, RangeProblem, Result};
 use crate::ioctl;
 use crate::range::ByteRange;
 use crate::sys;
+pub use crate::types::IovaRange;
 
 /// The iommufd device node.
 ///
@@ -498,51 +499,6 @@ impl fmt::Display for IommufdOption {
                 )
             }
         }
-    }
-}
-
-/// One usable IOVA range, `start..=last` (inclusive, as the kernel reports it).
-///
-/// ```no_run
-/// let ioas = dmabuf_p2p::importer::iommufd::Iommufd::open()?.alloc_ioas()?;
-/// for r in ioas.iova_ranges()?.ranges {
-///     println!("{:#x}..={:#x}", r.start, r.last);
-/// }
-/// # Ok::<(), dmabuf_p2p::Error>(())
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct IovaRange {
-    /// First usable IOVA.
-    pub start: u64,
-    /// Last usable IOVA (inclusive).
-    pub last: u64,
-}
-
-impl IovaRange {
-    /// Whether `[iova, iova + length)` lies entirely in this range. An empty
-    /// or overflowing request is never contained.
-    ///
-    /// ```
-    /// use dmabuf_p2p::importer::iommufd::IovaRange;
-    /// let r = IovaRange { start: 0x1000, last: 0xffff };
-    /// assert!(r.contains(0x1000, 0xf000));
-    /// assert!(!r.contains(0x1000, 0xf001));
-    /// assert!(!r.contains(0x2000, 0));
-    /// ```
-    pub const fn contains(&self, iova: u64, length: u64) -> bool {
-        if length == 0 || iova < self.start {
-            return false;
-        }
-        match iova.checked_add(length - 1) {
-            Some(last) => last <= self.last,
-            None => false,
-        }
-    }
-}
-
-impl fmt::Display for IovaRange {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:#x}..={:#x}", self.start, self.last)
     }
 }
 

@@ -1,0 +1,13 @@
+//! Plain values that errors name: ranges, IOVA ranges and what is wrong
+//! with them. They import nothing else of the crate, so `error.rs` sits
+//! right above them and every other module above `error.rs`: no import
+//! cycles. Each is re-exported where it is used (`range`, `importer::iommufd`,
+//! `share`, `error`).
+
+mod byte_range;
+mod iova_range;
+mod share_problem;
+
+pub use byte_range::{ByteRange, PhysRange, RangeProblem};
+pub use iova_range::{AllowedIovaProblem, IovaRange};
+pub use share_problem::ShareProblem;
