@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::{Error, Result, run_captured, run_checked, workspace_root};
+use crate::{Error, Result, cache_dir, run_captured, run_checked, workspace_root};
 
 /// Seconds each target runs in the smoke run, unless
 /// `DMABUF_P2P_FUZZ_SECONDS` says otherwise.
@@ -22,15 +22,32 @@ pub fn fuzz_dir() -> PathBuf {
     workspace_root().join("fuzz")
 }
 
-/// `cargo`, as the one running us names it.
+/// Where cargo-fuzz is installed: `<cache>/tools` (its binary in `bin/`), not
+/// the user's global `~/.cargo/bin`.
+pub fn tools_root() -> Result<PathBuf> {
+    Ok(cache_dir()?.join("tools"))
+}
+
+/// `cargo`, as the one running us names it, with `<cache>/tools/bin` first on
+/// `PATH` (so `cargo fuzz` finds the cached cargo-fuzz) and `RUSTC_BOOTSTRAP=1`.
 fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    if let Ok(root) = tools_root() {
+        let mut dirs = vec![root.join("bin")];
+        if let Some(path) = std::env::var_os("PATH") {
+            dirs.extend(std::env::split_paths(&path));
+        }
+        if let Ok(path) = std::env::join_paths(dirs) {
+            cmd.env("PATH", path);
+        }
+    }
     cmd.env("RUSTC_BOOTSTRAP", "1").current_dir(fuzz_dir());
     cmd
 }
 
-/// Installs cargo-fuzz from crates.io (`cargo install cargo-fuzz --locked`)
-/// unless `cargo fuzz` already works.
+/// Installs cargo-fuzz from crates.io into the project's cache
+/// (`cargo install --root <cache>/tools cargo-fuzz --locked`) unless `cargo
+/// fuzz` already works.
 pub fn ensure_cargo_fuzz() -> Result<()> {
     let works = cargo()
         .args(["fuzz", "--version"])
@@ -40,13 +57,16 @@ pub fn ensure_cargo_fuzz() -> Result<()> {
     if works {
         return Ok(());
     }
-    eprintln!("testbed: installing cargo-fuzz (cargo install cargo-fuzz --locked)");
+    let root = tools_root()?;
+    eprintln!(
+        "testbed: installing cargo-fuzz into the project's cache (cargo install --root {} cargo-fuzz --locked)",
+        root.display()
+    );
     run_checked(
-        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).args([
-            "install",
-            "cargo-fuzz",
-            "--locked",
-        ]),
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .args(["install", "--locked", "--root"])
+            .arg(&root)
+            .arg("cargo-fuzz"),
         "cargo install cargo-fuzz",
     )
 }

@@ -17,6 +17,7 @@ pub mod qemu;
 pub mod qemu_binary;
 pub mod qmp;
 pub mod report;
+pub mod runtime_dir;
 pub mod suite;
 pub mod uapi;
 

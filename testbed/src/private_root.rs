@@ -10,6 +10,7 @@
 //! installed or removed, and no root is needed.
 
 use std::fs;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -110,6 +111,23 @@ impl PrivateRoot {
         let dir = cache_dir()?.join(name);
         let me = Self { dir };
         let marker = me.dir.join("complete");
+        if marker.is_file() {
+            return Ok(me);
+        }
+        // Several test runs may start at once on a fresh machine: one unpacks,
+        // the others wait for it (the lock is released when the file closes).
+        fs::create_dir_all(&me.dir)
+            .map_err(|e| Error::io(format!("creating {}", me.dir.display()), e))?;
+        let lock_path = me.dir.join("lock");
+        let lock = fs::File::create(&lock_path)
+            .map_err(|e| Error::io(format!("creating {}", lock_path.display()), e))?;
+        // SAFETY: flock on a file descriptor we own; no memory is passed.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(Error::io(
+                format!("locking {}", lock_path.display()),
+                std::io::Error::last_os_error(),
+            ));
+        }
         if marker.is_file() {
             return Ok(me);
         }

@@ -11,6 +11,7 @@ use std::process::{Child, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::qemu_binary::QemuBinary;
+use crate::runtime_dir::RuntimeDir;
 use crate::{Error, Result};
 
 /// One ivshmem device: the guest sees its BAR2 as `size` bytes of memory, and
@@ -198,6 +199,10 @@ pub struct VmConfig {
     pub extra_cmdline: String,
     /// Acceleration.
     pub accel: Accel,
+    /// Where the Unix sockets live: a short private directory that
+    /// [`Vm::start`] makes, since a socket path under a deep `run_dir` can
+    /// exceed the 108 bytes of `sun_path`. `None` means `run_dir`.
+    pub socket_dir: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -235,6 +240,7 @@ impl VmConfig {
             extra_edu: 5,
             extra_cmdline: String::new(),
             accel: Accel::detect(),
+            socket_dir: None,
         }
     }
 
@@ -255,12 +261,16 @@ impl VmConfig {
 
     /// The socket carrying the guest report (and the host's answers).
     pub fn report_socket(&self) -> PathBuf {
-        self.run_dir.join("report.sock")
+        self.socket_dir().join("report.sock")
     }
 
     /// The QMP socket.
     pub fn qmp_socket(&self) -> PathBuf {
-        self.run_dir.join("qmp.sock")
+        self.socket_dir().join("qmp.sock")
+    }
+
+    fn socket_dir(&self) -> &Path {
+        self.socket_dir.as_deref().unwrap_or(&self.run_dir)
     }
 
     /// The full QEMU argument list.
@@ -385,11 +395,15 @@ pub struct Vm {
     child: Child,
     config: VmConfig,
     started: Instant,
+    // Dropped after the child is killed (fields drop after `Drop::drop`).
+    _sockets: RuntimeDir,
 }
 
 impl Vm {
     /// Creates the backing files and starts QEMU.
-    pub fn start(config: VmConfig) -> Result<Self> {
+    pub fn start(mut config: VmConfig) -> Result<Self> {
+        let sockets = RuntimeDir::new()?;
+        config.socket_dir = Some(sockets.path().to_owned());
         fs::create_dir_all(&config.run_dir)
             .map_err(|e| Error::io(format!("creating {}", config.run_dir.display()), e))?;
         for shm in &config.ivshmem {
@@ -427,6 +441,7 @@ impl Vm {
             child,
             config,
             started: Instant::now(),
+            _sockets: sockets,
         })
     }
 
