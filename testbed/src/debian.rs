@@ -52,7 +52,12 @@ impl PrivateApt {
     }
 
     fn apt_get(&self) -> Command {
-        let mut cmd = Command::new("apt-get");
+        self.apt("apt-get")
+    }
+
+    /// `program` (`apt-get` or `apt-cache`) pointed at the private root.
+    fn apt(&self, program: &str) -> Command {
+        let mut cmd = Command::new(program);
         let r = self.root.display();
         cmd.args([
             "-q",
@@ -84,6 +89,22 @@ impl PrivateApt {
         run_checked(&mut cmd, "apt-get update (private sources list)")
     }
 
+    /// The versions of `package` the private sources offer (after an update).
+    pub fn versions(&self, package: &str) -> Result<Vec<String>> {
+        self.update()?;
+        let mut cmd = self.apt("apt-cache");
+        cmd.args(["madison", package]);
+        cmd.stdout(std::process::Stdio::piped());
+        let out = crate::run_captured(&mut cmd, &format!("apt-cache madison {package}"))?;
+        // Lines: "package | version | archive ..."
+        Ok(out
+            .lines()
+            .filter_map(|l| l.split('|').nth(1))
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+            .collect())
+    }
+
     /// Downloads `package` (optionally `=version`) into `dest` and returns the
     /// `.deb` path. A `.deb` already in `dest` is reused without asking apt
     /// (only one of the requested version, when a version is given).
@@ -106,6 +127,35 @@ impl PrivateApt {
             ))
         })
     }
+}
+
+/// The newest of `versions` whose upstream part is `series.N` (for series
+/// "7.2": 7.2.0, 7.2.13-1, ...), comparing the numbers in order
+/// (`7.2.9-1` < `7.2.13-1` < `7.2.13-2`). Versions with `~` (pre-releases,
+/// backports) rank below the same version without.
+pub fn newest_in_series<'a>(versions: &'a [String], series: &str) -> Option<&'a String> {
+    let prefix = format!("{series}.");
+    versions
+        .iter()
+        .filter(|v| {
+            v.strip_prefix(&prefix)
+                .is_some_and(|r| r.starts_with(|c: char| c.is_ascii_digit()))
+        })
+        .max_by_key(|v| version_key(v))
+}
+
+/// Numbers of a Debian version in order, then whether it has no `~`.
+fn version_key(v: &str) -> (Vec<u64>, bool) {
+    let (main, tilde) = match v.split_once('~') {
+        Some((m, _)) => (m, false),
+        None => (v, true),
+    };
+    let numbers = main
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    (numbers, tilde)
 }
 
 /// Unpacks a `.deb` into `dest` without installing it.
@@ -186,6 +236,34 @@ mod tests {
         let found = find_deb(&dir, &deb_file_prefix("linux-source-7.2=7.2.13-1")).unwrap();
         assert_eq!(found, Some(dir.join("linux-source-7.2_7.2.13-1_all.deb")));
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_newest_version_of_the_series_wins() {
+        let v: Vec<String> = [
+            "7.2.9-1",
+            "7.2.13-2",
+            "7.2.13-1",
+            "7.3.1-1",
+            "7.2.14-1~bpo12+1",
+            "7.20.1-1",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        assert_eq!(
+            newest_in_series(&v, "7.2").map(String::as_str),
+            Some("7.2.14-1~bpo12+1")
+        );
+        let v: Vec<String> = ["7.2.13-1", "7.2.13-1~rc1", "7.2.9-3"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        assert_eq!(
+            newest_in_series(&v, "7.2").map(String::as_str),
+            Some("7.2.13-1")
+        );
+        assert_eq!(newest_in_series(&v, "7.3"), None);
     }
 
     #[test]

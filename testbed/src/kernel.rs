@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::debian::{PrivateApt, extract_deb};
+use crate::debian::{PrivateApt, extract_deb, newest_in_series};
 use crate::{Error, Result, cache_dir};
 
 /// Environment variable naming a prebuilt bzImage; when set, nothing is built.
@@ -99,8 +99,76 @@ fn from_env(path: PathBuf) -> Result<PathBuf> {
 /// The cached bzImage for the current source version and fragment, if it has
 /// been built (and still looks like a bzImage).
 pub fn cached() -> Option<PathBuf> {
-    let image = key_dir().ok()?.join("bzImage");
-    check_bzimage(&image).is_ok().then_some(image)
+    let kdir = kernel_cache().ok()?;
+    let mut versions = vec![SOURCE_VERSION.to_owned()];
+    versions.extend(recorded_fallback(&kdir));
+    versions.into_iter().find_map(|v| {
+        let image = kdir
+            .join(key_for(SOURCE_PACKAGE, &v, FRAGMENT))
+            .join("bzImage");
+        check_bzimage(&image).is_ok().then_some(image)
+    })
+}
+
+/// The file naming the source version used instead of [`SOURCE_VERSION`]
+/// once that version had left the archive.
+fn fallback_file(kdir: &Path) -> PathBuf {
+    kdir.join("fallback-source-version")
+}
+
+fn recorded_fallback(kdir: &Path) -> Option<String> {
+    let v = fs::read_to_string(fallback_file(kdir)).ok()?;
+    let v = v.trim();
+    (!v.is_empty()).then(|| v.to_owned())
+}
+
+/// The source version to build: [`SOURCE_VERSION`] if its tree or `.deb` is
+/// already here or the archive still has it; else a fallback recorded earlier;
+/// else the newest 7.2.x the archive offers, said loudly and recorded (the
+/// fragment verification then checks that version has every option).
+fn source_version(kdir: &Path) -> Result<String> {
+    let srcroot = kdir.join("src");
+    let have = |v: &str| {
+        srcroot
+            .join(format!("{SOURCE_PACKAGE}_{v}/Makefile"))
+            .is_file()
+    };
+    let pinned_deb = srcroot
+        .join("debs")
+        .join(format!("{SOURCE_PACKAGE}_{SOURCE_VERSION}_all.deb"));
+    if have(SOURCE_VERSION) || pinned_deb.is_file() {
+        return Ok(SOURCE_VERSION.to_owned());
+    }
+    if let Some(v) = recorded_fallback(kdir)
+        && have(&v)
+    {
+        eprintln!(
+            "kernel: note: building {SOURCE_PACKAGE} {v}, not the pinned {SOURCE_VERSION} (no longer in the archive; recorded in {})",
+            fallback_file(kdir).display()
+        );
+        return Ok(v);
+    }
+    let versions = PrivateApt::new()?.versions(SOURCE_PACKAGE)?;
+    if versions.iter().any(|v| v == SOURCE_VERSION) {
+        return Ok(SOURCE_VERSION.to_owned());
+    }
+    let Some(newest) = newest_in_series(&versions, "7.2") else {
+        return Err(Error::Setup(format!(
+            "{SOURCE_PACKAGE} {SOURCE_VERSION} is not in the archive ({}), and no other 7.2.x is offered (found: {})",
+            crate::debian::NEWER_SUITE,
+            if versions.is_empty() {
+                "none".to_owned()
+            } else {
+                versions.join(", ")
+            }
+        )));
+    };
+    eprintln!(
+        "kernel: WARNING: {SOURCE_PACKAGE} {SOURCE_VERSION} is no longer in the archive; \
+         falling back to the newest available, {newest} (the fragment check verifies it has every option)"
+    );
+    write_file(&fallback_file(kdir), format!("{newest}\n").as_bytes())?;
+    Ok(newest.clone())
 }
 
 /// The cache key: the source version plus a hash of the package name, version,
@@ -147,9 +215,7 @@ pub fn build(force: bool) -> Result<PathBuf> {
     check_path_usable(&kdir)?;
     let _lock = BuildLock::acquire(&kdir.join(".lock"))?;
 
-    let keydir = kdir.join(cache_key());
-    let image = keydir.join("bzImage");
-    if !force && check_bzimage(&image).is_ok() {
+    if !force && let Some(image) = cached() {
         eprintln!("kernel: cached: {}", image.display());
         return Ok(image);
     }
@@ -164,8 +230,11 @@ pub fn build(force: bool) -> Result<PathBuf> {
     phase(1, "checking build dependencies");
     ensure_build_deps()?;
 
-    phase(2, &format!("fetching {SOURCE_PACKAGE} {SOURCE_VERSION}"));
-    let src = source_tree(&kdir)?;
+    let version = source_version(&kdir)?;
+    phase(2, &format!("fetching {SOURCE_PACKAGE} {version}"));
+    let src = source_tree(&kdir, &version)?;
+    let keydir = kdir.join(key_for(SOURCE_PACKAGE, &version, FRAGMENT));
+    let image = keydir.join("bzImage");
 
     let out = keydir.join("build");
     if force && out.exists() {
@@ -214,7 +283,7 @@ pub fn build(force: bool) -> Result<PathBuf> {
     let config_path = out.join(".config");
     let config = fs::read_to_string(&config_path)
         .map_err(|e| Error::io(format!("reading {}", config_path.display()), e))?;
-    verify_config(&src, &config_path, &config)?;
+    verify_config(&src, &version, &config_path, &config)?;
 
     let jobs = std::thread::available_parallelism().map_or(2, |n| n.get() + 1);
     phase(
@@ -472,7 +541,7 @@ fn check_config(fragment: &[(String, String)], config: &HashMap<String, String>)
 }
 
 /// Fails, naming every option, if the fragment does not hold in `config`.
-fn verify_config(src: &Path, config_path: &Path, config: &str) -> Result<()> {
+fn verify_config(src: &Path, version: &str, config_path: &Path, config: &str) -> Result<()> {
     let fragment = parse_fragment(FRAGMENT)
         .map_err(|e| Error::Setup(format!("testbed/kernel/fragment.config {e}")))?;
     let mismatches = check_config(&fragment, &parse_config(config));
@@ -489,7 +558,7 @@ fn verify_config(src: &Path, config_path: &Path, config: &str) -> Result<()> {
                 m.option, m.wanted
             ),
             None => format!(
-                "  {}: fragment wants {}, but no Kconfig in {SOURCE_PACKAGE} {SOURCE_VERSION} defines it",
+                "  {}: fragment wants {}, but no Kconfig in {SOURCE_PACKAGE} {version} defines it",
                 m.option, m.wanted
             ),
         })
@@ -572,16 +641,16 @@ fn ensure_build_deps() -> Result<()> {
 // Source tree
 
 /// Downloads and unpacks the source package once; returns the source tree
-/// (`<cache>/kernel/src/linux-source-7.2_7.2.13-1`).
-fn source_tree(kdir: &Path) -> Result<PathBuf> {
+/// (`<cache>/kernel/src/linux-source-7.2_<version>`).
+fn source_tree(kdir: &Path, version: &str) -> Result<PathBuf> {
     let srcroot = kdir.join("src");
-    let tree = srcroot.join(format!("{SOURCE_PACKAGE}_{SOURCE_VERSION}"));
+    let tree = srcroot.join(format!("{SOURCE_PACKAGE}_{version}"));
     if tree.join("Makefile").is_file() && tree.join("scripts/kconfig/merge_config.sh").is_file() {
         eprintln!("kernel: reusing the source tree {}", tree.display());
         return Ok(tree);
     }
     let debs = srcroot.join("debs");
-    let deb = PrivateApt::new()?.download(&format!("{SOURCE_PACKAGE}={SOURCE_VERSION}"), &debs)?;
+    let deb = PrivateApt::new()?.download(&format!("{SOURCE_PACKAGE}={version}"), &debs)?;
     eprintln!("kernel: unpacking {}", deb.display());
 
     let tmp = srcroot.join(format!(".unpack-{}", std::process::id()));
