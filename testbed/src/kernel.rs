@@ -1080,6 +1080,35 @@ mod tests {
     }
 
     #[test]
+    fn fragment_asks_for_the_debug_and_fault_injection_options() {
+        // The sweeps (vm-tests fault_injection) and the lockdep-on-every-run
+        // rule need these; a config missing one fails the fragment check.
+        let fragment = parse_fragment(FRAGMENT).unwrap();
+        for option in [
+            "CONFIG_PROVE_LOCKING",
+            "CONFIG_DEBUG_ATOMIC_SLEEP",
+            "CONFIG_DEBUG_LIST",
+            "CONFIG_FAULT_INJECTION",
+            "CONFIG_FAILSLAB",
+            "CONFIG_FAIL_PAGE_ALLOC",
+            "CONFIG_FAULT_INJECTION_DEBUG_FS",
+            "CONFIG_FUNCTION_ERROR_INJECTION",
+            "CONFIG_FAIL_FUNCTION",
+            "CONFIG_IOMMUFD_TEST",
+            "CONFIG_TRANSPARENT_HUGEPAGE",
+        ] {
+            assert!(
+                fragment.iter().any(|(o, v)| o == option && v == "y"),
+                "fragment.config lacks {option}=y"
+            );
+        }
+        let config = parse_config("CONFIG_FAILSLAB=y\n# CONFIG_PROVE_LOCKING is not set\n");
+        let unmet = check_config(&fragment, &config);
+        assert!(unmet.iter().any(|m| m.option == "CONFIG_PROVE_LOCKING"));
+        assert!(!unmet.iter().any(|m| m.option == "CONFIG_FAILSLAB"));
+    }
+
+    #[test]
     fn config_check_reports_each_unmet_option() {
         let config = parse_config(
             "#\n# Linux/x86 7.2.13 Kernel Configuration\n#\nCONFIG_A=y\n# CONFIG_B is not set\n\
