@@ -144,7 +144,14 @@ pub fn fnv1a64(data: &[u8]) -> u64 {
     h
 }
 
-/// Lines of the kernel console that fail a run: warnings, bugs, oopses, panics.
+/// Most lines of one report kept after its headline.
+const MAX_TRACE_LINES: usize = 120;
+
+/// The kernel reports that fail a run (warnings, bugs, oopses, panics; lockdep
+/// and atomic-sleep reports start with `WARNING:` / `BUG:`), each as its
+/// headline line followed by the rest of the report, indented: the lines up to
+/// the end of its stack dump (`</TASK>` or `---[ end trace`), the next report,
+/// or [`MAX_TRACE_LINES`] lines.
 pub fn kernel_problems(console: &str) -> Vec<String> {
     const BAD: &[&str] = &[
         "WARNING:",
@@ -155,11 +162,31 @@ pub fn kernel_problems(console: &str) -> Vec<String> {
         "UBSAN:",
         "KASAN:",
     ];
-    console
-        .lines()
-        .filter(|l| BAD.iter().any(|b| l.contains(b)))
-        .map(|l| l.trim_end_matches('\r').to_owned())
-        .collect()
+    let is_headline = |l: &str| BAD.iter().any(|b| l.contains(b));
+    let lines: Vec<&str> = console.lines().map(|l| l.trim_end_matches('\r')).collect();
+    let mut problems = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        if !is_headline(lines[i]) {
+            i += 1;
+            continue;
+        }
+        let mut text = lines[i].to_owned();
+        i += 1;
+        let mut kept = 0;
+        while i < lines.len() && !is_headline(lines[i]) && kept < MAX_TRACE_LINES {
+            let line = lines[i];
+            text.push_str("\n    ");
+            text.push_str(line);
+            kept += 1;
+            i += 1;
+            if line.contains("</TASK>") || line.contains("---[ end trace") {
+                break;
+            }
+        }
+        problems.push(text);
+    }
+    problems
 }
 
 /// Everything the host learned from one run's report.
@@ -279,5 +306,82 @@ mod tests {
         let log = "ok line\n[ 1.0] WARNING: CPU: 0 PID: 1 at x.c:1\r\n[ 2.0] BUG: kernel NULL pointer\nfine\n";
         assert_eq!(kernel_problems(log).len(), 2);
         assert!(kernel_problems("all good\n").is_empty());
+    }
+
+    /// A lockdep report as `print_circular_bug()` prints it, between ordinary
+    /// console lines.
+    const LOCKDEP_SPLAT: &str = include_str!("../tests/data/lockdep-circular.txt");
+    /// An atomic-sleep report as `__might_resched()` prints it.
+    const ATOMIC_SLEEP: &str = include_str!("../tests/data/sleeping-in-atomic.txt");
+
+    #[test]
+    fn a_lockdep_splat_fails_the_run_with_its_trace() {
+        let problems = kernel_problems(LOCKDEP_SPLAT);
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        let p = &problems[0];
+        assert!(
+            p.starts_with("[   41.822145] WARNING: possible circular locking dependency detected"),
+            "{p}"
+        );
+        // The report carries the locks, the chain and the stack, up to </TASK>.
+        for needle in [
+            "is trying to acquire lock:",
+            "-> #1 (&vdev->memory_lock",
+            "*** DEADLOCK ***",
+            "Call Trace:",
+            "check_noncircular",
+            "</TASK>",
+        ] {
+            assert!(
+                p.contains(needle),
+                "the reported trace lacks {needle:?}:\n{p}"
+            );
+        }
+        assert!(!p.contains("vm-tests: next line after the report"), "{p}");
+    }
+
+    #[test]
+    fn an_atomic_sleep_report_fails_the_run_with_its_trace() {
+        let problems = kernel_problems(ATOMIC_SLEEP);
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        let p = &problems[0];
+        assert!(
+            p.contains(
+                "BUG: sleeping function called from invalid context at kernel/locking/mutex.c"
+            ),
+            "{p}"
+        );
+        for needle in [
+            "in_atomic(): 1",
+            "Preemption disabled at:",
+            "__might_resched",
+            "</TASK>",
+        ] {
+            assert!(
+                p.contains(needle),
+                "the reported trace lacks {needle:?}:\n{p}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_failure_message_shows_the_trace() {
+        // suite::run turns each problem into a failure line; the trace must be
+        // in it, not only the headline.
+        let both = format!("{LOCKDEP_SPLAT}{ATOMIC_SLEEP}");
+        let problems = kernel_problems(&both);
+        assert_eq!(problems.len(), 2);
+        assert!(problems[0].lines().count() > 20);
+        assert!(problems[1].lines().any(|l| l.contains("__mutex_lock")));
+        // A WARN's report ends at its end-of-trace marker.
+        let warn = "[ 1.0] WARNING: CPU: 0 PID: 7 at drivers/x.c:10 f+0x1/0x2\n[ 1.0] RIP: f\n\
+                    [ 1.0] ---[ end trace 0000000000000000 ]---\n[ 1.1] later, unrelated\n";
+        let p = kernel_problems(warn);
+        assert_eq!(p.len(), 1);
+        assert!(
+            p[0].contains("end trace") && !p[0].contains("unrelated"),
+            "{}",
+            p[0]
+        );
     }
 }
