@@ -156,7 +156,8 @@ impl Access {
 
 /// What `/proc/self/fdinfo/<fd>` says about a dma-buf fd (uAPI reference
 /// A.3): the generic lines and the dma-buf ones, flattened.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct DmaBufFdInfo {
     /// The per-boot unique dma-buf number (`ino:`, also `fstat`'s `st_ino`).
     pub ino: u64,

@@ -6,7 +6,9 @@
 use std::io;
 
 pub use crate::types::{AllowedIovaProblem, RangeProblem};
-use crate::types::{ByteRange, IovaRange, ShareProblem};
+#[cfg(feature = "share")]
+use crate::types::ShareProblem;
+use crate::types::{ByteRange, IovaRange};
 
 /// Errors returned by dmabuf-p2p.
 #[derive(Debug, thiserror::Error)]
@@ -255,6 +257,7 @@ pub enum Error {
     /// A message of the buffer-sharing protocol ([`crate::share`]) was refused,
     /// or the connection it needed is over. Every fd that came with a refused
     /// message was closed.
+    #[cfg(feature = "share")]
     #[error("buffer sharing over {peer}: {problem}")]
     Share {
         /// The other end, e.g. `"socket /tmp/bar.sock"`.

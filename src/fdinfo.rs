@@ -29,7 +29,8 @@ const WHAT: &str = "fdinfo";
 /// assert_eq!((buf.size, buf.exp_name.as_str(), buf.name), (65536, "udmabuf", None));
 /// # Ok::<(), dmabuf_p2p::Error>(())
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct FdInfo {
     /// The file position (`pos:`, signed as the kernel prints it).
     pub pos: i64,
@@ -45,7 +46,8 @@ pub struct FdInfo {
 }
 
 /// The dma-buf part of fdinfo.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct DmaBufInfo {
     /// The buffer size in bytes (`size:`).
     pub size: u64,

@@ -20,6 +20,7 @@ pub mod memfd;
 pub mod pci;
 pub mod range;
 pub mod revoke;
+#[cfg(feature = "share")]
 pub mod share;
 pub mod sys;
 pub mod sysfs;
@@ -31,11 +32,12 @@ pub use error::{Error, RangeProblem, Result};
 pub use exporter::bar::BarExport;
 pub use exporter::mock::MockDmaBuf;
 pub use importer::iommufd::{Ioas, IoasMapping, Iommufd, IovaPlacement, MapPerms};
-pub use pci::{PciAddress, TargetSpec};
+pub use pci::PciAddress;
 pub use range::ByteRange;
 pub use vfio::{BarMapping, VfioPciDevice};
 
 /// The VMM author's guide (`docs/GUIDE.md`), here so its snippets compile as
-/// doctests.
+/// doctests. It walks through sharing too, hence the feature.
+#[cfg(feature = "share")]
 #[doc = include_str!("../docs/GUIDE.md")]
 pub mod guide {}

@@ -1,5 +1,5 @@
-//! PCI addresses, BAR resources and the CLI's target syntax (pure parsing,
-//! host-tested). Reading these from sysfs is in [`crate::sysfs`].
+//! PCI addresses and BAR resources (pure parsing, host-tested). Reading these
+//! from sysfs is in [`crate::sysfs`].
 
 use std::fmt;
 use std::str::FromStr;
@@ -142,6 +142,7 @@ fn hex_field(t: &str, digits: usize, name: &str) -> Result<u8, String> {
         .ok_or_else(|| format!("{name} {t:?} is not hex"))
 }
 
+#[cfg(feature = "serde")]
 impl serde::Serialize for PciAddress {
     fn serialize<S: serde::Serializer>(
         &self,
@@ -151,6 +152,7 @@ impl serde::Serialize for PciAddress {
     }
 }
 
+#[cfg(feature = "serde")]
 impl<'de> serde::Deserialize<'de> for PciAddress {
     fn deserialize<D: serde::Deserializer<'de>>(
         deserializer: D,
@@ -160,108 +162,9 @@ impl<'de> serde::Deserialize<'de> for PciAddress {
     }
 }
 
-/// What the CLI is pointed at: a device, optionally one of its BARs, and
-/// optionally a byte range inside that BAR.
-///
-/// Syntax: `<bdf>[:<bar>[:<offset>+<len>]]`, where `<bdf>` is a [`PciAddress`]
-/// (full or short), `<bar>` is a BAR index 0..=5 (also written `bar2` or
-/// `BAR2`), and the range is a [`ByteRange`] (`0x1000+4K`). Displayed in the
-/// same syntax, with the full address.
-///
-/// ```
-/// use dmabuf_p2p::{pci::TargetSpec, ByteRange};
-///
-/// let t: TargetSpec = "00:04.0:2:0x1000+8K".parse()?;
-/// assert_eq!(t.device.to_string(), "0000:00:04.0");
-/// assert_eq!(t.bar, Some(2));
-/// assert_eq!(t.range, Some(ByteRange::new(0x1000, 0x2000)));
-/// assert_eq!(t.to_string(), "0000:00:04.0:2:0x1000+0x2000");
-///
-/// let whole: TargetSpec = "0000:01:00.0".parse()?;
-/// assert_eq!((whole.bar, whole.range), (None, None));
-/// # Ok::<(), dmabuf_p2p::Error>(())
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-pub struct TargetSpec {
-    /// The PCI device.
-    pub device: PciAddress,
-    /// The BAR index (0..=5), if given.
-    pub bar: Option<u32>,
-    /// The range inside the BAR, if given (only with a BAR).
-    pub range: Option<ByteRange>,
-}
-
 /// The number of PCI BARs a VFIO dma-buf can be exported from (indices 0..=5;
 /// index 6 is the ROM).
 pub const BAR_COUNT: u32 = 6;
-
-impl fmt::Display for TargetSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.device)?;
-        if let Some(bar) = self.bar {
-            write!(f, ":{bar}")?;
-            if let Some(range) = self.range {
-                write!(f, ":{range}")?;
-            }
-        }
-        Ok(())
-    }
-}
-
-impl FromStr for TargetSpec {
-    type Err = Error;
-
-    /// Parses `<bdf>[:<bar>[:<offset>+<len>]]`; see the type's documentation.
-    fn from_str(s: &str) -> Result<Self> {
-        const WHAT: &str = "target";
-        let err = |problem: String| parse_error(WHAT, s, problem);
-        let t = s.trim();
-        // The address ends at the function digit after its '.', so the first ':'
-        // after the first '.' starts the BAR part.
-        let split = t
-            .find('.')
-            .and_then(|dot| t[dot..].find(':').map(|c| dot + c));
-        let (bdf, rest) = match split {
-            Some(i) => (&t[..i], Some(&t[i + 1..])),
-            None => (t, None),
-        };
-        let device: PciAddress = bdf.parse().map_err(|e| match e {
-            Error::Parse { problem, .. } => err(format!("address {bdf:?}: {problem}")),
-            other => other,
-        })?;
-        let Some(rest) = rest else {
-            return Ok(Self {
-                device,
-                bar: None,
-                range: None,
-            });
-        };
-        let (bar_txt, range_txt) = match rest.split_once(':') {
-            Some((b, r)) => (b, Some(r)),
-            None => (rest, None),
-        };
-        let digits = bar_txt
-            .strip_prefix("bar")
-            .or_else(|| bar_txt.strip_prefix("BAR"))
-            .unwrap_or(bar_txt);
-        let bar = parse_digits(digits, 10)
-            .and_then(|v| u32::try_from(v).ok())
-            .filter(|&b| b < BAR_COUNT)
-            .ok_or_else(|| err(format!("BAR {bar_txt:?} must be 0..=5")))?;
-        let range = match range_txt {
-            None => None,
-            Some(r) => Some(r.parse::<ByteRange>().map_err(|e| match e {
-                Error::Parse { problem, .. } => err(format!("range {r:?}: {problem}")),
-                other => other,
-            })?),
-        };
-        Ok(Self {
-            device,
-            bar: Some(bar),
-            range,
-        })
-    }
-}
 
 /// `IORESOURCE_IO`: the resource is an I/O-port window.
 pub const IORESOURCE_IO: u64 = 0x100;
@@ -286,7 +189,8 @@ pub const IORESOURCE_MEM_64: u64 = 0x10_0000;
 /// assert!(res[1].is_unused());
 /// # Ok::<(), dmabuf_p2p::Error>(())
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Resource {
     /// The line number, which is the BAR index for 0..=5.
     pub index: u32,

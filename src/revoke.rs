@@ -27,7 +27,8 @@
 //!   revoking, restoring and mapping at once leave the attachments in step
 //!   with the hub;
 //! * anyone else can follow a hub's state with [`RevocationHub::subscribe`]
-//!   (how [`crate::share`] forwards revocations to other processes).
+//!   (how the `share` module, feature `share`, forwards revocations to other
+//!   processes).
 //!
 //! Revocations the library did not cause (another process toggled the device)
 //! are found with [`probe_revoked`], which asks the kernel, and
@@ -43,7 +44,8 @@ use crate::importer::iommufd::{Ioas, IoasMapping, Iommufd, IovaPlacement, MapPer
 use crate::range::PhysRange;
 
 /// Why a buffer was revoked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub enum RevokeReason {
     /// `PCI_COMMAND` memory decode was turned off.
@@ -82,7 +84,8 @@ impl fmt::Display for RevokeReason {
 }
 
 /// The state of an exporter's buffers, as the hub knows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub enum BufferState {
     /// Usable.
     Live,
@@ -93,7 +96,8 @@ pub enum BufferState {
 }
 
 /// What an attachment does when its exporter is back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub enum RestorePolicy {
     /// Unmap and map again at the same IOVA as soon as the exporter is back.
     #[default]
@@ -118,7 +122,8 @@ type Callback = Arc<dyn Fn(&AttachmentInfo, &RevocationEvent) + Send + Sync>;
 
 /// A change of a hub's [`BufferState`], told to the hub's observers
 /// ([`RevocationHub::subscribe`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct StateChange {
     /// The state the hub is in after the change.
     pub state: BufferState,
@@ -157,7 +162,8 @@ impl Drop for Subscription {
 }
 
 /// A description of an attachment, handed to callbacks.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct AttachmentInfo {
     /// The exporter's name (e.g. the PCI address).
     pub exporter: String,
@@ -363,7 +369,7 @@ impl RevocationHub {
     /// (revoked, restored, gone, or a revoked hub's reason changing), until
     /// the returned [`Subscription`] is dropped: the way to follow an exporter
     /// without an attachment (e.g. to forward its revocations to another
-    /// process, [`crate::share`]).
+    /// process, `dmabuf_p2p::share`).
     ///
     /// `f` runs on the thread that changed the state, after the hub's
     /// attachments were torn down or restored, with no lock of the hub held

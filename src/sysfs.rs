@@ -49,7 +49,8 @@ impl Default for Sysfs {
 }
 
 /// Everything sysfs tells about one PCI device, as read by [`Sysfs::info`].
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct PciDeviceInfo {
     /// The device's address.
     pub address: PciAddress,

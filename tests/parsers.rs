@@ -1,4 +1,4 @@
-//! Host tests for every text parser: PCI addresses, target specs, byte ranges
+//! Host tests for every text parser: PCI addresses, byte ranges
 //! and sizes, sysfs `resource` files and a fake sysfs tree, and fdinfo.
 
 // Failing a test by panicking is what tests do.
@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use dmabuf_p2p::fdinfo::FdInfo;
-use dmabuf_p2p::pci::{PciAddress, TargetSpec, parse_resources};
+use dmabuf_p2p::pci::{PciAddress, parse_resources};
 use dmabuf_p2p::range::{PhysRange, parse_size, validate_export_ranges};
 use dmabuf_p2p::sysfs::Sysfs;
 use dmabuf_p2p::{ByteRange, Error, RangeProblem};
@@ -127,6 +127,7 @@ fn pci_address_new_checks_ranges() {
     ));
 }
 
+#[cfg(feature = "serde")]
 #[test]
 fn pci_address_serde_is_a_string() -> TestResult {
     let a: PciAddress = "00:04.0".parse()?;
@@ -144,72 +145,6 @@ fn pci_address_orders_by_parts() -> TestResult {
     let c: PciAddress = "0001:00:00.0".parse()?;
     assert!(a < b && b < c);
     Ok(())
-}
-
-// ---------------------------------------------------------------- TargetSpec
-
-#[test]
-fn target_spec_good() -> TestResult {
-    let dev: PciAddress = "0000:00:04.0".parse()?;
-    let cases = [
-        ("00:04.0", None, None, "0000:00:04.0"),
-        ("0000:00:04.0", None, None, "0000:00:04.0"),
-        ("0000:00:04.0:2", Some(2), None, "0000:00:04.0:2"),
-        ("00:04.0:bar5", Some(5), None, "0000:00:04.0:5"),
-        ("00:04.0:BAR0", Some(0), None, "0000:00:04.0:0"),
-        (
-            "0000:00:04.0:2:0x1000+0x2000",
-            Some(2),
-            Some(ByteRange::new(0x1000, 0x2000)),
-            "0000:00:04.0:2:0x1000+0x2000",
-        ),
-        (
-            "00:04.0:2:0+1M",
-            Some(2),
-            Some(ByteRange::new(0, 1 << 20)),
-            "0000:00:04.0:2:0x0+0x100000",
-        ),
-    ];
-    for (text, bar, range, shown) in cases {
-        let t: TargetSpec = text.parse()?;
-        assert_eq!(
-            t,
-            TargetSpec {
-                device: dev,
-                bar,
-                range
-            },
-            "{text}"
-        );
-        assert_eq!(t.to_string(), shown);
-        assert_eq!(shown.parse::<TargetSpec>()?, t);
-    }
-    Ok(())
-}
-
-#[test]
-fn target_spec_bad() {
-    let cases = [
-        "",
-        "00:04.0:",
-        "00:04.0:6",
-        "00:04.0:bar",
-        "00:04.0:-1",
-        "00:04.0:+1",
-        "00:04.0:x",
-        "00:04.0:2:",
-        "00:04.0:2:0x1000",
-        "00:04.0:2:0x1000+",
-        "00:04.0:2:0x1000+0x1000:3",
-        "00:40.0:2",
-        "0000:00:04.0:2:ä+1",
-        "00:04:2",
-        "garbage",
-        "00:04.0:２",
-    ];
-    for text in cases {
-        assert_parse_err(text.parse::<TargetSpec>(), "target", text);
-    }
 }
 
 // ---------------------------------------------------------------- ByteRange

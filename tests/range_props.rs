@@ -4,7 +4,7 @@
 
 use dmabuf_p2p::fdinfo::FdInfo;
 use dmabuf_p2p::importer::iommufd::IovaRange;
-use dmabuf_p2p::pci::{PciAddress, TargetSpec, parse_resources};
+use dmabuf_p2p::pci::{PciAddress, parse_resources};
 use dmabuf_p2p::range::{PhysRange, map_to_phys, parse_size, validate_export_ranges};
 use dmabuf_p2p::{ByteRange, Error, RangeProblem};
 use proptest::prelude::*;
@@ -225,16 +225,6 @@ proptest! {
     }
 
     #[test]
-    fn target_spec_round_trip(
-        device in pci_address(),
-        bar in proptest::option::of(0u32..6),
-        r in proptest::option::of(range()),
-    ) {
-        let t = TargetSpec { device, bar, range: bar.and(r) };
-        prop_assert_eq!(t.to_string().parse::<TargetSpec>().ok(), Some(t));
-    }
-
-    #[test]
     fn phys_display_is_hex_with_exclusive_end(start in edgy_u64(), length in edgy_u64()) {
         let shown = PhysRange::new(start, length).to_string();
         let end = u128::from(start) + u128::from(length);
@@ -279,7 +269,6 @@ proptest! {
     fn parsers_never_panic(s in "\\PC{0,40}") {
         let parse_only = |r: Result<(), Error>| matches!(r, Ok(()) | Err(Error::Parse { .. }));
         prop_assert!(parse_only(s.parse::<PciAddress>().map(|_| ())));
-        prop_assert!(parse_only(s.parse::<TargetSpec>().map(|_| ())));
         prop_assert!(parse_only(s.parse::<ByteRange>().map(|_| ())));
         prop_assert!(parse_only(parse_size(&s).map(|_| ())));
         prop_assert!(parse_only(parse_resources(&s).map(|_| ())));
@@ -291,7 +280,6 @@ proptest! {
     fn parsers_never_panic_on_near_misses(s in "[0-9a-fA-FxXkKmMgGtTiB:.+\\- \t\n]{0,40}") {
         let parse_only = |r: Result<(), Error>| matches!(r, Ok(()) | Err(Error::Parse { .. }));
         prop_assert!(parse_only(s.parse::<PciAddress>().map(|_| ())));
-        prop_assert!(parse_only(s.parse::<TargetSpec>().map(|_| ())));
         prop_assert!(parse_only(s.parse::<ByteRange>().map(|_| ())));
         prop_assert!(parse_only(parse_resources(&s).map(|_| ())));
         let fd = format!("pos:\t0\nflags:\t{s}\nmnt_id:\t1\nino:\t1\nexp_name:\tx\nsize:\t{s}\ncount:\t1\n");

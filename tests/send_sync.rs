@@ -51,7 +51,7 @@ use dmabuf_p2p::sysfs::{PciDeviceInfo, Sysfs};
 use dmabuf_p2p::vfio::{Bar, BarMapping, DeviceInfo, RegionInfo, VfioPciDevice};
 use dmabuf_p2p::{
     ByteRange, DmaBuf, Error, Ioas, IoasMapping, Iommufd, Mapping, PciAddress, RangeProblem,
-    SyncFile, TargetSpec,
+    SyncFile,
 };
 
 const fn send_sync<T: Send + Sync>() {}
@@ -88,7 +88,6 @@ const _: () = {
     send_sync::<ByteRange>();
     send_sync::<PhysRange>();
     send_sync::<PciAddress>();
-    send_sync::<TargetSpec>();
     send_sync::<Resource>();
     send_sync::<Sysfs>();
     send_sync::<PciDeviceInfo>();

@@ -4,7 +4,8 @@
 
 #![no_main]
 
-use dmabuf_p2p::pci::{BAR_COUNT, TargetSpec};
+use dmabuf_p2p::pci::BAR_COUNT;
+use dmabuf_p2p_cli::target::TargetSpec;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -12,7 +12,8 @@ use std::time::Duration;
 use crate::Result;
 
 /// How a copy's completion is observed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub enum Completion {
     /// An MSI delivered through a VFIO eventfd.

@@ -18,7 +18,8 @@ use std::fmt;
 /// assert_eq!(r.end(), Some(0x3000));
 /// # Ok::<(), dmabuf_p2p::Error>(())
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct ByteRange {
     /// Start, in bytes from the start of the object.
     pub offset: u64,
@@ -179,7 +180,8 @@ impl fmt::Display for ByteRange {
 /// use dmabuf_p2p::range::PhysRange;
 /// assert_eq!(PhysRange::new(0xfe00_1000, 0x2000).to_string(), "0xfe001000..0xfe003000");
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct PhysRange {
     /// First physical address.
     pub start: u64,

@@ -6,8 +6,10 @@
 
 mod byte_range;
 mod iova_range;
+#[cfg(feature = "share")]
 mod share_problem;
 
 pub use byte_range::{ByteRange, PhysRange, RangeProblem};
 pub use iova_range::{AllowedIovaProblem, IovaRange};
+#[cfg(feature = "share")]
 pub use share_problem::ShareProblem;

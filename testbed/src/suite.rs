@@ -72,7 +72,7 @@ pub fn build_guest_binaries(with_tests: bool) -> Result<GuestBinaries> {
     cmd.args([
         "build",
         "--package",
-        "dmabuf-p2p",
+        "dmabuf-p2p-cli",
         "--bin",
         "dmabuf-p2p",
         "--message-format=json-render-diagnostics",

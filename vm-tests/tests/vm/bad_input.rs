@@ -224,11 +224,8 @@ impl Ctx {
 fn closed_fd() -> i32 {
     let raw = Memfd::new("closed", PAGE).unwrap().as_raw_fd(); // dropped: closed
     // SAFETY: F_GETFD on a bare number reads nothing of ours.
-    assert_eq!(
-        unsafe { libc::fcntl(raw, libc::F_GETFD) },
-        -1,
-        "fd {raw} is closed"
-    );
+    let flags = unsafe { libc::fcntl(raw, libc::F_GETFD) };
+    assert_eq!(flags, -1, "fd {raw} is closed");
     raw
 }
 

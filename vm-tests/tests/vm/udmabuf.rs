@@ -269,17 +269,13 @@ fn udmabuf_bad_inputs_give_typed_errors_and_leak_no_fd() {
     // SAFETY: just created, owned by nobody else.
     let no_sealing = unsafe { OwnedFd::from_raw_fd(raw) };
     // SAFETY: ftruncate on our own fd.
-    assert_eq!(
-        unsafe { libc::ftruncate(no_sealing.as_raw_fd(), (4 * PAGE) as libc::off_t) },
-        0
-    );
+    let r = unsafe { libc::ftruncate(no_sealing.as_raw_fd(), (4 * PAGE) as libc::off_t) };
+    assert_eq!(r, 0);
     let regular = File::open("/proc/self/status").unwrap();
     let mut pipe = [0; 2];
     // SAFETY: room for two fds.
-    assert_eq!(
-        unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) },
-        0
-    );
+    let r = unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(r, 0);
     // SAFETY: just created, owned by nobody else.
     let pr = unsafe { OwnedFd::from_raw_fd(pipe[0]) };
     // SAFETY: as above.

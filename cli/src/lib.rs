@@ -1,9 +1,13 @@
-//! Command-line parsing and dispatch.
+//! The `dmabuf-p2p` command: parsing and dispatch. The binary (`main.rs`)
+//! only prints what [`run`] returns; [`target`] is the syntax commands are
+//! pointed at.
 
 mod devices;
 mod export;
 mod p2p;
 mod share;
+pub mod target;
+#[cfg(feature = "vm")]
 mod vm;
 
 use std::process::ExitCode;
@@ -39,6 +43,7 @@ pub enum Command {
     /// process's IOAS, optionally copy into it with a DMA engine and verify.
     Map(share::MapArgs),
     /// The bundled test VM (QEMU, intel-iommu, edu, ivshmem).
+    #[cfg(feature = "vm")]
     #[command(subcommand)]
     Vm(vm::VmCommand),
 }
@@ -50,6 +55,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Export(a) => export::run(&a, cli.json),
         Command::P2pTest(a) => p2p::run(&a, cli.json),
         Command::Map(a) => share::run_map(&a, cli.json),
+        #[cfg(feature = "vm")]
         Command::Vm(c) => vm::run(c, cli.json),
     }
 }

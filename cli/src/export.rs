@@ -2,11 +2,12 @@
 
 use std::process::ExitCode;
 
+use dmabuf_p2p::ByteRange;
 use dmabuf_p2p::exporter::vfio::VfioPciDevice;
 use dmabuf_p2p::importer::iommufd::Iommufd;
-use dmabuf_p2p::{ByteRange, TargetSpec};
 
-use super::{CliError, human_size, print_json};
+use crate::target::TargetSpec;
+use crate::{CliError, human_size, print_json};
 
 /// Options of `export`.
 #[derive(Debug, clap::Args)]

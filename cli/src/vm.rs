@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use testbed::suite::{self, GuestBinaries, RunSpec, Verdict};
 
-use super::{CliError, print_json};
+use crate::{CliError, print_json};
 
 /// VM subcommands.
 #[derive(Debug, clap::Subcommand)]

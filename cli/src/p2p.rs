@@ -13,9 +13,10 @@ use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::range::parse_size;
 use dmabuf_p2p::revoke::{Attachment, RestorePolicy};
 use dmabuf_p2p::sysfs::Sysfs;
-use dmabuf_p2p::{ByteRange, PciAddress, TargetSpec};
+use dmabuf_p2p::{ByteRange, PciAddress};
 
-use super::{CliError, human_size, print_json};
+use crate::target::TargetSpec;
+use crate::{CliError, human_size, print_json};
 
 /// Options of `p2p-test`.
 #[derive(Debug, clap::Args)]

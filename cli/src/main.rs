@@ -3,12 +3,11 @@
 //!
 //! Errors print as one line on stderr with a non-zero exit status.
 
-mod cli;
-
 use std::process::ExitCode;
 
 use clap::Parser;
 use clap::error::ErrorKind;
+use dmabuf_p2p_cli as cli;
 
 fn main() -> ExitCode {
     let args = match cli::Cli::try_parse() {

@@ -27,7 +27,7 @@ use dmabuf_p2p::revoke::{BufferState, RestorePolicy, RevokeReason};
 use dmabuf_p2p::share::{BufferInfo, ShareProblem, ShareServer, SharedBuffer};
 use dmabuf_p2p::{ByteRange, Error, PciAddress};
 
-use super::{CliError, human_size, print_json};
+use crate::{CliError, human_size, print_json};
 
 /// Prints one line: compact JSON with `--json`, else `text`.
 fn event_line(json: bool, value: &serde_json::Value, text: &str) {

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use dmabuf_p2p::sysfs::{PciDeviceInfo, Sysfs};
 
-use super::{CliError, human_size, print_json};
+use crate::{CliError, human_size, print_json};
 
 /// Options of `devices`.
 #[derive(Debug, clap::Args)]
