@@ -1226,6 +1226,7 @@ mod tests {
 // owned fds. The syscall itself is nix's.
 
 /// What one [`recv_with_rights`] got.
+#[cfg(feature = "share")]
 #[derive(Debug)]
 pub struct Received {
     /// Bytes read into the buffer (0: end of stream).
@@ -1242,6 +1243,7 @@ pub struct Received {
 /// `buf`, with room for `room` fds. Every fd that arrived is owned by the
 /// result, whatever the flags say, so none can leak. `EAGAIN` comes back as
 /// [`io::ErrorKind::WouldBlock`].
+#[cfg(feature = "share")]
 pub fn recv_with_rights(sock: BorrowedFd<'_>, buf: &mut [u8], room: usize) -> io::Result<Received> {
     use nix::sys::socket::{MsgFlags, recvmsg};
     let word = size_of::<usize>();
@@ -1278,6 +1280,7 @@ pub fn recv_with_rights(sock: BorrowedFd<'_>, buf: &mut [u8], room: usize) -> io
 
 /// The fds of the `SCM_RIGHTS` messages in a control buffer the kernel
 /// filled in (`data_at`: `CMSG_LEN(0)`).
+#[cfg(feature = "share")]
 fn rights_in(control: &[u8], data_at: usize) -> Vec<RawFd> {
     let word = size_of::<usize>();
     let mut out = Vec::new();
@@ -1313,11 +1316,13 @@ fn rights_in(control: &[u8], data_at: usize) -> Vec<RawFd> {
 /// `SO_PASSRIGHTS` (Linux 6.16, commit 77cbe1a6d873): 83 in
 /// include/uapi/asm-generic/socket.h, the header x86-64 and arm64 use.
 /// libc 0.2.191 does not define it yet.
+#[cfg(feature = "share")]
 pub const SO_PASSRIGHTS: c_int = 83;
 
 /// `setsockopt(sock, SOL_SOCKET, SO_PASSRIGHTS, on)`: whether the peer may
 /// send this socket fds. Off, the kernel refuses a peer's `SCM_RIGHTS` with
 /// `EPERM` (net/unix/af_unix.c). Kernels before 6.16 answer `ENOPROTOOPT`.
+#[cfg(feature = "share")]
 pub fn set_pass_rights(sock: BorrowedFd<'_>, on: bool) -> io::Result<()> {
     let value = c_int::from(on);
     // SAFETY: the option value is a c_int read by the kernel for the length
