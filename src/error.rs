@@ -5,9 +5,9 @@
 
 use std::io;
 
-pub use crate::types::{AllowedIovaProblem, RangeProblem};
 #[cfg(feature = "share")]
 use crate::types::ShareProblem;
+pub use crate::types::{AllowedIovaProblem, RangeProblem};
 use crate::types::{ByteRange, IovaRange};
 
 /// Errors returned by dmabuf-p2p.
