@@ -634,7 +634,12 @@ impl Attachment {
                 });
             }
         }
-        let mapping = ioas.map_dmabuf(buf, at, perms)?;
+        // A single-range buffer's physical start guides automatic placement.
+        let phys_start = match phys.as_slice() {
+            [one] => Some(one.start),
+            _ => None,
+        };
+        let mapping = ioas.map_dmabuf_at_phys(buf, at, perms, phys_start)?;
         let info = AttachmentInfo {
             exporter: hub.name().to_owned(),
             ioas: ioas.id(),

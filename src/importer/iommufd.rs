@@ -37,6 +37,7 @@
 use std::fmt;
 use std::io;
 use std::mem::MaybeUninit;
+use std::ops::RangeInclusive;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::ptr::NonNull;
@@ -44,6 +45,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::dmabuf::{DmaBuf, human_size, is_dmabuf};
 use crate::error::{AllowedIovaProblem, Error, RangeProblem, Result};
+use crate::importer::placement::{IommuPageSizes, IovaSet, PlacementRequest, pick_iova};
 use crate::ioctl;
 use crate::range::ByteRange;
 use crate::sys;
@@ -148,6 +150,7 @@ impl Iommufd {
                 iommufd: self.clone(),
                 id,
                 placement: Mutex::new(()),
+                known: Mutex::new(Known::default()),
             }),
         })
     }
@@ -562,8 +565,20 @@ impl IovaRanges {
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum IovaPlacement {
-    /// Wherever the kernel finds room (never IOVA 0; it keeps the source's
-    /// offset within a page and prefers natural alignment).
+    /// Wherever there is room, placed by the library so that the IOMMU can
+    /// use its largest pages: the lowest free IOVA (never 0) inside the
+    /// IOAS's usable ranges (and its allowed list, if one was set through
+    /// this handle) that is congruent to the buffer's physical start modulo
+    /// the largest IOMMU page size not larger than the mapping
+    /// ([`Ioas::iommu_page_sizes`]), so that a 1 GiB BAR gets one 1 GiB
+    /// IOMMU page. For memory without known physical contiguity (a memfd,
+    /// user memory) the alignment is at most 2 MiB. Smaller alignments are
+    /// used only when no such IOVA is free. The library maps at the IOVA it
+    /// picked (`IOMMU_IOAS_MAP_FIXED_IOVA`), avoiding the areas mapped
+    /// through any handle of the IOAS; an area it does not know of (mapped
+    /// by raw ID or by another process) makes the kernel refuse that IOVA
+    /// (`EEXIST`) and the next one is tried; after a few refusals, or if
+    /// nothing fits, the kernel places it (at most 2 MiB-aligned).
     Auto,
     /// Exactly at this IOVA (`IOMMU_IOAS_MAP_FIXED_IOVA`).
     Fixed(u64),
@@ -663,7 +678,34 @@ struct IoasInner {
     /// IOVA back: no automatic placement through another handle of this IOAS
     /// can take the IOVA between the two.
     placement: Mutex<()>,
+    /// What the library knows of the IOAS, for automatic placement. Locked
+    /// briefly, never across an ioctl.
+    known: Mutex<Known>,
 }
+
+/// What automatic placement works from.
+#[derive(Debug, Default)]
+struct Known {
+    /// The areas mapped through handles of this IOAS.
+    areas: IovaSet,
+    /// Where automatic placement may go: the usable ranges
+    /// (`IOMMU_IOAS_IOVA_RANGES`) cut to the allowed list, with the IOAS's
+    /// alignment; asked when first needed and again when the kernel refuses
+    /// a picked IOVA as misaligned or reserved (a device attached since).
+    windows: Option<(Vec<RangeInclusive<u64>>, u64)>,
+    /// The allowed list set through [`Ioas::allow_iovas`] (empty: none).
+    allowed: Vec<IovaRange>,
+    /// The IOMMU page sizes placement aligns for.
+    page_sizes: IommuPageSizes,
+}
+
+/// How many IOVAs automatic placement tries before the kernel places.
+const PLACEMENT_TRIES: usize = 16;
+
+/// The largest alignment automatic placement asks for memory whose physical
+/// contiguity is unknown (memfd pages, user memory): transparent or
+/// hugetlbfs huge pages of 2 MiB.
+const UNKNOWN_CONTIGUITY_ALIGNMENT: u64 = 2 << 20;
 
 impl IoasInner {
     fn lock_placement(&self) -> MutexGuard<'_, ()> {
@@ -671,6 +713,123 @@ impl IoasInner {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
+
+    fn known(&self) -> MutexGuard<'_, Known> {
+        self.known.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records an area mapped through a handle of this IOAS.
+    fn record_mapped(&self, iova: u64, length: u64) {
+        self.known().areas.insert(iova, length);
+    }
+
+    /// Forgets an area unmapped through a handle of this IOAS.
+    fn record_unmapped(&self, iova: u64, length: u64) {
+        self.known().areas.remove(iova, length);
+    }
+
+    /// The placement windows and the IOAS alignment, asked from the kernel
+    /// if not known (or `refresh`). `None` if the kernel cannot say.
+    fn windows(&self, refresh: bool) -> Option<(Vec<RangeInclusive<u64>>, u64)> {
+        if !refresh && let Some(w) = &self.known().windows {
+            return Some(w.clone());
+        }
+        let ranges = self.iommufd.iova_ranges(self.id).ok()?;
+        let mut known = self.known();
+        let windows = placement_windows(&ranges.ranges, &known.allowed);
+        known.windows = Some((windows, ranges.alignment));
+        known.windows.clone()
+    }
+
+    /// An IOVA for `req`, outside the known areas and `blocked`.
+    fn pick(&self, req: &PlacementRequest, blocked: &IovaSet, refresh: bool) -> Option<u64> {
+        let (windows, alignment) = self.windows(refresh)?;
+        let known = self.known();
+        if blocked.is_empty() {
+            return pick_iova(&windows, &known.areas, alignment, req);
+        }
+        let mut taken = known.areas.clone();
+        for span in blocked.spans() {
+            taken.insert(*span.start(), span.end() - span.start() + 1);
+        }
+        pick_iova(&windows, &taken, alignment, req)
+    }
+
+    /// The placement request for `length` bytes whose first byte is at
+    /// physical address (or stand-in) `residue`; `contiguous` says whether
+    /// the memory is known to be physically contiguous.
+    fn request(&self, length: u64, residue: u64, contiguous: bool) -> PlacementRequest {
+        let page_sizes = self.known().page_sizes;
+        let mut max_alignment = page_sizes.alignment_for(length);
+        if !contiguous {
+            max_alignment = max_alignment.min(UNKNOWN_CONTIGUITY_ALIGNMENT);
+        }
+        PlacementRequest {
+            length,
+            residue,
+            max_alignment,
+            page_sizes,
+        }
+    }
+
+    /// Runs `issue`, one map ioctl, at `at`. For [`IovaPlacement::Auto`]
+    /// the IOVA is picked here and mapped fixed; a refused pick
+    /// (`EEXIST`: an area this handle does not know; `EINVAL`: ranges
+    /// changed) is followed by the next, and the kernel places it if
+    /// nothing is left. The caller holds the placement lock for `Auto`.
+    /// Returns the IOVA, or the placement of the failed call and its error.
+    fn place(
+        &self,
+        at: IovaPlacement,
+        req: &PlacementRequest,
+        mut issue: impl FnMut(IovaPlacement) -> MapResult,
+    ) -> std::result::Result<u64, (IovaPlacement, &'static str, io::Error)> {
+        if at == IovaPlacement::Auto {
+            let mut blocked = IovaSet::new();
+            let (mut refreshed, mut refresh) = (false, false);
+            for _ in 0..PLACEMENT_TRIES {
+                let Some(iova) = self.pick(req, &blocked, refresh) else {
+                    break;
+                };
+                refresh = false;
+                let fixed = IovaPlacement::Fixed(iova);
+                match issue(fixed) {
+                    Ok(got) => return Ok(got),
+                    Err((_, e)) if e.raw_os_error() == Some(libc::EEXIST) => {
+                        blocked.insert(iova, req.length);
+                    }
+                    Err((_, e)) if e.raw_os_error() == Some(libc::EINVAL) && !refreshed => {
+                        (refreshed, refresh) = (true, true);
+                    }
+                    // Misaligned or reserved again: let the kernel decide.
+                    Err((_, e)) if e.raw_os_error() == Some(libc::EINVAL) => break,
+                    // Not about the IOVA (revoked, not importable, ...).
+                    Err((op, e)) => return Err((IovaPlacement::Auto, op, e)),
+                }
+            }
+        }
+        issue(at).map_err(|(op, e)| (at, op, e))
+    }
+}
+
+/// What one map ioctl gives: the IOVA, or the operation's name and errno.
+type MapResult = std::result::Result<u64, (&'static str, io::Error)>;
+
+/// The usable ranges cut to the allowed ones (all of them if none).
+fn placement_windows(usable: &[IovaRange], allowed: &[IovaRange]) -> Vec<RangeInclusive<u64>> {
+    if allowed.is_empty() {
+        return usable.iter().map(|r| r.start..=r.last).collect();
+    }
+    let mut out = Vec::new();
+    for u in usable {
+        for a in allowed {
+            let (start, last) = (u.start.max(a.start), u.last.min(a.last));
+            if start <= last {
+                out.push(start..=last);
+            }
+        }
+    }
+    out
 }
 
 impl Drop for IoasInner {
@@ -779,7 +938,13 @@ impl Ioas {
                 last: r.last,
             })
             .collect();
-        ioctl::iommu_ioas_allow_iovas(self.iommufd().as_fd(), self.id(), &raw).map_err(|e| {
+        let result = ioctl::iommu_ioas_allow_iovas(self.iommufd().as_fd(), self.id(), &raw);
+        if result.is_ok() {
+            let mut known = self.inner.known();
+            known.allowed = ranges.to_vec();
+            known.windows = None;
+        }
+        result.map_err(|e| {
             if e.raw_os_error() == Some(libc::EADDRINUSE) {
                 // IOVA_RANGES reports exactly what is not reserved, whatever
                 // the allowed list: the first range not inside one of those
@@ -852,6 +1017,38 @@ impl Ioas {
             ioas: self.id(),
             enabled,
         })
+    }
+
+    /// The IOMMU page sizes automatic placement aligns for
+    /// ([`IovaPlacement::Auto`]). iommufd does not report the page sizes of
+    /// an IOAS's domains, so this is an assumption: 4 KiB, 2 MiB and 1 GiB
+    /// ([`IommuPageSizes::X86`]: x86 IOMMUs, the emulated VT-d, SMMUs with a
+    /// 4 KiB granule) unless set with [`Ioas::set_iommu_page_sizes`]. Too
+    /// large a guess costs nothing but IOVA space; it never breaks a map.
+    ///
+    /// ```no_run
+    /// use dmabuf_p2p::importer::placement::IommuPageSizes;
+    /// let ioas = dmabuf_p2p::importer::iommufd::Iommufd::open()?.alloc_ioas()?;
+    /// assert_eq!(ioas.iommu_page_sizes(), IommuPageSizes::X86);
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn iommu_page_sizes(&self) -> IommuPageSizes {
+        self.inner.known().page_sizes
+    }
+
+    /// Sets the IOMMU page sizes automatic placement aligns for (for
+    /// example from type1's `iova_pgsizes` or the IOMMU's capability
+    /// registers). Applies to every handle of this IOAS.
+    ///
+    /// ```no_run
+    /// use dmabuf_p2p::importer::placement::IommuPageSizes;
+    /// let ioas = dmabuf_p2p::importer::iommufd::Iommufd::open()?.alloc_ioas()?;
+    /// ioas.set_iommu_page_sizes(IommuPageSizes::from_bits(0x20_1000)); // 4 KiB and 2 MiB
+    /// assert_eq!(ioas.iommu_page_sizes().largest(), 2 << 20);
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn set_iommu_page_sizes(&self, sizes: IommuPageSizes) {
+        self.inner.known().page_sizes = sizes;
     }
 
     /// Maps into this IOAS the pages behind `range` of an existing mapping
@@ -959,27 +1156,37 @@ impl Ioas {
             length: range.length,
             perms,
             source,
+            phys: src.phys.and_then(|p| p.checked_add(range.offset)),
             mapped: false,
         };
         let _placing = (at == IovaPlacement::Auto).then(|| self.inner.lock_placement());
-        let (iova, placement) = at.to_arg();
-        let arg = sys::iommu_ioas_copy {
-            flags: placement | perms.flags(),
-            dst_ioas_id: self.id(),
-            src_ioas_id: src.ioas.id(),
-            length: range.length,
-            dst_iova: iova,
-            src_iova,
-            ..Default::default()
+        // The copy shares the source's pages: congruent to the source IOVA,
+        // it can use the same IOMMU page sizes.
+        let req = self
+            .inner
+            .request(range.length, mapping.phys.unwrap_or(src_iova), true);
+        let copy = |at: IovaPlacement| {
+            let (iova, placement) = at.to_arg();
+            let arg = sys::iommu_ioas_copy {
+                flags: placement | perms.flags(),
+                dst_ioas_id: self.id(),
+                src_ioas_id: src.ioas.id(),
+                length: range.length,
+                dst_iova: iova,
+                src_iova,
+                ..Default::default()
+            };
+            ioctl::iommu_ioas_copy(self.iommufd().as_fd(), &arg).map_err(|e| (OP, e))
         };
-        match ioctl::iommu_ioas_copy(self.iommufd().as_fd(), &arg) {
+        match self.inner.place(at, &req, copy) {
             Ok(got) => {
                 mapping.iova = got;
                 mapping.mapped = true;
+                self.inner.record_mapped(got, range.length);
                 Ok(mapping)
             }
             // `mapping` is dropped unmapped: only its duplicate fd is closed.
-            Err(e) => Err(mapping.placement_error(at, &e).unwrap_or_else(|| {
+            Err((at, _, e)) => Err(mapping.placement_error(at, &e).unwrap_or_else(|| {
                 Error::sys(
                     OP,
                     format!("{src} {range} -> IOAS {} at {:#x}", self.id(), at.iova()),
@@ -1045,6 +1252,7 @@ impl Ioas {
             length,
             perms,
             source,
+            phys: None,
             mapped: false,
         };
         // SAFETY: the caller's contract (see `# Safety`) covers device access
@@ -1096,11 +1304,12 @@ impl Ioas {
             }
         };
         let size = source.size()?;
-        self.map_source(source, size, range, at, perms)
+        self.map_source(source, size, range, at, perms, None)
     }
 
     /// Maps `range` of `source`, whose size is `size`, after checking the
-    /// range against it.
+    /// range against it; `phys` is the physical address of the range's
+    /// first byte, when known.
     fn map_source(
         &self,
         source: Source,
@@ -1108,6 +1317,7 @@ impl Ioas {
         range: ByteRange,
         at: IovaPlacement,
         perms: MapPerms,
+        phys: Option<u64>,
     ) -> Result<IoasMapping> {
         range
             .check_in(size, 1)
@@ -1122,6 +1332,7 @@ impl Ioas {
             length: range.length,
             perms,
             source,
+            phys,
             mapped: false,
         };
         // SAFETY: a file source maps kernel-owned pages (shmem, hugetlbfs or
@@ -1164,6 +1375,19 @@ impl Ioas {
         at: IovaPlacement,
         perms: MapPerms,
     ) -> Result<IoasMapping> {
+        self.map_dmabuf_at_phys(buf, at, perms, None)
+    }
+
+    /// [`Ioas::map_dmabuf`] of a buffer whose first byte is at physical
+    /// address `phys`, when known: automatic placement aligns the IOVA
+    /// with it.
+    pub(crate) fn map_dmabuf_at_phys(
+        &self,
+        buf: &DmaBuf,
+        at: IovaPlacement,
+        perms: MapPerms,
+        phys: Option<u64>,
+    ) -> Result<IoasMapping> {
         // A `DmaBuf` is known to be one: unlike `map_file`, no `fstatfs` to
         // find out, and its size is asked once (`lseek`), not twice.
         let size = buf.size()?;
@@ -1171,7 +1395,7 @@ impl Ioas {
             buf: DmaBuf::from_owned_unchecked(dup_source(buf.as_fd())?),
             start: 0,
         };
-        self.map_source(source, size, ByteRange::new(0, size), at, perms)
+        self.map_source(source, size, ByteRange::new(0, size), at, perms, phys)
     }
 }
 
@@ -1297,6 +1521,9 @@ pub struct IoasMapping {
     length: u64,
     perms: MapPerms,
     source: Source,
+    /// The physical address of the first byte, when known (a BAR): what
+    /// automatic placement aligns the IOVA with.
+    phys: Option<u64>,
     mapped: bool,
 }
 
@@ -1465,6 +1692,7 @@ impl IoasMapping {
         )
         .map_err(|e| self.error("IOMMU_IOAS_UNMAP", e))?;
         self.mapped = false;
+        self.ioas.inner.record_unmapped(self.iova, self.length);
         Ok(n)
     }
 
@@ -1506,10 +1734,44 @@ impl IoasMapping {
     unsafe fn map_at(&mut self, at: IovaPlacement) -> Result<()> {
         let ioas = Arc::clone(&self.ioas.inner);
         let _placing = (at == IovaPlacement::Auto).then(|| ioas.lock_placement());
+        let req = match (&self.source, self.phys) {
+            (_, Some(phys)) => ioas.request(self.length, phys, true),
+            // A dma-buf iommufd imports is a VFIO BAR range (or the selftest
+            // mock): device memory, contiguous; a BAR's physical start is
+            // aligned to its size, so its offset in the buffer stands in.
+            (Source::DmaBuf { start, .. }, None) => ioas.request(self.length, *start, true),
+            (Source::File { start, .. }, None) => ioas.request(self.length, *start, false),
+            (Source::User { addr }, None) => ioas.request(self.length, *addr as u64, false),
+        };
+        let this = &*self;
+        // SAFETY: for a user-memory source the caller guarantees the memory
+        // may be handed to devices (see `# Safety`); file sources map
+        // kernel-owned pages.
+        let issue = |at: IovaPlacement| unsafe { this.issue_map(at) };
+        match ioas.place(at, &req, issue) {
+            Ok(got) => {
+                self.iova = got;
+                self.mapped = true;
+                ioas.record_mapped(got, self.length);
+                Ok(())
+            }
+            Err((at, op, e)) => {
+                self.iova = at.iova();
+                Err(self.map_error(op, at, e))
+            }
+        }
+    }
+
+    /// One map ioctl of this handle's source at `at`: the IOVA it got.
+    ///
+    /// # Safety
+    ///
+    /// As for [`IoasMapping::map_at`].
+    unsafe fn issue_map(&self, at: IovaPlacement) -> MapResult {
         let (iova, placement) = at.to_arg();
         let flags = placement | self.perms.flags();
         let iommufd = self.ioas.iommufd().as_fd();
-        let result = match (&self.source, self.source.file()) {
+        match (&self.source, self.source.file()) {
             (Source::User { addr }, _) => {
                 let arg = sys::iommu_ioas_map {
                     flags,
@@ -1539,17 +1801,6 @@ impl IoasMapping {
                 "IOMMU_IOAS_MAP_FILE",
                 io::Error::from_raw_os_error(libc::EBADF),
             )),
-        };
-        match result {
-            Ok(got) => {
-                self.iova = got;
-                self.mapped = true;
-                Ok(())
-            }
-            Err((op, e)) => {
-                self.iova = iova;
-                Err(self.map_error(op, at, e))
-            }
         }
     }
 

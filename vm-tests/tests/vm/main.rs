@@ -12,6 +12,7 @@ mod iommufd;
 mod iommufd_extra;
 mod load;
 mod p2p;
+mod placement;
 mod revoke;
 mod share;
 mod smoke;
