@@ -17,8 +17,9 @@
 
 use std::fmt;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, RangeProblem, Result};
@@ -181,9 +182,14 @@ impl DmaBufFdInfo {
     }
 }
 
-/// An owned dma-buf fd. Closing it (drop) drops this process's reference to
-/// the buffer; mappings and importers such as an iommufd mapping hold their
-/// own.
+/// An owned dma-buf fd, with the buffer's size (recorded when the buffer
+/// was made or adopted, so that asking costs no syscall).
+///
+/// The fd is reference-counted: an iommufd mapping of the buffer
+/// ([`IoasMapping`](crate::importer::iommufd::IoasMapping)) holds it too, so
+/// that it can map the buffer again after a revocation. The fd is closed
+/// when the `DmaBuf` and every mapping holding it are gone; dropping the
+/// `DmaBuf` alone leaves the mappings working.
 ///
 /// ```no_run
 /// use dmabuf_p2p::exporter::heap::DmaHeap;
@@ -201,14 +207,50 @@ impl DmaBufFdInfo {
 /// ```
 #[derive(Debug)]
 pub struct DmaBuf {
-    fd: OwnedFd,
+    fd: Arc<OwnedFd>,
+    size: u64,
+    phys: Option<u64>,
 }
 
 impl DmaBuf {
-    /// Wraps an fd the caller knows to be a dma-buf, without checking.
-    /// Use [`TryFrom<OwnedFd>`] (checks `fstatfs`) for fds of unknown origin.
-    pub(crate) fn from_owned_unchecked(fd: OwnedFd) -> Self {
-        Self { fd }
+    /// Wraps an fd the caller knows to be a dma-buf of `size` bytes (what
+    /// its exporter was asked to make), without checking.
+    pub(crate) fn from_export(fd: OwnedFd, size: u64) -> Self {
+        Self {
+            fd: Arc::new(fd),
+            size,
+            phys: None,
+        }
+    }
+
+    /// Wraps an fd the caller knows to be a dma-buf, without checking it,
+    /// asking its size once (`lseek(SEEK_END)`). Use [`TryFrom<OwnedFd>`]
+    /// (checks `fstatfs`) for fds of unknown origin.
+    pub(crate) fn from_owned_unchecked(fd: OwnedFd) -> Result<Self> {
+        let size = seek_size(fd.as_fd())?;
+        Ok(Self::from_export(fd, size))
+    }
+
+    /// Records the physical address of the buffer's first byte (a
+    /// single-range BAR export), for IOVA placement.
+    pub(crate) fn with_phys_start(mut self, phys: u64) -> Self {
+        self.phys = Some(phys);
+        self
+    }
+
+    /// The physical address of the first byte, when known (a single-range
+    /// VFIO BAR export).
+    pub(crate) fn phys_start(&self) -> Option<u64> {
+        self.phys
+    }
+
+    /// Another handle of the same fd (no syscall): what a mapping keeps.
+    pub(crate) fn share(&self) -> Self {
+        Self {
+            fd: Arc::clone(&self.fd),
+            size: self.size,
+            phys: self.phys,
+        }
     }
 
     /// Names the buffer for messages: `udmabuf dma-buf fd 5 (64 KiB)`, with
@@ -240,8 +282,11 @@ impl DmaBuf {
             .map_or_else(|_| "unknown".to_owned(), |i| i.exp_name)
     }
 
-    /// The buffer size in bytes: `lseek(fd, 0, SEEK_END)`, which a dma-buf
-    /// answers with its size (uAPI reference A.4).
+    /// The buffer size in bytes, as recorded when the buffer was made (the
+    /// size its exporter was asked for) or adopted ([`TryFrom<OwnedFd>`]
+    /// asks `lseek(fd, 0, SEEK_END)`, which a dma-buf answers with its size,
+    /// uAPI reference A.4). A dma-buf's size never changes. No syscall;
+    /// never fails (the `Result` is kept for compatibility).
     ///
     /// ```no_run
     /// let buf = dmabuf_p2p::exporter::heap::DmaHeap::open("system")?.alloc(5000)?;
@@ -249,13 +294,7 @@ impl DmaBuf {
     /// # Ok::<(), dmabuf_p2p::Error>(())
     /// ```
     pub fn size(&self) -> Result<u64> {
-        // SAFETY: lseek on an fd we own; no memory is involved.
-        let ret = unsafe { libc::lseek(self.fd.as_raw_fd(), 0, libc::SEEK_END) };
-        if ret < 0 {
-            let e = io::Error::last_os_error();
-            return Err(Error::sys("lseek(SEEK_END)", self.describe(), e));
-        }
-        Ok(ret.unsigned_abs())
+        Ok(self.size)
     }
 
     /// The parsed fdinfo of this fd. A file without the dma-buf lines (which a
@@ -491,9 +530,50 @@ impl DmaBuf {
     pub fn try_clone(&self) -> Result<Self> {
         self.fd
             .try_clone()
-            .map(|fd| Self { fd })
+            .map(|fd| Self {
+                fd: Arc::new(fd),
+                size: self.size,
+                phys: self.phys,
+            })
             .map_err(|e| Error::sys("fcntl(F_DUPFD_CLOEXEC)", self.describe(), e))
     }
+
+    /// The fd, as an [`OwnedFd`] of the caller's own: the fd itself if no
+    /// mapping holds it, otherwise a duplicate (`F_DUPFD_CLOEXEC`), which
+    /// can fail ([`Error::Sys`], e.g. `EMFILE`). Also `OwnedFd::try_from`.
+    ///
+    /// ```no_run
+    /// let buf = dmabuf_p2p::exporter::heap::DmaHeap::open("system")?.alloc(4096)?;
+    /// let fd: std::os::fd::OwnedFd = buf.into_owned_fd()?;
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn into_owned_fd(self) -> Result<OwnedFd> {
+        match Arc::try_unwrap(self.fd) {
+            Ok(fd) => Ok(fd),
+            Err(shared) => shared.try_clone().map_err(|e| {
+                Error::sys(
+                    "fcntl(F_DUPFD_CLOEXEC)",
+                    format!("dma-buf fd {}", shared.as_raw_fd()),
+                    e,
+                )
+            }),
+        }
+    }
+}
+
+/// A dma-buf's size: `lseek(fd, 0, SEEK_END)` (uAPI reference A.4).
+fn seek_size(fd: BorrowedFd<'_>) -> Result<u64> {
+    // SAFETY: lseek on an open fd; no memory is involved.
+    let ret = unsafe { libc::lseek(fd.as_raw_fd(), 0, libc::SEEK_END) };
+    if ret < 0 {
+        let e = io::Error::last_os_error();
+        return Err(Error::sys(
+            "lseek(SEEK_END)",
+            format!("dma-buf fd {}", fd.as_raw_fd()),
+            e,
+        ));
+    }
+    Ok(ret.unsigned_abs())
 }
 
 /// Checks a dma-buf name; the problem as text if it is unusable.
@@ -686,8 +766,8 @@ impl From<TryFromFdError> for Error {
 impl TryFrom<OwnedFd> for DmaBuf {
     type Error = TryFromFdError;
 
-    /// Takes `fd` if `fstatfs` says it is a dma-buf; otherwise returns it
-    /// inside the error.
+    /// Takes `fd` if `fstatfs` says it is a dma-buf, and records its size
+    /// (`lseek`); otherwise returns it inside the error.
     ///
     /// ```
     /// use std::os::fd::OwnedFd;
@@ -700,7 +780,10 @@ impl TryFrom<OwnedFd> for DmaBuf {
     /// ```
     fn try_from(fd: OwnedFd) -> Result<Self, TryFromFdError> {
         match fs_magic(fd.as_fd()) {
-            Ok(magic) if magic == u64::from(sys::DMA_BUF_MAGIC) => Ok(Self { fd }),
+            Ok(magic) if magic == u64::from(sys::DMA_BUF_MAGIC) => match seek_size(fd.as_fd()) {
+                Ok(size) => Ok(Self::from_export(fd, size)),
+                Err(error) => Err(TryFromFdError { fd, error }),
+            },
             Ok(magic) => {
                 let raw = fd.as_raw_fd();
                 let what = std::fs::read_link(format!("/proc/self/fd/{raw}"))
@@ -732,25 +815,12 @@ impl AsRawFd for DmaBuf {
     }
 }
 
-impl From<DmaBuf> for OwnedFd {
-    fn from(b: DmaBuf) -> Self {
-        b.fd
-    }
-}
+impl TryFrom<DmaBuf> for OwnedFd {
+    type Error = Error;
 
-impl IntoRawFd for DmaBuf {
-    fn into_raw_fd(self) -> RawFd {
-        self.fd.into_raw_fd()
-    }
-}
-
-impl FromRawFd for DmaBuf {
-    /// # Safety
-    /// `fd` must be an open dma-buf fd that the caller owns.
-    unsafe fn from_raw_fd(fd: RawFd) -> Self {
-        // SAFETY: the caller hands over ownership of an open fd.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Self { fd }
+    /// [`DmaBuf::into_owned_fd`].
+    fn try_from(b: DmaBuf) -> Result<Self> {
+        b.into_owned_fd()
     }
 }
 

@@ -257,8 +257,12 @@ impl VfioPciDevice {
                     e,
                 )
             })?;
+        let mut buf = DmaBuf::from_export(fd, plan.size);
+        if let [one] = plan.phys.as_slice() {
+            buf = buf.with_phys_start(one.start);
+        }
         Ok(BarExport {
-            buf: DmaBuf::from_owned_unchecked(fd),
+            buf,
             plan,
             memory_decode,
             hub: Arc::clone(self.hub()),
@@ -438,9 +442,12 @@ impl From<BarExport> for DmaBuf {
     }
 }
 
-impl From<BarExport> for OwnedFd {
-    fn from(e: BarExport) -> Self {
-        e.buf.into()
+impl TryFrom<BarExport> for OwnedFd {
+    type Error = Error;
+
+    /// [`DmaBuf::into_owned_fd`] of its buffer.
+    fn try_from(e: BarExport) -> Result<Self> {
+        e.buf.into_owned_fd()
     }
 }
 

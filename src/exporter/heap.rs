@@ -137,12 +137,13 @@ impl DmaHeap {
         }
         // The kernel rounds up with PAGE_ALIGN and refuses a length that
         // wraps to 0; check the same thing here.
-        len.checked_next_multiple_of(page_size())
+        let size = len
+            .checked_next_multiple_of(page_size())
             .ok_or_else(|| bad(RangeProblem::Overflow))?;
         #[allow(clippy::cast_sign_loss)]
         let fd_flags = (libc::O_RDWR | libc::O_CLOEXEC) as u32;
         ioctl::dma_heap_alloc(self.fd.as_fd(), len, fd_flags, 0)
-            .map(DmaBuf::from_owned_unchecked)
+            .map(|fd| DmaBuf::from_export(fd, size))
             .map_err(|e| {
                 Error::sys(
                     "DMA_HEAP_IOCTL_ALLOC",

@@ -150,7 +150,8 @@ impl MockDmaBuf {
                     Error::sys(OP, format!("{} length {len:#x}", iommufd.name()), e)
                 }
             })?;
-        let buf = DmaBuf::from_owned_unchecked(fd);
+        // The kernel rounds the length up to a page.
+        let buf = DmaBuf::from_export(fd, u64::from(length).next_multiple_of(page_size()));
         let hub = RevocationHub::new(format!("iommufd mock dma-buf fd {}", buf.as_raw_fd()));
         Ok(Self {
             buf,

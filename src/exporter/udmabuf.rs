@@ -315,7 +315,7 @@ impl Udmabuf {
             size,
         };
         ioctl::udmabuf_create(self.dev.as_fd(), &arg)
-            .map(DmaBuf::from_owned_unchecked)
+            .map(|fd| DmaBuf::from_export(fd, size))
             .map_err(|e| {
                 let range = ByteRange::new(offset, size);
                 Error::sys(
@@ -350,8 +350,10 @@ impl Udmabuf {
                 size,
             })
             .collect();
+        // `check_items` made sure the sum does not overflow.
+        let size = items.iter().fold(0u64, |sum, &(_, _, n)| sum.saturating_add(n));
         ioctl::udmabuf_create_list(self.dev.as_fd(), sys::UDMABUF_FLAGS_CLOEXEC, &list)
-            .map(DmaBuf::from_owned_unchecked)
+            .map(|fd| DmaBuf::from_export(fd, size))
             .map_err(|e| {
                 let what: Vec<String> = items
                     .iter()

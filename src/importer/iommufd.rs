@@ -11,7 +11,8 @@
 //! * [`IoasMapping`] is one mapped area (`IOMMU_IOAS_MAP` of user memory or
 //!   `IOMMU_IOAS_MAP_FILE` of a memfd or a dma-buf). It unmaps on drop and
 //!   keeps what is needed to map the same source again at the same IOVA
-//!   ([`IoasMapping::remap`]): a duplicate of the file's fd, the offset, the
+//!   ([`IoasMapping::remap`]): the file's fd (for a [`DmaBuf`], the same fd,
+//!   shared by reference count; for other files a duplicate), the offset, the
 //!   IOVA, the length and the [`MapPerms`].
 //!
 //! What iommufd accepts (uAPI reference E.4, E.5): any memfd (shmem or
@@ -1060,7 +1061,8 @@ impl Ioas {
     ///
     /// The returned [`IoasMapping`] unmaps on drop and does not depend on
     /// `src`, which may be dropped first. It records the same file as the
-    /// source (its own duplicate of the fd, at the matching offset), so
+    /// source (the same dma-buf fd, or its own duplicate of a memfd's, at the
+    /// matching offset), so
     /// [`IoasMapping::remap`] maps that file again with `IOMMU_IOAS_MAP_FILE`
     /// at the same IOVA: the same pages, from a fresh pages object. A copy of
     /// a dma-buf area is revoked together with the source area (they share
@@ -1145,7 +1147,7 @@ impl Ioas {
             Source::DmaBuf { buf, start } => {
                 let start = start.checked_add(range.offset).ok_or_else(overflow)?;
                 Source::DmaBuf {
-                    buf: DmaBuf::from_owned_unchecked(dup_source(buf.as_fd())?),
+                    buf: buf.share(),
                     start,
                 }
             }
@@ -1185,7 +1187,7 @@ impl Ioas {
                 self.inner.record_mapped(got, range.length);
                 Ok(mapping)
             }
-            // `mapping` is dropped unmapped: only its duplicate fd is closed.
+            // `mapping` is dropped unmapped: only its hold on the fd goes.
             Err((at, _, e)) => Err(mapping.placement_error(at, &e).unwrap_or_else(|| {
                 Error::sys(
                     OP,
@@ -1294,7 +1296,7 @@ impl Ioas {
         let fd = dup_source(file.as_fd())?;
         let source = if is_dmabuf(fd.as_fd())? {
             Source::DmaBuf {
-                buf: DmaBuf::from_owned_unchecked(fd),
+                buf: DmaBuf::from_owned_unchecked(fd)?,
                 start: range.offset,
             }
         } else {
@@ -1388,13 +1390,15 @@ impl Ioas {
         perms: MapPerms,
         phys: Option<u64>,
     ) -> Result<IoasMapping> {
-        // A `DmaBuf` is known to be one: unlike `map_file`, no `fstatfs` to
-        // find out, and its size is asked once (`lseek`), not twice.
+        // The one syscall is the map: a `DmaBuf` is known to be one (no
+        // `fstatfs`), knows its size (no `lseek`), and the mapping holds
+        // the same fd by reference count (no `dup`).
         let size = buf.size()?;
         let source = Source::DmaBuf {
-            buf: DmaBuf::from_owned_unchecked(dup_source(buf.as_fd())?),
+            buf: buf.share(),
             start: 0,
         };
+        let phys = phys.or_else(|| buf.phys_start());
         self.map_source(source, size, ByteRange::new(0, size), at, perms, phys)
     }
 }
@@ -1452,8 +1456,9 @@ enum Source {
     /// A file that is not a dma-buf (a memfd), from byte `start`
     /// (`IOMMU_IOAS_MAP_FILE`); a duplicate of the caller's fd.
     File { fd: OwnedFd, start: u64 },
-    /// A dma-buf from byte `start` (`IOMMU_IOAS_MAP_FILE`); a duplicate of
-    /// the caller's fd.
+    /// A dma-buf from byte `start` (`IOMMU_IOAS_MAP_FILE`): the caller's
+    /// [`DmaBuf`] shared by reference count, or for [`Ioas::map_file`] of a
+    /// plain fd, a duplicate of it.
     DmaBuf { buf: DmaBuf, start: u64 },
 }
 
@@ -1493,9 +1498,9 @@ impl Source {
 /// (`IOMMU_IOAS_UNMAP`) when dropped.
 ///
 /// Keeps what is needed to map the same source again ([`IoasMapping::remap`]):
-/// the IOAS (a shared handle, so the IOAS outlives the mapping), a duplicate
-/// of the file's fd (for a dma-buf, this also keeps the buffer alive), the
-/// file offset or user address, the IOVA, the length and the permissions.
+/// the IOAS (a shared handle, so the IOAS outlives the mapping), the file's
+/// fd (a [`DmaBuf`] shared by reference count, or a duplicate of a memfd's;
+/// for a dma-buf this also keeps the buffer alive), the file offset or user address, the IOVA, the length and the permissions.
 ///
 /// A VFIO dma-buf mapping stays in place when the exporter revokes the
 /// buffer: the IOMMU entries are gone, the area is not. Revocation is
@@ -1615,7 +1620,7 @@ impl IoasMapping {
         self.mapped
     }
 
-    /// The dma-buf it maps (the mapping's own duplicate of the caller's fd),
+    /// The dma-buf it maps (the caller's [`DmaBuf`], shared),
     /// or `None` if it maps a memfd or user memory.
     ///
     /// ```no_run
@@ -1633,7 +1638,7 @@ impl IoasMapping {
         }
     }
 
-    /// The mapping's own duplicate of the source file's fd (memfd or
+    /// The source file's fd the mapping holds (memfd or
     /// dma-buf); `None` for user memory.
     ///
     /// ```no_run

@@ -38,7 +38,7 @@ fn udmabuf(len: u64) -> (Memfd, DmaBuf) {
 fn mock_dmabuf(len: u64) -> (Iommufd, OwnedFd) {
     let iommufd = Iommufd::open().unwrap();
     let buf = MockDmaBuf::new(&iommufd, len).unwrap().into_dmabuf();
-    (iommufd, OwnedFd::from(buf))
+    (iommufd, buf.into_owned_fd().unwrap())
 }
 
 /// `VFIO_DEVICE_FEATURE` with the dma-buf request and one range.
@@ -129,8 +129,8 @@ fn dmabuf_try_from_real_buffers_succeeds() {
         let h = heap_buf(4 * PAGE);
         let (_iommufd, m) = mock_dmabuf(4 * PAGE);
         for (fd, exp) in [
-            (OwnedFd::from(u), "udmabuf"),
-            (OwnedFd::from(h), "system"),
+            (u.into_owned_fd().unwrap(), "udmabuf"),
+            (h.into_owned_fd().unwrap(), "system"),
             (m, "iommufd"),
         ] {
             assert!(is_dmabuf(fd.as_fd()).unwrap(), "{exp}");
