@@ -351,7 +351,9 @@ impl Udmabuf {
             })
             .collect();
         // `check_items` made sure the sum does not overflow.
-        let size = items.iter().fold(0u64, |sum, &(_, _, n)| sum.saturating_add(n));
+        let size = items
+            .iter()
+            .fold(0u64, |sum, &(_, _, n)| sum.saturating_add(n));
         ioctl::udmabuf_create_list(self.dev.as_fd(), sys::UDMABUF_FLAGS_CLOEXEC, &list)
             .map(|fd| DmaBuf::from_export(fd, size))
             .map_err(|e| {

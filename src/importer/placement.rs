@@ -22,7 +22,6 @@
 //! assert_eq!(pick_iova(&usable, &taken, 0x1000, &req), Some(1 << 30));
 //! ```
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::RangeInclusive;
 
@@ -154,16 +153,15 @@ impl fmt::Display for IommuPageSizes {
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IovaSet {
-    /// start -> last (inclusive) of each span.
-    spans: BTreeMap<u64, u64>,
+    /// (start, last) of each span, inclusive, ascending. A vector keeps its
+    /// capacity: mapping and unmapping allocate nothing once it has grown.
+    spans: Vec<(u64, u64)>,
 }
 
 impl IovaSet {
     /// The empty set.
     pub const fn new() -> Self {
-        Self {
-            spans: BTreeMap::new(),
-        }
+        Self { spans: Vec::new() }
     }
 
     /// Whether nothing is in it.
@@ -173,37 +171,34 @@ impl IovaSet {
 
     /// The spans, ascending, as inclusive ranges.
     pub fn spans(&self) -> impl Iterator<Item = RangeInclusive<u64>> + '_ {
-        self.spans.iter().map(|(&s, &l)| s..=l)
+        self.spans.iter().map(|&(s, l)| s..=l)
+    }
+
+    /// The index of the first span whose last byte is at or after `pos`.
+    fn first_ending_at_or_after(&self, pos: u64) -> usize {
+        self.spans.partition_point(|&(_, l)| l < pos)
     }
 
     /// Adds `[start, start + length)` (clamped at the end of the IOVA space).
     /// Empty ranges add nothing.
     pub fn insert(&mut self, start: u64, length: u64) {
-        let Some(mut last) = last_of(start, length) else {
+        let Some(last) = last_of(start, length) else {
             return;
         };
-        let mut first = start;
-        // A span that starts at or before `start` and reaches it (or ends
-        // just before it) merges.
-        if let Some((&s, &l)) = self.spans.range(..=start).next_back()
-            && l.checked_add(1).is_none_or(|end| end >= start)
-        {
-            first = s;
-            last = last.max(l);
-            self.spans.remove(&s);
-        }
-        // Every span starting inside or right after the new one merges.
-        let after = last.saturating_add(1);
-        let swallowed: Vec<(u64, u64)> = self
+        // Spans that overlap or touch the new one (end at start - 1 or
+        // later, begin at last + 1 or earlier) merge with it.
+        let lo = self.first_ending_at_or_after(start.saturating_sub(1));
+        let hi = self
             .spans
-            .range(first..=after)
-            .map(|(&s, &l)| (s, l))
-            .collect();
-        for (s, l) in swallowed {
-            last = last.max(l);
-            self.spans.remove(&s);
+            .partition_point(|&(s, _)| s <= last.saturating_add(1));
+        if lo >= hi {
+            self.spans.insert(lo, (start, last));
+            return;
         }
-        self.spans.insert(first, last);
+        let first = start.min(self.spans[lo].0);
+        let end = last.max(self.spans[hi - 1].1);
+        self.spans[lo] = (first, end);
+        self.spans.drain(lo + 1..hi);
     }
 
     /// Removes `[start, start + length)`, splitting spans as needed.
@@ -211,22 +206,20 @@ impl IovaSet {
         let Some(last) = last_of(start, length) else {
             return;
         };
-        let touched: Vec<(u64, u64)> = self
-            .spans
-            .range(..=last)
-            .rev()
-            .take_while(|&(_, &l)| l >= start)
-            .map(|(&s, &l)| (s, l))
-            .collect();
-        for (s, l) in touched {
-            self.spans.remove(&s);
-            if s < start {
-                self.spans.insert(s, start - 1);
-            }
-            if l > last {
-                self.spans.insert(last + 1, l);
-            }
+        let lo = self.first_ending_at_or_after(start);
+        let hi = self.spans.partition_point(|&(s, _)| s <= last);
+        if lo >= hi {
+            return;
         }
+        let (first, end) = (self.spans[lo].0, self.spans[hi - 1].1);
+        let mut keep = [None, None];
+        if first < start {
+            keep[0] = Some((first, start - 1));
+        }
+        if end > last {
+            keep[1] = Some((last + 1, end));
+        }
+        self.spans.splice(lo..hi, keep.into_iter().flatten());
     }
 
     /// Whether any of `[start, start + length)` is in the set.
@@ -234,20 +227,13 @@ impl IovaSet {
         let Some(last) = last_of(start, length) else {
             return false;
         };
-        self.spans
-            .range(..=last)
-            .next_back()
-            .is_some_and(|(_, &l)| l >= start)
+        self.first_in(start, last).is_some()
     }
 
     /// The first span that intersects `[start, last]`, if any.
     fn first_in(&self, start: u64, last: u64) -> Option<(u64, u64)> {
-        if let Some((&s, &l)) = self.spans.range(..=start).next_back()
-            && l >= start
-        {
-            return Some((s, l));
-        }
-        self.spans.range(start..=last).next().map(|(&s, &l)| (s, l))
+        let i = self.first_ending_at_or_after(start);
+        self.spans.get(i).copied().filter(|&(s, _)| s <= last)
     }
 }
 

@@ -106,7 +106,10 @@ fn auto_placement_aligns_a_bar_with_its_physical_start() {
     ];
     for (i, a) in areas.iter().enumerate() {
         for b in &areas[i + 1..] {
-            assert!(a.0 + a.1 <= b.0 || b.0 + b.1 <= a.0, "{a:x?} and {b:x?} overlap");
+            assert!(
+                a.0 + a.1 <= b.0 || b.0 + b.1 <= a.0,
+                "{a:x?} and {b:x?} overlap"
+            );
         }
     }
 
