@@ -99,11 +99,40 @@ pub fn map_file(
     length: u64,
     iova: u64,
 ) -> io::Result<u64> {
+    map_file_flags(
+        iommufd,
+        ioas,
+        fd,
+        start,
+        length,
+        iova,
+        sys::IOMMU_IOAS_MAP_FIXED_IOVA,
+    )
+}
+
+/// `IOMMU_IOAS_MAP_FILE` read-write at an IOVA the kernel picks; returns it.
+pub fn map_file_kernel_placed(
+    iommufd: RawFd,
+    ioas: u32,
+    fd: RawFd,
+    start: u64,
+    length: u64,
+) -> io::Result<u64> {
+    map_file_flags(iommufd, ioas, fd, start, length, 0, 0)
+}
+
+fn map_file_flags(
+    iommufd: RawFd,
+    ioas: u32,
+    fd: RawFd,
+    start: u64,
+    length: u64,
+    iova: u64,
+    placement: u32,
+) -> io::Result<u64> {
     let mut arg = sys::iommu_ioas_map_file {
         size: size32::<sys::iommu_ioas_map_file>(),
-        flags: sys::IOMMU_IOAS_MAP_FIXED_IOVA
-            | sys::IOMMU_IOAS_MAP_READABLE
-            | sys::IOMMU_IOAS_MAP_WRITEABLE,
+        flags: placement | sys::IOMMU_IOAS_MAP_READABLE | sys::IOMMU_IOAS_MAP_WRITEABLE,
         ioas_id: ioas,
         fd,
         start,

@@ -35,8 +35,12 @@ use crate::{Error, Result, deps, run_captured, workspace_root};
 /// Where the benchmark binary lives in the VM.
 pub const GUEST_BENCH: &str = "/bin/dmabuf-p2p-bench";
 
-/// Size of the ivshmem device the benchmark maps.
-pub const BIG_BAR: u64 = 1 << 30;
+/// Size of the ivshmem device the benchmark maps: a GPU-sized BAR (a
+/// sparse backing file; nothing touches most of it).
+pub const BIG_BAR: u64 = 64 << 30;
+/// The q35 64-bit PCI hole: room for the BAR at an address aligned to its
+/// size above the guest's RAM (QEMU's default is 32 GiB).
+pub const PCI_HOLE64: &str = "256G";
 /// Its QEMU id (and backing file `target/testbed/bench[-TAG]/bench.mem`).
 pub const BENCH_SHM: &str = "bench";
 
@@ -238,6 +242,10 @@ pub fn xtask(args: &[String]) -> Result<bool> {
         }];
         c.memory_mib = BENCH_MEMORY_MIB;
         c.hugepages = 0;
+        c.extra_qemu_args = vec![
+            "-global".to_owned(),
+            format!("q35-pcihost.pci-hole64-size={PCI_HOLE64}"),
+        ];
         c.initrd = initrd.clone();
         shape = format!(
             "{} vCPUs, {} MiB RAM, {:?} accel",
@@ -447,7 +455,7 @@ fn cell(r: Option<&Record>) -> String {
     };
     match r.unit.as_str() {
         "ratio" => format!("**{med:.3}** ({min:.2}–{max:.2})"),
-        "bytes" => format!("{med:.0} ({min:.0}–{max:.0})"),
+        "bytes" | "pages" => format!("{med:.0} ({min:.0}–{max:.0})"),
         _ => {
             let (div, unit) = if med >= 1e9 {
                 (1e9, "s")
@@ -580,7 +588,7 @@ pub fn page(r: &Results) -> String {
     let _ = writeln!(
         s,
         "Mapping and unmapping the first `size` bytes of the {} BAR (or of a memfd) at IOVA \
-         1 GiB, for each size. \
+         64 GiB, for each size. \
          **dma-buf**: a single-range `VFIO_DEVICE_FEATURE_DMA_BUF` export of the BAR (made \
          outside the timing), `IOMMU_IOAS_MAP_FILE` / `IOMMU_IOAS_UNMAP`. **type1**: the path \
          dma-buf export replaces, the device opened through its group in a `/dev/vfio/vfio` \
@@ -662,6 +670,25 @@ pub fn page(r: &Results) -> String {
             fmt_ns(d),
             t / d
         );
+    }
+    if let Some(stop) = r.meta("type1_stopped_before").and_then(|v| v.parse::<u64>().ok()) {
+        let p = r.points("sweep", "type1", "map");
+        if let (Some(slope), Some(last)) = (loglog_slope(&p, 4), p.last()) {
+            let bar_est = last.1 * (bar as f64 / last.0).powf(slope);
+            let _ = writeln!(
+                s,
+                "\nThe legacy type1 sweep stops at {}: a map of {} would take more than a minute \
+                 (the previous size's time scaled by size). Its map time grows with slope {slope:.2} \
+                 over the largest sizes measured; at that slope a map of the whole {} BAR would \
+                 take about {}, against {} for the dma-buf.",
+                fmt_size(last.0 as u64),
+                fmt_size(stop),
+                fmt_size(bar),
+                fmt_ns(bar_est),
+                r.median("sweep", "dmabuf", "map", bar)
+                    .map_or("–".into(), fmt_ns)
+            );
+        }
     }
     if let Some(m) = r.meta("memfd_max_size") {
         let _ = writeln!(
@@ -931,18 +958,163 @@ pub fn page(r: &Results) -> String {
         }
     }
     s.push_str(SCALE_NOTES);
+    placement_section(&mut s, r);
+    threads_section(&mut s, r);
     let _ = writeln!(
         s,
         "\n## Reproducing\n\n```sh\nDMABUF_P2P_KERNEL=/work/shared/vm/bzImage DMABUF_P2P_RUN_TAG=bench cargo xtask bench\n```\n\n\
          It builds `dmabuf-p2p-bench` in release mode, boots the test VM with one ivshmem \
-         device of 1 GiB (a sparse file) in place of the usual ones and {} MiB of RAM, and runs the four parts in \
+         device of {} (a sparse backing file; QEMU's q35 64-bit PCI hole widened to {} with \
+         `-global q35-pcihost.pci-hole64-size`, the BAR is 64-bit prefetchable) in place of the \
+         usual ones and {} MiB of RAM, and runs the six parts in \
          order (type1 first, with the device's cdev closed; then everything through the cdev). \
          The results land in `target/testbed/bench[-TAG]/results.json`. `--quick` cuts the \
-         time budgets to a quarter; `--only=sweep,overhead,revoke,scale` runs some parts (and \
-         leaves `docs/` alone). It is not part of the test suite and nothing asserts a time.",
+         time budgets to a quarter; `--only=sweep,overhead,revoke,scale,placement,threads` \
+         runs some parts (and leaves `docs/` alone). It is not part of the test suite and \
+         nothing asserts a time.",
+        fmt_size(BIG_BAR),
+        PCI_HOLE64,
         BENCH_MEMORY_MIB
     );
     s
+}
+
+/// The placements of the placement part, as named in the table.
+const PLACEMENTS: [(&str, &str); 3] = [
+    ("kernel", "kernel-placed (`Auto` before)"),
+    ("library", "library-placed (`Auto` now)"),
+    ("fixed", "fixed, aligned"),
+];
+
+/// Part 5: automatic IOVA placement.
+fn placement_section(s: &mut String, r: &Results) {
+    let xs = r.xs("placement");
+    if xs.is_empty() {
+        return;
+    }
+    let _ = writeln!(s, "\n## 5. Automatic IOVA placement and IOMMU page sizes\n");
+    let _ = writeln!(
+        s,
+        "The first `size` bytes of the BAR (physical address {}), exported once per size and \
+         mapped into the IOAS the device is attached to, three ways, interleaved: \
+         **kernel-placed**, `IOMMU_IOAS_MAP_FILE` without a fixed IOVA, which is what \
+         `IovaPlacement::Auto` did before (the kernel aligns to at most `PAGE_SIZE`, or 2 MiB \
+         with transparent huge pages); **library-placed**, `Ioas::map_dmabuf` with \
+         `IovaPlacement::Auto`, which now picks the lowest free IOVA congruent to the BAR's \
+         physical start modulo the largest IOMMU page that fits (4 KiB, 2 MiB or 1 GiB) and maps \
+         it fixed; **fixed, aligned**: raw `IOMMU_IOAS_MAP_FILE` at IOVA 64 GiB. One page (IOVA \
+         {}) is mapped first, as something always is. *IOVA alignment* is the largest power of \
+         two dividing the IOVA; *IOMMU pages* is the growth of `nr_iommu_pages` (/proc/vmstat, \
+         the IOMMU page tables) across the map, in 4 KiB pages.\n",
+        r.meta("bar_phys").unwrap_or("?"),
+        r.meta("placement_first_iova").unwrap_or("?")
+    );
+    let _ = write!(s, "| size |");
+    for (_, name) in PLACEMENTS {
+        let _ = write!(s, " {name}: IOVA alignment | map | unmap | IOMMU pages |");
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(s, "|---|{}", "---|".repeat(PLACEMENTS.len() * 4));
+    for &x in &xs {
+        let _ = write!(s, "| {} |", fmt_size(x));
+        for (series, _) in PLACEMENTS {
+            let align = r
+                .median("placement", series, "alignment", x)
+                .map_or("–".into(), |a| fmt_size(a as u64));
+            let _ = write!(
+                s,
+                " {align} | {} | {} | {} |",
+                cell(r.get("placement", series, "map", x)),
+                cell(r.get("placement", series, "unmap", x)),
+                cell(r.get("placement", series, "iommu_pages", x)),
+            );
+        }
+        let _ = writeln!(s);
+    }
+    let _ = writeln!(s);
+    for &x in xs.iter().filter(|&&x| x >= 1 << 30) {
+        let m = |series, op| r.median("placement", series, op, x);
+        if let (Some(la), Some(lm), Some(lu), Some(fm), Some(fu)) = (
+            m("library", "alignment"),
+            m("library", "map"),
+            m("library", "unmap"),
+            m("fixed", "map"),
+            m("fixed", "unmap"),
+        ) {
+            let _ = writeln!(
+                s,
+                "- {}: the library places it at a {}-aligned IOVA; map {} and unmap {} against {} \
+                 and {} at the aligned fixed IOVA (library / fixed: {:.2} and {:.2}).",
+                fmt_size(x),
+                fmt_size(la as u64),
+                fmt_ns(lm),
+                fmt_ns(lu),
+                fmt_ns(fm),
+                fmt_ns(fu),
+                lm / fm,
+                lu / fu
+            );
+        }
+    }
+    s.push_str(PLACEMENT_NOTES);
+}
+
+const PLACEMENT_NOTES: &str = r#"
+What the numbers say:
+
+- An IOMMU maps a range with a page of size *p* only where the IOVA and the
+  physical address agree modulo *p*. The kernel's automatic placement does not
+  look at the physical address and aligns to at most 2 MiB (with transparent
+  huge pages; without them, 4 KiB), so a BAR of 1 GiB or more placed by it is
+  mapped with 2 MiB pages (or 4 KiB ones): more page-table pages, slower maps
+  and unmaps, and on hardware one IOTLB entry per 2 MiB instead of per 1 GiB
+  for every peer-to-peer transfer.
+- The library's placement gives the BAR the alignment of its physical start up
+  to the largest IOMMU page that fits, so it is mapped exactly as at the aligned
+  fixed IOVA: the same page-table growth and the same map and unmap times.
+  It never depends on the kernel having THP. It avoids the areas mapped
+  through any handle of the IOAS; an area it does not know of (mapped by raw
+  ID or another process) makes the kernel refuse the fixed IOVA (`EEXIST`) and
+  the next candidate is tried. The IOMMU page sizes are assumed (4 KiB, 2 MiB,
+  1 GiB, what x86 IOMMUs and the emulated VT-d offer: type1's `iova_pgsizes`
+  above) unless set with `Ioas::set_iommu_page_sizes`: iommufd does not report
+  them for an IOAS.
+"#;
+
+/// Part 6: restore from one thread against two.
+fn threads_section(s: &mut String, r: &Results) {
+    let Some(&n) = r.xs("threads").first() else {
+        return;
+    };
+    let _ = writeln!(s, "\n## 6. Restoring from several threads\n");
+    let _ = writeln!(
+        s,
+        "After a revocation the restore is N unmaps plus N maps (a revoked mapping stays \
+         dead). {n} single-page mappings, revoked and restored by config writes, then unmapped \
+         and mapped again from one thread, or from two (one per vCPU, each doing half, the \
+         thread's start included); raw ioctls, {} rounds alternating which goes first.\n",
+        4
+    );
+    let _ = writeln!(
+        s,
+        "| N | one thread | two threads | two / one |\n|---|---|---|---|\n| {n} | {} | {} | {} |",
+        cell(r.get("threads", "one", "restore", n)),
+        cell(r.get("threads", "two", "restore", n)),
+        cell(r.get("threads", "ratio", "restore", n)),
+    );
+    if let Some(ratio) = r.median("threads", "ratio", "restore", n) {
+        let verdict = if ratio < 0.95 {
+            "two threads are faster"
+        } else {
+            "two threads are not faster, so the library restores from the thread that \
+             restores the exporter, one attachment after another. The kernel takes the IOAS's \
+             `iova_rwsem` for writing to insert and to remove every area (the IOMMU page-table \
+             updates themselves run under `domains_rwsem` held for reading), and in this VM \
+             QEMU runs both vCPUs on one host thread (TCG), so here nothing can overlap; on \
+             hardware the page-table part of many maps could"
+        };
+        let _ = writeln!(s, "\nTwo threads / one: {ratio:.3}: {verdict}.");
+    }
 }
 
 /// The steps of the `profile` part, described.
@@ -958,7 +1130,7 @@ const PROFILE_STEPS: [(&str, &str); 17] = [
     ),
     (
         "pread_export_ioctl",
-        "the same after a raw `PCI_COMMAND` read: what the library's export does",
+        "the same after a raw `PCI_COMMAND` read: what the library's export did before it knew the register",
     ),
     (
         "lib_export_bar",
@@ -987,16 +1159,19 @@ const PROFILE_STEPS: [(&str, &str); 17] = [
     ),
     (
         "lib_memory_decode",
-        "`VfioPciDevice::memory_decode` (the config read `export_bar` makes)",
+        "`VfioPciDevice::memory_decode` (the config read `export_bar` made before)",
     ),
     (
         "fstatfs",
         "`is_dmabuf` (what `map_dmabuf` asked before the fix)",
     ),
-    ("lseek_end", "`DmaBuf::size` (`lseek(SEEK_END)`)"),
+    (
+        "lseek_end",
+        "`lseek(SEEK_END)`: what `DmaBuf::size` asked on every map before the size was recorded",
+    ),
     (
         "dup_and_close",
-        "`fcntl(F_DUPFD_CLOEXEC)` and `close`: the fd a mapping keeps",
+        "`fcntl(F_DUPFD_CLOEXEC)` and `close`: the duplicate a mapping kept before it shared the fd",
     ),
     (
         "unmap_after_raw_map",

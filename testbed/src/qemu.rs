@@ -197,6 +197,9 @@ pub struct VmConfig {
     pub extra_edu: u32,
     /// Extra kernel command line.
     pub extra_cmdline: String,
+    /// Extra QEMU arguments, after the devices (e.g. `-global
+    /// q35-pcihost.pci-hole64-size=...` for BARs of many GiB).
+    pub extra_qemu_args: Vec<String>,
     /// Acceleration.
     pub accel: Accel,
     /// Where the Unix sockets live: a short private directory that
@@ -239,6 +242,7 @@ impl VmConfig {
             edu: true,
             extra_edu: 5,
             extra_cmdline: String::new(),
+            extra_qemu_args: Vec::new(),
             accel: Accel::detect(),
             socket_dir: None,
         }
@@ -373,6 +377,7 @@ impl VmConfig {
                 "edu,id=edu{i},bus={rp},dma_mask=0xffffffffffffffff"
             ));
         }
+        a.extend(self.extra_qemu_args.iter().cloned());
         a.push("-kernel".into());
         a.push(self.kernel.display().to_string());
         a.push("-initrd".into());
