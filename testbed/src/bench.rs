@@ -671,7 +671,10 @@ pub fn page(r: &Results) -> String {
             t / d
         );
     }
-    if let Some(stop) = r.meta("type1_stopped_before").and_then(|v| v.parse::<u64>().ok()) {
+    if let Some(stop) = r
+        .meta("type1_stopped_before")
+        .and_then(|v| v.parse::<u64>().ok())
+    {
         let p = r.points("sweep", "type1", "map");
         if let (Some(slope), Some(last)) = (loglog_slope(&p, 4), p.last()) {
             let bar_est = last.1 * (bar as f64 / last.0).powf(slope);
