@@ -4,8 +4,9 @@
 //! * [`Iommufd`] is an open `/dev/iommu`. Cloning it shares the one fd.
 //! * [`Ioas`] is an IO address space (`IOMMU_IOAS_ALLOC`). It is a shared
 //!   handle: clones name the same IOAS, and the IOAS is destroyed
-//!   (`IOMMU_DESTROY`) when the last handle goes. Every [`IoasMapping`] and
-//!   every attached [`VfioPciDevice`](crate::vfio::VfioPciDevice)
+//!   (`IOMMU_DESTROY`) when the last handle goes, unless it was adopted from
+//!   its owner ([`Ioas::adopt`]: a VMM's IOAS, which the VMM destroys). Every
+//!   [`IoasMapping`] and every attached [`VfioPciDevice`](crate::vfio::VfioPciDevice)
 //!   holds one, so the IOAS always outlives what uses it and the iommufd
 //!   outlives the IOAS, whatever order values are dropped in.
 //! * [`IoasMapping`] is one mapped area (`IOMMU_IOAS_MAP` of user memory or
@@ -150,6 +151,7 @@ impl Iommufd {
             inner: Arc::new(IoasInner {
                 iommufd: self.clone(),
                 id,
+                owned: true,
                 placement: Mutex::new(()),
                 known: Mutex::new(Known::default()),
             }),
@@ -365,6 +367,24 @@ impl Iommufd {
 impl AsFd for Iommufd {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
+    }
+}
+
+/// [`Iommufd::from_fd`]: for an iommufd a VMM opened (give the library a
+/// duplicate, `OwnedFd::try_clone`, and keep the original: each side closes
+/// its own fd, and both name the same iommufd context).
+///
+/// ```no_run
+/// use dmabuf_p2p::importer::iommufd::Iommufd;
+/// use std::os::fd::OwnedFd;
+///
+/// let vmm_fd = OwnedFd::from(std::fs::OpenOptions::new().read(true).write(true).open("/dev/iommu")?);
+/// let iommufd = Iommufd::from(vmm_fd.try_clone()?);
+/// # Ok::<(), std::io::Error>(())
+/// ```
+impl From<OwnedFd> for Iommufd {
+    fn from(fd: OwnedFd) -> Self {
+        Self::from_fd(fd)
     }
 }
 
@@ -674,6 +694,9 @@ pub struct Ioas {
 struct IoasInner {
     iommufd: Iommufd,
     id: u32,
+    /// Whether this crate allocated the IOAS and destroys it with the last
+    /// handle; `false` for one adopted from its owner ([`Ioas::adopt`]).
+    owned: bool,
     /// Held while the kernel picks an IOVA (automatic placement) and across
     /// the unmap and map of [`IoasMapping::remap`], so that a remap gets its
     /// IOVA back: no automatic placement through another handle of this IOAS
@@ -835,6 +858,10 @@ fn placement_windows(usable: &[IovaRange], allowed: &[IovaRange]) -> Vec<RangeIn
 
 impl Drop for IoasInner {
     fn drop(&mut self) {
+        // An adopted IOAS is its owner's to destroy.
+        if !self.owned {
+            return;
+        }
         // Nothing can be done about a failure here (EBUSY: a device attached
         // by raw ID); the kernel frees the IOAS when the iommufd is closed.
         let _ = ioctl::iommu_destroy(self.iommufd.as_fd(), self.id);
@@ -842,6 +869,51 @@ impl Drop for IoasInner {
 }
 
 impl Ioas {
+    /// A handle of the existing IOAS `id` of `iommufd`, one that someone
+    /// else (a VMM) allocated and destroys: dropping the last handle does
+    /// **not** destroy it. Mappings made through it go into that IOAS (at
+    /// guest-physical IOVAs, with [`IovaPlacement::Fixed`]) and are unmapped
+    /// when dropped; the owner must keep the IOAS until they are gone.
+    /// Checked with `IOMMU_IOAS_IOVA_RANGES`: an `id` that is not an IOAS
+    /// of `iommufd` is [`Error::UnknownObject`]. Adopt an IOAS once and clone
+    /// that handle: clones share the lock that keeps a remap's IOVA from
+    /// being taken by an automatic placement meanwhile.
+    ///
+    /// ```no_run
+    /// use dmabuf_p2p::importer::iommufd::{Ioas, Iommufd};
+    ///
+    /// let iommufd = Iommufd::open()?;
+    /// let owned = iommufd.alloc_ioas()?; // stands in for the VMM's IOAS
+    /// let adopted = Ioas::adopt(&iommufd, owned.id())?;
+    /// assert!(!adopted.is_owned() && owned.is_owned());
+    /// drop(adopted); // the IOAS is still there
+    /// assert!(iommufd.iova_ranges(owned.id()).is_ok());
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn adopt(iommufd: &Iommufd, id: u32) -> Result<Self> {
+        iommufd.iova_ranges(id)?;
+        Ok(Self {
+            inner: Arc::new(IoasInner {
+                iommufd: iommufd.clone(),
+                id,
+                owned: false,
+                placement: Mutex::new(()),
+            }),
+        })
+    }
+
+    /// Whether the last handle destroys the IOAS (`false` for one made by
+    /// [`Ioas::adopt`]).
+    ///
+    /// ```no_run
+    /// let ioas = dmabuf_p2p::importer::iommufd::Iommufd::open()?.alloc_ioas()?;
+    /// assert!(ioas.is_owned());
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn is_owned(&self) -> bool {
+        self.inner.owned
+    }
+
     /// The IOAS ID (what `VFIO_DEVICE_ATTACH_IOMMUFD_PT` takes).
     ///
     /// ```no_run
