@@ -336,7 +336,7 @@ impl RevocationHub {
 
     /// [`lock_transitions`](Self::lock_transitions), unless this thread is
     /// running callbacks (then the exporter's thread holds it already).
-    fn lock_transitions_outside_callbacks(&self) -> Option<MutexGuard<'_, ()>> {
+    pub(crate) fn lock_transitions_outside_callbacks(&self) -> Option<MutexGuard<'_, ()>> {
         (!InCallback::active()).then(|| self.lock_transitions())
     }
 

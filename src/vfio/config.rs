@@ -8,10 +8,11 @@ use std::sync::MutexGuard;
 
 use super::VfioPciDevice;
 use super::info::{CONFIG_REGION_INDEX, RegionInfo};
+use super::known_command::touches_command;
 use crate::dmabuf::human_size;
 use crate::error::{Error, RangeProblem, Result};
 use crate::range::ByteRange;
-use crate::revoke::RevokeReason;
+use crate::revoke::{BufferState, RevokeReason};
 use crate::sys;
 
 /// Offset of the 16-bit `PCI_COMMAND` register in config space.
@@ -19,7 +20,7 @@ use crate::sys;
 const PCI_COMMAND: u64 = sys::PCI_COMMAND as u64;
 /// `PCI_COMMAND` bit 1: memory space decode.
 #[allow(clippy::cast_possible_truncation)]
-const COMMAND_MEMORY: u16 = sys::PCI_COMMAND_MEMORY as u16;
+pub(super) const COMMAND_MEMORY: u16 = sys::PCI_COMMAND_MEMORY as u16;
 /// `PCI_COMMAND` bit 2: bus master.
 #[allow(clippy::cast_possible_truncation)]
 const COMMAND_MASTER: u16 = sys::PCI_COMMAND_MASTER as u16;
@@ -36,11 +37,64 @@ impl VfioPciDevice {
     /// dev.config_read(0, &mut ids)?;
     /// # Ok::<(), dmabuf_p2p::Error>(())
     /// ```
+    ///
+    /// A read that covers `PCI_COMMAND` updates
+    /// [`known_command`](Self::known_command); if it finds memory decode off
+    /// while the [`hub`](Self::hub) says live (decode was turned off behind
+    /// the library's back, so the kernel has revoked), that revocation is
+    /// recorded ([`RevokeReason::External`]) so the next decode-on restores.
     pub fn config_read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let before = self.known.snapshot();
+        self.config_read_raw(offset, buf)?;
+        if self.known.record_read(before, offset, buf) == Some(false)
+            && self.hub.state() == BufferState::Live
+        {
+            self.found_decode_off();
+        }
+        Ok(())
+    }
+
+    /// A `pread` of config space, nothing else.
+    fn config_read_raw(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let at = self.config_at(offset, buf.len())?;
         self.file
             .read_exact_at(buf, at)
             .map_err(|e| self.config_error("pread", offset, buf.len(), e))
+    }
+
+    /// A read without the command lock found decode off while the hub said
+    /// live: look again under the lock (a transition of this device may have
+    /// been half-way) and record the revocation if it still holds. Inside an
+    /// attachment callback the transition running on this thread holds the
+    /// lock and sets the hub itself.
+    fn found_decode_off(&self) {
+        if let Some(held) = self.hub.lock_transitions_outside_callbacks() {
+            // A failed read changes nothing: the next one tries again.
+            let _ = self.read_command_held(&held);
+        }
+    }
+
+    /// Reads `PCI_COMMAND` with the command lock held, records it, and if
+    /// memory decode is off while the hub says live, records the revocation
+    /// the kernel made behind the library's back, so that the following
+    /// decode-on restores the attachments instead of leaving them dead.
+    pub(super) fn read_command_held(&self, _held: &MutexGuard<'_, ()>) -> Result<u16> {
+        let mut b = [0u8; 2];
+        self.config_read_raw(PCI_COMMAND, &mut b)?;
+        let command = u16::from_le_bytes(b);
+        self.known.set(command);
+        if command & COMMAND_MEMORY == 0 && self.hub.state() == BufferState::Live {
+            self.hub.revoked_by_kernel(RevokeReason::External);
+        }
+        Ok(command)
+    }
+
+    /// With the command lock held and decode on: restores a revoked hub
+    /// (not a gone one).
+    pub(super) fn restore_if_revoked(&self) {
+        if matches!(self.hub.state(), BufferState::Revoked(_)) {
+            self.hub.restore();
+        }
     }
 
     /// Writes `data` to config space at `offset` (a `pwrite` of the config
@@ -66,7 +120,7 @@ impl VfioPciDevice {
     /// the attachments' callbacks run inside: a callback must not change this
     /// device's `PCI_COMMAND` or reset it (it would wait for itself).
     pub fn config_write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        if ByteRange::new(offset, data.len() as u64).contains(PCI_COMMAND) {
+        if touches_command(offset, data.len()) {
             let held = self.lock_command();
             self.config_write_held(offset, data, &held)
         } else {
@@ -90,37 +144,42 @@ impl VfioPciDevice {
     }
 
     /// [`config_write`](Self::config_write), with the command lock held.
-    fn config_write_held(
-        &self,
-        offset: u64,
-        data: &[u8],
-        _held: &MutexGuard<'_, ()>,
-    ) -> Result<()> {
+    fn config_write_held(&self, offset: u64, data: &[u8], held: &MutexGuard<'_, ()>) -> Result<()> {
         let at = self.config_at(offset, data.len())?;
-        let touches_memory_bit = ByteRange::new(offset, data.len() as u64).contains(PCI_COMMAND);
-        let before = if touches_memory_bit {
-            self.memory_decode().ok()
-        } else {
-            None
-        };
+        if !touches_command(offset, data.len()) {
+            return self
+                .file
+                .write_all_at(data, at)
+                .map_err(|e| self.config_error("pwrite", offset, data.len(), e));
+        }
+        // Decode found off while the hub says live is recorded as a
+        // revocation here, so a write turning it on restores.
+        let _ = self.read_command_held(held);
         let written = self
             .file
             .write_all_at(data, at)
             .map_err(|e| self.config_error("pwrite", offset, data.len(), e));
-        if touches_memory_bit {
-            // Even a failed write may have revoked (the kernel revokes first);
-            // ask the device what it has now.
-            let after = self.memory_decode().ok();
-            match (before, after) {
-                // Decode is off: the kernel has revoked every dma-buf of the
-                // device, so the attachments' areas are dead already.
-                (_, Some(false)) => {
+        // Even a failed write may have revoked (the kernel revokes first);
+        // ask the device what it has now.
+        match self.read_command_held(held) {
+            // Decode is off: the kernel has revoked every dma-buf of the
+            // device, so the attachments' areas are dead already.
+            Ok(after) if after & COMMAND_MEMORY == 0 => {
+                self.hub.revoked_by_kernel(RevokeReason::MemoryDecodeOff);
+            }
+            // On: the kernel's buffers are live; dead areas are mapped again.
+            Ok(_) => self.restore_if_revoked(),
+            Err(_) => {
+                // Unknown now. If the write may have turned decode off, the
+                // kernel may have revoked: say so rather than claim live.
+                self.known.forget();
+                let clears_decode = usize::try_from(PCI_COMMAND.wrapping_sub(offset))
+                    .ok()
+                    .and_then(|i| data.get(i))
+                    .is_some_and(|low| u16::from(*low) & COMMAND_MEMORY == 0);
+                if clears_decode {
                     self.hub.revoked_by_kernel(RevokeReason::MemoryDecodeOff);
                 }
-                (Some(false), Some(true)) => {
-                    self.hub.restore();
-                }
-                _ => {}
             }
         }
         written
@@ -225,6 +284,61 @@ impl VfioPciDevice {
         Ok(self.command()? & COMMAND_MEMORY != 0)
     }
 
+    /// Reads `PCI_COMMAND` again and brings the hub in line with it: decode
+    /// off while the hub says live records a revocation
+    /// ([`RevokeReason::External`]); decode on while it says revoked
+    /// restores. Returns the hub's state afterwards. An off-and-on cycle
+    /// made entirely behind the library's back leaves no trace in the
+    /// register; route every change through
+    /// [`guest_config_write`](Self::guest_config_write) or the `note_*`
+    /// calls, or use [`Attachment::sync_with_kernel`](crate::revoke::Attachment::sync_with_kernel),
+    /// which asks the kernel about one buffer.
+    ///
+    /// ```no_run
+    /// # let dev = dmabuf_p2p::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// let state = dev.sync_with_kernel()?;
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn sync_with_kernel(&self) -> Result<BufferState> {
+        let held = self.lock_command();
+        if self.read_command_held(&held)? & COMMAND_MEMORY != 0 {
+            self.restore_if_revoked();
+        }
+        Ok(self.hub.state())
+    }
+
+    /// The last `PCI_COMMAND` value this device read, wrote or was told of,
+    /// without reading config space; `None` until it knows both bytes. Kept
+    /// current by its own reads and writes of the register,
+    /// [`guest_config_write`](Self::guest_config_write), the `note_*` calls,
+    /// resets and [`sync_with_kernel`](Self::sync_with_kernel); a change
+    /// made behind the library's back is not in it until one of those.
+    ///
+    /// ```no_run
+    /// # let dev = dmabuf_p2p::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// dev.set_memory_decode(true)?;
+    /// assert_eq!(dev.known_command().map(|c| c & 0x2), Some(0x2));
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn known_command(&self) -> Option<u16> {
+        self.known.command()
+    }
+
+    /// Memory decode as of [`known_command`](Self::known_command) (`None`
+    /// if the library has not seen the register's low byte yet): one atomic
+    /// load, no config read.
+    ///
+    /// ```no_run
+    /// # let dev = dmabuf_p2p::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
+    /// if dev.known_memory_decode() != Some(true) {
+    ///     dev.set_memory_decode(true)?;
+    /// }
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn known_memory_decode(&self) -> Option<bool> {
+        self.known.memory_decode()
+    }
+
     /// Turns memory decode (`PCI_COMMAND` bit 1) on or off with a
     /// read-modify-write of `PCI_COMMAND`. Turning it off revokes every
     /// dma-buf of the device (importers are told and unmap); turning it on
@@ -274,9 +388,14 @@ impl VfioPciDevice {
         // Read-modify-write under the lock, or two threads setting different
         // bits at once lose one of the changes.
         let held = self.lock_command();
-        let cmd = self.command()?;
+        let cmd = self.read_command_held(&held)?;
         let new = if on { cmd | bits } else { cmd & !bits };
         if new == cmd {
+            // Nothing to write; but a hub revoked while decode is on (it was
+            // turned on behind the library's back) comes back now.
+            if cmd & COMMAND_MEMORY != 0 {
+                self.restore_if_revoked();
+            }
             return Ok(());
         }
         self.config_write_held(PCI_COMMAND, &new.to_le_bytes(), &held)

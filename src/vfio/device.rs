@@ -11,6 +11,7 @@ use std::sync::{Arc, OnceLock};
 use super::driver::{VFIO_PCI_DRIVER, ensure_present};
 use super::info::{Bar, RegionInfo};
 use super::irq::RequestChannel;
+use super::known_command::KnownCommand;
 use crate::error::{Error, Result};
 use crate::importer::iommufd::{Ioas, Iommufd};
 use crate::ioctl;
@@ -80,6 +81,10 @@ pub struct VfioPciDevice {
     pub(super) request: RequestChannel,
     /// Set once the kernel has asked for the device back.
     pub(super) unplug_requested: AtomicBool,
+    /// `PCI_COMMAND` as last read, written or told of.
+    pub(super) known: KnownCommand,
+    /// Made by [`VfioPciDevice::adopt`] from a VMM's fd.
+    pub(super) adopted: bool,
 }
 
 #[derive(Debug)]
@@ -173,6 +178,8 @@ impl VfioPciDevice {
             hub: RevocationHub::new(address.to_string()),
             request: RequestChannel::NotBound,
             unplug_requested: AtomicBool::new(false),
+            known: KnownCommand::unknown(),
+            adopted: false,
         })
     }
 
@@ -445,6 +452,11 @@ impl Drop for VfioPciDevice {
         // file open). This process's attachments are torn down now either way:
         // after this, nothing of ours may reach the BAR.
         self.hub.close(RevokeReason::DeviceClosed);
+        // An adopted device's file stays open in the VMM: take back the
+        // device-request trigger this library registered, if it did.
+        if self.adopted && matches!(self.request, RequestChannel::Armed(_)) {
+            let _ = self.disable_irq(crate::sys::VFIO_PCI_REQ_IRQ_INDEX);
+        }
     }
 }
 

@@ -3,6 +3,10 @@
 //!
 //! * `driver`: binding the device to `vfio-pci` through sysfs;
 //! * `device`: [`VfioPciDevice`] itself: open, iommufd bind and IOAS attach, close;
+//! * `adopt`: a device a VMM opened and bound itself ([`VfioPciDevice::adopt`]),
+//!   and the calls through which the VMM reports its guest's `PCI_COMMAND`
+//!   writes;
+//! * `known_command`: the last known `PCI_COMMAND`, readable without a config read;
 //! * `info`: what VFIO reports about the device, its regions and BARs;
 //! * `config`: config space and the `PCI_COMMAND` register (memory decode);
 //! * `irq`: interrupt eventfds and the kernel's unplug request;
@@ -52,14 +56,17 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod adopt;
 mod config;
 mod device;
 mod driver;
 mod info;
 mod irq;
+mod known_command;
 mod mmio;
 mod reset;
 
+pub use adopt::AdoptOptions;
 pub use device::{VFIO_CDEV_DIR, VfioPciDevice};
 pub use driver::{VFIO_PCI_DRIVER, bind_to_vfio_pci, bind_to_vfio_pci_in};
 pub use info::{Bar, CONFIG_REGION_INDEX, DeviceInfo, ROM_REGION_INDEX, RegionInfo};

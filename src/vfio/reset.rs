@@ -2,6 +2,7 @@
 //! for its duration.
 
 use super::VfioPciDevice;
+use super::config::COMMAND_MEMORY;
 use crate::error::{Error, Result};
 use crate::ioctl;
 use crate::revoke::RevokeReason;
@@ -44,15 +45,17 @@ impl VfioPciDevice {
                         .to_owned(),
             });
         }
-        let _held = self.lock_command();
+        let held = self.lock_command();
         let reset = ioctl::vfio_device_reset(self.fd())
             .map_err(|e| Error::sys("VFIO_DEVICE_RESET", self.address.to_string(), e));
         // The kernel revoked for the reset and un-revoked if memory decode is
         // on; the iommufd areas are dead either way, so tear down, then
         // restore if the buffers are usable again.
         self.hub.revoked_by_kernel(RevokeReason::Reset);
-        if self.memory_decode().unwrap_or(false) {
-            self.hub.restore();
+        match self.read_command_held(&held) {
+            Ok(command) if command & COMMAND_MEMORY != 0 => self.restore_if_revoked(),
+            Ok(_) => {}
+            Err(_) => self.known.forget(),
         }
         reset
     }
