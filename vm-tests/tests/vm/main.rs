@@ -19,3 +19,4 @@ mod smoke;
 mod testbed;
 mod udmabuf;
 mod vfio;
+mod vmm;

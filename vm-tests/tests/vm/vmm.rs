@@ -1,0 +1,653 @@
+//! Inside an existing VMM (issue 11): the VMM opens, binds and attaches its
+//! devices and owns the IOAS; the library adopts them, exports a BAR, maps
+//! it at a fixed guest-physical IOVA in the VMM's IOAS, and follows the
+//! guest's `PCI_COMMAND` writes through the trap API.
+//!
+//! The VMM is played by rust-vmm's own crates, what cloud-hypervisor uses:
+//! `iommufd-ioctls` (`IommuFd`, `IommufdIoas`) and `vfio-ioctls` with
+//! `vfio_cdev` (`VfioIommufd` without a hypervisor device handle, so no
+//! KVM: `VfioDevice::new` opens the cdev, binds it and attaches it to the
+//! IOAS). The VMM's guest RAM is a memfd it maps at `RAM_GPA` itself.
+//!
+//! BAR areas (shm1, see the table in `p2p.rs`): 0x2a0_0000.. for the VMM
+//! flow, 0x2b0_0000.. for the property test, 0x2c0_0000.. for the 5d case.
+
+// Failing a test by panicking is what tests do.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use iommufd_ioctls::{IommuFd, IommufdIoas};
+use vfio_ioctls::{VfioDevice, VfioIommufd};
+
+use dmabuf_p2p::engine::DmaEngine;
+use dmabuf_p2p::engine::edu::Edu;
+use dmabuf_p2p::importer::iommufd::{Ioas, Iommufd, IovaPlacement, MapPerms};
+use dmabuf_p2p::memfd::Memfd;
+use dmabuf_p2p::revoke::{Attachment, BufferState, RestorePolicy, RevocationEvent, RevokeReason};
+use dmabuf_p2p::vfio::{AdoptOptions, CONFIG_REGION_INDEX, VfioPciDevice};
+use dmabuf_p2p::{ByteRange, Error};
+use dmabuf_p2p_vm_tests::{
+    DMA_TIMEOUT, Kmsg, assert_bytes, bar_read, bar_write, check_write_faults, edu_address,
+    open_fd_count, pattern, request_host_check, shm_address,
+};
+
+/// Where the VMM maps its guest RAM (a memfd) in its IOAS.
+const RAM_GPA: u64 = 0x1000_0000;
+const RAM_LEN: u64 = 0x1_0000;
+/// Where the guest placed shm1's BAR2 window: the fixed IOVA of the export.
+const BAR_GPA: u64 = 0xc000_0000;
+/// The size of each export.
+const LEN: u64 = 0x1_0000;
+/// Bytes per copy.
+const COPY: u64 = 0x800;
+const PCI_COMMAND: u64 = 4;
+const MEMORY: u16 = 0x2;
+
+/// The VMM's own objects, made with rust-vmm's crates. Fields drop in order:
+/// the devices (detach and close, and drop their handles of the
+/// `VfioIommufd` wrapper), then the IOAS (destroyed with its last handle),
+/// then the iommufd.
+struct Vmm {
+    shm: VfioDevice,
+    edu: VfioDevice,
+    ioas: Arc<IommufdIoas>,
+    iommufd: Arc<IommuFd>,
+    ram: Memfd,
+}
+
+impl Vmm {
+    /// Opens `/dev/iommu`, allocates an IOAS, opens, binds and attaches shm1
+    /// and edu to it, and maps a memfd as guest RAM at `RAM_GPA`.
+    fn new() -> Self {
+        let sysfs = |bdf: String| PathBuf::from(format!("/sys/bus/pci/devices/{bdf}"));
+        let iommufd = Arc::new(IommuFd::new().unwrap());
+        let ioas = Arc::new(IommufdIoas::new(Arc::clone(&iommufd)).unwrap());
+        let vfio = Arc::new(
+            VfioIommufd::new(Arc::clone(&iommufd), Some(Arc::clone(&ioas)), None).unwrap(),
+        );
+        let shm = VfioDevice::new(&sysfs(shm_address("shm1")), vfio.clone(), true).unwrap();
+        let edu = VfioDevice::new(&sysfs(edu_address()), vfio.clone(), true).unwrap();
+        let ram = Memfd::new("vmm-guest-ram", RAM_LEN).unwrap();
+        ioas.map_file(ram.as_fd().as_raw_fd(), 0, RAM_LEN, RAM_GPA, true)
+            .unwrap();
+        Self {
+            shm,
+            edu,
+            ioas,
+            iommufd,
+            ram,
+        }
+    }
+
+    /// `PCI_COMMAND` of shm1, read by the VMM on its own fd.
+    fn command(&self) -> u16 {
+        let mut b = [0u8; 2];
+        self.shm
+            .region_read(CONFIG_REGION_INDEX, &mut b, PCI_COMMAND);
+        u16::from_le_bytes(b)
+    }
+
+    /// A `PCI_COMMAND` write by the VMM on its own fd, which the library
+    /// does not see.
+    fn write_command(&self, value: u16) {
+        self.shm
+            .region_write(CONFIG_REGION_INDEX, &value.to_le_bytes(), PCI_COMMAND);
+    }
+
+    /// The vendor ID of `dev`, read on the VMM's fd (0 if the fd is gone:
+    /// vfio-ioctls only logs a failed read).
+    fn vendor(dev: &VfioDevice) -> u16 {
+        let mut b = [0u8; 2];
+        dev.region_read(CONFIG_REGION_INDEX, &mut b, 0);
+        u16::from_le_bytes(b)
+    }
+}
+
+/// A duplicate of an fd the VMM owns.
+fn dup(fd: RawFd) -> OwnedFd {
+    // SAFETY: the VMM object owning `fd` is borrowed by the caller for the
+    // whole call, so the fd is open; the duplicate is a new fd.
+    unsafe { BorrowedFd::borrow_raw(fd) }
+        .try_clone_to_owned()
+        .unwrap()
+}
+
+/// What the library holds after adopting the VMM's objects.
+struct Adopted {
+    iommufd: Iommufd,
+    ioas: Ioas,
+    edu: Edu,
+    dev: VfioPciDevice,
+}
+
+fn adopt(vmm: &Vmm) -> Adopted {
+    let iommufd = Iommufd::from(dup(vmm.iommufd.as_raw_fd()));
+    let ioas = Ioas::adopt(&iommufd, vmm.ioas.id()).unwrap();
+    assert!(!ioas.is_owned());
+    let dev = VfioPciDevice::adopt(
+        dup(vmm.shm.as_raw_fd()),
+        vmm.shm.iommufd_dev_id().unwrap(),
+        &iommufd,
+        AdoptOptions::default(),
+    )
+    .unwrap();
+    assert!(dev.is_adopted());
+    assert_eq!(dev.address().to_string(), shm_address("shm1"));
+    assert_eq!(dev.devid(), vmm.shm.iommufd_dev_id());
+    assert_eq!(
+        dev.known_command(),
+        Some(vmm.command()),
+        "adopt reads PCI_COMMAND"
+    );
+    let edu_dev = VfioPciDevice::adopt(
+        dup(vmm.edu.as_raw_fd()),
+        vmm.edu.iommufd_dev_id().unwrap(),
+        &iommufd,
+        AdoptOptions::default(),
+    )
+    .unwrap();
+    let edu = Edu::from_device(edu_dev).unwrap();
+    Adopted {
+        iommufd,
+        ioas,
+        edu,
+        dev,
+    }
+}
+
+/// The events an attachment's callback saw.
+#[derive(Default, Clone)]
+struct Events(Arc<Mutex<Vec<RevocationEvent>>>);
+
+impl Events {
+    fn on(att: &Attachment) -> Self {
+        let events = Self::default();
+        let log = Arc::clone(&events.0);
+        att.on_event(move |_, ev| log.lock().unwrap().push(ev.clone()));
+        events
+    }
+
+    fn get(&self) -> Vec<RevocationEvent> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// An engine copy of `bytes` (put in guest RAM) to `iova`, made whatever the
+/// attachment says, as a guest driver would: marked in the kernel log, and
+/// any IOMMU faults logged for it checked to be the engine's writes.
+fn guest_copy(edu: &mut Edu, ram: &Memfd, bytes: &[u8], iova: u64, what: &str) {
+    ram.write_at(0, bytes).unwrap();
+    let mut kmsg = Kmsg::open_at_end().unwrap();
+    Kmsg::mark(&format!(
+        "{what}: edu copy of {:#x} bytes to IOVA {iova:#x}",
+        bytes.len()
+    ));
+    edu.memcpy(RAM_GPA, iova, bytes.len() as u64, DMA_TIMEOUT)
+        .unwrap();
+    let faults = kmsg.iommu_faults(Duration::from_millis(100));
+    check_write_faults(&faults, &edu_address());
+}
+
+/// The VMM flow: adopt, export shm1's BAR2, map it at `BAR_GPA` in the VMM's
+/// IOAS; the guest turns memory decode off and on through the trap API; the
+/// engine's copy lands, is blocked (not one byte changes, in the guest and
+/// in the host's backing file), and lands again at the same IOVA. Then the
+/// library lets go of everything first: the VMM's fds, IOAS and RAM mapping
+/// are still there, the library's BAR mapping is gone, and once the VMM has
+/// dropped its objects no fd is left open.
+#[test]
+fn vmm_adopts_and_follows_the_guests_memory_decode() {
+    const AREA: u64 = 0x2a0_0000;
+    let (off1, off2, off3) = (0x400, 0x2400, 0x4400);
+    let fds_before = open_fd_count();
+    let vmm = Vmm::new();
+    let fds_vmm = open_fd_count();
+    let mut lib = adopt(&vmm);
+    assert!(lib.dev.iommufd().unwrap().same_context(&lib.iommufd));
+    assert!(lib.ioas.iommufd().same_context(&lib.iommufd));
+
+    // The guest turns memory decode on (vfio-pci left it off at open).
+    let command = vmm.command();
+    lib.dev
+        .guest_config_write(PCI_COMMAND, &(command | MEMORY).to_le_bytes())
+        .unwrap();
+    assert_eq!(lib.dev.known_memory_decode(), Some(true));
+    assert_ne!(vmm.command() & MEMORY, 0, "the write reached the device");
+    assert_eq!(lib.dev.hub().state(), BufferState::Live);
+
+    let bar = lib.dev.map_bar(2).unwrap();
+    let old = pattern(1100, LEN as usize);
+    bar_write(&bar, AREA, &old);
+    let export = lib.dev.export_bar(2, &[ByteRange::new(AREA, LEN)]).unwrap();
+    let att = Attachment::map(
+        &export,
+        &lib.ioas,
+        IovaPlacement::Fixed(BAR_GPA),
+        MapPerms::ReadWrite,
+        RestorePolicy::Automatic,
+    )
+    .unwrap();
+    assert_eq!(att.iova(), BAR_GPA);
+    let events = Events::on(&att);
+
+    // Lands.
+    let new1 = pattern(1101, COPY as usize);
+    guest_copy(&mut lib.edu, &vmm.ram, &new1, BAR_GPA + off1, "live");
+    let mut want = old.clone();
+    want[off1 as usize..(off1 + COPY) as usize].copy_from_slice(&new1);
+    assert_bytes(
+        &bar_read(&bar, AREA, LEN as usize),
+        &want,
+        AREA,
+        "after the first copy",
+    );
+
+    // The guest turns decode off: revoked, and the copy is blocked.
+    lib.dev
+        .guest_config_write(PCI_COMMAND, &(command & !MEMORY).to_le_bytes())
+        .unwrap();
+    assert_eq!(vmm.command() & MEMORY, 0);
+    assert_eq!(lib.dev.known_memory_decode(), Some(false));
+    assert_eq!(
+        events.get(),
+        [RevocationEvent::Revoked(RevokeReason::MemoryDecodeOff)]
+    );
+    assert!(matches!(att.ensure_live(), Err(Error::Revoked { .. })));
+    let new2 = pattern(1102, COPY as usize);
+    guest_copy(&mut lib.edu, &vmm.ram, &new2, BAR_GPA + off2, "revoked");
+
+    // The guest turns it on again: restored at the same IOVA, and the copy
+    // lands there; the blocked one changed nothing.
+    lib.dev
+        .guest_config_write(PCI_COMMAND, &(command | MEMORY).to_le_bytes())
+        .unwrap();
+    assert_eq!(
+        events.get(),
+        [
+            RevocationEvent::Revoked(RevokeReason::MemoryDecodeOff),
+            RevocationEvent::Restored
+        ]
+    );
+    assert_eq!(att.iova(), BAR_GPA);
+    att.ensure_live().unwrap();
+    assert_bytes(
+        &bar_read(&bar, AREA, LEN as usize),
+        &want,
+        AREA,
+        "after the blocked copy",
+    );
+    let new3 = pattern(1103, COPY as usize);
+    guest_copy(&mut lib.edu, &vmm.ram, &new3, BAR_GPA + off3, "restored");
+    want[off3 as usize..(off3 + COPY) as usize].copy_from_slice(&new3);
+    assert_bytes(
+        &bar_read(&bar, AREA, LEN as usize),
+        &want,
+        AREA,
+        "after the restored copy",
+    );
+    request_host_check("shm1", AREA, &want);
+
+    // The library lets go first.
+    let ioas_id = vmm.ioas.id();
+    drop((att, export, bar));
+    drop(lib);
+    assert_eq!(
+        open_fd_count(),
+        fds_vmm,
+        "the library closed its own fds, no more"
+    );
+    assert_eq!(Vmm::vendor(&vmm.shm), 0x1af4, "the VMM's shm1 fd is open");
+    assert_eq!(Vmm::vendor(&vmm.edu), 0x1234, "the VMM's edu fd is open");
+    // Its BAR mapping went with its attachment; the VMM's IOAS and its RAM
+    // mapping are still there.
+    assert!(
+        vmm.ioas.unmap(BAR_GPA, LEN).is_err(),
+        "no mapping left at BAR_GPA"
+    );
+    vmm.ioas.unmap(RAM_GPA, RAM_LEN).unwrap();
+    let checker = Iommufd::from(dup(vmm.iommufd.as_raw_fd()));
+    checker.iova_ranges(ioas_id).unwrap();
+
+    // Then the VMM closes its own objects: nothing was closed twice.
+    drop(vmm);
+    assert!(
+        matches!(
+            checker.iova_ranges(ioas_id),
+            Err(Error::UnknownObject { .. })
+        ),
+        "the VMM destroyed its IOAS"
+    );
+    drop(checker);
+    assert_eq!(open_fd_count(), fds_before, "every fd closed");
+}
+
+/// Issue 11's defect "5d": memory decode turned off outside the library (a
+/// raw write on the VMM's fd that nobody is told of), then the library's own
+/// `set_memory_decode(true)`: the attachment is restored, and the engine's
+/// copy lands without `refresh()`.
+#[test]
+fn decode_off_outside_then_library_on_lands_without_refresh() {
+    const AREA: u64 = 0x2c0_0000;
+    let vmm = Vmm::new();
+    let mut lib = adopt(&vmm);
+    lib.dev.set_memory_decode(true).unwrap();
+    let bar = lib.dev.map_bar(2).unwrap();
+    let old = pattern(1300, LEN as usize);
+    bar_write(&bar, AREA, &old);
+    let export = lib.dev.export_bar(2, &[ByteRange::new(AREA, LEN)]).unwrap();
+    let att = Attachment::map(
+        &export,
+        &lib.ioas,
+        IovaPlacement::Fixed(BAR_GPA),
+        MapPerms::ReadWrite,
+        RestorePolicy::Automatic,
+    )
+    .unwrap();
+    let events = Events::on(&att);
+
+    let command = vmm.command();
+    vmm.write_command(command & !MEMORY);
+    assert!(!att.is_revoked(), "nobody told the library yet");
+    lib.dev.set_memory_decode(true).unwrap();
+    assert_eq!(
+        events.get(),
+        [
+            RevocationEvent::Revoked(RevokeReason::External),
+            RevocationEvent::Restored
+        ],
+        "the library saw decode off before its write and recorded the revocation"
+    );
+    assert_eq!(att.iova(), BAR_GPA);
+    att.ensure_live().unwrap();
+    let new = pattern(1301, COPY as usize);
+    guest_copy(
+        &mut lib.edu,
+        &vmm.ram,
+        &new,
+        BAR_GPA + 0x800,
+        "after the library's decode-on",
+    );
+    let mut want = old;
+    want[0x800..0x800 + COPY as usize].copy_from_slice(&new);
+    assert_bytes(&bar_read(&bar, AREA, LEN as usize), &want, AREA, "BAR");
+    request_host_check("shm1", AREA, &want);
+
+    // The same through the trap API, and with a told VMM write.
+    vmm.write_command(command & !MEMORY);
+    lib.dev
+        .guest_config_write(PCI_COMMAND, &(command | MEMORY).to_le_bytes())
+        .unwrap();
+    assert!(!att.is_revoked());
+    assert_eq!(att.counts(), (2, 2));
+    vmm.write_command(command & !MEMORY);
+    vmm.write_command(command | MEMORY);
+    lib.dev
+        .note_command_change(command & !MEMORY, command | MEMORY);
+    assert_eq!(att.counts(), (3, 3));
+    let new = pattern(1302, COPY as usize);
+    guest_copy(
+        &mut lib.edu,
+        &vmm.ram,
+        &new,
+        BAR_GPA + 0x1000,
+        "after a told cycle",
+    );
+    want[0x1000..0x1000 + COPY as usize].copy_from_slice(&new);
+    assert_bytes(&bar_read(&bar, AREA, LEN as usize), &want, AREA, "BAR");
+    request_host_check("shm1", AREA, &want);
+}
+
+/// One step of the property test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    /// `set_memory_decode(on)`.
+    Library(bool),
+    /// The guest's write through `guest_config_write`.
+    Trap(bool),
+    /// A VMM write on its own fd, told with `note_command_change`.
+    Told(bool),
+    /// A VMM write on its own fd that nobody is told of.
+    Untold(bool),
+    /// A read of the register by the library (`command()`).
+    Read,
+    /// `VfioPciDevice::reset`.
+    LibraryReset,
+    /// A reset by the VMM on its own fd, told with `note_reset`.
+    ToldReset,
+    /// `restore()` of every revoked attachment, while the hub is live.
+    RestoreEach,
+    /// `VfioPciDevice::sync_with_kernel`.
+    Sync,
+}
+
+impl Op {
+    /// Whether the library learns the register's state in this step (reads
+    /// it, or is told).
+    fn tells_the_library(self) -> bool {
+        !matches!(self, Self::Untold(_) | Self::RestoreEach)
+    }
+
+    /// Whether the library brings attachments back in this step.
+    fn restores(self) -> bool {
+        matches!(
+            self,
+            Self::Library(true)
+                | Self::Trap(true)
+                | Self::Told(true)
+                | Self::LibraryReset
+                | Self::ToldReset
+                | Self::RestoreEach
+                | Self::Sync
+        )
+    }
+}
+
+/// xorshift64: the sequence is reproducible from the printed seed.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Random sequences (seeded; the seed is printed and logged, and
+/// `DMABUF_P2P_SEED` replays one) of library, trapped, told and untold decode
+/// toggles, resets, reads, restores and syncs. After every step in which
+/// the library restores, each attachment that says live takes an engine copy
+/// (bytes checked) and each one that says revoked does not (not one byte
+/// changes). An untold decode-on only comes after the library has looked
+/// at the register since the last untold decode-off: an off-and-on cycle
+/// that leaves no trace in the register cannot be seen by anyone.
+#[test]
+fn random_decode_toggles_resets_and_restores_never_report_a_dead_mapping_live() {
+    const AREA: u64 = 0x2b0_0000;
+    const STEPS: usize = 24;
+    let seed = std::env::var("DMABUF_P2P_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+                | 1
+        });
+    println!("seed {seed} (DMABUF_P2P_SEED={seed} replays it)");
+    Kmsg::mark(&format!("vmm property test: seed {seed}"));
+    let mut rng = Rng(seed);
+
+    let vmm = Vmm::new();
+    let mut lib = adopt(&vmm);
+    lib.dev.set_memory_decode(true).unwrap();
+    let supports_reset = lib.dev.supports_reset().unwrap();
+    let bar = lib.dev.map_bar(2).unwrap();
+    let policies = [
+        RestorePolicy::Automatic,
+        RestorePolicy::LeaveRevoked,
+        RestorePolicy::Automatic,
+    ];
+    let mut atts = Vec::new();
+    for (i, policy) in policies.iter().enumerate() {
+        let at = AREA + i as u64 * LEN;
+        let export = lib.dev.export_bar(2, &[ByteRange::new(at, LEN)]).unwrap();
+        let att = Attachment::map(
+            &export,
+            &lib.ioas,
+            IovaPlacement::Fixed(BAR_GPA + i as u64 * LEN),
+            MapPerms::ReadWrite,
+            *policy,
+        )
+        .unwrap();
+        atts.push((at, att));
+    }
+    let command = vmm.command() | MEMORY;
+    let mut unseen_off = false;
+    let mut landed = 0;
+    let mut blocked = 0;
+
+    for step in 0..STEPS {
+        let on = rng.below(2) == 0;
+        let op = match rng.below(9) {
+            0 => Op::Library(on),
+            1 => Op::Trap(on),
+            2 => Op::Told(on),
+            3 if !on || !unseen_off => Op::Untold(on),
+            4 => Op::Read,
+            5 if supports_reset => Op::LibraryReset,
+            6 if supports_reset => Op::ToldReset,
+            7 => Op::RestoreEach,
+            8 => Op::Sync,
+            _ => Op::Library(true),
+        };
+        Kmsg::mark(&format!("vmm property test step {step}: {op:?}"));
+        println!("step {step}: {op:?}");
+        let value = |on: bool| if on { command } else { command & !MEMORY };
+        match op {
+            Op::Library(on) => lib.dev.set_memory_decode(on).unwrap(),
+            Op::Trap(on) => lib
+                .dev
+                .guest_config_write(PCI_COMMAND, &value(on).to_le_bytes())
+                .unwrap(),
+            Op::Told(on) => {
+                let old = vmm.command();
+                vmm.write_command(value(on));
+                lib.dev.note_command_change(old, value(on));
+            }
+            Op::Untold(on) => {
+                vmm.write_command(value(on));
+                unseen_off = !on;
+            }
+            Op::Read => {
+                lib.dev.command().unwrap();
+            }
+            Op::LibraryReset => lib.dev.reset().unwrap(),
+            Op::ToldReset => {
+                vmm.shm.reset();
+                lib.dev.note_reset().unwrap();
+            }
+            Op::RestoreEach => {
+                if lib.dev.hub().state() == BufferState::Live {
+                    for (_, att) in &atts {
+                        if att.is_revoked() {
+                            att.restore().unwrap();
+                        }
+                    }
+                }
+            }
+            Op::Sync => {
+                lib.dev.sync_with_kernel().unwrap();
+            }
+        }
+        if op.tells_the_library() {
+            unseen_off = false;
+        }
+        let decode = vmm.command() & MEMORY != 0;
+        if !decode {
+            // The library has looked or was told: it must not call anything
+            // live while the kernel has revoked.
+            if op.tells_the_library() {
+                assert_eq!(lib.dev.known_memory_decode(), Some(false), "step {step}");
+                assert_ne!(lib.dev.hub().state(), BufferState::Live, "step {step}");
+                for (_, att) in &atts {
+                    assert!(att.is_revoked(), "step {step}: live while decode is off");
+                }
+            }
+            continue;
+        }
+        if !op.restores() {
+            continue;
+        }
+        // Each attachment that says live takes a copy; each revoked one not.
+        let bytes = pattern(2000 + step as u64, COPY as usize);
+        vmm.ram.write_at(0, &bytes).unwrap();
+        lib.edu.load(RAM_GPA, 0, COPY, DMA_TIMEOUT).unwrap();
+        for (i, (at, att)) in atts.iter().enumerate() {
+            let off = 0x800 * (step as u64 % 16);
+            let before = bar_read(&bar, at + off, COPY as usize);
+            let live = !att.is_revoked();
+            let mut kmsg = Kmsg::open_at_end().unwrap();
+            lib.edu
+                .store(0, att.iova() + off, COPY, DMA_TIMEOUT)
+                .unwrap();
+            check_write_faults(
+                &kmsg.iommu_faults(Duration::from_millis(50)),
+                &edu_address(),
+            );
+            let after = bar_read(&bar, at + off, COPY as usize);
+            let what = format!(
+                "step {step} ({op:?}), attachment {i} ({:?}, says {})",
+                att.policy(),
+                if live { "live" } else { "revoked" }
+            );
+            if live {
+                assert_bytes(&after, &bytes, at + off, &what);
+                landed += 1;
+            } else {
+                assert_bytes(&after, &before, at + off, &what);
+                blocked += 1;
+            }
+        }
+    }
+    println!("seed {seed}: {landed} copies landed, {blocked} blocked");
+    assert!(landed > 0, "seed {seed}: no copy was checked to land");
+}
+
+/// Adopting what is not a bound VFIO cdev, or an IOAS id that does not
+/// exist, is refused with a typed error naming the problem.
+#[test]
+fn adopting_refuses_what_is_not_a_bound_vfio_cdev() {
+    let iommufd = Iommufd::open().unwrap();
+    let not_cdev = OwnedFd::from(File::open("/dev/null").unwrap());
+    match VfioPciDevice::adopt(not_cdev, 1, &iommufd, AdoptOptions::default()) {
+        Err(Error::Device { problem, .. }) => {
+            assert!(problem.contains("not a VFIO cdev"), "{problem}")
+        }
+        other => panic!("adopting /dev/null: {other:?}"),
+    }
+    // A cdev opened but not bound.
+    let cdev = dmabuf_p2p_vm_tests::vfio_cdev(&shm_address("shm1")).unwrap();
+    let unbound = OwnedFd::from(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&cdev)
+            .unwrap(),
+    );
+    match VfioPciDevice::adopt(unbound, 1, &iommufd, AdoptOptions::default()) {
+        Err(Error::Device { problem, .. }) => assert!(problem.contains("not bound"), "{problem}"),
+        other => panic!("adopting an unbound cdev: {other:?}"),
+    }
+    // An IOAS id that does not exist.
+    assert!(matches!(
+        Ioas::adopt(&iommufd, 0xbeef),
+        Err(Error::UnknownObject { id: 0xbeef, .. })
+    ));
+}
