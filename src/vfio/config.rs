@@ -78,14 +78,21 @@ impl VfioPciDevice {
     /// memory decode is off while the hub says live, records the revocation
     /// the kernel made behind the library's back, so that the following
     /// decode-on restores the attachments instead of leaving them dead.
-    pub(super) fn read_command_held(&self, _held: &MutexGuard<'_, ()>) -> Result<u16> {
+    pub(super) fn read_command_held(&self, held: &MutexGuard<'_, ()>) -> Result<u16> {
+        let command = self.read_command_quiet(held)?;
+        if command & COMMAND_MEMORY == 0 && self.hub.state() == BufferState::Live {
+            self.hub.revoked_by_kernel(RevokeReason::External);
+        }
+        Ok(command)
+    }
+
+    /// Reads and records `PCI_COMMAND` with the command lock held, leaving
+    /// the hub to the caller (which knows why decode changed).
+    fn read_command_quiet(&self, _held: &MutexGuard<'_, ()>) -> Result<u16> {
         let mut b = [0u8; 2];
         self.config_read_raw(PCI_COMMAND, &mut b)?;
         let command = u16::from_le_bytes(b);
         self.known.set(command);
-        if command & COMMAND_MEMORY == 0 && self.hub.state() == BufferState::Live {
-            self.hub.revoked_by_kernel(RevokeReason::External);
-        }
         Ok(command)
     }
 
@@ -161,7 +168,7 @@ impl VfioPciDevice {
             .map_err(|e| self.config_error("pwrite", offset, data.len(), e));
         // Even a failed write may have revoked (the kernel revokes first);
         // ask the device what it has now.
-        match self.read_command_held(held) {
+        match self.read_command_quiet(held) {
             // Decode is off: the kernel has revoked every dma-buf of the
             // device, so the attachments' areas are dead already.
             Ok(after) if after & COMMAND_MEMORY == 0 => {
