@@ -898,6 +898,7 @@ impl Ioas {
                 id,
                 owned: false,
                 placement: Mutex::new(()),
+                known: Mutex::new(Known::default()),
             }),
         })
     }
