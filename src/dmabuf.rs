@@ -501,7 +501,7 @@ impl DmaBuf {
             problem,
         };
         range.check_in(size, 1).map_err(bad)?;
-        if range.offset % page_size() != 0 {
+        if !range.offset.is_multiple_of(page_size()) {
             return Err(bad(RangeProblem::Unaligned { align: page_size() }));
         }
         let len = usize::try_from(range.length).map_err(|_| bad(RangeProblem::Overflow))?;

@@ -330,7 +330,7 @@ impl ArgBuf {
 
     fn check_range<T: Pod>(&self, offset: usize) {
         assert!(
-            offset % align_of::<T>() == 0 && offset + size_of::<T>() <= self.len,
+            offset.is_multiple_of(align_of::<T>()) && offset + size_of::<T>() <= self.len,
             "ArgBuf access of {} bytes at offset {offset} is misaligned or past the end ({} bytes)",
             size_of::<T>(),
             self.len

@@ -225,7 +225,7 @@ impl MemfdOptions {
         let cname = CString::new(name).map_err(|_| Error::Memfd {
             problem: format!("memfd name {name:?} contains a NUL byte"),
         })?;
-        if self.hugetlb && size % HUGE_PAGE_SIZE != 0 {
+        if self.hugetlb && !size.is_multiple_of(HUGE_PAGE_SIZE) {
             return Err(Error::Memfd {
                 problem: format!(
                     "size {size:#x} of hugetlb memfd {name:?} is not a multiple of the huge page size {HUGE_PAGE_SIZE:#x}"

@@ -842,10 +842,11 @@ impl AttachmentCore {
             st.revoked = Some(reason);
             // Unmapping cannot fail for a revoked dma-buf area; a failure
             // leaves it for the restore's remap or for drop.
-            if !keep_dead_area && st.mapping.is_mapped() {
-                if let Err(e) = st.mapping.unmap() {
-                    st.last_error = Some(format!("unmap after revoke: {e}"));
-                }
+            if !keep_dead_area
+                && st.mapping.is_mapped()
+                && let Err(e) = st.mapping.unmap()
+            {
+                st.last_error = Some(format!("unmap after revoke: {e}"));
             }
             was_live
         };
@@ -861,12 +862,12 @@ impl AttachmentCore {
     /// event; a failure leaves it revoked with the error recorded.
     fn remap_unheard(&self) {
         let mut st = lock(&self.state);
-        if st.revoked.is_none() {
-            if let Err(e) = st.mapping.remap() {
-                st.revoked = Some(RevokeReason::External);
-                st.revocations += 1;
-                st.last_error = Some(format!("remap after a revocation during the map: {e}"));
-            }
+        if st.revoked.is_none()
+            && let Err(e) = st.mapping.remap()
+        {
+            st.revoked = Some(RevokeReason::External);
+            st.revocations += 1;
+            st.last_error = Some(format!("remap after a revocation during the map: {e}"));
         }
     }
 

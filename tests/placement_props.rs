@@ -33,7 +33,7 @@ fn windows() -> impl Strategy<Value = Vec<(u64, u64)>> {
 /// multiple of the page.
 fn fits(iova: u64, len: u64, wins: &[RangeInclusive<u64>], taken: &BTreeSet<u64>) -> bool {
     iova != 0
-        && iova % PAGE == 0
+        && iova.is_multiple_of(PAGE)
         && wins
             .iter()
             .any(|w| iova >= *w.start() && iova + len - 1 <= *w.end())

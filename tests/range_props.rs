@@ -46,7 +46,7 @@ fn oracle(r: ByteRange, size: u64, align: u64) -> Result<(), RangeProblem> {
     let end = u128::from(r.offset) + u128::from(r.length);
     if r.length == 0 {
         Err(RangeProblem::Empty)
-    } else if align > 1 && (r.offset % align != 0 || r.length % align != 0) {
+    } else if align > 1 && (!r.offset.is_multiple_of(align) || !r.length.is_multiple_of(align)) {
         Err(RangeProblem::Unaligned { align })
     } else if end > u128::from(u64::MAX) {
         Err(RangeProblem::Overflow)

@@ -75,7 +75,7 @@ pub fn human_size(n: u64) -> String {
         ("B", 1),
     ];
     for (unit, scale) in UNITS {
-        if n >= scale && n % scale == 0 {
+        if n >= scale && n.is_multiple_of(scale) {
             return format!("{} {unit}", n / scale);
         }
     }

@@ -562,7 +562,7 @@ impl IovaRanges {
     /// as these ranges tell, or `None` if they allow it.
     fn problem_with(&self, iova: u64, length: u64) -> Option<String> {
         let align = self.alignment.max(1);
-        if iova % align != 0 || length % align != 0 {
+        if !iova.is_multiple_of(align) || !length.is_multiple_of(align) {
             return Some(format!("IOVA and length must be multiples of {align:#x}"));
         }
         if !self.contains(iova, length) {

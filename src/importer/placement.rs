@@ -287,7 +287,7 @@ pub fn pick_iova(
     let tries = std::iter::once(top).chain(sizes.below(top));
     for align in tries.filter(|&a| a >= ioas_alignment) {
         let residue = req.residue & (align - 1);
-        if residue % ioas_alignment != 0 {
+        if !residue.is_multiple_of(ioas_alignment) {
             return None;
         }
         let mut best: Option<u64> = None;

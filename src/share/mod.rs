@@ -371,7 +371,7 @@ fn unhex(s: &str) -> std::result::Result<Vec<u8>, String> {
         b'A'..=b'F' => Some(c - b'A' + 10),
         _ => None,
     };
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return Err(format!("hex data of odd length {}", s.len()));
     }
     s.as_bytes()

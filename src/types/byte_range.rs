@@ -105,7 +105,7 @@ impl ByteRange {
     /// Whether offset and length are both multiples of `align`. An `align` of 0
     /// or 1 means "no alignment required".
     pub const fn is_aligned(&self, align: u64) -> bool {
-        align <= 1 || (self.offset % align == 0 && self.length % align == 0)
+        align <= 1 || (self.offset.is_multiple_of(align) && self.length.is_multiple_of(align))
     }
 
     /// Checks that the range is usable inside an object of `size` bytes whose
