@@ -1,7 +1,7 @@
 //! `cargo xtask`: developer and CI tasks for dmabuf-p2p.
 //!
-//! * `cargo xtask test` — everything: host tests, then the VM suite (the README's
-//!   test command, called by `.ci/run`).
+//! * `cargo xtask test` — everything: fmt and clippy checks, host tests, then the
+//!   VM suite (the README's test command, called by `.ci/run`).
 //! * `cargo xtask vm-test [FILTER..] [--fail-on-purpose]` — only the VM suite.
 //! * `cargo xtask vm-info` — boot the VM and show what it offers.
 //! * `cargo xtask kernel [--force]` — build (or find) the test kernel.
@@ -120,17 +120,34 @@ fn test_all() -> Result<bool> {
     let k = kernel::resolve()?;
     eprintln!("testbed: kernel {}", k.display());
 
-    eprintln!("testbed: host tests");
+    // Habits first, then the host tests (which also build the examples). The
+    // library alone, without features, is linted too: feature gates must not
+    // leave dead code behind.
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let host_ok = Command::new(&cargo)
-        .current_dir(workspace_root())
-        .args(["test", "--workspace", "--exclude", "dmabuf-p2p-vm-tests"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !host_ok {
-        eprintln!("testbed: host tests failed");
-        return Ok(false);
+    let host_steps = [
+        ("format", "fmt --all --check"),
+        ("clippy", "clippy --workspace --all-targets -- -D warnings"),
+        (
+            "clippy (library, no features)",
+            "clippy --package dmabuf-p2p --all-targets -- -D warnings",
+        ),
+        (
+            "host tests",
+            "test --workspace --exclude dmabuf-p2p-vm-tests",
+        ),
+    ];
+    for (name, args) in host_steps {
+        eprintln!("testbed: {name}: cargo {args}");
+        let ok = Command::new(&cargo)
+            .current_dir(workspace_root())
+            .args(args.split(' '))
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            eprintln!("testbed: {name} failed");
+            return Ok(false);
+        }
     }
 
     // A short run of every fuzz target (parsers and range checks).
