@@ -265,6 +265,17 @@ pub enum Error {
         /// What is wrong.
         problem: ShareProblem,
     },
+
+    /// An NVMe controller refused a request (a bad namespace, LBA range,
+    /// size or IOVA, checked before submission) or completed it with an
+    /// error status.
+    #[error("NVMe controller {controller}: {problem}")]
+    Nvme {
+        /// The controller's PCI address.
+        controller: String,
+        /// What went wrong.
+        problem: crate::engine::nvme::NvmeProblem,
+    },
 }
 
 /// Result alias.

@@ -10,10 +10,10 @@
 //! `0x98` command (bit 0 start/busy, bit 1 direction buffer-to-bus, bit 2 raise
 //! an interrupt when done). Bus mastering must be on.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use super::{Completion, DmaEngine};
+use super::{Completion, DmaEngine, wait_readable};
 use crate::exporter::vfio::{BarMapping, VfioPciDevice};
 use crate::importer::iommufd::Ioas;
 use crate::pci::PciAddress;
@@ -235,7 +235,11 @@ impl Edu {
                 });
             }
             match &self.irq {
-                Some(efd) => wait_readable(efd, left.min(Duration::from_millis(500)))?,
+                Some(efd) => wait_readable(
+                    efd.as_fd(),
+                    left.min(Duration::from_millis(500)),
+                    "edu MSI eventfd",
+                )?,
                 None => std::thread::sleep(Duration::from_micros(200)),
             }
         }
@@ -254,25 +258,6 @@ impl Edu {
         }
         Ok(())
     }
-}
-
-/// Waits up to `timeout` for `fd` to become readable.
-fn wait_readable(fd: &OwnedFd, timeout: Duration) -> Result<()> {
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: one valid pollfd for the duration of the call.
-    let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(Error::sys("poll", "edu MSI eventfd", e));
-        }
-    }
-    Ok(())
 }
 
 impl DmaEngine for Edu {

@@ -21,11 +21,13 @@ fail_boot() {
     poweroff -f
 }
 
-# edu (1234:11e8) and ivshmem (1af4:1110) go to vfio-pci.
+# edu (1234:11e8), ivshmem (1af4:1110) and NVMe controllers (class 010802)
+# go to vfio-pci.
 for dev in /sys/bus/pci/devices/*; do
     id="$(cat $dev/vendor):$(cat $dev/device)"
+    [ "$(cat $dev/class)" = 0x010802 ] && id=nvme
     case "$id" in
-    0x1234:0x11e8|0x1af4:0x1110)
+    0x1234:0x11e8|0x1af4:0x1110|nvme)
         bdf=${dev##*/}
         [ -e $dev/driver ] && echo $bdf > $dev/driver/unbind
         echo vfio-pci > $dev/driver_override || fail_boot "driver_override of $bdf"

@@ -24,6 +24,33 @@ pub struct Ivshmem {
     pub size: u64,
 }
 
+/// One emulated NVMe controller (`-device nvme`) with one namespace backed
+/// by a raw image file in the run directory, which the test bed fills with
+/// [`nvme_image_byte`] at every boot.
+#[derive(Debug, Clone)]
+pub struct NvmeDrive {
+    /// QEMU id and serial number (`nvme0`, ...), also the name host checks use.
+    pub id: String,
+    /// Size of the image (and so of namespace 1), a multiple of 4 KiB.
+    pub size: u64,
+    /// Controller memory buffer size in MiB (`cmb_size_mb`, BAR2); 0 for none.
+    pub cmb_mib: u32,
+    /// Maximum data transfer size as a power of two of 4 KiB pages (`mdts`).
+    pub mdts: u8,
+}
+
+/// The byte at `offset` of every NVMe image the test bed creates: a hash of
+/// the offset's 8-byte word (splitmix64), so every block's contents are
+/// distinct and a read of the wrong block is seen. The guest tests compute
+/// the same function.
+pub fn nvme_image_byte(offset: u64) -> u8 {
+    let mut z = (offset / 8).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    z.to_le_bytes()[(offset % 8) as usize]
+}
+
 /// The BAR2 size of the small ivshmem devices `shm2`..`shm7` of
 /// [`VmConfig::standard`]: 64 KiB.
 pub const SMALL_SHM_SIZE: u64 = 64 << 10;
@@ -195,6 +222,10 @@ pub struct VmConfig {
     /// Each runs its transfers on its own QEMU timer: several engines move
     /// data in parallel (the revocation load test runs one stream per engine).
     pub extra_edu: u32,
+    /// NVMe controllers, after every other device, on root ports that are
+    /// functions of slot 0x1e (slot 0x1f is the chipset's): the devices
+    /// before them keep their PCI addresses.
+    pub nvme: Vec<NvmeDrive>,
     /// Extra kernel command line.
     pub extra_cmdline: String,
     /// Extra QEMU arguments, after the devices (e.g. `-global
@@ -215,7 +246,8 @@ impl VmConfig {
     /// streams (revocation under load, concurrency). Every device is on its
     /// own root port, in this order, so the buses (and PCI addresses) follow
     /// it: edu0 on bus 1, shm0 on bus 2, shm1 on bus 3, shm2..shm7 on buses
-    /// 4..9, edu1..edu5 on buses 10..14.
+    /// 4..9, edu1..edu5 on buses 10..14. Then the NVMe controllers of
+    /// [`VmConfig::standard_nvme`] on buses 15 and 16.
     pub fn standard(kernel: PathBuf, initrd: PathBuf, run_dir: PathBuf) -> Self {
         let mut ivshmem = vec![
             Ivshmem {
@@ -241,6 +273,7 @@ impl VmConfig {
             ivshmem,
             edu: true,
             extra_edu: 5,
+            nvme: Self::standard_nvme(),
             extra_cmdline: String::new(),
             extra_qemu_args: Vec::new(),
             accel: Accel::detect(),
@@ -248,8 +281,32 @@ impl VmConfig {
         }
     }
 
-    /// Host path of an ivshmem device's backing file.
+    /// The standard VM's NVMe controllers: `nvme0`, a 4 MiB namespace with
+    /// MDTS 5 (128 KiB per command), and `nvme1`, a 1 MiB namespace and a
+    /// 16 MiB controller memory buffer.
+    pub fn standard_nvme() -> Vec<NvmeDrive> {
+        vec![
+            NvmeDrive {
+                id: "nvme0".into(),
+                size: 4 << 20,
+                cmb_mib: 0,
+                mdts: 5,
+            },
+            NvmeDrive {
+                id: "nvme1".into(),
+                size: 1 << 20,
+                cmb_mib: 16,
+                mdts: 7,
+            },
+        ]
+    }
+
+    /// Host path of an ivshmem device's backing file, or of an NVMe
+    /// controller's image file (`id` is `shm0`, `nvme0`, ...).
     pub fn backing_file(&self, id: &str) -> PathBuf {
+        if self.nvme.iter().any(|n| n.id == id) {
+            return self.run_dir.join(format!("{id}.img"));
+        }
         self.run_dir.join(format!("{id}.mem"))
     }
 
@@ -377,6 +434,33 @@ impl VmConfig {
                 "edu,id=edu{i},bus={rp},dma_mask=0xffffffffffffffff"
             ));
         }
+        // Functions of slot 0x1e, so that no root port goes before (and
+        // renumbers the buses of) the devices above.
+        for (i, drive) in self.nvme.iter().enumerate() {
+            let rp = format!("rpn{i}");
+            let chassis = 0x40 + i;
+            a.push("-device".into());
+            a.push(format!(
+                "pcie-root-port,id={rp},bus=pcie.0,chassis={chassis},slot={chassis},addr=0x1e.{i}{}",
+                if i == 0 { ",multifunction=on" } else { "" }
+            ));
+            a.push("-drive".into());
+            a.push(format!(
+                "file={},if=none,format=raw,id=drv-{}",
+                self.backing_file(&drive.id).display(),
+                drive.id
+            ));
+            let mut dev = format!(
+                "nvme,id={id},serial={id},drive=drv-{id},bus={rp},mdts={}",
+                drive.mdts,
+                id = drive.id
+            );
+            if drive.cmb_mib > 0 {
+                dev.push_str(&format!(",cmb_size_mb={}", drive.cmb_mib));
+            }
+            a.push("-device".into());
+            a.push(dev);
+        }
         a.extend(self.extra_qemu_args.iter().cloned());
         a.push("-kernel".into());
         a.push(self.kernel.display().to_string());
@@ -418,6 +502,9 @@ impl Vm {
                 .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
             f.set_len(shm.size)
                 .map_err(|e| Error::io(format!("sizing {}", path.display()), e))?;
+        }
+        for drive in &config.nvme {
+            write_nvme_image(&config.backing_file(&drive.id), drive.size)?;
         }
         for p in [
             config.console_log(),
@@ -485,6 +572,12 @@ impl Drop for Vm {
     }
 }
 
+/// Writes a fresh NVMe image of `size` bytes filled with [`nvme_image_byte`].
+fn write_nvme_image(path: &Path, size: u64) -> Result<()> {
+    let data: Vec<u8> = (0..size).map(nvme_image_byte).collect();
+    fs::write(path, data).map_err(|e| Error::io(format!("writing {}", path.display()), e))
+}
+
 /// Reads the bytes `[offset, offset + len)` of a file.
 pub fn read_range(path: &Path, offset: u64, len: u64) -> Result<Vec<u8>> {
     use std::io::{Read, Seek, SeekFrom};
@@ -504,4 +597,72 @@ pub fn read_range(path: &Path, offset: u64, len: u64) -> Result<Vec<u8>> {
         )
     })?;
     Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> VmConfig {
+        let mut c = VmConfig::standard("k".into(), "i".into(), "/run/x".into());
+        c.accel = Accel::Tcg;
+        c
+    }
+
+    #[test]
+    fn nvme_controllers_come_last_on_slot_0x1e() {
+        let args = config().args();
+        let devices: Vec<&String> = args
+            .iter()
+            .zip(args.iter().skip(1))
+            .filter(|(flag, _)| *flag == "-device")
+            .map(|(_, v)| v)
+            .collect();
+        let first_nvme = devices
+            .iter()
+            .position(|d| d.starts_with("pcie-root-port,id=rpn0"))
+            .unwrap();
+        // Everything before is what was there before the NVMe drives.
+        assert!(devices[..first_nvme].iter().all(|d| !d.contains("nvme")));
+        assert!(devices[first_nvme].contains("addr=0x1e.0,multifunction=on"));
+        assert!(devices[first_nvme + 2].contains("addr=0x1e.1"));
+        assert_eq!(
+            devices[first_nvme + 1].as_str(),
+            "nvme,id=nvme0,serial=nvme0,drive=drv-nvme0,bus=rpn0,mdts=5"
+        );
+        assert_eq!(
+            devices[first_nvme + 3].as_str(),
+            "nvme,id=nvme1,serial=nvme1,drive=drv-nvme1,bus=rpn1,mdts=7,cmb_size_mb=16"
+        );
+        // The other root ports stay on slots 0x10.. below 0x1f.
+        let last_rp = devices[..first_nvme]
+            .iter()
+            .rev()
+            .find(|d| d.starts_with("pcie-root-port"))
+            .unwrap();
+        assert!(last_rp.ends_with("addr=0x1d"), "{last_rp}");
+        assert!(
+            args.iter()
+                .any(|a| a == "file=/run/x/nvme1.img,if=none,format=raw,id=drv-nvme1")
+        );
+    }
+
+    #[test]
+    fn host_checks_find_nvme_images_and_ivshmem_files() {
+        let c = config();
+        assert_eq!(c.backing_file("nvme0"), PathBuf::from("/run/x/nvme0.img"));
+        assert_eq!(c.backing_file("shm1"), PathBuf::from("/run/x/shm1.mem"));
+    }
+
+    #[test]
+    fn image_bytes_differ_between_blocks() {
+        let block = |lba: u64| {
+            (0..512)
+                .map(|i| nvme_image_byte(lba * 512 + i))
+                .collect::<Vec<u8>>()
+        };
+        assert_ne!(block(0), block(1));
+        assert_ne!(block(0), block(256));
+        assert_eq!(block(3), block(3));
+    }
 }

@@ -1,0 +1,108 @@
+//! What can go wrong with an NVMe controller or a request to it, named.
+
+use super::command::Status;
+
+/// Why an NVMe request or the controller failed ([`crate::Error::Nvme`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NvmeProblem {
+    /// The device is not an NVMe controller (class 0x010802).
+    #[error("is not an NVMe controller (class {class:#08x}, expected 0x010802)")]
+    NotNvme {
+        /// Its PCI class code.
+        class: u32,
+    },
+    /// The controller lacks something the driver needs.
+    #[error("unsupported: {what}")]
+    Unsupported {
+        /// What.
+        what: String,
+    },
+    /// The namespace does not exist or is not active.
+    #[error(
+        "namespace {nsid} does not exist (the controller has {count} namespace ID(s); an ID may also be inactive)"
+    )]
+    NoSuchNamespace {
+        /// The namespace ID asked for.
+        nsid: u32,
+        /// The number of namespaces the controller reports (NN).
+        count: u32,
+    },
+    /// Blocks past the end of the namespace.
+    #[error("blocks {lba}..{} are past the end of namespace {nsid} ({blocks} blocks)", lba.saturating_add(u64::from(*count)))]
+    LbaOutOfRange {
+        /// The namespace.
+        nsid: u32,
+        /// First block asked for.
+        lba: u64,
+        /// Blocks asked for.
+        count: u32,
+        /// The namespace's size in blocks.
+        blocks: u64,
+    },
+    /// A transfer larger than one command may move (MDTS, and one PRP list).
+    #[error(
+        "a transfer of {bytes} bytes is over the controller's maximum of {max} bytes per command (MDTS)"
+    )]
+    TransferTooLarge {
+        /// Bytes asked for.
+        bytes: u64,
+        /// The most one command moves.
+        max: u64,
+    },
+    /// A transfer of no blocks.
+    #[error("a transfer of zero blocks")]
+    EmptyTransfer,
+    /// A data IOVA the controller cannot take (PRP entries are dword aligned).
+    #[error("data IOVA {iova:#x} is not {align}-byte aligned")]
+    UnalignedIova {
+        /// The IOVA.
+        iova: u64,
+        /// The alignment needed.
+        align: u64,
+    },
+    /// A data range that wraps the 64-bit IOVA space.
+    #[error("data IOVA {iova:#x} + {len:#x} overflows")]
+    IovaOverflow {
+        /// The IOVA.
+        iova: u64,
+        /// The length.
+        len: u64,
+    },
+    /// The controller completed the command with an error status.
+    #[error("{command} (CID {cid}) failed: {status}")]
+    CommandFailed {
+        /// The command's name, e.g. `"Read"`.
+        command: &'static str,
+        /// Its command identifier.
+        cid: u16,
+        /// The status the controller returned.
+        status: Status,
+    },
+    /// Every command slot or submission queue entry is in use.
+    #[error("the I/O queue is full ({in_flight} commands in flight)")]
+    QueueFull {
+        /// Commands outstanding.
+        in_flight: usize,
+    },
+    /// The controller reported a fatal status (CSTS.CFS) or its registers
+    /// read as all ones (not reachable: memory decode off, or gone).
+    #[error("controller failed: {what}")]
+    ControllerFatal {
+        /// What was seen.
+        what: String,
+    },
+    /// The controller has no controller memory buffer.
+    #[error("has no controller memory buffer (CAP.CMBS is 0 and CMBSZ reads 0)")]
+    NoCmb,
+}
+
+impl NvmeProblem {
+    /// The completion status, when the controller returned one.
+    pub fn status(&self) -> Option<Status> {
+        match self {
+            Self::CommandFailed { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
