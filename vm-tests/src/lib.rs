@@ -426,3 +426,44 @@ impl Drop for AnonPages {
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
 }
+
+/// The PCI class code of an NVMe controller.
+pub const NVME_CLASS: u64 = 0x01_08_02;
+
+/// The PCI address of the NVMe controller the test bed calls `name`
+/// (`"nvme0"`: 4 MiB namespace, MDTS 128 KiB; `"nvme1"`: 1 MiB namespace
+/// and a 16 MiB CMB). They are the only NVMe controllers, in this order.
+pub fn nvme_address(name: &str) -> String {
+    let index = match name {
+        "nvme0" => 0,
+        "nvme1" => 1,
+        other => panic!("unknown NVMe controller {other}"),
+    };
+    let mut all: Vec<String> = fs::read_dir("/sys/bus/pci/devices")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| read_hex(&e.path().join("class")) == Some(NVME_CLASS))
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    all.sort();
+    all.get(index)
+        .cloned()
+        .unwrap_or_else(|| panic!("no NVMe controller {name} (found {all:?})"))
+}
+
+/// The byte at `offset` of the test bed's NVMe images (the same function as
+/// the test bed's `nvme_image_byte`, which fills them at boot).
+pub fn nvme_image_byte(offset: u64) -> u8 {
+    let mut z = (offset / 8).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    z.to_le_bytes()[(offset % 8) as usize]
+}
+
+/// `len` bytes of a test bed NVMe image from byte `offset`, as booted.
+pub fn nvme_image(offset: u64, len: usize) -> Vec<u8> {
+    (offset..offset + len as u64).map(nvme_image_byte).collect()
+}

@@ -11,6 +11,7 @@ mod heap;
 mod iommufd;
 mod iommufd_extra;
 mod load;
+mod nvme;
 mod p2p;
 mod placement;
 mod revoke;
