@@ -8,6 +8,7 @@
 //! start a copy, wait for it. Tests and the CLI are written against these
 //! traits, so a new engine needs only a driver.
 
+pub mod detect;
 pub mod edu;
 pub mod nvme;
 

@@ -39,7 +39,7 @@ use self::queue::{CompletionRing, Slots, SubmissionRing};
 use self::regs::{Capabilities, PAGE};
 use super::{Completion, StorageEngine, wait_readable};
 use crate::dmabuf::Mapping;
-use crate::exporter::vfio::{BarMapping, VfioPciDevice};
+use crate::{BarMapping, VfioPciDevice};
 use crate::importer::iommufd::{Ioas, IoasMapping, IovaPlacement, MapPerms};
 use crate::memfd::Memfd;
 use crate::pci::PciAddress;

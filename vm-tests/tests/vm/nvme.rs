@@ -18,7 +18,7 @@ use std::time::Duration;
 use dmabuf_p2p::engine::edu::Edu;
 use dmabuf_p2p::engine::nvme::{CommandId, Nvme, NvmeProblem};
 use dmabuf_p2p::engine::{Completion, DmaEngine, StorageEngine};
-use dmabuf_p2p::exporter::vfio::VfioPciDevice;
+use dmabuf_p2p::VfioPciDevice;
 use dmabuf_p2p::importer::iommufd::{Ioas, IoasMapping, Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::revoke::{Attachment, RestorePolicy};

@@ -1,0 +1,141 @@
+//! Which devices can serve as engines and which BARs are peer-to-peer
+//! targets, from what sysfs says about a device (no device access).
+
+use crate::sysfs::PciDeviceInfo;
+
+use super::edu::EDU_ID;
+use super::nvme::NVME_CLASS;
+
+/// QEMU's `ivshmem-plain` (its BAR2 is shared memory).
+pub const IVSHMEM_ID: (u16, u16) = (0x1af4, 0x1110);
+
+/// A kind of engine this crate has a driver for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub enum EngineKind {
+    /// QEMU's `edu`: a copy engine ([`DmaEngine`](super::DmaEngine)).
+    Edu,
+    /// An NVMe controller: a storage engine ([`StorageEngine`](super::StorageEngine)).
+    Nvme,
+}
+
+impl EngineKind {
+    /// The engine kind of a device with this vendor, device ID and class code.
+    ///
+    /// ```
+    /// use dmabuf_p2p::engine::detect::EngineKind;
+    /// assert_eq!(EngineKind::detect(0x1234, 0x11e8, 0x00ff00), Some(EngineKind::Edu));
+    /// assert_eq!(EngineKind::detect(0x144d, 0xa808, 0x010802), Some(EngineKind::Nvme));
+    /// assert_eq!(EngineKind::detect(0x1af4, 0x1110, 0x050000), None);
+    /// ```
+    pub fn detect(vendor: u16, device: u16, class: u32) -> Option<Self> {
+        if (vendor, device) == EDU_ID {
+            Some(Self::Edu)
+        } else if class == NVME_CLASS {
+            Some(Self::Nvme)
+        } else {
+            None
+        }
+    }
+
+    /// A short name: `"edu"` or `"nvme"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Edu => "edu",
+            Self::Nvme => "nvme",
+        }
+    }
+}
+
+/// A BAR that other devices can DMA into.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TargetBar {
+    /// The BAR index.
+    pub bar: u32,
+    /// What it is, e.g. `"ivshmem shared memory"`.
+    pub what: &'static str,
+    /// Whether that is certain from the device's identity, or only likely
+    /// (an NVMe BAR that may hold a CMB or PMR: the controller's registers
+    /// say, see [`Nvme::enable_cmb`](super::nvme::Nvme::enable_cmb)).
+    pub certain: bool,
+}
+
+/// The BARs of a device that serve as peer-to-peer DMA targets: ivshmem's
+/// BAR2, and an NVMe controller's prefetchable memory BARs other than BAR0
+/// (where controllers put a controller memory buffer or persistent memory
+/// region; MSI-X tables sit in non-prefetchable BARs).
+pub fn target_bars(info: &PciDeviceInfo) -> Vec<TargetBar> {
+    if (info.vendor, info.device) == IVSHMEM_ID {
+        return info
+            .resources
+            .iter()
+            .filter(|r| r.index == 2 && !r.is_unused() && r.is_mem())
+            .map(|_| TargetBar {
+                bar: 2,
+                what: "ivshmem shared memory",
+                certain: true,
+            })
+            .collect();
+    }
+    if info.class == NVME_CLASS {
+        return info
+            .resources
+            .iter()
+            .take(6)
+            .filter(|r| r.index > 0 && !r.is_unused() && r.is_mem() && r.is_prefetch())
+            .map(|r| TargetBar {
+                bar: r.index,
+                what: "NVMe CMB or PMR",
+                certain: false,
+            })
+            .collect();
+    }
+    Vec::new()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pci::parse_resources;
+
+    fn info(vendor: u16, device: u16, class: u32, resources: &str) -> PciDeviceInfo {
+        PciDeviceInfo {
+            address: "0000:01:00.0".parse().unwrap_or_else(|_| unreachable!()),
+            vendor,
+            device,
+            class,
+            driver: None,
+            iommu_group: None,
+            vfio_dev: None,
+            resources: parse_resources(resources).unwrap_or_default(),
+        }
+    }
+
+    // mem64 = 0x140204, prefetchable mem64 = 0x14220c, io = 0x40101.
+    const NVME_QEMU: &str = "0x00000000fe000000 0x00000000fe003fff 0x0000000000140204\n\
+         0x0000000000000000 0x0000000000000000 0x0000000000000000\n\
+         0x0000000800000000 0x0000000800ffffff 0x000000000014220c\n\
+         0x0000000000000000 0x0000000000000000 0x0000000000000000\n\
+         0x0000000000000000 0x0000000000000000 0x0000000000000000\n\
+         0x0000000000000000 0x0000000000000000 0x0000000000000000\n";
+
+    #[test]
+    fn nvme_prefetchable_bar2_is_a_likely_target() {
+        let bars = target_bars(&info(0x1b36, 0x0010, NVME_CLASS, NVME_QEMU));
+        assert_eq!(
+            bars,
+            vec![TargetBar {
+                bar: 2,
+                what: "NVMe CMB or PMR",
+                certain: false
+            }]
+        );
+    }
+
+    #[test]
+    fn ivshmem_bar2_is_a_target_and_others_are_not() {
+        let ivshmem = info(0x1af4, 0x1110, 0x050000, NVME_QEMU);
+        assert_eq!(target_bars(&ivshmem)[0].bar, 2);
+        assert!(target_bars(&info(0x8086, 0x10d3, 0x020000, NVME_QEMU)).is_empty());
+    }
+}
