@@ -39,10 +39,10 @@ use self::queue::{CompletionRing, Slots, SubmissionRing};
 use self::regs::{Capabilities, PAGE};
 use super::{Completion, StorageEngine, wait_readable};
 use crate::dmabuf::Mapping;
-use crate::{BarMapping, VfioPciDevice};
 use crate::importer::iommufd::{Ioas, IoasMapping, IovaPlacement, MapPerms};
 use crate::memfd::Memfd;
 use crate::pci::PciAddress;
+use crate::{BarMapping, VfioPciDevice};
 use crate::{ByteRange, Error, Result, sys};
 
 /// The PCI class code of an NVMe controller (mass storage, NVM, NVMe).

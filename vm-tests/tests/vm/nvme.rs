@@ -15,17 +15,17 @@
 
 use std::time::Duration;
 
+use dmabuf_p2p::VfioPciDevice;
 use dmabuf_p2p::engine::edu::Edu;
 use dmabuf_p2p::engine::nvme::{CommandId, Nvme, NvmeProblem};
 use dmabuf_p2p::engine::{Completion, DmaEngine, StorageEngine};
-use dmabuf_p2p::VfioPciDevice;
 use dmabuf_p2p::importer::iommufd::{Ioas, IoasMapping, Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::revoke::{Attachment, RestorePolicy};
 use dmabuf_p2p::{ByteRange, Error};
 use dmabuf_p2p_vm_tests::{
-    DMA_TIMEOUT, Kmsg, assert_bytes, bar_read, bar_write, edu_address, nvme_address, nvme_image,
-    pattern, request_host_check, shm_address,
+    DMA_TIMEOUT, Kmsg, assert_bytes, bar_read, bar_write, directive, edu_address, nvme_address,
+    nvme_image, pattern, request_host_check, shm_address,
 };
 
 const BLOCK: u64 = 512;
@@ -287,11 +287,11 @@ fn nvme_read_into_an_unmapped_iova_completes() {
                 problem(e).status().is_some(),
                 "a completion status, not {e}"
             );
-            println!("nvme: read into an unmapped IOVA failed: {e}");
+            directive(&format!("nvme: read into an unmapped IOVA failed: {e}"));
         }
     }
     let faults = kmsg.iommu_faults(Duration::from_secs(2));
-    println!("nvme: {} DMAR fault line(s) logged", faults.len());
+    directive(&format!("nvme: {} DMAR fault line(s) logged", faults.len()));
     nvme.read_blocks(9, 4, map.iova(), IO_TIMEOUT).unwrap();
     assert_bytes(
         &read_mem(&mem, 0, 2048),
@@ -359,8 +359,16 @@ fn nvme_cmb_is_a_p2p_target_for_edu_and_nvme() {
     edu.memcpy(src_map.iova(), att.iova() + 0x2000, 0x800, DMA_TIMEOUT)
         .unwrap();
     let revoked_read = reader.read_blocks(128, 8, att.iova() + 0x3000, IO_TIMEOUT);
-    if let Err(e) = &revoked_read {
-        assert!(problem(e).status().is_some(), "{e}");
+    match &revoked_read {
+        Ok(()) => {
+            directive("nvme: nvme0's read into the revoked CMB export completed with success")
+        }
+        Err(e) => {
+            assert!(problem(e).status().is_some(), "{e}");
+            directive(&format!(
+                "nvme: nvme0's read into the revoked CMB export failed: {e}"
+            ));
+        }
     }
     owner.device().set_memory_decode(true).unwrap();
     assert!(!att.is_revoked(), "restored: {:?}", att.last_error());
