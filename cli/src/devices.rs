@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 
+use dmabuf_p2p::engine::detect::{EngineKind, TargetBar, target_bars};
 use dmabuf_p2p::sysfs::{PciDeviceInfo, Sysfs};
 
 use crate::{CliError, human_size, print_json};
@@ -15,6 +16,16 @@ pub struct Args {
     /// Root of the sysfs tree to read.
     #[arg(long, default_value = "/sys", hide = true)]
     pub sysfs: String,
+}
+
+/// One device as `--json` prints it: sysfs's facts, the engine driver that
+/// can drive it, and its BARs that are peer-to-peer DMA targets.
+#[derive(Debug, serde::Serialize)]
+struct Listed<'a> {
+    #[serde(flatten)]
+    info: &'a PciDeviceInfo,
+    engine: Option<EngineKind>,
+    p2p_targets: Vec<TargetBar>,
 }
 
 /// Lists the devices.
@@ -31,11 +42,24 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
             infos.push(info);
         }
     }
+    let listed: Vec<Listed<'_>> = infos
+        .iter()
+        .map(|info| Listed {
+            info,
+            engine: EngineKind::detect(info.vendor, info.device, info.class),
+            p2p_targets: target_bars(info),
+        })
+        .collect();
     if json {
-        print_json(&infos)?;
+        print_json(&listed)?;
         return Ok(ExitCode::SUCCESS);
     }
-    for info in &infos {
+    for Listed {
+        info,
+        engine,
+        p2p_targets,
+    } in &listed
+    {
         println!(
             "{}  {:04x}:{:04x}  class {:06x}  driver {}  iommu_group {}  vfio {}",
             info.address,
@@ -48,6 +72,17 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
                 .as_deref()
                 .map_or("-".to_owned(), |v| format!("/dev/vfio/devices/{v}")),
         );
+        if let Some(kind) = engine {
+            let what = match kind {
+                EngineKind::Edu => "copy engine",
+                _ => "storage engine",
+            };
+            println!(
+                "    engine: {} ({what}; p2p-test --engine {})",
+                kind.name(),
+                info.address
+            );
+        }
         for r in info.resources.iter().take(6).filter(|r| !r.is_unused()) {
             let kind = if r.is_io() {
                 "io"
@@ -57,8 +92,22 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
                 "mem32"
             };
             let pref = if r.is_prefetch() { " prefetchable" } else { "" };
+            let target = p2p_targets
+                .iter()
+                .find(|t| t.bar == r.index)
+                .map_or(String::new(), |t| {
+                    format!(
+                        "  P2P target: {}{}",
+                        t.what,
+                        if t.certain {
+                            ""
+                        } else {
+                            " (if the controller has one)"
+                        }
+                    )
+                });
             println!(
-                "    BAR{}  {:>8}  {kind}{pref}  {:#x}..{:#x}",
+                "    BAR{}  {:>8}  {kind}{pref}  {:#x}..{:#x}{target}",
                 r.index,
                 human_size(r.size),
                 r.start,

@@ -5,6 +5,7 @@
 mod devices;
 mod export;
 mod p2p;
+mod p2p_nvme;
 mod share;
 pub mod target;
 #[cfg(feature = "vm")]

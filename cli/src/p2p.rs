@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use dmabuf_p2p::engine::DmaEngine;
-use dmabuf_p2p::engine::edu::{EDU_ID, Edu};
-use dmabuf_p2p::exporter::vfio::VfioPciDevice;
+use dmabuf_p2p::engine::detect::EngineKind;
+use dmabuf_p2p::engine::edu::Edu;
 use dmabuf_p2p::importer::iommufd::{Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::range::parse_size;
@@ -21,19 +21,33 @@ use crate::{CliError, human_size, print_json};
 /// Options of `p2p-test`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The DMA engine device (a QEMU `edu`, 1234:11e8).
+    /// The engine device: a QEMU `edu` (1234:11e8) copies; an NVMe controller
+    /// (class 0x010802) reads blocks. The kind is detected from the device.
     #[arg(long)]
     pub engine: PciAddress,
     /// The device whose BAR is the target: `<bdf>[:bar[:offset+len]]` (BAR 2 and
-    /// its first 64 KiB by default).
+    /// its first 64 KiB by default; for an NVMe controller, its CMB).
     #[arg(long)]
     pub target: TargetSpec,
     /// Bytes per transfer (`4K`, `0x2000`, ...).
     #[arg(long, default_value = "4K", value_parser = parse_size_arg)]
     pub size: u64,
-    /// Longest wait for one copy, in seconds.
+    /// Longest wait for one copy or command, in seconds.
     #[arg(long, default_value_t = 10)]
     pub timeout: u64,
+    /// NVMe engine: the namespace to read.
+    #[arg(long, default_value_t = 1)]
+    pub nsid: u32,
+    /// NVMe engine: the first block to read.
+    #[arg(long, default_value_t = 0)]
+    pub lba: u64,
+    /// NVMe engine: blocks per read (default: --size in blocks).
+    #[arg(long)]
+    pub blocks: Option<u64>,
+    /// NVMe engine: allow writing these blocks, `<lba>+<count>` (a write test
+    /// that puts the original data back). Without it nothing is written.
+    #[arg(long)]
+    pub allow_write: Option<super::p2p_nvme::WriteAllowance>,
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -72,7 +86,7 @@ pub struct Report {
     pub passed: bool,
 }
 
-fn pattern(seed: u8, len: u64) -> Vec<u8> {
+pub(super) fn pattern(seed: u8, len: u64) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(167).wrapping_add(seed) ^ ((i >> 8) as u8))
         .collect()
@@ -80,7 +94,7 @@ fn pattern(seed: u8, len: u64) -> Vec<u8> {
 
 /// Emits a host-check directive when running in the test VM (the host then
 /// compares the ivshmem backing file with what the guest saw).
-fn host_check(offset: u64, data: &[u8]) {
+pub(super) fn host_check(offset: u64, data: &[u8]) {
     if let Ok(name) = std::env::var("DMABUF_P2P_HOST_CHECK") {
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for b in data {
@@ -99,23 +113,37 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     let timeout = Duration::from_secs(args.timeout);
     let sysfs = Sysfs::default();
     let (v, d) = (sysfs.vendor(args.engine)?, sysfs.device_id(args.engine)?);
-    if (v, d) != EDU_ID {
-        return Err(format!(
-            "no DMA engine driver for {} ({v:04x}:{d:04x}); supported: edu (1234:11e8)",
-            args.engine
-        )
-        .into());
+    let class = sysfs.class(args.engine)?;
+    match EngineKind::detect(v, d, class) {
+        Some(EngineKind::Edu) => {}
+        Some(EngineKind::Nvme) => return super::p2p_nvme::run(args, json),
+        _ => {
+            return Err(format!(
+                "no engine driver for {} ({v:04x}:{d:04x}, class {class:06x}); supported: edu (1234:11e8), \
+                 NVMe controllers (class 010802)",
+                args.engine
+            )
+            .into());
+        }
+    }
+    if args.allow_write.is_some() {
+        return Err("--allow-write is for an NVMe engine; edu writes only the target range".into());
     }
     let iommufd = Iommufd::open()?;
     let ioas = iommufd.alloc_ioas()?;
-    let mut target = VfioPciDevice::open(args.target.device)?;
-    target.bind(&iommufd)?;
-    target.set_memory_decode(true)?;
-    let bar = args.target.bar.unwrap_or(2);
+    let (target_dev, nvme_default) =
+        super::p2p_nvme::open_target(args.target.device, &iommufd, &ioas)?;
+    let target = target_dev.dev();
+    let (default_bar, default_range) = match nvme_default {
+        Some((bar, range)) => (bar, Some(range)),
+        None => (2, None),
+    };
+    let bar = args.target.bar.unwrap_or(default_bar);
     let bar_size = target.bar(bar)?.size();
     let range = args
         .target
         .range
+        .or(default_range)
         .unwrap_or(ByteRange::new(0, bar_size.min(0x10000)));
     let size = args.size;
     if size == 0 || size.checked_mul(2).is_none_or(|two| two > range.length) {
@@ -288,6 +316,18 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     if json {
         print_json(&report)?;
     } else {
+        print_report(&report);
+    }
+    Ok(if report.passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Prints the report as a table.
+pub(super) fn print_report(report: &Report) {
+    {
         println!("engine: {}", report.engine);
         println!(
             "target: {}  phys {}  mapped at IOVA {:#x}",
@@ -319,9 +359,4 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
             report.steps.len()
         );
     }
-    Ok(if report.passed {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
 }

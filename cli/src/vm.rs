@@ -13,7 +13,21 @@ pub enum VmCommand {
     /// Boot the VM and print what it offers (devices, drivers, device nodes).
     Info,
     /// Boot the VM and run `p2p-test` inside: real device-to-BAR DMA through the IOMMU.
-    Demo,
+    Demo {
+        /// The engine: QEMU's `edu` copy engine, or an NVMe controller reading
+        /// blocks (read-only).
+        #[arg(long, value_enum, default_value_t = DemoEngine::Edu)]
+        engine: DemoEngine,
+    },
+}
+
+/// The engine of `vm demo`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoEngine {
+    /// QEMU's edu device.
+    Edu,
+    /// The VM's first NVMe controller.
+    Nvme,
 }
 
 /// This very binary goes into the VM, so the demo runs what the user runs.
@@ -65,9 +79,18 @@ pub fn run(cmd: VmCommand, json: bool) -> Result<ExitCode, CliError> {
             "vm-info",
             format!("{}\n{} devices\n", suite::INFO_JOB, suite::GUEST_CLI),
         ),
-        VmCommand::Demo => (
+        VmCommand::Demo { engine } => (
             "vm-demo",
-            format!("DEMO_JSON={}\n{}", flag.trim(), suite::DEMO_JOB),
+            format!(
+                "DEMO_JSON={}\nDEMO_ENGINE={}\n{}",
+                flag.trim(),
+                if engine == DemoEngine::Nvme {
+                    "nvme"
+                } else {
+                    "edu"
+                },
+                suite::DEMO_JOB
+            ),
         ),
     };
     let mut spec = RunSpec::new(name, job, false);

@@ -1,0 +1,367 @@
+//! `p2p-test` with an NVMe controller as the engine: the same blocks are read
+//! into host RAM and into the target BAR through its dma-buf IOVA and
+//! compared, then the export is revoked (reads must not land) and restored
+//! (they land again). Nothing is written to the namespace unless
+//! `--allow-write <lba>+<count>` names the blocks, and those get their
+//! original contents back at the end.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use dmabuf_p2p::engine::StorageEngine;
+use dmabuf_p2p::engine::nvme::{NVME_CLASS, Nvme};
+use dmabuf_p2p::importer::iommufd::{Ioas, Iommufd, IovaPlacement, MapPerms};
+use dmabuf_p2p::memfd::Memfd;
+use dmabuf_p2p::revoke::{Attachment, RestorePolicy};
+use dmabuf_p2p::sysfs::Sysfs;
+use dmabuf_p2p::{BarMapping, ByteRange, PciAddress, VfioPciDevice};
+
+use super::p2p::{Args, Report, Step, host_check, pattern, print_report};
+use super::{CliError, print_json};
+
+/// Blocks the caller allows to be written: `<lba>+<count>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteAllowance {
+    /// First block.
+    pub lba: u64,
+    /// Number of blocks.
+    pub count: u64,
+}
+
+impl std::str::FromStr for WriteAllowance {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?}: expected <lba>+<count>, e.g. 2048+8");
+        let (lba, count) = s.split_once('+').ok_or_else(bad)?;
+        let num = |t: &str| match t.trim().strip_prefix("0x") {
+            Some(h) => u64::from_str_radix(h, 16).map_err(|_| bad()),
+            None => t.trim().parse::<u64>().map_err(|_| bad()),
+        };
+        let (lba, count) = (num(lba)?, num(count)?);
+        if count == 0 {
+            return Err(format!("{s:?}: the count must not be zero"));
+        }
+        Ok(Self { lba, count })
+    }
+}
+
+/// The target: a plain device (ivshmem), or an NVMe controller whose CMB is
+/// the target, brought up by the driver to enable it.
+pub(super) enum Target {
+    Plain(Box<VfioPciDevice>),
+    Nvme(Box<Nvme>),
+}
+
+impl Target {
+    pub(super) fn dev(&self) -> &VfioPciDevice {
+        match self {
+            Self::Plain(d) => d,
+            Self::Nvme(n) => n.device(),
+        }
+    }
+}
+
+/// Opens the target device: an NVMe controller is brought up and its CMB
+/// enabled, and its CMB is the default target range.
+pub(super) fn open_target(
+    address: PciAddress,
+    iommufd: &Iommufd,
+    ioas: &Ioas,
+) -> Result<(Target, Option<(u32, ByteRange)>), CliError> {
+    let sysfs = Sysfs::default();
+    let mut dev = VfioPciDevice::open(address)?;
+    dev.bind(iommufd)?;
+    if sysfs.class(address)? == NVME_CLASS {
+        dev.attach(ioas)?;
+        let mut nvme = Nvme::from_device(dev, ioas)?;
+        let cmb = nvme.enable_cmb()?;
+        let default = (cmb.bar, ByteRange::new(cmb.offset, cmb.size.min(0x10000)));
+        return Ok((Target::Nvme(Box::new(nvme)), Some(default)));
+    }
+    dev.set_memory_decode(true)?;
+    Ok((Target::Plain(Box::new(dev)), None))
+}
+
+/// Runs the NVMe flavour of the test.
+pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
+    let timeout = Duration::from_secs(args.timeout);
+    let iommufd = Iommufd::open()?;
+    let ioas = iommufd.alloc_ioas()?;
+    let mut engine = Nvme::open(args.engine, &ioas)?;
+    if args.nsid != 1 || engine.namespace().is_none() {
+        engine.select_namespace(args.nsid)?;
+    }
+    let bs = engine.block_size();
+    let blocks = match args.blocks {
+        Some(b) => b,
+        None => args.size.div_ceil(bs).max(1),
+    };
+    let size = blocks * bs;
+    if size > engine.max_transfer() {
+        return Err(format!(
+            "--blocks {blocks}: {size} bytes is over the controller's {} bytes per command (MDTS)",
+            engine.max_transfer()
+        )
+        .into());
+    }
+    let count = u32::try_from(blocks)?;
+    let (target, nvme_default) = open_target(args.target.device, &iommufd, &ioas)?;
+    let dev = target.dev();
+    let (default_bar, default_range) = match nvme_default {
+        Some((bar, range)) => (bar, Some(range)),
+        None => (2, None),
+    };
+    let bar = args.target.bar.unwrap_or(default_bar);
+    let bar_size = dev.bar(bar)?.size();
+    let range = args
+        .target
+        .range
+        .or(default_range)
+        .unwrap_or(ByteRange::new(0, bar_size.min(0x10000)));
+    if size.checked_mul(2).is_none_or(|two| two > range.length) {
+        return Err(format!(
+            "{blocks} blocks ({size:#x} bytes): the target range {range} must hold two reads"
+        )
+        .into());
+    }
+    let export = dev.export_bar(bar, &[range])?;
+    let att = Attachment::map(
+        &export,
+        &ioas,
+        IovaPlacement::Auto,
+        MapPerms::ReadWrite,
+        RestorePolicy::Automatic,
+    )?;
+    let ram = Memfd::new("p2p-test-nvme", 4 * size)?;
+    let ram_map = ioas.map_file(
+        &ram,
+        ByteRange::new(0, 4 * size),
+        IovaPlacement::Auto,
+        MapPerms::ReadWrite,
+    )?;
+    let window = dev.map_bar(bar)?;
+    let bar_at = |off: u64| range.offset + off;
+    let len = usize::try_from(size)?;
+    let ns = engine.namespace().copied();
+
+    let mut report = Report {
+        engine: format!(
+            "{} {} ({:?}), namespace {} ({} blocks of {bs} bytes), blocks {}+{blocks}",
+            engine.name(),
+            args.engine,
+            engine.completion(),
+            ns.map_or(0, |n| n.nsid),
+            engine.blocks(),
+            args.lba,
+        ),
+        target: format!("{} BAR{bar} {range}", args.target.device),
+        phys: export
+            .phys_ranges()
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        iova: att.iova(),
+        steps: Vec::new(),
+        passed: false,
+    };
+    let mut step = |name: &str, bytes: u64, ok: bool, detail: String, t: Instant| {
+        report.steps.push(Step {
+            step: name.to_owned(),
+            bytes,
+            ok,
+            detail,
+            millis: t.elapsed().as_millis(),
+        });
+    };
+    let read_ram = |off: u64| -> Result<Vec<u8>, CliError> {
+        let mut v = vec![0u8; len];
+        ram.read_at(off, &mut v)?;
+        Ok(v)
+    };
+    let read_bar = |w: &BarMapping, off: u64| -> Result<Vec<u8>, CliError> {
+        let mut v = vec![0u8; len];
+        w.read_bytes(bar_at(off), &mut v)?;
+        Ok(v)
+    };
+
+    // 1. storage -> host RAM
+    let t = Instant::now();
+    engine.read_blocks(args.lba, count, ram_map.iova(), timeout)?;
+    let from_disk = read_ram(0)?;
+    step(
+        "storage -> host RAM",
+        size,
+        true,
+        "read completed".into(),
+        t,
+    );
+
+    // 2. storage -> BAR, compared with host RAM
+    let t = Instant::now();
+    let sentinel = pattern(0xa5, size);
+    window.write_bytes(bar_at(0), &sentinel)?;
+    window.write_bytes(bar_at(size), &sentinel)?;
+    engine.read_blocks(args.lba, count, att.iova(), timeout)?;
+    let got = read_bar(&window, 0)?;
+    let ok = got == from_disk;
+    step(
+        "storage -> BAR",
+        size,
+        ok,
+        if ok {
+            "BAR bytes equal the host RAM read".into()
+        } else {
+            "BAR bytes differ from the host RAM read".into()
+        },
+        t,
+    );
+
+    // 3. revoke
+    let t = Instant::now();
+    let iova = att.iova();
+    dev.set_memory_decode(false)?;
+    let ok = att.is_revoked() && att.ensure_live().is_err();
+    step(
+        "revoke (memory decode off)",
+        0,
+        ok,
+        format!("attachment revoked: {}", att.is_revoked()),
+        t,
+    );
+
+    // 4. a read into the revoked IOVA must not land
+    let t = Instant::now();
+    let attempted = engine.read_blocks(args.lba, count, iova + size, timeout);
+    dev.set_memory_decode(true)?;
+    let after = read_bar(&window, size)?;
+    let changed = sentinel.iter().zip(&after).filter(|(x, y)| x != y).count();
+    step(
+        "read while revoked",
+        size,
+        changed == 0,
+        format!(
+            "controller: {}; {changed} BAR bytes changed",
+            match &attempted {
+                Ok(()) => "completed".to_owned(),
+                Err(e) => format!("failed ({e})"),
+            }
+        ),
+        t,
+    );
+
+    // 5. restore
+    let t = Instant::now();
+    let ok = !att.is_revoked() && att.iova() == iova;
+    step(
+        "restore (memory decode on)",
+        0,
+        ok,
+        format!("live again at IOVA {:#x}", att.iova()),
+        t,
+    );
+
+    // 6. the next read lands
+    let t = Instant::now();
+    engine.read_blocks(args.lba, count, att.iova() + size, timeout)?;
+    let got = read_bar(&window, size)?;
+    let ok = got == from_disk;
+    step(
+        "read after restore",
+        size,
+        ok,
+        if ok {
+            "BAR bytes equal the host RAM read".into()
+        } else {
+            "BAR bytes differ".into()
+        },
+        t,
+    );
+    host_check(bar_at(size), &got);
+
+    // 7. only with --allow-write: write, read back into the BAR, put back.
+    if let Some(allow) = args.allow_write {
+        let t = Instant::now();
+        let inside = args.lba >= allow.lba
+            && args
+                .lba
+                .checked_add(blocks)
+                .is_some_and(|end| end <= allow.lba.saturating_add(allow.count));
+        if !inside {
+            step(
+                "write (allowed blocks)",
+                0,
+                false,
+                format!(
+                    "blocks {}+{blocks} are not inside --allow-write {}+{}: nothing written",
+                    args.lba, allow.lba, allow.count
+                ),
+                t,
+            );
+        } else {
+            let data = pattern(0x3c, size);
+            ram.write_at(size, &data)?;
+            engine.write_blocks(args.lba, count, ram_map.iova() + size, timeout)?;
+            engine.read_blocks(args.lba, count, att.iova(), timeout)?;
+            let back = read_bar(&window, 0)?;
+            // Put the original blocks back and check that they are.
+            engine.write_blocks(args.lba, count, ram_map.iova(), timeout)?;
+            engine.read_blocks(args.lba, count, ram_map.iova() + 2 * size, timeout)?;
+            let restored = read_ram(2 * size)?;
+            let ok = back == data && restored == from_disk;
+            step(
+                "write, read back into BAR",
+                size,
+                ok,
+                format!(
+                    "written bytes {} in the BAR; original blocks {}",
+                    if back == data { "verified" } else { "DIFFER" },
+                    if restored == from_disk {
+                        "restored"
+                    } else {
+                        "NOT restored"
+                    }
+                ),
+                t,
+            );
+        }
+    }
+
+    report.passed = report.steps.iter().all(|s| s.ok);
+    if json {
+        print_json(&report)?;
+    } else {
+        print_report(&report);
+    }
+    Ok(if report.passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_allowance_parses() {
+        assert_eq!(
+            "2048+8".parse::<WriteAllowance>(),
+            Ok(WriteAllowance {
+                lba: 2048,
+                count: 8
+            })
+        );
+        assert_eq!(
+            "0x800+0x10"
+                .parse::<WriteAllowance>()
+                .map(|w| (w.lba, w.count)),
+            Ok((0x800, 16))
+        );
+        assert!("2048".parse::<WriteAllowance>().is_err());
+        assert!("2048+0".parse::<WriteAllowance>().is_err());
+        assert!("x+1".parse::<WriteAllowance>().is_err());
+    }
+}
