@@ -508,3 +508,76 @@ fn nvme_revocation_while_reads_are_queued() {
     );
     request_host_check("shm1", AREA + READS * EACH, &want);
 }
+
+const CLI: &str = "/bin/dmabuf-p2p";
+
+fn run_cli(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(CLI)
+        .args(args)
+        .output()
+        .expect("run /bin/dmabuf-p2p");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// The CLI detects the NVMe engine from the device and passes its read-only
+/// P2P test into an ivshmem BAR and into nvme1's CMB; `devices` marks both
+/// controllers as engines and nvme1's BAR2 as a P2P target.
+#[test]
+fn nvme_cli_p2p_test_and_devices() {
+    let engine = nvme_address("nvme0");
+    let cmb_owner = nvme_address("nvme1");
+    let shm = shm_address("shm0");
+    // shm0 BAR2 0xc0000.. is clear of the other tests' areas.
+    let target = format!("{shm}:2:0xc0000+0x10000");
+    let (ok, text) = run_cli(&[
+        "--json", "p2p-test", "--engine", &engine, "--target", &target, "--lba", "16", "--blocks",
+        "16",
+    ]);
+    assert!(ok, "{text}");
+    assert!(text.contains("\"passed\": true"), "{text}");
+    assert!(text.contains("read while revoked"), "{text}");
+    assert!(
+        !text.contains("write, read back"),
+        "no write without --allow-write: {text}"
+    );
+
+    let (ok, text) = run_cli(&[
+        "p2p-test", "--engine", &engine, "--target", &cmb_owner, "--blocks", "8",
+    ]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains(&format!("target: {cmb_owner} BAR2")),
+        "{text}"
+    );
+    assert!(text.contains("PASS"), "{text}");
+
+    // Blocks past the end of the namespace: refused, naming them.
+    let (ok, text) = run_cli(&[
+        "p2p-test", "--engine", &engine, "--target", &target, "--lba", "8190", "--blocks", "8",
+    ]);
+    assert!(!ok);
+    assert!(text.contains("past the end of namespace 1"), "{text}");
+
+    let (ok, text) = run_cli(&["--json", "devices"]);
+    assert!(ok, "{text}");
+    for bdf in [&engine, &cmb_owner] {
+        let at = text
+            .find(&format!("\"address\": \"{bdf}\""))
+            .unwrap_or_else(|| panic!("{bdf} in {text}"));
+        let entry = &text[at..];
+        let entry = &entry[..entry.find("\"address\"").map_or(entry.len(), |_| {
+            entry[1..]
+                .find("\"address\"")
+                .map_or(entry.len(), |e| e + 1)
+        })];
+        assert!(entry.contains("\"engine\": \"Nvme\""), "{entry}");
+        if bdf == &cmb_owner {
+            assert!(entry.contains("\"what\": \"NVMe CMB or PMR\""), "{entry}");
+        }
+    }
+}
