@@ -279,8 +279,8 @@ fn nvme_read_into_an_unmapped_iova_completes() {
     let hole = map.iova() + 0x10_0000;
     let outcome = nvme.read_blocks(8, 8, hole, IO_TIMEOUT);
     match &outcome {
-        Ok(()) => println!(
-            "nvme: read into an unmapped IOVA completed with success (data dropped by the IOMMU)"
+        Ok(()) => directive(
+            "nvme: read into an unmapped IOVA completed with success (data dropped by the IOMMU)",
         ),
         Err(e) => {
             assert!(
@@ -478,9 +478,9 @@ fn nvme_revocation_while_reads_are_queued() {
             landed += 1;
         }
     }
-    println!(
+    directive(&format!(
         "nvme: of {READS} queued reads, {landed} landed whole before the revocation, {failed} failed"
-    );
+    ));
     assert_eq!(
         bar_read(&bar, AREA + READS * EACH, (READS * EACH) as usize),
         vec![0x5a; (READS * EACH) as usize],
