@@ -10,7 +10,8 @@ use super::nvme::NVME_CLASS;
 pub const IVSHMEM_ID: (u16, u16) = (0x1af4, 0x1110);
 
 /// A kind of engine this crate has a driver for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub enum EngineKind {
     /// QEMU's `edu`: a copy engine ([`DmaEngine`](super::DmaEngine)).
@@ -48,7 +49,8 @@ impl EngineKind {
 }
 
 /// A BAR that other devices can DMA into.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct TargetBar {
     /// The BAR index.
     pub bar: u32,

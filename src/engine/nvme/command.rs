@@ -246,7 +246,8 @@ impl Completion {
 
 /// A completion status: Status Code Type and Status Code, with the
 /// Do Not Retry bit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Status {
     /// Status Code Type (0 generic, 1 command specific, 2 media and data
     /// integrity, 3 path related, 7 vendor specific).

@@ -2,7 +2,8 @@
 //! from the 4 KiB the controller returns.
 
 /// What the driver needs from Identify Controller.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct ControllerIdentity {
     /// PCI vendor ID.
     pub vendor: u16,
@@ -20,7 +21,8 @@ pub struct ControllerIdentity {
 }
 
 /// What the driver needs from Identify Namespace.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct NamespaceIdentity {
     /// The namespace ID.
     pub nsid: u32,

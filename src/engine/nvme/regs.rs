@@ -128,7 +128,8 @@ pub fn aqa(sq: u32, cq: u32) -> u32 {
 }
 
 /// The controller memory buffer, from CMBLOC and CMBSZ.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct CmbInfo {
     /// The BAR that holds it (CMBLOC.BIR).
     pub bar: u32,
