@@ -496,7 +496,7 @@ impl Nvme {
                 blocks: ns.blocks,
             }));
         }
-        if iova % 4 != 0 {
+        if !iova.is_multiple_of(4) {
             return Err(self.error(NvmeProblem::UnalignedIova { iova, align: 4 }));
         }
         if iova.checked_add(bytes).is_none() {
