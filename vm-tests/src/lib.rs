@@ -7,6 +7,8 @@
 // Test helpers fail a test by panicking.
 #![allow(clippy::panic)]
 
+pub mod fail_nth;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 
