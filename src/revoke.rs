@@ -497,7 +497,7 @@ impl RevocationHub {
         };
         let n = atts
             .iter()
-            .filter(|a| a.policy() == RestorePolicy::Automatic && a.try_restore())
+            .filter(|a| a.policy() == RestorePolicy::Automatic && a.try_restore().is_ok())
             .count();
         tell(change);
         n
@@ -755,7 +755,9 @@ impl Attachment {
     }
 
     /// Maps the buffer again at the same IOVA now, whatever the policy. Fails
-    /// with [`Error::Revoked`] while the exporter is revoked.
+    /// with [`Error::Revoked`] while the exporter is revoked; if the remap
+    /// itself fails, with its error (naming the ioctl, with the kernel's
+    /// errno), and the attachment stays revoked.
     pub fn restore(&self) -> Result<()> {
         // The exporter must not revoke between the check and the remap: the
         // remap's unmap would free the IOVA, and its map then fail.
@@ -765,18 +767,10 @@ impl Attachment {
                 buffer: format!("exporter {} ({r})", self.core.hub.name()),
             });
         }
-        if self.core.try_restore() {
-            Ok(())
-        } else {
-            let why = self.last_error().unwrap_or_else(|| "restore failed".into());
-            Err(Error::Revoked {
-                buffer: format!(
-                    "IOVA {:#x} of exporter {}: {why}",
-                    self.iova(),
-                    self.core.hub.name()
-                ),
-            })
-        }
+        // A failed remap's own error: it names the ioctl and carries the
+        // kernel's errno (ENOMEM under memory pressure), or is
+        // [`Error::Revoked`] when the exporter revoked again meanwhile.
+        self.core.try_restore()
     }
 
     /// Unmaps and maps again at the same IOVA. On Linux 7.2 this is the only
@@ -871,30 +865,30 @@ impl AttachmentCore {
         }
     }
 
-    /// Maps again at the same IOVA if revoked; returns whether it is live now.
-    fn try_restore(&self) -> bool {
-        let ev = {
+    /// Maps again at the same IOVA if revoked; `Ok` when it is live now,
+    /// else the remap's error (the attachment stays revoked).
+    fn try_restore(&self) -> Result<()> {
+        let (ev, result) = {
             let mut st = lock(&self.state);
             if st.revoked.is_none() {
-                return true;
+                return Ok(());
             }
             match st.mapping.remap() {
                 Ok(()) => {
                     st.revoked = None;
                     st.restores += 1;
                     st.last_error = None;
-                    RevocationEvent::Restored
+                    (RevocationEvent::Restored, Ok(()))
                 }
                 Err(e) => {
                     let msg = e.to_string();
                     st.last_error = Some(msg.clone());
-                    RevocationEvent::RestoreFailed(msg)
+                    (RevocationEvent::RestoreFailed(msg), Err(e))
                 }
             }
         };
-        let ok = ev == RevocationEvent::Restored;
         self.notify(&ev);
-        ok
+        result
     }
 }
 

@@ -187,7 +187,13 @@ fn sweep<S, T>(
         }
         check(&mut state, &result, fired);
         match (&result, fired) {
-            (Err(e), _) => log.failed.push((n, e.raw_os_error())),
+            (Err(e), _) => {
+                assert!(
+                    e.raw_os_error().is_some(),
+                    "{what}: N={n}: an injected kernel failure must carry the kernel's errno: {e}"
+                );
+                log.failed.push((n, e.raw_os_error()));
+            }
             (Ok(_), true) => log.absorbed.push(n),
             (Ok(_), false) => {}
         }
@@ -371,6 +377,7 @@ fn attachment_map_survives_allocation_failures() {
         match &r {
             Err(e) => {
                 assert!(fired, "{what}: fails uninjected: {e}");
+                assert!(e.raw_os_error().is_some(), "{what}: N={n}: no errno in {e}");
                 log.failed.push((n, e.raw_os_error()));
                 rig.assert_iova_free("Attachment::map failed");
             }
@@ -428,7 +435,10 @@ fn revoke_and_restore_survive_allocation_failures() {
             log.tried.push(n);
             assert!(fired || r.is_ok(), "{what}: fails uninjected: {r:?}");
             match (&r, fired) {
-                (Err(e), _) => log.failed.push((n, e.raw_os_error())),
+                (Err(e), _) => {
+                    assert!(e.raw_os_error().is_some(), "{what}: N={n}: no errno in {e}");
+                    log.failed.push((n, e.raw_os_error()));
+                }
                 (Ok(()), true) => log.absorbed.push(n),
                 _ => {}
             }
@@ -514,7 +524,10 @@ fn attachment_restore_survives_allocation_failures() {
         log.tried.push(n);
         assert!(fired || r.is_ok(), "{what}: fails uninjected: {r:?}");
         match (&r, fired) {
-            (Err(e), _) => log.failed.push((n, e.raw_os_error())),
+            (Err(e), _) => {
+                assert!(e.raw_os_error().is_some(), "{what}: N={n}: no errno in {e}");
+                log.failed.push((n, e.raw_os_error()));
+            }
             (Ok(()), true) => log.absorbed.push(n),
             _ => {}
         }
@@ -575,7 +588,10 @@ fn device_reset_survives_allocation_failures() {
         log.tried.push(n);
         assert!(fired || r.is_ok(), "{what}: fails uninjected: {r:?}");
         match (&r, fired) {
-            (Err(e), _) => log.failed.push((n, e.raw_os_error())),
+            (Err(e), _) => {
+                assert!(e.raw_os_error().is_some(), "{what}: N={n}: no errno in {e}");
+                log.failed.push((n, e.raw_os_error()));
+            }
             (Ok(()), true) => log.absorbed.push(n),
             _ => {}
         }
