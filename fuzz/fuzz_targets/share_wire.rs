@@ -1,0 +1,65 @@
+//! The sharing protocol's receive path (`share::recv`: frame reader, fd
+//! bookkeeping, decoding) on any bytes with 0 to 9 fds attached: no panic,
+//! and no fd outlives the messages (this process's fd count is the same
+//! afterwards).
+//!
+//! Input: the first byte picks the number of fds (`% 10`) and where the
+//! bytes are split in two `sendmsg`s (`/ 10`); the fds travel with the
+//! second part.
+
+#![no_main]
+
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
+
+use dmabuf_p2p::share::recv;
+use dmabuf_p2p::share::wire::send_some;
+use libfuzzer_sys::fuzz_target;
+
+fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count)
+}
+
+/// Sends `data` with `fds` on the first `sendmsg`, as much as the socket
+/// takes without blocking.
+fn send(tx: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) {
+    let mut sent = 0;
+    while sent < data.len() {
+        let with = if sent == 0 { fds } else { &[] };
+        match send_some(tx, &data[sent..], with) {
+            Ok(n) => sent += n,
+            Err(_) => return,
+        }
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&head, bytes)) = data.split_first() else {
+        return;
+    };
+    let nfds = usize::from(head % 10);
+    let at = usize::from(head / 10) * bytes.len() / 25;
+    let (first, second) = bytes.split_at(at.min(bytes.len()));
+    let before = fd_count();
+    {
+        let Ok((tx, rx)) = UnixStream::pair() else {
+            return;
+        };
+        let files: Vec<File> = (0..nfds)
+            .filter_map(|_| File::open("/dev/null").ok())
+            .collect();
+        let fds: Vec<BorrowedFd<'_>> = files.iter().map(AsFd::as_fd).collect();
+        if second.is_empty() {
+            send(&tx, first, &fds);
+        } else {
+            send(&tx, first, &[]);
+            send(&tx, second, &fds);
+        }
+        drop(files);
+        drop(tx);
+        // Every message until the end or the first refusal.
+        while let Ok(Some(_)) = recv(&rx) {}
+    }
+    assert_eq!(fd_count(), before, "an fd outlived the messages");
+});
