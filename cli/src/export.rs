@@ -18,11 +18,28 @@ pub struct Args {
     /// Leave memory decode as it is (an export made while it is off is born revoked).
     #[arg(long)]
     pub keep_decode: bool,
-    /// Keep the export alive and hand it to every process that connects to
-    /// this Unix socket, forwarding revocations (SIGUSR1: memory decode off,
-    /// SIGUSR2: on, SIGTERM: stop). See `dmabuf-p2p map --from`.
-    #[arg(long, value_name = "SOCKET")]
+    /// Keep the export alive and hand it to every allowed process that
+    /// connects to this Unix socket, forwarding revocations (SIGUSR1: memory
+    /// decode off, SIGUSR2: on, SIGTERM: stop; an unplug request closes the
+    /// device). The socket is mode 0600; without a path it is
+    /// `$XDG_RUNTIME_DIR/dmabuf-p2p/<bdf>-bar<n>.sock`, else under
+    /// `/run/dmabuf-p2p/`. Only this uid and root may connect unless
+    /// allowed. See `dmabuf-p2p map --from`.
+    #[arg(long, value_name = "SOCKET", num_args = 0..=1, default_missing_value = "")]
     pub serve: Option<std::path::PathBuf>,
+    /// With --serve: also let this uid connect. Repeatable.
+    #[arg(long = "allow-uid", value_name = "UID", requires = "serve")]
+    pub allow_uids: Vec<u32>,
+    /// With --serve: also let processes of this effective gid connect. Repeatable.
+    #[arg(long = "allow-gid", value_name = "GID", requires = "serve")]
+    pub allow_gids: Vec<u32>,
+    /// With --serve: answer clients' read-back requests with the BAR's bytes
+    /// (off by default).
+    #[arg(long, requires = "serve")]
+    pub read_back: bool,
+    /// With --serve: the most clients served at once.
+    #[arg(long, default_value_t = 64, requires = "serve")]
+    pub max_clients: usize,
 }
 
 /// The facts printed about an export.
@@ -57,7 +74,14 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     };
     let export = dev.export_bar(bar, &[range])?;
     if let Some(socket) = &args.serve {
-        return super::share::serve(dev, export, socket, json);
+        let opts = super::share::ServeOptions {
+            socket: (!socket.as_os_str().is_empty()).then(|| socket.clone()),
+            allow_uids: args.allow_uids.clone(),
+            allow_gids: args.allow_gids.clone(),
+            read_back: args.read_back,
+            max_clients: args.max_clients,
+        };
+        return super::share::serve(dev, export, &opts, json);
     }
     let report = ExportReport {
         device: dev.address().to_string(),

@@ -61,6 +61,24 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     }
 }
 
+/// The longest timeout a command takes, in seconds (a week).
+pub const MAX_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
+
+/// Parses a timeout in seconds: 1 to [`MAX_TIMEOUT_SECS`], so that adding it
+/// to the clock can never overflow.
+pub fn timeout_secs(s: &str) -> Result<u64, String> {
+    let n: u64 = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a number of seconds: {e}"))?;
+    if n == 0 || n > MAX_TIMEOUT_SECS {
+        return Err(format!("{n} seconds: 1 to {MAX_TIMEOUT_SECS} allowed"));
+    }
+    std::time::Instant::now()
+        .checked_add(std::time::Duration::from_secs(n))
+        .map(|_| n)
+        .ok_or_else(|| format!("{n} seconds: too far in the future"))
+}
+
 /// Prints `value` as pretty JSON.
 pub fn print_json<T: serde::Serialize>(value: &T) -> Result<(), CliError> {
     println!("{}", serde_json::to_string_pretty(value)?);

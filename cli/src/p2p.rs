@@ -33,7 +33,7 @@ pub struct Args {
     #[arg(long, default_value = "4K", value_parser = parse_size_arg)]
     pub size: u64,
     /// Longest wait for one copy or command, in seconds.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = super::timeout_secs)]
     pub timeout: u64,
     /// NVMe engine: the namespace to read.
     #[arg(long, default_value_t = 1)]

@@ -8,14 +8,17 @@
 //! `SIGHUP` stop it (the device is closed: clients hear `gone`). It prints one
 //! line per event (JSON lines with `--json`), the first when it is ready.
 
-use std::io;
-use std::mem::MaybeUninit;
-use std::os::fd::AsRawFd;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use dmabuf_p2p::engine::DmaEngine;
 use dmabuf_p2p::engine::edu::Edu;
@@ -23,8 +26,12 @@ use dmabuf_p2p::exporter::vfio::{BarExport, VfioPciDevice};
 use dmabuf_p2p::importer::iommufd::{Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::range::{page_size, parse_size};
-use dmabuf_p2p::revoke::{BufferState, RestorePolicy, RevokeReason};
-use dmabuf_p2p::share::{BufferInfo, ShareProblem, ShareServer, SharedBuffer};
+use dmabuf_p2p::revoke::{BufferState, RestorePolicy, RevokeReason, StateChange};
+use dmabuf_p2p::share::{
+    AccessPolicy, BufferInfo, ConnectOptions, PeerCred, ServerEvent, ServerOptions, ShareProblem,
+    ShareServer, SharedBuffer, bind_listener, default_socket_path,
+};
+use dmabuf_p2p::vfio::BarMapping;
 use dmabuf_p2p::{ByteRange, Error, PciAddress};
 
 use crate::{CliError, human_size, print_json};
@@ -54,107 +61,152 @@ fn state_text(state: BufferState) -> String {
     }
 }
 
-/// Blocks `signals` in this thread and every thread it starts afterwards, so
-/// that they wait for [`wait_signal`] instead of killing the process.
-fn block_signals(signals: &[libc::c_int]) -> io::Result<libc::sigset_t> {
-    let set = MaybeUninit::<libc::sigset_t>::zeroed();
-    // SAFETY: sigset_t is plain data; all zeroes is a valid (empty) set, and
-    // sigemptyset below makes it one by the book.
-    let mut set = unsafe { set.assume_init() };
-    // SAFETY: `set` is a valid sigset_t for the call.
-    unsafe { libc::sigemptyset(&mut set) };
-    for &s in signals {
-        // SAFETY: as above; `s` is a valid signal number.
-        unsafe { libc::sigaddset(&mut set, s) };
-    }
-    // SAFETY: `set` is valid for reads; the old mask is not asked for.
-    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if r != 0 {
-        return Err(io::Error::from_raw_os_error(r));
-    }
-    Ok(set)
+/// How `export --serve` serves.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// The socket; `None`: the default path for the export.
+    pub socket: Option<PathBuf>,
+    /// Further uids allowed to connect.
+    pub allow_uids: Vec<u32>,
+    /// Further gids allowed to connect.
+    pub allow_gids: Vec<u32>,
+    /// Answer read-back requests with the BAR's bytes.
+    pub read_back: bool,
+    /// The most clients at once.
+    pub max_clients: usize,
 }
 
-/// Waits for one of the (blocked) signals in `set`.
-fn wait_signal(set: &libc::sigset_t) -> io::Result<libc::c_int> {
-    loop {
-        // SAFETY: `set` is a valid sigset_t; no siginfo is asked for.
-        let r = unsafe { libc::sigwaitinfo(set, std::ptr::null_mut()) };
-        if r >= 0 {
-            return Ok(r);
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINTR) {
-            return Err(e);
-        }
-    }
+/// One server event as a line.
+fn server_event_line(json: bool, e: &ServerEvent) {
+    let v = match e {
+        ServerEvent::Connected { id, peer, clients } => serde_json::json!({
+            "event": "client", "id": id, "pid": peer.pid, "uid": peer.uid, "gid": peer.gid,
+            "clients": clients,
+        }),
+        ServerEvent::Refused {
+            peer,
+            why,
+            suppressed,
+        } => serde_json::json!({
+            "event": "refused", "pid": peer.map(|p| p.pid), "uid": peer.map(|p| p.uid),
+            "gid": peer.map(|p| p.gid), "why": why, "suppressed": suppressed,
+        }),
+        ServerEvent::Dropped { id, peer, why } => serde_json::json!({
+            "event": "dropped", "id": id, "pid": peer.pid, "uid": peer.uid, "why": why,
+        }),
+        ServerEvent::AcceptFailed {
+            error,
+            backoff,
+            suppressed,
+        } => serde_json::json!({
+            "event": "accept-failed", "error": error, "backoff_ms": backoff.as_millis(),
+            "suppressed": suppressed,
+        }),
+        other => serde_json::json!({"event": "server", "what": other.to_string()}),
+    };
+    event_line(json, &v, &e.to_string());
 }
 
-/// Binds `socket`, replacing a stale socket file nobody listens on.
-fn bind(socket: &Path) -> Result<UnixListener, CliError> {
-    if let Ok(meta) = std::fs::symlink_metadata(socket) {
-        use std::os::unix::fs::FileTypeExt;
-        if !meta.file_type().is_socket() {
-            return Err(format!("{}: exists and is not a socket", socket.display()).into());
-        }
-        if UnixStream::connect(socket).is_ok() {
-            return Err(format!("{}: another process is serving there", socket.display()).into());
-        }
-        std::fs::remove_file(socket)
-            .map_err(|e| format!("{}: removing the stale socket: {e}", socket.display()))?;
-    }
-    UnixListener::bind(socket).map_err(|e| format!("{}: bind: {e}", socket.display()).into())
+/// The BAR window read-backs use, and whether memory decode is on. Read-backs
+/// hold it shared; revoking holds it exclusively, so no read touches the BAR
+/// while memory decode is off (that would be SIGBUS). Emptied before the
+/// device is closed: a BAR mmap keeps the device file open.
+struct ReadWindow {
+    decode_on: bool,
+    window: Option<BarMapping>,
 }
 
-/// `export <target> --serve <socket>`: serves `export` to every client until
-/// a stop signal.
+/// Why serving stopped.
+enum Stop {
+    Signal(Signal),
+    Unplug,
+}
+
+/// `export <target> --serve [socket]`: serves `export` to every allowed
+/// client until a stop signal or an unplug request.
 pub fn serve(
     dev: VfioPciDevice,
     export: BarExport,
-    socket: &Path,
+    opts: &ServeOptions,
     json: bool,
 ) -> Result<ExitCode, CliError> {
-    // First, before any thread exists: every thread inherits the mask.
-    let signals = block_signals(&[
-        libc::SIGUSR1,
-        libc::SIGUSR2,
-        libc::SIGTERM,
-        libc::SIGINT,
-        libc::SIGHUP,
-    ])?;
-    let listener = bind(socket)?;
+    // First, before any thread exists: every thread inherits the mask, and
+    // the signals arrive on the signalfd only.
+    let mut mask = SigSet::empty();
+    for s in [
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+    ] {
+        mask.add(s);
+    }
+    mask.thread_block()?;
+    let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
     let bar = export.bar();
     let base = export.ranges().first().map_or(0, |r| r.offset);
     let info = BufferInfo::from_export(&export);
-    let window = Arc::new(dev.map_bar(bar)?);
+    let socket = opts.socket.clone().unwrap_or_else(|| {
+        default_socket_path(&format!("{}-bar{}", export.device(), export.bar()))
+    });
+    let listener = bind_listener(&socket)?;
     // An export made with memory decode off (`--keep-decode`) is born
     // revoked; the hub does not know that yet.
     let on = dev.memory_decode()?;
     if !on {
         dev.hub().revoke(RevokeReason::MemoryDecodeOff);
     }
-    // Read-backs hold it shared; revoking holds it exclusively, so no read
-    // touches the BAR while memory decode is off (that would be SIGBUS).
-    let decode_on = Arc::new(RwLock::new(on));
-    let server = Arc::new(ShareServer::new(&export)?);
-    {
+    let window = Arc::new(RwLock::new(ReadWindow {
+        decode_on: on,
+        window: if opts.read_back {
+            Some(dev.map_bar(bar)?)
+        } else {
+            None
+        },
+    }));
+    let server = ShareServer::new(&export)?;
+    let mut options = ServerOptions::default();
+    options.policy = AccessPolicy {
+        allow_uids: opts.allow_uids.clone(),
+        allow_gids: opts.allow_gids.clone(),
+    };
+    options.max_clients = opts.max_clients;
+    server.set_options(options);
+    if opts.read_back {
         let window = Arc::clone(&window);
-        let decode_on = Arc::clone(&decode_on);
         let name = info.exporter.clone();
         server.set_read_back(move |offset, buf| {
-            let on = decode_on.read().unwrap_or_else(PoisonError::into_inner);
-            if !*on {
-                return Err(Error::Revoked {
-                    buffer: format!("{name} (memory decode off)"),
-                });
+            let w = window.read().unwrap_or_else(PoisonError::into_inner);
+            match (&w.window, w.decode_on) {
+                (Some(m), true) => m.read_bytes(base + offset, buf),
+                _ => Err(Error::Revoked {
+                    buffer: format!("{name} (memory decode off or closing)"),
+                }),
             }
-            window.read_bytes(base + offset, buf)
         });
     }
-    // Told after the server has forwarded the change (observers run in order).
+    server.set_log(move |e| server_event_line(json, e));
+    // The hub's observer only records the newest change; this thread prints
+    // it (stdout may block; the revoking thread must not).
+    let state_wake = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?;
+    let state_wake = Arc::new(state_wake);
+    let newest: Arc<Mutex<Option<StateChange>>> = Arc::new(Mutex::new(None));
     let printer = {
-        let server = Arc::clone(&server);
+        let wake = Arc::clone(&state_wake);
+        let newest = Arc::clone(&newest);
         dev.hub().subscribe(move |change| {
+            let mut n = newest.lock().unwrap_or_else(PoisonError::into_inner);
+            if n.is_none_or(|old| old.seq < change.seq) {
+                *n = Some(*change);
+            }
+            let _ = wake.write(1);
+        })
+    };
+    let print_state = |server: &ShareServer| {
+        let _ = state_wake.read();
+        let change = newest.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(change) = change {
             let clients = server.client_count();
             let mut v = state_json(change.state);
             v["event"] = "state".into();
@@ -162,41 +214,22 @@ pub fn serve(
             event_line(
                 json,
                 &v,
-                &format!(
-                    "state: {} (told {clients} clients)",
-                    state_text(change.state)
-                ),
+                &format!("state: {} ({clients} clients)", state_text(change.state)),
             );
-        })
+        }
     };
-    {
-        let server = Arc::clone(&server);
-        std::thread::Builder::new()
-            .name("accept".into())
-            .spawn(move || {
-                for conn in listener.incoming() {
-                    let added = match conn {
-                        Ok(c) => server.add_client(c).map_err(|e| e.to_string()),
-                        Err(e) => Err(format!("accept: {e}")),
-                    };
-                    match added {
-                        Ok(id) => {
-                            let n = server.client_count();
-                            event_line(
-                                json,
-                                &serde_json::json!({"event": "client", "id": id, "clients": n}),
-                                &format!("client {id} connected ({n} connected)"),
-                            );
-                        }
-                        Err(e) => eprintln!("dmabuf-p2p: a client was refused: {e}"),
-                    }
-                }
-            })?;
-    }
+    server.listen(listener)?;
+    let unplug_watched = dev.unplug_request_fd().is_some();
     let ready = serde_json::json!({
         "event": "ready",
         "socket": socket.display().to_string(),
         "pid": std::process::id(),
+        "uid": nix::unistd::geteuid().as_raw(),
+        "allow_uids": opts.allow_uids,
+        "allow_gids": opts.allow_gids,
+        "read_back": opts.read_back,
+        "max_clients": opts.max_clients,
+        "unplug_watched": unplug_watched,
         "buffer": info,
         "dmabuf_fd": export.dmabuf().as_raw_fd(),
     });
@@ -204,7 +237,7 @@ pub fn serve(
         json,
         &ready,
         &format!(
-            "serving {} {} ({}) on {} (pid {}); SIGUSR1: memory decode off, SIGUSR2: on, SIGTERM: stop",
+            "serving {} {} ({}) on {} (mode 0600; pid {}); SIGUSR1: memory decode off, SIGUSR2: on, SIGTERM: stop",
             info.exporter,
             info.ranges
                 .iter()
@@ -216,33 +249,88 @@ pub fn serve(
             std::process::id()
         ),
     );
-    let result = loop {
-        let sig = match wait_signal(&signals) {
-            Ok(s) => s,
-            Err(e) => break Err(CliError::from(format!("sigwaitinfo: {e}"))),
+    let result: Result<Stop, CliError> = 'serving: loop {
+        let unplug_ready = {
+            let mut fds = vec![
+                PollFd::new(signals.as_fd(), PollFlags::POLLIN),
+                PollFd::new(state_wake.as_fd(), PollFlags::POLLIN),
+            ];
+            if let Some(fd) = dev.unplug_request_fd() {
+                fds.push(PollFd::new(fd, PollFlags::POLLIN));
+            }
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(e) => break 'serving Err(format!("poll: {e}").into()),
+            }
+            fds.get(2)
+                .and_then(PollFd::revents)
+                .is_some_and(|r| r.intersects(PollFlags::POLLIN))
         };
-        let on = match sig {
-            libc::SIGUSR1 => false,
-            libc::SIGUSR2 => true,
-            _ => break Ok(()),
-        };
-        let mut flag = decode_on.write().unwrap_or_else(PoisonError::into_inner);
-        match dev.set_memory_decode(on) {
-            Ok(()) => *flag = on,
-            Err(e) => eprintln!(
-                "dmabuf-p2p: memory decode {}: {e}",
-                if on { "on" } else { "off" }
-            ),
+        print_state(&server);
+        if unplug_ready {
+            match dev.unplug_requested() {
+                // The hub revoked with reason Unplug.
+                Ok(true) => {
+                    event_line(
+                        json,
+                        &serde_json::json!({"event": "unplug"}),
+                        "the kernel asks for the device back (unplug): closing it",
+                    );
+                    break 'serving Ok(Stop::Unplug);
+                }
+                Ok(false) => {}
+                Err(e) => break 'serving Err(e.into()),
+            }
+        }
+        loop {
+            let sig = match signals.read_signal() {
+                Ok(Some(info)) => info.ssi_signo,
+                Ok(None) => break,
+                Err(e) => break 'serving Err(format!("signalfd: {e}").into()),
+            };
+            let sig = i32::try_from(sig)
+                .ok()
+                .and_then(|s| Signal::try_from(s).ok());
+            let on = match sig {
+                Some(Signal::SIGUSR1) => false,
+                Some(Signal::SIGUSR2) => true,
+                Some(s) => break 'serving Ok(Stop::Signal(s)),
+                None => continue,
+            };
+            let mut w = window.write().unwrap_or_else(PoisonError::into_inner);
+            match dev.set_memory_decode(on) {
+                Ok(()) => w.decode_on = on,
+                Err(e) => eprintln!(
+                    "dmabuf-p2p: memory decode {}: {e}",
+                    if on { "on" } else { "off" }
+                ),
+            }
         }
     };
-    let _ = std::fs::remove_file(socket);
-    drop(window);
+    // Close the device first: the kernel revokes the dma-buf for every
+    // importer at once. Only then are the clients told (bounded).
+    window
+        .write()
+        .unwrap_or_else(PoisonError::into_inner)
+        .window = None;
     drop(export);
-    // Closing the device revokes for good: clients hear `gone`.
     drop(dev);
+    let told = server.flush(Duration::from_secs(2));
+    print_state(&server);
     drop(printer);
-    event_line(json, &serde_json::json!({"event": "stopped"}), "stopped");
-    result.map(|()| ExitCode::SUCCESS)
+    drop(server);
+    let _ = std::fs::remove_file(&socket);
+    let why = match &result {
+        Ok(Stop::Signal(s)) => s.as_str().to_owned(),
+        Ok(Stop::Unplug) => "unplug".to_owned(),
+        Err(e) => e.to_string(),
+    };
+    event_line(
+        json,
+        &serde_json::json!({"event": "stopped", "why": why, "clients_told": told}),
+        &format!("stopped ({why})"),
+    );
+    result.map(|_| ExitCode::SUCCESS)
 }
 
 /// Options of `map`.
@@ -268,9 +356,17 @@ pub struct MapArgs {
     /// come, until it is gone.
     #[arg(long)]
     pub watch: bool,
-    /// Longest wait for the exporter, and for one copy, in seconds.
-    #[arg(long, default_value_t = 10)]
+    /// Longest wait for the exporter (connecting and its offer together),
+    /// and for one copy, in seconds.
+    #[arg(long, default_value_t = 10, value_parser = super::timeout_secs)]
     pub timeout: u64,
+    /// Also accept an exporter running as this uid (by default only this
+    /// process's uid or root may serve). Repeatable.
+    #[arg(long = "allow-uid", value_name = "UID")]
+    pub allow_uids: Vec<u32>,
+    /// Also accept an exporter whose effective gid is this. Repeatable.
+    #[arg(long = "allow-gid", value_name = "GID")]
+    pub allow_gids: Vec<u32>,
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -324,6 +420,8 @@ pub struct CopyReport {
 pub struct MapReport {
     /// The socket.
     pub socket: String,
+    /// Who serves it (`SO_PEERCRED`).
+    pub exporter: PeerCred,
     /// What the exporter said about the buffer.
     pub buffer: BufferInfo,
     /// The received dma-buf's exporter (fdinfo).
@@ -347,7 +445,12 @@ pub struct MapReport {
 /// copying back out), optionally watch.
 pub fn run_map(args: &MapArgs, json: bool) -> Result<ExitCode, CliError> {
     let timeout = Duration::from_secs(args.timeout);
-    let shared = SharedBuffer::connect(&args.from, timeout)?;
+    let mut connect = ConnectOptions::new(timeout);
+    connect.policy = AccessPolicy {
+        allow_uids: args.allow_uids.clone(),
+        allow_gids: args.allow_gids.clone(),
+    };
+    let shared = SharedBuffer::connect_with(&args.from, &connect)?;
     let iommufd = Iommufd::open()?;
     let ioas = iommufd.alloc_ioas()?;
     let att = shared.attach(
@@ -359,6 +462,7 @@ pub fn run_map(args: &MapArgs, json: bool) -> Result<ExitCode, CliError> {
     let fdinfo = shared.dmabuf().fdinfo()?;
     let mut report = MapReport {
         socket: args.from.display().to_string(),
+        exporter: shared.exporter(),
         buffer: shared.info().clone(),
         exp_name: fdinfo.exp_name.clone(),
         ioas: ioas.id(),
@@ -517,10 +621,11 @@ pub fn run_map(args: &MapArgs, json: bool) -> Result<ExitCode, CliError> {
         }
     } else {
         println!(
-            "buffer: {} ({}), over {}",
+            "buffer: {} ({}), over {} (exporter {})",
             report.buffer.exporter,
             human_size(report.buffer.size),
-            report.socket
+            report.socket,
+            report.exporter
         );
         println!(
             "mapped at IOVA {:#x} in IOAS {}{}",

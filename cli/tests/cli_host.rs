@@ -210,3 +210,27 @@ fn malformed_p2p_test_arguments_are_one_line_errors() {
     ];
     check_all(cases);
 }
+
+/// A timeout too large to add to the clock is refused at parse time, never
+/// a panic (`Instant + Duration` overflow), for every command that takes one.
+#[test]
+fn huge_timeouts_are_one_line_errors() {
+    const T: &str = "0000:00:04.0";
+    const E: &str = "0000:00:03.0";
+    let huge = u64::MAX.to_string();
+    let cases: &[(&[&str], &[&str])] = &[
+        (
+            &["p2p-test", "--engine", E, "--target", T, "--timeout", &huge],
+            &["--timeout", "1 to 604800"],
+        ),
+        (
+            &["p2p-test", "--engine", E, "--target", T, "--timeout", "0"],
+            &["--timeout", "1 to 604800"],
+        ),
+        (
+            &["map", "--from", "/nonexistent.sock", "--timeout", &huge],
+            &["--timeout", "1 to 604800"],
+        ),
+    ];
+    check_all(cases);
+}
