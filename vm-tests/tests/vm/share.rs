@@ -60,8 +60,10 @@ fn pattern(seed: u8, len: u64) -> Vec<u8> {
         .collect()
 }
 
+/// A socket path in a directory only root can enter (the server makes it
+/// 0700), never /tmp.
 fn socket(name: &str) -> PathBuf {
-    let p = PathBuf::from(format!("/tmp/share-{name}.sock"));
+    let p = PathBuf::from(format!("/run/dmabuf-p2p-test/share-{name}.sock"));
     let _ = std::fs::remove_file(&p);
     p
 }
@@ -179,19 +181,24 @@ impl Drop for Proc {
     }
 }
 
-/// `export <bdf>:2:<range> --serve <socket> --json`, once it is ready.
+/// `export <bdf>:2:<range> --serve <socket> --read-back --json`, once it is
+/// ready.
 fn serve(bdf: &str, range: ByteRange, sock: &std::path::Path) -> Proc {
+    serve_with(bdf, range, sock, &["--read-back"])
+}
+
+/// `export <bdf>:2:<range> --serve <socket> --json <extra>`, once it is ready.
+fn serve_with(bdf: &str, range: ByteRange, sock: &std::path::Path, extra: &[&str]) -> Proc {
     let target = format!("{bdf}:2:{:#x}+{:#x}", range.offset, range.length);
-    let p = Proc::spawn(
-        "exporter",
-        &[
-            "--json",
-            "export",
-            &target,
-            "--serve",
-            sock.to_str().unwrap(),
-        ],
-    );
+    let mut args = vec![
+        "--json",
+        "export",
+        &target,
+        "--serve",
+        sock.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let p = Proc::spawn("exporter", &args);
     p.wait_line("\"event\":\"ready\"");
     p
 }
