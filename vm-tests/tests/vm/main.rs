@@ -17,6 +17,7 @@ mod p2p;
 mod placement;
 mod revoke;
 mod share;
+mod share_attacks;
 mod smoke;
 mod testbed;
 mod udmabuf;
