@@ -943,15 +943,12 @@ impl Serving {
     fn read_all(&mut self, options: &ServerOptions, now: Instant) {
         let mut dead = Vec::new();
         for i in 0..self.clients.len() {
-            if !self.clients[i].out.is_empty() {
+            // Nothing is read from a client that has replies waiting.
+            if self.clients[i].out.is_empty()
+                && let Err(why) = self.read_client(i, now)
+            {
+                dead.push((i, why));
                 continue;
-            }
-            match self.read_client(i, now) {
-                Ok(()) => {}
-                Err(why) => {
-                    dead.push((i, why));
-                    continue;
-                }
             }
             let c = &self.clients[i];
             if c.reader
