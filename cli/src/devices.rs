@@ -60,7 +60,7 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
         p2p_targets,
     } in &listed
     {
-        println!(
+        outln!(
             "{}  {:04x}:{:04x}  class {:06x}  driver {}  iommu_group {}  vfio {}",
             info.address,
             info.vendor,
@@ -71,17 +71,17 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
             info.vfio_dev
                 .as_deref()
                 .map_or("-".to_owned(), |v| format!("/dev/vfio/devices/{v}")),
-        );
+        )?;
         if let Some(kind) = engine {
             let what = match kind {
                 EngineKind::Edu => "copy engine",
                 _ => "storage engine",
             };
-            println!(
+            outln!(
                 "    engine: {} ({what}; p2p-test --engine {})",
                 kind.name(),
                 info.address
-            );
+            )?;
         }
         for r in info.resources.iter().take(6).filter(|r| !r.is_unused()) {
             let kind = if r.is_io() {
@@ -106,13 +106,13 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
                         }
                     )
                 });
-            println!(
+            outln!(
                 "    BAR{}  {:>8}  {kind}{pref}  {:#x}..{:#x}{target}",
                 r.index,
                 human_size(r.size),
                 r.start,
                 r.start.saturating_add(r.size)
-            );
+            )?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -94,22 +94,26 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     if json {
         print_json(&report)?;
     } else {
-        println!(
+        outln!(
             "exported {} BAR{} as dma-buf fd {}",
             report.device,
             bar,
             std::os::fd::AsRawFd::as_raw_fd(export.dmabuf())
-        );
+        )?;
         for (r, p) in report.ranges.iter().zip(&report.phys) {
-            println!("  range {r}  ({})  phys {p}", human_size(r.length));
+            outln!("  range {r}  ({})  phys {p}", human_size(r.length))?;
         }
         let fi = &report.fdinfo;
-        println!(
+        outln!(
             "  fdinfo: exp_name {}  size {}  count {}  ino {}  flags {:o}",
-            fi.exp_name, fi.size, fi.count, fi.ino, fi.flags
-        );
+            fi.exp_name,
+            fi.size,
+            fi.count,
+            fi.ino,
+            fi.flags
+        )?;
         if report.memory_decode == Some(false) {
-            println!("  note: memory decode was off, so the buffer was born revoked");
+            outln!("  note: memory decode was off, so the buffer was born revoked")?;
         }
     }
     Ok(ExitCode::SUCCESS)

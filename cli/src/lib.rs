@@ -2,8 +2,19 @@
 //! only prints what [`run`] returns; [`target`] is the syntax commands are
 //! pointed at.
 
+/// `println!` that hands back the write error instead of panicking: a closed
+/// stdout (`dmabuf-p2p devices | head -1`) is `EPIPE`, which `main` turns
+/// into a clean exit.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+    }};
+}
+
 mod devices;
 mod export;
+mod manual;
 mod p2p;
 mod p2p_nvme;
 mod share;
@@ -47,6 +58,11 @@ pub enum Command {
     #[cfg(feature = "vm")]
     #[command(subcommand)]
     Vm(vm::VmCommand),
+    /// Print a shell completion script (e.g. `dmabuf-p2p completions bash >
+    /// /etc/bash_completion.d/dmabuf-p2p`).
+    Completions(manual::CompletionsArgs),
+    /// Print the manual page (roff; `dmabuf-p2p man | man -l -`).
+    Man,
 }
 
 /// Runs the parsed command line.
@@ -58,6 +74,8 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Map(a) => share::run_map(&a, cli.json),
         #[cfg(feature = "vm")]
         Command::Vm(c) => vm::run(c, cli.json),
+        Command::Completions(a) => manual::completions(&a),
+        Command::Man => manual::man(),
     }
 }
 
@@ -81,7 +99,7 @@ pub fn timeout_secs(s: &str) -> Result<u64, String> {
 
 /// Prints `value` as pretty JSON.
 pub fn print_json<T: serde::Serialize>(value: &T) -> Result<(), CliError> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    outln!("{}", serde_json::to_string_pretty(value)?)?;
     Ok(())
 }
 

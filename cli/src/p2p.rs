@@ -94,18 +94,19 @@ pub(super) fn pattern(seed: u8, len: u64) -> Vec<u8> {
 
 /// Emits a host-check directive when running in the test VM (the host then
 /// compares the ivshmem backing file with what the guest saw).
-pub(super) fn host_check(offset: u64, data: &[u8]) {
+pub(super) fn host_check(offset: u64, data: &[u8]) -> std::io::Result<()> {
     if let Ok(name) = std::env::var("DMABUF_P2P_HOST_CHECK") {
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for b in data {
             h ^= u64::from(*b);
             h = h.wrapping_mul(0x0000_0100_0000_01b3);
         }
-        println!(
+        outln!(
             "@@host-check {name} {offset:#x} {:#x} fnv1a64={h:016x}",
             data.len()
-        );
+        )?;
     }
+    Ok(())
 }
 
 /// Runs the test.
@@ -310,13 +311,13 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     );
     // The host compares the device's backing file after the VM stops: the last
     // write to each place is what it sees.
-    host_check(bar_at(0), &c);
+    host_check(bar_at(0), &c)?;
 
     report.passed = report.steps.iter().all(|s| s.ok);
     if json {
         print_json(&report)?;
     } else {
-        print_report(&report);
+        print_report(&report)?;
     }
     Ok(if report.passed {
         ExitCode::SUCCESS
@@ -326,37 +327,43 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
 }
 
 /// Prints the report as a table.
-pub(super) fn print_report(report: &Report) {
+pub(super) fn print_report(report: &Report) -> std::io::Result<()> {
     {
-        println!("engine: {}", report.engine);
-        println!(
+        outln!("engine: {}", report.engine)?;
+        outln!(
             "target: {}  phys {}  mapped at IOVA {:#x}",
-            report.target, report.phys, report.iova
-        );
-        println!(
+            report.target,
+            report.phys,
+            report.iova
+        )?;
+        outln!(
             "{:<28} {:>9}  {:<6}  {:>7}  detail",
-            "step", "bytes", "result", "time"
-        );
+            "step",
+            "bytes",
+            "result",
+            "time"
+        )?;
         for s in &report.steps {
             let bytes = if s.bytes == 0 {
                 "-".to_owned()
             } else {
                 human_size(s.bytes)
             };
-            println!(
+            outln!(
                 "{:<28} {:>9}  {:<6}  {:>5}ms  {}",
                 s.step,
                 bytes,
                 if s.ok { "ok" } else { "FAILED" },
                 s.millis,
                 s.detail
-            );
+            )?;
         }
         let n = report.steps.iter().filter(|s| s.ok).count();
-        println!(
+        outln!(
             "p2p-test: {} ({n} of {} checks passed)",
             if report.passed { "PASS" } else { "FAIL" },
             report.steps.len()
-        );
+        )?;
     }
+    Ok(())
 }

@@ -278,7 +278,7 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
         },
         t,
     );
-    host_check(bar_at(size), &got);
+    host_check(bar_at(size), &got)?;
 
     // 7. only with --allow-write: write, read back into the BAR, put back.
     if let Some(allow) = args.allow_write {
@@ -332,7 +332,7 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     if json {
         print_json(&report)?;
     } else {
-        print_report(&report);
+        print_report(&report)?;
     }
     Ok(if report.passed {
         ExitCode::SUCCESS

@@ -38,11 +38,13 @@ use crate::{CliError, human_size, print_json};
 
 /// Prints one line: compact JSON with `--json`, else `text`.
 fn event_line(json: bool, value: &serde_json::Value, text: &str) {
-    if json {
-        println!("{value}");
+    // A closed stdout is ignored: the export keeps serving its clients when
+    // nobody reads the log.
+    let _ = if json {
+        outln!("{value}")
     } else {
-        println!("{text}");
-    }
+        outln!("{text}")
+    };
 }
 
 fn state_json(state: BufferState) -> serde_json::Value {
@@ -615,19 +617,19 @@ pub fn run_map(args: &MapArgs, json: bool) -> Result<ExitCode, CliError> {
     report.passed = report.steps.iter().all(|s| s.ok);
     if json {
         if args.watch {
-            println!("{}", serde_json::to_string(&report)?);
+            outln!("{}", serde_json::to_string(&report)?)?;
         } else {
             print_json(&report)?;
         }
     } else {
-        println!(
+        outln!(
             "buffer: {} ({}), over {} (exporter {})",
             report.buffer.exporter,
             human_size(report.buffer.size),
             report.socket,
             report.exporter
-        );
-        println!(
+        )?;
+        outln!(
             "mapped at IOVA {:#x} in IOAS {}{}",
             report.iova,
             report.ioas,
@@ -635,17 +637,17 @@ pub fn run_map(args: &MapArgs, json: bool) -> Result<ExitCode, CliError> {
                 .engine
                 .as_ref()
                 .map_or(String::new(), |e| format!("; engine {e}"))
-        );
+        )?;
         for s in &report.steps {
-            println!(
+            outln!(
                 "{:<24} {:<6} {:>5}ms  {}",
                 s.step,
                 if s.ok { "ok" } else { "FAILED" },
                 s.millis,
                 s.detail
-            );
+            )?;
         }
-        println!("map: {}", if report.passed { "PASS" } else { "FAIL" });
+        outln!("map: {}", if report.passed { "PASS" } else { "FAIL" })?;
     }
     if args.watch {
         event_line(

@@ -234,3 +234,137 @@ fn huge_timeouts_are_one_line_errors() {
     ];
     check_all(cases);
 }
+
+#[test]
+fn missing_arguments_are_named() {
+    let cases: &[(&[&str], &[&str])] = &[
+        (&["export"], &["not provided", "<TARGET>"]),
+        (&["p2p-test"], &["not provided", "--engine", "--target"]),
+        (&["p2p-test", "--engine", "00:03.0"], &["--target <TARGET>"]),
+        (&["map"], &["not provided", "--from"]),
+        (&["completions"], &["not provided", "<SHELL>"]),
+    ];
+    check_all(cases);
+}
+
+/// Runs the CLI with its stdout the write end of a pipe whose read end is
+/// already closed, so its first write fails with `EPIPE`.
+fn run_into_closed_pipe(args: &[&str]) -> Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    Command::new(BIN)
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap()
+}
+
+/// A sysfs tree with one PCI device (the layout `devices` reads), removed on
+/// drop.
+struct FakeSysfs(std::path::PathBuf);
+
+impl FakeSysfs {
+    fn new(tag: &str) -> Self {
+        let root =
+            std::env::temp_dir().join(format!("dmabuf-p2p-cli-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let dev = root.join("devices/pci0000:00/0000:00:04.0");
+        std::fs::create_dir_all(&dev).unwrap();
+        for (file, content) in [
+            ("vendor", "0x1af4\n"),
+            ("device", "0x1110\n"),
+            ("class", "0x050000\n"),
+            (
+                "resource",
+                "0x00000000fe000000 0x00000000fe0fffff 0x0000000000040200\n",
+            ),
+        ] {
+            std::fs::write(dev.join(file), content).unwrap();
+        }
+        let bus = root.join("bus/pci/devices");
+        std::fs::create_dir_all(&bus).unwrap();
+        std::os::unix::fs::symlink(
+            "../../../devices/pci0000:00/0000:00:04.0",
+            bus.join("0000:00:04.0"),
+        )
+        .unwrap();
+        Self(root)
+    }
+}
+
+impl Drop for FakeSysfs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn closed_stdout_is_a_clean_exit() {
+    let sysfs = FakeSysfs::new("epipe");
+    let root = sysfs.0.to_str().unwrap();
+    // The tree is readable: the same command with a reader prints the device.
+    let listed = run(&["devices", "--sysfs", root]);
+    assert_eq!(listed.status.code(), Some(0), "{listed:?}");
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("0000:00:04.0"));
+    for args in [
+        &["devices", "--sysfs", root][..],
+        &["--json", "devices", "--sysfs", root],
+        &["completions", "bash"],
+        &["man"],
+    ] {
+        let out = run_into_closed_pipe(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?} wrote to stderr: {stderr:?}");
+    }
+}
+
+/// With `--json`, an error is one JSON object on stderr naming its kind.
+#[test]
+fn json_errors_are_json() {
+    let cases: &[(&[&str], &str, &str)] = &[
+        (&["--json", "p2p-test"], "arguments", "--engine"),
+        (&["export", "--json", "00:04.0:9"], "arguments", "BAR \"9\""),
+        (
+            &["--json", "devices", "--sysfs", "/nonexistent-sysfs-root"],
+            "command",
+            "/nonexistent-sysfs-root",
+        ),
+    ];
+    for (args, kind, needle) in cases {
+        let out = run(args);
+        assert_ne!(out.status.code(), Some(0), "{args:?}");
+        assert!(out.stdout.is_empty(), "{args:?} printed to stdout");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{args:?}: {stderr:?}");
+        let v: serde_json::Value = serde_json::from_str(lines[0])
+            .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {stderr:?}"));
+        assert_eq!(v["error"]["kind"], *kind, "{args:?}: {v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains(needle), "{args:?}: {message:?}");
+    }
+}
+
+#[test]
+fn completions_and_man_page_come_from_the_parser() {
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let out = run(&["completions", shell]);
+        assert_eq!(out.status.code(), Some(0), "{shell}");
+        let script = String::from_utf8_lossy(&out.stdout);
+        for sub in ["devices", "p2p-test", "export", "map", "completions"] {
+            assert!(script.contains(sub), "{shell} completions lack {sub}");
+        }
+    }
+    let out = run(&["man"]);
+    assert_eq!(out.status.code(), Some(0));
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(page.contains(".TH dmabuf-p2p 1"), "{page}");
+    for needle in [".SH NAME", ".SH SUBCOMMANDS", "p2p\\-test", "\\-\\-json"] {
+        assert!(page.contains(needle), "the man page lacks {needle:?}");
+    }
+    let bad = run(&["completions", "tcsh"]);
+    assert!(problem(&bad, &["'tcsh'"]).is_none(), "{bad:?}");
+}
