@@ -242,7 +242,12 @@ impl VfioPciDevice {
         }
         let bar = self.bar(index)?;
         let plan = plan_export(self.address(), &bar, ranges, page_size())?;
-        let memory_decode = self.memory_decode().ok();
+        // Born revoked or not, from the register as the device knows it (its
+        // own writes, resets, the VMM's notes): no config read on the hot
+        // path. Only a device that has not seen the register yet reads it.
+        let memory_decode = self
+            .known_memory_decode()
+            .or_else(|| self.memory_decode().ok());
         let raw = to_dma_ranges(ranges);
         let fd = ioctl::vfio_device_feature_dma_buf(self.fd(), index, EXPORT_OPEN_FLAGS, &raw)
             .map_err(|e| {
@@ -412,9 +417,13 @@ impl BarExport {
         self.plan.size
     }
 
-    /// What `PCI_COMMAND` memory decode was just before the export (`None`
-    /// if it could not be read). `Some(false)` means the buffer was born
-    /// revoked.
+    /// What `PCI_COMMAND` memory decode was just before the export, as the
+    /// device knew it ([`VfioPciDevice::known_memory_decode`]: kept current
+    /// by the library's own writes, resets and the VMM's notes; read from
+    /// config space only if not known yet), `None` if it could not be read.
+    /// `Some(false)` means the buffer was born revoked. A change made behind
+    /// the library's back is seen after
+    /// [`VfioPciDevice::sync_with_kernel`].
     ///
     /// ```no_run
     /// # let iommufd = dmabuf_p2p::importer::iommufd::Iommufd::open()?;

@@ -354,7 +354,7 @@ fn build_bench() -> Result<PathBuf> {
 /// The benchmark VM's root: the standard layout plus the bench binary.
 fn pack(spec: &RunSpec, bench: &Path, strace: bool, dest: &Path) -> Result<()> {
     let mut fs_ = Initramfs::new();
-    fs_.host_binary("/bin/busybox", Path::new("/bin/busybox"))?;
+    fs_.host_binary("/bin/busybox", &deps::busybox()?)?;
     fs_.file("/init", 0o755, suite::INIT.as_bytes().to_vec());
     fs_.file("/etc/testbed/job.sh", 0o755, spec.job.as_bytes().to_vec());
     fs_.file(
