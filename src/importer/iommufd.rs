@@ -805,10 +805,11 @@ impl IoasInner {
     fn place(
         &self,
         at: IovaPlacement,
-        req: &PlacementRequest,
+        request: impl FnOnce() -> PlacementRequest,
         mut issue: impl FnMut(IovaPlacement) -> MapResult,
     ) -> std::result::Result<u64, (IovaPlacement, &'static str, io::Error)> {
         if at == IovaPlacement::Auto {
+            let req = &request();
             let mut blocked = IovaSet::new();
             let (mut refreshed, mut refresh) = (false, false);
             for _ in 0..PLACEMENT_TRIES {
@@ -1237,9 +1238,8 @@ impl Ioas {
         let _placing = (at == IovaPlacement::Auto).then(|| self.inner.lock_placement());
         // The copy shares the source's pages: congruent to the source IOVA,
         // it can use the same IOMMU page sizes.
-        let req = self
-            .inner
-            .request(range.length, mapping.phys.unwrap_or(src_iova), true);
+        let residue = mapping.phys.unwrap_or(src_iova);
+        let req = || self.inner.request(range.length, residue, true);
         let copy = |at: IovaPlacement| {
             let (iova, placement) = at.to_arg();
             let arg = sys::iommu_ioas_copy {
@@ -1253,7 +1253,7 @@ impl Ioas {
             };
             ioctl::iommu_ioas_copy(self.iommufd().as_fd(), &arg).map_err(|e| (OP, e))
         };
-        match self.inner.place(at, &req, copy) {
+        match self.inner.place(at, req, copy) {
             Ok(got) => {
                 mapping.iova = got;
                 mapping.mapped = true;
@@ -1812,21 +1812,21 @@ impl IoasMapping {
     unsafe fn map_at(&mut self, at: IovaPlacement) -> Result<()> {
         let ioas = Arc::clone(&self.ioas.inner);
         let _placing = (at == IovaPlacement::Auto).then(|| ioas.lock_placement());
-        let req = match (&self.source, self.phys) {
-            (_, Some(phys)) => ioas.request(self.length, phys, true),
+        let this = &*self;
+        let req = || match (&this.source, this.phys) {
+            (_, Some(phys)) => ioas.request(this.length, phys, true),
             // A dma-buf iommufd imports is a VFIO BAR range (or the selftest
             // mock): device memory, contiguous; a BAR's physical start is
             // aligned to its size, so its offset in the buffer stands in.
-            (Source::DmaBuf { start, .. }, None) => ioas.request(self.length, *start, true),
-            (Source::File { start, .. }, None) => ioas.request(self.length, *start, false),
-            (Source::User { addr }, None) => ioas.request(self.length, *addr as u64, false),
+            (Source::DmaBuf { start, .. }, None) => ioas.request(this.length, *start, true),
+            (Source::File { start, .. }, None) => ioas.request(this.length, *start, false),
+            (Source::User { addr }, None) => ioas.request(this.length, *addr as u64, false),
         };
-        let this = &*self;
         // SAFETY: for a user-memory source the caller guarantees the memory
         // may be handed to devices (see `# Safety`); file sources map
         // kernel-owned pages.
         let issue = |at: IovaPlacement| unsafe { this.issue_map(at) };
-        match ioas.place(at, &req, issue) {
+        match ioas.place(at, req, issue) {
             Ok(got) => {
                 self.iova = got;
                 self.mapped = true;
