@@ -717,7 +717,7 @@ fn revocation(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas) -> R<()>
     // the device), so the library and raw paths alternate in rounds, each
     // round setting up N mappings, timing a few revoke/restore pairs and
     // tearing down. A round's ratio is its library median / its raw median.
-    const ROUNDS: usize = 5;
+    const ROUNDS: usize = 3;
     for n in [1u64, 16, 256, 1024, 4096] {
         // [revoke, restore, cycle] samples, and per-round medians.
         let mut lib: [Vec<f64>; 3] = Default::default();

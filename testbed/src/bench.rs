@@ -839,7 +839,7 @@ pub fn page(r: &Results) -> String {
          `IOMMU_IOAS_MAP_FILE`) (restore). *config write (restore)* is that `pwrite` alone: \
          the kernel's share of the restore. *cycle* is revoke plus restore. A config write \
          revokes every dma-buf of the device, so the two setups cannot coexist: they alternate \
-         in 5 rounds (set up N mappings, time 3-8 revoke/restore pairs, tear down); times are \
+         in 3 rounds (set up N mappings, time 3-8 revoke/restore pairs, tear down); times are \
          medians over all pairs, ratios are medians over the rounds of the round's library \
          median / raw median.\n"
     );
@@ -1225,70 +1225,53 @@ const OVERHEAD_NOTES: &str = r#"
 
 `cargo xtask bench --strace` runs two library cycles and two raw cycles under
 strace in the VM, with a labelled marker between the operations. Per
-operation, after the changes below:
+operation:
 
 | operation | raw | library |
 |---|---|---|
-| export | `ioctl(VFIO_DEVICE_FEATURE)` | `pread` of `PCI_COMMAND`, `ioctl(VFIO_DEVICE_FEATURE)` (the first export of a BAR also reads the BAR: `VFIO_DEVICE_GET_REGION_INFO`, `statx` of the sysfs device, `openat`/`statx`/`read`/`read`/`close` of its `resource`) |
-| map | `ioctl(IOMMU_IOAS_MAP_FILE)` | `lseek(SEEK_END)`, `fcntl(F_DUPFD_CLOEXEC)`, `ioctl(IOMMU_IOAS_MAP_FILE)` |
+| export | `ioctl(VFIO_DEVICE_FEATURE)` | the same (the first export of a BAR also reads the BAR once: `VFIO_DEVICE_GET_REGION_INFO`, `statx` of the sysfs device, `openat`/`statx`/`read`/`read`/`close` of its `resource`) |
+| map | `ioctl(IOMMU_IOAS_MAP_FILE)` | the same |
 | unmap | `ioctl(IOMMU_IOAS_UNMAP)` | the same |
-| close | `close` | `close` of the mapping's duplicate, `close` |
+| close | `close` | the same |
 
-**Fixed** (real inefficiencies, found with this benchmark):
+**Fixed** (found with this benchmark):
 
 1. `VfioPciDevice::export_bar` asked for the BAR on *every* export:
    `VFIO_DEVICE_GET_REGION_INFO` plus a `stat` and a full read of the sysfs
-   `resource` file, seven syscalls and a sysfs path walk, over ten times the
-   cost of the export ioctl itself (see `region_info_ioctl`, `stat_sysfs_dir`
-   and `read_sysfs_resource` above). `VfioPciDevice::bar` now keeps each BAR
-   after the first look (`src/exporter/vfio.rs`, the `bars` field): a BAR
-   cannot move or change size while vfio-pci holds the device, a resize or a
-   reassignment needs the driver unbound.
+   `resource` file (see `region_info_ioctl`, `stat_sysfs_dir` and
+   `read_sysfs_resource` above). `VfioPciDevice::bar` now keeps each BAR
+   after the first look: a BAR cannot move or change size while vfio-pci
+   holds the device.
 2. `plan_export` formatted the BAR's name into a `String` on every export,
-   for error messages; it now does so only when there is an error
-   (`lib_plan_export`: about 6 µs down to under 2 µs under TCG).
-3. `Ioas::map_dmabuf` asked the buffer's size twice (`lseek`) and asked
-   `fstatfs` whether a `DmaBuf` was a dma-buf; it now asks the size once
-   (`src/importer/iommufd.rs`; `map_file`, for fds of unknown kind, still
-   checks).
+   for error messages; it now does so only when there is an error.
+3. `Ioas::map_dmabuf` asked `fstatfs` whether a `DmaBuf` was a dma-buf.
+4. `export_bar` read `PCI_COMMAND` before every export, to know whether the
+   buffer is born revoked (`pread_export_ioctl` against `export_ioctl`). It
+   now takes memory decode from the device's known command register, kept
+   current by the library's own config writes, resets, the VMM's
+   `note_*`/`guest_config_write` calls and `sync_with_kernel`; only a device
+   that has not seen the register yet reads it.
+5. `map_dmabuf` asked the buffer's size (`lseek`) on every map. A `DmaBuf`
+   now records its size when it is made (the size the exporter was asked
+   for) or adopted (`TryFrom<OwnedFd>` asks once).
+6. Every mapping duplicated the dma-buf fd (`fcntl(F_DUPFD_CLOEXEC)`) so that
+   it could map the buffer again after a revocation, and closed the
+   duplicate on close. The `DmaBuf`'s fd is now reference-counted: a mapping
+   holds the same fd, which is closed when the last holder goes, so a
+   mapping can still be restored after the caller dropped its handle.
 
-Before these changes the same harness (an earlier run on this machine, same
-interleaving, without the control) measured library / raw ratios of
-**22.1** (export), **2.84** (map), **1.99** (unmap), **2.40** (close) and
-**8.68** for the whole cycle at 64 KiB, and 19.8, 2.52, 1.82, 2.17 and 6.96 at
-1 GiB.
+Before the first three the ratios were **22.1** (export), **2.84** (map),
+**1.99** (unmap), **2.40** (close) and **8.68** for the whole cycle at 64 KiB;
+before the last three (2026-11-26) 2.44, 1.39, 1.15, 1.47 and 1.63.
 
-**What remains is deliberate**, and it is why the library is not within 5% of
-raw ioctls under emulation:
-
-- *export*: the `PCI_COMMAND` read before the ioctl records
-  `BarExport::memory_decode_at_export`, because an export made while memory
-  decode is off is born revoked (the CLI warns about it). VFIO answers that
-  read from the device's real config space: an emulated config access under
-  QEMU, a non-posted PCIe read on hardware, so it is not cheap anywhere. The
-  *raw + library's syscalls* column shows that this one read accounts for a
-  large part of the export's excess (the rest is the library's own code, see
-  *unmap* below). If the excess matters, the read could become opt-in, or the
-  device could remember the command register it last wrote; both change what
-  the field promises, so they are left to a decision.
-- *map*: `lseek` for the size (checked against the range) and the duplicate fd
-  every `IoasMapping` keeps so that it can map the same buffer again after a
-  revocation even when the caller has closed its own fd.
-- *close*: closing that duplicate.
-- *unmap* makes exactly the raw syscall. Measured alone
-  (`unmap_after_raw_map` against `unmap_after_library_map`) the two are within
-  a few percent; inside the cycle the library's unmap still comes out slower.
-  That, and the part of every excess that the replayed syscalls do not explain
-  (library against *raw + library's syscalls*), is the cost of the library's
-  own code under emulation: QEMU translates guest user code too, and the
-  allocations and argument building of a cycle, and the emulator state they
-  disturb for the next syscall, cost far more than on hardware. The control
-  column shows how far from 1 a ratio of two identical paths lands.
-
-On hardware the leftover syscalls (`lseek`, `fcntl`, `close` take well under a
-microsecond each) are small next to a dma-buf export or map, which allocate
-files, attach and program the IOMMU; the config-space read is the one that
-stays noticeable.
+What is left between library and raw is the library's own code: argument
+checks, the `BarExport` record (ranges, physical ranges), the IOAS's record of
+its areas (for automatic placement), reference counts. Under emulation QEMU
+translates guest user code too, and the emulator state a cycle's code
+disturbs costs the next syscall more than on hardware; the *control* column
+shows how far from 1 a ratio of two identical paths lands in this
+measurement, and the *raw + library's syscalls* column is now a second raw
+cycle (the library adds no syscall).
 "#;
 
 /// Observations on revocation.
