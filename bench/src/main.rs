@@ -13,6 +13,8 @@
 //!    single-page attachments.
 //! 4. **scale**: exporting and mapping N single-page dma-bufs: time per
 //!    buffer and kernel memory per buffer.
+//! 7. **nvme**: an NVMe controller's Reads into host RAM and into the BAR
+//!    (through its dma-buf IOVA), interleaved, as a ratio per size.
 //! 5. **placement**: a BAR range mapped where the kernel places it, where
 //!    the library places it (`IovaPlacement::Auto`) and at an aligned fixed
 //!    IOVA: map and unmap time, the IOVA's alignment, IOMMU page-table pages.
@@ -22,6 +24,7 @@
 //! Every figure is the median of repeated runs, with min and max. Options:
 //! `--quick` (a quarter of the time budgets), `--only=sweep,overhead,...`.
 
+mod nvme;
 mod raw;
 mod stats;
 
@@ -179,6 +182,9 @@ fn run() -> R<()> {
     }
     if opts.wants("threads") {
         restore_threads(&opts, &ctx)?;
+    }
+    if opts.wants("nvme") {
+        nvme::reads(&opts, &dev, &ioas)?;
     }
     emit_meta(
         "guest_seconds",

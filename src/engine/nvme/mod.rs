@@ -12,6 +12,13 @@
 //! polls the completion queue. A completion status other than success
 //! is an [`Error::Nvme`] carrying the [`Status`].
 //!
+//! What a controller reports when the IOMMU refuses its data DMA is its own
+//! business: a Data Transfer Error becomes [`NvmeProblem::CommandFailed`],
+//! but QEMU 7.2's NVMe model completes such a Read *successfully* and the
+//! data goes nowhere (seen in the VM tests: reads into a revoked BAR export
+//! or an unmapped IOVA). Whether the bytes landed is the target mapping's
+//! state ([`crate::revoke::Attachment::is_revoked`]), not the status.
+//!
 //! Only 4 KiB controller pages (CAP.MPSMIN = 0, every controller) and
 //! formats without metadata are supported. One PRP list page per command
 //! bounds a transfer at 2 MiB besides MDTS.
