@@ -574,6 +574,9 @@ pub fn page(r: &Results) -> String {
         r.vm_seconds,
         if r.quick { " (`--quick`)" } else { "" }
     );
+    if let Some(note) = r.meta("run_note") {
+        let _ = writeln!(s, "\n**About this run.** {note}");
+    }
     let _ = writeln!(
         s,
         "\nEvery figure is the **median** of repeated runs, with the minimum and maximum in \
