@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::VfioPciDevice;
 use super::config::COMMAND_MEMORY;
-use super::device::{Bound, VFIO_CDEV_DIR};
+use super::device::{Bound, ClosingHub, VFIO_CDEV_DIR};
 use super::irq::RequestChannel;
 use super::known_command::KnownCommand;
 use crate::error::{Error, Result};
@@ -161,7 +161,7 @@ impl VfioPciDevice {
             attached: None,
             config: OnceLock::new(),
             bars: Default::default(),
-            hub: RevocationHub::new(device),
+            hub: ClosingHub(RevocationHub::new(device)),
             request: RequestChannel::NotBound,
             unplug_requested: AtomicBool::new(false),
             known: KnownCommand::unknown(),

@@ -37,6 +37,12 @@ pub const VFIO_CDEV_DIR: &str = "/dev/vfio/devices";
 /// to, and closes its own fd before dropping them, so the kernel detaches
 /// before the IOAS is destroyed, whatever the caller's drop order.
 ///
+/// **Close order.** Dropping the device closes its fd first, so the kernel
+/// revokes its dma-bufs (unless a [`BarMapping`](super::BarMapping) still
+/// holds the device file open), and only then closes the [hub](Self::hub):
+/// attachments unmap and importers, in this process or another, hear that
+/// the device is gone after the kernel has already cut the buffers off.
+///
 /// **Hot-unplug.** The bind also registers an eventfd for VFIO's device
 /// request (`VFIO_PCI_REQ_IRQ_INDEX`): the kernel signals it when it wants
 /// the device back and waits for the device to be closed.
@@ -62,8 +68,12 @@ pub const VFIO_CDEV_DIR: &str = "/dev/vfio/devices";
 /// ```
 #[derive(Debug)]
 pub struct VfioPciDevice {
-    // Declared first so it is closed first (see the type's documentation).
+    // Fields drop in declaration order: the fd is closed first (the kernel
+    // revokes), then the hub is told, then the iommufd and IOAS clones go.
     pub(super) file: File,
+    /// Every attachment of this device's exports; told when the device
+    /// revokes, and closed when the device is dropped.
+    pub(super) hub: ClosingHub,
     pub(super) address: PciAddress,
     pub(super) sysfs: Sysfs,
     pub(super) cdev: PathBuf,
@@ -74,8 +84,6 @@ pub struct VfioPciDevice {
     /// change size while vfio-pci holds the device (a resize or reassignment
     /// needs it unbound), so every export after the first reads no sysfs.
     pub(super) bars: [OnceLock<Bar>; BAR_COUNT as usize],
-    /// Every attachment of this device's exports; told when the device revokes.
-    pub(super) hub: Arc<RevocationHub>,
     /// The eventfd registered for `VFIO_PCI_REQ_IRQ_INDEX` at bind time (the
     /// kernel's "give the device back" request), or why there is none.
     pub(super) request: RequestChannel,
@@ -85,6 +93,28 @@ pub struct VfioPciDevice {
     pub(super) known: KnownCommand,
     /// Made by [`VfioPciDevice::adopt`] from a VMM's fd.
     pub(super) adopted: bool,
+}
+
+/// The device's revocation hub, closed ([`RevokeReason::DeviceClosed`]) when
+/// dropped: a field after the device fd, so the kernel has closed the device
+/// by then.
+#[derive(Debug)]
+pub(super) struct ClosingHub(pub(super) Arc<RevocationHub>);
+
+impl std::ops::Deref for ClosingHub {
+    type Target = Arc<RevocationHub>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl Drop for ClosingHub {
+    fn drop(&mut self) {
+        // A permanent reason: attachments unmap their (now dead) areas at
+        // once, whatever state the hub was in.
+        self.0.close(RevokeReason::DeviceClosed);
+    }
 }
 
 #[derive(Debug)]
@@ -175,7 +205,7 @@ impl VfioPciDevice {
             attached: None,
             config: OnceLock::new(),
             bars: Default::default(),
-            hub: RevocationHub::new(address.to_string()),
+            hub: ClosingHub(RevocationHub::new(address.to_string())),
             request: RequestChannel::NotBound,
             unplug_requested: AtomicBool::new(false),
             known: KnownCommand::unknown(),
@@ -189,7 +219,7 @@ impl VfioPciDevice {
     /// or a [`config_write`](Self::config_write) of `PCI_COMMAND`), a
     /// [`reset`](Self::reset) and closing the device revoke through it.
     pub fn hub(&self) -> &Arc<RevocationHub> {
-        &self.hub
+        &self.hub.0
     }
 
     /// The PCI address.
@@ -447,13 +477,10 @@ impl VfioPciDevice {
 
 impl Drop for VfioPciDevice {
     fn drop(&mut self) {
-        // The kernel revokes the device's dma-bufs for good when its last
-        // reference goes (this fd, and any BarMapping's mmap, which keeps the
-        // file open). This process's attachments are torn down now either way:
-        // after this, nothing of ours may reach the BAR.
-        self.hub.close(RevokeReason::DeviceClosed);
         // An adopted device's file stays open in the VMM: take back the
-        // device-request trigger this library registered, if it did.
+        // device-request trigger this library registered, if it did, while
+        // this fd is still open. The fields then close the fd and, after it,
+        // the hub (see `ClosingHub`).
         if self.adopted && matches!(self.request, RequestChannel::Armed(_)) {
             let _ = self.disable_irq(crate::sys::VFIO_PCI_REQ_IRQ_INDEX);
         }
