@@ -16,14 +16,16 @@
 //! fdinfo) and carries the kernel's errno.
 
 use std::fmt;
-use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::ptr::NonNull;
 use std::sync::Arc;
 use std::time::Duration;
 
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
 use crate::error::{Error, RangeProblem, Result};
 use crate::fdinfo::FdInfo;
+pub use crate::mapping::Mapping;
 use crate::range::ByteRange;
 use crate::range::page_size;
 use crate::{ioctl, sys};
@@ -48,21 +50,11 @@ pub fn is_dmabuf(fd: BorrowedFd<'_>) -> Result<bool> {
 
 /// `fstatfs(fd).f_type`, as the 32-bit magic the kernel stores.
 pub(crate) fn fs_magic(fd: BorrowedFd<'_>) -> Result<u64> {
-    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
-    // SAFETY: `st` is valid for writes of one `statfs`, which fstatfs fills;
-    // `fd` is open for the call.
-    let ret = unsafe { libc::fstatfs(fd.as_raw_fd(), st.as_mut_ptr()) };
-    if ret < 0 {
-        return Err(Error::last_os("fstatfs", || {
-            format!("fd {}", fd.as_raw_fd())
-        }));
-    }
-    // SAFETY: fstatfs succeeded, so it initialised the struct (and it was
-    // zeroed before, which is a valid `statfs` too: integers only).
-    let st = unsafe { st.assume_init() };
+    let st = nix::sys::statfs::fstatfs(fd)
+        .map_err(|e| Error::sys("fstatfs", format!("fd {}", fd.as_raw_fd()), e.into()))?;
     // `f_type` is a signed long on some targets; the magic is 32 bits.
     #[allow(clippy::cast_sign_loss, clippy::unnecessary_cast)]
-    let magic = (st.f_type as u64) & 0xffff_ffff;
+    let magic = (st.filesystem_type().0 as u64) & 0xffff_ffff;
     Ok(magic)
 }
 
@@ -506,17 +498,20 @@ impl DmaBuf {
         }
         let len = usize::try_from(range.length).map_err(|_| bad(RangeProblem::Overflow))?;
         let label = self.describe();
-        Mapping::map_fd(self.fd.as_fd(), range.offset, len, writable, &label).map_err(|source| {
-            if source.raw_os_error() == Some(libc::EINVAL) {
-                Error::MmapRefused {
-                    buffer: label,
-                    exporter: self.exporter(),
-                    source,
+        let name = format!("mapping of {label} at {:#x}", range.offset);
+        Mapping::map_shared(self.fd.as_fd(), range.offset, len, len, writable, name).map_err(
+            |source| {
+                if source.raw_os_error() == Some(libc::EINVAL) {
+                    Error::MmapRefused {
+                        buffer: label,
+                        exporter: self.exporter(),
+                        source,
+                    }
+                } else {
+                    Error::sys("mmap", format!("{range} of {label}"), source)
                 }
-            } else {
-                Error::sys("mmap", format!("{range} of {label}"), source)
-            }
-        })
+            },
+        )
     }
 
     /// A second fd for the same buffer (`F_DUPFD_CLOEXEC`).
@@ -563,17 +558,15 @@ impl DmaBuf {
 
 /// A dma-buf's size: `lseek(fd, 0, SEEK_END)` (uAPI reference A.4).
 fn seek_size(fd: BorrowedFd<'_>) -> Result<u64> {
-    // SAFETY: lseek on an open fd; no memory is involved.
-    let ret = unsafe { libc::lseek(fd.as_raw_fd(), 0, libc::SEEK_END) };
-    if ret < 0 {
-        let e = io::Error::last_os_error();
-        return Err(Error::sys(
-            "lseek(SEEK_END)",
-            format!("dma-buf fd {}", fd.as_raw_fd()),
-            e,
-        ));
-    }
-    Ok(ret.unsigned_abs())
+    nix::unistd::lseek(fd, 0, nix::unistd::Whence::SeekEnd)
+        .map(i64::unsigned_abs)
+        .map_err(|e| {
+            Error::sys(
+                "lseek(SEEK_END)",
+                format!("dma-buf fd {}", fd.as_raw_fd()),
+                e.into(),
+            )
+        })
 }
 
 /// Checks a dma-buf name; the problem as text if it is unusable.
@@ -668,27 +661,26 @@ impl SyncFile {
     /// ```
     pub fn wait(&self, timeout: Option<Duration>) -> Result<bool> {
         let ms = match timeout {
-            None => -1,
-            Some(t) => libc::c_int::try_from(t.as_millis()).unwrap_or(libc::c_int::MAX),
+            None => PollTimeout::NONE,
+            Some(t) => PollTimeout::try_from(t.as_millis()).unwrap_or(PollTimeout::MAX),
         };
-        let mut pfd = libc::pollfd {
-            fd: self.0.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut pfd = [PollFd::new(self.0.as_fd(), PollFlags::POLLIN)];
         loop {
-            // SAFETY: `pfd` is one valid pollfd for the call; the fd is ours.
-            let ret = unsafe { libc::poll(&mut pfd, 1, ms) };
-            if ret >= 0 {
-                return Ok(ret > 0 && pfd.revents & libc::POLLIN != 0);
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(Error::sys(
-                    "poll",
-                    format!("sync_file fd {}", self.0.as_raw_fd()),
-                    e,
-                ));
+            match poll(&mut pfd, ms) {
+                Ok(n) => {
+                    let ready = pfd[0]
+                        .revents()
+                        .is_some_and(|r| r.contains(PollFlags::POLLIN));
+                    return Ok(n > 0 && ready);
+                }
+                Err(Errno::EINTR) => {}
+                Err(e) => {
+                    return Err(Error::sys(
+                        "poll",
+                        format!("sync_file fd {}", self.0.as_raw_fd()),
+                        e.into(),
+                    ));
+                }
             }
         }
     }
@@ -824,262 +816,6 @@ impl TryFrom<DmaBuf> for OwnedFd {
     }
 }
 
-/// A shared memory mapping (`mmap` with `MAP_SHARED`) of a dma-buf or memfd,
-/// unmapped when dropped. The mapping holds its own reference to the file,
-/// so it may outlive the [`DmaBuf`] or [`Memfd`](crate::memfd::Memfd) it
-/// came from.
-///
-/// **The memory is shared with devices and other mappings.** A device can
-/// write it at any moment (that is the point of a dma-buf), and another
-/// mapping of the same buffer aliases it. Rust references (`&[u8]`,
-/// `&mut [u8]`) to such memory would promise the compiler that it does not
-/// change, so `Mapping` hands out none. Access is by copying in and out with
-/// volatile loads and stores ([`Mapping::read`], [`Mapping::write`],
-/// [`Mapping::to_vec`], [`Mapping::fill`]), which the compiler neither
-/// elides nor caches, or through raw pointers ([`Mapping::as_ptr`]) for
-/// callers who take on that reasoning themselves. Bracket accesses with
-/// [`DmaBuf::begin_cpu_access`] so caches are coherent with devices.
-///
-/// ```no_run
-/// let buf = dmabuf_p2p::exporter::heap::DmaHeap::open("system")?.alloc(4096)?;
-/// let mut map = buf.mmap()?;
-/// assert!(map.to_vec().iter().all(|&b| b == 0)); // heap memory starts zeroed
-/// map.fill(0, 4096, 0xa5)?;
-/// # Ok::<(), dmabuf_p2p::Error>(())
-/// ```
-pub struct Mapping {
-    ptr: NonNull<u8>,
-    len: usize,
-    writable: bool,
-    label: String,
-}
-
-// SAFETY: a Mapping is an address range owned by this value; nothing in it is
-// tied to the creating thread. munmap may run on any thread.
-unsafe impl Send for Mapping {}
-// SAFETY: `&self` methods only read the memory with volatile loads; writes
-// need `&mut self`. (Other mappings and devices may write concurrently,
-// which volatile access tolerates, see the type docs.)
-unsafe impl Sync for Mapping {}
-
-impl fmt::Debug for Mapping {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Mapping")
-            .field("ptr", &self.ptr)
-            .field("len", &self.len)
-            .field("writable", &self.writable)
-            .field("of", &self.label)
-            .finish()
-    }
-}
-
-impl Mapping {
-    /// `mmap(NULL, len, PROT_READ[|PROT_WRITE], MAP_SHARED, fd, offset)`.
-    pub(crate) fn map_fd(
-        fd: BorrowedFd<'_>,
-        offset: u64,
-        len: usize,
-        writable: bool,
-        label: &str,
-    ) -> io::Result<Self> {
-        let off = libc::off_t::try_from(offset)
-            .map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
-        if len == 0 {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
-        }
-        let prot = if writable {
-            libc::PROT_READ | libc::PROT_WRITE
-        } else {
-            libc::PROT_READ
-        };
-        // SAFETY: a fresh mapping at an address the kernel picks (NULL hint,
-        // no MAP_FIXED), so no existing memory is replaced; `fd` is open.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                prot,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                off,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let ptr = NonNull::new(p.cast::<u8>())
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
-        Ok(Self {
-            ptr,
-            len,
-            writable,
-            label: format!("mapping of {label} at {offset:#x}"),
-        })
-    }
-
-    /// Length in bytes.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Always false: empty mappings are not made.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Whether the mapping was made writable.
-    pub fn is_writable(&self) -> bool {
-        self.writable
-    }
-
-    /// The start address. Reading through it is sound only while the mapping
-    /// lives, and only with the caveats of the type docs.
-    pub fn as_ptr(&self) -> *const u8 {
-        self.ptr.as_ptr()
-    }
-
-    /// The start address, for writing (a read-only mapping faults on write).
-    pub fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.ptr.as_ptr()
-    }
-
-    fn check(&self, offset: usize, len: usize) -> Result<()> {
-        let range = ByteRange::new(offset as u64, len as u64);
-        if len == 0 && offset <= self.len {
-            return Ok(());
-        }
-        range
-            .check_in(self.len as u64, 1)
-            .map_err(|problem| Error::InvalidRange {
-                target: self.label.clone(),
-                range,
-                problem,
-            })
-    }
-
-    fn check_writable(&self) -> Result<()> {
-        if self.writable {
-            Ok(())
-        } else {
-            Err(Error::sys(
-                "write",
-                format!("read-only {}", self.label),
-                io::Error::from_raw_os_error(libc::EACCES),
-            ))
-        }
-    }
-
-    /// Copies `buf.len()` bytes at `offset` out of the mapping (volatile
-    /// loads). A range past the end is [`Error::InvalidRange`].
-    pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
-        self.check(offset, buf.len())?;
-        // SAFETY: `check` proved `offset + buf.len() <= len`, and the mapping
-        // is live and readable for `len` bytes from `ptr`.
-        unsafe { volatile_read(self.ptr.as_ptr().wrapping_add(offset), buf) };
-        Ok(())
-    }
-
-    /// Copies `data` into the mapping at `offset` (volatile stores). A range
-    /// past the end is [`Error::InvalidRange`]; a read-only mapping is
-    /// [`Error::Sys`] with `EACCES`.
-    pub fn write(&mut self, offset: usize, data: &[u8]) -> Result<()> {
-        self.check_writable()?;
-        self.check(offset, data.len())?;
-        // SAFETY: in bounds (checked), live, and mapped writable.
-        unsafe { volatile_write(self.ptr.as_ptr().wrapping_add(offset), data) };
-        Ok(())
-    }
-
-    /// Sets `len` bytes at `offset` to `byte` (volatile stores).
-    pub fn fill(&mut self, offset: usize, len: usize, byte: u8) -> Result<()> {
-        self.check_writable()?;
-        self.check(offset, len)?;
-        let chunk = [byte; 4096];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(chunk.len());
-            // SAFETY: `offset + done + n <= offset + len <= self.len`
-            // (checked); live and writable.
-            unsafe { volatile_write(self.ptr.as_ptr().wrapping_add(offset + done), &chunk[..n]) };
-            done += n;
-        }
-        Ok(())
-    }
-
-    /// A copy of the whole mapping.
-    pub fn to_vec(&self) -> Vec<u8> {
-        let mut v = vec![0; self.len];
-        // SAFETY: exactly `len` bytes from the live, readable mapping.
-        unsafe { volatile_read(self.ptr.as_ptr(), &mut v) };
-        v
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` are exactly the range mmap returned; no Rust
-        // reference into it exists (none is ever handed out), and it is
-        // unmapped once.
-        let _ = unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
-    }
-}
-
-/// Copies `dst.len()` bytes from `src` with volatile loads, 8 bytes at a time
-/// where aligned.
-///
-/// # Safety
-/// `src` must be valid for reads of `dst.len()` bytes.
-unsafe fn volatile_read(src: *const u8, dst: &mut [u8]) {
-    let n = dst.len();
-    let mut i = 0;
-    while i < n && (src as usize).wrapping_add(i) % 8 != 0 {
-        // SAFETY: `i < n`, so in bounds by the caller's guarantee.
-        dst[i] = unsafe { src.wrapping_add(i).read_volatile() };
-        i += 1;
-    }
-    while n - i >= 8 {
-        let p = src.wrapping_add(i).cast::<u64>();
-        // SAFETY: `i + 8 <= n`, in bounds; `p` is 8-byte aligned (the loop
-        // above aligned it and `i` advances by 8).
-        let w = unsafe { p.read_volatile() };
-        dst[i..i + 8].copy_from_slice(&w.to_ne_bytes());
-        i += 8;
-    }
-    while i < n {
-        // SAFETY: `i < n`, in bounds.
-        dst[i] = unsafe { src.wrapping_add(i).read_volatile() };
-        i += 1;
-    }
-}
-
-/// Copies `src` to `dst` with volatile stores, 8 bytes at a time where
-/// aligned.
-///
-/// # Safety
-/// `dst` must be valid for writes of `src.len()` bytes.
-unsafe fn volatile_write(dst: *mut u8, src: &[u8]) {
-    let n = src.len();
-    let mut i = 0;
-    while i < n && (dst as usize).wrapping_add(i) % 8 != 0 {
-        // SAFETY: `i < n`, in bounds by the caller's guarantee.
-        unsafe { dst.wrapping_add(i).write_volatile(src[i]) };
-        i += 1;
-    }
-    while n - i >= 8 {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(&src[i..i + 8]);
-        let p = dst.wrapping_add(i).cast::<u64>();
-        // SAFETY: `i + 8 <= n`, in bounds; `p` is 8-byte aligned.
-        unsafe { p.write_volatile(u64::from_ne_bytes(w)) };
-        i += 8;
-    }
-    while i < n {
-        // SAFETY: `i < n`, in bounds.
-        unsafe { dst.wrapping_add(i).write_volatile(src[i]) };
-        i += 1;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1091,29 +827,6 @@ mod tests {
         assert_eq!(human_size(2 << 20), "2 MiB");
         assert_eq!(human_size(3 << 30), "3 GiB");
         assert_eq!(human_size(5000), "5000 bytes");
-    }
-
-    #[test]
-    fn volatile_copies_round_trip_at_every_alignment() {
-        let src: Vec<u8> = (0..64u8).collect();
-        for start in 0..9 {
-            for len in [0, 1, 7, 8, 9, 17, 40] {
-                let mut dst = vec![0u8; len];
-                // SAFETY: `start + len <= 49 < 64`.
-                unsafe { volatile_read(src.as_ptr().wrapping_add(start), &mut dst) };
-                assert_eq!(dst, &src[start..start + len]);
-                let mut out = vec![0xffu8; 64];
-                // SAFETY: same bounds, in `out`.
-                unsafe { volatile_write(out.as_mut_ptr().wrapping_add(start), &dst) };
-                assert_eq!(&out[start..start + len], &src[start..start + len]);
-                assert!(
-                    out[..start]
-                        .iter()
-                        .chain(&out[start + len..])
-                        .all(|&b| b == 0xff)
-                );
-            }
-        }
     }
 
     #[test]

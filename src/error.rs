@@ -282,19 +282,6 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    /// Builds [`Error::Sys`] from the current `errno`.
-    ///
-    /// `errno` is read before `target` is built: naming the target may itself
-    /// make system calls (a `readlink` of the fd) that overwrite `errno`.
-    pub(crate) fn last_os<S: Into<String>>(op: &'static str, target: impl FnOnce() -> S) -> Self {
-        let source = io::Error::last_os_error();
-        Self::Sys {
-            op,
-            target: target().into(),
-            source,
-        }
-    }
-
     /// Builds [`Error::Sys`] from an [`io::Error`].
     pub(crate) fn sys(op: &'static str, target: impl Into<String>, source: io::Error) -> Self {
         Self::Sys {

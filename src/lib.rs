@@ -16,6 +16,7 @@ pub mod exporter;
 pub mod fdinfo;
 pub mod importer;
 mod ioctl;
+pub mod mapping;
 pub mod memfd;
 pub mod pci;
 pub mod range;

@@ -10,13 +10,17 @@
 //!
 //! Any other memfd works too: the udmabuf calls take a [`BorrowedFd`].
 
-use std::ffi::CString;
 use std::fmt;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
-use crate::dmabuf::Mapping;
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+use nix::sys::memfd::{MFdFlags, memfd_create};
+use nix::sys::uio::{pread, pwrite};
+
 use crate::error::{Error, Result};
+use crate::mapping::Mapping;
 use crate::range::ByteRange;
 
 /// The huge page size [`MemfdOptions::hugetlb`] asks for (`MFD_HUGE_2MB`).
@@ -103,12 +107,8 @@ impl Seals {
     /// # Ok::<(), dmabuf_p2p::Error>(())
     /// ```
     pub fn of(fd: BorrowedFd<'_>) -> Result<Self> {
-        // SAFETY: F_GET_SEALS takes no argument and only returns an int;
-        // `fd` is open for the call.
-        let ret = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
-        if ret < 0 {
-            return Err(Error::last_os("fcntl(F_GET_SEALS)", || fd_label(fd)));
-        }
+        let ret = fcntl(fd, FcntlArg::F_GET_SEALS)
+            .map_err(|e| Error::sys("fcntl(F_GET_SEALS)", fd_label(fd), e.into()))?;
         Ok(Self(seal_bit(ret)))
     }
 }
@@ -222,9 +222,11 @@ impl MemfdOptions {
     /// # Ok::<(), dmabuf_p2p::Error>(())
     /// ```
     pub fn create(self, name: &str, size: u64) -> Result<Memfd> {
-        let cname = CString::new(name).map_err(|_| Error::Memfd {
-            problem: format!("memfd name {name:?} contains a NUL byte"),
-        })?;
+        if name.contains('\0') {
+            return Err(Error::Memfd {
+                problem: format!("memfd name {name:?} contains a NUL byte"),
+            });
+        }
         if self.hugetlb && !size.is_multiple_of(HUGE_PAGE_SIZE) {
             return Err(Error::Memfd {
                 problem: format!(
@@ -235,31 +237,25 @@ impl MemfdOptions {
         let len = libc::off_t::try_from(size).map_err(|_| Error::Memfd {
             problem: format!("size {size:#x} of memfd {name:?} does not fit in off_t"),
         })?;
-        let mut flags = libc::MFD_ALLOW_SEALING | libc::MFD_CLOEXEC;
+        let mut flags = MFdFlags::MFD_ALLOW_SEALING | MFdFlags::MFD_CLOEXEC;
         if self.hugetlb {
-            flags |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
+            flags |= MFdFlags::MFD_HUGETLB | MFdFlags::MFD_HUGE_2MB;
         }
-        // SAFETY: `cname` is a valid NUL-terminated string for the call; the
-        // flags are plain integers.
-        let raw = unsafe { libc::memfd_create(cname.as_ptr(), flags) };
-        if raw < 0 {
+        let fd = memfd_create(name, flags).map_err(|e| {
             let what = if self.hugetlb {
                 format!("{name:?} (MFD_HUGETLB, 2 MiB pages)")
             } else {
                 format!("{name:?}")
             };
-            return Err(Error::last_os("memfd_create", || what));
-        }
-        // SAFETY: `raw` was just returned by memfd_create and is owned by
-        // nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: ftruncate on an fd we own, with an in-range length; no
-        // memory of ours is involved.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), len) } < 0 {
-            return Err(Error::last_os("ftruncate", || {
-                format!("memfd {name:?} to {size:#x} bytes")
-            }));
-        }
+            Error::sys("memfd_create", what, e.into())
+        })?;
+        nix::unistd::ftruncate(&fd, len).map_err(|e| {
+            Error::sys(
+                "ftruncate",
+                format!("memfd {name:?} to {size:#x} bytes"),
+                e.into(),
+            )
+        })?;
         let memfd = Memfd {
             fd,
             name: name.to_owned(),
@@ -364,13 +360,18 @@ impl Memfd {
                 self.label()
             ),
         })?;
-        // SAFETY: F_ADD_SEALS takes an int by value; the fd is ours and open.
-        if unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_ADD_SEALS, bits) } < 0 {
-            return Err(Error::last_os("fcntl(F_ADD_SEALS)", || {
-                format!("{} adding {seals}", self.label())
-            }));
-        }
-        Ok(())
+        fcntl(
+            &self.fd,
+            FcntlArg::F_ADD_SEALS(SealFlag::from_bits_retain(bits)),
+        )
+        .map(drop)
+        .map_err(|e| {
+            Error::sys(
+                "fcntl(F_ADD_SEALS)",
+                format!("{} adding {seals}", self.label()),
+                e.into(),
+            )
+        })
     }
 
     /// Writes `data` at `offset` with `pwrite(2)`. Fails with `EINVAL` on a
@@ -382,25 +383,17 @@ impl Memfd {
         while done < data.len() {
             let rest = &data[done..];
             let pos = offset_at(offset, done)?;
-            // SAFETY: `rest` is valid for reads of `rest.len()` bytes for the
-            // call; the fd is ours.
-            let n =
-                unsafe { libc::pwrite(self.fd.as_raw_fd(), rest.as_ptr().cast(), rest.len(), pos) };
-            match n {
-                n if n > 0 => done += n.unsigned_abs(),
-                0 => {
+            match pwrite(&self.fd, rest, pos) {
+                Ok(0) => {
                     return Err(Error::sys(
                         "pwrite",
                         self.label(),
                         io::ErrorKind::WriteZero.into(),
                     ));
                 }
-                _ => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(Error::sys("pwrite", self.label(), e));
-                    }
-                }
+                Ok(n) => done += n,
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(Error::sys("pwrite", self.label(), e.into())),
             }
         }
         Ok(())
@@ -414,31 +407,17 @@ impl Memfd {
         while done < buf.len() {
             let rest = &mut buf[done..];
             let pos = offset_at(offset, done)?;
-            // SAFETY: `rest` is valid for writes of `rest.len()` bytes for the
-            // call and not otherwise borrowed; the fd is ours.
-            let n = unsafe {
-                libc::pread(
-                    self.fd.as_raw_fd(),
-                    rest.as_mut_ptr().cast(),
-                    rest.len(),
-                    pos,
-                )
-            };
-            match n {
-                n if n > 0 => done += n.unsigned_abs(),
-                0 => {
+            match pread(&self.fd, rest, pos) {
+                Ok(0) => {
                     return Err(Error::sys(
                         "pread",
                         self.label(),
                         io::ErrorKind::UnexpectedEof.into(),
                     ));
                 }
-                _ => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(Error::sys("pread", self.label(), e));
-                    }
-                }
+                Ok(n) => done += n,
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(Error::sys("pread", self.label(), e.into())),
             }
         }
         Ok(())
@@ -471,7 +450,8 @@ impl Memfd {
                 problem: crate::error::RangeProblem::Empty,
             });
         }
-        Mapping::map_fd(self.fd.as_fd(), 0, len, true, &label)
+        let name = format!("mapping of {label}");
+        Mapping::map_shared(self.fd.as_fd(), 0, len, len, true, name)
             .map_err(|e| Error::sys("mmap", label, e))
     }
 

@@ -50,13 +50,11 @@ impl FromStr for ByteRange {
 pub fn page_size() -> u64 {
     static PAGE: OnceLock<u64> = OnceLock::new();
     *PAGE.get_or_init(|| {
-        // SAFETY: sysconf takes an integer name, touches no memory of ours and is
-        // thread-safe; _SC_PAGESIZE is a valid name on every Linux libc.
-        let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        match u64::try_from(v) {
-            Ok(p) if p.is_power_of_two() => p,
-            _ => 4096,
+        match nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE) {
+            Ok(Some(v)) => u64::try_from(v).ok().filter(|p| p.is_power_of_two()),
+            _ => None,
         }
+        .unwrap_or(4096)
     })
 }
 

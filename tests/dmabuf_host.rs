@@ -153,7 +153,7 @@ fn memfd_read_write_and_mmap_agree() {
     {
         let m = Memfd::new("rw", 8192).unwrap();
         m.write_at(4000, b"across the page").unwrap();
-        let mut map = m.mmap().unwrap();
+        let map = m.mmap().unwrap();
         let mut got = [0u8; 15];
         map.read(4000, &mut got).unwrap();
         assert_eq!(&got, b"across the page");

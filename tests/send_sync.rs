@@ -19,10 +19,9 @@
 //!   A VMM revokes on its config-write path while its DMA threads hold the
 //!   attachments; all state is behind mutexes, and callbacks must be
 //!   `Send + Sync` themselves.
-//! * **CPU mappings** — [`BarMapping`] and [`Mapping`]: `Send + Sync`. They
-//!   are address ranges owned by the value and accessed only with volatile
-//!   operations; [`Mapping`]'s writes take `&mut self`, [`BarMapping`]'s take
-//!   `&self` (MMIO tolerates concurrent access).
+//! * **CPU mappings** — [`Mapping`] (also as [`BarMapping`]): `Send + Sync`.
+//!   An address range owned by the value and accessed only with volatile
+//!   operations through `&self` (devices write it concurrently anyway).
 //! * **DMA engine** — [`Edu`]: `Send + Sync` (operations take `&mut self`:
 //!   one transfer at a time per engine, moved to the thread that drives it).
 //! * **Plain data** (addresses, ranges, parsed sysfs and fdinfo) and the

@@ -180,13 +180,7 @@ fn check_item(index: usize, count: usize, memfd: BorrowedFd<'_>, range: ByteRang
         });
     }
 
-    let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
-    // SAFETY: `st` is valid for writes of one `stat`; `memfd` is open.
-    if unsafe { libc::fstat(memfd.as_raw_fd(), st.as_mut_ptr()) } < 0 {
-        return Err(Error::last_os("fstat", who));
-    }
-    // SAFETY: fstat succeeded and filled the (zero-initialised) struct.
-    let st = unsafe { st.assume_init() };
+    let st = nix::sys::stat::fstat(memfd).map_err(|e| Error::sys("fstat", who(), e.into()))?;
     if st.st_mode & libc::S_IFMT != libc::S_IFREG {
         return Err(Error::Memfd {
             problem: format!("{} is not a regular file (mode {:#o})", who(), st.st_mode),

@@ -38,7 +38,6 @@
 
 use std::fmt;
 use std::io;
-use std::mem::MaybeUninit;
 use std::ops::RangeInclusive;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::Path;
@@ -1989,15 +1988,7 @@ fn why_not_importable(buf: Option<&DmaBuf>) -> String {
 
 /// The size of a file (`fstat`'s `st_size`).
 fn file_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    let mut st = MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: fstat writes one `stat` to the valid, writable pointer; `fd` is
-    // open for the call.
-    let ret = unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) };
-    if ret != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fstat returned 0, so it filled in the whole struct.
-    let st = unsafe { st.assume_init() };
+    let st = nix::sys::stat::fstat(fd)?;
     u64::try_from(st.st_size).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 

@@ -1,8 +1,11 @@
 //! Interrupt eventfds (`VFIO_DEVICE_SET_IRQS`) and the kernel's request to
 //! have the device back (hot-unplug).
 
-use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -59,13 +62,10 @@ impl VfioPciDevice {
                 problem: format!("VFIO reports no vector for IRQ index {index}"),
             });
         }
-        // SAFETY: eventfd() takes no pointers; the result is checked below.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if raw < 0 {
-            return Err(Error::last_os("eventfd", || format!("{target} {what}")));
-        }
-        // SAFETY: `raw` is a fresh eventfd that nothing else owns.
-        let efd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let efd: OwnedFd =
+            EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                .map_err(|e| Error::sys("eventfd", format!("{target} {what}"), e.into()))?
+                .into();
         ioctl::vfio_device_set_irqs(
             self.fd(),
             sys::VFIO_IRQ_SET_ACTION_TRIGGER,
@@ -160,23 +160,17 @@ impl VfioPciDevice {
             return Ok(true);
         }
         let efd = self.request_eventfd()?;
-        let mut count = 0u64;
-        // SAFETY: reads 8 bytes into a local u64 from the non-blocking
-        // eventfd this device owns.
-        let n = unsafe { libc::read(efd.as_raw_fd(), (&raw mut count).cast(), 8) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::EAGAIN | libc::EINTR) => Ok(false),
-                _ => Err(Error::sys(
+        let mut count = [0u8; 8];
+        match nix::unistd::read(efd, &mut count) {
+            Ok(8) if u64::from_ne_bytes(count) != 0 => {}
+            Ok(_) | Err(Errno::EAGAIN | Errno::EINTR) => return Ok(false),
+            Err(e) => {
+                return Err(Error::sys(
                     "read",
                     format!("{} device-request eventfd", self.address),
-                    e,
-                )),
-            };
-        }
-        if n != 8 || count == 0 {
-            return Ok(false);
+                    e.into(),
+                ));
+            }
         }
         if !self.unplug_requested.swap(true, Ordering::AcqRel) {
             self.hub.revoke(RevokeReason::Unplug);
@@ -209,22 +203,17 @@ impl VfioPciDevice {
                 return Ok(false);
             }
             let efd = self.request_eventfd()?;
-            let mut pfd = libc::pollfd {
-                fd: efd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
+            let mut pfd = [PollFd::new(efd.as_fd(), PollFlags::POLLIN)];
             // Round up, so a sub-millisecond rest does not spin.
             let ms =
-                libc::c_int::try_from(left.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX);
-            // SAFETY: one valid pollfd for the duration of the call.
-            if unsafe { libc::poll(&mut pfd, 1, ms) } < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
+                PollTimeout::try_from(left.as_micros().div_ceil(1000)).unwrap_or(PollTimeout::MAX);
+            match poll(&mut pfd, ms) {
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(e) => {
                     return Err(Error::sys(
                         "poll",
                         format!("{} device-request eventfd", self.address),
-                        e,
+                        e.into(),
                     ));
                 }
             }

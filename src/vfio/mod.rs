@@ -11,7 +11,8 @@
 //! * `config`: config space and the `PCI_COMMAND` register (memory decode);
 //! * `irq`: interrupt eventfds and the kernel's unplug request;
 //! * `reset`: `VFIO_DEVICE_RESET`;
-//! * `mmio`: a BAR mapped into this process ([`BarMapping`]).
+//! * `mmio`: a BAR mapped into this process ([`BarMapping`], a
+//!   [`Mapping`](crate::Mapping) of the device fd).
 //!
 //! Exporting BAR ranges as dma-bufs is the exporter's job:
 //! [`crate::exporter::bar`].

@@ -331,7 +331,7 @@ pub fn bar_read(bar: &dmabuf_p2p::exporter::vfio::BarMapping, offset: u64, len: 
     }
     let done = words * 8;
     if done < len {
-        bar.read_bytes(offset + done as u64, &mut out[done..])
+        bar.read(offset + done as u64, &mut out[done..])
             .unwrap_or_else(|e| panic!("BAR read: {e}"));
     }
     out
@@ -348,7 +348,7 @@ pub fn bar_write(bar: &dmabuf_p2p::exporter::vfio::BarMapping, offset: u64, data
     }
     let done = words * 8;
     if done < data.len() {
-        bar.write_bytes(offset + done as u64, &data[done..])
+        bar.write(offset + done as u64, &data[done..])
             .unwrap_or_else(|e| panic!("BAR write: {e}"));
     }
 }

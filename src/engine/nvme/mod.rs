@@ -141,17 +141,12 @@ impl DmaArea {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        self.cpu.write(to_usize(offset), data)
+        self.cpu.write(offset, data)
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.cpu.read(to_usize(offset), buf)
+        self.cpu.read(offset, buf)
     }
-}
-
-fn to_usize(v: u64) -> usize {
-    // The area is a few hundred KiB: every offset in it fits.
-    usize::try_from(v).unwrap_or(usize::MAX)
 }
 
 /// A queue pair's memory and bookkeeping.
@@ -566,7 +561,7 @@ impl Nvme {
                 if let Err(e) = self
                     .dma
                     .cpu
-                    .write(to_usize(list_offset), &prp::list_bytes(&plan.list))
+                    .write(list_offset, &prp::list_bytes(&plan.list))
                 {
                     q.slots.free(cid);
                     return Err(e);

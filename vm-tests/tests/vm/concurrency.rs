@@ -493,10 +493,10 @@ fn threads_share_exports_attachments_and_revocation() {
         let range = a.export.export.ranges()[0];
         let at = ((k as u64 * 0x140) % (range.length - COPY + 1)) & !7;
         let bar = &bars[a.export.dev];
-        bar.write_bytes(range.offset + at, &poison).unwrap();
+        bar.write(range.offset + at, &poison).unwrap();
         edu.store(0, a.att.iova() + at, COPY, DMA_TIMEOUT).unwrap();
         let mut got = vec![0u8; COPY as usize];
-        bar.read_bytes(range.offset + at, &mut got).unwrap();
+        bar.read(range.offset + at, &mut got).unwrap();
         if is_revoked {
             revoked += 1;
             assert_eq!(
@@ -508,7 +508,7 @@ fn threads_share_exports_attachments_and_revocation() {
             a.att.restore().unwrap();
             assert!(!a.att.is_revoked());
             edu.store(0, a.att.iova() + at, COPY, DMA_TIMEOUT).unwrap();
-            bar.read_bytes(range.offset + at, &mut got).unwrap();
+            bar.read(range.offset + at, &mut got).unwrap();
         } else {
             live += 1;
         }

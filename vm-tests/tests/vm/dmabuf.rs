@@ -329,9 +329,9 @@ fn dmabuf_mmap_ranges_are_checked() {
         },
     );
     // A partial mapping at an offset sees the right bytes.
-    let mut all = h.mmap().unwrap();
-    all.write(2 * PAGE as usize, b"third page").unwrap();
-    let mut part = h
+    let all = h.mmap().unwrap();
+    all.write(2 * PAGE, b"third page").unwrap();
+    let part = h
         .mmap_range(ByteRange::new(2 * PAGE, PAGE + 10), true)
         .unwrap();
     assert_eq!(part.len() as u64, PAGE + 10);
@@ -340,15 +340,15 @@ fn dmabuf_mmap_ranges_are_checked() {
     assert_eq!(&got, b"third page");
     // Accesses past the mapping's end are refused, not performed.
     assert!(matches!(
-        part.read(PAGE as usize + 5, &mut got),
+        part.read(PAGE + 5, &mut got),
         Err(Error::InvalidRange { .. })
     ));
     assert!(matches!(
-        part.write(PAGE as usize + 1, &[0; 10]),
+        part.write(PAGE + 1, &[0; 10]),
         Err(Error::InvalidRange { .. })
     ));
     // A read-only mapping refuses writes.
-    let mut ro = h.mmap_range(ByteRange::new(0, PAGE), false).unwrap();
+    let ro = h.mmap_range(ByteRange::new(0, PAGE), false).unwrap();
     assert!(!ro.is_writable());
     match ro.write(0, b"no") {
         Err(e @ Error::Sys { .. }) => assert_eq!(e.raw_os_error(), Some(libc::EACCES)),

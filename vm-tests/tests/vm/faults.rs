@@ -317,7 +317,7 @@ fn hot_unplug_of_a_mapped_exporter() {
     {
         let bar = exporter.map_bar(2).unwrap();
         let mut got = vec![0u8; PAGE as usize];
-        bar.read_bytes(UNPLUG_BASE, &mut got).unwrap();
+        bar.read(UNPLUG_BASE, &mut got).unwrap();
         assert_eq!(got, before_unplug, "the copy before the unplug landed");
     } // a BAR mmap holds the device open too: none may outlive the request
 
@@ -411,7 +411,7 @@ fn hot_unplug_of_a_mapped_exporter() {
     {
         let bar = exporter.map_bar(2).unwrap();
         let mut got = vec![0u8; PAGE as usize];
-        bar.read_bytes(UNPLUG_BASE, &mut got).unwrap();
+        bar.read(UNPLUG_BASE, &mut got).unwrap();
         assert_eq!(
             got, before_unplug,
             "the device memory survived unplug and replug; nothing later landed"
@@ -432,7 +432,7 @@ fn hot_unplug_of_a_mapped_exporter() {
         .unwrap();
     let bar = exporter.map_bar(2).unwrap();
     let mut got = vec![0u8; PAGE as usize];
-    bar.read_bytes(REPLUG_BASE, &mut got).unwrap();
+    bar.read(REPLUG_BASE, &mut got).unwrap();
     assert_eq!(
         got, after_unplug,
         "a copy into the re-plugged device landed"
@@ -474,7 +474,7 @@ fn hot_unplug_during_a_copy() {
     let exporter = open_exporter(shm1, &iommufd);
     {
         let bar = exporter.map_bar(2).unwrap();
-        bar.write_bytes(INFLIGHT_BASE, &[0u8; 2 * CHUNK as usize])
+        bar.write(INFLIGHT_BASE, &[0u8; 2 * CHUNK as usize])
             .unwrap();
     }
     let export = exporter
@@ -527,7 +527,7 @@ fn hot_unplug_during_a_copy() {
     let exporter = open_exporter(shm1, &iommufd);
     let bar = exporter.map_bar(2).unwrap();
     let mut got = vec![0u8; 2 * CHUNK as usize];
-    bar.read_bytes(INFLIGHT_BASE, &mut got).unwrap();
+    bar.read(INFLIGHT_BASE, &mut got).unwrap();
     assert_eq!(got, want, "copy 0 is there, the half-done copy is not");
     let export = exporter
         .export_bar(2, &[ByteRange::new(INFLIGHT_BASE, 16 * PAGE)])
@@ -735,7 +735,7 @@ fn sigkill_of_a_process_holding_exports_and_mappings() {
     edu.memcpy(src_map.iova(), att.iova() + PAGE, 2048, DMA_TIMEOUT)
         .unwrap();
     let mut got = vec![0u8; 2048];
-    dev.map_bar(2).unwrap().read_bytes(PAGE, &mut got).unwrap();
+    dev.map_bar(2).unwrap().read(PAGE, &mut got).unwrap();
     assert_eq!(got, data, "a copy after the kill lands");
     drop((src_map, src, att, export, dev, edu, ioas, iommufd, pipe));
     assert_eq!(open_fd_count(), fds_at_start);
@@ -824,7 +824,7 @@ fn exporter_closed_before_the_importer() {
     let iommufd = Iommufd::open().unwrap();
     let dev = open_exporter(shm, &iommufd);
     let mut got = vec![0u8; 2048];
-    dev.map_bar(2).unwrap().read_bytes(OFF, &mut got).unwrap();
+    dev.map_bar(2).unwrap().read(OFF, &mut got).unwrap();
     assert_eq!(got, first, "nothing landed after the exporter was closed");
 }
 
@@ -1006,12 +1006,12 @@ fn reset_while_mapped_revokes_and_restores() {
         "VFIO restores PCI_COMMAND after the reset"
     );
     let mut got = vec![0u8; 2048];
-    bar.read_bytes(RESET_BASE, &mut got).unwrap();
+    bar.read(RESET_BASE, &mut got).unwrap();
     assert_eq!(got, before, "the BAR's bytes survive the reset");
 
     edu.memcpy(src_map.iova() + 2048, iova + 2048, 2048, DMA_TIMEOUT)
         .unwrap();
-    bar.read_bytes(RESET_BASE + 2048, &mut got).unwrap();
+    bar.read(RESET_BASE + 2048, &mut got).unwrap();
     assert_eq!(got, after, "the first copy after the reset lands");
     let mut both = before.clone();
     both.extend_from_slice(&after);

@@ -57,20 +57,12 @@ fn guide_walkthrough() {
             MapPerms::Read,
         )
         .unwrap();
-    exporter
-        .map_bar(2)
-        .unwrap()
-        .write_bytes(0, &[0u8; 16])
-        .unwrap();
+    exporter.map_bar(2).unwrap().write(0, &[0u8; 16]).unwrap();
     att.ensure_live().unwrap();
     edu.memcpy(src_map.iova(), att.iova(), 2048, Duration::from_secs(5))
         .unwrap();
     let mut check = [0u8; 10];
-    exporter
-        .map_bar(2)
-        .unwrap()
-        .read_bytes(0, &mut check)
-        .unwrap();
+    exporter.map_bar(2).unwrap().read(0, &mut check).unwrap();
     assert_eq!(&check, b"hello, BAR");
 
     // 5.

@@ -34,7 +34,7 @@ fn heap_alloc_is_zeroed_then_written_and_read_back() {
         );
         assert_eq!(info.flags & libc::O_ACCMODE as u32, libc::O_RDWR as u32);
 
-        let mut map = buf.mmap().unwrap();
+        let map = buf.mmap().unwrap();
         {
             let _cpu = buf.begin_cpu_access(Access::Read).unwrap();
             assert!(

@@ -162,7 +162,7 @@ fn stream(
     let len = bar.len() as u64;
     assert_eq!(len, SMALL_SHM, "{shm} ({shm_bdf}) BAR2 size");
     let initial = pattern(seed, len as usize);
-    bar.write_bytes(0, &initial).unwrap();
+    bar.write(0, &initial).unwrap();
     let mut expected = words(&initial);
 
     let export = dev.export_bar(2, &[ByteRange::new(0, len)]).unwrap();
@@ -224,7 +224,7 @@ fn stream(
             t = Instant::now();
         };
         // 1. Poison the destination so a landing copy would show.
-        bar.write_bytes(off, &poison).unwrap();
+        bar.write(off, &poison).unwrap();
         expected[at.clone()].copy_from_slice(&poison_words);
 
         // 2. Revoke.
@@ -272,7 +272,7 @@ fn stream(
         edu.store(0, iova + off, COPY, DMA_TIMEOUT).unwrap();
         lap(4, &mut report.steps);
         let mut got = vec![0u8; COPY as usize];
-        bar.read_bytes(off, &mut got).unwrap();
+        bar.read(off, &mut got).unwrap();
         if got == data {
             report.landed += 1;
         } else {

@@ -280,10 +280,7 @@ fn cli_importer_copy_lands_in_the_exporters_bar() {
     dev.bind(&iommufd).unwrap();
     dev.set_memory_decode(true).unwrap();
     let mut got = vec![0u8; COPY as usize];
-    dev.map_bar(2)
-        .unwrap()
-        .read_bytes(AREA + AT, &mut got)
-        .unwrap();
+    dev.map_bar(2).unwrap().read(AREA + AT, &mut got).unwrap();
     assert_eq!(
         format!("{:016x}", fnv1a64(&got)),
         want,

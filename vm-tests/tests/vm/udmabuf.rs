@@ -46,7 +46,7 @@ fn udmabuf_single_create_shares_pages_with_the_memfd() {
         assert_eq!(info.flags & libc::O_ACCMODE as u32, libc::O_RDWR as u32);
 
         // memfd -> dma-buf mapping.
-        let mut map = buf.mmap().unwrap();
+        let map = buf.mmap().unwrap();
         assert_eq!(map.len() as u64, len);
         {
             let _cpu = buf.begin_cpu_access(Access::Read).unwrap();
@@ -103,11 +103,11 @@ fn udmabuf_list_create_concatenates_the_items() {
         want.extend_from_slice(&da[PAGE as usize..3 * PAGE as usize]);
         want.extend_from_slice(&db);
         want.extend_from_slice(&da[..PAGE as usize]);
-        let mut map = buf.mmap().unwrap();
+        let map = buf.mmap().unwrap();
         assert_eq!(map.to_vec(), want);
 
         // Writing the third item lands in page 0 of `a`.
-        map.write(4 * PAGE as usize + 8, b"third item").unwrap();
+        map.write(4 * PAGE + 8, b"third item").unwrap();
         let mut back = [0u8; 10];
         a.read_at(8, &mut back).unwrap();
         assert_eq!(&back, b"third item");
@@ -136,7 +136,7 @@ fn udmabuf_from_hugetlb_memfd() {
         let dev = Udmabuf::open().unwrap();
         let whole = dev.create(memfd.as_fd(), 0, len).unwrap();
         assert_eq!(whole.size().unwrap(), len);
-        let mut map = whole.mmap().unwrap();
+        let map = whole.mmap().unwrap();
         assert_eq!(map.to_vec(), data);
 
         // Base-page alignment is enough inside a huge page.
@@ -156,7 +156,7 @@ fn udmabuf_from_hugetlb_memfd() {
         );
 
         // dma-buf -> memfd.
-        map.write(HUGE_PAGE_SIZE as usize + 3, b"huge").unwrap();
+        map.write(HUGE_PAGE_SIZE + 3, b"huge").unwrap();
         let mut back = [0u8; 4];
         memfd.read_at(HUGE_PAGE_SIZE + 3, &mut back).unwrap();
         assert_eq!(&back, b"huge");
@@ -172,18 +172,12 @@ fn udmabuf_pins_pages_until_the_buffer_is_gone() {
     let buf = dev.create(memfd.as_fd(), 0, 4 * PAGE).unwrap();
     memfd.write_at(3 * PAGE, b"after").unwrap();
     let mut got = [0u8; 5];
-    buf.mmap()
-        .unwrap()
-        .read(3 * PAGE as usize, &mut got)
-        .unwrap();
+    buf.mmap().unwrap().read(3 * PAGE, &mut got).unwrap();
     assert_eq!(&got, b"after");
     // The memfd fd may go; the buffer keeps the pages.
     drop(memfd);
     let mut again = [0u8; 5];
-    buf.mmap()
-        .unwrap()
-        .read(3 * PAGE as usize, &mut again)
-        .unwrap();
+    buf.mmap().unwrap().read(3 * PAGE, &mut again).unwrap();
     assert_eq!(&again, b"after");
 }
 

@@ -330,13 +330,13 @@ fn bar_mmap_write_then_read_back() {
         bar.write_u64(8, 0x0123_4567_89ab_cdef).unwrap();
         bar.write_u16(0x10, 0x55aa).unwrap();
         bar.write_u8(0x12, 0x7e).unwrap();
-        bar.write_bytes(size - 5, b"tail!").unwrap();
+        bar.write(size - 5, b"tail!").unwrap();
         assert_eq!(bar.read_u32(0).unwrap(), 0xdead_beef);
         assert_eq!(bar.read_u64(8).unwrap(), 0x0123_4567_89ab_cdef);
         assert_eq!(bar.read_u16(0x10).unwrap(), 0x55aa);
         assert_eq!(bar.read_u8(0x12).unwrap(), 0x7e);
         let mut back = [0u8; 5];
-        bar.read_bytes(size - 5, &mut back).unwrap();
+        bar.read(size - 5, &mut back).unwrap();
         assert_eq!(&back, b"tail!");
 
         // A second mapping sees the same memory.
@@ -363,7 +363,7 @@ fn bar_mmap_write_then_read_back() {
             })
         ));
         assert!(matches!(
-            bar.read_bytes(u64::MAX, &mut back),
+            bar.read(u64::MAX, &mut back),
             Err(Error::InvalidRange {
                 problem: RangeProblem::Overflow,
                 ..

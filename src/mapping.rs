@@ -1,0 +1,399 @@
+//! Memory that devices see, mapped into this process: [`Mapping`], one type
+//! for dma-buf, memfd and BAR mappings, accessed only with volatile loads and
+//! stores. This file and the ioctl layer are the only places with `unsafe`:
+//! the `mmap`/`munmap` calls and the volatile accesses are here.
+
+use std::fmt;
+use std::io;
+use std::num::NonZeroUsize;
+use std::os::fd::BorrowedFd;
+use std::ptr::NonNull;
+
+use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
+
+use crate::dmabuf::human_size;
+use crate::error::{Error, RangeProblem, Result};
+use crate::range::ByteRange;
+
+/// A shared memory mapping (`mmap` with `MAP_SHARED`) of a dma-buf, a memfd
+/// or a PCI BAR, unmapped when dropped. The mapping holds its own reference
+/// to the file, so it may outlive the [`DmaBuf`](crate::DmaBuf),
+/// [`Memfd`](crate::memfd::Memfd) or [`VfioPciDevice`](crate::VfioPciDevice)
+/// it came from.
+///
+/// **The memory is shared with devices and other mappings.** A device can
+/// write it at any moment (that is the point of a dma-buf), and another
+/// mapping of the same buffer aliases it. Rust references (`&[u8]`,
+/// `&mut [u8]`) to such memory would promise the compiler that it does not
+/// change, so `Mapping` hands out none. Access is by copying in and out with
+/// volatile loads and stores ([`read`](Self::read), [`write`](Self::write),
+/// [`to_vec`](Self::to_vec), [`fill`](Self::fill), and the naturally aligned
+/// [`read_u32`](Self::read_u32), [`write_u64`](Self::write_u64), ... for
+/// device registers), which the compiler neither elides nor caches, or
+/// through the raw pointer ([`as_ptr`](Self::as_ptr)) for callers who take on
+/// that reasoning themselves. Offsets are `u64` byte offsets from the start;
+/// anything past [`len`](Self::len) is [`Error::InvalidRange`]. Bracket
+/// accesses to a dma-buf with
+/// [`DmaBuf::begin_cpu_access`](crate::DmaBuf::begin_cpu_access) so caches
+/// are coherent with devices.
+///
+/// A BAR mapping faults (`SIGBUS`) while the device's memory decode is off
+/// or it is resetting: VFIO has the pages unmapped then.
+///
+/// ```no_run
+/// let buf = dmabuf_p2p::exporter::heap::DmaHeap::open("system")?.alloc(4096)?;
+/// let map = buf.mmap()?;
+/// assert!(map.to_vec().iter().all(|&b| b == 0)); // heap memory starts zeroed
+/// map.fill(0, 4096, 0xa5)?;
+/// map.write_u32(8, 0xdead_beef)?;
+/// assert_eq!(map.read_u32(8)?, 0xdead_beef);
+/// # Ok::<(), dmabuf_p2p::Error>(())
+/// ```
+pub struct Mapping {
+    ptr: NonNull<u8>,
+    /// What was mapped (whole pages).
+    map_len: usize,
+    /// What may be accessed (a BAR smaller than a page is mapped as a page).
+    len: usize,
+    writable: bool,
+    label: String,
+}
+
+// SAFETY: a Mapping is an address range owned by this value; nothing in it is
+// tied to the creating thread, and munmap may run on any thread.
+unsafe impl Send for Mapping {}
+// SAFETY: shared access is volatile loads and stores only, with no Rust
+// references into the memory; devices and other mappings write it
+// concurrently anyway, which volatile access tolerates (see the type docs).
+unsafe impl Sync for Mapping {}
+
+impl fmt::Debug for Mapping {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Mapping")
+            .field("ptr", &self.ptr)
+            .field("len", &self.len)
+            .field("writable", &self.writable)
+            .field("of", &self.label)
+            .finish()
+    }
+}
+
+/// The integer widths [`Mapping`] reads and writes as one access.
+trait Word: Copy {}
+impl Word for u8 {}
+impl Word for u16 {}
+impl Word for u32 {}
+impl Word for u64 {}
+
+impl Mapping {
+    /// `mmap(NULL, map_len, PROT_READ[|PROT_WRITE], MAP_SHARED, fd, offset)`,
+    /// of which the first `len` bytes may be accessed (`len <= map_len`).
+    /// `label` names the mapping in errors.
+    pub(crate) fn map_shared(
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        map_len: usize,
+        writable: bool,
+        label: String,
+    ) -> io::Result<Self> {
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+        let length = NonZeroUsize::new(map_len)
+            .filter(|_| len <= map_len)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let mut prot = ProtFlags::PROT_READ;
+        if writable {
+            prot |= ProtFlags::PROT_WRITE;
+        }
+        // SAFETY: a fresh mapping at an address the kernel picks (no hint, no
+        // MAP_FIXED), so no existing memory is replaced; `fd` is open for the
+        // call and the kernel keeps its own reference to the file.
+        let p = unsafe { mmap(None, length, prot, MapFlags::MAP_SHARED, fd, off) }?;
+        Ok(Self {
+            ptr: p.cast(),
+            map_len,
+            len,
+            writable,
+            label,
+        })
+    }
+
+    /// Length in bytes that may be accessed.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: empty mappings are not made.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether the mapping was made writable.
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    /// The start address, for callers that need raw access. Accesses must be
+    /// volatile, within [`len`](Self::len), and only while the mapping lives
+    /// (a read-only mapping faults on write).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Copies `buf.len()` bytes at `offset` out of the mapping (volatile
+    /// loads, 8 bytes at a time where aligned).
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let at = self.check(offset, buf.len(), 1)?;
+        // SAFETY: `check` proved `at + buf.len() <= len`; the mapping is live
+        // and readable for `len` bytes from `ptr`.
+        unsafe { volatile_read(self.ptr.as_ptr().wrapping_add(at), buf) };
+        Ok(())
+    }
+
+    /// Copies `data` into the mapping at `offset` (volatile stores). A
+    /// read-only mapping is [`Error::Sys`] with `EACCES`.
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.check_writable()?;
+        let at = self.check(offset, data.len(), 1)?;
+        // SAFETY: in bounds (checked), live, and mapped writable.
+        unsafe { volatile_write(self.ptr.as_ptr().wrapping_add(at), data) };
+        Ok(())
+    }
+
+    /// The old BAR-mapping name of [`read`](Self::read), kept while callers
+    /// move over.
+    #[doc(hidden)]
+    pub fn read_bytes(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read(offset, buf)
+    }
+
+    /// The old BAR-mapping name of [`write`](Self::write), kept while
+    /// callers move over.
+    #[doc(hidden)]
+    pub fn write_bytes(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.write(offset, data)
+    }
+
+    /// Sets `len` bytes at `offset` to `byte` (volatile stores).
+    pub fn fill(&self, offset: u64, len: usize, byte: u8) -> Result<()> {
+        self.check_writable()?;
+        let at = self.check(offset, len, 1)?;
+        let chunk = [byte; 4096];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(chunk.len());
+            // SAFETY: `at + done + n <= at + len <= self.len` (checked); live
+            // and writable.
+            unsafe { volatile_write(self.ptr.as_ptr().wrapping_add(at + done), &chunk[..n]) };
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// A copy of the whole mapping.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = vec![0; self.len];
+        // SAFETY: exactly `len` bytes from the live, readable mapping.
+        unsafe { volatile_read(self.ptr.as_ptr(), &mut v) };
+        v
+    }
+
+    /// One volatile 8-bit load at `offset`.
+    pub fn read_u8(&self, offset: u64) -> Result<u8> {
+        self.load(offset)
+    }
+
+    /// One volatile 16-bit load at `offset` (2-byte aligned).
+    pub fn read_u16(&self, offset: u64) -> Result<u16> {
+        self.load(offset)
+    }
+
+    /// One volatile 32-bit load at `offset` (4-byte aligned).
+    pub fn read_u32(&self, offset: u64) -> Result<u32> {
+        self.load(offset)
+    }
+
+    /// One volatile 64-bit load at `offset` (8-byte aligned).
+    pub fn read_u64(&self, offset: u64) -> Result<u64> {
+        self.load(offset)
+    }
+
+    /// One volatile 8-bit store at `offset`.
+    pub fn write_u8(&self, offset: u64, value: u8) -> Result<()> {
+        self.store(offset, value)
+    }
+
+    /// One volatile 16-bit store at `offset` (2-byte aligned).
+    pub fn write_u16(&self, offset: u64, value: u16) -> Result<()> {
+        self.store(offset, value)
+    }
+
+    /// One volatile 32-bit store at `offset` (4-byte aligned).
+    pub fn write_u32(&self, offset: u64, value: u32) -> Result<()> {
+        self.store(offset, value)
+    }
+
+    /// One volatile 64-bit store at `offset` (8-byte aligned).
+    pub fn write_u64(&self, offset: u64, value: u64) -> Result<()> {
+        self.store(offset, value)
+    }
+
+    fn load<T: Word>(&self, offset: u64) -> Result<T> {
+        let at = self.check(offset, size_of::<T>(), align_of::<T>())?;
+        // SAFETY: `check` proved the value lies inside the live mapping and is
+        // naturally aligned (the mapping is page-aligned); every bit pattern
+        // is a valid integer.
+        Ok(unsafe {
+            self.ptr
+                .as_ptr()
+                .wrapping_add(at)
+                .cast::<T>()
+                .read_volatile()
+        })
+    }
+
+    fn store<T: Word>(&self, offset: u64, value: T) -> Result<()> {
+        self.check_writable()?;
+        let at = self.check(offset, size_of::<T>(), align_of::<T>())?;
+        // SAFETY: `check` proved the value lies inside the live, writable
+        // mapping and is naturally aligned; no Rust reference points into it.
+        unsafe {
+            self.ptr
+                .as_ptr()
+                .wrapping_add(at)
+                .cast::<T>()
+                .write_volatile(value)
+        };
+        Ok(())
+    }
+
+    /// Checks `[offset, offset + len)` against the mapping and `align`;
+    /// returns `offset` as a `usize`.
+    fn check(&self, offset: u64, len: usize, align: usize) -> Result<usize> {
+        let range = ByteRange::new(offset, len as u64);
+        let invalid = |problem| Error::InvalidRange {
+            target: format!("{} ({})", self.label, human_size(self.len as u64)),
+            range,
+            problem,
+        };
+        if offset % align as u64 != 0 {
+            return Err(invalid(RangeProblem::Unaligned {
+                align: align as u64,
+            }));
+        }
+        let end = range.end().ok_or_else(|| invalid(RangeProblem::Overflow))?;
+        if end > self.len as u64 {
+            return Err(invalid(RangeProblem::OutOfBounds {
+                end,
+                size: self.len as u64,
+            }));
+        }
+        usize::try_from(offset).map_err(|_| invalid(RangeProblem::Overflow))
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(Error::sys(
+                "write",
+                format!("read-only {}", self.label),
+                io::Error::from_raw_os_error(libc::EACCES),
+            ))
+        }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`map_len` are exactly the range mmap returned; no Rust
+        // reference into it exists (none is ever handed out), and it is
+        // unmapped once.
+        let _ = unsafe { munmap(self.ptr.cast(), self.map_len) };
+    }
+}
+
+/// Copies `dst.len()` bytes from `src` with volatile loads, 8 bytes at a time
+/// where aligned.
+///
+/// # Safety
+/// `src` must be valid for reads of `dst.len()` bytes.
+unsafe fn volatile_read(src: *const u8, dst: &mut [u8]) {
+    let n = dst.len();
+    let mut i = 0;
+    while i < n && (src as usize).wrapping_add(i) % 8 != 0 {
+        // SAFETY: `i < n`, so in bounds by the caller's guarantee.
+        dst[i] = unsafe { src.wrapping_add(i).read_volatile() };
+        i += 1;
+    }
+    while n - i >= 8 {
+        let p = src.wrapping_add(i).cast::<u64>();
+        // SAFETY: `i + 8 <= n`, in bounds; `p` is 8-byte aligned (the loop
+        // above aligned it and `i` advances by 8).
+        let w = unsafe { p.read_volatile() };
+        dst[i..i + 8].copy_from_slice(&w.to_ne_bytes());
+        i += 8;
+    }
+    while i < n {
+        // SAFETY: `i < n`, in bounds.
+        dst[i] = unsafe { src.wrapping_add(i).read_volatile() };
+        i += 1;
+    }
+}
+
+/// Copies `src` to `dst` with volatile stores, 8 bytes at a time where
+/// aligned.
+///
+/// # Safety
+/// `dst` must be valid for writes of `src.len()` bytes.
+unsafe fn volatile_write(dst: *mut u8, src: &[u8]) {
+    let n = src.len();
+    let mut i = 0;
+    while i < n && (dst as usize).wrapping_add(i) % 8 != 0 {
+        // SAFETY: `i < n`, in bounds by the caller's guarantee.
+        unsafe { dst.wrapping_add(i).write_volatile(src[i]) };
+        i += 1;
+    }
+    while n - i >= 8 {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&src[i..i + 8]);
+        let p = dst.wrapping_add(i).cast::<u64>();
+        // SAFETY: `i + 8 <= n`, in bounds; `p` is 8-byte aligned.
+        unsafe { p.write_volatile(u64::from_ne_bytes(w)) };
+        i += 8;
+    }
+    while i < n {
+        // SAFETY: `i < n`, in bounds.
+        unsafe { dst.wrapping_add(i).write_volatile(src[i]) };
+        i += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volatile_copies_round_trip_at_every_alignment() {
+        let src: Vec<u8> = (0..64u8).collect();
+        for start in 0..9 {
+            for len in [0, 1, 7, 8, 9, 17, 40] {
+                let mut dst = vec![0u8; len];
+                // SAFETY: `start + len <= 49 < 64`.
+                unsafe { volatile_read(src.as_ptr().wrapping_add(start), &mut dst) };
+                assert_eq!(dst, &src[start..start + len]);
+                let mut out = vec![0xffu8; 64];
+                // SAFETY: same bounds, in `out`.
+                unsafe { volatile_write(out.as_mut_ptr().wrapping_add(start), &dst) };
+                assert_eq!(&out[start..start + len], &src[start..start + len]);
+                assert!(
+                    out[..start]
+                        .iter()
+                        .chain(&out[start + len..])
+                        .all(|&b| b == 0xff)
+                );
+            }
+        }
+    }
+}
