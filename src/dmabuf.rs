@@ -149,6 +149,7 @@ impl Access {
 
 /// What `/proc/self/fdinfo/<fd>` says about a dma-buf fd (uAPI reference
 /// A.3): the generic lines and the dma-buf ones, flattened.
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct DmaBufFdInfo {

@@ -29,6 +29,7 @@ const WHAT: &str = "fdinfo";
 /// assert_eq!((buf.size, buf.exp_name.as_str(), buf.name), (65536, "udmabuf", None));
 /// # Ok::<(), dmabuf_p2p::Error>(())
 /// ```
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct FdInfo {
@@ -46,6 +47,7 @@ pub struct FdInfo {
 }
 
 /// The dma-buf part of fdinfo.
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct DmaBufInfo {

@@ -23,19 +23,31 @@ pub mod range;
 pub mod revoke;
 #[cfg(feature = "share")]
 pub mod share;
+// The generated uAPI bindings: not API. Public only for the layout tests,
+// the VM tests and the bench, which hand-build raw ioctls.
+#[doc(hidden)]
 pub mod sys;
 pub mod sysfs;
 mod types;
 pub mod vfio;
 
-pub use dmabuf::{Access, DmaBuf, Mapping, SyncFile, is_dmabuf};
-pub use error::{Error, RangeProblem, Result};
+pub use dmabuf::{Access, DmaBuf, SyncFile, is_dmabuf};
+pub use error::{AllowedIovaProblem, Error, RangeProblem, Result};
 pub use exporter::bar::BarExport;
+pub use exporter::heap::DmaHeap;
 pub use exporter::mock::MockDmaBuf;
-pub use importer::iommufd::{Ioas, IoasMapping, Iommufd, IovaPlacement, MapPerms};
+pub use exporter::udmabuf::Udmabuf;
+pub use importer::iommufd::{
+    Ioas, IoasMapping, Iommufd, IovaPlacement, IovaRange, IovaRanges, MapPerms,
+};
+pub use mapping::Mapping;
+pub use memfd::{Memfd, MemfdOptions, Seals};
 pub use pci::PciAddress;
-pub use range::ByteRange;
-pub use vfio::{BarMapping, VfioPciDevice};
+pub use range::{ByteRange, PhysRange};
+pub use revoke::{Attachment, BufferState, RestorePolicy, RevocationHub, RevokeReason};
+#[cfg(feature = "share")]
+pub use share::ShareProblem;
+pub use vfio::{Bar, BarMapping, DeviceInfo, RegionInfo, VfioPciDevice};
 
 /// The VMM author's guide (`docs/GUIDE.md`), here so its snippets compile as
 /// doctests. It walks through sharing too, hence the feature.

@@ -189,6 +189,7 @@ pub const IORESOURCE_MEM_64: u64 = 0x10_0000;
 /// assert!(res[1].is_unused());
 /// # Ok::<(), dmabuf_p2p::Error>(())
 /// ```
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Resource {
@@ -203,6 +204,16 @@ pub struct Resource {
 }
 
 impl Resource {
+    /// A resource line from its parts (for tests and tools).
+    pub const fn new(index: u32, start: u64, size: u64, flags: u64) -> Self {
+        Self {
+            index,
+            start,
+            size,
+            flags,
+        }
+    }
+
     /// Whether this resource is unused (size 0).
     pub const fn is_unused(&self) -> bool {
         self.size == 0
@@ -290,12 +301,7 @@ pub fn parse_resources(text: &str) -> Result<Vec<Resource>> {
                 .ok_or_else(|| err(format!("end {end:#x} is not after start {start:#x}")))?
         };
         let index = u32::try_from(out.len()).map_err(|_| err("too many lines".to_owned()))?;
-        out.push(Resource {
-            index,
-            start,
-            size,
-            flags,
-        });
+        out.push(Resource::new(index, start, size, flags));
     }
     Ok(out)
 }

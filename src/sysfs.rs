@@ -49,6 +49,7 @@ impl Default for Sysfs {
 }
 
 /// Everything sysfs tells about one PCI device, as read by [`Sysfs::info`].
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct PciDeviceInfo {

@@ -316,10 +316,7 @@ fn list_count_and_total_limits() {
         }) => {}
         other => panic!("unexpected {other:?}"),
     }
-    let small = UdmabufLimits {
-        list_limit: 2,
-        size_limit_mb: 2,
-    };
+    let small = UdmabufLimits::new(2, 2);
     match check_items(&[(fd, 0, 4096); 3], &small) {
         Err(Error::UdmabufLimit {
             limit: "list_limit",
@@ -351,13 +348,7 @@ fn limits_are_read_from_sysfs_with_defaults() {
     assert_eq!(UdmabufLimits::read_from(&dir), UdmabufLimits::default());
     std::fs::write(dir.join("list_limit"), "7\n").unwrap();
     std::fs::write(dir.join("size_limit_mb"), "garbage\n").unwrap();
-    assert_eq!(
-        UdmabufLimits::read_from(&dir),
-        UdmabufLimits {
-            list_limit: 7,
-            size_limit_mb: 64
-        }
-    );
+    assert_eq!(UdmabufLimits::read_from(&dir), UdmabufLimits::new(7, 64));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -246,7 +246,7 @@ proptest! {
     /// `IovaRange::contains` (an inclusive `last`), against the oracle.
     #[test]
     fn iova_range_contains_matches_oracle(r in range(), iova in edgy_u64(), length in edgy_u64()) {
-        let usable = IovaRange { start: r.offset, last: r.length };
+        let usable = IovaRange::new(r.offset, r.length);
         let end = u128::from(iova) + u128::from(length);
         let want = length > 0 && iova >= usable.start && end - 1 <= u128::from(usable.last);
         prop_assert_eq!(usable.contains(iova, length), want);

@@ -35,21 +35,16 @@ fn dev() -> PciAddress {
 
 /// A memory BAR `index` of `size` bytes at physical `start`.
 fn mem_bar(index: u32, start: u64, size: u64) -> Bar {
-    Bar {
+    Bar::new(
         index,
-        region: RegionInfo {
-            index,
-            flags: 7,
-            size,
-            offset: u64::from(index) << 40,
-        },
-        resource: Resource {
+        RegionInfo::new(index, 7, size, u64::from(index) << 40),
+        Resource::new(
             index,
             start,
             size,
-            flags: IORESOURCE_MEM | IORESOURCE_MEM_64 | IORESOURCE_PREFETCH,
-        },
-    }
+            IORESOURCE_MEM | IORESOURCE_MEM_64 | IORESOURCE_PREFETCH,
+        ),
+    )
 }
 
 /// Asserts an `InvalidRange` naming `range` with `problem`, and a target that
@@ -152,10 +147,8 @@ fn plan_rejects_bad_ranges_naming_them() {
 #[test]
 fn plan_rejects_a_sub_page_bar() {
     // ivshmem BAR0 is 256 bytes: no page-aligned range fits.
-    let bar = Bar {
-        index: 0,
-        ..mem_bar(0, 0xfe60_0000, 256)
-    };
+    let mut bar = mem_bar(0, 0xfe60_0000, 256);
+    bar.index = 0;
     match plan_export(dev(), &bar, &[ByteRange::new(0, PAGE)], PAGE) {
         Err(Error::InvalidRange {
             target,
@@ -291,19 +284,13 @@ fn opening_iommufd_at_a_missing_path_names_it() {
 
 #[test]
 fn iova_range_arithmetic() {
-    let r = IovaRanges {
-        ranges: vec![
-            IovaRange {
-                start: 0,
-                last: 0xfedf_ffff,
-            },
-            IovaRange {
-                start: 0xfef0_0000,
-                last: 0x7f_ffff_ffff,
-            },
+    let r = IovaRanges::new(
+        vec![
+            IovaRange::new(0, 0xfedf_ffff),
+            IovaRange::new(0xfef0_0000, 0x7f_ffff_ffff),
         ],
-        alignment: 0x1000,
-    };
+        0x1000,
+    );
     assert!(r.contains(0x4000_0000, 0x1000));
     assert!(!r.contains(0xfee0_0000, 0x1000), "the MSI window is a hole");
     assert!(

@@ -156,21 +156,7 @@ fuzz_target!(|input: Input| {
     // The export plan of a memory BAR: both checks at once, with the page as
     // the alignment.
     let dev = PciAddress::new(0, 0, 4, 0).expect("a valid address");
-    let bar = Bar {
-        index: 2,
-        region: RegionInfo {
-            index: 2,
-            flags: 7,
-            size,
-            offset: 2 << 40,
-        },
-        resource: Resource {
-            index: 2,
-            start: input.bar_start,
-            size,
-            flags: IORESOURCE_MEM,
-        },
-    };
+    let bar = Bar::new(2, RegionInfo::new(2, 7, size, 2 << 40), Resource::new(2, input.bar_start, size, IORESOURCE_MEM));
     let page = align.max(1);
     match plan_export(dev, &bar, &ranges, page) {
         Ok(plan) => {
@@ -227,10 +213,7 @@ fuzz_target!(|input: Input| {
         None => assert!(page == 0 || a.length == 0 || a1 - 1 > u128::from(u64::MAX)),
     }
     assert_eq!(p.to_string(), format!("{:#x}..{:#x}", a0, a1));
-    let iova = IovaRange {
-        start: b.offset,
-        last: b.length,
-    };
+    let iova = IovaRange::new(b.offset, b.length);
     let want = a.length > 0 && a0 >= u128::from(iova.start) && a1 - 1 <= u128::from(iova.last);
     assert_eq!(iova.contains(a.offset, a.length), want);
 });

@@ -30,11 +30,7 @@ pub const EXPORT_OPEN_FLAGS: u32 = (libc::O_RDWR | libc::O_CLOEXEC) as u32;
 /// ```
 /// # use dmabuf_p2p::pci::{Resource, IORESOURCE_MEM};
 /// # use dmabuf_p2p::vfio::{Bar, RegionInfo};
-/// let bar = Bar {
-///     index: 2,
-///     region: RegionInfo { index: 2, flags: 7, size: 0x10_0000, offset: 2 << 40 },
-///     resource: Resource { index: 2, start: 0xfe00_0000, size: 0x10_0000, flags: IORESOURCE_MEM },
-/// };
+/// let bar = Bar::new(2, RegionInfo::new(2, 7, 0x10_0000, 2 << 40), Resource::new(2, 0xfe00_0000, 0x10_0000, IORESOURCE_MEM));
 /// let plan = dmabuf_p2p::exporter::bar::plan_export("0000:00:03.0".parse()?, &bar, &[dmabuf_p2p::ByteRange::new(0, 0x2000)], 0x1000)?;
 /// assert_eq!((plan.size, plan.phys[0].start), (0x2000, 0xfe00_0000));
 /// # Ok::<(), dmabuf_p2p::Error>(())
@@ -66,11 +62,7 @@ pub struct ExportPlan {
 /// use dmabuf_p2p::pci::{Resource, IORESOURCE_MEM};
 /// use dmabuf_p2p::{ByteRange, Error, RangeProblem};
 ///
-/// let bar = Bar {
-///     index: 2,
-///     region: RegionInfo { index: 2, flags: 7, size: 0x10_0000, offset: 2 << 40 },
-///     resource: Resource { index: 2, start: 0xfe00_0000, size: 0x10_0000, flags: IORESOURCE_MEM },
-/// };
+/// let bar = Bar::new(2, RegionInfo::new(2, 7, 0x10_0000, 2 << 40), Resource::new(2, 0xfe00_0000, 0x10_0000, IORESOURCE_MEM));
 /// let dev = "0000:00:03.0".parse()?;
 /// let plan = plan_export(dev, &bar, &[ByteRange::new(0x1000, 0x2000)], 0x1000)?;
 /// assert_eq!(plan.phys[0].start, 0xfe00_1000);

@@ -44,6 +44,7 @@ const HUGETLBFS_MAGIC: u64 = 0x9584_58f6;
 /// let d = UdmabufLimits::default();
 /// assert_eq!((d.list_limit, d.size_limit_mb), (1024, 64));
 /// ```
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UdmabufLimits {
     /// Most items in one `UDMABUF_CREATE_LIST` (`list_limit`, default 1024).
@@ -62,6 +63,14 @@ impl Default for UdmabufLimits {
 }
 
 impl UdmabufLimits {
+    /// Limits from their values (for tests and tools).
+    pub const fn new(list_limit: u64, size_limit_mb: u64) -> Self {
+        Self {
+            list_limit,
+            size_limit_mb,
+        }
+    }
+
     /// Reads the limits from sysfs; a parameter that cannot be read or parsed
     /// keeps its kernel default.
     ///

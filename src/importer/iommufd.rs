@@ -195,15 +195,9 @@ impl Iommufd {
                 out.truncate(count);
                 let ranges = out
                     .iter()
-                    .map(|r| IovaRange {
-                        start: r.start,
-                        last: r.last,
-                    })
+                    .map(|r| IovaRange::new(r.start, r.last))
                     .collect();
-                return Ok(IovaRanges {
-                    ranges,
-                    alignment: got.alignment,
-                });
+                return Ok(IovaRanges::new(ranges, got.alignment));
             }
             out.resize(count, sys::iommu_iova_range::default());
         }
@@ -535,6 +529,7 @@ impl fmt::Display for IommufdOption {
 /// assert!(r.alignment.is_power_of_two());
 /// # Ok::<(), dmabuf_p2p::Error>(())
 /// ```
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IovaRanges {
     /// The usable ranges, in ascending order.
@@ -545,11 +540,16 @@ pub struct IovaRanges {
 }
 
 impl IovaRanges {
+    /// Usable ranges and their alignment (for tests and tools).
+    pub fn new(ranges: Vec<IovaRange>, alignment: u64) -> Self {
+        Self { ranges, alignment }
+    }
+
     /// Whether `[iova, iova + length)` lies inside one usable range.
     ///
     /// ```
     /// use dmabuf_p2p::importer::iommufd::{IovaRange, IovaRanges};
-    /// let r = IovaRanges { ranges: vec![IovaRange { start: 0, last: 0xfedf_ffff }], alignment: 4096 };
+    /// let r = IovaRanges::new(vec![IovaRange::new(0, 0xfedf_ffff)], 4096);
     /// assert!(r.contains(0x1000_0000, 0x1000));
     /// assert!(!r.contains(0xfee0_0000, 0x1000));
     /// ```
@@ -991,7 +991,7 @@ impl Ioas {
     /// use dmabuf_p2p::ByteRange;
     ///
     /// let ioas = Iommufd::open()?.alloc_ioas()?;
-    /// let window = IovaRange { start: 0x1_0000_0000, last: 0x1_3fff_ffff };
+    /// let window = IovaRange::new(0x1_0000_0000, 0x1_3fff_ffff);
     /// ioas.allow_iovas(&[window])?;
     /// let memfd = dmabuf_p2p::memfd::Memfd::new("buf", 0x10000)?;
     /// let map = ioas.map_file(&memfd, ByteRange::new(0, 0x10000), IovaPlacement::Auto, MapPerms::ReadWrite)?;
@@ -1998,13 +1998,7 @@ mod tests {
 
     #[test]
     fn iova_problems_are_explained() {
-        let r = IovaRanges {
-            ranges: vec![IovaRange {
-                start: 0,
-                last: 0xfedf_ffff,
-            }],
-            alignment: 0x1000,
-        };
+        let r = IovaRanges::new(vec![IovaRange::new(0, 0xfedf_ffff)], 0x1000);
         assert!(r.problem_with(0x1000, 0x1000).is_none());
         assert!(
             r.problem_with(0x1800, 0x1000)
@@ -2018,7 +2012,7 @@ mod tests {
 
     #[test]
     fn allowed_iova_lists_are_checked() {
-        let r = |start, last| IovaRange { start, last };
+        let r = |start, last| IovaRange::new(start, last);
         assert!(check_allowed_iovas(1, &[]).is_ok());
         assert!(check_allowed_iovas(1, &[r(0, u64::MAX)]).is_ok());
         // Adjacent is fine, touching is not.

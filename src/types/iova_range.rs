@@ -13,6 +13,7 @@ use std::fmt;
 /// }
 /// # Ok::<(), dmabuf_p2p::Error>(())
 /// ```
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct IovaRange {
     /// First usable IOVA.
@@ -22,12 +23,17 @@ pub struct IovaRange {
 }
 
 impl IovaRange {
+    /// The range `start..=last`.
+    pub const fn new(start: u64, last: u64) -> Self {
+        Self { start, last }
+    }
+
     /// Whether `[iova, iova + length)` lies entirely in this range. An empty
     /// or overflowing request is never contained.
     ///
     /// ```
     /// use dmabuf_p2p::importer::iommufd::IovaRange;
-    /// let r = IovaRange { start: 0x1000, last: 0xffff };
+    /// let r = IovaRange::new(0x1000, 0xffff);
     /// assert!(r.contains(0x1000, 0xf000));
     /// assert!(!r.contains(0x1000, 0xf001));
     /// assert!(!r.contains(0x2000, 0));

@@ -30,6 +30,7 @@ pub const CONFIG_REGION_INDEX: u32 = sys::VFIO_PCI_CONFIG_REGION_INDEX;
 /// assert!(info.is_pci());
 /// # Ok::<(), dmabuf_p2p::Error>(())
 /// ```
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeviceInfo {
     /// `VFIO_DEVICE_FLAGS_*`.
@@ -41,11 +42,20 @@ pub struct DeviceInfo {
 }
 
 impl DeviceInfo {
+    /// A device info from its parts (for tests and tools).
+    pub const fn new(flags: u32, num_regions: u32, num_irqs: u32) -> Self {
+        Self {
+            flags,
+            num_regions,
+            num_irqs,
+        }
+    }
+
     /// Whether `VFIO_DEVICE_RESET` works (`VFIO_DEVICE_FLAGS_RESET`).
     ///
     /// ```
     /// use dmabuf_p2p::vfio::DeviceInfo;
-    /// let info = DeviceInfo { flags: 3, num_regions: 9, num_irqs: 5 };
+    /// let info = DeviceInfo::new(3, 9, 5);
     /// assert!(info.supports_reset());
     /// ```
     pub const fn supports_reset(&self) -> bool {
@@ -56,7 +66,7 @@ impl DeviceInfo {
     ///
     /// ```
     /// use dmabuf_p2p::vfio::DeviceInfo;
-    /// assert!(DeviceInfo { flags: 2, num_regions: 9, num_irqs: 5 }.is_pci());
+    /// assert!(DeviceInfo::new(2, 9, 5).is_pci());
     /// ```
     pub const fn is_pci(&self) -> bool {
         self.flags & sys::VFIO_DEVICE_FLAGS_PCI != 0
@@ -73,6 +83,7 @@ impl DeviceInfo {
 /// println!("config space: {} bytes", config.size);
 /// # Ok::<(), dmabuf_p2p::Error>(())
 /// ```
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RegionInfo {
     /// The region index (BARs 0..=5, ROM 6, config 7, VGA 8).
@@ -87,10 +98,20 @@ pub struct RegionInfo {
 }
 
 impl RegionInfo {
+    /// A region info from its parts (for tests and tools).
+    pub const fn new(index: u32, flags: u32, size: u64, offset: u64) -> Self {
+        Self {
+            index,
+            flags,
+            size,
+            offset,
+        }
+    }
+
     /// Whether the region can be read (`VFIO_REGION_INFO_FLAG_READ`).
     ///
     /// ```
-    /// # let r = dmabuf_p2p::vfio::RegionInfo { index: 2, flags: 7, size: 1 << 20, offset: 2 << 40 };
+    /// # let r = dmabuf_p2p::vfio::RegionInfo::new(2, 7, 1 << 20, 2 << 40);
     /// assert!(r.readable());
     /// ```
     pub const fn readable(&self) -> bool {
@@ -100,7 +121,7 @@ impl RegionInfo {
     /// Whether the region can be written (`VFIO_REGION_INFO_FLAG_WRITE`).
     ///
     /// ```
-    /// # let r = dmabuf_p2p::vfio::RegionInfo { index: 2, flags: 7, size: 1 << 20, offset: 2 << 40 };
+    /// # let r = dmabuf_p2p::vfio::RegionInfo::new(2, 7, 1 << 20, 2 << 40);
     /// assert!(r.writable());
     /// ```
     pub const fn writable(&self) -> bool {
@@ -110,7 +131,7 @@ impl RegionInfo {
     /// Whether the region can be `mmap`ed (`VFIO_REGION_INFO_FLAG_MMAP`).
     ///
     /// ```
-    /// # let r = dmabuf_p2p::vfio::RegionInfo { index: 2, flags: 7, size: 1 << 20, offset: 2 << 40 };
+    /// # let r = dmabuf_p2p::vfio::RegionInfo::new(2, 7, 1 << 20, 2 << 40);
     /// assert!(r.mmap_supported());
     /// ```
     pub const fn mmap_supported(&self) -> bool {
@@ -124,13 +145,10 @@ impl RegionInfo {
 /// use dmabuf_p2p::vfio::{Bar, RegionInfo};
 /// use dmabuf_p2p::pci::{Resource, IORESOURCE_MEM};
 ///
-/// let bar = Bar {
-///     index: 2,
-///     region: RegionInfo { index: 2, flags: 7, size: 1 << 20, offset: 2 << 40 },
-///     resource: Resource { index: 2, start: 0xfe00_0000, size: 1 << 20, flags: IORESOURCE_MEM },
-/// };
+/// let bar = Bar::new(2, RegionInfo::new(2, 7, 1 << 20, 2 << 40), Resource::new(2, 0xfe00_0000, 1 << 20, IORESOURCE_MEM));
 /// assert!(bar.is_present() && bar.resource.is_mem());
 /// ```
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bar {
     /// The BAR index, 0..=5.
@@ -142,16 +160,21 @@ pub struct Bar {
 }
 
 impl Bar {
+    /// A BAR from VFIO's and sysfs's views of it (for tests and tools).
+    pub const fn new(index: u32, region: RegionInfo, resource: Resource) -> Self {
+        Self {
+            index,
+            region,
+            resource,
+        }
+    }
+
     /// Whether the BAR exists (VFIO reports a non-zero size).
     ///
     /// ```
     /// # use dmabuf_p2p::pci::{Resource, IORESOURCE_MEM};
     /// # use dmabuf_p2p::vfio::{Bar, RegionInfo};
-    /// let bar = Bar {
-    ///     index: 2,
-    ///     region: RegionInfo { index: 2, flags: 7, size: 0x10_0000, offset: 2 << 40 },
-    ///     resource: Resource { index: 2, start: 0xfe00_0000, size: 0x10_0000, flags: IORESOURCE_MEM },
-    /// };
+    /// let bar = Bar::new(2, RegionInfo::new(2, 7, 0x10_0000, 2 << 40), Resource::new(2, 0xfe00_0000, 0x10_0000, IORESOURCE_MEM));
     /// assert!(bar.is_present());
     /// ```
     pub const fn is_present(&self) -> bool {
@@ -163,11 +186,7 @@ impl Bar {
     /// ```
     /// # use dmabuf_p2p::pci::{Resource, IORESOURCE_MEM};
     /// # use dmabuf_p2p::vfio::{Bar, RegionInfo};
-    /// let bar = Bar {
-    ///     index: 2,
-    ///     region: RegionInfo { index: 2, flags: 7, size: 0x10_0000, offset: 2 << 40 },
-    ///     resource: Resource { index: 2, start: 0xfe00_0000, size: 0x10_0000, flags: IORESOURCE_MEM },
-    /// };
+    /// let bar = Bar::new(2, RegionInfo::new(2, 7, 0x10_0000, 2 << 40), Resource::new(2, 0xfe00_0000, 0x10_0000, IORESOURCE_MEM));
     /// assert_eq!(bar.size(), 0x10_0000);
     /// ```
     pub const fn size(&self) -> u64 {
@@ -179,11 +198,7 @@ impl Bar {
     /// ```
     /// # use dmabuf_p2p::pci::{Resource, IORESOURCE_MEM};
     /// # use dmabuf_p2p::vfio::{Bar, RegionInfo};
-    /// let bar = Bar {
-    ///     index: 2,
-    ///     region: RegionInfo { index: 2, flags: 7, size: 0x10_0000, offset: 2 << 40 },
-    ///     resource: Resource { index: 2, start: 0xfe00_0000, size: 0x10_0000, flags: IORESOURCE_MEM },
-    /// };
+    /// let bar = Bar::new(2, RegionInfo::new(2, 7, 0x10_0000, 2 << 40), Resource::new(2, 0xfe00_0000, 0x10_0000, IORESOURCE_MEM));
     /// assert_eq!(bar.phys_start(), 0xfe00_0000);
     /// ```
     pub const fn phys_start(&self) -> u64 {
@@ -223,11 +238,7 @@ impl VfioPciDevice {
         self.bound()?;
         let i = ioctl::vfio_device_get_info(self.fd())
             .map_err(|e| Error::sys("VFIO_DEVICE_GET_INFO", self.address.to_string(), e))?;
-        Ok(DeviceInfo {
-            flags: i.flags,
-            num_regions: i.num_regions,
-            num_irqs: i.num_irqs,
-        })
+        Ok(DeviceInfo::new(i.flags, i.num_regions, i.num_irqs))
     }
 
     /// `VFIO_DEVICE_GET_REGION_INFO` for region `index`. An index past the
@@ -257,12 +268,7 @@ impl VfioPciDevice {
                 )
             }
         })?;
-        Ok(RegionInfo {
-            index,
-            flags: r.flags,
-            size: r.size,
-            offset: r.offset,
-        })
+        Ok(RegionInfo::new(index, r.flags, r.size, r.offset))
     }
 
     /// BAR `index` (0..=5): VFIO's region info plus sysfs's `resource` line
@@ -287,10 +293,6 @@ impl VfioPciDevice {
         }
         let region = self.region_info(index)?;
         let resource = self.sysfs.bar(self.address, index)?;
-        Ok(*slot.get_or_init(|| Bar {
-            index,
-            region,
-            resource,
-        }))
+        Ok(*slot.get_or_init(|| Bar::new(index, region, resource)))
     }
 }

@@ -15,6 +15,18 @@ use crate::ioctl;
 use crate::revoke::RevokeReason;
 use crate::sys;
 
+/// VFIO interrupt index of legacy INTx, for [`VfioPciDevice::irq_eventfd`].
+pub const INTX_IRQ_INDEX: u32 = sys::VFIO_PCI_INTX_IRQ_INDEX;
+/// VFIO interrupt index of MSI.
+pub const MSI_IRQ_INDEX: u32 = sys::VFIO_PCI_MSI_IRQ_INDEX;
+/// VFIO interrupt index of MSI-X.
+pub const MSIX_IRQ_INDEX: u32 = sys::VFIO_PCI_MSIX_IRQ_INDEX;
+/// VFIO interrupt index of the error (AER) interrupt.
+pub const ERR_IRQ_INDEX: u32 = sys::VFIO_PCI_ERR_IRQ_INDEX;
+/// VFIO interrupt index of the kernel's device request (see
+/// [`VfioPciDevice::unplug_requested`]).
+pub const REQ_IRQ_INDEX: u32 = sys::VFIO_PCI_REQ_IRQ_INDEX;
+
 /// The device-request channel of a [`VfioPciDevice`].
 #[derive(Debug)]
 pub(super) enum RequestChannel {
@@ -48,7 +60,7 @@ impl VfioPciDevice {
     /// ```no_run
     /// # let mut dev = dmabuf_p2p::vfio::VfioPciDevice::open("0000:01:00.0".parse()?)?;
     /// # dev.bind(&dmabuf_p2p::importer::iommufd::Iommufd::open()?)?;
-    /// let msi = dev.irq_eventfd(dmabuf_p2p::sys::VFIO_PCI_MSI_IRQ_INDEX, "MSI")?;
+    /// let msi = dev.irq_eventfd(dmabuf_p2p::vfio::MSI_IRQ_INDEX, "MSI")?;
     /// # Ok::<(), dmabuf_p2p::Error>(())
     /// ```
     pub fn irq_eventfd(&self, index: u32, what: &'static str) -> Result<OwnedFd> {

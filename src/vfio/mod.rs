@@ -71,6 +71,7 @@ pub use adopt::AdoptOptions;
 pub use device::{VFIO_CDEV_DIR, VfioPciDevice};
 pub use driver::{VFIO_PCI_DRIVER, bind_to_vfio_pci, bind_to_vfio_pci_in};
 pub use info::{Bar, CONFIG_REGION_INDEX, DeviceInfo, ROM_REGION_INDEX, RegionInfo};
+pub use irq::{ERR_IRQ_INDEX, INTX_IRQ_INDEX, MSI_IRQ_INDEX, MSIX_IRQ_INDEX, REQ_IRQ_INDEX};
 pub use mmio::BarMapping;
 
 pub(crate) use info::check_bar_index;

@@ -554,21 +554,11 @@ fn rows(ctx: &Ctx) -> Vec<(&'static str, Want, Run)> {
             "plan_export: an I/O-port (non-memory) BAR",
             want("InvalidRegion", &[s0, "region 4", "I/O-port"]),
             Box::new(move |c: &Ctx| {
-                let bar = Bar {
-                    index: 4,
-                    region: RegionInfo {
-                        index: 4,
-                        flags: 3,
-                        size: 0x100,
-                        offset: 4 << 40,
-                    },
-                    resource: Resource {
-                        index: 4,
-                        start: 0xc000,
-                        size: 0x100,
-                        flags: IORESOURCE_IO,
-                    },
-                };
+                let bar = Bar::new(
+                    4,
+                    RegionInfo::new(4, 3, 0x100, 4 << 40),
+                    Resource::new(4, 0xc000, 0x100, IORESOURCE_IO),
+                );
                 lib(plan_export(c.shm0, &bar, &[r(0, 0x100)], PAGE))
             }),
         ),

@@ -32,15 +32,12 @@ const PAGE: u64 = 4096;
 /// An IOVA well inside the usable space of the emulated intel-iommu.
 const FIXED: u64 = 0x4000_0000;
 /// The allowed window of the allow-list tests: 64 KiB at 2 GiB.
-const WINDOW: IovaRange = IovaRange {
-    start: 0x8000_0000,
-    last: 0x8000_ffff,
-};
+const WINDOW: IovaRange = IovaRange::new(0x8000_0000, 0x8000_ffff);
 /// The BAR2 area of shm1 the copy test writes (no other test uses it).
 const REGION: u64 = 0x3a0_0000;
 
 fn r(start: u64, last: u64) -> IovaRange {
-    IovaRange { start, last }
+    IovaRange::new(start, last)
 }
 
 /// The edu device bound to `iommufd` and attached to `ioas`.

@@ -181,10 +181,7 @@ fn auto_placement_steps_over_areas_it_did_not_make() {
 fn auto_placement_honours_the_allowed_list() {
     let iommufd = Iommufd::open().unwrap();
     let ioas = iommufd.alloc_ioas().unwrap();
-    let window = IovaRange {
-        start: 0x4000_1000,
-        last: 0x4fff_ffff,
-    };
+    let window = IovaRange::new(0x4000_1000, 0x4fff_ffff);
     ioas.allow_iovas(&[window]).unwrap();
     let memfd = Memfd::new("placement-allowed", MIB2).unwrap();
     let map = ioas
