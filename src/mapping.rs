@@ -277,7 +277,7 @@ impl Mapping {
             range,
             problem,
         };
-        if offset % align as u64 != 0 {
+        if !offset.is_multiple_of(align as u64) {
             return Err(invalid(RangeProblem::Unaligned {
                 align: align as u64,
             }));
