@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use dmabuf_p2p::revoke::{BufferState, RestorePolicy};
-use dmabuf_p2p::share::{SharedBuffer, ShareServer, bind_listener, default_socket_path};
+use dmabuf_p2p::share::{ShareServer, SharedBuffer, bind_listener, default_socket_path};
 use dmabuf_p2p::{ByteRange, Iommufd, IovaPlacement, MapPerms, PciAddress, VfioPciDevice};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
