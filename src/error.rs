@@ -47,6 +47,11 @@ pub enum Error {
         index: u32,
         /// What is wrong with it.
         problem: String,
+        /// The kernel's answer, when it was the kernel that refused (an index
+        /// past the device's regions: `EINVAL`); `None` when checked before
+        /// any ioctl.
+        #[source]
+        source: Option<io::Error>,
     },
 
     /// A PCI device is missing, or not usable the way it was asked for.
@@ -56,6 +61,11 @@ pub enum Error {
         device: String,
         /// What is wrong.
         problem: String,
+        /// The kernel's answer, when the problem came from a system call
+        /// (e.g. `ENOENT` for a missing cdev node, `EINVAL` from a cdev that
+        /// is not bound); `None` when found without one.
+        #[source]
+        source: Option<io::Error>,
     },
 
     /// A file descriptor that was expected to be a dma-buf is not one.
@@ -80,11 +90,16 @@ pub enum Error {
         source: io::Error,
     },
 
-    /// The exporter has revoked the buffer (`ENODEV` from the kernel).
+    /// The exporter has revoked the buffer (`ENODEV` from the kernel, or
+    /// known revoked before asking it).
     #[error("dma-buf {buffer} is revoked by its exporter")]
     Revoked {
         /// The buffer.
         buffer: String,
+        /// The kernel's answer (`ENODEV`) when the kernel refused; `None`
+        /// when the library knew the buffer revoked without asking.
+        #[source]
+        source: Option<io::Error>,
     },
 
     /// The exporter does not allow `mmap` of this dma-buf.
@@ -117,6 +132,10 @@ pub enum Error {
         length: u64,
         /// What is wrong.
         problem: String,
+        /// The kernel's answer (`EEXIST`, `ENOSPC`, `EOVERFLOW`, `EINVAL`)
+        /// when the kernel refused; `None` when checked before any ioctl.
+        #[source]
+        source: Option<io::Error>,
     },
 
     /// Text (sysfs, fdinfo, a PCI address, a range spec) could not be parsed.
@@ -152,6 +171,11 @@ pub enum Error {
         operation: &'static str,
         /// Why not.
         problem: String,
+        /// The kernel's answer, when it was the kernel that refused
+        /// (e.g. `ENOTTY` for an interface the kernel lacks); `None` when
+        /// checked before any ioctl.
+        #[source]
+        source: Option<io::Error>,
     },
 
     /// An iommufd object ID (IOAS, HWPT, device) that does not exist in this
@@ -291,7 +315,21 @@ impl Error {
         }
     }
 
-    /// The errno behind this error, if the kernel gave one.
+    /// The errno behind this error: `Some` for every error the kernel
+    /// answered (a failed system call, a revoked buffer's `ENODEV`, an IOVA
+    /// the kernel refused, ...), `None` for what was refused before asking
+    /// it.
+    ///
+    /// ```
+    /// use dmabuf_p2p::Error;
+    /// let by_kernel = Error::Revoked {
+    ///     buffer: "vfio_pci_core dma-buf".into(),
+    ///     source: Some(std::io::Error::from_raw_os_error(libc::ENODEV)),
+    /// };
+    /// assert_eq!(by_kernel.raw_os_error(), Some(libc::ENODEV));
+    /// let known = Error::Revoked { buffer: "IOVA 0x1000".into(), source: None };
+    /// assert_eq!(known.raw_os_error(), None);
+    /// ```
     pub fn raw_os_error(&self) -> Option<i32> {
         match self {
             Self::Sys { source, .. }
@@ -299,6 +337,11 @@ impl Error {
             | Self::MmapRefused { source, .. }
             | Self::UnknownObject { source, .. }
             | Self::OptionRefused { source, .. } => source.raw_os_error(),
+            Self::Revoked { source, .. }
+            | Self::InvalidIova { source, .. }
+            | Self::InvalidRegion { source, .. } => {
+                source.as_ref().and_then(io::Error::raw_os_error)
+            }
             Self::InvalidAllowedIova {
                 problem: AllowedIovaProblem::Reserved { .. },
                 ..

@@ -631,6 +631,7 @@ impl Attachment {
             BufferState::Revoked(_) | BufferState::Gone(_) => {
                 return Err(Error::Revoked {
                     buffer: format!("{} (exporter {})", buf.describe(), hub.name()),
+                    source: None,
                 });
             }
         }
@@ -750,6 +751,7 @@ impl Attachment {
                     self.iova(),
                     self.core.info.exporter
                 ),
+                source: None,
             }),
         }
     }
@@ -765,6 +767,7 @@ impl Attachment {
         if let BufferState::Revoked(r) | BufferState::Gone(r) = self.core.hub.state() {
             return Err(Error::Revoked {
                 buffer: format!("exporter {} ({r})", self.core.hub.name()),
+                source: None,
             });
         }
         // A failed remap's own error: it names the ioctl and carries the

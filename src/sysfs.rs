@@ -208,6 +208,7 @@ impl Sysfs {
             device: addr.to_string(),
             index,
             problem,
+            source: None,
         };
         if index >= BAR_COUNT {
             return Err(invalid(format!(
@@ -243,6 +244,7 @@ impl Sysfs {
             return Err(Error::Device {
                 device: addr.to_string(),
                 problem: format!("not found in {}", self.devices_dir().display()),
+                source: None,
             });
         }
         Ok(dir.join(name))

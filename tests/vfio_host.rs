@@ -171,8 +171,10 @@ fn plan_rejects_non_bars_absent_and_io_bars() {
                 device,
                 index: i,
                 problem,
+                source,
             }) => {
                 assert_eq!((device.as_str(), i), (DEV, index));
+                assert!(source.is_none(), "refused before any ioctl");
                 assert!(problem.contains("not a BAR"), "{problem}");
                 if index == 6 {
                     assert!(problem.contains("ROM"), "{problem}");
@@ -261,7 +263,10 @@ fn opening_a_missing_device_names_it() {
     match VfioPciDevice::open(addr) {
         Err(e @ Error::Device { .. }) => {
             assert!(e.to_string().contains("7fff:ff:1f.7"), "{e}");
-            let Error::Device { device, problem } = e else {
+            let Error::Device {
+                device, problem, ..
+            } = e
+            else {
                 unreachable!()
             };
             assert_eq!(device, "7fff:ff:1f.7");
@@ -398,7 +403,9 @@ fn open_without_a_cdev_says_so() -> TestResult {
     let cdev_dir = tmp.0.join("dev/vfio/devices");
     // Bound to vfio-pci on a kernel without VFIO cdevs: no vfio-dev/.
     match VfioPciDevice::open_in(&sysfs, &cdev_dir, dev()) {
-        Err(Error::Device { device, problem }) => {
+        Err(Error::Device {
+            device, problem, ..
+        }) => {
             assert_eq!(device, DEV);
             assert!(
                 problem.contains("no VFIO cdev") && problem.contains("CONFIG_VFIO_DEVICE_CDEV"),

@@ -184,6 +184,7 @@ pub fn serve(
                 (Some(m), true) => m.read_bytes(base + offset, buf),
                 _ => Err(Error::Revoked {
                     buffer: format!("{name} (memory decode off or closing)"),
+                    source: None,
                 }),
             }
         });

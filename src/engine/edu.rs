@@ -90,6 +90,7 @@ impl Edu {
             return Err(Error::Device {
                 device: address.to_string(),
                 problem: format!("is {vendor:04x}:{device:04x}, not an edu device (1234:11e8)"),
+                source: None,
             });
         }
         dev.set_memory_decode(true)?;
@@ -102,6 +103,7 @@ impl Edu {
                 problem: format!(
                     "edu identification register reads {ident:#x}, expected 0x??????ed"
                 ),
+                source: None,
             });
         }
         let mut me = Self {

@@ -85,6 +85,7 @@ pub fn plan_export(
         device: device.to_string(),
         index: bar.index,
         problem,
+        source: None,
     };
     if !bar.is_present() {
         return Err(invalid(

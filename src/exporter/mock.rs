@@ -145,6 +145,7 @@ impl MockDmaBuf {
                             "the kernel has no iommufd selftest interface (it was built without \
                               CONFIG_IOMMUFD_TEST)"
                                 .to_owned(),
+                        source: Some(e),
                     }
                 } else {
                     Error::sys(OP, format!("{} length {len:#x}", iommufd.name()), e)

@@ -1175,6 +1175,7 @@ impl Ioas {
             target: format!("source {src}"),
             operation: OP,
             problem,
+            source: None,
         };
         if !src.ioas.iommufd().same_context(self.iommufd()) {
             return Err(refuse(format!(
@@ -1887,6 +1888,7 @@ impl IoasMapping {
         match e.raw_os_error() {
             Some(libc::ENODEV) if dmabuf.is_some() => Error::Revoked {
                 buffer: self.source.describe(),
+                source: Some(e),
             },
             Some(libc::EOPNOTSUPP) if dmabuf.is_some() => Error::NotImportable {
                 buffer: self.source.describe(),
@@ -1910,6 +1912,7 @@ impl IoasMapping {
                 iova: at.iova(),
                 length: self.length,
                 problem,
+                source: e.raw_os_error().map(io::Error::from_raw_os_error),
             })
         };
         match e.raw_os_error() {

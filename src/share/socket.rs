@@ -52,6 +52,7 @@ fn refused(path: &Path, problem: String) -> Error {
         target: path.display().to_string(),
         operation: "serve a shared buffer",
         problem,
+        source: None,
     }
 }
 

@@ -137,6 +137,7 @@ impl VfioPciDevice {
                         "its VFIO cdev is not bound to an iommufd (VFIO_DEVICE_GET_INFO: {e}); \
                          bind it (VFIO_DEVICE_BIND_IOMMUFD) before adopting it"
                     ),
+                    source: Some(e),
                 }
             } else {
                 Error::sys("VFIO_DEVICE_GET_INFO", device.clone(), e)
@@ -147,6 +148,7 @@ impl VfioPciDevice {
                 device,
                 problem: "its VFIO device is not a PCI device (VFIO_DEVICE_FLAGS_PCI clear)"
                     .to_owned(),
+                source: None,
             });
         }
         let mut dev = Self {
@@ -333,6 +335,7 @@ fn cdev_address(sysfs: &Sysfs, file: &File) -> Result<(PciAddress, String)> {
     let not_vfio = |problem: String| Error::Device {
         device: format!("fd {}", std::os::fd::AsRawFd::as_raw_fd(file)),
         problem,
+        source: None,
     };
     let meta = file
         .metadata()

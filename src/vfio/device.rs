@@ -173,6 +173,7 @@ impl VfioPciDevice {
                         "bound to vfio-pci but has no VFIO cdev (vfio-dev/vfioN): the kernel needs \
                               CONFIG_VFIO_DEVICE_CDEV and CONFIG_IOMMUFD"
                             .to_owned(),
+                    source: None,
                 },
                 driver => Error::WrongDriver {
                     device,
@@ -191,6 +192,7 @@ impl VfioPciDevice {
                     Error::Device {
                         device: device.clone(),
                         problem: format!("no VFIO cdev node {}", cdev.display()),
+                        source: Some(e),
                     }
                 } else {
                     Error::sys("open", format!("{device} {}", cdev.display()), e)
@@ -471,6 +473,7 @@ impl VfioPciDevice {
         Error::Device {
             device: self.address.to_string(),
             problem: problem.to_owned(),
+            source: None,
         }
     }
 }

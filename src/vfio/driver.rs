@@ -73,6 +73,7 @@ pub(super) fn ensure_present(sysfs: &Sysfs, addr: PciAddress) -> Result<()> {
         Err(Error::Device {
             device: addr.to_string(),
             problem: format!("not present (no {})", sysfs.device_dir(addr).display()),
+            source: None,
         })
     }
 }

@@ -221,6 +221,7 @@ pub(crate) fn check_bar_index(device: PciAddress, index: u32) -> Result<()> {
         device: device.to_string(),
         index,
         problem: format!("{what}, not a BAR (BARs are 0..={})", BAR_COUNT - 1),
+        source: None,
     })
 }
 
@@ -259,6 +260,7 @@ impl VfioPciDevice {
                     device: self.address.to_string(),
                     index,
                     problem: format!("no such region (VFIO_DEVICE_GET_REGION_INFO: {e})"),
+                    source: Some(e),
                 }
             } else {
                 Error::sys(

@@ -72,6 +72,7 @@ impl VfioPciDevice {
                 target,
                 operation: what,
                 problem: format!("VFIO reports no vector for IRQ index {index}"),
+                source: None,
             });
         }
         let efd: OwnedFd =
@@ -242,6 +243,7 @@ impl VfioPciDevice {
                 target: self.address.to_string(),
                 operation: "device request IRQ",
                 problem: format!("no device-request channel: {why}"),
+                source: None,
             }),
         }
     }

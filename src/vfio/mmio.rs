@@ -36,6 +36,7 @@ impl VfioPciDevice {
                 device: self.address.to_string(),
                 index,
                 problem: "BAR not present (size 0)".to_owned(),
+                source: None,
             });
         }
         if !bar.region.mmap_supported() {
@@ -44,12 +45,14 @@ impl VfioPciDevice {
                 operation: "mmap",
                 problem: "VFIO does not allow mmap of this region (no VFIO_REGION_INFO_FLAG_MMAP)"
                     .to_owned(),
+                source: None,
             });
         }
         let too_big = || Error::InvalidRegion {
             device: self.address.to_string(),
             index,
             problem: "too large to map in this address space".to_owned(),
+            source: None,
         };
         let size = usize::try_from(bar.size()).map_err(|_| too_big())?;
         let page = usize::try_from(page_size()).map_err(|_| too_big())?;

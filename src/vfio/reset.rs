@@ -43,6 +43,7 @@ impl VfioPciDevice {
                 problem:
                     "the device has no reset method VFIO can use (VFIO_DEVICE_FLAGS_RESET is clear)"
                         .to_owned(),
+                source: None,
             });
         }
         let held = self.lock_command();

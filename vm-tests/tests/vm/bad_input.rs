@@ -740,7 +740,7 @@ fn rows(ctx: &Ctx) -> Vec<(&'static str, Want, Run)> {
         ),
         (
             "map_dmabuf: an export born revoked (memory decode off)",
-            want("Revoked", &["vfio_pci_core dma-buf"]),
+            want_errno("Revoked", libc::ENODEV, &["vfio_pci_core dma-buf"]),
             Box::new(|c: &Ctx| {
                 let mut dev = VfioPciDevice::open(c.shm1).unwrap();
                 dev.bind(&c.iommufd).unwrap();
@@ -762,17 +762,25 @@ fn rows(ctx: &Ctx) -> Vec<(&'static str, Want, Run)> {
         ),
         (
             "map_file: a misaligned fixed IOVA",
-            want("InvalidIova", &["IOVA 0x40100800", "multiples of"]),
+            want_errno(
+                "InvalidIova",
+                libc::EINVAL,
+                &["IOVA 0x40100800", "multiples of"],
+            ),
             Box::new(|c: &Ctx| c.map_memfd_at(FIXED + (1 << 20) + 0x800, PAGE)),
         ),
         (
             "map_file: an IOVA outside the allowed ranges",
-            want("InvalidIova", &["IOVA 0xffffffffffffe000", "EINVAL"]),
+            want_errno(
+                "InvalidIova",
+                libc::EINVAL,
+                &["IOVA 0xffffffffffffe000", "EINVAL"],
+            ),
             Box::new(|c: &Ctx| c.map_memfd_at(u64::MAX - 2 * PAGE + 1, PAGE)),
         ),
         (
             "map_file: an IOVA colliding with an existing mapping",
-            want("InvalidIova", &["IOVA 0x40008000", "EEXIST"]),
+            want_errno("InvalidIova", libc::EEXIST, &["IOVA 0x40008000", "EEXIST"]),
             Box::new(|c: &Ctx| c.map_memfd_at(FIXED + 0x8000, 64 << 10)),
         ),
         (

@@ -355,7 +355,9 @@ fn hot_unplug_of_a_mapped_exporter() {
         "the kernel waits for the device to be closed"
     );
     match exporter.export_bar(2, &[ByteRange::new(0, PAGE)]) {
-        Err(Error::Device { device, problem }) => {
+        Err(Error::Device {
+            device, problem, ..
+        }) => {
             assert_eq!(device, shm1.to_string());
             assert!(problem.contains("being removed"), "{problem}");
         }

@@ -181,9 +181,11 @@ fn map_user_memory_and_unmap() {
                 iova,
                 length,
                 problem,
+                source,
             }) => {
                 assert_eq!((i, iova, length), (ioas.id(), FIXED + PAGE, PAGE));
                 assert!(problem.contains("EEXIST"), "{problem}");
+                assert_eq!(source.and_then(|e| e.raw_os_error()), Some(libc::EEXIST));
             }
             other => panic!("overlapping user map: {other:?}"),
         }
@@ -396,7 +398,10 @@ fn export_made_with_decode_off_is_revoked() {
     assert_eq!(e.memory_decode_at_export(), Some(false));
     let before = open_fd_count();
     match ioas.map_dmabuf(e.dmabuf(), IovaPlacement::Fixed(FIXED), MapPerms::ReadWrite) {
-        Err(Error::Revoked { buffer }) => assert!(buffer.contains("vfio_pci_core"), "{buffer}"),
+        Err(e @ Error::Revoked { .. }) => {
+            assert!(e.to_string().contains("vfio_pci_core"), "{e}");
+            assert_eq!(e.raw_os_error(), Some(libc::ENODEV), "the kernel's answer");
+        }
         other => panic!("born-revoked dma-buf: {other:?}"),
     }
     assert_eq!(open_fd_count(), before);
@@ -481,6 +486,7 @@ fn iova_collisions_and_bad_fixed_iovas() {
                 iova: got,
                 length,
                 problem,
+                ..
             }) => {
                 assert_eq!((i, got, length), (ioas.id(), iova, range.length), "{what}");
                 assert!(problem.contains(needle), "{what}: {problem}");

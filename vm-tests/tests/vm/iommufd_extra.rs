@@ -358,6 +358,7 @@ fn copy_bad_inputs_and_remap() {
                     target,
                     operation,
                     problem,
+                    ..
                 }) => {
                     assert_eq!(operation, "IOMMU_IOAS_COPY", "{what}");
                     assert!(
@@ -438,9 +439,11 @@ fn copy_bad_inputs_and_remap() {
             iova,
             length,
             problem,
+            source,
         }) => {
             assert_eq!((ioas, iova, length), (b.id(), FIXED + PAGE, PAGE));
             assert!(problem.contains("EEXIST"), "{problem}");
+            assert_eq!(source.and_then(|e| e.raw_os_error()), Some(libc::EEXIST));
         }
         other => panic!("copy onto a taken IOVA: {other:?}"),
     }
@@ -490,7 +493,10 @@ fn copy_of_a_mock_area_follows_its_revocation() {
         .unwrap();
     drop(late);
     match copy.remap() {
-        Err(Error::Revoked { buffer }) => assert!(buffer.contains(MOCK_EXPORTER), "{buffer}"),
+        Err(e @ Error::Revoked { .. }) => {
+            assert!(e.to_string().contains(MOCK_EXPORTER), "{e}");
+            assert_eq!(e.raw_os_error(), Some(libc::ENODEV), "the kernel's answer");
+        }
         other => panic!("remap of a copy while revoked: {other:?}"),
     }
     assert!(!copy.is_mapped());
@@ -627,7 +633,9 @@ fn dma_buf_export_probe() {
     // edu is driven by vfio-pci as well, which implements the feature.
     let mut edu = VfioPciDevice::open(edu_address().parse().unwrap()).unwrap();
     match edu.supports_dma_buf_export() {
-        Err(Error::Device { device, problem }) => {
+        Err(Error::Device {
+            device, problem, ..
+        }) => {
             assert_eq!(device, edu_address());
             assert!(problem.contains("not bound"), "{problem}");
         }
@@ -670,7 +678,10 @@ fn mock_dmabuf_revoke_flow() {
         mock.revoke(true).unwrap(); // again: no change
         let mid = open_fd_count();
         match ioas.map_dmabuf(mock.dmabuf(), IovaPlacement::Auto, MapPerms::ReadWrite) {
-            Err(Error::Revoked { buffer }) => assert!(buffer.contains(MOCK_EXPORTER), "{buffer}"),
+            Err(e @ Error::Revoked { .. }) => {
+                assert!(e.to_string().contains(MOCK_EXPORTER), "{e}");
+                assert_eq!(e.raw_os_error(), Some(libc::ENODEV), "the kernel's answer");
+            }
             other => panic!("map while revoked: {other:?}"),
         }
         assert_eq!(open_fd_count(), mid, "a refused map keeps no fd");

@@ -70,7 +70,9 @@ fn sysfs_bar_start(a: PciAddress, bar: usize) -> u64 {
 fn open_of_a_missing_device_names_it() {
     let before = open_fd_count();
     match VfioPciDevice::open(addr("0000:7f:1f.7")) {
-        Err(Error::Device { device, problem }) => {
+        Err(Error::Device {
+            device, problem, ..
+        }) => {
             assert_eq!(device, "0000:7f:1f.7");
             assert!(problem.contains("not present"), "{problem}");
         }
@@ -590,9 +592,11 @@ fn bad_export_requests_are_typed_and_leak_nothing() {
                 index: i,
                 device,
                 problem,
+                source,
             }) => {
                 assert_eq!((i, device), (index, shm.to_string()));
                 assert!(problem.contains("not a BAR"), "{problem}");
+                assert!(source.is_none(), "refused before any ioctl");
             }
             other => panic!("export of region {index}: {other:?}"),
         }
