@@ -255,6 +255,36 @@ fn open_exporter(addr: PciAddress, iommufd: &Iommufd) -> VfioPciDevice {
     dev
 }
 
+/// [`open_exporter`] for a device that was just hot-added and bound: under
+/// load, `VFIO_DEVICE_BIND_IOMMUFD` has answered EAGAIN for a moment after the
+/// bind (seen once in a loaded VM run), so EAGAIN alone is retried until a
+/// deadline; any other error fails at once.
+fn open_replugged_exporter(addr: PciAddress, iommufd: &Iommufd) -> VfioPciDevice {
+    let t = Instant::now();
+    loop {
+        let mut dev = VfioPciDevice::open(addr).unwrap();
+        match dev.bind(iommufd) {
+            Ok(()) => {
+                note(&format!(
+                    "{addr} bound to the iommufd {:?} after opening",
+                    t.elapsed()
+                ));
+                dev.set_memory_decode(true).unwrap();
+                return dev;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && t.elapsed() < SYSFS_TIMEOUT => {
+                note(&format!(
+                    "{addr}: bind answered EAGAIN after {:?}; retrying",
+                    t.elapsed()
+                ));
+            }
+            Err(e) => panic!("{addr}: bind after replug: {e}"),
+        }
+        drop(dev);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Collects an attachment's events.
 fn record_events(att: &Attachment) -> Arc<Mutex<Vec<RevocationEvent>>> {
     let events = Arc::new(Mutex::new(Vec::new()));
@@ -409,7 +439,7 @@ fn hot_unplug_of_a_mapped_exporter() {
     );
     bind_replugged(shm1);
     assert_eq!(driver_of(&shm1.to_string()).as_deref(), Some("vfio-pci"));
-    let exporter = open_exporter(shm1, &iommufd);
+    let exporter = open_replugged_exporter(shm1, &iommufd);
     {
         let bar = exporter.map_bar(2).unwrap();
         let mut got = vec![0u8; PAGE as usize];
@@ -473,7 +503,7 @@ fn hot_unplug_during_a_copy() {
         )
         .unwrap();
 
-    let exporter = open_exporter(shm1, &iommufd);
+    let exporter = open_replugged_exporter(shm1, &iommufd);
     {
         let bar = exporter.map_bar(2).unwrap();
         bar.write(INFLIGHT_BASE, &[0u8; 2 * CHUNK as usize])
@@ -526,7 +556,7 @@ fn hot_unplug_during_a_copy() {
 
     replug_shm1(shm1);
     bind_replugged(shm1);
-    let exporter = open_exporter(shm1, &iommufd);
+    let exporter = open_replugged_exporter(shm1, &iommufd);
     let bar = exporter.map_bar(2).unwrap();
     let mut got = vec![0u8; 2 * CHUNK as usize];
     bar.read(INFLIGHT_BASE, &mut got).unwrap();
