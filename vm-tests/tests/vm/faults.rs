@@ -264,7 +264,7 @@ fn open_replugged_exporter(addr: PciAddress, iommufd: &Iommufd) -> VfioPciDevice
     loop {
         let mut dev = VfioPciDevice::open(addr).unwrap();
         match dev.bind(iommufd) {
-            Ok(()) => {
+            Ok(_devid) => {
                 note(&format!(
                     "{addr} bound to the iommufd {:?} after opening",
                     t.elapsed()
