@@ -298,7 +298,7 @@ pub enum Error {
         /// The controller's PCI address.
         controller: String,
         /// What went wrong.
-        problem: crate::engine::nvme::NvmeProblem,
+        problem: crate::engine::nvme::problem::NvmeProblem,
     },
 }
 

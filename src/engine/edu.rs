@@ -10,7 +10,7 @@
 //! `0x98` command (bit 0 start/busy, bit 1 direction buffer-to-bus, bit 2 raise
 //! an interrupt when done). Bus mastering must be on.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use super::{Completion, DmaEngine, wait_readable};
@@ -250,9 +250,9 @@ impl Edu {
     /// Reads and clears the interrupt status (and drains the eventfd).
     fn ack_irq(&mut self) -> Result<()> {
         if let Some(efd) = &self.irq {
-            let mut v = 0u64;
-            // SAFETY: reading 8 bytes into a u64 from a non-blocking eventfd we own.
-            let _ = unsafe { libc::read(efd.as_raw_fd(), (&raw mut v).cast(), 8) };
+            // Drain the non-blocking eventfd; EAGAIN (nothing pending) is fine.
+            let mut count = [0u8; 8];
+            let _ = nix::unistd::read(efd, &mut count);
             let status = self.bar0.read_u32(REG_IRQ_STATUS)?;
             if status != 0 {
                 self.bar0.write_u32(REG_IRQ_ACK, status)?;
