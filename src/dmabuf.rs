@@ -27,7 +27,7 @@ use crate::error::{Error, RangeProblem, Result};
 use crate::fdinfo::FdInfo;
 pub use crate::mapping::Mapping;
 use crate::range::ByteRange;
-use crate::range::page_size;
+use crate::range::{human_size, page_size};
 use crate::{ioctl, sys};
 
 /// The longest name `DMA_BUF_SET_NAME` accepts, in bytes (`DMA_BUF_NAME_LEN`
@@ -75,20 +75,6 @@ fn fs_name(magic: u64) -> &'static str {
         0x9123_683e => "btrfs",
         0x794c_7630 => "overlayfs",
         _ => "another filesystem",
-    }
-}
-
-/// Bytes as text: `64 KiB`, `2 MiB`, or `12345 bytes`.
-pub(crate) fn human_size(n: u64) -> String {
-    const KIB: u64 = 1 << 10;
-    const MIB: u64 = 1 << 20;
-    const GIB: u64 = 1 << 30;
-    match n {
-        0 => "0 bytes".to_owned(),
-        n if n % GIB == 0 => format!("{} GiB", n / GIB),
-        n if n % MIB == 0 => format!("{} MiB", n / MIB),
-        n if n % KIB == 0 => format!("{} KiB", n / KIB),
-        n => format!("{n} bytes"),
     }
 }
 
@@ -820,15 +806,6 @@ impl TryFrom<DmaBuf> for OwnedFd {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn human_sizes() {
-        assert_eq!(human_size(0), "0 bytes");
-        assert_eq!(human_size(4096), "4 KiB");
-        assert_eq!(human_size(2 << 20), "2 MiB");
-        assert_eq!(human_size(3 << 30), "3 GiB");
-        assert_eq!(human_size(5000), "5000 bytes");
-    }
 
     #[test]
     fn names() {

@@ -11,9 +11,9 @@ use std::ptr::NonNull;
 
 use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 
-use crate::dmabuf::human_size;
 use crate::error::{Error, RangeProblem, Result};
 use crate::range::ByteRange;
+use crate::range::human_size;
 
 /// A shared memory mapping (`mmap` with `MAP_SHARED`) of a dma-buf, a memfd
 /// or a PCI BAR, unmapped when dropped. The mapping holds its own reference

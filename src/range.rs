@@ -228,9 +228,32 @@ pub(crate) fn parse_error(what: &'static str, input: &str, problem: impl Into<St
     }
 }
 
+/// Bytes as text: `64 KiB`, `2 MiB`, or `12345 bytes`.
+pub(crate) fn human_size(n: u64) -> String {
+    const KIB: u64 = 1 << 10;
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+    match n {
+        0 => "0 bytes".to_owned(),
+        n if n % GIB == 0 => format!("{} GiB", n / GIB),
+        n if n % MIB == 0 => format!("{} MiB", n / MIB),
+        n if n % KIB == 0 => format!("{} KiB", n / KIB),
+        n => format!("{n} bytes"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human_size(0), "0 bytes");
+        assert_eq!(human_size(4096), "4 KiB");
+        assert_eq!(human_size(2 << 20), "2 MiB");
+        assert_eq!(human_size(3 << 30), "3 GiB");
+        assert_eq!(human_size(5000), "5000 bytes");
+    }
 
     #[test]
     fn suffixes() {

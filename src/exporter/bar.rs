@@ -6,10 +6,11 @@ use std::fmt;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
-use crate::dmabuf::{DmaBuf, human_size};
+use crate::dmabuf::DmaBuf;
 use crate::error::{Error, Result};
 use crate::ioctl;
 use crate::pci::PciAddress;
+use crate::range::human_size;
 use crate::range::{ByteRange, PhysRange, map_to_phys, page_size, validate_export_ranges};
 use crate::revoke::{Revocable, RevocationHub};
 use crate::sys;

@@ -40,10 +40,11 @@ use std::fmt;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
-use crate::dmabuf::{DmaBuf, human_size};
+use crate::dmabuf::DmaBuf;
 use crate::error::{Error, RangeProblem, Result};
 use crate::importer::iommufd::Iommufd;
 use crate::ioctl;
+use crate::range::human_size;
 use crate::range::{ByteRange, page_size};
 use crate::revoke::{Revocable, RevocationHub};
 

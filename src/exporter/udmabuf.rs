@@ -22,10 +22,11 @@ use std::fs::OpenOptions;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use crate::dmabuf::{DmaBuf, fs_magic, human_size};
+use crate::dmabuf::{DmaBuf, fs_magic};
 use crate::error::{Error, RangeProblem, Result};
 use crate::memfd::{Seals, fd_label};
 use crate::range::ByteRange;
+use crate::range::human_size;
 use crate::range::page_size;
 use crate::{ioctl, sys};
 

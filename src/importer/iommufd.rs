@@ -44,11 +44,12 @@ use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use crate::dmabuf::{DmaBuf, human_size, is_dmabuf};
+use crate::dmabuf::{DmaBuf, is_dmabuf};
 use crate::error::{AllowedIovaProblem, Error, RangeProblem, Result};
 use crate::importer::placement::{IommuPageSizes, IovaSet, PlacementRequest, pick_iova};
 use crate::ioctl;
 use crate::range::ByteRange;
+use crate::range::human_size;
 use crate::sys;
 pub use crate::types::IovaRange;
 

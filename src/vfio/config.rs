@@ -9,9 +9,9 @@ use std::sync::MutexGuard;
 use super::VfioPciDevice;
 use super::info::{CONFIG_REGION_INDEX, RegionInfo};
 use super::known_command::touches_command;
-use crate::dmabuf::human_size;
 use crate::error::{Error, RangeProblem, Result};
 use crate::range::ByteRange;
+use crate::range::human_size;
 use crate::revoke::{BufferState, RevokeReason};
 use crate::sys;
 
