@@ -255,14 +255,26 @@ fn open_exporter(addr: PciAddress, iommufd: &Iommufd) -> VfioPciDevice {
     dev
 }
 
-/// [`open_exporter`] for a device that was just hot-added and bound: under
-/// load, `VFIO_DEVICE_BIND_IOMMUFD` has answered EAGAIN for a moment after the
-/// bind (seen once in a loaded VM run), so EAGAIN alone is retried until a
-/// deadline; any other error fails at once.
+/// [`open_exporter`] for a device that was just hot-added and bound. For a
+/// moment after the driver bind the device is not ready: its VFIO cdev
+/// (`vfio-dev/vfioN`) may not be in sysfs yet, and `VFIO_DEVICE_BIND_IOMMUFD`
+/// has answered EAGAIN (both seen in VM runs), so those two are retried until
+/// the sysfs deadline; any other error fails at once.
 fn open_replugged_exporter(addr: PciAddress, iommufd: &Iommufd) -> VfioPciDevice {
     let t = Instant::now();
     loop {
-        let mut dev = VfioPciDevice::open(addr).unwrap();
+        let mut dev = match VfioPciDevice::open(addr) {
+            Ok(dev) => dev,
+            Err(e @ dmabuf_p2p::Error::Device { .. }) if t.elapsed() < SYSFS_TIMEOUT => {
+                note(&format!(
+                    "{addr}: not ready to open after {:?}: {e}",
+                    t.elapsed()
+                ));
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+            Err(e) => panic!("{addr}: open after replug: {e}"),
+        };
         match dev.bind(iommufd) {
             Ok(_devid) => {
                 note(&format!(
