@@ -16,7 +16,9 @@ mod devices;
 mod export;
 mod manual;
 mod p2p;
+mod p2p_args;
 mod p2p_nvme;
+mod p2p_report;
 mod share;
 pub mod target;
 #[cfg(feature = "vm")]
@@ -50,7 +52,7 @@ pub enum Command {
     Export(export::Args),
     /// Copy into and out of a BAR with a DMA engine through the IOMMU, verify
     /// every transfer, then revoke and restore.
-    P2pTest(p2p::Args),
+    P2pTest(p2p_args::Args),
     /// Receive a BAR buffer from `export --serve <socket>`, map it into this
     /// process's IOAS, optionally copy into it with a DMA engine and verify.
     Map(share::MapArgs),

@@ -5,109 +5,18 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use dmabuf_p2p::ByteRange;
 use dmabuf_p2p::engine::DmaEngine;
 use dmabuf_p2p::engine::detect::EngineKind;
 use dmabuf_p2p::engine::edu::Edu;
 use dmabuf_p2p::importer::iommufd::{Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
-use dmabuf_p2p::range::parse_size;
 use dmabuf_p2p::revoke::{Attachment, RestorePolicy};
 use dmabuf_p2p::sysfs::Sysfs;
-use dmabuf_p2p::{ByteRange, PciAddress};
 
-use crate::target::TargetSpec;
-use crate::{CliError, human_size, print_json};
-
-/// Options of `p2p-test`.
-#[derive(Debug, clap::Args)]
-pub struct Args {
-    /// The engine device: a QEMU `edu` (1234:11e8) copies; an NVMe controller
-    /// (class 0x010802) reads blocks. The kind is detected from the device.
-    #[arg(long)]
-    pub engine: PciAddress,
-    /// The device whose BAR is the target: `<bdf>[:bar[:offset+len]]` (BAR 2 and
-    /// its first 64 KiB by default; for an NVMe controller, its CMB).
-    #[arg(long)]
-    pub target: TargetSpec,
-    /// Bytes per transfer (`4K`, `0x2000`, ...).
-    #[arg(long, default_value = "4K", value_parser = parse_size_arg)]
-    pub size: u64,
-    /// Longest wait for one copy or command, in seconds.
-    #[arg(long, default_value_t = 10, value_parser = super::timeout_secs)]
-    pub timeout: u64,
-    /// NVMe engine: the namespace to read.
-    #[arg(long, default_value_t = 1)]
-    pub nsid: u32,
-    /// NVMe engine: the first block to read.
-    #[arg(long, default_value_t = 0)]
-    pub lba: u64,
-    /// NVMe engine: blocks per read (default: --size in blocks).
-    #[arg(long)]
-    pub blocks: Option<u64>,
-    /// NVMe engine: allow writing these blocks, `<lba>+<count>` (a write test
-    /// that puts the original data back). Without it nothing is written.
-    #[arg(long)]
-    pub allow_write: Option<super::p2p_nvme::WriteAllowance>,
-}
-
-fn parse_size_arg(s: &str) -> Result<u64, String> {
-    parse_size(s).map_err(|e| e.to_string())
-}
-
-/// One verified step.
-#[derive(Debug, serde::Serialize)]
-pub struct Step {
-    /// What was done.
-    pub step: String,
-    /// Bytes moved (0 for control steps).
-    pub bytes: u64,
-    /// Whether the check passed.
-    pub ok: bool,
-    /// What was observed.
-    pub detail: String,
-    /// Wall time in milliseconds.
-    pub millis: u128,
-}
-
-/// The whole report.
-#[derive(Debug, serde::Serialize)]
-pub struct Report {
-    /// Engine device and completion mode.
-    pub engine: String,
-    /// Target device, BAR and range.
-    pub target: String,
-    /// Physical range behind the export.
-    pub phys: String,
-    /// The IOVA the target was mapped at.
-    pub iova: u64,
-    /// The steps.
-    pub steps: Vec<Step>,
-    /// Whether every step passed.
-    pub passed: bool,
-}
-
-pub(super) fn pattern(seed: u8, len: u64) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(167).wrapping_add(seed) ^ ((i >> 8) as u8))
-        .collect()
-}
-
-/// Emits a host-check directive when running in the test VM (the host then
-/// compares the ivshmem backing file with what the guest saw).
-pub(super) fn host_check(offset: u64, data: &[u8]) -> std::io::Result<()> {
-    if let Ok(name) = std::env::var("DMABUF_P2P_HOST_CHECK") {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in data {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        outln!(
-            "@@host-check {name} {offset:#x} {:#x} fnv1a64={h:016x}",
-            data.len()
-        )?;
-    }
-    Ok(())
-}
+use crate::p2p_args::Args;
+use crate::p2p_report::{Report, Step, host_check, pattern, print_report};
+use crate::{CliError, print_json};
 
 /// Runs the test.
 pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
@@ -324,46 +233,4 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     } else {
         ExitCode::FAILURE
     })
-}
-
-/// Prints the report as a table.
-pub(super) fn print_report(report: &Report) -> std::io::Result<()> {
-    {
-        outln!("engine: {}", report.engine)?;
-        outln!(
-            "target: {}  phys {}  mapped at IOVA {:#x}",
-            report.target,
-            report.phys,
-            report.iova
-        )?;
-        outln!(
-            "{:<28} {:>9}  {:<6}  {:>7}  detail",
-            "step",
-            "bytes",
-            "result",
-            "time"
-        )?;
-        for s in &report.steps {
-            let bytes = if s.bytes == 0 {
-                "-".to_owned()
-            } else {
-                human_size(s.bytes)
-            };
-            outln!(
-                "{:<28} {:>9}  {:<6}  {:>5}ms  {}",
-                s.step,
-                bytes,
-                if s.ok { "ok" } else { "FAILED" },
-                s.millis,
-                s.detail
-            )?;
-        }
-        let n = report.steps.iter().filter(|s| s.ok).count();
-        outln!(
-            "p2p-test: {} ({n} of {} checks passed)",
-            if report.passed { "PASS" } else { "FAIL" },
-            report.steps.len()
-        )?;
-    }
-    Ok(())
 }

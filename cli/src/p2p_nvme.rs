@@ -16,35 +16,9 @@ use dmabuf_p2p::revoke::{Attachment, RestorePolicy};
 use dmabuf_p2p::sysfs::Sysfs;
 use dmabuf_p2p::{BarMapping, ByteRange, PciAddress, VfioPciDevice};
 
-use super::p2p::{Args, Report, Step, host_check, pattern, print_report};
 use super::{CliError, print_json};
-
-/// Blocks the caller allows to be written: `<lba>+<count>`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WriteAllowance {
-    /// First block.
-    pub lba: u64,
-    /// Number of blocks.
-    pub count: u64,
-}
-
-impl std::str::FromStr for WriteAllowance {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("{s:?}: expected <lba>+<count>, e.g. 2048+8");
-        let (lba, count) = s.split_once('+').ok_or_else(bad)?;
-        let num = |t: &str| match t.trim().strip_prefix("0x") {
-            Some(h) => u64::from_str_radix(h, 16).map_err(|_| bad()),
-            None => t.trim().parse::<u64>().map_err(|_| bad()),
-        };
-        let (lba, count) = (num(lba)?, num(count)?);
-        if count == 0 {
-            return Err(format!("{s:?}: the count must not be zero"));
-        }
-        Ok(Self { lba, count })
-    }
-}
+use crate::p2p_args::Args;
+use crate::p2p_report::{Report, Step, host_check, pattern, print_report};
 
 /// The target: a plain device (ivshmem), or an NVMe controller whose CMB is
 /// the target, brought up by the driver to enable it.
@@ -343,7 +317,7 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::p2p_args::WriteAllowance;
 
     #[test]
     fn write_allowance_parses() {

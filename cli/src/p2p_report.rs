@@ -1,0 +1,101 @@
+//! The report of `p2p-test`: its steps, the table it prints, the test
+//! pattern and the host-check directive.
+
+use crate::human_size;
+
+/// One verified step.
+#[derive(Debug, serde::Serialize)]
+pub struct Step {
+    /// What was done.
+    pub step: String,
+    /// Bytes moved (0 for control steps).
+    pub bytes: u64,
+    /// Whether the check passed.
+    pub ok: bool,
+    /// What was observed.
+    pub detail: String,
+    /// Wall time in milliseconds.
+    pub millis: u128,
+}
+
+/// The whole report.
+#[derive(Debug, serde::Serialize)]
+pub struct Report {
+    /// Engine device and completion mode.
+    pub engine: String,
+    /// Target device, BAR and range.
+    pub target: String,
+    /// Physical range behind the export.
+    pub phys: String,
+    /// The IOVA the target was mapped at.
+    pub iova: u64,
+    /// The steps.
+    pub steps: Vec<Step>,
+    /// Whether every step passed.
+    pub passed: bool,
+}
+
+pub(crate) fn pattern(seed: u8, len: u64) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(167).wrapping_add(seed) ^ ((i >> 8) as u8))
+        .collect()
+}
+
+/// Emits a host-check directive when running in the test VM (the host then
+/// compares the ivshmem backing file with what the guest saw).
+pub(crate) fn host_check(offset: u64, data: &[u8]) -> std::io::Result<()> {
+    if let Ok(name) = std::env::var("DMABUF_P2P_HOST_CHECK") {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in data {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        outln!(
+            "@@host-check {name} {offset:#x} {:#x} fnv1a64={h:016x}",
+            data.len()
+        )?;
+    }
+    Ok(())
+}
+
+/// Prints the report as a table.
+pub(crate) fn print_report(report: &Report) -> std::io::Result<()> {
+    {
+        outln!("engine: {}", report.engine)?;
+        outln!(
+            "target: {}  phys {}  mapped at IOVA {:#x}",
+            report.target,
+            report.phys,
+            report.iova
+        )?;
+        outln!(
+            "{:<28} {:>9}  {:<6}  {:>7}  detail",
+            "step",
+            "bytes",
+            "result",
+            "time"
+        )?;
+        for s in &report.steps {
+            let bytes = if s.bytes == 0 {
+                "-".to_owned()
+            } else {
+                human_size(s.bytes)
+            };
+            outln!(
+                "{:<28} {:>9}  {:<6}  {:>5}ms  {}",
+                s.step,
+                bytes,
+                if s.ok { "ok" } else { "FAILED" },
+                s.millis,
+                s.detail
+            )?;
+        }
+        let n = report.steps.iter().filter(|s| s.ok).count();
+        outln!(
+            "p2p-test: {} ({n} of {} checks passed)",
+            if report.passed { "PASS" } else { "FAIL" },
+            report.steps.len()
+        )?;
+    }
+    Ok(())
+}
