@@ -15,7 +15,7 @@ use dmabuf_p2p::revoke::{Attachment, RestorePolicy};
 use dmabuf_p2p::sysfs::Sysfs;
 
 use crate::p2p_args::Args;
-use crate::p2p_report::{Report, Step, host_check, pattern, print_report};
+use crate::p2p_report::{Report, host_check, pattern, print_report};
 use crate::{CliError, print_json};
 
 /// Runs the test.
@@ -80,32 +80,19 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     let window = target.map_bar(bar)?;
     let bar_at = |off: u64| range.offset + off;
 
-    let mut report = Report {
-        engine: format!(
+    let mut report = Report::new(
+        format!(
             "{} {} ({:?})",
             engine.name(),
             args.engine,
             engine.completion()
         ),
-        target: format!("{} BAR{bar} {range}", args.target.device),
-        phys: export
-            .phys_ranges()
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(", "),
-        iova: att.iova(),
-        steps: Vec::new(),
-        passed: false,
-    };
+        format!("{} BAR{bar} {range}", args.target.device),
+        export.phys_ranges(),
+        att.iova(),
+    );
     let mut step = |name: &str, bytes: u64, ok: bool, detail: String, t: Instant| {
-        report.steps.push(Step {
-            step: name.to_owned(),
-            bytes,
-            ok,
-            detail,
-            millis: t.elapsed().as_millis(),
-        });
+        report.push(name, bytes, ok, detail, t);
     };
     let len = usize::try_from(size)?;
 

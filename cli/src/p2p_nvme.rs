@@ -18,7 +18,7 @@ use dmabuf_p2p::{BarMapping, ByteRange, PciAddress, VfioPciDevice};
 
 use super::{CliError, print_json};
 use crate::p2p_args::Args;
-use crate::p2p_report::{Report, Step, host_check, pattern, print_report};
+use crate::p2p_report::{Report, host_check, pattern, print_report};
 
 /// The target: a plain device (ivshmem), or an NVMe controller whose CMB is
 /// the target, brought up by the driver to enable it.
@@ -119,8 +119,8 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     let len = usize::try_from(size)?;
     let ns = engine.namespace().copied();
 
-    let mut report = Report {
-        engine: format!(
+    let mut report = Report::new(
+        format!(
             "{} {} ({:?}), namespace {} ({} blocks of {bs} bytes), blocks {}+{blocks}",
             engine.name(),
             args.engine,
@@ -129,25 +129,12 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
             engine.blocks(),
             args.lba,
         ),
-        target: format!("{} BAR{bar} {range}", args.target.device),
-        phys: export
-            .phys_ranges()
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(", "),
-        iova: att.iova(),
-        steps: Vec::new(),
-        passed: false,
-    };
+        format!("{} BAR{bar} {range}", args.target.device),
+        export.phys_ranges(),
+        att.iova(),
+    );
     let mut step = |name: &str, bytes: u64, ok: bool, detail: String, t: Instant| {
-        report.steps.push(Step {
-            step: name.to_owned(),
-            bytes,
-            ok,
-            detail,
-            millis: t.elapsed().as_millis(),
-        });
+        report.push(name, bytes, ok, detail, t);
     };
     let read_ram = |off: u64| -> Result<Vec<u8>, CliError> {
         let mut v = vec![0u8; len];

@@ -1,6 +1,8 @@
 //! The report of `p2p-test`: its steps, the table it prints, the test
 //! pattern and the host-check directive.
 
+use std::time::Instant;
+
 use crate::human_size;
 
 /// One verified step.
@@ -33,6 +35,41 @@ pub struct Report {
     pub steps: Vec<Step>,
     /// Whether every step passed.
     pub passed: bool,
+}
+
+impl Report {
+    /// An empty report of a run of `engine` into `target`, mapped at `iova`.
+    pub(crate) fn new(
+        engine: String,
+        target: String,
+        phys: &[dmabuf_p2p::PhysRange],
+        iova: u64,
+    ) -> Self {
+        let phys = phys
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        Self {
+            engine,
+            target,
+            phys,
+            iova,
+            steps: Vec::new(),
+            passed: false,
+        }
+    }
+
+    /// Records one step that started at `t`.
+    pub(crate) fn push(&mut self, name: &str, bytes: u64, ok: bool, detail: String, t: Instant) {
+        self.steps.push(Step {
+            step: name.to_owned(),
+            bytes,
+            ok,
+            detail,
+            millis: t.elapsed().as_millis(),
+        });
+    }
 }
 
 pub(crate) fn pattern(seed: u8, len: u64) -> Vec<u8> {
