@@ -648,6 +648,53 @@ pub fn vfio_device_feature_dma_buf(
     Ok(owned_fd(fd))
 }
 
+/// The argument of a one-range DMA_BUF export, laid out as the kernel reads
+/// it (40 bytes): built on the stack, so the common export allocates nothing.
+#[repr(C)]
+#[derive(Debug)]
+pub struct DmaBufOneRangeArg {
+    hdr: sys::vfio_device_feature,
+    feat: sys::vfio_device_feature_dma_buf,
+    range: sys::vfio_region_dma_range,
+}
+
+impl DmaBufOneRangeArg {
+    /// GET `VFIO_DEVICE_FEATURE_DMA_BUF` of `range` of BAR `region_index`.
+    pub fn new(region_index: u32, open_flags: u32, range: sys::vfio_region_dma_range) -> Self {
+        Self {
+            hdr: sys::vfio_device_feature {
+                argsz: argsz::<Self>(),
+                flags: sys::VFIO_DEVICE_FEATURE_GET | sys::VFIO_DEVICE_FEATURE_DMA_BUF,
+                data: sys::__IncompleteArrayField::new(),
+            },
+            feat: sys::vfio_device_feature_dma_buf {
+                region_index,
+                open_flags,
+                flags: 0,
+                nr_ranges: 1,
+                dma_ranges: sys::__IncompleteArrayField::new(),
+            },
+            range,
+        }
+    }
+}
+
+/// [`vfio_device_feature_dma_buf`] of exactly one range, its argument on the
+/// stack: the hot path of a BAR export.
+pub fn vfio_device_feature_dma_buf_one(
+    device: BorrowedFd<'_>,
+    region_index: u32,
+    open_flags: u32,
+    range: sys::vfio_region_dma_range,
+) -> io::Result<OwnedFd> {
+    let mut arg = DmaBufOneRangeArg::new(region_index, open_flags, range);
+    // SAFETY: `argsz` is the struct's 40 bytes: the header, the feature part
+    // with `nr_ranges = 1` and that one range, which is all the kernel reads;
+    // it writes nothing back and returns the new dma-buf fd.
+    let fd = unsafe { ioctl_with_mut(device, sys::VFIO_DEVICE_FEATURE, &mut arg) }?;
+    Ok(owned_fd(fd))
+}
+
 /// `VFIO_DEVICE_BIND_IOMMUFD` (cdev): binds the device to `iommufd`; returns
 /// the iommufd device ID (`out_devid`).
 pub fn vfio_device_bind_iommufd(
@@ -1125,6 +1172,27 @@ mod tests {
             b.get::<u64>(hdr + item + offset_of!(sys::udmabuf_create_item, offset)),
             8192
         );
+    }
+
+    #[test]
+    fn one_range_dma_buf_argument_has_the_bytes_of_the_general_one() {
+        let range = sys::vfio_region_dma_range {
+            offset: 0x4000,
+            length: 0x2000,
+        };
+        let flags = (libc::O_RDWR | libc::O_CLOEXEC) as u32;
+        let one = DmaBufOneRangeArg::new(5, flags, range);
+        assert_eq!(size_of::<DmaBufOneRangeArg>(), 40);
+        // SAFETY: reading the bytes of a plain repr(C) struct of integers
+        // with no padding (8 + 16 + 16 bytes, 8-aligned).
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                std::ptr::from_ref(&one).cast::<u8>(),
+                size_of::<DmaBufOneRangeArg>(),
+            )
+        };
+        let general = vfio_dma_buf_feature_arg(5, flags, &[range]).unwrap();
+        assert_eq!(bytes, general.as_bytes());
     }
 
     #[test]

@@ -80,9 +80,12 @@ fn plan_records_physical_ranges() -> TestResult {
         ByteRange::new(0, PAGE),
     ];
     let plan = plan_export(dev(), &bar, &ranges, PAGE)?;
-    assert_eq!((plan.device, plan.bar, plan.size), (dev(), 2, 4 * PAGE));
-    assert_eq!(plan.ranges, ranges);
-    let phys: Vec<(u64, u64)> = plan.phys.iter().map(|p| (p.start, p.length)).collect();
+    assert_eq!(
+        (plan.device(), plan.bar(), plan.size()),
+        (dev(), 2, 4 * PAGE)
+    );
+    assert_eq!(plan.ranges(), ranges);
+    let phys: Vec<(u64, u64)> = plan.phys().iter().map(|p| (p.start, p.length)).collect();
     assert_eq!(
         phys,
         vec![
@@ -91,10 +94,10 @@ fn plan_records_physical_ranges() -> TestResult {
             (0xfe00_0000, PAGE)
         ]
     );
-    assert_eq!(plan.phys[1].pfns(PAGE), Some((0xfe004, 0xfe005)));
+    assert_eq!(plan.phys()[1].pfns(PAGE), Some((0xfe004, 0xfe005)));
     // The whole BAR is fine.
     assert_eq!(
-        plan_export(dev(), &bar, &[ByteRange::new(0, 1 << 20)], PAGE)?.size,
+        plan_export(dev(), &bar, &[ByteRange::new(0, 1 << 20)], PAGE)?.size(),
         1 << 20
     );
     Ok(())

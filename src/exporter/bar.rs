@@ -33,21 +33,60 @@ pub const EXPORT_OPEN_FLAGS: u32 = (libc::O_RDWR | libc::O_CLOEXEC) as u32;
 /// # use dmabuf_p2p::vfio::{Bar, RegionInfo};
 /// let bar = Bar::new(2, RegionInfo::new(2, 7, 0x10_0000, 2 << 40), Resource::new(2, 0xfe00_0000, 0x10_0000, IORESOURCE_MEM));
 /// let plan = dmabuf_p2p::exporter::bar::plan_export("0000:00:03.0".parse()?, &bar, &[dmabuf_p2p::ByteRange::new(0, 0x2000)], 0x1000)?;
-/// assert_eq!((plan.size, plan.phys[0].start), (0x2000, 0xfe00_0000));
+/// assert_eq!((plan.size(), plan.phys()[0].start), (0x2000, 0xfe00_0000));
 /// # Ok::<(), dmabuf_p2p::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportPlan {
+    device: PciAddress,
+    bar: u32,
+    ranges: OneOrMany<ByteRange>,
+    phys: OneOrMany<PhysRange>,
+    size: u64,
+}
+
+impl ExportPlan {
     /// The device.
-    pub device: PciAddress,
+    pub fn device(&self) -> PciAddress {
+        self.device
+    }
+
     /// The BAR index.
-    pub bar: u32,
+    pub fn bar(&self) -> u32 {
+        self.bar
+    }
+
     /// The ranges, BAR-relative, in request order.
-    pub ranges: Vec<ByteRange>,
+    pub fn ranges(&self) -> &[ByteRange] {
+        self.ranges.as_slice()
+    }
+
     /// The same ranges as physical addresses.
-    pub phys: Vec<PhysRange>,
+    pub fn phys(&self) -> &[PhysRange] {
+        self.phys.as_slice()
+    }
+
     /// The total length: the size of the dma-buf.
-    pub size: u64,
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+/// One item held inline or several in a vector: a one-range export (the
+/// common case) allocates nothing for its ranges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T> OneOrMany<T> {
+    fn as_slice(&self) -> &[T] {
+        match self {
+            Self::One(item) => std::slice::from_ref(item),
+            Self::Many(items) => items,
+        }
+    }
 }
 
 /// Checks an export of `ranges` of `bar` on `device` before any ioctl, with
@@ -66,7 +105,7 @@ pub struct ExportPlan {
 /// let bar = Bar::new(2, RegionInfo::new(2, 7, 0x10_0000, 2 << 40), Resource::new(2, 0xfe00_0000, 0x10_0000, IORESOURCE_MEM));
 /// let dev = "0000:00:03.0".parse()?;
 /// let plan = plan_export(dev, &bar, &[ByteRange::new(0x1000, 0x2000)], 0x1000)?;
-/// assert_eq!(plan.phys[0].start, 0xfe00_1000);
+/// assert_eq!(plan.phys()[0].start, 0xfe00_1000);
 ///
 /// let bad = ByteRange::new(0xff000, 0x2000);
 /// match plan_export(dev, &bar, &[bad], 0x1000) {
@@ -109,11 +148,23 @@ pub fn plan_export(
         other => other,
     };
     let size = validate_export_ranges("", ranges, bar.size(), page).map_err(named)?;
-    let phys = map_to_phys("", bar.phys_start(), ranges).map_err(named)?;
+    let (ranges, phys) = if let &[range] = ranges {
+        let phys = range.to_phys(bar.phys_start()).map_err(|problem| {
+            named(Error::InvalidRange {
+                target: String::new(),
+                range,
+                problem,
+            })
+        })?;
+        (OneOrMany::One(range), OneOrMany::One(phys))
+    } else {
+        let phys = map_to_phys("", bar.phys_start(), ranges).map_err(named)?;
+        (OneOrMany::Many(ranges.to_vec()), OneOrMany::Many(phys))
+    };
     Ok(ExportPlan {
         device,
         bar: bar.index,
-        ranges: ranges.to_vec(),
+        ranges,
         phys,
         size,
     })
@@ -134,7 +185,7 @@ pub fn plan_export(
 /// # Ok::<(), dmabuf_p2p::Error>(())
 /// ```
 pub fn export_request(region_index: u32, ranges: &[ByteRange]) -> Result<Vec<u8>> {
-    let raw = to_dma_ranges(ranges);
+    let raw: Vec<_> = ranges.iter().copied().map(to_dma_range).collect();
     ioctl::vfio_dma_buf_feature_arg(region_index, EXPORT_OPEN_FLAGS, &raw)
         .map(|b| b.as_bytes().to_vec())
         .map_err(|e| {
@@ -146,14 +197,11 @@ pub fn export_request(region_index: u32, ranges: &[ByteRange]) -> Result<Vec<u8>
         })
 }
 
-fn to_dma_ranges(ranges: &[ByteRange]) -> Vec<sys::vfio_region_dma_range> {
-    ranges
-        .iter()
-        .map(|r| sys::vfio_region_dma_range {
-            offset: r.offset,
-            length: r.length,
-        })
-        .collect()
+fn to_dma_range(range: ByteRange) -> sys::vfio_region_dma_range {
+    sys::vfio_region_dma_range {
+        offset: range.offset,
+        length: range.length,
+    }
 }
 
 /// A BAR as named in errors: `0000:00:03.0 BAR2 (1 MiB)`.
@@ -242,22 +290,32 @@ impl VfioPciDevice {
         let memory_decode = self
             .known_memory_decode()
             .or_else(|| self.memory_decode().ok());
-        let raw = to_dma_ranges(ranges);
-        let fd = ioctl::vfio_device_feature_dma_buf(self.fd(), index, EXPORT_OPEN_FLAGS, &raw)
-            .map_err(|e| {
-                let list: Vec<String> = ranges.iter().map(ToString::to_string).collect();
-                Error::sys(
-                    "VFIO_DEVICE_FEATURE(DMA_BUF)",
-                    format!(
-                        "{} ranges [{}]",
-                        bar_name(self.address(), index, bar.size()),
-                        list.join(", ")
-                    ),
-                    e,
-                )
-            })?;
-        let mut buf = DmaBuf::from_export(fd, plan.size);
-        if let [one] = plan.phys.as_slice() {
+        let fd = match ranges {
+            &[one] => ioctl::vfio_device_feature_dma_buf_one(
+                self.fd(),
+                index,
+                EXPORT_OPEN_FLAGS,
+                to_dma_range(one),
+            ),
+            many => {
+                let raw: Vec<_> = many.iter().copied().map(to_dma_range).collect();
+                ioctl::vfio_device_feature_dma_buf(self.fd(), index, EXPORT_OPEN_FLAGS, &raw)
+            }
+        }
+        .map_err(|e| {
+            let list: Vec<String> = ranges.iter().map(ToString::to_string).collect();
+            Error::sys(
+                "VFIO_DEVICE_FEATURE(DMA_BUF)",
+                format!(
+                    "{} ranges [{}]",
+                    bar_name(self.address(), index, bar.size()),
+                    list.join(", ")
+                ),
+                e,
+            )
+        })?;
+        let mut buf = DmaBuf::from_export(fd, plan.size());
+        if let [one] = plan.phys() {
             buf = buf.with_phys_start(one.start);
         }
         Ok(BarExport {
@@ -301,7 +359,7 @@ impl Revocable for BarExport {
     }
 
     fn phys_ranges(&self) -> Vec<PhysRange> {
-        self.plan.phys.clone()
+        self.plan.phys().to_vec()
     }
 }
 
@@ -348,7 +406,7 @@ impl BarExport {
     /// # Ok::<(), dmabuf_p2p::Error>(())
     /// ```
     pub fn device(&self) -> PciAddress {
-        self.plan.device
+        self.plan.device()
     }
 
     /// The BAR index.
@@ -363,7 +421,7 @@ impl BarExport {
     /// # Ok::<(), dmabuf_p2p::Error>(())
     /// ```
     pub fn bar(&self) -> u32 {
-        self.plan.bar
+        self.plan.bar()
     }
 
     /// The BAR-relative ranges, in request order.
@@ -378,7 +436,7 @@ impl BarExport {
     /// # Ok::<(), dmabuf_p2p::Error>(())
     /// ```
     pub fn ranges(&self) -> &[ByteRange] {
-        &self.plan.ranges
+        self.plan.ranges()
     }
 
     /// The physical ranges behind the buffer, in request order.
@@ -393,7 +451,7 @@ impl BarExport {
     /// # Ok::<(), dmabuf_p2p::Error>(())
     /// ```
     pub fn phys_ranges(&self) -> &[PhysRange] {
-        &self.plan.phys
+        self.plan.phys()
     }
 
     /// The buffer size: the sum of the range lengths.
@@ -408,7 +466,7 @@ impl BarExport {
     /// # Ok::<(), dmabuf_p2p::Error>(())
     /// ```
     pub fn size(&self) -> u64 {
-        self.plan.size
+        self.plan.size()
     }
 
     /// What `PCI_COMMAND` memory decode was just before the export, as the
@@ -460,15 +518,15 @@ impl fmt::Display for BarExport {
             f,
             "dma-buf fd {} = {} BAR{} [",
             self.buf.as_raw_fd(),
-            self.plan.device,
-            self.plan.bar
+            self.plan.device(),
+            self.plan.bar()
         )?;
-        for (i, (r, p)) in self.plan.ranges.iter().zip(&self.plan.phys).enumerate() {
+        for (i, (r, p)) in self.plan.ranges().iter().zip(self.plan.phys()).enumerate() {
             if i > 0 {
                 f.write_str(", ")?;
             }
             write!(f, "{r} @ {p}")?;
         }
-        write!(f, "] ({})", human_size(self.plan.size))
+        write!(f, "] ({})", human_size(self.plan.size()))
     }
 }
