@@ -48,6 +48,10 @@ pub const BENCH_SHM: &str = "bench";
 /// guest pages.
 pub const BENCH_MEMORY_MIB: u32 = 2560;
 
+/// How long the benchmark VM may run (`DMABUF_P2P_VM_TIMEOUT` overrides):
+/// the full run takes 10-20 minutes under TCG on a quiet host.
+pub const BENCH_VM_LIMIT_SECS: u64 = 3600;
+
 /// The docs page, relative to the workspace root.
 pub const DOC: &str = "docs/BENCHMARKS.md";
 /// The plots' directory, relative to the workspace root.
@@ -221,7 +225,11 @@ pub fn xtask(args: &[String]) -> Result<bool> {
         }
         job + "\n"
     };
-    let spec = RunSpec::new("bench", job, false);
+    let mut spec = RunSpec::new("bench", job, false);
+    // The full run takes longer than a test run may; it is never part of CI.
+    if std::env::var_os("DMABUF_P2P_VM_TIMEOUT").is_none() {
+        spec.timeout = std::time::Duration::from_secs(BENCH_VM_LIMIT_SECS);
+    }
     let run_dir = run_dir(&spec.name);
     fs::create_dir_all(&run_dir)
         .map_err(|e| Error::io(format!("creating {}", run_dir.display()), e))?;
@@ -581,7 +589,7 @@ pub fn page(r: &Results) -> String {
         s,
         "\nEvery figure is the **median** of repeated runs, with the minimum and maximum in \
          brackets: `median (min–max)`. Repetitions are budgeted by time: at least 3 (the \
-         slowest points), up to 31 or 41, 1000 for the single steps of the profile; `n` is in \
+         slowest points), up to 31, 41 or 81, 1000 for the single steps of the profile; `n` is in \
          `results.json`. The guest binary is \
          `bench/` (`dmabuf-p2p-bench`), built in release mode.\n"
     );
@@ -717,7 +725,7 @@ pub fn page(r: &Results) -> String {
          same device, IOAS and iommufd. A batch runs 8 cycles of each of four paths (these two \
          and the two below) interleaved in a balanced order, every path running after every \
          other equally often; a batch's figure per operation is the median of its 8 cycles, \
-         its ratio library / raw; the table gives the median ratio over 41 batches (fewer \
+         its ratio library / raw; the table gives the median ratio over 81 batches (fewer \
          if time ran out) with min and max. *total* is the whole cycle.\n"
     );
     let _ = writeln!(
