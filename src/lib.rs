@@ -9,6 +9,7 @@
 //!
 //! See `docs/ARCHITECTURE.md` for the layers and which kernel object each type owns.
 
+mod deadline;
 pub mod dmabuf;
 pub mod engine;
 pub mod error;

@@ -14,6 +14,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use super::{Completion, DmaEngine, wait_readable};
+use crate::deadline::deadline_after;
 use crate::exporter::vfio::{BarMapping, VfioPciDevice};
 use crate::importer::iommufd::Ioas;
 use crate::pci::PciAddress;
@@ -193,7 +194,7 @@ impl Edu {
                 problem: "a copy is still running; wait for it first".into(),
             });
         }
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         let dev_addr = BUFFER_ADDR + offset;
         if to_bus {
             self.start_transfer(dev_addr, iova, len, true)?;
@@ -300,7 +301,7 @@ impl DmaEngine for Edu {
     }
 
     fn memcpy_wait(&mut self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         while let Some(p) = self.pending {
             let waited = self.wait_transfer(deadline, timeout);
             if waited.is_err() {

@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::VfioPciDevice;
+use crate::deadline::deadline_after;
 use crate::error::{Error, Result};
 use crate::ioctl;
 use crate::revoke::RevokeReason;
@@ -206,7 +207,7 @@ impl VfioPciDevice {
     /// # Ok::<(), dmabuf_p2p::Error>(())
     /// ```
     pub fn wait_unplug_request(&self, timeout: Duration) -> Result<bool> {
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         loop {
             if self.unplug_requested()? {
                 return Ok(true);

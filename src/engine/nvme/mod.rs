@@ -45,6 +45,7 @@ use self::command::{Command, Completion as Cqe, cns};
 use self::queue::{CompletionRing, Slots, SubmissionRing};
 use self::regs::{Capabilities, PAGE};
 use super::{Completion, StorageEngine, wait_readable};
+use crate::deadline::deadline_after;
 use crate::dmabuf::Mapping;
 use crate::importer::iommufd::{Ioas, IoasMapping, IovaPlacement, MapPerms};
 use crate::memfd::Memfd;
@@ -406,7 +407,7 @@ impl Nvme {
 
     /// Waits for any submitted I/O command to complete.
     pub fn wait_any(&mut self, timeout: Duration) -> Result<Finished> {
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         loop {
             if let Some(c) = self.done.pop() {
                 return Ok(self.finished(c));
@@ -425,7 +426,7 @@ impl Nvme {
     /// up: its completion is dropped when it comes, but until then the
     /// controller may still write the command's data IOVA.
     pub fn wait(&mut self, id: CommandId, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         loop {
             if let Some(i) = self.done.iter().position(|c| c.cid == id.0) {
                 let c = self.done.swap_remove(i);
@@ -769,7 +770,7 @@ impl Nvme {
 
     fn wait_ready(&self, ready: bool) -> Result<()> {
         let limit = self.cap.timeout.max(Duration::from_millis(500));
-        let deadline = Instant::now() + limit;
+        let deadline = deadline_after(limit);
         loop {
             let csts = self.bar0.read_u32(regs::CSTS)?;
             if csts == u32::MAX {
