@@ -161,14 +161,14 @@ fuzz_target!(|input: Input| {
     match plan_export(dev, &bar, &ranges, page) {
         Ok(plan) => {
             assert_eq!(
-                Some(plan.size),
+                Some(plan.size()),
                 validate_export_ranges("fuzz", &ranges, size, page).ok()
             );
             assert_eq!(
-                Some(plan.phys),
+                Some(plan.phys().to_vec()),
                 map_to_phys("fuzz", input.bar_start, &ranges).ok()
             );
-            assert_eq!(plan.ranges, ranges);
+            assert_eq!(plan.ranges(), ranges.as_slice());
             assert!(size > 0);
         }
         Err(_) => assert!(
