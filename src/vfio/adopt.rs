@@ -260,10 +260,13 @@ impl VfioPciDevice {
 
     /// The VMM turned memory decode on or off by other means than this
     /// device; like [`note_command_change`](Self::note_command_change) when
-    /// only the bit is at hand. Decode on while the hub says live, and the
-    /// library did not know decode was on, counts as a full off-and-on cycle
-    /// (every attachment is mapped again): an unseen one would have left
-    /// them dead.
+    /// only the bit is at hand. Decode on while the hub says live counts as
+    /// a full off-and-on cycle (every attachment is unmapped and mapped again
+    /// at the same IOVA), even if the library last knew decode was on: the
+    /// VMM turned it on, so it was off, and an off that went untold has left
+    /// the attachments' areas dead. So call it with `true` for a write that
+    /// turned the bit on, not for every write that leaves it on: each such
+    /// call maps every attachment again.
     ///
     /// ```no_run
     /// # let dev = dmabuf_p2p::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
@@ -273,13 +276,15 @@ impl VfioPciDevice {
     /// ```
     pub fn note_memory_decode(&self, enabled: bool) {
         let _held = self.lock_command();
-        let knew_on = self.known.memory_decode() == Some(true);
         self.known.set_memory_decode(enabled);
         if !enabled {
             self.hub.revoked_by_kernel(RevokeReason::MemoryDecodeOff);
             return;
         }
-        if !knew_on && self.hub.state() == BufferState::Live {
+        // Whatever the library knew, the bit went from off to on: if the hub
+        // still says live, the off half went unseen and the kernel revoked
+        // then, so the areas are dead.
+        if self.hub.state() == BufferState::Live {
             self.hub.revoked_by_kernel(RevokeReason::External);
         }
         self.restore_if_revoked();
