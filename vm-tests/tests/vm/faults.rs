@@ -34,9 +34,9 @@ const DMA_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the kernel may take to ask for a device back after `device_del`
 /// (pciehp waits 5 s after the attention button before it powers the slot
 /// off; under TCG everything is slower).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+pub(super) const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a removal or a hot-add may take to show in sysfs.
-const SYSFS_TIMEOUT: Duration = Duration::from_secs(60);
+pub(super) const SYSFS_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Offsets in shm1's BAR2 that only these tests touch (other tests use the
 /// low megabytes), so host checks stay valid whatever runs later.
@@ -53,7 +53,7 @@ fn edu_addr() -> PciAddress {
 }
 
 /// The ivshmem device with a BAR2 of `size` bytes.
-fn shm_with(size: u64) -> PciAddress {
+pub(super) fn shm_with(size: u64) -> PciAddress {
     let (bdf, _) = ivshmem_devices()
         .into_iter()
         .find(|(_, s)| *s == size)
@@ -65,20 +65,20 @@ fn shm0() -> PciAddress {
     shm_with(1 << 20)
 }
 
-fn sysfs_dir(a: PciAddress) -> String {
+pub(super) fn sysfs_dir(a: PciAddress) -> String {
     format!("/sys/bus/pci/devices/{a}")
 }
 
 /// Prints a line of the fault's story (timings, what the kernel said).
 /// libtest shows it when the test fails; writing past its capture would
 /// split the `test NAME ... ok` line that the test bed reads.
-fn note(line: &str) {
+pub(super) fn note(line: &str) {
     println!("  faults: {line}");
 }
 
 /// Polls `cond` every 50 ms until it holds or `timeout` passes; returns
 /// how long it took, or `None`.
-fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
+pub(super) fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
     let t = Instant::now();
     loop {
         if cond() {
@@ -128,7 +128,7 @@ impl KernelLog {
 
 /// Sends a QMP command through the host and returns its answer, failing
 /// the test on a QMP error.
-fn qmp_ok(execute: &str, arguments: &str) -> String {
+pub(super) fn qmp_ok(execute: &str, arguments: &str) -> String {
     let answer = qmp(execute, arguments);
     assert!(
         answer.contains("\"return\""),
@@ -155,7 +155,7 @@ fn qmp_string(answer: &str) -> Option<String> {
 /// `memdev` then aborts QEMU (`qemu_ram_set_idstr: Assertion
 /// '!new_block->idstr[0]' failed`). So the backend is replaced first: the
 /// same file, the same id, a fresh RAM block.
-fn replug_shm1(addr: PciAddress) -> Duration {
+pub(super) fn replug_shm1(addr: PciAddress) -> Duration {
     let t = Instant::now();
     let path = qmp_string(&qmp_ok(
         "qom-get",
@@ -207,7 +207,7 @@ fn replug_shm1(addr: PciAddress) -> Duration {
 /// Binds a freshly hot-added device to vfio-pci. Its sysfs directory shows up
 /// a moment before the PCI core lets drivers bind it (`is_added`), and a
 /// probe in that gap binds nothing, so retry until a deadline.
-fn bind_replugged(addr: PciAddress) {
+pub(super) fn bind_replugged(addr: PciAddress) {
     let t = Instant::now();
     loop {
         match bind_to_vfio_pci(addr) {
@@ -227,8 +227,8 @@ fn bind_replugged(addr: PciAddress) {
 
 /// Puts `shm1` back the way the suite expects it (present, bound to
 /// vfio-pci) when dropped, even if the test failed half-way.
-struct Shm1Restorer {
-    addr: PciAddress,
+pub(super) struct Shm1Restorer {
+    pub(super) addr: PciAddress,
 }
 
 impl Drop for Shm1Restorer {
@@ -260,7 +260,7 @@ fn open_exporter(addr: PciAddress, iommufd: &Iommufd) -> VfioPciDevice {
 /// (`vfio-dev/vfioN`) may not be in sysfs yet, and `VFIO_DEVICE_BIND_IOMMUFD`
 /// has answered EAGAIN (both seen in VM runs), so those two are retried until
 /// the sysfs deadline; any other error fails at once.
-fn open_replugged_exporter(addr: PciAddress, iommufd: &Iommufd) -> VfioPciDevice {
+pub(super) fn open_replugged_exporter(addr: PciAddress, iommufd: &Iommufd) -> VfioPciDevice {
     let t = Instant::now();
     loop {
         let mut dev = match VfioPciDevice::open(addr) {
