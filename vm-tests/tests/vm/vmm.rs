@@ -1,7 +1,12 @@
 //! Inside an existing VMM (issue 11): the VMM opens, binds and attaches its
 //! devices and owns the IOAS; the library adopts them, exports a BAR, maps
 //! it at a fixed guest-physical IOVA in the VMM's IOAS, and follows the
-//! guest's `PCI_COMMAND` writes through the trap API.
+//! guest's `PCI_COMMAND` writes through the trap API. The VMM also tells it
+//! of its own decode writes (`note_memory_decode`) and of the kernel's
+//! request for the device back (`note_unplug_request`), or lets the library
+//! take that request itself (`AdoptOptions::take_device_request_irq`); the
+//! two unplug tests hot-unplug shm1 with QMP `device_del` and plug it back in
+//! with the helpers of `faults.rs`.
 //!
 //! The VMM is played by rust-vmm's own crates, what cloud-hypervisor uses:
 //! `iommufd-ioctls` (`IommuFd`, `IommufdIoas`) and `vfio-ioctls` with
@@ -10,30 +15,38 @@
 //! IOAS). The VMM's guest RAM is a memfd it maps at `RAM_GPA` itself.
 //!
 //! BAR areas (shm1, see the table in `p2p.rs`): 0x2a0_0000.. for the VMM
-//! flow, 0x2b0_0000.. for the property test, 0x2c0_0000.. for the 5d case.
+//! flow, 0x2b0_0000.. for the property test, 0x2c0_0000.. for the 5d case,
+//! 0x2d0_0000.. for the unplug with the library's request IRQ, 0x2e0_0000..
+//! for the VMM's unplug request, 0x2f0_0000.. for `note_memory_decode`.
 
 // Failing a test by panicking is what tests do.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use iommufd_ioctls::{IommuFd, IommufdIoas};
 use vfio_ioctls::{VfioDevice, VfioIommufd};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use dmabuf_p2p::engine::DmaEngine;
 use dmabuf_p2p::engine::edu::Edu;
 use dmabuf_p2p::importer::iommufd::{Ioas, Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::revoke::{Attachment, BufferState, RestorePolicy, RevocationEvent, RevokeReason};
-use dmabuf_p2p::vfio::{AdoptOptions, CONFIG_REGION_INDEX, VfioPciDevice};
-use dmabuf_p2p::{ByteRange, Error};
+use dmabuf_p2p::vfio::{AdoptOptions, CONFIG_REGION_INDEX, REQ_IRQ_INDEX, VfioPciDevice};
+use dmabuf_p2p::{ByteRange, Error, PciAddress};
 use dmabuf_p2p_vm_tests::{
     DMA_TIMEOUT, Kmsg, assert_bytes, bar_read, bar_write, check_write_faults, directive,
     edu_address, open_fd_count, pattern, request_host_check, shm_address,
+};
+
+use super::faults::{
+    REQUEST_TIMEOUT, SYSFS_TIMEOUT, Shm1Restorer, bind_replugged, note, open_replugged_exporter,
+    qmp_ok, replug_shm1, shm_with, sysfs_dir, wait_until,
 };
 
 /// Where the VMM maps its guest RAM (a memfd) in its IOAS.
@@ -106,6 +119,23 @@ impl Vmm {
         dev.region_read(CONFIG_REGION_INDEX, &mut b, 0);
         u16::from_le_bytes(b)
     }
+
+    /// The VMM registers its own eventfd as shm1's device-request trigger
+    /// (`VFIO_PCI_REQ_IRQ_INDEX`), as a VMM that handles hot-unplug does.
+    fn request_eventfd(&self) -> EventFd {
+        let efd = EventFd::new(EFD_NONBLOCK).unwrap();
+        self.shm.enable_irq(REQ_IRQ_INDEX, vec![&efd]).unwrap();
+        efd
+    }
+}
+
+/// Whether the kernel signalled `efd` (reads it, so the count is consumed).
+fn signalled(efd: &EventFd) -> bool {
+    match efd.read() {
+        Ok(n) => n != 0,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+        Err(e) => panic!("reading the VMM's device-request eventfd: {e}"),
+    }
 }
 
 /// A duplicate of an fd the VMM owns.
@@ -126,6 +156,11 @@ struct Adopted {
 }
 
 fn adopt(vmm: &Vmm) -> Adopted {
+    adopt_with(vmm, AdoptOptions::default())
+}
+
+/// [`adopt`], with `options` for shm1 (edu is adopted with the defaults).
+fn adopt_with(vmm: &Vmm, options: AdoptOptions) -> Adopted {
     let iommufd = Iommufd::from(dup(vmm.iommufd.as_raw_fd()));
     let ioas = Ioas::adopt(&iommufd, vmm.ioas.id()).unwrap();
     assert!(!ioas.is_owned());
@@ -133,7 +168,7 @@ fn adopt(vmm: &Vmm) -> Adopted {
         dup(vmm.shm.as_raw_fd()),
         vmm.shm.iommufd_dev_id().unwrap(),
         &iommufd,
-        AdoptOptions::default(),
+        options,
     )
     .unwrap();
     assert!(dev.is_adopted());
@@ -651,4 +686,339 @@ fn adopting_refuses_what_is_not_a_bound_vfio_cdev() {
         Ioas::adopt(&iommufd, 0xbeef),
         Err(Error::UnknownObject { id: 0xbeef, .. })
     ));
+}
+
+/// Maps `export` at `BAR_GPA` in the VMM's IOAS, restored automatically.
+fn map_at_bar_gpa(export: &dmabuf_p2p::exporter::vfio::BarExport, ioas: &Ioas) -> Attachment {
+    let att = Attachment::map(
+        export,
+        ioas,
+        IovaPlacement::Fixed(BAR_GPA),
+        MapPerms::ReadWrite,
+        RestorePolicy::Automatic,
+    )
+    .unwrap();
+    assert_eq!(att.iova(), BAR_GPA);
+    att
+}
+
+/// `export_bar` after the kernel asked for the device back: refused, with
+/// the device named and the reason given.
+fn assert_export_refused(dev: &VfioPciDevice, area: u64) {
+    match dev.export_bar(2, &[ByteRange::new(area, LEN)]) {
+        Err(Error::Device {
+            device, problem, ..
+        }) => {
+            assert_eq!(device, shm_address("shm1"));
+            assert!(problem.contains("is being removed"), "{problem}");
+        }
+        other => panic!("export after the device request: {other:?}"),
+    }
+}
+
+/// The library takes the device-request IRQ at adoption
+/// (`AdoptOptions::take_device_request_irq`), which replaces the trigger the
+/// VMM had registered. QEMU then hot-unplugs shm1 (`device_del`): the
+/// library's eventfd fires and the VMM's does not; the hub is gone
+/// (`Unplug`), the attachment revoked, a new export refused, and the
+/// engine's copy to the old IOVA changes nothing (checked through the BAR
+/// once the device is plugged back in, and in the host's backing file). The
+/// device is then closed by both sides, leaves, and is plugged back in and
+/// bound to vfio-pci for the tests after this one.
+#[test]
+fn library_takes_the_device_request_irq_and_revokes_on_hot_unplug() {
+    const AREA: u64 = 0x2d0_0000;
+    let (off1, off2) = (0x400, 0x2400);
+    let shm1 = shm_with(64 << 20);
+    assert_eq!(shm1.to_string(), shm_address("shm1"));
+    let _restore = Shm1Restorer { addr: shm1 };
+    let vmm = Vmm::new();
+    let vmm_request = vmm.request_eventfd();
+    let mut lib = adopt_with(&vmm, AdoptOptions::default().take_device_request_irq(true));
+    assert!(
+        lib.dev.unplug_request_fd().is_some(),
+        "adopt registered the library's device-request eventfd"
+    );
+    assert!(!lib.dev.unplug_requested().unwrap());
+    lib.dev.set_memory_decode(true).unwrap();
+    let old = pattern(1400, LEN as usize);
+    let export = lib.dev.export_bar(2, &[ByteRange::new(AREA, LEN)]).unwrap();
+    let att = map_at_bar_gpa(&export, &lib.ioas);
+    let events = Events::on(&att);
+
+    // The path works before the unplug.
+    let new1 = pattern(1401, COPY as usize);
+    let mut want = old.clone();
+    want[off1 as usize..(off1 + COPY) as usize].copy_from_slice(&new1);
+    {
+        let bar = lib.dev.map_bar(2).unwrap();
+        bar_write(&bar, AREA, &old);
+        guest_copy(
+            &mut lib.edu,
+            &vmm.ram,
+            &new1,
+            BAR_GPA + off1,
+            "before the unplug",
+        );
+        assert_bytes(&bar_read(&bar, AREA, LEN as usize), &want, AREA, "BAR");
+    } // a BAR mmap holds the device open: none may outlive the request
+
+    let t0 = Instant::now();
+    qmp_ok("device_del", r#"{"id":"shm1"}"#);
+    assert!(
+        lib.dev.wait_unplug_request(REQUEST_TIMEOUT).unwrap(),
+        "no device request within {REQUEST_TIMEOUT:?} of device_del"
+    );
+    note(&format!(
+        "device request {:?} after device_del",
+        t0.elapsed()
+    ));
+    assert!(
+        !signalled(&vmm_request),
+        "the kernel signalled the VMM's eventfd: the library did not take the trigger"
+    );
+    assert!(
+        lib.dev.unplug_requested().unwrap(),
+        "the request is remembered"
+    );
+    assert_eq!(
+        lib.dev.hub().state(),
+        BufferState::Gone(RevokeReason::Unplug)
+    );
+    assert!(att.is_revoked());
+    assert_eq!(att.revoked_reason(), Some(RevokeReason::Unplug));
+    assert!(matches!(att.ensure_live(), Err(Error::Revoked { .. })));
+    assert_eq!(
+        events.get(),
+        [RevocationEvent::Revoked(RevokeReason::Unplug)]
+    );
+    assert_export_refused(&lib.dev, AREA);
+    // The guest's engine copies to the old IOVA: the mapping is gone.
+    let new2 = pattern(1402, COPY as usize);
+    guest_copy(
+        &mut lib.edu,
+        &vmm.ram,
+        &new2,
+        BAR_GPA + off2,
+        "after the unplug request",
+    );
+
+    drop((att, export));
+    drop(lib);
+    drop(vmm);
+    replug_and_check(shm1, AREA, &want);
+}
+
+/// After a device request, with every fd of shm1 closed: waits for the
+/// kernel to finish the removal, plugs shm1 back in and binds it to vfio-pci
+/// (retrying while its cdev is not ready, as `faults.rs` does), checks that
+/// `want` is what its BAR holds at `area` (in the guest and in the host's
+/// backing file), and that the VMM stand-in opens it again, as the next
+/// tests will.
+fn replug_and_check(shm1: PciAddress, area: u64, want: &[u8]) {
+    let gone = wait_until(SYSFS_TIMEOUT, || !Path::new(&sysfs_dir(shm1)).exists())
+        .unwrap_or_else(|| panic!("{shm1} still in sysfs {SYSFS_TIMEOUT:?} after closing it"));
+    note(&format!("{shm1} left sysfs {gone:?} after the close"));
+    replug_shm1(shm1);
+    bind_replugged(shm1);
+    let iommufd = Iommufd::open().unwrap();
+    let dev = open_replugged_exporter(shm1, &iommufd);
+    let bar = dev.map_bar(2).unwrap();
+    assert_bytes(
+        &bar_read(&bar, area, want.len()),
+        want,
+        area,
+        "after unplug and replug",
+    );
+    drop((bar, dev, iommufd));
+    request_host_check("shm1", area, want);
+    let vmm = Vmm::new();
+    assert_eq!(Vmm::vendor(&vmm.shm), 0x1af4);
+}
+
+/// Without `take_device_request_irq` the device-request IRQ stays the
+/// VMM's: the library has no channel, and when QEMU hot-unplugs shm1
+/// (`device_del`) the kernel signals the VMM's own eventfd, registered
+/// before adoption, while the library has seen nothing. The VMM then tells
+/// it (`note_unplug_request`, twice: one revocation): the hub is gone
+/// (`Unplug`), the attachment says revoked, a new export is refused, and the
+/// engine's copy to the attachment's IOVA changes nothing (checked through
+/// the BAR once the device is plugged back in, and in the host's backing
+/// file). The device is left plugged in and bound to vfio-pci.
+#[test]
+fn vmm_tells_the_library_of_its_device_request() {
+    const AREA: u64 = 0x2e0_0000;
+    let (off1, off2) = (0x400, 0x2400);
+    let shm1 = shm_with(64 << 20);
+    assert_eq!(shm1.to_string(), shm_address("shm1"));
+    let _restore = Shm1Restorer { addr: shm1 };
+    let vmm = Vmm::new();
+    let vmm_request = vmm.request_eventfd();
+    let mut lib = adopt(&vmm);
+    assert!(lib.dev.unplug_request_fd().is_none());
+    assert!(matches!(
+        lib.dev.unplug_requested(),
+        Err(Error::Unsupported { .. })
+    ));
+    lib.dev.set_memory_decode(true).unwrap();
+    let old = pattern(1500, LEN as usize);
+    let export = lib.dev.export_bar(2, &[ByteRange::new(AREA, LEN)]).unwrap();
+    let att = map_at_bar_gpa(&export, &lib.ioas);
+    let events = Events::on(&att);
+    let new1 = pattern(1501, COPY as usize);
+    let mut want = old.clone();
+    want[off1 as usize..(off1 + COPY) as usize].copy_from_slice(&new1);
+    {
+        let bar = lib.dev.map_bar(2).unwrap();
+        bar_write(&bar, AREA, &old);
+        guest_copy(&mut lib.edu, &vmm.ram, &new1, BAR_GPA + off1, "live");
+        assert_bytes(&bar_read(&bar, AREA, LEN as usize), &want, AREA, "BAR");
+    } // a BAR mmap holds the device open: none may outlive the request
+
+    assert!(!signalled(&vmm_request));
+    let t0 = Instant::now();
+    qmp_ok("device_del", r#"{"id":"shm1"}"#);
+    let asked = wait_until(REQUEST_TIMEOUT, || signalled(&vmm_request));
+    assert!(
+        asked.is_some(),
+        "the VMM's eventfd saw no device request within {REQUEST_TIMEOUT:?} of device_del"
+    );
+    note(&format!(
+        "device request on the VMM's eventfd {:?} after device_del",
+        t0.elapsed()
+    ));
+    assert_eq!(
+        lib.dev.hub().state(),
+        BufferState::Live,
+        "the library has no channel of its own: it knows only what the VMM tells"
+    );
+    assert!(events.get().is_empty());
+
+    lib.dev.note_unplug_request();
+    lib.dev.note_unplug_request();
+    assert_eq!(
+        events.get(),
+        [RevocationEvent::Revoked(RevokeReason::Unplug)],
+        "revoked once"
+    );
+    assert_eq!(
+        lib.dev.hub().state(),
+        BufferState::Gone(RevokeReason::Unplug)
+    );
+    assert!(lib.dev.unplug_requested().unwrap());
+    assert!(att.is_revoked());
+    assert_eq!(att.revoked_reason(), Some(RevokeReason::Unplug));
+    assert!(matches!(att.ensure_live(), Err(Error::Revoked { .. })));
+    assert_export_refused(&lib.dev, AREA);
+    let new2 = pattern(1502, COPY as usize);
+    guest_copy(&mut lib.edu, &vmm.ram, &new2, BAR_GPA + off2, "unplug told");
+
+    drop((att, export));
+    drop(lib);
+    drop(vmm);
+    replug_and_check(shm1, AREA, &want);
+}
+
+/// The VMM turns memory decode off and on with its own writes on its own fd
+/// and tells the library with `note_memory_decode`: off revokes (the
+/// engine's copy changes nothing), on restores at the same IOVA (the copy
+/// lands). Then an off-and-on whose off half went untold, with only
+/// `note_memory_decode(true)` at the end: a full cycle, so the attachment
+/// that says live really is, and the copy lands.
+#[test]
+fn vmm_tells_the_library_of_its_memory_decode_writes() {
+    const AREA: u64 = 0x2f0_0000;
+    let (off1, off2, off3, off4) = (0x400, 0x2400, 0x4400, 0x6400);
+    let vmm = Vmm::new();
+    let mut lib = adopt(&vmm);
+    let command = vmm.command();
+    vmm.write_command(command | MEMORY);
+    lib.dev.note_memory_decode(true);
+    assert_eq!(lib.dev.known_memory_decode(), Some(true));
+    assert_eq!(lib.dev.hub().state(), BufferState::Live);
+    let bar = lib.dev.map_bar(2).unwrap();
+    let old = pattern(1600, LEN as usize);
+    bar_write(&bar, AREA, &old);
+    let export = lib.dev.export_bar(2, &[ByteRange::new(AREA, LEN)]).unwrap();
+    let att = map_at_bar_gpa(&export, &lib.ioas);
+    let events = Events::on(&att);
+    let mut want = old;
+    let copy_lands = |lib: &mut Adopted, want: &mut Vec<u8>, seed: u64, off: u64, what: &str| {
+        let new = pattern(seed, COPY as usize);
+        guest_copy(&mut lib.edu, &vmm.ram, &new, BAR_GPA + off, what);
+        want[off as usize..(off + COPY) as usize].copy_from_slice(&new);
+        assert_bytes(&bar_read(&bar, AREA, LEN as usize), want, AREA, what);
+    };
+    copy_lands(&mut lib, &mut want, 1601, off1, "live");
+
+    // Off, told: revoked, and the copy is blocked.
+    vmm.write_command(command & !MEMORY);
+    lib.dev.note_memory_decode(false);
+    assert_eq!(lib.dev.known_memory_decode(), Some(false));
+    assert_eq!(
+        lib.dev.hub().state(),
+        BufferState::Revoked(RevokeReason::MemoryDecodeOff)
+    );
+    assert_eq!(
+        events.get(),
+        [RevocationEvent::Revoked(RevokeReason::MemoryDecodeOff)]
+    );
+    assert!(att.is_revoked());
+    assert!(matches!(att.ensure_live(), Err(Error::Revoked { .. })));
+    let blocked = pattern(1602, COPY as usize);
+    guest_copy(
+        &mut lib.edu,
+        &vmm.ram,
+        &blocked,
+        BAR_GPA + off2,
+        "decode off, told",
+    );
+
+    // On, told: restored at the same IOVA; the blocked copy changed nothing
+    // (the BAR is read only with decode on), and the next one lands.
+    vmm.write_command(command | MEMORY);
+    lib.dev.note_memory_decode(true);
+    assert_eq!(
+        events.get(),
+        [
+            RevocationEvent::Revoked(RevokeReason::MemoryDecodeOff),
+            RevocationEvent::Restored
+        ]
+    );
+    assert_eq!(att.iova(), BAR_GPA);
+    att.ensure_live().unwrap();
+    assert_bytes(
+        &bar_read(&bar, AREA, LEN as usize),
+        &want,
+        AREA,
+        "after the blocked copy",
+    );
+    copy_lands(&mut lib, &mut want, 1603, off3, "decode on, told");
+
+    // Off and on again, only the on told: the kernel revoked at the off, so
+    // the library must map again.
+    vmm.write_command(command & !MEMORY);
+    vmm.write_command(command | MEMORY);
+    lib.dev.note_memory_decode(true);
+    assert_eq!(
+        events.get(),
+        [
+            RevocationEvent::Revoked(RevokeReason::MemoryDecodeOff),
+            RevocationEvent::Restored,
+            RevocationEvent::Revoked(RevokeReason::External),
+            RevocationEvent::Restored
+        ],
+        "an untold off before a told on is a full cycle"
+    );
+    assert_eq!(att.counts(), (2, 2));
+    assert_eq!(att.iova(), BAR_GPA);
+    att.ensure_live().unwrap();
+    copy_lands(
+        &mut lib,
+        &mut want,
+        1604,
+        off4,
+        "after an untold off, told on",
+    );
+    request_host_check("shm1", AREA, &want);
 }
