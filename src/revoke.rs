@@ -773,17 +773,28 @@ impl Attachment {
         // A failed remap's own error: it names the ioctl and carries the
         // kernel's errno (ENOMEM under memory pressure), or is
         // [`Error::Revoked`] when the exporter revoked again meanwhile.
-        self.core.try_restore()
+        let result = self.core.try_restore();
+        self.core.learn_from(&result);
+        result
     }
 
     /// Unmaps and maps again at the same IOVA. On Linux 7.2 this is the only
     /// cure for a mapping that was revoked and un-revoked behind this
     /// process's back, which no uAPI reports.
     pub fn refresh(&self) -> Result<()> {
-        let mut st = lock(&self.core.state);
-        st.mapping.remap()?;
-        st.revoked = None;
-        Ok(())
+        let result = {
+            let mut st = lock(&self.core.state);
+            let result = st.mapping.remap();
+            if result.is_ok() {
+                st.revoked = None;
+            } else if !st.mapping.is_mapped() && st.revoked.is_none() {
+                // Unmapped by the failed remap: not live, whatever the error.
+                st.revoked = Some(RevokeReason::External);
+            }
+            result
+        };
+        self.core.learn_from(&result);
+        result
     }
 
     /// Asks the kernel whether the buffer is revoked now ([`probe_revoked`]
@@ -870,6 +881,16 @@ impl AttachmentCore {
 
     /// Maps again at the same IOVA if revoked; `Ok` when it is live now,
     /// else the remap's error (the attachment stays revoked).
+    /// A remap the kernel refused as revoked while the hub says live: the
+    /// exporter revoked without the library being told (a VMM's untold
+    /// decode-off). The hub records it, so that no attachment of the
+    /// exporter goes on saying live over a dead area.
+    fn learn_from(&self, remap: &Result<()>) {
+        if matches!(remap, Err(Error::Revoked { .. })) && self.hub.state() == BufferState::Live {
+            self.hub.revoked_by_kernel(RevokeReason::External);
+        }
+    }
+
     fn try_restore(&self) -> Result<()> {
         let (ev, result) = {
             let mut st = lock(&self.state);

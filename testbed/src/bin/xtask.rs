@@ -60,6 +60,12 @@ fn tests_job(filters: &[String], fail_on_purpose: bool) -> String {
     if fail_on_purpose {
         job.push_str("export DMABUF_P2P_FAIL_ON_PURPOSE=1\n");
     }
+    // The seed of the property tests, so that a failure's seed replays.
+    if let Ok(seed) = std::env::var("DMABUF_P2P_SEED")
+        && let Ok(seed) = seed.trim().parse::<u64>()
+    {
+        job.push_str(&format!("export DMABUF_P2P_SEED={seed}\n"));
+    }
     job.push_str(suite::GUEST_VM_TESTS);
     job.push_str(" --test-threads=1");
     for f in filters {

@@ -500,7 +500,9 @@ impl Rng {
 /// (bytes checked) and each one that says revoked does not (not one byte
 /// changes). An untold decode-on only comes after the library has looked
 /// at the register since the last untold decode-off: an off-and-on cycle
-/// that leaves no trace in the register cannot be seen by anyone.
+/// that leaves no trace in the register cannot be seen by anyone. A restore
+/// after an untold decode-off is refused by the kernel (`Error::Revoked`),
+/// and from then on no attachment may say live.
 #[test]
 fn random_decode_toggles_resets_and_restores_never_report_a_dead_mapping_live() {
     const AREA: u64 = 0x2b0_0000;
@@ -563,6 +565,7 @@ fn random_decode_toggles_resets_and_restores_never_report_a_dead_mapping_live() 
         };
         Kmsg::mark(&format!("vmm property test step {step}: {op:?}"));
         println!("step {step}: {op:?}");
+        let mut learned = false;
         let value = |on: bool| if on { command } else { command & !MEMORY };
         match op {
             Op::Library(on) => lib.dev.set_memory_decode(on).unwrap(),
@@ -589,9 +592,17 @@ fn random_decode_toggles_resets_and_restores_never_report_a_dead_mapping_live() 
             }
             Op::RestoreEach => {
                 if lib.dev.hub().state() == BufferState::Live {
+                    let decode = vmm.command() & MEMORY != 0;
                     for (_, att) in &atts {
-                        if att.is_revoked() {
-                            att.restore().unwrap();
+                        if !att.is_revoked() {
+                            continue;
+                        }
+                        match att.restore() {
+                            Ok(()) => assert!(decode, "step {step}: restored while decode is off"),
+                            // An untold decode-off: the kernel refuses the
+                            // map, and the library learns of it.
+                            Err(Error::Revoked { .. }) if !decode => learned = true,
+                            Err(e) => panic!("step {step}: restore: {e}"),
                         }
                     }
                 }
@@ -600,18 +611,28 @@ fn random_decode_toggles_resets_and_restores_never_report_a_dead_mapping_live() 
                 lib.dev.sync_with_kernel().unwrap();
             }
         }
-        if op.tells_the_library() {
+        if op.tells_the_library() || learned {
             unseen_off = false;
         }
         let decode = vmm.command() & MEMORY != 0;
         if !decode {
-            // The library has looked or was told: it must not call anything
-            // live while the kernel has revoked.
+            // The library has looked, was told or learned from a refused
+            // restore: it must not call anything live while the kernel has
+            // revoked.
             if op.tells_the_library() {
                 assert_eq!(lib.dev.known_memory_decode(), Some(false), "step {step}");
                 assert_ne!(lib.dev.hub().state(), BufferState::Live, "step {step}");
                 for (_, att) in &atts {
                     assert!(att.is_revoked(), "step {step}: live while decode is off");
+                }
+            }
+            if learned {
+                assert_ne!(lib.dev.hub().state(), BufferState::Live, "step {step}");
+                for (_, att) in &atts {
+                    assert!(
+                        att.is_revoked(),
+                        "step {step}: live after a refused restore"
+                    );
                 }
             }
             continue;
