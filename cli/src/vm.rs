@@ -35,6 +35,7 @@ fn self_binaries() -> Result<GuestBinaries, CliError> {
     let cli: PathBuf = std::env::current_exe()?;
     Ok(GuestBinaries {
         vm_tests: None,
+        examples: Vec::new(),
         cli,
     })
 }

@@ -244,6 +244,7 @@ pub fn xtask(args: &[String]) -> Result<bool> {
     // binary, nothing else is built) and the tweak replaces it with ours.
     let bins = GuestBinaries {
         vm_tests: None,
+        examples: Vec::new(),
         cli: bench_bin,
     };
     let mut shape = String::new();

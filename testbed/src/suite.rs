@@ -28,6 +28,9 @@ pub const DEMO_JOB: &str = include_str!("../guest/demo.sh");
 pub const GUEST_VM_TESTS: &str = "/bin/vm-tests";
 /// The CLI inside the VM.
 pub const GUEST_CLI: &str = "/bin/dmabuf-p2p";
+/// The directory of the library's examples inside the VM
+/// (`/bin/examples/export_bar`, ...).
+pub const GUEST_EXAMPLES: &str = "/bin/examples";
 
 /// Host paths of the binaries that go into the VM.
 #[derive(Debug, Clone)]
@@ -36,6 +39,9 @@ pub struct GuestBinaries {
     pub vm_tests: Option<PathBuf>,
     /// The `dmabuf-p2p` CLI.
     pub cli: PathBuf,
+    /// The library's examples (name, executable), built with the in-VM
+    /// suite, which runs them; packed under [`GUEST_EXAMPLES`].
+    pub examples: Vec<(String, PathBuf)>,
 }
 
 fn cargo() -> Command {
@@ -44,8 +50,9 @@ fn cargo() -> Command {
     cmd
 }
 
-/// Executables of the given kind from cargo's JSON messages.
-fn executables(json: &str, kind: &str) -> Vec<PathBuf> {
+/// Executables of the given kind from cargo's JSON messages, with their
+/// target names.
+fn executables(json: &str, kind: &str) -> Vec<(String, PathBuf)> {
     let mut out = Vec::new();
     for line in json.lines() {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
@@ -59,13 +66,34 @@ fn executables(json: &str, kind: &str) -> Vec<PathBuf> {
             continue;
         }
         if let Some(exe) = v["executable"].as_str() {
-            out.push(PathBuf::from(exe));
+            let name = v["target"]["name"].as_str().unwrap_or_default().to_owned();
+            out.push((name, PathBuf::from(exe)));
         }
     }
     out
 }
 
-/// Builds the CLI and (if `with_tests`) the in-VM suite with cargo, on the host.
+/// The names of the library's examples (`examples/*.rs`), which a build of
+/// the guest binaries with tests must deliver.
+fn example_names() -> Result<Vec<String>> {
+    let dir = workspace_root().join("examples");
+    let entries =
+        fs::read_dir(&dir).map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
+    let mut names: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_suffix(".rs").map(str::to_owned)
+        })
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// Builds the CLI and (if `with_tests`) the in-VM suite and the library's
+/// examples with cargo, on the host. The examples come from the CLI's cargo
+/// invocation (same profile; `share` is on for the library there anyway,
+/// through the CLI), so they cost their own compile and link only.
 pub fn build_guest_binaries(with_tests: bool) -> Result<GuestBinaries> {
     eprintln!("testbed: building the guest binaries");
     let mut cmd = cargo();
@@ -77,11 +105,37 @@ pub fn build_guest_binaries(with_tests: bool) -> Result<GuestBinaries> {
         "dmabuf-p2p",
         "--message-format=json-render-diagnostics",
     ]);
-    let out = run_captured(&mut cmd, "cargo build (dmabuf-p2p CLI)")?;
+    if with_tests {
+        cmd.args([
+            "--package",
+            "dmabuf-p2p",
+            "--examples",
+            "--features",
+            "dmabuf-p2p/share",
+        ]);
+    }
+    let what = if with_tests {
+        "cargo build (dmabuf-p2p CLI and the library's examples)"
+    } else {
+        "cargo build (dmabuf-p2p CLI)"
+    };
+    let out = run_captured(&mut cmd, what)?;
     let cli = executables(&out, "bin")
         .into_iter()
-        .next()
+        .find(|(name, _)| name == "dmabuf-p2p")
+        .map(|(_, exe)| exe)
         .ok_or_else(|| Error::Setup("cargo build reported no dmabuf-p2p executable".into()))?;
+    let mut examples = Vec::new();
+    if with_tests {
+        examples = executables(&out, "example");
+        for name in example_names()? {
+            if !examples.iter().any(|(n, _)| *n == name) {
+                return Err(Error::Setup(format!(
+                    "cargo build reported no executable for example {name}"
+                )));
+            }
+        }
+    }
     let vm_tests = if with_tests {
         let mut cmd = cargo();
         cmd.args([
@@ -98,6 +152,7 @@ pub fn build_guest_binaries(with_tests: bool) -> Result<GuestBinaries> {
             executables(&out, "test")
                 .into_iter()
                 .next()
+                .map(|(_, exe)| exe)
                 .ok_or_else(|| {
                     Error::Setup("cargo test --no-run reported no vm-tests executable".into())
                 })?,
@@ -105,7 +160,11 @@ pub fn build_guest_binaries(with_tests: bool) -> Result<GuestBinaries> {
     } else {
         None
     };
-    Ok(GuestBinaries { vm_tests, cli })
+    Ok(GuestBinaries {
+        vm_tests,
+        cli,
+        examples,
+    })
 }
 
 /// What one run should do.
@@ -193,6 +252,9 @@ pub fn pack_initramfs(spec: &RunSpec, bins: &GuestBinaries, dest: &Path) -> Resu
     fs_.host_binary(GUEST_CLI, &bins.cli)?;
     if let Some(t) = &bins.vm_tests {
         fs_.host_binary(GUEST_VM_TESTS, t)?;
+    }
+    for (name, exe) in &bins.examples {
+        fs_.host_binary(&format!("{GUEST_EXAMPLES}/{name}"), exe)?;
     }
     fs_.write_to(dest)
 }
@@ -537,5 +599,45 @@ pub fn print_verdict(label: &str, v: &Verdict) {
         println!("{label}: {passed} passed, {failed} failed");
     } else if v.passed() {
         println!("{label}: ok");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn executables_are_picked_by_kind_with_their_names() {
+        let json = [
+            r#"{"reason":"compiler-artifact","target":{"kind":["lib"],"name":"dmabuf_p2p"},"executable":null}"#,
+            r#"{"reason":"compiler-artifact","target":{"kind":["bin"],"name":"dmabuf-p2p"},"executable":"/t/debug/dmabuf-p2p"}"#,
+            r#"{"reason":"compiler-artifact","target":{"kind":["example"],"name":"export_bar"},"executable":"/t/debug/examples/export_bar"}"#,
+            r#"{"reason":"compiler-message","target":{"kind":["example"],"name":"vmm_adopt"},"executable":"/x"}"#,
+            "not json",
+            r#"{"reason":"build-finished","success":true}"#,
+        ]
+        .join("\n");
+        assert_eq!(
+            executables(&json, "example"),
+            vec![(
+                "export_bar".to_owned(),
+                PathBuf::from("/t/debug/examples/export_bar")
+            )]
+        );
+        assert_eq!(
+            executables(&json, "bin"),
+            vec![(
+                "dmabuf-p2p".to_owned(),
+                PathBuf::from("/t/debug/dmabuf-p2p")
+            )]
+        );
+    }
+
+    #[test]
+    fn every_example_file_is_named() {
+        let names = example_names().unwrap_or_default();
+        for want in ["export_bar", "share_buffer", "udmabuf_memfd", "vmm_adopt"] {
+            assert!(names.iter().any(|n| n == want), "{want} in {names:?}");
+        }
     }
 }
