@@ -5,6 +5,7 @@
 mod bad_input;
 mod concurrency;
 mod dmabuf;
+mod examples;
 mod fault_injection;
 mod faults;
 mod guide;
