@@ -118,10 +118,10 @@ mod generate {
         let wrapper_path = out_dir.join("dmabuf_p2p_uapi.h");
         // Rewritten only when it changes: bindgen registers it with
         // rerun-if-changed, and a fresh mtime would rerun this script every build.
-        if fs::read_to_string(&wrapper_path).ok().as_deref() != Some(wrapper.as_str()) {
-            if let Err(e) = fs::write(&wrapper_path, &wrapper) {
-                fail(&format!("writing {}: {e}", wrapper_path.display()));
-            }
+        if fs::read_to_string(&wrapper_path).ok().as_deref() != Some(wrapper.as_str())
+            && let Err(e) = fs::write(&wrapper_path, &wrapper)
+        {
+            fail(&format!("writing {}: {e}", wrapper_path.display()));
         }
         let mut builder = bindgen::Builder::default()
             .header(wrapper_path.to_string_lossy())

@@ -10,8 +10,9 @@
 //! ```
 
 use std::error::Error;
+use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use dmabuf_p2p::revoke::{BufferState, RestorePolicy};
@@ -46,15 +47,28 @@ fn export(device: PciAddress) -> Result<(), Box<dyn Error>> {
     let mut importer = Command::new(std::env::current_exe()?)
         .arg("import")
         .arg(&socket)
+        .stdout(Stdio::piped())
         .spawn()?;
-    // Wait for the importer to be connected, then revoke and restore.
-    while server.client_count() == 0 {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    std::thread::sleep(Duration::from_millis(500));
+    // Revoke once the importer has mapped the buffer, and restore once it
+    // has seen the revocation: its lines (passed on here) say when.
+    let mut lines = BufReader::new(importer.stdout.take().ok_or("no importer stdout")?).lines();
+    let mut pass_on_until = |prefix: &str| -> Result<(), Box<dyn Error>> {
+        for line in lines.by_ref() {
+            let line = line?;
+            println!("{line}");
+            if line.starts_with(prefix) {
+                return Ok(());
+            }
+        }
+        Err(format!("the importer ended before saying {prefix:?}").into())
+    };
+    pass_on_until("importer: mapped")?;
     exporter.set_memory_decode(false)?;
-    std::thread::sleep(Duration::from_millis(500));
+    pass_on_until("importer: revoked")?;
     exporter.set_memory_decode(true)?;
+    for line in lines {
+        println!("{}", line?);
+    }
     let status = importer.wait()?;
     let _ = std::fs::remove_file(&socket);
     if !status.success() {
