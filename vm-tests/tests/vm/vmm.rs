@@ -212,6 +212,15 @@ impl Events {
     }
 }
 
+/// The attachment saw `expected`, in order, and is live again at the IOVA it
+/// had (`BAR_GPA`).
+fn assert_restored(att: &Attachment, events: &Events, expected: &[RevocationEvent], why: &str) {
+    assert_eq!(events.get(), expected, "{why}");
+    assert_eq!(att.iova(), BAR_GPA, "{why}: the IOVA changed");
+    att.ensure_live()
+        .unwrap_or_else(|e| panic!("{why}: not live: {e}"));
+}
+
 /// An engine copy of `bytes` (put in guest RAM) to `iova`, made whatever the
 /// attachment says, as a guest driver would: marked in the kernel log, and
 /// any IOMMU faults logged for it checked to be the engine's writes.
@@ -301,15 +310,15 @@ fn vmm_adopts_and_follows_the_guests_memory_decode() {
     lib.dev
         .guest_config_write(PCI_COMMAND, &(command | MEMORY).to_le_bytes())
         .unwrap();
-    assert_eq!(
-        events.get(),
-        [
+    assert_restored(
+        &att,
+        &events,
+        &[
             RevocationEvent::Revoked(RevokeReason::MemoryDecodeOff),
-            RevocationEvent::Restored
-        ]
+            RevocationEvent::Restored,
+        ],
+        "the guest turned decode on again",
     );
-    assert_eq!(att.iova(), BAR_GPA);
-    att.ensure_live().unwrap();
     assert_bytes(
         &bar_read(&bar, AREA, LEN as usize),
         &want,
@@ -389,16 +398,15 @@ fn decode_off_outside_then_library_on_lands_without_refresh() {
     vmm.write_command(command & !MEMORY);
     assert!(!att.is_revoked(), "nobody told the library yet");
     lib.dev.set_memory_decode(true).unwrap();
-    assert_eq!(
-        events.get(),
-        [
+    assert_restored(
+        &att,
+        &events,
+        &[
             RevocationEvent::Revoked(RevokeReason::External),
-            RevocationEvent::Restored
+            RevocationEvent::Restored,
         ],
-        "the library saw decode off before its write and recorded the revocation"
+        "the library saw decode off before its write and recorded the revocation",
     );
-    assert_eq!(att.iova(), BAR_GPA);
-    att.ensure_live().unwrap();
     let new = pattern(1301, COPY as usize);
     guest_copy(
         &mut lib.edu,
@@ -999,15 +1007,15 @@ fn vmm_tells_the_library_of_its_memory_decode_writes() {
     // (the BAR is read only with decode on), and the next one lands.
     vmm.write_command(command | MEMORY);
     lib.dev.note_memory_decode(true);
-    assert_eq!(
-        events.get(),
-        [
+    assert_restored(
+        &att,
+        &events,
+        &[
             RevocationEvent::Revoked(RevokeReason::MemoryDecodeOff),
-            RevocationEvent::Restored
-        ]
+            RevocationEvent::Restored,
+        ],
+        "decode on, told",
     );
-    assert_eq!(att.iova(), BAR_GPA);
-    att.ensure_live().unwrap();
     assert_bytes(
         &bar_read(&bar, AREA, LEN as usize),
         &want,
@@ -1021,19 +1029,18 @@ fn vmm_tells_the_library_of_its_memory_decode_writes() {
     vmm.write_command(command & !MEMORY);
     vmm.write_command(command | MEMORY);
     lib.dev.note_memory_decode(true);
-    assert_eq!(
-        events.get(),
-        [
+    assert_eq!(att.counts(), (2, 2));
+    assert_restored(
+        &att,
+        &events,
+        &[
             RevocationEvent::Revoked(RevokeReason::MemoryDecodeOff),
             RevocationEvent::Restored,
             RevocationEvent::Revoked(RevokeReason::External),
-            RevocationEvent::Restored
+            RevocationEvent::Restored,
         ],
-        "an untold off before a told on is a full cycle"
+        "an untold off before a told on is a full cycle",
     );
-    assert_eq!(att.counts(), (2, 2));
-    assert_eq!(att.iova(), BAR_GPA);
-    att.ensure_live().unwrap();
     copy_lands(
         &mut lib,
         &mut want,
