@@ -181,29 +181,27 @@ fn bar2_start(bdf: &str) -> u64 {
 
 /// The hex number (`0x...`) that follows `after` in `line`.
 fn hex_after(line: &str, after: &str) -> u64 {
-    let at = line
-        .find(after)
-        .unwrap_or_else(|| panic!("no {after:?} in {line:?}"))
-        + after.len();
-    let digits: String = line[at..]
-        .trim_start_matches("0x")
-        .chars()
-        .take_while(char::is_ascii_hexdigit)
-        .collect();
-    u64::from_str_radix(&digits, 16).unwrap_or_else(|e| panic!("{line:?}: {e}"))
+    number_after(line, after, 16)
 }
 
 /// The decimal number that follows `after` in `line`.
 fn dec_after(line: &str, after: &str) -> u64 {
+    number_after(line, after, 10)
+}
+
+/// The number in `radix` (hex may start with `0x`) that follows `after`.
+fn number_after(line: &str, after: &str, radix: u32) -> u64 {
     let at = line
         .find(after)
         .unwrap_or_else(|| panic!("no {after:?} in {line:?}"))
         + after.len();
-    let digits: String = line[at..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    digits.parse().unwrap_or_else(|e| panic!("{line:?}: {e}"))
+    let rest = if radix == 16 {
+        line[at..].trim_start_matches("0x")
+    } else {
+        &line[at..]
+    };
+    let digits: String = rest.chars().take_while(|c| c.is_digit(radix)).collect();
+    u64::from_str_radix(&digits, radix).unwrap_or_else(|e| panic!("{line:?}: {e}"))
 }
 
 /// `export_bar <bdf> 2`: exports 64 KiB of BAR2 at its physical start, maps
