@@ -759,7 +759,10 @@ impl Attachment {
     /// Maps the buffer again at the same IOVA now, whatever the policy. Fails
     /// with [`Error::Revoked`] while the exporter is revoked; if the remap
     /// itself fails, with its error (naming the ioctl, with the kernel's
-    /// errno), and the attachment stays revoked.
+    /// errno), and the attachment stays revoked. A remap the kernel refuses
+    /// as revoked while the hub says live (the exporter revoked without the
+    /// library being told) revokes the hub, so that no attachment of the
+    /// exporter goes on saying live.
     pub fn restore(&self) -> Result<()> {
         // The exporter must not revoke between the check and the remap: the
         // remap's unmap would free the IOVA, and its map then fail.
@@ -780,7 +783,9 @@ impl Attachment {
 
     /// Unmaps and maps again at the same IOVA. On Linux 7.2 this is the only
     /// cure for a mapping that was revoked and un-revoked behind this
-    /// process's back, which no uAPI reports.
+    /// process's back, which no uAPI reports. If the map fails, the
+    /// attachment is left revoked (it is unmapped), and a refusal as revoked
+    /// revokes the hub as [`restore`](Self::restore) does.
     pub fn refresh(&self) -> Result<()> {
         let result = {
             let mut st = lock(&self.core.state);
