@@ -146,6 +146,21 @@ impl Rig {
         }
     }
 
+    /// Panics unless what an attachment says (`live`) is what a copy does.
+    fn assert_copy_agrees(&mut self, live: bool, context: &str) {
+        let landed = self.copy_lands();
+        assert_eq!(
+            landed, live,
+            "{context}: attachment says live={live}, copy landed={landed}"
+        );
+    }
+
+    /// After one try of a sweep: nothing left at `IOVA`, no fd leaked.
+    fn assert_clean_after_try(&self, what: &str, n: u32, fds: usize) {
+        self.assert_iova_free(what);
+        assert_eq!(open_fd_count(), fds, "{what}: N={n}: fd count");
+    }
+
     /// Panics unless nothing is mapped at `IOVA`: a fresh map there succeeds.
     fn assert_iova_free(&self, what: &str) {
         let m = self.ioas.map_file(
@@ -386,16 +401,11 @@ fn attachment_map_survives_allocation_failures() {
                     log.absorbed.push(n);
                 }
                 let live = !att.is_revoked();
-                let landed = rig.copy_lands();
-                assert_eq!(
-                    landed, live,
-                    "{what}: N={n}: attachment says live={live}, copy landed={landed}"
-                );
+                rig.assert_copy_agrees(live, &format!("{what}: N={n}"));
             }
         }
         drop(r);
-        rig.assert_iova_free(what);
-        assert_eq!(open_fd_count(), fds, "{what}: N={n}: fd count");
+        rig.assert_clean_after_try(what, n, fds);
         if !fired {
             log.clean_at = Some(n);
             break;
@@ -465,8 +475,7 @@ fn revoke_and_restore_survive_allocation_failures() {
             );
             drop(att);
             rig.dev.set_memory_decode(true).unwrap();
-            rig.assert_iova_free(what);
-            assert_eq!(open_fd_count(), fds, "{what}: N={n}: fd count");
+            rig.assert_clean_after_try(what, n, fds);
             if !fired {
                 log.clean_at = Some(n);
                 break;
@@ -537,11 +546,7 @@ fn attachment_restore_survives_allocation_failures() {
             "{what}: N={n}: result {r:?} vs state"
         );
         let live = !att.is_revoked();
-        let landed = rig.copy_lands();
-        assert_eq!(
-            landed, live,
-            "{what}: N={n}: attachment says live={live}, copy landed={landed}"
-        );
+        rig.assert_copy_agrees(live, &format!("{what}: N={n}"));
         if !live {
             // A failed restore is not final: the next one (uninjected) works.
             att.restore().unwrap();
@@ -551,8 +556,7 @@ fn attachment_restore_survives_allocation_failures() {
             );
         }
         drop(att);
-        rig.assert_iova_free(what);
-        assert_eq!(open_fd_count(), fds, "{what}: N={n}: fd count");
+        rig.assert_clean_after_try(what, n, fds);
         if !fired {
             log.clean_at = Some(n);
             break;
@@ -599,14 +603,9 @@ fn device_reset_survives_allocation_failures() {
         // restores the attachment), then compare state and copy.
         rig.dev.set_memory_decode(true).unwrap();
         let live = !att.is_revoked();
-        let landed = rig.copy_lands();
-        assert_eq!(
-            landed, live,
-            "{what}: N={n} (result {r:?}): attachment says live={live}, copy landed={landed}"
-        );
+        rig.assert_copy_agrees(live, &format!("{what}: N={n} (result {r:?})"));
         drop(att);
-        rig.assert_iova_free(what);
-        assert_eq!(open_fd_count(), fds, "{what}: N={n}: fd count");
+        rig.assert_clean_after_try(what, n, fds);
         if !fired {
             log.clean_at = Some(n);
             break;

@@ -57,6 +57,27 @@ fn read_mem(mem: &Memfd, offset: u64, len: usize) -> Vec<u8> {
     v
 }
 
+/// Reads `count` blocks from `lba` into the start of `mem` (mapped as `map`)
+/// and checks them against the namespace image.
+fn read_and_check(
+    nvme: &mut Nvme,
+    mem: &Memfd,
+    map: &IoasMapping,
+    lba: u64,
+    count: u32,
+    what: &str,
+) {
+    nvme.read_blocks(lba, count, map.iova(), IO_TIMEOUT)
+        .unwrap();
+    let len = u64::from(count) * BLOCK;
+    assert_bytes(
+        &read_mem(mem, 0, len as usize),
+        &nvme_image(lba * BLOCK, len as usize),
+        0,
+        what,
+    );
+}
+
 fn problem(e: &Error) -> &NvmeProblem {
     match e {
         Error::Nvme { problem, .. } => problem,
@@ -187,20 +208,8 @@ fn nvme_write_reads_back_and_lands_in_the_image() {
     );
     request_host_check("nvme0", 7168 * BLOCK, &data);
     // The blocks either side kept the image's bytes.
-    nvme.read_blocks(7167, 1, map.iova(), IO_TIMEOUT).unwrap();
-    assert_bytes(
-        &read_mem(&mem, 0, 512),
-        &nvme_image(7167 * BLOCK, 512),
-        0,
-        "LBA 7167",
-    );
-    nvme.read_blocks(7176, 1, map.iova(), IO_TIMEOUT).unwrap();
-    assert_bytes(
-        &read_mem(&mem, 0, 512),
-        &nvme_image(7176 * BLOCK, 512),
-        0,
-        "LBA 7176",
-    );
+    read_and_check(&mut nvme, &mem, &map, 7167, 1, "LBA 7167");
+    read_and_check(&mut nvme, &mem, &map, 7176, 1, "LBA 7176");
 }
 
 /// Bad requests get errors naming what is wrong, before anything is
@@ -257,13 +266,7 @@ fn nvme_bad_inputs_are_typed_errors() {
     // The selection did not change and the queue pair still works.
     assert_eq!(nvme.namespace().unwrap().nsid, 1);
     assert_eq!(nvme.in_flight(), 0);
-    nvme.read_blocks(42, 8, map.iova(), IO_TIMEOUT).unwrap();
-    assert_bytes(
-        &read_mem(&mem, 0, 4096),
-        &nvme_image(42 * BLOCK, 4096),
-        0,
-        "read after the bad requests",
-    );
+    read_and_check(&mut nvme, &mem, &map, 42, 8, "read after the bad requests");
 }
 
 /// A read into an IOVA the IOAS does not map completes (the IOMMU refuses
@@ -292,13 +295,7 @@ fn nvme_read_into_an_unmapped_iova_completes() {
     }
     let faults = kmsg.iommu_faults(Duration::from_secs(2));
     directive(&format!("nvme: {} DMAR fault line(s) logged", faults.len()));
-    nvme.read_blocks(9, 4, map.iova(), IO_TIMEOUT).unwrap();
-    assert_bytes(
-        &read_mem(&mem, 0, 2048),
-        &nvme_image(9 * BLOCK, 2048),
-        0,
-        "read after the refused one",
-    );
+    read_and_check(&mut nvme, &mem, &map, 9, 4, "read after the refused one");
 }
 
 /// The CMB as an exporter target: nvme1's controller memory buffer, enabled
