@@ -39,6 +39,7 @@ use crate::sys;
 // ---------------------------------------------------------------------------
 
 /// Converts an ioctl return value: negative means `errno` is set.
+#[inline]
 fn check(ret: c_int) -> io::Result<c_int> {
     if ret < 0 {
         Err(io::Error::last_os_error())
@@ -139,6 +140,7 @@ pub unsafe fn ioctl_with_buf(
 }
 
 /// Wraps a new fd returned by an ioctl.
+#[inline]
 fn owned_fd(fd: c_int) -> OwnedFd {
     // SAFETY: `fd` was just returned by a successful ioctl that creates and
     // installs a new file descriptor in this process; nothing else owns it.
@@ -681,6 +683,7 @@ impl DmaBufOneRangeArg {
 
 /// [`vfio_device_feature_dma_buf`] of exactly one range, its argument on the
 /// stack: the hot path of a BAR export.
+#[inline]
 pub fn vfio_device_feature_dma_buf_one(
     device: BorrowedFd<'_>,
     region_index: u32,
@@ -855,6 +858,7 @@ pub unsafe fn iommu_ioas_map(
 /// `IOMMU_IOAS_MAP_FILE`: maps `arg.length` bytes at `arg.start` of the memfd
 /// or dma-buf `arg.fd` into IOAS `arg.ioas_id`; returns the IOVA used.
 /// `size` is filled in.
+#[inline]
 pub fn iommu_ioas_map_file(
     iommufd: BorrowedFd<'_>,
     arg: &sys::iommu_ioas_map_file,
@@ -883,6 +887,7 @@ pub fn iommu_ioas_copy(iommufd: BorrowedFd<'_>, arg: &sys::iommu_ioas_copy) -> i
 
 /// `IOMMU_IOAS_UNMAP`: unmaps whole areas within `iova..iova+length`
 /// (`iova = 0, length = u64::MAX` unmaps all); returns the bytes unmapped.
+#[inline]
 pub fn iommu_ioas_unmap(
     iommufd: BorrowedFd<'_>,
     ioas_id: u32,

@@ -220,11 +220,13 @@ impl Resource {
     }
 
     /// Whether it is a memory window (`IORESOURCE_MEM`).
+    #[inline]
     pub const fn is_mem(&self) -> bool {
         self.flags & IORESOURCE_MEM != 0
     }
 
     /// Whether it is an I/O-port window (`IORESOURCE_IO`).
+    #[inline]
     pub const fn is_io(&self) -> bool {
         self.flags & IORESOURCE_IO != 0
     }

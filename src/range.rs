@@ -18,7 +18,7 @@ pub use crate::types::{ByteRange, PhysRange};
 
 /// The largest total length a VFIO dma-buf export accepts, plus one: the kernel
 /// refuses a total with bit 63 set (`DMA_IOVA_USE_SWIOTLB`).
-const TOTAL_LIMIT: u64 = 1 << 63;
+pub(crate) const TOTAL_LIMIT: u64 = 1 << 63;
 
 impl FromStr for ByteRange {
     type Err = Error;
@@ -47,6 +47,7 @@ impl FromStr for ByteRange {
 /// let page = dmabuf_p2p::range::page_size();
 /// assert!(page.is_power_of_two() && page >= 4096);
 /// ```
+#[inline]
 pub fn page_size() -> u64 {
     static PAGE: OnceLock<u64> = OnceLock::new();
     *PAGE.get_or_init(|| {

@@ -11,7 +11,9 @@ use crate::error::{Error, Result};
 use crate::ioctl;
 use crate::pci::PciAddress;
 use crate::range::human_size;
-use crate::range::{ByteRange, PhysRange, map_to_phys, page_size, validate_export_ranges};
+use crate::range::{
+    ByteRange, PhysRange, TOTAL_LIMIT, map_to_phys, page_size, validate_export_ranges,
+};
 use crate::revoke::{Revocable, RevocationHub};
 use crate::sys;
 use crate::vfio::{Bar, VfioPciDevice, check_bar_index};
@@ -170,6 +172,28 @@ pub fn plan_export(
     })
 }
 
+/// The physical range of `range` of `bar` if [`plan_export`] of that one
+/// range would succeed with alignment `page` (a power of two), `None`
+/// otherwise: every check of the planner, combined into one test without
+/// early exits, for the hot path of [`VfioPciDevice::export_bar`].
+fn quick_phys(bar: &Bar, range: ByteRange, page: u64) -> Option<PhysRange> {
+    let ByteRange { offset, length } = range;
+    let end = offset.wrapping_add(length);
+    let start = bar.phys_start().wrapping_add(offset);
+    let memory = bar.resource.is_mem() & !bar.resource.is_io();
+    let aligned = page <= 1 || (offset | length) & (page - 1) == 0;
+    let ok = bar.is_present()
+        & memory
+        & (length != 0)
+        & aligned
+        & (end >= offset)
+        & (end <= bar.size())
+        & (length < TOTAL_LIMIT)
+        & (start >= offset)
+        & (start.wrapping_add(length) >= start);
+    ok.then_some(PhysRange::new(start, length))
+}
+
 /// The exact bytes [`VfioPciDevice::export_bar`] passes to
 /// `VFIO_DEVICE_FEATURE` for an export of `ranges` of BAR `region_index`: the
 /// `vfio_device_feature` header (`argsz`, `flags = GET | DMA_BUF`), the
@@ -276,14 +300,13 @@ impl VfioPciDevice {
     /// # Ok::<(), dmabuf_p2p::Error>(())
     /// ```
     pub fn export_bar(&self, index: u32, ranges: &[ByteRange]) -> Result<BarExport> {
-        self.bound()?;
-        if self.removal_requested() {
-            return Err(
-                self.device_error("is being removed (the kernel asked for it back); close it")
-            );
-        }
-        let bar = self.bar(index)?;
-        let plan = plan_export(self.address(), &bar, ranges, page_size())?;
+        // The common case, one range of a BAR seen before, passes every
+        // check in one test; anything else (and every error) takes the
+        // checks one by one, which name what is wrong.
+        let plan = match ranges {
+            &[range] if let Some(plan) = self.quick_plan(index, range) => plan,
+            _ => self.checked_plan(index, ranges)?,
+        };
         // Born revoked or not, from the register as the device knows it (its
         // own writes, resets, the VMM's notes): no config read on the hot
         // path. Only a device that has not seen the register yet reads it.
@@ -302,18 +325,7 @@ impl VfioPciDevice {
                 ioctl::vfio_device_feature_dma_buf(self.fd(), index, EXPORT_OPEN_FLAGS, &raw)
             }
         }
-        .map_err(|e| {
-            let list: Vec<String> = ranges.iter().map(ToString::to_string).collect();
-            Error::sys(
-                "VFIO_DEVICE_FEATURE(DMA_BUF)",
-                format!(
-                    "{} ranges [{}]",
-                    bar_name(self.address(), index, bar.size()),
-                    list.join(", ")
-                ),
-                e,
-            )
-        })?;
+        .map_err(|e| self.export_error(index, ranges, e))?;
         let mut buf = DmaBuf::from_export(fd, plan.size());
         if let [one] = plan.phys() {
             buf = buf.with_phys_start(one.start);
@@ -324,6 +336,53 @@ impl VfioPciDevice {
             memory_decode,
             hub: Arc::clone(self.hub()),
         })
+    }
+
+    /// The plan of a one-range export of a BAR already looked at, if the
+    /// device is bound and not being removed and the range passes
+    /// [`plan_export`]'s checks; `None` sends the caller to
+    /// [`checked_plan`](Self::checked_plan).
+    #[inline]
+    fn quick_plan(&self, index: u32, range: ByteRange) -> Option<ExportPlan> {
+        let bar = self.known_bar(index)?;
+        let usable = self.is_bound() & !self.removal_requested();
+        let phys = quick_phys(bar, range, page_size()).filter(|_| usable)?;
+        Some(ExportPlan {
+            device: self.address(),
+            bar: index,
+            ranges: OneOrMany::One(range),
+            phys: OneOrMany::One(phys),
+            size: range.length,
+        })
+    }
+
+    /// The checks of an export one by one, in the order the errors are
+    /// reported: bound, not being removed, the BAR, the ranges.
+    fn checked_plan(&self, index: u32, ranges: &[ByteRange]) -> Result<ExportPlan> {
+        self.bound()?;
+        if self.removal_requested() {
+            return Err(
+                self.device_error("is being removed (the kernel asked for it back); close it")
+            );
+        }
+        let bar = self.bar(index)?;
+        plan_export(self.address(), &bar, ranges, page_size())
+    }
+
+    /// The error of a refused export, naming the BAR and the ranges.
+    #[cold]
+    fn export_error(&self, index: u32, ranges: &[ByteRange], e: std::io::Error) -> Error {
+        let list: Vec<String> = ranges.iter().map(ToString::to_string).collect();
+        let size = self.known_bar(index).map_or(0, Bar::size);
+        Error::sys(
+            "VFIO_DEVICE_FEATURE(DMA_BUF)",
+            format!(
+                "{} ranges [{}]",
+                bar_name(self.address(), index, size),
+                list.join(", ")
+            ),
+            e,
+        )
     }
 }
 
@@ -343,10 +402,12 @@ impl VfioPciDevice {
 /// ```
 #[derive(Debug)]
 pub struct BarExport {
-    buf: DmaBuf,
+    // Dropped in this order: the buffer's close last, so that nothing
+    // else is left to do after the kernel's work.
+    hub: Arc<RevocationHub>,
     plan: ExportPlan,
     memory_decode: Option<bool>,
-    hub: Arc<RevocationHub>,
+    buf: DmaBuf,
 }
 
 impl Revocable for BarExport {
@@ -528,5 +589,77 @@ impl fmt::Display for BarExport {
             write!(f, "{r} @ {p}")?;
         }
         write!(f, "] ({})", human_size(self.plan.size()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pci::{IORESOURCE_IO, IORESOURCE_MEM, Resource};
+    use crate::vfio::RegionInfo;
+
+    /// The hot path's one test agrees with the planner, check by check, on
+    /// every edge: empty, unaligned, overflowing and out-of-bounds ranges,
+    /// absent and I/O BARs, BARs near the top of the address space.
+    #[test]
+    fn quick_phys_agrees_with_plan_export() {
+        let dev: PciAddress = "0000:00:03.0".parse().expect("address");
+        let mut bars = Vec::new();
+        for (start, size) in [
+            (0xfe00_0000, 0x10_0000),
+            (0x80_0000_0000, 64 << 30),
+            (u64::MAX - 0xf_ffff, 0x10_0000),
+            (u64::MAX - 0xfff, 0x10_0000),
+            (0, 0),
+        ] {
+            for flags in [
+                IORESOURCE_MEM,
+                IORESOURCE_IO,
+                IORESOURCE_MEM | IORESOURCE_IO,
+                0,
+            ] {
+                let region = RegionInfo::new(2, 7, size, 2 << 40);
+                bars.push(Bar::new(2, region, Resource::new(2, start, size, flags)));
+            }
+        }
+        let edges = |size: u64| {
+            let mut v = vec![
+                0,
+                1,
+                0xfff,
+                0x1000,
+                0x1001,
+                0x2000,
+                1 << 63,
+                (1 << 63) - 0x1000,
+                u64::MAX,
+                u64::MAX - 0xfff,
+                u64::MAX - 0x1000 + 1,
+            ];
+            for d in [0, 0x1000, 1] {
+                v.extend([size.wrapping_sub(d), size.wrapping_add(d)]);
+            }
+            v
+        };
+        let mut checked = 0;
+        for bar in &bars {
+            for page in [0x1000, 1] {
+                for offset in edges(bar.size()) {
+                    for length in edges(bar.size()) {
+                        let range = ByteRange::new(offset, length);
+                        let planned = plan_export(dev, bar, &[range], page)
+                            .ok()
+                            .map(|p| p.phys()[0]);
+                        assert_eq!(
+                            quick_phys(bar, range, page),
+                            planned,
+                            "{range} of {bar:?}, page {page:#x}"
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(checked > 10_000, "{checked} cases");
     }
 }

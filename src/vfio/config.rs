@@ -342,6 +342,7 @@ impl VfioPciDevice {
     /// }
     /// # Ok::<(), dmabuf_p2p::Error>(())
     /// ```
+    #[inline]
     pub fn known_memory_decode(&self) -> Option<bool> {
         self.known.memory_decode()
     }

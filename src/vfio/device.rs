@@ -220,6 +220,7 @@ impl VfioPciDevice {
     /// here. Memory decode off ([`set_memory_decode`](Self::set_memory_decode),
     /// or a [`config_write`](Self::config_write) of `PCI_COMMAND`), a
     /// [`reset`](Self::reset) and closing the device revoke through it.
+    #[inline]
     pub fn hub(&self) -> &Arc<RevocationHub> {
         &self.hub.0
     }
@@ -233,6 +234,7 @@ impl VfioPciDevice {
     /// assert_eq!(dev.address().to_string(), "0000:00:03.0");
     /// # Ok::<(), dmabuf_p2p::Error>(())
     /// ```
+    #[inline]
     pub fn address(&self) -> PciAddress {
         self.address
     }
@@ -301,6 +303,7 @@ impl VfioPciDevice {
     /// assert!(dev.is_bound());
     /// # Ok::<(), dmabuf_p2p::Error>(())
     /// ```
+    #[inline]
     pub fn is_bound(&self) -> bool {
         self.bound.is_some()
     }
@@ -459,6 +462,7 @@ impl VfioPciDevice {
         self.attached.as_ref().map(|a| (a.pt_id, a.hwpt_id))
     }
 
+    #[inline]
     pub(crate) fn fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()
     }

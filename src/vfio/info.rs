@@ -177,6 +177,7 @@ impl Bar {
     /// let bar = Bar::new(2, RegionInfo::new(2, 7, 0x10_0000, 2 << 40), Resource::new(2, 0xfe00_0000, 0x10_0000, IORESOURCE_MEM));
     /// assert!(bar.is_present());
     /// ```
+    #[inline]
     pub const fn is_present(&self) -> bool {
         self.region.size != 0
     }
@@ -189,6 +190,7 @@ impl Bar {
     /// let bar = Bar::new(2, RegionInfo::new(2, 7, 0x10_0000, 2 << 40), Resource::new(2, 0xfe00_0000, 0x10_0000, IORESOURCE_MEM));
     /// assert_eq!(bar.size(), 0x10_0000);
     /// ```
+    #[inline]
     pub const fn size(&self) -> u64 {
         self.region.size
     }
@@ -201,6 +203,7 @@ impl Bar {
     /// let bar = Bar::new(2, RegionInfo::new(2, 7, 0x10_0000, 2 << 40), Resource::new(2, 0xfe00_0000, 0x10_0000, IORESOURCE_MEM));
     /// assert_eq!(bar.phys_start(), 0xfe00_0000);
     /// ```
+    #[inline]
     pub const fn phys_start(&self) -> u64 {
         self.resource.start
     }
@@ -271,6 +274,12 @@ impl VfioPciDevice {
             }
         })?;
         Ok(RegionInfo::new(index, r.flags, r.size, r.offset))
+    }
+
+    /// BAR `index` if [`bar`](Self::bar) has looked at it already.
+    #[inline]
+    pub(crate) fn known_bar(&self, index: u32) -> Option<&Bar> {
+        self.bars.get(usize::try_from(index).ok()?)?.get()
     }
 
     /// BAR `index` (0..=5): VFIO's region info plus sysfs's `resource` line

@@ -42,6 +42,7 @@ pub(super) enum RequestChannel {
 impl VfioPciDevice {
     /// Whether the kernel's request for the device back has been seen: then
     /// no new exports are made from it.
+    #[inline]
     pub(crate) fn removal_requested(&self) -> bool {
         self.unplug_requested.load(Ordering::Acquire)
     }

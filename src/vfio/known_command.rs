@@ -46,6 +46,7 @@ impl KnownCommand {
     }
 
     /// The memory-decode bit, if the low byte is known.
+    #[inline]
     pub(crate) fn memory_decode(&self) -> Option<bool> {
         let w = self.0.load(Ordering::Acquire);
         (w & LOW_KNOWN != 0).then_some(value(w) & MEMORY != 0)
