@@ -17,7 +17,6 @@
 
 use std::fmt;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::sync::Arc;
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -28,6 +27,7 @@ use crate::fdinfo::FdInfo;
 pub use crate::mapping::Mapping;
 use crate::range::ByteRange;
 use crate::range::{human_size, page_size};
+use crate::shared_fd::SharedFd;
 use crate::{ioctl, sys};
 
 /// The longest name `DMA_BUF_SET_NAME` accepts, in bytes (`DMA_BUF_NAME_LEN`
@@ -186,7 +186,7 @@ impl DmaBufFdInfo {
 /// ```
 #[derive(Debug)]
 pub struct DmaBuf {
-    fd: Arc<OwnedFd>,
+    fd: SharedFd,
     size: u64,
     phys: Option<u64>,
 }
@@ -194,9 +194,10 @@ pub struct DmaBuf {
 impl DmaBuf {
     /// Wraps an fd the caller knows to be a dma-buf of `size` bytes (what
     /// its exporter was asked to make), without checking.
+    #[inline]
     pub(crate) fn from_export(fd: OwnedFd, size: u64) -> Self {
         Self {
-            fd: Arc::new(fd),
+            fd: SharedFd::new(fd),
             size,
             phys: None,
         }
@@ -212,6 +213,7 @@ impl DmaBuf {
 
     /// Records the physical address of the buffer's first byte (a
     /// single-range BAR export), for IOVA placement.
+    #[inline]
     pub(crate) fn with_phys_start(mut self, phys: u64) -> Self {
         self.phys = Some(phys);
         self
@@ -219,14 +221,16 @@ impl DmaBuf {
 
     /// The physical address of the first byte, when known (a single-range
     /// VFIO BAR export).
+    #[inline]
     pub(crate) fn phys_start(&self) -> Option<u64> {
         self.phys
     }
 
     /// Another handle of the same fd (no syscall): what a mapping keeps.
+    #[inline]
     pub(crate) fn share(&self) -> Self {
         Self {
-            fd: Arc::clone(&self.fd),
+            fd: self.fd.clone(),
             size: self.size,
             phys: self.phys,
         }
@@ -272,6 +276,7 @@ impl DmaBuf {
     /// assert_eq!(buf.size()?, 8192); // rounded up to a page
     /// # Ok::<(), dmabuf_p2p::Error>(())
     /// ```
+    #[inline]
     pub fn size(&self) -> Result<u64> {
         Ok(self.size)
     }
@@ -511,9 +516,10 @@ impl DmaBuf {
     /// ```
     pub fn try_clone(&self) -> Result<Self> {
         self.fd
-            .try_clone()
+            .as_fd()
+            .try_clone_to_owned()
             .map(|fd| Self {
-                fd: Arc::new(fd),
+                fd: SharedFd::new(fd),
                 size: self.size,
                 phys: self.phys,
             })
@@ -530,9 +536,9 @@ impl DmaBuf {
     /// # Ok::<(), dmabuf_p2p::Error>(())
     /// ```
     pub fn into_owned_fd(self) -> Result<OwnedFd> {
-        match Arc::try_unwrap(self.fd) {
+        match self.fd.into_owned() {
             Ok(fd) => Ok(fd),
-            Err(shared) => shared.try_clone().map_err(|e| {
+            Err(shared) => shared.as_fd().try_clone_to_owned().map_err(|e| {
                 Error::sys(
                     "fcntl(F_DUPFD_CLOEXEC)",
                     format!("dma-buf fd {}", shared.as_raw_fd()),
@@ -783,6 +789,7 @@ impl TryFrom<OwnedFd> for DmaBuf {
 }
 
 impl AsFd for DmaBuf {
+    #[inline]
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }

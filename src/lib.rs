@@ -24,6 +24,7 @@ pub mod range;
 pub mod revoke;
 #[cfg(feature = "share")]
 pub mod share;
+mod shared_fd;
 // The generated uAPI bindings: not API. Public only for the layout tests,
 // the VM tests and the bench, which hand-build raw ioctls.
 #[doc(hidden)]
