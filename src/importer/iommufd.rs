@@ -359,6 +359,7 @@ impl Iommufd {
 }
 
 impl AsFd for Iommufd {
+    #[inline]
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
@@ -738,16 +739,19 @@ impl IoasInner {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    #[inline]
     fn known(&self) -> MutexGuard<'_, Known> {
         self.known.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Records an area mapped through a handle of this IOAS.
+    #[inline(always)]
     fn record_mapped(&self, iova: u64, length: u64) {
         self.known().areas.insert(iova, length);
     }
 
     /// Forgets an area unmapped through a handle of this IOAS.
+    #[inline(always)]
     fn record_unmapped(&self, iova: u64, length: u64) {
         self.known().areas.remove(iova, length);
     }
@@ -1457,6 +1461,7 @@ impl Ioas {
     /// [`Ioas::map_dmabuf`] of a buffer whose first byte is at physical
     /// address `phys`, when known: automatic placement aligns the IOVA
     /// with it.
+    #[inline]
     pub(crate) fn map_dmabuf_at_phys(
         &self,
         buf: &DmaBuf,
@@ -1467,13 +1472,23 @@ impl Ioas {
         // The one syscall is the map: a `DmaBuf` is known to be one (no
         // `fstatfs`), knows its size (no `lseek`), and the mapping holds
         // the same fd by reference count (no `dup`).
-        let size = buf.size()?;
-        let source = Source::DmaBuf {
-            buf: buf.share(),
-            start: 0,
+        // The whole buffer: no range to check.
+        let mut mapping = IoasMapping {
+            ioas: self.clone(),
+            iova: at.iova(),
+            length: buf.size()?,
+            perms,
+            source: Source::DmaBuf {
+                buf: buf.share(),
+                start: 0,
+            },
+            phys: phys.or_else(|| buf.phys_start()),
+            mapped: false,
         };
-        let phys = phys.or_else(|| buf.phys_start());
-        self.map_source(source, size, ByteRange::new(0, size), at, perms, phys)
+        // SAFETY: a dma-buf maps kernel-owned pages (device memory), not this
+        // process's Rust memory.
+        unsafe { mapping.map_at(at) }?;
+        Ok(mapping)
     }
 }
 
@@ -1759,6 +1774,7 @@ impl IoasMapping {
     /// assert_eq!(map.unmap()?, 0); // already unmapped
     /// # Ok::<(), dmabuf_p2p::Error>(())
     /// ```
+    #[inline]
     pub fn unmap(&mut self) -> Result<u64> {
         if !self.mapped {
             return Ok(0);
@@ -1773,6 +1789,13 @@ impl IoasMapping {
         self.mapped = false;
         self.ioas.inner.record_unmapped(self.iova, self.length);
         Ok(n)
+    }
+
+    /// [`IoasMapping::unmap`] for drop, out of line: dropping an unmapped
+    /// handle runs no more than a test.
+    #[inline(never)]
+    fn unmap_quietly(&mut self) {
+        let _ = self.unmap();
     }
 
     /// Maps the same source again at the same IOVA (fixed), unmapping first
@@ -1810,7 +1833,30 @@ impl IoasMapping {
     ///
     /// For a user-memory source, the memory must be valid for device access
     /// as [`Ioas::map_user`] requires.
+    #[inline(always)]
     unsafe fn map_at(&mut self, at: IovaPlacement) -> Result<()> {
+        // A fixed IOVA is one ioctl, inlined into the caller; automatic
+        // placement picks first.
+        if let IovaPlacement::Fixed(_) = at {
+            // SAFETY: as for this function.
+            return match unsafe { self.issue_map(at) } {
+                Ok(got) => {
+                    self.mapped_at(got);
+                    Ok(())
+                }
+                Err((op, e)) => Err(self.map_error(op, at, e)),
+            };
+        }
+        // SAFETY: as for this function.
+        unsafe { self.map_placed(at) }
+    }
+
+    /// [`IoasMapping::map_at`] for automatic placement.
+    ///
+    /// # Safety
+    ///
+    /// As for [`IoasMapping::map_at`].
+    unsafe fn map_placed(&mut self, at: IovaPlacement) -> Result<()> {
         let ioas = Arc::clone(&self.ioas.inner);
         let _placing = (at == IovaPlacement::Auto).then(|| ioas.lock_placement());
         let this = &*self;
@@ -1829,9 +1875,7 @@ impl IoasMapping {
         let issue = |at: IovaPlacement| unsafe { this.issue_map(at) };
         match ioas.place(at, req, issue) {
             Ok(got) => {
-                self.iova = got;
-                self.mapped = true;
-                ioas.record_mapped(got, self.length);
+                self.mapped_at(got);
                 Ok(())
             }
             Err((at, op, e)) => {
@@ -1841,11 +1885,20 @@ impl IoasMapping {
         }
     }
 
+    /// Records a map at `iova` that succeeded.
+    #[inline]
+    fn mapped_at(&mut self, iova: u64) {
+        self.iova = iova;
+        self.mapped = true;
+        self.ioas.inner.record_mapped(iova, self.length);
+    }
+
     /// One map ioctl of this handle's source at `at`: the IOVA it got.
     ///
     /// # Safety
     ///
     /// As for [`IoasMapping::map_at`].
+    #[inline(always)]
     unsafe fn issue_map(&self, at: IovaPlacement) -> MapResult {
         let (iova, placement) = at.to_arg();
         let flags = placement | self.perms.flags();
@@ -1884,6 +1937,7 @@ impl IoasMapping {
     }
 
     /// Turns a failed map into the most specific error.
+    #[cold]
     fn map_error(&self, op: &'static str, at: IovaPlacement, e: io::Error) -> Error {
         let dmabuf = self.dmabuf();
         match e.raw_os_error() {
@@ -1962,10 +2016,13 @@ impl fmt::Display for IoasMapping {
 }
 
 impl Drop for IoasMapping {
+    #[inline]
     fn drop(&mut self) {
         // A failure cannot be reported from drop; the area then goes away
         // with the IOAS (destroyed with the last handle) or the iommufd.
-        let _ = self.unmap();
+        if self.mapped {
+            self.unmap_quietly();
+        }
     }
 }
 

@@ -175,16 +175,32 @@ impl IovaSet {
     }
 
     /// The index of the first span whose last byte is at or after `pos`.
+    #[inline]
     fn first_ending_at_or_after(&self, pos: u64) -> usize {
         self.spans.partition_point(|&(_, l)| l < pos)
     }
 
     /// Adds `[start, start + length)` (clamped at the end of the IOVA space).
     /// Empty ranges add nothing.
+    #[inline]
     pub fn insert(&mut self, start: u64, length: u64) {
         let Some(last) = last_of(start, length) else {
             return;
         };
+        // The usual case: past every span, not touching the last.
+        if self
+            .spans
+            .last()
+            .is_none_or(|&(_, end)| end.saturating_add(1) < start)
+        {
+            self.spans.push((start, last));
+            return;
+        }
+        self.insert_among(start, last);
+    }
+
+    /// [`IovaSet::insert`] of `[start, last]` somewhere among the spans.
+    fn insert_among(&mut self, start: u64, last: u64) {
         // Spans that overlap or touch the new one (end at start - 1 or
         // later, begin at last + 1 or earlier) merge with it.
         let lo = self.first_ending_at_or_after(start.saturating_sub(1));
@@ -202,11 +218,21 @@ impl IovaSet {
     }
 
     /// Removes `[start, start + length)`, splitting spans as needed.
+    #[inline]
     pub fn remove(&mut self, start: u64, length: u64) {
         let Some(last) = last_of(start, length) else {
             return;
         };
         let lo = self.first_ending_at_or_after(start);
+        // The usual case: exactly one span, as it was inserted.
+        if self.spans.get(lo) == Some(&(start, last)) {
+            if lo + 1 == self.spans.len() {
+                self.spans.pop();
+            } else {
+                self.spans.remove(lo);
+            }
+            return;
+        }
         let hi = self.spans.partition_point(|&(s, _)| s <= last);
         if lo >= hi {
             return;
