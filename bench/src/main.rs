@@ -428,7 +428,7 @@ fn overhead(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas, sizes: &[u
         cycle_raw(ctx, size)?;
         cycle_raw_like_library(ctx, size)?;
         let mut batches: [Vec<[f64; 5]>; 4] = Default::default();
-        opts.budget(5, 81, 12.0).repeat(|_| -> R<()> {
+        opts.budget(5, 321, 40.0).repeat(|_| -> R<()> {
             let mut cycles: [Vec<[f64; 4]>; 4] = Default::default();
             for k in 0..K {
                 for &path in &ORDERS[k % 4] {

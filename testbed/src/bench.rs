@@ -617,7 +617,7 @@ pub fn page(r: &Results) -> String {
         s,
         "\nEvery figure is the **median** of repeated runs, with the minimum and maximum in \
          brackets: `median (min–max)`. Repetitions are budgeted by time: at least 3 (the \
-         slowest points), up to 31, 41 or 81, 1000 for the single steps of the profile; `n` is in \
+         slowest points), up to 31, 41 or 81 (321 batches for the overhead), 1000 for the single steps of the profile; `n` is in \
          `results.json`. The guest binary is \
          `bench/` (`dmabuf-p2p-bench`), built in release mode.\n"
     );
@@ -753,7 +753,7 @@ pub fn page(r: &Results) -> String {
          same device, IOAS and iommufd. A batch runs 8 cycles of each of four paths (these two \
          and the two below) interleaved in a balanced order, every path running after every \
          other equally often; a batch's figure per operation is the median of its 8 cycles, \
-         its ratio library / raw; the table gives the median ratio over 81 batches (fewer \
+         its ratio library / raw; the table gives the median ratio over 321 batches (fewer \
          if time ran out) with min and max. *total* is the whole cycle.\n"
     );
     let _ = writeln!(
