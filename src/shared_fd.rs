@@ -193,11 +193,11 @@ mod tests {
         assert!(!is_open(raw));
     }
 
-    #[test]
-    fn into_owned_only_for_the_only_holder() {
-        let a = SharedFd::new(memfd());
+    /// `into_owned` gives the fd back only to its one holder, open.
+    fn into_owned_only_for_the_only_holder(a: SharedFd) {
         let raw = a.as_raw_fd();
         let b = a.clone();
+        assert_eq!(b.holders(), 2);
         let a = a.into_owned().expect_err("two holders");
         drop(b);
         let owned = a.into_owned().expect("one holder");
@@ -208,6 +208,20 @@ mod tests {
     }
 
     #[test]
+    fn a_counted_fd_comes_back_only_to_its_one_holder() {
+        let a = SharedFd::new(memfd());
+        assert!(matches!(a.0, Holder::Counted(_)));
+        into_owned_only_for_the_only_holder(a);
+    }
+
+    #[test]
+    fn a_boxed_fd_behaves_the_same() {
+        let a = SharedFd::boxed(memfd());
+        assert!(matches!(a.0, Holder::Boxed(_)));
+        into_owned_only_for_the_only_holder(a);
+    }
+
+    #[test]
     fn only_fd_numbers_below_the_table_are_counted() {
         assert!(table_slot(0).is_some());
         #[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
@@ -215,20 +229,6 @@ mod tests {
         assert!(table_slot(end - 1).is_some());
         assert!(table_slot(end).is_none());
         assert!(table_slot(-1).is_none());
-    }
-
-    #[test]
-    fn a_boxed_fd_behaves_the_same() {
-        let a = SharedFd::boxed(memfd());
-        let raw = a.as_raw_fd();
-        let b = a.clone();
-        assert_eq!(b.holders(), 2);
-        let a = a.into_owned().expect_err("two holders");
-        drop(a);
-        assert!(is_open(raw));
-        let owned = b.into_owned().expect("one holder");
-        drop(owned);
-        assert!(!is_open(raw));
     }
 
     #[test]
