@@ -4,11 +4,12 @@
 //! the server nothing, dripped frames and parked clients are dropped,
 //! revocation is never held up by a client, the client's connect and offer
 //! keep an overall deadline, and an unplug request while serving revokes,
-//! tells the clients and closes the device.
+//! tells the clients and closes the device (an unbind through sysfs, and a
+//! QMP `device_del` of shm1).
 //!
 //! "Another user" is uid/gid 1000 in a forked child (the guest has no users).
-//! The ivshmem areas used (shm0 at 0x8_0000.., 0xa_0000..) are touched by no
-//! other test. Bounds are generous (software emulation) but asserted.
+//! The ivshmem areas used (shm0 at 0x8_0000.., 0xa_0000..; shm1 at
+//! 0x290_0000..) are touched by no other test. Bounds are generous (software emulation) but asserted.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -33,6 +34,11 @@ use dmabuf_p2p::share::{
 };
 use dmabuf_p2p::{ByteRange, Error, Iommufd, VfioPciDevice};
 use dmabuf_p2p_vm_tests::{child_exit, ivshmem_devices, open_fd_count, pipe};
+
+use super::faults::{
+    SYSFS_TIMEOUT, Shm1Restorer, bind_replugged, qmp_ok, replug_shm1, shm_with, sysfs_dir,
+    wait_until,
+};
 
 const CLI: &str = "/bin/dmabuf-p2p";
 const WAIT: Duration = Duration::from_secs(60);
@@ -174,9 +180,13 @@ impl Drop for Proc {
 /// `export <shm0>:2:<area> --serve <sock> --json <extra>` under `prefix`
 /// (shell commands, e.g. `umask 000;`), once ready.
 fn serve(area: ByteRange, sock: &Path, prefix: &str, extra: &str) -> Proc {
+    serve_bar_of(&shm0(), area, sock, prefix, extra)
+}
+
+/// [`serve`] of the BAR2 `area` of the device at `bdf`.
+fn serve_bar_of(bdf: &str, area: ByteRange, sock: &Path, prefix: &str, extra: &str) -> Proc {
     let script = format!(
-        "{prefix} exec {CLI} --json export {}:2:{:#x}+{:#x} --serve {} {extra}",
-        shm0(),
+        "{prefix} exec {CLI} --json export {bdf}:2:{:#x}+{:#x} --serve {} {extra}",
         area.offset,
         area.length,
         sock.display()
@@ -824,5 +834,63 @@ fn an_unplug_request_while_serving_revokes_and_closes() {
     let log = exporter.log();
     assert!(log.contains("\"why\":\"unplug\""), "{log}");
     dmabuf_p2p::vfio::bind_to_vfio_pci(bdf.parse().unwrap()).unwrap();
+    let _ = fs::remove_dir_all(&dir);
+}
+
+/// The same with a real hot-unplug: QMP `device_del` of shm1 while serving
+/// a range of its BAR. QEMU asks the guest for the device, vfio-pci raises
+/// the device request, and the server revokes with reason Unplug, tells the
+/// client, closes the device and exits, so the kernel can finish the
+/// removal: shm1 leaves sysfs while the client still holds its dma-buf.
+/// shm1 is plugged back in and bound to vfio-pci for later tests.
+#[test]
+fn a_device_del_while_serving_revokes_and_closes() {
+    /// shm1's BAR2 area this test serves (no other test uses it).
+    const AREA: u64 = 0x290_0000;
+    let shm1 = shm_with(64 << 20);
+    let _restore = Shm1Restorer { addr: shm1 };
+    let dir = fresh_dir("device-del");
+    let sock = dir.join("bar.sock");
+    let mut exporter = serve_bar_of(
+        &shm1.to_string(),
+        ByteRange::new(AREA, 0x10000),
+        &sock,
+        "",
+        "",
+    );
+    assert!(
+        exporter.log().contains("\"unplug_watched\":true"),
+        "{}",
+        exporter.log()
+    );
+    let client = SharedBuffer::connect(&sock, WAIT).unwrap();
+    assert_eq!(client.remote_state(), BufferState::Live);
+    let t = Instant::now();
+    qmp_ok("device_del", r#"{"id":"shm1"}"#);
+    exporter.wait_line("\"event\":\"unplug\"", WAIT);
+    let gone = client
+        .wait_remote(WAIT, |s| matches!(s, BufferState::Gone(_)))
+        .unwrap();
+    let heard = t.elapsed();
+    let st = exporter.wait_exit(WAIT).expect("the exporter exits");
+    assert!(st.success(), "{}", exporter.log());
+    let removed = wait_until(SYSFS_TIMEOUT, || !Path::new(&sysfs_dir(shm1)).exists());
+    let removed = removed.unwrap_or_else(|| {
+        panic!("{shm1} still in sysfs {SYSFS_TIMEOUT:?} after the server closed it")
+    });
+    eprintln!("device_del: gone heard after {heard:?}, removed {removed:?} after the exit");
+    assert!(matches!(gone, BufferState::Gone(_)), "{gone:?}");
+    assert!(heard < Duration::from_secs(30), "{heard:?}");
+    let log = exporter.log();
+    assert!(log.contains("\"why\":\"unplug\""), "{log}");
+    drop(client);
+
+    replug_shm1(shm1);
+    // virtio-pci's refusing probe shows as the driver until it ends.
+    let unbound = wait_until(SYSFS_TIMEOUT, || {
+        dmabuf_p2p_vm_tests::driver_of(&shm1.to_string()).is_none()
+    });
+    assert!(unbound.is_some(), "a driver kept the replugged {shm1}");
+    bind_replugged(shm1);
     let _ = fs::remove_dir_all(&dir);
 }
