@@ -2,7 +2,9 @@
 //! like `Arc<OwnedFd>` but, for fd numbers below [`COUNTED_FDS`], without a
 //! heap allocation: the holders' count lives in a static table indexed by
 //! the fd number. A dma-buf and every mapping of it share one fd this way,
-//! so an export allocates nothing and a close is the one `close(2)`.
+//! so an export allocates nothing and a close is the one `close(2)`; the
+//! handles of an iommufd share its fd the same way, so an IOAS reaches it
+//! without a pointer to chase.
 //!
 //! Why the table is sound: an fd number names one open file from the moment
 //! the kernel returns it until `close` removes it. A slot is set when an
@@ -85,6 +87,13 @@ impl SharedFd {
                 .map_err(|counted| Self(Holder::Counted(counted))),
             Holder::Boxed(arc) => Arc::try_unwrap(arc).map_err(|arc| Self(Holder::Boxed(arc))),
         }
+    }
+
+    /// Whether `self` and `other` hold the same fd. While both exist the
+    /// fd number names it: the number is not reused before the last holder
+    /// closes it.
+    pub(crate) fn same_as(&self, other: &Self) -> bool {
+        self.as_raw_fd() == other.as_raw_fd()
     }
 
     /// How many holders the fd has.
@@ -185,6 +194,9 @@ mod tests {
         let b = a.clone();
         let c = b.clone();
         assert_eq!(a.holders(), 3);
+        assert!(a.same_as(&c));
+        let other = SharedFd::new(memfd());
+        assert!(!a.same_as(&other));
         drop(a);
         drop(c);
         assert!(is_open(raw));

@@ -50,6 +50,7 @@ use crate::importer::placement::{IommuPageSizes, IovaSet, PlacementRequest, pick
 use crate::ioctl;
 use crate::range::ByteRange;
 use crate::range::human_size;
+use crate::shared_fd::SharedFd;
 use crate::sys;
 pub use crate::types::IovaRange;
 
@@ -76,7 +77,9 @@ pub const IOMMUFD_PATH: &str = "/dev/iommu";
 /// ```
 #[derive(Debug, Clone)]
 pub struct Iommufd {
-    fd: Arc<OwnedFd>,
+    // Shared like a dma-buf's fd: every IOAS handle reaches the fd without a
+    // pointer to chase.
+    fd: SharedFd,
 }
 
 impl Iommufd {
@@ -104,7 +107,7 @@ impl Iommufd {
             .open(path)
             .map_err(|e| Error::sys("open", path.display().to_string(), e))?;
         Ok(Self {
-            fd: Arc::new(OwnedFd::from(file)),
+            fd: SharedFd::new(OwnedFd::from(file)),
         })
     }
 
@@ -121,7 +124,9 @@ impl Iommufd {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn from_fd(fd: OwnedFd) -> Self {
-        Self { fd: Arc::new(fd) }
+        Self {
+            fd: SharedFd::new(fd),
+        }
     }
 
     /// Whether `self` and `other` share the same open iommufd (are clones).
@@ -134,7 +139,7 @@ impl Iommufd {
     /// # Ok::<(), dmabuf_p2p::Error>(())
     /// ```
     pub fn same_context(&self, other: &Iommufd) -> bool {
-        Arc::ptr_eq(&self.fd, &other.fd)
+        self.fd.same_as(&other.fd)
     }
 
     /// Allocates a new, empty IO address space (`IOMMU_IOAS_ALLOC`).
