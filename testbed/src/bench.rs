@@ -1430,19 +1430,25 @@ operation:
    are inlined into the caller now, and the area record appends (map) or
    pops (unmap) in the usual case without a search. `BarExport` releases its
    hub before its fd, so that the close is the last thing its drop does.
+11. Every map and unmap reached the iommufd's fd through two pointers (the
+   IOAS's record, then the `Iommufd`'s `Arc<OwnedFd>`). The `Iommufd` now
+   holds its fd through `SharedFd` as well, inline in the IOAS's record.
 
 Before the first three the ratios were **22.1** (export), **2.84** (map),
 **1.99** (unmap), **2.40** (close) and **8.68** for the whole cycle at 64 KiB;
 before 4 to 6 (2026-11-26) 2.44, 1.39, 1.15, 1.47 and 1.63; before 7
 (2026-11-30, quiet host) 1.62, 1.09, 1.09, 1.22 and 1.23, with export
-between 1.30 and 1.67 across the sizes; before 8 to 10 (2026-11-30, 81
+between 1.30 and 1.67 across the sizes; before 8 to 11 (2026-11-30, 81
 batches) export 1.10–1.18, map 1.00–1.15, unmap 1.01–1.22, close 1.06–1.22
-and the whole cycle 1.06–1.11 across the sizes.
+and the whole cycle 1.06–1.11 across the sizes; before 11 (2026-11-30, 321
+batches) export 1.04–1.09, map 1.00–1.07, unmap 1.01–1.09, close 1.05–1.09
+and the whole cycle 1.03–1.07.
 
 **Where the rest goes.** A scratch build (not committed: it puts a time
 stamp in the library's ioctl layer) read the TSC right before and right after
 each syscall, in the library and in the raw path, over 800 alternating
-cycles of each at 64 KiB, 64 MiB and 64 GiB (2026-11-30). Medians:
+cycles of each at 64 KiB, 64 MiB and 64 GiB (2026-11-30, after 8 to 10,
+before 11). Medians:
 
 | operation | library's code before the syscall | after it | raw, before / after |
 |---|---|---|---|
@@ -1469,7 +1475,8 @@ which user and kernel code share), so more user code between two syscalls
 makes the next syscall's emulation slower. On hardware the library's code is
 a few hundred instructions, well under a microsecond against syscalls of
 several. Built as cloud-hypervisor builds its release (fat LTO, one codegen
-unit, `opt-level = "s"`), one run of this part (2026-11-30, 321 batches)
+unit, `opt-level = "s"`), one run of this part (2026-11-30, before 11, 321
+batches)
 gave export 1.01–1.04, map 1.01–1.07, unmap 1.04–1.09, close 1.02–1.08 and
 the whole cycle 1.02–1.07 across the sizes: closer for export and close,
 no better for unmap.
