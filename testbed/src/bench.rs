@@ -1481,15 +1481,17 @@ gave export 1.01–1.04, map 1.01–1.07, unmap 1.04–1.09, close 1.02–1.08 a
 the whole cycle 1.02–1.07 across the sizes: closer for export and close,
 no better for unmap.
 
-With those, the whole cycle is at 1.03–1.07 of raw ioctls across the sizes
-(2026-11-30, 321 batches per size, the raw/raw control within 0.96–1.02),
-and every operation's median ratio is at most 1.09. **The target of at most
-1.05 for every operation is not met under TCG**: what is left is the
-emulator's price for a few hundred instructions of bookkeeping per syscall,
-which the library keeps because each serves a documented guarantee (the
-checks that name bad input, the fd shared with mappings so that they can be
-restored, the IOAS's record of its areas for automatic placement, the
-revocation hub).
+With all eleven (2026-11-30, 321 batches per size, the raw/raw control
+within 0.95–1.02), export is at 1.03–1.06 of raw ioctls across the sizes,
+map at 1.00–1.05, unmap at 1.01–1.05, close at 1.06–1.10 and the whole
+cycle at 1.03–1.06. **The target of at most 1.05 for every operation is not
+met under TCG**: unmap meets it, export and map miss it by under a percent
+at their worst size, close (the cheapest syscall, whose span also drops the
+mapping's handle) by 1–5%. What is left is the emulator's price for
+a few hundred instructions of bookkeeping per syscall, which the library
+keeps because each serves a documented guarantee (the checks that name bad
+input, the fd shared with mappings so that they can be restored, the IOAS's
+record of its areas for automatic placement, the revocation hub).
 "#;
 
 /// Observations on revocation.
