@@ -797,6 +797,40 @@ fn the_connect_deadline_holds_against_a_dripping_server() {
     let _ = fs::remove_dir_all(&dir);
 }
 
+/// Serves `area` of BAR2 of `bdf` from a fresh directory `name`, checks that
+/// the server watches the device request, and connects a client.
+fn serve_and_connect(bdf: &str, area: ByteRange, name: &str) -> (Proc, SharedBuffer, PathBuf) {
+    let dir = fresh_dir(name);
+    let sock = dir.join("bar.sock");
+    let exporter = serve_bar_of(bdf, area, &sock, "", "");
+    assert!(
+        exporter.log().contains("\"unplug_watched\":true"),
+        "{}",
+        exporter.log()
+    );
+    let client = SharedBuffer::connect(&sock, WAIT).unwrap();
+    (exporter, client, dir)
+}
+
+/// After a device request made at `since`: the server reports the unplug,
+/// the client hears within 30 s that the buffer is gone, and the server
+/// exits cleanly, having revoked with reason Unplug. Returns how long the
+/// client took to hear.
+fn expect_unplug_served(exporter: &mut Proc, client: &SharedBuffer, since: Instant) -> Duration {
+    exporter.wait_line("\"event\":\"unplug\"", WAIT);
+    let gone = client
+        .wait_remote(WAIT, |s| matches!(s, BufferState::Gone(_)))
+        .unwrap();
+    let heard = since.elapsed();
+    assert!(matches!(gone, BufferState::Gone(_)), "{gone:?}");
+    assert!(heard < Duration::from_secs(30), "{heard:?}");
+    let st = exporter.wait_exit(WAIT).expect("the exporter exits");
+    assert!(st.success(), "{}", exporter.log());
+    let log = exporter.log();
+    assert!(log.contains("\"why\":\"unplug\""), "{log}");
+    heard
+}
+
 /// Issue 12, attack 7: the device is unbound from vfio-pci (the kernel sends
 /// the device request) while it is served. The exporter revokes with reason
 /// Unplug, closes the device, tells the client, and exits; the unbind
@@ -804,35 +838,18 @@ fn the_connect_deadline_holds_against_a_dripping_server() {
 #[test]
 fn an_unplug_request_while_serving_revokes_and_closes() {
     let bdf = shm0();
-    let dir = fresh_dir("unplug");
-    let sock = dir.join("bar.sock");
-    let mut exporter = serve(ByteRange::new(0xd_0000, 0x10000), &sock, "", "");
-    assert!(
-        exporter.log().contains("\"unplug_watched\":true"),
-        "{}",
-        exporter.log()
-    );
-    let good = SharedBuffer::connect(&sock, WAIT).unwrap();
+    let (mut exporter, client, dir) =
+        serve_and_connect(&bdf, ByteRange::new(0xd_0000, 0x10000), "unplug");
     let t = Instant::now();
     let b = bdf.clone();
     let unbind = std::thread::spawn(move || {
         fs::write("/sys/bus/pci/drivers/vfio-pci/unbind", &b).map_err(|e| e.to_string())
     });
-    exporter.wait_line("\"event\":\"unplug\"", WAIT);
-    let gone = good
-        .wait_remote(WAIT, |s| matches!(s, BufferState::Gone(_)))
-        .unwrap();
-    let heard = t.elapsed();
-    let st = exporter.wait_exit(WAIT).expect("the exporter exits");
-    assert!(st.success(), "{}", exporter.log());
+    let heard = expect_unplug_served(&mut exporter, &client, t);
     unbind.join().unwrap().expect("the unbind completes");
     let unbound = t.elapsed();
     eprintln!("unplug: gone heard after {heard:?}, unbind done after {unbound:?}");
-    assert!(matches!(gone, BufferState::Gone(_)));
-    assert!(heard < Duration::from_secs(30), "{heard:?}");
     assert!(unbound < Duration::from_secs(30), "{unbound:?}");
-    let log = exporter.log();
-    assert!(log.contains("\"why\":\"unplug\""), "{log}");
     dmabuf_p2p::vfio::bind_to_vfio_pci(bdf.parse().unwrap()).unwrap();
     let _ = fs::remove_dir_all(&dir);
 }
@@ -849,40 +866,20 @@ fn a_device_del_while_serving_revokes_and_closes() {
     const AREA: u64 = 0x290_0000;
     let shm1 = shm_with(64 << 20);
     let _restore = Shm1Restorer { addr: shm1 };
-    let dir = fresh_dir("device-del");
-    let sock = dir.join("bar.sock");
-    let mut exporter = serve_bar_of(
+    let (mut exporter, client, dir) = serve_and_connect(
         &shm1.to_string(),
         ByteRange::new(AREA, 0x10000),
-        &sock,
-        "",
-        "",
+        "device-del",
     );
-    assert!(
-        exporter.log().contains("\"unplug_watched\":true"),
-        "{}",
-        exporter.log()
-    );
-    let client = SharedBuffer::connect(&sock, WAIT).unwrap();
     assert_eq!(client.remote_state(), BufferState::Live);
     let t = Instant::now();
     qmp_ok("device_del", r#"{"id":"shm1"}"#);
-    exporter.wait_line("\"event\":\"unplug\"", WAIT);
-    let gone = client
-        .wait_remote(WAIT, |s| matches!(s, BufferState::Gone(_)))
-        .unwrap();
-    let heard = t.elapsed();
-    let st = exporter.wait_exit(WAIT).expect("the exporter exits");
-    assert!(st.success(), "{}", exporter.log());
+    let heard = expect_unplug_served(&mut exporter, &client, t);
     let removed = wait_until(SYSFS_TIMEOUT, || !Path::new(&sysfs_dir(shm1)).exists());
     let removed = removed.unwrap_or_else(|| {
         panic!("{shm1} still in sysfs {SYSFS_TIMEOUT:?} after the server closed it")
     });
     eprintln!("device_del: gone heard after {heard:?}, removed {removed:?} after the exit");
-    assert!(matches!(gone, BufferState::Gone(_)), "{gone:?}");
-    assert!(heard < Duration::from_secs(30), "{heard:?}");
-    let log = exporter.log();
-    assert!(log.contains("\"why\":\"unplug\""), "{log}");
     drop(client);
 
     replug_shm1(shm1);
