@@ -717,6 +717,40 @@ fn adopting_refuses_what_is_not_a_bound_vfio_cdev() {
     ));
 }
 
+/// With memory decode on: exports `LEN` bytes of shm1's BAR2 at `area`,
+/// maps them at `BAR_GPA` as an attachment, fills the area with pattern
+/// `seed` through the BAR, and has the engine copy pattern `seed + 1` to
+/// `area + off`, checked through the BAR. Returns the export, the
+/// attachment, its events and the bytes the area now holds. No BAR mmap
+/// outlives the call (one holds the device open).
+fn export_and_copy(
+    lib: &mut Adopted,
+    vmm: &Vmm,
+    area: u64,
+    off: u64,
+    seed: u64,
+    what: &str,
+) -> (
+    dmabuf_p2p::exporter::vfio::BarExport,
+    Attachment,
+    Events,
+    Vec<u8>,
+) {
+    lib.dev.set_memory_decode(true).unwrap();
+    let old = pattern(seed, LEN as usize);
+    let export = lib.dev.export_bar(2, &[ByteRange::new(area, LEN)]).unwrap();
+    let att = map_at_bar_gpa(&export, &lib.ioas);
+    let events = Events::on(&att);
+    let new = pattern(seed + 1, COPY as usize);
+    let mut want = old.clone();
+    want[off as usize..(off + COPY) as usize].copy_from_slice(&new);
+    let bar = lib.dev.map_bar(2).unwrap();
+    bar_write(&bar, area, &old);
+    guest_copy(&mut lib.edu, &vmm.ram, &new, BAR_GPA + off, what);
+    assert_bytes(&bar_read(&bar, area, LEN as usize), &want, area, "BAR");
+    (export, att, events, want)
+}
+
 /// Maps `export` at `BAR_GPA` in the VMM's IOAS, restored automatically.
 fn map_at_bar_gpa(export: &dmabuf_p2p::exporter::vfio::BarExport, ioas: &Ioas) -> Attachment {
     let att = Attachment::map(
@@ -769,28 +803,9 @@ fn library_takes_the_device_request_irq_and_revokes_on_hot_unplug() {
         "adopt registered the library's device-request eventfd"
     );
     assert!(!lib.dev.unplug_requested().unwrap());
-    lib.dev.set_memory_decode(true).unwrap();
-    let old = pattern(1400, LEN as usize);
-    let export = lib.dev.export_bar(2, &[ByteRange::new(AREA, LEN)]).unwrap();
-    let att = map_at_bar_gpa(&export, &lib.ioas);
-    let events = Events::on(&att);
-
     // The path works before the unplug.
-    let new1 = pattern(1401, COPY as usize);
-    let mut want = old.clone();
-    want[off1 as usize..(off1 + COPY) as usize].copy_from_slice(&new1);
-    {
-        let bar = lib.dev.map_bar(2).unwrap();
-        bar_write(&bar, AREA, &old);
-        guest_copy(
-            &mut lib.edu,
-            &vmm.ram,
-            &new1,
-            BAR_GPA + off1,
-            "before the unplug",
-        );
-        assert_bytes(&bar_read(&bar, AREA, LEN as usize), &want, AREA, "BAR");
-    } // a BAR mmap holds the device open: none may outlive the request
+    let (export, att, events, want) =
+        export_and_copy(&mut lib, &vmm, AREA, off1, 1400, "before the unplug");
 
     let t0 = Instant::now();
     qmp_ok("device_del", r#"{"id":"shm1"}"#);
@@ -889,20 +904,7 @@ fn vmm_tells_the_library_of_its_device_request() {
         lib.dev.unplug_requested(),
         Err(Error::Unsupported { .. })
     ));
-    lib.dev.set_memory_decode(true).unwrap();
-    let old = pattern(1500, LEN as usize);
-    let export = lib.dev.export_bar(2, &[ByteRange::new(AREA, LEN)]).unwrap();
-    let att = map_at_bar_gpa(&export, &lib.ioas);
-    let events = Events::on(&att);
-    let new1 = pattern(1501, COPY as usize);
-    let mut want = old.clone();
-    want[off1 as usize..(off1 + COPY) as usize].copy_from_slice(&new1);
-    {
-        let bar = lib.dev.map_bar(2).unwrap();
-        bar_write(&bar, AREA, &old);
-        guest_copy(&mut lib.edu, &vmm.ram, &new1, BAR_GPA + off1, "live");
-        assert_bytes(&bar_read(&bar, AREA, LEN as usize), &want, AREA, "BAR");
-    } // a BAR mmap holds the device open: none may outlive the request
+    let (export, att, events, want) = export_and_copy(&mut lib, &vmm, AREA, off1, 1500, "live");
 
     assert!(!signalled(&vmm_request));
     let t0 = Instant::now();
