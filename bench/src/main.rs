@@ -418,12 +418,18 @@ fn overhead(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas, sizes: &[u
     // and right after every other path once, so no path always follows the
     // heavier library cycle (whose after-effects would slow it).
     const ORDERS: [[usize; 4]; 4] = [[0, 1, 3, 2], [1, 2, 0, 3], [2, 3, 1, 0], [3, 0, 2, 1]];
-    for &size in sizes {
-        cycle_library::<0>(dev, ioas, size)?;
-        cycle_raw(ctx, size)?;
-        cycle_library::<1>(dev, ioas, size)?;
-        let mut batches: [Vec<[f64; 5]>; 4] = Default::default();
-        opts.budget(5, 321, 40.0).repeat(|_| -> R<()> {
+    // The sizes take turns, one batch each per round, so that every size is
+    // measured across the whole run: a stretch of host load then moves all
+    // sizes alike instead of the one that had the stretch to itself.
+    let mut batches: Vec<[Vec<[f64; 5]>; 4]> = sizes.iter().map(|_| Default::default()).collect();
+    let rounds = opts.budget(5, 321, 40.0 * sizes.len() as f64);
+    rounds.repeat(|_| -> R<()> {
+        for (&size, batches) in sizes.iter().zip(&mut batches) {
+            // One untimed cycle of each path at this size first: the last
+            // batch ran at another size.
+            cycle_library::<0>(dev, ioas, size)?;
+            cycle_raw(ctx, size)?;
+            cycle_library::<1>(dev, ioas, size)?;
             let mut cycles: [Vec<[f64; 4]>; 4] = Default::default();
             for k in 0..K {
                 for &path in &ORDERS[k % 4] {
@@ -438,8 +444,10 @@ fn overhead(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas, sizes: &[u
             for (b, c) in batches.iter_mut().zip(&cycles) {
                 b.push(batch_medians(c));
             }
-            Ok(())
-        })?;
+        }
+        Ok(())
+    })?;
+    for (&size, batches) in sizes.iter().zip(&batches) {
         let mut line = format!("bench: overhead {:>8} KiB:", size >> 10);
         for (i, op) in OPS.iter().chain(&["total"]).enumerate() {
             let col = |v: &Vec<[f64; 5]>| v.iter().map(|b| b[i]).collect::<Vec<f64>>();

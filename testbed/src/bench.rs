@@ -754,7 +754,10 @@ pub fn page(r: &Results) -> String {
          and the two below) interleaved in a balanced order, every path running after every \
          other equally often; a batch's figure per operation is the median of its 8 cycles, \
          its ratio library / raw; the table gives the median ratio over 321 batches (fewer \
-         if time ran out) with min and max. *total* is the whole cycle.\n"
+         if time ran out) with min and max. The sizes take turns: each round runs one batch \
+         of every size, after one untimed cycle of each path at that size, so every size is \
+         measured across the whole run rather than in a window of its own. *total* is the \
+         whole cycle.\n"
     );
     let _ = writeln!(
         s,
