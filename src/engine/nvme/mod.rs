@@ -201,15 +201,36 @@ impl Nvme {
     /// Opens the NVMe controller at `address` (bound to vfio-pci), binds it
     /// to `ioas`'s iommufd, attaches it to `ioas`, and brings it up with one
     /// I/O queue pair. Namespace 1 is selected when it is active.
+    /// Completion is by MSI-X where the device and the kernel allow it, by
+    /// polling otherwise ([`Nvme::polling_reason`] says why).
     pub fn open(address: PciAddress, ioas: &Ioas) -> Result<Self> {
+        Self::open_with(address, ioas, Completion::Interrupt)
+    }
+
+    /// [`Nvme::open`], asking for `completion`: [`Completion::Polling`]
+    /// requests no interrupt at all and creates the I/O completion queue
+    /// with interrupts off, as polled-mode drivers do; the reaping loop then
+    /// sleeps briefly between looks at the queue.
+    pub fn open_with(address: PciAddress, ioas: &Ioas, completion: Completion) -> Result<Self> {
         let mut dev = VfioPciDevice::open(address)?;
         dev.bind(ioas.iommufd())?;
         dev.attach(ioas)?;
-        Self::from_device(dev, ioas)
+        Self::from_device_with(dev, ioas, completion)
     }
 
-    /// Takes a bound device attached to `ioas` and brings the controller up.
+    /// Takes a bound device attached to `ioas` and brings the controller up,
+    /// with completion as for [`Nvme::open`].
     pub fn from_device(dev: VfioPciDevice, ioas: &Ioas) -> Result<Self> {
+        Self::from_device_with(dev, ioas, Completion::Interrupt)
+    }
+
+    /// [`Nvme::from_device`], asking for `completion` as
+    /// [`Nvme::open_with`] does.
+    pub fn from_device_with(
+        dev: VfioPciDevice,
+        ioas: &Ioas,
+        completion: Completion,
+    ) -> Result<Self> {
         let address = dev.address();
         let label = format!("nvme {address}");
         let class = dev.config_read_u32(8)? >> 8;
@@ -279,9 +300,16 @@ impl Nvme {
         )?;
         write_u64_lo_hi(&me.bar0, regs::ASQ, me.dma.iova(ADMIN_SQ))?;
         write_u64_lo_hi(&me.bar0, regs::ACQ, me.dma.iova(ADMIN_CQ))?;
-        match me.dev.irq_eventfd(sys::VFIO_PCI_MSIX_IRQ_INDEX, "MSI-X") {
-            Ok(fd) => me.irq = Some(File::from(fd)),
-            Err(e) => me.fallback_reason = Some(e.to_string()),
+        match completion {
+            Completion::Interrupt => {
+                match me.dev.irq_eventfd(sys::VFIO_PCI_MSIX_IRQ_INDEX, "MSI-X") {
+                    Ok(fd) => me.irq = Some(File::from(fd)),
+                    Err(e) => me.fallback_reason = Some(e.to_string()),
+                }
+            }
+            Completion::Polling => {
+                me.fallback_reason = Some("polling was asked for (Completion::Polling)".into());
+            }
         }
         me.enable()?;
         me.identify_controller()?;
@@ -317,7 +345,8 @@ impl Nvme {
         self.namespace.as_ref()
     }
 
-    /// Why completion falls back to polling, if it does.
+    /// Why completion is by polling, if it is: why MSI-X could not be set
+    /// up, or that polling was asked for ([`Nvme::open_with`]).
     pub fn polling_reason(&self) -> Option<&str> {
         self.fallback_reason.as_deref()
     }

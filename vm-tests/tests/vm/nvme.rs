@@ -136,6 +136,73 @@ fn nvme_identify_and_read_into_host_ram() {
     request_host_check("nvme0", 2048 * BLOCK, &nvme_image(2048 * BLOCK, 256 * 512));
 }
 
+/// The lines of `/proc/interrupts` that name a VFIO MSI-X vector of `bdf`
+/// (the kernel names them `vfio-msix[N](<bdf>)`).
+fn vfio_msix_lines(bdf: &str) -> Vec<String> {
+    std::fs::read_to_string("/proc/interrupts")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("vfio-msix") && l.contains(bdf))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Completion by polling, asked for: no MSI-X vector is set up (none in
+/// /proc/interrupts, where the default open shows one), and single reads and
+/// eight queued reads complete and land as with interrupts.
+#[test]
+fn nvme_polled_completion_reads_the_same() {
+    let bdf = nvme_address("nvme0");
+    let iommufd = Iommufd::open().unwrap();
+    let ioas = iommufd.alloc_ioas().unwrap();
+    let mut nvme = Nvme::open_with(bdf.parse().unwrap(), &ioas, Completion::Polling).unwrap();
+    assert_eq!(nvme.completion(), Completion::Polling);
+    assert!(
+        nvme.polling_reason()
+            .is_some_and(|r| r.contains("asked for")),
+        "{:?}",
+        nvme.polling_reason()
+    );
+    assert_eq!(vfio_msix_lines(&bdf), Vec::<String>::new());
+
+    let (mem, map) = ram(&ioas, 0x40000);
+    read_and_check(
+        &mut nvme,
+        &mem,
+        &map,
+        300,
+        64,
+        "host RAM after a polled read",
+    );
+    // Eight reads in flight at once, reaped by polling in any order.
+    let ids: Vec<CommandId> = (0..8u64)
+        .map(|i| {
+            nvme.submit_read(600 + i * 16, 16, map.iova() + i * 0x2000)
+                .unwrap()
+        })
+        .collect();
+    for id in ids {
+        nvme.wait(id, IO_TIMEOUT).unwrap();
+    }
+    assert_eq!(nvme.in_flight(), 0);
+    assert_bytes(
+        &read_mem(&mem, 0, 0x10000),
+        &nvme_image(600 * BLOCK, 0x10000),
+        0,
+        "host RAM after eight polled reads",
+    );
+    drop(nvme);
+
+    // The same device opened the default way has its MSI-X vector listed,
+    // so the check above can fail.
+    let nvme = open_nvme("nvme0", &ioas);
+    assert_eq!(nvme.completion(), Completion::Interrupt);
+    assert!(
+        !vfio_msix_lines(&bdf).is_empty(),
+        "no vfio-msix line for {bdf}"
+    );
+}
+
 /// Non-destructive P2P: the same blocks read into host RAM and into shm1's
 /// BAR2 through its dma-buf IOVA are the same bytes, in the guest's BAR mmap
 /// and in the host's ivshmem backing file.
