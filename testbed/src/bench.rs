@@ -580,8 +580,11 @@ pub fn page(r: &Results) -> String {
          the BARs are QEMU models. Absolute times are not hardware times (expect them to be one \
          to two orders of magnitude slower than on a real machine, and not uniformly so). What \
          carries over are the ratios, all taken between measurements interleaved or made in the \
-         same VM run, and how costs grow with size and count. Other work on the host adds \
-         noise (its load average is in the table).\n"
+         same VM run, and how costs grow with size and count, with one likely exception: \
+         the library's own user-space code, a few dozen instructions per operation, costs \
+         microseconds here, far more in proportion than the kernel's work, so the library / raw \
+         ratios of part 2 probably overstate its overhead on hardware (not measured: no KVM). Other work on the host adds noise (its \
+         load average is in the table).\n"
     );
     let _ = writeln!(s, "| | |\n|---|---|");
     let _ = writeln!(s, "| date | {} |", r.date);
