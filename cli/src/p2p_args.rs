@@ -13,7 +13,8 @@ pub struct Args {
     #[arg(long)]
     pub engine: PciAddress,
     /// The device whose BAR is the target: `<bdf>[:bar[:offset+len]]` (BAR 2 and
-    /// its first 64 KiB by default; for an NVMe controller, its CMB).
+    /// its first 64 KiB by default; for an NVMe controller, its CMB, else its
+    /// PMR).
     #[arg(long)]
     pub target: TargetSpec,
     /// Bytes per transfer (`4K`, `0x2000`, ...).

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use dmabuf_p2p::engine::StorageEngine;
-use dmabuf_p2p::engine::nvme::{NVME_CLASS, Nvme};
+use dmabuf_p2p::engine::nvme::{NVME_CLASS, Nvme, NvmeProblem};
 use dmabuf_p2p::importer::iommufd::{Ioas, Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::revoke::{Attachment, RestorePolicy};
@@ -20,8 +20,8 @@ use super::{CliError, print_json};
 use crate::p2p_args::Args;
 use crate::p2p_report::{Report, host_check, pattern, print_report};
 
-/// The target: a plain device (ivshmem), or an NVMe controller whose CMB is
-/// the target, brought up by the driver to enable it.
+/// The target: a plain device (ivshmem), or an NVMe controller whose CMB or
+/// PMR is the target, brought up by the driver to enable them.
 pub(super) enum Target {
     Plain(Box<VfioPciDevice>),
     Nvme(Box<Nvme>),
@@ -36,8 +36,21 @@ impl Target {
     }
 }
 
+/// `Ok(None)` for an NVMe controller that lacks the region asked for.
+fn region<T>(asked: dmabuf_p2p::Result<T>) -> Result<Option<T>, CliError> {
+    match asked {
+        Ok(info) => Ok(Some(info)),
+        Err(dmabuf_p2p::Error::Nvme {
+            problem: NvmeProblem::NoCmb | NvmeProblem::NoPmr { .. },
+            ..
+        }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Opens the target device: an NVMe controller is brought up and its CMB
-/// enabled, and its CMB is the default target range.
+/// and PMR enabled (either may be the target BAR); its CMB, or else its PMR,
+/// is the default target range.
 pub(super) fn open_target(
     address: PciAddress,
     iommufd: &Iommufd,
@@ -49,8 +62,19 @@ pub(super) fn open_target(
     if sysfs.class(address)? == NVME_CLASS {
         dev.attach(ioas)?;
         let mut nvme = Nvme::from_device(dev, ioas)?;
-        let cmb = nvme.enable_cmb()?;
-        let default = (cmb.bar, ByteRange::new(cmb.offset, cmb.size.min(0x10000)));
+        let cmb = region(nvme.enable_cmb())?;
+        let pmr = region(nvme.enable_pmr())?;
+        let default = match (cmb, pmr) {
+            (Some(cmb), _) => (cmb.bar, ByteRange::new(cmb.offset, cmb.size.min(0x10000))),
+            (None, Some(pmr)) => (pmr.bar, ByteRange::new(0, pmr.size.min(0x10000))),
+            (None, None) => {
+                return Err(format!(
+                    "NVMe controller {address} has neither a controller memory buffer nor a \
+                     persistent memory region to be the target"
+                )
+                .into());
+            }
+        };
         return Ok((Target::Nvme(Box::new(nvme)), Some(default)));
     }
     dev.set_memory_decode(true)?;

@@ -58,7 +58,8 @@ pub struct TargetBar {
     pub what: &'static str,
     /// Whether that is certain from the device's identity, or only likely
     /// (an NVMe BAR that may hold a CMB or PMR: the controller's registers
-    /// say, see [`Nvme::enable_cmb`](super::nvme::Nvme::enable_cmb)).
+    /// say, see [`Nvme::enable_cmb`](super::nvme::Nvme::enable_cmb) and
+    /// [`Nvme::enable_pmr`](super::nvme::Nvme::enable_pmr)).
     pub certain: bool,
 }
 

@@ -35,6 +35,9 @@ pub struct NvmeDrive {
     pub size: u64,
     /// Controller memory buffer size in MiB (`cmb_size_mb`, BAR2); 0 for none.
     pub cmb_mib: u32,
+    /// Persistent memory region size in MiB (`pmrdev`, BAR4), backed by the
+    /// file [`VmConfig::backing_file`] gives for `<id>-pmr`; 0 for none.
+    pub pmr_mib: u32,
     /// Maximum data transfer size as a power of two of 4 KiB pages (`mdts`).
     pub mdts: u8,
 }
@@ -282,27 +285,30 @@ impl VmConfig {
     }
 
     /// The standard VM's NVMe controllers: `nvme0`, a 4 MiB namespace with
-    /// MDTS 5 (128 KiB per command), and `nvme1`, a 1 MiB namespace and a
-    /// 16 MiB controller memory buffer.
+    /// MDTS 5 (128 KiB per command), and `nvme1`, a 1 MiB namespace, a
+    /// 16 MiB controller memory buffer and a 16 MiB persistent memory region.
     pub fn standard_nvme() -> Vec<NvmeDrive> {
         vec![
             NvmeDrive {
                 id: "nvme0".into(),
                 size: 4 << 20,
                 cmb_mib: 0,
+                pmr_mib: 0,
                 mdts: 5,
             },
             NvmeDrive {
                 id: "nvme1".into(),
                 size: 1 << 20,
                 cmb_mib: 16,
+                pmr_mib: 16,
                 mdts: 7,
             },
         ]
     }
 
-    /// Host path of an ivshmem device's backing file, or of an NVMe
-    /// controller's image file (`id` is `shm0`, `nvme0`, ...).
+    /// Host path of an ivshmem device's backing file, of an NVMe
+    /// controller's image file, or of its persistent memory region (`id` is
+    /// `shm0`, `nvme0`, `nvme1-pmr`, ...).
     pub fn backing_file(&self, id: &str) -> PathBuf {
         if self.nvme.iter().any(|n| n.id == id) {
             return self.run_dir.join(format!("{id}.img"));
@@ -458,6 +464,16 @@ impl VmConfig {
             if drive.cmb_mib > 0 {
                 dev.push_str(&format!(",cmb_size_mb={}", drive.cmb_mib));
             }
+            if drive.pmr_mib > 0 {
+                let pmr = format!("{}-pmr", drive.id);
+                a.push("-object".into());
+                a.push(format!(
+                    "memory-backend-file,id={pmr},share=on,mem-path={},size={}M",
+                    self.backing_file(&pmr).display(),
+                    drive.pmr_mib
+                ));
+                dev.push_str(&format!(",pmrdev={pmr}"));
+            }
             a.push("-device".into());
             a.push(dev);
         }
@@ -505,6 +521,14 @@ impl Vm {
         }
         for drive in &config.nvme {
             write_nvme_image(&config.backing_file(&drive.id), drive.size)?;
+            if drive.pmr_mib > 0 {
+                // Like an ivshmem file: fresh and zeroed each boot.
+                let path = config.backing_file(&format!("{}-pmr", drive.id));
+                let f = fs::File::create(&path)
+                    .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+                f.set_len(u64::from(drive.pmr_mib) << 20)
+                    .map_err(|e| Error::io(format!("sizing {}", path.display()), e))?;
+            }
         }
         for p in [
             config.console_log(),
@@ -632,8 +656,11 @@ mod tests {
         );
         assert_eq!(
             devices[first_nvme + 3].as_str(),
-            "nvme,id=nvme1,serial=nvme1,drive=drv-nvme1,bus=rpn1,mdts=7,cmb_size_mb=16"
+            "nvme,id=nvme1,serial=nvme1,drive=drv-nvme1,bus=rpn1,mdts=7,cmb_size_mb=16,\
+             pmrdev=nvme1-pmr"
         );
+        assert!(args.iter().any(|a| a
+            == "memory-backend-file,id=nvme1-pmr,share=on,mem-path=/run/x/nvme1-pmr.mem,size=16M"));
         // The other root ports stay on slots 0x10.. below 0x1f.
         let last_rp = devices[..first_nvme]
             .iter()
@@ -652,6 +679,10 @@ mod tests {
         let c = config();
         assert_eq!(c.backing_file("nvme0"), PathBuf::from("/run/x/nvme0.img"));
         assert_eq!(c.backing_file("shm1"), PathBuf::from("/run/x/shm1.mem"));
+        assert_eq!(
+            c.backing_file("nvme1-pmr"),
+            PathBuf::from("/run/x/nvme1-pmr.mem")
+        );
     }
 
     #[test]

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 pub use command::Status;
 pub use identify::{ControllerIdentity, NamespaceIdentity};
 pub use problem::NvmeProblem;
-pub use regs::CmbInfo;
+pub use regs::{CmbInfo, PmrInfo};
 
 use self::command::{Command, Completion as Cqe, cns};
 use self::queue::{CompletionRing, Slots, SubmissionRing};
@@ -413,6 +413,50 @@ impl Nvme {
             }));
         }
         Ok(cmb)
+    }
+
+    /// The persistent memory region: enables it (PMRCTL.EN) and waits until
+    /// it is ready (PMRSTS.NRDY clear, up to PMRCAP's timeout). Its BAR can
+    /// then be exported ([`VfioPciDevice::export_bar`]) and used as a DMA
+    /// target by other devices; until it is enabled, a controller may drop
+    /// accesses to that BAR. [`NvmeProblem::NoPmr`] if there is none.
+    pub fn enable_pmr(&mut self) -> Result<PmrInfo> {
+        if !self.cap.pmr_supported {
+            return Err(self.error(NvmeProblem::NoPmr {
+                why: "CAP.PMRS is 0".into(),
+            }));
+        }
+        let pmrcap = self.bar0.read_u32(regs::PMRCAP)?;
+        let bir = (pmrcap >> 5) & 0x7;
+        // BIR 0 and 1 hold the registers; 6 and 7 are no BAR.
+        let size = if (2..=5).contains(&bir) {
+            self.dev.bar(bir)?.size()
+        } else {
+            0
+        };
+        let Some(pmr) = PmrInfo::decode(pmrcap, size) else {
+            return Err(self.error(NvmeProblem::NoPmr {
+                why: format!("PMRCAP {pmrcap:#x} names BAR{bir}, which cannot hold one"),
+            }));
+        };
+        if pmr.size == 0 {
+            return Err(self.error(NvmeProblem::NoPmr {
+                why: format!("BAR{bir} is not implemented"),
+            }));
+        }
+        self.bar0.write_u32(regs::PMRCTL, regs::PMRCTL_EN)?;
+        let limit = pmr.timeout.max(Duration::from_millis(500));
+        let deadline = deadline_after(limit);
+        while self.bar0.read_u32(regs::PMRSTS)? & regs::PMRSTS_NRDY != 0 {
+            if Instant::now() > deadline {
+                return Err(Error::Timeout {
+                    what: format!("{}: PMRSTS.NRDY to clear (PMRCAP.PMRTO)", self.label),
+                    after: limit,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(pmr)
     }
 
     /// Starts reading `count` blocks of the selected namespace from `lba`

@@ -95,6 +95,12 @@ pub enum NvmeProblem {
     /// The controller has no controller memory buffer.
     #[error("has no controller memory buffer (CAP.CMBS is 0 and CMBSZ reads 0)")]
     NoCmb,
+    /// The controller has no persistent memory region.
+    #[error("has no persistent memory region ({why})")]
+    NoPmr {
+        /// What the registers said.
+        why: String,
+    },
 }
 
 impl NvmeProblem {

@@ -1,6 +1,7 @@
 //! NVMe controller registers (BAR0) and what their fields mean: offsets, the
-//! decoded Capabilities register, CC values and the controller memory buffer
-//! registers. Pure: the driver reads the values, this module interprets them.
+//! decoded Capabilities register, CC values, and the registers of the
+//! controller memory buffer and the persistent memory region. Pure: the
+//! driver reads the values, this module interprets them.
 
 use std::time::Duration;
 
@@ -26,6 +27,12 @@ pub const CMBSZ: u64 = 0x3c;
 pub const CMBMSC: u64 = 0x50;
 /// Where the doorbells start.
 pub const DOORBELLS: u64 = 0x1000;
+/// Persistent Memory Region Capabilities (NVMe 1.4).
+pub const PMRCAP: u64 = 0xe00;
+/// Persistent Memory Region Control.
+pub const PMRCTL: u64 = 0xe04;
+/// Persistent Memory Region Status.
+pub const PMRSTS: u64 = 0xe08;
 
 /// CC.EN.
 pub const CC_EN: u32 = 1;
@@ -42,6 +49,11 @@ pub const CSTS_SHST_DONE: u32 = 2 << 2;
 /// CMBMSC.CRE: the host will use the CMB registers (CMBLOC/CMBSZ read as 0
 /// until it is set, on controllers with CAP.CMBS).
 pub const CMBMSC_CRE: u64 = 1;
+
+/// PMRCTL.EN: the region answers accesses to its BAR.
+pub const PMRCTL_EN: u32 = 1;
+/// PMRSTS.NRDY: the region is not ready.
+pub const PMRSTS_NRDY: u32 = 1 << 8;
 
 /// The memory page size the driver uses (CC.MPS = 0): 4 KiB, the smallest
 /// every controller supports and the host's page size.
@@ -178,6 +190,57 @@ impl CmbInfo {
             lists: cmbsz & 4 != 0,
             read_data: cmbsz & 8 != 0,
             write_data: cmbsz & 16 != 0,
+        })
+    }
+}
+
+/// The persistent memory region, from PMRCAP: it takes a whole BAR.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct PmrInfo {
+    /// The BAR that holds it (PMRCAP.BIR, 2 to 5).
+    pub bar: u32,
+    /// Its size in bytes: the BAR's.
+    pub size: u64,
+    /// Read data (controller to host transfers) may target it (PMRCAP.RDS).
+    pub read_data: bool,
+    /// Write data may come from it (PMRCAP.WDS).
+    pub write_data: bool,
+    /// Longest time the region may take to become ready (PMRCAP.PMRTO in
+    /// PMRCAP.PMRTU units: 500 ms or minutes).
+    pub timeout: Duration,
+}
+
+impl PmrInfo {
+    /// Decodes PMRCAP for a region in a BAR of `bar_size` bytes; `None`
+    /// when PMRCAP names no BAR the region may live in (BIR outside 2..=5).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use dmabuf_p2p::engine::nvme::regs::PmrInfo;
+    /// // BIR 4, RDS and WDS, PMRTO 2 in 500 ms units.
+    /// let pmr = PmrInfo::decode((2 << 16) | (4 << 5) | 0b1_1000, 16 << 20).unwrap();
+    /// assert_eq!((pmr.bar, pmr.size), (4, 16 << 20));
+    /// assert!(pmr.read_data && pmr.write_data);
+    /// assert_eq!(pmr.timeout, Duration::from_secs(1));
+    /// assert!(PmrInfo::decode(0, 0).is_none());
+    /// ```
+    pub fn decode(pmrcap: u32, bar_size: u64) -> Option<Self> {
+        let bar = (pmrcap >> 5) & 0x7;
+        if !(2..=5).contains(&bar) {
+            return None;
+        }
+        let units = u64::from((pmrcap >> 16) & 0xff);
+        let timeout = match (pmrcap >> 8) & 0x3 {
+            0 => Duration::from_millis(500 * units),
+            _ => Duration::from_secs(60 * units),
+        };
+        Some(Self {
+            bar,
+            size: bar_size,
+            read_data: pmrcap & (1 << 3) != 0,
+            write_data: pmrcap & (1 << 4) != 0,
+            timeout,
         })
     }
 }

@@ -10,6 +10,8 @@
 //! | nvme0 | LBA 7168..7176 (bytes 0x380000..0x381000) | `nvme_write_reads_back_and_lands_in_the_image` (the only write) |
 //! | shm1 | 0x2000000..0x2010000 | `nvme_reads_into_an_ivshmem_bar_match_host_ram` |
 //! | shm1 | 0x2100000..0x2140000 | `nvme_revocation_while_reads_are_queued` |
+//! | nvme1's PMR | 0x200000..0x208000 | `nvme_pmr_is_a_p2p_target` |
+//! | nvme1's PMR | 0x0..0x10000 | `nvme_cli_p2p_test_and_devices` |
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -365,6 +367,54 @@ fn nvme_read_into_an_unmapped_iova_completes() {
     read_and_check(&mut nvme, &mem, &map, 9, 4, "read after the refused one");
 }
 
+/// The PMR as an exporter target: nvme1's persistent memory region, enabled
+/// and exported as a dma-buf, receives nvme0's Read; the bytes are in the
+/// guest's mmap of the PMR's BAR and in its backing file on the host.
+/// nvme0 has no PMR, which is a typed error.
+#[test]
+fn nvme_pmr_is_a_p2p_target() {
+    const OFF: u64 = 0x20_0000;
+    const LEN: u64 = 0x8000;
+    const LBA: u64 = 1200;
+    let iommufd = Iommufd::open().unwrap();
+    let ioas = iommufd.alloc_ioas().unwrap();
+    let mut reader = open_nvme("nvme0", &ioas);
+    let e = reader.enable_pmr().unwrap_err();
+    assert!(matches!(problem(&e), NvmeProblem::NoPmr { .. }), "{e}");
+    assert!(e.to_string().contains("CAP.PMRS is 0"), "{e}");
+
+    let mut owner = open_nvme("nvme1", &ioas);
+    let pmr = owner.enable_pmr().unwrap();
+    assert_eq!((pmr.bar, pmr.size), (4, 16 << 20), "{pmr:?}");
+    let bar = owner.device().map_bar(pmr.bar).unwrap();
+    bar_write(&bar, OFF, &[0x33; LEN as usize]);
+    assert_eq!(
+        bar_read(&bar, OFF, 8),
+        [0x33; 8],
+        "the enabled PMR keeps writes"
+    );
+    let export = owner
+        .device()
+        .export_bar(pmr.bar, &[ByteRange::new(OFF, LEN)])
+        .unwrap();
+    let map = ioas
+        .map_dmabuf(export.dmabuf(), IovaPlacement::Auto, MapPerms::ReadWrite)
+        .unwrap();
+    reader
+        .read_blocks(LBA, (LEN / BLOCK) as u32, map.iova(), IO_TIMEOUT)
+        .unwrap();
+    let want = nvme_image(LBA * BLOCK, LEN as usize);
+    assert_bytes(
+        &bar_read(&bar, OFF, LEN as usize),
+        &want,
+        OFF,
+        "nvme1's PMR after nvme0 read into it",
+    );
+    // The bytes before the range are untouched.
+    assert_eq!(bar_read(&bar, OFF - 8, 8), [0; 8]);
+    request_host_check("nvme1-pmr", OFF, &want);
+}
+
 /// The CMB as an exporter target: nvme1's controller memory buffer, enabled
 /// and exported as a dma-buf, receives DMA from edu and from nvme0's Read;
 /// with nvme1's memory decode off both are blocked, and after it is back
@@ -616,6 +666,24 @@ fn nvme_cli_p2p_test_and_devices() {
     assert!(ok, "{text}");
     assert!(
         text.contains(&format!("target: {cmb_owner} BAR2")),
+        "{text}"
+    );
+    assert!(text.contains("PASS"), "{text}");
+
+    // BAR4 of the same controller is its PMR, which the CLI enables too.
+    let pmr_target = format!("{cmb_owner}:4");
+    let (ok, text) = run_cli(&[
+        "p2p-test",
+        "--engine",
+        &engine,
+        "--target",
+        &pmr_target,
+        "--blocks",
+        "8",
+    ]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains(&format!("target: {cmb_owner} BAR4")),
         "{text}"
     );
     assert!(text.contains("PASS"), "{text}");
