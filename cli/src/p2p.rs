@@ -42,7 +42,7 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     let iommufd = Iommufd::open()?;
     let ioas = iommufd.alloc_ioas()?;
     let (target_dev, nvme_default) =
-        super::p2p_nvme::open_target(args.target.device, &iommufd, &ioas)?;
+        super::p2p_nvme::open_target(args.target.device, args.target.bar, &iommufd, &ioas)?;
     let target = target_dev.dev();
     let (default_bar, default_range) = match nvme_default {
         Some((bar, range)) => (bar, Some(range)),

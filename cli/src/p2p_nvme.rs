@@ -49,10 +49,11 @@ fn region<T>(asked: dmabuf_p2p::Result<T>) -> Result<Option<T>, CliError> {
 }
 
 /// Opens the target device: an NVMe controller is brought up and its CMB
-/// and PMR enabled (either may be the target BAR); its CMB, or else its PMR,
-/// is the default target range.
+/// enabled; its PMR too when `bar` names another BAR than the CMB's, or
+/// there is no CMB. The CMB, or else the PMR, is the default target range.
 pub(super) fn open_target(
     address: PciAddress,
+    bar: Option<u32>,
     iommufd: &Iommufd,
     ioas: &Ioas,
 ) -> Result<(Target, Option<(u32, ByteRange)>), CliError> {
@@ -63,10 +64,19 @@ pub(super) fn open_target(
         dev.attach(ioas)?;
         let mut nvme = Nvme::from_device(dev, ioas)?;
         let cmb = region(nvme.enable_cmb())?;
-        let pmr = region(nvme.enable_pmr())?;
+        let cmb_is_target = cmb.is_some_and(|c| bar.is_none_or(|b| b == c.bar));
+        let pmr = if cmb_is_target {
+            None
+        } else {
+            region(nvme.enable_pmr())?
+        };
+        // The first 64 KiB of the region.
+        let first =
+            |bar: u32, offset: u64, size: u64| (bar, ByteRange::new(offset, size.min(0x10000)));
         let default = match (cmb, pmr) {
-            (Some(cmb), _) => (cmb.bar, ByteRange::new(cmb.offset, cmb.size.min(0x10000))),
-            (None, Some(pmr)) => (pmr.bar, ByteRange::new(0, pmr.size.min(0x10000))),
+            (Some(cmb), _) if cmb_is_target => first(cmb.bar, cmb.offset, cmb.size),
+            (_, Some(pmr)) => first(pmr.bar, 0, pmr.size),
+            (Some(cmb), None) => first(cmb.bar, cmb.offset, cmb.size),
             (None, None) => {
                 return Err(format!(
                     "NVMe controller {address} has neither a controller memory buffer nor a \
@@ -104,7 +114,7 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
         .into());
     }
     let count = u32::try_from(blocks)?;
-    let (target, nvme_default) = open_target(args.target.device, &iommufd, &ioas)?;
+    let (target, nvme_default) = open_target(args.target.device, args.target.bar, &iommufd, &ioas)?;
     let dev = target.dev();
     let (default_bar, default_range) = match nvme_default {
         Some((bar, range)) => (bar, Some(range)),
