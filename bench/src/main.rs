@@ -424,7 +424,7 @@ fn overhead(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas, sizes: &[u
     let mut batches: Vec<[Vec<[f64; 5]>; 4]> = sizes.iter().map(|_| Default::default()).collect();
     let rounds = opts.budget(5, 321, 40.0 * sizes.len() as f64);
     rounds.repeat(|_| -> R<()> {
-        for (&size, batches) in sizes.iter().zip(&mut batches) {
+        for (&size, size_batches) in sizes.iter().zip(&mut batches) {
             // One untimed cycle of each path at this size first: the last
             // batch ran at another size.
             cycle_library::<0>(dev, ioas, size)?;
@@ -441,21 +441,21 @@ fn overhead(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas, sizes: &[u
                     cycles[path].push(c);
                 }
             }
-            for (b, c) in batches.iter_mut().zip(&cycles) {
+            for (b, c) in size_batches.iter_mut().zip(&cycles) {
                 b.push(batch_medians(c));
             }
         }
         Ok(())
     })?;
-    for (&size, batches) in sizes.iter().zip(&batches) {
+    for (&size, size_batches) in sizes.iter().zip(&batches) {
         let mut line = format!("bench: overhead {:>8} KiB:", size >> 10);
         for (i, op) in OPS.iter().chain(&["total"]).enumerate() {
             let col = |v: &Vec<[f64; 5]>| v.iter().map(|b| b[i]).collect::<Vec<f64>>();
-            let raw_col = col(&batches[1]);
+            let raw_col = col(&size_batches[1]);
             emit("overhead", "raw", op, size, "ns", &Stats::of(&raw_col));
             line.push_str(&format!(" {op}"));
             for (p, name) in PATHS.iter().enumerate().filter(|(p, _)| *p != 1) {
-                let v = col(&batches[p]);
+                let v = col(&size_batches[p]);
                 emit("overhead", name, op, size, "ns", &Stats::of(&v));
                 let ratio: Vec<f64> = v.iter().zip(&raw_col).map(|(a, b)| a / b).collect();
                 let s = Stats::of(&ratio);
@@ -469,7 +469,7 @@ fn overhead(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas, sizes: &[u
         }
         println!(
             "{line} (library, control, library copy; n={})",
-            batches[0].len()
+            size_batches[0].len()
         );
     }
     Ok(())

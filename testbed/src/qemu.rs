@@ -42,6 +42,14 @@ pub struct NvmeDrive {
     pub mdts: u8,
 }
 
+impl NvmeDrive {
+    /// The QEMU id of its persistent memory region's backend, also the name
+    /// host checks use for it (`nvme1-pmr`).
+    pub fn pmr_id(&self) -> String {
+        format!("{}-pmr", self.id)
+    }
+}
+
 /// The byte at `offset` of every NVMe image the test bed creates: a hash of
 /// the offset's 8-byte word (splitmix64), so every block's contents are
 /// distinct and a read of the wrong block is seen. The guest tests compute
@@ -465,7 +473,7 @@ impl VmConfig {
                 dev.push_str(&format!(",cmb_size_mb={}", drive.cmb_mib));
             }
             if drive.pmr_mib > 0 {
-                let pmr = format!("{}-pmr", drive.id);
+                let pmr = drive.pmr_id();
                 a.push("-object".into());
                 a.push(format!(
                     "memory-backend-file,id={pmr},share=on,mem-path={},size={}M",
@@ -512,22 +520,15 @@ impl Vm {
         fs::create_dir_all(&config.run_dir)
             .map_err(|e| Error::io(format!("creating {}", config.run_dir.display()), e))?;
         for shm in &config.ivshmem {
-            let path = config.backing_file(&shm.id);
-            // A fresh, zeroed (sparse) file each boot.
-            let f = fs::File::create(&path)
-                .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
-            f.set_len(shm.size)
-                .map_err(|e| Error::io(format!("sizing {}", path.display()), e))?;
+            write_zeroed_file(&config.backing_file(&shm.id), shm.size)?;
         }
         for drive in &config.nvme {
             write_nvme_image(&config.backing_file(&drive.id), drive.size)?;
             if drive.pmr_mib > 0 {
-                // Like an ivshmem file: fresh and zeroed each boot.
-                let path = config.backing_file(&format!("{}-pmr", drive.id));
-                let f = fs::File::create(&path)
-                    .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
-                f.set_len(u64::from(drive.pmr_mib) << 20)
-                    .map_err(|e| Error::io(format!("sizing {}", path.display()), e))?;
+                write_zeroed_file(
+                    &config.backing_file(&drive.pmr_id()),
+                    u64::from(drive.pmr_mib) << 20,
+                )?;
             }
         }
         for p in [
@@ -594,6 +595,15 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Creates a fresh, zeroed (sparse) file of `size` bytes, as each boot's
+/// ivshmem and PMR backing memory.
+fn write_zeroed_file(path: &Path, size: u64) -> Result<()> {
+    let f =
+        fs::File::create(path).map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+    f.set_len(size)
+        .map_err(|e| Error::io(format!("sizing {}", path.display()), e))
 }
 
 /// Writes a fresh NVMe image of `size` bytes filled with [`nvme_image_byte`].

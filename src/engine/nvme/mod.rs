@@ -427,21 +427,21 @@ impl Nvme {
             }));
         }
         let pmrcap = self.bar0.read_u32(regs::PMRCAP)?;
-        let bir = (pmrcap >> 5) & 0x7;
-        // BIR 0 and 1 hold the registers; 6 and 7 are no BAR.
-        let size = if (2..=5).contains(&bir) {
-            self.dev.bar(bir)?.size()
-        } else {
-            0
+        let size = match PmrInfo::bar_of(pmrcap) {
+            Some(bar) => self.dev.bar(bar)?.size(),
+            None => 0,
         };
         let Some(pmr) = PmrInfo::decode(pmrcap, size) else {
             return Err(self.error(NvmeProblem::NoPmr {
-                why: format!("PMRCAP {pmrcap:#x} names BAR{bir}, which cannot hold one"),
+                why: format!(
+                    "PMRCAP {pmrcap:#x} names BAR{}, which cannot hold one",
+                    (pmrcap >> 5) & 0x7
+                ),
             }));
         };
         if pmr.size == 0 {
             return Err(self.error(NvmeProblem::NoPmr {
-                why: format!("BAR{bir} is not implemented"),
+                why: format!("BAR{} is not implemented", pmr.bar),
             }));
         }
         self.bar0.write_u32(regs::PMRCTL, regs::PMRCTL_EN)?;

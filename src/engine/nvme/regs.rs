@@ -212,6 +212,12 @@ pub struct PmrInfo {
 }
 
 impl PmrInfo {
+    /// The BAR PMRCAP.BIR names, if a region may live there (2 to 5: BAR0
+    /// and BAR1 hold the registers, 6 and 7 are no BAR).
+    pub fn bar_of(pmrcap: u32) -> Option<u32> {
+        Some((pmrcap >> 5) & 0x7).filter(|bar| (2..=5).contains(bar))
+    }
+
     /// Decodes PMRCAP for a region in a BAR of `bar_size` bytes; `None`
     /// when PMRCAP names no BAR the region may live in (BIR outside 2..=5).
     ///
@@ -226,10 +232,7 @@ impl PmrInfo {
     /// assert!(PmrInfo::decode(0, 0).is_none());
     /// ```
     pub fn decode(pmrcap: u32, bar_size: u64) -> Option<Self> {
-        let bar = (pmrcap >> 5) & 0x7;
-        if !(2..=5).contains(&bar) {
-            return None;
-        }
+        let bar = Self::bar_of(pmrcap)?;
         let units = u64::from((pmrcap >> 16) & 0xff);
         let timeout = match (pmrcap >> 8) & 0x3 {
             0 => Duration::from_millis(500 * units),
