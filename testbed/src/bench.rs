@@ -236,14 +236,7 @@ pub fn xtask(args: &[String]) -> Result<bool> {
             "strace -f -o /tmp/strace.log {GUEST_BENCH} --only=trace; s=$?; cat /tmp/strace.log; exit $s\n"
         )
     } else {
-        let mut job = GUEST_BENCH.to_owned();
-        if opts.quick {
-            job.push_str(" --quick");
-        }
-        if let Some(only) = &opts.only {
-            job.push_str(&format!(" --only={only}"));
-        }
-        job + "\n"
+        guest_job(opts.quick, opts.only.as_deref())
     };
     let Some(main) = run_vm("bench", job, &bench_bin, opts.strace, false)? else {
         return Ok(false);
@@ -259,13 +252,11 @@ pub fn xtask(args: &[String]) -> Result<bool> {
                 .is_none_or(|o| o.split(',').any(|p| p == *part))
         })
         .collect();
+    let accel = Accel::detect();
     let mut icount_vm_seconds = None;
-    if !counted_parts.is_empty() && !opts.strace && Accel::detect() == Accel::Tcg {
-        let mut job = format!("{GUEST_BENCH} --only={}", counted_parts.join(","));
-        if opts.quick {
-            job.push_str(" --quick");
-        }
-        let Some(counted) = run_vm("bench-icount", job + "\n", &bench_bin, false, true)? else {
+    if !counted_parts.is_empty() && !opts.strace && accel == Accel::Tcg {
+        let job = guest_job(opts.quick, Some(&counted_parts.join(",")));
+        let Some(counted) = run_vm("bench-icount", job, &bench_bin, false, true)? else {
             return Ok(false);
         };
         // Only the measurements: the run's facts are the first VM's.
@@ -280,7 +271,7 @@ pub fn xtask(args: &[String]) -> Result<bool> {
         }));
         icount_vm_seconds = Some(counted.seconds);
     }
-    let accel = match Accel::detect() {
+    let accel = match accel {
         Accel::Kvm => "kvm",
         Accel::Tcg => "tcg",
     };
@@ -327,6 +318,19 @@ pub fn xtask(args: &[String]) -> Result<bool> {
         saved.display()
     );
     Ok(true)
+}
+
+/// The guest's command line for a run of the benchmark: `--quick` and
+/// `--only=PARTS` as asked.
+fn guest_job(quick: bool, only: Option<&str>) -> String {
+    let mut job = GUEST_BENCH.to_owned();
+    if quick {
+        job.push_str(" --quick");
+    }
+    if let Some(only) = only {
+        job.push_str(&format!(" --only={only}"));
+    }
+    job + "\n"
 }
 
 /// The records and shape of one benchmark VM run.
