@@ -93,6 +93,16 @@ fn from_env(path: PathBuf) -> Result<PathBuf> {
     if let Err(reason) = check_bzimage(&path) {
         return Err(Error::KernelPath { path, reason });
     }
+    // Said once per process: the kernel is resolved more than once per run.
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    if let Ok(fit @ Fit::Lacks { .. }) = prebuilt_fit(&path) {
+        WARNED.call_once(|| {
+            eprintln!(
+                "kernel: WARNING: {KERNEL_ENV}: {}; the tests that need them will fail",
+                fit.describe(&path)
+            );
+        });
+    }
     std::path::absolute(&path).map_err(|e| Error::KernelPath {
         path: path.clone(),
         reason: format!("cannot be made absolute: {e}"),
@@ -590,6 +600,105 @@ fn kconfig_defines(src: &Path, option: &str) -> bool {
         }
     }
     false
+}
+
+// ---------------------------------------------------------------------------
+// Prebuilt kernels
+
+/// The names a prebuilt kernel's `.config` may have next to its bzImage:
+/// `kernel.config` (as in `../shared/vm/`) or `config` (as in this cache).
+const CONFIG_NAMES: &[&str] = &["kernel.config", "config"];
+
+/// Whether a prebuilt kernel has every option of [`FRAGMENT`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fit {
+    /// Its config holds every fragment option.
+    Fits {
+        /// The config that was checked.
+        config: PathBuf,
+    },
+    /// Its config does not hold these fragment options.
+    Lacks {
+        /// The config that was checked.
+        config: PathBuf,
+        /// Each unmet option as `CONFIG_X=y (has n)` or `CONFIG_X=y (absent)`.
+        unmet: Vec<String>,
+    },
+    /// No config lies next to it, so it cannot be checked.
+    NoConfig,
+}
+
+impl Fit {
+    /// Whether the kernel has every fragment option.
+    pub fn fits(&self) -> bool {
+        matches!(self, Self::Fits { .. })
+    }
+
+    /// One line saying what was found, for the kernel at `image`.
+    pub fn describe(&self, image: &Path) -> String {
+        let image = image.display();
+        match self {
+            Self::Fits { config } => format!(
+                "{image}: {} holds every option of testbed/kernel/fragment.config",
+                config.display()
+            ),
+            Self::Lacks { config, unmet } => format!(
+                "{image}: {} lacks {} option(s) of testbed/kernel/fragment.config: {}",
+                config.display(),
+                unmet.len(),
+                unmet.join(", ")
+            ),
+            Self::NoConfig => format!(
+                "{image}: no {} next to it to check against testbed/kernel/fragment.config",
+                CONFIG_NAMES.join(" or ")
+            ),
+        }
+    }
+}
+
+/// Checks the config next to a prebuilt bzImage (see [`CONFIG_NAMES`])
+/// against [`FRAGMENT`]: the test bed may boot it in place of a kernel built
+/// from the fragment only if every option holds.
+pub fn prebuilt_fit(image: &Path) -> Result<Fit> {
+    let fragment = parse_fragment(FRAGMENT)
+        .map_err(|e| Error::Setup(format!("testbed/kernel/fragment.config {e}")))?;
+    let dir = image.parent().unwrap_or(Path::new("."));
+    let Some(config) = CONFIG_NAMES
+        .iter()
+        .map(|name| dir.join(name))
+        .find(|p| p.is_file())
+    else {
+        return Ok(Fit::NoConfig);
+    };
+    let text = fs::read_to_string(&config)
+        .map_err(|e| Error::io(format!("reading {}", config.display()), e))?;
+    Ok(fit_of(&fragment, config, &text))
+}
+
+fn fit_of(fragment: &[(String, String)], config: PathBuf, text: &str) -> Fit {
+    let unmet: Vec<String> = check_config(fragment, &parse_config(text))
+        .into_iter()
+        .map(|m| match m.got {
+            Some(got) => format!("{}={} (has {got})", m.option, m.wanted),
+            None => format!("{}={} (absent)", m.option, m.wanted),
+        })
+        .collect();
+    if unmet.is_empty() {
+        Fit::Fits { config }
+    } else {
+        Fit::Lacks { config, unmet }
+    }
+}
+
+/// `cargo xtask kernel-fits BZIMAGE`: says in one line on stdout whether the
+/// prebuilt kernel has every fragment option; `Ok(true)` if it has.
+pub fn xtask_fits(image: &Path) -> Result<bool> {
+    if let Err(reason) = check_bzimage(image) {
+        return Err(Error::Setup(format!("{}: {reason}", image.display())));
+    }
+    let fit = prebuilt_fit(image)?;
+    println!("{}", fit.describe(image));
+    Ok(fit.fits())
 }
 
 // ---------------------------------------------------------------------------
@@ -1154,6 +1263,74 @@ mod tests {
         let unmet = check_config(&fragment, &config);
         assert!(unmet.iter().any(|m| m.option == "CONFIG_PROVE_LOCKING"));
         assert!(!unmet.iter().any(|m| m.option == "CONFIG_FAILSLAB"));
+    }
+
+    /// A `.config` that has every fragment option, as Kconfig writes one.
+    fn config_with_the_fragment() -> String {
+        parse_fragment(FRAGMENT)
+            .unwrap()
+            .iter()
+            .map(|(o, v)| {
+                if v == "n" {
+                    format!("# {o} is not set\n")
+                } else {
+                    format!("{o}={v}\n")
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_prebuilt_kernel_is_used_only_with_every_fragment_option() {
+        let dir = std::env::temp_dir().join(format!("kernel-fit-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let image = dir.join("bzImage");
+        fs::write(&image, image_with(b"HdrS")).unwrap();
+        assert_eq!(prebuilt_fit(&image).unwrap(), Fit::NoConfig);
+        assert!(!xtask_fits(&image).unwrap());
+
+        // This cache's layout: `config` next to the image.
+        let full = config_with_the_fragment();
+        fs::write(dir.join("config"), &full).unwrap();
+        let fit = prebuilt_fit(&image).unwrap();
+        assert_eq!(
+            fit,
+            Fit::Fits {
+                config: dir.join("config")
+            }
+        );
+        assert!(xtask_fits(&image).unwrap());
+
+        // ../shared/vm's layout, `kernel.config`, is read first: one option
+        // absent, one off.
+        let lacking = full.replace("CONFIG_PROVE_LOCKING=y\n", "").replace(
+            "CONFIG_IOMMUFD_TEST=y\n",
+            "# CONFIG_IOMMUFD_TEST is not set\n",
+        );
+        fs::write(dir.join("kernel.config"), lacking).unwrap();
+        let fit = prebuilt_fit(&image).unwrap();
+        assert_eq!(
+            fit,
+            Fit::Lacks {
+                config: dir.join("kernel.config"),
+                unmet: vec![
+                    "CONFIG_PROVE_LOCKING=y (absent)".to_owned(),
+                    "CONFIG_IOMMUFD_TEST=y (has n)".to_owned(),
+                ],
+            }
+        );
+        let line = fit.describe(&image);
+        assert!(
+            !line.contains('\n')
+                && line.contains("kernel.config lacks 2 option(s)")
+                && line.contains("CONFIG_PROVE_LOCKING=y (absent), CONFIG_IOMMUFD_TEST=y (has n)"),
+            "{line}"
+        );
+        assert!(!xtask_fits(&image).unwrap());
+
+        // Not a kernel at all: an error, not a verdict.
+        assert!(xtask_fits(&dir.join("config")).is_err());
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! * `cargo xtask vm-test [FILTER..] [--fail-on-purpose]` — only the VM suite.
 //! * `cargo xtask vm-info` — boot the VM and show what it offers.
 //! * `cargo xtask kernel [--force]` — build (or find) the test kernel.
+//! * `cargo xtask kernel-fits BZIMAGE` — whether a prebuilt kernel's config
+//!   has every option of `testbed/kernel/fragment.config` (exit status 0 if so).
 //! * `cargo xtask fuzz [TARGET..] [--seconds N]` — fuzz the parsers (`docs/FUZZING.md`).
 //! * `cargo xtask bench [--quick] [--only=PARTS] [--render FILE]` — the
 //!   in-VM benchmarks; writes `docs/BENCHMARKS.md` and `docs/bench/*.svg`.
@@ -16,7 +18,7 @@ use std::time::Instant;
 use testbed::suite::{self, GuestBinaries, RunSpec};
 use testbed::{Result, deps, fuzz, kernel, uapi, workspace_root};
 
-const USAGE: &str = "usage: cargo xtask <test | vm-test [FILTER..] [--fail-on-purpose] | vm-info | kernel [--force] | bindings [--check] | bench [--quick] [--only=PARTS] [--render FILE] | fuzz [TARGET..] [--seconds N]>";
+const USAGE: &str = "usage: cargo xtask <test | vm-test [FILTER..] [--fail-on-purpose] | vm-info | kernel [--force] | kernel-fits BZIMAGE | bindings [--check] | bench [--quick] [--only=PARTS] [--render FILE] | fuzz [TARGET..] [--seconds N]>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -34,6 +36,13 @@ fn main() -> ExitCode {
             println!("{}", p.display());
             true
         }),
+        "kernel-fits" => match rest {
+            [image] => kernel::xtask_fits(std::path::Path::new(image)),
+            _ => {
+                eprintln!("usage: cargo xtask kernel-fits BZIMAGE");
+                return ExitCode::from(2);
+            }
+        },
         "bindings" => uapi::run_bindings(rest.iter().any(|a| a == "--check")).map(|()| true),
         "fuzz" => fuzz::xtask(rest),
         "-h" | "--help" | "help" => {
