@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod boot;
+pub mod boot_check;
 pub mod debian;
 pub mod deps;
 pub mod fuzz;
