@@ -184,6 +184,21 @@ fn source_version(kdir: &Path) -> Result<String> {
     Ok(newest.clone())
 }
 
+/// The unpacked source tree of the kernel, fetched and unpacked first if it
+/// is not in the cache yet (for the kernel's selftests, which build from it).
+pub fn source_dir() -> Result<PathBuf> {
+    let kdir = kernel_cache()?;
+    check_path_usable(&kdir)?;
+    let version = source_version(&kdir)?;
+    let tree = unpacked_tree(&kdir, &version);
+    if tree.join("Makefile").is_file() && tree.join("scripts/kconfig/merge_config.sh").is_file() {
+        // Read-only use: no need to wait for a kernel build that holds the lock.
+        return Ok(tree);
+    }
+    let _lock = BuildLock::acquire(&kdir.join(".lock"))?;
+    source_tree(&kdir, &version)
+}
+
 /// The cache key: the source version plus a hash of the package name, version,
 /// build recipe and [`FRAGMENT`], e.g. `7.2.13-1-0123456789abcdef`.
 pub fn cache_key() -> String {

@@ -20,6 +20,7 @@ pub mod qemu_binary;
 pub mod qmp;
 pub mod report;
 pub mod runtime_dir;
+pub mod selftests;
 pub mod suite;
 pub mod uapi;
 

@@ -186,6 +186,8 @@ pub struct RunSpec {
     pub boot_timeout: Duration,
     /// Print the guest's report lines as they arrive.
     pub stream: bool,
+    /// More host binaries for the guest: (guest path, host path).
+    pub extra_binaries: Vec<(String, PathBuf)>,
 }
 
 impl RunSpec {
@@ -206,6 +208,7 @@ impl RunSpec {
             timeout: secs("DMABUF_P2P_VM_TIMEOUT").unwrap_or(Duration::from_secs(900)),
             boot_timeout: secs("DMABUF_P2P_BOOT_TIMEOUT").unwrap_or(BOOT_TIMEOUT),
             stream: true,
+            extra_binaries: Vec::new(),
         }
     }
 }
@@ -267,6 +270,9 @@ pub fn pack_initramfs(spec: &RunSpec, bins: &GuestBinaries, dest: &Path) -> Resu
     }
     for (name, exe) in &bins.examples {
         fs_.host_binary(&format!("{GUEST_EXAMPLES}/{name}"), exe)?;
+    }
+    for (guest, host) in &spec.extra_binaries {
+        fs_.host_binary(guest, host)?;
     }
     fs_.write_to(dest)
 }

@@ -7,6 +7,8 @@
 //! * `cargo xtask kernel [--force]` — build (or find) the test kernel.
 //! * `cargo xtask boot-check [--count N] [--load N]` — boot the VM N times
 //!   (N busy host threads meanwhile) and count the failures by kind.
+//! * `cargo xtask kernel-selftests` — the kernel's iommufd and udmabuf
+//!   selftests, built from the cached source, run in the VM.
 //! * `cargo xtask kernel-fits BZIMAGE` — whether a prebuilt kernel's config
 //!   has every option of `testbed/kernel/fragment.config` (exit status 0 if so).
 //! * `cargo xtask fuzz [TARGET..] [--seconds N]` — fuzz the parsers (`docs/FUZZING.md`).
@@ -20,7 +22,7 @@ use std::time::Instant;
 use testbed::suite::{self, GuestBinaries, RunSpec};
 use testbed::{Result, deps, fuzz, kernel, uapi, workspace_root};
 
-const USAGE: &str = "usage: cargo xtask <test | vm-test [FILTER..] [--fail-on-purpose] | vm-info | kernel [--force] | kernel-fits BZIMAGE | boot-check [--count N] [--load N] | bindings [--check] | bench [--quick] [--only=PARTS] [--render FILE] | fuzz [TARGET..] [--seconds N]>";
+const USAGE: &str = "usage: cargo xtask <test | vm-test [FILTER..] [--fail-on-purpose] | vm-info | kernel [--force] | kernel-fits BZIMAGE | kernel-selftests | boot-check [--count N] [--load N] | bindings [--check] | bench [--quick] [--only=PARTS] [--render FILE] | fuzz [TARGET..] [--seconds N]>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -46,6 +48,7 @@ fn main() -> ExitCode {
             }
         },
         "boot-check" => testbed::boot_check::xtask(rest),
+        "kernel-selftests" => testbed::selftests::xtask(),
         "bindings" => uapi::run_bindings(rest.iter().any(|a| a == "--check")).map(|()| true),
         "fuzz" => fuzz::xtask(rest),
         "-h" | "--help" | "help" => {
