@@ -620,6 +620,24 @@ fn kconfig_defines(src: &Path, option: &str) -> bool {
 // ---------------------------------------------------------------------------
 // Prebuilt kernels
 
+/// The line of [`FRAGMENT`] after which come build choices (EXPERT, -Os):
+/// how this kernel is built, not what a test needs, so a prebuilt kernel need
+/// not have them.
+const BUILD_CHOICES: &str = "# ----- build choices -----";
+
+/// The part of [`FRAGMENT`] that every kernel the tests boot must have: all
+/// of it up to the [`BUILD_CHOICES`] line.
+pub fn required_fragment() -> &'static str {
+    let mut end = 0;
+    for line in FRAGMENT.split_inclusive('\n') {
+        if line.trim() == BUILD_CHOICES {
+            return &FRAGMENT[..end];
+        }
+        end += line.len();
+    }
+    FRAGMENT
+}
+
 /// The names a prebuilt kernel's `.config` may have next to its bzImage:
 /// `kernel.config` (as in `../shared/vm/`) or `config` (as in this cache).
 const CONFIG_NAMES: &[&str] = &["kernel.config", "config"];
@@ -654,11 +672,11 @@ impl Fit {
         let image = image.display();
         match self {
             Self::Fits { config } => format!(
-                "{image}: {} holds every option of testbed/kernel/fragment.config",
+                "{image}: {} holds every option the tests need (testbed/kernel/fragment.config)",
                 config.display()
             ),
             Self::Lacks { config, unmet } => format!(
-                "{image}: {} lacks {} option(s) of testbed/kernel/fragment.config: {}",
+                "{image}: {} lacks {} option(s) the tests need (testbed/kernel/fragment.config): {}",
                 config.display(),
                 unmet.len(),
                 unmet.join(", ")
@@ -672,10 +690,10 @@ impl Fit {
 }
 
 /// Checks the config next to a prebuilt bzImage (see [`CONFIG_NAMES`])
-/// against [`FRAGMENT`]: the test bed may boot it in place of a kernel built
-/// from the fragment only if every option holds.
+/// against the [`required_fragment`]: the test bed may boot it in place of a
+/// kernel built from the fragment only if every option holds.
 pub fn prebuilt_fit(image: &Path) -> Result<Fit> {
-    let fragment = parse_fragment(FRAGMENT)
+    let fragment = parse_fragment(required_fragment())
         .map_err(|e| Error::Setup(format!("testbed/kernel/fragment.config {e}")))?;
     let dir = image.parent().unwrap_or(Path::new("."));
     let Some(config) = CONFIG_NAMES
@@ -1293,6 +1311,37 @@ mod tests {
                 }
             })
             .collect()
+    }
+
+    #[test]
+    fn build_choices_are_not_required_of_a_prebuilt_kernel() {
+        let required = parse_fragment(required_fragment()).unwrap();
+        let all = parse_fragment(FRAGMENT).unwrap();
+        assert_eq!(
+            FRAGMENT
+                .lines()
+                .filter(|l| l.trim() == BUILD_CHOICES)
+                .count(),
+            1
+        );
+        let has = |set: &[(String, String)], o: &str| set.iter().any(|(n, _)| n == o);
+        for choice in ["CONFIG_EXPERT", "CONFIG_CC_OPTIMIZE_FOR_SIZE"] {
+            assert!(has(&all, choice) && !has(&required, choice), "{choice}");
+        }
+        assert!(has(&required, "CONFIG_PROVE_LOCKING") && has(&required, "CONFIG_IOMMUFD"));
+        assert!(
+            required.len() + 2 == all.len(),
+            "{} {}",
+            required.len(),
+            all.len()
+        );
+        // A config with every required option and none of the choices fits.
+        let without_choices: String = config_with_the_fragment()
+            .lines()
+            .filter(|l| !l.starts_with("CONFIG_EXPERT=") && !l.starts_with("CONFIG_CC_OPTIMIZE"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(fit_of(&required, PathBuf::from("config"), &without_choices).fits());
     }
 
     #[test]
