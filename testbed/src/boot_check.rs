@@ -209,7 +209,11 @@ pub fn xtask(args: &[String]) -> Result<bool> {
         stream: false,
         ..RunSpec::new("boot-check", "true\n".to_owned(), false)
     };
-    let kept_dir = workspace_root().join("target/testbed/boot-check-failures");
+    // Named like the run directory, so concurrent checks keep apart.
+    let kept_dir = workspace_root().join(match std::env::var("DMABUF_P2P_RUN_TAG") {
+        Ok(tag) if !tag.is_empty() => format!("target/testbed/boot-check-failures-{tag}"),
+        _ => "target/testbed/boot-check-failures".to_owned(),
+    });
     if kept_dir.exists() {
         fs::remove_dir_all(&kept_dir)
             .map_err(|e| Error::io(format!("removing {}", kept_dir.display()), e))?;
