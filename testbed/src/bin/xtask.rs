@@ -36,10 +36,8 @@ fn main() -> ExitCode {
         "vm-test" => vm_test(rest),
         "vm-info" => vm_info(),
         "bench" => testbed::bench::xtask(rest),
-        "kernel" => kernel::xtask(rest.iter().any(|a| a == "--force")).map(|p| {
-            println!("{}", p.display());
-            true
-        }),
+        // kernel::xtask prints the path itself.
+        "kernel" => kernel::xtask(rest.iter().any(|a| a == "--force")).map(|_| true),
         "kernel-fits" => match rest {
             [image] => kernel::xtask_fits(std::path::Path::new(image)),
             _ => {
