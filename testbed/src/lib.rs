@@ -13,6 +13,7 @@ pub mod fuzz;
 pub mod initramfs;
 pub mod kernel;
 pub mod private_root;
+pub mod profile;
 pub mod qemu;
 pub mod qemu_binary;
 pub mod qmp;

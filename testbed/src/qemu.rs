@@ -237,6 +237,8 @@ pub struct VmConfig {
     /// functions of slot 0x1e (slot 0x1f is the chipset's): the devices
     /// before them keep their PCI addresses.
     pub nvme: Vec<NvmeDrive>,
+    /// Properties added to the `intel-iommu` device (`aw-bits=39`).
+    pub iommu_options: Vec<String>,
     /// Extra kernel command line.
     pub extra_cmdline: String,
     /// Extra QEMU arguments, after the devices (e.g. `-global
@@ -285,6 +287,7 @@ impl VmConfig {
             edu: true,
             extra_edu: 5,
             nvme: Self::standard_nvme(),
+            iommu_options: Vec::new(),
             extra_cmdline: String::new(),
             extra_qemu_args: Vec::new(),
             accel: Accel::detect(),
@@ -348,6 +351,20 @@ impl VmConfig {
         self.socket_dir.as_deref().unwrap_or(&self.run_dir)
     }
 
+    /// The `intel-iommu` device with its properties: interrupt remapping
+    /// under KVM, then [`iommu_options`](Self::iommu_options).
+    fn iommu_device(&self) -> String {
+        let mut dev = String::from("intel-iommu");
+        if self.accel == Accel::Kvm {
+            dev.push_str(",intremap=on");
+        }
+        for opt in &self.iommu_options {
+            dev.push(',');
+            dev.push_str(opt);
+        }
+        dev
+    }
+
     /// The full QEMU argument list.
     pub fn args(&self) -> Vec<String> {
         let mut a: Vec<String> = Vec::new();
@@ -401,11 +418,7 @@ impl VmConfig {
             format!("unix:{},server=on,wait=off", self.qmp_socket().display()),
             // The IOMMU must come before the devices it translates for.
             "-device".to_owned(),
-            if self.accel == Accel::Kvm {
-                "intel-iommu,intremap=on".to_owned()
-            } else {
-                "intel-iommu".to_owned()
-            },
+            self.iommu_device(),
         ];
         a.append(&mut a2);
         let mut port = 0u32;

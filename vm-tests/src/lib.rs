@@ -159,6 +159,14 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// The VM profile this suite runs in (`standard`, `aw39`, ...: the test
+/// bed's `testbed/src/profile.rs`), from the job's environment.
+pub fn vm_profile() -> String {
+    std::env::var("DMABUF_P2P_VM_PROFILE").unwrap_or_else(|_| {
+        panic!("DMABUF_P2P_VM_PROFILE is not set: run the suite through the test bed")
+    })
+}
+
 /// The PCI address of the test bed's edu engine.
 pub fn edu_address() -> String {
     pci_devices(EDU_ID)

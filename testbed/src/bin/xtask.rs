@@ -2,7 +2,8 @@
 //!
 //! * `cargo xtask test` — everything: fmt and clippy checks, host tests, then the
 //!   VM suite (the README's test command, called by `.ci/run`).
-//! * `cargo xtask vm-test [FILTER..] [--fail-on-purpose]` — only the VM suite.
+//! * `cargo xtask vm-test [FILTER..] [--profile=NAME] [--fail-on-purpose]` — only the
+//!   VM suite, one VM per profile (`testbed/src/profile.rs`).
 //! * `cargo xtask vm-info` — boot the VM and show what it offers.
 //! * `cargo xtask kernel [--force]` — build (or find) the test kernel.
 //! * `cargo xtask fuzz [TARGET..] [--seconds N]` — fuzz the parsers (`docs/FUZZING.md`).
@@ -14,9 +15,9 @@ use std::process::{Command, ExitCode};
 use std::time::Instant;
 
 use testbed::suite::{self, GuestBinaries, RunSpec};
-use testbed::{Result, deps, fuzz, kernel, uapi, workspace_root};
+use testbed::{Result, deps, fuzz, kernel, profile, uapi, workspace_root};
 
-const USAGE: &str = "usage: cargo xtask <test | vm-test [FILTER..] [--fail-on-purpose] | vm-info | kernel [--force] | bindings [--check] | bench [--quick] [--only=PARTS] [--render FILE] | fuzz [TARGET..] [--seconds N]>";
+const USAGE: &str = "usage: cargo xtask <test | vm-test [FILTER..] [--profile=NAME] [--fail-on-purpose] | vm-info | kernel [--force] | bindings [--check] | bench [--quick] [--only=PARTS] [--render FILE] | fuzz [TARGET..] [--seconds N]>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -55,8 +56,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn tests_job(filters: &[String], fail_on_purpose: bool) -> String {
+/// The guest job of one suite run: the libtest binary with `args`, in a VM
+/// of the profile named `profile`.
+fn tests_job(profile: &str, args: &[String], fail_on_purpose: bool) -> String {
     let mut job = String::from("export RUST_BACKTRACE=1\n");
+    job.push_str(&format!(
+        "export DMABUF_P2P_VM_PROFILE={}\n",
+        shell_quote(profile)
+    ));
     if fail_on_purpose {
         job.push_str("export DMABUF_P2P_FAIL_ON_PURPOSE=1\n");
     }
@@ -68,9 +75,9 @@ fn tests_job(filters: &[String], fail_on_purpose: bool) -> String {
     }
     job.push_str(suite::GUEST_VM_TESTS);
     job.push_str(" --test-threads=1");
-    for f in filters {
+    for a in args {
         job.push(' ');
-        job.push_str(&shell_quote(f));
+        job.push_str(&shell_quote(a));
     }
     job.push('\n');
     job
@@ -80,29 +87,70 @@ fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
-/// Runs the VM suite; returns whether it passed.
+/// Runs the VM suite, one VM per profile that `filters` concern (every
+/// profile when there are none; only `only` when given); returns whether
+/// every run passed.
 fn run_suite(
     bins: &GuestBinaries,
     filters: &[String],
+    only: Option<&str>,
     fail_on_purpose: bool,
     name: &str,
 ) -> Result<bool> {
-    let spec = RunSpec::new(name, tests_job(filters, fail_on_purpose), true);
-    let verdict = suite::run(&spec, bins, |_| {})?;
-    suite::print_verdict("vm-suite", &verdict);
-    Ok(verdict.passed())
+    let mut all_ok = true;
+    let mut ran = 0;
+    for p in profile::all() {
+        if only.is_some_and(|o| o != p.name) {
+            continue;
+        }
+        let Some(args) = p.test_args(filters) else {
+            continue;
+        };
+        ran += 1;
+        let (run_name, label) = if p.is_standard() {
+            (name.to_owned(), "vm-suite".to_owned())
+        } else {
+            eprintln!("testbed: profile {}: {}", p.name, p.about);
+            (
+                format!("{name}-{}", p.name),
+                format!("vm-suite ({})", p.name),
+            )
+        };
+        let spec = RunSpec::new(&run_name, tests_job(p.name, &args, fail_on_purpose), true);
+        let verdict = suite::run(&spec, bins, p.shape)?;
+        suite::print_verdict(&label, &verdict);
+        all_ok &= verdict.passed();
+    }
+    if ran == 0 {
+        eprintln!("testbed: no VM profile has tests matching {filters:?}");
+        return Ok(false);
+    }
+    Ok(all_ok)
 }
 
 fn vm_test(args: &[String]) -> Result<bool> {
     deps::ensure_vm_tools()?;
     let fail = args.iter().any(|a| a == "--fail-on-purpose");
+    let only = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--profile="))
+        .map(str::to_owned);
+    if let Some(o) = &only
+        && profile::named(o).is_none()
+    {
+        let names: Vec<&str> = profile::all().iter().map(|p| p.name).collect();
+        return Err(testbed::Error::Setup(format!(
+            "no VM profile {o:?} (profiles: {})",
+            names.join(", ")
+        )));
+    }
     let filters: Vec<String> = args
         .iter()
         .filter(|a| !a.starts_with("--"))
         .cloned()
         .collect();
     let bins = suite::build_guest_binaries(true)?;
-    run_suite(&bins, &filters, fail, "vm-test")
+    run_suite(&bins, &filters, only.as_deref(), fail, "vm-test")
 }
 
 fn vm_info() -> Result<bool> {
@@ -181,7 +229,7 @@ fn test_all() -> Result<bool> {
     };
 
     let bins = suite::build_guest_binaries(true)?;
-    let vm_ok = run_suite(&bins, &[], false, "vm-test")?;
+    let vm_ok = run_suite(&bins, &[], None, false, "vm-test")?;
 
     // The test bed must be able to fail: one test that fails on purpose.
     eprintln!("testbed: self-check: a guest test that fails on purpose must fail the run");
@@ -189,7 +237,11 @@ fn test_all() -> Result<bool> {
         stream: false,
         ..RunSpec::new(
             "self-check",
-            tests_job(&["testbed::fails_on_purpose".to_owned()], true),
+            tests_job(
+                profile::STANDARD,
+                &["testbed::fails_on_purpose".to_owned()],
+                true,
+            ),
             true,
         )
     };

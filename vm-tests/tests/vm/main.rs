@@ -1,6 +1,10 @@
 //! The in-VM test suite. Built on the host, run inside the test VM by
 //! `cargo xtask vm-test`, one test at a time (`--test-threads=1`), because the
 //! tests share real devices.
+//!
+//! A module named `profile_<name>` runs only in a VM of that profile (a
+//! narrower IOMMU, another topology: `testbed/src/profile.rs`); the rest run
+//! in the standard VM.
 
 mod bad_input;
 mod concurrency;
@@ -16,6 +20,7 @@ mod load;
 mod nvme;
 mod p2p;
 mod placement;
+mod profile_aw39;
 mod revoke;
 mod share;
 mod share_attacks;
