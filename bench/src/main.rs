@@ -35,9 +35,9 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use dmabuf_p2p::ByteRange;
-use dmabuf_p2p::exporter::vfio::VfioPciDevice;
 use dmabuf_p2p::importer::iommufd::{Ioas, Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::revoke::{Attachment, RestorePolicy};
+use dmabuf_p2p::vfio::VfioPciDevice;
 
 use stats::{Budget, Stats, emit, emit_meta, ns_since};
 
@@ -614,7 +614,7 @@ fn profile(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas, bdf: &str) 
             "lib_plan_export",
             Box::new(|| {
                 let bar = dev.bar(BAR)?;
-                let plan = dmabuf_p2p::exporter::vfio::plan_export(
+                let plan = dmabuf_p2p::exporter::bar::plan_export(
                     dev.address(),
                     &bar,
                     &[ByteRange::new(0, MIN_SIZE)],

@@ -3,8 +3,8 @@
 use std::process::ExitCode;
 
 use dmabuf_p2p::ByteRange;
-use dmabuf_p2p::exporter::vfio::VfioPciDevice;
 use dmabuf_p2p::importer::iommufd::Iommufd;
+use dmabuf_p2p::vfio::VfioPciDevice;
 
 use crate::target::TargetSpec;
 use crate::{CliError, human_size, print_json};

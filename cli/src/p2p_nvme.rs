@@ -177,7 +177,7 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     };
     let read_bar = |w: &BarMapping, off: u64| -> Result<Vec<u8>, CliError> {
         let mut v = vec![0u8; len];
-        w.read_bytes(bar_at(off), &mut v)?;
+        w.read(bar_at(off), &mut v)?;
         Ok(v)
     };
 
@@ -196,8 +196,8 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     // 2. storage -> BAR, compared with host RAM
     let t = Instant::now();
     let sentinel = pattern(0xa5, size);
-    window.write_bytes(bar_at(0), &sentinel)?;
-    window.write_bytes(bar_at(size), &sentinel)?;
+    window.write(bar_at(0), &sentinel)?;
+    window.write(bar_at(size), &sentinel)?;
     engine.read_blocks(args.lba, count, att.iova(), timeout)?;
     let got = read_bar(&window, 0)?;
     let ok = got == from_disk;

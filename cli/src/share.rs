@@ -22,7 +22,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use dmabuf_p2p::engine::DmaEngine;
 use dmabuf_p2p::engine::edu::Edu;
-use dmabuf_p2p::exporter::vfio::{BarExport, VfioPciDevice};
+use dmabuf_p2p::exporter::bar::BarExport;
 use dmabuf_p2p::importer::iommufd::{Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::range::{page_size, parse_size};
@@ -32,6 +32,7 @@ use dmabuf_p2p::share::{
     ShareServer, SharedBuffer, bind_listener, default_socket_path,
 };
 use dmabuf_p2p::vfio::BarMapping;
+use dmabuf_p2p::vfio::VfioPciDevice;
 use dmabuf_p2p::{ByteRange, Error, PciAddress};
 
 use crate::{CliError, human_size, print_json};
@@ -181,7 +182,7 @@ pub fn serve(
         server.set_read_back(move |offset, buf| {
             let w = window.read().unwrap_or_else(PoisonError::into_inner);
             match (&w.window, w.decode_on) {
-                (Some(m), true) => m.read_bytes(base + offset, buf),
+                (Some(m), true) => m.read(base + offset, buf),
                 _ => Err(Error::Revoked {
                     buffer: format!("{name} (memory decode off or closing)"),
                     source: None,

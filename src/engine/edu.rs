@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use super::{Completion, DmaEngine, wait_readable};
 use crate::deadline::deadline_after;
-use crate::exporter::vfio::{BarMapping, VfioPciDevice};
 use crate::importer::iommufd::Ioas;
 use crate::pci::PciAddress;
+use crate::vfio::{BarMapping, VfioPciDevice};
 use crate::{Error, Result, sys};
 
 /// edu's PCI vendor and device IDs.

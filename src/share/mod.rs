@@ -108,7 +108,7 @@ pub use server::{ReadBack, ServerEvent, ServerOptions, ShareServer};
 pub use socket::{bind_listener, default_socket_dir, default_socket_path};
 pub use wire::{MAX_PAYLOAD, VERSION};
 
-use crate::exporter::vfio::BarExport;
+use crate::exporter::bar::BarExport;
 use crate::range::{ByteRange, PhysRange};
 use crate::revoke::{BufferState, RevokeReason};
 use crate::{DmaBuf, Error, Result};

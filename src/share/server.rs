@@ -21,7 +21,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use super::peer::{AccessPolicy, PeerCred, refuse_fds};
 use super::wire::{self, FrameReader, Progress};
 use super::{BufferInfo, Incoming, Kind, MAX_READ, Message, ShareProblem, decode, encode_offer};
-use crate::exporter::vfio::BarExport;
+use crate::exporter::bar::BarExport;
 use crate::revoke::{
     BufferState, Revocable, RevocationHub, RevokeReason, StateChange, Subscription,
 };

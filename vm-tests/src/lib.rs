@@ -320,7 +320,7 @@ pub fn is_iommu_fault(line: &str) -> bool {
 /// Reads `len` bytes of a BAR mapping from `offset`, eight bytes per access
 /// where alignment allows: under TCG a byte-wise read of 1 MiB takes about a
 /// second.
-pub fn bar_read(bar: &dmabuf_p2p::exporter::vfio::BarMapping, offset: u64, len: usize) -> Vec<u8> {
+pub fn bar_read(bar: &dmabuf_p2p::vfio::BarMapping, offset: u64, len: usize) -> Vec<u8> {
     let mut out = vec![0u8; len];
     let words = if offset & 7 == 0 { len / 8 } else { 0 };
     for (i, chunk) in out[..words * 8].chunks_exact_mut(8).enumerate() {
@@ -339,7 +339,7 @@ pub fn bar_read(bar: &dmabuf_p2p::exporter::vfio::BarMapping, offset: u64, len: 
 
 /// Writes `data` to a BAR mapping at `offset`, eight bytes per access where
 /// alignment allows (see [`bar_read`]).
-pub fn bar_write(bar: &dmabuf_p2p::exporter::vfio::BarMapping, offset: u64, data: &[u8]) {
+pub fn bar_write(bar: &dmabuf_p2p::vfio::BarMapping, offset: u64, data: &[u8]) {
     let words = if offset & 7 == 0 { data.len() / 8 } else { 0 };
     for (i, chunk) in data[..words * 8].chunks_exact(8).enumerate() {
         let v = u64::from_le_bytes(chunk.try_into().unwrap_or_default());

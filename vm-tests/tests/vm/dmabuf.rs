@@ -10,9 +10,9 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
 use dmabuf_p2p::dmabuf::{Access, MAX_NAME_LEN, SyncFile};
 use dmabuf_p2p::exporter::heap::DmaHeap;
+use dmabuf_p2p::exporter::mock::MockDmaBuf;
 use dmabuf_p2p::exporter::udmabuf::Udmabuf;
 use dmabuf_p2p::importer::iommufd::Iommufd;
-use dmabuf_p2p::importer::mock::MockDmaBuf;
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::{ByteRange, DmaBuf, Error, RangeProblem, is_dmabuf, sys};
 use dmabuf_p2p_vm_tests::{ivshmem_devices, open_fd_count, vfio_cdev};

@@ -33,12 +33,12 @@ use dmabuf_p2p::engine::DmaEngine;
 use dmabuf_p2p::engine::edu::Edu;
 use dmabuf_p2p::exporter::heap::DmaHeap;
 use dmabuf_p2p::exporter::udmabuf::Udmabuf;
-use dmabuf_p2p::exporter::vfio::{BarMapping, VfioPciDevice};
 use dmabuf_p2p::importer::iommufd::{Ioas, IoasMapping, Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::revoke::BufferState;
 use dmabuf_p2p::revoke::{Attachment, RestorePolicy};
 use dmabuf_p2p::share::{BufferInfo, Incoming, decode, recv, send_offer, wire};
+use dmabuf_p2p::vfio::{BarMapping, VfioPciDevice};
 use dmabuf_p2p::{ByteRange, Error};
 use dmabuf_p2p_vm_tests::fail_nth::{FailNth, SweepLog, sweep_points};
 use dmabuf_p2p_vm_tests::{
@@ -116,7 +116,7 @@ impl Rig {
         }
     }
 
-    fn export(&self) -> dmabuf_p2p::exporter::vfio::BarExport {
+    fn export(&self) -> dmabuf_p2p::exporter::bar::BarExport {
         self.dev
             .export_bar(2, &[ByteRange::new(AREA, LEN)])
             .unwrap()

@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 
 use dmabuf_p2p::engine::DmaEngine;
 use dmabuf_p2p::engine::edu::Edu;
-use dmabuf_p2p::exporter::vfio::{VfioPciDevice, bind_to_vfio_pci};
 use dmabuf_p2p::importer::iommufd::{Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::revoke::{Attachment, BufferState, RestorePolicy, RevocationEvent, RevokeReason};
+use dmabuf_p2p::vfio::{VfioPciDevice, bind_to_vfio_pci};
 use dmabuf_p2p::{ByteRange, Error, PciAddress};
 use dmabuf_p2p_vm_tests::{
     EDU_ID, Kmsg, child_exit, driver_of, ivshmem_devices, open_fd_count, pattern, pci_devices,

@@ -10,11 +10,11 @@
 
 use std::os::fd::{AsFd, AsRawFd};
 
-use dmabuf_p2p::exporter::vfio::VfioPciDevice;
 use dmabuf_p2p::importer::iommufd::{Iommufd, IovaPlacement, IovaRange, MapPerms};
 use dmabuf_p2p::importer::placement::IommuPageSizes;
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::revoke::{Attachment, RestorePolicy};
+use dmabuf_p2p::vfio::VfioPciDevice;
 use dmabuf_p2p::{ByteRange, PciAddress, sys};
 use dmabuf_p2p_vm_tests::ivshmem_devices;
 

@@ -731,7 +731,7 @@ fn export_and_copy(
     seed: u64,
     what: &str,
 ) -> (
-    dmabuf_p2p::exporter::vfio::BarExport,
+    dmabuf_p2p::exporter::bar::BarExport,
     Attachment,
     Events,
     Vec<u8>,
@@ -752,7 +752,7 @@ fn export_and_copy(
 }
 
 /// Maps `export` at `BAR_GPA` in the VMM's IOAS, restored automatically.
-fn map_at_bar_gpa(export: &dmabuf_p2p::exporter::vfio::BarExport, ioas: &Ioas) -> Attachment {
+fn map_at_bar_gpa(export: &dmabuf_p2p::exporter::bar::BarExport, ioas: &Ioas) -> Attachment {
     let att = Attachment::map(
         export,
         ioas,
