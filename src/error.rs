@@ -238,15 +238,6 @@ pub enum Error {
         after: std::time::Duration,
     },
 
-    /// A DMA engine refused a request or reported a failure.
-    #[error("DMA engine {engine}: {problem}")]
-    Engine {
-        /// The engine, e.g. `"edu 0000:01:00.0"`.
-        engine: String,
-        /// What went wrong.
-        problem: String,
-    },
-
     /// An allowed-IOVA list for [`Ioas::allow_iovas`](crate::Ioas::allow_iovas)
     /// that cannot be set: a range that is empty or overlaps another (checked
     /// before the ioctl), or one that covers IOVAs reserved in the IOAS
@@ -288,17 +279,6 @@ pub enum Error {
         peer: String,
         /// What is wrong.
         problem: ShareProblem,
-    },
-
-    /// An NVMe controller refused a request (a bad namespace, LBA range,
-    /// size or IOVA, checked before submission) or completed it with an
-    /// error status.
-    #[error("NVMe controller {controller}: {problem}")]
-    Nvme {
-        /// The controller's PCI address.
-        controller: String,
-        /// What went wrong.
-        problem: crate::engine::nvme::problem::NvmeProblem,
     },
 }
 

@@ -11,7 +11,6 @@
 
 mod deadline;
 pub mod dmabuf;
-pub mod engine;
 pub mod error;
 pub mod exporter;
 pub mod fdinfo;

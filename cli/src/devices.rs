@@ -2,8 +2,8 @@
 
 use std::process::ExitCode;
 
-use dmabuf_p2p::engine::detect::{EngineKind, TargetBar, target_bars};
 use dmabuf_p2p::sysfs::{PciDeviceInfo, Sysfs};
+use dmabuf_p2p_engine::detect::{EngineKind, TargetBar, target_bars};
 
 use crate::{CliError, human_size, print_json};
 

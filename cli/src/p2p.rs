@@ -6,13 +6,13 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use dmabuf_p2p::ByteRange;
-use dmabuf_p2p::engine::DmaEngine;
-use dmabuf_p2p::engine::detect::EngineKind;
-use dmabuf_p2p::engine::edu::Edu;
 use dmabuf_p2p::importer::iommufd::{Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::revoke::{Attachment, RestorePolicy};
 use dmabuf_p2p::sysfs::Sysfs;
+use dmabuf_p2p_engine::DmaEngine;
+use dmabuf_p2p_engine::detect::EngineKind;
+use dmabuf_p2p_engine::edu::Edu;
 
 use crate::p2p_args::Args;
 use crate::p2p_report::{Report, host_check, pattern, print_report};

@@ -20,8 +20,6 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
-use dmabuf_p2p::engine::DmaEngine;
-use dmabuf_p2p::engine::edu::Edu;
 use dmabuf_p2p::exporter::bar::BarExport;
 use dmabuf_p2p::importer::iommufd::{Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
@@ -34,6 +32,8 @@ use dmabuf_p2p::share::{
 use dmabuf_p2p::vfio::BarMapping;
 use dmabuf_p2p::vfio::VfioPciDevice;
 use dmabuf_p2p::{ByteRange, Error, PciAddress};
+use dmabuf_p2p_engine::DmaEngine;
+use dmabuf_p2p_engine::edu::Edu;
 
 use crate::{CliError, human_size, print_json};
 
@@ -538,6 +538,7 @@ pub fn run_map(args: &MapArgs, json: bool) -> Result<ExitCode, CliError> {
         let t = Instant::now();
         let copied = att
             .ensure_live()
+            .map_err(dmabuf_p2p_engine::Error::from)
             .and_then(|()| engine.memcpy(ram_map.iova(), att.iova() + args.offset, size, timeout));
         let ok = copied.is_ok();
         let detail = match &copied {
@@ -586,14 +587,17 @@ pub fn run_map(args: &MapArgs, json: bool) -> Result<ExitCode, CliError> {
 
         // 3. The engine copies the buffer back out into host RAM.
         let t = Instant::now();
-        let back = att.ensure_live().and_then(|()| {
-            engine.memcpy(
-                att.iova() + args.offset,
-                ram_map.iova() + size,
-                size,
-                timeout,
-            )
-        });
+        let back = att
+            .ensure_live()
+            .map_err(dmabuf_p2p_engine::Error::from)
+            .and_then(|()| {
+                engine.memcpy(
+                    att.iova() + args.offset,
+                    ram_map.iova() + size,
+                    size,
+                    timeout,
+                )
+            });
         let (ok, detail) = match back {
             Ok(()) => {
                 let mut got = vec![0u8; usize::try_from(size)?];

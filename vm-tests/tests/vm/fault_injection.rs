@@ -29,8 +29,6 @@ use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use dmabuf_p2p::engine::DmaEngine;
-use dmabuf_p2p::engine::edu::Edu;
 use dmabuf_p2p::exporter::heap::DmaHeap;
 use dmabuf_p2p::exporter::udmabuf::Udmabuf;
 use dmabuf_p2p::importer::iommufd::{Ioas, IoasMapping, Iommufd, IovaPlacement, MapPerms};
@@ -40,6 +38,8 @@ use dmabuf_p2p::revoke::{Attachment, RestorePolicy};
 use dmabuf_p2p::share::{BufferInfo, Incoming, decode, recv, send_offer, wire};
 use dmabuf_p2p::vfio::{BarMapping, VfioPciDevice};
 use dmabuf_p2p::{ByteRange, Error};
+use dmabuf_p2p_engine::DmaEngine;
+use dmabuf_p2p_engine::edu::Edu;
 use dmabuf_p2p_vm_tests::fail_nth::{FailNth, SweepLog, sweep_points};
 use dmabuf_p2p_vm_tests::{
     DMA_TIMEOUT, Kmsg, bar_read, bar_write, edu_address, open_fd_count, pattern, shm_address,

@@ -16,13 +16,13 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dmabuf_p2p::engine::DmaEngine;
-use dmabuf_p2p::engine::edu::Edu;
 use dmabuf_p2p::importer::iommufd::{Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::revoke::{Attachment, BufferState, RestorePolicy, RevocationEvent, RevokeReason};
 use dmabuf_p2p::vfio::{VfioPciDevice, bind_to_vfio_pci};
 use dmabuf_p2p::{ByteRange, Error, PciAddress};
+use dmabuf_p2p_engine::DmaEngine;
+use dmabuf_p2p_engine::edu::Edu;
 use dmabuf_p2p_vm_tests::{
     EDU_ID, Kmsg, child_exit, driver_of, ivshmem_devices, open_fd_count, pattern, pci_devices,
     pipe, qmp, request_host_check,
@@ -627,7 +627,7 @@ fn vfio_dmabufs_in_debugfs() -> Option<usize> {
 
 /// What the killed child does: open the engine and the exporter, export,
 /// map, start a copy into the export, say so on `ready`, and wait to die.
-fn child_hold_and_wait(ready: &OwnedFd) -> Result<(), Error> {
+fn child_hold_and_wait(ready: &OwnedFd) -> Result<(), dmabuf_p2p_engine::Error> {
     let iommufd = Iommufd::open()?;
     let ioas = iommufd.alloc_ioas()?;
     let mut edu = Edu::open(edu_addr(), &ioas)?;

@@ -19,8 +19,6 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dmabuf_p2p::engine::DmaEngine;
-use dmabuf_p2p::engine::edu::Edu;
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::revoke::{BufferState, RestorePolicy, RevocationHub, RevokeReason};
 use dmabuf_p2p::share::wire::{FD_ROOM, encode_frame, send_raw};
@@ -29,6 +27,8 @@ use dmabuf_p2p::share::{
     send_message, send_offer,
 };
 use dmabuf_p2p::{BarExport, ByteRange, Error, Iommufd, IovaPlacement, MapPerms, VfioPciDevice};
+use dmabuf_p2p_engine::DmaEngine;
+use dmabuf_p2p_engine::edu::Edu;
 use dmabuf_p2p_vm_tests::{
     EDU_ID, fnv1a64, ivshmem_devices, open_fd_count, pci_devices, request_host_check,
 };
