@@ -14,11 +14,11 @@ use std::time::Duration;
 
 use dmabuf_p2p::revoke::{BufferState, RevokeReason};
 use dmabuf_p2p::share::wire::{
-    FD_ROOM, HEADER_LEN, MAGIC, MAX_PAYLOAD, VERSION, encode_frame, recv_frame, send_raw,
+    HEADER_LEN, MAGIC, MAX_PAYLOAD, VERSION, encode_frame, recv_frame, send_raw,
 };
 use dmabuf_p2p::share::{
-    BufferInfo, ConnectOptions, Incoming, Kind, Message, ShareProblem, SharedBuffer, encode_offer,
-    recv, send_message,
+    BufferInfo, ConnectOptions, FD_ROOM, Incoming, Kind, Message, ShareProblem, SharedBuffer,
+    encode_offer, recv, send_message,
 };
 use dmabuf_p2p::{ByteRange, Error};
 
@@ -506,9 +506,47 @@ fn hub_observers_see_numbered_changes() {
 #[test]
 fn a_full_fd_table_is_its_own_error() {
     let _s = serial();
+    let r = with_free_slots(0, 1);
+    assert!(
+        matches!(
+            r,
+            Err(Error::Share {
+                problem: ShareProblem::FdTableFull { closed: 0 },
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+}
+
+/// With one slot left in the fd table and three fds passed, the kernel
+/// installs one and truncates: that one is closed too (nix does not decode
+/// truncated control data; the library reads it itself).
+#[test]
+fn fds_installed_before_the_table_filled_are_closed() {
+    let _s = serial();
+    let base = fd_count();
+    let r = with_free_slots(1, 3);
+    assert!(
+        matches!(
+            r,
+            Err(Error::Share {
+                problem: ShareProblem::FdTableFull { closed: 1 },
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    assert_eq!(fd_count(), base);
+}
+
+/// Sends an offer with `passed` fds, then receives it with only `free`
+/// slots left in this process's fd table (a small `RLIMIT_NOFILE`, filled
+/// with duplicates of /dev/null), and puts the table and the limit back.
+fn with_free_slots(free: usize, passed: usize) -> Result<Option<Incoming>, Error> {
     let (tx, rx) = UnixStream::pair().unwrap();
     {
-        let f = files(1);
+        let f = files(passed);
         send_raw(&tx, &offer_frame(), &fds(&f), T).unwrap();
     }
     let mut old = libc::rlimit {
@@ -535,19 +573,11 @@ fn a_full_fd_table_is_its_own_error() {
             break None;
         }
     };
-    let r = recv_frame(&rx);
+    filler.truncate(filler.len().saturating_sub(free));
+    let r = recv(&rx);
     drop(filler);
     // SAFETY: as above.
     assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &old) }, 0);
     assert_eq!(full, Some(libc::EMFILE));
-    assert!(
-        matches!(
-            r,
-            Err(Error::Share {
-                problem: ShareProblem::FdTableFull { closed: 0 },
-                ..
-            })
-        ),
-        "{r:?}"
-    );
+    r
 }

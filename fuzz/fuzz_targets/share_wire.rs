@@ -10,12 +10,13 @@
 #![no_main]
 
 use std::fs::File;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::io::IoSlice;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 use dmabuf_p2p::share::recv;
-use dmabuf_p2p::share::wire::send_some;
 use libfuzzer_sys::fuzz_target;
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 
 fn fd_count() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count)
@@ -24,10 +25,23 @@ fn fd_count() -> usize {
 /// Sends `data` with `fds` on the first `sendmsg`, as much as the socket
 /// takes without blocking.
 fn send(tx: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) {
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
     let mut sent = 0;
     while sent < data.len() {
-        let with = if sent == 0 { fds } else { &[] };
-        match send_some(tx, &data[sent..], with) {
+        let rights = [ControlMessage::ScmRights(&raw)];
+        let cmsgs: &[ControlMessage<'_>] = if sent == 0 && !raw.is_empty() {
+            &rights
+        } else {
+            &[]
+        };
+        let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+        match sendmsg::<()>(
+            tx.as_raw_fd(),
+            &[IoSlice::new(&data[sent..])],
+            cmsgs,
+            flags,
+            None,
+        ) {
             Ok(n) => sent += n,
             Err(_) => return,
         }

@@ -92,6 +92,7 @@
 
 mod client;
 mod peer;
+mod rights;
 mod server;
 mod socket;
 pub mod wire;
@@ -104,6 +105,7 @@ pub use client::{ConnectOptions, DEFAULT_OFFER_TIMEOUT, SharedBuffer, VFIO_EXP_N
 pub use peer::{
     AccessPolicy, MAX_NAME_LEN, MAX_TEXT_LEN, PeerCred, check_name, refuse_fds, sanitize_text,
 };
+pub use rights::FD_ROOM;
 pub use server::{ReadBack, ServerEvent, ServerOptions, ShareServer};
 pub use socket::{bind_listener, default_socket_dir, default_socket_path};
 pub use wire::{MAX_PAYLOAD, VERSION};

@@ -26,16 +26,16 @@
 //! bytes and fds on the wire; [`super::send_offer`], [`super::send_message`]
 //! and [`super::recv`] are the normal way in.
 
-use std::io::{self, IoSlice};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 
 use super::ShareProblem;
+use super::rights::{self, FD_ROOM};
 use crate::{Error, Result};
 
 /// The first four bytes of every frame.
@@ -47,8 +47,6 @@ pub const VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 12;
 /// The largest payload accepted ([`ShareProblem::Oversized`] beyond).
 pub const MAX_PAYLOAD: u32 = 64 << 10;
-/// How many fds one `recvmsg` has room for.
-pub const FD_ROOM: usize = 8;
 /// The most fds one frame may carry, over all its `recvmsg`s (the protocol
 /// sends one, with the offer): more is [`ShareProblem::TooManyFds`].
 pub const MAX_FRAME_FDS: usize = 1;
@@ -109,28 +107,6 @@ fn share_error(peer: &str, problem: ShareProblem) -> Error {
     }
 }
 
-/// One non-blocking `sendmsg(MSG_NOSIGNAL | MSG_DONTWAIT)` of `data` with
-/// `fds` attached (`SCM_RIGHTS`). Returns the bytes the socket took;
-/// [`io::ErrorKind::WouldBlock`] when it is full. A closed peer is `EPIPE`,
-/// not a `SIGPIPE`.
-pub fn send_some(stream: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
-    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-    let rights = [ControlMessage::ScmRights(&raw)];
-    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &rights };
-    loop {
-        match sendmsg::<()>(
-            stream.as_raw_fd(),
-            &[IoSlice::new(data)],
-            cmsgs,
-            MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
-            None,
-        ) {
-            Err(Errno::EINTR) => {}
-            other => return other.map_err(io::Error::from),
-        }
-    }
-}
-
 /// Sends all of `data` on `stream`, attaching `fds` (`SCM_RIGHTS`) to the
 /// first `sendmsg`. Never blocks in the kernel: while the socket is full it
 /// waits with `poll` for at most `timeout` in all (`None`: no limit), then
@@ -170,7 +146,7 @@ pub fn send_raw(
     let mut sent = 0usize;
     while sent < data.len() {
         let with = if sent == 0 { fds } else { &[] };
-        match send_some(stream, &data[sent..], with) {
+        match rights::send_some(stream, &data[sent..], with) {
             Ok(n) => sent += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if !wait_for(stream.as_fd(), PollFlags::POLLOUT, deadline)? {
@@ -297,8 +273,7 @@ impl FrameReader {
                 // A header that announced an empty payload: whole.
                 return Ok(Progress::Frame(self.take()));
             }
-            let room = FD_ROOM;
-            let got = match crate::ioctl::recv_with_rights(stream.as_fd(), buf, room) {
+            let got = match rights::recv(stream.as_fd(), buf) {
                 Ok(r) => r,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Progress::Pending),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -308,10 +283,13 @@ impl FrameReader {
             self.fds.extend(got.fds);
             if got.truncated {
                 let closed = self.fds.len();
-                return Err(fail(if arrived < room {
+                return Err(fail(if arrived < FD_ROOM {
                     ShareProblem::FdTableFull { closed }
                 } else {
-                    ShareProblem::ControlTruncated { closed, room }
+                    ShareProblem::ControlTruncated {
+                        closed,
+                        room: FD_ROOM,
+                    }
                 }));
             }
             if self.fds.len() > MAX_FRAME_FDS {

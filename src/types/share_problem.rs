@@ -78,7 +78,7 @@ pub enum ShareProblem {
     ControlTruncated {
         /// Fds that arrived and were closed.
         closed: usize,
-        /// [`FD_ROOM`](crate::share::wire::FD_ROOM).
+        /// [`FD_ROOM`](crate::share::FD_ROOM).
         room: usize,
     },
     /// The offered fd is not a dma-buf (it was closed).

@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::revoke::{BufferState, RestorePolicy, RevocationHub, RevokeReason};
-use dmabuf_p2p::share::wire::{FD_ROOM, encode_frame, send_raw};
+use dmabuf_p2p::share::FD_ROOM;
+use dmabuf_p2p::share::wire::{encode_frame, send_raw};
 use dmabuf_p2p::share::{
     BufferInfo, Incoming, Message, ShareProblem, ShareServer, SharedBuffer, encode_offer, recv,
     send_message, send_offer,
