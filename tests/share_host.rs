@@ -7,18 +7,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::fs::File;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::io::IoSlice;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use dmabuf_p2p::revoke::{BufferState, RevokeReason};
-use dmabuf_p2p::share::wire::{
-    HEADER_LEN, MAGIC, MAX_PAYLOAD, VERSION, encode_frame, recv_frame, send_raw,
-};
 use dmabuf_p2p::share::{
-    BufferInfo, ConnectOptions, FD_ROOM, Incoming, Kind, Message, ShareProblem, SharedBuffer,
-    encode_offer, recv, send_message,
+    BufferInfo, ConnectOptions, FD_ROOM, HEADER_LEN, Incoming, Kind, MAGIC, MAX_PAYLOAD, Message,
+    ShareProblem, SharedBuffer, VERSION, encode_offer, recv, send_message,
 };
 use dmabuf_p2p::{ByteRange, Error};
 
@@ -34,6 +32,33 @@ fn fd_count() -> usize {
 }
 
 const T: Option<Duration> = Some(Duration::from_secs(5));
+
+/// Sends all of `data` (blocking), with `fds` attached to its first byte
+/// (`SCM_RIGHTS`): a peer that puts what it likes on the wire.
+fn send_raw(tx: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> nix::Result<()> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let mut sent = 0;
+    while sent < data.len() {
+        let rights = [ControlMessage::ScmRights(&raw)];
+        let cmsgs: &[ControlMessage<'_>] = if sent == 0 && !raw.is_empty() {
+            &rights
+        } else {
+            &[]
+        };
+        let rest = [IoSlice::new(&data[sent..])];
+        sent += sendmsg::<()>(tx.as_raw_fd(), &rest, cmsgs, MsgFlags::MSG_NOSIGNAL, None)?;
+    }
+    Ok(())
+}
+
+/// A frame as the protocol documents it: the header, then `payload`.
+fn frame(kind: u16, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap();
+    let mut f = header(MAGIC, VERSION, kind, len);
+    f.extend_from_slice(payload);
+    f
+}
 
 fn info(size: u64) -> BufferInfo {
     BufferInfo {
@@ -64,7 +89,7 @@ fn fds(files: &[File]) -> Vec<BorrowedFd<'_>> {
 fn receive(data: &[u8], n: usize) -> Result<Option<Incoming>, Error> {
     let (tx, rx) = UnixStream::pair().unwrap();
     let sent = files(n);
-    send_raw(&tx, data, &fds(&sent), T).unwrap();
+    send_raw(&tx, data, &fds(&sent)).unwrap();
     drop(tx);
     let before = fd_count();
     let got = recv(&rx);
@@ -256,7 +281,7 @@ fn unknown_kind() {
     let _s = serial();
     let base = fd_count();
     assert_eq!(
-        problem(receive(&encode_frame(99, b"{}"), 1)),
+        problem(receive(&frame(99, b"{}"), 1)),
         ShareProblem::UnknownKind(99)
     );
     assert_eq!(fd_count(), base);
@@ -289,7 +314,7 @@ fn malformed_payloads() {
     ];
     for (kind, payload, n) in cases {
         let text = String::from_utf8_lossy(&payload).into_owned();
-        match problem(receive(&encode_frame(kind, &payload), n)) {
+        match problem(receive(&frame(kind, &payload), n)) {
             ShareProblem::Malformed { kind: k, .. } => {
                 assert_eq!(Some(k), Kind::from_u16(kind).map(Kind::name), "{text}")
             }
@@ -360,7 +385,7 @@ fn well_formed_messages_pass_and_frames_split_anywhere_reassemble() {
     }
     // One byte per send: the receiver must put frames together.
     for b in &bytes {
-        send_raw(&tx, std::slice::from_ref(b), &[], T).unwrap();
+        send_raw(&tx, std::slice::from_ref(b), &[]).unwrap();
     }
     drop(tx);
     for m in &msgs {
@@ -378,12 +403,11 @@ fn unknown_reason_reads_as_remote() {
     let (tx, rx) = UnixStream::pair().unwrap();
     send_raw(
         &tx,
-        &encode_frame(
+        &frame(
             Kind::Revoked as u16,
             br#"{"reason": "cosmic-ray", "extra": 1}"#,
         ),
         &[],
-        T,
     )
     .unwrap();
     match recv(&rx).unwrap() {
@@ -410,10 +434,10 @@ fn send_to_a_closed_peer_is_epipe_not_sigpipe() {
 fn send_to_a_full_socket_times_out() {
     let _s = serial();
     let (tx, _rx) = UnixStream::pair().unwrap();
-    let frame = Message::Restored.encode().unwrap();
     let t = std::time::Instant::now();
     let err = loop {
-        if let Err(e) = send_raw(&tx, &frame, &[], Some(Duration::from_millis(100))) {
+        let wait = Some(Duration::from_millis(100));
+        if let Err(e) = send_message(&tx, &Message::Restored, wait) {
             break e;
         }
         assert!(
@@ -422,30 +446,6 @@ fn send_to_a_full_socket_times_out() {
         );
     };
     assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
-}
-
-#[test]
-fn raw_frame_keeps_fds_with_it() {
-    let _s = serial();
-    let (tx, rx) = UnixStream::pair().unwrap();
-    let f = files(1);
-    send_raw(&tx, &encode_frame(42, b"xy"), &fds(&f), T).unwrap();
-    let frame = recv_frame(&rx).unwrap().unwrap();
-    assert_eq!(
-        (frame.kind, frame.payload.as_slice(), frame.fds.len()),
-        (42, &b"xy"[..], 1)
-    );
-    let flags = nix_flags(frame.fds[0].as_fd());
-    assert!(
-        flags & libc::FD_CLOEXEC != 0,
-        "received fds are close-on-exec (MSG_CMSG_CLOEXEC)"
-    );
-}
-
-fn nix_flags(fd: BorrowedFd<'_>) -> i32 {
-    use std::os::fd::AsRawFd;
-    // SAFETY: F_GETFD on an open fd reads its flags; no memory is involved.
-    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) }
 }
 
 /// The observer API the server is built on: numbered changes, only real
@@ -547,7 +547,7 @@ fn with_free_slots(free: usize, passed: usize) -> Result<Option<Incoming>, Error
     let (tx, rx) = UnixStream::pair().unwrap();
     {
         let f = files(passed);
-        send_raw(&tx, &offer_frame(), &fds(&f), T).unwrap();
+        send_raw(&tx, &offer_frame(), &fds(&f)).unwrap();
     }
     let mut old = libc::rlimit {
         rlim_cur: 0,

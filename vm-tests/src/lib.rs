@@ -8,6 +8,7 @@
 #![allow(clippy::panic)]
 
 pub mod fail_nth;
+pub mod raw_peer;
 
 use std::fs;
 use std::path::{Path, PathBuf};
