@@ -190,7 +190,7 @@ macro_rules! pod {
         $(
             // SAFETY: a primitive integer or a uAPI struct made only of
             // integers with explicit padding fields (no implicit padding, see
-            // tests/sys_layout.rs); every bit pattern is valid; align <= 8.
+            // src/sys/tests.rs); every bit pattern is valid; align <= 8.
             unsafe impl Pod for $t {}
         )*
     };

@@ -24,10 +24,8 @@ pub mod revoke;
 #[cfg(feature = "share")]
 pub mod share;
 mod shared_fd;
-// The generated uAPI bindings: not API. Public only for the layout tests,
-// the VM tests and the bench, which hand-build raw ioctls.
-#[doc(hidden)]
-pub mod sys;
+// The uAPI bindings, for the ioctl layer: not API.
+mod sys;
 pub mod sysfs;
 mod types;
 pub mod vfio;

@@ -27,6 +27,7 @@
 mod nvme;
 mod raw;
 mod stats;
+mod uapi;
 
 use std::error::Error;
 use std::fs;
@@ -143,10 +144,7 @@ fn run() -> R<()> {
     // Attached, so that every mapping really fills IOMMU page tables.
     dev.attach(&ioas)?;
     dev.set_memory_decode(true)?;
-    let (config, _) = raw::region_info(
-        dev.as_raw_fd(),
-        dmabuf_p2p::sys::VFIO_PCI_CONFIG_REGION_INDEX,
-    )?;
+    let (config, _) = raw::region_info(dev.as_raw_fd(), uapi::VFIO_PCI_CONFIG_REGION_INDEX)?;
     let ctx = Ctx {
         iommufd: iommufd.as_raw_fd(),
         ioas: ioas.id(),

@@ -879,8 +879,8 @@ fn exporter_closed_before_the_importer() {
 /// `IOMMU_DESTROY` of an IOAS by its ID, behind the library's back.
 fn destroy_ioas_raw(iommufd: &Iommufd, id: u32) -> std::io::Result<()> {
     use std::os::fd::AsFd;
-    let arg = dmabuf_p2p::sys::iommu_destroy {
-        size: std::mem::size_of::<dmabuf_p2p::sys::iommu_destroy>() as u32,
+    let arg = super::uapi::iommu_destroy {
+        size: std::mem::size_of::<super::uapi::iommu_destroy>() as u32,
         id,
     };
     // SAFETY: IOMMU_DESTROY reads an 8-byte `iommu_destroy`, which `arg` is,
@@ -888,7 +888,7 @@ fn destroy_ioas_raw(iommufd: &Iommufd, id: u32) -> std::io::Result<()> {
     let r = unsafe {
         libc::ioctl(
             iommufd.as_fd().as_raw_fd(),
-            dmabuf_p2p::sys::IOMMU_DESTROY as libc::Ioctl,
+            super::uapi::IOMMU_DESTROY as libc::Ioctl,
             &arg,
         )
     };

@@ -21,6 +21,7 @@ mod share;
 mod share_attacks;
 mod smoke;
 mod testbed;
+mod uapi;
 mod udmabuf;
 mod vfio;
 mod vmm;
