@@ -788,24 +788,16 @@ pub fn iommu_ioas_allow_iovas(
     unsafe { ioctl_with_ref(iommufd, sys::IOMMU_IOAS_ALLOW_IOVAS, &arg) }.map(drop)
 }
 
-/// What `IOMMU_IOAS_IOVA_RANGES` reported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IovaRanges {
-    /// How many usable ranges the IOAS has. If more than the slice given,
-    /// only the slice's length were written: ask again with a larger one.
-    pub count: u32,
-    /// Required IOVA and length alignment (`out_iova_alignment`).
-    pub alignment: u64,
-}
-
-/// `IOMMU_IOAS_IOVA_RANGES`: fills `out` with the IOAS's usable IOVA ranges.
-/// The kernel's `EMSGSIZE` (more ranges than `out` holds) is reported as
-/// `Ok` with `count > out.len()`.
+/// `IOMMU_IOAS_IOVA_RANGES`: fills `out` with the IOAS's usable IOVA ranges
+/// and returns how many the IOAS has and the required alignment
+/// (`out_iova_alignment`). The kernel's `EMSGSIZE` (more ranges than `out`
+/// holds) is reported as `Ok` with a count larger than `out.len()`: only
+/// `out.len()` were written; ask again with a larger slice.
 pub fn iommu_ioas_iova_ranges(
     iommufd: BorrowedFd<'_>,
     ioas_id: u32,
     out: &mut [sys::iommu_iova_range],
-) -> io::Result<IovaRanges> {
+) -> io::Result<(u32, u64)> {
     let mut arg = sys::iommu_ioas_iova_ranges {
         size: argsz::<sys::iommu_ioas_iova_ranges>(),
         ioas_id,
@@ -824,10 +816,7 @@ pub fn iommu_ioas_iova_ranges(
         Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {}
         Err(e) => return Err(e),
     }
-    Ok(IovaRanges {
-        count: arg.num_iovas,
-        alignment: arg.out_iova_alignment,
-    })
+    Ok((arg.num_iovas, arg.out_iova_alignment))
 }
 
 /// `IOMMU_IOAS_MAP`: maps `arg.length` bytes of this process's memory at
