@@ -104,19 +104,3 @@ pub fn print_json<T: serde::Serialize>(value: &T) -> Result<(), CliError> {
     outln!("{}", serde_json::to_string_pretty(value)?)?;
     Ok(())
 }
-
-/// Formats a byte count compactly (`64 MiB`, `4 KiB`, `256 B`).
-pub fn human_size(n: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [
-        ("GiB", 1 << 30),
-        ("MiB", 1 << 20),
-        ("KiB", 1 << 10),
-        ("B", 1),
-    ];
-    for (unit, scale) in UNITS {
-        if n >= scale && n.is_multiple_of(scale) {
-            return format!("{} {unit}", n / scale);
-        }
-    }
-    format!("{n} B")
-}

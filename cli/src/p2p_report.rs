@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use crate::human_size;
+use dmabuf_p2p::range::human_size;
 
 /// One verified step.
 #[derive(Debug, serde::Serialize)]

@@ -35,7 +35,8 @@ use dmabuf_p2p::{ByteRange, Error, PciAddress};
 use dmabuf_p2p_engine::DmaEngine;
 use dmabuf_p2p_engine::edu::Edu;
 
-use crate::{CliError, human_size, print_json};
+use crate::{CliError, print_json};
+use dmabuf_p2p::range::human_size;
 
 /// Prints one line: compact JSON with `--json`, else `text`.
 fn event_line(json: bool, value: &serde_json::Value, text: &str) {

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+use dmabuf_p2p::range::human_size;
 use serde::{Deserialize, Serialize};
 
 use crate::initramfs::Initramfs;
@@ -515,16 +516,6 @@ fn qemu_version() -> String {
 // Formatting
 // ---------------------------------------------------------------------------
 
-/// A byte count as `64 KiB`, `1 GiB`.
-pub fn fmt_size(b: u64) -> String {
-    match b {
-        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{} GiB", b >> 30),
-        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
-        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{} KiB", b >> 10),
-        b => format!("{b} B"),
-    }
-}
-
 /// A duration in nanoseconds, with three significant digits and a unit
 /// picked for the value.
 pub fn fmt_ns(ns: f64) -> String {
@@ -690,7 +681,7 @@ pub fn page(r: &Results) -> String {
         s,
         "| device under test | ivshmem {} BAR2 ({}), bound to vfio-pci; the same device is attached to the IOAS (or owns the type1 container), so every mapping fills real IOMMU page tables |",
         r.meta("device").unwrap_or("?"),
-        fmt_size(bar)
+        human_size(bar)
     );
     if let Some(p) = r.meta("type1_iova_pgsizes") {
         let _ = writeln!(s, "| IOMMU page sizes (type1 `iova_pgsizes`) | `{p}` |");
@@ -726,7 +717,7 @@ pub fn page(r: &Results) -> String {
          `VFIO_IOMMU_UNMAP_DMA` (the device's cdev closed meanwhile). **memfd**: \
          `IOMMU_IOAS_MAP_FILE` of a memfd, whose pages are pinned on every map (allocated once \
          before timing). All raw ioctls, one untimed warm-up per size.\n",
-        fmt_size(bar)
+        human_size(bar)
     );
     let _ = writeln!(
         s,
@@ -740,7 +731,7 @@ pub fn page(r: &Results) -> String {
     let _ = writeln!(s, " type1 / dma-buf map |");
     let _ = writeln!(s, "|---|{}", "---|".repeat(SWEEP_SERIES.len() * 2 + 1));
     for &x in &xs {
-        let _ = write!(s, "| {} |", fmt_size(x));
+        let _ = write!(s, "| {} |", human_size(x));
         for (series, _) in SWEEP_SERIES {
             let _ = write!(
                 s,
@@ -776,8 +767,8 @@ pub fn page(r: &Results) -> String {
                     format!(
                         "×{:.0} ({} → {})",
                         b.1 / a.1,
-                        fmt_size(a.0 as u64),
-                        fmt_size(b.0 as u64)
+                        human_size(a.0 as u64),
+                        human_size(b.0 as u64)
                     )
                 }
                 _ => "–".into(),
@@ -795,7 +786,7 @@ pub fn page(r: &Results) -> String {
         let _ = writeln!(
             s,
             "\nAt {}, mapping through type1 takes {} and through the dma-buf {}: ×{:.0}.",
-            fmt_size(top),
+            human_size(top),
             fmt_ns(t),
             fmt_ns(d),
             t / d
@@ -814,9 +805,9 @@ pub fn page(r: &Results) -> String {
                  (the previous size's time scaled by size). Its map time grows with slope {slope:.2} \
                  over the largest sizes measured; at that slope a map of the whole {} BAR would \
                  take about {}, against {} for the dma-buf.",
-                fmt_size(last.0 as u64),
-                fmt_size(stop),
-                fmt_size(bar),
+                human_size(last.0 as u64),
+                human_size(stop),
+                human_size(bar),
                 fmt_ns(bar_est),
                 r.median("sweep", "dmabuf", "map", bar)
                     .map_or("–".into(), fmt_ns)
@@ -827,7 +818,7 @@ pub fn page(r: &Results) -> String {
         let _ = writeln!(
             s,
             "\nThe memfd sweep stops at {} (what the guest's memory allows).",
-            fmt_size(m.parse().unwrap_or(0))
+            human_size(m.parse().unwrap_or(0))
         );
     }
     s.push_str(SWEEP_NOTES);
@@ -858,7 +849,7 @@ pub fn page(r: &Results) -> String {
     let _ = writeln!(s, "|---|{}", "---|".repeat(OVERHEAD_OPS.len()));
     let oxs = r.xs("overhead");
     for &x in &oxs {
-        let _ = write!(s, "| {} |", fmt_size(x));
+        let _ = write!(s, "| {} |", human_size(x));
         for op in OVERHEAD_OPS {
             let _ = write!(s, " {} |", cell(r.get("overhead", "ratio", op, x)));
         }
@@ -877,7 +868,7 @@ pub fn page(r: &Results) -> String {
     );
     let _ = writeln!(s, "|---|{}", "---|".repeat(OVERHEAD_OPS.len() * 2));
     for &x in &oxs {
-        let _ = write!(s, "| {} |", fmt_size(x));
+        let _ = write!(s, "| {} |", human_size(x));
         for op in OVERHEAD_OPS {
             let f = |series| {
                 r.median("overhead", series, op, x)
@@ -946,7 +937,7 @@ pub fn page(r: &Results) -> String {
             .filter_map(|(x, a)| Some((x, (a - copy.iter().find(|c| c.0 == x)?.1).abs())))
             .max_by(|a, b| a.1.total_cmp(&b.1))
             .map_or("–".into(), |(x, g)| {
-                format!("{g:.3} (at {})", fmt_size(x))
+                format!("{g:.3} (at {})", human_size(x))
             });
         let _ = writeln!(
             s,
@@ -1132,7 +1123,7 @@ pub fn page(r: &Results) -> String {
          time budgets to a quarter; `--only=sweep,profile,overhead,revoke,scale,placement,threads,nvme` \
          runs some parts (and leaves `docs/` alone). It is not part of the test suite and \
          nothing asserts a time.",
-        fmt_size(BIG_BAR),
+        human_size(BIG_BAR),
         PCI_HOLE64,
         BENCH_MEMORY_MIB,
         ICOUNT
@@ -1162,7 +1153,7 @@ fn nvme_section(s: &mut String, r: &Results) {
         let _ = writeln!(
             s,
             "| {} | {} | {} | {} |",
-            fmt_size(x),
+            human_size(x),
             cell(r.get("nvme", "ram", "read", x)),
             cell(r.get("nvme", "bar", "read", x)),
             cell(r.get("nvme", "ratio", "read", x)),
@@ -1222,11 +1213,11 @@ fn placement_section(s: &mut String, r: &Results) {
     let _ = writeln!(s);
     let _ = writeln!(s, "|---|{}", "---|".repeat(PLACEMENTS.len() * 4));
     for &x in &xs {
-        let _ = write!(s, "| {} |", fmt_size(x));
+        let _ = write!(s, "| {} |", human_size(x));
         for (series, _) in PLACEMENTS {
             let align = r
                 .median("placement", series, "alignment", x)
-                .map_or("–".into(), |a| fmt_size(a as u64));
+                .map_or("–".into(), |a| human_size(a as u64));
             let _ = write!(
                 s,
                 " {align} | {} | {} | {} |",
@@ -1252,8 +1243,8 @@ fn placement_section(s: &mut String, r: &Results) {
                 "- {}: the library places it at a {}-aligned IOVA; map {} and unmap {} against {} \
                  and {} through the library at the aligned fixed IOVA (`Auto` / fixed: {:.2} and \
                  {:.2}){}.",
-                fmt_size(x),
-                fmt_size(la as u64),
+                human_size(x),
+                human_size(la as u64),
                 fmt_ns(lm),
                 fmt_ns(lu),
                 fmt_ns(fm),
@@ -1320,8 +1311,8 @@ fn placement_instructions(s: &mut String, r: &Results) {
         let _ = writeln!(
             s,
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            fmt_size(x),
-            m("library", "alignment").map_or("–".into(), |a| fmt_size(a as u64)),
+            human_size(x),
+            m("library", "alignment").map_or("–".into(), |a| human_size(a as u64)),
             count(m("library", "map")),
             count(m("library_fixed", "map")),
             ratio(m("library", "map"), m("library_fixed", "map")),
@@ -1496,7 +1487,7 @@ fn verdicts(s: &mut String, r: &Results, group: &str) {
             let _ = writeln!(
                 s,
                 "- {op}: worst median ratio {m:.4} (at {}), {verdict} of raw ioctls.",
-                fmt_size(x)
+                human_size(x)
             );
         }
     }
@@ -1529,7 +1520,7 @@ fn instruction_clock(s: &mut String, r: &Results) {
         None => "–".into(),
     };
     for &x in &xs {
-        let _ = write!(s, "| {} |", fmt_size(x));
+        let _ = write!(s, "| {} |", human_size(x));
         for op in OVERHEAD_OPS {
             let _ = write!(s, " {} |", ratio4(r.get(ICOUNT_GROUP, "ratio", op, x)));
         }
@@ -1542,7 +1533,7 @@ fn instruction_clock(s: &mut String, r: &Results) {
     let _ = writeln!(s, "| size | {} |", OVERHEAD_OPS.join(" | "));
     let _ = writeln!(s, "|---|{}", "---|".repeat(OVERHEAD_OPS.len()));
     for &x in &xs {
-        let _ = write!(s, "| {} |", fmt_size(x));
+        let _ = write!(s, "| {} |", human_size(x));
         for op in OVERHEAD_OPS {
             let raw = r.median(ICOUNT_GROUP, "raw", op, x);
             let lib = r.median(ICOUNT_GROUP, "library", op, x);
@@ -1679,8 +1670,6 @@ mod tests {
 
     #[test]
     fn formatting() {
-        assert_eq!(fmt_size(65536), "64 KiB");
-        assert_eq!(fmt_size(1 << 30), "1 GiB");
         assert_eq!(fmt_ns(1234.0), "1.23 µs");
         assert_eq!(fmt_ns(45_600_000.0), "45.6 ms");
         assert_eq!(plots::axis_number(20000.0), "20k");
