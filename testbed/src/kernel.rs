@@ -9,9 +9,8 @@
 //! prebuilt bzImage to skip it.
 
 use std::collections::{HashMap, VecDeque};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -944,26 +943,17 @@ impl BuildLock {
             .write(true)
             .open(path)
             .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-        let fd = file.as_raw_fd();
-        // SAFETY: `fd` is an open descriptor owned by `file`; flock touches no memory.
-        let rc = unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::WouldBlock {
-                return Err(Error::io(format!("locking {}", path.display()), e));
+        let locking = |e| Error::io(format!("locking {}", path.display()), e);
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                eprintln!(
+                    "kernel: another kernel build holds {}; waiting for it",
+                    path.display()
+                );
+                file.lock().map_err(locking)?;
             }
-            eprintln!(
-                "kernel: another kernel build holds {}; waiting for it",
-                path.display()
-            );
-            // SAFETY: as above.
-            let rc = unsafe { libc::flock(fd, libc::LOCK_EX) };
-            if rc != 0 {
-                return Err(Error::io(
-                    format!("locking {}", path.display()),
-                    io::Error::last_os_error(),
-                ));
-            }
+            Err(TryLockError::Error(e)) => return Err(locking(e)),
         }
         Ok(Self { _file: file })
     }
