@@ -104,3 +104,11 @@ pub fn print_json<T: serde::Serialize>(value: &T) -> Result<(), CliError> {
     outln!("{}", serde_json::to_string_pretty(value)?)?;
     Ok(())
 }
+
+/// FNV-1a 64 of `data`: the hash of the test bed's host checks
+/// (`@@host-check ... fnv1a64=`) and of `map`'s copy report.
+pub(crate) fn fnv1a64(data: &[u8]) -> u64 {
+    let mut h = fnv::FnvHasher::default();
+    std::hash::Hasher::write(&mut h, data);
+    std::hash::Hasher::finish(&h)
+}

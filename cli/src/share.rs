@@ -35,7 +35,7 @@ use dmabuf_p2p::{ByteRange, Error, PciAddress};
 use dmabuf_p2p_engine::DmaEngine;
 use dmabuf_p2p_engine::edu::Edu;
 
-use crate::{CliError, print_json};
+use crate::{CliError, fnv1a64, print_json};
 use dmabuf_p2p::range::human_size;
 
 /// Prints one line: compact JSON with `--json`, else `text`.
@@ -385,15 +385,6 @@ fn pattern(seed: u8, len: u64) -> Vec<u8> {
         .collect()
 }
 
-fn fnv1a64(data: &[u8]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in data {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{h:016x}")
-}
-
 /// One check of `map`.
 #[derive(Debug, serde::Serialize)]
 pub struct Step {
@@ -532,7 +523,7 @@ pub fn run_map(args: &MapArgs, json: bool) -> Result<ExitCode, CliError> {
             offset: args.offset,
             size,
             seed: args.seed,
-            fnv1a64: fnv1a64(&data),
+            fnv1a64: format!("{:016x}", fnv1a64(&data)),
         });
 
         // 1. The engine copies the pattern into the buffer.

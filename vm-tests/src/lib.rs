@@ -11,6 +11,7 @@ pub mod fail_nth;
 pub mod raw_peer;
 
 use std::fs;
+use std::hash::Hasher;
 use std::path::{Path, PathBuf};
 
 /// QEMU's `edu` device.
@@ -91,12 +92,9 @@ pub fn open_fd_count() -> usize {
 
 /// FNV-1a 64, the hash the host uses for host checks.
 pub fn fnv1a64(data: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in data {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
+    let mut h = fnv::FnvHasher::default();
+    h.write(data);
+    h.finish()
 }
 
 /// Asks the host to check, after the VM has stopped, that bytes
