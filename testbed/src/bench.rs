@@ -632,13 +632,29 @@ pub fn write_docs(r: &Results, root: &Path) -> Result<()> {
     fs::write(&doc, page(r)).map_err(|e| Error::io(format!("writing {}", doc.display()), e))
 }
 
-/// The Markdown page.
+/// The Markdown page: the run, then each part in order, then how to run it
+/// again.
 pub fn page(r: &Results) -> String {
     let mut s = String::new();
     let bar = r
         .meta("bar_size")
         .and_then(|v| v.parse().ok())
         .unwrap_or(BIG_BAR);
+    heading(&mut s, r);
+    run_table(&mut s, r, bar);
+    sweep_section(&mut s, r, bar);
+    overhead_section(&mut s, r);
+    revoke_section(&mut s, r);
+    scale_section(&mut s, r);
+    placement_section(&mut s, r);
+    threads_section(&mut s, r);
+    nvme_section(&mut s, r);
+    reproducing(&mut s);
+    s
+}
+
+/// The title, and how to read the numbers.
+fn heading(s: &mut String, r: &Results) {
     let _ = writeln!(s, "# Benchmarks\n");
     let _ = writeln!(
         s,
@@ -665,6 +681,10 @@ pub fn page(r: &Results) -> String {
          instructions (QEMU's instruction clock), which no emulator cost distorts. Other work on \
          the host adds noise (its load average is in the table).\n"
     );
+}
+
+/// What ran where: host, QEMU, kernel, device; and what a figure is.
+fn run_table(s: &mut String, r: &Results, bar: u64) {
     let _ = writeln!(s, "| | |\n|---|---|");
     let _ = writeln!(s, "| date | {} |", r.date);
     let _ = writeln!(s, "| host CPU | {} |", r.host_cpu);
@@ -703,8 +723,18 @@ pub fn page(r: &Results) -> String {
          `results.json`. The guest binary is \
          `bench/` (`dmabuf-p2p-bench`), built in release mode.\n"
     );
+}
 
-    // 1. Sweep
+/// Part 1: map cost against size, dma-buf against type1 and memfd.
+fn sweep_section(s: &mut String, r: &Results, bar: u64) {
+    sweep_table(s, r, bar);
+    sweep_growth(s, r);
+    sweep_summary(s, r, bar);
+    s.push_str(SWEEP_NOTES);
+}
+
+/// Part 1's table: map and unmap per size and path.
+fn sweep_table(s: &mut String, r: &Results, bar: u64) {
     let _ = writeln!(s, "## 1. Map cost against size\n");
     let _ = writeln!(
         s,
@@ -749,6 +779,10 @@ pub fn page(r: &Results) -> String {
         };
         let _ = writeln!(s, " {ratio} |");
     }
+}
+
+/// How each path's cost grows with size.
+fn sweep_growth(s: &mut String, r: &Results) {
     let _ = writeln!(
         s,
         "\nHow each cost grows (log-log slope of the median over the four largest sizes: 1 means proportional to size, 0 means flat; and the cost at the largest size over the cost at the smallest):\n"
@@ -777,6 +811,12 @@ pub fn page(r: &Results) -> String {
         }
         let _ = writeln!(s, "{row}");
     }
+}
+
+/// The largest size's type1 / dma-buf ratio, and where the type1 and
+/// memfd sweeps stopped.
+fn sweep_summary(s: &mut String, r: &Results, bar: u64) {
+    let xs = r.xs("sweep");
     if let Some(&top) = xs.last()
         && let (Some(t), Some(d)) = (
             r.median("sweep", "type1", "map", top),
@@ -821,9 +861,20 @@ pub fn page(r: &Results) -> String {
             human_size(m.parse().unwrap_or(0))
         );
     }
-    s.push_str(SWEEP_NOTES);
+}
 
-    // 2. Overhead
+/// Part 2: the library against raw ioctls, export to close.
+fn overhead_section(s: &mut String, r: &Results) {
+    overhead_tables(s, r);
+    overhead_excess(s, r);
+    overhead_control(s, r);
+    instruction_clock(s, r);
+    profile_steps(s, r);
+    s.push_str(OVERHEAD_NOTES);
+}
+
+/// Part 2's ratio table and the raw times behind it.
+fn overhead_tables(s: &mut String, r: &Results) {
     let _ = writeln!(s, "\n## 2. Library overhead against raw ioctls\n");
     let _ = writeln!(
         s,
@@ -878,8 +929,13 @@ pub fn page(r: &Results) -> String {
         }
         s.push('\n');
     }
+}
+
+/// The verdict per operation, and the excess as time.
+fn overhead_excess(s: &mut String, r: &Results) {
+    let oxs = r.xs("overhead");
     let _ = writeln!(s);
-    verdicts(&mut s, r, "overhead");
+    verdicts(s, r, "overhead");
     // The excess in time: what the library's own code costs per operation.
     let _ = writeln!(
         s,
@@ -905,9 +961,11 @@ pub fn page(r: &Results) -> String {
             );
         }
     }
-    // How fine the measurement is: the same interleaved batches also ran the
-    // raw cycle twice (the control) and the library's cycle from a second
-    // copy of its code.
+}
+
+/// How fine the measurement is: the control and the library's second copy.
+fn overhead_control(s: &mut String, r: &Results) {
+    let oxs = r.xs("overhead");
     let _ = writeln!(
         s,
         "\nHow fine the measurement is. The same batches also ran, interleaved with the two \
@@ -947,7 +1005,10 @@ pub fn page(r: &Results) -> String {
             across("ratio_control")
         );
     }
-    instruction_clock(&mut s, r);
+}
+
+/// The `profile` part: each step alone.
+fn profile_steps(s: &mut String, r: &Results) {
     let steps: Vec<&Record> = r.records.iter().filter(|x| x.group == "profile").collect();
     if !steps.is_empty() {
         let _ = writeln!(
@@ -962,9 +1023,17 @@ pub fn page(r: &Results) -> String {
             let _ = writeln!(s, "| `{}` | {what} | {} |", x.op, cell(Some(x)));
         }
     }
-    s.push_str(OVERHEAD_NOTES);
+}
 
-    // 3. Revocation
+/// Part 3: revocation and restore against the number of mappings.
+fn revoke_section(s: &mut String, r: &Results) {
+    revoke_table(s, r);
+    revoke_growth(s, r);
+    s.push_str(REVOKE_NOTES);
+}
+
+/// Part 3's table.
+fn revoke_table(s: &mut String, r: &Results) {
     let _ = writeln!(
         s,
         "\n## 3. Revocation and restore against the number of mappings\n"
@@ -1010,6 +1079,10 @@ pub fn page(r: &Results) -> String {
             ratio("cycle"),
         );
     }
+}
+
+/// The library's excess per attachment, and the cost of each extra mapping.
+fn revoke_growth(s: &mut String, r: &Results) {
     let rx = r.xs("revoke");
     if let Some(&hi) = rx.last() {
         for op in ["revoke", "restore"] {
@@ -1046,9 +1119,17 @@ pub fn page(r: &Results) -> String {
             }
         }
     }
-    s.push_str(REVOKE_NOTES);
+}
 
-    // 4. Scale
+/// Part 4: export and map scale, time and kernel memory per buffer.
+fn scale_section(s: &mut String, r: &Results) {
+    scale_table(s, r);
+    slab_caches(s, r);
+    s.push_str(SCALE_NOTES);
+}
+
+/// Part 4's table.
+fn scale_table(s: &mut String, r: &Results) {
     let _ = writeln!(s, "\n## 4. Export and map scale\n");
     let _ = writeln!(
         s,
@@ -1082,6 +1163,10 @@ pub fn page(r: &Results) -> String {
             cell(r.get("scale", "raw", "iommu_pt", x)),
         );
     }
+}
+
+/// Which slab caches a buffer costs.
+fn slab_caches(s: &mut String, r: &Results) {
     let mut caches: Vec<&Record> = r
         .records
         .iter()
@@ -1104,10 +1189,10 @@ pub fn page(r: &Results) -> String {
             let _ = writeln!(s, "| **total** | {} |", cell(Some(t)));
         }
     }
-    s.push_str(SCALE_NOTES);
-    placement_section(&mut s, r);
-    threads_section(&mut s, r);
-    nvme_section(&mut s, r);
+}
+
+/// How to run the benchmark again.
+fn reproducing(s: &mut String) {
     let _ = writeln!(
         s,
         "\n## Reproducing\n\n```sh\ncargo xtask bench\n```\n\n\
@@ -1128,7 +1213,6 @@ pub fn page(r: &Results) -> String {
         BENCH_MEMORY_MIB,
         ICOUNT
     );
-    s
 }
 
 /// Part 7: NVMe reads into host RAM against reads into the BAR.
@@ -1206,13 +1290,22 @@ fn placement_section(s: &mut String, r: &Results) {
         r.meta("bar_phys").unwrap_or("?"),
         r.meta("placement_first_iova").unwrap_or("?")
     );
+    placement_table(s, r, &xs);
+    placement_large_bars(s, r, &xs);
+    placement_instructions(s, r);
+    s.push_str(PLACEMENT_NOTES);
+}
+
+/// Part 5's table: alignment, map, unmap and page-table growth per
+/// placement.
+fn placement_table(s: &mut String, r: &Results, xs: &[u64]) {
     let _ = write!(s, "| size |");
     for (_, name) in PLACEMENTS {
         let _ = write!(s, " {name}: IOVA alignment | map | unmap | IOMMU pages |");
     }
     let _ = writeln!(s);
     let _ = writeln!(s, "|---|{}", "---|".repeat(PLACEMENTS.len() * 4));
-    for &x in &xs {
+    for &x in xs {
         let _ = write!(s, "| {} |", human_size(x));
         for (series, _) in PLACEMENTS {
             let align = r
@@ -1228,6 +1321,11 @@ fn placement_section(s: &mut String, r: &Results) {
         }
         let _ = writeln!(s);
     }
+}
+
+/// What `Auto` gives a BAR of 1 GiB or more, against the fixed IOVA and
+/// the kernel's placement.
+fn placement_large_bars(s: &mut String, r: &Results, xs: &[u64]) {
     let _ = writeln!(s);
     for &x in xs.iter().filter(|&&x| x >= 1 << 30) {
         let m = |series, op| r.median("placement", series, op, x);
@@ -1280,8 +1378,6 @@ fn placement_section(s: &mut String, r: &Results) {
             }
         }
     }
-    placement_instructions(s, r);
-    s.push_str(PLACEMENT_NOTES);
 }
 
 /// The placement part on the instruction clock, when it ran: `Auto` against
