@@ -237,7 +237,7 @@ pub(crate) fn parse_error(what: &'static str, input: &str, problem: impl Into<St
 /// use dmabuf_p2p::range::human_size;
 /// assert_eq!(human_size(64 << 10), "64 KiB");
 /// assert_eq!(human_size(1 << 30), "1 GiB");
-/// assert_eq!(human_size(6 << 20 | 4096), "1540 KiB");
+/// assert_eq!(human_size((6 << 20) + 4096), "6148 KiB");
 /// assert_eq!(human_size(12345), "12345 bytes");
 /// ```
 pub fn human_size(n: u64) -> String {
