@@ -1,7 +1,6 @@
 //! The engines' error type: what the library reported, as it is, and what
 //! the engines themselves refuse or see go wrong.
 
-use std::io;
 use std::time::Duration;
 
 use crate::nvme::NvmeProblem;
@@ -11,7 +10,9 @@ use crate::nvme::NvmeProblem;
 #[non_exhaustive]
 pub enum Error {
     /// The library refused or the kernel did: opening, binding or
-    /// attaching the device, mapping memory, config space or BAR access.
+    /// attaching the device, mapping memory, config space or BAR access;
+    /// also a system call an engine makes itself (waiting on its interrupt
+    /// eventfd), as the library's [`Sys`](dmabuf_p2p::Error::Sys).
     #[error(transparent)]
     Lib(#[from] dmabuf_p2p::Error),
 
@@ -45,32 +46,20 @@ pub enum Error {
         /// How long.
         after: Duration,
     },
-
-    /// A system call an engine makes itself (waiting on its interrupt
-    /// eventfd) failed; `source` holds the errno.
-    #[error("{op} on {target}: {source}")]
-    Sys {
-        /// The operation, e.g. `"poll"`.
-        op: &'static str,
-        /// What it was applied to, e.g. `"edu MSI eventfd"`.
-        target: String,
-        /// The kernel's answer.
-        #[source]
-        source: io::Error,
-    },
 }
 
 /// Result alias.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    /// The errno behind this error, when the kernel answered: the library's
-    /// ([`dmabuf_p2p::Error::raw_os_error`]) or a failed system call's.
+    /// The errno behind this error, when the kernel answered (the
+    /// library's, [`dmabuf_p2p::Error::raw_os_error`]); `None` for what an
+    /// engine refused or saw itself.
     ///
     /// ```
     /// use dmabuf_p2p_engine::Error;
     /// let ebadf = std::io::Error::from_raw_os_error(9);
-    /// let e = Error::Sys { op: "poll", target: "edu MSI eventfd".into(), source: ebadf };
+    /// let e = Error::Lib(dmabuf_p2p::Error::Sys { op: "poll", target: "edu MSI eventfd".into(), source: ebadf });
     /// assert_eq!(e.raw_os_error(), Some(9));
     /// let refused = Error::Engine { engine: "edu 0000:01:00.0".into(), problem: "busy".into() };
     /// assert_eq!(refused.raw_os_error(), None);
@@ -78,7 +67,6 @@ impl Error {
     pub fn raw_os_error(&self) -> Option<i32> {
         match self {
             Self::Lib(e) => e.raw_os_error(),
-            Self::Sys { source, .. } => source.raw_os_error(),
             Self::Engine { .. } | Self::Nvme { .. } | Self::Timeout { .. } => None,
         }
     }

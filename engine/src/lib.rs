@@ -156,10 +156,10 @@ pub(crate) fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration, what: &str) -
     let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
     match poll(&mut fds, timeout) {
         Ok(_) | Err(Errno::EINTR) => Ok(()),
-        Err(e) => Err(Error::Sys {
+        Err(e) => Err(Error::Lib(dmabuf_p2p::Error::Sys {
             op: "poll",
             target: what.to_owned(),
             source: e.into(),
-        }),
+        })),
     }
 }
