@@ -7,8 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::fs::File;
-use std::io::IoSlice;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -33,32 +32,11 @@ fn fd_count() -> usize {
 
 const T: Option<Duration> = Some(Duration::from_secs(5));
 
-/// Sends all of `data` (blocking), with `fds` attached to its first byte
-/// (`SCM_RIGHTS`): a peer that puts what it likes on the wire.
-fn send_raw(tx: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> nix::Result<()> {
-    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
-    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-    let mut sent = 0;
-    while sent < data.len() {
-        let rights = [ControlMessage::ScmRights(&raw)];
-        let cmsgs: &[ControlMessage<'_>] = if sent == 0 && !raw.is_empty() {
-            &rights
-        } else {
-            &[]
-        };
-        let rest = [IoSlice::new(&data[sent..])];
-        sent += sendmsg::<()>(tx.as_raw_fd(), &rest, cmsgs, MsgFlags::MSG_NOSIGNAL, None)?;
-    }
-    Ok(())
-}
-
-/// A frame as the protocol documents it: the header, then `payload`.
-fn frame(kind: u16, payload: &[u8]) -> Vec<u8> {
-    let len = u32::try_from(payload.len()).unwrap();
-    let mut f = header(MAGIC, VERSION, kind, len);
-    f.extend_from_slice(payload);
-    f
-}
+/// The attacking peer of the VM tests: frames built by hand, sent with
+/// any fds.
+#[path = "../vm-tests/src/raw_peer.rs"]
+mod raw_peer;
+use raw_peer::{frame, send_raw};
 
 fn info(size: u64) -> BufferInfo {
     BufferInfo {

@@ -10,13 +10,17 @@
 #![no_main]
 
 use std::fs::File;
-use std::io::IoSlice;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 
 use dmabuf_p2p::share::recv;
 use libfuzzer_sys::fuzz_target;
-use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+use nix::sys::socket::MsgFlags;
+
+/// The VM tests' attacking peer: `sendmsg` with any fds.
+#[path = "../../vm-tests/src/raw_peer.rs"]
+#[allow(dead_code)]
+mod raw_peer;
 
 fn fd_count() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count)
@@ -25,27 +29,7 @@ fn fd_count() -> usize {
 /// Sends `data` with `fds` on the first `sendmsg`, as much as the socket
 /// takes without blocking.
 fn send(tx: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) {
-    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-    let mut sent = 0;
-    while sent < data.len() {
-        let rights = [ControlMessage::ScmRights(&raw)];
-        let cmsgs: &[ControlMessage<'_>] = if sent == 0 && !raw.is_empty() {
-            &rights
-        } else {
-            &[]
-        };
-        let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
-        match sendmsg::<()>(
-            tx.as_raw_fd(),
-            &[IoSlice::new(&data[sent..])],
-            cmsgs,
-            flags,
-            None,
-        ) {
-            Ok(n) => sent += n,
-            Err(_) => return,
-        }
-    }
+    let _ = raw_peer::send_raw_with(tx, data, fds, MsgFlags::MSG_DONTWAIT);
 }
 
 fuzz_target!(|data: &[u8]| {

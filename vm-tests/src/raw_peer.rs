@@ -1,7 +1,8 @@
 //! A peer that puts what it likes on the sharing protocol's wire: frames
 //! built from the documented header by hand, sent with any fds attached.
 //! The library's own sender checks what it sends; attacks need one that
-//! does not.
+//! does not. The library's host test (`tests/share_host.rs`) and the
+//! `share_wire` fuzz target include this file too.
 
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
@@ -26,8 +27,20 @@ pub fn frame(kind: u16, payload: &[u8]) -> Vec<u8> {
 /// (`SCM_RIGHTS`). A closed peer is `EPIPE`, not a `SIGPIPE`; a socket that
 /// refuses fds (`SO_PASSRIGHTS` off) is the kernel's `EPERM`.
 pub fn send_raw(stream: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    send_raw_with(stream, data, fds, MsgFlags::empty())
+}
+
+/// [`send_raw`] with `flags` besides `MSG_NOSIGNAL`: with `MSG_DONTWAIT`, a
+/// full socket stops it (`EAGAIN`) after what fitted.
+pub fn send_raw_with(
+    stream: &UnixStream,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+    flags: MsgFlags,
+) -> io::Result<()> {
     let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
     let rights = [ControlMessage::ScmRights(&raw)];
+    let flags = flags | MsgFlags::MSG_NOSIGNAL;
     let mut sent = 0;
     while sent < data.len() {
         let cmsgs: &[ControlMessage<'_>] = if sent == 0 && !raw.is_empty() {
@@ -36,13 +49,7 @@ pub fn send_raw(stream: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> io:
             &[]
         };
         let rest = [IoSlice::new(&data[sent..])];
-        sent += sendmsg::<()>(
-            stream.as_raw_fd(),
-            &rest,
-            cmsgs,
-            MsgFlags::MSG_NOSIGNAL,
-            None,
-        )?;
+        sent += sendmsg::<()>(stream.as_raw_fd(), &rest, cmsgs, flags, None)?;
     }
     Ok(())
 }
