@@ -169,15 +169,8 @@ impl Ioas {
                 }
             }
         };
-        let mut mapping = IoasMapping {
-            ioas: self.clone(),
-            iova: at.iova(),
-            length: range.length,
-            perms,
-            source,
-            phys: src.phys.and_then(|p| p.checked_add(range.offset)),
-            mapped: false,
-        };
+        let phys = src.phys.and_then(|p| p.checked_add(range.offset));
+        let mut mapping = IoasMapping::unmapped(self, at, range.length, perms, source, phys);
         let _placing = (at == IovaPlacement::Auto).then(|| self.placement().lock());
         // The copy shares the source's pages: congruent to the source IOVA,
         // it can use the same IOMMU page sizes.
@@ -265,15 +258,7 @@ impl Ioas {
                 problem: RangeProblem::Empty,
             });
         }
-        let mut mapping = IoasMapping {
-            ioas: self.clone(),
-            iova: at.iova(),
-            length,
-            perms,
-            source,
-            phys: None,
-            mapped: false,
-        };
+        let mut mapping = IoasMapping::unmapped(self, at, length, perms, source, None);
         // SAFETY: the caller's contract (see `# Safety`) covers device access
         // to `addr..addr+length` until `mapping` is dropped, which is when it
         // is unmapped for the last time.
@@ -345,15 +330,7 @@ impl Ioas {
                 range,
                 problem,
             })?;
-        let mut mapping = IoasMapping {
-            ioas: self.clone(),
-            iova: at.iova(),
-            length: range.length,
-            perms,
-            source,
-            phys,
-            mapped: false,
-        };
+        let mut mapping = IoasMapping::unmapped(self, at, range.length, perms, source, phys);
         // SAFETY: a file source maps kernel-owned pages (shmem, hugetlbfs or
         // device MMIO), not this process's Rust memory.
         unsafe { mapping.map_at(at) }?;
@@ -412,18 +389,12 @@ impl Ioas {
         // `fstatfs`), knows its size (no `lseek`), and the mapping holds
         // the same fd by reference count (no `dup`).
         // The whole buffer: no range to check.
-        let mut mapping = IoasMapping {
-            ioas: self.clone(),
-            iova: at.iova(),
-            length: buf.size()?,
-            perms,
-            source: Source::DmaBuf {
-                buf: buf.share(),
-                start: 0,
-            },
-            phys: phys.or_else(|| buf.phys_start()),
-            mapped: false,
+        let source = Source::DmaBuf {
+            buf: buf.share(),
+            start: 0,
         };
+        let phys = phys.or_else(|| buf.phys_start());
+        let mut mapping = IoasMapping::unmapped(self, at, buf.size()?, perms, source, phys);
         // SAFETY: a dma-buf maps kernel-owned pages (device memory), not this
         // process's Rust memory.
         unsafe { mapping.map_at(at) }?;
@@ -529,6 +500,29 @@ pub struct IoasMapping {
 }
 
 impl IoasMapping {
+    /// A handle of `length` bytes of `source` in `ioas`, not mapped yet
+    /// (`at` names the IOVA until a map says where it went); `phys` is the
+    /// physical address of the first byte, when known.
+    #[inline(always)]
+    fn unmapped(
+        ioas: &Ioas,
+        at: IovaPlacement,
+        length: u64,
+        perms: MapPerms,
+        source: Source,
+        phys: Option<u64>,
+    ) -> Self {
+        Self {
+            ioas: ioas.clone(),
+            iova: at.iova(),
+            length,
+            perms,
+            source,
+            phys,
+            mapped: false,
+        }
+    }
+
     /// The IOVA of the first byte.
     ///
     /// ```no_run
