@@ -45,7 +45,7 @@ pub use pci::PciAddress;
 pub use range::{ByteRange, PhysRange};
 pub use revoke::{Attachment, BufferState, RestorePolicy, RevocationHub, RevokeReason};
 #[cfg(feature = "share")]
-pub use share::ShareProblem;
+pub use types::ShareProblem;
 pub use vfio::{Bar, BarMapping, DeviceInfo, RegionInfo, VfioPciDevice};
 
 /// The VMM author's guide (`docs/GUIDE.md`), here so its snippets compile as
