@@ -11,6 +11,9 @@
 //!
 //! Run it as root where the device is bound to `vfio-pci`, e.g. in the
 //! test VM: `vmm_adopt 0000:02:00.0` (an ivshmem device).
+//!
+//! The VMM's uAPI structs are its own (module `uapi` below), as a VMM's
+//! are: the library's bindings are not API.
 
 use std::error::Error;
 use std::fs::{self, OpenOptions};
@@ -20,7 +23,7 @@ use std::path::Path;
 
 use dmabuf_p2p::revoke::{Attachment, RestorePolicy};
 use dmabuf_p2p::vfio::AdoptOptions;
-use dmabuf_p2p::{ByteRange, Ioas, Iommufd, IovaPlacement, MapPerms, VfioPciDevice, sys};
+use dmabuf_p2p::{ByteRange, Ioas, Iommufd, IovaPlacement, MapPerms, VfioPciDevice};
 
 /// Where the guest placed the BAR: the IOVA of the export's mapping.
 const BAR2_GPA: u64 = 0xc000_0000;
@@ -34,31 +37,31 @@ fn main() -> Result<(), Box<dyn Error>> {
 
     // ---- The VMM's own code ----
     let vmm_iommufd = open_rw(Path::new("/dev/iommu"))?;
-    let mut alloc = sys::iommu_ioas_alloc {
-        size: size_of::<sys::iommu_ioas_alloc>() as u32,
+    let mut alloc = uapi::iommu_ioas_alloc {
+        size: size_of::<uapi::iommu_ioas_alloc>() as u32,
         ..Default::default()
     };
-    vmm_ioctl(vmm_iommufd.as_fd(), sys::IOMMU_IOAS_ALLOC, &mut alloc)?;
+    vmm_ioctl(vmm_iommufd.as_fd(), uapi::IOMMU_IOAS_ALLOC, &mut alloc)?;
     let ioas_id = alloc.out_ioas_id;
     let cdev_name = fs::read_dir(format!("/sys/bus/pci/devices/{bdf}/vfio-dev"))?
         .next()
         .ok_or("the device has no VFIO cdev (is it bound to vfio-pci?)")??
         .file_name();
     let vmm_cdev = open_rw(&Path::new("/dev/vfio/devices").join(cdev_name))?;
-    let mut bind = sys::vfio_device_bind_iommufd {
-        argsz: size_of::<sys::vfio_device_bind_iommufd>() as u32,
+    let mut bind = uapi::vfio_device_bind_iommufd {
+        argsz: size_of::<uapi::vfio_device_bind_iommufd>() as u32,
         iommufd: vmm_iommufd.as_raw_fd(),
         ..Default::default()
     };
-    vmm_ioctl(vmm_cdev.as_fd(), sys::VFIO_DEVICE_BIND_IOMMUFD, &mut bind)?;
-    let mut attach = sys::vfio_device_attach_iommufd_pt {
-        argsz: size_of::<sys::vfio_device_attach_iommufd_pt>() as u32,
+    vmm_ioctl(vmm_cdev.as_fd(), uapi::VFIO_DEVICE_BIND_IOMMUFD, &mut bind)?;
+    let mut attach = uapi::vfio_device_attach_iommufd_pt {
+        argsz: size_of::<uapi::vfio_device_attach_iommufd_pt>() as u32,
         pt_id: ioas_id,
         ..Default::default()
     };
     vmm_ioctl(
         vmm_cdev.as_fd(),
-        sys::VFIO_DEVICE_ATTACH_IOMMUFD_PT,
+        uapi::VFIO_DEVICE_ATTACH_IOMMUFD_PT,
         &mut attach,
     )?;
     println!(
@@ -108,24 +111,86 @@ fn main() -> Result<(), Box<dyn Error>> {
     }
 
     // ---- The VMM tears down its own objects ----
-    let mut detach = sys::vfio_device_detach_iommufd_pt {
-        argsz: size_of::<sys::vfio_device_detach_iommufd_pt>() as u32,
+    let mut detach = uapi::vfio_device_detach_iommufd_pt {
+        argsz: size_of::<uapi::vfio_device_detach_iommufd_pt>() as u32,
         ..Default::default()
     };
     vmm_ioctl(
         vmm_cdev.as_fd(),
-        sys::VFIO_DEVICE_DETACH_IOMMUFD_PT,
+        uapi::VFIO_DEVICE_DETACH_IOMMUFD_PT,
         &mut detach,
     )?;
-    let mut destroy = sys::iommu_destroy {
-        size: size_of::<sys::iommu_destroy>() as u32,
+    let mut destroy = uapi::iommu_destroy {
+        size: size_of::<uapi::iommu_destroy>() as u32,
         id: ioas_id,
     };
-    vmm_ioctl(vmm_iommufd.as_fd(), sys::IOMMU_DESTROY, &mut destroy)?;
+    vmm_ioctl(vmm_iommufd.as_fd(), uapi::IOMMU_DESTROY, &mut destroy)?;
     drop(vmm_cdev);
     drop(vmm_iommufd);
     println!("VMM: detached, IOAS {ioas_id} destroyed, fds closed");
     Ok(())
+}
+
+/// The VMM's own definitions of the requests it makes (linux/vfio.h,
+/// linux/iommufd.h): `_IO(';', 100 + n)` for VFIO, `_IO(';', 0x80 + n)` for
+/// iommufd; every struct's size checked against the kernel's.
+#[allow(non_camel_case_types)]
+mod uapi {
+    pub const VFIO_DEVICE_BIND_IOMMUFD: u32 = 0x3b00 + 100 + 18;
+    pub const VFIO_DEVICE_ATTACH_IOMMUFD_PT: u32 = 0x3b00 + 100 + 19;
+    pub const VFIO_DEVICE_DETACH_IOMMUFD_PT: u32 = 0x3b00 + 100 + 20;
+    pub const IOMMU_DESTROY: u32 = 0x3b00 + 0x80;
+    pub const IOMMU_IOAS_ALLOC: u32 = 0x3b00 + 0x80 + 1;
+
+    #[repr(C)]
+    #[derive(Default)]
+    pub struct iommu_ioas_alloc {
+        pub size: u32,
+        pub flags: u32,
+        pub out_ioas_id: u32,
+    }
+
+    #[repr(C)]
+    #[derive(Default)]
+    pub struct vfio_device_bind_iommufd {
+        pub argsz: u32,
+        pub flags: u32,
+        pub iommufd: i32,
+        pub out_devid: u32,
+        pub token_uuid_ptr: u64,
+    }
+
+    #[repr(C)]
+    #[derive(Default)]
+    pub struct vfio_device_attach_iommufd_pt {
+        pub argsz: u32,
+        pub flags: u32,
+        pub pt_id: u32,
+        pub pasid: u32,
+    }
+
+    #[repr(C)]
+    #[derive(Default)]
+    pub struct vfio_device_detach_iommufd_pt {
+        pub argsz: u32,
+        pub flags: u32,
+        pub pasid: u32,
+    }
+
+    #[repr(C)]
+    pub struct iommu_destroy {
+        pub size: u32,
+        pub id: u32,
+    }
+
+    const _: () = {
+        assert!(IOMMU_IOAS_ALLOC == 0x3b81 && VFIO_DEVICE_BIND_IOMMUFD == 0x3b76);
+        assert!(size_of::<iommu_ioas_alloc>() == 12);
+        assert!(size_of::<vfio_device_bind_iommufd>() == 24);
+        assert!(size_of::<vfio_device_attach_iommufd_pt>() == 16);
+        assert!(size_of::<vfio_device_detach_iommufd_pt>() == 12);
+        assert!(size_of::<iommu_destroy>() == 8);
+    };
 }
 
 fn open_rw(path: &Path) -> io::Result<OwnedFd> {

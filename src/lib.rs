@@ -11,7 +11,6 @@
 
 mod deadline;
 pub mod dmabuf;
-pub mod engine;
 pub mod error;
 pub mod exporter;
 pub mod fdinfo;
@@ -25,10 +24,8 @@ pub mod revoke;
 #[cfg(feature = "share")]
 pub mod share;
 mod shared_fd;
-// The generated uAPI bindings: not API. Public only for the layout tests,
-// the VM tests and the bench, which hand-build raw ioctls.
-#[doc(hidden)]
-pub mod sys;
+// The uAPI bindings, for the ioctl layer: not API.
+mod sys;
 pub mod sysfs;
 mod types;
 pub mod vfio;
@@ -48,7 +45,7 @@ pub use pci::PciAddress;
 pub use range::{ByteRange, PhysRange};
 pub use revoke::{Attachment, BufferState, RestorePolicy, RevocationHub, RevokeReason};
 #[cfg(feature = "share")]
-pub use share::ShareProblem;
+pub use types::ShareProblem;
 pub use vfio::{Bar, BarMapping, DeviceInfo, RegionInfo, VfioPciDevice};
 
 /// The VMM author's guide (`docs/GUIDE.md`), here so its snippets compile as

@@ -1,25 +1,29 @@
 //! `dmabuf-p2p-bench`: the benchmarks behind `docs/BENCHMARKS.md`. Runs inside
-//! the test VM (`cargo xtask bench` builds it, boots the VM with a 1 GiB
+//! the test VM (`cargo xtask bench` builds it, boots the VM with one 64 GiB
 //! ivshmem BAR and collects what it prints); each result is one line
-//! `@@bench {json}` on stdout.
+//! `@@bench {json}` on stdout. It measures the largest ivshmem BAR it finds.
+//!
+//! The parts, in the order they run and the page shows them:
 //!
 //! 1. **sweep**: map and unmap cost against size, for a BAR dma-buf
 //!    (`IOMMU_IOAS_MAP_FILE`), the legacy type1 container
 //!    (`VFIO_IOMMU_MAP_DMA` of the mmap'd BAR) and a memfd (`MAP_FILE`).
 //! 2. **overhead**: export, map, unmap and close through the library and
-//!    through raw ioctls, interleaved, as ratios per operation; **profile**:
-//!    the steps the library adds around the ioctls, timed alone.
+//!    through raw ioctls ([`raw`], on the bench's own uAPI definitions,
+//!    [`uapi`]), interleaved, as ratios per operation; **profile**: the
+//!    steps the library adds around the ioctls, timed alone.
 //! 3. **revoke**: memory decode off (revoke) and on (restore) with N
 //!    single-page attachments.
 //! 4. **scale**: exporting and mapping N single-page dma-bufs: time per
 //!    buffer and kernel memory per buffer.
-//! 7. **nvme**: an NVMe controller's Reads into host RAM and into the BAR
-//!    (through its dma-buf IOVA), interleaved, as a ratio per size.
 //! 5. **placement**: a BAR range mapped where the kernel places it, where
 //!    the library places it (`IovaPlacement::Auto`) and at an aligned fixed
 //!    IOVA: map and unmap time, the IOVA's alignment, IOMMU page-table pages.
 //! 6. **threads**: restoring N revoked mappings (unmap + map each) from one
 //!    thread and from two.
+//! 7. **nvme**: an NVMe controller's Reads into host RAM and into the BAR
+//!    (through its dma-buf IOVA), interleaved, as a ratio per size
+//!    (`dmabuf-p2p-engine`'s NVMe driver).
 //!
 //! Every figure is the median of repeated runs, with min and max. Options:
 //! `--quick` (a quarter of the time budgets), `--only=sweep,overhead,...`.
@@ -27,6 +31,7 @@
 mod nvme;
 mod raw;
 mod stats;
+mod uapi;
 
 use std::error::Error;
 use std::fs;
@@ -35,9 +40,9 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use dmabuf_p2p::ByteRange;
-use dmabuf_p2p::exporter::vfio::VfioPciDevice;
 use dmabuf_p2p::importer::iommufd::{Ioas, Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::revoke::{Attachment, RestorePolicy};
+use dmabuf_p2p::vfio::VfioPciDevice;
 
 use stats::{Budget, Stats, emit, emit_meta, ns_since};
 
@@ -143,10 +148,7 @@ fn run() -> R<()> {
     // Attached, so that every mapping really fills IOMMU page tables.
     dev.attach(&ioas)?;
     dev.set_memory_decode(true)?;
-    let (config, _) = raw::region_info(
-        dev.as_raw_fd(),
-        dmabuf_p2p::sys::VFIO_PCI_CONFIG_REGION_INDEX,
-    )?;
+    let (config, _) = raw::region_info(dev.as_raw_fd(), uapi::VFIO_PCI_CONFIG_REGION_INDEX)?;
     let ctx = Ctx {
         iommufd: iommufd.as_raw_fd(),
         ioas: ioas.id(),
@@ -614,7 +616,7 @@ fn profile(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas, bdf: &str) 
             "lib_plan_export",
             Box::new(|| {
                 let bar = dev.bar(BAR)?;
-                let plan = dmabuf_p2p::exporter::vfio::plan_export(
+                let plan = dmabuf_p2p::exporter::bar::plan_export(
                     dev.address(),
                     &bar,
                     &[ByteRange::new(0, MIN_SIZE)],

@@ -4,11 +4,11 @@
 
 use std::time::{Duration, Instant};
 
-use dmabuf_p2p::engine::StorageEngine;
-use dmabuf_p2p::engine::nvme::{NVME_CLASS, Nvme};
 use dmabuf_p2p::importer::iommufd::{Ioas, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::{ByteRange, VfioPciDevice};
+use dmabuf_p2p_engine::StorageEngine;
+use dmabuf_p2p_engine::nvme::{NVME_CLASS, Nvme};
 
 use crate::stats::{Stats, emit, emit_meta, ns_since};
 use crate::{Opts, R, read_hex};

@@ -2,10 +2,11 @@
 
 use std::process::ExitCode;
 
-use dmabuf_p2p::engine::detect::{EngineKind, TargetBar, target_bars};
 use dmabuf_p2p::sysfs::{PciDeviceInfo, Sysfs};
+use dmabuf_p2p_engine::detect::{EngineKind, TargetBar, target_bars};
 
-use crate::{CliError, human_size, print_json};
+use crate::{CliError, print_json};
+use dmabuf_p2p::range::human_size;
 
 /// Options of `devices`.
 #[derive(Debug, clap::Args)]

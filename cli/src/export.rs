@@ -3,11 +3,12 @@
 use std::process::ExitCode;
 
 use dmabuf_p2p::ByteRange;
-use dmabuf_p2p::exporter::vfio::VfioPciDevice;
 use dmabuf_p2p::importer::iommufd::Iommufd;
+use dmabuf_p2p::vfio::VfioPciDevice;
 
 use crate::target::TargetSpec;
-use crate::{CliError, human_size, print_json};
+use crate::{CliError, print_json};
+use dmabuf_p2p::range::human_size;
 
 /// Options of `export`.
 #[derive(Debug, clap::Args)]

@@ -105,18 +105,10 @@ pub fn print_json<T: serde::Serialize>(value: &T) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Formats a byte count compactly (`64 MiB`, `4 KiB`, `256 B`).
-pub fn human_size(n: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [
-        ("GiB", 1 << 30),
-        ("MiB", 1 << 20),
-        ("KiB", 1 << 10),
-        ("B", 1),
-    ];
-    for (unit, scale) in UNITS {
-        if n >= scale && n.is_multiple_of(scale) {
-            return format!("{} {unit}", n / scale);
-        }
-    }
-    format!("{n} B")
+/// FNV-1a 64 of `data`: the hash of the test bed's host checks
+/// (`@@host-check ... fnv1a64=`) and of `map`'s copy report.
+pub(crate) fn fnv1a64(data: &[u8]) -> u64 {
+    let mut h = fnv::FnvHasher::default();
+    std::hash::Hasher::write(&mut h, data);
+    std::hash::Hasher::finish(&h)
 }

@@ -6,13 +6,13 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use dmabuf_p2p::ByteRange;
-use dmabuf_p2p::engine::DmaEngine;
-use dmabuf_p2p::engine::detect::EngineKind;
-use dmabuf_p2p::engine::edu::Edu;
 use dmabuf_p2p::importer::iommufd::{Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::revoke::{Attachment, RestorePolicy};
 use dmabuf_p2p::sysfs::Sysfs;
+use dmabuf_p2p_engine::DmaEngine;
+use dmabuf_p2p_engine::detect::EngineKind;
+use dmabuf_p2p_engine::edu::Edu;
 
 use crate::p2p_args::Args;
 use crate::p2p_report::{Report, host_check, pattern, print_report};
@@ -99,11 +99,11 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     // 1. host RAM -> BAR
     let t = Instant::now();
     let a = pattern(0x11, size);
-    window.write_bytes(bar_at(0), &vec![0u8; len])?;
+    window.write(bar_at(0), &vec![0u8; len])?;
     ram.write_at(0, &a)?;
     engine.memcpy(ram_map.iova(), att.iova(), size, timeout)?;
     let mut got = vec![0u8; len];
-    window.read_bytes(bar_at(0), &mut got)?;
+    window.read(bar_at(0), &mut got)?;
     let ok = got == a;
     step(
         "host RAM -> BAR",
@@ -120,7 +120,7 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     // 2. BAR -> host RAM
     let t = Instant::now();
     let b = pattern(0x5a, size);
-    window.write_bytes(bar_at(size), &b)?;
+    window.write(bar_at(size), &b)?;
     ram.write_at(size, &vec![0u8; len])?;
     engine.memcpy(att.iova() + size, ram_map.iova() + size, size, timeout)?;
     let mut got = vec![0u8; len];
@@ -141,7 +141,7 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     // 3. revoke: memory decode off tears the mapping down
     let t = Instant::now();
     let mut before = vec![0u8; len];
-    window.read_bytes(bar_at(0), &mut before)?;
+    window.read(bar_at(0), &mut before)?;
     let iova = att.iova();
     target.set_memory_decode(false)?;
     let ok = att.is_revoked() && att.ensure_live().is_err();
@@ -160,7 +160,7 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     let attempted = engine.memcpy(ram_map.iova(), iova, size, timeout);
     target.set_memory_decode(true)?;
     let mut after = vec![0u8; len];
-    window.read_bytes(bar_at(0), &mut after)?;
+    window.read(bar_at(0), &mut after)?;
     let changed = before.iter().zip(&after).filter(|(x, y)| x != y).count();
     let ok = changed == 0;
     step(
@@ -192,7 +192,7 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     // 6. and the next copy lands
     let t = Instant::now();
     engine.memcpy(ram_map.iova(), att.iova(), size, timeout)?;
-    window.read_bytes(bar_at(0), &mut after)?;
+    window.read(bar_at(0), &mut after)?;
     let ok = after == c;
     step(
         "copy after restore",

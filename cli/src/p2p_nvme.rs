@@ -8,13 +8,13 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use dmabuf_p2p::engine::StorageEngine;
-use dmabuf_p2p::engine::nvme::{NVME_CLASS, Nvme, NvmeProblem};
 use dmabuf_p2p::importer::iommufd::{Ioas, Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::revoke::{Attachment, RestorePolicy};
 use dmabuf_p2p::sysfs::Sysfs;
 use dmabuf_p2p::{BarMapping, ByteRange, PciAddress, VfioPciDevice};
+use dmabuf_p2p_engine::StorageEngine;
+use dmabuf_p2p_engine::nvme::{NVME_CLASS, Nvme, NvmeProblem};
 
 use super::{CliError, print_json};
 use crate::p2p_args::Args;
@@ -37,10 +37,10 @@ impl Target {
 }
 
 /// `Ok(None)` for an NVMe controller that lacks the region asked for.
-fn region<T>(asked: dmabuf_p2p::Result<T>) -> Result<Option<T>, CliError> {
+fn region<T>(asked: dmabuf_p2p_engine::Result<T>) -> Result<Option<T>, CliError> {
     match asked {
         Ok(info) => Ok(Some(info)),
-        Err(dmabuf_p2p::Error::Nvme {
+        Err(dmabuf_p2p_engine::Error::Nvme {
             problem: NvmeProblem::NoCmb | NvmeProblem::NoPmr { .. },
             ..
         }) => Ok(None),
@@ -177,7 +177,7 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     };
     let read_bar = |w: &BarMapping, off: u64| -> Result<Vec<u8>, CliError> {
         let mut v = vec![0u8; len];
-        w.read_bytes(bar_at(off), &mut v)?;
+        w.read(bar_at(off), &mut v)?;
         Ok(v)
     };
 
@@ -196,8 +196,8 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     // 2. storage -> BAR, compared with host RAM
     let t = Instant::now();
     let sentinel = pattern(0xa5, size);
-    window.write_bytes(bar_at(0), &sentinel)?;
-    window.write_bytes(bar_at(size), &sentinel)?;
+    window.write(bar_at(0), &sentinel)?;
+    window.write(bar_at(size), &sentinel)?;
     engine.read_blocks(args.lba, count, att.iova(), timeout)?;
     let got = read_bar(&window, 0)?;
     let ok = got == from_disk;

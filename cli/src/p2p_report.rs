@@ -3,7 +3,9 @@
 
 use std::time::Instant;
 
-use crate::human_size;
+use dmabuf_p2p::range::human_size;
+
+use crate::fnv1a64;
 
 /// One verified step.
 #[derive(Debug, serde::Serialize)]
@@ -82,14 +84,10 @@ pub(crate) fn pattern(seed: u8, len: u64) -> Vec<u8> {
 /// compares the ivshmem backing file with what the guest saw).
 pub(crate) fn host_check(offset: u64, data: &[u8]) -> std::io::Result<()> {
     if let Ok(name) = std::env::var("DMABUF_P2P_HOST_CHECK") {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in data {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
         outln!(
-            "@@host-check {name} {offset:#x} {:#x} fnv1a64={h:016x}",
-            data.len()
+            "@@host-check {name} {offset:#x} {:#x} fnv1a64={:016x}",
+            data.len(),
+            fnv1a64(data)
         )?;
     }
     Ok(())

@@ -20,9 +20,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
-use dmabuf_p2p::engine::DmaEngine;
-use dmabuf_p2p::engine::edu::Edu;
-use dmabuf_p2p::exporter::vfio::{BarExport, VfioPciDevice};
+use dmabuf_p2p::exporter::bar::BarExport;
 use dmabuf_p2p::importer::iommufd::{Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::range::{page_size, parse_size};
@@ -32,9 +30,13 @@ use dmabuf_p2p::share::{
     ShareServer, SharedBuffer, bind_listener, default_socket_path,
 };
 use dmabuf_p2p::vfio::BarMapping;
+use dmabuf_p2p::vfio::VfioPciDevice;
 use dmabuf_p2p::{ByteRange, Error, PciAddress};
+use dmabuf_p2p_engine::DmaEngine;
+use dmabuf_p2p_engine::edu::Edu;
 
-use crate::{CliError, human_size, print_json};
+use crate::{CliError, fnv1a64, print_json};
+use dmabuf_p2p::range::human_size;
 
 /// Prints one line: compact JSON with `--json`, else `text`.
 fn event_line(json: bool, value: &serde_json::Value, text: &str) {
@@ -181,7 +183,7 @@ pub fn serve(
         server.set_read_back(move |offset, buf| {
             let w = window.read().unwrap_or_else(PoisonError::into_inner);
             match (&w.window, w.decode_on) {
-                (Some(m), true) => m.read_bytes(base + offset, buf),
+                (Some(m), true) => m.read(base + offset, buf),
                 _ => Err(Error::Revoked {
                     buffer: format!("{name} (memory decode off or closing)"),
                     source: None,
@@ -383,15 +385,6 @@ fn pattern(seed: u8, len: u64) -> Vec<u8> {
         .collect()
 }
 
-fn fnv1a64(data: &[u8]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in data {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{h:016x}")
-}
-
 /// One check of `map`.
 #[derive(Debug, serde::Serialize)]
 pub struct Step {
@@ -530,13 +523,14 @@ pub fn run_map(args: &MapArgs, json: bool) -> Result<ExitCode, CliError> {
             offset: args.offset,
             size,
             seed: args.seed,
-            fnv1a64: fnv1a64(&data),
+            fnv1a64: format!("{:016x}", fnv1a64(&data)),
         });
 
         // 1. The engine copies the pattern into the buffer.
         let t = Instant::now();
         let copied = att
             .ensure_live()
+            .map_err(dmabuf_p2p_engine::Error::from)
             .and_then(|()| engine.memcpy(ram_map.iova(), att.iova() + args.offset, size, timeout));
         let ok = copied.is_ok();
         let detail = match &copied {
@@ -585,14 +579,17 @@ pub fn run_map(args: &MapArgs, json: bool) -> Result<ExitCode, CliError> {
 
         // 3. The engine copies the buffer back out into host RAM.
         let t = Instant::now();
-        let back = att.ensure_live().and_then(|()| {
-            engine.memcpy(
-                att.iova() + args.offset,
-                ram_map.iova() + size,
-                size,
-                timeout,
-            )
-        });
+        let back = att
+            .ensure_live()
+            .map_err(dmabuf_p2p_engine::Error::from)
+            .and_then(|()| {
+                engine.memcpy(
+                    att.iova() + args.offset,
+                    ram_map.iova() + size,
+                    size,
+                    timeout,
+                )
+            });
         let (ok, detail) = match back {
             Ok(()) => {
                 let mut got = vec![0u8; usize::try_from(size)?];

@@ -14,8 +14,13 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 
 use dmabuf_p2p::share::recv;
-use dmabuf_p2p::share::wire::send_some;
 use libfuzzer_sys::fuzz_target;
+use nix::sys::socket::MsgFlags;
+
+/// The VM tests' attacking peer: `sendmsg` with any fds.
+#[path = "../../vm-tests/src/raw_peer.rs"]
+#[allow(dead_code)]
+mod raw_peer;
 
 fn fd_count() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count)
@@ -24,14 +29,7 @@ fn fd_count() -> usize {
 /// Sends `data` with `fds` on the first `sendmsg`, as much as the socket
 /// takes without blocking.
 fn send(tx: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) {
-    let mut sent = 0;
-    while sent < data.len() {
-        let with = if sent == 0 { fds } else { &[] };
-        match send_some(tx, &data[sent..], with) {
-            Ok(n) => sent += n,
-            Err(_) => return,
-        }
-    }
+    let _ = raw_peer::send_raw_with(tx, data, fds, MsgFlags::MSG_DONTWAIT);
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -214,7 +214,7 @@ impl SharedBuffer {
 
     /// Checks who is at the other end of `stream` (`options.policy`: by
     /// default the same uid or root), receives the `offer` within
-    /// `options.timeout`, checks it ([`super::decode`]; an offer that names a
+    /// `options.timeout`, checks it (as [`recv`](super::recv) does; an offer that names a
     /// VFIO device must be a `vfio_pci_core` dma-buf), stops accepting fds
     /// on the stream (`SO_PASSRIGHTS` off, where the kernel has it), and
     /// starts following the exporter: a background thread reads its

@@ -47,9 +47,13 @@
 //!
 //! # Wire format (version 1)
 //!
-//! Every message is a frame ([`wire`]): a 12-byte header — magic `b"DPSH"`,
-//! version `u16`, kind `u16`, payload length `u32`, little-endian, length at
-//! most [`MAX_PAYLOAD`] (64 KiB) — then a UTF-8 JSON object as payload. Unknown
+//! Every message is a frame: a [`HEADER_LEN`] (12) byte header — magic
+//! [`MAGIC`] (`b"DPSH"`), version `u16` ([`VERSION`]), kind `u16`, payload
+//! length `u32`, little-endian, length at most [`MAX_PAYLOAD`] (64 KiB) —
+//! then a UTF-8 JSON object as payload. Fds travel as `SCM_RIGHTS` control
+//! data on the `sendmsg` that carries a frame's first byte; the receiver
+//! reads with `MSG_CMSG_CLOEXEC`, never past the end of a frame, with room
+//! for [`FD_ROOM`] fds per `recvmsg`. Unknown
 //! JSON fields are ignored; an incompatible change gets a new version.
 //!
 //! | kind | name | direction | fds | payload |
@@ -73,10 +77,12 @@
 //! cut short or stalled past its deadline, an unknown kind, a payload that is
 //! not the kind's JSON, names over [`MAX_NAME_LEN`] bytes or with control
 //! characters, more than [`MAX_RANGES`] ranges, an offer without an fd, a
-//! frame with more than [`wire::MAX_FRAME_FDS`] fds, any other message with an
+//! frame with more than [`MAX_FRAME_FDS`] fds, any other message with an
 //! fd, control data it has no room for (`MSG_CTRUNC`; [`ShareProblem::FdTableFull`]
 //! when the fd table is full), an fd that is not a dma-buf
-//! ([`DmaBuf::try_from`]) and a dma-buf whose size is not the announced one.
+//! ([`DmaBuf::try_from`]) and a dma-buf whose size is not the announced one,
+//! and a frame that started but did not complete within its deadline
+//! ([`DEFAULT_FRAME_TIMEOUT`] unless the caller says otherwise).
 //! Every fd that arrived with a refused message is closed before the error is
 //! returned. A refused message leaves the stream out of step; both sides drop
 //! the connection then.
@@ -92,23 +98,25 @@
 
 mod client;
 mod peer;
+mod rights;
 mod server;
 mod socket;
-pub mod wire;
+mod wire;
 
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub use client::{ConnectOptions, DEFAULT_OFFER_TIMEOUT, SharedBuffer, VFIO_EXP_NAME};
 pub use peer::{
     AccessPolicy, MAX_NAME_LEN, MAX_TEXT_LEN, PeerCred, check_name, refuse_fds, sanitize_text,
 };
+pub use rights::FD_ROOM;
 pub use server::{ReadBack, ServerEvent, ServerOptions, ShareServer};
 pub use socket::{bind_listener, default_socket_dir, default_socket_path};
-pub use wire::{MAX_PAYLOAD, VERSION};
+pub use wire::{DEFAULT_FRAME_TIMEOUT, HEADER_LEN, MAGIC, MAX_FRAME_FDS, MAX_PAYLOAD, VERSION};
 
-use crate::exporter::vfio::BarExport;
+use crate::exporter::bar::BarExport;
 use crate::range::{ByteRange, PhysRange};
 use crate::revoke::{BufferState, RevokeReason};
 use crate::{DmaBuf, Error, Result};
@@ -527,7 +535,7 @@ fn parse<T: serde::de::DeserializeOwned>(
 
 /// Checks a received frame and turns it into a message. Every fd of a
 /// refused frame is closed (dropped) before the error is returned.
-pub fn decode(frame: wire::Frame) -> std::result::Result<Incoming, ShareProblem> {
+pub(crate) fn decode(frame: wire::Frame) -> std::result::Result<Incoming, ShareProblem> {
     let wire::Frame { kind, payload, fds } = frame;
     let kind = Kind::from_u16(kind).ok_or(ShareProblem::UnknownKind(kind))?;
     if kind == Kind::Offer {
@@ -641,8 +649,10 @@ fn decode_offer(
     })
 }
 
-/// Receives and checks one message ([`wire::recv_frame`], then [`decode`]).
-/// `Ok(None)` when the peer closed the connection between messages.
+/// Receives and checks one message, waiting as long as it takes for it to
+/// start and [`DEFAULT_FRAME_TIMEOUT`] for it to complete. `Ok(None)` when
+/// the peer closed the connection between messages. After an error the
+/// stream is out of step: drop it.
 ///
 /// ```no_run
 /// use std::os::unix::net::UnixStream;
@@ -663,8 +673,35 @@ pub fn recv(stream: &UnixStream) -> Result<Option<Incoming>> {
     }
 }
 
+/// [`recv`], waiting at most `timeout` for a message to start
+/// ([`Error::Timeout`] after that).
+///
+/// ```no_run
+/// use std::os::unix::net::UnixStream;
+/// use std::time::Duration;
+/// use dmabuf_p2p::share::recv_timeout;
+/// let stream = UnixStream::connect("/run/dmabuf-p2p/0000:02:00.0-bar2.sock")?;
+/// match recv_timeout(&stream, Duration::from_secs(5)) {
+///     Ok(Some(message)) => println!("{message:?}"),
+///     Ok(None) => println!("the exporter hung up"),
+///     Err(e) => println!("{e}"),
+/// }
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn recv_timeout(stream: &UnixStream, timeout: Duration) -> Result<Option<Incoming>> {
+    // A timeout too large to add to the clock is no limit.
+    let deadline = Instant::now().checked_add(timeout);
+    match wire::recv_frame_within(stream, deadline, DEFAULT_FRAME_TIMEOUT)? {
+        None => Ok(None),
+        Some(frame) => decode(frame).map(Some).map_err(|problem| Error::Share {
+            peer: wire::describe_stream(stream),
+            problem,
+        }),
+    }
+}
+
 /// Sends `buf` with an `offer` describing it as `info`, in `state`.
-/// `timeout` bounds the wait while the socket is full ([`wire::send_raw`]).
+/// `timeout` bounds the wait while the socket is full ([`Error::Timeout`]).
 ///
 /// ```no_run
 /// use std::os::unix::net::UnixStream;
@@ -696,7 +733,7 @@ pub fn send_offer(
 }
 
 /// Sends a message without an fd. `timeout` bounds the wait while the socket
-/// is full ([`wire::send_raw`]).
+/// is full ([`Error::Timeout`]).
 pub fn send_message(stream: &UnixStream, msg: &Message, timeout: Option<Duration>) -> Result<()> {
     let frame = msg.encode().map_err(|problem| Error::Share {
         peer: wire::describe_stream(stream),

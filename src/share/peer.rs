@@ -116,7 +116,7 @@ impl AccessPolicy {
 /// from now on (its `sendmsg` fails with `EPERM`). `Ok(false)` if the kernel
 /// has no such option (before 6.16).
 pub fn refuse_fds(stream: &UnixStream) -> Result<bool> {
-    match crate::ioctl::set_pass_rights(stream.as_fd(), false) {
+    match super::rights::set_pass_rights(stream, false) {
         Ok(()) => Ok(true),
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENOPROTOOPT | libc::EINVAL)) => Ok(false),
         Err(e) => Err(Error::sys(

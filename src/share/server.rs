@@ -19,9 +19,10 @@ use nix::poll::{PollFd, PollFlags, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use super::peer::{AccessPolicy, PeerCred, refuse_fds};
+use super::rights;
 use super::wire::{self, FrameReader, Progress};
 use super::{BufferInfo, Incoming, Kind, MAX_READ, Message, ShareProblem, decode, encode_offer};
-use crate::exporter::vfio::BarExport;
+use crate::exporter::bar::BarExport;
 use crate::revoke::{
     BufferState, Revocable, RevocationHub, RevokeReason, StateChange, Subscription,
 };
@@ -1013,7 +1014,7 @@ fn flush_client(
         } else {
             &[]
         };
-        match wire::send_some(&c.stream, &head.bytes[head.sent..], with) {
+        match rights::send_some(&c.stream, &head.bytes[head.sent..], with) {
             Ok(n) => {
                 head.sent += n;
                 if head.sent == head.bytes.len() {

@@ -21,7 +21,7 @@ pub enum ShareProblem {
         /// Bytes that arrived.
         got: u64,
     },
-    /// The frame does not start with [`MAGIC`](crate::share::wire::MAGIC).
+    /// The frame does not start with [`MAGIC`](crate::share::MAGIC).
     #[error("bad magic {found:02x?} (expected \"DPSH\")")]
     BadMagic {
         /// The first four bytes.
@@ -78,7 +78,7 @@ pub enum ShareProblem {
     ControlTruncated {
         /// Fds that arrived and were closed.
         closed: usize,
-        /// [`FD_ROOM`](crate::share::wire::FD_ROOM).
+        /// [`FD_ROOM`](crate::share::FD_ROOM).
         room: usize,
     },
     /// The offered fd is not a dma-buf (it was closed).
@@ -136,7 +136,7 @@ pub enum ShareProblem {
     TooManyFds {
         /// How many arrived (at least).
         count: usize,
-        /// [`MAX_FRAME_FDS`](crate::share::wire::MAX_FRAME_FDS).
+        /// [`MAX_FRAME_FDS`](crate::share::MAX_FRAME_FDS).
         max: usize,
     },
     /// The kernel could not install a passed fd because this process's fd

@@ -112,7 +112,7 @@ impl VfioPciDevice {
     ///
     /// ```no_run
     /// # use std::os::fd::OwnedFd;
-    /// # use dmabuf_p2p::{exporter::vfio::{AdoptOptions, VfioPciDevice}, importer::iommufd::Iommufd, sysfs::Sysfs};
+    /// # use dmabuf_p2p::{vfio::{AdoptOptions, VfioPciDevice}, importer::iommufd::Iommufd, sysfs::Sysfs};
     /// # fn vmm_fds() -> (OwnedFd, OwnedFd, u32) { unimplemented!() }
     /// # let (vmm_iommufd, vmm_device, devid) = vmm_fds();
     /// let iommufd = Iommufd::from(vmm_iommufd.try_clone()?);

@@ -9,13 +9,15 @@
 //! prebuilt bzImage to skip it.
 
 use std::collections::{HashMap, VecDeque};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::hash::Hasher;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use fnv::FnvHasher;
 
 use crate::debian::{PrivateApt, extract_deb, newest_in_series};
 use crate::{Error, Result, cache_dir};
@@ -409,7 +411,8 @@ fn bzimage_header_problem(head: &[u8]) -> Result<(), String> {
 // Cache key
 
 fn key_for(package: &str, version: &str, fragment: &str) -> String {
-    let mut hash = Fnv1a::new();
+    // FNV-1a 64: stable across Rust versions (unlike `DefaultHasher`).
+    let mut hash = FnvHasher::default();
     for part in [package, version, RECIPE_VERSION, fragment] {
         hash.write(part.as_bytes());
         hash.write(&[0]);
@@ -425,24 +428,6 @@ fn key_for(package: &str, version: &str, fragment: &str) -> String {
         })
         .collect();
     format!("{version}-{:016x}", hash.finish())
-}
-
-/// 64-bit FNV-1a: small, stable across Rust versions (unlike `DefaultHasher`).
-struct Fnv1a(u64);
-
-impl Fnv1a {
-    fn new() -> Self {
-        Self(0xcbf2_9ce4_8422_2325)
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 ^= u64::from(b);
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    fn finish(&self) -> u64 {
-        self.0
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -944,26 +929,17 @@ impl BuildLock {
             .write(true)
             .open(path)
             .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-        let fd = file.as_raw_fd();
-        // SAFETY: `fd` is an open descriptor owned by `file`; flock touches no memory.
-        let rc = unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::WouldBlock {
-                return Err(Error::io(format!("locking {}", path.display()), e));
+        let locking = |e| Error::io(format!("locking {}", path.display()), e);
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                eprintln!(
+                    "kernel: another kernel build holds {}; waiting for it",
+                    path.display()
+                );
+                file.lock().map_err(locking)?;
             }
-            eprintln!(
-                "kernel: another kernel build holds {}; waiting for it",
-                path.display()
-            );
-            // SAFETY: as above.
-            let rc = unsafe { libc::flock(fd, libc::LOCK_EX) };
-            if rc != 0 {
-                return Err(Error::io(
-                    format!("locking {}", path.display()),
-                    io::Error::last_os_error(),
-                ));
-            }
+            Err(TryLockError::Error(e)) => return Err(locking(e)),
         }
         Ok(Self { _file: file })
     }
@@ -1032,14 +1008,6 @@ mod tests {
             from_env(PathBuf::new()),
             Err(Error::KernelPath { .. })
         ));
-    }
-
-    #[test]
-    fn fnv1a_matches_reference_vectors() {
-        let mut h = Fnv1a::new();
-        assert_eq!(h.finish(), 0xcbf2_9ce4_8422_2325);
-        h.write(b"a");
-        assert_eq!(h.finish(), 0xaf63_dc4c_8601_ec8c);
     }
 
     #[test]

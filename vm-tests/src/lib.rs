@@ -8,8 +8,10 @@
 #![allow(clippy::panic)]
 
 pub mod fail_nth;
+pub mod raw_peer;
 
 use std::fs;
+use std::hash::Hasher;
 use std::path::{Path, PathBuf};
 
 /// QEMU's `edu` device.
@@ -90,12 +92,9 @@ pub fn open_fd_count() -> usize {
 
 /// FNV-1a 64, the hash the host uses for host checks.
 pub fn fnv1a64(data: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in data {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
+    let mut h = fnv::FnvHasher::default();
+    h.write(data);
+    h.finish()
 }
 
 /// Asks the host to check, after the VM has stopped, that bytes
@@ -328,7 +327,7 @@ pub fn is_iommu_fault(line: &str) -> bool {
 /// Reads `len` bytes of a BAR mapping from `offset`, eight bytes per access
 /// where alignment allows: under TCG a byte-wise read of 1 MiB takes about a
 /// second.
-pub fn bar_read(bar: &dmabuf_p2p::exporter::vfio::BarMapping, offset: u64, len: usize) -> Vec<u8> {
+pub fn bar_read(bar: &dmabuf_p2p::vfio::BarMapping, offset: u64, len: usize) -> Vec<u8> {
     let mut out = vec![0u8; len];
     let words = if offset & 7 == 0 { len / 8 } else { 0 };
     for (i, chunk) in out[..words * 8].chunks_exact_mut(8).enumerate() {
@@ -347,7 +346,7 @@ pub fn bar_read(bar: &dmabuf_p2p::exporter::vfio::BarMapping, offset: u64, len: 
 
 /// Writes `data` to a BAR mapping at `offset`, eight bytes per access where
 /// alignment allows (see [`bar_read`]).
-pub fn bar_write(bar: &dmabuf_p2p::exporter::vfio::BarMapping, offset: u64, data: &[u8]) {
+pub fn bar_write(bar: &dmabuf_p2p::vfio::BarMapping, offset: u64, data: &[u8]) {
     let words = if offset & 7 == 0 { data.len() / 8 } else { 0 };
     for (i, chunk) in data[..words * 8].chunks_exact(8).enumerate() {
         let v = u64::from_le_bytes(chunk.try_into().unwrap_or_default());

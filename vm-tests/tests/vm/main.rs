@@ -26,6 +26,7 @@ mod share;
 mod share_attacks;
 mod smoke;
 mod testbed;
+mod uapi;
 mod udmabuf;
 mod vfio;
 mod vmm;

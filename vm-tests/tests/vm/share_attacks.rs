@@ -27,12 +27,12 @@ use std::time::{Duration, Instant};
 use dmabuf_p2p::exporter::udmabuf::Udmabuf;
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::revoke::{BufferState, RevokeReason};
-use dmabuf_p2p::share::wire::{encode_frame, recv_frame_within, send_raw};
 use dmabuf_p2p::share::{
-    BufferInfo, Incoming, ServerOptions, ShareProblem, ShareServer, SharedBuffer, encode_offer,
-    recv,
+    BufferInfo, Incoming, ServerOptions, ShareProblem, ShareServer, SharedBuffer, recv,
+    recv_timeout, send_offer,
 };
 use dmabuf_p2p::{ByteRange, Error, Iommufd, VfioPciDevice};
+use dmabuf_p2p_vm_tests::raw_peer::{frame, send_raw};
 use dmabuf_p2p_vm_tests::{child_exit, ivshmem_devices, open_fd_count, pipe};
 
 use super::faults::{
@@ -267,10 +267,9 @@ fn other_users_cannot_connect_and_are_refused_by_the_server() {
             Ok(st) => st,
             Err(e) => return format!("connect: {e}"),
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        match recv_frame_within(&stream, Some(deadline), Duration::from_secs(30)) {
+        match recv_timeout(&stream, Duration::from_secs(30)) {
             Ok(None) => "closed with nothing sent".to_owned(),
-            Ok(Some(f)) => format!("got kind {} with {} fds", f.kind, f.fds.len()),
+            Ok(Some(m)) => format!("got {m:?}"),
             Err(e) => format!("error: {e}"),
         }
     });
@@ -555,16 +554,16 @@ fn dripped_frames_and_passed_fds_are_refused() {
     assert!(matches!(recv(&theirs).unwrap(), Some(Incoming::Offer(_))));
     // An fd to the server: refused by the kernel.
     let junk = fs::File::open("/dev/null").unwrap();
-    match send_raw(&theirs, b"D", &[junk.as_fd()], Some(WAIT)) {
+    match send_raw(&theirs, b"D", &[junk.as_fd()]) {
         Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}"),
         Ok(()) => panic!("the server's socket took an fd"),
     }
     // Drip a read-request one byte every 300 ms.
-    let frame = encode_frame(5, br#"{"id":1,"offset":0,"length":16}"#);
+    let frame = frame(5, br#"{"id":1,"offset":0,"length":16}"#);
     let t = Instant::now();
     let mut dropped_after = None;
     for b in &frame {
-        if send_raw(&theirs, std::slice::from_ref(b), &[], Some(WAIT)).is_err() {
+        if send_raw(&theirs, std::slice::from_ref(b), &[]).is_err() {
             dropped_after = Some(t.elapsed());
             break;
         }
@@ -605,15 +604,9 @@ fn dripped_frames_and_passed_fds_are_refused() {
     // The importer's side: once the offer is in, no more fds.
     let (tx, rx) = UnixStream::pair().unwrap();
     let info = BufferInfo::from_export(&export);
-    send_raw(
-        &tx,
-        &encode_offer(&info, BufferState::Live).unwrap(),
-        &[export.dmabuf().as_fd()],
-        Some(WAIT),
-    )
-    .unwrap();
+    send_offer(&tx, export.dmabuf(), &info, BufferState::Live, Some(WAIT)).unwrap();
     let shared = SharedBuffer::receive(rx).unwrap();
-    match send_raw(&tx, b"X", &[export.dmabuf().as_fd()], Some(WAIT)) {
+    match send_raw(&tx, b"X", &[export.dmabuf().as_fd()]) {
         Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}"),
         Ok(()) => panic!("the importer's socket took a second fd"),
     }
@@ -642,13 +635,7 @@ fn an_offer_naming_a_vfio_device_must_be_a_vfio_dmabuf() {
     };
     let fds = open_fd_count();
     let (tx, rx) = UnixStream::pair().unwrap();
-    send_raw(
-        &tx,
-        &encode_offer(&info, BufferState::Live).unwrap(),
-        &[buf.as_fd()],
-        Some(WAIT),
-    )
-    .unwrap();
+    send_offer(&tx, &buf, &info, BufferState::Live, Some(WAIT)).unwrap();
     match SharedBuffer::receive(rx) {
         Err(Error::Share {
             problem: ShareProblem::NotVfio { exp_name },
@@ -777,9 +764,9 @@ fn the_connect_deadline_holds_against_a_dripping_server() {
     let listener = dmabuf_p2p::share::bind_listener(&sock).unwrap();
     let dripper = std::thread::spawn(move || {
         let (conn, _) = listener.accept().unwrap();
-        let frame = encode_frame(1, b"{}");
+        let frame = frame(1, b"{}");
         for b in frame {
-            if send_raw(&conn, &[b], &[], Some(WAIT)).is_err() {
+            if send_raw(&conn, &[b], &[]).is_err() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(300));

@@ -4,8 +4,8 @@ use std::fs;
 use std::path::Path;
 
 use dmabuf_p2p::ByteRange;
-use dmabuf_p2p::exporter::vfio::VfioPciDevice;
 use dmabuf_p2p::importer::iommufd::Iommufd;
+use dmabuf_p2p::vfio::VfioPciDevice;
 
 use dmabuf_p2p_vm_tests::{EDU_ID, IVSHMEM_ID, driver_of, ivshmem_devices, pci_devices, vfio_cdev};
 

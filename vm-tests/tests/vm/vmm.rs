@@ -32,13 +32,13 @@ use iommufd_ioctls::{IommuFd, IommufdIoas};
 use vfio_ioctls::{VfioDevice, VfioIommufd};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use dmabuf_p2p::engine::DmaEngine;
-use dmabuf_p2p::engine::edu::Edu;
 use dmabuf_p2p::importer::iommufd::{Ioas, Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::revoke::{Attachment, BufferState, RestorePolicy, RevocationEvent, RevokeReason};
 use dmabuf_p2p::vfio::{AdoptOptions, CONFIG_REGION_INDEX, REQ_IRQ_INDEX, VfioPciDevice};
 use dmabuf_p2p::{ByteRange, Error, PciAddress};
+use dmabuf_p2p_engine::DmaEngine;
+use dmabuf_p2p_engine::edu::Edu;
 use dmabuf_p2p_vm_tests::{
     DMA_TIMEOUT, Kmsg, assert_bytes, bar_read, bar_write, check_write_faults, directive,
     edu_address, open_fd_count, pattern, request_host_check, shm_address,
@@ -731,7 +731,7 @@ fn export_and_copy(
     seed: u64,
     what: &str,
 ) -> (
-    dmabuf_p2p::exporter::vfio::BarExport,
+    dmabuf_p2p::exporter::bar::BarExport,
     Attachment,
     Events,
     Vec<u8>,
@@ -752,7 +752,7 @@ fn export_and_copy(
 }
 
 /// Maps `export` at `BAR_GPA` in the VMM's IOAS, restored automatically.
-fn map_at_bar_gpa(export: &dmabuf_p2p::exporter::vfio::BarExport, ioas: &Ioas) -> Attachment {
+fn map_at_bar_gpa(export: &dmabuf_p2p::exporter::bar::BarExport, ioas: &Ioas) -> Attachment {
     let att = Attachment::map(
         export,
         ioas,

@@ -25,7 +25,7 @@ pub struct PrpPlan {
 /// when the transfer needs more list entries than one page holds.
 ///
 /// ```
-/// use dmabuf_p2p::engine::nvme::prp::plan;
+/// use dmabuf_p2p_engine::nvme::prp::plan;
 /// // 3 pages from a page boundary: PRP1, then a list of the other two.
 /// let p = plan(0x10_0000, 3 * 4096, 0x9000).unwrap();
 /// assert_eq!((p.prp1, p.prp2), (0x10_0000, 0x9000));

@@ -1,22 +1,23 @@
 //! Which devices can serve as engines and which BARs are peer-to-peer
 //! targets, from what sysfs says about a device (no device access).
 
-use crate::sysfs::PciDeviceInfo;
+use dmabuf_p2p::pci::Resource;
+use dmabuf_p2p::sysfs::PciDeviceInfo;
 
-use super::edu::EDU_ID;
-use super::nvme::NVME_CLASS;
+use crate::edu::EDU_ID;
+use crate::nvme::NVME_CLASS;
 
 /// QEMU's `ivshmem-plain` (its BAR2 is shared memory).
 pub const IVSHMEM_ID: (u16, u16) = (0x1af4, 0x1110);
 
-/// A kind of engine this crate has a driver for.
+/// A kind of engine this package has a driver for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub enum EngineKind {
-    /// QEMU's `edu`: a copy engine ([`DmaEngine`](super::DmaEngine)).
+    /// QEMU's `edu`: a copy engine ([`DmaEngine`](crate::DmaEngine)).
     Edu,
-    /// An NVMe controller: a storage engine ([`StorageEngine`](super::StorageEngine)).
+    /// An NVMe controller: a storage engine ([`StorageEngine`](crate::StorageEngine)).
     Nvme,
 }
 
@@ -24,7 +25,7 @@ impl EngineKind {
     /// The engine kind of a device with this vendor, device ID and class code.
     ///
     /// ```
-    /// use dmabuf_p2p::engine::detect::EngineKind;
+    /// use dmabuf_p2p_engine::detect::EngineKind;
     /// assert_eq!(EngineKind::detect(0x1234, 0x11e8, 0x00ff00), Some(EngineKind::Edu));
     /// assert_eq!(EngineKind::detect(0x144d, 0xa808, 0x010802), Some(EngineKind::Nvme));
     /// assert_eq!(EngineKind::detect(0x1af4, 0x1110, 0x050000), None);
@@ -58,8 +59,8 @@ pub struct TargetBar {
     pub what: &'static str,
     /// Whether that is certain from the device's identity, or only likely
     /// (an NVMe BAR that may hold a CMB or PMR: the controller's registers
-    /// say, see [`Nvme::enable_cmb`](super::nvme::Nvme::enable_cmb) and
-    /// [`Nvme::enable_pmr`](super::nvme::Nvme::enable_pmr)).
+    /// say, see [`Nvme::enable_cmb`](crate::nvme::Nvme::enable_cmb) and
+    /// [`Nvme::enable_pmr`](crate::nvme::Nvme::enable_pmr)).
     pub certain: bool,
 }
 
@@ -68,9 +69,14 @@ pub struct TargetBar {
 /// (where controllers put a controller memory buffer or persistent memory
 /// region; MSI-X tables sit in non-prefetchable BARs).
 pub fn target_bars(info: &PciDeviceInfo) -> Vec<TargetBar> {
-    if (info.vendor, info.device) == IVSHMEM_ID {
-        return info
-            .resources
+    target_bars_of((info.vendor, info.device), info.class, &info.resources)
+}
+
+/// [`target_bars`] of a device with this vendor and device ID, class code
+/// and `resource` lines.
+fn target_bars_of(id: (u16, u16), class: u32, resources: &[Resource]) -> Vec<TargetBar> {
+    if id == IVSHMEM_ID {
+        return resources
             .iter()
             .filter(|r| r.index == 2 && !r.is_unused() && r.is_mem())
             .map(|_| TargetBar {
@@ -80,9 +86,8 @@ pub fn target_bars(info: &PciDeviceInfo) -> Vec<TargetBar> {
             })
             .collect();
     }
-    if info.class == NVME_CLASS {
-        return info
-            .resources
+    if class == NVME_CLASS {
+        return resources
             .iter()
             .take(6)
             .filter(|r| r.index > 0 && !r.is_unused() && r.is_mem() && r.is_prefetch())
@@ -99,19 +104,11 @@ pub fn target_bars(info: &PciDeviceInfo) -> Vec<TargetBar> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pci::parse_resources;
+    use dmabuf_p2p::pci::parse_resources;
 
-    fn info(vendor: u16, device: u16, class: u32, resources: &str) -> PciDeviceInfo {
-        PciDeviceInfo {
-            address: "0000:01:00.0".parse().unwrap_or_else(|_| unreachable!()),
-            vendor,
-            device,
-            class,
-            driver: None,
-            iommu_group: None,
-            vfio_dev: None,
-            resources: parse_resources(resources).unwrap_or_default(),
-        }
+    fn bars(vendor: u16, device: u16, class: u32, resources: &str) -> Vec<TargetBar> {
+        let resources = parse_resources(resources).unwrap_or_default();
+        target_bars_of((vendor, device), class, &resources)
     }
 
     // mem64 = 0x140204, prefetchable mem64 = 0x14220c, io = 0x40101.
@@ -124,9 +121,8 @@ mod tests {
 
     #[test]
     fn nvme_prefetchable_bar2_is_a_likely_target() {
-        let bars = target_bars(&info(0x1b36, 0x0010, NVME_CLASS, NVME_QEMU));
         assert_eq!(
-            bars,
+            bars(0x1b36, 0x0010, NVME_CLASS, NVME_QEMU),
             vec![TargetBar {
                 bar: 2,
                 what: "NVMe CMB or PMR",
@@ -137,8 +133,7 @@ mod tests {
 
     #[test]
     fn ivshmem_bar2_is_a_target_and_others_are_not() {
-        let ivshmem = info(0x1af4, 0x1110, 0x050000, NVME_QEMU);
-        assert_eq!(target_bars(&ivshmem)[0].bar, 2);
-        assert!(target_bars(&info(0x8086, 0x10d3, 0x020000, NVME_QEMU)).is_empty());
+        assert_eq!(bars(0x1af4, 0x1110, 0x050000, NVME_QEMU)[0].bar, 2);
+        assert!(bars(0x8086, 0x10d3, 0x020000, NVME_QEMU).is_empty());
     }
 }

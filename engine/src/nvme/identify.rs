@@ -64,7 +64,7 @@ fn le_u64(b: &[u8], at: usize) -> u64 {
 /// Parses Identify Controller data.
 ///
 /// ```
-/// use dmabuf_p2p::engine::nvme::identify::parse_controller;
+/// use dmabuf_p2p_engine::nvme::identify::parse_controller;
 /// let mut d = [0u8; 4096];
 /// d[0..2].copy_from_slice(&0x1b36u16.to_le_bytes());
 /// d[4..9].copy_from_slice(b"nvme0");
@@ -89,7 +89,7 @@ pub fn parse_controller(d: &[u8; 4096]) -> ControllerIdentity {
 /// of two from 512 bytes up.
 ///
 /// ```
-/// use dmabuf_p2p::engine::nvme::identify::parse_namespace;
+/// use dmabuf_p2p_engine::nvme::identify::parse_namespace;
 /// let mut d = [0u8; 4096];
 /// d[0..8].copy_from_slice(&8192u64.to_le_bytes()); // NSZE
 /// d[25] = 1; // two formats

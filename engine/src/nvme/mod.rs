@@ -17,7 +17,7 @@
 //! but QEMU 7.2's NVMe model completes such a Read *successfully* and the
 //! data goes nowhere (seen in the VM tests: reads into a revoked BAR export
 //! or an unmapped IOVA). Whether the bytes landed is the target mapping's
-//! state ([`crate::revoke::Attachment::is_revoked`]), not the status.
+//! state ([`dmabuf_p2p::revoke::Attachment::is_revoked`]), not the status.
 //!
 //! Only 4 KiB controller pages (CAP.MPSMIN = 0, every controller) and
 //! formats without metadata are supported. One PRP list page per command
@@ -44,14 +44,13 @@ pub use regs::{CmbInfo, PmrInfo};
 use self::command::{Command, Completion as Cqe, cns};
 use self::queue::{CompletionRing, Slots, SubmissionRing};
 use self::regs::{Capabilities, PAGE};
-use super::{Completion, StorageEngine, wait_readable};
-use crate::deadline::deadline_after;
-use crate::dmabuf::Mapping;
-use crate::importer::iommufd::{Ioas, IoasMapping, IovaPlacement, MapPerms};
-use crate::memfd::Memfd;
-use crate::pci::PciAddress;
-use crate::{BarMapping, VfioPciDevice};
-use crate::{ByteRange, Error, Result, sys};
+use dmabuf_p2p::memfd::Memfd;
+use dmabuf_p2p::pci::PciAddress;
+use dmabuf_p2p::vfio::{BarMapping, MSIX_IRQ_INDEX, VfioPciDevice};
+use dmabuf_p2p::{ByteRange, Ioas, IoasMapping, IovaPlacement, MapPerms, Mapping};
+
+use crate::deadline::Deadline;
+use crate::{Completion, Error, Result, StorageEngine, wait_readable};
 
 /// The PCI class code of an NVMe controller (mass storage, NVM, NVMe).
 pub const NVME_CLASS: u32 = 0x01_08_02;
@@ -80,9 +79,8 @@ const IO_QID: u16 = 1;
 ///
 /// ```no_run
 /// use std::time::Duration;
-/// use dmabuf_p2p::engine::{nvme::Nvme, StorageEngine};
-/// use dmabuf_p2p::importer::iommufd::{Iommufd, IovaPlacement, MapPerms};
-/// use dmabuf_p2p::{memfd::Memfd, ByteRange};
+/// use dmabuf_p2p::{memfd::Memfd, ByteRange, Iommufd, IovaPlacement, MapPerms};
+/// use dmabuf_p2p_engine::{nvme::Nvme, StorageEngine};
 ///
 /// let ioas = Iommufd::open()?.alloc_ioas()?;
 /// let mut nvme = Nvme::open("0000:0f:00.0".parse()?, &ioas)?;
@@ -142,11 +140,11 @@ impl DmaArea {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        self.cpu.write(offset, data)
+        Ok(self.cpu.write(offset, data)?)
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.cpu.read(offset, buf)
+        Ok(self.cpu.read(offset, buf)?)
     }
 }
 
@@ -301,12 +299,10 @@ impl Nvme {
         write_u64_lo_hi(&me.bar0, regs::ASQ, me.dma.iova(ADMIN_SQ))?;
         write_u64_lo_hi(&me.bar0, regs::ACQ, me.dma.iova(ADMIN_CQ))?;
         match completion {
-            Completion::Interrupt => {
-                match me.dev.irq_eventfd(sys::VFIO_PCI_MSIX_IRQ_INDEX, "MSI-X") {
-                    Ok(fd) => me.irq = Some(File::from(fd)),
-                    Err(e) => me.fallback_reason = Some(e.to_string()),
-                }
-            }
+            Completion::Interrupt => match me.dev.irq_eventfd(MSIX_IRQ_INDEX, "MSI-X") {
+                Ok(fd) => me.irq = Some(File::from(fd)),
+                Err(e) => me.fallback_reason = Some(e.to_string()),
+            },
             Completion::Polling => {
                 me.fallback_reason = Some("polling was asked for (Completion::Polling)".into());
             }
@@ -446,9 +442,9 @@ impl Nvme {
         }
         self.bar0.write_u32(regs::PMRCTL, regs::PMRCTL_EN)?;
         let limit = pmr.timeout.max(Duration::from_millis(500));
-        let deadline = deadline_after(limit);
+        let deadline = Deadline::after(limit);
         while self.bar0.read_u32(regs::PMRSTS)? & regs::PMRSTS_NRDY != 0 {
-            if Instant::now() > deadline {
+            if deadline.passed() {
                 return Err(Error::Timeout {
                     what: format!("{}: PMRSTS.NRDY to clear (PMRCAP.PMRTO)", self.label),
                     after: limit,
@@ -480,7 +476,7 @@ impl Nvme {
 
     /// Waits for any submitted I/O command to complete.
     pub fn wait_any(&mut self, timeout: Duration) -> Result<Finished> {
-        let deadline = deadline_after(timeout);
+        let deadline = Deadline::after(timeout);
         loop {
             if let Some(c) = self.done.pop() {
                 return Ok(self.finished(c));
@@ -499,7 +495,7 @@ impl Nvme {
     /// up: its completion is dropped when it comes, but until then the
     /// controller may still write the command's data IOVA.
     pub fn wait(&mut self, id: CommandId, timeout: Duration) -> Result<()> {
-        let deadline = deadline_after(timeout);
+        let deadline = Deadline::after(timeout);
         loop {
             if let Some(i) = self.done.iter().position(|c| c.cid == id.0) {
                 let c = self.done.swap_remove(i);
@@ -638,7 +634,7 @@ impl Nvme {
                     .write(list_offset, &prp::list_bytes(&plan.list))
                 {
                     q.slots.free(cid);
-                    return Err(e);
+                    return Err(e.into());
                 }
             }
             cmd.prp1 = plan.prp1;
@@ -714,8 +710,8 @@ impl Nvme {
     /// Sleeps until an interrupt (or a short poll interval) or `deadline`;
     /// past the deadline, a timeout error naming `what`, or the controller's
     /// fatal status if it reports one.
-    fn idle_until(&mut self, deadline: Instant, timeout: Duration, what: &str) -> Result<()> {
-        let left = deadline.saturating_duration_since(Instant::now());
+    fn idle_until(&mut self, deadline: Deadline, timeout: Duration, what: &str) -> Result<()> {
+        let left = deadline.left();
         if left.is_zero() {
             self.check_alive()?;
             return Err(Error::Timeout {
@@ -760,7 +756,7 @@ impl Nvme {
     /// Runs one admin command and waits for it.
     fn admin_command(&mut self, mut cmd: Command, data: Option<(u64, u64)>) -> Result<Cqe> {
         let cid = self.submit(true, &mut cmd, data)?;
-        let deadline = Instant::now() + ADMIN_TIMEOUT;
+        let deadline = Deadline::after(ADMIN_TIMEOUT);
         let what = format!("admin command {}", cmd.name(true));
         loop {
             let got = self.reap(true)?;
@@ -843,7 +839,7 @@ impl Nvme {
 
     fn wait_ready(&self, ready: bool) -> Result<()> {
         let limit = self.cap.timeout.max(Duration::from_millis(500));
-        let deadline = deadline_after(limit);
+        let deadline = Deadline::after(limit);
         loop {
             let csts = self.bar0.read_u32(regs::CSTS)?;
             if csts == u32::MAX {
@@ -859,7 +855,7 @@ impl Nvme {
             if (csts & regs::CSTS_RDY != 0) == ready {
                 return Ok(());
             }
-            if Instant::now() > deadline {
+            if deadline.passed() {
                 return Err(Error::Timeout {
                     what: format!(
                         "{}: CSTS.RDY to become {} (CAP.TO)",
@@ -936,7 +932,7 @@ impl Drop for Nvme {
             let _ = self.disable();
         }
         if self.irq.is_some() {
-            let _ = self.dev.disable_irq(sys::VFIO_PCI_MSIX_IRQ_INDEX);
+            let _ = self.dev.disable_irq(MSIX_IRQ_INDEX);
         }
     }
 }
@@ -949,7 +945,7 @@ fn read_u64_lo_hi(bar: &BarMapping, offset: u64) -> Result<u64> {
 
 fn write_u64_lo_hi(bar: &BarMapping, offset: u64, value: u64) -> Result<()> {
     bar.write_u32(offset, value as u32)?;
-    bar.write_u32(offset + 4, (value >> 32) as u32)
+    Ok(bar.write_u32(offset + 4, (value >> 32) as u32)?)
 }
 
 fn nvme_error(address: PciAddress, problem: NvmeProblem) -> Error {

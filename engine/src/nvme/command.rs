@@ -153,7 +153,7 @@ impl Command {
     /// The 64 bytes of the submission queue entry, little-endian.
     ///
     /// ```
-    /// use dmabuf_p2p::engine::nvme::command::Command;
+    /// use dmabuf_p2p_engine::nvme::command::Command;
     /// let mut c = Command::read_write(false, 1, 0x1_0000_0002, 8);
     /// c.cid = 7;
     /// c.prp1 = 0x1000;
@@ -220,7 +220,7 @@ impl Completion {
     /// Decodes the 16 bytes of a completion queue entry.
     ///
     /// ```
-    /// use dmabuf_p2p::engine::nvme::command::Completion;
+    /// use dmabuf_p2p_engine::nvme::command::Completion;
     /// let mut e = [0u8; 16];
     /// e[8] = 3; // SQ head
     /// e[12] = 9; // CID

@@ -11,14 +11,14 @@
 //! an interrupt when done). Bus mastering must be on.
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::{Completion, DmaEngine, wait_readable};
-use crate::deadline::deadline_after;
-use crate::exporter::vfio::{BarMapping, VfioPciDevice};
-use crate::importer::iommufd::Ioas;
-use crate::pci::PciAddress;
-use crate::{Error, Result, sys};
+use dmabuf_p2p::pci::PciAddress;
+use dmabuf_p2p::vfio::{BarMapping, MSI_IRQ_INDEX, VfioPciDevice};
+use dmabuf_p2p::{Error as LibError, Ioas};
+
+use crate::deadline::Deadline;
+use crate::{Completion, DmaEngine, Error, Result, wait_readable};
 
 /// edu's PCI vendor and device IDs.
 pub const EDU_ID: (u16, u16) = (0x1234, 0x11e8);
@@ -69,8 +69,8 @@ impl Edu {
     /// attaches it to `ioas`, so that the IOVAs it is given are `ioas`'s.
     ///
     /// ```no_run
-    /// use dmabuf_p2p::engine::{edu::Edu, DmaEngine};
-    /// let ioas = dmabuf_p2p::importer::iommufd::Iommufd::open()?.alloc_ioas()?;
+    /// use dmabuf_p2p_engine::{edu::Edu, DmaEngine};
+    /// let ioas = dmabuf_p2p::Iommufd::open()?.alloc_ioas()?;
     /// let edu = Edu::open("0000:01:00.0".parse()?, &ioas)?;
     /// println!("{} completes by {:?}", edu.name(), edu.completion());
     /// # Ok::<(), Box<dyn std::error::Error>>(())
@@ -88,10 +88,9 @@ impl Edu {
         let address = dev.address();
         let (vendor, device) = (dev.config_read_u16(0)?, dev.config_read_u16(2)?);
         if (vendor, device) != EDU_ID {
-            return Err(Error::Device {
-                device: address.to_string(),
+            return Err(Error::Engine {
+                engine: format!("edu {address}"),
                 problem: format!("is {vendor:04x}:{device:04x}, not an edu device (1234:11e8)"),
-                source: None,
             });
         }
         dev.set_memory_decode(true)?;
@@ -99,12 +98,11 @@ impl Edu {
         let bar0 = dev.map_bar(0)?;
         let ident = bar0.read_u32(REG_IDENT)?;
         if ident & 0xff != 0xed {
-            return Err(Error::Device {
-                device: address.to_string(),
+            return Err(Error::Engine {
+                engine: format!("edu {address}"),
                 problem: format!(
                     "edu identification register reads {ident:#x}, expected 0x??????ed"
                 ),
-                source: None,
             });
         }
         let mut me = Self {
@@ -122,8 +120,8 @@ impl Edu {
     }
 
     /// An eventfd triggered by edu's MSI (`VFIO_DEVICE_SET_IRQS`).
-    fn setup_msi(&self) -> Result<OwnedFd> {
-        self.dev.irq_eventfd(sys::VFIO_PCI_MSI_IRQ_INDEX, "MSI")
+    fn setup_msi(&self) -> Result<OwnedFd, LibError> {
+        self.dev.irq_eventfd(MSI_IRQ_INDEX, "MSI")
     }
 
     /// The VFIO device behind the engine.
@@ -146,8 +144,8 @@ impl Edu {
     ///
     /// ```no_run
     /// use std::time::Duration;
-    /// use dmabuf_p2p::engine::edu::Edu;
-    /// # let ioas = dmabuf_p2p::importer::iommufd::Iommufd::open()?.alloc_ioas()?;
+    /// use dmabuf_p2p_engine::edu::Edu;
+    /// # let ioas = dmabuf_p2p::Iommufd::open()?.alloc_ioas()?;
     /// let mut edu = Edu::open("0000:01:00.0".parse()?, &ioas)?;
     /// edu.load(0x10_0000, 0, 64, Duration::from_secs(1))?; // 64 bytes from IOVA 0x100000
     /// for dst in [0x20_0000, 0x30_0000] {
@@ -194,7 +192,7 @@ impl Edu {
                 problem: "a copy is still running; wait for it first".into(),
             });
         }
-        let deadline = deadline_after(timeout);
+        let deadline = Deadline::after(timeout);
         let dev_addr = BUFFER_ADDR + offset;
         if to_bus {
             self.start_transfer(dev_addr, iova, len, true)?;
@@ -215,7 +213,7 @@ impl Edu {
         self.bar0.write_u64(REG_DMA_SRC, src)?;
         self.bar0.write_u64(REG_DMA_DST, dst)?;
         self.bar0.write_u64(REG_DMA_COUNT, len)?;
-        self.bar0.write_u64(REG_DMA_CMD, cmd)
+        Ok(self.bar0.write_u64(REG_DMA_CMD, cmd)?)
     }
 
     fn busy(&self) -> Result<bool> {
@@ -224,13 +222,13 @@ impl Edu {
 
     /// Waits for the running transfer: on the MSI eventfd when there is one,
     /// else by polling the command register.
-    fn wait_transfer(&mut self, deadline: Instant, timeout: Duration) -> Result<()> {
+    fn wait_transfer(&mut self, deadline: Deadline, timeout: Duration) -> Result<()> {
         loop {
             if !self.busy()? {
                 self.ack_irq()?;
                 return Ok(());
             }
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = deadline.left();
             if left.is_zero() {
                 return Err(Error::Timeout {
                     what: format!("edu {} DMA transfer", self.dev.address()),
@@ -301,7 +299,7 @@ impl DmaEngine for Edu {
     }
 
     fn memcpy_wait(&mut self, timeout: Duration) -> Result<()> {
-        let deadline = deadline_after(timeout);
+        let deadline = Deadline::after(timeout);
         while let Some(p) = self.pending {
             let waited = self.wait_transfer(deadline, timeout);
             if waited.is_err() {
@@ -324,7 +322,7 @@ impl Drop for Edu {
     fn drop(&mut self) {
         if self.irq.is_some() {
             // Disable the MSI trigger before the eventfd closes.
-            let _ = self.dev.disable_irq(sys::VFIO_PCI_MSI_IRQ_INDEX);
+            let _ = self.dev.disable_irq(MSI_IRQ_INDEX);
         }
     }
 }

@@ -87,7 +87,7 @@ impl Capabilities {
     /// Decodes the 64-bit CAP value.
     ///
     /// ```
-    /// use dmabuf_p2p::engine::nvme::regs::Capabilities;
+    /// use dmabuf_p2p_engine::nvme::regs::Capabilities;
     /// // QEMU 7.2's NVMe: MQES 0x7ff, CQR, TO 15, NVM command set, CMBS.
     /// let cap = Capabilities::decode(0x0200_0020_0f01_07ff);
     /// assert_eq!(cap.max_queue_entries, 0x800);
@@ -127,7 +127,7 @@ pub const CC_ENABLE: u32 = CC_EN | (6 << 16) | (4 << 20);
 /// The NVMe version, from VS.
 ///
 /// ```
-/// use dmabuf_p2p::engine::nvme::regs::version;
+/// use dmabuf_p2p_engine::nvme::regs::version;
 /// assert_eq!(version(0x0001_0400), (1, 4, 0));
 /// ```
 pub fn version(vs: u32) -> (u16, u8, u8) {
@@ -166,7 +166,7 @@ impl CmbInfo {
     /// registers not enabled).
     ///
     /// ```
-    /// use dmabuf_p2p::engine::nvme::regs::CmbInfo;
+    /// use dmabuf_p2p_engine::nvme::regs::CmbInfo;
     /// // BAR2, 16 MiB in 1 MiB units, SQS, RDS and WDS.
     /// let cmb = CmbInfo::decode(2, (16 << 12) | (2 << 8) | 0b11001).unwrap();
     /// assert_eq!((cmb.bar, cmb.offset, cmb.size), (2, 0, 16 << 20));
@@ -223,7 +223,7 @@ impl PmrInfo {
     ///
     /// ```
     /// use std::time::Duration;
-    /// use dmabuf_p2p::engine::nvme::regs::PmrInfo;
+    /// use dmabuf_p2p_engine::nvme::regs::PmrInfo;
     /// // BIR 4, RDS and WDS, PMRTO 2 in 500 ms units.
     /// let pmr = PmrInfo::decode((2 << 16) | (4 << 5) | 0b1_1000, 16 << 20).unwrap();
     /// assert_eq!((pmr.bar, pmr.size), (4, 16 << 20));

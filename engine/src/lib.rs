@@ -1,24 +1,64 @@
-//! DMA engines: devices that move data to and from IOVAs, used to prove
-//! that data really crossed between devices.
+//! DMA engines over [`dmabuf_p2p`]: devices that move data to and from
+//! IOVAs, used to prove that data really crossed between devices.
 //!
-//! Two kinds: a copy engine ([`DmaEngine`], e.g. QEMU's `edu`) copies from
-//! one IOVA to another; a storage engine ([`StorageEngine`], e.g. an NVMe
-//! controller) moves logical blocks between its storage and an IOVA. The
-//! copy interface follows the kernel's VFIO selftest drivers: initialise,
-//! start a copy, wait for it. Tests and the CLI are written against these
-//! traits, so a new engine needs only a driver.
+//! Two kinds: a copy engine ([`DmaEngine`], e.g. QEMU's `edu`,
+//! [`edu::Edu`]) copies from one IOVA to another; a storage engine
+//! ([`StorageEngine`], e.g. an NVMe controller, [`nvme::Nvme`]) moves
+//! logical blocks between its storage and an IOVA. The copy interface
+//! follows the kernel's VFIO selftest drivers: initialise, start a copy,
+//! wait for it. Tests and the CLI are written against these traits, so a new
+//! engine needs only a driver; [`detect`] tells from sysfs which devices
+//! have one.
+//!
+//! The engines are written against the library's public API alone: a device
+//! is a [`VfioPciDevice`](dmabuf_p2p::VfioPciDevice) attached to an
+//! [`Ioas`](dmabuf_p2p::Ioas), and every IOVA they are given is in that IOAS.
+//! Here the edu engine copies host memory into a BAR exported as a dma-buf
+//! and mapped as an attachment (the walk-through of the library's guide,
+//! `docs/GUIDE.md`, with a real engine):
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use dmabuf_p2p::memfd::Memfd;
+//! use dmabuf_p2p::revoke::{Attachment, RestorePolicy};
+//! use dmabuf_p2p::{ByteRange, Iommufd, IovaPlacement, MapPerms, VfioPciDevice};
+//! use dmabuf_p2p_engine::{DmaEngine, edu::Edu};
+//!
+//! let iommufd = Iommufd::open()?;
+//! let ioas = iommufd.alloc_ioas()?;
+//! let mut exporter = VfioPciDevice::open("0000:02:00.0".parse()?)?;
+//! exporter.bind(&iommufd)?;
+//! exporter.set_memory_decode(true)?;
+//! let export = exporter.export_bar(2, &[ByteRange::new(0, 64 << 10)])?;
+//! let att = Attachment::map(&export, &ioas, IovaPlacement::Auto, MapPerms::ReadWrite, RestorePolicy::Automatic)?;
+//!
+//! let mut edu = Edu::open("0000:01:00.0".parse()?, &ioas)?;   // bound + attached to `ioas`
+//! let src = Memfd::new("src", 4096)?;
+//! src.write_at(0, b"hello, BAR")?;
+//! let src_map = ioas.map_file(&src, ByteRange::new(0, 4096), IovaPlacement::Auto, MapPerms::Read)?;
+//!
+//! att.ensure_live()?;                                          // don't DMA into a revoked buffer
+//! edu.memcpy(src_map.iova(), att.iova(), 4096, Duration::from_secs(5))?;
+//!
+//! let mut check = [0u8; 10];
+//! exporter.map_bar(2)?.read(0, &mut check)?;
+//! assert_eq!(&check, b"hello, BAR");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
+mod deadline;
 pub mod detect;
 pub mod edu;
+mod error;
 pub mod nvme;
+
+pub use error::{Error, Result};
 
 use std::os::fd::BorrowedFd;
 use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-
-use crate::{Error, Result};
 
 /// How a copy's completion is observed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +156,10 @@ pub(crate) fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration, what: &str) -
     let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
     match poll(&mut fds, timeout) {
         Ok(_) | Err(Errno::EINTR) => Ok(()),
-        Err(e) => Err(Error::sys("poll", what.to_owned(), e.into())),
+        Err(e) => Err(Error::Lib(dmabuf_p2p::Error::Sys {
+            op: "poll",
+            target: what.to_owned(),
+            source: e.into(),
+        })),
     }
 }
