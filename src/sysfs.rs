@@ -12,6 +12,8 @@
 //! | driver | `…/<addr>/driver` (symlink; its last component is the name) |
 //! | IOMMU group | `…/<addr>/iommu_group` (symlink; its last component is the number) |
 //! | VFIO cdev | `…/<addr>/vfio-dev/vfioN` |
+//! | configuration space | `…/<addr>/config` (64 bytes without `CAP_SYS_ADMIN`) |
+//! | place in the device tree | the `bus/pci/devices/<addr>` link's target |
 //!
 //! Errors name the device and the file: a missing device is [`Error::Device`],
 //! a failed read is [`Error::Sys`] (target `"<addr> <path>"`), and unparsable
@@ -220,6 +222,27 @@ impl Sysfs {
             .into_iter()
             .find(|r| r.index == index)
             .ok_or_else(|| invalid("not listed in the sysfs resource file".to_owned()))
+    }
+
+    /// The device's configuration space from its `config` file: as much as
+    /// the kernel gives this reader. That is all of it (256 bytes for a
+    /// conventional PCI function, 4096 for a PCI Express one) with
+    /// `CAP_SYS_ADMIN`, and only the 64-byte standard header without
+    /// (`pci_read_config` in `drivers/pci/pci-sysfs.c`), so capabilities
+    /// need root.
+    pub fn config(&self, addr: PciAddress) -> Result<Vec<u8>> {
+        let path = self.file(addr, "config")?;
+        fs::read(&path).map_err(|e| Error::sys("read", target(addr, &path), e))
+    }
+
+    /// Where the device sits in the device tree: the target of its
+    /// `bus/pci/devices/<addr>` link, e.g.
+    /// `../../../devices/pci0000:00/0000:00:10.0/0000:01:00.0`, whose
+    /// components are its host bridge and the bridges above it.
+    pub fn device_tree_path(&self, addr: PciAddress) -> Result<PathBuf> {
+        self.file(addr, "")?; // the device must exist
+        let link = self.device_dir(addr);
+        fs::read_link(&link).map_err(|e| Error::sys("readlink", target(addr, &link), e))
     }
 
     /// Everything above for one device.
