@@ -27,6 +27,7 @@ mod shared_fd;
 // The uAPI bindings, for the ioctl layer: not API.
 mod sys;
 pub mod sysfs;
+pub mod topology;
 mod types;
 pub mod vfio;
 
