@@ -11,9 +11,15 @@
 //!
 //! * [`ConfigSpace`] walks the capability lists of configuration-space
 //!   bytes, and [`acs`], [`ats`], [`pcie_type`] decode what the path needs;
+//! * [`HostBridgeSupport`] is the kernel's rule for traffic through the
+//!   root complex (`cpu_supports_p2pdma`, `pci_p2pdma_whitelist`);
 
 mod capability;
 mod config;
+mod dmar;
+mod host_bridge;
 
 pub use capability::{Acs, AcsFlags, Ats, PcieType, Probe, acs, ats, pcie_type};
 pub use config::{BarRegister, Capability, ConfigSpace};
+pub use dmar::{host_address_width, parse_dmar_width};
+pub use host_bridge::{Cpu, HostBridge, HostBridgeDevice, HostBridgeSupport};
