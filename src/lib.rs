@@ -6,6 +6,9 @@
 //! * The **handle** [`DmaBuf`] owns one dma-buf fd.
 //! * **Importers** ([`importer`]) map a dma-buf into an iommufd IO address space
 //!   (`IOMMU_IOAS_MAP_FILE`) at an IOVA that devices then DMA to.
+//! * **Topology** ([`topology`]) says beforehand whether DMA between two PCI
+//!   functions can work, which way it goes (through a switch or the root
+//!   complex), whether the IOMMU translates it, and why not.
 //!
 //! See `docs/ARCHITECTURE.md` for the layers and which kernel object each type owns.
 

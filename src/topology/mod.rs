@@ -11,15 +11,35 @@
 //!
 //! * [`ConfigSpace`] walks the capability lists of configuration-space
 //!   bytes, and [`acs`], [`ats`], [`pcie_type`] decode what the path needs;
+//! * [`PciPath`] is the two functions' chains of bridges up to their host
+//!   bridges and where the chains meet;
 //! * [`HostBridgeSupport`] is the kernel's rule for traffic through the
 //!   root complex (`cpu_supports_p2pdma`, `pci_p2pdma_whitelist`);
+//! * [`Verdict`] judges a path: the route, whether the IOMMU translates it,
+//!   what the IOMMU can reach, where to map the BAR
+//!   ([`Verdict::placement`]: its bus address where only that works).
+//!
+//! ```no_run
+//! use dmabuf_p2p::sysfs::Sysfs;
+//! use dmabuf_p2p::topology::{PciPath, Platform, Verdict};
+//!
+//! let sysfs = Sysfs::default();
+//! let path = PciPath::read(&sysfs, "0000:01:00.0".parse()?, "0000:02:00.0".parse()?)?;
+//! let verdict = Verdict::new(&path, &Platform::read(&sysfs)?, None, None);
+//! println!("{verdict}");
+//! # Ok::<(), dmabuf_p2p::Error>(())
+//! ```
 
 mod capability;
 mod config;
 mod dmar;
 mod host_bridge;
+mod path;
+mod verdict;
 
 pub use capability::{Acs, AcsFlags, Ats, PcieType, Probe, acs, ats, pcie_type};
 pub use config::{BarRegister, Capability, ConfigSpace};
 pub use dmar::{host_address_width, parse_dmar_width};
 pub use host_bridge::{Cpu, HostBridge, HostBridgeDevice, HostBridgeSupport};
+pub use path::{BarWindow, Function, GroupPeer, PciPath, Upstream, upstream_bridges};
+pub use verdict::{Outcome, PlacementAdvice, Platform, Reason, Route, Verdict};
