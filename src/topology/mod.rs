@@ -35,6 +35,7 @@ mod config;
 mod dmar;
 mod host_bridge;
 mod path;
+mod reason;
 mod verdict;
 
 pub use capability::{Acs, AcsFlags, Ats, PcieType, Probe, acs, ats, pcie_type};
@@ -42,4 +43,5 @@ pub use config::{BarRegister, Capability, ConfigSpace};
 pub use dmar::{host_address_width, parse_dmar_width};
 pub use host_bridge::{Cpu, HostBridge, HostBridgeDevice, HostBridgeSupport};
 pub use path::{BarWindow, Function, GroupPeer, PciPath, Upstream, upstream_bridges};
-pub use verdict::{Outcome, PlacementAdvice, Platform, Reason, Route, Verdict};
+pub use reason::Reason;
+pub use verdict::{Outcome, PlacementAdvice, Platform, Route, Verdict};
