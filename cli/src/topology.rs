@@ -54,6 +54,11 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     let platform = Platform::read(&sysfs)?;
     let ranges = if args.no_ioas {
         Err("not asked (--no-ioas)".to_owned())
+    } else if args.sysfs != "/sys" {
+        Err(format!(
+            "not tried: the tree read is {}, not the machine's",
+            args.sysfs
+        ))
     } else {
         engine_ranges(&path.client.function)
     };
