@@ -746,3 +746,47 @@ fn dump_dmar() -> Result<Vec<u8>, Box<dyn std::error::Error>> {
     }
     Ok(bytes)
 }
+
+#[test]
+fn vm_switch_with_the_bar_in_a_reserved_iova_hole() -> TestResult {
+    // The switch VM's BAR2 at bus 0xfe800000, and an IOAS whose usable
+    // ranges leave a hole there (as a reserved region would): below the
+    // switch only that address works, and it cannot be mapped.
+    let dump = load("vm-switch.txt")?;
+    let holed = IovaRanges::new(
+        vec![
+            IovaRange::new(0, 0xfe7f_ffff),
+            IovaRange::new(0xff00_0000, 0x7f_ffff_ffff),
+        ],
+        4096,
+    );
+    let (_tmp, sysfs) = sysfs_of(&dump, &Layout::default())?;
+    let path = PciPath::read(&sysfs, addr("03:00.0"), addr("04:00.0"))?;
+    let v = Verdict::new(&path, &plain(), Some(&holed), Some(2));
+    assert_eq!(v.outcome, Outcome::Impossible, "{v}");
+    assert_eq!(v.identity_iova, None);
+    assert!(matches!(
+        v.likely_causes()[0],
+        Reason::BarOutsideIovaRanges { width: 39, .. }
+    ));
+    // Without root the route is undetermined: the IOMMU may yet translate,
+    // so it is not impossible, and the placement falls back to automatic.
+    let (_tmp2, sysfs) = sysfs_of(
+        &dump,
+        &Layout {
+            unprivileged: true,
+            ..Layout::default()
+        },
+    )?;
+    let path = PciPath::read(&sysfs, addr("03:00.0"), addr("04:00.0"))?;
+    let v = Verdict::new(&path, &plain(), Some(&holed), Some(2));
+    assert_eq!(v.outcome, Outcome::Undetermined, "{v}");
+    let advice = v.placement(ByteRange::new(0, 0x1000));
+    assert_eq!(advice.at, IovaPlacement::Auto);
+    assert!(
+        advice.why.contains("outside the IOAS's usable IOVAs"),
+        "{}",
+        advice.why
+    );
+    Ok(())
+}

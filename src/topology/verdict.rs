@@ -190,6 +190,10 @@ pub struct Verdict {
     pub translated: Option<bool>,
     /// The target BAR the verdict is about.
     pub bar: Option<BarWindow>,
+    /// Where the BAR's first byte must be mapped, when the route needs the
+    /// identity IOVA (the BAR's bus address) and the IOAS can take it (or
+    /// its usable ranges are not known); `None` where any usable IOVA does.
+    pub identity_iova: Option<u64>,
     /// Why, in the order they were found.
     pub reasons: Vec<Reason>,
 }
@@ -215,15 +219,21 @@ impl Verdict {
         let mut impossible = iommu_reasons(path, &mut reasons);
 
         let identity = matches!(route, Route::Direct { .. } | Route::Undetermined { .. });
+        let mut identity_iova = None;
         if let Some(bar) = bar {
             if identity {
                 match ranges {
                     Some(r) if !r.contains(bar.bus_address, bar.size) => {
-                        impossible = true;
+                        // Where the route is only possibly direct, the IOMMU
+                        // may yet translate: not impossible, not certain.
+                        impossible |= matches!(route, Route::Direct { .. });
                         reasons.push(outside(bar, r));
                     }
-                    Some(_) => {}
-                    None => reasons.push(Reason::IovaRangesUnknown),
+                    Some(_) => identity_iova = Some(bar.bus_address),
+                    None => {
+                        identity_iova = Some(bar.bus_address);
+                        reasons.push(Reason::IovaRangesUnknown);
+                    }
                 }
             }
             if translated != Some(false) {
@@ -244,10 +254,11 @@ impl Verdict {
                     }
                 }
             }
-            if !impossible && route != Route::SameFunction {
+            if !impossible && route != Route::SameFunction && (!identity || identity_iova.is_some())
+            {
                 reasons.push(Reason::Placement {
                     bar: bar.index,
-                    identity_iova: identity.then_some(bar.bus_address),
+                    identity_iova,
                 });
             }
         }
@@ -269,6 +280,7 @@ impl Verdict {
             route,
             translated,
             bar,
+            identity_iova,
             reasons,
         }
     }
@@ -300,9 +312,9 @@ impl Verdict {
     /// # Ok::<(), dmabuf_p2p::Error>(())
     /// ```
     pub fn placement(&self, range: ByteRange) -> PlacementAdvice {
-        match self.bar {
-            Some(bar) if self.needs_identity() => {
-                let iova = bar.bus_address.saturating_add(range.offset);
+        match (self.bar, self.identity_iova) {
+            (Some(bar), Some(base)) => {
+                let iova = base.saturating_add(range.offset);
                 PlacementAdvice {
                     at: IovaPlacement::Fixed(iova),
                     why: format!(
@@ -319,10 +331,16 @@ impl Verdict {
                     ),
                 }
             }
-            None if self.needs_identity() => PlacementAdvice {
+            (None, _) if self.needs_identity() => PlacementAdvice {
                 at: IovaPlacement::Auto,
                 why: "automatic, for want of better: this route needs the BAR's bus address, and \
                       the BAR is not known (sysfs lists no memory BAR of that index)"
+                    .to_owned(),
+            },
+            (Some(_), None) if self.needs_identity() => PlacementAdvice {
+                at: IovaPlacement::Auto,
+                why: "automatic, for want of better: the BAR's bus address is outside the IOAS's \
+                      usable IOVAs, so the DMA reaches the BAR only if the IOMMU translates it"
                     .to_owned(),
             },
             _ => PlacementAdvice {
