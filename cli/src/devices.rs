@@ -29,7 +29,9 @@ struct Listed<'a> {
     info: &'a PciDeviceInfo,
     engine: Option<EngineKind>,
     p2p_targets: Vec<TargetBar>,
-    upstream: Result<UpstreamBrief, String>,
+    upstream: Option<UpstreamBrief>,
+    /// Why `upstream` could not be read.
+    upstream_unknown: Option<String>,
 }
 
 /// The bridges above a device, nearest first, and its host bridge.
@@ -96,11 +98,15 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     }
     let listed: Vec<Listed<'_>> = infos
         .iter()
-        .map(|info| Listed {
-            info,
-            engine: EngineKind::detect(info.vendor, info.device, info.class),
-            p2p_targets: target_bars(info),
-            upstream: UpstreamBrief::read(&sysfs, info.address),
+        .map(|info| {
+            let upstream = UpstreamBrief::read(&sysfs, info.address);
+            Listed {
+                info,
+                engine: EngineKind::detect(info.vendor, info.device, info.class),
+                p2p_targets: target_bars(info),
+                upstream_unknown: upstream.as_ref().err().cloned(),
+                upstream: upstream.ok(),
+            }
         })
         .collect();
     if json {
@@ -112,6 +118,7 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
         engine,
         p2p_targets,
         upstream,
+        upstream_unknown,
     } in &listed
     {
         outln!(
@@ -126,9 +133,9 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
                 .as_deref()
                 .map_or("-".to_owned(), |v| format!("/dev/vfio/devices/{v}")),
         )?;
-        match upstream {
-            Ok(u) => outln!("    upstream: {}", u.line())?,
-            Err(e) => outln!("    upstream: unknown ({e})")?,
+        match (upstream, upstream_unknown) {
+            (Some(u), _) => outln!("    upstream: {}", u.line())?,
+            (None, e) => outln!("    upstream: unknown ({})", e.as_deref().unwrap_or("?"))?,
         }
         if let Some(kind) = engine {
             let what = match kind {

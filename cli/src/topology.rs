@@ -185,6 +185,9 @@ fn tree(path: &PciPath, verdict: &Verdict) -> Vec<String> {
             f.kind(),
             f.acs_summary()
         );
+        if let Some(acs) = f.acs.present() {
+            s.push_str(&format!(" (capable of {})", acs.capability));
+        }
         if let Some(g) = f.iommu_group {
             s.push_str(&format!(", IOMMU group {g}"));
         }
