@@ -6,6 +6,9 @@
 //! * The **handle** [`DmaBuf`] owns one dma-buf fd.
 //! * **Importers** ([`importer`]) map a dma-buf into an iommufd IO address space
 //!   (`IOMMU_IOAS_MAP_FILE`) at an IOVA that devices then DMA to.
+//! * **Inside a VMM** ([`vmm`]), [`GuestBarMap`](vmm::GuestBarMap) keeps every
+//!   assigned device's offered BARs mapped at their guest-physical addresses,
+//!   following the guest's config-space writes.
 //!
 //! See `docs/ARCHITECTURE.md` for the layers and which kernel object each type owns.
 
@@ -29,6 +32,7 @@ mod sys;
 pub mod sysfs;
 mod types;
 pub mod vfio;
+pub mod vmm;
 
 pub use dmabuf::{Access, DmaBuf, SyncFile, is_dmabuf};
 pub use error::{AllowedIovaProblem, Error, RangeProblem, Result};
