@@ -24,6 +24,8 @@ pub mod memfd;
 pub mod pci;
 pub mod range;
 pub mod revoke;
+#[cfg(feature = "rust-vmm")]
+pub mod rust_vmm;
 #[cfg(feature = "share")]
 pub mod share;
 mod shared_fd;

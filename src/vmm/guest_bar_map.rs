@@ -62,6 +62,15 @@ pub enum BarStatus {
     Unreachable(Unreachable),
 }
 
+impl fmt::Display for BarStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Mapped { gpa, .. } => write!(f, "mapped at GPA {gpa:#x}"),
+            Self::Unreachable(why) => write!(f, "not reachable: {why}"),
+        }
+    }
+}
+
 /// One BAR of one device, for [`GuestBarMap::report`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BarReport {
@@ -81,15 +90,12 @@ impl fmt::Display for BarReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "BAR {} of {} ({}): ",
+            "BAR {} of {} ({}): {}",
             self.bar,
             self.device,
-            human_size(self.size)
-        )?;
-        match &self.status {
-            BarStatus::Mapped { gpa, .. } => write!(f, "mapped at GPA {gpa:#x}"),
-            BarStatus::Unreachable(why) => write!(f, "not reachable: {why}"),
-        }
+            human_size(self.size),
+            self.status
+        )
     }
 }
 
@@ -798,6 +804,7 @@ impl GuestBarMap {
         let size = s.reg.map_or(0, |r| r.size());
         let want = Self::want(ctx, s);
         let mut released = false;
+        let mut moved_from = None;
         if let Some(p) = &mut s.placed {
             match &want {
                 Ok(gpa) if *gpa == p.gpa && p.dead.is_none() => return false,
@@ -835,11 +842,9 @@ impl GuestBarMap {
                     limits.release(key, old);
                     s.placed = None;
                     released = true;
-                    match &want {
-                        Ok(gpa) => info!("{} BAR{i}: moving GPA {old:#x} -> {gpa:#x}", ctx.address),
-                        Err(why) => {
-                            info!("{} BAR{i}: unmapped from GPA {old:#x}: {why}", ctx.address)
-                        }
+                    moved_from = Some(old);
+                    if let Err(why) = &want {
+                        info!("{} BAR{i}: unmapped from GPA {old:#x}: {why}", ctx.address);
                     }
                 }
             }
@@ -861,23 +866,22 @@ impl GuestBarMap {
             }
             Err(why)
         });
-        if let Err(why) = checked {
-            warn!(
-                "{} BAR{i} ({}) not mapped: {why}",
-                ctx.address,
-                human_size(size)
-            );
-            set_refused(limits, s, Some(why));
-            return released;
-        }
-        match self.map_at(ctx, limits, i, s, gpa, size) {
-            Ok(map) => {
+        let mapped = checked.and_then(|()| self.map_at(ctx, limits, i, s, gpa, size));
+        match (mapped, moved_from) {
+            (Ok(map), from) => {
                 limits.claim(key, ctx.address, gpa, size);
-                info!(
-                    "{} BAR{i} ({}) mapped at GPA {gpa:#x}",
-                    ctx.address,
-                    human_size(size)
-                );
+                match from {
+                    Some(old) => info!(
+                        "{} BAR{i} ({}) moved: GPA {old:#x} -> {gpa:#x}",
+                        ctx.address,
+                        human_size(size)
+                    ),
+                    None => info!(
+                        "{} BAR{i} ({}) mapped at GPA {gpa:#x}",
+                        ctx.address,
+                        human_size(size)
+                    ),
+                }
                 s.placed = Some(Placed {
                     gpa,
                     map,
@@ -885,9 +889,11 @@ impl GuestBarMap {
                 });
                 set_refused(limits, s, None);
             }
-            Err(why) => {
+            (Err(why), from) => {
+                let was =
+                    from.map_or_else(String::new, |old| format!(" (unmapped from GPA {old:#x})"));
                 warn!(
-                    "{} BAR{i} ({}) not mapped at GPA {gpa:#x}: {why}",
+                    "{} BAR{i} ({}) refused at GPA {gpa:#x}{was}: {why}",
                     ctx.address,
                     human_size(size)
                 );

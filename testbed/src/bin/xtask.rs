@@ -186,8 +186,12 @@ fn test_all() -> Result<bool> {
             "clippy --package dmabuf-p2p --all-targets -- -D warnings",
         ),
         (
+            "clippy (library, rust-vmm)",
+            "clippy --package dmabuf-p2p --all-targets --features rust-vmm -- -D warnings",
+        ),
+        (
             "host tests",
-            "test --workspace --exclude dmabuf-p2p-vm-tests",
+            "test --workspace --exclude dmabuf-p2p-vm-tests --features dmabuf-p2p/rust-vmm",
         ),
     ];
     for (name, args) in host_steps {
