@@ -37,12 +37,12 @@ const BAR2_LOW: u64 = 0x18;
 const BAR2_HIGH: u64 = 0x1c;
 const MEMORY: u16 = 0x2;
 
-/// Prints the map's log lines on stdout.
+/// Prints the library's log lines on stdout (not rust-vmm's).
 struct StdoutLog;
 
 impl log::Log for StdoutLog {
     fn enabled(&self, m: &log::Metadata<'_>) -> bool {
-        m.level() <= log::Level::Info
+        m.level() <= log::Level::Info && m.target().starts_with("dmabuf_p2p")
     }
 
     fn log(&self, r: &log::Record<'_>) {

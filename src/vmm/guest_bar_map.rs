@@ -892,11 +892,14 @@ impl GuestBarMap {
             (Err(why), from) => {
                 let was =
                     from.map_or_else(String::new, |old| format!(" (unmapped from GPA {old:#x})"));
-                warn!(
-                    "{} BAR{i} ({}) refused at GPA {gpa:#x}{was}: {why}",
-                    ctx.address,
-                    human_size(size)
-                );
+                // A retry that meets the same refusal says nothing new.
+                if from.is_some() || s.refused.as_ref() != Some(&why) {
+                    warn!(
+                        "{} BAR{i} ({}) refused at GPA {gpa:#x}{was}: {why}",
+                        ctx.address,
+                        human_size(size)
+                    );
+                }
                 set_refused(limits, s, Some(why));
             }
         }

@@ -334,7 +334,11 @@ fn vmm_adopt_follows_the_guests_bar_and_decode_writes() {
         // BAR2 as the guest left it: decode as the VMM found it.
         let (_, bar2) = run.line(&format!("report: BAR 2 of {bdf}"));
         if command & 0x2 == 0 {
-            assert!(bar2.ends_with("the guest has memory decode off"), "{}", run.log());
+            assert!(
+                bar2.ends_with("the guest has memory decode off"),
+                "{}",
+                run.log()
+            );
         } else {
             assert!(bar2.ends_with(ram), "{}", run.log());
         }
