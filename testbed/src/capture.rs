@@ -171,7 +171,8 @@ fn job(v: &Variant, run_dir: &Path) -> String {
          # on buses 1..0x10, the hot-plug ports' on 0x11 and 0x12; no sysfs\n\
          # directory is listed (kernel lock order, see docs/TESTBED.md).\n\
          list() { : > /tmp/functions; for b in 01 02 03 04 05 06 07 08 09 0a 0b 0c 0d 0e 0f 10 11 12; do p=/sys/bus/pci/devices/0000:$b:00.0; [ -e $p/vendor ] || continue; case \"$(cat $p/vendor):$(cat $p/device):$(cat $p/class)\" in 0x1234:0x11e8:*|0x1af4:0x1110:*|*:0x010802) echo 0000:$b:00.0 >> /tmp/functions;; esac; done; }\n\
-         enable_all() { for d in $(cat /tmp/functions); do echo 1 > /sys/bus/pci/devices/$d/enable; done; }\n\
+         # `enable` refuses a device with a driver (EBUSY): unbind vfio-pci first.\n\
+         enable_all() { for d in $(cat /tmp/functions); do p=/sys/bus/pci/devices/$d; [ -e $p/driver ] && echo $d > $p/driver/unbind; echo 1 > $p/enable; done; }\n\
          list\n",
     );
     let _ = writeln!(j, "mark 241\nenable_all");
@@ -228,8 +229,8 @@ struct Write {
     value: u32,
 }
 
-/// `pci_cfg_write <name> <bus>:<slot>:<func> @0x<off> <- 0x<val>` (QEMU
-/// 7.2's format: bus in hex, slot and function in decimal).
+/// `pci_cfg_write <name> <bus>:<slot>.<func> @0x<off> <- 0x<val>` (QEMU
+/// 7.2's format, all in hex).
 fn parse_cfg_write(line: &str) -> Option<(String, String, u32, u32)> {
     let rest = &line[line.find("pci_cfg_write ")? + "pci_cfg_write ".len()..];
     let mut w = rest.split_whitespace();
@@ -238,10 +239,11 @@ fn parse_cfg_write(line: &str) -> Option<(String, String, u32, u32)> {
     let off = w.next()?.strip_prefix("@0x")?;
     let _arrow = w.next()?;
     let val = w.next()?.strip_prefix("0x")?;
-    let mut parts = addr.split(':');
-    let bus = u8::from_str_radix(parts.next()?, 16).ok()?;
-    let slot: u8 = parts.next()?.parse().ok()?;
-    let func: u8 = parts.next()?.parse().ok()?;
+    let (bus, rest) = addr.split_once(':')?;
+    let (slot, func) = rest.split_once('.')?;
+    let bus = u8::from_str_radix(bus, 16).ok()?;
+    let slot = u8::from_str_radix(slot, 16).ok()?;
+    let func = u8::from_str_radix(func, 16).ok()?;
     let bdf = format!("0000:{bus:02x}:{slot:02x}.{func}");
     Some((
         name,
@@ -379,7 +381,7 @@ mod tests {
 
     #[test]
     fn trace_lines_parse() {
-        let w = "12@1.2:pci_cfg_write ivshmem-plain 02:0:0 @0x18 <- 0xc000000c";
+        let w = "pci_cfg_write ivshmem-plain 02:00.0 @0x18 <- 0xc000000c";
         assert_eq!(
             parse_cfg_write(w),
             Some((
