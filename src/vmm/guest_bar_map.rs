@@ -137,8 +137,8 @@ pub enum Drift {
         /// The hub's state when found.
         state: BufferState,
     },
-    /// The device's memory decode differed from the guest's: it was set to
-    /// the guest's, and the BARs mapped again.
+    /// The device's memory decode was off while the guest's was on: it was
+    /// turned on, and the BARs mapped again.
     DecodeDiffers {
         /// The device.
         device: PciAddress,
@@ -1234,8 +1234,9 @@ impl GuestBarMap {
     }
 
     /// Reads each device's `PCI_COMMAND` and its hub, records every
-    /// difference from what the map expected, and repairs it: the device's
-    /// decode bit set to the guest's, and the areas mapped again. Returns
+    /// difference from what the map expected, and repairs it: a device
+    /// whose decode is off while its guest has it on gets it back on, and
+    /// the areas are mapped again (the kernel revoked them). Returns
     /// what was found (logged too). An off-and-on cycle made on the VMM's
     /// own fd without telling leaves no trace in the register; tell it with
     /// [`note_command_change`](Self::note_command_change).
@@ -1273,7 +1274,10 @@ impl GuestBarMap {
             }
             let device_bit = d.dev.memory_decode()?;
             let guest = d.command & COMMAND_MEMORY != 0;
-            if device_bit != guest {
+            // Decode on at the device while the guest has it off costs P2P
+            // nothing (no area is mapped for it); the other way round the
+            // kernel has revoked the guest's BARs.
+            if guest && !device_bit {
                 let drift = Drift::DecodeDiffers {
                     device: d.address,
                     guest,
@@ -1281,9 +1285,9 @@ impl GuestBarMap {
                 };
                 warn!("{drift}");
                 found.push(drift);
-                d.dev.set_memory_decode(guest)?;
+                d.dev.set_memory_decode(true)?;
                 self.mark_dead(d, RevokeReason::External);
-                if guest && !d.d3 {
+                if !d.d3 {
                     self.reconcile_all(d, limits, id.slot);
                 }
                 d.hub_seq = d.dev.hub().last_change().seq;
