@@ -55,7 +55,8 @@ pub use types::ShareProblem;
 pub use vfio::{Bar, BarMapping, DeviceInfo, RegionInfo, VfioPciDevice};
 
 /// The VMM author's guide (`docs/GUIDE.md`), here so its snippets compile as
-/// doctests. It walks through sharing too, hence the feature.
-#[cfg(feature = "share")]
+/// doctests. It walks through sharing and rust-vmm interop too, hence the
+/// features (the test command turns both on).
+#[cfg(all(feature = "share", feature = "rust-vmm"))]
 #[doc = include_str!("../docs/GUIDE.md")]
 pub mod guide {}

@@ -11,8 +11,11 @@
 //! map was written, and only `held_out_sequence_lands_exactly_where_its_bars_are`
 //! reads it.
 //!
-//! BAR areas written here: shm0 0x80000..0xa0000, shm1 0x3000000..0x3100000,
-//! the small ivshmem devices 0x8000..0xc000 (load.rs rewrites them later).
+//! BAR areas written here: shm0 0x80000..0x87000 (the replays),
+//! 0x8c000..0x8d000 (the property test), 0x90000..0x91000 (moves),
+//! 0x98000..0x98100 (sync); shm1 0x3000000..0x3007000 (the replays),
+//! 0x300c000..0x300d000 (the property test); the small ivshmem devices
+//! 0x8000..0xd000 (load.rs rewrites them later).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -158,7 +161,7 @@ fn replay_phase(
     targets: &mut BTreeMap<String, Target>,
     phase: &str,
     writes: &[(String, W)],
-    seed: u64,
+    (index, seed): (u64, u64),
     landed: &mut BTreeMap<String, Vec<(u64, Vec<u8>)>>,
 ) {
     let mut n = 0;
@@ -202,8 +205,8 @@ fn replay_phase(
             "{phase}: {bdf} BAR2 where the writes put it: {:?}",
             vmm.map.bar_status(t.id, 2)
         );
-        let off = t.area + 0x1000 * (seed % 8) + 0x100 * k;
-        let bytes = pattern(seed * 100 + k, 0x100);
+        let off = t.area + 0x800 * index + 0x100 * k;
+        let bytes = pattern(seed * 100 + index * 10 + k, 0x100);
         // Independent of the map: the GPA comes from the writes.
         vmm.edu_copy(&bytes, gpa + off, &format!("{phase}: {bdf}"));
         let m = vmm.bar(t.id, 2);
@@ -222,8 +225,9 @@ fn replay_phase(
 /// Replays a whole fixture: the boot devices in one VMM session (boot,
 /// enable, the hot-plug phase's writes to them, reset), then the
 /// hot-plugged devices in another (their own VMM hot-adds them onto a
-/// standard device of the same kind), each phase checked by DMA.
-fn replay(text: &str, seed: u64) {
+/// standard device of the same kind), each phase checked by DMA. `base` is
+/// added to every device's test area (0x3000 bytes are used).
+fn replay(text: &str, seed: u64, base: u64) {
     let f = parse(text);
     let targets_of = |hotplugged: bool| -> Vec<(String, String)> {
         f.devices
@@ -243,6 +247,7 @@ fn replay(text: &str, seed: u64) {
             .zip(&ids)
             .map(|((fx, real), id)| {
                 let (area, name) = area_of(real);
+                let area = area + base;
                 (
                     fx.clone(),
                     Target {
@@ -264,12 +269,12 @@ fn replay(text: &str, seed: u64) {
                 &mut targets,
                 phase,
                 writes,
-                seed + i as u64,
+                (i as u64, seed),
                 &mut landed,
             );
             // nvme0 reads into the first decoded target too.
             if let Some(t) = targets.values().find(|t| t.expect.gpa().is_some()) {
-                let off = t.area + 0x4000 + 0x400 * (seed % 4) + 0x1000 * i as u64;
+                let off = t.area + 0x2000 + 0x200 * i as u64;
                 let got =
                     vmm.nvme_read_lands(t.id, 2, off, 8 + i as u64, 1, &format!("{phase}: nvme0"));
                 landed.entry(t.name.clone()).or_default().push((off, got));
@@ -294,7 +299,7 @@ fn replay(text: &str, seed: u64) {
 /// DMA to that GPA lands in the BAR (mmap and host file).
 #[test]
 fn replayed_linux_writes_keep_every_bar_at_its_guest_address() {
-    replay(PRIMARY, 10);
+    replay(PRIMARY, 10, 0);
 }
 
 /// The held-out capture (another kernel option, another hot-plug order),
@@ -305,6 +310,7 @@ fn held_out_sequence_lands_exactly_where_its_bars_are() {
     replay(
         include_str!("../../fixtures/config-writes/held-out-realloc.txt"),
         50,
+        0x4000,
     );
 }
 
@@ -554,7 +560,9 @@ fn random_guest_and_vmm_interleavings_match_the_model() {
                     vmm.write(id, 0x18, 4, cur as u32);
                     vmm.write(id, 0x1c, 4, u32::MAX);
                     vmm.write(id, 0x1c, 4, (cur >> 32) as u32);
+                    // Restoring both halves completes a half-written address.
                     m.probing = false;
+                    m.half = false;
                     what = "guest sizes BAR2".to_owned();
                 }
                 4 => {
@@ -566,13 +574,14 @@ fn random_guest_and_vmm_interleavings_match_the_model() {
                     what = format!("guest decode {on}");
                 }
                 5 => {
-                    // A lone low half: not mapped until the high one or COMMAND.
-                    let g = m.at.unwrap_or(0) ^ 0x1000_0000;
+                    // A lone low half (of another slot of this device): not
+                    // mapped until the high one or a COMMAND write.
+                    let g = slot(d, 2 + rng.below(4));
                     #[allow(clippy::cast_possible_truncation)]
                     vmm.write(id, 0x18, 4, g as u32);
                     m.at = Some((m.at.unwrap_or(0) & !0xffff_ffff) | (g & 0xffff_ffff));
                     m.half = true;
-                    what = "guest writes the low half only".to_owned();
+                    what = format!("guest writes the low half of {g:#x} only");
                 }
                 6 => {
                     vmm.vmm_device(&devs[d]).reset();
@@ -649,6 +658,7 @@ fn random_guest_and_vmm_interleavings_match_the_model() {
                 continue;
             }
             let off = area(e) + 0x100 * (step / 20 % 16);
+            let off = if e == 2 { off % 0x1000 + 0xc000 } else { off };
             let bytes = pattern(seed ^ step, 0x100);
             match mm.expect(|g| valid(e, g)) {
                 Some(_) => {
