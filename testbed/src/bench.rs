@@ -379,7 +379,7 @@ fn merged(partial: Results) -> Result<Results> {
         .map(|r| r.group.as_str())
         .collect();
     full.records.retain(|r| {
-        !groups.contains(r.group.as_str()) && !(r.group == "meta" && r.key.starts_with("vmm_"))
+        !(groups.contains(r.group.as_str()) || (r.group == "meta" && r.key.starts_with("vmm_")))
     });
     full.records.extend(
         partial

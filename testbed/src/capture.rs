@@ -145,11 +145,16 @@ pub fn xtask(args: &[String]) -> Result<bool> {
     }
     let text = fs::read_to_string(&trace)
         .map_err(|e| Error::io(format!("reading {}", trace.display()), e))?;
-    let fixture = convert(
-        &text,
-        variant,
-        &crate::qemu_binary::QemuBinary::resolve()?.version(),
-    )?;
+    // The kernel the guest booted, from its own banner.
+    let console = fs::read_to_string(run_dir.join("console.log")).unwrap_or_default();
+    let kernel = console
+        .split("Linux version ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or("unknown")
+        .to_owned();
+    let qemu = crate::qemu_binary::QemuBinary::resolve()?.version();
+    let fixture = convert(&text, variant, &kernel, &qemu)?;
     let dest = workspace_root()
         .join(FIXTURES)
         .join(format!("{}.txt", variant.name));
@@ -270,7 +275,7 @@ fn parse_access_size(line: &str) -> Option<u32> {
 }
 
 /// The fixture text from a trace.
-fn convert(trace: &str, v: &Variant, qemu: &str) -> Result<String> {
+fn convert(trace: &str, v: &Variant, kernel: &str, qemu: &str) -> Result<String> {
     let mut size = None;
     let mut phases: Vec<(&str, Vec<Write>)> = vec![("boot", Vec::new())];
     let mut devices: Vec<(String, String)> = Vec::new();
@@ -318,7 +323,7 @@ fn convert(trace: &str, v: &Variant, qemu: &str) -> Result<String> {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "# Config-space writes of the test VM's own Linux kernel ({}), one line per\n\
+        "# Config-space writes of the test VM's own Linux kernel (Linux {kernel}), one line per\n\
          # write to an edu, ivshmem-plain or NVMe function: `w <bdf> <offset> <size> <value>`.\n\
          # Made by `cargo xtask capture-config-writes{}` ({}, TCG): {}.\n\
          # QEMU's trace events pci_cfg_write (device, offset, value) and\n\
@@ -327,7 +332,6 @@ fn convert(trace: &str, v: &Variant, qemu: &str) -> Result<String> {
          # 0000:00:00.0 @0x3c (testbed/src/capture.rs). `boot` includes the\n\
          # firmware's (SeaBIOS) writes before the kernel's.\n\
          # `device <bdf> <qemu type> <bdf in the standard test VM it replays on>`.",
-        "Linux 7.2.13",
         if v.name == HELD_OUT.name {
             " --held-out"
         } else {
