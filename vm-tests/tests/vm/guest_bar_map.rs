@@ -14,7 +14,8 @@
 //! BAR areas written here: shm0 0x80000..0x87000 (the replays),
 //! 0x8c000..0x8d000 (the property test), 0x90000..0x91000 (moves),
 //! 0x98000..0x98100 (sync); shm1 0x3000000..0x3007000 (the replays),
-//! 0x300c000..0x300d000 (the property test); the small ivshmem devices
+//! 0x300c000..0x300d000 (the property test), 0x3010000..0x3011000 (the
+//! hot-unplug; shm0 0x8d000..0x8d100 there too); the small ivshmem devices
 //! 0x8000..0xd000 (load.rs rewrites them later).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -700,9 +701,9 @@ fn random_guest_and_vmm_interleavings_match_the_model() {
                         }
                         if !was {
                             vmm.write(ids[e], COMMAND, 2, u32::from(MASTER));
+                            // The COMMAND writes completed a half-written address.
+                            model[e].half = false;
                         }
-                        // The COMMAND writes completed a half-written address.
-                        model[e].half = false;
                     }
                 }
             }
@@ -815,4 +816,72 @@ fn sync_with_kernel_finds_and_repairs_decode_changed_behind_the_map() {
         vmm.map.sync_with_kernel().unwrap().is_empty(),
         "nothing left to repair"
     );
+}
+
+// ---------------------------------------------------------------------------
+// Hot-unplug
+// ---------------------------------------------------------------------------
+
+/// A real hot-unplug of a registered device (QMP `device_del` of shm1): the
+/// VMM's own device-request eventfd fires, it tells the map, whose BAR is
+/// then not reachable (`DeviceGone`) and no longer mapped (edu's copy to its
+/// GPA changes nothing: checked in the host's backing file), while the other
+/// device's BAR stays mapped and DMA lands there; the VMM removes the device
+/// from the map and closes it, the kernel lets it go, and it is plugged back.
+#[test]
+fn hot_unplug_of_a_registered_device_unmaps_it_and_spares_the_others() {
+    use dmabuf_p2p::revoke::RevokeReason;
+    use dmabuf_p2p::vfio::REQ_IRQ_INDEX;
+    use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+    use super::faults::{REQUEST_TIMEOUT, Shm1Restorer, qmp_ok, shm_with, wait_until};
+    use super::vmm::replug_and_check;
+
+    const AREA: u64 = 0x301_0000;
+    const G1: u64 = 0x20_0000_0000;
+    const G0: u64 = 0x30_0000_0000;
+    let shm1 = shm_with(64 << 20);
+    let _restore = Shm1Restorer { addr: shm1 };
+    let (mut vmm, ids) = GuestVmm::new(&[shm1.to_string(), shm_address("shm0")], false);
+    let (id1, id0) = (ids[0], ids[1]);
+    let efd = EventFd::new(EFD_NONBLOCK).unwrap();
+    vmm.vmm_device(&shm1.to_string())
+        .enable_irq(REQ_IRQ_INDEX, vec![&efd])
+        .unwrap();
+    vmm.place(id1, 2, G1);
+    vmm.place(id0, 2, G0);
+    let first = pattern(2701, 0x800);
+    vmm.copy_lands(id1, 2, AREA, &first, "shm1 before the unplug");
+    let mut want = first.clone();
+    want.extend(bar_read(&vmm.bar(id1, 2), AREA + 0x800, 0x800));
+
+    qmp_ok("device_del", r#"{"id":"shm1"}"#);
+    let asked = wait_until(REQUEST_TIMEOUT, || efd.read().is_ok_and(|n| n != 0));
+    assert!(
+        asked.is_some(),
+        "no device request within {REQUEST_TIMEOUT:?}"
+    );
+    vmm.map.note_unplug_request(id1).unwrap();
+    assert_eq!(
+        vmm.map.bar_status(id1, 2).unwrap(),
+        BarStatus::Unreachable(Unreachable::DeviceGone(RevokeReason::Unplug))
+    );
+    vmm.edu_copy(
+        &pattern(2702, 0x800),
+        G1 + AREA + 0x800,
+        "to shm1's GPA after the request",
+    );
+    vmm.copy_lands(
+        id0,
+        2,
+        0x8_d000,
+        &pattern(2703, 0x100),
+        "shm0 while shm1 leaves",
+    );
+
+    drop(vmm.map.remove(id1).unwrap());
+    let shm1_name = shm1.to_string();
+    vmm.vmm_devices.retain(|(b, _)| *b != shm1_name);
+    drop(vmm);
+    replug_and_check(shm1, AREA, &want);
 }

@@ -859,7 +859,7 @@ fn library_takes_the_device_request_irq_and_revokes_on_hot_unplug() {
 /// `want` is what its BAR holds at `area` (in the guest and in the host's
 /// backing file), and that the VMM stand-in opens it again, as the next
 /// tests will.
-fn replug_and_check(shm1: PciAddress, area: u64, want: &[u8]) {
+pub(super) fn replug_and_check(shm1: PciAddress, area: u64, want: &[u8]) {
     let gone = wait_until(SYSFS_TIMEOUT, || !Path::new(&sysfs_dir(shm1)).exists())
         .unwrap_or_else(|| panic!("{shm1} still in sysfs {SYSFS_TIMEOUT:?} after closing it"));
     note(&format!("{shm1} left sysfs {gone:?} after the close"));
