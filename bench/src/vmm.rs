@@ -202,9 +202,70 @@ fn trapped(
         ));
     }
     println!("{line} (n={})", lib.len());
+    if n == 1 {
+        profile(opts, &map, id, dev)?;
+    }
     raw::unmap(ifd, ioas_id, raw_at, len)?;
     raw::close(buf)?;
     drop(map);
+    Ok(())
+}
+
+/// Where the map's instructions go, step by step (no syscall in any):
+/// a trapped write the map leaves to the VMM (its lock, the device's lookup,
+/// the hub check, the classification), a status query, the device hub's
+/// revoke and restore with no attachment, and a mutex taken and released.
+fn profile(opts: &Opts, map: &GuestBarMap, id: DeviceId, dev: &VfioPciDevice) -> R<()> {
+    use dmabuf_p2p::revoke::RevokeReason;
+    let hub = dev.hub();
+    let m = std::sync::Mutex::new(0u64);
+    let mut steps: Vec<(&str, Box<dyn FnMut() -> R<()> + '_>)> = vec![
+        (
+            "not_mine_write",
+            Box::new(|| {
+                map.config_write(id, 0x3c, &[0x0b])?;
+                Ok(())
+            }),
+        ),
+        (
+            "bar_status",
+            Box::new(|| {
+                std::hint::black_box(map.bar_status(id, BAR)?);
+                Ok(())
+            }),
+        ),
+        (
+            "hub_revoke_restore",
+            Box::new(|| {
+                hub.revoked_by_kernel(RevokeReason::MemoryDecodeOff);
+                hub.restore();
+                Ok(())
+            }),
+        ),
+        (
+            "mutex",
+            Box::new(|| {
+                *m.lock().map_err(|_| "poisoned")? += 1;
+                Ok(())
+            }),
+        ),
+    ];
+    for (name, f) in &mut steps {
+        f()?;
+        let mut v = Vec::new();
+        opts.budget(50, 201, 2.0).repeat(|_| -> R<()> {
+            let t = Instant::now();
+            f()?;
+            v.push(ns_since(t));
+            Ok(())
+        })?;
+        let s = Stats::of(&v);
+        emit("vmm_profile", "step", name, 0, "ns", &s);
+        println!("bench: vmm profile {name:20} {:.0}", s.median);
+    }
+    let t = Instant::now();
+    let empty = ns_since(t);
+    emit_meta("vmm_clock_pair", &format!("{empty:.0}"));
     Ok(())
 }
 

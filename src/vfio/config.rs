@@ -207,7 +207,11 @@ impl VfioPciDevice {
             Some(on) => on,
             None => self.read_command_quiet(&held)? & COMMAND_MEMORY != 0,
         };
-        let at = self.config_at(offset, data.len())?;
+        // The header is always there: no range check for PCI_COMMAND.
+        let at = match self.config.get() {
+            Some(r) if offset + data.len() as u64 <= 0x40 => r.offset + offset,
+            _ => self.config_at(offset, data.len())?,
+        };
         if let Err(e) = self.file.write_all_at(data, at) {
             let err = self.config_error("pwrite", offset, data.len(), e);
             let now_on = match self.read_command_quiet(&held) {

@@ -541,7 +541,7 @@ impl GuestBarMap {
             .filter(|&i| bars[i as usize].not_offered.is_none())
             .collect();
         st.slots[slot] = Some(Device {
-            hub_seq: dev.hub().last_change().seq,
+            hub_seq: dev.hub().change_count(),
             dev,
             address,
             generation,
@@ -602,7 +602,6 @@ impl GuestBarMap {
     /// (with the kernel's errno; the map follows what the device then has).
     pub fn config_write(&self, id: DeviceId, offset: u64, data: &[u8]) -> Result<ConfigWrite> {
         let mut st = self.lock();
-        let waiting = self.check_hub(&mut st, id)?;
         let State { slots, limits, .. } = &mut *st;
         let d = slots
             .get_mut(id.slot as usize)
@@ -613,6 +612,8 @@ impl GuestBarMap {
                 problem: "is not registered (removed, or never was)".to_owned(),
                 source: None,
             })?;
+        let waiting =
+            d.dev.hub().change_count() != d.hub_seq && self.repair_drift(d, limits, id.slot);
         if d.gone.is_some() {
             return Ok(ConfigWrite::Ignored);
         }
@@ -645,7 +646,7 @@ impl GuestBarMap {
         } else {
             Ok(ConfigWrite::NotMine)
         };
-        d.hub_seq = d.dev.hub().last_change().seq;
+        d.hub_seq = d.dev.hub().change_count();
         if changed && st.limits.waiting > 0 {
             self.retry_waiting(&mut st);
         }
@@ -801,6 +802,11 @@ impl GuestBarMap {
             slot: ctx.slot,
             bar: i as u8,
         };
+        // A BAR that is not offered is never mapped: nothing to do (and no
+        // reason to build).
+        if s.placed.is_none() && (s.reg.is_none() || s.not_offered.is_some()) {
+            return false;
+        }
         let size = s.reg.map_or(0, |r| r.size());
         let want = Self::want(ctx, s);
         let mut released = false;
@@ -1055,18 +1061,25 @@ impl GuestBarMap {
                 problem: "is not registered (removed, or never was)".to_owned(),
                 source: None,
             })?;
-        let change = d.dev.hub().last_change();
-        if change.seq == d.hub_seq {
+        if d.dev.hub().change_count() == d.hub_seq {
             return Ok(false);
         }
+        Ok(self.repair_drift(d, limits, id.slot))
+    }
+
+    /// `d`'s hub changed behind the map: records it and repairs. Returns
+    /// true.
+    #[cold]
+    fn repair_drift(&self, d: &mut Device, limits: &mut Limits, slot: u32) -> bool {
+        let change = d.dev.hub().last_change();
         let drift = Drift::HubChanged {
             device: d.address,
             state: change.state,
         };
         warn!("{drift}");
-        self.repair_hub(d, limits, id.slot, change.state);
-        d.hub_seq = d.dev.hub().last_change().seq;
-        Ok(true)
+        self.repair_hub(d, limits, slot, change.state);
+        d.hub_seq = d.dev.hub().change_count();
+        true
     }
 
     /// Brings `d` in line with its hub's `state`.
@@ -1113,7 +1126,7 @@ impl GuestBarMap {
             d.command &= !COMMAND_MEMORY;
         }
         self.command(d, limits, id.slot, COMMAND, &new.to_le_bytes(), false)?;
-        d.hub_seq = d.dev.hub().last_change().seq;
+        d.hub_seq = d.dev.hub().change_count();
         self.retry_waiting(&mut st);
         Ok(())
     }
@@ -1171,7 +1184,7 @@ impl GuestBarMap {
             })?;
         let told = d.dev.note_reset();
         self.reset(d, limits, id.slot, "device reset (VMM)");
-        d.hub_seq = d.dev.hub().last_change().seq;
+        d.hub_seq = d.dev.hub().change_count();
         self.retry_waiting(&mut st);
         told
     }
@@ -1199,7 +1212,7 @@ impl GuestBarMap {
         for s in &mut d.bars {
             s.export = None;
         }
-        d.hub_seq = d.dev.hub().last_change().seq;
+        d.hub_seq = d.dev.hub().change_count();
         self.retry_waiting(&mut st);
         Ok(())
     }
@@ -1290,7 +1303,7 @@ impl GuestBarMap {
                 if !d.d3 {
                     self.reconcile_all(d, limits, id.slot);
                 }
-                d.hub_seq = d.dev.hub().last_change().seq;
+                d.hub_seq = d.dev.hub().change_count();
             }
         }
         self.retry_waiting(&mut st);

@@ -668,7 +668,16 @@ fn random_guest_and_vmm_interleavings_match_the_model() {
             }
         }
         if step % 20 == 19 || step + 1 == STEPS {
-            let e = rng.below(3) as usize;
+            // Mostly a device the model says is mapped (it must land),
+            // else any (a copy to its old GPA must change nothing).
+            let mapped: Vec<usize> = (0..3)
+                .filter(|&e| model[e].expect(|g| valid(e, g)).is_some())
+                .collect();
+            let e = if !mapped.is_empty() && rng.below(3) != 0 {
+                mapped[rng.below(mapped.len() as u64) as usize]
+            } else {
+                rng.below(3) as usize
+            };
             let mm = model[e];
             if !mm.registered {
                 continue;
@@ -884,4 +893,62 @@ fn hot_unplug_of_a_registered_device_unmaps_it_and_spares_the_others() {
     vmm.vmm_devices.retain(|(b, _)| *b != shm1_name);
     drop(vmm);
     replug_and_check(shm1, AREA, &want);
+}
+
+// ---------------------------------------------------------------------------
+// Automatic placement in the VMM's IOAS
+// ---------------------------------------------------------------------------
+
+/// `IovaPlacement::Auto` in an adopted IOAS that holds the VMM's guest RAM:
+/// undeclared, the first pick lands on the RAM, the kernel refuses it
+/// (`EEXIST`), the refused range is learned and the kernel places the
+/// mapping (no retry loop, no failure); declared, the pick goes past the RAM
+/// at once, to the first free aligned IOVA. The RAM mapping is never
+/// touched.
+#[test]
+fn auto_placement_in_the_vmms_ioas_avoids_its_guest_ram() {
+    use std::os::fd::{AsFd, AsRawFd};
+    use std::sync::Arc;
+
+    use dmabuf_p2p::memfd::Memfd;
+    use dmabuf_p2p::{ByteRange, Ioas, Iommufd, IovaPlacement, MapPerms};
+    use iommufd_ioctls::{IommuFd, IommufdIoas};
+
+    const RAM_AT: u64 = 0x1000;
+    const RAM_LEN: u64 = 16 << 20;
+    let vmm_iommufd = Arc::new(IommuFd::new().unwrap());
+    let vmm_ioas = IommufdIoas::new(Arc::clone(&vmm_iommufd)).unwrap();
+    let ram = Memfd::new("vmm-ram", RAM_LEN).unwrap();
+    vmm_ioas
+        .map_file(ram.as_fd().as_raw_fd(), 0, RAM_LEN, RAM_AT, true)
+        .unwrap();
+    let iommufd = Iommufd::adopt_rust_vmm(&vmm_iommufd).unwrap();
+    let ioas = Ioas::adopt_rust_vmm(&iommufd, &vmm_ioas).unwrap();
+    let buf = Memfd::new("buf", 0x1_0000).unwrap();
+    let whole = ByteRange::new(0, 0x1_0000);
+    // Undeclared: two maps, both placed (by the kernel), neither on the RAM.
+    let a = ioas
+        .map_file(&buf, whole, IovaPlacement::Auto, MapPerms::ReadWrite)
+        .unwrap();
+    let b = ioas
+        .map_file(&buf, whole, IovaPlacement::Auto, MapPerms::ReadWrite)
+        .unwrap();
+    for m in [&a, &b] {
+        assert!(
+            m.iova() + m.length() <= RAM_AT || m.iova() >= RAM_AT + RAM_LEN,
+            "mapped over the VMM's RAM at {:#x}",
+            m.iova()
+        );
+    }
+    drop((a, b));
+    // Declared: the lowest free IOVA past the RAM (a 64 KiB memfd range is
+    // aligned to 4 KiB pages), found at the first pick.
+    ioas.declare_foreign_area(RAM_AT, RAM_LEN);
+    let c = ioas
+        .map_file(&buf, whole, IovaPlacement::Auto, MapPerms::ReadWrite)
+        .unwrap();
+    assert_eq!(c.iova(), RAM_AT + RAM_LEN, "the first IOVA past the RAM");
+    drop(c);
+    // The RAM mapping is the VMM's, untouched: it unmaps it itself.
+    vmm_ioas.unmap(RAM_AT, RAM_LEN).unwrap();
 }
