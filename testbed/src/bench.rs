@@ -1527,8 +1527,14 @@ fn vmm_section(s: &mut String, r: &Results) {
     );
     let _ = writeln!(
         s,
-        "| BAR size | 8 devices registered and mapped (`GuestBarMap`) | legacy type1, 8 BARs (projected) |\n|---|---|---|"
+        "| BAR size | 8 devices registered and mapped (`GuestBarMap`), instructions | legacy type1, 8 BARs (projected), instructions | type1 / `GuestBarMap` |\n|---|---|---|---|"
     );
+    let mega = |rec: Option<&Record>| -> String {
+        match rec.and_then(|r| Some((r.median?, r.min?, r.max?))) {
+            Some((m, lo, hi)) => format!("{:.2} M ({:.2}–{:.2})", m / 1e6, lo / 1e6, hi / 1e6),
+            None => "–".into(),
+        }
+    };
     let per_byte = match (t1.first(), t1.last()) {
         (Some((x0, t0)), Some((x1, tt))) if x1 > x0 => {
             Some((t0, (tt - t0) / (x1 - x0) as f64, *x0))
@@ -1544,14 +1550,16 @@ fn vmm_section(s: &mut String, r: &Results) {
                 (8.0 * t0, "at most ")
             }
         });
+        let ratio = match (proj, lib(size)) {
+            (Some((p, "")), Some(l)) => format!("{:.0}", p / l),
+            _ => "–".into(),
+        };
         let _ = writeln!(
             s,
-            "| {} | {} | {} |",
+            "| {} | {} | {} | {ratio} |",
             human_size(size),
-            cell(r.get("vmm_register", "library", "register_map", size)),
-            proj.map_or("–".into(), |(p, bound)| format!(
-                "{bound}{p:.3e} instructions"
-            ))
+            mega(r.get("vmm_register", "library", "register_map", size)),
+            proj.map_or("–".into(), |(p, bound)| format!("{bound}{p:.3e}"))
         );
     }
     if let (Some(a), Some(b)) = (lib(64 << 10), lib(64 << 30)) {
