@@ -286,7 +286,16 @@ struct Device {
     /// The hub's change number after this map's last transition.
     hub_seq: u64,
     layout: Layout,
+    /// BARs offered (bit per BAR): the only ones ever mapped.
+    offered: u8,
+    /// BARs whose registers are half programmed (bit per BAR).
+    half: u8,
     bars: [Slot; BAR_COUNT as usize],
+}
+
+/// The BAR indexes whose bits are set in `mask`.
+fn bars_in(mask: u8) -> impl Iterator<Item = usize> {
+    (0..BAR_COUNT as usize).filter(move |i| mask & (1 << i) != 0)
 }
 
 /// One BAR index of a device.
@@ -540,6 +549,8 @@ impl GuestBarMap {
         let offered: Vec<u32> = (0..BAR_COUNT)
             .filter(|&i| bars[i as usize].not_offered.is_none())
             .collect();
+        #[allow(clippy::cast_possible_truncation)]
+        let offered_mask = offered.iter().fold(0u8, |m, &i| m | (1 << i) as u8);
         st.slots[slot] = Some(Device {
             hub_seq: dev.hub().change_count(),
             dev,
@@ -549,6 +560,8 @@ impl GuestBarMap {
             d3: false,
             gone: None,
             layout,
+            offered: offered_mask,
+            half: 0,
             bars,
         });
         info!(
@@ -675,15 +688,13 @@ impl GuestBarMap {
             Ok((true, true))
         };
         d.command = new;
-        let mut settled = false;
-        for s in &mut d.bars {
-            if let Some(reg) = &mut s.reg
-                && reg.is_half_programmed()
-            {
+        let settled = d.half != 0;
+        for i in bars_in(d.half) {
+            if let Some(reg) = &mut d.bars[i].reg {
                 reg.settle();
-                settled = true;
             }
         }
+        d.half = 0;
         let (phys_was, phys_on) = match &physical {
             Ok(p) => *p,
             Err(_) => {
@@ -742,6 +753,11 @@ impl GuestBarMap {
             } else {
                 reg.write_low(value);
             }
+            if reg.is_half_programmed() {
+                d.half |= 1 << owner;
+            } else {
+                d.half &= !(1 << owner);
+            }
             debug!(
                 "{} BAR{owner}: guest wrote {value:#010x} to its {} dword: {}",
                 d.address,
@@ -766,8 +782,8 @@ impl GuestBarMap {
     /// Reconciles every BAR of `d`. Returns whether a claim was released.
     fn reconcile_all(&self, d: &mut Device, limits: &mut Limits, slot: u32) -> bool {
         let mut released = false;
-        for i in 0..BAR_COUNT as usize {
-            let ctx = ctx!(d, slot);
+        let ctx = ctx!(d, slot);
+        for i in bars_in(d.offered) {
             released |= self.reconcile(&ctx, limits, i, &mut d.bars[i]);
         }
         released
@@ -959,8 +975,8 @@ impl GuestBarMap {
     /// The kernel revoked the device's buffers: its live areas are dead
     /// (kept, so their GPAs stay reserved).
     fn mark_dead(&self, d: &mut Device, reason: RevokeReason) {
-        for (i, s) in d.bars.iter_mut().enumerate() {
-            if let Some(p) = &mut s.placed
+        for i in bars_in(d.offered) {
+            if let Some(p) = &mut d.bars[i].placed
                 && p.dead.is_none()
             {
                 p.dead = Some(reason);
@@ -1001,6 +1017,7 @@ impl GuestBarMap {
         self.unmap_all(d, limits, slot, why);
         d.command = 0;
         d.d3 = false;
+        d.half = 0;
         for s in &mut d.bars {
             if let Some(reg) = &mut s.reg {
                 reg.reset();
@@ -1157,6 +1174,7 @@ impl GuestBarMap {
             });
         };
         reg.set_address(gpa);
+        d.half &= !(1 << i);
         if d.command & COMMAND_MEMORY != 0 && !d.d3 {
             let ctx = ctx!(d, id.slot);
             if self.reconcile(&ctx, limits, i, &mut d.bars[i]) {
