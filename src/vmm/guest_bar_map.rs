@@ -224,7 +224,7 @@ fn on_off(b: bool) -> &'static str {
 /// Each BAR is known by (device, BAR index) from registration to removal:
 /// it has at most one mapping and one export at any time, whatever the moves
 /// and decode cycles. Every map, unmap, move, revocation, restore and
-/// refusal is logged through the `log` facade (target
+/// refusal is logged through the `log` facade (targets under
 /// `dmabuf_p2p::vmm`), with device, BAR, GPA and reason.
 ///
 /// Calls are serialised by one lock; they are meant for the VMM's
