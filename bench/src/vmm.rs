@@ -219,7 +219,7 @@ fn profile(opts: &Opts, map: &GuestBarMap, id: DeviceId, dev: &VfioPciDevice) ->
     use dmabuf_p2p::revoke::RevokeReason;
     let hub = dev.hub();
     let m = std::sync::Mutex::new(0u64);
-    let mut steps: Vec<(&str, Box<dyn FnMut() -> R<()> + '_>)> = vec![
+    let mut steps: Vec<(&str, crate::Step<'_>)> = vec![
         (
             "not_mine_write",
             Box::new(|| {
