@@ -13,12 +13,13 @@
 //! test VM: `vmm_adopt 0000:02:00.0` (an ivshmem device).
 
 use std::error::Error;
-use std::fs::{self, OpenOptions};
+use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
 use dmabuf_p2p::revoke::{Attachment, RestorePolicy};
+use dmabuf_p2p::sysfs::Sysfs;
 use dmabuf_p2p::vfio::AdoptOptions;
 use dmabuf_p2p::{ByteRange, Ioas, Iommufd, IovaPlacement, MapPerms, VfioPciDevice, sys};
 
@@ -40,10 +41,11 @@ fn main() -> Result<(), Box<dyn Error>> {
     };
     vmm_ioctl(vmm_iommufd.as_fd(), sys::IOMMU_IOAS_ALLOC, &mut alloc)?;
     let ioas_id = alloc.out_ioas_id;
-    let cdev_name = fs::read_dir(format!("/sys/bus/pci/devices/{bdf}/vfio-dev"))?
-        .next()
-        .ok_or("the device has no VFIO cdev (is it bound to vfio-pci?)")??
-        .file_name();
+    // Sysfs lists directories into a buffer that cannot fault (see
+    // dmabuf_p2p::sysfs), unlike `fs::read_dir`.
+    let cdev_name = Sysfs::default()
+        .vfio_dev(bdf.parse()?)?
+        .ok_or("the device has no VFIO cdev (is it bound to vfio-pci?)")?;
     let vmm_cdev = open_rw(&Path::new("/dev/vfio/devices").join(cdev_name))?;
     let mut bind = sys::vfio_device_bind_iommufd {
         argsz: size_of::<sys::vfio_device_bind_iommufd>() as u32,
