@@ -460,6 +460,11 @@ fn pack(spec: &RunSpec, bench: &Path, strace: bool, dest: &Path) -> Result<()> {
     fs_.file("/init", 0o755, suite::INIT.as_bytes().to_vec());
     fs_.file("/etc/testbed/job.sh", 0o755, spec.job.as_bytes().to_vec());
     fs_.file(
+        "/etc/testbed/pci.sh",
+        0o644,
+        suite::PCI_SH.as_bytes().to_vec(),
+    );
+    fs_.file(
         "/etc/passwd",
         0o644,
         b"root:x:0:0:root:/root:/bin/sh\n".to_vec(),

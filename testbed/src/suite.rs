@@ -17,6 +17,10 @@ use crate::{Error, Result, kernel, run_captured, workspace_root};
 /// The guest's init, packed as `/init`.
 pub const INIT: &str = include_str!("../guest/init.sh");
 
+/// `pci_devices`, the shell function init and the jobs use to find PCI
+/// devices without listing sysfs; packed as `/etc/testbed/pci.sh`.
+pub const PCI_SH: &str = include_str!("../guest/pci.sh");
+
 /// A guest job that prints what the VM offers.
 pub const INFO_JOB: &str = include_str!("../guest/info.sh");
 
@@ -236,6 +240,7 @@ pub fn pack_initramfs(spec: &RunSpec, bins: &GuestBinaries, dest: &Path) -> Resu
     fs_.host_binary("/bin/busybox", &crate::deps::busybox()?)?;
     fs_.file("/init", 0o755, INIT.as_bytes().to_vec());
     fs_.file("/etc/testbed/job.sh", 0o755, spec.job.as_bytes().to_vec());
+    fs_.file("/etc/testbed/pci.sh", 0o644, PCI_SH.as_bytes().to_vec());
     fs_.file(
         "/etc/passwd",
         0o644,
