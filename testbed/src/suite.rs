@@ -9,6 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::initramfs::Initramfs;
+use crate::lockdep::{self, TestStarts};
 use crate::qemu::{Accel, Vm, VmConfig, read_range};
 use crate::qmp::Qmp;
 use crate::report::{Outcome, Report, fnv1a64, kernel_problems};
@@ -286,6 +287,7 @@ pub fn run(
     let mut config = VmConfig::standard(kernel, initrd, run_dir.clone());
     tweak(&mut config);
     let mut report;
+    let mut starts;
     let mut failures = Vec::new();
     let (config, stderr, elapsed) = loop {
         eprintln!(
@@ -299,10 +301,11 @@ pub fn run(
         let accel = config.accel;
         let mut vm = Vm::start(config.clone())?;
         report = Report::default();
+        starts = TestStarts::default();
         // A KVM that boots slower than software emulation is no use: give it
         // a deadline to reach userspace, then fall back to TCG for good.
         let boot_deadline = (accel == Accel::Kvm).then_some(KVM_BOOT_DEADLINE);
-        let outcome = stream(&mut vm, spec, &mut report, boot_deadline);
+        let outcome = stream(&mut vm, spec, &mut report, &mut starts, boot_deadline);
         let elapsed = vm.elapsed();
         vm.kill();
         let stderr = vm.stderr_text();
@@ -323,8 +326,8 @@ pub fn run(
     };
 
     let console = fs::read_to_string(config.console_log()).unwrap_or_default();
-    for line in kernel_problems(&console) {
-        failures.push(format!("kernel log: {line}"));
+    for problem in kernel_problems(&console) {
+        failures.push(lockdep::describe(&problem, &console, &starts));
     }
     if !report.booted {
         failures.push("the guest never reached userspace (boot failure)".into());
@@ -410,11 +413,13 @@ enum StreamError {
 }
 
 /// Connects to the report socket, then reads lines until the guest exits,
-/// QEMU stops or the timeout passes. Answers `@@qmp` requests.
+/// QEMU stops or the timeout passes. Answers `@@qmp` requests, and notes in
+/// `starts` how long the console log was when each test started.
 fn stream(
     vm: &mut Vm,
     spec: &RunSpec,
     report: &mut Report,
+    starts: &mut TestStarts,
     boot_deadline: Option<Duration>,
 ) -> Result<(), StreamError> {
     let sock_path = vm.config().report_socket();
@@ -445,6 +450,8 @@ fn stream(
         .map_err(|e| StreamError::Failed(format!("cloning report socket: {e}")))?;
     let mut log = fs::File::create(vm.config().report_log())
         .map_err(|e| StreamError::Failed(format!("creating report log: {e}")))?;
+    let console_log = vm.config().console_log();
+    let console_len = || fs::metadata(&console_log).map_or(0, |m| m.len());
     let mut reader = BufReader::new(sock);
     let mut pending: Vec<u8> = Vec::new();
     let mut qmp: Option<Qmp> = None;
@@ -481,6 +488,9 @@ fn stream(
                 prefix_carry = Some(line);
                 line = directive;
             }
+            if let Some(test) = TestStarts::test_in(&line) {
+                starts.note(test, console_len());
+            }
             let _ = writeln!(log, "{line}");
             if spec.stream && !line.starts_with("@@") {
                 println!("{line}");
@@ -490,6 +500,11 @@ fn stream(
                 let _ = writeln!(writer, "@@qmp-reply {answer}");
             }
             report.add(&line);
+        }
+        // libtest prints `test NAME ... ` when the test starts and the
+        // outcome when it ends.
+        if let Some(test) = TestStarts::test_in(&String::from_utf8_lossy(&pending)) {
+            starts.note(test, console_len());
         }
         if report.exit.is_some() {
             // Let init power off; QEMU exits shortly.
