@@ -12,6 +12,7 @@ pub mod deps;
 pub mod fuzz;
 pub mod initramfs;
 pub mod kernel;
+pub mod kernel_patch;
 pub mod lockdep;
 pub mod private_root;
 pub mod qemu;

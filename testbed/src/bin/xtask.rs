@@ -4,7 +4,8 @@
 //!   VM suite (the README's test command, called by `.ci/run`).
 //! * `cargo xtask vm-test [FILTER..] [--fail-on-purpose]` — only the VM suite.
 //! * `cargo xtask vm-info` — boot the VM and show what it offers.
-//! * `cargo xtask kernel [--force]` — build (or find) the test kernel.
+//! * `cargo xtask kernel [--force] [--patch FILE]` — build (or find) the test
+//!   kernel; with `--patch`, a patched kernel under its own cache key.
 //! * `cargo xtask fuzz [TARGET..] [--seconds N]` — fuzz the parsers (`docs/FUZZING.md`).
 //! * `cargo xtask bench [--quick] [--only=PARTS] [--render FILE]` — the
 //!   in-VM benchmarks; writes `docs/BENCHMARKS.md` and `docs/bench/*.svg`.
@@ -16,7 +17,7 @@ use std::time::Instant;
 use testbed::suite::{self, GuestBinaries, RunSpec};
 use testbed::{Result, deps, fuzz, kernel, uapi, workspace_root};
 
-const USAGE: &str = "usage: cargo xtask <test | vm-test [FILTER..] [--fail-on-purpose] | vm-info | kernel [--force] | bindings [--check] | bench [--quick] [--only=PARTS] [--render FILE] | fuzz [TARGET..] [--seconds N]>";
+const USAGE: &str = "usage: cargo xtask <test | vm-test [FILTER..] [--fail-on-purpose] | vm-info | kernel [--force] [--patch FILE] | bindings [--check] | bench [--quick] [--only=PARTS] [--render FILE] | fuzz [TARGET..] [--seconds N]>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -30,10 +31,7 @@ fn main() -> ExitCode {
         "vm-test" => vm_test(rest),
         "vm-info" => vm_info(),
         "bench" => testbed::bench::xtask(rest),
-        "kernel" => kernel::xtask(rest.iter().any(|a| a == "--force")).map(|p| {
-            println!("{}", p.display());
-            true
-        }),
+        "kernel" => kernel_task(rest),
         "bindings" => uapi::run_bindings(rest.iter().any(|a| a == "--check")).map(|()| true),
         "fuzz" => fuzz::xtask(rest),
         "-h" | "--help" | "help" => {
@@ -115,6 +113,24 @@ fn vm_info() -> Result<bool> {
         suite::print_verdict("vm-info", &verdict);
     }
     Ok(verdict.passed())
+}
+
+/// `cargo xtask kernel [--force] [--patch FILE]`.
+fn kernel_task(args: &[String]) -> Result<bool> {
+    let force = args.iter().any(|a| a == "--force");
+    let patch = args
+        .iter()
+        .position(|a| a == "--patch")
+        .map(|i| args.get(i + 1).map(std::path::PathBuf::from));
+    match patch {
+        Some(None) => {
+            eprintln!("--patch needs a file\n{USAGE}");
+            Ok(false)
+        }
+        // kernel::xtask prints the path.
+        Some(Some(file)) => kernel::xtask(force, Some(&file)).map(|_| true),
+        None => kernel::xtask(force, None).map(|_| true),
+    }
 }
 
 /// The README's test command: host tests, then the VM suite, then a check that
