@@ -369,6 +369,7 @@ fn run_vm(
         vm_tests: None,
         examples: Vec::new(),
         cli: bench_bin.to_path_buf(),
+        kernfs_chain: None,
     };
     let mut shape = String::new();
     let verdict = suite::run(&spec, &bins, |c| {

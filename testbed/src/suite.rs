@@ -36,6 +36,9 @@ pub const GUEST_CLI: &str = "/bin/dmabuf-p2p";
 /// The directory of the library's examples inside the VM
 /// (`/bin/examples/export_bar`, ...).
 pub const GUEST_EXAMPLES: &str = "/bin/examples";
+/// The kernel lockdep chain's reproducer inside the VM (the `kernfs_chain`
+/// binary of the `vm-tests` package; docs/KERNEL.md).
+pub const GUEST_KERNFS_CHAIN: &str = "/bin/kernfs-chain";
 
 /// Host paths of the binaries that go into the VM.
 #[derive(Debug, Clone)]
@@ -47,6 +50,9 @@ pub struct GuestBinaries {
     /// The library's examples (name, executable), built with the in-VM
     /// suite, which runs them; packed under [`GUEST_EXAMPLES`].
     pub examples: Vec<(String, PathBuf)>,
+    /// The kernel lockdep chain's reproducer, built with the in-VM suite;
+    /// packed as [`GUEST_KERNFS_CHAIN`].
+    pub kernfs_chain: Option<PathBuf>,
 }
 
 fn cargo() -> Command {
@@ -141,7 +147,24 @@ pub fn build_guest_binaries(with_tests: bool) -> Result<GuestBinaries> {
             }
         }
     }
-    let vm_tests = if with_tests {
+    let (vm_tests, kernfs_chain) = if with_tests {
+        let mut cmd = cargo();
+        cmd.args([
+            "build",
+            "--package",
+            "dmabuf-p2p-vm-tests",
+            "--bin",
+            "kernfs_chain",
+            "--message-format=json-render-diagnostics",
+        ]);
+        let out = run_captured(&mut cmd, "cargo build (kernfs_chain)")?;
+        let kernfs_chain = executables(&out, "bin")
+            .into_iter()
+            .find(|(name, _)| name == "kernfs_chain")
+            .map(|(_, exe)| exe)
+            .ok_or_else(|| {
+                Error::Setup("cargo build reported no kernfs_chain executable".into())
+            })?;
         let mut cmd = cargo();
         cmd.args([
             "test",
@@ -153,22 +176,22 @@ pub fn build_guest_binaries(with_tests: bool) -> Result<GuestBinaries> {
             "--message-format=json-render-diagnostics",
         ]);
         let out = run_captured(&mut cmd, "cargo test --no-run (vm-tests)")?;
-        Some(
-            executables(&out, "test")
-                .into_iter()
-                .next()
-                .map(|(_, exe)| exe)
-                .ok_or_else(|| {
-                    Error::Setup("cargo test --no-run reported no vm-tests executable".into())
-                })?,
-        )
+        let vm_tests = executables(&out, "test")
+            .into_iter()
+            .next()
+            .map(|(_, exe)| exe)
+            .ok_or_else(|| {
+                Error::Setup("cargo test --no-run reported no vm-tests executable".into())
+            })?;
+        (Some(vm_tests), Some(kernfs_chain))
     } else {
-        None
+        (None, None)
     };
     Ok(GuestBinaries {
         vm_tests,
         cli,
         examples,
+        kernfs_chain,
     })
 }
 
@@ -261,6 +284,9 @@ pub fn pack_initramfs(spec: &RunSpec, bins: &GuestBinaries, dest: &Path) -> Resu
     }
     for (name, exe) in &bins.examples {
         fs_.host_binary(&format!("{GUEST_EXAMPLES}/{name}"), exe)?;
+    }
+    if let Some(exe) = &bins.kernfs_chain {
+        fs_.host_binary(GUEST_KERNFS_CHAIN, exe)?;
     }
     fs_.write_to(dest)
 }

@@ -6,6 +6,8 @@
 //! * `cargo xtask vm-info` — boot the VM and show what it offers.
 //! * `cargo xtask kernel [--force] [--patch FILE]` — build (or find) the test
 //!   kernel; with `--patch`, a patched kernel under its own cache key.
+//! * `cargo xtask kernfs-chain [MODE]` — reproduce the kernel lockdep chain of
+//!   docs/KERNEL.md in the VM.
 //! * `cargo xtask fuzz [TARGET..] [--seconds N]` — fuzz the parsers (`docs/FUZZING.md`).
 //! * `cargo xtask bench [--quick] [--only=PARTS] [--render FILE]` — the
 //!   in-VM benchmarks; writes `docs/BENCHMARKS.md` and `docs/bench/*.svg`.
@@ -17,7 +19,7 @@ use std::time::Instant;
 use testbed::suite::{self, GuestBinaries, RunSpec};
 use testbed::{Result, deps, fuzz, kernel, uapi, workspace_root};
 
-const USAGE: &str = "usage: cargo xtask <test | vm-test [FILTER..] [--fail-on-purpose] | vm-info | kernel [--force] [--patch FILE] | bindings [--check] | bench [--quick] [--only=PARTS] [--render FILE] | fuzz [TARGET..] [--seconds N]>";
+const USAGE: &str = "usage: cargo xtask <test | vm-test [FILTER..] [--fail-on-purpose] | vm-info | kernel [--force] [--patch FILE] | kernfs-chain [MODE] | bindings [--check] | bench [--quick] [--only=PARTS] [--render FILE] | fuzz [TARGET..] [--seconds N]>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -30,6 +32,7 @@ fn main() -> ExitCode {
         "test" => test_all(),
         "vm-test" => vm_test(rest),
         "vm-info" => vm_info(),
+        "kernfs-chain" => kernfs_chain(rest),
         "bench" => testbed::bench::xtask(rest),
         "kernel" => kernel_task(rest),
         "bindings" => uapi::run_bindings(rest.iter().any(|a| a == "--check")).map(|()| true),
@@ -133,6 +136,73 @@ fn kernel_task(args: &[String]) -> Result<bool> {
     }
 }
 
+/// `cargo xtask kernfs-chain [MODE]`: boots the VM, runs the kernel lockdep
+/// chain's reproducer (docs/KERNEL.md) and checks the outcome.
+fn kernfs_chain(args: &[String]) -> Result<bool> {
+    deps::ensure_vm_tools()?;
+    let bins = suite::build_guest_binaries(true)?;
+    let mode = args.first().map_or("growsdown", String::as_str);
+    kernfs_chain_run(&bins, mode, true)
+}
+
+/// The patch that fixes the kernfs chain (docs/KERNEL.md).
+const KERNFS_PATCH: &str = "testbed/kernel/patches/kernfs-readdir-without-rwsem.patch";
+
+/// Runs the reproducer in `mode` and judges the run. `growsdown` must fail
+/// the run with the known chain named on the stock kernel, and pass on a
+/// kernel built with [`KERNFS_PATCH`] (its release ends in the patch's
+/// name); `fresh` and `resident` must pass anywhere; `contended` is only
+/// shown.
+fn kernfs_chain_run(bins: &GuestBinaries, mode: &str, stream: bool) -> Result<bool> {
+    let job = format!("{} {}\n", suite::GUEST_KERNFS_CHAIN, shell_quote(mode));
+    let spec = RunSpec {
+        stream,
+        ..RunSpec::new("kernfs-chain", job, false)
+    };
+    let v = suite::run(&spec, bins, |_| {})?;
+    let suffix =
+        testbed::kernel_patch::Patch::load(&workspace_root().join(KERNFS_PATCH))?.localversion();
+    let log = suite::read_log(&v.run_dir.join("report.log"));
+    let release = log
+        .lines()
+        .find_map(|l| l.strip_prefix("kernfs-chain: kernel "))
+        .unwrap_or_default()
+        .to_owned();
+    let patched = release.ends_with(&suffix);
+    let named = |f: &String| {
+        f.starts_with("kernel log: lockdep reported the known lock cycle \"kernfs readdir")
+    };
+    let ok = match mode {
+        "growsdown" if !patched => {
+            v.report.exit == Some(0) && v.failures.len() == 1 && v.failures.iter().all(named)
+        }
+        "contended" => {
+            suite::print_verdict("kernfs-chain", &v);
+            return Ok(v.report.exit == Some(0));
+        }
+        _ => v.passed(),
+    };
+    // The self-check's expected failure is not news; anything else is.
+    if stream || !ok {
+        suite::print_verdict("kernfs-chain", &v);
+    }
+    println!(
+        "kernfs-chain: kernel {release} ({}), mode {mode}: {}",
+        if patched {
+            "with the kernfs patch"
+        } else {
+            "stock"
+        },
+        match (ok, v.passed()) {
+            (true, true) => "no lockdep report, as expected",
+            (true, false) => "the test bed named the known chain and failed the run, as expected",
+            (false, true) => "UNEXPECTED: no lockdep report",
+            (false, false) => "UNEXPECTED failures (see above)",
+        }
+    );
+    Ok(ok)
+}
+
 /// The README's test command: host tests, then the VM suite, then a check that
 /// the test bed itself notices a failing guest test.
 fn test_all() -> Result<bool> {
@@ -223,9 +293,18 @@ fn test_all() -> Result<bool> {
         );
     }
 
+    // The known kernel lock cycle (docs/KERNEL.md): reproduced, it must fail
+    // its run with the chain named (on a kernel with the fix, not reported).
+    eprintln!("testbed: self-check: the kernel lock cycle's reproducer must be named");
+    let chain_ok = kernfs_chain_run(&bins, "growsdown", false)?;
+    println!(
+        "test testbed-self-check::known_kernel_lock_cycle_is_named ... {}",
+        if chain_ok { "ok" } else { "FAILED" }
+    );
+
     println!(
         "xtask test: finished in {:.1} s",
         start.elapsed().as_secs_f64()
     );
-    Ok(fuzz_ok && bindings_ok && vm_ok && self_ok)
+    Ok(fuzz_ok && bindings_ok && vm_ok && self_ok && chain_ok)
 }
