@@ -8,7 +8,9 @@
 //! deadlock). `std::fs::read_dir` reads through libc's `readdir` into a
 //! buffer libc allocates, whose pages may not be there yet. Here the buffer
 //! is written in full before the first `getdents64(2)`, so the pages the
-//! kernel writes are present and writable, and the copy takes no lock.
+//! kernel writes are present and writable: the copy does not fault (short of
+//! the kernel migrating one of those pages in that instant), so it does not
+//! wait for `mmap_lock`.
 //!
 //! Only sysfs needs this: other file systems' `readdir` holds no lock of its
 //! own across the copy.
