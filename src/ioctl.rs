@@ -953,6 +953,33 @@ pub fn iommu_test_dmabuf_revoke(
     unsafe { ioctl_with_mut(iommufd, sys::iommufd_test::IOMMU_TEST_CMD, &mut cmd) }.map(drop)
 }
 
+// ---------------------------------------------------------------------------
+// Directory entries (getdents64)
+// ---------------------------------------------------------------------------
+//
+// Not an ioctl: the one raw syscall nix lacks. nix's `Dir` (like std's
+// `read_dir`) reads through libc's `readdir`, into a buffer libc allocates
+// and the kernel may fault in while it writes; `crate::dir` needs the
+// kernel to write into a buffer the caller has already written (see there
+// why).
+
+/// One `getdents64(2)` of `dir` into `buf`: the bytes of whole
+/// `struct linux_dirent64` records written (0 at the end of the directory).
+pub fn getdents64(dir: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: the kernel writes at most `buf.len()` bytes at `buf`, which is
+    // valid for writes for the whole call; `dir` stays open because it is
+    // borrowed.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_getdents64,
+            dir.as_raw_fd(),
+            buf.as_mut_ptr(),
+            buf.len(),
+        )
+    };
+    usize::try_from(ret).map_err(|_| io::Error::last_os_error())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1415,31 +1442,4 @@ pub fn set_pass_rights(sock: BorrowedFd<'_>, on: bool) -> io::Result<()> {
         )
     };
     check(ret).map(drop)
-}
-
-// ---------------------------------------------------------------------------
-// Directory entries (getdents64)
-// ---------------------------------------------------------------------------
-//
-// Not an ioctl: the one raw syscall nix lacks. nix's `Dir` (like std's
-// `read_dir`) reads through libc's `readdir`, into a buffer libc allocates
-// and the kernel may fault in while it writes; `crate::dir` needs the
-// kernel to write into a buffer the caller has already written (see there
-// why).
-
-/// One `getdents64(2)` of `dir` into `buf`: the bytes of whole
-/// `struct linux_dirent64` records written (0 at the end of the directory).
-pub fn getdents64(dir: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: the kernel writes at most `buf.len()` bytes at `buf`, which is
-    // valid for writes for the whole call; `dir` stays open because it is
-    // borrowed.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_getdents64,
-            dir.as_raw_fd(),
-            buf.as_mut_ptr(),
-            buf.len(),
-        )
-    };
-    usize::try_from(ret).map_err(|_| io::Error::last_os_error())
 }
