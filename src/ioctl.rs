@@ -957,7 +957,7 @@ pub fn iommu_test_dmabuf_revoke(
 // Directory entries (getdents64)
 // ---------------------------------------------------------------------------
 //
-// Not an ioctl: the one raw syscall nix lacks. nix's `Dir` (like std's
+// Not an ioctl: a syscall nix does not wrap. nix's `Dir` (like std's
 // `read_dir`) reads through libc's `readdir`, into a buffer libc allocates
 // and the kernel may fault in while it writes; `crate::dir` needs the
 // kernel to write into a buffer the caller has already written (see there
