@@ -227,11 +227,13 @@ mod tests {
     use super::*;
     use crate::report::kernel_problems;
 
-    /// The reproducer's report (`cargo xtask kernfs-chain`), from the VM's
-    /// console.log.
+    /// A real report of the known cycle: lines 794-930 of the console.log of
+    /// `cargo xtask kernfs-chain growsdown` on the shared 7.2.13 kernel
+    /// (/work/shared/vm/bzImage), 2026-12-07, from the device reset before
+    /// it to the power-off after it.
     const KERNFS_CHAIN: &str = include_str!("../tests/data/lockdep-kernfs-chain.txt");
-    /// An older report of another cycle (iommufd's `iova_rwsem` and vfio's
-    /// `memory_lock`).
+    /// The older fixture of report.rs: another cycle (iommufd's `iova_rwsem`
+    /// and vfio's `memory_lock`), not the kernfs one.
     const OTHER_CYCLE: &str = include_str!("../tests/data/lockdep-circular.txt");
 
     #[test]
