@@ -149,12 +149,20 @@ fn kernfs_chain(args: &[String]) -> Result<bool> {
 const KERNFS_PATCH: &str = "testbed/kernel/patches/kernfs-readdir-without-rwsem.patch";
 
 /// Runs the reproducer in `mode` and judges the run. `growsdown` must fail
-/// the run with the known chain named on the stock kernel, and pass on a
-/// kernel built with [`KERNFS_PATCH`] (its release ends in the patch's
-/// name); `fresh` and `resident` must pass anywhere; `contended` is only
-/// shown.
+/// the run with the known chain and the running test named on the stock
+/// kernel, and pass on a kernel built with [`KERNFS_PATCH`] (its release
+/// ends in the patch's name); `fresh` and `resident` must pass anywhere;
+/// `contended` is only shown.
 fn kernfs_chain_run(bins: &GuestBinaries, mode: &str, stream: bool) -> Result<bool> {
-    let job = format!("{} {}\n", suite::GUEST_KERNFS_CHAIN, shell_quote(mode));
+    // Announced as libtest announces a test, so that the run also shows the
+    // host naming the test that was running when the report fired.
+    let test = format!("kernfs_chain::{mode}");
+    let job = format!(
+        "printf 'test %s ... ' {}\n{} {} && echo ok\n",
+        shell_quote(&test),
+        suite::GUEST_KERNFS_CHAIN,
+        shell_quote(mode)
+    );
     let spec = RunSpec {
         stream,
         ..RunSpec::new("kernfs-chain", job, false)
@@ -165,12 +173,13 @@ fn kernfs_chain_run(bins: &GuestBinaries, mode: &str, stream: bool) -> Result<bo
     let log = suite::read_log(&v.run_dir.join("report.log"));
     let release = log
         .lines()
-        .find_map(|l| l.strip_prefix("kernfs-chain: kernel "))
+        .find_map(|l| l.split_once("kernfs-chain: kernel ").map(|(_, r)| r))
         .unwrap_or_default()
         .to_owned();
     let patched = release.ends_with(&suffix);
     let named = |f: &String| {
         f.starts_with("kernel log: lockdep reported the known lock cycle \"kernfs readdir")
+            && f.contains(&format!("while test {test} was running"))
     };
     let ok = match mode {
         "growsdown" if !patched => {
