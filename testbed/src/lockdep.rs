@@ -232,6 +232,12 @@ mod tests {
     /// (/work/shared/vm/bzImage), 2026-12-07, from the device reset before
     /// it to the power-off after it.
     const KERNFS_CHAIN: &str = include_str!("../tests/data/lockdep-kernfs-chain.txt");
+    /// The same cycle closed by its other edge: the console.log of
+    /// `cargo xtask kernfs-chain growsdown --readdir-first` (lines 791-930),
+    /// same kernel and day: the report fires in `kernfs_add_one` under
+    /// `memory_lock`, as in the report on the kernel list.
+    const KERNFS_CHAIN_MSI_LAST: &str =
+        include_str!("../tests/data/lockdep-kernfs-chain-msi-last.txt");
     /// The older fixture of report.rs: another cycle (iommufd's `iova_rwsem`
     /// and vfio's `memory_lock`), not the kernfs one.
     const OTHER_CYCLE: &str = include_str!("../tests/data/lockdep-circular.txt");
@@ -251,6 +257,15 @@ mod tests {
         );
         assert_eq!(r.task.as_deref(), Some("kernfs-chain/223"));
         assert_eq!(r.known(), Some(&KNOWN_CHAINS[0]));
+    }
+
+    #[test]
+    fn the_kernfs_chain_is_named_whichever_edge_closes_it() {
+        let reports = cycle_reports(KERNFS_CHAIN_MSI_LAST);
+        assert_eq!(reports.len(), 1, "{reports:#?}");
+        assert_eq!(reports[0].task.as_deref(), Some("kernfs-chain/226"));
+        assert_eq!(reports[0].known(), Some(&KNOWN_CHAINS[0]));
+        assert!(KERNFS_CHAIN_MSI_LAST.contains("at: kernfs_add_one"));
     }
 
     #[test]

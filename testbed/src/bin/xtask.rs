@@ -6,8 +6,8 @@
 //! * `cargo xtask vm-info` — boot the VM and show what it offers.
 //! * `cargo xtask kernel [--force] [--patch FILE]` — build (or find) the test
 //!   kernel; with `--patch`, a patched kernel under its own cache key.
-//! * `cargo xtask kernfs-chain [MODE]` — reproduce the kernel lockdep chain of
-//!   docs/KERNEL.md in the VM.
+//! * `cargo xtask kernfs-chain [MODE] [--readdir-first]` — reproduce the kernel
+//!   lockdep chain of docs/KERNEL.md in the VM.
 //! * `cargo xtask fuzz [TARGET..] [--seconds N]` — fuzz the parsers (`docs/FUZZING.md`).
 //! * `cargo xtask bench [--quick] [--only=PARTS] [--render FILE]` — the
 //!   in-VM benchmarks; writes `docs/BENCHMARKS.md` and `docs/bench/*.svg`.
@@ -19,7 +19,7 @@ use std::time::Instant;
 use testbed::suite::{self, GuestBinaries, RunSpec};
 use testbed::{Result, deps, fuzz, kernel, uapi, workspace_root};
 
-const USAGE: &str = "usage: cargo xtask <test | vm-test [FILTER..] [--fail-on-purpose] | vm-info | kernel [--force] [--patch FILE] | kernfs-chain [MODE] | bindings [--check] | bench [--quick] [--only=PARTS] [--render FILE] | fuzz [TARGET..] [--seconds N]>";
+const USAGE: &str = "usage: cargo xtask <test | vm-test [FILTER..] [--fail-on-purpose] | vm-info | kernel [--force] [--patch FILE] | kernfs-chain [MODE] [--readdir-first] | bindings [--check] | bench [--quick] [--only=PARTS] [--render FILE] | fuzz [TARGET..] [--seconds N]>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -73,7 +73,12 @@ fn tests_job(filters: &[String], fail_on_purpose: bool) -> String {
         job.push(' ');
         job.push_str(&shell_quote(f));
     }
-    job.push('\n');
+    // Then: lockdep must not have recorded the sysfs readdir edge of the
+    // kernfs lock cycle (docs/KERNEL.md) at any time of the run.
+    job.push_str(&format!(
+        "\nrc=$?\n{} check || rc=1\nexit $rc\n",
+        suite::GUEST_KERNFS_CHAIN
+    ));
     job
 }
 
@@ -136,32 +141,47 @@ fn kernel_task(args: &[String]) -> Result<bool> {
     }
 }
 
-/// `cargo xtask kernfs-chain [MODE]`: boots the VM, runs the kernel lockdep
+/// `cargo xtask kernfs-chain [MODE] [--readdir-first]`: boots the VM, runs the kernel lockdep
 /// chain's reproducer (docs/KERNEL.md) and checks the outcome.
 fn kernfs_chain(args: &[String]) -> Result<bool> {
     deps::ensure_vm_tools()?;
     let bins = suite::build_guest_binaries(true)?;
-    let mode = args.first().map_or("growsdown", String::as_str);
-    kernfs_chain_run(&bins, mode, true)
+    let mode = args
+        .iter()
+        .find(|a| !a.starts_with("--"))
+        .map_or("growsdown", String::as_str);
+    let readdir_first = args.iter().any(|a| a == "--readdir-first");
+    kernfs_chain_run(&bins, mode, readdir_first, true)
 }
 
 /// The patch that fixes the kernfs chain (docs/KERNEL.md).
 const KERNFS_PATCH: &str = "testbed/kernel/patches/kernfs-readdir-without-rwsem.patch";
 
-/// Runs the reproducer in `mode` and judges the run. `growsdown` must fail
-/// the run with the known chain and the running test named on the stock
-/// kernel, and pass on a kernel built with [`KERNFS_PATCH`] (its release
-/// ends in the patch's name); `fresh` and `resident` must pass anywhere;
-/// `contended` is only shown.
-fn kernfs_chain_run(bins: &GuestBinaries, mode: &str, stream: bool) -> Result<bool> {
+/// Runs the reproducer in `mode` (the readdir step first or last), then
+/// `kernfs-chain check`, as after every suite run, and judges the run.
+/// `growsdown` on the stock kernel must fail the run with the known chain and
+/// the running test named; with the readdir first, lockdep records its edge
+/// before the cycle closes, and the check must catch it (job exit 2); with
+/// the readdir last, its edge is the one that closes the cycle, reported and
+/// not recorded, so the check passes. On a kernel built with [`KERNFS_PATCH`]
+/// (its release ends in the patch's name) `growsdown` must pass; `fresh` and
+/// `resident` must pass anywhere; `contended` is only shown.
+fn kernfs_chain_run(
+    bins: &GuestBinaries,
+    mode: &str,
+    readdir_first: bool,
+    stream: bool,
+) -> Result<bool> {
     // Announced as libtest announces a test, so that the run also shows the
     // host naming the test that was running when the report fired.
     let test = format!("kernfs_chain::{mode}");
+    let chain = suite::GUEST_KERNFS_CHAIN;
     let job = format!(
-        "printf 'test %s ... ' {}\n{} {} && echo ok\n",
+        "rc=0\nprintf 'test %s ... ' {}\n{chain} {} {} && echo ok || rc=1\n\
+         {chain} check || rc=$((rc + 2))\nexit $rc\n",
         shell_quote(&test),
-        suite::GUEST_KERNFS_CHAIN,
-        shell_quote(mode)
+        shell_quote(mode),
+        if readdir_first { "--readdir-first" } else { "" }
     );
     let spec = RunSpec {
         stream,
@@ -183,7 +203,17 @@ fn kernfs_chain_run(bins: &GuestBinaries, mode: &str, stream: bool) -> Result<bo
     };
     let ok = match mode {
         "growsdown" if !patched => {
-            v.report.exit == Some(0) && v.failures.len() == 1 && v.failures.iter().all(named)
+            let caught = log.contains("lockdep recorded &root->kernfs_rwsem --> &mm->mmap_lock");
+            let others: Vec<&String> = v.failures.iter().filter(|f| !named(f)).collect();
+            let one_named = v.failures.iter().filter(|f| named(f)).count() == 1;
+            if readdir_first {
+                v.report.exit == Some(2)
+                    && caught
+                    && one_named
+                    && others == ["the guest job exited with status 2"]
+            } else {
+                v.report.exit == Some(0) && !caught && one_named && others.is_empty()
+            }
         }
         "contended" => {
             suite::print_verdict("kernfs-chain", &v);
@@ -204,7 +234,14 @@ fn kernfs_chain_run(bins: &GuestBinaries, mode: &str, stream: bool) -> Result<bo
         },
         match (ok, v.passed()) {
             (true, true) => "no lockdep report, as expected",
-            (true, false) => "the test bed named the known chain and failed the run, as expected",
+            (true, false) if readdir_first => {
+                "the test bed named the known chain and the running test, the check caught \
+                 the readdir edge, and the run failed, as expected"
+            }
+            (true, false) => {
+                "the test bed named the known chain and the running test, and the run failed, \
+                 as expected"
+            }
             (false, true) => "UNEXPECTED: no lockdep report",
             (false, false) => "UNEXPECTED failures (see above)",
         }
@@ -305,7 +342,7 @@ fn test_all() -> Result<bool> {
     // The known kernel lock cycle (docs/KERNEL.md): reproduced, it must fail
     // its run with the chain named (on a kernel with the fix, not reported).
     eprintln!("testbed: self-check: the kernel lock cycle's reproducer must be named");
-    let chain_ok = kernfs_chain_run(&bins, "growsdown", false)?;
+    let chain_ok = kernfs_chain_run(&bins, "growsdown", true, false)?;
     println!(
         "test testbed-self-check::known_kernel_lock_cycle_is_named ... {}",
         if chain_ok { "ok" } else { "FAILED" }
