@@ -13,6 +13,7 @@ pub mod fuzz;
 pub mod initramfs;
 pub mod kernel;
 pub mod kernel_patch;
+pub mod kernfs_chain;
 pub mod lockdep;
 pub mod private_root;
 pub mod qemu;

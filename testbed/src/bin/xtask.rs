@@ -17,7 +17,7 @@ use std::process::{Command, ExitCode};
 use std::time::Instant;
 
 use testbed::suite::{self, GuestBinaries, RunSpec};
-use testbed::{Result, deps, fuzz, kernel, uapi, workspace_root};
+use testbed::{Result, deps, fuzz, kernel, kernfs_chain, uapi, workspace_root};
 
 const USAGE: &str = "usage: cargo xtask <test | vm-test [FILTER..] [--fail-on-purpose] | vm-info | kernel [--force] [--patch FILE] | kernfs-chain [MODE] [--readdir-first] | bindings [--check] | bench [--quick] [--only=PARTS] [--render FILE] | fuzz [TARGET..] [--seconds N]>";
 
@@ -73,12 +73,8 @@ fn tests_job(filters: &[String], fail_on_purpose: bool) -> String {
         job.push(' ');
         job.push_str(&shell_quote(f));
     }
-    // Then: lockdep must not have recorded the sysfs readdir edge of the
-    // kernfs lock cycle (docs/KERNEL.md) at any time of the run.
-    job.push_str(&format!(
-        "\nrc=$?\n{} check || rc=1\nexit $rc\n",
-        suite::GUEST_KERNFS_CHAIN
-    ));
+    job.push('\n');
+    job.push_str(&kernfs_chain::check_after_job());
     job
 }
 
@@ -151,102 +147,7 @@ fn kernfs_chain(args: &[String]) -> Result<bool> {
         .find(|a| !a.starts_with("--"))
         .map_or("growsdown", String::as_str);
     let readdir_first = args.iter().any(|a| a == "--readdir-first");
-    kernfs_chain_run(&bins, mode, readdir_first, true)
-}
-
-/// The patch that fixes the kernfs chain (docs/KERNEL.md).
-const KERNFS_PATCH: &str = "testbed/kernel/patches/kernfs-readdir-without-rwsem.patch";
-
-/// Runs the reproducer in `mode` (the readdir step first or last), then
-/// `kernfs-chain check`, as after every suite run, and judges the run.
-/// `growsdown` on the stock kernel must fail the run with the known chain and
-/// the running test named; with the readdir first, lockdep records its edge
-/// before the cycle closes, and the check must catch it (job exit 2); with
-/// the readdir last, its edge is the one that closes the cycle, reported and
-/// not recorded, so the check passes. On a kernel built with [`KERNFS_PATCH`]
-/// (its release ends in the patch's name) `growsdown` must pass; `fresh` and
-/// `resident` must pass anywhere; `contended` is only shown.
-fn kernfs_chain_run(
-    bins: &GuestBinaries,
-    mode: &str,
-    readdir_first: bool,
-    stream: bool,
-) -> Result<bool> {
-    // Announced as libtest announces a test, so that the run also shows the
-    // host naming the test that was running when the report fired.
-    let test = format!("kernfs_chain::{mode}");
-    let chain = suite::GUEST_KERNFS_CHAIN;
-    let job = format!(
-        "rc=0\nprintf 'test %s ... ' {}\n{chain} {} {} && echo ok || rc=1\n\
-         {chain} check || rc=$((rc + 2))\nexit $rc\n",
-        shell_quote(&test),
-        shell_quote(mode),
-        if readdir_first { "--readdir-first" } else { "" }
-    );
-    let spec = RunSpec {
-        stream,
-        ..RunSpec::new("kernfs-chain", job, false)
-    };
-    let v = suite::run(&spec, bins, |_| {})?;
-    let suffix =
-        testbed::kernel_patch::Patch::load(&workspace_root().join(KERNFS_PATCH))?.localversion();
-    let log = suite::read_log(&v.run_dir.join("report.log"));
-    let release = log
-        .lines()
-        .find_map(|l| l.split_once("kernfs-chain: kernel ").map(|(_, r)| r))
-        .unwrap_or_default()
-        .to_owned();
-    let patched = release.ends_with(&suffix);
-    let named = |f: &String| {
-        f.starts_with("kernel log: lockdep reported the known lock cycle \"kernfs readdir")
-            && f.contains(&format!("while test {test} was running"))
-    };
-    let ok = match mode {
-        "growsdown" if !patched => {
-            let caught = log.contains("lockdep recorded &root->kernfs_rwsem --> &mm->mmap_lock");
-            let others: Vec<&String> = v.failures.iter().filter(|f| !named(f)).collect();
-            let one_named = v.failures.iter().filter(|f| named(f)).count() == 1;
-            if readdir_first {
-                v.report.exit == Some(2)
-                    && caught
-                    && one_named
-                    && others == ["the guest job exited with status 2"]
-            } else {
-                v.report.exit == Some(0) && !caught && one_named && others.is_empty()
-            }
-        }
-        "contended" => {
-            suite::print_verdict("kernfs-chain", &v);
-            return Ok(v.report.exit == Some(0));
-        }
-        _ => v.passed(),
-    };
-    // The self-check's expected failure is not news; anything else is.
-    if stream || !ok {
-        suite::print_verdict("kernfs-chain", &v);
-    }
-    println!(
-        "kernfs-chain: kernel {release} ({}), mode {mode}: {}",
-        if patched {
-            "with the kernfs patch"
-        } else {
-            "stock"
-        },
-        match (ok, v.passed()) {
-            (true, true) => "no lockdep report, as expected",
-            (true, false) if readdir_first => {
-                "the test bed named the known chain and the running test, the check caught \
-                 the readdir edge, and the run failed, as expected"
-            }
-            (true, false) => {
-                "the test bed named the known chain and the running test, and the run failed, \
-                 as expected"
-            }
-            (false, true) => "UNEXPECTED: no lockdep report",
-            (false, false) => "UNEXPECTED failures (see above)",
-        }
-    );
-    Ok(ok)
+    kernfs_chain::run(&bins, mode, readdir_first, true)
 }
 
 /// The README's test command: host tests, then the VM suite, then a check that
@@ -342,7 +243,7 @@ fn test_all() -> Result<bool> {
     // The known kernel lock cycle (docs/KERNEL.md): reproduced, it must fail
     // its run with the chain named (on a kernel with the fix, not reported).
     eprintln!("testbed: self-check: the kernel lock cycle's reproducer must be named");
-    let chain_ok = kernfs_chain_run(&bins, "growsdown", true, false)?;
+    let chain_ok = kernfs_chain::run(&bins, "growsdown", true, false)?;
     println!(
         "test testbed-self-check::known_kernel_lock_cycle_is_named ... {}",
         if chain_ok { "ok" } else { "FAILED" }
