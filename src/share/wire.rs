@@ -418,8 +418,50 @@ pub(crate) fn recv_frame_within(
 mod tests {
     use super::*;
 
-    fn fd_count() -> usize {
-        std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count)
+    /// A pipe whose write end is only ever passed away: once every copy of
+    /// the write end is closed, its read end sees the end of the stream.
+    /// What a test that sends the write end checks instead of counting the
+    /// process's fds, which the tests running beside it open and close.
+    struct Witness {
+        read: std::fs::File,
+        write: Option<OwnedFd>,
+    }
+
+    impl Witness {
+        fn new() -> Self {
+            let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .unwrap_or_else(|e| unreachable!("pipe2: {e}"));
+            nix::fcntl::fcntl(
+                &read,
+                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+            )
+            .unwrap_or_else(|e| unreachable!("O_NONBLOCK: {e}"));
+            Self {
+                read: read.into(),
+                write: Some(write),
+            }
+        }
+
+        /// The write end, while this side still holds it.
+        fn write_end(&self) -> BorrowedFd<'_> {
+            self.write
+                .as_ref()
+                .map(AsFd::as_fd)
+                .unwrap_or_else(|| unreachable!("the write end was given away"))
+        }
+
+        /// Closes this side's write end: from now on only passed copies hold it.
+        fn give_away(&mut self) {
+            self.write = None;
+        }
+
+        /// Whether every copy of the write end is closed (end of stream),
+        /// rather than held open somewhere (`EAGAIN`).
+        fn all_closed(&mut self) -> bool {
+            use std::io::Read;
+            let mut b = [0u8; 1];
+            matches!(self.read.read(&mut b), Ok(0))
+        }
     }
 
     #[test]
@@ -439,17 +481,21 @@ mod tests {
         assert!(matches!(recv_frame(&b), Ok(None)));
     }
 
+    /// The refused frame's fds are closed: the test passes the write ends
+    /// of two pipes and sees each pipe's end of stream afterwards. (It does
+    /// not count the process's fds: the other unit tests open and close fds
+    /// in parallel threads of the same process.)
     #[test]
     fn fds_over_the_frame_limit_are_refused_and_closed() {
         let (a, b) = UnixStream::pair().unwrap_or_else(|e| unreachable!("{e}"));
-        let before = fd_count();
+        let (mut x, mut y) = (Witness::new(), Witness::new());
         let frame = encode_frame(1, b"{}");
         // Two fds on the first byte, then the rest: over MAX_FRAME_FDS.
-        {
-            let (x, y) = UnixStream::pair().unwrap_or_else(|e| unreachable!("{e}"));
-            send_raw(&a, &frame[..1], &[x.as_fd(), y.as_fd()], None)
-                .unwrap_or_else(|e| unreachable!("{e}"));
-        }
+        send_raw(&a, &frame[..1], &[x.write_end(), y.write_end()], None)
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        x.give_away();
+        y.give_away();
+        assert!(!x.all_closed(), "the passed copies are in flight");
         send_raw(&a, &frame[1..], &[], None).unwrap_or_else(|e| unreachable!("{e}"));
         let r = recv_frame(&b);
         assert!(
@@ -462,7 +508,8 @@ mod tests {
             ),
             "{r:?}"
         );
-        assert_eq!(fd_count(), before);
+        assert!(x.all_closed(), "the first passed fd is still open");
+        assert!(y.all_closed(), "the second passed fd is still open");
     }
 
     #[test]
