@@ -42,8 +42,9 @@ use crate::{Error, Result};
 /// The first four bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"DPSH";
 /// The protocol version this crate speaks; a frame of another version is
-/// refused ([`ShareProblem::Version`]).
-pub const VERSION: u16 = 1;
+/// refused ([`ShareProblem::Version`]). Version 2 added `ping`, `pong`
+/// (which an importer must answer) and `refused`.
+pub const VERSION: u16 = 2;
 /// The size of a frame header.
 pub const HEADER_LEN: usize = 12;
 /// The largest payload accepted ([`ShareProblem::Oversized`] beyond).
@@ -82,11 +83,16 @@ pub(crate) fn encode_frame(kind: u16, payload: &[u8]) -> Vec<u8> {
 }
 
 /// Names the other end of `stream` for messages: `socket /run/x.sock` (the
-/// peer's path, or ours on the accepting side), else `unix socket fd N`.
+/// peer's path, or ours on the accepting side), else `unix socket fd N`. An
+/// address under `/proc/self/fd/` (how [`super::bind_listener`] binds,
+/// relative to a directory fd) means nothing to a reader and is not used;
+/// the callers that know the path name it themselves.
 pub(crate) fn describe_stream(stream: &UnixStream) -> String {
     let path = |a: io::Result<std::os::unix::net::SocketAddr>| {
         a.ok()
-            .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
+            .and_then(|a| a.as_pathname().map(std::path::Path::to_path_buf))
+            .filter(|p| !p.starts_with("/proc/self/fd"))
+            .map(|p| p.display().to_string())
     };
     match path(stream.peer_addr()).or_else(|| path(stream.local_addr())) {
         Some(p) => format!("socket {p}"),
@@ -568,12 +574,12 @@ mod tests {
     #[test]
     fn bad_headers_are_refused() {
         for (bytes, want) in [
-            (b"XXXX\x01\x00\x01\x00\x00\x00\x00\x00".to_vec(), "magic"),
-            (b"DPSH\x02\x00\x01\x00\x00\x00\x00\x00".to_vec(), "version"),
-            (b"DPSH\x01\x00\x01\x00\xff\xff\xff\xff".to_vec(), "limit"),
-            (b"DPSH\x01".to_vec(), "truncated header"),
+            (b"XXXX\x02\x00\x01\x00\x00\x00\x00\x00".to_vec(), "magic"),
+            (b"DPSH\x01\x00\x01\x00\x00\x00\x00\x00".to_vec(), "version"),
+            (b"DPSH\x02\x00\x01\x00\xff\xff\xff\xff".to_vec(), "limit"),
+            (b"DPSH\x02".to_vec(), "truncated header"),
             (
-                b"DPSH\x01\x00\x01\x00\x05\x00\x00\x00ab".to_vec(),
+                b"DPSH\x02\x00\x01\x00\x05\x00\x00\x00ab".to_vec(),
                 "truncated payload",
             ),
         ] {
