@@ -35,6 +35,7 @@ use dmabuf_p2p::{ByteRange, Error, PciAddress};
 use dmabuf_p2p_engine::DmaEngine;
 use dmabuf_p2p_engine::edu::Edu;
 
+use crate::lines::Lines;
 use crate::{CliError, fnv1a64, print_json};
 use dmabuf_p2p::range::human_size;
 
@@ -46,16 +47,6 @@ fn line_of(json: bool, value: &serde_json::Value, text: &str) -> String {
     } else {
         text.to_owned()
     }
-}
-
-/// Prints a line of `export --serve` (a closed stdout is ignored).
-fn print_line(line: String) {
-    let _ = outln!("{line}");
-}
-
-/// Prints an error line of `export --serve`.
-fn eprint_line(line: String) {
-    eprintln!("{line}");
 }
 
 /// Prints one line (blocking; for `map`): compact JSON with `--json`, else
@@ -167,6 +158,11 @@ enum Stop {
 
 /// `export <target> --serve [socket]`: serves `export` to every allowed
 /// client until a stop signal or an unplug request.
+///
+/// Nothing on the way from a signal to the kernel's revoke waits for output:
+/// every line goes through [`Lines`] (queued, written by a thread of its
+/// own, dropped and counted when nobody reads), and the server's log
+/// through its own bounded queue.
 pub fn serve(
     dev: VfioPciDevice,
     export: BarExport,
@@ -187,6 +183,16 @@ pub fn serve(
     }
     mask.thread_block()?;
     let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
+    let out = Lines::new(std::io::stdout(), move |n| {
+        line_of(
+            json,
+            &serde_json::json!({"event": "output-lost", "lines": n}),
+            &format!("{n} output lines lost: stdout was not read"),
+        )
+    })?;
+    let errors = Lines::new(std::io::stderr(), |n| {
+        format!("dmabuf-p2p: {n} error lines lost: stderr was not read")
+    })?;
     let bar = export.bar();
     let base = export.ranges().first().map_or(0, |r| r.offset);
     let info = BufferInfo::from_export(&export);
@@ -229,7 +235,8 @@ pub fn serve(
             }
         });
     }
-    server.set_log(move |e| print_line(server_event_line(json, e)))?;
+    let log = out.clone();
+    server.set_log(move |e| log.line(server_event_line(json, e)))?;
     // The hub's observer only records the newest change; this thread queues
     // the line.
     let state_wake = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?;
@@ -254,7 +261,7 @@ pub fn serve(
             let mut v = state_json(change.state);
             v["event"] = "state".into();
             v["clients"] = clients.into();
-            print_line(line_of(
+            out.line(line_of(
                 json,
                 &v,
                 &format!("state: {} ({clients} clients)", state_text(change.state)),
@@ -280,7 +287,7 @@ pub fn serve(
         "buffer": info,
         "dmabuf_fd": export.dmabuf().as_raw_fd(),
     });
-    print_line(line_of(
+    out.line(line_of(
         json,
         &ready,
         &format!(
@@ -318,7 +325,7 @@ pub fn serve(
             match dev.unplug_requested() {
                 // The hub revoked with reason Unplug.
                 Ok(true) => {
-                    print_line(line_of(
+                    out.line(line_of(
                         json,
                         &serde_json::json!({"event": "unplug"}),
                         "the kernel asks for the device back (unplug): closing it",
@@ -347,7 +354,7 @@ pub fn serve(
             let mut w = window.write().unwrap_or_else(PoisonError::into_inner);
             match dev.set_memory_decode(on) {
                 Ok(()) => w.decode_on = on,
-                Err(e) => eprint_line(format!(
+                Err(e) => errors.line(format!(
                     "dmabuf-p2p: memory decode {}: {e}",
                     if on { "on" } else { "off" }
                 )),
@@ -378,11 +385,14 @@ pub fn serve(
         Ok(Stop::Unplug) => "unplug".to_owned(),
         Err(e) => e.to_string(),
     };
-    print_line(line_of(
+    out.line(line_of(
         json,
         &serde_json::json!({"event": "stopped", "why": why, "clients_told": told}),
         &format!("stopped ({why})"),
     ));
+    // Written if stdout is read; not waited for if it is not.
+    out.flush(Duration::from_secs(2));
+    errors.flush(Duration::from_secs(2));
     result.map(|_| ExitCode::SUCCESS)
 }
 
