@@ -24,6 +24,7 @@ mod profile_aw39;
 mod revoke;
 mod share;
 mod share_attacks;
+mod share_bounds;
 mod smoke;
 mod testbed;
 mod uapi;
