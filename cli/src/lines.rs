@@ -154,7 +154,8 @@ mod tests {
     use std::io::Read;
 
     /// A pipe nobody reads: lines queue, then drop and count; nothing waits;
-    /// once the reader reads, the count comes out in one line.
+    /// once the reader reads, every queued line arrives, and the lost ones
+    /// as counts.
     #[test]
     fn a_stalled_reader_never_blocks_the_caller() {
         let (r, w) = nix::unistd::pipe().unwrap_or_else(|e| panic!("{e}"));
@@ -172,28 +173,41 @@ mod tests {
         let t = Instant::now();
         assert!(!lines.flush(Duration::from_secs(10)));
         assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
-        lines.line("last".into());
-        // Now read: everything queued arrives, the lost ones as a count.
-        let reader = std::thread::spawn(move || {
+        // Now read (for good: the writer keeps its end open).
+        let text = Arc::new(Mutex::new(String::new()));
+        let sink = Arc::clone(&text);
+        std::thread::spawn(move || {
             let mut f = File::from(r);
-            let mut text = String::new();
             let mut buf = [0u8; 65536];
-            while !text.ends_with("last\n") {
-                match f.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(k) => text.push_str(&String::from_utf8_lossy(&buf[..k])),
+            while let Ok(k) = f.read(&mut buf) {
+                if k == 0 {
+                    break;
                 }
+                lock(&sink).push_str(&String::from_utf8_lossy(&buf[..k]));
             }
-            text
         });
-        // The blocked write completes once the reader reads; until then a
+        // The blocked write completes and the queue drains; until then a
         // flush gives up at once.
+        let drained = |what: &str| {
+            let t = Instant::now();
+            while !lines.flush(Duration::from_secs(1)) {
+                assert!(
+                    t.elapsed() < Duration::from_secs(30),
+                    "{what}: never drained"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        drained("the queue");
+        // One more line, which also reports the last lost ones.
+        lines.line("last".into());
+        drained("the last line");
         let t = Instant::now();
-        while !lines.flush(Duration::from_secs(1)) {
-            assert!(t.elapsed() < Duration::from_secs(30), "never drained");
+        while !lock(&text).ends_with("last\n") {
+            assert!(t.elapsed() < Duration::from_secs(30), "no last line");
             std::thread::sleep(Duration::from_millis(10));
         }
-        let text = reader.join().unwrap_or_default();
+        let text = lock(&text).clone();
         let written = text.lines().filter(|l| l.ends_with(&long)).count() as u64;
         let lost: u64 = text
             .lines()
