@@ -14,6 +14,7 @@ macro_rules! outln {
 
 mod devices;
 mod export;
+mod lines;
 mod manual;
 mod p2p;
 mod p2p_args;

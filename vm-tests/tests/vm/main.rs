@@ -29,6 +29,7 @@ mod profile_switch;
 mod revoke;
 mod share;
 mod share_attacks;
+mod share_bounds;
 mod smoke;
 mod testbed;
 mod topology;
