@@ -238,15 +238,6 @@ pub enum Error {
         after: std::time::Duration,
     },
 
-    /// A DMA engine refused a request or reported a failure.
-    #[error("DMA engine {engine}: {problem}")]
-    Engine {
-        /// The engine, e.g. `"edu 0000:01:00.0"`.
-        engine: String,
-        /// What went wrong.
-        problem: String,
-    },
-
     /// An allowed-IOVA list for [`Ioas::allow_iovas`](crate::Ioas::allow_iovas)
     /// that cannot be set: a range that is empty or overlaps another (checked
     /// before the ioctl), or one that covers IOVAs reserved in the IOAS
@@ -289,17 +280,6 @@ pub enum Error {
         /// What is wrong.
         problem: ShareProblem,
     },
-
-    /// An NVMe controller refused a request (a bad namespace, LBA range,
-    /// size or IOVA, checked before submission) or completed it with an
-    /// error status.
-    #[error("NVMe controller {controller}: {problem}")]
-    Nvme {
-        /// The controller's PCI address.
-        controller: String,
-        /// What went wrong.
-        problem: crate::engine::nvme::problem::NvmeProblem,
-    },
 }
 
 /// Result alias.
@@ -317,8 +297,8 @@ impl Error {
 
     /// The errno behind this error: `Some` for every error the kernel
     /// answered (a failed system call, a revoked buffer's `ENODEV`, an IOVA
-    /// the kernel refused, ...), `None` for what was refused before asking
-    /// it.
+    /// the kernel refused, a device the kernel would not open or use, ...),
+    /// `None` for what was refused before asking it.
     ///
     /// ```
     /// use dmabuf_p2p::Error;
@@ -331,6 +311,7 @@ impl Error {
     /// assert_eq!(known.raw_os_error(), None);
     /// ```
     pub fn raw_os_error(&self) -> Option<i32> {
+        // Every variant named: a new one must say whether it holds an errno.
         match self {
             Self::Sys { source, .. }
             | Self::NotImportable { source, .. }
@@ -339,14 +320,266 @@ impl Error {
             | Self::OptionRefused { source, .. } => source.raw_os_error(),
             Self::Revoked { source, .. }
             | Self::InvalidIova { source, .. }
-            | Self::InvalidRegion { source, .. } => {
-                source.as_ref().and_then(io::Error::raw_os_error)
-            }
-            Self::InvalidAllowedIova {
-                problem: AllowedIovaProblem::Reserved { .. },
-                ..
-            } => Some(libc::EADDRINUSE),
-            _ => None,
+            | Self::InvalidRegion { source, .. }
+            | Self::Device { source, .. }
+            | Self::Unsupported { source, .. } => source.as_ref().and_then(io::Error::raw_os_error),
+            Self::InvalidAllowedIova { problem, .. } => match problem {
+                AllowedIovaProblem::Reserved { .. } => Some(libc::EADDRINUSE),
+                AllowedIovaProblem::Empty | AllowedIovaProblem::Overlaps { .. } => None,
+            },
+            Self::InvalidRange { .. }
+            | Self::NotDmaBuf { .. }
+            | Self::Memfd { .. }
+            | Self::Parse { .. }
+            | Self::WrongDriver { .. }
+            | Self::InvalidName { .. }
+            | Self::HeapNotFound { .. }
+            | Self::UdmabufLimit { .. }
+            | Self::Timeout { .. } => None,
+            #[cfg(feature = "share")]
+            Self::Share { .. } => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{ByteRange, IovaRange, RangeProblem};
+
+    fn errno(n: i32) -> io::Error {
+        io::Error::from_raw_os_error(n)
+    }
+
+    /// `raw_os_error` of a variant built with and without the kernel's
+    /// answer.
+    fn both(make: impl Fn(Option<io::Error>) -> Error, n: i32) {
+        assert_eq!(make(Some(errno(n))).raw_os_error(), Some(n));
+        assert_eq!(make(None).raw_os_error(), None);
+    }
+
+    #[test]
+    fn sys() {
+        let e = Error::sys("open", "/dev/iommu", errno(libc::ENOENT));
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+    }
+
+    #[test]
+    fn invalid_range_is_checked_before_the_kernel() {
+        let e = Error::InvalidRange {
+            target: "BAR2".into(),
+            range: ByteRange::new(1, 0),
+            problem: RangeProblem::Empty,
+        };
+        assert_eq!(e.raw_os_error(), None);
+    }
+
+    #[test]
+    fn invalid_region() {
+        both(
+            |source| Error::InvalidRegion {
+                device: "0000:00:03.0".into(),
+                index: 99,
+                problem: "past the device's regions".into(),
+                source,
+            },
+            libc::EINVAL,
+        );
+    }
+
+    /// Adopting a cdev that was never bound: the kernel's `EINVAL` is the
+    /// source, and `raw_os_error` says so.
+    #[test]
+    fn device() {
+        both(
+            |source| Error::Device {
+                device: "0000:00:03.0".into(),
+                problem: "not bound to an iommufd".into(),
+                source,
+            },
+            libc::EINVAL,
+        );
+    }
+
+    #[test]
+    fn not_dmabuf() {
+        let e = Error::NotDmaBuf {
+            fd: 3,
+            problem: "a regular file".into(),
+        };
+        assert_eq!(e.raw_os_error(), None);
+    }
+
+    #[test]
+    fn not_importable() {
+        let e = Error::NotImportable {
+            buffer: "udmabuf (64 KiB)".into(),
+            problem: "not a VFIO dma-buf".into(),
+            source: errno(libc::EOPNOTSUPP),
+        };
+        assert_eq!(e.raw_os_error(), Some(libc::EOPNOTSUPP));
+    }
+
+    #[test]
+    fn revoked() {
+        both(
+            |source| Error::Revoked {
+                buffer: "vfio_pci_core".into(),
+                source,
+            },
+            libc::ENODEV,
+        );
+    }
+
+    #[test]
+    fn mmap_refused() {
+        let e = Error::MmapRefused {
+            buffer: "BAR2".into(),
+            exporter: "vfio_pci_core".into(),
+            source: errno(libc::EINVAL),
+        };
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
+    }
+
+    #[test]
+    fn memfd() {
+        let e = Error::Memfd {
+            problem: "not sealed".into(),
+        };
+        assert_eq!(e.raw_os_error(), None);
+    }
+
+    #[test]
+    fn invalid_iova() {
+        both(
+            |source| Error::InvalidIova {
+                ioas: 2,
+                iova: 0x1000,
+                length: 0x1000,
+                problem: "taken".into(),
+                source,
+            },
+            libc::EEXIST,
+        );
+    }
+
+    #[test]
+    fn parse() {
+        let e = Error::Parse {
+            what: "PCI address",
+            input: "nope".into(),
+            problem: "no colon".into(),
+        };
+        assert_eq!(e.raw_os_error(), None);
+    }
+
+    #[test]
+    fn wrong_driver() {
+        let e = Error::WrongDriver {
+            device: "0000:00:03.0".into(),
+            driver: Some("nvme".into()),
+            expected: "vfio-pci".into(),
+        };
+        assert_eq!(e.raw_os_error(), None);
+    }
+
+    #[test]
+    fn unsupported() {
+        both(
+            |source| Error::Unsupported {
+                target: "0000:00:03.0".into(),
+                operation: "VFIO_DEVICE_RESET",
+                problem: "no reset method".into(),
+                source,
+            },
+            libc::ENOTTY,
+        );
+    }
+
+    #[test]
+    fn unknown_object() {
+        let e = Error::UnknownObject {
+            op: "VFIO_DEVICE_ATTACH_IOMMUFD_PT",
+            target: "0000:00:03.0".into(),
+            id: 7,
+            source: errno(libc::ENOENT),
+        };
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+    }
+
+    #[test]
+    fn invalid_name() {
+        let e = Error::InvalidName {
+            buffer: String::new(),
+            name: "x".repeat(40),
+            problem: "too long".into(),
+        };
+        assert_eq!(e.raw_os_error(), None);
+    }
+
+    #[test]
+    fn heap_not_found() {
+        let e = Error::HeapNotFound {
+            name: "cma".into(),
+            dir: "/dev/dma_heap".into(),
+            available: vec!["system".into()],
+        };
+        assert_eq!(e.raw_os_error(), None);
+    }
+
+    #[test]
+    fn udmabuf_limit() {
+        let e = Error::UdmabufLimit {
+            limit: "list_limit",
+            max: 1024,
+            requested: 2048,
+        };
+        assert_eq!(e.raw_os_error(), None);
+    }
+
+    #[test]
+    fn timeout() {
+        let e = Error::Timeout {
+            what: "a device request".into(),
+            after: std::time::Duration::from_secs(1),
+        };
+        assert_eq!(e.raw_os_error(), None);
+    }
+
+    #[test]
+    fn invalid_allowed_iova() {
+        let e = |problem| Error::InvalidAllowedIova {
+            ioas: 2,
+            index: 0,
+            range: IovaRange::new(0x1000, 0x1fff),
+            problem,
+        };
+        let usable = vec![IovaRange::new(0, 0xfedf_ffff)];
+        assert_eq!(
+            e(AllowedIovaProblem::Reserved { usable }).raw_os_error(),
+            Some(libc::EADDRINUSE)
+        );
+        assert_eq!(e(AllowedIovaProblem::Empty).raw_os_error(), None);
+    }
+
+    #[test]
+    fn option_refused() {
+        let e = Error::OptionRefused {
+            option: "RLIMIT_MODE = mm".into(),
+            target: "iommufd (fd 3)".into(),
+            problem: "needs CAP_SYS_RESOURCE".into(),
+            source: errno(libc::EPERM),
+        };
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM));
+    }
+
+    #[cfg(feature = "share")]
+    #[test]
+    fn share() {
+        let e = Error::Share {
+            peer: "socket /run/x.sock".into(),
+            problem: ShareProblem::Disconnected("closed".into()),
+        };
+        assert_eq!(e.raw_os_error(), None);
     }
 }

@@ -24,6 +24,11 @@
 //! Only requests the public API uses have a wrapper here (the legacy VFIO
 //! group/container requests, for one, have none: their numbers and structs
 //! stay in [`crate::sys`]).
+//!
+//! The few other calls that need raw memory or a raw syscall live here too:
+//! receiving fds over `SCM_RIGHTS` (the kernel installs fds), the
+//! `SO_PASSRIGHTS` option libc lacks, and [`getdents64`], which nix does not
+//! wrap.
 
 use std::ffi::CStr;
 use std::io;
@@ -190,7 +195,7 @@ macro_rules! pod {
         $(
             // SAFETY: a primitive integer or a uAPI struct made only of
             // integers with explicit padding fields (no implicit padding, see
-            // tests/sys_layout.rs); every bit pattern is valid; align <= 8.
+            // src/sys/tests.rs); every bit pattern is valid; align <= 8.
             unsafe impl Pod for $t {}
         )*
     };
@@ -788,24 +793,16 @@ pub fn iommu_ioas_allow_iovas(
     unsafe { ioctl_with_ref(iommufd, sys::IOMMU_IOAS_ALLOW_IOVAS, &arg) }.map(drop)
 }
 
-/// What `IOMMU_IOAS_IOVA_RANGES` reported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IovaRanges {
-    /// How many usable ranges the IOAS has. If more than the slice given,
-    /// only the slice's length were written: ask again with a larger one.
-    pub count: u32,
-    /// Required IOVA and length alignment (`out_iova_alignment`).
-    pub alignment: u64,
-}
-
-/// `IOMMU_IOAS_IOVA_RANGES`: fills `out` with the IOAS's usable IOVA ranges.
-/// The kernel's `EMSGSIZE` (more ranges than `out` holds) is reported as
-/// `Ok` with `count > out.len()`.
+/// `IOMMU_IOAS_IOVA_RANGES`: fills `out` with the IOAS's usable IOVA ranges
+/// and returns how many the IOAS has and the required alignment
+/// (`out_iova_alignment`). The kernel's `EMSGSIZE` (more ranges than `out`
+/// holds) is reported as `Ok` with a count larger than `out.len()`: only
+/// `out.len()` were written; ask again with a larger slice.
 pub fn iommu_ioas_iova_ranges(
     iommufd: BorrowedFd<'_>,
     ioas_id: u32,
     out: &mut [sys::iommu_iova_range],
-) -> io::Result<IovaRanges> {
+) -> io::Result<(u32, u64)> {
     let mut arg = sys::iommu_ioas_iova_ranges {
         size: argsz::<sys::iommu_ioas_iova_ranges>(),
         ioas_id,
@@ -824,10 +821,7 @@ pub fn iommu_ioas_iova_ranges(
         Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {}
         Err(e) => return Err(e),
     }
-    Ok(IovaRanges {
-        count: arg.num_iovas,
-        alignment: arg.out_iova_alignment,
-    })
+    Ok((arg.num_iovas, arg.out_iova_alignment))
 }
 
 /// `IOMMU_IOAS_MAP`: maps `arg.length` bytes of this process's memory at
@@ -946,6 +940,60 @@ pub fn iommu_test_dmabuf_revoke(
     // SAFETY: as in `iommu_test_dmabuf_get`: a plain-integer struct of the
     // full selftest command size.
     unsafe { ioctl_with_mut(iommufd, sys::iommufd_test::IOMMU_TEST_CMD, &mut cmd) }.map(drop)
+}
+
+// ---------------------------------------------------------------------------
+// rust-vmm handles (feature `rust-vmm`)
+// ---------------------------------------------------------------------------
+
+/// A duplicate (close-on-exec) of the VFIO cdev fd a rust-vmm
+/// `VfioDevice` owns. Not an ioctl, but the one other place that must name
+/// an fd by number: rust-vmm's types offer `AsRawFd` only.
+#[cfg(feature = "rust-vmm")]
+pub fn dup_vfio_device(device: &vfio_ioctls::VfioDevice) -> io::Result<OwnedFd> {
+    // SAFETY: `VfioDevice` owns the `File` whose fd `as_raw_fd` returns and
+    // closes it only when dropped; `device` is borrowed for this whole
+    // call, so the fd is open and names that file while it is duplicated.
+    let fd = unsafe { BorrowedFd::borrow_raw(device.as_raw_fd()) };
+    fd.try_clone_to_owned()
+}
+
+/// A duplicate (close-on-exec) of the `/dev/iommu` fd a rust-vmm `IommuFd`
+/// owns (see [`dup_vfio_device`]).
+#[cfg(feature = "rust-vmm")]
+pub fn dup_iommufd(iommufd: &iommufd_ioctls::IommuFd) -> io::Result<OwnedFd> {
+    // SAFETY: `IommuFd` owns the `File` whose fd `as_raw_fd` returns and
+    // closes it only when dropped; `iommufd` is borrowed for this whole
+    // call, so the fd is open and names that file while it is duplicated.
+    let fd = unsafe { BorrowedFd::borrow_raw(iommufd.as_raw_fd()) };
+    fd.try_clone_to_owned()
+}
+
+// ---------------------------------------------------------------------------
+// Directory entries (getdents64)
+// ---------------------------------------------------------------------------
+//
+// Not an ioctl: a syscall nix does not wrap. nix's `Dir` (like std's
+// `read_dir`) reads through libc's `readdir`, into a buffer libc allocates
+// and the kernel may fault in while it writes; `crate::dir` needs the
+// kernel to write into a buffer the caller has already written (see there
+// why).
+
+/// One `getdents64(2)` of `dir` into `buf`: the bytes of whole
+/// `struct linux_dirent64` records written (0 at the end of the directory).
+pub fn getdents64(dir: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: the kernel writes at most `buf.len()` bytes at `buf`, which is
+    // valid for writes for the whole call; `dir` stays open because it is
+    // borrowed.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_getdents64,
+            dir.as_raw_fd(),
+            buf.as_mut_ptr(),
+            buf.len(),
+        )
+    };
+    usize::try_from(ret).map_err(|_| io::Error::last_os_error())
 }
 
 #[cfg(test)]
@@ -1288,126 +1336,4 @@ mod tests {
             sys::VFIO_IRQ_SET_ACTION_TRIGGER | sys::VFIO_IRQ_SET_DATA_NONE
         );
     }
-}
-
-// ---------------------------------------------------------------------------
-// Receiving fds (SCM_RIGHTS)
-// ---------------------------------------------------------------------------
-//
-// Not an ioctl, but the same job as `owned_fd` above: the kernel installs
-// new fds in this process and only this layer may turn raw numbers into
-// owned fds. The syscall itself is nix's.
-
-/// What one [`recv_with_rights`] got.
-#[cfg(feature = "share")]
-#[derive(Debug)]
-pub struct Received {
-    /// Bytes read into the buffer (0: end of stream).
-    pub bytes: usize,
-    /// Every fd that came with them, owned (also when the control data was
-    /// truncated).
-    pub fds: Vec<OwnedFd>,
-    /// `MSG_CTRUNC`: the kernel had more control data than there was room
-    /// for, or could not install an fd (the fd table is full).
-    pub truncated: bool,
-}
-
-/// One non-blocking `recvmsg(MSG_CMSG_CLOEXEC | MSG_DONTWAIT)` on `sock` into
-/// `buf`, with room for `room` fds. Every fd that arrived is owned by the
-/// result, whatever the flags say, so none can leak. `EAGAIN` comes back as
-/// [`io::ErrorKind::WouldBlock`].
-#[cfg(feature = "share")]
-pub fn recv_with_rights(sock: BorrowedFd<'_>, buf: &mut [u8], room: usize) -> io::Result<Received> {
-    use nix::sys::socket::{MsgFlags, recvmsg};
-    let word = size_of::<usize>();
-    let hdr = size_of::<libc::cmsghdr>().next_multiple_of(word);
-    let space = hdr + (room * size_of::<RawFd>()).next_multiple_of(word);
-    // Zeroed: parsing stops at the first header the kernel did not write.
-    let mut control = vec![0u8; space];
-    let (bytes, truncated) = {
-        let mut iov = [io::IoSliceMut::new(buf)];
-        let msg = recvmsg::<()>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut control),
-            MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
-        )
-        .map_err(io::Error::from)?;
-        (msg.bytes, msg.flags.contains(MsgFlags::MSG_CTRUNC))
-    };
-    let fds = rights_in(&control, hdr)
-        .into_iter()
-        .map(|raw| {
-            // SAFETY: `raw` is an fd number the kernel just installed in
-            // this process for this recvmsg (SCM_RIGHTS); nothing else
-            // knows it, so this is its only owner.
-            unsafe { OwnedFd::from_raw_fd(raw) }
-        })
-        .collect();
-    Ok(Received {
-        bytes,
-        fds,
-        truncated,
-    })
-}
-
-/// The fds of the `SCM_RIGHTS` messages in a control buffer the kernel
-/// filled in (`data_at`: `CMSG_LEN(0)`).
-#[cfg(feature = "share")]
-fn rights_in(control: &[u8], data_at: usize) -> Vec<RawFd> {
-    let word = size_of::<usize>();
-    let mut out = Vec::new();
-    let mut at = 0usize;
-    while at + size_of::<libc::cmsghdr>() <= control.len() {
-        // SAFETY: the read is in bounds (checked above); read_unaligned makes
-        // no alignment demand; cmsghdr is plain integers, valid for any bytes.
-        let hdr = unsafe {
-            std::ptr::read_unaligned(control.as_ptr().wrapping_add(at).cast::<libc::cmsghdr>())
-        };
-        // `cmsg_len` is a size_t on glibc, a socklen_t on musl.
-        #[allow(clippy::useless_conversion)]
-        let len = usize::try_from(hdr.cmsg_len).unwrap_or(usize::MAX);
-        if len < data_at {
-            break;
-        }
-        let end = at.saturating_add(len).min(control.len());
-        if hdr.cmsg_level == libc::SOL_SOCKET
-            && hdr.cmsg_type == libc::SCM_RIGHTS
-            && at + data_at <= end
-        {
-            for chunk in control[at + data_at..end].chunks_exact(size_of::<RawFd>()) {
-                let mut b = [0u8; size_of::<RawFd>()];
-                b.copy_from_slice(chunk);
-                out.push(RawFd::from_ne_bytes(b));
-            }
-        }
-        at = at.saturating_add(len.next_multiple_of(word));
-    }
-    out
-}
-
-/// `SO_PASSRIGHTS` (Linux 6.16, commit 77cbe1a6d873): 83 in
-/// include/uapi/asm-generic/socket.h, the header x86-64 and arm64 use.
-/// libc 0.2.191 does not define it yet.
-#[cfg(feature = "share")]
-pub const SO_PASSRIGHTS: c_int = 83;
-
-/// `setsockopt(sock, SOL_SOCKET, SO_PASSRIGHTS, on)`: whether the peer may
-/// send this socket fds. Off, the kernel refuses a peer's `SCM_RIGHTS` with
-/// `EPERM` (net/unix/af_unix.c). Kernels before 6.16 answer `ENOPROTOOPT`.
-#[cfg(feature = "share")]
-pub fn set_pass_rights(sock: BorrowedFd<'_>, on: bool) -> io::Result<()> {
-    let value = c_int::from(on);
-    // SAFETY: the option value is a c_int read by the kernel for the length
-    // given; `value` outlives the call.
-    let ret = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_PASSRIGHTS,
-            (&raw const value).cast::<c_void>(),
-            size_of::<c_int>() as libc::socklen_t,
-        )
-    };
-    check(ret).map(drop)
 }

@@ -161,20 +161,6 @@ impl Mapping {
         Ok(())
     }
 
-    /// The old BAR-mapping name of [`read`](Self::read), kept while callers
-    /// move over.
-    #[doc(hidden)]
-    pub fn read_bytes(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.read(offset, buf)
-    }
-
-    /// The old BAR-mapping name of [`write`](Self::write), kept while
-    /// callers move over.
-    #[doc(hidden)]
-    pub fn write_bytes(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.write(offset, data)
-    }
-
     /// Sets `len` bytes at `offset` to `byte` (volatile stores).
     pub fn fill(&self, offset: u64, len: usize, byte: u8) -> Result<()> {
         self.check_writable()?;

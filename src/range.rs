@@ -229,8 +229,18 @@ pub(crate) fn parse_error(what: &'static str, input: &str, problem: impl Into<St
     }
 }
 
-/// Bytes as text: `64 KiB`, `2 MiB`, or `12345 bytes`.
-pub(crate) fn human_size(n: u64) -> String {
+/// Bytes as text, in the largest binary unit that divides them: `64 KiB`,
+/// `2 MiB`, `3 GiB`, or `12345 bytes`. What the crate's messages use, and
+/// the CLI's and the test bed's output.
+///
+/// ```
+/// use dmabuf_p2p::range::human_size;
+/// assert_eq!(human_size(64 << 10), "64 KiB");
+/// assert_eq!(human_size(1 << 30), "1 GiB");
+/// assert_eq!(human_size((6 << 20) + 4096), "6148 KiB");
+/// assert_eq!(human_size(12345), "12345 bytes");
+/// ```
+pub fn human_size(n: u64) -> String {
     const KIB: u64 = 1 << 10;
     const MIB: u64 = 1 << 20;
     const GIB: u64 = 1 << 30;

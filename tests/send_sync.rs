@@ -22,8 +22,6 @@
 //! * **CPU mappings** — [`Mapping`] (also as [`BarMapping`]): `Send + Sync`.
 //!   An address range owned by the value and accessed only with volatile
 //!   operations through `&self` (devices write it concurrently anyway).
-//! * **DMA engine** — [`Edu`]: `Send + Sync` (operations take `&mut self`:
-//!   one transfer at a time per engine, moved to the thread that drives it).
 //! * **Plain data** (addresses, ranges, parsed sysfs and fdinfo) and the
 //!   error types: `Send + Sync`, and [`Error`] is `'static` too, so it fits in
 //!   `Box<dyn std::error::Error + Send + Sync>`.
@@ -33,7 +31,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-use dmabuf_p2p::engine::edu::Edu;
 use dmabuf_p2p::exporter::bar::{BarExport, ExportPlan};
 use dmabuf_p2p::exporter::heap::DmaHeap;
 use dmabuf_p2p::exporter::udmabuf::Udmabuf;
@@ -81,8 +78,6 @@ const _: () = {
     // CPU mappings.
     send_sync::<BarMapping>();
     send_sync::<Mapping>();
-    // DMA engine.
-    send_sync::<Edu>();
     // Plain data.
     send_sync::<ByteRange>();
     send_sync::<PhysRange>();

@@ -1,25 +1,33 @@
 //! `dmabuf-p2p-bench`: the benchmarks behind `docs/BENCHMARKS.md`. Runs inside
-//! the test VM (`cargo xtask bench` builds it, boots the VM with a 1 GiB
+//! the test VM (`cargo xtask bench` builds it, boots the VM with one 64 GiB
 //! ivshmem BAR and collects what it prints); each result is one line
-//! `@@bench {json}` on stdout.
+//! `@@bench {json}` on stdout. It measures the largest ivshmem BAR it finds.
+//!
+//! The parts, in the order they run and the page shows them:
 //!
 //! 1. **sweep**: map and unmap cost against size, for a BAR dma-buf
 //!    (`IOMMU_IOAS_MAP_FILE`), the legacy type1 container
 //!    (`VFIO_IOMMU_MAP_DMA` of the mmap'd BAR) and a memfd (`MAP_FILE`).
 //! 2. **overhead**: export, map, unmap and close through the library and
-//!    through raw ioctls, interleaved, as ratios per operation; **profile**:
-//!    the steps the library adds around the ioctls, timed alone.
+//!    through raw ioctls ([`raw`], on the bench's own uAPI definitions,
+//!    [`uapi`]), interleaved, as ratios per operation; **profile**: the
+//!    steps the library adds around the ioctls, timed alone.
 //! 3. **revoke**: memory decode off (revoke) and on (restore) with N
 //!    single-page attachments.
 //! 4. **scale**: exporting and mapping N single-page dma-bufs: time per
 //!    buffer and kernel memory per buffer.
-//! 7. **nvme**: an NVMe controller's Reads into host RAM and into the BAR
-//!    (through its dma-buf IOVA), interleaved, as a ratio per size.
 //! 5. **placement**: a BAR range mapped where the kernel places it, where
 //!    the library places it (`IovaPlacement::Auto`) and at an aligned fixed
 //!    IOVA: map and unmap time, the IOVA's alignment, IOMMU page-table pages.
 //! 6. **threads**: restoring N revoked mappings (unmap + map each) from one
 //!    thread and from two.
+//! 7. **nvme**: an NVMe controller's Reads into host RAM and into the BAR
+//!    (through its dma-buf IOVA), interleaved, as a ratio per size
+//!    (`dmabuf-p2p-engine`'s NVMe driver).
+//! 8. **vmm** ([`vmm`]): `GuestBarMap`'s handling of trapped guest writes
+//!    against a hand-written VMM path, and registering 8 devices with
+//!    64 KiB and 64 GiB BARs; in a VM of its own with 72 ivshmem devices,
+//!    only when asked (`--only=vmm`).
 //!
 //! Every figure is the median of repeated runs, with min and max. Options:
 //! `--quick` (a quarter of the time budgets), `--only=sweep,overhead,...`.
@@ -27,6 +35,8 @@
 mod nvme;
 mod raw;
 mod stats;
+mod uapi;
+mod vmm;
 
 use std::error::Error;
 use std::fs;
@@ -35,9 +45,9 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use dmabuf_p2p::ByteRange;
-use dmabuf_p2p::exporter::vfio::VfioPciDevice;
 use dmabuf_p2p::importer::iommufd::{Ioas, Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::revoke::{Attachment, RestorePolicy};
+use dmabuf_p2p::vfio::VfioPciDevice;
 
 use stats::{Budget, Stats, emit, emit_meta, ns_since};
 
@@ -104,6 +114,20 @@ fn run() -> R<()> {
     let opts = Opts::parse();
     let start = Instant::now();
     raise_fd_limit(1 << 16)?;
+    // The vmm part needs a VM of its own shape (many devices): alone.
+    if opts
+        .only
+        .as_ref()
+        .is_some_and(|l| l.iter().any(|p| p == "vmm"))
+    {
+        emit_meta(
+            "kernel",
+            fs::read_to_string("/proc/sys/kernel/osrelease")?.trim(),
+        );
+        vmm::run(&opts)?;
+        println!("bench: done in {:.1} s", start.elapsed().as_secs_f64());
+        return Ok(());
+    }
     let (bdf, bar_size) = largest_ivshmem()?;
     let group = iommu_group(&bdf)?;
     println!(
@@ -143,10 +167,7 @@ fn run() -> R<()> {
     // Attached, so that every mapping really fills IOMMU page tables.
     dev.attach(&ioas)?;
     dev.set_memory_decode(true)?;
-    let (config, _) = raw::region_info(
-        dev.as_raw_fd(),
-        dmabuf_p2p::sys::VFIO_PCI_CONFIG_REGION_INDEX,
-    )?;
+    let (config, _) = raw::region_info(dev.as_raw_fd(), uapi::VFIO_PCI_CONFIG_REGION_INDEX)?;
     let ctx = Ctx {
         iommufd: iommufd.as_raw_fd(),
         ioas: ioas.id(),
@@ -614,7 +635,7 @@ fn profile(opts: &Opts, ctx: &Ctx, dev: &VfioPciDevice, ioas: &Ioas, bdf: &str) 
             "lib_plan_export",
             Box::new(|| {
                 let bar = dev.bar(BAR)?;
-                let plan = dmabuf_p2p::exporter::vfio::plan_export(
+                let plan = dmabuf_p2p::exporter::bar::plan_export(
                     dev.address(),
                     &bar,
                     &[ByteRange::new(0, MIN_SIZE)],
@@ -1348,10 +1369,12 @@ fn read_hex(path: &str) -> Option<u64> {
 }
 
 /// The ivshmem device (1af4:1110) with the largest BAR2: (address, size).
+/// Listed by the library's `Sysfs` (never `std::fs::read_dir` on sysfs:
+/// docs/KERNEL.md).
 fn largest_ivshmem() -> R<(String, u64)> {
     let mut best: Option<(String, u64)> = None;
-    for e in fs::read_dir("/sys/bus/pci/devices")?.flatten() {
-        let bdf = e.file_name().to_string_lossy().into_owned();
+    for addr in dmabuf_p2p::sysfs::Sysfs::default().devices()? {
+        let bdf = addr.to_string();
         let dir = format!("/sys/bus/pci/devices/{bdf}");
         if read_hex(&format!("{dir}/vendor")) != Some(0x1af4)
             || read_hex(&format!("{dir}/device")) != Some(0x1110)

@@ -1,15 +1,16 @@
-//! The raw-libc baseline: hand-written `libc::ioctl` calls on the bindings'
-//! structs (`dmabuf_p2p::sys`), no library types. Everything the benchmark
-//! compares the library against, and the legacy VFIO type1 container path that
-//! dma-buf export replaces, goes through here.
+//! The raw-libc baseline: hand-written `libc::ioctl` calls on the bench's own
+//! uAPI definitions ([`crate::uapi`]), no library types or bindings.
+//! Everything the benchmark compares the library against, and the legacy VFIO
+//! type1 container path that dma-buf export replaces, goes through here.
 
 use std::ffi::CString;
 use std::io;
-use std::mem::{offset_of, size_of};
+use std::mem::size_of;
 use std::os::fd::RawFd;
 
-use dmabuf_p2p::sys;
 use libc::{c_int, c_void};
+
+use crate::uapi::{self, DmaBufRequest, IommuIoasMapFile, IommuIoasUnmap, VfioRegionInfo};
 
 /// `O_RDWR | O_CLOEXEC` as the `u32` the export request wants.
 #[allow(clippy::cast_sign_loss)]
@@ -18,8 +19,7 @@ const OPEN_FLAGS: u32 = (libc::O_RDWR | libc::O_CLOEXEC) as u32;
 /// Offset of `PCI_COMMAND` in config space and its memory decode bit.
 const PCI_COMMAND: u64 = 4;
 /// `PCI_COMMAND_MEMORY`.
-#[allow(clippy::cast_possible_truncation)]
-pub const COMMAND_MEMORY: u16 = sys::PCI_COMMAND_MEMORY as u16;
+pub const COMMAND_MEMORY: u16 = uapi::PCI_COMMAND_MEMORY;
 
 fn cvt(ret: c_int) -> io::Result<c_int> {
     if ret < 0 {
@@ -47,44 +47,24 @@ const fn size32<T>() -> u32 {
     size_of::<T>() as u32
 }
 
-/// `VFIO_DEVICE_FEATURE` GET `DMA_BUF` with one range, as one C struct built
-/// from the bindings' structs: header, feature, the single range.
-#[repr(C)]
-struct DmaBufRequest {
-    hdr: sys::vfio_device_feature,
-    feat: sys::vfio_device_feature_dma_buf,
-    range: sys::vfio_region_dma_range,
-}
-
-const _: () = {
-    assert!(offset_of!(DmaBufRequest, feat) == 8);
-    assert!(offset_of!(DmaBufRequest, range) == 24);
-    assert!(size_of::<DmaBufRequest>() == 40);
-};
-
 /// Exports `[offset, offset + length)` of region `bar` as a dma-buf; returns its fd.
 pub fn export(device: RawFd, bar: u32, offset: u64, length: u64) -> io::Result<RawFd> {
     let mut req = DmaBufRequest {
-        hdr: sys::vfio_device_feature {
-            argsz: size32::<DmaBufRequest>(),
-            flags: sys::VFIO_DEVICE_FEATURE_GET | sys::VFIO_DEVICE_FEATURE_DMA_BUF,
-            data: sys::__IncompleteArrayField::new(),
-        },
-        feat: sys::vfio_device_feature_dma_buf {
-            region_index: bar,
-            open_flags: OPEN_FLAGS,
-            flags: 0,
-            nr_ranges: 1,
-            dma_ranges: sys::__IncompleteArrayField::new(),
-        },
-        range: sys::vfio_region_dma_range { offset, length },
+        argsz: size32::<DmaBufRequest>(),
+        flags: uapi::VFIO_DEVICE_FEATURE_GET | uapi::VFIO_DEVICE_FEATURE_DMA_BUF,
+        region_index: bar,
+        open_flags: OPEN_FLAGS,
+        dma_buf_flags: 0,
+        nr_ranges: 1,
+        offset,
+        length,
     };
     // SAFETY: the kernel reads `argsz` (40) bytes: header, feature and the one
     // range that `nr_ranges` announces; it returns the new fd.
     unsafe {
         ioctl(
             device,
-            sys::VFIO_DEVICE_FEATURE,
+            uapi::VFIO_DEVICE_FEATURE,
             std::ptr::addr_of_mut!(req),
         )
     }
@@ -106,7 +86,7 @@ pub fn map_file(
         start,
         length,
         iova,
-        sys::IOMMU_IOAS_MAP_FIXED_IOVA,
+        uapi::IOMMU_IOAS_MAP_FIXED_IOVA,
     )
 }
 
@@ -130,9 +110,9 @@ fn map_file_flags(
     iova: u64,
     placement: u32,
 ) -> io::Result<u64> {
-    let mut arg = sys::iommu_ioas_map_file {
-        size: size32::<sys::iommu_ioas_map_file>(),
-        flags: placement | sys::IOMMU_IOAS_MAP_READABLE | sys::IOMMU_IOAS_MAP_WRITEABLE,
+    let mut arg = IommuIoasMapFile {
+        size: size32::<IommuIoasMapFile>(),
+        flags: placement | uapi::IOMMU_IOAS_MAP_READABLE | uapi::IOMMU_IOAS_MAP_WRITEABLE,
         ioas_id: ioas,
         fd,
         start,
@@ -143,7 +123,7 @@ fn map_file_flags(
     unsafe {
         ioctl(
             iommufd,
-            sys::IOMMU_IOAS_MAP_FILE,
+            uapi::IOMMU_IOAS_MAP_FILE,
             std::ptr::addr_of_mut!(arg),
         )
     }?;
@@ -152,14 +132,14 @@ fn map_file_flags(
 
 /// `IOMMU_IOAS_UNMAP` of `[iova, iova + length)`; returns the bytes unmapped.
 pub fn unmap(iommufd: RawFd, ioas: u32, iova: u64, length: u64) -> io::Result<u64> {
-    let mut arg = sys::iommu_ioas_unmap {
-        size: size32::<sys::iommu_ioas_unmap>(),
+    let mut arg = IommuIoasUnmap {
+        size: size32::<IommuIoasUnmap>(),
         ioas_id: ioas,
         iova,
         length,
     };
     // SAFETY: the kernel reads and writes back this struct (integers only).
-    unsafe { ioctl(iommufd, sys::IOMMU_IOAS_UNMAP, std::ptr::addr_of_mut!(arg)) }?;
+    unsafe { ioctl(iommufd, uapi::IOMMU_IOAS_UNMAP, std::ptr::addr_of_mut!(arg)) }?;
     Ok(arg.length)
 }
 
@@ -171,8 +151,8 @@ pub fn close(fd: RawFd) -> io::Result<()> {
 
 /// `VFIO_DEVICE_GET_REGION_INFO`: (offset in the device fd, size).
 pub fn region_info(device: RawFd, index: u32) -> io::Result<(u64, u64)> {
-    let mut arg = sys::vfio_region_info {
-        argsz: size32::<sys::vfio_region_info>(),
+    let mut arg = VfioRegionInfo {
+        argsz: size32::<VfioRegionInfo>(),
         index,
         ..Default::default()
     };
@@ -180,7 +160,7 @@ pub fn region_info(device: RawFd, index: u32) -> io::Result<(u64, u64)> {
     unsafe {
         ioctl(
             device,
-            sys::VFIO_DEVICE_GET_REGION_INFO,
+            uapi::VFIO_DEVICE_GET_REGION_INFO,
             std::ptr::addr_of_mut!(arg),
         )
     }?;
@@ -268,24 +248,24 @@ impl Type1 {
         };
         t.container = open("/dev/vfio/vfio")?;
         // SAFETY: VFIO_GET_API_VERSION takes no argument.
-        let api = unsafe { ioctl(t.container, sys::VFIO_GET_API_VERSION, 0usize) }?;
+        let api = unsafe { ioctl(t.container, uapi::VFIO_GET_API_VERSION, 0usize) }?;
         if api != 0 {
             return Err(io::Error::other(format!("VFIO API version {api}")));
         }
         t.group = open(&format!("/dev/vfio/{group}"))?;
-        let mut st = sys::vfio_group_status {
-            argsz: size32::<sys::vfio_group_status>(),
+        let mut st = uapi::VfioGroupStatus {
+            argsz: size32::<uapi::VfioGroupStatus>(),
             flags: 0,
         };
         // SAFETY: the kernel reads `argsz` and writes back the flags.
         unsafe {
             ioctl(
                 t.group,
-                sys::VFIO_GROUP_GET_STATUS,
+                uapi::VFIO_GROUP_GET_STATUS,
                 std::ptr::addr_of_mut!(st),
             )
         }?;
-        if st.flags & sys::VFIO_GROUP_FLAGS_VIABLE == 0 {
+        if st.flags & uapi::VFIO_GROUP_FLAGS_VIABLE == 0 {
             return Err(io::Error::other(format!("group {group} is not viable")));
         }
         let c: c_int = t.container;
@@ -293,35 +273,29 @@ impl Type1 {
         unsafe {
             ioctl(
                 t.group,
-                sys::VFIO_GROUP_SET_CONTAINER,
+                uapi::VFIO_GROUP_SET_CONTAINER,
                 std::ptr::addr_of!(c),
             )
         }?;
         // SAFETY: VFIO_SET_IOMMU takes the IOMMU type by value.
-        unsafe {
-            ioctl(
-                t.container,
-                sys::VFIO_SET_IOMMU,
-                sys::VFIO_TYPE1v2_IOMMU as usize,
-            )
-        }?;
-        let mut info = sys::vfio_iommu_type1_info {
-            argsz: size32::<sys::vfio_iommu_type1_info>(),
+        unsafe { ioctl(t.container, uapi::VFIO_SET_IOMMU, uapi::VFIO_TYPE1V2_IOMMU) }?;
+        let mut info = uapi::VfioIommuType1Info {
+            argsz: size32::<uapi::VfioIommuType1Info>(),
             ..Default::default()
         };
         // SAFETY: the kernel writes back at most `argsz` bytes of this struct.
         unsafe {
             ioctl(
                 t.container,
-                sys::VFIO_IOMMU_GET_INFO,
+                uapi::VFIO_IOMMU_GET_INFO,
                 std::ptr::addr_of_mut!(info),
             )
         }?;
         t.iova_pgsizes = info.iova_pgsizes;
         let name = CString::new(bdf).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         // SAFETY: the argument is a C string the kernel reads; returns the device fd.
-        t.device = unsafe { ioctl(t.group, sys::VFIO_GROUP_GET_DEVICE_FD, name.as_ptr()) }?;
-        let (config, _) = region_info(t.device, sys::VFIO_PCI_CONFIG_REGION_INDEX)?;
+        t.device = unsafe { ioctl(t.group, uapi::VFIO_GROUP_GET_DEVICE_FD, name.as_ptr()) }?;
+        let (config, _) = region_info(t.device, uapi::VFIO_PCI_CONFIG_REGION_INDEX)?;
         let cmd = command(t.device, config)?;
         if cmd & COMMAND_MEMORY == 0 {
             set_command(t.device, config, cmd | COMMAND_MEMORY)?;
@@ -354,9 +328,9 @@ impl Type1 {
 
     /// `VFIO_IOMMU_MAP_DMA` of the first `size` bytes of the BAR mapping at `iova`.
     pub fn map(&self, iova: u64, size: u64) -> io::Result<()> {
-        let arg = sys::vfio_iommu_type1_dma_map {
-            argsz: size32::<sys::vfio_iommu_type1_dma_map>(),
-            flags: sys::VFIO_DMA_MAP_FLAG_READ | sys::VFIO_DMA_MAP_FLAG_WRITE,
+        let arg = uapi::VfioIommuType1DmaMap {
+            argsz: size32::<uapi::VfioIommuType1DmaMap>(),
+            flags: uapi::VFIO_DMA_MAP_FLAG_READ | uapi::VFIO_DMA_MAP_FLAG_WRITE,
             vaddr: self.bar as u64,
             iova,
             size,
@@ -366,7 +340,7 @@ impl Type1 {
         unsafe {
             ioctl(
                 self.container,
-                sys::VFIO_IOMMU_MAP_DMA,
+                uapi::VFIO_IOMMU_MAP_DMA,
                 std::ptr::addr_of!(arg),
             )
         }
@@ -375,19 +349,18 @@ impl Type1 {
 
     /// `VFIO_IOMMU_UNMAP_DMA` of `[iova, iova + size)`; returns the bytes unmapped.
     pub fn unmap(&self, iova: u64, size: u64) -> io::Result<u64> {
-        let mut arg = sys::vfio_iommu_type1_dma_unmap {
-            argsz: 24,
+        let mut arg = uapi::VfioIommuType1DmaUnmap {
+            argsz: size32::<uapi::VfioIommuType1DmaUnmap>(),
             flags: 0,
             iova,
             size,
-            data: sys::__IncompleteArrayField::new(),
         };
         // SAFETY: without the dirty-bitmap flag the kernel reads and writes
         // back the 24-byte fixed part only.
         unsafe {
             ioctl(
                 self.container,
-                sys::VFIO_IOMMU_UNMAP_DMA,
+                uapi::VFIO_IOMMU_UNMAP_DMA,
                 std::ptr::addr_of_mut!(arg),
             )
         }?;
@@ -402,18 +375,17 @@ impl Drop for Type1 {
             unsafe { libc::munmap(self.bar, self.bar_len) };
         }
         if self.container >= 0 {
-            let all = sys::vfio_iommu_type1_dma_unmap {
-                argsz: 24,
-                flags: sys::VFIO_DMA_UNMAP_FLAG_ALL,
+            let all = uapi::VfioIommuType1DmaUnmap {
+                argsz: size32::<uapi::VfioIommuType1DmaUnmap>(),
+                flags: uapi::VFIO_DMA_UNMAP_FLAG_ALL,
                 iova: 0,
                 size: 0,
-                data: sys::__IncompleteArrayField::new(),
             };
             // SAFETY: UNMAP_ALL reads the 24-byte fixed part only.
             let _ = unsafe {
                 ioctl(
                     self.container,
-                    sys::VFIO_IOMMU_UNMAP_DMA,
+                    uapi::VFIO_IOMMU_UNMAP_DMA,
                     std::ptr::addr_of!(all),
                 )
             };

@@ -6,16 +6,17 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use dmabuf_p2p::ByteRange;
-use dmabuf_p2p::engine::DmaEngine;
-use dmabuf_p2p::engine::detect::EngineKind;
-use dmabuf_p2p::engine::edu::Edu;
 use dmabuf_p2p::importer::iommufd::{Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::revoke::{Attachment, RestorePolicy};
 use dmabuf_p2p::sysfs::Sysfs;
+use dmabuf_p2p_engine::DmaEngine;
+use dmabuf_p2p_engine::detect::EngineKind;
+use dmabuf_p2p_engine::edu::Edu;
 
 use crate::p2p_args::Args;
 use crate::p2p_report::{Report, host_check, pattern, print_report};
+use crate::p2p_verdict;
 use crate::{CliError, print_json};
 
 /// Runs the test.
@@ -41,6 +42,9 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     }
     let iommufd = Iommufd::open()?;
     let ioas = iommufd.alloc_ioas()?;
+    // The engine first: the verdict judges the target against the usable
+    // IOVAs of an IOAS it is attached to.
+    let mut engine = Edu::open(args.engine, &ioas)?;
     let (target_dev, nvme_default) =
         super::p2p_nvme::open_target(args.target.device, args.target.bar, &iommufd, &ioas)?;
     let target = target_dev.dev();
@@ -61,15 +65,19 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
             format!("--size {size:#x}: the target range {range} must hold two transfers").into(),
         );
     }
+    let verdict = p2p_verdict::judge(args.engine, args.target.device, bar, &ioas);
+    if !json {
+        p2p_verdict::print(&verdict)?;
+    }
+    let (placement, why) = p2p_verdict::placement(&verdict, range);
     let export = target.export_bar(bar, &[range])?;
     let att = Attachment::map(
         &export,
         &ioas,
-        IovaPlacement::Auto,
+        placement,
         MapPerms::ReadWrite,
         RestorePolicy::Automatic,
     )?;
-    let mut engine = Edu::open(args.engine, &ioas)?;
     let ram = Memfd::new("p2p-test", range.length)?;
     let ram_map = ioas.map_file(
         &ram,
@@ -91,61 +99,53 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
         export.phys_ranges(),
         att.iova(),
     );
-    let mut step = |name: &str, bytes: u64, ok: bool, detail: String, t: Instant| {
-        report.push(name, bytes, ok, detail, t);
-    };
+    report.set_verdict(verdict, why);
     let len = usize::try_from(size)?;
 
     // 1. host RAM -> BAR
     let t = Instant::now();
     let a = pattern(0x11, size);
-    window.write_bytes(bar_at(0), &vec![0u8; len])?;
+    window.write(bar_at(0), &vec![0u8; len])?;
     ram.write_at(0, &a)?;
     engine.memcpy(ram_map.iova(), att.iova(), size, timeout)?;
     let mut got = vec![0u8; len];
-    window.read_bytes(bar_at(0), &mut got)?;
+    window.read(bar_at(0), &mut got)?;
     let ok = got == a;
-    step(
-        "host RAM -> BAR",
-        size,
+    let detail = report.data_detail(
         ok,
-        if ok {
-            "verified through a BAR mmap".into()
-        } else {
-            "BAR contents differ".into()
-        },
-        t,
+        "verified through a BAR mmap",
+        "BAR contents differ",
+        &got,
+        &vec![0u8; len],
     );
+    report.push("host RAM -> BAR", size, ok, detail, t);
 
     // 2. BAR -> host RAM
     let t = Instant::now();
     let b = pattern(0x5a, size);
-    window.write_bytes(bar_at(size), &b)?;
+    window.write(bar_at(size), &b)?;
     ram.write_at(size, &vec![0u8; len])?;
     engine.memcpy(att.iova() + size, ram_map.iova() + size, size, timeout)?;
     let mut got = vec![0u8; len];
     ram.read_at(size, &mut got)?;
     let ok = got == b;
-    step(
-        "BAR -> host RAM",
-        size,
+    let detail = report.data_detail(
         ok,
-        if ok {
-            "verified in host memory".into()
-        } else {
-            "host memory differs".into()
-        },
-        t,
+        "verified in host memory",
+        "host memory differs",
+        &got,
+        &vec![0u8; len],
     );
+    report.push("BAR -> host RAM", size, ok, detail, t);
 
     // 3. revoke: memory decode off tears the mapping down
     let t = Instant::now();
     let mut before = vec![0u8; len];
-    window.read_bytes(bar_at(0), &mut before)?;
+    window.read(bar_at(0), &mut before)?;
     let iova = att.iova();
     target.set_memory_decode(false)?;
     let ok = att.is_revoked() && att.ensure_live().is_err();
-    step(
+    report.push(
         "revoke (memory decode off)",
         0,
         ok,
@@ -160,10 +160,10 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     let attempted = engine.memcpy(ram_map.iova(), iova, size, timeout);
     target.set_memory_decode(true)?;
     let mut after = vec![0u8; len];
-    window.read_bytes(bar_at(0), &mut after)?;
+    window.read(bar_at(0), &mut after)?;
     let changed = before.iter().zip(&after).filter(|(x, y)| x != y).count();
     let ok = changed == 0;
-    step(
+    report.push(
         "copy while revoked",
         size,
         ok,
@@ -181,7 +181,7 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     // 5. decode on restored the mapping at the same IOVA
     let t = Instant::now();
     let ok = !att.is_revoked() && att.iova() == iova;
-    step(
+    report.push(
         "restore (memory decode on)",
         0,
         ok,
@@ -191,20 +191,18 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
 
     // 6. and the next copy lands
     let t = Instant::now();
+    let before_copy = after.clone();
     engine.memcpy(ram_map.iova(), att.iova(), size, timeout)?;
-    window.read_bytes(bar_at(0), &mut after)?;
+    window.read(bar_at(0), &mut after)?;
     let ok = after == c;
-    step(
-        "copy after restore",
-        size,
+    let detail = report.data_detail(
         ok,
-        if ok {
-            "verified through a BAR mmap".into()
-        } else {
-            "BAR contents differ".into()
-        },
-        t,
+        "verified through a BAR mmap",
+        "BAR contents differ",
+        &after,
+        &before_copy,
     );
+    report.push("copy after restore", size, ok, detail, t);
     // The host compares the device's backing file after the VM stops: the last
     // write to each place is what it sees.
     host_check(bar_at(0), &c)?;

@@ -1,6 +1,6 @@
 //! The range arithmetic and validation: `ByteRange::check_in`,
 //! `range::validate_export_ranges`, `range::map_to_phys`, the export plan of a
-//! VFIO BAR (`exporter::vfio::plan_export`) and the range predicates, on any
+//! VFIO BAR (`exporter::bar::plan_export`) and the range predicates, on any
 //! numbers. No panic, and every answer agrees with a model computed in 128-bit
 //! arithmetic: an accepted range is non-empty, aligned, inside the object and
 //! does not overflow; an accepted export's total is the sum of its lengths and
@@ -8,7 +8,8 @@
 
 #![no_main]
 
-use dmabuf_p2p::exporter::vfio::{Bar, RegionInfo, plan_export};
+use dmabuf_p2p::exporter::bar::plan_export;
+use dmabuf_p2p::vfio::{Bar, RegionInfo};
 use dmabuf_p2p::importer::iommufd::IovaRange;
 use dmabuf_p2p::pci::{IORESOURCE_MEM, PciAddress, Resource};
 use dmabuf_p2p::range::{PhysRange, map_to_phys, validate_export_ranges};

@@ -11,11 +11,3 @@ pub mod bar;
 pub mod heap;
 pub mod mock;
 pub mod udmabuf;
-
-/// The old home of the VFIO device and BAR export, kept so code written
-/// against it keeps compiling while it moves to [`crate::vfio`] and [`bar`].
-#[doc(hidden)]
-pub mod vfio {
-    pub use super::bar::{BarExport, EXPORT_OPEN_FLAGS, ExportPlan, export_request, plan_export};
-    pub use crate::vfio::*;
-}

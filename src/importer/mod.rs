@@ -3,10 +3,3 @@
 
 pub mod iommufd;
 pub mod placement;
-
-/// The old home of the selftest mock dma-buf, now [`crate::exporter::mock`];
-/// kept so code written against it keeps compiling.
-#[doc(hidden)]
-pub mod mock {
-    pub use crate::exporter::mock::*;
-}

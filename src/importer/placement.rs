@@ -1,5 +1,7 @@
-//! Automatic IOVA placement that keeps large IOMMU pages (pure arithmetic,
-//! host-tested).
+//! Automatic IOVA placement that keeps large IOMMU pages: the arithmetic
+//! (pure, host-tested), and, crate-private, the one home of what placement
+//! knows of each IOAS (its mapped areas, usable windows, allowed list and
+//! page sizes) and of the lock it holds while it picks.
 //!
 //! An IOMMU maps a buffer with a page of size `p` only where the IOVA and the
 //! physical address agree modulo `p`. The kernel's own automatic placement
@@ -23,7 +25,11 @@
 //! ```
 
 use std::fmt;
+use std::io;
 use std::ops::RangeInclusive;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use crate::importer::iommufd::iova::{IovaPlacement, IovaRange, IovaRanges};
 
 /// The page sizes an IOMMU domain can use, as a bitmap (bit `n` set: pages of
 /// `2^n` bytes), like the kernel's `pgsize_bitmap` and type1's
@@ -365,6 +371,220 @@ fn align_up_to(from: u64, align: u64, residue: u64) -> Option<u64> {
     } else {
         x.checked_add(align)
     }
+}
+
+// ---------------------------------------------------------------------------
+// The placement state of one IOAS
+// ---------------------------------------------------------------------------
+
+/// What automatic placement knows of one IOAS, and the lock it holds while
+/// it picks: shared by every handle of the IOAS.
+#[derive(Debug, Default)]
+pub(crate) struct PlacementState {
+    /// Held while an IOVA is picked and mapped (automatic placement) and
+    /// across the unmap and map of a remap, so that a remap gets its IOVA
+    /// back: no automatic placement through another handle of this IOAS can
+    /// take the IOVA between the two.
+    lock: Mutex<()>,
+    /// What the library knows of the IOAS. Locked briefly, never across an
+    /// ioctl.
+    known: Mutex<Known>,
+}
+
+/// What automatic placement works from.
+#[derive(Debug, Default)]
+struct Known {
+    /// The areas mapped through handles of this IOAS.
+    areas: IovaSet,
+    /// Areas mapped by someone else: declared by the owner
+    /// ([`Ioas::declare_foreign_area`](crate::Ioas::declare_foreign_area):
+    /// a VMM's guest RAM), or learned when the kernel refused a picked IOVA
+    /// as taken.
+    foreign: IovaSet,
+    /// Where automatic placement may go: the usable ranges
+    /// (`IOMMU_IOAS_IOVA_RANGES`) cut to the allowed list, with the IOAS's
+    /// alignment; asked when first needed and again when the kernel refuses
+    /// a picked IOVA as misaligned or reserved (a device attached since).
+    windows: Option<(Vec<RangeInclusive<u64>>, u64)>,
+    /// The allowed list set through
+    /// [`Ioas::allow_iovas`](crate::Ioas::allow_iovas) (empty: none).
+    allowed: Vec<IovaRange>,
+    /// The IOMMU page sizes placement aligns for.
+    page_sizes: IommuPageSizes,
+}
+
+/// The largest alignment automatic placement asks for memory whose physical
+/// contiguity is unknown (memfd pages, user memory): transparent or
+/// hugetlbfs huge pages of 2 MiB.
+const UNKNOWN_CONTIGUITY_ALIGNMENT: u64 = 2 << 20;
+
+/// What one map ioctl gives: the IOVA, or the operation's name and errno.
+pub(crate) type MapResult = std::result::Result<u64, (&'static str, io::Error)>;
+
+impl PlacementState {
+    /// Takes the placement lock.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, ()> {
+        self.lock.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    #[inline]
+    fn known(&self) -> MutexGuard<'_, Known> {
+        self.known.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records an area mapped through a handle of this IOAS.
+    #[inline(always)]
+    pub(crate) fn record_mapped(&self, iova: u64, length: u64) {
+        self.known().areas.insert(iova, length);
+    }
+
+    /// Forgets an area unmapped through a handle of this IOAS.
+    #[inline(always)]
+    pub(crate) fn record_unmapped(&self, iova: u64, length: u64) {
+        self.known().areas.remove(iova, length);
+    }
+
+    /// Records an area mapped by someone else, which automatic placement
+    /// avoids.
+    pub(crate) fn declare_foreign(&self, iova: u64, length: u64) {
+        self.known().foreign.insert(iova, length);
+    }
+
+    /// Forgets (part of) an area mapped by someone else.
+    pub(crate) fn forget_foreign(&self, iova: u64, length: u64) {
+        self.known().foreign.remove(iova, length);
+    }
+
+    /// A new allowed list ([`Ioas::allow_iovas`](crate::Ioas::allow_iovas)
+    /// succeeded): the windows are asked again when next needed.
+    pub(crate) fn set_allowed(&self, ranges: &[IovaRange]) {
+        let mut known = self.known();
+        known.allowed = ranges.to_vec();
+        known.windows = None;
+    }
+
+    /// The IOMMU page sizes placement aligns for.
+    pub(crate) fn page_sizes(&self) -> IommuPageSizes {
+        self.known().page_sizes
+    }
+
+    /// Sets the IOMMU page sizes placement aligns for.
+    pub(crate) fn set_page_sizes(&self, sizes: IommuPageSizes) {
+        self.known().page_sizes = sizes;
+    }
+
+    /// The placement windows and the IOAS alignment, asked from the kernel
+    /// (`usable`) if not known (or `refresh`). `None` if the kernel cannot
+    /// say.
+    fn windows(
+        &self,
+        refresh: bool,
+        usable: &impl Fn() -> Option<IovaRanges>,
+    ) -> Option<(Vec<RangeInclusive<u64>>, u64)> {
+        if !refresh && let Some(w) = &self.known().windows {
+            return Some(w.clone());
+        }
+        let ranges = usable()?;
+        let mut known = self.known();
+        let windows = placement_windows(&ranges.ranges, &known.allowed);
+        known.windows = Some((windows, ranges.alignment));
+        known.windows.clone()
+    }
+
+    /// An IOVA for `req`, outside the known and foreign areas.
+    fn pick(
+        &self,
+        req: &PlacementRequest,
+        refresh: bool,
+        usable: &impl Fn() -> Option<IovaRanges>,
+    ) -> Option<u64> {
+        let (windows, alignment) = self.windows(refresh, usable)?;
+        let known = self.known();
+        if known.foreign.is_empty() {
+            return pick_iova(&windows, &known.areas, alignment, req);
+        }
+        let mut taken = known.areas.clone();
+        for span in known.foreign.spans() {
+            taken.insert(*span.start(), span.end() - span.start() + 1);
+        }
+        pick_iova(&windows, &taken, alignment, req)
+    }
+
+    /// The placement request for `length` bytes whose first byte is at
+    /// physical address (or stand-in) `residue`; `contiguous` says whether
+    /// the memory is known to be physically contiguous.
+    pub(crate) fn request(&self, length: u64, residue: u64, contiguous: bool) -> PlacementRequest {
+        let page_sizes = self.known().page_sizes;
+        let mut max_alignment = page_sizes.alignment_for(length);
+        if !contiguous {
+            max_alignment = max_alignment.min(UNKNOWN_CONTIGUITY_ALIGNMENT);
+        }
+        PlacementRequest {
+            length,
+            residue,
+            max_alignment,
+            page_sizes,
+        }
+    }
+
+    /// Runs `issue`, one map ioctl, at `at`. For [`IovaPlacement::Auto`]
+    /// the IOVA is picked here, outside every area this IOAS's handles
+    /// mapped and every foreign area declared or learned, and mapped fixed.
+    /// No loop: if the kernel refuses the pick as taken (`EEXIST`: an area
+    /// nobody declared), the refused range is learned as foreign and the
+    /// kernel places the mapping itself (it knows every area); if it
+    /// refuses it as misaligned or reserved (`EINVAL`: a device attached
+    /// since the windows were asked), the windows are asked again and one
+    /// more pick is made. So `Auto` makes at most three map calls and fails
+    /// only when the kernel's own placement does (`ENOSPC`: no room).
+    /// `usable` asks the kernel for the IOAS's usable ranges. The caller
+    /// holds the placement lock for `Auto`. Returns the IOVA, or the
+    /// placement of the failed call and its error.
+    pub(crate) fn place(
+        &self,
+        at: IovaPlacement,
+        usable: impl Fn() -> Option<IovaRanges>,
+        request: impl FnOnce() -> PlacementRequest,
+        mut issue: impl FnMut(IovaPlacement) -> MapResult,
+    ) -> std::result::Result<u64, (IovaPlacement, &'static str, io::Error)> {
+        if at == IovaPlacement::Auto {
+            let req = &request();
+            for refresh in [false, true] {
+                let Some(iova) = self.pick(req, refresh, &usable) else {
+                    break;
+                };
+                match issue(IovaPlacement::Fixed(iova)) {
+                    Ok(got) => return Ok(got),
+                    Err((_, e)) if e.raw_os_error() == Some(libc::EEXIST) => {
+                        self.declare_foreign(iova, req.length);
+                        break;
+                    }
+                    // Misaligned or reserved: the windows changed; once.
+                    Err((_, e)) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                    // Not about the IOVA (revoked, not importable, ...).
+                    Err((op, e)) => return Err((IovaPlacement::Auto, op, e)),
+                }
+            }
+        }
+        issue(at).map_err(|(op, e)| (at, op, e))
+    }
+}
+
+/// The usable ranges cut to the allowed ones (all of them if none).
+fn placement_windows(usable: &[IovaRange], allowed: &[IovaRange]) -> Vec<RangeInclusive<u64>> {
+    if allowed.is_empty() {
+        return usable.iter().map(|r| r.start..=r.last).collect();
+    }
+    let mut out = Vec::new();
+    for u in usable {
+        for a in allowed {
+            let (start, last) = (u.start.max(a.start), u.last.min(a.last));
+            if start <= last {
+                out.push(start..=last);
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -22,33 +22,33 @@
 //! complete within its deadline ([`ShareProblem::Stalled`]). Every fd that
 //! did arrive with a refused frame is closed.
 //!
-//! These functions are public for tests and tools that need to put arbitrary
-//! bytes and fds on the wire; [`super::send_offer`], [`super::send_message`]
-//! and [`super::recv`] are the normal way in.
+//! Private to the crate: [`super::send_offer`], [`super::send_message`],
+//! [`super::recv`] and [`super::recv_timeout`] are the way in, and the
+//! protocol's constants are re-exported by [`super`]. The fds themselves
+//! travel through [`super::rights`].
 
-use std::io::{self, IoSlice};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 
 use super::ShareProblem;
+use super::rights::{self, FD_ROOM};
 use crate::{Error, Result};
 
 /// The first four bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"DPSH";
 /// The protocol version this crate speaks; a frame of another version is
-/// refused ([`ShareProblem::Version`]).
-pub const VERSION: u16 = 1;
+/// refused ([`ShareProblem::Version`]). Version 2 added `ping`, `pong`
+/// (which an importer must answer) and `refused`.
+pub const VERSION: u16 = 2;
 /// The size of a frame header.
 pub const HEADER_LEN: usize = 12;
 /// The largest payload accepted ([`ShareProblem::Oversized`] beyond).
 pub const MAX_PAYLOAD: u32 = 64 << 10;
-/// How many fds one `recvmsg` has room for.
-pub const FD_ROOM: usize = 8;
 /// The most fds one frame may carry, over all its `recvmsg`s (the protocol
 /// sends one, with the offer): more is [`ShareProblem::TooManyFds`].
 pub const MAX_FRAME_FDS: usize = 1;
@@ -59,26 +59,19 @@ pub const DEFAULT_FRAME_TIMEOUT: Duration = Duration::from_secs(5);
 /// One frame as received: kind, payload and every fd that came with it
 /// (owned: dropping the frame closes them).
 #[derive(Debug)]
-pub struct Frame {
+pub(crate) struct Frame {
     /// The kind field of the header (not checked against the known kinds yet).
-    pub kind: u16,
+    pub(crate) kind: u16,
     /// The payload.
-    pub payload: Vec<u8>,
+    pub(crate) payload: Vec<u8>,
     /// The fds received with the frame's bytes.
-    pub fds: Vec<OwnedFd>,
+    pub(crate) fds: Vec<OwnedFd>,
 }
 
 /// A header followed by `payload`. The length field is the payload's length
-/// (saturated at `u32::MAX`); the [`MAX_PAYLOAD`] limit is not checked here, so
-/// that tests can build oversized frames.
-///
-/// ```
-/// use dmabuf_p2p::share::wire::{encode_frame, HEADER_LEN};
-/// let f = encode_frame(3, b"{}");
-/// assert_eq!(f.len(), HEADER_LEN + 2);
-/// assert_eq!(&f[..4], b"DPSH");
-/// ```
-pub fn encode_frame(kind: u16, payload: &[u8]) -> Vec<u8> {
+/// (saturated at `u32::MAX`); the [`MAX_PAYLOAD`] limit is checked by the
+/// callers that build payloads.
+pub(crate) fn encode_frame(kind: u16, payload: &[u8]) -> Vec<u8> {
     let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&MAGIC);
@@ -90,11 +83,16 @@ pub fn encode_frame(kind: u16, payload: &[u8]) -> Vec<u8> {
 }
 
 /// Names the other end of `stream` for messages: `socket /run/x.sock` (the
-/// peer's path, or ours on the accepting side), else `unix socket fd N`.
-pub fn describe_stream(stream: &UnixStream) -> String {
+/// peer's path, or ours on the accepting side), else `unix socket fd N`. An
+/// address under `/proc/self/fd/` (how [`super::bind_listener`] binds,
+/// relative to a directory fd) means nothing to a reader and is not used;
+/// the callers that know the path name it themselves.
+pub(crate) fn describe_stream(stream: &UnixStream) -> String {
     let path = |a: io::Result<std::os::unix::net::SocketAddr>| {
         a.ok()
-            .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
+            .and_then(|a| a.as_pathname().map(std::path::Path::to_path_buf))
+            .filter(|p| !p.starts_with("/proc/self/fd"))
+            .map(|p| p.display().to_string())
     };
     match path(stream.peer_addr()).or_else(|| path(stream.local_addr())) {
         Some(p) => format!("socket {p}"),
@@ -109,45 +107,12 @@ fn share_error(peer: &str, problem: ShareProblem) -> Error {
     }
 }
 
-/// One non-blocking `sendmsg(MSG_NOSIGNAL | MSG_DONTWAIT)` of `data` with
-/// `fds` attached (`SCM_RIGHTS`). Returns the bytes the socket took;
-/// [`io::ErrorKind::WouldBlock`] when it is full. A closed peer is `EPIPE`,
-/// not a `SIGPIPE`.
-pub fn send_some(stream: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
-    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-    let rights = [ControlMessage::ScmRights(&raw)];
-    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &rights };
-    loop {
-        match sendmsg::<()>(
-            stream.as_raw_fd(),
-            &[IoSlice::new(data)],
-            cmsgs,
-            MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
-            None,
-        ) {
-            Err(Errno::EINTR) => {}
-            other => return other.map_err(io::Error::from),
-        }
-    }
-}
-
 /// Sends all of `data` on `stream`, attaching `fds` (`SCM_RIGHTS`) to the
 /// first `sendmsg`. Never blocks in the kernel: while the socket is full it
 /// waits with `poll` for at most `timeout` in all (`None`: no limit), then
 /// fails with [`Error::Timeout`]. `fds` need at least one byte of `data` to
 /// travel with.
-///
-/// ```
-/// use std::os::unix::net::UnixStream;
-/// use std::time::Duration;
-/// use dmabuf_p2p::share::wire::{encode_frame, recv_frame, send_raw};
-/// let (a, b) = UnixStream::pair()?;
-/// send_raw(&a, &encode_frame(3, b"{}"), &[], Some(Duration::from_secs(1)))?;
-/// let frame = recv_frame(&b)?.expect("a frame");
-/// assert_eq!((frame.kind, frame.payload.as_slice(), frame.fds.len()), (3, &b"{}"[..], 0));
-/// # Ok::<(), Box<dyn std::error::Error>>(())
-/// ```
-pub fn send_raw(
+pub(crate) fn send_raw(
     stream: &UnixStream,
     data: &[u8],
     fds: &[BorrowedFd<'_>],
@@ -170,7 +135,7 @@ pub fn send_raw(
     let mut sent = 0usize;
     while sent < data.len() {
         let with = if sent == 0 { fds } else { &[] };
-        match send_some(stream, &data[sent..], with) {
+        match rights::send_some(stream, &data[sent..], with) {
             Ok(n) => sent += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if !wait_for(stream.as_fd(), PollFlags::POLLOUT, deadline)? {
@@ -220,7 +185,7 @@ fn wait_for(fd: BorrowedFd<'_>, events: PollFlags, deadline: Option<Instant>) ->
 
 /// What one [`FrameReader::read_from`] came to.
 #[derive(Debug)]
-pub enum Progress {
+pub(crate) enum Progress {
     /// Nothing more to read now (the socket is empty); call again when it is
     /// readable.
     Pending,
@@ -239,7 +204,7 @@ pub enum Progress {
 /// arrived ([`started`](Self::started)): the caller enforces the per-frame
 /// deadline.
 #[derive(Debug, Default)]
-pub struct FrameReader {
+pub(crate) struct FrameReader {
     header: [u8; HEADER_LEN],
     got: usize,
     kind: u16,
@@ -250,22 +215,22 @@ pub struct FrameReader {
 
 impl FrameReader {
     /// A reader between frames.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// When the current frame's first byte arrived; `None` between frames.
-    pub fn started(&self) -> Option<Instant> {
+    pub(crate) fn started(&self) -> Option<Instant> {
         self.started
     }
 
     /// Bytes of the current frame received so far.
-    pub fn received(&self) -> usize {
+    pub(crate) fn received(&self) -> usize {
         self.got
     }
 
     /// Forgets the current frame, closing its fds.
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         *self = Self::default();
     }
 
@@ -273,7 +238,7 @@ impl FrameReader {
     /// `recvmsg`s, until it would block or the frame is whole). On an error
     /// the frame's fds are closed and the reader is reset; the stream is out
     /// of step then: drop it.
-    pub fn read_from(&mut self, stream: &UnixStream) -> Result<Progress> {
+    pub(crate) fn read_from(&mut self, stream: &UnixStream) -> Result<Progress> {
         let r = self.read_inner(stream);
         if r.is_err() {
             self.reset();
@@ -297,8 +262,7 @@ impl FrameReader {
                 // A header that announced an empty payload: whole.
                 return Ok(Progress::Frame(self.take()));
             }
-            let room = FD_ROOM;
-            let got = match crate::ioctl::recv_with_rights(stream.as_fd(), buf, room) {
+            let got = match rights::recv(stream.as_fd(), buf) {
                 Ok(r) => r,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Progress::Pending),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -308,10 +272,13 @@ impl FrameReader {
             self.fds.extend(got.fds);
             if got.truncated {
                 let closed = self.fds.len();
-                return Err(fail(if arrived < room {
+                return Err(fail(if arrived < FD_ROOM {
                     ShareProblem::FdTableFull { closed }
                 } else {
-                    ShareProblem::ControlTruncated { closed, room }
+                    ShareProblem::ControlTruncated {
+                        closed,
+                        room: FD_ROOM,
+                    }
                 }));
             }
             if self.fds.len() > MAX_FRAME_FDS {
@@ -399,7 +366,7 @@ impl FrameReader {
 /// Receives one frame, waiting as long as it takes for it to start and
 /// [`DEFAULT_FRAME_TIMEOUT`] for it to complete
 /// ([`recv_frame_within`]).
-pub fn recv_frame(stream: &UnixStream) -> Result<Option<Frame>> {
+pub(crate) fn recv_frame(stream: &UnixStream) -> Result<Option<Frame>> {
     recv_frame_within(stream, None, DEFAULT_FRAME_TIMEOUT)
 }
 
@@ -414,7 +381,7 @@ pub fn recv_frame(stream: &UnixStream) -> Result<Option<Frame>> {
 /// `per_frame` from the frame's first byte to its last
 /// ([`ShareProblem::Stalled`]), whatever the stream's blocking mode and read
 /// timeout.
-pub fn recv_frame_within(
+pub(crate) fn recv_frame_within(
     stream: &UnixStream,
     deadline: Option<Instant>,
     per_frame: Duration,
@@ -457,8 +424,50 @@ pub fn recv_frame_within(
 mod tests {
     use super::*;
 
-    fn fd_count() -> usize {
-        std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count)
+    /// A pipe whose write end is only ever passed away: once every copy of
+    /// the write end is closed, its read end sees the end of the stream.
+    /// What a test that sends the write end checks instead of counting the
+    /// process's fds, which the tests running beside it open and close.
+    struct Witness {
+        read: std::fs::File,
+        write: Option<OwnedFd>,
+    }
+
+    impl Witness {
+        fn new() -> Self {
+            let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .unwrap_or_else(|e| unreachable!("pipe2: {e}"));
+            nix::fcntl::fcntl(
+                &read,
+                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+            )
+            .unwrap_or_else(|e| unreachable!("O_NONBLOCK: {e}"));
+            Self {
+                read: read.into(),
+                write: Some(write),
+            }
+        }
+
+        /// The write end, while this side still holds it.
+        fn write_end(&self) -> BorrowedFd<'_> {
+            self.write
+                .as_ref()
+                .map(AsFd::as_fd)
+                .unwrap_or_else(|| unreachable!("the write end was given away"))
+        }
+
+        /// Closes this side's write end: from now on only passed copies hold it.
+        fn give_away(&mut self) {
+            self.write = None;
+        }
+
+        /// Whether every copy of the write end is closed (end of stream),
+        /// rather than held open somewhere (`EAGAIN`).
+        fn all_closed(&mut self) -> bool {
+            use std::io::Read;
+            let mut b = [0u8; 1];
+            matches!(self.read.read(&mut b), Ok(0))
+        }
     }
 
     #[test]
@@ -478,17 +487,21 @@ mod tests {
         assert!(matches!(recv_frame(&b), Ok(None)));
     }
 
+    /// The refused frame's fds are closed: the test passes the write ends
+    /// of two pipes and sees each pipe's end of stream afterwards. (It does
+    /// not count the process's fds: the other unit tests open and close fds
+    /// in parallel threads of the same process.)
     #[test]
     fn fds_over_the_frame_limit_are_refused_and_closed() {
         let (a, b) = UnixStream::pair().unwrap_or_else(|e| unreachable!("{e}"));
-        let before = fd_count();
+        let (mut x, mut y) = (Witness::new(), Witness::new());
         let frame = encode_frame(1, b"{}");
         // Two fds on the first byte, then the rest: over MAX_FRAME_FDS.
-        {
-            let (x, y) = UnixStream::pair().unwrap_or_else(|e| unreachable!("{e}"));
-            send_raw(&a, &frame[..1], &[x.as_fd(), y.as_fd()], None)
-                .unwrap_or_else(|e| unreachable!("{e}"));
-        }
+        send_raw(&a, &frame[..1], &[x.write_end(), y.write_end()], None)
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        x.give_away();
+        y.give_away();
+        assert!(!x.all_closed(), "the passed copies are in flight");
         send_raw(&a, &frame[1..], &[], None).unwrap_or_else(|e| unreachable!("{e}"));
         let r = recv_frame(&b);
         assert!(
@@ -501,7 +514,8 @@ mod tests {
             ),
             "{r:?}"
         );
-        assert_eq!(fd_count(), before);
+        assert!(x.all_closed(), "the first passed fd is still open");
+        assert!(y.all_closed(), "the second passed fd is still open");
     }
 
     #[test]
@@ -538,15 +552,34 @@ mod tests {
         assert!(t.elapsed() < Duration::from_secs(5));
     }
 
+    /// A frame keeps the fds that came with it, received close-on-exec
+    /// (`MSG_CMSG_CLOEXEC`).
+    #[test]
+    fn frames_keep_their_fds_close_on_exec() {
+        let (a, b) = UnixStream::pair().unwrap_or_else(|e| unreachable!("{e}"));
+        let file = std::fs::File::open("/dev/null").unwrap_or_else(|e| unreachable!("{e}"));
+        send_raw(&a, &encode_frame(42, b"xy"), &[file.as_fd()], None)
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        let f = recv_frame(&b).ok().flatten();
+        let f = f.unwrap_or_else(|| unreachable!("no frame"));
+        assert_eq!(
+            (f.kind, f.payload.as_slice(), f.fds.len()),
+            (42, &b"xy"[..], 1)
+        );
+        let flags = nix::fcntl::fcntl(&f.fds[0], nix::fcntl::FcntlArg::F_GETFD);
+        let flags = flags.unwrap_or_else(|e| unreachable!("{e}"));
+        assert!(flags & libc::FD_CLOEXEC != 0);
+    }
+
     #[test]
     fn bad_headers_are_refused() {
         for (bytes, want) in [
-            (b"XXXX\x01\x00\x01\x00\x00\x00\x00\x00".to_vec(), "magic"),
-            (b"DPSH\x02\x00\x01\x00\x00\x00\x00\x00".to_vec(), "version"),
-            (b"DPSH\x01\x00\x01\x00\xff\xff\xff\xff".to_vec(), "limit"),
-            (b"DPSH\x01".to_vec(), "truncated header"),
+            (b"XXXX\x02\x00\x01\x00\x00\x00\x00\x00".to_vec(), "magic"),
+            (b"DPSH\x01\x00\x01\x00\x00\x00\x00\x00".to_vec(), "version"),
+            (b"DPSH\x02\x00\x01\x00\xff\xff\xff\xff".to_vec(), "limit"),
+            (b"DPSH\x02".to_vec(), "truncated header"),
             (
-                b"DPSH\x01\x00\x01\x00\x05\x00\x00\x00ab".to_vec(),
+                b"DPSH\x02\x00\x01\x00\x05\x00\x00\x00ab".to_vec(),
                 "truncated payload",
             ),
         ] {

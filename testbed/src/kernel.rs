@@ -12,15 +12,18 @@
 //! names).
 
 use std::collections::{HashMap, VecDeque};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::hash::Hasher;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use fnv::FnvHasher;
+
 use crate::debian::{PrivateApt, newest_in_series};
+use crate::kernel_patch::Patch;
 use crate::{Error, Result, cache_dir};
 
 /// Environment variable naming a prebuilt bzImage; when set, nothing is built.
@@ -215,7 +218,16 @@ pub fn key_dir() -> Result<PathBuf> {
 /// `cargo xtask kernel [--force]`: makes sure the kernel exists (building it if
 /// needed, or always with `force`) and prints the bzImage path on stdout.
 /// Progress goes to stderr.
-pub fn xtask(force: bool) -> Result<PathBuf> {
+pub fn xtask(force: bool, patch: Option<&Path>) -> Result<PathBuf> {
+    if let Some(patch) = patch {
+        let image = build_with(force, Some(&Patch::load(patch)?))?;
+        eprintln!(
+            "kernel: patched kernel (not the CI kernel); boot it with {KERNEL_ENV}={}",
+            image.display()
+        );
+        println!("{}", image.display());
+        return Ok(image);
+    }
     let image = if force {
         if std::env::var_os(KERNEL_ENV).is_some() {
             eprintln!(
@@ -239,11 +251,20 @@ pub fn xtask(force: bool) -> Result<PathBuf> {
 /// package is fetched through a private apt sources list ([`PrivateApt`]), so the
 /// machine's apt configuration is never touched.
 pub fn build(force: bool) -> Result<PathBuf> {
+    build_with(force, None)
+}
+
+/// [`build`], or with `patch` a patched kernel under its own cache key
+/// ([`crate::kernel_patch`]).
+fn build_with(force: bool, patch: Option<&Patch>) -> Result<PathBuf> {
     let kdir = kernel_cache()?;
     check_path_usable(&kdir)?;
     let _lock = BuildLock::acquire(&kdir.join(".lock"))?;
 
-    if !force && let Some(image) = cached() {
+    if !force
+        && patch.is_none()
+        && let Some(image) = cached()
+    {
         eprintln!("kernel: cached: {}", image.display());
         return Ok(image);
     }
@@ -261,8 +282,26 @@ pub fn build(force: bool) -> Result<PathBuf> {
     let version = source_version(&kdir)?;
     phase(2, &format!("fetching {SOURCE_PACKAGE} {version}"));
     let src = source_tree(&kdir, &version)?;
-    let keydir = kdir.join(key_for(SOURCE_PACKAGE, &version, FRAGMENT));
+    let keydir = match patch {
+        None => kdir.join(key_for(SOURCE_PACKAGE, &version, FRAGMENT)),
+        Some(p) => kdir.join(format!(
+            "{}-patched",
+            key_for(
+                SOURCE_PACKAGE,
+                &version,
+                &format!("{FRAGMENT}\0{}", p.text())
+            )
+        )),
+    };
     let image = keydir.join("bzImage");
+    if !force && patch.is_some() && check_bzimage(&image).is_ok() {
+        eprintln!("kernel: cached: {}", image.display());
+        return Ok(image);
+    }
+    let src = match patch {
+        None => src,
+        Some(p) => p.source_tree(&src, &keydir)?,
+    };
 
     let out = keydir.join("build");
     if force && out.exists() {
@@ -301,14 +340,15 @@ pub fn build(force: bool) -> Result<PathBuf> {
         5,
         &format!("make -j{jobs} bzImage (the long part: about 4 minutes on 2 idle cores)"),
     );
-    log.run(
-        make(&src)
-            .arg(&out_arg)
-            .arg(format!("-j{jobs}"))
-            .arg("bzImage"),
-        "make bzImage",
-        true,
-    )?;
+    let mut make_bzimage = make(&src);
+    make_bzimage
+        .arg(&out_arg)
+        .arg(format!("-j{jobs}"))
+        .arg("bzImage");
+    if let Some(p) = patch {
+        make_bzimage.arg(format!("LOCALVERSION={}", p.localversion()));
+    }
+    log.run(&mut make_bzimage, "make bzImage", true)?;
 
     phase(6, "installing");
     let built = out.join("arch/x86/boot/bzImage");
@@ -421,7 +461,8 @@ fn bzimage_header_problem(head: &[u8]) -> Result<(), String> {
 // Cache key
 
 fn key_for(package: &str, version: &str, fragment: &str) -> String {
-    let mut hash = Fnv1a::new();
+    // FNV-1a 64: stable across Rust versions (unlike `DefaultHasher`).
+    let mut hash = FnvHasher::default();
     for part in [package, version, RECIPE_VERSION, fragment] {
         hash.write(part.as_bytes());
         hash.write(&[0]);
@@ -437,24 +478,6 @@ fn key_for(package: &str, version: &str, fragment: &str) -> String {
         })
         .collect();
     format!("{version}-{:016x}", hash.finish())
-}
-
-/// 64-bit FNV-1a: small, stable across Rust versions (unlike `DefaultHasher`).
-struct Fnv1a(u64);
-
-impl Fnv1a {
-    fn new() -> Self {
-        Self(0xcbf2_9ce4_8422_2325)
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 ^= u64::from(b);
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    fn finish(&self) -> u64 {
-        self.0
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1134,26 +1157,17 @@ impl BuildLock {
             .write(true)
             .open(path)
             .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-        let fd = file.as_raw_fd();
-        // SAFETY: `fd` is an open descriptor owned by `file`; flock touches no memory.
-        let rc = unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::WouldBlock {
-                return Err(Error::io(format!("locking {}", path.display()), e));
+        let locking = |e| Error::io(format!("locking {}", path.display()), e);
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                eprintln!(
+                    "kernel: another kernel build holds {}; waiting for it",
+                    path.display()
+                );
+                file.lock().map_err(locking)?;
             }
-            eprintln!(
-                "kernel: another kernel build holds {}; waiting for it",
-                path.display()
-            );
-            // SAFETY: as above.
-            let rc = unsafe { libc::flock(fd, libc::LOCK_EX) };
-            if rc != 0 {
-                return Err(Error::io(
-                    format!("locking {}", path.display()),
-                    io::Error::last_os_error(),
-                ));
-            }
+            Err(TryLockError::Error(e)) => return Err(locking(e)),
         }
         Ok(Self { _file: file })
     }
@@ -1222,14 +1236,6 @@ mod tests {
             from_env(PathBuf::new()),
             Err(Error::KernelPath { .. })
         ));
-    }
-
-    #[test]
-    fn fnv1a_matches_reference_vectors() {
-        let mut h = Fnv1a::new();
-        assert_eq!(h.finish(), 0xcbf2_9ce4_8422_2325);
-        h.write(b"a");
-        assert_eq!(h.finish(), 0xaf63_dc4c_8601_ec8c);
     }
 
     #[test]

@@ -9,12 +9,17 @@
 pub mod bench;
 pub mod boot;
 pub mod boot_check;
+pub mod capture;
 pub mod debian;
 pub mod deps;
 pub mod fuzz;
 pub mod initramfs;
 pub mod kernel;
+pub mod kernel_patch;
+pub mod kernfs_chain;
+pub mod lockdep;
 pub mod private_root;
+pub mod profile;
 pub mod qemu;
 pub mod qemu_binary;
 pub mod qmp;

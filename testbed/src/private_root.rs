@@ -10,7 +10,6 @@
 //! installed or removed, and no root is needed.
 
 use std::fs;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -121,13 +120,8 @@ impl PrivateRoot {
         let lock_path = me.dir.join("lock");
         let lock = fs::File::create(&lock_path)
             .map_err(|e| Error::io(format!("creating {}", lock_path.display()), e))?;
-        // SAFETY: flock on a file descriptor we own; no memory is passed.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(Error::io(
-                format!("locking {}", lock_path.display()),
-                std::io::Error::last_os_error(),
-            ));
-        }
+        lock.lock()
+            .map_err(|e| Error::io(format!("locking {}", lock_path.display()), e))?;
         if marker.is_file() {
             return Ok(me);
         }

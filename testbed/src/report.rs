@@ -136,16 +136,14 @@ pub fn parse_line(line: &str) -> Line {
 
 /// FNV-1a, 64 bit: the hash both sides use for host checks.
 pub fn fnv1a64(data: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in data {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
+    let mut h = fnv::FnvHasher::default();
+    std::hash::Hasher::write(&mut h, data);
+    std::hash::Hasher::finish(&h)
 }
 
-/// Most lines of one report kept after its headline.
-const MAX_TRACE_LINES: usize = 120;
+/// Most lines of one report kept after its headline (a lockdep report of a
+/// three-lock cycle with its stack dump runs to about 130).
+const MAX_TRACE_LINES: usize = 200;
 
 /// The kernel reports that fail a run (warnings, bugs, oopses, panics; lockdep
 /// and atomic-sleep reports start with `WARNING:` / `BUG:`), each as its

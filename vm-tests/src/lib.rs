@@ -3,41 +3,39 @@
 //!
 //! These tests only make sense inside the test VM (`cargo xtask vm-test`); on
 //! any other machine they fail loudly, because the devices are not there.
+//!
+//! Sysfs directories are listed through the library's [`Sysfs`], which reads
+//! them into a buffer that cannot fault, never with `std::fs::read_dir`: a
+//! sysfs readdir whose buffer faults can record the lockdep edge that closes
+//! the kernfs / vfio-pci cycle of docs/KERNEL.md and switch lockdep off for
+//! the rest of the run.
 
 // Test helpers fail a test by panicking.
 #![allow(clippy::panic)]
 
 pub mod fail_nth;
+pub mod raw_peer;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::hash::Hasher;
+use std::path::PathBuf;
+
+use dmabuf_p2p::sysfs::Sysfs;
 
 /// QEMU's `edu` device.
 pub const EDU_ID: (u16, u16) = (0x1234, 0x11e8);
 /// QEMU's `ivshmem-plain` device.
 pub const IVSHMEM_ID: (u16, u16) = (0x1af4, 0x1110);
 
-fn read_hex(path: &Path) -> Option<u64> {
-    let text = fs::read_to_string(path).ok()?;
-    u64::from_str_radix(text.trim().trim_start_matches("0x"), 16).ok()
-}
-
 /// PCI addresses (`0000:01:00.0`) of all devices with this vendor:device, sorted.
 pub fn pci_devices(id: (u16, u16)) -> Vec<String> {
-    let mut out = Vec::new();
-    let Ok(entries) = fs::read_dir("/sys/bus/pci/devices") else {
-        return out;
-    };
-    for e in entries.flatten() {
-        let p = e.path();
-        if read_hex(&p.join("vendor")) == Some(u64::from(id.0))
-            && read_hex(&p.join("device")) == Some(u64::from(id.1))
-        {
-            out.push(e.file_name().to_string_lossy().into_owned());
-        }
-    }
-    out.sort();
-    out
+    let sys = Sysfs::default();
+    sys.devices()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|a| sys.vendor(*a).ok() == Some(id.0) && sys.device_id(*a).ok() == Some(id.1))
+        .map(|a| a.to_string())
+        .collect()
 }
 
 /// The driver a PCI device is bound to, if any.
@@ -48,10 +46,8 @@ pub fn driver_of(bdf: &str) -> Option<String> {
 
 /// `/dev/vfio/devices/vfioN` of a device bound to vfio-pci.
 pub fn vfio_cdev(bdf: &str) -> Option<PathBuf> {
-    let dir = fs::read_dir(format!("/sys/bus/pci/devices/{bdf}/vfio-dev")).ok()?;
-    dir.flatten()
-        .map(|e| PathBuf::from("/dev/vfio/devices").join(e.file_name()))
-        .next()
+    let name = Sysfs::default().vfio_dev(bdf.parse().ok()?).ok()??;
+    Some(PathBuf::from("/dev/vfio/devices").join(name))
 }
 
 /// Size of BAR `bar` from sysfs `resource`.
@@ -90,12 +86,9 @@ pub fn open_fd_count() -> usize {
 
 /// FNV-1a 64, the hash the host uses for host checks.
 pub fn fnv1a64(data: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in data {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
+    let mut h = fnv::FnvHasher::default();
+    h.write(data);
+    h.finish()
 }
 
 /// Asks the host to check, after the VM has stopped, that bytes
@@ -157,6 +150,14 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
             (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8
         })
         .collect()
+}
+
+/// The VM profile this suite runs in (`standard`, `aw39`, ...: the test
+/// bed's `testbed/src/profile.rs`), from the job's environment.
+pub fn vm_profile() -> String {
+    std::env::var("DMABUF_P2P_VM_PROFILE").unwrap_or_else(|_| {
+        panic!("DMABUF_P2P_VM_PROFILE is not set: run the suite through the test bed")
+    })
 }
 
 /// The PCI address of the test bed's edu engine.
@@ -320,7 +321,7 @@ pub fn is_iommu_fault(line: &str) -> bool {
 /// Reads `len` bytes of a BAR mapping from `offset`, eight bytes per access
 /// where alignment allows: under TCG a byte-wise read of 1 MiB takes about a
 /// second.
-pub fn bar_read(bar: &dmabuf_p2p::exporter::vfio::BarMapping, offset: u64, len: usize) -> Vec<u8> {
+pub fn bar_read(bar: &dmabuf_p2p::vfio::BarMapping, offset: u64, len: usize) -> Vec<u8> {
     let mut out = vec![0u8; len];
     let words = if offset & 7 == 0 { len / 8 } else { 0 };
     for (i, chunk) in out[..words * 8].chunks_exact_mut(8).enumerate() {
@@ -339,7 +340,7 @@ pub fn bar_read(bar: &dmabuf_p2p::exporter::vfio::BarMapping, offset: u64, len: 
 
 /// Writes `data` to a BAR mapping at `offset`, eight bytes per access where
 /// alignment allows (see [`bar_read`]).
-pub fn bar_write(bar: &dmabuf_p2p::exporter::vfio::BarMapping, offset: u64, data: &[u8]) {
+pub fn bar_write(bar: &dmabuf_p2p::vfio::BarMapping, offset: u64, data: &[u8]) {
     let words = if offset & 7 == 0 { data.len() / 8 } else { 0 };
     for (i, chunk) in data[..words * 8].chunks_exact(8).enumerate() {
         let v = u64::from_le_bytes(chunk.try_into().unwrap_or_default());
@@ -441,15 +442,14 @@ pub fn nvme_address(name: &str) -> String {
         "nvme1" => 1,
         other => panic!("unknown NVMe controller {other}"),
     };
-    let mut all: Vec<String> = fs::read_dir("/sys/bus/pci/devices")
-        .map(|d| {
-            d.flatten()
-                .filter(|e| read_hex(&e.path().join("class")) == Some(NVME_CLASS))
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    all.sort();
+    let sys = Sysfs::default();
+    let all: Vec<String> = sys
+        .devices()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|a| sys.class(*a).ok().map(u64::from) == Some(NVME_CLASS))
+        .map(|a| a.to_string())
+        .collect();
     all.get(index)
         .cloned()
         .unwrap_or_else(|| panic!("no NVMe controller {name} (found {all:?})"))

@@ -2,11 +2,12 @@
 
 use std::path::Path;
 
+use dmabuf_p2p::range::human_size;
 use plotters::coord::Shift;
 use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
 use plotters::prelude::*;
 
-use super::{OVERHEAD_OPS, Results, SWEEP_SERIES, fmt_size};
+use super::{OVERHEAD_OPS, Results, SWEEP_SERIES};
 use crate::{Error, Result};
 
 /// One line of a chart: (x, median, min, max) points.
@@ -52,7 +53,7 @@ fn plot_err(e: impl std::fmt::Display) -> Error {
 /// An x tick on a log2 axis: `2^v` as a size, at even exponents only (the
 /// sweep's sizes and the counts are powers of 4).
 fn fmt_log2_size(v: f64) -> String {
-    log2_tick(v).map_or_else(String::new, |e| fmt_size(1u64 << e).replace(' ', ""))
+    log2_tick(v).map_or_else(String::new, |e| human_size(1u64 << e).replace(' ', ""))
 }
 
 /// An x tick on a log2 axis: `2^v` as a count, at even exponents only.

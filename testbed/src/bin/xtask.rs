@@ -2,9 +2,13 @@
 //!
 //! * `cargo xtask test` — everything: fmt and clippy checks, host tests, then the
 //!   VM suite (the README's test command, called by `.ci/run`).
-//! * `cargo xtask vm-test [FILTER..] [--fail-on-purpose]` — only the VM suite.
+//! * `cargo xtask vm-test [FILTER..] [--profile=NAME] [--fail-on-purpose]` — only the
+//!   VM suite, one VM per profile (`testbed/src/profile.rs`).
 //! * `cargo xtask vm-info` — boot the VM and show what it offers.
-//! * `cargo xtask kernel [--force]` — build (or find) the test kernel.
+//! * `cargo xtask kernel [--force] [--patch FILE]` — build (or find) the test
+//!   kernel; with `--patch`, a patched kernel under its own cache key.
+//! * `cargo xtask kernfs-chain [MODE] [--readdir-first]` — reproduce the kernel
+//!   lockdep chain of docs/KERNEL.md in the VM.
 //! * `cargo xtask boot-check [--count N] [--load N]` — boot the VM N times
 //!   (N busy host threads meanwhile) and count the failures by kind.
 //! * `cargo xtask kernel-selftests` — the kernel's iommufd and udmabuf
@@ -15,14 +19,16 @@
 //! * `cargo xtask bench [--quick] [--only=PARTS] [--render FILE]` — the
 //!   in-VM benchmarks; writes `docs/BENCHMARKS.md` and `docs/bench/*.svg`.
 //! * `cargo xtask bindings [--check]` — regenerate or check `src/sys/bindings.rs`.
+//! * `cargo xtask capture-config-writes [--held-out]` — record the guest
+//!   kernel's config-space writes as fixtures (`testbed/src/capture.rs`).
 
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
 use testbed::suite::{self, GuestBinaries, RunSpec};
-use testbed::{Result, deps, fuzz, kernel, uapi, workspace_root};
+use testbed::{Result, deps, fuzz, kernel, kernfs_chain, profile, uapi, workspace_root};
 
-const USAGE: &str = "usage: cargo xtask <test | vm-test [FILTER..] [--fail-on-purpose] | vm-info | kernel [--force] | kernel-fits BZIMAGE | kernel-selftests | boot-check [--count N] [--load N] | bindings [--check] | bench [--quick] [--only=PARTS] [--render FILE] | fuzz [TARGET..] [--seconds N]>";
+const USAGE: &str = "usage: cargo xtask <test | vm-test [FILTER..] [--profile=NAME] [--fail-on-purpose] | vm-info | kernel [--force] [--patch FILE] | kernel-fits BZIMAGE | kernel-selftests | boot-check [--count N] [--load N] | kernfs-chain [MODE] [--readdir-first] | bindings [--check] | bench [--quick] [--only=PARTS] [--render FILE] | fuzz [TARGET..] [--seconds N] | capture-config-writes [--held-out]>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -35,9 +41,10 @@ fn main() -> ExitCode {
         "test" => test_all(),
         "vm-test" => vm_test(rest),
         "vm-info" => vm_info(),
+        "kernfs-chain" => kernfs_chain(rest),
         "bench" => testbed::bench::xtask(rest),
-        // kernel::xtask prints the path itself.
-        "kernel" => kernel::xtask(rest.iter().any(|a| a == "--force")).map(|_| true),
+        "capture-config-writes" => testbed::capture::xtask(rest),
+        "kernel" => kernel_task(rest),
         "kernel-fits" => match rest {
             [image] => kernel::xtask_fits(std::path::Path::new(image)),
             _ => {
@@ -68,8 +75,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn tests_job(filters: &[String], fail_on_purpose: bool) -> String {
+/// The guest job of one suite run: the libtest binary with `args`, in a VM
+/// of the profile named `profile`.
+fn tests_job(profile: &str, args: &[String], fail_on_purpose: bool) -> String {
     let mut job = String::from("export RUST_BACKTRACE=1\n");
+    job.push_str(&format!(
+        "export DMABUF_P2P_VM_PROFILE={}\n",
+        shell_quote(profile)
+    ));
     if fail_on_purpose {
         job.push_str("export DMABUF_P2P_FAIL_ON_PURPOSE=1\n");
     }
@@ -81,11 +94,12 @@ fn tests_job(filters: &[String], fail_on_purpose: bool) -> String {
     }
     job.push_str(suite::GUEST_VM_TESTS);
     job.push_str(" --test-threads=1");
-    for f in filters {
+    for a in args {
         job.push(' ');
-        job.push_str(&shell_quote(f));
+        job.push_str(&shell_quote(a));
     }
     job.push('\n');
+    job.push_str(&kernfs_chain::check_after_job());
     job
 }
 
@@ -93,29 +107,70 @@ fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
-/// Runs the VM suite; returns whether it passed.
+/// Runs the VM suite, one VM per profile that `filters` concern (every
+/// profile when there are none; only `only` when given); returns whether
+/// every run passed.
 fn run_suite(
     bins: &GuestBinaries,
     filters: &[String],
+    only: Option<&str>,
     fail_on_purpose: bool,
     name: &str,
 ) -> Result<bool> {
-    let spec = RunSpec::new(name, tests_job(filters, fail_on_purpose), true);
-    let verdict = suite::run(&spec, bins, |_| {})?;
-    suite::print_verdict("vm-suite", &verdict);
-    Ok(verdict.passed())
+    let mut all_ok = true;
+    let mut ran = 0;
+    for p in profile::all() {
+        if only.is_some_and(|o| o != p.name) {
+            continue;
+        }
+        let Some(args) = p.test_args(filters) else {
+            continue;
+        };
+        ran += 1;
+        let (run_name, label) = if p.is_standard() {
+            (name.to_owned(), "vm-suite".to_owned())
+        } else {
+            eprintln!("testbed: profile {}: {}", p.name, p.about);
+            (
+                format!("{name}-{}", p.name),
+                format!("vm-suite ({})", p.name),
+            )
+        };
+        let spec = RunSpec::new(&run_name, tests_job(p.name, &args, fail_on_purpose), true);
+        let verdict = suite::run(&spec, bins, p.shape)?;
+        suite::print_verdict(&label, &verdict);
+        all_ok &= verdict.passed();
+    }
+    if ran == 0 {
+        eprintln!("testbed: no VM profile has tests matching {filters:?}");
+        return Ok(false);
+    }
+    Ok(all_ok)
 }
 
 fn vm_test(args: &[String]) -> Result<bool> {
     deps::ensure_vm_tools()?;
     let fail = args.iter().any(|a| a == "--fail-on-purpose");
+    let only = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--profile="))
+        .map(str::to_owned);
+    if let Some(o) = &only
+        && profile::named(o).is_none()
+    {
+        let names: Vec<&str> = profile::all().iter().map(|p| p.name).collect();
+        return Err(testbed::Error::Setup(format!(
+            "no VM profile {o:?} (profiles: {})",
+            names.join(", ")
+        )));
+    }
     let filters: Vec<String> = args
         .iter()
         .filter(|a| !a.starts_with("--"))
         .cloned()
         .collect();
     let bins = suite::build_guest_binaries(true)?;
-    run_suite(&bins, &filters, fail, "vm-test")
+    run_suite(&bins, &filters, only.as_deref(), fail, "vm-test")
 }
 
 fn vm_info() -> Result<bool> {
@@ -128,6 +183,37 @@ fn vm_info() -> Result<bool> {
         suite::print_verdict("vm-info", &verdict);
     }
     Ok(verdict.passed())
+}
+
+/// `cargo xtask kernel [--force] [--patch FILE]`.
+fn kernel_task(args: &[String]) -> Result<bool> {
+    let force = args.iter().any(|a| a == "--force");
+    let patch = args
+        .iter()
+        .position(|a| a == "--patch")
+        .map(|i| args.get(i + 1).map(std::path::PathBuf::from));
+    match patch {
+        Some(None) => {
+            eprintln!("--patch needs a file\n{USAGE}");
+            Ok(false)
+        }
+        // kernel::xtask prints the path.
+        Some(Some(file)) => kernel::xtask(force, Some(&file)).map(|_| true),
+        None => kernel::xtask(force, None).map(|_| true),
+    }
+}
+
+/// `cargo xtask kernfs-chain [MODE] [--readdir-first]`: boots the VM, runs the kernel lockdep
+/// chain's reproducer (docs/KERNEL.md) and checks the outcome.
+fn kernfs_chain(args: &[String]) -> Result<bool> {
+    deps::ensure_vm_tools()?;
+    let bins = suite::build_guest_binaries(true)?;
+    let mode = args
+        .iter()
+        .find(|a| !a.starts_with("--"))
+        .map_or("growsdown", String::as_str);
+    let readdir_first = args.iter().any(|a| a == "--readdir-first");
+    kernfs_chain::run(&bins, mode, readdir_first, true)
 }
 
 /// The README's test command: host tests, then the VM suite, then a check that
@@ -151,8 +237,12 @@ fn test_all() -> Result<bool> {
             "clippy --package dmabuf-p2p --all-targets -- -D warnings",
         ),
         (
+            "clippy (library, rust-vmm)",
+            "clippy --package dmabuf-p2p --all-targets --features rust-vmm -- -D warnings",
+        ),
+        (
             "host tests",
-            "test --workspace --exclude dmabuf-p2p-vm-tests",
+            "test --workspace --exclude dmabuf-p2p-vm-tests --features dmabuf-p2p/rust-vmm",
         ),
     ];
     for (name, args) in host_steps {
@@ -194,7 +284,7 @@ fn test_all() -> Result<bool> {
     };
 
     let bins = suite::build_guest_binaries(true)?;
-    let vm_ok = run_suite(&bins, &[], false, "vm-test")?;
+    let vm_ok = run_suite(&bins, &[], None, false, "vm-test")?;
 
     // The test bed must be able to fail: one test that fails on purpose.
     eprintln!("testbed: self-check: a guest test that fails on purpose must fail the run");
@@ -202,7 +292,11 @@ fn test_all() -> Result<bool> {
         stream: false,
         ..RunSpec::new(
             "self-check",
-            tests_job(&["testbed::fails_on_purpose".to_owned()], true),
+            tests_job(
+                profile::STANDARD,
+                &["testbed::fails_on_purpose".to_owned()],
+                true,
+            ),
             true,
         )
     };
@@ -220,9 +314,18 @@ fn test_all() -> Result<bool> {
         );
     }
 
+    // The known kernel lock cycle (docs/KERNEL.md): reproduced, it must fail
+    // its run with the chain named (on a kernel with the fix, not reported).
+    eprintln!("testbed: self-check: the kernel lock cycle's reproducer must be named");
+    let chain_ok = kernfs_chain::run(&bins, "growsdown", true, false)?;
+    println!(
+        "test testbed-self-check::known_kernel_lock_cycle_is_named ... {}",
+        if chain_ok { "ok" } else { "FAILED" }
+    );
+
     println!(
         "xtask test: finished in {:.1} s",
         start.elapsed().as_secs_f64()
     );
-    Ok(fuzz_ok && bindings_ok && vm_ok && self_ok)
+    Ok(fuzz_ok && bindings_ok && vm_ok && self_ok && chain_ok)
 }

@@ -15,14 +15,13 @@ use std::process::{Command, Output};
 use std::ptr::NonNull;
 
 use dmabuf_p2p::dmabuf::is_dmabuf;
+use dmabuf_p2p::exporter::bar::{BarExport, plan_export};
 use dmabuf_p2p::exporter::heap::DmaHeap;
 use dmabuf_p2p::exporter::udmabuf::Udmabuf;
-use dmabuf_p2p::exporter::vfio::{
-    Bar, BarExport, RegionInfo, VfioPciDevice, bind_to_vfio_pci, plan_export,
-};
 use dmabuf_p2p::importer::iommufd::{Ioas, IoasMapping, Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::{Memfd, MemfdOptions, Seals};
 use dmabuf_p2p::pci::{IORESOURCE_IO, Resource};
+use dmabuf_p2p::vfio::{Bar, RegionInfo, VfioPciDevice, bind_to_vfio_pci};
 use dmabuf_p2p::{ByteRange, DmaBuf, Error, PciAddress};
 use dmabuf_p2p_vm_tests::{
     EDU_ID, child_exit, driver_of, ivshmem_devices, open_fd_count, pci_devices, pipe,
@@ -107,7 +106,6 @@ fn variant(e: &Error) -> &'static str {
         Error::HeapNotFound { .. } => "HeapNotFound",
         Error::UdmabufLimit { .. } => "UdmabufLimit",
         Error::Timeout { .. } => "Timeout",
-        Error::Engine { .. } => "Engine",
         _ => "(a variant this test does not know)",
     }
 }
@@ -578,7 +576,7 @@ fn rows(ctx: &Ctx) -> Vec<(&'static str, Want, Run)> {
             Box::new(|c: &Ctx| {
                 let size = c
                     .dev
-                    .region_info(dmabuf_p2p::exporter::vfio::CONFIG_REGION_INDEX)
+                    .region_info(dmabuf_p2p::vfio::CONFIG_REGION_INDEX)
                     .unwrap()
                     .size;
                 let mut four = [0u8; 4];

@@ -23,13 +23,14 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use dmabuf_p2p::engine::edu::Edu;
-use dmabuf_p2p::engine::{Completion, DmaEngine};
-use dmabuf_p2p::exporter::vfio::{BarExport, VfioPciDevice};
+use dmabuf_p2p::exporter::bar::BarExport;
 use dmabuf_p2p::importer::iommufd::{Ioas, Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::revoke::{Attachment, BufferState, RestorePolicy};
+use dmabuf_p2p::vfio::VfioPciDevice;
 use dmabuf_p2p::{ByteRange, Error};
+use dmabuf_p2p_engine::edu::Edu;
+use dmabuf_p2p_engine::{Completion, DmaEngine};
 use dmabuf_p2p_vm_tests::{EDU_ID, directive, open_fd_count, pci_devices};
 
 use crate::load::{kmsg, pattern, small_shms};

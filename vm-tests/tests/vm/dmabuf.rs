@@ -10,12 +10,14 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
 use dmabuf_p2p::dmabuf::{Access, MAX_NAME_LEN, SyncFile};
 use dmabuf_p2p::exporter::heap::DmaHeap;
+use dmabuf_p2p::exporter::mock::MockDmaBuf;
 use dmabuf_p2p::exporter::udmabuf::Udmabuf;
 use dmabuf_p2p::importer::iommufd::Iommufd;
-use dmabuf_p2p::importer::mock::MockDmaBuf;
 use dmabuf_p2p::memfd::Memfd;
-use dmabuf_p2p::{ByteRange, DmaBuf, Error, RangeProblem, is_dmabuf, sys};
+use dmabuf_p2p::{ByteRange, DmaBuf, Error, RangeProblem, is_dmabuf};
 use dmabuf_p2p_vm_tests::{ivshmem_devices, open_fd_count, vfio_cdev};
+
+use super::uapi;
 
 const PAGE: u64 = 4096;
 
@@ -46,8 +48,8 @@ fn mock_dmabuf(len: u64) -> (Iommufd, OwnedFd) {
 struct DmaBufFeature {
     hdr_argsz: u32,
     hdr_flags: u32,
-    req: sys::vfio_device_feature_dma_buf,
-    range: sys::vfio_region_dma_range,
+    req: uapi::vfio_device_feature_dma_buf,
+    range: uapi::vfio_region_dma_range,
 }
 
 /// A VFIO dma-buf over the first page of the first ivshmem BAR2, with the
@@ -67,8 +69,8 @@ fn vfio_dmabuf() -> (fs::File, fs::File, OwnedFd) {
         .write(true)
         .open("/dev/iommu")
         .unwrap();
-    let mut bind = sys::vfio_device_bind_iommufd {
-        argsz: std::mem::size_of::<sys::vfio_device_bind_iommufd>() as u32,
+    let mut bind = uapi::vfio_device_bind_iommufd {
+        argsz: std::mem::size_of::<uapi::vfio_device_bind_iommufd>() as u32,
         flags: 0,
         iommufd: iommufd.as_raw_fd(),
         out_devid: 0,
@@ -78,7 +80,7 @@ fn vfio_dmabuf() -> (fs::File, fs::File, OwnedFd) {
     let r = unsafe {
         libc::ioctl(
             dev.as_raw_fd(),
-            sys::VFIO_DEVICE_BIND_IOMMUFD as libc::Ioctl,
+            uapi::VFIO_DEVICE_BIND_IOMMUFD as libc::Ioctl,
             &mut bind,
         )
     };
@@ -90,15 +92,15 @@ fn vfio_dmabuf() -> (fs::File, fs::File, OwnedFd) {
     );
     let mut feat = DmaBufFeature {
         hdr_argsz: std::mem::size_of::<DmaBufFeature>() as u32,
-        hdr_flags: sys::VFIO_DEVICE_FEATURE_GET | sys::VFIO_DEVICE_FEATURE_DMA_BUF,
-        req: sys::vfio_device_feature_dma_buf {
+        hdr_flags: uapi::VFIO_DEVICE_FEATURE_GET | uapi::VFIO_DEVICE_FEATURE_DMA_BUF,
+        req: uapi::vfio_device_feature_dma_buf {
             region_index: 2,
             open_flags: (libc::O_RDWR | libc::O_CLOEXEC) as u32,
             flags: 0,
             nr_ranges: 1,
             dma_ranges: Default::default(),
         },
-        range: sys::vfio_region_dma_range {
+        range: uapi::vfio_region_dma_range {
             offset: 0,
             length: PAGE,
         },
@@ -108,7 +110,7 @@ fn vfio_dmabuf() -> (fs::File, fs::File, OwnedFd) {
     let fd = unsafe {
         libc::ioctl(
             dev.as_raw_fd(),
-            sys::VFIO_DEVICE_FEATURE as libc::Ioctl,
+            uapi::VFIO_DEVICE_FEATURE as libc::Ioctl,
             &mut feat,
         )
     };

@@ -27,19 +27,19 @@
 
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use dmabuf_p2p::engine::DmaEngine;
-use dmabuf_p2p::engine::edu::Edu;
 use dmabuf_p2p::exporter::heap::DmaHeap;
 use dmabuf_p2p::exporter::udmabuf::Udmabuf;
-use dmabuf_p2p::exporter::vfio::{BarMapping, VfioPciDevice};
 use dmabuf_p2p::importer::iommufd::{Ioas, IoasMapping, Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::revoke::BufferState;
 use dmabuf_p2p::revoke::{Attachment, RestorePolicy};
-use dmabuf_p2p::share::{BufferInfo, Incoming, decode, recv, send_offer, wire};
+use dmabuf_p2p::share::{BufferInfo, Incoming, recv, recv_timeout, send_offer};
+use dmabuf_p2p::vfio::{BarMapping, VfioPciDevice};
 use dmabuf_p2p::{ByteRange, Error};
+use dmabuf_p2p_engine::DmaEngine;
+use dmabuf_p2p_engine::edu::Edu;
 use dmabuf_p2p_vm_tests::fail_nth::{FailNth, SweepLog, sweep_points};
 use dmabuf_p2p_vm_tests::{
     DMA_TIMEOUT, Kmsg, bar_read, bar_write, edu_address, open_fd_count, pattern, shm_address,
@@ -116,7 +116,7 @@ impl Rig {
         }
     }
 
-    fn export(&self) -> dmabuf_p2p::exporter::vfio::BarExport {
+    fn export(&self) -> dmabuf_p2p::exporter::bar::BarExport {
         self.dev
             .export_bar(2, &[ByteRange::new(AREA, LEN)])
             .unwrap()
@@ -665,24 +665,13 @@ fn share_send_and_receive_survive_allocation_failures() {
         || UnixStream::pair().unwrap(),
         |(a, _)| send_offer(a, export.dmabuf(), &info, BufferState::Live, None),
         |(_, b), r, _| match r {
-            Ok(()) => {
-                let frame = wire::recv_frame_within(
-                    b,
-                    Some(Instant::now() + Duration::from_secs(5)),
-                    Duration::from_secs(5),
-                );
-                match frame.map(|f| f.map(decode)) {
-                    Ok(Some(Ok(Incoming::Offer(o)))) => assert_eq!(o.buf.size().unwrap(), LEN),
-                    other => panic!("sent, but the receiver got {other:?}"),
-                }
-            }
+            Ok(()) => match recv_timeout(b, Duration::from_secs(5)) {
+                Ok(Some(Incoming::Offer(o))) => assert_eq!(o.buf.size().unwrap(), LEN),
+                other => panic!("sent, but the receiver got {other:?}"),
+            },
             Err(_) => {
                 // Nothing may arrive: a short wait must time out.
-                let later = wire::recv_frame_within(
-                    b,
-                    Some(Instant::now() + Duration::from_millis(200)),
-                    Duration::from_secs(1),
-                );
+                let later = recv_timeout(b, Duration::from_millis(200));
                 assert!(
                     matches!(later, Err(Error::Timeout { .. })),
                     "the send failed, but the receiver got {later:?}"

@@ -16,13 +16,13 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dmabuf_p2p::engine::DmaEngine;
-use dmabuf_p2p::engine::edu::Edu;
-use dmabuf_p2p::exporter::vfio::{VfioPciDevice, bind_to_vfio_pci};
 use dmabuf_p2p::importer::iommufd::{Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::revoke::{Attachment, BufferState, RestorePolicy, RevocationEvent, RevokeReason};
+use dmabuf_p2p::vfio::{VfioPciDevice, bind_to_vfio_pci};
 use dmabuf_p2p::{ByteRange, Error, PciAddress};
+use dmabuf_p2p_engine::DmaEngine;
+use dmabuf_p2p_engine::edu::Edu;
 use dmabuf_p2p_vm_tests::{
     EDU_ID, Kmsg, child_exit, driver_of, ivshmem_devices, open_fd_count, pattern, pci_devices,
     pipe, qmp, request_host_check,
@@ -627,7 +627,7 @@ fn vfio_dmabufs_in_debugfs() -> Option<usize> {
 
 /// What the killed child does: open the engine and the exporter, export,
 /// map, start a copy into the export, say so on `ready`, and wait to die.
-fn child_hold_and_wait(ready: &OwnedFd) -> Result<(), Error> {
+fn child_hold_and_wait(ready: &OwnedFd) -> Result<(), dmabuf_p2p_engine::Error> {
     let iommufd = Iommufd::open()?;
     let ioas = iommufd.alloc_ioas()?;
     let mut edu = Edu::open(edu_addr(), &ioas)?;
@@ -879,8 +879,8 @@ fn exporter_closed_before_the_importer() {
 /// `IOMMU_DESTROY` of an IOAS by its ID, behind the library's back.
 fn destroy_ioas_raw(iommufd: &Iommufd, id: u32) -> std::io::Result<()> {
     use std::os::fd::AsFd;
-    let arg = dmabuf_p2p::sys::iommu_destroy {
-        size: std::mem::size_of::<dmabuf_p2p::sys::iommu_destroy>() as u32,
+    let arg = super::uapi::iommu_destroy {
+        size: std::mem::size_of::<super::uapi::iommu_destroy>() as u32,
         id,
     };
     // SAFETY: IOMMU_DESTROY reads an 8-byte `iommu_destroy`, which `arg` is,
@@ -888,7 +888,7 @@ fn destroy_ioas_raw(iommufd: &Iommufd, id: u32) -> std::io::Result<()> {
     let r = unsafe {
         libc::ioctl(
             iommufd.as_fd().as_raw_fd(),
-            dmabuf_p2p::sys::IOMMU_DESTROY as libc::Ioctl,
+            super::uapi::IOMMU_DESTROY as libc::Ioctl,
             &arg,
         )
     };

@@ -4,13 +4,15 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dmabuf_p2p::engine::{DmaEngine, edu::Edu};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::revoke::{Attachment, RestorePolicy, RevocationEvent, RevokeReason};
 use dmabuf_p2p::{ByteRange, Iommufd, IovaPlacement, MapPerms, VfioPciDevice};
+use dmabuf_p2p_engine::{DmaEngine, edu::Edu};
 use dmabuf_p2p_vm_tests::{EDU_ID, ivshmem_devices, pci_devices};
 
-/// Sections 1 to 5 of the guide, in order, with the guide's calls.
+/// Sections 1 to 5 of the guide, in order, with the guide's calls; the
+/// peer of section 4 is the edu engine, as in the engine package's crate
+/// documentation.
 #[test]
 fn guide_walkthrough() {
     let (exporter_bdf, _) = ivshmem_devices()

@@ -9,10 +9,11 @@
 
 use std::os::fd::AsFd;
 
+use dmabuf_p2p::exporter::bar::BarExport;
 use dmabuf_p2p::exporter::udmabuf::Udmabuf;
-use dmabuf_p2p::exporter::vfio::{BarExport, VfioPciDevice};
 use dmabuf_p2p::importer::iommufd::{Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
+use dmabuf_p2p::vfio::VfioPciDevice;
 use dmabuf_p2p::{ByteRange, Error, PciAddress, RangeProblem};
 use dmabuf_p2p_vm_tests::{EDU_ID, ivshmem_devices, open_fd_count, pci_devices};
 

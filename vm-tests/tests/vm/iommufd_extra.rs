@@ -12,17 +12,17 @@
 // Failing a test by panicking is what tests do.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use dmabuf_p2p::engine::edu::Edu;
 use dmabuf_p2p::error::AllowedIovaProblem;
-use dmabuf_p2p::exporter::vfio::VfioPciDevice;
+use dmabuf_p2p::exporter::mock::{MAX_PAGES, MOCK_EXPORTER, MockDmaBuf};
 use dmabuf_p2p::importer::iommufd::{
     Ioas, IoasMapping, Iommufd, IommufdOption, IovaPlacement, IovaRange, MapPerms, OptionId,
     RlimitMode,
 };
-use dmabuf_p2p::importer::mock::{MAX_PAGES, MOCK_EXPORTER, MockDmaBuf};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::revoke::{Attachment, RestorePolicy, Revocable, RevokeReason, probe_revoked};
+use dmabuf_p2p::vfio::VfioPciDevice;
 use dmabuf_p2p::{ByteRange, Error, RangeProblem};
+use dmabuf_p2p_engine::edu::Edu;
 use dmabuf_p2p_vm_tests::{
     DMA_TIMEOUT, assert_bytes, bar_read, bar_write, edu_address, open_fd_count, pattern,
     request_host_check, shm_address,

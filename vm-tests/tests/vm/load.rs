@@ -40,12 +40,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use dmabuf_p2p::ByteRange;
-use dmabuf_p2p::engine::edu::Edu;
-use dmabuf_p2p::engine::{Completion, DmaEngine};
-use dmabuf_p2p::exporter::vfio::{BarMapping, VfioPciDevice};
 use dmabuf_p2p::importer::iommufd::{Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::revoke::{Attachment, RestorePolicy, RevocationEvent, RevokeReason};
+use dmabuf_p2p::vfio::{BarMapping, VfioPciDevice};
+use dmabuf_p2p_engine::edu::Edu;
+use dmabuf_p2p_engine::{Completion, DmaEngine};
 use dmabuf_p2p_vm_tests::{EDU_ID, ivshmem_devices, pci_devices, request_host_check};
 
 /// Rounds in all, split between the streams.

@@ -1,6 +1,10 @@
 //! The in-VM test suite. Built on the host, run inside the test VM by
 //! `cargo xtask vm-test`, one test at a time (`--test-threads=1`), because the
 //! tests share real devices.
+//!
+//! A module named `profile_<name>` runs only in a VM of that profile (a
+//! narrower IOMMU, another topology: `testbed/src/profile.rs`); the rest run
+//! in the standard VM.
 
 mod bad_input;
 mod concurrency;
@@ -8,6 +12,8 @@ mod dmabuf;
 mod examples;
 mod fault_injection;
 mod faults;
+mod guest_bar_map;
+mod guest_vmm;
 mod guide;
 mod heap;
 mod iommufd;
@@ -16,11 +22,18 @@ mod load;
 mod nvme;
 mod p2p;
 mod placement;
+mod profile_aw39;
+mod profile_aw39_high_bar;
+mod profile_root_bus;
+mod profile_switch;
 mod revoke;
 mod share;
 mod share_attacks;
+mod share_bounds;
 mod smoke;
 mod testbed;
+mod topology;
+mod uapi;
 mod udmabuf;
 mod vfio;
 mod vmm;

@@ -17,14 +17,14 @@
 
 use std::time::Duration;
 
+use dmabuf_p2p::ByteRange;
 use dmabuf_p2p::VfioPciDevice;
-use dmabuf_p2p::engine::edu::Edu;
-use dmabuf_p2p::engine::nvme::{CommandId, Nvme, NvmeProblem};
-use dmabuf_p2p::engine::{Completion, DmaEngine, StorageEngine};
 use dmabuf_p2p::importer::iommufd::{Ioas, IoasMapping, Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::revoke::{Attachment, RestorePolicy};
-use dmabuf_p2p::{ByteRange, Error};
+use dmabuf_p2p_engine::edu::Edu;
+use dmabuf_p2p_engine::nvme::{CommandId, Nvme, NvmeProblem};
+use dmabuf_p2p_engine::{Completion, DmaEngine, Error, StorageEngine};
 use dmabuf_p2p_vm_tests::{
     DMA_TIMEOUT, Kmsg, assert_bytes, bar_read, bar_write, directive, edu_address, nvme_address,
     nvme_image, pattern, request_host_check, shm_address,

@@ -29,12 +29,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use dmabuf_p2p::ByteRange;
-use dmabuf_p2p::engine::edu::{EDU_BUFFER_USABLE, Edu};
-use dmabuf_p2p::engine::{Completion, DmaEngine};
-use dmabuf_p2p::exporter::vfio::{BarExport, VfioPciDevice};
+use dmabuf_p2p::exporter::bar::BarExport;
 use dmabuf_p2p::importer::iommufd::{Ioas, Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::revoke::{Attachment, BufferState, RestorePolicy, RevocationEvent, RevokeReason};
+use dmabuf_p2p::vfio::VfioPciDevice;
+use dmabuf_p2p_engine::edu::{EDU_BUFFER_USABLE, Edu};
+use dmabuf_p2p_engine::{Completion, DmaEngine};
 use dmabuf_p2p_vm_tests::{
     DMA_TIMEOUT, EDU_ID, Kmsg, assert_bytes, bar_read, bar_write, check_write_faults, edu_address,
     pattern, pci_devices, request_host_check, shm_address,

@@ -10,13 +10,15 @@
 
 use std::os::fd::{AsFd, AsRawFd};
 
-use dmabuf_p2p::exporter::vfio::VfioPciDevice;
 use dmabuf_p2p::importer::iommufd::{Iommufd, IovaPlacement, IovaRange, MapPerms};
 use dmabuf_p2p::importer::placement::IommuPageSizes;
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::revoke::{Attachment, RestorePolicy};
-use dmabuf_p2p::{ByteRange, PciAddress, sys};
+use dmabuf_p2p::vfio::VfioPciDevice;
+use dmabuf_p2p::{ByteRange, PciAddress};
 use dmabuf_p2p_vm_tests::ivshmem_devices;
+
+use super::uapi;
 
 const PAGE: u64 = 4096;
 const MIB2: u64 = 2 << 20;
@@ -125,11 +127,11 @@ fn auto_placement_aligns_a_bar_with_its_physical_start() {
 /// Maps `memfd` at a fixed IOVA with a raw ioctl: an area the library does
 /// not know about.
 fn raw_map(iommufd: &Iommufd, ioas_id: u32, memfd: &Memfd, iova: u64, length: u64) {
-    let arg = sys::iommu_ioas_map_file {
-        size: std::mem::size_of::<sys::iommu_ioas_map_file>() as u32,
-        flags: sys::IOMMU_IOAS_MAP_FIXED_IOVA
-            | sys::IOMMU_IOAS_MAP_READABLE
-            | sys::IOMMU_IOAS_MAP_WRITEABLE,
+    let arg = uapi::iommu_ioas_map_file {
+        size: std::mem::size_of::<uapi::iommu_ioas_map_file>() as u32,
+        flags: uapi::IOMMU_IOAS_MAP_FIXED_IOVA
+            | uapi::IOMMU_IOAS_MAP_READABLE
+            | uapi::IOMMU_IOAS_MAP_WRITEABLE,
         ioas_id,
         fd: memfd.as_fd().as_raw_fd(),
         start: 0,
@@ -141,7 +143,7 @@ fn raw_map(iommufd: &Iommufd, ioas_id: u32, memfd: &Memfd, iova: u64, length: u6
     let ret = unsafe {
         libc::ioctl(
             iommufd.as_raw_fd(),
-            sys::IOMMU_IOAS_MAP_FILE as libc::c_ulong,
+            uapi::IOMMU_IOAS_MAP_FILE as libc::c_ulong,
             &arg,
         )
     };

@@ -19,15 +19,15 @@ use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dmabuf_p2p::engine::edu::Edu;
-use dmabuf_p2p::engine::{Completion, DmaEngine};
-use dmabuf_p2p::exporter::vfio::{BarMapping, CONFIG_REGION_INDEX, VfioPciDevice};
 use dmabuf_p2p::importer::iommufd::{Ioas, IoasMapping, Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::revoke::{
     Attachment, BufferState, RestorePolicy, RevocationEvent, RevokeReason, probe_revoked,
 };
+use dmabuf_p2p::vfio::{BarMapping, CONFIG_REGION_INDEX, VfioPciDevice};
 use dmabuf_p2p::{ByteRange, Error};
+use dmabuf_p2p_engine::edu::Edu;
+use dmabuf_p2p_engine::{Completion, DmaEngine};
 use dmabuf_p2p_vm_tests::{
     DMA_TIMEOUT, Kmsg, assert_bytes, bar_read, bar_write, check_write_faults, edu_address, pattern,
     request_host_check, shm_address,

@@ -19,16 +19,17 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dmabuf_p2p::engine::DmaEngine;
-use dmabuf_p2p::engine::edu::Edu;
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::revoke::{BufferState, RestorePolicy, RevocationHub, RevokeReason};
-use dmabuf_p2p::share::wire::{FD_ROOM, encode_frame, send_raw};
+use dmabuf_p2p::share::FD_ROOM;
 use dmabuf_p2p::share::{
-    BufferInfo, Incoming, Message, ShareProblem, ShareServer, SharedBuffer, encode_offer, recv,
-    send_message, send_offer,
+    BufferInfo, Incoming, Message, ServerOptions, ShareProblem, ShareServer, SharedBuffer,
+    encode_offer, recv, send_message, send_offer,
 };
 use dmabuf_p2p::{BarExport, ByteRange, Error, Iommufd, IovaPlacement, MapPerms, VfioPciDevice};
+use dmabuf_p2p_engine::DmaEngine;
+use dmabuf_p2p_engine::edu::Edu;
+use dmabuf_p2p_vm_tests::raw_peer::{frame, send_raw};
 use dmabuf_p2p_vm_tests::{
     EDU_ID, fnv1a64, ivshmem_devices, open_fd_count, pci_devices, request_host_check,
 };
@@ -523,7 +524,7 @@ fn bad_messages_with_a_real_dmabuf_leave_nothing_behind() {
     let refused = |what: &str, data: &[u8], n: usize| -> ShareProblem {
         let (tx, rx) = UnixStream::pair().unwrap();
         let many: Vec<_> = (0..n).map(|_| buf.as_fd()).collect();
-        send_raw(&tx, data, &many, Some(WAIT)).unwrap();
+        send_raw(&tx, data, &many).unwrap();
         drop(tx);
         let r = SharedBuffer::receive(rx);
         let p = match r {
@@ -574,7 +575,7 @@ fn bad_messages_with_a_real_dmabuf_leave_nothing_behind() {
         ShareProblem::BadMagic { .. }
     ));
     assert_eq!(
-        refused("unknown kind", &encode_frame(77, b"{}"), 1),
+        refused("unknown kind", &frame(77, b"{}"), 1),
         ShareProblem::UnknownKind(77)
     );
     assert_eq!(
@@ -611,6 +612,10 @@ fn bad_messages_with_a_real_dmabuf_leave_nothing_behind() {
 fn server_forwards_events_and_drops_dead_and_stuck_clients() {
     let (dev, export) = own_export(ByteRange::new(0xe_0000, 0x10000));
     let server = ShareServer::new(&export).unwrap();
+    // The first client reads only what this test asks for: no pings.
+    let mut options = ServerOptions::default();
+    options.ping_interval = Duration::from_secs(3600);
+    server.set_options(options);
     let (ours, theirs) = UnixStream::pair().unwrap();
     server.add_client(ours).unwrap();
     match recv(&theirs).unwrap() {

@@ -11,8 +11,10 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use dmabuf_p2p::dmabuf::Access;
 use dmabuf_p2p::exporter::udmabuf::{Udmabuf, UdmabufLimits};
 use dmabuf_p2p::memfd::{HUGE_PAGE_SIZE, Memfd, MemfdOptions, Seals};
-use dmabuf_p2p::{ByteRange, Error, RangeProblem, sys};
+use dmabuf_p2p::{ByteRange, Error, RangeProblem};
 use dmabuf_p2p_vm_tests::open_fd_count;
+
+use super::uapi;
 
 const PAGE: u64 = 4096;
 
@@ -412,9 +414,9 @@ fn raw_create(
     offset: u64,
     size: u64,
 ) -> std::io::Result<OwnedFd> {
-    let arg = sys::udmabuf_create {
+    let arg = uapi::UdmabufCreate {
         memfd: memfd.as_raw_fd() as u32,
-        flags: sys::UDMABUF_FLAGS_CLOEXEC,
+        flags: uapi::UDMABUF_FLAGS_CLOEXEC,
         offset,
         size,
     };
@@ -422,7 +424,7 @@ fn raw_create(
     let fd = unsafe {
         libc::ioctl(
             dev.as_fd().as_raw_fd(),
-            sys::UDMABUF_CREATE as libc::Ioctl,
+            uapi::UDMABUF_CREATE as libc::Ioctl,
             &arg,
         )
     };

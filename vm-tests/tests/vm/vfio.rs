@@ -8,10 +8,8 @@
 
 use std::fs;
 
-use dmabuf_p2p::exporter::vfio::{
-    CONFIG_REGION_INDEX, ROM_REGION_INDEX, VfioPciDevice, bind_to_vfio_pci,
-};
 use dmabuf_p2p::importer::iommufd::Iommufd;
+use dmabuf_p2p::vfio::{CONFIG_REGION_INDEX, ROM_REGION_INDEX, VfioPciDevice, bind_to_vfio_pci};
 use dmabuf_p2p::{ByteRange, Error, PciAddress, RangeProblem};
 use dmabuf_p2p_vm_tests::{
     EDU_ID, IVSHMEM_ID, bar_size, driver_of, ivshmem_devices, open_fd_count, pci_devices,

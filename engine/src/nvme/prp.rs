@@ -1,0 +1,134 @@
+//! Physical Region Page pointers for an IOVA-contiguous buffer: PRP1 holds
+//! the first (possibly offset) page, PRP2 the second page or, for transfers
+//! over two pages, the IOVA of a list of the remaining page addresses.
+
+use super::regs::PAGE;
+
+/// Entries one list page holds. The driver uses one list page per command
+/// and never chains, so a transfer covers at most this many pages after
+/// the first.
+pub const LIST_ENTRIES: u64 = PAGE / 8;
+
+/// The data pointer of one command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrpPlan {
+    /// PRP entry 1: the start of the data.
+    pub prp1: u64,
+    /// PRP entry 2: zero, the second page, or the list's IOVA.
+    pub prp2: u64,
+    /// The list to write at the list IOVA (empty when none is needed).
+    pub list: Vec<u64>,
+}
+
+/// Plans the PRPs for `len` bytes at IOVA `iova`, with the list (if needed)
+/// at `list_iova`. `iova` must be dword aligned and `len` non-zero; `None`
+/// when the transfer needs more list entries than one page holds.
+///
+/// ```
+/// use dmabuf_p2p_engine::nvme::prp::plan;
+/// // 3 pages from a page boundary: PRP1, then a list of the other two.
+/// let p = plan(0x10_0000, 3 * 4096, 0x9000).unwrap();
+/// assert_eq!((p.prp1, p.prp2), (0x10_0000, 0x9000));
+/// assert_eq!(p.list, vec![0x10_1000, 0x10_2000]);
+/// ```
+pub fn plan(iova: u64, len: u64, list_iova: u64) -> Option<PrpPlan> {
+    let first = PAGE - iova % PAGE;
+    if len <= first {
+        return Some(PrpPlan {
+            prp1: iova,
+            prp2: 0,
+            list: Vec::new(),
+        });
+    }
+    let second = iova.checked_add(first)?;
+    let rest = len - first;
+    if rest <= PAGE {
+        return Some(PrpPlan {
+            prp1: iova,
+            prp2: second,
+            list: Vec::new(),
+        });
+    }
+    let pages = rest.div_ceil(PAGE);
+    if pages > LIST_ENTRIES {
+        return None;
+    }
+    let list = (0..pages)
+        .map(|i| second.checked_add(i * PAGE))
+        .collect::<Option<Vec<u64>>>()?;
+    Some(PrpPlan {
+        prp1: iova,
+        prp2: list_iova,
+        list,
+    })
+}
+
+/// The largest transfer whose PRPs fit one list page, for any start offset:
+/// one list page of entries, each a whole page.
+pub const MAX_LIST_TRANSFER: u64 = LIST_ENTRIES * PAGE;
+
+/// The list as the bytes the controller reads.
+pub fn list_bytes(list: &[u64]) -> Vec<u8> {
+    list.iter().flat_map(|e| e.to_le_bytes()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn within_one_page() {
+        let p = plan(0x1000, 4096, 0xff000).unwrap();
+        assert_eq!((p.prp1, p.prp2, p.list.len()), (0x1000, 0, 0));
+        let p = plan(0x1ffc, 4, 0xff000).unwrap();
+        assert_eq!((p.prp1, p.prp2), (0x1ffc, 0));
+    }
+
+    #[test]
+    fn offset_start_crossing_into_second_page_uses_prp2() {
+        let p = plan(0x1800, 4096, 0xff000).unwrap();
+        assert_eq!((p.prp1, p.prp2, p.list.len()), (0x1800, 0x2000, 0));
+        let p = plan(0x1000, 8192, 0xff000).unwrap();
+        assert_eq!((p.prp1, p.prp2), (0x1000, 0x2000));
+    }
+
+    #[test]
+    fn offset_start_over_two_pages_uses_a_list() {
+        // 0x1800 + 0x2000 ends at 0x3800: pages 0x1000, 0x2000, 0x3000.
+        let p = plan(0x1800, 0x2000, 0xff000).unwrap();
+        assert_eq!((p.prp1, p.prp2), (0x1800, 0xff000));
+        assert_eq!(p.list, vec![0x2000, 0x3000]);
+        assert_eq!(list_bytes(&p.list)[..8], 0x2000u64.to_le_bytes());
+    }
+
+    #[test]
+    fn list_capacity() {
+        // Page aligned: the first page in PRP1, 512 more in the list.
+        let most = PAGE + MAX_LIST_TRANSFER;
+        assert_eq!(plan(0x10_0000, most, 0).unwrap().list.len(), 512);
+        assert!(plan(0x10_0000, most + 1, 0).is_none());
+        // Any offset fits MAX_LIST_TRANSFER.
+        for off in [0, 4, 0x800, 0xffc] {
+            let p = plan(0x10_0000 + off, MAX_LIST_TRANSFER, 0).unwrap();
+            assert!(p.list.len() as u64 <= LIST_ENTRIES);
+        }
+    }
+
+    #[test]
+    fn entries_are_page_aligned_and_cover_the_buffer() {
+        for (iova, len) in [(0x2004u64, 0x5000u64), (0x3000, 0x3001), (0xffc, 0x2008)] {
+            let p = plan(iova, len, 0).unwrap();
+            let mut pages = vec![p.prp1];
+            if p.list.is_empty() {
+                if p.prp2 != 0 {
+                    pages.push(p.prp2);
+                }
+            } else {
+                pages.extend(&p.list);
+            }
+            assert!(pages[1..].iter().all(|e| e % PAGE == 0));
+            let covered = (PAGE - iova % PAGE) + (pages.len() as u64 - 1) * PAGE;
+            assert!(covered >= len && covered - len < PAGE, "{iova:#x}+{len:#x}");
+        }
+    }
+}
