@@ -66,6 +66,8 @@ pub struct BootRun {
     pub wall: Duration,
     /// Where its console log was kept, if it failed.
     pub kept: Option<PathBuf>,
+    /// The host's 1-minute load average when the boot ended.
+    pub load: Option<f64>,
 }
 
 impl BootRun {
@@ -101,6 +103,13 @@ pub fn tally(runs: &[BootRun]) -> Vec<(&'static str, Vec<usize>)> {
             (*k, which)
         })
         .collect()
+}
+
+/// The host's 1-minute load average (`/proc/loadavg`), to say how busy the
+/// host was during a boot.
+pub fn host_load() -> Option<f64> {
+    let text = fs::read_to_string("/proc/loadavg").ok()?;
+    text.split_whitespace().next()?.parse().ok()
 }
 
 /// Busy threads that keep the host's cores loaded until dropped.
@@ -176,6 +185,14 @@ pub fn print_table(kernel: &Path, args: &CheckArgs, runs: &[BootRun], elapsed: D
             wall[wall.len() / 2]
         );
     }
+    let mut load: Vec<f64> = runs.iter().filter_map(|r| r.load).collect();
+    load.sort_by(f64::total_cmp);
+    if let (Some(lmin), Some(lmax)) = (load.first(), load.last()) {
+        println!(
+            "  host load (1-minute average at each boot's end): min {lmin:.1}, median {:.1}, max {lmax:.1}",
+            load[load.len() / 2]
+        );
+    }
     for (i, r) in runs.iter().enumerate() {
         if r.kind() != "booted" {
             println!(
@@ -234,6 +251,7 @@ pub fn xtask(args: &[String]) -> Result<bool> {
             uptime: boot_uptime(&report_log),
             wall: v.elapsed,
             kept: None,
+            load: host_load(),
         };
         if run.kind() != "booted" {
             let dir = kept_dir.join(format!("{i:03}-{}", run.kind()));
@@ -245,11 +263,12 @@ pub fn xtask(args: &[String]) -> Result<bool> {
             run.kept = Some(dir.join("console.log"));
         }
         eprintln!(
-            "boot-check: {i}/{}: {} (init at {} s guest time, VM {:.1} s; {:.0} s elapsed)",
+            "boot-check: {i}/{}: {} (init at {} s guest time, VM {:.1} s, host load {}; {:.0} s elapsed)",
             args.count,
             run.kind(),
             run.uptime.map_or("?".to_owned(), |u| format!("{u:.1}")),
             run.wall.as_secs_f64(),
+            run.load.map_or("?".to_owned(), |l| format!("{l:.1}")),
             start.elapsed().as_secs_f64()
         );
         runs.push(run);
@@ -285,6 +304,7 @@ mod tests {
             uptime: Some(3.0),
             wall: Duration::from_secs(6),
             kept: None,
+            load: Some(2.0),
         };
         let runs = vec![
             run(Boot::Booted, vec![]),
