@@ -18,6 +18,7 @@ mod iommufd;
 mod iommufd_extra;
 mod load;
 mod nvme;
+mod nvme_queue;
 mod p2p;
 mod placement;
 mod profile_aw39;
