@@ -12,7 +12,8 @@ use std::time::Duration;
 use dmabuf_p2p::ByteRange;
 use dmabuf_p2p::importer::iommufd::{Ioas, IoasMapping, Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
-use dmabuf_p2p_engine::nvme::Nvme;
+use dmabuf_p2p_engine::nvme::{Nvme, NvmeProblem};
+use dmabuf_p2p_engine::{Completion, Error};
 use dmabuf_p2p_vm_tests::{assert_bytes, nvme_address, nvme_image};
 
 const BLOCK: u64 = 512;
@@ -33,6 +34,13 @@ fn ram(ioas: &Ioas, size: u64, fill: u8) -> (Memfd, IoasMapping) {
     (mem, map)
 }
 
+fn problem(e: &Error) -> &NvmeProblem {
+    match e {
+        Error::Nvme { problem, .. } => problem,
+        other => panic!("expected an NVMe error, got {other:?}"),
+    }
+}
+
 fn read_mem(mem: &Memfd, offset: u64, len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
     mem.read_at(offset, &mut v).unwrap();
@@ -49,10 +57,7 @@ fn nvme_command_ids_are_not_reused_before_their_completion_is_taken() {
     let iommufd = Iommufd::open().unwrap();
     let ioas = iommufd.alloc_ioas().unwrap();
     let bdf = nvme_address("nvme0");
-    for completion in [
-        dmabuf_p2p_engine::Completion::Interrupt,
-        dmabuf_p2p_engine::Completion::Polling,
-    ] {
+    for completion in [Completion::Interrupt, Completion::Polling] {
         let mut nvme = Nvme::open_with(bdf.parse().unwrap(), &ioas, completion).unwrap();
         let (mem, map) = ram(&ioas, 0x30000, 0xee);
         // A, B and C read different blocks into their own 64 KiB.
@@ -62,11 +67,15 @@ fn nvme_command_ids_are_not_reused_before_their_completion_is_taken() {
         for round in 0..20 {
             mem.write_at(0, &vec![0xee; 0x30000]).unwrap();
             let a = nvme.submit_read(a_lba, blocks, map.iova()).unwrap();
-            let b = nvme.submit_read(b_lba, blocks, map.iova() + 0x10000).unwrap();
+            let b = nvme
+                .submit_read(b_lba, blocks, map.iova() + 0x10000)
+                .unwrap();
             // Both complete meanwhile (a 64 KiB read takes well under 50 ms).
             std::thread::sleep(Duration::from_millis(50));
             nvme.wait(b, IO_TIMEOUT).unwrap();
-            let c = nvme.submit_read(c_lba, blocks, map.iova() + 0x20000).unwrap();
+            let c = nvme
+                .submit_read(c_lba, blocks, map.iova() + 0x20000)
+                .unwrap();
             assert_ne!(
                 c, a,
                 "{completion:?} round {round}: C got the id of A, whose completion was not taken"
@@ -92,10 +101,19 @@ fn nvme_command_ids_are_not_reused_before_their_completion_is_taken() {
                 &format!("{completion:?} round {round}: B's buffer"),
             );
             assert_eq!(nvme.in_flight(), 0, "{completion:?} round {round}");
-            // Nothing is left to hand out: every completion went to its waiter once.
+            // Nothing is left to hand out: every completion went to its
+            // waiter once, and the IDs of finished commands are stale.
+            for id in [a, b, c] {
+                let e = nvme.wait(id, Duration::ZERO).unwrap_err();
+                assert!(
+                    matches!(problem(&e), NvmeProblem::NotInFlight { .. }),
+                    "{completion:?} round {round}: waiting again for {id:?}: {e}"
+                );
+            }
+            assert!(nvme.poll().unwrap().is_none());
             let e = nvme.wait_any(Duration::ZERO).unwrap_err();
             assert!(
-                matches!(e, dmabuf_p2p_engine::Error::Timeout { .. }),
+                matches!(problem(&e), NvmeProblem::NothingInFlight { .. }),
                 "{completion:?} round {round}: an extra completion: {e}"
             );
         }
