@@ -301,9 +301,8 @@ impl Mapping {
     /// raw pointer accesses do, plus those.
     #[inline]
     fn check(&self, offset: u64, len: usize, align: usize) -> Result<usize> {
-        let fits = offset.is_multiple_of(align as u64)
-            & (len <= self.len)
-            & (offset <= (self.len - len.min(self.len)) as u64);
+        let end = offset.wrapping_add(len as u64);
+        let fits = offset.is_multiple_of(align as u64) & (end >= offset) & (end <= self.len as u64);
         if fits {
             // At most `self.len`, a `usize`.
             Ok(offset as usize)
