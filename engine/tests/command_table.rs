@@ -18,6 +18,9 @@ enum Op {
     Take,
     /// Complete the n-th command the controller still runs.
     Complete(usize),
+    /// Complete the n-th running command for a caller waiting for it, who
+    /// takes it at once.
+    CompleteWaited(usize),
     /// A completion for a CID (possibly not in flight).
     Stray(u16),
     /// Hand out the n-th completion not yet taken, by ID.
@@ -35,6 +38,7 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => Just(Op::Take),
         3 => any::<usize>().prop_map(Op::Complete),
+        1 => any::<usize>().prop_map(Op::CompleteWaited),
         1 => (0u16..80).prop_map(Op::Stray),
         2 => any::<usize>().prop_map(Op::TakeById),
         2 => Just(Op::PopReady),
@@ -95,6 +99,18 @@ proptest! {
                         arrivals += 1;
                         live.get_mut(&(cid, g)).unwrap().0 = St::Ready(arrivals);
                     }
+                    newest = None;
+                }
+                Op::CompleteWaited(n) => {
+                    let running: Vec<_> = live.iter().filter(|(_, (s, _))| *s == St::Running).map(|(k, _)| *k).collect();
+                    if running.is_empty() { continue; }
+                    let (cid, g) = running[n % running.len()];
+                    prop_assert_eq!(t.complete_for(cid, 0, 7, Some(cid)), Arrival::Kept);
+                    prop_assert_eq!(Arc::strong_count(&live[&(cid, g)].1), 1);
+                    let got = t.take_completed(cid).unwrap();
+                    prop_assert_eq!((got.cid, got.generation, got.dw0), (cid, g, 7));
+                    live.remove(&(cid, g));
+                    gone.push((cid, g));
                     newest = None;
                 }
                 Op::Stray(cid) => {

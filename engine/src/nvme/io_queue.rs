@@ -470,7 +470,7 @@ impl IoQueue {
     /// into `dst` (an IOVA, or a held buffer). Checks the request first
     /// (namespace, range, MDTS, alignment, the buffer's length); the
     /// completion is then taken by [`wait`](Self::wait) or the others.
-    #[inline]
+    #[inline(always)]
     pub fn submit_read(&mut self, lba: u64, count: u32, dst: impl Into<Dma>) -> Result<CommandId> {
         let id = self.push_blocks(nvm::READ, lba, count, dst.into())?;
         self.ring()?;
@@ -479,7 +479,7 @@ impl IoQueue {
 
     /// Starts writing `count` blocks at `lba` from `src` (see
     /// [`submit_read`](Self::submit_read)).
-    #[inline]
+    #[inline(always)]
     pub fn submit_write(&mut self, lba: u64, count: u32, src: impl Into<Dma>) -> Result<CommandId> {
         let id = self.push_blocks(nvm::WRITE, lba, count, src.into())?;
         self.ring()?;
@@ -534,14 +534,22 @@ impl IoQueue {
     /// [`NvmeProblem::CommandFailed`]; a command whose completion was taken
     /// already, or given up, is [`NvmeProblem::NotInFlight`]. After a
     /// timeout the command is still in flight: wait again, or give it up.
-    #[inline]
+    #[inline(always)]
     pub fn wait(&mut self, id: CommandId, timeout: Duration) -> Result<Done> {
-        self.check_id(id)?;
-        if !self.table.is_completed(id.cid) {
-            self.reap()?;
-            if !self.table.is_completed(id.cid) {
-                self.wait_for(Some(id.cid), timeout)?;
+        let state = if id.queue == self.serial {
+            self.table.state(id.cid, id.generation)
+        } else {
+            None
+        };
+        match state {
+            Some(SlotState::Completed) => {}
+            Some(SlotState::InFlight) => {
+                self.reap_for(Some(id.cid))?;
+                if !self.table.is_completed(id.cid) {
+                    self.wait_for(Some(id.cid), timeout)?;
+                }
             }
+            _ => return Err(self.not_in_flight(id)),
         }
         match self.table.take_completed(id.cid) {
             Some(t) => self.check(self.done(t)),
@@ -581,6 +589,19 @@ impl IoQueue {
             self.reap()?;
         }
         Ok(self.table.pop_ready().map(|t| self.done(t)))
+    }
+
+    /// Whether a completion waits to be taken, reaped or still in the
+    /// completion queue: a look at the queue's memory, which changes
+    /// nothing (for an event loop, or to spin on outside a timed span).
+    #[inline]
+    pub fn has_completion(&self) -> bool {
+        self.table.has_ready()
+            || self
+                .area
+                .cpu
+                .read_u32(self.cq_offset + u64::from(self.cq.head()) * 16 + 12)
+                .is_ok_and(|dw3| self.cq.is_new(dw3 & (1 << 16) != 0))
     }
 
     /// Without waiting, hands out up to `out.len()` completions, oldest
@@ -628,7 +649,7 @@ impl IoQueue {
 
     /// `done` as a result: a failed status is [`Error::Nvme`] with
     /// [`NvmeProblem::CommandFailed`].
-    #[inline]
+    #[inline(always)]
     pub fn check(&self, done: Done) -> Result<Done> {
         match done.problem() {
             None => Ok(done),
@@ -681,7 +702,7 @@ impl IoQueue {
 
     /// Checks a Read or Write and writes it to the submission queue (no
     /// doorbell).
-    #[inline]
+    #[inline(always)]
     fn push_blocks(&mut self, opcode: u8, lba: u64, count: u32, dma: Dma) -> Result<CommandId> {
         let bytes = self.check_blocks(lba, count, &dma)?;
         let nlb = u64::from(count - 1);
@@ -715,7 +736,7 @@ impl IoQueue {
     /// The checks of a Read or Write, in one test: namespace, 1 to MDTS
     /// blocks, inside the namespace, a dword-aligned IOVA whose range does
     /// not wrap, and no longer than a held buffer. Returns the byte count.
-    #[inline]
+    #[inline(always)]
     fn check_blocks(&self, lba: u64, count: u32, dma: &Dma) -> Result<u64> {
         let l = &self.limits;
         let bytes = u64::from(count) << l.shift;
@@ -806,7 +827,7 @@ impl IoQueue {
     /// Takes a CID and writes the command to the submission queue: `cdw`
     /// are dwords 10 to 15 in pairs; `len` bytes of data at `iova` (none
     /// when 0), checked.
-    #[inline]
+    #[inline(always)]
     fn push(
         &mut self,
         opcode: u8,
@@ -832,7 +853,7 @@ impl IoQueue {
     }
 
     /// Writes the submission queue entry of `cid` (and its PRP list).
-    #[inline]
+    #[inline(always)]
     fn write_entry(
         &mut self,
         cid: u16,
@@ -882,7 +903,7 @@ impl IoQueue {
     }
 
     /// Tells the controller about every entry written so far.
-    #[inline]
+    #[inline(always)]
     fn ring(&mut self) -> Result<()> {
         // The entries (and PRP lists) are in memory before the controller
         // hears of them.
@@ -892,8 +913,15 @@ impl IoQueue {
 
     /// Takes every new completion off the completion queue into the
     /// command table and rings its head doorbell; how many.
-    #[inline]
+    #[inline(always)]
     fn reap(&mut self) -> Result<usize> {
+        self.reap_for(None)
+    }
+
+    /// [`reap`](Self::reap) for a caller waiting for CID `waited`, whose
+    /// completion it hands over at once.
+    #[inline(always)]
+    fn reap_for(&mut self, waited: Option<u16>) -> Result<usize> {
         let mut n = 0usize;
         loop {
             let at = self.cq_offset + u64::from(self.cq.head()) * 16;
@@ -906,10 +934,17 @@ impl IoQueue {
             let dw0 = self.area.cpu.read_u32(at)?;
             self.cq.advance();
             // CID in bits 15:0, the status field in 31:17.
-            if self.table.complete(dw3 as u16, (dw3 >> 17) as u16, dw0) == Arrival::Stray {
+            let arrival = self
+                .table
+                .complete_for(dw3 as u16, (dw3 >> 17) as u16, dw0, waited);
+            if arrival == Arrival::Stray {
                 self.strays += 1;
             }
             n += 1;
+            // The waiter's completion is here: the rest can wait.
+            if waited == Some(dw3 as u16) && arrival == Arrival::Kept {
+                break;
+            }
             // A whole ring's worth at a time; the rest on the next call.
             if n == usize::from(self.entries) {
                 break;
@@ -921,7 +956,7 @@ impl IoQueue {
         Ok(n)
     }
 
-    #[inline]
+    #[inline(always)]
     fn done(&self, t: Taken) -> Done {
         Done {
             id: CommandId {
@@ -933,22 +968,6 @@ impl IoQueue {
             opcode: t.opcode,
             status: Status::from_field(t.status),
             result: t.dw0,
-        }
-    }
-
-    /// `id` names a command of this queue that is in flight or whose
-    /// completion waits to be taken.
-    #[inline]
-    fn check_id(&self, id: CommandId) -> Result<()> {
-        let ok = id.queue == self.serial
-            && matches!(
-                self.table.state(id.cid, id.generation),
-                Some(SlotState::InFlight | SlotState::Completed)
-            );
-        if ok {
-            Ok(())
-        } else {
-            Err(self.not_in_flight(id))
         }
     }
 
@@ -965,7 +984,7 @@ impl IoQueue {
         if !budget.is_zero() {
             let mut spins = 0u32;
             loop {
-                if self.reap()? > 0 && ready(&self.table) {
+                if self.reap_for(cid)? > 0 && ready(&self.table) {
                     return Ok(());
                 }
                 spins = spins.wrapping_add(1);
@@ -982,7 +1001,7 @@ impl IoQueue {
             "an NVMe I/O completion"
         };
         loop {
-            if self.reap()? > 0 && ready(&self.table) {
+            if self.reap_for(cid)? > 0 && ready(&self.table) {
                 return Ok(());
             }
             self.idle(deadline, timeout, what)?;

@@ -165,7 +165,9 @@ struct Slot<K> {
     opcode: u8,
     status: u16,
     dw0: u32,
-    /// The ready list (completions not yet handed out), oldest first.
+    /// The ready list (completions not yet handed out), oldest first; a
+    /// completion about to be handed to its waiter is not linked.
+    linked: bool,
     prev: u16,
     next: u16,
     /// What the command keeps alive until the controller is done with it
@@ -200,6 +202,7 @@ impl<K> CommandTable<K> {
                     opcode: 0,
                     status: 0,
                     dw0: 0,
+                    linked: false,
                     prev: NONE,
                     next: NONE,
                     keep: None,
@@ -243,7 +246,12 @@ impl<K> CommandTable<K> {
         slot.generation = slot.generation.wrapping_add(1);
         slot.state = SlotState::InFlight;
         slot.opcode = opcode;
-        slot.keep = keep;
+        // A free slot keeps nothing (every release empties it): nothing to
+        // drop, and nothing to store for a command without a keep-alive.
+        debug_assert!(slot.keep.is_none());
+        if keep.is_some() {
+            slot.keep = keep;
+        }
         Some((cid, slot.generation))
     }
 
@@ -300,6 +308,20 @@ impl<K> CommandTable<K> {
     /// done with its memory.
     #[inline]
     pub fn complete(&mut self, cid: u16, status: u16, dw0: u32) -> Arrival {
+        self.complete_for(cid, status, dw0, None)
+    }
+
+    /// [`complete`](Self::complete), when a caller waits for CID `waited`:
+    /// its completion is kept out of the ready list, since it is taken at
+    /// once ([`take_completed`](Self::take_completed)).
+    #[inline]
+    pub fn complete_for(
+        &mut self,
+        cid: u16,
+        status: u16,
+        dw0: u32,
+        waited: Option<u16>,
+    ) -> Arrival {
         let Some(slot) = self.slots.get_mut(usize::from(cid)) else {
             return Arrival::Stray;
         };
@@ -308,7 +330,14 @@ impl<K> CommandTable<K> {
                 slot.state = SlotState::Completed;
                 slot.status = status;
                 slot.dw0 = dw0;
-                slot.keep = None;
+                if let Some(k) = slot.keep.take() {
+                    drop(k);
+                }
+                if waited == Some(cid) {
+                    slot.linked = false;
+                    return Arrival::Kept;
+                }
+                slot.linked = true;
                 slot.next = NONE;
                 slot.prev = self.ready_tail;
                 if self.ready_tail == NONE {
@@ -343,16 +372,18 @@ impl<K> CommandTable<K> {
             status: slot.status,
             dw0: slot.dw0,
         };
-        let (prev, next) = (slot.prev, slot.next);
-        if prev == NONE {
-            self.ready_head = next;
-        } else {
-            self.slots[usize::from(prev)].next = next;
-        }
-        if next == NONE {
-            self.ready_tail = prev;
-        } else {
-            self.slots[usize::from(next)].prev = prev;
+        if slot.linked {
+            let (prev, next) = (slot.prev, slot.next);
+            if prev == NONE {
+                self.ready_head = next;
+            } else {
+                self.slots[usize::from(prev)].next = next;
+            }
+            if next == NONE {
+                self.ready_tail = prev;
+            } else {
+                self.slots[usize::from(next)].prev = prev;
+            }
         }
         self.release(cid);
         Some(taken)
