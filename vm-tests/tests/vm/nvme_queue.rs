@@ -7,6 +7,7 @@
 //! | nvme0 | LBA 7424..8192 written, restored at the end | `nvme_queues_random_interleavings_match_the_namespace` |
 //! | shm1 | 0x3000000..0x3108000 | the same |
 //! | nvme1's CMB | 0x400000..0x508000 | the same |
+//! | nvme0 | reads only | `nvme_queues_in_threads_raw_commands_and_limits` |
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use dmabuf_p2p::importer::iommufd::{Ioas, IoasMapping, Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::{ByteRange, VfioPciDevice};
+use dmabuf_p2p_engine::nvme::command::Command;
 use dmabuf_p2p_engine::nvme::{
     CommandId, Dma, Done, IoQueue, Nvme, NvmeOptions, NvmeProblem, QueueOptions,
 };
@@ -673,8 +675,21 @@ fn nvme_queues_random_interleavings_match_the_namespace() {
             "{}",
             w.ctx()
         );
-        for _ in 0..STEPS {
+        Kmsg::mark(&format!(
+            "nvme queue property test: queue {segment}, qid {}, depth {depth}, {completion:?}, spin {spin:?}",
+            q.qid()
+        ));
+        for i in 0..STEPS {
             w.step += 1;
+            // Where a run that hangs was (the kernel log outlives it).
+            if i % 50 == 0 {
+                Kmsg::mark(&format!(
+                    "nvme queue property test: step {}, {} pending, {} given up",
+                    w.step,
+                    w.pending.len(),
+                    w.limbo.len()
+                ));
+            }
             step(&mut w, &mut q);
         }
         finish_segment(&mut w, q, segment % 4 == 3, segment + 1 == SEGMENTS);
@@ -1097,4 +1112,186 @@ fn finish_segment(w: &mut World, mut q: IoQueue, drop_in_flight: bool, last: boo
         drop(q);
     }
     w.check_idle_buffers(last);
+}
+
+/// Several queues at depth from threads of their own, each with its own
+/// MSI-X vector (one `/proc/interrupts` line per vector of nvme0) or
+/// polled with a spin budget; raw commands (Flush, a Read with its PRPs
+/// built by the queue); and the limits: the queues the controller granted,
+/// the depth, a full queue, a transfer past a held buffer's end.
+#[test]
+fn nvme_queues_in_threads_raw_commands_and_limits() {
+    let bdf = nvme_address("nvme0");
+    let iommufd = Iommufd::open().unwrap();
+    let ioas = iommufd.alloc_ioas().unwrap();
+    let nvme =
+        Nvme::open_with_options(bdf.parse().unwrap(), &ioas, NvmeOptions::new().io_queues(4))
+            .unwrap();
+    assert_eq!(nvme.io_queues_granted(), 4);
+    let lines = std::fs::read_to_string("/proc/interrupts").unwrap();
+    let vectors = lines
+        .lines()
+        .filter(|l| l.contains("vfio-msix") && l.contains(&bdf))
+        .count();
+    assert_eq!(vectors, 5, "admin + 4 I/O vectors:\n{lines}");
+
+    // Three more queues, driven by three threads at depth 32: two by
+    // interrupt, one polled and spinning.
+    let opts = [
+        QueueOptions::new().depth(32),
+        QueueOptions::new()
+            .depth(32)
+            .spin(Duration::from_micros(100)),
+        QueueOptions::new()
+            .depth(32)
+            .completion(Completion::Polling)
+            .spin(Duration::MAX),
+    ];
+    let queues: Vec<IoQueue> = opts
+        .iter()
+        .map(|o| nvme.create_queue(*o).unwrap())
+        .collect();
+    assert_eq!(
+        queues.iter().map(IoQueue::qid).collect::<Vec<_>>(),
+        vec![2, 3, 4]
+    );
+    assert_eq!(
+        queues.iter().map(IoQueue::completion).collect::<Vec<_>>(),
+        vec![
+            Completion::Interrupt,
+            Completion::Interrupt,
+            Completion::Polling
+        ]
+    );
+    // The controller granted four: a fifth is refused, naming it.
+    let e = nvme.create_queue(QueueOptions::new()).unwrap_err();
+    assert!(
+        matches!(problem(&e), NvmeProblem::NoQueueLeft { granted: 4 }),
+        "{e}"
+    );
+    std::thread::scope(|s| {
+        for (t, mut q) in queues.into_iter().enumerate() {
+            let ioas = &ioas;
+            s.spawn(move || {
+                const EACH: u64 = 8; // blocks, 4 KiB
+                let (mem, map) = ram(ioas, 32 * 4096, 0);
+                let map = Arc::new(map);
+                // 96 reads, 32 in flight, resubmitting after every
+                // completion taken; each 4 KiB of the buffer always holds
+                // the blocks of the read that went there last.
+                let lba_of = |n: u64| (t as u64 * 2000 + n * 24) % (NS_BLOCKS - EACH);
+                let mut slot_of = std::collections::HashMap::new();
+                let mut next = 0u64;
+                while next < 32 {
+                    let id = q
+                        .submit_read(lba_of(next), EACH as u32, Dma::held(&map, next * 4096))
+                        .unwrap();
+                    slot_of.insert(id, (next, next));
+                    next += 1;
+                }
+                assert!(q.submit_read(0, 1, Dma::held(&map, 0)).is_err(), "a 33rd");
+                let mut checked = 0;
+                while !slot_of.is_empty() {
+                    let done = q.wait_any(IO_TIMEOUT).unwrap();
+                    let done = q.check(done).unwrap();
+                    let (slot, n) = slot_of
+                        .remove(&done.id)
+                        .expect("a completion for a pending read");
+                    assert_bytes(
+                        &read_mem(&mem, slot * 4096, 4096),
+                        &nvme_image(lba_of(n) * BLOCK, 4096),
+                        slot * 4096,
+                        &format!("queue {} read {n}", q.qid()),
+                    );
+                    checked += 1;
+                    if next < 96 {
+                        let id = q
+                            .submit_read(lba_of(next), EACH as u32, Dma::held(&map, slot * 4096))
+                            .unwrap();
+                        slot_of.insert(id, (slot, next));
+                        next += 1;
+                    }
+                }
+                assert_eq!((checked, q.in_flight()), (96, 0));
+            });
+        }
+    });
+
+    // Raw commands on a queue of depth 2: Flush (no data), then a Read
+    // (opcode 2) built by hand whose PRP list the queue makes.
+    let mut q = nvme.create_queue(QueueOptions::new().depth(2)).unwrap();
+    let flush = Command {
+        opcode: 0x00,
+        nsid: 1,
+        ..Command::default()
+    };
+    let id = q.submit_raw(flush, None).unwrap();
+    let done = q.wait(id, IO_TIMEOUT).unwrap();
+    assert_eq!((done.opcode, done.is_success()), (0x00, true));
+    let (mem, map) = ram(&ioas, 0x20000, 0xee);
+    let map = Arc::new(map);
+    let read = Command {
+        opcode: 0x02,
+        nsid: 1,
+        cdw: [3000, 0, 63, 0, 0, 0], // LBA 3000, 64 blocks
+        ..Command::default()
+    };
+    let id = q
+        .submit_raw(read, Some((Dma::held(&map, 0x804), 64 * BLOCK)))
+        .unwrap();
+    q.wait(id, IO_TIMEOUT).unwrap();
+    assert_bytes(
+        &read_mem(&mem, 0x804, 0x8000),
+        &nvme_image(3000 * BLOCK, 0x8000),
+        0x804,
+        "a raw Read at a dword offset (PRP list)",
+    );
+    // A raw command the controller refuses: its status, as the error.
+    let bogus = Command {
+        opcode: 0x7f,
+        nsid: 1,
+        ..Command::default()
+    };
+    let id = q.submit_raw(bogus, None).unwrap();
+    let e = q.wait(id, IO_TIMEOUT).unwrap_err();
+    assert!(
+        problem(&e).status().is_some_and(|s| s.sc == 0x01),
+        "Invalid Command Opcode: {e}"
+    );
+
+    // Limits: a depth the driver does not make, a full queue, a transfer
+    // past the end of a held buffer.
+    let e = nvme.create_queue(QueueOptions::new().depth(0)).unwrap_err();
+    assert!(
+        matches!(problem(&e), NvmeProblem::QueueDepth { depth: 0, .. }),
+        "{e}"
+    );
+    let a = q.submit_read(0, 1, map.iova()).unwrap();
+    let b = q.submit_read(1, 1, map.iova() + 512).unwrap();
+    let e = q.submit_read(2, 1, map.iova() + 1024).unwrap_err();
+    assert!(
+        matches!(problem(&e), NvmeProblem::QueueFull { in_flight: 2 }),
+        "{e}"
+    );
+    q.abandon(a).unwrap();
+    q.quiesce(IO_TIMEOUT).unwrap();
+    // The given-up read is gone; the other's completion waits to be taken.
+    assert_eq!(q.in_flight(), 1);
+    let done = q.wait_any(IO_TIMEOUT).unwrap();
+    assert_eq!(done.id, b);
+    let e = q
+        .submit_read(0, 8, Dma::held(&map, 0x20000 - 0x800))
+        .unwrap_err();
+    assert!(
+        matches!(
+            problem(&e),
+            NvmeProblem::BufferOverrun {
+                bytes: 4096,
+                available: 0x800,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(q.stray_completions(), 0);
 }
