@@ -24,11 +24,16 @@
 //! 7. **nvme**: an NVMe controller's Reads into host RAM and into the BAR
 //!    (through its dma-buf IOVA), interleaved, as a ratio per size
 //!    (`dmabuf-p2p-engine`'s NVMe driver).
+//! 8. **nvmeqd**: the NVMe engine's queues at depth 1, 8 and 32, one queue
+//!    and two, against a raw driver loop on the same queue memory
+//!    ([`nvme_qd`]); QD1 latency polled and by MSI-X; the cost of one
+//!    command's submit and reap.
 //!
 //! Every figure is the median of repeated runs, with min and max. Options:
 //! `--quick` (a quarter of the time budgets), `--only=sweep,overhead,...`.
 
 mod nvme;
+mod nvme_qd;
 mod raw;
 mod stats;
 mod uapi;
@@ -187,6 +192,14 @@ fn run() -> R<()> {
     }
     if opts.wants("nvme") {
         nvme::reads(&opts, &dev, &ioas)?;
+    }
+    // `nvmeqd_cost` (the instruction-clock VM): only the per-command cost.
+    let cost_only = opts
+        .only
+        .as_ref()
+        .is_some_and(|l| l.iter().any(|p| p == "nvmeqd_cost"));
+    if opts.wants("nvmeqd") || cost_only {
+        nvme_qd::queue_depth(&opts, &dev, &ioas, !opts.wants("nvmeqd"))?;
     }
     emit_meta(
         "guest_seconds",

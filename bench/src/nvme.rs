@@ -18,7 +18,7 @@ const AREA: u64 = 1 << 20;
 const TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The first NVMe controller, if the VM has one.
-fn first_nvme() -> Option<String> {
+pub(crate) fn first_nvme() -> Option<String> {
     let mut all: Vec<String> = std::fs::read_dir("/sys/bus/pci/devices")
         .ok()?
         .flatten()

@@ -9,6 +9,11 @@
 //!   only; the docs are then written to the run directory, not `docs/`.
 //! * `cargo xtask bench --render FILE` — rewrite the docs from a saved
 //!   `results.json` without booting anything.
+//! * `cargo xtask bench --only=PARTS --merge FILE` — run some parts, put
+//!   their results into the saved full run `FILE` (e.g.
+//!   `docs/bench/results.json`) in place of that run's, and rewrite the
+//!   docs from it: one part measured again leaves the others' numbers (and
+//!   the prose written about them) alone.
 //! * `cargo xtask bench --strace` — the syscalls of two library and two raw
 //!   export-map-unmap-close cycles, labelled (needs the host's strace).
 //!
@@ -31,6 +36,7 @@ use crate::suite::{self, GuestBinaries, RunSpec};
 use crate::{Error, Result, deps, run_captured, workspace_root};
 
 mod notes;
+mod nvme_qd;
 mod plots;
 
 use notes::{OVERHEAD_NOTES, PLACEMENT_NOTES, REVOKE_NOTES, SCALE_NOTES, SWEEP_NOTES};
@@ -123,7 +129,8 @@ pub struct Results {
     /// Wall time of the VM.
     pub vm_seconds: f64,
     /// Wall time of the second VM, which ran the overhead and placement
-    /// parts on the instruction clock; `None` when it did not run.
+    /// parts and the NVMe part's per-command cost on the instruction clock;
+    /// `None` when it did not run.
     #[serde(default)]
     pub icount_vm_seconds: Option<f64>,
     /// Whether `--quick` was given.
@@ -187,6 +194,9 @@ struct Opts {
     quick: bool,
     only: Option<String>,
     render: Option<PathBuf>,
+    /// With `only`: put the parts' results into this saved full run's
+    /// `results.json` and rewrite the docs from it.
+    merge: Option<PathBuf>,
     /// Run the `trace` part under strace and print the trace (no docs).
     strace: bool,
 }
@@ -204,14 +214,80 @@ fn parse_opts(args: &[String]) -> Result<Opts> {
                     .ok_or_else(|| Error::Setup("--render needs a results.json".into()))?;
                 o.render = Some(PathBuf::from(f));
             }
+            "--merge" => {
+                let f = it
+                    .next()
+                    .ok_or_else(|| Error::Setup("--merge needs a results.json".into()))?;
+                o.merge = Some(PathBuf::from(f));
+            }
             s if s.starts_with("--only=") => o.only = Some(s["--only=".len()..].to_owned()),
             other => return Err(Error::Setup(format!("bench: unknown argument {other:?}"))),
         }
     }
+    if o.merge.is_some() && o.only.is_none() {
+        return Err(Error::Setup(
+            "--merge takes the parts of --only=PARTS into a saved run".into(),
+        ));
+    }
     Ok(o)
 }
 
-/// `cargo xtask bench [--quick] [--only=PARTS] [--render FILE]`; returns
+/// `base` (a saved full run) with the results of `part`, a run of the
+/// parts `only` (comma-separated): every record of the groups `part` has
+/// replaces the base's of those groups, its facts whose key starts with a
+/// part's name are taken, the rest of its facts (kernel, CPUs, ...) are
+/// the base's; a fact `merged:<part>` says when and how each part ran.
+pub fn merge_runs(mut base: Results, part: &Results, only: &str) -> Results {
+    let parts: Vec<&str> = only.split(',').filter(|p| !p.is_empty()).collect();
+    let groups: BTreeSet<&str> = part
+        .records
+        .iter()
+        .filter(|r| r.group != "meta")
+        .map(|r| r.group.as_str())
+        .collect();
+    let taken = |r: &Record| {
+        r.group != "meta"
+            || parts.iter().any(|p| r.key.starts_with(p))
+            || r.key.starts_with("merged:")
+    };
+    base.records.retain(|r| {
+        !groups.contains(r.group.as_str())
+            && !(r.group == "meta"
+                && (parts.iter().any(|p| r.key.starts_with(p))
+                    || parts.iter().any(|p| r.key == format!("merged:{p}"))))
+    });
+    base.records
+        .extend(part.records.iter().filter(|r| taken(r)).cloned());
+    let how = format!(
+        "{} UTC, {} accel, host load (1 min) {}, VM {:.0} s{}",
+        part.date,
+        part.accel,
+        part.host_load
+            .map_or("unknown".into(), |(a, b)| format!("{a:.2} / {b:.2}")),
+        part.vm_seconds,
+        part.icount_vm_seconds.map_or(String::new(), |v| format!(
+            ", instruction-clock VM {v:.0} s"
+        )),
+    );
+    for p in parts {
+        base.records.push(Record {
+            group: "meta".into(),
+            series: String::new(),
+            op: String::new(),
+            x: 0,
+            unit: String::new(),
+            median: None,
+            min: None,
+            max: None,
+            n: 0,
+            key: format!("merged:{p}"),
+            value: how.clone(),
+        });
+    }
+    base
+}
+
+/// `cargo xtask bench [--quick] [--only=PARTS [--merge FILE]] [--render FILE]`; returns
 /// whether the run succeeded.
 pub fn xtask(args: &[String]) -> Result<bool> {
     let opts = parse_opts(args)?;
@@ -244,15 +320,22 @@ pub fn xtask(args: &[String]) -> Result<bool> {
     };
     let mut records = main.records;
     // The overhead and placement parts again on the instruction clock (TCG
-    // only: KVM's clock is the real one).
-    let counted_parts: Vec<&str> = ["overhead", "placement"]
-        .into_iter()
-        .filter(|part| {
-            opts.only
-                .as_deref()
-                .is_none_or(|o| o.split(',').any(|p| p == *part))
-        })
-        .collect();
+    // only: KVM's clock is the real one), and the NVMe part's per-command
+    // cost (its queue-depth rows wait for the device, which that clock
+    // does not measure).
+    let counted_parts: Vec<&str> = [
+        ("overhead", "overhead"),
+        ("placement", "placement"),
+        ("nvmeqd", "nvmeqd_cost"),
+    ]
+    .into_iter()
+    .filter(|(part, _)| {
+        opts.only
+            .as_deref()
+            .is_none_or(|o| o.split(',').any(|p| p == *part))
+    })
+    .map(|(_, job)| job)
+    .collect();
     let accel = Accel::detect();
     let mut icount_vm_seconds = None;
     if !counted_parts.is_empty() && !opts.strace && accel == Accel::Tcg {
@@ -265,6 +348,7 @@ pub fn xtask(args: &[String]) -> Result<bool> {
             r.group = match r.group.as_str() {
                 "overhead" => ICOUNT_GROUP,
                 "placement" => ICOUNT_PLACEMENT_GROUP,
+                nvme_qd::GROUP => nvme_qd::ICOUNT_GROUP,
                 _ => return None,
             }
             .to_owned();
@@ -302,6 +386,21 @@ pub fn xtask(args: &[String]) -> Result<bool> {
         write_docs(&results, &run_dir.join("partial"))?;
     } else {
         write_docs(&results, &run_dir)?;
+    }
+    if let (Some(file), Some(only)) = (&opts.merge, &opts.only) {
+        let text = fs::read_to_string(file)
+            .map_err(|e| Error::io(format!("reading {}", file.display()), e))?;
+        let base: Results = serde_json::from_str(&text)
+            .map_err(|e| Error::Setup(format!("{}: {e}", file.display())))?;
+        let merged = merge_runs(base, &results, only);
+        let json =
+            serde_json::to_string_pretty(&merged).map_err(|e| Error::Setup(e.to_string()))?;
+        fs::write(file, json).map_err(|e| Error::io(format!("writing {}", file.display()), e))?;
+        write_docs(&merged, &workspace_root())?;
+        println!(
+            "bench: merged {only} into {} and wrote {DOC} and {PLOTS}/*.svg from it",
+            file.display()
+        );
     }
     if !partial {
         write_docs(&results, &workspace_root())?;
@@ -540,7 +639,7 @@ fn fmt_signed_ns(ns: f64) -> String {
     }
 }
 
-fn sig3(v: f64) -> String {
+pub(super) fn sig3(v: f64) -> String {
     if v >= 100.0 {
         format!("{v:.0}")
     } else if v >= 10.0 {
@@ -649,6 +748,7 @@ pub fn page(r: &Results) -> String {
     placement_section(&mut s, r);
     threads_section(&mut s, r);
     nvme_section(&mut s, r);
+    nvme_qd::section(&mut s, r);
     reproducing(&mut s);
     s
 }
@@ -1203,11 +1303,13 @@ fn reproducing(s: &mut String) {
          usual ones and {} MiB of RAM, and runs the parts in \
          order (type1 first, with the device's cdev closed; then everything through the cdev). \
          Under TCG it then boots the same VM again with `-icount {}` and runs the overhead and \
-         placement parts on the instruction clock (`target/testbed/bench-icount[-TAG]/`). \
+         placement parts and the NVMe part's per-command cost on the instruction clock \
+         (`target/testbed/bench-icount[-TAG]/`). \
          The results land in `target/testbed/bench[-TAG]/results.json`. `--quick` cuts the \
-         time budgets to a quarter; `--only=sweep,profile,overhead,revoke,scale,placement,threads,nvme` \
-         runs some parts (and leaves `docs/` alone). It is not part of the test suite and \
-         nothing asserts a time.",
+         time budgets to a quarter; `--only=sweep,profile,overhead,revoke,scale,placement,threads,nvme,nvmeqd` \
+         runs some parts (and leaves `docs/` alone); with `--merge docs/bench/results.json` \
+         their results replace those parts' in the saved run and the page is written from it. \
+         It is not part of the test suite and nothing asserts a time.",
         human_size(BIG_BAR),
         PCI_HOLE64,
         BENCH_MEMORY_MIB,
@@ -1740,6 +1842,104 @@ mod tests {
             host_load: Some((0.5, 1.0)),
             records,
         }
+    }
+
+    /// Part 8 renders from its records, and `--merge` puts a part's run
+    /// into a saved one: that part's records and facts replaced, the rest
+    /// left alone, twice over without duplicates.
+    #[test]
+    fn nvmeqd_part_renders_and_merges_into_a_saved_run() {
+        let base = sample();
+        let mut part = sample();
+        part.records.clear();
+        part.date = "2026-12-01 10:00".into();
+        part.host_load = Some((3.5, 4.0));
+        for (op, e, c) in [("latency_polled", 60e3, 58e3), ("q1_qd8_bar", 20e3, 16e3)] {
+            part.records
+                .push(rec(nvme_qd::GROUP, "engine", op, 4096, "ns", e));
+            part.records
+                .push(rec(nvme_qd::GROUP, "raw", op, 4096, "ns", c));
+            part.records
+                .push(rec(nvme_qd::GROUP, "ratio", op, 4096, "ratio", e / c));
+        }
+        for (series, sub, reap) in [("engine", 130.0, 90.0), ("raw", 120.0, 80.0)] {
+            part.records.push(rec(
+                nvme_qd::ICOUNT_GROUP,
+                series,
+                "cost_submit",
+                4096,
+                "ns",
+                sub,
+            ));
+            part.records.push(rec(
+                nvme_qd::ICOUNT_GROUP,
+                series,
+                "cost_reap",
+                4096,
+                "ns",
+                reap,
+            ));
+            part.records.push(rec(
+                nvme_qd::ICOUNT_GROUP,
+                series,
+                "cost_total",
+                4096,
+                "ns",
+                sub + reap,
+            ));
+        }
+        let mut fact = rec("meta", "", "", 0, "", 0.0);
+        fact.key = "nvmeqd_device".into();
+        fact.value = "0000:0f:00.0".into();
+        part.records.push(fact.clone());
+        fact.key = "bar_size".into();
+        fact.value = "4096".into();
+        part.records.push(fact);
+
+        let merged = merge_runs(base.clone(), &part, "nvmeqd");
+        // The base's parts and facts stay; the part's own fact is taken.
+        assert_eq!(merged.meta("bar_size"), base.meta("bar_size"));
+        assert_eq!(merged.meta("nvmeqd_device"), Some("0000:0f:00.0"));
+        assert_eq!(
+            merged
+                .records
+                .iter()
+                .filter(|r| r.group == "overhead")
+                .count(),
+            base.records
+                .iter()
+                .filter(|r| r.group == "overhead")
+                .count()
+        );
+        assert!(
+            merged
+                .meta("merged:nvmeqd")
+                .is_some_and(|m| m.contains("2026-12-01 10:00") && m.contains("3.50 / 4.00"))
+        );
+        // Merging again replaces, not adds.
+        let again = merge_runs(merged.clone(), &part, "nvmeqd");
+        assert_eq!(again.records.len(), merged.records.len());
+
+        let p = page(&merged);
+        assert!(p.contains("## 8. NVMe queue depth and latency"), "{p}");
+        assert!(
+            p.contains("| QD1 latency, polled (spinning) | 4 KiB | 60.0 µs"),
+            "{p}"
+        );
+        assert!(
+            p.contains("Rows over 1.10 of the control: 1 queue, QD8, BAR, 4 KiB: 1.250."),
+            "{p}"
+        );
+        assert!(
+            p.contains("| 4 KiB | 130 | 120 | 90 | 80 | 220 | 200 | **1.100** (+20) |"),
+            "{p}"
+        );
+        assert!(
+            p.contains("measured in a run of its own: 2026-12-01 10:00 UTC"),
+            "{p}"
+        );
+        // Without the part, no section.
+        assert!(!page(&base).contains("## 8."));
     }
 
     #[test]

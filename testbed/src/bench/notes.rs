@@ -230,3 +230,13 @@ What the numbers say:
   (`nr_iommu_pages`) grow too little to show: 4096 consecutive pages fit in a
   handful of table pages.
 "#;
+
+/// Observations on the NVMe queue-depth part (part 8).
+pub(super) const NVMEQD_NOTES: &str = r#"
+How to read it: the control does the least a driver can (no request
+checks, the slot index as the command ID, nothing kept alive, no error
+values), so the engine / control ratio is what the engine's safety costs on
+each row. Under TCG the device's time dominates every row but the
+per-command cost, and the wall clock is shared with the rest of the host
+(its load is in the run table above).
+"#;
