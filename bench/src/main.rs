@@ -28,10 +28,13 @@
 //!    and two, against a raw driver loop on the same queue memory
 //!    ([`nvme_qd`]); QD1 latency polled and by MSI-X; the cost of one
 //!    command's submit and reap.
+//! 9. **firstexport**: the first BAR export of a freshly opened device
+//!    against the second, and the raw export between them.
 //!
 //! Every figure is the median of repeated runs, with min and max. Options:
 //! `--quick` (a quarter of the time budgets), `--only=sweep,overhead,...`.
 
+mod first_export;
 mod nvme;
 mod nvme_qd;
 mod raw;
@@ -147,6 +150,11 @@ fn run() -> R<()> {
     }
 
     let iommufd = Iommufd::open()?;
+    // Before the device is opened for the other parts: it opens its own
+    // handle each time (a device is bound once at a time).
+    if opts.wants("firstexport") {
+        first_export::first_export(&opts, &iommufd, &bdf)?;
+    }
     let ioas = iommufd.alloc_ioas()?;
     let mut dev = VfioPciDevice::open(bdf.parse()?)?;
     dev.bind(&iommufd)?;

@@ -35,6 +35,7 @@ use crate::qemu::{Accel, Ivshmem};
 use crate::suite::{self, GuestBinaries, RunSpec};
 use crate::{Error, Result, deps, run_captured, workspace_root};
 
+mod first_export;
 mod notes;
 mod nvme_qd;
 mod plots;
@@ -650,7 +651,7 @@ pub(super) fn sig3(v: f64) -> String {
 }
 
 /// `median (min–max)` in the unit of the median.
-fn cell(r: Option<&Record>) -> String {
+pub(super) fn cell(r: Option<&Record>) -> String {
     let Some(r) = r else { return "–".into() };
     let (Some(med), Some(min), Some(max)) = (r.median, r.min, r.max) else {
         return "–".into();
@@ -749,6 +750,7 @@ pub fn page(r: &Results) -> String {
     threads_section(&mut s, r);
     nvme_section(&mut s, r);
     nvme_qd::section(&mut s, r);
+    first_export::section(&mut s, r);
     reproducing(&mut s);
     s
 }
@@ -1306,7 +1308,7 @@ fn reproducing(s: &mut String) {
          placement parts and the NVMe part's per-command cost on the instruction clock \
          (`target/testbed/bench-icount[-TAG]/`). \
          The results land in `target/testbed/bench[-TAG]/results.json`. `--quick` cuts the \
-         time budgets to a quarter; `--only=sweep,profile,overhead,revoke,scale,placement,threads,nvme,nvmeqd` \
+         time budgets to a quarter; `--only=sweep,profile,overhead,revoke,scale,placement,threads,nvme,nvmeqd,firstexport` \
          runs some parts (and leaves `docs/` alone); with `--merge docs/bench/results.json` \
          their results replace those parts' in the saved run and the page is written from it. \
          It is not part of the test suite and nothing asserts a time.",
@@ -1896,7 +1898,15 @@ mod tests {
         fact.value = "4096".into();
         part.records.push(fact);
 
-        let merged = merge_runs(base.clone(), &part, "nvmeqd");
+        for (op, v) in [
+            ("open", 3e6),
+            ("library_first", 2e5),
+            ("library_later", 1.9e5),
+        ] {
+            part.records
+                .push(rec(first_export::GROUP, "library", op, 65536, "ns", v));
+        }
+        let merged = merge_runs(base.clone(), &part, "nvmeqd,firstexport");
         // The base's parts and facts stay; the part's own fact is taken.
         assert_eq!(merged.meta("bar_size"), base.meta("bar_size"));
         assert_eq!(merged.meta("nvmeqd_device"), Some("0000:0f:00.0"));
@@ -1917,7 +1927,7 @@ mod tests {
                 .is_some_and(|m| m.contains("2026-12-01 10:00") && m.contains("3.50 / 4.00"))
         );
         // Merging again replaces, not adds.
-        let again = merge_runs(merged.clone(), &part, "nvmeqd");
+        let again = merge_runs(merged.clone(), &part, "nvmeqd,firstexport");
         assert_eq!(again.records.len(), merged.records.len());
 
         let p = page(&merged);
@@ -1938,8 +1948,16 @@ mod tests {
             p.contains("measured in a run of its own: 2026-12-01 10:00 UTC"),
             "{p}"
         );
-        // Without the part, no section.
-        assert!(!page(&base).contains("## 8."));
+        assert!(p.contains("## 9. The first BAR export of a device"), "{p}");
+        assert!(
+            p.contains(
+                "| `library_first` | the handle's first export, by the library (`export_bar`, \
+                 and dropping it) | 200 µs (180–220) |"
+            ),
+            "{p}"
+        );
+        // Without the parts, no sections.
+        assert!(!page(&base).contains("## 8.") && !page(&base).contains("## 9."));
     }
 
     #[test]

@@ -240,3 +240,25 @@ each row. Under TCG the device's time dominates every row but the
 per-command cost, and the wall clock is shared with the rest of the host
 (its load is in the run table above).
 "#;
+
+/// Observations on the first export of a device (part 9).
+pub(super) const FIRST_EXPORT_NOTES: &str = r#"
+What the numbers say:
+
+- The kernel's first export of a freshly opened device costs more than its
+  later ones (`raw_first` against `raw_after_library`, about 2.5 times
+  here): that part of the gap is VFIO's and no library can remove it.
+- The library adds one `VFIO_DEVICE_GET_REGION_INFO` to the first export
+  of a BAR (`library_after_raw` against `library_later`). Before the
+  `resource` lines moved into `open` (the same part, 2026-12-07, host load
+  8-10), the library's first export took 1.77 ms and its first export
+  after a raw one 2.13 ms, against 98 µs for a later one: a `stat` of the
+  sysfs device and a read of its `resource` file, each a few hundred
+  microseconds to a millisecond and more under TCG. `open` now makes that
+  read once, with its other sysfs reads, without the `stat` (the device
+  was found a moment before): `open` costs about that much more (2.95 ms
+  then, the table's now; noisy), and open plus first export costs a
+  `stat` less than before.
+- A device adopted from a VMM (`VfioPciDevice::adopt`) has no `open`: its
+  first look at a BAR still reads sysfs.
+"#;
