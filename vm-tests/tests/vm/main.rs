@@ -6,6 +6,7 @@
 //! narrower IOMMU, another topology: `testbed/src/profile.rs`); the rest run
 //! in the standard VM.
 
+mod alloc_count;
 mod bad_input;
 mod concurrency;
 mod dmabuf;

@@ -14,6 +14,7 @@
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::alloc_count::allocations;
 use dmabuf_p2p::importer::iommufd::{Ioas, IoasMapping, Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::{ByteRange, VfioPciDevice};
@@ -1178,25 +1179,37 @@ fn nvme_queues_in_threads_raw_commands_and_limits() {
                 let map = Arc::new(map);
                 // 96 reads, 32 in flight, resubmitting after every
                 // completion taken; each 4 KiB of the buffer always holds
-                // the blocks of the read that went there last.
+                // the blocks of the read that went there last. The engine's
+                // calls are counted for heap allocations: none.
                 let lba_of = |n: u64| (t as u64 * 2000 + n * 24) % (NS_BLOCKS - EACH);
-                let mut slot_of = std::collections::HashMap::new();
+                // By CID: the pending command, its slot, its read number.
+                let mut pending: [Option<(CommandId, u64, u64)>; 32] = [None; 32];
+                let mut engine_allocations = 0;
+                let submit = |q: &mut IoQueue, slot: u64, n: u64, count: &mut u64| {
+                    let before = allocations();
+                    let id = q
+                        .submit_read(lba_of(n), EACH as u32, Dma::held(&map, slot * 4096))
+                        .unwrap();
+                    *count += allocations() - before;
+                    id
+                };
                 let mut next = 0u64;
                 while next < 32 {
-                    let id = q
-                        .submit_read(lba_of(next), EACH as u32, Dma::held(&map, next * 4096))
-                        .unwrap();
-                    slot_of.insert(id, (next, next));
+                    let id = submit(&mut q, next, next, &mut engine_allocations);
+                    pending[usize::from(id.cid())] = Some((id, next, next));
                     next += 1;
                 }
                 assert!(q.submit_read(0, 1, Dma::held(&map, 0)).is_err(), "a 33rd");
                 let mut checked = 0;
-                while !slot_of.is_empty() {
+                while pending.iter().any(Option::is_some) {
+                    let before = allocations();
                     let done = q.wait_any(IO_TIMEOUT).unwrap();
                     let done = q.check(done).unwrap();
-                    let (slot, n) = slot_of
-                        .remove(&done.id)
+                    engine_allocations += allocations() - before;
+                    let (id, slot, n) = pending[usize::from(done.id.cid())]
+                        .take()
                         .expect("a completion for a pending read");
+                    assert_eq!(id, done.id);
                     assert_bytes(
                         &read_mem(&mem, slot * 4096, 4096),
                         &nvme_image(lba_of(n) * BLOCK, 4096),
@@ -1205,14 +1218,18 @@ fn nvme_queues_in_threads_raw_commands_and_limits() {
                     );
                     checked += 1;
                     if next < 96 {
-                        let id = q
-                            .submit_read(lba_of(next), EACH as u32, Dma::held(&map, slot * 4096))
-                            .unwrap();
-                        slot_of.insert(id, (slot, next));
+                        let id = submit(&mut q, slot, next, &mut engine_allocations);
+                        pending[usize::from(id.cid())] = Some((id, slot, next));
                         next += 1;
                     }
                 }
                 assert_eq!((checked, q.in_flight()), (96, 0));
+                assert_eq!(
+                    engine_allocations,
+                    0,
+                    "queue {}: heap allocations in 96 submits and 96 wait_any",
+                    q.qid()
+                );
             });
         }
     });
