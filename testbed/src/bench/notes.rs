@@ -64,7 +64,7 @@ operation:
 
 | operation | raw | library |
 |---|---|---|
-| export | `ioctl(VFIO_DEVICE_FEATURE)` | the same (the first export of a BAR also reads the BAR once: `VFIO_DEVICE_GET_REGION_INFO`, `statx` of the sysfs device, `openat`/`statx`/`read`/`read`/`close` of its `resource`) |
+| export | `ioctl(VFIO_DEVICE_FEATURE)` | the same (the first export of a BAR also asks `VFIO_DEVICE_GET_REGION_INFO` once; it read the device's sysfs `resource` too, which `open` does now: part 9) |
 | map | `ioctl(IOMMU_IOAS_MAP_FILE)` | the same |
 | unmap | `ioctl(IOMMU_IOAS_UNMAP)` | the same |
 | close | `close` | the same |
