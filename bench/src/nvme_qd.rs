@@ -288,7 +288,7 @@ fn measure_row(opts: &Opts, nvme: &Nvme, areas: &Areas, blocks: u64, row: &Row) 
         (false, 4096) => 256,
         (false, _) => 64,
     };
-    let budget = opts.budget(5, 41, 6.0);
+    let budget = opts.budget(15, 61, 10.0);
     let (mut engine, mut raw, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
     // One untimed round of each first.
     let mut lbas: Vec<Lbas> = (0..row.queues)

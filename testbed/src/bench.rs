@@ -260,7 +260,7 @@ pub fn merge_runs(mut base: Results, part: &Results, only: &str) -> Results {
     base.records
         .extend(part.records.iter().filter(|r| taken(r)).cloned());
     let how = format!(
-        "{} UTC, {} accel, host load (1 min) {}, VM {:.0} s{}",
+        "{}, {} accel, host load (1 min) {}, VM {:.0} s{}",
         part.date,
         part.accel,
         part.host_load
@@ -1854,7 +1854,7 @@ mod tests {
         let base = sample();
         let mut part = sample();
         part.records.clear();
-        part.date = "2026-12-01 10:00".into();
+        part.date = "2026-12-01 10:00 UTC".into();
         part.host_load = Some((3.5, 4.0));
         for (op, e, c) in [("latency_polled", 60e3, 58e3), ("q1_qd8_bar", 20e3, 16e3)] {
             part.records

@@ -235,10 +235,42 @@ What the numbers say:
 pub(super) const NVMEQD_NOTES: &str = r#"
 How to read it: the control does the least a driver can (no request
 checks, the slot index as the command ID, nothing kept alive, no error
-values), so the engine / control ratio is what the engine's safety costs on
-each row. Under TCG the device's time dominates every row but the
-per-command cost, and the wall clock is shared with the rest of the host
-(its load is in the run table above).
+values), so engine / control is what the engine's checks and bookkeeping
+cost on each row.
+
+What the numbers say (the run of 2026-12-07 16:22 UTC, on a 2-core host
+with a load average of 10: other engineers' VMs):
+
+- **The wall clock is noisy here.** Each row's 61 rounds spread widely:
+  the min–max of the per-round ratio reaches 0.1–13 on the host-RAM rows,
+  and a row's own times are bimodal (QD8, 4 KiB into RAM: 17 µs per
+  command at best, 60–66 µs at the median, for both). The BAR rows ran in
+  a quieter stretch (QD8, 4 KiB: 0.43–1.38). Twenty of the 26 rows have
+  a median ratio within 1.10; the six above it (1.10–1.16) have rounds
+  below 0.5 and above 2.5, so this run cannot tell them from noise. A
+  quick run earlier the same day (a quarter of the budget, before the
+  hot-path work below, host load about 7) had 25 of 26 rows within 1.10.
+  QD1 latency, polled and by MSI-X, is within 3% of the control.
+- **On the instruction clock the engine is not within 10% of the
+  control**: a 4 KiB Read costs 315 instructions to submit and reap
+  through the engine against 63 for the control (5.0 times), a 128 KiB
+  Read 595 against 191 (3.1 times; its 31-entry PRP list is written by
+  both). The submit adds about 95 instructions (the request checks, a
+  command ID from the table, the ID returned), the reap about 155 (the ID
+  looked up and checked against its generation, the table's state
+  machine, the completion and its status made into a `Done` in a
+  `Result`). The control leaves out exactly what issue 26 asked the
+  engine for: a completion handed out once to the command it belongs to,
+  stale IDs refused, buffers held until the device is done, typed errors.
+  Those 250 instructions are a small part of a command's time under TCG
+  (17–90 µs per command on the rows above), which is why the wall-clock
+  rows sit near 1.0. Before the hot-path work (inlining, one table lookup
+  per wait, the waited completion handed over without the ready list) the
+  engine took 377 instructions against 160 for a control that still read
+  the clock in its reap.
+- Two queues on two threads are not faster than one here: TCG runs both
+  vCPUs on one host thread, and the controller's model runs in QEMU's
+  main loop.
 "#;
 
 /// Observations on the first export of a device (part 9).
