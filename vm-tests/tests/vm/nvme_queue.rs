@@ -11,6 +11,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -503,6 +504,64 @@ impl World {
     }
 }
 
+/// Ends the suite, saying where, when the property test makes no progress
+/// for a minute: every engine call is bounded (20 s at most), so a minute
+/// without a step is a system call that does not return or a frozen VM,
+/// not a slow run. What it last noted (step, and the step's operation) is
+/// in the kernel log and on the report port.
+struct Watchdog {
+    seen: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    fn start(seed: u64) -> Self {
+        let seen = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, st) = (Arc::clone(&seen), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            let (mut last, mut since) = (u64::MAX, Instant::now());
+            while !st.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(500));
+                let now = s.load(Ordering::Relaxed);
+                if now != last {
+                    (last, since) = (now, Instant::now());
+                } else if since.elapsed() > Duration::from_secs(60) {
+                    let msg = format!(
+                        "nvme queue property test: seed {seed}: no progress for 60 s at step {}, operation {} (0-99: the step's roll; 200 setup, 201 finishing a queue, 202 the final check)",
+                        now >> 8,
+                        now & 0xff
+                    );
+                    Kmsg::mark(&msg);
+                    directive(&msg);
+                    std::process::abort();
+                }
+            }
+        });
+        Self {
+            seen,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Notes step `step` doing operation `op`.
+    fn note(&self, step: usize, op: u64) {
+        self.seen
+            .store(((step as u64) << 8) | (op & 0xff), Ordering::Relaxed);
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Random interleavings of submit (one, or a batch behind one doorbell),
 /// wait, wait_any, zero-timeout polls and waits, give-ups (drops) and
 /// waits for finished commands, on queues of depth 1 to 64 with interrupts
@@ -533,6 +592,8 @@ fn nvme_queues_random_interleavings_match_the_namespace() {
     ));
     Kmsg::mark(&format!("nvme queue property test: seed {seed}"));
     let started = Instant::now();
+    let watchdog = Watchdog::start(seed);
+    watchdog.note(0, 200);
 
     let iommufd = Iommufd::open().unwrap();
     let ioas = iommufd.alloc_ioas().unwrap();
@@ -691,11 +752,13 @@ fn nvme_queues_random_interleavings_match_the_namespace() {
                     w.limbo.len()
                 ));
             }
-            step(&mut w, &mut q);
+            step(&mut w, &mut q, &watchdog);
         }
+        watchdog.note(w.step, 201);
         finish_segment(&mut w, q, segment % 4 == 3, segment + 1 == SEGMENTS);
     }
 
+    watchdog.note(w.step, 202);
     // The written area reads as the model says, through the controller's
     // own queue; then it gets the image's bytes back.
     let (mem, map) = ram(&w.ioas, 128 << 10, 0);
@@ -756,9 +819,11 @@ fn nvme_queues_random_interleavings_match_the_namespace() {
 }
 
 /// One random step on queue `q`.
-fn step(w: &mut World, q: &mut IoQueue) {
+fn step(w: &mut World, q: &mut IoQueue, watchdog: &Watchdog) {
     resolve_dropped_ram(w);
-    match w.rng.below(100) {
+    let roll = w.rng.below(100);
+    watchdog.note(w.step, roll);
+    match roll {
         0..=29 => submit(w, q, 1, false),
         30..=37 => {
             let n = 2 + w.rng.below(3) as usize;
