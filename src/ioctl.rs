@@ -24,6 +24,11 @@
 //! Only requests the public API uses have a wrapper here (the legacy VFIO
 //! group/container requests, for one, have none: their numbers and structs
 //! stay in [`crate::sys`]).
+//!
+//! The few other calls that need raw memory or a raw syscall live here too:
+//! receiving fds over `SCM_RIGHTS` (the kernel installs fds), the
+//! `SO_PASSRIGHTS` option libc lacks, and [`getdents64`], which nix does not
+//! wrap.
 
 use std::ffi::CStr;
 use std::io;
@@ -935,6 +940,60 @@ pub fn iommu_test_dmabuf_revoke(
     // SAFETY: as in `iommu_test_dmabuf_get`: a plain-integer struct of the
     // full selftest command size.
     unsafe { ioctl_with_mut(iommufd, sys::iommufd_test::IOMMU_TEST_CMD, &mut cmd) }.map(drop)
+}
+
+// ---------------------------------------------------------------------------
+// rust-vmm handles (feature `rust-vmm`)
+// ---------------------------------------------------------------------------
+
+/// A duplicate (close-on-exec) of the VFIO cdev fd a rust-vmm
+/// `VfioDevice` owns. Not an ioctl, but the one other place that must name
+/// an fd by number: rust-vmm's types offer `AsRawFd` only.
+#[cfg(feature = "rust-vmm")]
+pub fn dup_vfio_device(device: &vfio_ioctls::VfioDevice) -> io::Result<OwnedFd> {
+    // SAFETY: `VfioDevice` owns the `File` whose fd `as_raw_fd` returns and
+    // closes it only when dropped; `device` is borrowed for this whole
+    // call, so the fd is open and names that file while it is duplicated.
+    let fd = unsafe { BorrowedFd::borrow_raw(device.as_raw_fd()) };
+    fd.try_clone_to_owned()
+}
+
+/// A duplicate (close-on-exec) of the `/dev/iommu` fd a rust-vmm `IommuFd`
+/// owns (see [`dup_vfio_device`]).
+#[cfg(feature = "rust-vmm")]
+pub fn dup_iommufd(iommufd: &iommufd_ioctls::IommuFd) -> io::Result<OwnedFd> {
+    // SAFETY: `IommuFd` owns the `File` whose fd `as_raw_fd` returns and
+    // closes it only when dropped; `iommufd` is borrowed for this whole
+    // call, so the fd is open and names that file while it is duplicated.
+    let fd = unsafe { BorrowedFd::borrow_raw(iommufd.as_raw_fd()) };
+    fd.try_clone_to_owned()
+}
+
+// ---------------------------------------------------------------------------
+// Directory entries (getdents64)
+// ---------------------------------------------------------------------------
+//
+// Not an ioctl: a syscall nix does not wrap. nix's `Dir` (like std's
+// `read_dir`) reads through libc's `readdir`, into a buffer libc allocates
+// and the kernel may fault in while it writes; `crate::dir` needs the
+// kernel to write into a buffer the caller has already written (see there
+// why).
+
+/// One `getdents64(2)` of `dir` into `buf`: the bytes of whole
+/// `struct linux_dirent64` records written (0 at the end of the directory).
+pub fn getdents64(dir: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: the kernel writes at most `buf.len()` bytes at `buf`, which is
+    // valid for writes for the whole call; `dir` stays open because it is
+    // borrowed.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_getdents64,
+            dir.as_raw_fd(),
+            buf.as_mut_ptr(),
+            buf.len(),
+        )
+    };
+    usize::try_from(ret).map_err(|_| io::Error::last_os_error())
 }
 
 #[cfg(test)]

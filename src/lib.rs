@@ -6,10 +6,17 @@
 //! * The **handle** [`DmaBuf`] owns one dma-buf fd.
 //! * **Importers** ([`importer`]) map a dma-buf into an iommufd IO address space
 //!   (`IOMMU_IOAS_MAP_FILE`) at an IOVA that devices then DMA to.
+//! * **Topology** ([`topology`]) says beforehand whether DMA between two PCI
+//!   functions can work, which way it goes (through a switch or the root
+//!   complex), whether the IOMMU translates it, and why not.
+//! * **Inside a VMM** ([`vmm`]), [`GuestBarMap`](vmm::GuestBarMap) keeps every
+//!   assigned device's offered BARs mapped at their guest-physical addresses,
+//!   following the guest's config-space writes.
 //!
 //! See `docs/ARCHITECTURE.md` for the layers and which kernel object each type owns.
 
 mod deadline;
+mod dir;
 pub mod dmabuf;
 pub mod error;
 pub mod exporter;
@@ -21,14 +28,18 @@ pub mod memfd;
 pub mod pci;
 pub mod range;
 pub mod revoke;
+#[cfg(feature = "rust-vmm")]
+pub mod rust_vmm;
 #[cfg(feature = "share")]
 pub mod share;
 mod shared_fd;
 // The uAPI bindings, for the ioctl layer: not API.
 mod sys;
 pub mod sysfs;
+pub mod topology;
 mod types;
 pub mod vfio;
+pub mod vmm;
 
 pub use dmabuf::{Access, DmaBuf, SyncFile, is_dmabuf};
 pub use error::{AllowedIovaProblem, Error, RangeProblem, Result};
@@ -49,7 +60,8 @@ pub use types::ShareProblem;
 pub use vfio::{Bar, BarMapping, DeviceInfo, RegionInfo, VfioPciDevice};
 
 /// The VMM author's guide (`docs/GUIDE.md`), here so its snippets compile as
-/// doctests. It walks through sharing too, hence the feature.
-#[cfg(feature = "share")]
+/// doctests. It walks through sharing and rust-vmm interop too, hence the
+/// features (the test command turns both on).
+#[cfg(all(feature = "share", feature = "rust-vmm"))]
 #[doc = include_str!("../docs/GUIDE.md")]
 pub mod guide {}

@@ -1,4 +1,4 @@
-//! Part 9, **firstexport**: what the first BAR export of a freshly opened
+//! Part 10, **firstexport**: what the first BAR export of a freshly opened
 //! device costs against a later one, and whose cost it is. The device
 //! under test is opened (`VfioPciDevice::open`, which reads the device's
 //! sysfs directory, its `resource` lines included), bound, decode turned

@@ -1,4 +1,4 @@
-//! Part 8, **nvmeqd**: the NVMe engine's queues against a raw driver loop
+//! Part 9, **nvmeqd**: the NVMe engine's queues against a raw driver loop
 //! written here, on the same controller, namespace, queue memory and BAR.
 //!
 //! The control drives the engine's own queue through

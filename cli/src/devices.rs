@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use dmabuf_p2p::sysfs::{PciDeviceInfo, Sysfs};
+use dmabuf_p2p::topology::upstream_bridges;
 use dmabuf_p2p_engine::detect::{EngineKind, TargetBar, target_bars};
 
 use crate::{CliError, print_json};
@@ -20,13 +21,65 @@ pub struct Args {
 }
 
 /// One device as `--json` prints it: sysfs's facts, the engine driver that
-/// can drive it, and its BARs that are peer-to-peer DMA targets.
+/// can drive it, its BARs that are peer-to-peer DMA targets, and the
+/// bridges above it.
 #[derive(Debug, serde::Serialize)]
 struct Listed<'a> {
     #[serde(flatten)]
     info: &'a PciDeviceInfo,
     engine: Option<EngineKind>,
     p2p_targets: Vec<TargetBar>,
+    upstream: Option<UpstreamBrief>,
+    /// Why `upstream` could not be read.
+    upstream_unknown: Option<String>,
+}
+
+/// The bridges above a device, nearest first, and its host bridge.
+#[derive(Debug, serde::Serialize)]
+struct UpstreamBrief {
+    bridges: Vec<BridgeBrief>,
+    host_bridge: String,
+}
+
+/// One bridge above a device: what it is and its ACS.
+#[derive(Debug, serde::Serialize)]
+struct BridgeBrief {
+    address: dmabuf_p2p::PciAddress,
+    kind: &'static str,
+    acs: String,
+}
+
+impl UpstreamBrief {
+    /// Reads it; what went wrong becomes text (a device whose path cannot
+    /// be read is still listed).
+    fn read(sysfs: &Sysfs, addr: dmabuf_p2p::PciAddress) -> Result<Self, String> {
+        let (host_bridge, bridges) = upstream_bridges(sysfs, addr).map_err(|e| e.to_string())?;
+        Ok(Self {
+            bridges: bridges
+                .iter()
+                .map(|b| BridgeBrief {
+                    address: b.address,
+                    kind: b.kind(),
+                    acs: b.acs_summary(),
+                })
+                .collect(),
+            host_bridge,
+        })
+    }
+
+    /// `0000:02:00.0 switch downstream port (no ACS) > ... > pci0000:00`.
+    fn line(&self) -> String {
+        if self.bridges.is_empty() {
+            return format!("on the root bus of {}", self.host_bridge);
+        }
+        let mut parts: Vec<String> = self
+            .bridges
+            .iter()
+            .map(|b| format!("{} {} ({})", b.address, b.kind, b.acs))
+            .collect();
+        parts.push(self.host_bridge.clone());
+        parts.join(" > ")
+    }
 }
 
 /// Lists the devices.
@@ -45,10 +98,15 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     }
     let listed: Vec<Listed<'_>> = infos
         .iter()
-        .map(|info| Listed {
-            info,
-            engine: EngineKind::detect(info.vendor, info.device, info.class),
-            p2p_targets: target_bars(info),
+        .map(|info| {
+            let upstream = UpstreamBrief::read(&sysfs, info.address);
+            Listed {
+                info,
+                engine: EngineKind::detect(info.vendor, info.device, info.class),
+                p2p_targets: target_bars(info),
+                upstream_unknown: upstream.as_ref().err().cloned(),
+                upstream: upstream.ok(),
+            }
         })
         .collect();
     if json {
@@ -59,6 +117,8 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
         info,
         engine,
         p2p_targets,
+        upstream,
+        upstream_unknown,
     } in &listed
     {
         outln!(
@@ -73,6 +133,10 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
                 .as_deref()
                 .map_or("-".to_owned(), |v| format!("/dev/vfio/devices/{v}")),
         )?;
+        match (upstream, upstream_unknown) {
+            (Some(u), _) => outln!("    upstream: {}", u.line())?,
+            (None, e) => outln!("    upstream: unknown ({})", e.as_deref().unwrap_or("?"))?,
+        }
         if let Some(kind) = engine {
             let what = match kind {
                 EngineKind::Edu => "copy engine",

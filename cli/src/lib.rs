@@ -14,13 +14,16 @@ macro_rules! outln {
 
 mod devices;
 mod export;
+mod lines;
 mod manual;
 mod p2p;
 mod p2p_args;
 mod p2p_nvme;
 mod p2p_report;
+mod p2p_verdict;
 mod share;
 pub mod target;
+mod topology;
 #[cfg(feature = "vm")]
 mod vm;
 
@@ -50,6 +53,10 @@ pub enum Command {
     Devices(devices::Args),
     /// Export a BAR range as a dma-buf and show its fdinfo and physical ranges.
     Export(export::Args),
+    /// Will P2P DMA from an engine into a target's BAR work here, and why
+    /// not: the PCI path as a tree (bridges, ACS, IOMMU groups), the route
+    /// (through a switch or the root complex), the IOMMU's reach, the verdict.
+    Topology(topology::Args),
     /// Copy into and out of a BAR with a DMA engine through the IOMMU, verify
     /// every transfer, then revoke and restore.
     P2pTest(p2p_args::Args),
@@ -72,6 +79,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
         Command::Devices(a) => devices::run(&a, cli.json),
         Command::Export(a) => export::run(&a, cli.json),
+        Command::Topology(a) => topology::run(&a, cli.json),
         Command::P2pTest(a) => p2p::run(&a, cli.json),
         Command::Map(a) => share::run_map(&a, cli.json),
         #[cfg(feature = "vm")]

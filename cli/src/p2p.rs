@@ -16,6 +16,7 @@ use dmabuf_p2p_engine::edu::Edu;
 
 use crate::p2p_args::Args;
 use crate::p2p_report::{Report, host_check, pattern, print_report};
+use crate::p2p_verdict;
 use crate::{CliError, print_json};
 
 /// Runs the test.
@@ -41,6 +42,9 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     }
     let iommufd = Iommufd::open()?;
     let ioas = iommufd.alloc_ioas()?;
+    // The engine first: the verdict judges the target against the usable
+    // IOVAs of an IOAS it is attached to.
+    let mut engine = Edu::open(args.engine, &ioas)?;
     let (target_dev, nvme_default) =
         super::p2p_nvme::open_target(args.target.device, args.target.bar, &iommufd, &ioas)?;
     let target = target_dev.dev();
@@ -61,15 +65,19 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
             format!("--size {size:#x}: the target range {range} must hold two transfers").into(),
         );
     }
+    let verdict = p2p_verdict::judge(args.engine, args.target.device, bar, &ioas);
+    if !json {
+        p2p_verdict::print(&verdict)?;
+    }
+    let (placement, why) = p2p_verdict::placement(&verdict, range);
     let export = target.export_bar(bar, &[range])?;
     let att = Attachment::map(
         &export,
         &ioas,
-        IovaPlacement::Auto,
+        placement,
         MapPerms::ReadWrite,
         RestorePolicy::Automatic,
     )?;
-    let mut engine = Edu::open(args.engine, &ioas)?;
     let ram = Memfd::new("p2p-test", range.length)?;
     let ram_map = ioas.map_file(
         &ram,
@@ -91,9 +99,7 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
         export.phys_ranges(),
         att.iova(),
     );
-    let mut step = |name: &str, bytes: u64, ok: bool, detail: String, t: Instant| {
-        report.push(name, bytes, ok, detail, t);
-    };
+    report.set_verdict(verdict, why);
     let len = usize::try_from(size)?;
 
     // 1. host RAM -> BAR
@@ -105,17 +111,14 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     let mut got = vec![0u8; len];
     window.read(bar_at(0), &mut got)?;
     let ok = got == a;
-    step(
-        "host RAM -> BAR",
-        size,
+    let detail = report.data_detail(
         ok,
-        if ok {
-            "verified through a BAR mmap".into()
-        } else {
-            "BAR contents differ".into()
-        },
-        t,
+        "verified through a BAR mmap",
+        "BAR contents differ",
+        &got,
+        &vec![0u8; len],
     );
+    report.push("host RAM -> BAR", size, ok, detail, t);
 
     // 2. BAR -> host RAM
     let t = Instant::now();
@@ -126,17 +129,14 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     let mut got = vec![0u8; len];
     ram.read_at(size, &mut got)?;
     let ok = got == b;
-    step(
-        "BAR -> host RAM",
-        size,
+    let detail = report.data_detail(
         ok,
-        if ok {
-            "verified in host memory".into()
-        } else {
-            "host memory differs".into()
-        },
-        t,
+        "verified in host memory",
+        "host memory differs",
+        &got,
+        &vec![0u8; len],
     );
+    report.push("BAR -> host RAM", size, ok, detail, t);
 
     // 3. revoke: memory decode off tears the mapping down
     let t = Instant::now();
@@ -145,7 +145,7 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     let iova = att.iova();
     target.set_memory_decode(false)?;
     let ok = att.is_revoked() && att.ensure_live().is_err();
-    step(
+    report.push(
         "revoke (memory decode off)",
         0,
         ok,
@@ -163,7 +163,7 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     window.read(bar_at(0), &mut after)?;
     let changed = before.iter().zip(&after).filter(|(x, y)| x != y).count();
     let ok = changed == 0;
-    step(
+    report.push(
         "copy while revoked",
         size,
         ok,
@@ -181,7 +181,7 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     // 5. decode on restored the mapping at the same IOVA
     let t = Instant::now();
     let ok = !att.is_revoked() && att.iova() == iova;
-    step(
+    report.push(
         "restore (memory decode on)",
         0,
         ok,
@@ -191,20 +191,18 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
 
     // 6. and the next copy lands
     let t = Instant::now();
+    let before_copy = after.clone();
     engine.memcpy(ram_map.iova(), att.iova(), size, timeout)?;
     window.read(bar_at(0), &mut after)?;
     let ok = after == c;
-    step(
-        "copy after restore",
-        size,
+    let detail = report.data_detail(
         ok,
-        if ok {
-            "verified through a BAR mmap".into()
-        } else {
-            "BAR contents differ".into()
-        },
-        t,
+        "verified through a BAR mmap",
+        "BAR contents differ",
+        &after,
+        &before_copy,
     );
+    report.push("copy after restore", size, ok, detail, t);
     // The host compares the device's backing file after the VM stops: the last
     // write to each place is what it sees.
     host_check(bar_at(0), &c)?;

@@ -19,6 +19,7 @@ use dmabuf_p2p_engine::nvme::{NVME_CLASS, Nvme, NvmeProblem};
 use super::{CliError, print_json};
 use crate::p2p_args::Args;
 use crate::p2p_report::{Report, host_check, pattern, print_report};
+use crate::p2p_verdict;
 
 /// The target: a plain device (ivshmem), or an NVMe controller whose CMB or
 /// PMR is the target, brought up by the driver to enable them.
@@ -133,11 +134,16 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
         )
         .into());
     }
+    let verdict = p2p_verdict::judge(args.engine, args.target.device, bar, &ioas);
+    if !json {
+        p2p_verdict::print(&verdict)?;
+    }
+    let (placement, why) = p2p_verdict::placement(&verdict, range);
     let export = dev.export_bar(bar, &[range])?;
     let att = Attachment::map(
         &export,
         &ioas,
-        IovaPlacement::Auto,
+        placement,
         MapPerms::ReadWrite,
         RestorePolicy::Automatic,
     )?;
@@ -167,9 +173,7 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
         export.phys_ranges(),
         att.iova(),
     );
-    let mut step = |name: &str, bytes: u64, ok: bool, detail: String, t: Instant| {
-        report.push(name, bytes, ok, detail, t);
-    };
+    report.set_verdict(verdict, why);
     let read_ram = |off: u64| -> Result<Vec<u8>, CliError> {
         let mut v = vec![0u8; len];
         ram.read_at(off, &mut v)?;
@@ -185,7 +189,7 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     let t = Instant::now();
     engine.read_blocks(args.lba, count, ram_map.iova(), timeout)?;
     let from_disk = read_ram(0)?;
-    step(
+    report.push(
         "storage -> host RAM",
         size,
         true,
@@ -201,24 +205,21 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     engine.read_blocks(args.lba, count, att.iova(), timeout)?;
     let got = read_bar(&window, 0)?;
     let ok = got == from_disk;
-    step(
-        "storage -> BAR",
-        size,
+    let detail = report.data_detail(
         ok,
-        if ok {
-            "BAR bytes equal the host RAM read".into()
-        } else {
-            "BAR bytes differ from the host RAM read".into()
-        },
-        t,
+        "BAR bytes equal the host RAM read",
+        "BAR bytes differ from the host RAM read",
+        &got,
+        &sentinel,
     );
+    report.push("storage -> BAR", size, ok, detail, t);
 
     // 3. revoke
     let t = Instant::now();
     let iova = att.iova();
     dev.set_memory_decode(false)?;
     let ok = att.is_revoked() && att.ensure_live().is_err();
-    step(
+    report.push(
         "revoke (memory decode off)",
         0,
         ok,
@@ -232,7 +233,7 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     dev.set_memory_decode(true)?;
     let after = read_bar(&window, size)?;
     let changed = sentinel.iter().zip(&after).filter(|(x, y)| x != y).count();
-    step(
+    report.push(
         "read while revoked",
         size,
         changed == 0,
@@ -249,7 +250,7 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     // 5. restore
     let t = Instant::now();
     let ok = !att.is_revoked() && att.iova() == iova;
-    step(
+    report.push(
         "restore (memory decode on)",
         0,
         ok,
@@ -262,17 +263,14 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     engine.read_blocks(args.lba, count, att.iova() + size, timeout)?;
     let got = read_bar(&window, size)?;
     let ok = got == from_disk;
-    step(
-        "read after restore",
-        size,
+    let detail = report.data_detail(
         ok,
-        if ok {
-            "BAR bytes equal the host RAM read".into()
-        } else {
-            "BAR bytes differ".into()
-        },
-        t,
+        "BAR bytes equal the host RAM read",
+        "BAR bytes differ",
+        &got,
+        &after,
     );
+    report.push("read after restore", size, ok, detail, t);
     host_check(bar_at(size), &got)?;
 
     // 7. only with --allow-write: write, read back into the BAR, put back.
@@ -284,7 +282,7 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
                 .checked_add(blocks)
                 .is_some_and(|end| end <= allow.lba.saturating_add(allow.count));
         if !inside {
-            step(
+            report.push(
                 "write (allowed blocks)",
                 0,
                 false,
@@ -305,7 +303,7 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
             engine.read_blocks(args.lba, count, ram_map.iova() + 2 * size, timeout)?;
             let restored = read_ram(2 * size)?;
             let ok = back == data && restored == from_disk;
-            step(
+            report.push(
                 "write, read back into BAR",
                 size,
                 ok,

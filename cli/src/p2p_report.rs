@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use dmabuf_p2p::range::human_size;
+use dmabuf_p2p::topology::Verdict;
 
 use crate::fnv1a64;
 
@@ -33,6 +34,15 @@ pub struct Report {
     pub phys: String,
     /// The IOVA the target was mapped at.
     pub iova: u64,
+    /// The topology verdict on engine and target, judged before the test.
+    pub verdict: Option<Verdict>,
+    /// Why there is no verdict.
+    pub verdict_unknown: Option<String>,
+    /// Why the target was mapped where it was.
+    pub placement: String,
+    /// For a failed transfer: what the data looked like and the verdict's
+    /// likeliest cause.
+    pub likely_cause: Option<String>,
     /// The steps.
     pub steps: Vec<Step>,
     /// Whether every step passed.
@@ -57,9 +67,47 @@ impl Report {
             target,
             phys,
             iova,
+            verdict: None,
+            verdict_unknown: None,
+            placement: String::new(),
+            likely_cause: None,
             steps: Vec::new(),
             passed: false,
         }
+    }
+
+    /// Takes the verdict judged before the test and the placement used.
+    pub(crate) fn set_verdict(&mut self, verdict: Result<Verdict, String>, placement: String) {
+        match verdict {
+            Ok(v) => self.verdict = Some(v),
+            Err(e) => self.verdict_unknown = Some(e),
+        }
+        self.placement = placement;
+    }
+
+    /// The detail of a data step: `ok` when it passed, else `failed` with
+    /// what the bytes looked like and the likely cause (the first failing
+    /// step's is kept as the report's).
+    pub(crate) fn data_detail(
+        &mut self,
+        ok: bool,
+        ok_text: &str,
+        failed: &str,
+        got: &[u8],
+        before: &[u8],
+    ) -> String {
+        if ok {
+            return ok_text.to_owned();
+        }
+        let verdict = self
+            .verdict
+            .clone()
+            .ok_or_else(|| self.verdict_unknown.clone().unwrap_or_default());
+        let why = crate::p2p_verdict::diagnose(got, before, &verdict);
+        if self.likely_cause.is_none() {
+            self.likely_cause = Some(why.clone());
+        }
+        format!("{failed}: {why}")
     }
 
     /// Records one step that started at `t`.
@@ -103,6 +151,9 @@ pub(crate) fn print_report(report: &Report) -> std::io::Result<()> {
             report.phys,
             report.iova
         )?;
+        if !report.placement.is_empty() {
+            outln!("placement: {}", report.placement)?;
+        }
         outln!(
             "{:<28} {:>9}  {:<6}  {:>7}  detail",
             "step",
@@ -131,6 +182,9 @@ pub(crate) fn print_report(report: &Report) -> std::io::Result<()> {
             if report.passed { "PASS" } else { "FAIL" },
             report.steps.len()
         )?;
+        if let Some(cause) = &report.likely_cause {
+            outln!("p2p-test: the data did not arrive as sent: {cause}")?;
+        }
     }
     Ok(())
 }

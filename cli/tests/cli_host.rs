@@ -368,3 +368,98 @@ fn completions_and_man_page_come_from_the_parser() {
     let bad = run(&["completions", "tcsh"]);
     assert!(problem(&bad, &["'tcsh'"]).is_none(), "{bad:?}");
 }
+
+/// `topology` on a sysfs tree laid out from the test VM's root-bus dump
+/// (`tests/fixtures/topology/vm-root-bus.txt`: q35's host bridge, edu and
+/// ivshmem on `pcie.0`): the tree, the verdict and its JSON; a missing
+/// device is a one-line error naming it.
+#[test]
+fn topology_prints_the_tree_and_the_verdict() {
+    let fixture = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/topology/vm-root-bus.txt"
+    ))
+    .unwrap();
+    let root = std::env::temp_dir().join(format!("dmabuf-p2p-cli-topology-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let bus = root.join("bus/pci/devices");
+    std::fs::create_dir_all(&bus).unwrap();
+    // Each block: the address line, `@` lines, hex lines of the config.
+    for block in fixture.split("\n\n").skip(1) {
+        let mut lines = block.lines();
+        let addr = lines.next().unwrap().split_whitespace().next().unwrap();
+        let dir = root.join("devices/pci0000:00").join(addr);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (mut config, mut resource) = (Vec::new(), String::new());
+        for line in lines {
+            let t = line.trim();
+            if let Some(r) = t.strip_prefix("@resource ") {
+                resource.push_str(r);
+                resource.push('\n');
+            } else if let Some(g) = t.strip_prefix("@iommu_group ") {
+                std::os::unix::fs::symlink(
+                    format!("../../../kernel/iommu_groups/{g}"),
+                    dir.join("iommu_group"),
+                )
+                .unwrap();
+            } else if let Some(d) = t.strip_prefix("@driver ") {
+                std::os::unix::fs::symlink(
+                    format!("../../../bus/pci/drivers/{d}"),
+                    dir.join("driver"),
+                )
+                .unwrap();
+            } else if let Some((off, hex)) = t.split_once(": ") {
+                let off = usize::from_str_radix(off, 16).unwrap();
+                let bytes: Vec<u8> = hex
+                    .split_whitespace()
+                    .map(|b| u8::from_str_radix(b, 16).unwrap())
+                    .collect();
+                config.resize(config.len().max(off + bytes.len()), 0);
+                config[off..off + bytes.len()].copy_from_slice(&bytes);
+            }
+        }
+        let word = |o: usize| u16::from_le_bytes([config[o], config[o + 1]]);
+        let class = u32::from_le_bytes([config[8], config[9], config[10], config[11]]) >> 8;
+        std::fs::write(dir.join("vendor"), format!("{:#06x}\n", word(0))).unwrap();
+        std::fs::write(dir.join("device"), format!("{:#06x}\n", word(2))).unwrap();
+        std::fs::write(dir.join("class"), format!("{class:#08x}\n")).unwrap();
+        std::fs::write(dir.join("config"), &config).unwrap();
+        std::fs::write(dir.join("resource"), resource).unwrap();
+        std::os::unix::fs::symlink(
+            format!("../../../devices/pci0000:00/{addr}"),
+            bus.join(addr),
+        )
+        .unwrap();
+    }
+    let sysfs = root.to_str().unwrap();
+    let out = run(&["topology", "00:10.0", "00:11.0:2", "--sysfs", sysfs]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    for needle in [
+        "pci0000:00 host bridge (root complex), 0000:00:00.0 8086:29c0",
+        "├─ engine: 0000:00:10.0 1234:11e8 conventional PCI function [no ACS, IOMMU group 1] vfio-pci",
+        "└─ target: 0000:00:11.0 1af4:1110 conventional PCI function [no ACS, IOMMU group 2] vfio-pci  BAR2 at bus address 0xfeb00000 (1 MiB)",
+        "usable IOVAs: unknown",
+        "verdict: ",
+        "the two share no bridge",
+    ] {
+        assert!(text.contains(needle), "no {needle:?} in:\n{text}");
+    }
+    let out = run(&[
+        "--json",
+        "topology",
+        "00:10.0",
+        "00:11.0",
+        "--sysfs",
+        sysfs,
+        "--no-ioas",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["verdict"]["route"]["kind"], "root_complex", "{v}");
+    assert_eq!(v["verdict"]["bar"]["index"], 2, "the largest BAR: {v}");
+    assert_eq!(v["path"]["common"], serde_json::Value::Null);
+    let out = run(&["topology", "00:10.0", "00:1f.0", "--sysfs", sysfs]);
+    assert_eq!(problem(&out, &["0000:00:1f.0", "not found"]), None);
+    let _ = std::fs::remove_dir_all(&root);
+}

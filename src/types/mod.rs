@@ -12,4 +12,4 @@ mod share_problem;
 pub use byte_range::{ByteRange, PhysRange, RangeProblem};
 pub use iova_range::{AllowedIovaProblem, IovaRange};
 #[cfg(feature = "share")]
-pub use share_problem::ShareProblem;
+pub use share_problem::{RefusalReason, ShareProblem};

@@ -7,11 +7,15 @@
 //! VM, streams the guest's test report back and judges the run.
 
 pub mod bench;
+pub mod capture;
 pub mod debian;
 pub mod deps;
 pub mod fuzz;
 pub mod initramfs;
 pub mod kernel;
+pub mod kernel_patch;
+pub mod kernfs_chain;
+pub mod lockdep;
 pub mod private_root;
 pub mod profile;
 pub mod qemu;

@@ -9,7 +9,7 @@
 //! run that reports none does. The guest learns its profile from the
 //! `DMABUF_P2P_VM_PROFILE` environment variable of the job.
 
-use crate::qemu::VmConfig;
+use crate::qemu::{Ivshmem, Topology, VmConfig};
 
 /// The name of the standard profile.
 pub const STANDARD: &str = "standard";
@@ -88,7 +88,26 @@ pub fn named(name: &str) -> Option<&'static Profile> {
     PROFILES.iter().find(|p| p.name == name)
 }
 
-const PROFILES: [Profile; 2] = [
+/// The BAR2 size of the one ivshmem device of the `aw39_high_bar` profile:
+/// 1 GiB, too large for the 32-bit PCI window below 4 GiB, so the firmware
+/// puts it in the 64-bit window.
+pub const HIGH_BAR_SIZE: u64 = 1 << 30;
+
+/// The guest's hot-pluggable memory limit in the `aw39_high_bar` profile:
+/// QEMU starts the 64-bit PCI window after it, at 524 GiB.
+pub const HIGH_BAR_MAXMEM_GIB: u32 = 520;
+
+/// A VM with only `edu0` and the 1 MiB ivshmem `shm0` (no NVMe, no extra
+/// engines), placed as `topology` says: what a topology test needs, and no
+/// more boot time.
+fn two_devices(c: &mut VmConfig, topology: Topology) {
+    c.ivshmem.truncate(1);
+    c.extra_edu = 0;
+    c.nvme.clear();
+    c.topology = topology;
+}
+
+const PROFILES: [Profile; 5] = [
     Profile {
         name: STANDARD,
         about: "the standard VM: edu, ivshmem and NVMe devices, each on its own PCIe root port",
@@ -100,6 +119,34 @@ const PROFILES: [Profile; 2] = [
                 512 GiB are outside every IOAS's usable ranges, as on hosts whose vIOMMU \
                 is 39 bits wide (QEMU before 9.1 defaults to it)",
         shape: |c| c.iommu_options.push("aw-bits=39".into()),
+    },
+    Profile {
+        name: "root_bus",
+        about: "edu0 and shm0 only, both on the root bus pcie.0 (root-complex integrated \
+                endpoints): peer-to-peer traffic between them passes the root complex",
+        shape: |c| two_devices(c, Topology::RootBus),
+    },
+    Profile {
+        name: "switch",
+        about: "edu0 and shm0 only, below one PCIe switch (x3130-upstream, two \
+                xio3130-downstream ports without ACS): peer-to-peer traffic between them \
+                can turn in the switch, untranslated",
+        shape: |c| two_devices(c, Topology::Switch),
+    },
+    Profile {
+        name: "aw39_high_bar",
+        about: "edu0 on a root port and one ivshmem with a 1 GiB BAR2, a 39-bit intel-iommu \
+                (aw-bits=39) and maxmem=520G, which moves the 64-bit PCI window (and the BAR) \
+                above 512 GiB: beyond every usable IOVA",
+        shape: |c| {
+            two_devices(c, Topology::RootPorts);
+            c.ivshmem = vec![Ivshmem {
+                id: "shm0".into(),
+                size: HIGH_BAR_SIZE,
+            }];
+            c.max_memory_gib = Some(HIGH_BAR_MAXMEM_GIB);
+            c.iommu_options.push("aw-bits=39".into());
+        },
     },
 ];
 
@@ -147,6 +194,63 @@ mod tests {
             );
             assert!(!p.name.contains(MODULE_PREFIX));
         }
+    }
+
+    fn shaped(name: &str) -> Vec<String> {
+        let mut c = VmConfig::standard("k".into(), "i".into(), "/r".into());
+        c.accel = crate::qemu::Accel::Tcg;
+        (named(name).unwrap().shape)(&mut c);
+        c.args()
+    }
+
+    fn devices(args: &[String]) -> Vec<&str> {
+        args.iter()
+            .zip(args.iter().skip(1))
+            .filter(|(flag, _)| *flag == "-device")
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn root_bus_puts_both_devices_on_pcie_0() {
+        let args = shaped("root_bus");
+        let d = devices(&args);
+        assert_eq!(
+            &d[1..],
+            [
+                "edu,id=edu0,bus=pcie.0,addr=0x10,dma_mask=0xffffffffffffffff",
+                "ivshmem-plain,id=shm0,memdev=mem-shm0,bus=pcie.0,addr=0x11",
+            ]
+        );
+    }
+
+    #[test]
+    fn switch_puts_both_devices_below_one_upstream_port() {
+        let args = shaped("switch");
+        let d = devices(&args);
+        assert_eq!(
+            &d[1..],
+            [
+                "pcie-root-port,id=rp0,bus=pcie.0,chassis=1,slot=1,addr=0x10",
+                "x3130-upstream,id=up0,bus=rp0",
+                "xio3130-downstream,id=dp0,bus=up0,port=0,chassis=2,slot=0,addr=0x0",
+                "edu,id=edu0,bus=dp0,dma_mask=0xffffffffffffffff",
+                "xio3130-downstream,id=dp1,bus=up0,port=1,chassis=2,slot=1,addr=0x1",
+                "ivshmem-plain,id=shm0,memdev=mem-shm0,bus=dp1",
+            ]
+        );
+    }
+
+    #[test]
+    fn aw39_high_bar_reserves_guest_physical_space_below_the_bar() {
+        let args = shaped("aw39_high_bar");
+        assert!(args.iter().any(|a| a == "1024M,slots=1,maxmem=520G"));
+        assert!(args.iter().any(|a| a == "intel-iommu,aw-bits=39"));
+        assert!(
+            args.iter()
+                .any(|a| a.contains("id=mem-shm0,") && a.ends_with("size=1073741824,share=on"))
+        );
+        assert_eq!(devices(&args).len(), 5, "{args:?}");
     }
 
     #[test]

@@ -66,6 +66,23 @@ pub fn nvme_image_byte(offset: u64) -> u8 {
 /// [`VmConfig::standard`]: 64 KiB.
 pub const SMALL_SHM_SIZE: u64 = 64 << 10;
 
+/// Where the edu and ivshmem devices sit in the PCIe hierarchy (the NVMe
+/// controllers always have root ports of their own on slot 0x1e).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topology {
+    /// Each device on its own `pcie-root-port` on `pcie.0`, at slots 0x10,
+    /// 0x11, ... (so each can be hot-unplugged): the standard VM. QEMU's
+    /// root ports have an ACS capability, which the guest kernel enables.
+    RootPorts,
+    /// Each device straight on the root bus `pcie.0` at slots 0x10, 0x11,
+    /// ...: root-complex integrated endpoints, no bridge between them.
+    RootBus,
+    /// Every device below one switch: a `pcie-root-port` at slot 0x10, an
+    /// `x3130-upstream` port below it and one `xio3130-downstream` port per
+    /// device (QEMU 7.2's downstream ports have no ACS capability).
+    Switch,
+}
+
 /// How to accelerate the VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
@@ -237,6 +254,15 @@ pub struct VmConfig {
     /// functions of slot 0x1e (slot 0x1f is the chipset's): the devices
     /// before them keep their PCI addresses.
     pub nvme: Vec<NvmeDrive>,
+    /// Where edu and ivshmem devices sit: own root ports (standard), the
+    /// root bus, or below one switch.
+    pub topology: Topology,
+    /// The largest memory the guest may grow to (`-m ...,slots=1,maxmem=`),
+    /// in GiB; `None` for no hot-pluggable memory. QEMU reserves that much
+    /// guest-physical space after the RAM above 4 GiB and starts the 64-bit
+    /// PCI window after it, so a large value moves 64-bit BARs high (520
+    /// GiB puts them above 512 GiB) without giving the guest more RAM.
+    pub max_memory_gib: Option<u32>,
     /// Properties added to the `intel-iommu` device (`aw-bits=39`).
     pub iommu_options: Vec<String>,
     /// Extra kernel command line.
@@ -287,6 +313,8 @@ impl VmConfig {
             edu: true,
             extra_edu: 5,
             nvme: Self::standard_nvme(),
+            topology: Topology::RootPorts,
+            max_memory_gib: None,
             iommu_options: Vec::new(),
             extra_cmdline: String::new(),
             extra_qemu_args: Vec::new(),
@@ -394,7 +422,10 @@ impl VmConfig {
             "-smp".to_owned(),
             self.cpus.to_string(),
             "-m".to_owned(),
-            format!("{}M", self.memory_mib),
+            match self.max_memory_gib {
+                Some(max) => format!("{}M,slots=1,maxmem={max}G", self.memory_mib),
+                None => format!("{}M", self.memory_mib),
+            },
             "-display".to_owned(),
             "none".to_owned(),
             "-vga".to_owned(),
@@ -421,26 +452,14 @@ impl VmConfig {
             self.iommu_device(),
         ];
         a.append(&mut a2);
-        let mut port = 0u32;
-        let mut root_port = |a: &mut Vec<String>| -> String {
-            let id = format!("rp{port}");
-            a.push("-device".into());
-            a.push(format!(
-                "pcie-root-port,id={id},bus=pcie.0,chassis={},slot={},addr={:#x}",
-                port + 1,
-                port + 1,
-                0x10 + port
-            ));
-            port += 1;
-            id
-        };
+        let mut slots = DeviceSlots::new(self.topology);
         if self.edu {
-            let rp = root_port(&mut a);
+            let rp = slots.next(&mut a);
             a.push("-device".into());
             a.push(format!("edu,id=edu0,bus={rp},dma_mask=0xffffffffffffffff"));
         }
         for shm in &self.ivshmem {
-            let rp = root_port(&mut a);
+            let rp = slots.next(&mut a);
             a.push("-object".into());
             a.push(format!(
                 "memory-backend-file,id=mem-{},mem-path={},size={},share=on",
@@ -455,7 +474,7 @@ impl VmConfig {
             ));
         }
         for i in 1..=self.extra_edu {
-            let rp = root_port(&mut a);
+            let rp = slots.next(&mut a);
             a.push("-device".into());
             a.push(format!(
                 "edu,id=edu{i},bus={rp},dma_mask=0xffffffffffffffff"
@@ -512,6 +531,54 @@ impl VmConfig {
             self.hugepages, self.extra_cmdline
         ));
         a
+    }
+}
+
+/// Hands out the bus (and, on the root bus, the address) of each edu and
+/// ivshmem device in the order they are added, making the bridges a
+/// [`Topology`] needs on the way.
+struct DeviceSlots {
+    topology: Topology,
+    /// Devices placed so far.
+    count: u32,
+}
+
+impl DeviceSlots {
+    fn new(topology: Topology) -> Self {
+        Self { topology, count: 0 }
+    }
+
+    /// The `bus=...` (and `addr=...`) properties of the next device, after
+    /// pushing the bridges it sits behind.
+    fn next(&mut self, a: &mut Vec<String>) -> String {
+        let i = self.count;
+        self.count += 1;
+        let mut device = |spec: String| {
+            a.push("-device".into());
+            a.push(spec);
+        };
+        match self.topology {
+            Topology::RootPorts => {
+                device(format!(
+                    "pcie-root-port,id=rp{i},bus=pcie.0,chassis={},slot={},addr={:#x}",
+                    i + 1,
+                    i + 1,
+                    0x10 + i
+                ));
+                format!("rp{i}")
+            }
+            Topology::RootBus => format!("pcie.0,addr={:#x}", 0x10 + i),
+            Topology::Switch => {
+                if i == 0 {
+                    device("pcie-root-port,id=rp0,bus=pcie.0,chassis=1,slot=1,addr=0x10".into());
+                    device("x3130-upstream,id=up0,bus=rp0".into());
+                }
+                device(format!(
+                    "xio3130-downstream,id=dp{i},bus=up0,port={i},chassis=2,slot={i},addr={i:#x}"
+                ));
+                format!("dp{i}")
+            }
+        }
     }
 }
 

@@ -1,4 +1,4 @@
-//! Part 9 of the page: the first BAR export of a freshly opened device
+//! Part 10 of the page: the first BAR export of a freshly opened device
 //! against later ones (`bench/src/first_export.rs`).
 
 use std::fmt::Write as _;
@@ -42,12 +42,12 @@ const STEPS: [(&str, &str); 9] = [
     ("close", "dropping the handle (VFIO resets the device)"),
 ];
 
-/// Part 9, when it ran.
+/// Part 10, when it ran.
 pub fn section(s: &mut String, r: &Results) {
     let Some(&x) = r.xs(GROUP).first() else {
         return;
     };
-    let _ = writeln!(s, "\n## 9. The first BAR export of a device\n");
+    let _ = writeln!(s, "\n## 10. The first BAR export of a device\n");
     let when = r.meta("merged:firstexport").map_or(String::new(), |m| {
         format!(" This part was measured in a run of its own: {m}.")
     });

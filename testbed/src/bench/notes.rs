@@ -24,9 +24,10 @@ What the numbers say:
   while the kernel's own placement executes 16% more instructions to map a
   1 GiB BAR than `Auto` and 17 times more to map 64 GiB.
   It never depends on the kernel having THP. It avoids the areas mapped
-  through any handle of the IOAS; an area it does not know of (mapped by raw
-  ID or another process) makes the kernel refuse the fixed IOVA (`EEXIST`) and
-  the next candidate is tried. The IOMMU page sizes are assumed (4 KiB, 2 MiB,
+  through any handle of the IOAS and the areas its owner declared
+  (`Ioas::declare_foreign_area`); an area it does not know of makes the
+  kernel refuse the fixed IOVA (`EEXIST`): the range is remembered and the
+  kernel places that mapping itself. The IOMMU page sizes are assumed (4 KiB, 2 MiB,
   1 GiB, what x86 IOMMUs and the emulated VT-d offer: type1's `iova_pgsizes`
   above) unless set with `Ioas::set_iommu_page_sizes`: iommufd does not report
   them for an IOAS.
@@ -64,7 +65,7 @@ operation:
 
 | operation | raw | library |
 |---|---|---|
-| export | `ioctl(VFIO_DEVICE_FEATURE)` | the same (the first export of a BAR also asks `VFIO_DEVICE_GET_REGION_INFO` once; it read the device's sysfs `resource` too, which `open` does now: part 9) |
+| export | `ioctl(VFIO_DEVICE_FEATURE)` | the same (the first export of a BAR also asks `VFIO_DEVICE_GET_REGION_INFO` once; it read the device's sysfs `resource` too, which `open` does now: part 10) |
 | map | `ioctl(IOMMU_IOAS_MAP_FILE)` | the same |
 | unmap | `ioctl(IOMMU_IOAS_UNMAP)` | the same |
 | close | `close` | the same |
@@ -231,7 +232,7 @@ What the numbers say:
   handful of table pages.
 "#;
 
-/// Observations on the NVMe queue-depth part (part 8).
+/// Observations on the NVMe queue-depth part (part 9).
 pub(super) const NVMEQD_NOTES: &str = r#"
 How to read it: the control does the least a driver can (no request
 checks, the slot index as the command ID, nothing kept alive, no error
@@ -273,7 +274,7 @@ with a load average of 10: other engineers' VMs):
   main loop.
 "#;
 
-/// Observations on the first export of a device (part 9).
+/// Observations on the first export of a device (part 10).
 pub(super) const FIRST_EXPORT_NOTES: &str = r#"
 What the numbers say:
 

@@ -1,4 +1,4 @@
-//! Part 8 of the page: the NVMe engine's queues against the benchmark's
+//! Part 9 of the page: the NVMe engine's queues against the benchmark's
 //! raw driver loop (`bench/src/nvme_qd.rs`), and the cost of one command
 //! on the instruction clock.
 
@@ -63,12 +63,12 @@ fn ratio(r: Option<&Record>) -> String {
     }
 }
 
-/// Part 8, when it ran.
+/// Part 9, when it ran.
 pub fn section(s: &mut String, r: &Results) {
     if r.xs(GROUP).is_empty() {
         return;
     }
-    let _ = writeln!(s, "\n## 8. NVMe queue depth and latency\n");
+    let _ = writeln!(s, "\n## 9. NVMe queue depth and latency\n");
     let when = r.meta("merged:nvmeqd").map_or(String::new(), |m| {
         format!(" This part was measured in a run of its own: {m}.")
     });
