@@ -2246,6 +2246,45 @@ mod tests {
         assert_eq!((m.key.as_str(), m.value.as_str()), ("kernel", "7.2.13"));
     }
 
+    /// `--merge` names a saved run or, alone, `docs/bench/results.json`;
+    /// it needs `--only`. A merged vmm run keeps its `vmm_` facts and says
+    /// when it ran (`merged:vmm`, which the vmm section prints).
+    #[test]
+    fn merge_option_and_a_merged_vmm_part() {
+        let args = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let o = parse_opts(&args(&["--only=vmm", "--merge"])).unwrap();
+        assert_eq!(
+            o.merge,
+            Some(workspace_root().join(PLOTS).join("results.json"))
+        );
+        let o = parse_opts(&args(&["--merge", "saved.json", "--only=nvmeqd"])).unwrap();
+        assert_eq!(o.merge, Some(PathBuf::from("saved.json")));
+        let o = parse_opts(&args(&["--merge", "--quick", "--only=vmm"])).unwrap();
+        assert!(o.quick && o.merge.is_some());
+        assert!(parse_opts(&args(&["--merge"])).is_err());
+
+        let base = sample();
+        let mut part = sample();
+        part.records.clear();
+        part.quick = true;
+        part.date = "2026-12-02 08:00 UTC".into();
+        let mut fact = rec("meta", "", "", 0, "", 0.0);
+        fact.key = "vmm_vm_seconds".into();
+        fact.value = "61".into();
+        part.records.push(fact);
+        part.records
+            .push(rec("vmm_trap", "library", "decode_off", 1, "ns", 9e3));
+        let merged = merge_runs(base.clone(), &part, "vmm");
+        assert_eq!(merged.meta("vmm_vm_seconds"), Some("61"));
+        assert_eq!(merged.meta("bar_size"), base.meta("bar_size"));
+        let when = merged.meta("merged:vmm").unwrap();
+        assert!(
+            when.starts_with("2026-12-02 08:00 UTC, tcg accel, --quick"),
+            "{when}"
+        );
+        assert!(page(&merged).contains(&format!("; run {when}")));
+    }
+
     #[test]
     fn slopes() {
         let lin: Vec<(f64, f64, f64, f64)> = (0..5)
