@@ -85,28 +85,29 @@ fn executables(json: &str, kind: &str) -> Vec<(String, PathBuf)> {
     out
 }
 
-/// The names of the library's examples (`examples/*.rs`), which a build of
-/// the guest binaries with tests must deliver.
+/// The names of the library's and the engine's examples (`examples/*.rs`,
+/// `engine/examples/*.rs`), which a build of the guest binaries with tests
+/// must deliver.
 fn example_names() -> Result<Vec<String>> {
-    let dir = workspace_root().join("examples");
-    let entries =
-        fs::read_dir(&dir).map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
-    let mut names: Vec<String> = entries
-        .flatten()
-        .filter_map(|e| {
+    let mut names = Vec::new();
+    for dir in ["examples", "engine/examples"] {
+        let dir = workspace_root().join(dir);
+        let entries =
+            fs::read_dir(&dir).map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
+        names.extend(entries.flatten().filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             name.strip_suffix(".rs").map(str::to_owned)
-        })
-        .collect();
+        }));
+    }
     names.sort();
     Ok(names)
 }
 
 /// Builds the CLI and (if `with_tests`) the in-VM suite and the library's
-/// examples with cargo, on the host. The examples come from the CLI's cargo
-/// invocation (same profile; `share` is on for the library there anyway,
-/// through the CLI, and `rust-vmm` through the VM tests), so they cost their
-/// own compile and link only.
+/// and the engine's examples with cargo, on the host. The examples come
+/// from the CLI's cargo invocation (same profile; `share` is on for the
+/// library there anyway, through the CLI, and `rust-vmm` through the VM
+/// tests), so they cost their own compile and link only.
 pub fn build_guest_binaries(with_tests: bool) -> Result<GuestBinaries> {
     eprintln!("testbed: building the guest binaries");
     let mut cmd = cargo();
@@ -122,13 +123,15 @@ pub fn build_guest_binaries(with_tests: bool) -> Result<GuestBinaries> {
         cmd.args([
             "--package",
             "dmabuf-p2p",
+            "--package",
+            "dmabuf-p2p-engine",
             "--examples",
             "--features",
             "dmabuf-p2p/share,dmabuf-p2p/rust-vmm",
         ]);
     }
     let what = if with_tests {
-        "cargo build (dmabuf-p2p CLI and the library's examples)"
+        "cargo build (dmabuf-p2p CLI and the library's and the engine's examples)"
     } else {
         "cargo build (dmabuf-p2p CLI)"
     };

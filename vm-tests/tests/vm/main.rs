@@ -6,6 +6,7 @@
 //! narrower IOMMU, another topology: `testbed/src/profile.rs`); the rest run
 //! in the standard VM.
 
+mod alloc_count;
 mod bad_input;
 mod concurrency;
 mod dmabuf;
@@ -20,6 +21,7 @@ mod iommufd;
 mod iommufd_extra;
 mod load;
 mod nvme;
+mod nvme_queue;
 mod p2p;
 mod placement;
 mod profile_aw39;
