@@ -1106,7 +1106,7 @@ fn overhead_tables(s: &mut String, r: &Results) {
         "One cycle is: export the first `size` bytes of the BAR, map the dma-buf at a fixed IOVA, \
          unmap it, close it. **library**: `VfioPciDevice::export_bar`, `Ioas::map_dmabuf`, \
          `IoasMapping::unmap`, dropping the mapping and the export. **raw**: hand-written \
-         `libc::ioctl` calls on the bindings' structs (`VFIO_DEVICE_FEATURE`, \
+         `libc::ioctl` calls on the bench's own uAPI structs (`bench/src/uapi.rs`, written out from the kernel headers: `VFIO_DEVICE_FEATURE`, \
          `IOMMU_IOAS_MAP_FILE`, `IOMMU_IOAS_UNMAP`) and `close`, in the same binary, on the \
          same device, IOAS and iommufd. A batch runs 8 cycles of each of four paths (these two \
          and the two below) interleaved in a balanced order, every path running after every \
