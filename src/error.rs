@@ -5,6 +5,8 @@
 
 use std::io;
 
+#[cfg(feature = "drm")]
+pub use crate::types::ImportRefusal;
 #[cfg(feature = "share")]
 use crate::types::ShareProblem;
 pub use crate::types::{AllowedIovaProblem, RangeProblem};
@@ -269,6 +271,23 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// A kernel importer (a DRM device's PRIME import) refused a dma-buf,
+    /// for the reason `why` (read from what the kernel answered and what
+    /// the library knows of the importer and the PCI path).
+    #[cfg(feature = "drm")]
+    #[error("{importer} refused dma-buf {buffer}: {why}")]
+    ImportRefused {
+        /// The importer, e.g. `"/dev/dri/card0 (virtio_gpu, 0000:03:00.0)"`.
+        importer: String,
+        /// The buffer.
+        buffer: String,
+        /// Why.
+        why: ImportRefusal,
+        /// The kernel's answer (`EOPNOTSUPP`, `EINVAL`).
+        #[source]
+        source: io::Error,
+    },
+
     /// A message of the buffer-sharing protocol ([`crate::share`]) was refused,
     /// or the connection it needed is over. Every fd that came with a refused
     /// message was closed.
@@ -318,6 +337,8 @@ impl Error {
             | Self::MmapRefused { source, .. }
             | Self::UnknownObject { source, .. }
             | Self::OptionRefused { source, .. } => source.raw_os_error(),
+            #[cfg(feature = "drm")]
+            Self::ImportRefused { source, .. } => source.raw_os_error(),
             Self::Revoked { source, .. }
             | Self::InvalidIova { source, .. }
             | Self::InvalidRegion { source, .. }
