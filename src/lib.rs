@@ -35,6 +35,8 @@ mod types;
 pub mod vfio;
 
 pub use dmabuf::{Access, DmaBuf, SyncFile, is_dmabuf};
+#[cfg(feature = "drm")]
+pub use error::ImportRefusal;
 pub use error::{AllowedIovaProblem, Error, RangeProblem, Result};
 pub use exporter::bar::BarExport;
 pub use exporter::heap::DmaHeap;

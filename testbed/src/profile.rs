@@ -97,6 +97,10 @@ pub const HIGH_BAR_SIZE: u64 = 1 << 30;
 /// QEMU starts the 64-bit PCI window after it, at 524 GiB.
 pub const HIGH_BAR_MAXMEM_GIB: u32 = 520;
 
+/// The screen of the `virtio_gpu` profile's GPUs: 256x256 pixels, so that
+/// an XRGB8888 framebuffer (256 KiB) fits in `shm0`'s 1 MiB BAR.
+pub const GPU_SCREEN: (u32, u32) = (256, 256);
+
 /// A VM with only `edu0` and the 1 MiB ivshmem `shm0` (no NVMe, no extra
 /// engines), placed as `topology` says: what a topology test needs, and no
 /// more boot time.
@@ -162,16 +166,19 @@ const PROFILES: [Profile; 6] = [
                     id: "gpu0".into(),
                     blob: true,
                     place: GpuPlace::WithDevices,
+                    resolution: GPU_SCREEN,
                 },
                 VirtioGpu {
                     id: "gpu1".into(),
                     blob: false,
                     place: GpuPlace::WithDevices,
+                    resolution: GPU_SCREEN,
                 },
                 VirtioGpu {
                     id: "gpu2".into(),
                     blob: true,
                     place: GpuPlace::RootBus,
+                    resolution: GPU_SCREEN,
                 },
             ];
         },
@@ -295,16 +302,22 @@ mod tests {
                 "xio3130-downstream,id=dp1,bus=up0,port=1,chassis=2,slot=1,addr=0x1",
                 "ivshmem-plain,id=shm0,memdev=mem-shm0,bus=dp1",
                 "xio3130-downstream,id=dp2,bus=up0,port=2,chassis=2,slot=2,addr=0x2",
-                "virtio-gpu-pci,id=gpu0,bus=dp2,blob=true",
+                "virtio-gpu-pci,id=gpu0,bus=dp2,xres=256,yres=256,blob=true",
                 "xio3130-downstream,id=dp3,bus=up0,port=3,chassis=2,slot=3,addr=0x3",
-                "virtio-gpu-pci,id=gpu1,bus=dp3",
-                "virtio-gpu-pci,id=gpu2,bus=pcie.0,addr=0x1a,blob=true",
+                "virtio-gpu-pci,id=gpu1,bus=dp3,xres=256,yres=256",
+                "virtio-gpu-pci,id=gpu2,bus=pcie.0,addr=0x1a,xres=256,yres=256,blob=true",
             ]
         );
         // Blob resources want a sealed memfd RAM backend.
-        assert!(args.iter().any(|a| a == "memory-backend-memfd,id=ram0,size=1024M"));
+        assert!(
+            args.iter()
+                .any(|a| a == "memory-backend-memfd,id=ram0,size=1024M")
+        );
         assert!(args.iter().any(|a| a == "q35,memory-backend=ram0"));
-        assert!(args.iter().any(|a| a == "enable=virtio_gpu_cmd_res_back_detach"));
+        assert!(
+            args.iter()
+                .any(|a| a == "enable=virtio_gpu_cmd_res_back_detach")
+        );
     }
 
     #[test]

@@ -105,9 +105,11 @@ pub struct VirtioGpu {
     pub blob: bool,
     /// Where it sits.
     pub place: GpuPlace,
+    /// The screen's size in pixels (`xres`, `yres`): its preferred mode.
+    pub resolution: (u32, u32),
 }
 
-/// The QEMU trace events a run with a virtio-gpu logs (to `qemu.log`):
+/// The QEMU trace events a run with a virtio-gpu logs (on its stderr):
 /// blob creation, backing attach and detach, scanouts, resource flushes
 /// and frees, so that a test can see what the host did with an import.
 pub const GPU_TRACE_EVENTS: &[&str] = &[
@@ -403,10 +405,11 @@ impl VmConfig {
         self.run_dir.join("console.log")
     }
 
-    /// Where QEMU's trace and guest-error log is written (runs with a
-    /// virtio-gpu).
+    /// Where QEMU's trace and guest-error log goes (runs with a
+    /// virtio-gpu): its stderr, which, unlike a `-D` log file, is not
+    /// buffered, so a test sees each line as QEMU writes it.
     pub fn qemu_log(&self) -> PathBuf {
-        self.run_dir.join("qemu.log")
+        self.run_dir.join("qemu.stderr")
     }
 
     /// Whether QEMU needs `/dev/udmabuf` (a virtio-gpu with blob).
@@ -551,16 +554,16 @@ impl VmConfig {
             };
             a.push("-device".into());
             a.push(format!(
-                "virtio-gpu-pci,id={},bus={bus}{}",
+                "virtio-gpu-pci,id={},bus={bus},xres={},yres={}{}",
                 gpu.id,
+                gpu.resolution.0,
+                gpu.resolution.1,
                 if gpu.blob { ",blob=true" } else { "" }
             ));
         }
         if !self.gpus.is_empty() {
             a.push("-d".into());
             a.push("guest_errors".into());
-            a.push("-D".into());
-            a.push(self.qemu_log().display().to_string());
             for ev in GPU_TRACE_EVENTS {
                 a.push("-trace".into());
                 a.push(format!("enable={ev}"));
@@ -724,7 +727,7 @@ impl Vm {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(
-                fs::File::create(config.run_dir.join("qemu.stderr"))
+                fs::File::create(config.qemu_log())
                     .map_err(|e| Error::io("creating qemu.stderr", e))?,
             );
         let child = cmd.spawn().map_err(|e| {

@@ -10,7 +10,7 @@
 //!   named, the same hash of that file's XRGB8888 pixels at `offset` with
 //!   `stride` bytes per row, converted to RGB;
 //! * `@@qemu-log`: the host answers `@@qemu-log-reply {"lines": [...]}`
-//!   with the lines QEMU's log (`-D`, trace events and guest errors) got
+//!   with the lines QEMU's stderr (trace events, guest errors) got
 //!   since the last ask.
 
 use std::fs;
@@ -89,7 +89,9 @@ pub fn parse_ppm(data: &[u8]) -> Result<(u32, u32, &[u8])> {
     let w: u32 = fields[1].parse().map_err(|_| bad("width"))?;
     let h: u32 = fields[2].parse().map_err(|_| bad("height"))?;
     let len = (w as usize) * (h as usize) * 3;
-    let pixels = data.get(i..i + len).ok_or_else(|| bad("pixels cut short"))?;
+    let pixels = data
+        .get(i..i + len)
+        .ok_or_else(|| bad("pixels cut short"))?;
     Ok((w, h, pixels))
 }
 
@@ -198,8 +200,7 @@ mod tests {
             })
         );
         assert_eq!(
-            ScreenRequest::parse("gpu0 8 2 16 16 shm0 0x1000 5120")
-                .and_then(|r| r.backing),
+            ScreenRequest::parse("gpu0 8 2 16 16 shm0 0x1000 5120").and_then(|r| r.backing),
             Some(("shm0".into(), 0x1000, 5120))
         );
         assert_eq!(ScreenRequest::parse("gpu0 0 0 64"), None);
@@ -213,7 +214,10 @@ mod tests {
         ppm.extend_from_slice(&[255, 0, 0, 0, 255, 0, 0, 0, 255, 255, 255, 255]);
         let (w, h, px) = parse_ppm(&ppm).unwrap();
         assert_eq!((w, h), (2, 2));
-        assert_eq!(rgb_rect(px, w, (1, 0, 1, 2)).unwrap(), [0, 255, 0, 255, 255, 255]);
+        assert_eq!(
+            rgb_rect(px, w, (1, 0, 1, 2)).unwrap(),
+            [0, 255, 0, 255, 255, 255]
+        );
         assert_eq!(rgb_rect(px, w, (1, 1, 2, 1)), None);
         // The same two pixels as the guest writes them (XRGB8888 LE).
         assert_eq!(

@@ -98,8 +98,10 @@ pub fn run_with_placeholder(cmd: &mut Command, staging: &Path) -> Result<()> {
             Entry::File { staged, target }
         });
     }
-    // SAFETY: geteuid and getegid cannot fail and touch no memory.
-    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    // SAFETY: geteuid cannot fail and touches no memory.
+    let uid = unsafe { libc::geteuid() };
+    // SAFETY: as above.
+    let gid = unsafe { libc::getegid() };
     let plan = Plan {
         root: uid == 0,
         uid_map: cstr(format!("{uid} {uid} 1").as_bytes())?,
@@ -151,15 +153,7 @@ fn mount(
 ) -> io::Result<()> {
     let p = |s: Option<&std::ffi::CStr>| s.map_or(std::ptr::null(), std::ffi::CStr::as_ptr);
     // SAFETY: every pointer is null or a valid C string for the call.
-    check(unsafe {
-        libc::mount(
-            p(source),
-            target.as_ptr(),
-            p(fstype),
-            flags,
-            p(data).cast(),
-        )
-    })
+    check(unsafe { libc::mount(p(source), target.as_ptr(), p(fstype), flags, p(data).cast()) })
 }
 
 impl Plan {

@@ -8,11 +8,13 @@
 //! reset), `invalidate_mappings` (`virtgpu_dma_buf_move_notify`) detaches
 //! that backing from the host resource and unmaps the attachment, before
 //! the revoking call returns. When decode comes back, the exporter calls
-//! `invalidate_mappings` again, and virtio-gpu does nothing more: the GEM
-//! object stays without backing for good. So a restore here closes the old
+//! `invalidate_mappings` again and virtio-gpu maps nothing by itself: the
+//! object gets a backing again only when a plane is next prepared with it
+//! (`virtio_gpu_prepare_imported_obj`), which fails with `ENODEV` while the
+//! buffer is revoked (seen in the VM suite). A restore here closes the old
 //! handle and imports the buffer again (a new GEM object and host
-//! resource); framebuffers made from the old handle stay dead and must be
-//! made again from [`GemImport::handle`].
+//! resource), so the import is live at once, whatever the driver does
+//! lazily; framebuffers are made again from [`GemImport::handle`].
 
 use std::fmt;
 use std::os::fd::AsFd;
