@@ -1,216 +1,146 @@
-//! A VMM that owns its device and IOAS, and the library adopting them
-//! (docs/GUIDE.md, "Inside an existing VMM").
+//! A VMM made of rust-vmm crates, and the library inside it keeping a
+//! passed-through device's BAR mapped where its guest puts it
+//! (docs/GUIDE.md, "P2P between assigned devices in your VMM").
 //!
-//! The first half is the VMM's own code, in raw ioctls: it opens
-//! `/dev/iommu`, allocates an IOAS, opens the device's VFIO cdev, binds it
-//! and attaches it. The library then adopts duplicates of those fds,
-//! exports BAR2 and maps it at a fixed guest-physical IOVA, and a
-//! "guest" turns memory decode off and on through the trap API. The
-//! library lets go first; then the VMM detaches, destroys its IOAS and
-//! closes its fds.
+//! The VMM's half is rust-vmm's, as cloud-hypervisor's is: `iommufd-ioctls`
+//! opens `/dev/iommu` and allocates the IOAS, `vfio-ioctls` opens the
+//! device's VFIO cdev, binds it and attaches it, and the VMM maps its guest
+//! RAM (a memfd) into the IOAS itself. The library adopts those objects by
+//! reference (feature `rust-vmm`: no `unsafe` here), and a `GuestBarMap`
+//! follows the guest's config-space writes: Linux's sizing of BAR2, its
+//! placement, decode on, a move, a placement over guest RAM (refused, with
+//! the reason), and decode off. The map's own log lines (the `log` facade)
+//! are printed as `log: ...`.
 //!
-//! Run it as root where the device is bound to `vfio-pci`, e.g. in the
-//! test VM: `vmm_adopt 0000:02:00.0` (an ivshmem device).
-//!
-//! The VMM's uAPI structs are its own (module `uapi` below), as a VMM's
-//! are: the library's bindings are not API.
+//! Run it as root where the device is bound to `vfio-pci`, e.g. in the test
+//! VM: `vmm_adopt 0000:02:00.0` (an ivshmem device with a 64-bit BAR2).
+//! It leaves the device's `PCI_COMMAND` as it found it.
 
 use std::error::Error;
-use std::fs::{self, OpenOptions};
-use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
+use std::sync::Arc;
 
-use dmabuf_p2p::revoke::{Attachment, RestorePolicy};
+use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::vfio::AdoptOptions;
-use dmabuf_p2p::{ByteRange, Ioas, Iommufd, IovaPlacement, MapPerms, VfioPciDevice};
+use dmabuf_p2p::vmm::{GuestBarMap, Offer};
+use dmabuf_p2p::{Ioas, Iommufd, VfioPciDevice};
+use iommufd_ioctls::{IommuFd, IommufdIoas};
+use vfio_ioctls::{VfioDevice, VfioIommufd};
 
-/// Where the guest placed the BAR: the IOVA of the export's mapping.
-const BAR2_GPA: u64 = 0xc000_0000;
-/// `PCI_COMMAND` memory decode.
+/// Where the VMM maps its guest RAM, and how much.
+const RAM_GPA: u64 = 0x4000_0000;
+const RAM_SIZE: u64 = 1 << 20;
+/// Config-space offsets the guest writes: `PCI_COMMAND`, BAR2's two dwords.
+const COMMAND: u64 = 0x04;
+const BAR2_LOW: u64 = 0x18;
+const BAR2_HIGH: u64 = 0x1c;
 const MEMORY: u16 = 0x2;
+
+/// Prints the library's log lines on stdout (not rust-vmm's).
+struct StdoutLog;
+
+impl log::Log for StdoutLog {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::Level::Info && m.target().starts_with("dmabuf_p2p")
+    }
+
+    fn log(&self, r: &log::Record<'_>) {
+        if self.enabled(r.metadata()) {
+            println!("log: {}", r.args());
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+static LOGGER: StdoutLog = StdoutLog;
 
 fn main() -> Result<(), Box<dyn Error>> {
     let bdf = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "0000:02:00.0".to_owned());
+    log::set_logger(&LOGGER).map_err(|e| e.to_string())?;
+    log::set_max_level(log::LevelFilter::Info);
 
-    // ---- The VMM's own code ----
-    let vmm_iommufd = open_rw(Path::new("/dev/iommu"))?;
-    let mut alloc = uapi::iommu_ioas_alloc {
-        size: size_of::<uapi::iommu_ioas_alloc>() as u32,
-        ..Default::default()
-    };
-    vmm_ioctl(vmm_iommufd.as_fd(), uapi::IOMMU_IOAS_ALLOC, &mut alloc)?;
-    let ioas_id = alloc.out_ioas_id;
-    let cdev_name = fs::read_dir(format!("/sys/bus/pci/devices/{bdf}/vfio-dev"))?
-        .next()
-        .ok_or("the device has no VFIO cdev (is it bound to vfio-pci?)")??
-        .file_name();
-    let vmm_cdev = open_rw(&Path::new("/dev/vfio/devices").join(cdev_name))?;
-    let mut bind = uapi::vfio_device_bind_iommufd {
-        argsz: size_of::<uapi::vfio_device_bind_iommufd>() as u32,
-        iommufd: vmm_iommufd.as_raw_fd(),
-        ..Default::default()
-    };
-    vmm_ioctl(vmm_cdev.as_fd(), uapi::VFIO_DEVICE_BIND_IOMMUFD, &mut bind)?;
-    let mut attach = uapi::vfio_device_attach_iommufd_pt {
-        argsz: size_of::<uapi::vfio_device_attach_iommufd_pt>() as u32,
-        pt_id: ioas_id,
-        ..Default::default()
-    };
-    vmm_ioctl(
-        vmm_cdev.as_fd(),
-        uapi::VFIO_DEVICE_ATTACH_IOMMUFD_PT,
-        &mut attach,
-    )?;
+    // ---- The VMM's own objects (rust-vmm) ----
+    let vmm_iommufd = Arc::new(IommuFd::new()?);
+    let vmm_ioas = Arc::new(IommufdIoas::new(Arc::clone(&vmm_iommufd))?);
+    let vfio = Arc::new(VfioIommufd::new(
+        Arc::clone(&vmm_iommufd),
+        Some(Arc::clone(&vmm_ioas)),
+        None,
+    )?);
+    let sysfs = format!("/sys/bus/pci/devices/{bdf}");
+    let vmm_dev = VfioDevice::new(Path::new(&sysfs), vfio, true)?;
+    let ram = Memfd::new("guest-ram", RAM_SIZE)?;
+    vmm_ioas.map_file(ram.as_fd().as_raw_fd(), 0, RAM_SIZE, RAM_GPA, true)?;
     println!(
-        "VMM: {bdf} bound (devid {}) and attached to IOAS {ioas_id}",
-        bind.out_devid
+        "VMM: {bdf} bound (devid {}) and attached to IOAS {}; guest RAM at GPA {RAM_GPA:#x}",
+        vmm_dev.iommufd_dev_id().unwrap_or_default(),
+        vmm_ioas.id()
     );
 
     // ---- The library, inside the VMM ----
     {
-        let iommufd = Iommufd::from(vmm_iommufd.try_clone()?);
-        let ioas = Ioas::adopt(&iommufd, ioas_id)?;
-        let dev = VfioPciDevice::adopt(
-            vmm_cdev.try_clone()?,
-            bind.out_devid,
-            &iommufd,
-            AdoptOptions::default(),
-        )?;
+        let iommufd = Iommufd::adopt_rust_vmm(&vmm_iommufd)?;
+        let ioas = Ioas::adopt_rust_vmm(&iommufd, &vmm_ioas)?;
+        let dev = VfioPciDevice::adopt_rust_vmm(&vmm_dev, &iommufd, AdoptOptions::default())?;
         let command = dev.known_command().unwrap_or_default();
-        println!(
-            "library: adopted {}, PCI_COMMAND {command:#06x}",
-            dev.address()
-        );
+        let map = GuestBarMap::new(&ioas)?;
+        map.declare_vmm_mapping(RAM_GPA, RAM_SIZE, "guest RAM")?;
+        let id = map.register(dev, Offer::AllMappable)?;
+        println!("library: adopted {bdf}, PCI_COMMAND {command:#06x}");
+        let write32 = |offset: u64, value: u32| map.config_write(id, offset, &value.to_le_bytes());
+        let command_write = |value: u16| map.config_write(id, COMMAND, &value.to_le_bytes());
+        let status = || map.bar_status(id, 2);
 
-        // The guest turns memory decode on (a trapped config write).
-        dev.guest_config_write(4, &(command | MEMORY).to_le_bytes())?;
-        let export = dev.export_bar(2, &[ByteRange::new(0, 0x10000)])?;
-        let att = Attachment::map(
-            &export,
-            &ioas,
-            IovaPlacement::Fixed(BAR2_GPA),
-            MapPerms::ReadWrite,
-            RestorePolicy::Automatic,
-        )?;
-        att.on_event(|info, ev| println!("  attachment at {:#x}: {ev:?}", info.iova));
-        println!("library: BAR2 mapped at guest-physical {:#x}", att.iova());
+        // Linux sizes BAR2 with decode off: all ones into each half, read back.
+        command_write(command & !MEMORY)?;
+        write32(BAR2_LOW, u32::MAX)?;
+        let low = map.bar_register_read(id, BAR2_LOW)?.unwrap_or_default();
+        write32(BAR2_LOW, 0)?;
+        write32(BAR2_HIGH, u32::MAX)?;
+        let high = map.bar_register_read(id, BAR2_HIGH)?.unwrap_or_default();
+        write32(BAR2_HIGH, 0)?;
+        let size = !((u64::from(high) << 32) | u64::from(low & !0xf)) + 1;
+        println!("guest: BAR2 sized: {size:#x} bytes, flags {:#x}", low & 0xf);
 
-        dev.guest_config_write(4, &(command & !MEMORY).to_le_bytes())?;
-        println!("guest: decode off -> revoked: {}", att.is_revoked());
-        dev.guest_config_write(4, &(command | MEMORY).to_le_bytes())?;
-        println!(
-            "guest: decode on -> revoked: {}, IOVA {:#x}",
-            att.is_revoked(),
-            att.iova()
-        );
-        // Dropping the library's objects unmaps its mapping and closes its
-        // duplicates; the device stays bound and attached.
+        // ... places it at 0xc0000000 and turns decode on: mapped there.
+        write32(BAR2_LOW, 0xc000_0000)?;
+        write32(BAR2_HIGH, 0)?;
+        command_write(command | MEMORY)?;
+        println!("guest: BAR2 at 0xc0000000, decode on -> {}", status()?);
+
+        // ... moves it above 4 GiB (decode off around the two halves).
+        command_write(command & !MEMORY)?;
+        write32(BAR2_LOW, 0)?;
+        write32(BAR2_HIGH, 0x1)?;
+        command_write(command | MEMORY)?;
+        println!("guest: BAR2 moved to 0x100000000 -> {}", status()?);
+
+        // ... and then over the VMM's guest RAM: refused, the reason kept.
+        command_write(command & !MEMORY)?;
+        #[allow(clippy::cast_possible_truncation)]
+        write32(BAR2_LOW, RAM_GPA as u32)?;
+        write32(BAR2_HIGH, 0)?;
+        command_write(command | MEMORY)?;
+        println!("guest: BAR2 at {RAM_GPA:#x} -> {}", status()?);
+        // Decode back as the VMM found it.
+        command_write(command)?;
+        for bar in map.report() {
+            println!("report: {bar}");
+        }
+        // Dropping the map unmaps its BARs and closes its duplicates; the
+        // device stays bound and attached.
     }
 
     // ---- The VMM tears down its own objects ----
-    let mut detach = uapi::vfio_device_detach_iommufd_pt {
-        argsz: size_of::<uapi::vfio_device_detach_iommufd_pt>() as u32,
-        ..Default::default()
-    };
-    vmm_ioctl(
-        vmm_cdev.as_fd(),
-        uapi::VFIO_DEVICE_DETACH_IOMMUFD_PT,
-        &mut detach,
-    )?;
-    let mut destroy = uapi::iommu_destroy {
-        size: size_of::<uapi::iommu_destroy>() as u32,
-        id: ioas_id,
-    };
-    vmm_ioctl(vmm_iommufd.as_fd(), uapi::IOMMU_DESTROY, &mut destroy)?;
-    drop(vmm_cdev);
+    vmm_ioas.unmap(RAM_GPA, RAM_SIZE)?;
+    let ioas_id = vmm_ioas.id();
+    drop(vmm_dev);
+    drop(vmm_ioas);
     drop(vmm_iommufd);
-    println!("VMM: detached, IOAS {ioas_id} destroyed, fds closed");
+    println!("VMM: device closed, IOAS {ioas_id} destroyed");
     Ok(())
-}
-
-/// The VMM's own definitions of the requests it makes (linux/vfio.h,
-/// linux/iommufd.h): `_IO(';', 100 + n)` for VFIO, `_IO(';', 0x80 + n)` for
-/// iommufd; every struct's size checked against the kernel's.
-#[allow(non_camel_case_types)]
-mod uapi {
-    pub const VFIO_DEVICE_BIND_IOMMUFD: u32 = 0x3b00 + 100 + 18;
-    pub const VFIO_DEVICE_ATTACH_IOMMUFD_PT: u32 = 0x3b00 + 100 + 19;
-    pub const VFIO_DEVICE_DETACH_IOMMUFD_PT: u32 = 0x3b00 + 100 + 20;
-    pub const IOMMU_DESTROY: u32 = 0x3b00 + 0x80;
-    pub const IOMMU_IOAS_ALLOC: u32 = 0x3b00 + 0x80 + 1;
-
-    #[repr(C)]
-    #[derive(Default)]
-    pub struct iommu_ioas_alloc {
-        pub size: u32,
-        pub flags: u32,
-        pub out_ioas_id: u32,
-    }
-
-    #[repr(C)]
-    #[derive(Default)]
-    pub struct vfio_device_bind_iommufd {
-        pub argsz: u32,
-        pub flags: u32,
-        pub iommufd: i32,
-        pub out_devid: u32,
-        pub token_uuid_ptr: u64,
-    }
-
-    #[repr(C)]
-    #[derive(Default)]
-    pub struct vfio_device_attach_iommufd_pt {
-        pub argsz: u32,
-        pub flags: u32,
-        pub pt_id: u32,
-        pub pasid: u32,
-    }
-
-    #[repr(C)]
-    #[derive(Default)]
-    pub struct vfio_device_detach_iommufd_pt {
-        pub argsz: u32,
-        pub flags: u32,
-        pub pasid: u32,
-    }
-
-    #[repr(C)]
-    pub struct iommu_destroy {
-        pub size: u32,
-        pub id: u32,
-    }
-
-    const _: () = {
-        assert!(IOMMU_IOAS_ALLOC == 0x3b81 && VFIO_DEVICE_BIND_IOMMUFD == 0x3b76);
-        assert!(size_of::<iommu_ioas_alloc>() == 12);
-        assert!(size_of::<vfio_device_bind_iommufd>() == 24);
-        assert!(size_of::<vfio_device_attach_iommufd_pt>() == 16);
-        assert!(size_of::<vfio_device_detach_iommufd_pt>() == 12);
-        assert!(size_of::<iommu_destroy>() == 8);
-    };
-}
-
-fn open_rw(path: &Path) -> io::Result<OwnedFd> {
-    Ok(OpenOptions::new().read(true).write(true).open(path)?.into())
-}
-
-/// One ioctl of the VMM's own code, with `arg` the struct `request` takes.
-fn vmm_ioctl<T>(fd: BorrowedFd<'_>, request: u32, arg: &mut T) -> io::Result<()> {
-    // SAFETY: every call passes the argument struct its request number
-    // names, with its size field set; it lives across the call.
-    let rc = unsafe {
-        libc::ioctl(
-            fd.as_raw_fd(),
-            libc::c_ulong::from(request),
-            std::ptr::from_mut(arg),
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
 }

@@ -938,6 +938,33 @@ pub fn iommu_test_dmabuf_revoke(
 }
 
 // ---------------------------------------------------------------------------
+// rust-vmm handles (feature `rust-vmm`)
+// ---------------------------------------------------------------------------
+
+/// A duplicate (close-on-exec) of the VFIO cdev fd a rust-vmm
+/// `VfioDevice` owns. Not an ioctl, but the one other place that must name
+/// an fd by number: rust-vmm's types offer `AsRawFd` only.
+#[cfg(feature = "rust-vmm")]
+pub fn dup_vfio_device(device: &vfio_ioctls::VfioDevice) -> io::Result<OwnedFd> {
+    // SAFETY: `VfioDevice` owns the `File` whose fd `as_raw_fd` returns and
+    // closes it only when dropped; `device` is borrowed for this whole
+    // call, so the fd is open and names that file while it is duplicated.
+    let fd = unsafe { BorrowedFd::borrow_raw(device.as_raw_fd()) };
+    fd.try_clone_to_owned()
+}
+
+/// A duplicate (close-on-exec) of the `/dev/iommu` fd a rust-vmm `IommuFd`
+/// owns (see [`dup_vfio_device`]).
+#[cfg(feature = "rust-vmm")]
+pub fn dup_iommufd(iommufd: &iommufd_ioctls::IommuFd) -> io::Result<OwnedFd> {
+    // SAFETY: `IommuFd` owns the `File` whose fd `as_raw_fd` returns and
+    // closes it only when dropped; `iommufd` is borrowed for this whole
+    // call, so the fd is open and names that file while it is duplicated.
+    let fd = unsafe { BorrowedFd::borrow_raw(iommufd.as_raw_fd()) };
+    fd.try_clone_to_owned()
+}
+
+// ---------------------------------------------------------------------------
 // DRM (feature `drm`)
 // ---------------------------------------------------------------------------
 

@@ -9,6 +9,9 @@
 //! * **Topology** ([`topology`]) says beforehand whether DMA between two PCI
 //!   functions can work, which way it goes (through a switch or the root
 //!   complex), whether the IOMMU translates it, and why not.
+//! * **Inside a VMM** ([`vmm`]), [`GuestBarMap`](vmm::GuestBarMap) keeps every
+//!   assigned device's offered BARs mapped at their guest-physical addresses,
+//!   following the guest's config-space writes.
 //!
 //! See `docs/ARCHITECTURE.md` for the layers and which kernel object each type owns.
 
@@ -24,6 +27,8 @@ pub mod memfd;
 pub mod pci;
 pub mod range;
 pub mod revoke;
+#[cfg(feature = "rust-vmm")]
+pub mod rust_vmm;
 #[cfg(feature = "share")]
 pub mod share;
 mod shared_fd;
@@ -33,6 +38,7 @@ pub mod sysfs;
 pub mod topology;
 mod types;
 pub mod vfio;
+pub mod vmm;
 
 pub use dmabuf::{Access, DmaBuf, SyncFile, is_dmabuf};
 #[cfg(feature = "drm")]
@@ -55,7 +61,8 @@ pub use types::ShareProblem;
 pub use vfio::{Bar, BarMapping, DeviceInfo, RegionInfo, VfioPciDevice};
 
 /// The VMM author's guide (`docs/GUIDE.md`), here so its snippets compile as
-/// doctests. It walks through sharing too, hence the feature.
-#[cfg(feature = "share")]
+/// doctests. It walks through sharing and rust-vmm interop too, hence the
+/// features (the test command turns both on).
+#[cfg(all(feature = "share", feature = "rust-vmm"))]
 #[doc = include_str!("../docs/GUIDE.md")]
 pub mod guide {}

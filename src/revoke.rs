@@ -36,6 +36,7 @@
 
 use std::cell::Cell;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use crate::dmabuf::DmaBuf;
@@ -189,6 +190,9 @@ pub struct RevocationHub {
     inner: Mutex<HubInner>,
     /// See [`RevocationHub::lock_transitions`].
     transitions: Mutex<()>,
+    /// `HubInner::changes`, readable without the lock
+    /// ([`RevocationHub::change_count`]).
+    changes: AtomicU64,
 }
 
 /// What a hub tells each importer's hold on one of its buffers: an
@@ -217,13 +221,19 @@ struct HubInner {
 
 impl HubInner {
     /// Sets the state; if it changed, returns the change and the observers to
-    /// tell (called once the hub's lock is released).
-    fn set_state(&mut self, state: BufferState) -> Option<(StateChange, Vec<Observer>)> {
+    /// tell (called once the hub's lock is released). `mirror` is the hub's
+    /// lock-free copy of the change count.
+    fn set_state(
+        &mut self,
+        state: BufferState,
+        mirror: &AtomicU64,
+    ) -> Option<(StateChange, Vec<Observer>)> {
         if self.state == state {
             return None;
         }
         self.state = state;
         self.changes += 1;
+        mirror.store(self.changes, Ordering::Release);
         let change = StateChange {
             state,
             seq: self.changes,
@@ -235,9 +245,22 @@ impl HubInner {
     }
 }
 
+impl HubInner {
+    /// [`HubInner::set_state`] for a hub with no observer to tell.
+    fn set_state_quietly(&mut self, state: BufferState, mirror: &AtomicU64) {
+        if self.state != state {
+            self.state = state;
+            self.changes += 1;
+            mirror.store(self.changes, Ordering::Release);
+        }
+    }
+}
+
 /// Tells `observers` about `change`, if there was one.
 fn tell(change: Option<(StateChange, Vec<Observer>)>) {
-    if let Some((change, observers)) = change {
+    if let Some((change, observers)) = change
+        && !observers.is_empty()
+    {
         let _inside = InCallback::enter();
         for o in observers {
             o(&change);
@@ -309,6 +332,7 @@ impl RevocationHub {
         Arc::new(Self {
             name: name.into(),
             transitions: Mutex::new(()),
+            changes: AtomicU64::new(0),
             inner: Mutex::new(HubInner {
                 state: BufferState::Live,
                 attachments: Vec::new(),
@@ -378,6 +402,22 @@ impl RevocationHub {
             state: inner.state,
             seq: inner.changes,
         }
+    }
+
+    /// The number of the hub's last change ([`StateChange::seq`]), read
+    /// without the hub's lock: a cheap way to see whether anything changed
+    /// since a number was taken.
+    ///
+    /// ```
+    /// use dmabuf_p2p::revoke::{RevocationHub, RevokeReason};
+    /// let hub = RevocationHub::new("dev");
+    /// let before = hub.change_count();
+    /// hub.revoke(RevokeReason::Reset);
+    /// assert_eq!(hub.change_count(), before + 1);
+    /// ```
+    #[inline]
+    pub fn change_count(&self) -> u64 {
+        self.changes.load(Ordering::Acquire)
     }
 
     /// Calls `f` after every change of the hub's [`state`](Self::state)
@@ -482,11 +522,18 @@ impl RevocationHub {
             if inner.state == BufferState::Live {
                 inner.revocations += 1;
             }
-            let change = inner.set_state(if reason.is_permanent() {
+            let state = if reason.is_permanent() {
                 BufferState::Gone(reason)
             } else {
                 BufferState::Revoked(reason)
-            });
+            };
+            if inner.attachments.is_empty() && inner.observers.is_empty() {
+                // Nobody to tell (a VMM's map keeps its own areas): the state
+                // alone, without building the lists.
+                inner.set_state_quietly(state, &self.changes);
+                return 0;
+            }
+            let change = inner.set_state(state, &self.changes);
             (Self::live_attachments(&mut inner), change)
         };
         let n = atts
@@ -506,7 +553,13 @@ impl RevocationHub {
             let change = match inner.state {
                 BufferState::Gone(_) => return 0,
                 BufferState::Live => None,
-                BufferState::Revoked(_) => inner.set_state(BufferState::Live),
+                BufferState::Revoked(_)
+                    if inner.attachments.is_empty() && inner.observers.is_empty() =>
+                {
+                    inner.set_state_quietly(BufferState::Live, &self.changes);
+                    return 0;
+                }
+                BufferState::Revoked(_) => inner.set_state(BufferState::Live, &self.changes),
             };
             (Self::live_attachments(&mut inner), change)
         };

@@ -396,6 +396,11 @@ pub(crate) struct PlacementState {
 struct Known {
     /// The areas mapped through handles of this IOAS.
     areas: IovaSet,
+    /// Areas mapped by someone else: declared by the owner
+    /// ([`Ioas::declare_foreign_area`](crate::Ioas::declare_foreign_area):
+    /// a VMM's guest RAM), or learned when the kernel refused a picked IOVA
+    /// as taken.
+    foreign: IovaSet,
     /// Where automatic placement may go: the usable ranges
     /// (`IOMMU_IOAS_IOVA_RANGES`) cut to the allowed list, with the IOAS's
     /// alignment; asked when first needed and again when the kernel refuses
@@ -407,9 +412,6 @@ struct Known {
     /// The IOMMU page sizes placement aligns for.
     page_sizes: IommuPageSizes,
 }
-
-/// How many IOVAs automatic placement tries before the kernel places.
-const PLACEMENT_TRIES: usize = 16;
 
 /// The largest alignment automatic placement asks for memory whose physical
 /// contiguity is unknown (memfd pages, user memory): transparent or
@@ -440,6 +442,17 @@ impl PlacementState {
     #[inline(always)]
     pub(crate) fn record_unmapped(&self, iova: u64, length: u64) {
         self.known().areas.remove(iova, length);
+    }
+
+    /// Records an area mapped by someone else, which automatic placement
+    /// avoids.
+    pub(crate) fn declare_foreign(&self, iova: u64, length: u64) {
+        self.known().foreign.insert(iova, length);
+    }
+
+    /// Forgets (part of) an area mapped by someone else.
+    pub(crate) fn forget_foreign(&self, iova: u64, length: u64) {
+        self.known().foreign.remove(iova, length);
     }
 
     /// A new allowed list ([`Ioas::allow_iovas`](crate::Ioas::allow_iovas)
@@ -478,21 +491,20 @@ impl PlacementState {
         known.windows.clone()
     }
 
-    /// An IOVA for `req`, outside the known areas and `blocked`.
+    /// An IOVA for `req`, outside the known and foreign areas.
     fn pick(
         &self,
         req: &PlacementRequest,
-        blocked: &IovaSet,
         refresh: bool,
         usable: &impl Fn() -> Option<IovaRanges>,
     ) -> Option<u64> {
         let (windows, alignment) = self.windows(refresh, usable)?;
         let known = self.known();
-        if blocked.is_empty() {
+        if known.foreign.is_empty() {
             return pick_iova(&windows, &known.areas, alignment, req);
         }
         let mut taken = known.areas.clone();
-        for span in blocked.spans() {
+        for span in known.foreign.spans() {
             taken.insert(*span.start(), span.end() - span.start() + 1);
         }
         pick_iova(&windows, &taken, alignment, req)
@@ -516,12 +528,18 @@ impl PlacementState {
     }
 
     /// Runs `issue`, one map ioctl, at `at`. For [`IovaPlacement::Auto`]
-    /// the IOVA is picked here and mapped fixed; a refused pick
-    /// (`EEXIST`: an area this handle does not know; `EINVAL`: ranges
-    /// changed) is followed by the next, and the kernel places it if
-    /// nothing is left. `usable` asks the kernel for the IOAS's usable
-    /// ranges. The caller holds the placement lock for `Auto`. Returns the
-    /// IOVA, or the placement of the failed call and its error.
+    /// the IOVA is picked here, outside every area this IOAS's handles
+    /// mapped and every foreign area declared or learned, and mapped fixed.
+    /// No loop: if the kernel refuses the pick as taken (`EEXIST`: an area
+    /// nobody declared), the refused range is learned as foreign and the
+    /// kernel places the mapping itself (it knows every area); if it
+    /// refuses it as misaligned or reserved (`EINVAL`: a device attached
+    /// since the windows were asked), the windows are asked again and one
+    /// more pick is made. So `Auto` makes at most three map calls and fails
+    /// only when the kernel's own placement does (`ENOSPC`: no room).
+    /// `usable` asks the kernel for the IOAS's usable ranges. The caller
+    /// holds the placement lock for `Auto`. Returns the IOVA, or the
+    /// placement of the failed call and its error.
     pub(crate) fn place(
         &self,
         at: IovaPlacement,
@@ -531,24 +549,18 @@ impl PlacementState {
     ) -> std::result::Result<u64, (IovaPlacement, &'static str, io::Error)> {
         if at == IovaPlacement::Auto {
             let req = &request();
-            let mut blocked = IovaSet::new();
-            let (mut refreshed, mut refresh) = (false, false);
-            for _ in 0..PLACEMENT_TRIES {
-                let Some(iova) = self.pick(req, &blocked, refresh, &usable) else {
+            for refresh in [false, true] {
+                let Some(iova) = self.pick(req, refresh, &usable) else {
                     break;
                 };
-                refresh = false;
-                let fixed = IovaPlacement::Fixed(iova);
-                match issue(fixed) {
+                match issue(IovaPlacement::Fixed(iova)) {
                     Ok(got) => return Ok(got),
                     Err((_, e)) if e.raw_os_error() == Some(libc::EEXIST) => {
-                        blocked.insert(iova, req.length);
+                        self.declare_foreign(iova, req.length);
+                        break;
                     }
-                    Err((_, e)) if e.raw_os_error() == Some(libc::EINVAL) && !refreshed => {
-                        (refreshed, refresh) = (true, true);
-                    }
-                    // Misaligned or reserved again: let the kernel decide.
-                    Err((_, e)) if e.raw_os_error() == Some(libc::EINVAL) => break,
+                    // Misaligned or reserved: the windows changed; once.
+                    Err((_, e)) if e.raw_os_error() == Some(libc::EINVAL) => {}
                     // Not about the IOVA (revoked, not importable, ...).
                     Err((op, e)) => return Err((IovaPlacement::Auto, op, e)),
                 }

@@ -260,31 +260,40 @@ impl VfioPciDevice {
 
     /// The VMM turned memory decode on or off by other means than this
     /// device; like [`note_command_change`](Self::note_command_change) when
-    /// only the bit is at hand. Decode on while the hub says live counts as
-    /// a full off-and-on cycle (every attachment is unmapped and mapped again
-    /// at the same IOVA), even if the library last knew decode was on: the
-    /// VMM turned it on, so it was off, and an off that went untold has left
-    /// the attachments' areas dead. So call it with `true` for a write that
-    /// turned the bit on, not for every write that leaves it on: each such
-    /// call maps every attachment again.
+    /// only the bit is at hand. Only a real transition costs anything: off
+    /// revokes every attachment; on, when the library knew decode was off
+    /// (or knew nothing), maps every attachment with
+    /// [`RestorePolicy::Automatic`](crate::revoke::RestorePolicy::Automatic)
+    /// again at the same IOVA. A call that repeats what the library knows
+    /// (on while known on and live) does nothing, so a VMM may call it for
+    /// every write it makes to `PCI_COMMAND`.
+    ///
+    /// An off-and-on cycle the VMM made with only the *on* told leaves the
+    /// attachments' areas dead while the library knows decode was on:
+    /// report such a cycle with `note_command_change(old, new)` where `old`
+    /// has decode off.
     ///
     /// ```no_run
     /// # let dev = dmabuf_p2p::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
     /// dev.note_memory_decode(false);
     /// dev.note_memory_decode(true);
+    /// dev.note_memory_decode(true); // no transition: nothing is remapped
     /// # Ok::<(), dmabuf_p2p::Error>(())
     /// ```
     pub fn note_memory_decode(&self, enabled: bool) {
         let _held = self.lock_command();
+        let was = self.known.memory_decode();
         self.known.set_memory_decode(enabled);
+        let live = self.hub.state() == BufferState::Live;
         if !enabled {
-            self.hub.revoked_by_kernel(RevokeReason::MemoryDecodeOff);
+            if was != Some(false) || live {
+                self.hub.revoked_by_kernel(RevokeReason::MemoryDecodeOff);
+            }
             return;
         }
-        // Whatever the library knew, the bit went from off to on: if the hub
-        // still says live, the off half went unseen and the kernel revoked
-        // then, so the areas are dead.
-        if self.hub.state() == BufferState::Live {
+        if was != Some(true) && live {
+            // Off (or unknown) to on while the hub says live: the off went
+            // unseen, the kernel revoked then, and the areas are dead.
             self.hub.revoked_by_kernel(RevokeReason::External);
         }
         self.restore_if_revoked();

@@ -192,6 +192,55 @@ impl VfioPciDevice {
         written
     }
 
+    /// A write that overlaps `PCI_COMMAND`, made for a guest by the
+    /// [`GuestBarMap`](crate::vmm::GuestBarMap): one `pwrite`, no read
+    /// before or after (the register is known from the device's own writes
+    /// and the VMM's notes; a device that knows nothing yet reads it once).
+    /// The known register takes the written bytes, and a change of memory
+    /// decode from the known value revokes or restores the hub, as
+    /// [`config_write`](Self::config_write) does. Returns memory decode
+    /// before and after. A failed write reads the register back to learn
+    /// what the device has (the kernel revokes before it writes).
+    pub(crate) fn command_write_lean(&self, offset: u64, data: &[u8]) -> Result<(bool, bool)> {
+        let held = self.lock_command();
+        let was_on = match self.known.memory_decode() {
+            Some(on) => on,
+            None => self.read_command_quiet(&held)? & COMMAND_MEMORY != 0,
+        };
+        // The header is always there: no range check for PCI_COMMAND.
+        let at = match self.config.get() {
+            Some(r) if offset + data.len() as u64 <= 0x40 => r.offset + offset,
+            _ => self.config_at(offset, data.len())?,
+        };
+        if let Err(e) = self.file.write_all_at(data, at) {
+            let err = self.config_error("pwrite", offset, data.len(), e);
+            let now_on = match self.read_command_quiet(&held) {
+                Ok(c) => c & COMMAND_MEMORY != 0,
+                Err(_) => {
+                    self.known.forget();
+                    false
+                }
+            };
+            self.follow_decode(was_on, now_on);
+            return Err(err);
+        }
+        let now_on = self.known.record_write(offset, data).unwrap_or(was_on);
+        self.follow_decode(was_on, now_on);
+        Ok((was_on, now_on))
+    }
+
+    /// Tells the hub of a change of memory decode from `was_on` to `now_on`
+    /// (the command lock held).
+    fn follow_decode(&self, was_on: bool, now_on: bool) {
+        if !now_on {
+            if was_on || self.hub.state() == BufferState::Live {
+                self.hub.revoked_by_kernel(RevokeReason::MemoryDecodeOff);
+            }
+        } else if !was_on {
+            self.restore_if_revoked();
+        }
+    }
+
     /// Reads a byte of config space.
     ///
     /// ```no_run

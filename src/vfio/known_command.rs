@@ -83,22 +83,24 @@ impl KnownCommand {
         if low.is_none() && high.is_none() {
             return decode;
         }
-        let mut v = value(before.0);
-        let mut known = before.0 & (LOW_KNOWN | HIGH_KNOWN);
-        if let Some(b) = low {
-            v = (v & 0xff00) | u16::from(b);
-            known |= LOW_KNOWN;
-        }
-        if let Some(b) = high {
-            v = (v & 0x00ff) | (u16::from(b) << 8);
-            known |= HIGH_KNOWN;
-        }
-        let new = with(before.0, u64::from(v) | known);
+        let new = merged(before.0, low, high);
         // A failed exchange means a newer record: keep it.
         let _ = self
             .0
             .compare_exchange(before.0, new, Ordering::AcqRel, Ordering::Acquire);
         decode
+    }
+
+    /// Records the bytes of `PCI_COMMAND` inside `bytes`, written at config
+    /// offset `offset` under the transition lock: always wins, and keeps
+    /// the byte the write did not cover. Returns the memory-decode bit as
+    /// known afterwards.
+    pub(crate) fn record_write(&self, offset: u64, bytes: &[u8]) -> Option<bool> {
+        let (low, high) = command_bytes(offset, bytes);
+        if low.is_some() || high.is_some() {
+            self.update(|w| merged(w, low, high));
+        }
+        self.memory_decode()
     }
 
     fn update(&self, f: impl Fn(u64) -> u64) {
@@ -122,6 +124,22 @@ fn command_bytes(offset: u64, bytes: &[u8]) -> (Option<u8>, Option<u8>) {
             .and_then(|i| bytes.get(i).copied())
     };
     (at(COMMAND_OFFSET), at(COMMAND_OFFSET + 1))
+}
+
+/// `w` with the bytes `low` and `high` of the register replaced (and marked
+/// known), its generation bumped.
+fn merged(w: u64, low: Option<u8>, high: Option<u8>) -> u64 {
+    let mut v = value(w);
+    let mut known = w & (LOW_KNOWN | HIGH_KNOWN);
+    if let Some(b) = low {
+        v = (v & 0xff00) | u16::from(b);
+        known |= LOW_KNOWN;
+    }
+    if let Some(b) = high {
+        v = (v & 0x00ff) | (u16::from(b) << 8);
+        known |= HIGH_KNOWN;
+    }
+    with(w, u64::from(v) | known)
 }
 
 /// The register value in a word.
@@ -180,6 +198,21 @@ mod tests {
         // ... and the read, which saw the old value, loses.
         assert_eq!(k.record_read(before, 4, &[0x06, 0x00]), Some(true));
         assert_eq!(k.memory_decode(), Some(false));
+    }
+
+    #[test]
+    fn writes_always_win_and_keep_the_other_byte() {
+        let k = KnownCommand::unknown();
+        k.set(0x0406);
+        let before = k.snapshot();
+        assert_eq!(k.record_write(4, &[0x04]), Some(false));
+        assert_eq!(k.command(), Some(0x0404));
+        // A read from before the write loses.
+        k.record_read(before, 4, &[0x06, 0x04]);
+        assert_eq!(k.command(), Some(0x0404));
+        assert_eq!(k.record_write(5, &[0x00]), Some(false));
+        assert_eq!(k.command(), Some(0x0004));
+        assert_eq!(k.record_write(8, &[1]), Some(false));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! VM, streams the guest's test report back and judges the run.
 
 pub mod bench;
+pub mod capture;
 pub mod debian;
 pub mod deps;
 pub mod fuzz;

@@ -93,7 +93,8 @@ fn example_names() -> Result<Vec<String>> {
 /// Builds the CLI and (if `with_tests`) the in-VM suite and the library's
 /// examples with cargo, on the host. The examples come from the CLI's cargo
 /// invocation (same profile; `share` is on for the library there anyway,
-/// through the CLI), so they cost their own compile and link only.
+/// through the CLI, and `rust-vmm` through the VM tests), so they cost their
+/// own compile and link only.
 pub fn build_guest_binaries(with_tests: bool) -> Result<GuestBinaries> {
     eprintln!("testbed: building the guest binaries");
     let mut cmd = cargo();
@@ -111,7 +112,7 @@ pub fn build_guest_binaries(with_tests: bool) -> Result<GuestBinaries> {
             "dmabuf-p2p",
             "--examples",
             "--features",
-            "dmabuf-p2p/share",
+            "dmabuf-p2p/share,dmabuf-p2p/rust-vmm",
         ]);
     }
     let what = if with_tests {

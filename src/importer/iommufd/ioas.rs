@@ -271,6 +271,45 @@ impl Ioas {
         })
     }
 
+    /// Tells automatic placement of an area mapped in this IOAS by someone
+    /// else (a VMM's guest RAM, mapped with its own ioctls): an
+    /// [`IovaPlacement::Auto`](crate::IovaPlacement::Auto) mapping through
+    /// any handle of the IOAS avoids `[iova, iova + length)`. Without it, the
+    /// first automatic placement that lands on such an area is refused by
+    /// the kernel (`EEXIST`), learns the refused range and lets the kernel
+    /// place that one mapping (aligned only as the kernel aligns). Nothing is
+    /// asked of the kernel here.
+    ///
+    /// ```no_run
+    /// use dmabuf_p2p::{ByteRange, Ioas, Iommufd, IovaPlacement, MapPerms};
+    ///
+    /// let iommufd = Iommufd::open()?;
+    /// let vmm_ioas = iommufd.alloc_ioas()?; // stands in for the VMM's
+    /// let ioas = Ioas::adopt(&iommufd, vmm_ioas.id())?;
+    /// ioas.declare_foreign_area(0, 4 << 30); // the VMM's guest RAM, at GPA 0
+    /// let memfd = dmabuf_p2p::memfd::Memfd::new("buf", 0x10000)?;
+    /// let map = ioas.map_file(&memfd, ByteRange::new(0, 0x10000), IovaPlacement::Auto, MapPerms::ReadWrite)?;
+    /// assert!(map.iova() >= 4 << 30);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn declare_foreign_area(&self, iova: u64, length: u64) {
+        self.inner.placement.declare_foreign(iova, length);
+    }
+
+    /// Forgets (part of) an area declared with
+    /// [`declare_foreign_area`](Self::declare_foreign_area) (or learned from
+    /// a refusal): its owner unmapped it.
+    ///
+    /// ```no_run
+    /// let ioas = dmabuf_p2p::Iommufd::open()?.alloc_ioas()?;
+    /// ioas.declare_foreign_area(0, 1 << 30);
+    /// ioas.forget_foreign_area(0, 1 << 30);
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn forget_foreign_area(&self, iova: u64, length: u64) {
+        self.inner.placement.forget_foreign(iova, length);
+    }
+
     /// Whether this IOAS may use huge IOMMU pages
     /// (`IOMMU_OPTION_HUGE_PAGES`, on by default). See [`Iommufd::option`].
     ///

@@ -887,8 +887,10 @@ impl IoasMapping {
                         Ok(r) => r.problem_with(iova, self.length),
                         Err(_) => None,
                     };
-                    let why =
-                        why.unwrap_or_else(|| "misaligned, reserved or not allowed".to_owned());
+                    let why = why.unwrap_or_else(|| {
+                        "misaligned, reserved or not allowed (the usable ranges could not be asked)"
+                            .to_owned()
+                    });
                     invalid_iova(format!("{why} (EINVAL)"))
                 }
                 IovaPlacement::Auto => None,

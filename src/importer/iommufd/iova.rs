@@ -53,11 +53,29 @@ impl IovaRanges {
         if !self.contains(iova, length) {
             let list: Vec<String> = self.ranges.iter().map(ToString::to_string).collect();
             return Some(format!(
-                "not inside one usable IOVA range ({})",
-                list.join(", ")
+                "not inside one usable IOVA range ({}; IOMMU address width {} bits)",
+                list.join(", "),
+                self.address_width()
             ));
         }
         None
+    }
+
+    /// The IOMMU address width the usable ranges imply: the bits needed for
+    /// the highest usable IOVA (64 when they reach the top, as in an IOAS
+    /// no device is attached to yet).
+    ///
+    /// ```
+    /// use dmabuf_p2p::importer::iommufd::{IovaRange, IovaRanges};
+    /// let r = IovaRanges::new(vec![IovaRange::new(0, 0xfedf_ffff), IovaRange::new(0xfef0_0000, (1 << 39) - 1)], 4096);
+    /// assert_eq!(r.address_width(), 39);
+    /// ```
+    pub fn address_width(&self) -> u32 {
+        self.ranges
+            .iter()
+            .map(|r| r.last)
+            .max()
+            .map_or(0, |top| 64 - top.leading_zeros())
     }
 }
 
@@ -81,10 +99,13 @@ pub enum IovaPlacement {
     /// user memory) the alignment is at most 2 MiB. Smaller alignments are
     /// used only when no such IOVA is free. The library maps at the IOVA it
     /// picked (`IOMMU_IOAS_MAP_FIXED_IOVA`), avoiding the areas mapped
-    /// through any handle of the IOAS; an area it does not know of (mapped
-    /// by raw ID or by another process) makes the kernel refuse that IOVA
-    /// (`EEXIST`) and the next one is tried; after a few refusals, or if
-    /// nothing fits, the kernel places it (at most 2 MiB-aligned).
+    /// through any handle of the IOAS and the areas its owner declared
+    /// ([`Ioas::declare_foreign_area`](crate::Ioas::declare_foreign_area):
+    /// a VMM's guest RAM). An area nobody declared makes the kernel refuse
+    /// the pick (`EEXIST`): the refused range is remembered and the kernel
+    /// places that mapping itself (at most 2 MiB-aligned), as it does when
+    /// nothing fits. No retry loop: at most three map calls, and a failure
+    /// only when the kernel has no room either (`ENOSPC`).
     Auto,
     /// Exactly at this IOVA (`IOMMU_IOAS_MAP_FIXED_IOVA`).
     Fixed(u64),

@@ -24,9 +24,10 @@ What the numbers say:
   while the kernel's own placement executes 16% more instructions to map a
   1 GiB BAR than `Auto` and 17 times more to map 64 GiB.
   It never depends on the kernel having THP. It avoids the areas mapped
-  through any handle of the IOAS; an area it does not know of (mapped by raw
-  ID or another process) makes the kernel refuse the fixed IOVA (`EEXIST`) and
-  the next candidate is tried. The IOMMU page sizes are assumed (4 KiB, 2 MiB,
+  through any handle of the IOAS and the areas its owner declared
+  (`Ioas::declare_foreign_area`); an area it does not know of makes the
+  kernel refuse the fixed IOVA (`EEXIST`): the range is remembered and the
+  kernel places that mapping itself. The IOMMU page sizes are assumed (4 KiB, 2 MiB,
   1 GiB, what x86 IOMMUs and the emulated VT-d offer: type1's `iova_pgsizes`
   above) unless set with `Ioas::set_iommu_page_sizes`: iommufd does not report
   them for an IOAS.

@@ -10,6 +10,8 @@
 //! * `cargo xtask bench [--quick] [--only=PARTS] [--render FILE]` — the
 //!   in-VM benchmarks; writes `docs/BENCHMARKS.md` and `docs/bench/*.svg`.
 //! * `cargo xtask bindings [--check]` — regenerate or check `src/sys/bindings.rs`.
+//! * `cargo xtask capture-config-writes [--held-out]` — record the guest
+//!   kernel's config-space writes as fixtures (`testbed/src/capture.rs`).
 
 use std::process::{Command, ExitCode};
 use std::time::Instant;
@@ -17,7 +19,7 @@ use std::time::Instant;
 use testbed::suite::{self, GuestBinaries, RunSpec};
 use testbed::{Result, deps, fuzz, kernel, profile, uapi, workspace_root};
 
-const USAGE: &str = "usage: cargo xtask <test | vm-test [FILTER..] [--profile=NAME] [--fail-on-purpose] | vm-info | kernel [--force] | bindings [--check] | bench [--quick] [--only=PARTS] [--render FILE] | fuzz [TARGET..] [--seconds N]>";
+const USAGE: &str = "usage: cargo xtask <test | vm-test [FILTER..] [--profile=NAME] [--fail-on-purpose] | vm-info | kernel [--force] | bindings [--check] | bench [--quick] [--only=PARTS] [--render FILE] | fuzz [TARGET..] [--seconds N] | capture-config-writes [--held-out]>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -31,6 +33,7 @@ fn main() -> ExitCode {
         "vm-test" => vm_test(rest),
         "vm-info" => vm_info(),
         "bench" => testbed::bench::xtask(rest),
+        "capture-config-writes" => testbed::capture::xtask(rest),
         "kernel" => kernel::xtask(rest.iter().any(|a| a == "--force")).map(|p| {
             println!("{}", p.display());
             true
@@ -186,8 +189,12 @@ fn test_all() -> Result<bool> {
             "clippy --package dmabuf-p2p --all-targets -- -D warnings",
         ),
         (
+            "clippy (library, rust-vmm)",
+            "clippy --package dmabuf-p2p --all-targets --features rust-vmm -- -D warnings",
+        ),
+        (
             "host tests",
-            "test --workspace --exclude dmabuf-p2p-vm-tests",
+            "test --workspace --exclude dmabuf-p2p-vm-tests --features dmabuf-p2p/rust-vmm",
         ),
     ];
     for (name, args) in host_steps {

@@ -12,6 +12,8 @@ mod dmabuf;
 mod examples;
 mod fault_injection;
 mod faults;
+mod guest_bar_map;
+mod guest_vmm;
 mod guide;
 mod heap;
 mod iommufd;

@@ -859,7 +859,7 @@ fn library_takes_the_device_request_irq_and_revokes_on_hot_unplug() {
 /// `want` is what its BAR holds at `area` (in the guest and in the host's
 /// backing file), and that the VMM stand-in opens it again, as the next
 /// tests will.
-fn replug_and_check(shm1: PciAddress, area: u64, want: &[u8]) {
+pub(super) fn replug_and_check(shm1: PciAddress, area: u64, want: &[u8]) {
     let gone = wait_until(SYSFS_TIMEOUT, || !Path::new(&sysfs_dir(shm1)).exists())
         .unwrap_or_else(|| panic!("{shm1} still in sysfs {SYSFS_TIMEOUT:?} after closing it"));
     note(&format!("{shm1} left sysfs {gone:?} after the close"));
@@ -953,9 +953,10 @@ fn vmm_tells_the_library_of_its_device_request() {
 /// The VMM turns memory decode off and on with its own writes on its own fd
 /// and tells the library with `note_memory_decode`: off revokes (the
 /// engine's copy changes nothing), on restores at the same IOVA (the copy
-/// lands). Then an off-and-on whose off half went untold, with only
-/// `note_memory_decode(true)` at the end: a full cycle, so the attachment
-/// that says live really is, and the copy lands.
+/// lands); a second `note_memory_decode(true)` is no transition and
+/// remaps nothing. Then an off-and-on whose off half went untold, told as
+/// `note_command_change(off, on)`: a full cycle, so the attachment that
+/// says live really is, and the copy lands.
 #[test]
 fn vmm_tells_the_library_of_its_memory_decode_writes() {
     const AREA: u64 = 0x2f0_0000;
@@ -1026,11 +1027,16 @@ fn vmm_tells_the_library_of_its_memory_decode_writes() {
     );
     copy_lands(&mut lib, &mut want, 1603, off3, "decode on, told");
 
-    // Off and on again, only the on told: the kernel revoked at the off, so
-    // the library must map again.
+    // On again, told again: no transition, nothing is remapped.
+    lib.dev.note_memory_decode(true);
+    assert_eq!(att.counts(), (1, 1), "a repeated on costs no remap");
+
+    // Off and on again, told as one change from off to on: the kernel
+    // revoked at the off, so the library must map again.
     vmm.write_command(command & !MEMORY);
     vmm.write_command(command | MEMORY);
-    lib.dev.note_memory_decode(true);
+    lib.dev
+        .note_command_change(command & !MEMORY, command | MEMORY);
     assert_eq!(att.counts(), (2, 2));
     assert_restored(
         &att,
@@ -1038,17 +1044,17 @@ fn vmm_tells_the_library_of_its_memory_decode_writes() {
         &[
             RevocationEvent::Revoked(RevokeReason::MemoryDecodeOff),
             RevocationEvent::Restored,
-            RevocationEvent::Revoked(RevokeReason::External),
+            RevocationEvent::Revoked(RevokeReason::MemoryDecodeOff),
             RevocationEvent::Restored,
         ],
-        "an untold off before a told on is a full cycle",
+        "an off-to-on change told at once is a full cycle",
     );
     copy_lands(
         &mut lib,
         &mut want,
         1604,
         off4,
-        "after an untold off, told on",
+        "after an off-to-on change told at once",
     );
     request_host_check("shm1", AREA, &want);
 }

@@ -1,0 +1,153 @@
+//! Where the registers a [`GuestBarMap`](super::GuestBarMap) follows sit in
+//! a type-0 config header, found once per device from its first 256 bytes:
+//! `PCI_COMMAND`, the six BAR dwords, the power-management control register
+//! and the PCIe device control register (for function-level reset); and which
+//! BARs hold the MSI-X table and PBA (never offered to peers).
+
+/// Offset of `PCI_COMMAND`.
+pub(crate) const COMMAND: u64 = 0x04;
+/// `PCI_COMMAND` memory decode.
+pub(crate) const COMMAND_MEMORY: u16 = 0x2;
+/// Offset of BAR 0.
+pub(crate) const BAR0: u64 = 0x10;
+/// Offset of the capability pointer.
+const CAP_PTR: usize = 0x34;
+/// `PCI_STATUS` bit 4: the capability list exists.
+const STATUS_CAP_LIST: u8 = 0x10;
+/// Capability IDs.
+const CAP_ID_PM: u8 = 0x01;
+const CAP_ID_EXP: u8 = 0x10;
+const CAP_ID_MSIX: u8 = 0x11;
+/// `PCI_EXP_DEVCTL_BCR_FLR`: initiate function-level reset.
+pub(crate) const DEVCTL_FLR: u16 = 0x8000;
+/// `PCI_PM_CTRL_STATE_MASK` and D3hot.
+pub(crate) const PM_STATE_MASK: u16 = 0x3;
+pub(crate) const PM_STATE_D3HOT: u16 = 0x3;
+
+/// What [`Layout::of`] found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Layout {
+    /// Offset of the PM control/status register (`PMCSR`).
+    pub(crate) pm_control: Option<u64>,
+    /// Offset of the PCIe device control register.
+    pub(crate) pcie_devctl: Option<u64>,
+    /// BARs that hold the MSI-X table or PBA (bit per BAR).
+    pub(crate) msix_bars: u8,
+}
+
+impl Layout {
+    /// Walks the capability list of `config` (at least the first 64 bytes
+    /// of config space; 256 for capabilities). Loops and pointers out of
+    /// range end the walk.
+    pub(crate) fn of(config: &[u8]) -> Self {
+        let mut out = Self::default();
+        let byte = |i: usize| config.get(i).copied();
+        let dword = |i: usize| {
+            Some(u32::from_le_bytes([
+                byte(i)?,
+                byte(i + 1)?,
+                byte(i + 2)?,
+                byte(i + 3)?,
+            ]))
+        };
+        if byte(6).is_none_or(|s| s & STATUS_CAP_LIST == 0) {
+            return out;
+        }
+        let mut next = byte(CAP_PTR).map_or(0, |p| usize::from(p & !3));
+        // At most 48 capabilities fit in 192 bytes.
+        for _ in 0..48 {
+            if next < 0x40 {
+                break;
+            }
+            let (Some(id), Some(ptr)) = (byte(next), byte(next + 1)) else {
+                break;
+            };
+            match id {
+                CAP_ID_PM => out.pm_control = Some(next as u64 + 4),
+                CAP_ID_EXP => out.pcie_devctl = Some(next as u64 + 8),
+                CAP_ID_MSIX => {
+                    for at in [next + 4, next + 8] {
+                        if let Some(v) = dword(at) {
+                            out.msix_bars |= 1 << (v & 7).min(7);
+                        }
+                    }
+                }
+                _ => {}
+            }
+            next = usize::from(ptr & !3);
+        }
+        out
+    }
+}
+
+/// Whether `[offset, offset + len)` overlaps `[reg, reg + width)`.
+pub(crate) fn overlaps(offset: u64, len: usize, reg: u64, width: u64) -> bool {
+    offset < reg + width && reg < offset.saturating_add(len as u64)
+}
+
+/// `current` (a register of `width` bytes at `reg`) with the bytes a write
+/// of `data` at `offset` covers replaced.
+pub(crate) fn merge(current: u32, reg: u64, width: u64, offset: u64, data: &[u8]) -> u32 {
+    let mut bytes = current.to_le_bytes();
+    for (i, b) in data.iter().enumerate() {
+        let at = offset + i as u64;
+        if at >= reg && at < reg + width {
+            bytes[(at - reg) as usize] = *b;
+        }
+    }
+    u32::from_le_bytes(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hand-built capability chain of the shape an NVMe controller has
+    /// (MSI-X with table and PBA in BAR 0, PM, PCIe); the VM tests read real
+    /// devices' chains.
+    fn nvme_like() -> Vec<u8> {
+        let mut c = vec![0u8; 256];
+        c[6] = STATUS_CAP_LIST;
+        c[CAP_PTR] = 0x40;
+        c[0x40..0x42].copy_from_slice(&[CAP_ID_MSIX, 0x60]);
+        c[0x44..0x48].copy_from_slice(&0x2000u32.to_le_bytes());
+        c[0x48..0x4c].copy_from_slice(&0x3000u32.to_le_bytes());
+        c[0x60..0x62].copy_from_slice(&[CAP_ID_PM, 0x80]);
+        c[0x80..0x82].copy_from_slice(&[CAP_ID_EXP, 0x00]);
+        c
+    }
+
+    #[test]
+    fn capabilities_are_found() {
+        let l = Layout::of(&nvme_like());
+        assert_eq!(l.pm_control, Some(0x64));
+        assert_eq!(l.pcie_devctl, Some(0x88));
+        assert_eq!(l.msix_bars, 0b1);
+    }
+
+    #[test]
+    fn broken_lists_end_the_walk() {
+        let mut c = nvme_like();
+        c[0x81] = 0x80; // a loop
+        let l = Layout::of(&c);
+        assert_eq!(l.pcie_devctl, Some(0x88));
+        c[6] = 0;
+        assert_eq!(Layout::of(&c), Layout::default());
+        assert_eq!(Layout::of(&c[..8]), Layout::default());
+    }
+
+    #[test]
+    fn writes_merge_into_registers() {
+        assert!(overlaps(4, 2, 4, 2) && overlaps(0, 8, 4, 2) && !overlaps(6, 2, 4, 2));
+        assert_eq!(merge(0x1122_3344, 0x10, 4, 0x12, &[0xaa]), 0x11aa_3344);
+        assert_eq!(
+            merge(0x1122_3344, 0x10, 4, 0x10, &0xdead_beefu32.to_le_bytes()),
+            0xdead_beef
+        );
+        // A word write at 4 into PCI_COMMAND only.
+        assert_eq!(
+            merge(0x0000, COMMAND, 2, 4, &[0x06, 0x01, 0xff, 0xff]),
+            0x0106
+        );
+    }
+}

@@ -1,0 +1,1438 @@
+//! [`GuestBarMap`]: every offered BAR of every registered device, exported
+//! and mapped in one IOAS at the guest-physical address the guest gave it.
+
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use log::{debug, info, warn};
+
+use super::bar_register::{BarAddress, BarRegister};
+use super::config_space::{
+    BAR0, COMMAND, COMMAND_MEMORY, DEVCTL_FLR, Layout, PM_STATE_D3HOT, PM_STATE_MASK, merge,
+    overlaps,
+};
+use super::limits::{BarKey, Limits};
+use super::unreachable::Unreachable;
+use crate::error::{Error, Result};
+use crate::exporter::bar::BarExport;
+use crate::importer::iommufd::{Ioas, IoasMapping, IovaPlacement, IovaRange, MapPerms};
+use crate::pci::{BAR_COUNT, PciAddress};
+use crate::range::{ByteRange, human_size, page_size};
+use crate::revoke::{BufferState, RevokeReason};
+use crate::vfio::VfioPciDevice;
+
+/// A registered device, as [`GuestBarMap::register`] names it. Stale once
+/// the device is removed: a later device in the same slot has another id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DeviceId {
+    slot: u32,
+    generation: u32,
+}
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "device #{}.{}", self.slot, self.generation)
+    }
+}
+
+/// Which BARs a device offers for peer-to-peer DMA.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Offer {
+    /// Every memory BAR of at least one page that holds no MSI-X table or
+    /// PBA.
+    #[default]
+    AllMappable,
+    /// These BARs only (each must be mappable as above). Huge BARs a guest
+    /// never uses for P2P need not cost an export (cloud-hypervisor #7991).
+    Bars(Vec<u32>),
+}
+
+/// Where one BAR stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BarStatus {
+    /// Mapped, live, at its guest-physical address: peers can DMA to it.
+    Mapped {
+        /// The guest-physical address (the IOVA).
+        gpa: u64,
+        /// The BAR's size.
+        size: u64,
+    },
+    /// Not reachable, and why.
+    Unreachable(Unreachable),
+}
+
+impl fmt::Display for BarStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Mapped { gpa, .. } => write!(f, "mapped at GPA {gpa:#x}"),
+            Self::Unreachable(why) => write!(f, "not reachable: {why}"),
+        }
+    }
+}
+
+/// One BAR of one device, for [`GuestBarMap::report`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BarReport {
+    /// The device's id.
+    pub id: DeviceId,
+    /// Its PCI address.
+    pub device: PciAddress,
+    /// The BAR index.
+    pub bar: u32,
+    /// The BAR's size.
+    pub size: u64,
+    /// Where it stands.
+    pub status: BarStatus,
+}
+
+impl fmt::Display for BarReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "BAR {} of {} ({}): {}",
+            self.bar,
+            self.device,
+            human_size(self.size),
+            self.status
+        )
+    }
+}
+
+/// How [`GuestBarMap::config_write`] handled a trapped write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigWrite {
+    /// It touched `PCI_COMMAND`: written to the device, memory decode
+    /// followed.
+    Command,
+    /// It touched BAR registers: recorded (BARs are virtual), nothing
+    /// written to the device.
+    Bars,
+    /// It set Initiate Function-Level Reset: written to the device (VFIO
+    /// resets it); the BARs are unassigned and decode is off, as after any
+    /// reset.
+    Reset,
+    /// It wrote the power state: written to the device.
+    PowerState,
+    /// None of the registers above: not performed. The VMM handles it
+    /// as it would without this map.
+    NotMine,
+    /// The device is gone (unplug requested): ignored.
+    Ignored,
+}
+
+/// A difference between what the map expected and what the kernel had,
+/// found and repaired by [`GuestBarMap::sync_with_kernel`] (or found on
+/// the way by any call).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Drift {
+    /// The device's revocation hub changed by other means than this map
+    /// (another user of the same [`VfioPciDevice`]): the map's areas may
+    /// have been revoked, so they were mapped again.
+    HubChanged {
+        /// The device.
+        device: PciAddress,
+        /// The hub's state when found.
+        state: BufferState,
+    },
+    /// The device's memory decode was off while the guest's was on: it was
+    /// turned on, and the BARs mapped again.
+    DecodeDiffers {
+        /// The device.
+        device: PciAddress,
+        /// The guest's bit.
+        guest: bool,
+        /// The device's bit as read.
+        device_bit: bool,
+    },
+}
+
+impl fmt::Display for Drift {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::HubChanged { device, state } => write!(
+                f,
+                "{device}: its revocation hub changed behind the map ({state:?}); BARs mapped again"
+            ),
+            Self::DecodeDiffers {
+                device,
+                guest,
+                device_bit,
+            } => write!(
+                f,
+                "{device}: memory decode is {} on the device but {} for the guest; set to the guest's",
+                on_off(*device_bit),
+                on_off(*guest)
+            ),
+        }
+    }
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b { "on" } else { "off" }
+}
+
+/// P2P between the assigned devices of one IOAS, as a VMM needs it: every
+/// offered BAR of every registered device exported as a dma-buf and mapped
+/// at the guest-physical address (GPA) the guest programmed, so that any
+/// device attached to the IOAS reaches it at that address; and nothing else.
+///
+/// The VMM registers each assigned device ([`register`](Self::register),
+/// adopted or opened) with the BARs it offers, and forwards its guest's
+/// config-space writes ([`config_write`](Self::config_write)). What each
+/// write does:
+///
+/// * **BAR registers are virtual**: recorded, never written to the device.
+///   A sizing probe (all ones) never maps; a 64-bit BAR maps once both
+///   halves hold the new address (or the guest writes `PCI_COMMAND`); a
+///   move unmaps the old GPA and maps the new one; address 0 is unassigned
+///   ([`BarRegister`]). While the guest's decode is off, writes are only
+///   recorded.
+/// * **`PCI_COMMAND` is written to the device.** Decode off: the kernel
+///   revokes the BARs' dma-bufs; the map marks its areas dead and keeps them
+///   (their GPAs stay reserved), no ioctl. Decode on: the physical bit is
+///   set first, then each BAR is mapped where the guest now has it (the dead
+///   area unmapped and mapped again at the same GPA, or moved, or mapped for
+///   the first time): never `ENODEV` from ordering. A write that leaves the
+///   guest's decode bit as it was costs no remap.
+/// * **Function-level reset** (a write of Initiate FLR, or the VMM's own
+///   reset told with [`note_reset`](Self::note_reset)): the device's areas
+///   are unmapped; its BARs are unassigned and decode off, as the guest
+///   finds them after a reset. **D3** (`PMCSR`): areas dead until D0.
+/// * **Unplug** ([`note_unplug_request`](Self::note_unplug_request)) and
+///   **removal** ([`remove`](Self::remove)): unmapped and exports closed.
+/// * **VMM-side changes**: [`place_bar`](Self::place_bar) (a VMM that
+///   places BARs itself, as cloud-hypervisor does),
+///   [`note_command_change`](Self::note_command_change).
+/// * **Limits are answers**: before a map, the GPA range is checked against
+///   the IOAS's usable IOVA ranges (address width, reserved windows such as
+///   the MSI window), the mappings the VMM declared
+///   ([`declare_vmm_mapping`](Self::declare_vmm_mapping): guest RAM) and the
+///   other BARs. A BAR that fails is not mapped and keeps a typed
+///   [`Unreachable`] reason ([`bar_status`](Self::bar_status),
+///   [`why_unreachable`](Self::why_unreachable)); the others are not
+///   affected. A refusal that depends on others (an overlap, the VMM's
+///   mapping, the ranges) is tried again when they change.
+/// * **The kernel is checked**: a change of the device's revocation hub made
+///   by other means is found at the next call and the areas mapped again;
+///   [`sync_with_kernel`](Self::sync_with_kernel) also reads each device's
+///   `PCI_COMMAND` and repairs a difference. A dead area is never reported
+///   live.
+///
+/// Each BAR is known by (device, BAR index) from registration to removal:
+/// it has at most one mapping and one export at any time, whatever the moves
+/// and decode cycles. Every map, unmap, move, revocation, restore and
+/// refusal is logged through the `log` facade (targets under
+/// `dmabuf_p2p::vmm`), with device, BAR, GPA and reason.
+///
+/// Calls are serialised by one lock; they are meant for the VMM's
+/// config-space trap path and its device management.
+///
+/// ```no_run
+/// use dmabuf_p2p::vmm::{GuestBarMap, Offer};
+/// use dmabuf_p2p::{Ioas, Iommufd, VfioPciDevice};
+///
+/// let iommufd = Iommufd::open()?;
+/// let ioas = iommufd.alloc_ioas()?; // a VMM adopts its own: Ioas::adopt
+/// let mut dev = VfioPciDevice::open("0000:02:00.0".parse()?)?;
+/// dev.bind(&iommufd)?;
+/// dev.attach(&ioas)?;
+/// let map = GuestBarMap::new(&ioas)?;
+/// map.declare_vmm_mapping(0, 1 << 30, "guest RAM")?;
+/// let id = map.register(dev, Offer::AllMappable)?;
+/// // The guest's writes, as the VMM traps them: BAR2 (64-bit) at 0x80_0000_0000.
+/// map.config_write(id, 0x18, &0x0000_000cu32.to_le_bytes())?;
+/// map.config_write(id, 0x1c, &0x80u32.to_le_bytes())?;
+/// map.config_write(id, 0x04, &0x0006u16.to_le_bytes())?; // decode and bus master on
+/// println!("{:?}", map.bar_status(id, 2)?);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct GuestBarMap {
+    ioas: Ioas,
+    perms: MapPerms,
+    state: Mutex<State>,
+}
+
+impl fmt::Debug for GuestBarMap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GuestBarMap")
+            .field("ioas", &self.ioas.id())
+            .field("devices", &self.lock().slots.iter().flatten().count())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct State {
+    /// Devices by slot; a slot's generation counts its occupants.
+    slots: Vec<Option<Device>>,
+    generations: Vec<u32>,
+    limits: Limits,
+}
+
+/// A registered device.
+struct Device {
+    dev: Arc<VfioPciDevice>,
+    address: PciAddress,
+    generation: u32,
+    /// The guest's `PCI_COMMAND`.
+    command: u16,
+    /// The guest put the device in D3.
+    d3: bool,
+    /// Unplug requested: every BAR unmapped for good.
+    gone: Option<RevokeReason>,
+    /// The hub's change number after this map's last transition.
+    hub_seq: u64,
+    layout: Layout,
+    /// BARs offered (bit per BAR): the only ones ever mapped.
+    offered: u8,
+    /// BARs whose registers are half programmed (bit per BAR).
+    half: u8,
+    bars: [Slot; BAR_COUNT as usize],
+}
+
+/// The BAR indexes whose bits are set in `mask`.
+fn bars_in(mask: u8) -> impl Iterator<Item = usize> {
+    (0..BAR_COUNT as usize).filter(move |i| mask & (1 << i) != 0)
+}
+
+/// One BAR index of a device.
+#[derive(Default)]
+struct Slot {
+    /// A memory BAR's registers; `None` for absent, I/O and upper halves.
+    reg: Option<BarRegister>,
+    /// Why it is not offered, if it is not.
+    not_offered: Option<String>,
+    export: Option<BarExport>,
+    placed: Option<Placed>,
+    /// The last refusal, while no mapping stands.
+    refused: Option<Unreachable>,
+}
+
+/// A BAR's area in the IOAS.
+struct Placed {
+    gpa: u64,
+    map: IoasMapping,
+    /// Why the kernel revoked it, if it did (the area is dead).
+    dead: Option<RevokeReason>,
+}
+
+/// What reconciling a BAR needs to know of its device.
+struct Ctx<'a> {
+    dev: &'a VfioPciDevice,
+    address: PciAddress,
+    slot: u32,
+    /// Why the BAR must not be mapped now, device-wide.
+    blocked: Option<Unreachable>,
+}
+
+/// The [`Ctx`] of device `$d` in slot `$slot`, borrowing only its fields
+/// (so that its BARs can be borrowed mutably beside it).
+macro_rules! ctx {
+    ($d:expr, $slot:expr) => {
+        ctx_of(&$d.dev, $d.address, $d.gone, $d.command, $d.d3, $slot)
+    };
+}
+
+fn ctx_of(
+    dev: &VfioPciDevice,
+    address: PciAddress,
+    gone: Option<RevokeReason>,
+    command: u16,
+    d3: bool,
+    slot: u32,
+) -> Ctx<'_> {
+    let blocked = if let Some(r) = gone {
+        Some(Unreachable::DeviceGone(r))
+    } else if command & COMMAND_MEMORY == 0 {
+        Some(Unreachable::DecodeOff)
+    } else if d3 {
+        Some(Unreachable::PoweredDown)
+    } else {
+        None
+    };
+    Ctx {
+        dev,
+        address,
+        slot,
+        blocked,
+    }
+}
+
+/// Sets a BAR's refusal, keeping count of those that wait on others.
+fn set_refused(limits: &mut Limits, s: &mut Slot, why: Option<Unreachable>) {
+    let was = s.refused.as_ref().is_some_and(Unreachable::waits_on_others);
+    let is = why.as_ref().is_some_and(Unreachable::waits_on_others);
+    limits.waiting = (limits.waiting + usize::from(is)).saturating_sub(usize::from(was));
+    s.refused = why;
+}
+
+/// Locks, recovering from poisoning (a panicking logger).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl GuestBarMap {
+    /// A map for the devices of `ioas` (a VMM's IOAS, adopted with
+    /// [`Ioas::adopt`]): asks its usable IOVA ranges once. BARs are mapped
+    /// read-write.
+    pub fn new(ioas: &Ioas) -> Result<Self> {
+        let mut state = State::default();
+        state.limits.set_usable(&ioas.iova_ranges()?);
+        Ok(Self {
+            ioas: ioas.clone(),
+            perms: MapPerms::ReadWrite,
+            state: Mutex::new(state),
+        })
+    }
+
+    /// The IOAS.
+    pub fn ioas(&self) -> &Ioas {
+        &self.ioas
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// Declares a mapping the VMM made in the IOAS itself (guest RAM at
+    /// `[gpa, gpa + size)`, named `label` in messages): no BAR is mapped
+    /// over it, and automatic placement in the IOAS avoids it
+    /// ([`Ioas::declare_foreign_area`]). Empty or overflowing ranges are
+    /// [`Error::InvalidRange`].
+    pub fn declare_vmm_mapping(&self, gpa: u64, size: u64, label: &str) -> Result<()> {
+        let last = size
+            .checked_sub(1)
+            .and_then(|s| gpa.checked_add(s))
+            .ok_or_else(|| Error::InvalidRange {
+                target: format!("VMM mapping {label} in IOAS {}", self.ioas.id()),
+                range: ByteRange::new(gpa, size),
+                problem: if size == 0 {
+                    crate::error::RangeProblem::Empty
+                } else {
+                    crate::error::RangeProblem::Overflow
+                },
+            })?;
+        self.lock()
+            .limits
+            .declare(IovaRange::new(gpa, last), label.to_owned());
+        self.ioas.declare_foreign_area(gpa, size);
+        debug!(
+            "IOAS {}: the VMM maps {label} at GPA {gpa:#x}..={last:#x}",
+            self.ioas.id()
+        );
+        Ok(())
+    }
+
+    /// Forgets the VMM mappings that start at `gpa` (the VMM unmapped
+    /// them); BARs refused for colliding with them are tried again.
+    pub fn forget_vmm_mapping(&self, gpa: u64, size: u64) {
+        let mut st = self.lock();
+        if st.limits.forget(gpa) {
+            self.ioas.forget_foreign_area(gpa, size);
+            self.retry_waiting(&mut st);
+        }
+    }
+
+    /// Asks the IOAS's usable ranges again (a device was attached to or
+    /// detached from it by other means); BARs refused for being outside
+    /// them are tried again.
+    pub fn refresh_limits(&self) -> Result<()> {
+        let ranges = self.ioas.iova_ranges()?;
+        let mut st = self.lock();
+        st.limits.set_usable(&ranges);
+        self.retry_waiting(&mut st);
+        Ok(())
+    }
+
+    /// Registers a device (adopted or opened, bound to the IOAS's iommufd
+    /// and usually attached to the IOAS) with the BARs it offers. Its
+    /// guest view starts as after a reset: BARs unassigned, decode off;
+    /// nothing is mapped until the guest (or the VMM,
+    /// [`place_bar`](Self::place_bar)) places a BAR and turns decode on.
+    /// Reads the BARs (VFIO region info, sysfs) and the first 256 bytes of
+    /// config space once, and the IOAS's usable ranges again.
+    ///
+    /// Errors: [`Error::Device`] for a device registered already (by PCI
+    /// address), or one not bound; [`Error::InvalidRegion`] for an offered
+    /// BAR that cannot be offered (naming why).
+    pub fn register(&self, dev: impl Into<Arc<VfioPciDevice>>, offer: Offer) -> Result<DeviceId> {
+        let dev: Arc<VfioPciDevice> = dev.into();
+        let address = dev.address();
+        let mut config = [0u8; 256];
+        dev.config_read(0, &mut config)?;
+        let layout = Layout::of(&config);
+        let mut bars: [Slot; BAR_COUNT as usize] = Default::default();
+        let mut upper = false;
+        for i in 0..BAR_COUNT {
+            let slot = &mut bars[i as usize];
+            if upper {
+                upper = false;
+                slot.not_offered = Some("the upper half of a 64-bit BAR".to_owned());
+                continue;
+            }
+            let bar = dev.bar(i)?;
+            let at = BAR0 as usize + 4 * i as usize;
+            let flags =
+                u32::from_le_bytes([config[at], config[at + 1], config[at + 2], config[at + 3]]);
+            let why = if !bar.is_present() {
+                Some("absent".to_owned())
+            } else if flags & 1 != 0 || !bar.resource.is_mem() {
+                Some("an I/O BAR".to_owned())
+            } else {
+                slot.reg = Some(BarRegister::new(bar.size(), flags & 0xf));
+                upper = flags & 0x6 == 0x4;
+                if bar.size() < page_size() || !bar.size().is_multiple_of(page_size()) {
+                    Some(format!("smaller than a page ({})", human_size(bar.size())))
+                } else if layout.msix_bars & (1 << i) != 0 {
+                    Some("it holds the MSI-X table or PBA".to_owned())
+                } else {
+                    None
+                }
+            };
+            let wanted = match &offer {
+                Offer::AllMappable => true,
+                Offer::Bars(list) => list.contains(&i),
+            };
+            if let (Offer::Bars(_), true, Some(why)) = (&offer, wanted, &why) {
+                return Err(Error::InvalidRegion {
+                    device: address.to_string(),
+                    index: i,
+                    problem: format!("cannot be offered for P2P: {why}"),
+                    source: None,
+                });
+            }
+            slot.not_offered = match (wanted, why) {
+                (_, Some(why)) => Some(why),
+                (false, None) => Some("the VMM did not offer it".to_owned()),
+                (true, None) => None,
+            };
+        }
+        if let Offer::Bars(list) = &offer
+            && let Some(&bad) = list
+                .iter()
+                .find(|&&b| b >= BAR_COUNT || bars[b as usize].reg.is_none())
+        {
+            let why = bars
+                .get(bad as usize)
+                .and_then(|s| s.not_offered.clone())
+                .unwrap_or_else(|| "not a BAR (BARs are 0..=5)".to_owned());
+            return Err(Error::InvalidRegion {
+                device: address.to_string(),
+                index: bad,
+                problem: format!("cannot be offered for P2P: {why}"),
+                source: None,
+            });
+        }
+        let ranges = self.ioas.iova_ranges()?;
+        let mut st = self.lock();
+        if st.slots.iter().flatten().any(|d| d.address == address) {
+            return Err(Error::Device {
+                device: address.to_string(),
+                problem: "is registered in this GuestBarMap already".to_owned(),
+                source: None,
+            });
+        }
+        st.limits.set_usable(&ranges);
+        let slot = match st.slots.iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                st.slots.push(None);
+                st.generations.push(0);
+                st.slots.len() - 1
+            }
+        };
+        st.generations[slot] += 1;
+        let generation = st.generations[slot];
+        let offered: Vec<u32> = (0..BAR_COUNT)
+            .filter(|&i| bars[i as usize].not_offered.is_none())
+            .collect();
+        #[allow(clippy::cast_possible_truncation)]
+        let offered_mask = offered.iter().fold(0u8, |m, &i| m | (1 << i) as u8);
+        st.slots[slot] = Some(Device {
+            hub_seq: dev.hub().change_count(),
+            dev,
+            address,
+            generation,
+            command: 0,
+            d3: false,
+            gone: None,
+            layout,
+            offered: offered_mask,
+            half: 0,
+            bars,
+        });
+        info!(
+            "IOAS {}: registered {address}, offering BARs {offered:?} for P2P",
+            self.ioas.id()
+        );
+        Ok(DeviceId {
+            slot: u32::try_from(slot).unwrap_or(u32::MAX),
+            generation,
+        })
+    }
+
+    /// The registered device with this id, or [`Error::Device`].
+    fn device(st: &mut State, id: DeviceId) -> Result<&mut Device> {
+        st.slots
+            .get_mut(id.slot as usize)
+            .and_then(Option::as_mut)
+            .filter(|d| d.generation == id.generation)
+            .ok_or_else(|| Error::Device {
+                device: id.to_string(),
+                problem: "is not registered (removed, or never was)".to_owned(),
+                source: None,
+            })
+    }
+
+    /// The device registered at `address`, if any.
+    pub fn find(&self, address: PciAddress) -> Option<DeviceId> {
+        let st = self.lock();
+        st.slots.iter().enumerate().find_map(|(i, d)| {
+            let d = d.as_ref()?;
+            (d.address == address).then_some(DeviceId {
+                slot: u32::try_from(i).ok()?,
+                generation: d.generation,
+            })
+        })
+    }
+
+    /// The registered device (shared with the map).
+    pub fn vfio_device(&self, id: DeviceId) -> Result<Arc<VfioPciDevice>> {
+        let mut st = self.lock();
+        Ok(Arc::clone(&Self::device(&mut st, id)?.dev))
+    }
+
+    /// Handles a guest's config-space write of `data` at `offset` that the
+    /// VMM trapped, as the type documents: `PCI_COMMAND`, the power state
+    /// and Initiate FLR are written to the device and followed; BAR writes
+    /// are recorded; anything else is left to the VMM
+    /// ([`ConfigWrite::NotMine`]). BARs that cannot be mapped are not an
+    /// error: each keeps its reason ([`bar_status`](Self::bar_status)).
+    /// Errors: an unknown id; the device's refusal of a write it performs
+    /// (with the kernel's errno; the map follows what the device then has).
+    pub fn config_write(&self, id: DeviceId, offset: u64, data: &[u8]) -> Result<ConfigWrite> {
+        let mut st = self.lock();
+        let State { slots, limits, .. } = &mut *st;
+        let d = slots
+            .get_mut(id.slot as usize)
+            .and_then(Option::as_mut)
+            .filter(|d| d.generation == id.generation)
+            .ok_or_else(|| Error::Device {
+                device: id.to_string(),
+                problem: "is not registered (removed, or never was)".to_owned(),
+                source: None,
+            })?;
+        let waiting =
+            d.dev.hub().change_count() != d.hub_seq && self.repair_drift(d, limits, id.slot);
+        if d.gone.is_some() {
+            return Ok(ConfigWrite::Ignored);
+        }
+        let len = data.len();
+        let mut changed = waiting;
+        let outcome = if overlaps(offset, len, COMMAND, 2) {
+            let result = self.command(d, limits, id.slot, offset, data, true);
+            changed |= result.as_ref().is_ok_and(|c| *c);
+            result.map(|_| ConfigWrite::Command)
+        } else if overlaps(offset, len, BAR0, 4 * u64::from(BAR_COUNT)) {
+            changed |= self.bar_write(d, limits, id.slot, offset, data);
+            Ok(ConfigWrite::Bars)
+        } else if let Some(reg) = d.layout.pcie_devctl
+            && overlaps(offset, len, reg, 2)
+            && merge(0, reg, 2, offset, data) & u32::from(DEVCTL_FLR) != 0
+        {
+            let r = d.dev.config_write(offset, data);
+            // VFIO revoked, reset and restored; the guest's view is reset.
+            let told = d.dev.note_reset();
+            self.reset(d, limits, id.slot, "function-level reset (guest)");
+            changed = true;
+            r.and(told).map(|()| ConfigWrite::Reset)
+        } else if let Some(reg) = d.layout.pm_control
+            && overlaps(offset, len, reg, 2)
+        {
+            let r = d.dev.config_write(offset, data);
+            let state = merge(0, reg, 2, offset, data) as u16 & PM_STATE_MASK;
+            changed |= self.power(d, limits, id.slot, state == PM_STATE_D3HOT);
+            r.map(|()| ConfigWrite::PowerState)
+        } else {
+            Ok(ConfigWrite::NotMine)
+        };
+        d.hub_seq = d.dev.hub().change_count();
+        if changed && st.limits.waiting > 0 {
+            self.retry_waiting(&mut st);
+        }
+        outcome
+    }
+
+    /// The guest's `PCI_COMMAND` write (performed on the device when
+    /// `perform`, else already made by the VMM). Returns whether a claim
+    /// may have been released.
+    fn command(
+        &self,
+        d: &mut Device,
+        limits: &mut Limits,
+        slot: u32,
+        offset: u64,
+        data: &[u8],
+        perform: bool,
+    ) -> Result<bool> {
+        let old = d.command;
+        #[allow(clippy::cast_possible_truncation)]
+        let new = merge(u32::from(old), COMMAND, 2, offset, data) as u16;
+        let (was_on, on) = (old & COMMAND_MEMORY != 0, new & COMMAND_MEMORY != 0);
+        let physical = if perform {
+            d.dev.command_write_lean(offset, data)
+        } else {
+            Ok((true, true))
+        };
+        d.command = new;
+        let settled = d.half != 0;
+        for i in bars_in(d.half) {
+            if let Some(reg) = &mut d.bars[i].reg {
+                reg.settle();
+            }
+        }
+        d.half = 0;
+        let (phys_was, phys_on) = match &physical {
+            Ok(p) => *p,
+            Err(_) => {
+                let on = d.dev.known_memory_decode() == Some(true);
+                (on, on)
+            }
+        };
+        if !phys_was && phys_on && was_on {
+            // Off behind the guest's back (its bit was on): the areas are dead.
+            self.mark_dead(d, RevokeReason::External);
+        }
+        let mut released = false;
+        if was_on && !on {
+            self.mark_dead(d, RevokeReason::MemoryDecodeOff);
+        } else if on && (!was_on || settled || !phys_was) {
+            released = self.reconcile_all(d, limits, slot);
+        }
+        physical.map(|_| released)
+    }
+
+    /// BAR register writes; reconciles the BARs touched when the guest's
+    /// decode is on. Returns whether a claim may have been released.
+    fn bar_write(
+        &self,
+        d: &mut Device,
+        limits: &mut Limits,
+        slot: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> bool {
+        let mut touched = 0u8;
+        for i in 0..BAR_COUNT as usize {
+            let reg_at = BAR0 + 4 * i as u64;
+            if !overlaps(offset, data.len(), reg_at, 4) {
+                continue;
+            }
+            // The dword belongs to BAR i, or is the upper half of BAR i - 1.
+            let (owner, high) = if d.bars[i].reg.is_some() {
+                (i, false)
+            } else if i > 0 && d.bars[i - 1].reg.is_some_and(|r| r.is_64bit()) {
+                (i - 1, true)
+            } else {
+                continue;
+            };
+            let Some(reg) = &mut d.bars[owner].reg else {
+                continue;
+            };
+            let current = if high {
+                reg.read_high()
+            } else {
+                reg.read_low()
+            };
+            let value = merge(current, reg_at, 4, offset, data);
+            if high {
+                reg.write_high(value);
+            } else {
+                reg.write_low(value);
+            }
+            if reg.is_half_programmed() {
+                d.half |= 1 << owner;
+            } else {
+                d.half &= !(1 << owner);
+            }
+            debug!(
+                "{} BAR{owner}: guest wrote {value:#010x} to its {} dword: {}",
+                d.address,
+                if high { "high" } else { "low" },
+                reg.address()
+            );
+            touched |= 1 << owner;
+        }
+        if d.command & COMMAND_MEMORY == 0 || d.d3 {
+            return false;
+        }
+        let mut released = false;
+        for i in 0..BAR_COUNT as usize {
+            if touched & (1 << i) != 0 {
+                let ctx = ctx!(d, slot);
+                released |= self.reconcile(&ctx, limits, i, &mut d.bars[i]);
+            }
+        }
+        released
+    }
+
+    /// Reconciles every BAR of `d`. Returns whether a claim was released.
+    fn reconcile_all(&self, d: &mut Device, limits: &mut Limits, slot: u32) -> bool {
+        let mut released = false;
+        let ctx = ctx!(d, slot);
+        for i in bars_in(d.offered) {
+            released |= self.reconcile(&ctx, limits, i, &mut d.bars[i]);
+        }
+        released
+    }
+
+    /// Where BAR `i` should be mapped now, or why not.
+    fn want(ctx: &Ctx<'_>, s: &Slot) -> std::result::Result<u64, Unreachable> {
+        if let Some(why) = &ctx.blocked {
+            return Err(why.clone());
+        }
+        let Some(reg) = &s.reg else {
+            return Err(Unreachable::NotOffered {
+                why: s.not_offered.clone().unwrap_or_default(),
+            });
+        };
+        if let Some(why) = &s.not_offered {
+            return Err(Unreachable::NotOffered { why: why.clone() });
+        }
+        match reg.address() {
+            BarAddress::At(gpa) => Ok(gpa),
+            BarAddress::Unassigned => Err(Unreachable::Unassigned),
+            BarAddress::Probing => Err(Unreachable::Probing),
+            BarAddress::HalfProgrammed => Err(Unreachable::HalfProgrammed),
+        }
+    }
+
+    /// Makes BAR `i`'s mapping what its device and registers say, with the
+    /// device's buffers live. Returns whether it released a claim.
+    fn reconcile(&self, ctx: &Ctx<'_>, limits: &mut Limits, i: usize, s: &mut Slot) -> bool {
+        #[allow(clippy::cast_possible_truncation)]
+        let key = BarKey {
+            slot: ctx.slot,
+            bar: i as u8,
+        };
+        // A BAR that is not offered is never mapped: nothing to do (and no
+        // reason to build).
+        if s.placed.is_none() && (s.reg.is_none() || s.not_offered.is_some()) {
+            return false;
+        }
+        let size = s.reg.map_or(0, |r| r.size());
+        let want = Self::want(ctx, s);
+        let mut released = false;
+        let mut moved_from = None;
+        if let Some(p) = &mut s.placed {
+            match &want {
+                Ok(gpa) if *gpa == p.gpa && p.dead.is_none() => return false,
+                Ok(gpa) if *gpa == p.gpa => {
+                    // Dead at the right GPA: unmap and map again.
+                    match p.map.remap() {
+                        Ok(()) => {
+                            let why = p.dead.take();
+                            info!(
+                                "{} BAR{i}: restored at GPA {gpa:#x} (was revoked: {})",
+                                ctx.address,
+                                why.map_or_else(String::new, |r| r.to_string())
+                            );
+                            set_refused(limits, s, None);
+                            return false;
+                        }
+                        Err(e) => {
+                            let why = refusal(&e);
+                            warn!(
+                                "{} BAR{i} at GPA {gpa:#x}: restore failed: {why}",
+                                ctx.address
+                            );
+                            limits.release(key, p.gpa);
+                            s.placed = None;
+                            set_refused(limits, s, Some(why));
+                            return true;
+                        }
+                    }
+                }
+                _ => {
+                    let old = p.gpa;
+                    if let Err(e) = p.map.unmap() {
+                        warn!("{} BAR{i}: unmapping GPA {old:#x} failed: {e}", ctx.address);
+                    }
+                    limits.release(key, old);
+                    s.placed = None;
+                    released = true;
+                    moved_from = Some(old);
+                    if let Err(why) = &want {
+                        info!("{} BAR{i}: unmapped from GPA {old:#x}: {why}", ctx.address);
+                    }
+                }
+            }
+        }
+        let gpa = match want {
+            Ok(gpa) => gpa,
+            Err(why) => {
+                set_refused(limits, s, Some(why));
+                return released;
+            }
+        };
+        let checked = limits.check(key, gpa, size).or_else(|why| {
+            // The cached ranges may be stale: ask before refusing.
+            if matches!(why, Unreachable::OutsideIovaRanges { .. })
+                && let Ok(r) = self.ioas.iova_ranges()
+            {
+                limits.set_usable(&r);
+                return limits.check(key, gpa, size);
+            }
+            Err(why)
+        });
+        let mapped = checked.and_then(|()| self.map_at(ctx, limits, i, s, gpa, size));
+        match (mapped, moved_from) {
+            (Ok(map), from) => {
+                limits.claim(key, ctx.address, gpa, size);
+                match from {
+                    Some(old) => info!(
+                        "{} BAR{i} ({}) moved: GPA {old:#x} -> {gpa:#x}",
+                        ctx.address,
+                        human_size(size)
+                    ),
+                    None => info!(
+                        "{} BAR{i} ({}) mapped at GPA {gpa:#x}",
+                        ctx.address,
+                        human_size(size)
+                    ),
+                }
+                s.placed = Some(Placed {
+                    gpa,
+                    map,
+                    dead: None,
+                });
+                set_refused(limits, s, None);
+            }
+            (Err(why), from) => {
+                let was =
+                    from.map_or_else(String::new, |old| format!(" (unmapped from GPA {old:#x})"));
+                // A retry that meets the same refusal says nothing new.
+                if from.is_some() || s.refused.as_ref() != Some(&why) {
+                    warn!(
+                        "{} BAR{i} ({}) refused at GPA {gpa:#x}{was}: {why}",
+                        ctx.address,
+                        human_size(size)
+                    );
+                }
+                set_refused(limits, s, Some(why));
+            }
+        }
+        released
+    }
+
+    /// Exports BAR `i` (once) and maps it at `gpa`.
+    fn map_at(
+        &self,
+        ctx: &Ctx<'_>,
+        limits: &mut Limits,
+        i: usize,
+        s: &mut Slot,
+        gpa: u64,
+        size: u64,
+    ) -> std::result::Result<IoasMapping, Unreachable> {
+        #[allow(clippy::cast_possible_truncation)]
+        let bar = i as u32;
+        if s.export.is_none() {
+            let export = ctx
+                .dev
+                .export_bar(bar, &[ByteRange::new(0, size)])
+                .map_err(|e| refusal(&e))?;
+            s.export = Some(export);
+        }
+        let Some(export) = &s.export else {
+            return Err(Unreachable::Unassigned);
+        };
+        match self
+            .ioas
+            .map_dmabuf(export.dmabuf(), IovaPlacement::Fixed(gpa), self.perms)
+        {
+            Ok(m) => Ok(m),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                // The kernel's ranges are the authority: name them.
+                if let Ok(r) = self.ioas.iova_ranges() {
+                    limits.set_usable(&r);
+                    #[allow(clippy::cast_possible_truncation)]
+                    let key = BarKey {
+                        slot: ctx.slot,
+                        bar: i as u8,
+                    };
+                    limits.check(key, gpa, size)?;
+                }
+                Err(refusal(&e))
+            }
+            Err(e) => Err(refusal(&e)),
+        }
+    }
+
+    /// The kernel revoked the device's buffers: its live areas are dead
+    /// (kept, so their GPAs stay reserved).
+    fn mark_dead(&self, d: &mut Device, reason: RevokeReason) {
+        for i in bars_in(d.offered) {
+            if let Some(p) = &mut d.bars[i].placed
+                && p.dead.is_none()
+            {
+                p.dead = Some(reason);
+                info!(
+                    "{} BAR{i} at GPA {:#x}: revoked: {reason}",
+                    d.address, p.gpa
+                );
+            }
+        }
+    }
+
+    /// Unmaps every area of `d` (for a reset, an unplug, a removal).
+    /// Returns whether any claim was released.
+    fn unmap_all(&self, d: &mut Device, limits: &mut Limits, slot: u32, why: &str) -> bool {
+        let mut released = false;
+        for (i, s) in d.bars.iter_mut().enumerate() {
+            if let Some(mut p) = s.placed.take() {
+                if let Err(e) = p.map.unmap() {
+                    warn!(
+                        "{} BAR{i}: unmapping GPA {:#x} failed: {e}",
+                        d.address, p.gpa
+                    );
+                }
+                #[allow(clippy::cast_possible_truncation)]
+                limits.release(BarKey { slot, bar: i as u8 }, p.gpa);
+                info!(
+                    "{} BAR{i}: unmapped from GPA {:#x}: {why}",
+                    d.address, p.gpa
+                );
+                released = true;
+            }
+        }
+        released
+    }
+
+    /// The device was reset: areas unmapped, BARs unassigned, decode off.
+    fn reset(&self, d: &mut Device, limits: &mut Limits, slot: u32, why: &str) {
+        self.unmap_all(d, limits, slot, why);
+        d.command = 0;
+        d.d3 = false;
+        d.half = 0;
+        for s in &mut d.bars {
+            if let Some(reg) = &mut s.reg {
+                reg.reset();
+            }
+            set_refused(limits, s, None);
+        }
+    }
+
+    /// The guest wrote the power state. Returns whether a claim was released.
+    fn power(&self, d: &mut Device, limits: &mut Limits, slot: u32, d3: bool) -> bool {
+        let was = d.d3;
+        d.d3 = d3;
+        if d3 && !was {
+            self.mark_dead(d, RevokeReason::External);
+            false
+        } else if !d3 && was && d.command & COMMAND_MEMORY != 0 {
+            // VFIO restored the buffers (decode on): the dead areas come back.
+            self.reconcile_all(d, limits, slot)
+        } else {
+            false
+        }
+    }
+
+    /// Tries again every BAR refused for a reason others' changes may lift.
+    fn retry_waiting(&self, st: &mut State) {
+        let State { slots, limits, .. } = st;
+        for (slot, d) in slots.iter_mut().enumerate() {
+            let Some(d) = d else { continue };
+            for i in 0..BAR_COUNT as usize {
+                if d.bars[i]
+                    .refused
+                    .as_ref()
+                    .is_some_and(Unreachable::waits_on_others)
+                {
+                    let ctx = ctx!(d, u32::try_from(slot).unwrap_or(u32::MAX));
+                    self.reconcile(&ctx, limits, i, &mut d.bars[i]);
+                }
+            }
+        }
+        limits.waiting = slots
+            .iter()
+            .flatten()
+            .flat_map(|d| d.bars.iter())
+            .filter(|s| s.refused.as_ref().is_some_and(Unreachable::waits_on_others))
+            .count();
+    }
+
+    /// Finds a change of `id`'s revocation hub made by other means than
+    /// this map and repairs it. Returns whether anything was remapped.
+    fn check_hub(&self, st: &mut State, id: DeviceId) -> Result<bool> {
+        let State { slots, limits, .. } = st;
+        let d = slots
+            .get_mut(id.slot as usize)
+            .and_then(Option::as_mut)
+            .filter(|d| d.generation == id.generation)
+            .ok_or_else(|| Error::Device {
+                device: id.to_string(),
+                problem: "is not registered (removed, or never was)".to_owned(),
+                source: None,
+            })?;
+        if d.dev.hub().change_count() == d.hub_seq {
+            return Ok(false);
+        }
+        Ok(self.repair_drift(d, limits, id.slot))
+    }
+
+    /// `d`'s hub changed behind the map: records it and repairs. Returns
+    /// true.
+    #[cold]
+    fn repair_drift(&self, d: &mut Device, limits: &mut Limits, slot: u32) -> bool {
+        let change = d.dev.hub().last_change();
+        let drift = Drift::HubChanged {
+            device: d.address,
+            state: change.state,
+        };
+        warn!("{drift}");
+        self.repair_hub(d, limits, slot, change.state);
+        d.hub_seq = d.dev.hub().change_count();
+        true
+    }
+
+    /// Brings `d` in line with its hub's `state`.
+    fn repair_hub(&self, d: &mut Device, limits: &mut Limits, slot: u32, state: BufferState) {
+        match state {
+            BufferState::Gone(r) => {
+                d.gone = Some(r);
+                self.unmap_all(d, limits, slot, "the device is gone");
+                for s in &mut d.bars {
+                    s.export = None;
+                }
+            }
+            BufferState::Revoked(r) => self.mark_dead(d, r),
+            BufferState::Live => {
+                // Revoked and restored meanwhile: every area may be dead.
+                self.mark_dead(d, RevokeReason::External);
+                if d.command & COMMAND_MEMORY != 0 && !d.d3 {
+                    self.reconcile_all(d, limits, slot);
+                }
+            }
+        }
+    }
+
+    /// The VMM wrote `PCI_COMMAND` itself (from `old` to `new`, on its own
+    /// fd): the device's hub is told
+    /// ([`VfioPciDevice::note_command_change`]) and the map follows as for
+    /// a guest write, without writing.
+    pub fn note_command_change(&self, id: DeviceId, old: u16, new: u16) -> Result<()> {
+        let mut st = self.lock();
+        self.check_hub(&mut st, id)?;
+        let State { slots, limits, .. } = &mut *st;
+        let d = slots
+            .get_mut(id.slot as usize)
+            .and_then(Option::as_mut)
+            .ok_or_else(|| Error::Device {
+                device: id.to_string(),
+                problem: "is not registered".to_owned(),
+                source: None,
+            })?;
+        d.dev.note_command_change(old, new);
+        if old & COMMAND_MEMORY == 0 && new & COMMAND_MEMORY != 0 {
+            // Whatever the map knew, the kernel revoked at the off.
+            self.mark_dead(d, RevokeReason::MemoryDecodeOff);
+            d.command &= !COMMAND_MEMORY;
+        }
+        self.command(d, limits, id.slot, COMMAND, &new.to_le_bytes(), false)?;
+        d.hub_seq = d.dev.hub().change_count();
+        self.retry_waiting(&mut st);
+        Ok(())
+    }
+
+    /// The VMM places (or with `None` unassigns) BAR `bar` itself, both
+    /// halves at once: a VMM that allocates guest BAR addresses, as
+    /// cloud-hypervisor does, and moves them when the guest reprograms.
+    /// Mapped at once if the guest's decode is on.
+    pub fn place_bar(&self, id: DeviceId, bar: u32, gpa: Option<u64>) -> Result<()> {
+        let mut st = self.lock();
+        self.check_hub(&mut st, id)?;
+        let State { slots, limits, .. } = &mut *st;
+        let d = slots
+            .get_mut(id.slot as usize)
+            .and_then(Option::as_mut)
+            .ok_or_else(|| Error::Device {
+                device: id.to_string(),
+                problem: "is not registered".to_owned(),
+                source: None,
+            })?;
+        let i = usize::try_from(bar).unwrap_or(usize::MAX);
+        let Some(reg) = d.bars.get_mut(i).and_then(|s| s.reg.as_mut()) else {
+            return Err(Error::InvalidRegion {
+                device: d.address.to_string(),
+                index: bar,
+                problem: "not a memory BAR of the device".to_owned(),
+                source: None,
+            });
+        };
+        reg.set_address(gpa);
+        d.half &= !(1 << i);
+        if d.command & COMMAND_MEMORY != 0 && !d.d3 {
+            let ctx = ctx!(d, id.slot);
+            if self.reconcile(&ctx, limits, i, &mut d.bars[i]) {
+                self.retry_waiting(&mut st);
+            }
+        }
+        Ok(())
+    }
+
+    /// The VMM reset the device itself (`VFIO_DEVICE_RESET` on its own fd,
+    /// for a guest's reset): the device's hub is told
+    /// ([`VfioPciDevice::note_reset`]), its areas are unmapped, and its BARs
+    /// are unassigned and decode off for the guest, as after any reset.
+    pub fn note_reset(&self, id: DeviceId) -> Result<()> {
+        let mut st = self.lock();
+        self.check_hub(&mut st, id)?;
+        let State { slots, limits, .. } = &mut *st;
+        let d = slots
+            .get_mut(id.slot as usize)
+            .and_then(Option::as_mut)
+            .ok_or_else(|| Error::Device {
+                device: id.to_string(),
+                problem: "is not registered".to_owned(),
+                source: None,
+            })?;
+        let told = d.dev.note_reset();
+        self.reset(d, limits, id.slot, "device reset (VMM)");
+        d.hub_seq = d.dev.hub().change_count();
+        self.retry_waiting(&mut st);
+        told
+    }
+
+    /// The kernel asked for the device back (the VMM's device-request
+    /// eventfd fired): its exports are revoked for good
+    /// ([`VfioPciDevice::note_unplug_request`]), its areas unmapped and its
+    /// exports closed; later writes are ignored. Then
+    /// [`remove`](Self::remove) it and close the VMM's fd.
+    pub fn note_unplug_request(&self, id: DeviceId) -> Result<()> {
+        let mut st = self.lock();
+        let State { slots, limits, .. } = &mut *st;
+        let d = slots
+            .get_mut(id.slot as usize)
+            .and_then(Option::as_mut)
+            .filter(|d| d.generation == id.generation)
+            .ok_or_else(|| Error::Device {
+                device: id.to_string(),
+                problem: "is not registered".to_owned(),
+                source: None,
+            })?;
+        d.dev.note_unplug_request();
+        d.gone = Some(RevokeReason::Unplug);
+        self.unmap_all(d, limits, id.slot, "unplug requested");
+        for s in &mut d.bars {
+            s.export = None;
+        }
+        d.hub_seq = d.dev.hub().change_count();
+        self.retry_waiting(&mut st);
+        Ok(())
+    }
+
+    /// Removes a device: its areas unmapped, its exports closed; returns it
+    /// (the last `Arc` closes the library's fd of it). BARs refused for
+    /// overlapping its BARs are tried again.
+    pub fn remove(&self, id: DeviceId) -> Result<Arc<VfioPciDevice>> {
+        let mut st = self.lock();
+        let State { slots, limits, .. } = &mut *st;
+        let entry = slots
+            .get_mut(id.slot as usize)
+            .filter(|d| d.as_ref().is_some_and(|d| d.generation == id.generation))
+            .ok_or_else(|| Error::Device {
+                device: id.to_string(),
+                problem: "is not registered".to_owned(),
+                source: None,
+            })?;
+        let Some(mut d) = entry.take() else {
+            return Err(Error::Device {
+                device: id.to_string(),
+                problem: "is not registered".to_owned(),
+                source: None,
+            });
+        };
+        self.unmap_all(&mut d, limits, id.slot, "device removed");
+        info!("IOAS {}: removed {}", self.ioas.id(), d.address);
+        let dev = Arc::clone(&d.dev);
+        drop(d);
+        self.retry_waiting(&mut st);
+        Ok(dev)
+    }
+
+    /// Reads each device's `PCI_COMMAND` and its hub, records every
+    /// difference from what the map expected, and repairs it: a device
+    /// whose decode is off while its guest has it on gets it back on, and
+    /// the areas are mapped again (the kernel revoked them). Returns
+    /// what was found (logged too). An off-and-on cycle made on the VMM's
+    /// own fd without telling leaves no trace in the register; tell it with
+    /// [`note_command_change`](Self::note_command_change).
+    pub fn sync_with_kernel(&self) -> Result<Vec<Drift>> {
+        let mut st = self.lock();
+        let mut found = Vec::new();
+        let ids: Vec<DeviceId> = st
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| {
+                Some(DeviceId {
+                    slot: u32::try_from(i).ok()?,
+                    generation: d.as_ref()?.generation,
+                })
+            })
+            .collect();
+        for id in ids {
+            let before = {
+                let d = Self::device(&mut st, id)?;
+                (d.dev.hub().last_change(), d.hub_seq, d.address)
+            };
+            if self.check_hub(&mut st, id)? {
+                found.push(Drift::HubChanged {
+                    device: before.2,
+                    state: before.0.state,
+                });
+            }
+            let State { slots, limits, .. } = &mut *st;
+            let Some(d) = slots.get_mut(id.slot as usize).and_then(Option::as_mut) else {
+                continue;
+            };
+            if d.gone.is_some() {
+                continue;
+            }
+            let device_bit = d.dev.memory_decode()?;
+            let guest = d.command & COMMAND_MEMORY != 0;
+            // Decode on at the device while the guest has it off costs P2P
+            // nothing (no area is mapped for it); the other way round the
+            // kernel has revoked the guest's BARs.
+            if guest && !device_bit {
+                let drift = Drift::DecodeDiffers {
+                    device: d.address,
+                    guest,
+                    device_bit,
+                };
+                warn!("{drift}");
+                found.push(drift);
+                d.dev.set_memory_decode(true)?;
+                self.mark_dead(d, RevokeReason::External);
+                if !d.d3 {
+                    self.reconcile_all(d, limits, id.slot);
+                }
+                d.hub_seq = d.dev.hub().change_count();
+            }
+        }
+        self.retry_waiting(&mut st);
+        Ok(found)
+    }
+
+    /// Where BAR `bar` of `id` stands.
+    pub fn bar_status(&self, id: DeviceId, bar: u32) -> Result<BarStatus> {
+        let mut st = self.lock();
+        let d = Self::device(&mut st, id)?;
+        let i = usize::try_from(bar).unwrap_or(usize::MAX);
+        let Some(s) = d.bars.get(i) else {
+            return Err(Error::InvalidRegion {
+                device: d.address.to_string(),
+                index: bar,
+                problem: "not a BAR (BARs are 0..=5)".to_owned(),
+                source: None,
+            });
+        };
+        Ok(Self::status_of(&ctx!(d, id.slot), s))
+    }
+
+    fn status_of(ctx: &Ctx<'_>, s: &Slot) -> BarStatus {
+        let size = s.reg.map_or(0, |r| r.size());
+        match Self::want(ctx, s) {
+            Err(why) => BarStatus::Unreachable(why),
+            Ok(gpa) => match &s.placed {
+                Some(p) if p.gpa == gpa && p.dead.is_none() => BarStatus::Mapped { gpa, size },
+                Some(p) if p.gpa == gpa => BarStatus::Unreachable(Unreachable::Revoked(
+                    p.dead.unwrap_or(RevokeReason::External),
+                )),
+                _ => BarStatus::Unreachable(
+                    s.refused
+                        .clone()
+                        .unwrap_or(Unreachable::Revoked(RevokeReason::External)),
+                ),
+            },
+        }
+    }
+
+    /// Why BAR `bar` of the device at `address` is not reachable; `None` if
+    /// it is mapped, or no such device is registered.
+    pub fn why_unreachable(&self, address: PciAddress, bar: u32) -> Option<Unreachable> {
+        let id = self.find(address)?;
+        match self.bar_status(id, bar).ok()? {
+            BarStatus::Mapped { .. } => None,
+            BarStatus::Unreachable(why) => Some(why),
+        }
+    }
+
+    /// What a guest reads from the BAR dword at config offset `offset`
+    /// (0x10..=0x24) of `id`: the address it programmed (or the size mask
+    /// while it sizes) and the flags. `None` for an offset that is no
+    /// memory BAR dword (absent and I/O BARs are the VMM's).
+    pub fn bar_register_read(&self, id: DeviceId, offset: u64) -> Result<Option<u32>> {
+        let mut st = self.lock();
+        let d = Self::device(&mut st, id)?;
+        if !(BAR0..BAR0 + 4 * u64::from(BAR_COUNT)).contains(&offset) || !offset.is_multiple_of(4) {
+            return Ok(None);
+        }
+        let i = usize::try_from((offset - BAR0) / 4).unwrap_or(0);
+        if let Some(reg) = &d.bars[i].reg {
+            return Ok(Some(reg.read_low()));
+        }
+        Ok((i > 0)
+            .then(|| d.bars[i - 1].reg)
+            .flatten()
+            .filter(BarRegister::is_64bit)
+            .map(|r| r.read_high()))
+    }
+
+    /// Every BAR of every registered device and where it stands.
+    pub fn report(&self) -> Vec<BarReport> {
+        let st = self.lock();
+        let mut out = Vec::new();
+        for (slot, d) in st.slots.iter().enumerate() {
+            let Some(d) = d else { continue };
+            let slot = u32::try_from(slot).unwrap_or(u32::MAX);
+            for (i, s) in d.bars.iter().enumerate() {
+                let Some(reg) = s.reg else { continue };
+                out.push(BarReport {
+                    id: DeviceId {
+                        slot,
+                        generation: d.generation,
+                    },
+                    device: d.address,
+                    bar: u32::try_from(i).unwrap_or(0),
+                    size: reg.size(),
+                    status: Self::status_of(&ctx!(d, slot), s),
+                });
+            }
+        }
+        out
+    }
+}
+
+/// The typed reason for a library error met while exporting or mapping.
+fn refusal(e: &Error) -> Unreachable {
+    match e {
+        Error::Revoked { .. } => Unreachable::Revoked(RevokeReason::External),
+        Error::Device { problem, .. } if problem.contains("being removed") => {
+            Unreachable::DeviceGone(RevokeReason::Unplug)
+        }
+        other => Unreachable::KernelRefused {
+            op: match other {
+                Error::InvalidIova { .. } => "IOMMU_IOAS_MAP_FILE",
+                Error::Sys { op, .. } => op,
+                _ => "VFIO_DEVICE_FEATURE(DMA_BUF)",
+            },
+            errno: other.raw_os_error().unwrap_or(0),
+            message: other.to_string(),
+        },
+    }
+}
