@@ -273,7 +273,9 @@ pub enum Error {
 
     /// A kernel importer (a DRM device's PRIME import) refused a dma-buf,
     /// for the reason `why` (read from what the kernel answered and what
-    /// the library knows of the importer and the PCI path).
+    /// the library knows of the importer and the PCI path), or the library
+    /// refused it before asking, for an import that would succeed and not
+    /// work ([`ImportRefusal::MultiRangeBlob`]).
     #[cfg(feature = "drm")]
     #[error("{importer} refused dma-buf {buffer}: {why}")]
     ImportRefused {
@@ -283,9 +285,10 @@ pub enum Error {
         buffer: String,
         /// Why.
         why: ImportRefusal,
-        /// The kernel's answer (`EOPNOTSUPP`, `EINVAL`).
+        /// The kernel's answer (`EOPNOTSUPP`, `EINVAL`); `None` when the
+        /// library refused before asking.
         #[source]
-        source: io::Error,
+        source: Option<io::Error>,
     },
 
     /// A message of the buffer-sharing protocol ([`crate::share`]) was refused,
@@ -337,13 +340,13 @@ impl Error {
             | Self::MmapRefused { source, .. }
             | Self::UnknownObject { source, .. }
             | Self::OptionRefused { source, .. } => source.raw_os_error(),
-            #[cfg(feature = "drm")]
-            Self::ImportRefused { source, .. } => source.raw_os_error(),
             Self::Revoked { source, .. }
             | Self::InvalidIova { source, .. }
             | Self::InvalidRegion { source, .. }
             | Self::Device { source, .. }
             | Self::Unsupported { source, .. } => source.as_ref().and_then(io::Error::raw_os_error),
+            #[cfg(feature = "drm")]
+            Self::ImportRefused { source, .. } => source.as_ref().and_then(io::Error::raw_os_error),
             Self::InvalidAllowedIova { problem, .. } => match problem {
                 AllowedIovaProblem::Reserved { .. } => Some(libc::EADDRINUSE),
                 AllowedIovaProblem::Empty | AllowedIovaProblem::Overlaps { .. } => None,

@@ -41,6 +41,20 @@ pub enum ImportRefusal {
         /// The topology verdict's reasons, where it could be made.
         reasons: Vec<String>,
     },
+    /// Refused by the library, not the kernel: virtio-gpu would hand the
+    /// host one backing entry per scatterlist entry of the buffer
+    /// (`virtgpu_dma_buf_import_sgt`), and a host uses device memory as a
+    /// blob's backing only when it is one entry. QEMU 7.2 joins several
+    /// only through udmabuf, which needs them in memfd RAM: BAR memory
+    /// never is, so the import would succeed and show nothing (the host
+    /// answers the scanout with an error the guest's ioctls never return).
+    MultiRangeBlob {
+        /// The importer, e.g. `"virtio_gpu (blob resources, 2D)"`.
+        importer: String,
+        /// The scatterlist entries the buffer would have: one per exported
+        /// range, and one more per 4 GiB - 4 KiB of a longer range.
+        entries: usize,
+    },
 }
 
 impl fmt::Display for ImportRefusal {
@@ -70,6 +84,15 @@ impl fmt::Display for ImportRefusal {
                 "no peer-to-peer path between the importer's device and the BAR \
                  (pci_p2pdma_map_type: PCI_P2PDMA_MAP_NOT_SUPPORTED): {}",
                 reasons.join("; ")
+            ),
+            Self::MultiRangeBlob { importer, entries } => write!(
+                f,
+                "{importer} would give the host a blob of {entries} backing ranges \
+                 (one per scatterlist entry, virtgpu_dma_buf_import_sgt), and a host backs \
+                 a blob of device memory only when it is one range (QEMU 7.2 joins ranges \
+                 only through udmabuf over memfd RAM): the import would succeed and the \
+                 screen show nothing. Export one range, or use \
+                 GemImport::import_multi_range where the host joins them"
             ),
         }
     }

@@ -24,6 +24,7 @@ use crate::dmabuf::DmaBuf;
 use crate::error::{Error, Result};
 use crate::ioctl;
 use crate::pci::PciAddress;
+use crate::range::PhysRange;
 use crate::revoke::{
     BufferState, HubMember, InCallback, RestorePolicy, Revocable, RevocationEvent, RevocationHub,
     RevokeReason,
@@ -150,9 +151,36 @@ impl GemImport {
     /// (or when the kernel says so, `ENODEV`); [`Error::ImportRefused`] when
     /// the kernel refuses the importer (`EOPNOTSUPP`: a static importer) or
     /// the path (`EINVAL` where the topology verdict finds no peer-to-peer
-    /// path), with the same reasons [`forecast`](Self::forecast) gives;
-    /// [`Error::Sys`] for any other answer.
+    /// path), with the same reasons [`forecast`](Self::forecast) gives, and
+    /// before asking, with [`ImportRefusal::MultiRangeBlob`], a BAR export
+    /// of more than one range into virtio-gpu, which the kernel imports and
+    /// the host cannot show ([`import_multi_range`](Self::import_multi_range)
+    /// skips that check); [`Error::Sys`] for any other answer.
     pub fn import(drm: &DrmDevice, source: &impl Revocable, policy: RestorePolicy) -> Result<Self> {
+        let entries = sg_entries(&source.phys_ranges());
+        if entries > 1
+            && let Some(why) = drm.prime_importer()?.refusal_for_entries(entries)
+        {
+            return Err(Error::ImportRefused {
+                importer: drm.to_string(),
+                buffer: source.dmabuf().describe(),
+                why,
+                source: None,
+            });
+        }
+        Self::import_multi_range(drm, source, policy)
+    }
+
+    /// [`import`](Self::import) without its check of the ranges: for a
+    /// virtio-gpu whose host joins a blob's backing ranges itself (QEMU's
+    /// udmabuf path does for guest RAM in memfd memory; QEMU 7.2 does not
+    /// for device memory). The kernel imports such a buffer either way;
+    /// whether it shows, only the screen says.
+    pub fn import_multi_range(
+        drm: &DrmDevice,
+        source: &impl Revocable,
+        policy: RestorePolicy,
+    ) -> Result<Self> {
         let hub = source.hub();
         let _transition = hub.lock_transitions_outside_callbacks();
         let before = hub.last_change();
@@ -190,8 +218,9 @@ impl GemImport {
         let member: Arc<dyn HubMember> = core.clone();
         hub.register(Arc::downgrade(&member));
         // A revocation between the check and the registration was told to
-        // nobody here: revoked now, tear down; revoked and back, the import
-        // may be dead (virtio-gpu never maps again), so import again.
+        // nobody here: revoked now, tear down; revoked and back, the GEM
+        // object lost its backing (virtio-gpu maps again only at the next
+        // plane prepare), so import again, as a restore does.
         let after = hub.last_change();
         if after.seq != before.seq {
             match after.state {
@@ -450,7 +479,7 @@ fn import_handle(
         importer: drm.to_string(),
         buffer: buf.describe(),
         why,
-        source,
+        source: Some(source),
     };
     match err.raw_os_error() {
         Some(libc::ENODEV) => Err(Error::Revoked {
@@ -489,6 +518,22 @@ fn import_handle(
     }
 }
 
+/// The largest scatterlist entry the dma-buf mapping helper makes
+/// (`MAX_SG_ENT_SZ` in `dma-buf-mapping.c`: `ALIGN_DOWN(UINT_MAX,
+/// PAGE_SIZE)`, 4 KiB pages).
+const MAX_SG_ENTRY: u64 = 0xffff_f000;
+
+/// The scatterlist entries a kernel importer gets for a BAR export of
+/// `ranges` where it is handed bus addresses or direct DMA addresses
+/// (`dma_buf_phys_vec_to_sgt`: each range filled by `fill_sg_entry`, split
+/// at [`MAX_SG_ENTRY`]); 0 when the ranges are not known.
+fn sg_entries(ranges: &[PhysRange]) -> usize {
+    ranges
+        .iter()
+        .map(|r| usize::try_from(r.length.div_ceil(MAX_SG_ENTRY)).unwrap_or(usize::MAX))
+        .fold(0, usize::saturating_add)
+}
+
 /// The verdict's reasons about the route (the ones that decide
 /// `pci_p2pdma_map_type()`), as sentences.
 fn path_reasons(v: &Verdict) -> Vec<String> {
@@ -511,3 +556,19 @@ const _: () = {
     const fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<GemImport>();
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_entry_per_range_and_per_4_gib_of_a_longer_one() {
+        let r = |len: u64| PhysRange::new(0x1_0000_0000, len);
+        assert_eq!(sg_entries(&[]), 0);
+        assert_eq!(sg_entries(&[r(0x1000)]), 1);
+        assert_eq!(sg_entries(&[r(0x1000), r(0x2000)]), 2);
+        assert_eq!(sg_entries(&[r(MAX_SG_ENTRY)]), 1);
+        assert_eq!(sg_entries(&[r(MAX_SG_ENTRY + 0x1000)]), 2);
+        assert_eq!(sg_entries(&[r(16 << 30), r(0x1000)]), 6);
+    }
+}

@@ -18,6 +18,11 @@ pub enum PrimeImporter {
     PeerToPeerRevocable {
         /// The driver (and what it was found to have).
         driver: String,
+        /// Whether the device behind it can use the buffer only as one
+        /// range: virtio-gpu hands its host one backing entry per
+        /// scatterlist entry, and hosts back a blob of device memory only
+        /// when it is one ([`ImportRefusal::MultiRangeBlob`]).
+        single_range: bool,
     },
     /// A static attach (`drm_gem_prime_import` and the drivers' own
     /// `dma_buf_attach`): no peer-to-peer, no revocation; every other DRM
@@ -35,6 +40,7 @@ impl PrimeImporter {
         match driver {
             "amdgpu" | "xe" => Self::PeerToPeerRevocable {
                 driver: driver.to_owned(),
+                single_range: false,
             },
             _ => Self::Static {
                 driver: driver.to_owned(),
@@ -50,6 +56,7 @@ impl PrimeImporter {
             (true, false) => {
                 return Self::PeerToPeerRevocable {
                     driver: "virtio_gpu (blob resources, 2D)".into(),
+                    single_range: true,
                 };
             }
             (false, _) => "virtio_gpu (no blob resources)",
@@ -74,12 +81,27 @@ impl PrimeImporter {
             }),
         }
     }
+
+    /// Why a buffer of `entries` scatterlist entries would be of no use to
+    /// this importer although the kernel imports it (`None`: it would be).
+    pub fn refusal_for_entries(&self, entries: usize) -> Option<ImportRefusal> {
+        match self {
+            Self::PeerToPeerRevocable {
+                driver,
+                single_range: true,
+            } if entries > 1 => Some(ImportRefusal::MultiRangeBlob {
+                importer: driver.clone(),
+                entries,
+            }),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for PrimeImporter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::PeerToPeerRevocable { driver } => {
+            Self::PeerToPeerRevocable { driver, .. } => {
                 write!(f, "{driver}: dynamic attach, peer-to-peer, revocable")
             }
             Self::Static { driver } => write!(f, "{driver}: static attach"),
@@ -101,6 +123,25 @@ mod tests {
                 "{i}"
             );
         }
+    }
+
+    #[test]
+    fn only_virtio_gpu_wants_one_range() {
+        let gpu = PrimeImporter::virtio_gpu(true, false);
+        assert_eq!(gpu.refusal_for_entries(1), None);
+        assert!(matches!(
+            gpu.refusal_for_entries(2),
+            Some(ImportRefusal::MultiRangeBlob { entries: 2, .. })
+        ));
+        assert_eq!(
+            PrimeImporter::of_driver("amdgpu").refusal_for_entries(9),
+            None
+        );
+        // A static importer is refused by the kernel first.
+        assert_eq!(
+            PrimeImporter::virtio_gpu(false, false).refusal_for_entries(2),
+            None
+        );
     }
 
     #[test]

@@ -10,8 +10,9 @@
 //! (`@@qemu-log`) shows what the host did with the blob resource: created
 //! with the BAR as backing, detached at the revocation.
 //!
-//! BAR areas of shm0: 0x40000.. (the framebuffer, 256 KiB), 0x80000 and
-//! 0xa0000 (the multi-range export's two pages).
+//! BAR areas of shm0: 0x40000.. (the framebuffer, 256 KiB), 0x80000.. (a
+//! solid framebuffer), 0x0 and 0xc0000 (the multi-range export's two
+//! 128 KiB halves).
 
 // Failing a test by panicking is what tests do.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -450,13 +451,68 @@ fn a_gpu_on_the_root_bus_has_no_p2p_path() {
     }
 }
 
-/// A multi-range export: the kernel imports it (virtio-gpu hands the host
-/// one backing entry per range), but QEMU uses a blob in place only when
-/// its backing is one range; for more it needs a real udmabuf over memfd
-/// memory, which the ivshmem file backing is not. The framebuffer is then
-/// refused by the host ("no backing storage") and the guest sees the
-/// error response: an import that succeeds and shows nothing, which only
-/// pixels (or the host's log) reveal.
+/// A multi-range export into virtio-gpu: the library refuses it before
+/// the kernel is asked (the kernel would import it, and the host could not
+/// show it: the next test), with the typed reason and no errno.
+#[test]
+fn a_multi_range_export_is_refused_for_virtio_gpu() {
+    let iommufd = Iommufd::open().unwrap();
+    let (shm, _bar) = exporter(&iommufd);
+    let (_, drm) = gpu0();
+    let half = FB_BYTES / 2;
+    let export = shm
+        .export_bar(
+            2,
+            &[ByteRange::new(0, half), ByteRange::new(0xc_0000, half)],
+        )
+        .unwrap();
+    let _ = new_log_lines();
+    match GemImport::import(&drm, &export, RestorePolicy::Automatic) {
+        Err(e @ Error::ImportRefused { .. }) => {
+            let Error::ImportRefused { why, source, .. } = &e else {
+                unreachable!()
+            };
+            assert!(
+                matches!(why, ImportRefusal::MultiRangeBlob { entries: 2, .. }),
+                "{e}"
+            );
+            assert!(source.is_none(), "refused before the kernel: {e}");
+            assert_eq!(e.raw_os_error(), None);
+            assert!(e.to_string().contains("2 backing ranges"), "{e}");
+        }
+        other => panic!("expected a multi-range refusal, got {other:?}"),
+    }
+    // Nothing reached the host: no blob was created. (A one-range import
+    // after it kicks the queue, so anything queued would show up now.)
+    let one = shm
+        .export_bar(2, &[ByteRange::new(AREA, FB_BYTES)])
+        .unwrap();
+    let gem = GemImport::import(&drm, &one, RestorePolicy::Automatic).unwrap();
+    let card = Card(drm.clone());
+    let fb = card
+        .add_planar_framebuffer(&Imported(gem.handle().unwrap()), FbCmd2Flags::empty())
+        .unwrap();
+    show(&card, fb);
+    let lines = log_until("the one-range blob", |l| {
+        l.contains("virtio_gpu_cmd_res_create_blob")
+    });
+    let blobs: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("virtio_gpu_cmd_res_create_blob"))
+        .collect();
+    assert_eq!(blobs.len(), 1, "only the one-range blob: {lines:?}");
+    assert!(blobs[0].contains(&format!("size {FB_BYTES}")), "{lines:?}");
+    card.destroy_framebuffer(fb).unwrap();
+}
+
+/// What the refusal above spares: with the check skipped
+/// (`import_multi_range`), the kernel imports the two-range export
+/// (virtio-gpu hands the host one backing entry per range), but QEMU uses
+/// a blob in place only when its backing is one range; for more it needs a
+/// real udmabuf over memfd memory, which the ivshmem file backing is not.
+/// The framebuffer is then refused by the host ("no backing storage") and
+/// the guest sees the error response: an import that succeeds and shows
+/// nothing, which only pixels (or the host's log) reveal.
 #[test]
 fn a_multi_range_export_imports_but_the_host_cannot_scan_it_out() {
     let iommufd = Iommufd::open().unwrap();
@@ -475,7 +531,7 @@ fn a_multi_range_export_imports_but_the_host_cannot_scan_it_out() {
     show(&card, white_fb);
     assert_eq!(screendump_hash(), expected(&white));
     let _ = new_log_lines();
-    let gem = GemImport::import(&drm, &export, RestorePolicy::Automatic).unwrap();
+    let gem = GemImport::import_multi_range(&drm, &export, RestorePolicy::Automatic).unwrap();
     let fb = card
         .add_planar_framebuffer(&Imported(gem.handle().unwrap()), FbCmd2Flags::empty())
         .unwrap();
