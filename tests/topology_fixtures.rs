@@ -802,15 +802,15 @@ fn zen() -> Platform {
     }
 }
 
-/// `Verdict::kernel_map_type` of importer `client` and the BAR's function
-/// `provider` of dump `name` on `platform`, read as root or not.
-fn map_type(
+/// The verdict on importer `client` and the BAR's function `provider` of
+/// dump `name` on `platform`, read as root or not.
+fn kernel_verdict(
     name: &str,
     client: &str,
     provider: &str,
     platform: &Platform,
     unprivileged: bool,
-) -> Result<Option<KernelMapType>, Box<dyn std::error::Error>> {
+) -> Result<Verdict, Box<dyn std::error::Error>> {
     let dump = load(name)?;
     let layout = Layout {
         unprivileged,
@@ -818,7 +818,18 @@ fn map_type(
     };
     let (_tmp, sysfs) = sysfs_of(&dump, &layout)?;
     let path = PciPath::read(&sysfs, addr(client), addr(provider))?;
-    Ok(Verdict::new(&path, platform, None, None).kernel_map_type())
+    Ok(Verdict::new(&path, platform, None, None))
+}
+
+/// `Verdict::kernel_map_type` of the same.
+fn map_type(
+    name: &str,
+    client: &str,
+    provider: &str,
+    platform: &Platform,
+    unprivileged: bool,
+) -> Result<Option<KernelMapType>, Box<dyn std::error::Error>> {
+    Ok(kernel_verdict(name, client, provider, platform, unprivileged)?.kernel_map_type())
 }
 
 /// What `pci_p2pdma_map_type()` answers a kernel importer (a DRM driver
@@ -915,6 +926,58 @@ fn kernel_map_type_follows_calc_map_type_and_dist() -> TestResult {
     assert_eq!(
         map_type("vm-root-ports.txt", "01:00.0", "02:00.0", &plain(), true)?,
         Some(NotSupported)
+    );
+    Ok(())
+}
+
+/// What a kernel importer's refusal names: the reasons about the route
+/// (where the chains meet, ACS, the host bridge), none about an IOAS; and
+/// the kernel's name for its answer.
+#[test]
+fn a_kernel_importer_is_told_the_routes_reasons() -> TestResult {
+    let is_route = |r: &Reason| {
+        matches!(
+            r,
+            Reason::SameFunction { .. }
+                | Reason::NoCommonBridge { .. }
+                | Reason::MeetAt { .. }
+                | Reason::AcsRedirect { .. }
+                | Reason::NoAcsRedirect { .. }
+                | Reason::AcsUnreadable { .. }
+                | Reason::HostBridge { .. }
+        )
+    };
+    // gpu2 on the root bus: through q35's unlisted host bridge.
+    let v = kernel_verdict("vm-root-bus.txt", "00:10.0", "00:11.0", &plain(), false)?;
+    let told: Vec<&Reason> = v.map_type_reasons().collect();
+    assert!(
+        told.iter().any(|r| matches!(r, Reason::HostBridge { .. })),
+        "{told:?}"
+    );
+    assert!(told.iter().all(|r| is_route(r)), "{told:?}");
+    assert_eq!(
+        v.kernel_map_type().map(|m| m.to_string()).as_deref(),
+        Some("PCI_P2PDMA_MAP_NOT_SUPPORTED")
+    );
+    // gpu0 and shm0 below the switch: where they meet, and no redirect.
+    let v = kernel_verdict("vm-switch.txt", "03:00.0", "04:00.0", &plain(), false)?;
+    let told: Vec<&Reason> = v.map_type_reasons().collect();
+    assert!(
+        told.iter().any(|r| matches!(r, Reason::MeetAt { .. })),
+        "{told:?}"
+    );
+    assert!(
+        told.iter()
+            .any(|r| matches!(r, Reason::NoAcsRedirect { .. })),
+        "{told:?}"
+    );
+    assert!(told.iter().all(|r| is_route(r)), "{told:?}");
+    // Every other reason the verdict has is left out.
+    let left_out = v.reasons.iter().filter(|r| !is_route(r)).count();
+    assert_eq!(told.len() + left_out, v.reasons.len());
+    assert_eq!(
+        v.kernel_map_type().map(|m| m.to_string()).as_deref(),
+        Some("PCI_P2PDMA_MAP_BUS_ADDR")
     );
     Ok(())
 }

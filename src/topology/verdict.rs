@@ -190,6 +190,17 @@ pub enum KernelMapType {
     NotSupported,
 }
 
+impl fmt::Display for KernelMapType {
+    /// The kernel's name: `PCI_P2PDMA_MAP_BUS_ADDR`, ...
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::BusAddr => "PCI_P2PDMA_MAP_BUS_ADDR",
+            Self::ThruHostBridge => "PCI_P2PDMA_MAP_THRU_HOST_BRIDGE",
+            Self::NotSupported => "PCI_P2PDMA_MAP_NOT_SUPPORTED",
+        })
+    }
+}
+
 /// Where to map a BAR range so that the engine's DMA reaches it, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlacementAdvice {
@@ -322,6 +333,25 @@ impl Verdict {
             Route::RootComplex { .. } => Some(KernelMapType::NotSupported),
             Route::Undetermined { .. } => None,
         }
+    }
+
+    /// The reasons that decide [`kernel_map_type`](Self::kernel_map_type):
+    /// where the two chains meet, ACS redirect on the way (or none), and
+    /// the root complex's standing (not those about an IOAS, which a kernel
+    /// importer does not use).
+    pub fn map_type_reasons(&self) -> impl Iterator<Item = &Reason> {
+        self.reasons.iter().filter(|r| {
+            matches!(
+                r,
+                Reason::SameFunction { .. }
+                    | Reason::NoCommonBridge { .. }
+                    | Reason::MeetAt { .. }
+                    | Reason::AcsRedirect { .. }
+                    | Reason::NoAcsRedirect { .. }
+                    | Reason::AcsUnreadable { .. }
+                    | Reason::HostBridge { .. }
+            )
+        })
     }
 
     /// Whether only an IOVA equal to the BAR's bus address reaches it (or

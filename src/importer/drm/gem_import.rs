@@ -30,7 +30,7 @@ use crate::revoke::{
     RevokeReason,
 };
 use crate::sysfs::Sysfs;
-use crate::topology::{KernelMapType, PciPath, Platform, Reason, Verdict};
+use crate::topology::{KernelMapType, PciPath, Platform, Verdict};
 use crate::types::ImportRefusal;
 
 use super::device::DrmDevice;
@@ -256,7 +256,10 @@ impl GemImport {
         let map_type = verdict.as_ref().and_then(Verdict::kernel_map_type);
         let refusal = importer.refusal().or_else(|| {
             (map_type == Some(KernelMapType::NotSupported)).then(|| ImportRefusal::NoP2pPath {
-                reasons: verdict.as_ref().map(path_reasons).unwrap_or_default(),
+                reasons: verdict
+                    .as_ref()
+                    .map(|v| v.map_type_reasons().map(ToString::to_string).collect())
+                    .unwrap_or_default(),
             })
         });
         Ok(ImportForecast {
@@ -532,23 +535,6 @@ fn sg_entries(ranges: &[PhysRange]) -> usize {
         .iter()
         .map(|r| usize::try_from(r.length.div_ceil(MAX_SG_ENTRY)).unwrap_or(usize::MAX))
         .fold(0, usize::saturating_add)
-}
-
-/// The verdict's reasons about the route (the ones that decide
-/// `pci_p2pdma_map_type()`), as sentences.
-fn path_reasons(v: &Verdict) -> Vec<String> {
-    v.reasons
-        .iter()
-        .filter(|r| {
-            matches!(
-                r,
-                Reason::NoCommonBridge { .. }
-                    | Reason::AcsRedirect { .. }
-                    | Reason::HostBridge { .. }
-            )
-        })
-        .map(ToString::to_string)
-        .collect()
 }
 
 // An import is shared across threads like an attachment.
