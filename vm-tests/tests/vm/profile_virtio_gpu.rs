@@ -10,9 +10,9 @@
 //! (`@@qemu-log`) shows what the host did with the blob resource: created
 //! with the BAR as backing, detached at the revocation.
 //!
-//! BAR areas of shm0: 0x40000.. (the framebuffer, 256 KiB), 0x80000.. (a
-//! solid framebuffer), 0x0 and 0xc0000 (the multi-range export's two
-//! 128 KiB halves).
+//! BAR areas of shm0, 256 KiB each: 0x0.. (the multi-range export's two
+//! 128 KiB halves), 0x40000.. (the framebuffer), 0x80000.. (a solid
+//! framebuffer), 0xc0000.. (`drm-test`'s).
 
 // Failing a test by panicking is what tests do.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -459,12 +459,10 @@ fn a_multi_range_export_is_refused_for_virtio_gpu() {
     let iommufd = Iommufd::open().unwrap();
     let (shm, _bar) = exporter(&iommufd);
     let (_, drm) = gpu0();
+    // Two ranges, even adjacent ones, are two scatterlist entries.
     let half = FB_BYTES / 2;
     let export = shm
-        .export_bar(
-            2,
-            &[ByteRange::new(0, half), ByteRange::new(0xc_0000, half)],
-        )
+        .export_bar(2, &[ByteRange::new(0, half), ByteRange::new(half, half)])
         .unwrap();
     let _ = new_log_lines();
     match GemImport::import(&drm, &export, RestorePolicy::Automatic) {
@@ -519,9 +517,10 @@ fn a_multi_range_export_imports_but_the_host_cannot_scan_it_out() {
     let (shm, bar) = exporter(&iommufd);
     let (_, drm) = gpu0();
     let card = Card(drm.clone());
-    // Two 128 KiB halves of a framebuffer, apart in the BAR.
+    // Two 128 KiB halves of a framebuffer, side by side in the BAR: two
+    // ranges all the same, so two backing entries for the host.
     let half = FB_BYTES / 2;
-    let ranges = [ByteRange::new(0, half), ByteRange::new(0xc_0000, half)];
+    let ranges = [ByteRange::new(0, half), ByteRange::new(half, half)];
     let fb_bytes = pattern(85, FB_BYTES as usize);
     bar_write(&bar, ranges[0].offset, &fb_bytes[..half as usize]);
     bar_write(&bar, ranges[1].offset, &fb_bytes[half as usize..]);
@@ -554,4 +553,97 @@ fn screendump_hash() -> String {
     let key = "\"rect_fnv1a64\":\"";
     let at = answer.find(key).unwrap_or_else(|| panic!("{answer}"));
     answer[at + key.len()..at + key.len() + 16].to_owned()
+}
+
+/// Where `drm-test` shows shm0's BAR.
+const CLI_AREA: u64 = 0xc_0000;
+
+/// Runs the CLI with the host as its screen observer: `DMABUF_P2P_SCREEN`
+/// names the GPU, `DMABUF_P2P_HOST_CHECK` shm0; its `@@` lines go on to
+/// the host through this test's stdout, and the host's answers come back on
+/// the stdin it inherits. Whether it succeeded, and stdout then stderr.
+fn run_cli_observed(gpu: &str, args: &[&str]) -> (bool, String) {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("/bin/dmabuf-p2p")
+        .args(args)
+        .env("DMABUF_P2P_SCREEN", gpu)
+        .env("DMABUF_P2P_HOST_CHECK", "shm0")
+        .stdin(Stdio::inherit())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run /bin/dmabuf-p2p");
+    let mut text = String::new();
+    let stdout = child.stdout.take().expect("the CLI's stdout");
+    for line in BufReader::new(stdout).lines() {
+        let line = line.expect("a line of the CLI's output");
+        if line.starts_with("@@") {
+            dmabuf_p2p_vm_tests::directive(&line);
+        }
+        text.push_str(&line);
+        text.push('\n');
+    }
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        e.read_to_string(&mut err).expect("the CLI's stderr");
+    }
+    let status = child.wait().expect("the CLI's exit");
+    (status.success(), text + &err)
+}
+
+/// `drm-test` on gpu0 with shm0's BAR: the importer, the verdict and the
+/// kernel's answer first, then every step passes, the screen and shm0's
+/// memory checked by the host.
+#[test]
+fn drm_test_command_shows_the_bar_and_checks_the_screen() {
+    // The address only: the command must be the card's DRM master.
+    let gpu = gpu0().0.to_string();
+    let target = format!("{}:2:{CLI_AREA:#x}+{FB_BYTES:#x}", shm_address("shm0"));
+    let (ok, text) = run_cli_observed("gpu0", &["drm-test", "--gpu", &gpu, "--target", &target]);
+    assert!(ok, "{text}");
+    assert!(text.starts_with("gpu: /dev/dri/card"), "{text}");
+    for want in [
+        "importer: virtio_gpu (blob resources, 2D): dynamic attach, peer-to-peer, revocable",
+        "path:\n  - their paths meet at ",
+        "kernel: pci_p2pdma_map_type() will answer PCI_P2PDMA_MAP_BUS_ADDR",
+        "import (PRIME)",
+        "screen shows the BAR",
+        "BAR write on screen",
+        "a scanout of its framebuffer: No such device",
+        "imported again: GEM handle",
+        "screen = BAR = device memory (host screendump)",
+        "drm-test: PASS (7 of 7 checks passed)",
+    ] {
+        assert!(text.contains(want), "no {want:?} in\n{text}");
+    }
+    assert!(
+        !text.contains("the screen itself was not checked"),
+        "{text}"
+    );
+    assert!(!text.contains("FAILED"), "{text}");
+}
+
+/// `drm-test` on gpu2 (the root bus): the forecast says the kernel will
+/// refuse (no p2p path) and the import step fails with that reason.
+#[test]
+fn drm_test_command_names_the_refusal_it_forecast() {
+    let gpu = gpus()
+        .into_iter()
+        .find(|(a, _)| a.bus() == 0)
+        .expect("gpu2 on the root bus")
+        .0
+        .to_string();
+    let target = format!("{}:2:{CLI_AREA:#x}+{FB_BYTES:#x}", shm_address("shm0"));
+    let (ok, text) = run_cli_observed("gpu2", &["drm-test", "--gpu", &gpu, "--target", &target]);
+    assert!(!ok, "{text}");
+    for want in [
+        "kernel: pci_p2pdma_map_type() will answer PCI_P2PDMA_MAP_NOT_SUPPORTED",
+        "forecast: refused: no peer-to-peer path",
+        "drm-test: running anyway",
+        "(as forecast)",
+        "drm-test: FAIL (0 of 1 checks passed)",
+    ] {
+        assert!(text.contains(want), "no {want:?} in\n{text}");
+    }
 }
