@@ -212,7 +212,7 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
         if !report.screen_checked {
             outln!(
                 "drm-test: the screen itself was not checked: no DRM ioctl reads a scanout \
-                 back, and no observer was named (DMABUF_P2P_SCREEN, set in the test VM)"
+                 back, and no observer was named (DMABUF_P2P_SCREEN, which the VM suite sets)"
             )?;
         }
     }
