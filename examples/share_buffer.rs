@@ -70,7 +70,8 @@ fn export(device: PciAddress) -> Result<(), Box<dyn Error>> {
         println!("{}", line?);
     }
     let status = importer.wait()?;
-    let _ = std::fs::remove_file(&socket);
+    // Removes the socket (the listener's file) with it.
+    drop(server);
     if !status.success() {
         return Err(format!("the importer failed: {status}").into());
     }

@@ -17,11 +17,13 @@
 //! It leaves the device's `PCI_COMMAND` as it found it.
 
 use std::error::Error;
+use std::fs::OpenOptions;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 use std::sync::Arc;
 
 use dmabuf_p2p::memfd::Memfd;
+use dmabuf_p2p::sysfs::Sysfs;
 use dmabuf_p2p::vfio::AdoptOptions;
 use dmabuf_p2p::vmm::{GuestBarMap, Offer};
 use dmabuf_p2p::{Ioas, Iommufd, VfioPciDevice};
@@ -71,8 +73,18 @@ fn main() -> Result<(), Box<dyn Error>> {
         Some(Arc::clone(&vmm_ioas)),
         None,
     )?);
-    let sysfs = format!("/sys/bus/pci/devices/{bdf}");
-    let vmm_dev = VfioDevice::new(Path::new(&sysfs), vfio, true)?;
+    // The VMM finds the device's cdev itself: vfio-ioctls' `VfioDevice::new`
+    // lists sysfs with `read_dir`, whose buffer the kernel may fault in while
+    // it holds a lock vfio-pci's MSI set-up nests under (docs/KERNEL.md);
+    // the library's `Sysfs` lists into a buffer that cannot fault.
+    let cdev_name = Sysfs::default()
+        .vfio_dev(bdf.parse()?)?
+        .ok_or("the device has no VFIO cdev (is it bound to vfio-pci?)")?;
+    let cdev = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(Path::new("/dev/vfio/devices").join(cdev_name))?;
+    let vmm_dev = VfioDevice::new_from_fd(cdev, vfio, true)?;
     let ram = Memfd::new("guest-ram", RAM_SIZE)?;
     vmm_ioas.map_file(ram.as_fd().as_raw_fd(), 0, RAM_SIZE, RAM_GPA, true)?;
     println!(

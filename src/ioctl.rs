@@ -24,6 +24,11 @@
 //! Only requests the public API uses have a wrapper here (the legacy VFIO
 //! group/container requests, for one, have none: their numbers and structs
 //! stay in [`crate::sys`]).
+//!
+//! The few other calls that need raw memory or a raw syscall live here too:
+//! receiving fds over `SCM_RIGHTS` (the kernel installs fds), the
+//! `SO_PASSRIGHTS` option libc lacks, and [`getdents64`], which nix does not
+//! wrap.
 
 use std::ffi::CStr;
 use std::io;
@@ -1033,6 +1038,33 @@ pub fn virtgpu_getparam(drm: BorrowedFd<'_>, param: u32) -> io::Result<i32> {
     // `value`, live and unborrowed for the call.
     unsafe { ioctl_with_mut(drm, sys::DRM_IOCTL_VIRTGPU_GETPARAM, &mut arg) }?;
     Ok(value)
+}
+
+// ---------------------------------------------------------------------------
+// Directory entries (getdents64)
+// ---------------------------------------------------------------------------
+//
+// Not an ioctl: a syscall nix does not wrap. nix's `Dir` (like std's
+// `read_dir`) reads through libc's `readdir`, into a buffer libc allocates
+// and the kernel may fault in while it writes; `crate::dir` needs the
+// kernel to write into a buffer the caller has already written (see there
+// why).
+
+/// One `getdents64(2)` of `dir` into `buf`: the bytes of whole
+/// `struct linux_dirent64` records written (0 at the end of the directory).
+pub fn getdents64(dir: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: the kernel writes at most `buf.len()` bytes at `buf`, which is
+    // valid for writes for the whole call; `dir` stays open because it is
+    // borrowed.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_getdents64,
+            dir.as_raw_fd(),
+            buf.as_mut_ptr(),
+            buf.len(),
+        )
+    };
+    usize::try_from(ret).map_err(|_| io::Error::last_os_error())
 }
 
 #[cfg(test)]

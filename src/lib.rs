@@ -16,6 +16,7 @@
 //! See `docs/ARCHITECTURE.md` for the layers and which kernel object each type owns.
 
 mod deadline;
+mod dir;
 pub mod dmabuf;
 pub mod error;
 pub mod exporter;

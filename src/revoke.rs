@@ -373,6 +373,18 @@ impl RevocationHub {
         lock(&self.transitions)
     }
 
+    /// [`lock_transitions`](Self::lock_transitions) if no transition is
+    /// under way, else `None` at once: for a thread that must never wait for
+    /// the exporter, but reports its state only while no change of it is in
+    /// progress (the sharing server's offers).
+    pub fn try_lock_transitions(&self) -> Option<MutexGuard<'_, ()>> {
+        match self.transitions.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
     /// [`lock_transitions`](Self::lock_transitions), unless this thread is
     /// running callbacks (then the exporter's thread holds it already).
     pub(crate) fn lock_transitions_outside_callbacks(&self) -> Option<MutexGuard<'_, ()>> {

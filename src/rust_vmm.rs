@@ -6,8 +6,10 @@
 //! each side closes its own, as with [`VfioPciDevice::adopt`].
 //!
 //! ```no_run
+//! use std::fs::OpenOptions;
 //! use std::path::Path;
 //! use std::sync::Arc;
+//! use dmabuf_p2p::sysfs::Sysfs;
 //! use dmabuf_p2p::vfio::AdoptOptions;
 //! use dmabuf_p2p::{Ioas, Iommufd, VfioPciDevice};
 //! use iommufd_ioctls::{IommuFd, IommufdIoas};
@@ -17,7 +19,11 @@
 //! let vmm_iommufd = Arc::new(IommuFd::new()?);
 //! let vmm_ioas = Arc::new(IommufdIoas::new(Arc::clone(&vmm_iommufd))?);
 //! let vfio = Arc::new(VfioIommufd::new(Arc::clone(&vmm_iommufd), Some(Arc::clone(&vmm_ioas)), None)?);
-//! let vmm_dev = VfioDevice::new(Path::new("/sys/bus/pci/devices/0000:02:00.0"), vfio, true)?;
+//! // The cdev found through `Sysfs` rather than `VfioDevice::new`, which lists
+//! // sysfs with `read_dir` (docs/KERNEL.md: a kernel lock cycle).
+//! let cdev = Sysfs::default().vfio_dev("0000:02:00.0".parse()?)?.ok_or("no VFIO cdev")?;
+//! let cdev = OpenOptions::new().read(true).write(true).open(Path::new("/dev/vfio/devices").join(cdev))?;
+//! let vmm_dev = VfioDevice::new_from_fd(cdev, vfio, true)?;
 //!
 //! // The library's handles of them.
 //! let iommufd = Iommufd::adopt_rust_vmm(&vmm_iommufd)?;

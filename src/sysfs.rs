@@ -15,6 +15,9 @@
 //! | configuration space | `…/<addr>/config` (64 bytes without `CAP_SYS_ADMIN`) |
 //! | place in the device tree | the `bus/pci/devices/<addr>` link's target |
 //!
+//! Directories are listed with `getdents64(2)` into a buffer written
+//! beforehand, never with `std::fs::read_dir` (why: `crate::dir`).
+//!
 //! Errors name the device and the file: a missing device is [`Error::Device`],
 //! a failed read is [`Error::Sys`] (target `"<addr> <path>"`), and unparsable
 //! content is [`Error::Parse`] (the problem names the path).
@@ -23,6 +26,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use crate::dir;
 use crate::error::{Error, Result};
 use crate::pci::{BAR_COUNT, PciAddress, Resource, parse_resources};
 use crate::range::{parse_digits, parse_error};
@@ -101,18 +105,11 @@ impl Sysfs {
     pub fn devices(&self) -> Result<Vec<PciAddress>> {
         let dir = self.devices_dir();
         let target = || dir.display().to_string();
-        let entries = fs::read_dir(&dir).map_err(|e| Error::sys("read_dir", target(), e))?;
-        let mut out = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|e| Error::sys("read_dir", target(), e))?;
-            if let Some(addr) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<PciAddress>().ok())
-            {
-                out.push(addr);
-            }
-        }
+        let names = dir::names(&dir).map_err(|e| Error::sys("read_dir", target(), e))?;
+        let mut out: Vec<PciAddress> = names
+            .iter()
+            .filter_map(|n| n.to_str()?.parse().ok())
+            .collect();
         out.sort_unstable();
         Ok(out)
     }
@@ -175,15 +172,14 @@ impl Sysfs {
     /// are several, the lowest-numbered one.
     pub fn vfio_dev(&self, addr: PciAddress) -> Result<Option<String>> {
         let dir = self.file(addr, "vfio-dev")?;
-        let entries = match fs::read_dir(&dir) {
-            Ok(e) => e,
+        let names = match dir::names(&dir) {
+            Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::sys("read_dir", target(addr, &dir), e)),
         };
         let mut best: Option<(u64, String)> = None;
-        for entry in entries {
-            let entry = entry.map_err(|e| Error::sys("read_dir", target(addr, &dir), e))?;
-            let Ok(name) = entry.file_name().into_string() else {
+        for name in names {
+            let Ok(name) = name.into_string() else {
                 continue;
             };
             let Some(n) = name.strip_prefix("vfio").and_then(|d| parse_digits(d, 10)) else {

@@ -1369,10 +1369,12 @@ fn read_hex(path: &str) -> Option<u64> {
 }
 
 /// The ivshmem device (1af4:1110) with the largest BAR2: (address, size).
+/// Listed by the library's `Sysfs` (never `std::fs::read_dir` on sysfs:
+/// docs/KERNEL.md).
 fn largest_ivshmem() -> R<(String, u64)> {
     let mut best: Option<(String, u64)> = None;
-    for e in fs::read_dir("/sys/bus/pci/devices")?.flatten() {
-        let bdf = e.file_name().to_string_lossy().into_owned();
+    for addr in dmabuf_p2p::sysfs::Sysfs::default().devices()? {
+        let bdf = addr.to_string();
         let dir = format!("/sys/bus/pci/devices/{bdf}");
         if read_hex(&format!("{dir}/vendor")) != Some(0x1af4)
             || read_hex(&format!("{dir}/device")) != Some(0x1110)

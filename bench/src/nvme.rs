@@ -6,29 +6,27 @@ use std::time::{Duration, Instant};
 
 use dmabuf_p2p::importer::iommufd::{Ioas, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
+use dmabuf_p2p::sysfs::Sysfs;
 use dmabuf_p2p::{ByteRange, VfioPciDevice};
 use dmabuf_p2p_engine::StorageEngine;
 use dmabuf_p2p_engine::nvme::{NVME_CLASS, Nvme};
 
 use crate::stats::{Stats, emit, emit_meta, ns_since};
-use crate::{Opts, R, read_hex};
+use crate::{Opts, R};
 
 /// Bytes of the BAR and of the memfd the reads go to.
 const AREA: u64 = 1 << 20;
 const TIMEOUT: Duration = Duration::from_secs(20);
 
-/// The first NVMe controller, if the VM has one.
+/// The first NVMe controller, if the VM has one. Listed by the library's
+/// `Sysfs` (never `std::fs::read_dir` on sysfs: docs/KERNEL.md).
 fn first_nvme() -> Option<String> {
-    let mut all: Vec<String> = std::fs::read_dir("/sys/bus/pci/devices")
+    let sys = Sysfs::default();
+    sys.devices()
         .ok()?
-        .flatten()
-        .filter(|e| {
-            read_hex(&e.path().join("class").to_string_lossy()) == Some(u64::from(NVME_CLASS))
-        })
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    all.sort();
-    all.into_iter().next()
+        .into_iter()
+        .find(|a| sys.class(*a).ok() == Some(NVME_CLASS))
+        .map(|a| a.to_string())
 }
 
 /// Reads of each size into RAM and into the BAR, alternating which goes

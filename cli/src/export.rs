@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use dmabuf_p2p::ByteRange;
 use dmabuf_p2p::importer::iommufd::Iommufd;
+use dmabuf_p2p::share::SocketOptions;
 use dmabuf_p2p::vfio::VfioPciDevice;
 
 use crate::target::TargetSpec;
@@ -22,25 +23,39 @@ pub struct Args {
     /// Keep the export alive and hand it to every allowed process that
     /// connects to this Unix socket, forwarding revocations (SIGUSR1: memory
     /// decode off, SIGUSR2: on, SIGTERM: stop; an unplug request closes the
-    /// device). The socket is mode 0600; without a path it is
-    /// `$XDG_RUNTIME_DIR/dmabuf-p2p/<bdf>-bar<n>.sock`, else under
-    /// `/run/dmabuf-p2p/`. Only this uid and root may connect unless
-    /// allowed. See `dmabuf-p2p map --from`.
-    #[arg(long, value_name = "SOCKET", num_args = 0..=1, default_missing_value = "")]
-    pub serve: Option<std::path::PathBuf>,
-    /// With --serve: also let this uid connect. Repeatable.
+    /// device). Without a path: `$XDG_RUNTIME_DIR/dmabuf-p2p/<bdf>-bar<n>.sock`,
+    /// else `/run/dmabuf-p2p/<bdf>-bar<n>.sock`. The socket is mode 0600
+    /// (this uid and root may connect) unless `--allow-uid`/`--allow-gid`
+    /// say more; every directory on its path must be root's or this user's
+    /// and writable by nobody else (no symlinks; no /tmp unless
+    /// `--allow-sticky-dir`). See `dmabuf-p2p map --from`.
+    #[arg(long, value_name = "SOCKET", num_args = 0..=1)]
+    pub serve: Option<Option<std::path::PathBuf>>,
+    /// With --serve: also let this uid connect. The socket file is given to
+    /// it (mode 0600), so that its permissions let in exactly who the peer
+    /// check does; needs root. One uid at most (a file has one owner).
     #[arg(long = "allow-uid", value_name = "UID", requires = "serve")]
-    pub allow_uids: Vec<u32>,
-    /// With --serve: also let processes of this effective gid connect. Repeatable.
+    pub allow_uid: Option<u32>,
+    /// With --serve: also let members of this group connect (effective or
+    /// supplementary gid). The socket's group becomes this gid, mode 0660.
+    /// One gid at most (a file has one group).
     #[arg(long = "allow-gid", value_name = "GID", requires = "serve")]
-    pub allow_gids: Vec<u32>,
+    pub allow_gid: Option<u32>,
+    /// With --serve: accept a socket path through a sticky directory others
+    /// may write, such as /tmp (refused by default: others can take the name
+    /// first, tmp cleaners remove it, services with a private /tmp do not see
+    /// it). The entry in it must still be this user's or root's.
+    #[arg(long, requires = "serve")]
+    pub allow_sticky_dir: bool,
     /// With --serve: answer clients' read-back requests with the BAR's bytes
     /// (off by default).
     #[arg(long, requires = "serve")]
     pub read_back: bool,
-    /// With --serve: the most clients served at once.
-    #[arg(long, default_value_t = 64, requires = "serve")]
-    pub max_clients: usize,
+    /// With --serve: the most clients served at once (a quarter of them kept
+    /// for this user's own importers, a quarter at most per other uid, an
+    /// eighth per process).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=100_000), requires = "serve")]
+    pub max_clients: u32,
 }
 
 /// The facts printed about an export.
@@ -75,12 +90,14 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     };
     let export = dev.export_bar(bar, &[range])?;
     if let Some(socket) = &args.serve {
+        let mut socket_options = SocketOptions::new().allow_sticky_dir(args.allow_sticky_dir);
+        socket_options.allow_uid = args.allow_uid;
+        socket_options.allow_gid = args.allow_gid;
         let opts = super::share::ServeOptions {
-            socket: (!socket.as_os_str().is_empty()).then(|| socket.clone()),
-            allow_uids: args.allow_uids.clone(),
-            allow_gids: args.allow_gids.clone(),
+            socket: socket.clone(),
+            socket_options,
             read_back: args.read_back,
-            max_clients: args.max_clients,
+            max_clients: args.max_clients as usize,
         };
         return super::share::serve(dev, export, &opts, json);
     }

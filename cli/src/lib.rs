@@ -16,6 +16,7 @@ mod devices;
 mod drm_output;
 mod drm_test;
 mod export;
+mod lines;
 mod manual;
 mod p2p;
 mod p2p_args;

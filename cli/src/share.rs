@@ -27,7 +27,7 @@ use dmabuf_p2p::range::{page_size, parse_size};
 use dmabuf_p2p::revoke::{BufferState, RestorePolicy, RevokeReason, StateChange};
 use dmabuf_p2p::share::{
     AccessPolicy, BufferInfo, ConnectOptions, PeerCred, ServerEvent, ServerOptions, ShareProblem,
-    ShareServer, SharedBuffer, bind_listener, default_socket_path,
+    ShareServer, SharedBuffer, SocketOptions, bind_listener_with, default_socket_path,
 };
 use dmabuf_p2p::vfio::BarMapping;
 use dmabuf_p2p::vfio::VfioPciDevice;
@@ -35,10 +35,22 @@ use dmabuf_p2p::{ByteRange, Error, PciAddress};
 use dmabuf_p2p_engine::DmaEngine;
 use dmabuf_p2p_engine::edu::Edu;
 
+use crate::lines::Lines;
 use crate::{CliError, fnv1a64, print_json};
 use dmabuf_p2p::range::human_size;
 
-/// Prints one line: compact JSON with `--json`, else `text`.
+/// One line for `export --serve`'s output: compact JSON with `--json`, else
+/// `text`.
+fn line_of(json: bool, value: &serde_json::Value, text: &str) -> String {
+    if json {
+        value.to_string()
+    } else {
+        text.to_owned()
+    }
+}
+
+/// Prints one line (blocking; for `map`): compact JSON with `--json`, else
+/// `text`.
 fn event_line(json: bool, value: &serde_json::Value, text: &str) {
     // A closed stdout is ignored: the export keeps serving its clients when
     // nobody reads the log.
@@ -70,10 +82,8 @@ fn state_text(state: BufferState) -> String {
 pub struct ServeOptions {
     /// The socket; `None`: the default path for the export.
     pub socket: Option<PathBuf>,
-    /// Further uids allowed to connect.
-    pub allow_uids: Vec<u32>,
-    /// Further gids allowed to connect.
-    pub allow_gids: Vec<u32>,
+    /// Who else may connect, and where the socket may be.
+    pub socket_options: SocketOptions,
     /// Answer read-back requests with the BAR's bytes.
     pub read_back: bool,
     /// The most clients at once.
@@ -81,22 +91,42 @@ pub struct ServeOptions {
 }
 
 /// One server event as a line.
-fn server_event_line(json: bool, e: &ServerEvent) {
+fn server_event_line(json: bool, e: &ServerEvent) -> String {
     let v = match e {
-        ServerEvent::Connected { id, peer, clients } => serde_json::json!({
+        ServerEvent::Connected {
+            id,
+            peer,
+            clients,
+            suppressed,
+        } => serde_json::json!({
             "event": "client", "id": id, "pid": peer.pid, "uid": peer.uid, "gid": peer.gid,
-            "clients": clients,
+            "clients": clients, "suppressed": suppressed,
         }),
         ServerEvent::Refused {
             peer,
+            reason,
             why,
             suppressed,
         } => serde_json::json!({
             "event": "refused", "pid": peer.map(|p| p.pid), "uid": peer.map(|p| p.uid),
-            "gid": peer.map(|p| p.gid), "why": why, "suppressed": suppressed,
+            "gid": peer.map(|p| p.gid), "reason": reason.name(), "why": why,
+            "suppressed": suppressed,
         }),
-        ServerEvent::Dropped { id, peer, why } => serde_json::json!({
-            "event": "dropped", "id": id, "pid": peer.pid, "uid": peer.uid, "why": why,
+        ServerEvent::Dropped {
+            id,
+            peer,
+            reason,
+            why,
+            suppressed,
+        } => serde_json::json!({
+            "event": "dropped", "id": id, "pid": peer.pid, "uid": peer.uid,
+            "reason": reason.map(|r| r.name()), "why": why, "suppressed": suppressed,
+        }),
+        ServerEvent::Suppressed { what, count } => serde_json::json!({
+            "event": "suppressed", "what": what, "count": count,
+        }),
+        ServerEvent::LogLost { count } => serde_json::json!({
+            "event": "log-lost", "count": count,
         }),
         ServerEvent::AcceptFailed {
             error,
@@ -108,7 +138,7 @@ fn server_event_line(json: bool, e: &ServerEvent) {
         }),
         other => serde_json::json!({"event": "server", "what": other.to_string()}),
     };
-    event_line(json, &v, &e.to_string());
+    line_of(json, &v, &e.to_string())
 }
 
 /// The BAR window read-backs use, and whether memory decode is on. Read-backs
@@ -128,6 +158,11 @@ enum Stop {
 
 /// `export <target> --serve [socket]`: serves `export` to every allowed
 /// client until a stop signal or an unplug request.
+///
+/// Nothing on the way from a signal to the kernel's revoke waits for output:
+/// every line goes through [`Lines`] (queued, written by a thread of its
+/// own, dropped and counted when nobody reads), and the server's log
+/// through its own bounded queue.
 pub fn serve(
     dev: VfioPciDevice,
     export: BarExport,
@@ -148,13 +183,26 @@ pub fn serve(
     }
     mask.thread_block()?;
     let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
+    let out = Lines::new(std::io::stdout(), move |n| {
+        line_of(
+            json,
+            &serde_json::json!({"event": "output-lost", "lines": n}),
+            &format!("{n} output lines lost: stdout was not read"),
+        )
+    })?;
+    let errors = Lines::new(std::io::stderr(), |n| {
+        format!("dmabuf-p2p: {n} error lines lost: stderr was not read")
+    })?;
     let bar = export.bar();
     let base = export.ranges().first().map_or(0, |r| r.offset);
     let info = BufferInfo::from_export(&export);
     let socket = opts.socket.clone().unwrap_or_else(|| {
         default_socket_path(&format!("{}-bar{}", export.device(), export.bar()))
     });
-    let listener = bind_listener(&socket)?;
+    let listener = bind_listener_with(&socket, &opts.socket_options)?;
+    let (mode, (owner, group)) = listener
+        .file()
+        .map_or((0o600, (0, 0)), |f| (f.mode(), f.owner()));
     // An export made with memory decode off (`--keep-decode`) is born
     // revoked; the hub does not know that yet.
     let on = dev.memory_decode()?;
@@ -170,12 +218,8 @@ pub fn serve(
         },
     }));
     let server = ShareServer::new(&export)?;
-    let mut options = ServerOptions::default();
-    options.policy = AccessPolicy {
-        allow_uids: opts.allow_uids.clone(),
-        allow_gids: opts.allow_gids.clone(),
-    };
-    options.max_clients = opts.max_clients;
+    let mut options = ServerOptions::default().with_max_clients(opts.max_clients);
+    options.policy = opts.socket_options.policy();
     server.set_options(options);
     if opts.read_back {
         let window = Arc::clone(&window);
@@ -191,9 +235,10 @@ pub fn serve(
             }
         });
     }
-    server.set_log(move |e| server_event_line(json, e));
-    // The hub's observer only records the newest change; this thread prints
-    // it (stdout may block; the revoking thread must not).
+    let log = out.clone();
+    server.set_log(move |e| log.line(server_event_line(json, e)))?;
+    // The hub's observer only records the newest change; this thread queues
+    // the line.
     let state_wake = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?;
     let state_wake = Arc::new(state_wake);
     let newest: Arc<Mutex<Option<StateChange>>> = Arc::new(Mutex::new(None));
@@ -216,33 +261,37 @@ pub fn serve(
             let mut v = state_json(change.state);
             v["event"] = "state".into();
             v["clients"] = clients.into();
-            event_line(
+            out.line(line_of(
                 json,
                 &v,
                 &format!("state: {} ({clients} clients)", state_text(change.state)),
-            );
+            ));
         }
     };
     server.listen(listener)?;
     let unplug_watched = dev.unplug_request_fd().is_some();
+    let so = &opts.socket_options;
     let ready = serde_json::json!({
         "event": "ready",
         "socket": socket.display().to_string(),
+        "mode": format!("{mode:04o}"),
+        "owner": owner,
+        "group": group,
         "pid": std::process::id(),
         "uid": nix::unistd::geteuid().as_raw(),
-        "allow_uids": opts.allow_uids,
-        "allow_gids": opts.allow_gids,
+        "allow_uid": so.allow_uid,
+        "allow_gid": so.allow_gid,
         "read_back": opts.read_back,
         "max_clients": opts.max_clients,
         "unplug_watched": unplug_watched,
         "buffer": info,
         "dmabuf_fd": export.dmabuf().as_raw_fd(),
     });
-    event_line(
+    out.line(line_of(
         json,
         &ready,
         &format!(
-            "serving {} {} ({}) on {} (mode 0600; pid {}); SIGUSR1: memory decode off, SIGUSR2: on, SIGTERM: stop",
+            "serving {} {} ({}) on {} (mode {mode:04o}, owner {owner}, group {group}; pid {}); SIGUSR1: memory decode off, SIGUSR2: on, SIGTERM: stop",
             info.exporter,
             info.ranges
                 .iter()
@@ -253,7 +302,7 @@ pub fn serve(
             socket.display(),
             std::process::id()
         ),
-    );
+    ));
     let result: Result<Stop, CliError> = 'serving: loop {
         let unplug_ready = {
             let mut fds = vec![
@@ -276,11 +325,11 @@ pub fn serve(
             match dev.unplug_requested() {
                 // The hub revoked with reason Unplug.
                 Ok(true) => {
-                    event_line(
+                    out.line(line_of(
                         json,
                         &serde_json::json!({"event": "unplug"}),
                         "the kernel asks for the device back (unplug): closing it",
-                    );
+                    ));
                     break 'serving Ok(Stop::Unplug);
                 }
                 Ok(false) => {}
@@ -305,36 +354,45 @@ pub fn serve(
             let mut w = window.write().unwrap_or_else(PoisonError::into_inner);
             match dev.set_memory_decode(on) {
                 Ok(()) => w.decode_on = on,
-                Err(e) => eprintln!(
+                Err(e) => errors.line(format!(
                     "dmabuf-p2p: memory decode {}: {e}",
                     if on { "on" } else { "off" }
-                ),
+                )),
             }
         }
     };
     // Close the device first: the kernel revokes the dma-buf for every
-    // importer at once. Only then are the clients told (bounded).
+    // importer at once. Only then are the clients told (bounded). The
+    // transition lock is held across the close, so the server sends no
+    // offer while the kernel has revoked and the hub does not know yet.
     window
         .write()
         .unwrap_or_else(PoisonError::into_inner)
         .window = None;
-    drop(export);
-    drop(dev);
+    {
+        let hub = Arc::clone(dev.hub());
+        let _transition = hub.lock_transitions();
+        drop(export);
+        drop(dev);
+    }
     let told = server.flush(Duration::from_secs(2));
     print_state(&server);
     drop(printer);
+    // Removes the socket, if it still is ours.
     drop(server);
-    let _ = std::fs::remove_file(&socket);
     let why = match &result {
         Ok(Stop::Signal(s)) => s.as_str().to_owned(),
         Ok(Stop::Unplug) => "unplug".to_owned(),
         Err(e) => e.to_string(),
     };
-    event_line(
+    out.line(line_of(
         json,
         &serde_json::json!({"event": "stopped", "why": why, "clients_told": told}),
         &format!("stopped ({why})"),
-    );
+    ));
+    // Written if stdout is read; not waited for if it is not.
+    out.flush(Duration::from_secs(2));
+    errors.flush(Duration::from_secs(2));
     result.map(|_| ExitCode::SUCCESS)
 }
 

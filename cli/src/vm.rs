@@ -37,6 +37,7 @@ fn self_binaries() -> Result<GuestBinaries, CliError> {
         vm_tests: None,
         examples: Vec::new(),
         cli,
+        kernfs_chain: None,
     })
 }
 

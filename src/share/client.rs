@@ -15,7 +15,9 @@ use nix::errno::Errno;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
 
 use super::peer::{AccessPolicy, PeerCred, refuse_fds, sanitize_text};
-use super::{BufferInfo, Incoming, MAX_READ, Message, ShareProblem, send_message, wire};
+use super::{
+    BufferInfo, Incoming, MAX_READ, Message, RefusalReason, ShareProblem, send_message, wire,
+};
 use crate::importer::iommufd::{Ioas, IovaPlacement, MapPerms};
 use crate::revoke::{Attachment, BufferState, RestorePolicy, RevocationHub, RevokeReason};
 use crate::{ByteRange, DmaBuf, Error, RangeProblem, Result};
@@ -99,6 +101,8 @@ struct Status {
     events: u64,
     /// Why the connection ended, once it has.
     ended: Option<String>,
+    /// The exporter's `refused` message, if that is how it ended.
+    refused: Option<(RefusalReason, String)>,
     /// Read requests waiting for their reply, and the replies.
     pending: HashMap<u64, Option<std::result::Result<Vec<u8>, String>>>,
 }
@@ -203,7 +207,8 @@ impl SharedBuffer {
     pub fn connect_with(path: impl AsRef<Path>, options: &ConnectOptions) -> Result<Self> {
         let deadline = Instant::now().checked_add(options.timeout);
         let stream = connect_until(path.as_ref(), deadline, options.timeout)?;
-        Self::receive_until(stream, options, deadline)
+        let peer = format!("socket {}", path.as_ref().display());
+        Self::receive_until(stream, peer, options, deadline)
     }
 
     /// [`receive_with`](Self::receive_with) with the default options and
@@ -227,20 +232,22 @@ impl SharedBuffer {
     /// ([`ShareProblem::Unexpected`]); [`Error::Timeout`] when the time is up.
     pub fn receive_with(stream: UnixStream, options: &ConnectOptions) -> Result<Self> {
         let deadline = Instant::now().checked_add(options.timeout);
-        Self::receive_until(stream, options, deadline)
+        let peer = wire::describe_stream(&stream);
+        Self::receive_until(stream, peer, options, deadline)
     }
 
+    /// Receives the offer on `stream`, whose other end messages call `peer`.
     fn receive_until(
         stream: UnixStream,
+        peer: String,
         options: &ConnectOptions,
         deadline: Option<Instant>,
     ) -> Result<Self> {
-        let peer = wire::describe_stream(&stream);
         let share_err = |problem| Error::Share {
             peer: peer.clone(),
             problem,
         };
-        let cred = options.policy.admit(&stream)?;
+        let cred = options.policy.admit_as(&stream, &peer)?;
         let frame = match wire::recv_frame_within(&stream, deadline, options.frame_timeout) {
             Err(Error::Timeout { what, .. }) => {
                 return Err(Error::Timeout {
@@ -253,6 +260,9 @@ impl SharedBuffer {
         let offer = match frame.map(super::decode).transpose().map_err(share_err)? {
             None => return Err(share_err(ShareProblem::Closed)),
             Some(Incoming::Offer(o)) => o,
+            Some(Incoming::Message(Message::Refused { reason, message })) => {
+                return Err(share_err(ShareProblem::NotServed { reason, message }));
+            }
             Some(Incoming::Message(m)) => {
                 return Err(share_err(ShareProblem::Unexpected {
                     kind: m.kind().name(),
@@ -282,6 +292,7 @@ impl SharedBuffer {
                 remote: offer.state,
                 events: 0,
                 ended: None,
+                refused: None,
                 pending: HashMap::new(),
             }),
             changed: Condvar::new(),
@@ -349,6 +360,12 @@ impl SharedBuffer {
         lock(&self.conn.status).ended.clone()
     }
 
+    /// Why the exporter dropped this importer, if it said so (a `refused`
+    /// message: e.g. [`RefusalReason::Idle`] when the pings went unanswered).
+    pub fn refusal(&self) -> Option<(RefusalReason, String)> {
+        lock(&self.conn.status).refused.clone()
+    }
+
     /// Maps the buffer into `ioas` as an [`Attachment`] tied to the
     /// receiver-side hub ([`Attachment::map_parts`], with the physical ranges
     /// the exporter announced). Fails with [`Error::Revoked`] while the
@@ -386,6 +403,12 @@ impl SharedBuffer {
         loop {
             if pred(st.remote) {
                 return Ok(st.remote);
+            }
+            if let Some((reason, message)) = &st.refused {
+                return Err(self.conn.error(ShareProblem::NotServed {
+                    reason: *reason,
+                    message: message.clone(),
+                }));
             }
             if let Some(why) = &st.ended {
                 return Err(self.conn.error(ShareProblem::Disconnected(why.clone())));
@@ -557,10 +580,36 @@ impl Conn {
                             self.changed.notify_all();
                         }
                     }
-                    Message::ReadRequest { .. } => {
+                    Message::Ping { id } => {
+                        // The exporter's socket takes a pong at once unless
+                        // it stopped reading; then it is waited for no
+                        // longer than any message.
+                        let sent = {
+                            let _w = lock(&self.write);
+                            send_message(
+                                &self.stream,
+                                &Message::Pong { id },
+                                Some(self.frame_timeout),
+                            )
+                        };
+                        if let Err(e) = sent {
+                            break format!("answering a ping: {e}");
+                        }
+                    }
+                    Message::Refused { reason, message } => {
+                        let text = self
+                            .error(ShareProblem::NotServed {
+                                reason,
+                                message: message.clone(),
+                            })
+                            .to_string();
+                        lock(&self.status).refused = Some((reason, message));
+                        break text;
+                    }
+                    Message::ReadRequest { .. } | Message::Pong { .. } => {
                         break self
                             .error(ShareProblem::Unexpected {
-                                kind: "read-request",
+                                kind: m.kind().name(),
                                 context: "from the exporter",
                             })
                             .to_string();

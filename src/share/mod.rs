@@ -25,27 +25,49 @@
 //!
 //! A BAR dma-buf fd is a capability to device memory. Both sides check who is
 //! at the other end with `SO_PEERCRED` ([`AccessPolicy`]): the same effective
-//! uid, root, or a uid/gid the user allowed. The server checks before it
-//! sends anything; the client before it believes anything, and it refuses an
-//! offer that names a VFIO device but whose dma-buf another exporter made
-//! ([`VFIO_EXP_NAME`]). [`bind_listener`] makes the socket mode 0600 (in a
-//! 0700 directory when it creates one; [`default_socket_path`] is under
-//! `$XDG_RUNTIME_DIR`, else `/run/dmabuf-p2p`). Reading the buffer back is
-//! off unless the exporter sets a reader ([`ShareServer::set_read_back`]).
-//! Once the offer is in, each side turns `SO_PASSRIGHTS` off (Linux 6.16 and
-//! later): the peer can send it no more fds.
+//! uid, root, or a uid/gid the user allowed (supplementary groups count,
+//! `SO_PEERGROUPS`). The server checks before it sends anything; the client
+//! before it believes anything, and it refuses an offer that names a VFIO
+//! device but whose dma-buf another exporter made ([`VFIO_EXP_NAME`]).
 //!
-//! # Nobody can delay a revocation
+//! [`bind_listener_with`] makes the socket's permissions say what the peer
+//! check says ([`SocketOptions`]: mode 0600; given to one allowed uid; or
+//! group-owned 0660 for one allowed gid), on a path nobody else can change:
+//! every directory from `/` is opened without following symlinks and must be
+//! root's or this user's and writable by nobody else (a sticky `/tmp` only
+//! when allowed, and then only through an entry of this user's); the
+//! socket's name is removed at the end only if it still is that socket
+//! ([`SocketFile`]). [`default_socket_path`] is under `$XDG_RUNTIME_DIR`,
+//! else `/run/dmabuf-p2p`. Reading the buffer back is off unless the
+//! exporter sets a reader ([`ShareServer::set_read_back`]). Once the offer is
+//! in, each side turns `SO_PASSRIGHTS` off (Linux 6.16 and later): the peer
+//! can send it no more fds.
+//!
+//! # Nobody can delay a revocation, or take every slot
 //!
 //! The server's hub observer only records the newest state; one thread sends
-//! it to the clients without blocking and without the device's transition
-//! lock. A client whose messages stay unsent for the send timeout is
-//! dropped; so is one whose request does not complete within the frame
-//! deadline. The server serves at most [`ServerOptions::max_clients`], backs
-//! off when `accept` runs out of fds, and rate-limits what it logs. The client
-//! bounds the connect and the offer together ([`ConnectOptions::timeout`]).
+//! it to the clients without blocking, and what the server logs goes through
+//! a bounded queue to a thread of its own (rate-limited where a peer can
+//! cause it in bulk, counted when lost), so neither a client nor a blocked
+//! log can hold it. A client whose messages stay unsent for the send timeout
+//! is dropped; so is one whose message does not complete within the frame
+//! deadline, or that does not answer a `ping` in time. Slots are shared out
+//! ([`ServerOptions`]): a total, a part kept for the exporter's own user, a
+//! most per other uid and per process; a client without one is told why (a
+//! `refused` message, [`RefusalReason`]) and closed. The server backs off
+//! when `accept` runs out of fds. The client bounds the connect and the
+//! offer together ([`ConnectOptions::timeout`]).
 //!
-//! # Wire format (version 1)
+//! # Never told live while the kernel has revoked
+//!
+//! An offer in the live state and a `restored` message are sent only while
+//! no transition of the exporter is under way (the hub's transition lock,
+//! which a revoking thread holds from before it turns the kernel's buffer off
+//! until the hub says so): the state they report is the kernel's when they
+//! reach the client's socket. An offer carries the number of the state
+//! change it reports (`seq`, [`Offer::seq`]).
+//!
+//! # Wire format (version 2)
 //!
 //! Every message is a frame: a [`HEADER_LEN`] (12) byte header — magic
 //! [`MAGIC`] (`b"DPSH"`), version `u16` ([`VERSION`]), kind `u16`, payload
@@ -54,23 +76,33 @@
 //! data on the `sendmsg` that carries a frame's first byte; the receiver
 //! reads with `MSG_CMSG_CLOEXEC`, never past the end of a frame, with room
 //! for [`FD_ROOM`] fds per `recvmsg`. Unknown
-//! JSON fields are ignored; an incompatible change gets a new version.
+//! JSON fields are ignored; an incompatible change gets a new version
+//! (version 2 added `ping`, which an importer must answer, `pong` and
+//! `refused`).
 //!
 //! | kind | name | direction | fds | payload |
 //! |---|---|---|---|---|
-//! | 1 | `offer` | exporter → importer, first | exactly 1: the dma-buf | `{"buffer": BufferInfo, "state": "live"\|"revoked"\|"gone", "reason": R\|null}` |
+//! | 1 | `offer` | exporter → importer, first | exactly 1: the dma-buf | `{"buffer": BufferInfo, "state": "live"\|"revoked"\|"gone", "reason": R\|null, "seq": n}` (`seq` optional) |
 //! | 2 | `revoked` | exporter → importer | 0 | `{"reason": R}` |
 //! | 3 | `restored` | exporter → importer | 0 | `{}` |
 //! | 4 | `gone` | exporter → importer, last | 0 | `{"reason": R}` |
 //! | 5 | `read-request` | importer → exporter | 0 | `{"id": n, "offset": n, "length": n}` |
 //! | 6 | `read-reply` | exporter → importer | 0 | `{"id": n, "offset": n, "data": "hex"}` or `{"id": n, "offset": n, "error": "..."}` |
+//! | 7 | `ping` | exporter → importer | 0 | `{"id": n}` |
+//! | 8 | `pong` | importer → exporter, answering a `ping` | 0 | `{"id": n}` (the ping's) |
+//! | 9 | `refused` | exporter → importer, last (instead of the offer, or after it) | 0 | `{"reason": F, "message": "..."}` |
 //!
 //! `BufferInfo` is `{"size": bytes, "exporter": "0000:02:00.0 BAR2", "device":
 //! "0000:02:00.0", "bar": 2, "ranges": [{"offset", "length"}], "phys":
 //! [{"start", "length"}]}` (`device`, `bar` optional; `ranges` BAR-relative;
 //! `phys` empty when unknown). A reason `R` is one of `"memory-decode-off"`,
 //! `"reset"`, `"device-closed"`, `"unplug"`, `"external"`, `"remote"`
-//! ([`RevokeReason`]); an unknown one reads as [`RevokeReason::Remote`].
+//! ([`RevokeReason`]); an unknown one reads as [`RevokeReason::Remote`]. A
+//! refusal reason `F` is one of `"not-allowed"`, `"full"`, `"reserved"`,
+//! `"uid-share"`, `"process-share"`, `"idle"`, `"stalled"`, `"not-reading"`,
+//! `"protocol"` ([`RefusalReason`]); an unknown one reads as
+//! [`RefusalReason::Other`], and the message's text is kept printable and at
+//! most [`MAX_TEXT_LEN`] bytes.
 //!
 //! The receiver refuses, with [`Error::Share`] naming the socket and a
 //! [`ShareProblem`], a wrong magic or version, a length over the limit, a frame
@@ -97,9 +129,11 @@
 //! or sends something malformed, the importer's hub is closed for good.
 
 mod client;
+mod events;
 mod peer;
 mod rights;
 mod server;
+mod serving;
 mod socket;
 mod wire;
 
@@ -108,21 +142,25 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 pub use client::{ConnectOptions, DEFAULT_OFFER_TIMEOUT, SharedBuffer, VFIO_EXP_NAME};
+pub use events::ServerEvent;
 pub use peer::{
     AccessPolicy, MAX_NAME_LEN, MAX_TEXT_LEN, PeerCred, check_name, refuse_fds, sanitize_text,
 };
 pub use rights::FD_ROOM;
-pub use server::{ReadBack, ServerEvent, ServerOptions, ShareServer};
-pub use socket::{bind_listener, default_socket_dir, default_socket_path};
+pub use server::{ReadBack, ServerOptions, ShareServer};
+pub use socket::{
+    Listener, SocketFile, SocketOptions, bind_listener, bind_listener_with, default_socket_dir,
+    default_socket_path,
+};
 pub use wire::{DEFAULT_FRAME_TIMEOUT, HEADER_LEN, MAGIC, MAX_FRAME_FDS, MAX_PAYLOAD, VERSION};
 
 use crate::exporter::bar::BarExport;
 use crate::range::{ByteRange, PhysRange};
-use crate::revoke::{BufferState, RevokeReason};
+use crate::revoke::{BufferState, RevokeReason, StateChange};
 use crate::{DmaBuf, Error, Result};
 
 // Defined below the error type, which names it (no import cycle).
-pub use crate::types::ShareProblem;
+pub use crate::types::{RefusalReason, ShareProblem};
 
 /// The most bytes one `read-request` may ask for (the reply carries them as
 /// hex, within [`MAX_PAYLOAD`]). [`SharedBuffer::read_back`] splits longer
@@ -148,6 +186,12 @@ pub enum Kind {
     ReadRequest = 5,
     /// The answer.
     ReadReply = 6,
+    /// The exporter asks whether the importer is still there.
+    Ping = 7,
+    /// The importer's answer.
+    Pong = 8,
+    /// The exporter turns the importer away, and says why; the last message.
+    Refused = 9,
 }
 
 impl Kind {
@@ -166,6 +210,9 @@ impl Kind {
             4 => Self::Gone,
             5 => Self::ReadRequest,
             6 => Self::ReadReply,
+            7 => Self::Ping,
+            8 => Self::Pong,
+            9 => Self::Refused,
             _ => return None,
         })
     }
@@ -179,6 +226,9 @@ impl Kind {
             Self::Gone => "gone",
             Self::ReadRequest => "read-request",
             Self::ReadReply => "read-reply",
+            Self::Ping => "ping",
+            Self::Pong => "pong",
+            Self::Refused => "refused",
         }
     }
 }
@@ -267,6 +317,10 @@ pub struct Offer {
     pub info: BufferInfo,
     /// The exporter's state at the handoff.
     pub state: BufferState,
+    /// The number of the exporter's state change that `state` is
+    /// ([`StateChange::seq`](crate::revoke::StateChange::seq); 0 if the
+    /// exporter did not say).
+    pub seq: u64,
 }
 
 /// A message without an fd.
@@ -295,6 +349,25 @@ pub enum Message {
         offset: u64,
         /// The bytes, or why not.
         result: std::result::Result<Vec<u8>, String>,
+    },
+    /// Is the importer still there? It answers with a [`Message::Pong`] of
+    /// the same id, or is dropped ([`RefusalReason::Idle`]).
+    Ping {
+        /// Matches the answer to the question.
+        id: u64,
+    },
+    /// The answer to a [`Message::Ping`].
+    Pong {
+        /// The ping's id.
+        id: u64,
+    },
+    /// The exporter turns the importer away (before the offer) or drops it,
+    /// and says why; it closes the connection after it.
+    Refused {
+        /// Why, as a kind.
+        reason: RefusalReason,
+        /// Why, in words (at most [`MAX_TEXT_LEN`] bytes are kept).
+        message: String,
     },
 }
 
@@ -335,6 +408,23 @@ struct OfferBody {
     state: String,
     #[serde(default)]
     reason: Option<String>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    seq: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct IdBody {
+    id: u64,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RefusedBody {
+    reason: String,
+    message: String,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -424,7 +514,25 @@ pub fn encode_offer(
     info: &BufferInfo,
     state: BufferState,
 ) -> std::result::Result<Vec<u8>, ShareProblem> {
-    let (state, reason) = match state {
+    encode_offer_at(info, StateChange { state, seq: 0 })
+}
+
+/// The `offer` frame for `info` in the state `change` made, with its number
+/// (`seq`), as [`ShareServer`] sends it.
+///
+/// ```
+/// use dmabuf_p2p::revoke::{BufferState, StateChange};
+/// use dmabuf_p2p::share::{encode_offer_at, BufferInfo};
+/// let info = BufferInfo { size: 4096, exporter: "test".into(), device: None, bar: None, ranges: vec![], phys: vec![] };
+/// let frame = encode_offer_at(&info, StateChange { state: BufferState::Live, seq: 7 })?;
+/// assert!(String::from_utf8_lossy(&frame).contains(r#""seq":7"#));
+/// # Ok::<(), dmabuf_p2p::share::ShareProblem>(())
+/// ```
+pub fn encode_offer_at(
+    info: &BufferInfo,
+    change: StateChange,
+) -> std::result::Result<Vec<u8>, ShareProblem> {
+    let (state, reason) = match change.state {
         BufferState::Live => ("live", None),
         BufferState::Revoked(r) => ("revoked", Some(reason_name(r).to_owned())),
         BufferState::Gone(r) => ("gone", Some(reason_name(r).to_owned())),
@@ -435,6 +543,7 @@ pub fn encode_offer(
             buffer: info.clone(),
             state: state.to_owned(),
             reason,
+            seq: change.seq,
         },
     )
 }
@@ -448,6 +557,9 @@ impl Message {
             Self::Gone(_) => Kind::Gone,
             Self::ReadRequest { .. } => Kind::ReadRequest,
             Self::ReadReply { .. } => Kind::ReadReply,
+            Self::Ping { .. } => Kind::Ping,
+            Self::Pong { .. } => Kind::Pong,
+            Self::Refused { .. } => Kind::Refused,
         }
     }
 
@@ -502,6 +614,14 @@ impl Message {
                     },
                 )
             }
+            Self::Ping { id } | Self::Pong { id } => encode_json(kind, &IdBody { id: *id }),
+            Self::Refused { reason, message } => encode_json(
+                kind,
+                &RefusedBody {
+                    reason: reason.name().to_owned(),
+                    message: message.clone(),
+                },
+            ),
         }
     }
 }
@@ -565,6 +685,19 @@ pub(crate) fn decode(frame: wire::Frame) -> std::result::Result<Incoming, ShareP
                 id: b.id,
                 offset: b.offset,
                 length: b.length,
+            }
+        }
+        Kind::Ping => Message::Ping {
+            id: parse::<IdBody>(kind, &payload)?.id,
+        },
+        Kind::Pong => Message::Pong {
+            id: parse::<IdBody>(kind, &payload)?.id,
+        },
+        Kind::Refused => {
+            let b: RefusedBody = parse(kind, &payload)?;
+            Message::Refused {
+                reason: RefusalReason::from_name(&b.reason),
+                message: sanitize_text(&b.message),
             }
         }
         Kind::ReadReply | Kind::Offer => {
@@ -646,6 +779,7 @@ fn decode_offer(
         buf,
         info: body.buffer,
         state,
+        seq: body.seq,
     })
 }
 
@@ -774,6 +908,12 @@ mod tests {
                 id: 8,
                 offset: 0,
                 result: Err("revoked".into()),
+            },
+            Message::Ping { id: 9 },
+            Message::Pong { id: 9 },
+            Message::Refused {
+                reason: RefusalReason::ProcessShare,
+                message: "pid 7 has 8 clients".into(),
             },
         ];
         for m in msgs {

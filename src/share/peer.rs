@@ -69,7 +69,9 @@ impl AccessPolicy {
         Self::default()
     }
 
-    /// Whether `peer` may take part; `Err` says why not.
+    /// Whether `peer` may take part, judging a group by its effective gid
+    /// alone; `Err` says why not. [`admit`](Self::admit) counts the peer's
+    /// supplementary groups too.
     ///
     /// ```
     /// use dmabuf_p2p::share::{AccessPolicy, PeerCred};
@@ -81,11 +83,24 @@ impl AccessPolicy {
     /// assert!(allowed.check(&other).is_ok());
     /// ```
     pub fn check(&self, peer: &PeerCred) -> std::result::Result<(), ShareProblem> {
+        self.check_with_groups(peer, &[])
+    }
+
+    /// Whether `peer`, whose supplementary groups are `groups`, may take
+    /// part: its uid is this process's, root or allowed, or its effective
+    /// gid or one of `groups` is allowed (as the kernel grants a socket's
+    /// group permission).
+    pub fn check_with_groups(
+        &self,
+        peer: &PeerCred,
+        groups: &[u32],
+    ) -> std::result::Result<(), ShareProblem> {
         let me = Uid::effective().as_raw();
         let ok = peer.uid == me
             || peer.uid == 0
             || self.allow_uids.contains(&peer.uid)
-            || self.allow_gids.contains(&peer.gid);
+            || self.allow_gids.contains(&peer.gid)
+            || groups.iter().any(|g| self.allow_gids.contains(g));
         if ok {
             return Ok(());
         }
@@ -100,15 +115,30 @@ impl AccessPolicy {
         })
     }
 
-    /// Reads `stream`'s peer credentials and checks them: the credentials,
-    /// or [`Error::Share`] with [`ShareProblem::PeerRefused`].
+    /// Reads `stream`'s peer credentials (and, when a group could admit
+    /// it, its supplementary groups, `SO_PEERGROUPS`) and checks them: the
+    /// credentials, or [`Error::Share`] with [`ShareProblem::PeerRefused`].
     pub fn admit(&self, stream: &UnixStream) -> Result<PeerCred> {
+        self.admit_as(stream, &super::wire::describe_stream(stream))
+    }
+
+    /// [`admit`](Self::admit), naming the other end `peer` in errors.
+    pub(crate) fn admit_as(&self, stream: &UnixStream, peer: &str) -> Result<PeerCred> {
         let cred = PeerCred::of(stream)?;
-        self.check(&cred).map_err(|problem| Error::Share {
-            peer: super::wire::describe_stream(stream),
+        let refused = |problem| Error::Share {
+            peer: peer.to_owned(),
             problem,
-        })?;
-        Ok(cred)
+        };
+        match self.check(&cred) {
+            Ok(()) => Ok(cred),
+            Err(problem) if self.allow_gids.is_empty() => Err(refused(problem)),
+            Err(_) => {
+                let groups = super::rights::peer_groups(stream)
+                    .map_err(|e| Error::sys("getsockopt(SO_PEERGROUPS)", peer.to_owned(), e))?;
+                self.check_with_groups(&cred, &groups).map_err(refused)?;
+                Ok(cred)
+            }
+        }
     }
 }
 
@@ -149,24 +179,40 @@ pub fn check_name(field: &str, s: &str) -> std::result::Result<(), String> {
 }
 
 /// A peer's free text made safe to print: control characters escaped, cut
-/// at [`MAX_TEXT_LEN`] bytes.
+/// to at most [`MAX_TEXT_LEN`] bytes (ending in `...` when cut). Safe text
+/// comes back unchanged, so sanitising twice is sanitising once.
 ///
 /// ```
-/// use dmabuf_p2p::share::sanitize_text;
+/// use dmabuf_p2p::share::{sanitize_text, MAX_TEXT_LEN};
 /// assert_eq!(sanitize_text("a\x1b[2Jb"), "a\\u{1b}[2Jb");
+/// let long = sanitize_text(&"y".repeat(10_000));
+/// assert!(long.len() <= MAX_TEXT_LEN && long.ends_with("..."));
+/// assert_eq!(sanitize_text(&long), long);
 /// ```
 pub fn sanitize_text(s: &str) -> String {
+    let escaped = |c: char| -> String {
+        if c.is_control() {
+            c.escape_unicode().to_string()
+        } else {
+            c.to_string()
+        }
+    };
+    let whole: usize = s.chars().map(|c| escaped(c).len()).sum();
+    let room = if whole <= MAX_TEXT_LEN {
+        MAX_TEXT_LEN
+    } else {
+        MAX_TEXT_LEN - 3
+    };
     let mut out = String::new();
     for c in s.chars() {
-        if c.is_control() {
-            out.extend(c.escape_unicode());
-        } else {
-            out.push(c);
-        }
-        if out.len() >= MAX_TEXT_LEN {
-            out.push_str("...");
+        let e = escaped(c);
+        if out.len() + e.len() > room {
             break;
         }
+        out.push_str(&e);
+    }
+    if whole > MAX_TEXT_LEN {
+        out.push_str("...");
     }
     out
 }
@@ -202,6 +248,12 @@ mod tests {
                 Err(ShareProblem::PeerRefused { pid: 7, .. })
             ));
         }
+        let by_group = AccessPolicy {
+            allow_uids: vec![],
+            allow_gids: vec![77],
+        };
+        assert!(by_group.check(&stranger).is_err() || me == 0 && stranger.uid == 0);
+        assert!(by_group.check_with_groups(&stranger, &[5, 77]).is_ok());
         let by_uid = AccessPolicy {
             allow_uids: vec![stranger.uid],
             allow_gids: vec![],
@@ -220,6 +272,8 @@ mod tests {
         assert!(check_name("exporter", "0000:02:00.0 BAR2").is_ok());
         assert!(check_name("exporter", "a\nb").is_err());
         assert!(check_name("exporter", &"x".repeat(MAX_NAME_LEN + 1)).is_err());
-        assert!(sanitize_text(&"y".repeat(10_000)).len() <= MAX_TEXT_LEN + 3);
+        assert!(sanitize_text(&"y".repeat(10_000)).len() <= MAX_TEXT_LEN);
+        let exact = "z".repeat(MAX_TEXT_LEN);
+        assert_eq!(sanitize_text(&exact), exact);
     }
 }

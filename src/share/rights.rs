@@ -9,6 +9,9 @@
 //! fd table fills up), where `RecvMsg::cmsgs` answers `ENOBUFS`. Linux has
 //! installed the fds that fit all the same (`scm_detach_fds`), so they are
 //! read from the one message the kernel wrote, to be closed.
+//!
+//! Also the two socket options libc and nix do not know here:
+//! `SO_PASSRIGHTS` and `SO_PEERGROUPS`.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::{offset_of, size_of};
@@ -25,6 +28,10 @@ pub const FD_ROOM: usize = 8;
 /// include/uapi/asm-generic/socket.h, the header x86-64 and arm64 use.
 /// libc 0.2.191 does not define it yet.
 const SO_PASSRIGHTS: libc::c_int = 83;
+
+/// `SO_PEERGROUPS` (Linux 4.13): 59 in include/uapi/asm-generic/socket.h.
+/// libc 0.2.191 defines it only for some architectures, nix not at all.
+const SO_PEERGROUPS: libc::c_int = 59;
 
 /// One non-blocking `sendmsg(MSG_NOSIGNAL | MSG_DONTWAIT)` of `data` with
 /// `fds` attached (`SCM_RIGHTS`). Returns the bytes the socket took;
@@ -165,6 +172,39 @@ pub(crate) fn set_pass_rights(sock: &impl AsFd, on: bool) -> io::Result<()> {
     }
 }
 
+/// `getsockopt(sock, SOL_SOCKET, SO_PEERGROUPS)`: the supplementary groups
+/// the peer had when it connected (the kernel's own permission checks count
+/// them, so the peer check must too).
+pub(crate) fn peer_groups(sock: &impl AsFd) -> io::Result<Vec<u32>> {
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut len = libc::socklen_t::try_from(groups.len() * size_of::<libc::gid_t>())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: the kernel writes at most `len` bytes into `groups`, a
+        // live buffer of that size, and sets `len` to what it wrote or, on
+        // ERANGE, to what it needs.
+        let ret = unsafe {
+            libc::getsockopt(
+                sock.as_fd().as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_PEERGROUPS,
+                groups.as_mut_ptr().cast::<libc::c_void>(),
+                &raw mut len,
+            )
+        };
+        let n = usize::try_from(len).unwrap_or(0) / size_of::<libc::gid_t>();
+        if ret == 0 {
+            groups.truncate(n);
+            return Ok(groups);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ERANGE) || n <= groups.len() {
+            return Err(e);
+        }
+        groups.resize(n, 0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,6 +239,21 @@ mod tests {
         let got = recv(rx.as_fd(), &mut buf).unwrap_or_else(|e| panic!("{e}"));
         assert!(got.truncated);
         assert_eq!((got.bytes, got.fds.len()), (1, FD_ROOM));
+    }
+
+    /// A socket pair's peer is this process: its groups are this process's.
+    #[test]
+    fn peer_groups_are_this_processes() {
+        let (a, _b) = UnixStream::pair().unwrap_or_else(|e| panic!("{e}"));
+        let mut got = peer_groups(&a).unwrap_or_else(|e| panic!("{e}"));
+        let mut want: Vec<u32> = nix::unistd::getgroups()
+            .unwrap_or_default()
+            .into_iter()
+            .map(nix::unistd::Gid::as_raw)
+            .collect();
+        got.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(got, want);
     }
 
     /// An unwritten control buffer holds no fds.

@@ -1,27 +1,31 @@
-//! The exporting side: [`ShareServer`].
+//! The exporting side: [`ShareServer`], its limits ([`ServerOptions`]) and
+//! who gets a slot.
 //!
-//! One thread serves every client with `poll`: it accepts (when given a
-//! listener), sends offers and state changes, reads requests. The hub's
-//! observer only records the newest state and wakes that thread (an
-//! eventfd), so revoking never waits for a socket, and a client that stops
-//! reading is dropped after a bounded time without holding up anyone else.
+//! One thread serves every client with `poll` ([`super::serving`]): it
+//! accepts (when given a listener), sends offers and state changes, pings
+//! idle clients, reads requests. The hub's observer only records the newest
+//! state and wakes that thread (an eventfd), so revoking never waits for a
+//! socket, and a client that stops reading is dropped after a bounded time
+//! without holding up anyone else. What the server logs goes through a
+//! bounded queue to a thread of its own ([`super::events`]).
 
-use std::collections::VecDeque;
+use std::collections::BTreeMap;
 use std::fmt;
-use std::os::fd::{AsFd, BorrowedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use nix::errno::Errno;
-use nix::poll::{PollFd, PollFlags, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::unistd::Uid;
 
+use super::events::EventLog;
 use super::peer::{AccessPolicy, PeerCred, refuse_fds};
-use super::rights;
-use super::wire::{self, FrameReader, Progress};
-use super::{BufferInfo, Incoming, Kind, MAX_READ, Message, ShareProblem, decode, encode_offer};
+use super::serving::Serving;
+use super::socket::Listener;
+use super::{
+    BufferInfo, MAX_READ, Message, RefusalReason, ServerEvent, ShareProblem, rights, wire,
+};
 use crate::exporter::bar::BarExport;
 use crate::revoke::{
     BufferState, Revocable, RevocationHub, RevokeReason, StateChange, Subscription,
@@ -32,137 +36,113 @@ use crate::{DmaBuf, Error, Result};
 /// with the bytes at the buffer offset. See [`ShareServer::set_read_back`].
 pub type ReadBack = dyn Fn(u64, &mut [u8]) -> Result<()> + Send + Sync;
 
-type Logger = dyn Fn(&ServerEvent) + Send + Sync;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The limits a [`ShareServer`] keeps.
+/// The limits a [`ShareServer`] keeps. Slots are shared out so that no one
+/// can take them all: at most [`max_clients`](Self::max_clients) in all, of
+/// which [`owner_reserved`](Self::owner_reserved) only the exporter's own
+/// user may take; at most [`max_per_uid`](Self::max_per_uid) for any other
+/// uid, and [`max_per_process`](Self::max_per_process) for any one process.
+/// A client that does not answer a ping, read its messages or finish a
+/// request in time loses its slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ServerOptions {
     /// Who may connect (checked with `SO_PEERCRED` before anything is sent).
     pub policy: AccessPolicy,
-    /// The most clients served at once; more are refused.
+    /// The most clients served at once.
     pub max_clients: usize,
+    /// Slots only processes of the exporter's own effective uid may take:
+    /// other users together get at most `max_clients - owner_reserved`.
+    pub owner_reserved: usize,
+    /// The most clients of one uid other than the exporter's.
+    pub max_per_uid: usize,
+    /// The most clients of one process (by the pid `SO_PEERCRED` gives;
+    /// peers whose pid the kernel does not know, 0, are not counted).
+    pub max_per_process: usize,
     /// How long a message to a client may stay unsent (its socket full)
     /// before the client is dropped.
     pub send_timeout: Duration,
-    /// How long a client's request may take from its first byte to its last.
+    /// How long a client's message may take from its first byte to its last.
     pub frame_timeout: Duration,
+    /// A client the server has heard nothing from for this long is sent a
+    /// `ping`.
+    pub ping_interval: Duration,
+    /// And dropped if its `pong` does not arrive within this.
+    pub ping_timeout: Duration,
 }
 
 impl Default for ServerOptions {
+    /// 64 clients, 16 of them kept for the exporter's own user, 16 per other
+    /// uid, 8 per process; 1 s to take a message, 5 s to send one, a ping
+    /// after 10 s of silence, answered within 10 s.
     fn default() -> Self {
         Self {
             policy: AccessPolicy::same_user(),
             max_clients: 64,
+            owner_reserved: 16,
+            max_per_uid: 16,
+            max_per_process: 8,
             send_timeout: Duration::from_secs(1),
             frame_timeout: wire::DEFAULT_FRAME_TIMEOUT,
+            ping_interval: Duration::from_secs(10),
+            ping_timeout: Duration::from_secs(10),
         }
     }
 }
 
-/// What a [`ShareServer`] tells its log ([`ShareServer::set_log`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum ServerEvent {
-    /// A client was admitted and offered the buffer.
-    Connected {
-        /// Its id.
-        id: u64,
-        /// Who it is.
-        peer: PeerCred,
-        /// Clients served now.
-        clients: usize,
-    },
-    /// A connection was refused before anything was sent to it. Rate-limited:
-    /// `suppressed` refusals were not reported since the last one.
-    Refused {
-        /// Who it was, if the kernel said.
-        peer: Option<PeerCred>,
-        /// Why.
-        why: String,
-        /// Refusals not reported before this one.
-        suppressed: u64,
-    },
-    /// A client was dropped.
-    Dropped {
-        /// Its id.
-        id: u64,
-        /// Who it was.
-        peer: PeerCred,
-        /// Why.
-        why: String,
-    },
-    /// `accept` failed (e.g. `EMFILE`: the fd table is full); the server
-    /// backs off before it tries again. Rate-limited like `Refused`.
-    AcceptFailed {
-        /// The error.
-        error: String,
-        /// How long the server waits before accepting again.
-        backoff: Duration,
-        /// Failures not reported before this one.
-        suppressed: u64,
-    },
-}
-
-impl fmt::Display for ServerEvent {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let more = |n: u64| {
-            if n > 0 {
-                format!(" ({n} more not shown)")
-            } else {
-                String::new()
-            }
-        };
-        match self {
-            Self::Connected { id, peer, clients } => {
-                write!(f, "client {id} ({peer}) connected; {clients} connected")
-            }
-            Self::Refused {
-                peer,
-                why,
-                suppressed,
-            } => match peer {
-                Some(p) => write!(f, "refused {p}: {why}{}", more(*suppressed)),
-                None => write!(f, "refused a connection: {why}{}", more(*suppressed)),
-            },
-            Self::Dropped { id, peer, why } => write!(f, "client {id} ({peer}) dropped: {why}"),
-            Self::AcceptFailed {
-                error,
-                backoff,
-                suppressed,
-            } => write!(
-                f,
-                "accept: {error}; retrying in {backoff:?}{}",
-                more(*suppressed)
-            ),
-        }
+impl ServerOptions {
+    /// These options for `n` clients, the shares scaled to it: a quarter
+    /// kept for the owner, a quarter per other uid, an eighth per process
+    /// (at least one each).
+    ///
+    /// ```
+    /// use dmabuf_p2p::share::ServerOptions;
+    /// let o = ServerOptions::default().with_max_clients(1000);
+    /// assert_eq!((o.owner_reserved, o.max_per_uid, o.max_per_process), (250, 250, 125));
+    /// ```
+    pub fn with_max_clients(mut self, n: usize) -> Self {
+        self.max_clients = n;
+        self.owner_reserved = n / 4;
+        self.max_per_uid = (n / 4).max(1);
+        self.max_per_process = (n / 8).max(1);
+        self
     }
 }
 
 /// Serves one exported buffer to importing processes: checks each
-/// connection's credentials, hands it the dma-buf (an `offer`), then forwards
-/// the exporter's state (`revoked`, `restored`, `gone`) and answers
+/// connection's credentials and whether it has a slot, hands it the
+/// dma-buf (an `offer`), then forwards the exporter's state (`revoked`,
+/// `restored`, `gone`), pings it when it is quiet and answers
 /// `read-request`s if it was given a reader.
 ///
 /// * **Access**: a peer must pass the [`AccessPolicy`] (same uid, root, or
-///   allowed) before anything is sent to it; at most
-///   [`ServerOptions::max_clients`] are served; the server's sockets refuse
-///   fds from clients (`SO_PASSRIGHTS` off, where the kernel has it).
+///   allowed) and find a slot ([`ServerOptions`]: a total, a share per uid
+///   and per process, room kept for the exporter's own user) before the
+///   offer is sent; one that does not is told why (a `refused` message) and
+///   closed. The server's sockets refuse fds from clients (`SO_PASSRIGHTS`
+///   off, where the kernel has it).
+/// * **Never told live while revoking**: an offer, and every `restored`,
+///   is sent while no state change of the exporter is under way (the hub's
+///   transition lock, taken without waiting), and says the state it was
+///   sent in, with its number.
 /// * **Revocation is never delayed by a client**: the hub's observer only
 ///   records the newest state; one thread sends it to each client without
 ///   blocking. Every client hears the newest state, and a revocation it
 ///   missed while a restore followed it is sent first (`revoked`, then
 ///   `restored`), so no importer keeps a dead mapping it thinks is live.
-/// * **Bounded**: a message unsent for [`ServerOptions::send_timeout`] drops
-///   its client, so does a request that does not complete within
-///   [`ServerOptions::frame_timeout`], a request with an fd, or anything
-///   but a `read-request`.
+///   The log is fed through a bounded queue, so not even a log that blocks
+///   can hold that thread.
+/// * **Bounded**: a message unsent for [`ServerOptions::send_timeout`]
+///   drops its client, so does a message that does not complete within
+///   [`ServerOptions::frame_timeout`], a ping not answered within
+///   [`ServerOptions::ping_timeout`], a message with an fd, or anything but
+///   a `read-request` or a `pong`.
 ///
-/// Dropping the server disconnects every client.
+/// Dropping the server disconnects every client and removes the sockets
+/// [`bind_listener`](super::bind_listener) made for it.
 ///
 /// ```no_run
 /// use dmabuf_p2p::share::{bind_listener, default_socket_path, ShareServer};
@@ -174,7 +154,7 @@ impl fmt::Display for ServerEvent {
 /// dev.set_memory_decode(true)?;
 /// let export = dev.export_bar(2, &[ByteRange::new(0, 64 << 10)])?;
 /// let server = ShareServer::new(&export)?;
-/// server.set_log(|event| eprintln!("{event}"));
+/// server.set_log(|event| eprintln!("{event}"))?;
 /// server.listen(bind_listener(&default_socket_path("0000:02:00.0-bar2"))?)?;
 /// // ... until it is time to stop; dropping the device revokes, then the
 /// // server tells the clients.
@@ -186,30 +166,42 @@ pub struct ShareServer {
     thread: Option<JoinHandle<()>>,
 }
 
-struct Shared {
-    buf: DmaBuf,
-    info: BufferInfo,
-    hub: Arc<RevocationHub>,
-    options: Mutex<ServerOptions>,
-    latest: Mutex<Latest>,
-    wake: EventFd,
-    inbox: Mutex<Inbox>,
-    status: Mutex<Status>,
-    status_changed: Condvar,
+pub(super) struct Shared {
+    pub(super) buf: DmaBuf,
+    pub(super) info: BufferInfo,
+    pub(super) hub: Arc<RevocationHub>,
+    /// The exporter's effective uid: whose importers the reserve is for.
+    pub(super) me: u32,
+    pub(super) options: Mutex<ServerOptions>,
+    pub(super) latest: Mutex<Latest>,
+    pub(super) wake: EventFd,
+    pub(super) inbox: Mutex<Inbox>,
+    pub(super) status: Mutex<Status>,
+    pub(super) status_changed: Condvar,
     read_back: Mutex<Option<Arc<ReadBack>>>,
-    log: Mutex<Option<Arc<Logger>>>,
+    pub(super) log: Arc<EventLog>,
 }
 
 /// The newest state the hub reported, and its last revocation.
 #[derive(Debug, Clone, Copy)]
-struct Latest {
-    change: StateChange,
+pub(super) struct Latest {
+    pub(super) change: StateChange,
     /// The `seq` and reason of the last change to a revoked state.
     last_revocation: Option<(u64, RevokeReason)>,
 }
 
 impl Latest {
-    fn record(&mut self, change: &StateChange) {
+    fn new() -> Self {
+        Self {
+            change: StateChange {
+                state: BufferState::Live,
+                seq: 0,
+            },
+            last_revocation: None,
+        }
+    }
+
+    pub(super) fn record(&mut self, change: &StateChange) {
         if change.seq <= self.change.seq && self.change.seq != 0 {
             return;
         }
@@ -221,7 +213,7 @@ impl Latest {
 
     /// The messages that bring a client told about `told` (`seq`, state) to
     /// the newest state.
-    fn catch_up(&self, told: (u64, BufferState)) -> Vec<Message> {
+    pub(super) fn catch_up(&self, told: (u64, BufferState)) -> Vec<Message> {
         let (seq, state) = told;
         if self.change.seq <= seq {
             return Vec::new();
@@ -252,23 +244,31 @@ impl Latest {
     }
 }
 
+/// A connection admitted but not yet taken by the serving thread.
+pub(super) struct Admitted {
+    pub(super) id: u64,
+    pub(super) stream: UnixStream,
+    pub(super) cred: PeerCred,
+}
+
 #[derive(Default)]
-struct Inbox {
-    streams: Vec<(u64, UnixStream, PeerCred)>,
-    listeners: Vec<UnixListener>,
-    next_id: u64,
-    stop: bool,
+pub(super) struct Inbox {
+    pub(super) streams: Vec<Admitted>,
+    pub(super) listeners: Vec<Listener>,
+    pub(super) stop: bool,
 }
 
 #[derive(Debug, Default)]
-struct Status {
-    clients: Vec<(u64, PeerCred)>,
+pub(super) struct Status {
+    /// Every client holding a slot (admitted and not dropped), by id.
+    pub(super) admitted: BTreeMap<u64, PeerCred>,
+    pub(super) next_id: u64,
     /// Admitted but not yet taken by the serving thread.
-    pending: usize,
-    dropped: u64,
+    pub(super) pending: usize,
+    pub(super) dropped: u64,
     /// Every client has been sent everything up to this change.
-    flushed_seq: u64,
-    ended: bool,
+    pub(super) flushed_seq: u64,
+    pub(super) ended: bool,
 }
 
 impl fmt::Debug for ShareServer {
@@ -302,23 +302,18 @@ impl ShareServer {
             buf,
             info,
             hub: Arc::clone(&hub),
+            me: Uid::effective().as_raw(),
             options: Mutex::new(ServerOptions::default()),
-            latest: Mutex::new(Latest {
-                change: StateChange {
-                    state: BufferState::Live,
-                    seq: 0,
-                },
-                last_revocation: None,
-            }),
+            latest: Mutex::new(Latest::new()),
             wake,
-            inbox: Mutex::new(Inbox {
+            inbox: Mutex::new(Inbox::default()),
+            status: Mutex::new(Status {
                 next_id: 1,
-                ..Inbox::default()
+                ..Status::default()
             }),
-            status: Mutex::new(Status::default()),
             status_changed: Condvar::new(),
             read_back: Mutex::new(None),
-            log: Mutex::new(None),
+            log: Arc::new(EventLog::default()),
         });
         // Subscribe first, then read the state: no change falls in between.
         let weak: Weak<Shared> = Arc::downgrade(&shared);
@@ -355,7 +350,7 @@ impl ShareServer {
         lock(&self.shared.options).clone()
     }
 
-    /// Sets the limits (for clients from now on; the send and frame
+    /// Sets the limits (the slot limits for clients from now on; the
     /// timeouts apply to all at once).
     pub fn set_options(&self, options: ServerOptions) {
         *lock(&self.shared.options) = options;
@@ -369,21 +364,27 @@ impl ShareServer {
         self.shared.wake();
     }
 
-    /// Calls `f` for every connection, refusal, drop and accept failure
-    /// (on the serving thread: keep it short).
-    pub fn set_log(&self, f: impl Fn(&ServerEvent) + Send + Sync + 'static) {
-        *lock(&self.shared.log) = Some(Arc::new(f));
+    /// Calls `f` for every connection, refusal, drop and accept failure,
+    /// rate-limited ([`ServerEvent`]), on a thread of its own: `f` may block
+    /// (a log pipe nobody reads) without delaying any message to a client.
+    /// Events that arrive while 256 are waiting for `f` are lost and
+    /// counted ([`ServerEvent::LogLost`]).
+    pub fn set_log(&self, f: impl Fn(&ServerEvent) + Send + Sync + 'static) -> Result<()> {
+        self.shared.log.set(Arc::new(f))
     }
 
     /// The clients served now.
     pub fn client_count(&self) -> usize {
-        let st = lock(&self.shared.status);
-        st.clients.len() + st.pending
+        lock(&self.shared.status).admitted.len()
     }
 
     /// The ids and credentials of the clients served now.
     pub fn clients(&self) -> Vec<(u64, PeerCred)> {
-        lock(&self.shared.status).clients.clone()
+        lock(&self.shared.status)
+            .admitted
+            .iter()
+            .map(|(id, c)| (*id, *c))
+            .collect()
     }
 
     /// The ids of the clients served now.
@@ -391,8 +392,8 @@ impl ShareServer {
         self.clients().into_iter().map(|(id, _)| id).collect()
     }
 
-    /// How many clients were dropped so far (hung up, stopped reading,
-    /// broke the protocol).
+    /// How many clients were dropped so far (hung up, stopped reading or
+    /// answering, broke the protocol).
     pub fn dropped_count(&self) -> u64 {
         lock(&self.shared.status).dropped
     }
@@ -409,25 +410,43 @@ impl ShareServer {
     }
 
     /// Takes a connection the caller accepted: checks the peer's
-    /// credentials and the client limit, then hands it to the serving thread,
-    /// which sends the `offer` (the dma-buf and the newest state) and every
-    /// later change. Returns the client's id. A refused connection is closed
-    /// before anything is sent ([`ShareProblem::PeerRefused`],
-    /// [`ShareProblem::Busy`]).
+    /// credentials and whether it has a slot, then hands it to the serving
+    /// thread, which sends the `offer` (the dma-buf and the newest state)
+    /// and every later change. Returns the client's id. A refused
+    /// connection is told why (a `refused` message, nothing else) and
+    /// closed: [`ShareProblem::PeerRefused`], [`ShareProblem::NotServed`].
     pub fn add_client(&self, stream: UnixStream) -> Result<u64> {
         let options = self.options();
-        let cred = options.policy.admit(&stream)?;
-        self.shared.admit(stream, cred, &options)
+        let name = wire::describe_stream(&stream);
+        let cred = match options.policy.admit_as(&stream, &name) {
+            Ok(c) => c,
+            Err(e) => {
+                if let Error::Share {
+                    problem: ShareProblem::PeerRefused { uid, .. },
+                    ..
+                } = &e
+                {
+                    farewell(&stream, RefusalReason::NotAllowed, &not_allowed(*uid));
+                }
+                return Err(e);
+            }
+        };
+        self.shared.admit(stream, cred, name, &options)
     }
 
-    /// Serves connections on `listener` from the serving thread: each is
-    /// checked as by [`add_client`](Self::add_client). When `accept` fails
-    /// for want of fds (`EMFILE`, `ENFILE`) the server backs off (up to a
-    /// second) and logs it at most once a second.
-    pub fn listen(&self, listener: UnixListener) -> Result<()> {
+    /// Serves connections on `listener` (made by
+    /// [`bind_listener`](super::bind_listener), or any `UnixListener`)
+    /// from the serving thread: each is checked as by
+    /// [`add_client`](Self::add_client). When `accept` fails for want of fds
+    /// (`EMFILE`, `ENFILE`) the server backs off (up to a second). The
+    /// server keeps the listener; a socket file `bind_listener` made is
+    /// removed when the server is dropped.
+    pub fn listen(&self, listener: impl Into<Listener>) -> Result<()> {
+        let listener = listener.into();
         listener
+            .unix()
             .set_nonblocking(true)
-            .map_err(|e| Error::sys("fcntl(O_NONBLOCK)", "share listener", e))?;
+            .map_err(|e| Error::sys("fcntl(O_NONBLOCK)", listener.name().to_owned(), e))?;
         lock(&self.shared.inbox).listeners.push(listener);
         self.shared.wake();
         Ok(())
@@ -469,6 +488,27 @@ impl Drop for ShareServer {
         if let Some(h) = self.thread.take() {
             let _ = h.join();
         }
+        // What is queued is delivered if the log keeps up; a stuck log is
+        // left behind (it holds no fd of the server).
+        self.shared.log.stop(Duration::from_millis(200));
+    }
+}
+
+/// The text a peer that may not connect is told: its uid, not who may.
+pub(super) fn not_allowed(uid: u32) -> String {
+    format!("uid {uid} may not connect to this exporter")
+}
+
+/// Tells a client it is turned away, without waiting: one non-blocking
+/// `sendmsg` of a `refused` message (a fresh socket has room for it; a full
+/// one is not waited for).
+pub(super) fn farewell(stream: &UnixStream, reason: RefusalReason, message: &str) {
+    let msg = Message::Refused {
+        reason,
+        message: message.to_owned(),
+    };
+    if let Ok(frame) = msg.encode() {
+        let _ = rights::send_some(stream, &frame, &[]);
     }
 }
 
@@ -481,53 +521,73 @@ impl Shared {
         self.wake();
     }
 
-    fn wake(&self) {
+    pub(super) fn wake(&self) {
         // Non-blocking; a full counter means a wake-up is pending anyway.
         let _ = self.wake.write(1);
     }
 
-    fn log(&self, event: &ServerEvent) {
-        let f = lock(&self.log).clone();
-        if let Some(f) = f {
-            f(event);
-        }
+    /// Whether `cred` gets a slot besides the clients in `admitted`; if not,
+    /// why.
+    fn slot_for(
+        &self,
+        cred: &PeerCred,
+        admitted: &BTreeMap<u64, PeerCred>,
+        options: &ServerOptions,
+    ) -> std::result::Result<(), (RefusalReason, String)> {
+        slot_for(self.me, cred, admitted, options)
     }
 
-    /// Queues an admitted connection for the serving thread, unless the
-    /// server is full.
-    fn admit(&self, stream: UnixStream, cred: PeerCred, options: &ServerOptions) -> Result<u64> {
-        let busy = |stream: &UnixStream| Error::Share {
-            peer: wire::describe_stream(stream),
-            problem: ShareProblem::Busy {
-                max: options.max_clients,
-            },
-        };
-        {
+    /// Gives an allowed connection a slot and queues it for the serving
+    /// thread; one without a slot is told why and closed.
+    pub(super) fn admit(
+        &self,
+        stream: UnixStream,
+        cred: PeerCred,
+        name: String,
+        options: &ServerOptions,
+    ) -> Result<u64> {
+        let verdict = {
             let mut st = lock(&self.status);
-            if st.clients.len() + st.pending >= options.max_clients {
-                return Err(busy(&stream));
+            match self.slot_for(&cred, &st.admitted, options) {
+                Err(why) => Err(why),
+                Ok(()) => {
+                    let id = st.next_id;
+                    st.next_id += 1;
+                    st.admitted.insert(id, cred);
+                    st.pending += 1;
+                    Ok(id)
+                }
             }
-            st.pending += 1;
-        }
+        };
+        let id = match verdict {
+            Ok(id) => id,
+            Err((reason, message)) => {
+                farewell(&stream, reason, &message);
+                return Err(Error::Share {
+                    peer: name,
+                    problem: ShareProblem::NotServed { reason, message },
+                });
+            }
+        };
         let prepared = refuse_fds(&stream).and_then(|_| {
             stream
                 .set_nonblocking(true)
-                .map_err(|e| Error::sys("fcntl(O_NONBLOCK)", wire::describe_stream(&stream), e))
+                .map_err(|e| Error::sys("fcntl(O_NONBLOCK)", name.clone(), e))
         });
         if let Err(e) = prepared {
-            lock(&self.status).pending -= 1;
+            let mut st = lock(&self.status);
+            st.admitted.remove(&id);
+            st.pending -= 1;
             return Err(e);
         }
-        let mut inbox = lock(&self.inbox);
-        let id = inbox.next_id;
-        inbox.next_id += 1;
-        inbox.streams.push((id, stream, cred));
-        drop(inbox);
+        lock(&self.inbox)
+            .streams
+            .push(Admitted { id, stream, cred });
         self.wake();
         Ok(id)
     }
 
-    fn read(&self, offset: u64, length: u64) -> std::result::Result<Vec<u8>, String> {
+    pub(super) fn read(&self, offset: u64, length: u64) -> std::result::Result<Vec<u8>, String> {
         if length == 0 || length > MAX_READ {
             return Err(format!(
                 "read of {length} bytes: 1 to {MAX_READ} bytes per request"
@@ -555,477 +615,50 @@ impl Shared {
     }
 }
 
-/// Reports at most a few events a second, counting the rest.
-#[derive(Debug, Default)]
-struct RateLimit {
-    window: Option<Instant>,
-    in_window: u32,
-    suppressed: u64,
-}
-
-impl RateLimit {
-    const PER_SECOND: u32 = 5;
-
-    /// `Some(suppressed so far)` if this one may be reported.
-    fn allow(&mut self, now: Instant) -> Option<u64> {
-        if self
-            .window
-            .is_none_or(|w| now.duration_since(w) >= Duration::from_secs(1))
-        {
-            self.window = Some(now);
-            self.in_window = 0;
-        }
-        if self.in_window < Self::PER_SECOND {
-            self.in_window += 1;
-            Some(std::mem::take(&mut self.suppressed))
-        } else {
-            self.suppressed += 1;
-            None
-        }
+/// Whether `cred` gets a slot besides the clients in `admitted`, on a
+/// server of uid `me`; if not, why.
+fn slot_for(
+    me: u32,
+    cred: &PeerCred,
+    admitted: &BTreeMap<u64, PeerCred>,
+    options: &ServerOptions,
+) -> std::result::Result<(), (RefusalReason, String)> {
+    let count = |f: &dyn Fn(&PeerCred) -> bool| admitted.values().filter(|c| f(c)).count();
+    if admitted.len() >= options.max_clients {
+        return Err((
+            RefusalReason::Full,
+            format!("all {} slots are taken", options.max_clients),
+        ));
     }
-}
-
-/// A frame waiting to be sent; the offer's carries the dma-buf.
-struct Outgoing {
-    bytes: Vec<u8>,
-    sent: usize,
-    with_fd: bool,
-}
-
-struct Client {
-    id: u64,
-    stream: UnixStream,
-    cred: PeerCred,
-    reader: FrameReader,
-    out: VecDeque<Outgoing>,
-    /// Since when the head of `out` has been waiting.
-    out_since: Option<Instant>,
-    /// The change it was last told of, and the state it was told.
-    told: (u64, BufferState),
-    /// Told `gone`: closed once that is sent.
-    finished: bool,
-}
-
-impl Client {
-    fn push(&mut self, bytes: Vec<u8>, with_fd: bool, now: Instant) {
-        if self.out.is_empty() {
-            self.out_since = Some(now);
-        }
-        self.out.push_back(Outgoing {
-            bytes,
-            sent: 0,
-            with_fd,
-        });
-    }
-}
-
-/// The serving thread's state.
-struct Serving {
-    shared: Arc<Shared>,
-    listeners: Vec<UnixListener>,
-    clients: Vec<Client>,
-    accept_paused_until: Option<Instant>,
-    backoff: Duration,
-    refusals: RateLimit,
-    accept_failures: RateLimit,
-}
-
-const MIN_BACKOFF: Duration = Duration::from_millis(50);
-const MAX_BACKOFF: Duration = Duration::from_secs(1);
-/// Accepts per round, so a flood of connections cannot starve the clients.
-const ACCEPTS_PER_ROUND: usize = 32;
-
-impl Serving {
-    fn new(shared: Arc<Shared>) -> Self {
-        Self {
-            shared,
-            listeners: Vec::new(),
-            clients: Vec::new(),
-            accept_paused_until: None,
-            backoff: MIN_BACKOFF,
-            refusals: RateLimit::default(),
-            accept_failures: RateLimit::default(),
-        }
-    }
-
-    fn run(mut self) {
-        loop {
-            let now = Instant::now();
-            let options = lock(&self.shared.options).clone();
-            if self.take_inbox(now) {
-                break;
-            }
-            let latest = *lock(&self.shared.latest);
-            self.catch_up(&latest, now);
-            self.flush_all(&options, now);
-            self.publish(&latest);
-            self.wait(&options);
-            let now = Instant::now();
-            self.accept(&options, now);
-            self.read_all(&options, now);
-        }
-        // Stopping: close every client (their importers see the end).
-        self.clients.clear();
-        let mut st = lock(&self.shared.status);
-        st.clients.clear();
-        st.ended = true;
-        self.shared.status_changed.notify_all();
-    }
-
-    /// Takes new connections and listeners; `true` when told to stop.
-    fn take_inbox(&mut self, now: Instant) -> bool {
-        let (streams, listeners, stop) = {
-            let mut inbox = lock(&self.shared.inbox);
-            (
-                std::mem::take(&mut inbox.streams),
-                std::mem::take(&mut inbox.listeners),
-                inbox.stop,
-            )
-        };
-        self.listeners.extend(listeners);
-        if !streams.is_empty() {
-            let taken = streams.len();
-            let latest = *lock(&self.shared.latest);
-            for (id, stream, cred) in streams {
-                self.offer(id, stream, cred, &latest, now);
-            }
-            // Published before `pending` goes down, so the count never dips.
-            self.publish(&latest);
-            let mut st = lock(&self.shared.status);
-            st.pending = st.pending.saturating_sub(taken);
-        }
-        stop
-    }
-
-    /// Queues the offer for a new client.
-    fn offer(
-        &mut self,
-        id: u64,
-        stream: UnixStream,
-        cred: PeerCred,
-        latest: &Latest,
-        now: Instant,
-    ) {
-        let frame = match encode_offer(&self.shared.info, latest.change.state) {
-            Ok(f) => f,
-            Err(problem) => {
-                self.shared.log(&ServerEvent::Refused {
-                    peer: Some(cred),
-                    why: problem.to_string(),
-                    suppressed: 0,
-                });
-                return;
-            }
-        };
-        let mut client = Client {
-            id,
-            stream,
-            cred,
-            reader: FrameReader::new(),
-            out: VecDeque::new(),
-            out_since: None,
-            told: (latest.change.seq, latest.change.state),
-            finished: false,
-        };
-        client.push(frame, true, now);
-        self.clients.push(client);
-        let clients = self.clients.len();
-        self.shared.log(&ServerEvent::Connected {
-            id,
-            peer: cred,
-            clients,
-        });
-    }
-
-    /// Queues, for each client that is idle, what it has not heard yet.
-    fn catch_up(&mut self, latest: &Latest, now: Instant) {
-        for c in &mut self.clients {
-            if !c.out.is_empty() || c.finished {
-                continue;
-            }
-            for msg in latest.catch_up(c.told) {
-                if matches!(msg, Message::Gone(_)) {
-                    c.finished = true;
-                }
-                if let Ok(f) = msg.encode() {
-                    c.push(f, false, now);
-                }
-            }
-            c.told = (latest.change.seq, latest.change.state);
-        }
-    }
-
-    /// Sends what each client's socket takes now; drops those whose oldest
-    /// message waited too long, or whose socket failed.
-    fn flush_all(&mut self, options: &ServerOptions, now: Instant) {
-        let buf = self.shared.buf.as_fd();
-        let mut dead = Vec::new();
-        for (i, c) in self.clients.iter_mut().enumerate() {
-            match flush_client(c, buf, now) {
-                Ok(()) => {}
-                Err(why) => {
-                    dead.push((i, why));
-                    continue;
-                }
-            }
-            if c.out.is_empty() && c.finished {
-                dead.push((i, "told gone".to_owned()));
-            } else if c
-                .out_since
-                .is_some_and(|t| now.duration_since(t) >= options.send_timeout)
-            {
-                dead.push((
-                    i,
-                    format!(
-                        "did not read its messages for {:?} (send timeout)",
-                        options.send_timeout
-                    ),
-                ));
-            }
-        }
-        self.drop_clients(dead);
-    }
-
-    fn drop_clients(&mut self, mut dead: Vec<(usize, String)>) {
-        if dead.is_empty() {
-            return;
-        }
-        dead.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
-        let mut count = 0;
-        for (i, why) in dead {
-            let c = self.clients.swap_remove(i);
-            let told_gone = c.finished && why == "told gone";
-            if !told_gone {
-                count += 1;
-            }
-            self.shared.log(&ServerEvent::Dropped {
-                id: c.id,
-                peer: c.cred,
-                why,
-            });
-        }
-        lock(&self.shared.status).dropped += count;
-    }
-
-    /// Tells the other threads who is served and how far they were told.
-    fn publish(&self, latest: &Latest) {
-        let flushed = self
-            .clients
-            .iter()
-            .map(|c| if c.out.is_empty() { c.told.0 } else { 0 })
-            .min()
-            .unwrap_or(latest.change.seq);
-        let mut st = lock(&self.shared.status);
-        st.clients = self.clients.iter().map(|c| (c.id, c.cred)).collect();
-        st.clients.sort_by_key(|c| c.0);
-        st.flushed_seq = flushed;
-        self.shared.status_changed.notify_all();
-    }
-
-    /// Waits for the wake-up eventfd, a listener, a client, or the next
-    /// deadline.
-    fn wait(&mut self, options: &ServerOptions) {
-        let now = Instant::now();
-        let accepting = self.accept_paused_until.is_none_or(|t| now >= t);
-        let mut deadline: Option<Instant> = self.accept_paused_until.filter(|t| *t > now);
-        for c in &self.clients {
-            let d = c
-                .out_since
-                .and_then(|t| t.checked_add(options.send_timeout))
-                .into_iter()
-                .chain(
-                    c.reader
-                        .started()
-                        .and_then(|t| t.checked_add(options.frame_timeout)),
-                );
-            for t in d {
-                deadline = Some(deadline.map_or(t, |x| x.min(t)));
-            }
-        }
-        let mut fds = Vec::with_capacity(1 + self.listeners.len() + self.clients.len());
-        fds.push(PollFd::new(self.shared.wake.as_fd(), PollFlags::POLLIN));
-        if accepting {
-            for l in &self.listeners {
-                fds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
-            }
-        }
-        for c in &self.clients {
-            let events = if c.out.is_empty() {
-                PollFlags::POLLIN
-            } else {
-                PollFlags::POLLOUT
-            };
-            fds.push(PollFd::new(c.stream.as_fd(), events));
-        }
-        let Some(timeout) = wire::poll_timeout(deadline) else {
-            return;
-        };
-        match poll(&mut fds, timeout) {
-            Ok(_) | Err(Errno::EINTR) => {}
-            Err(_) => std::thread::sleep(Duration::from_millis(10)),
-        }
-        drop(fds);
-        // Drain the wake-up counter (non-blocking).
-        let _ = self.shared.wake.read();
-    }
-
-    fn accept(&mut self, options: &ServerOptions, now: Instant) {
-        if self.accept_paused_until.is_some_and(|t| now < t) {
-            return;
-        }
-        self.accept_paused_until = None;
-        let mut accepted = Vec::new();
-        let mut failure = None;
-        'listeners: for l in &self.listeners {
-            for _ in 0..ACCEPTS_PER_ROUND {
-                match l.accept() {
-                    Ok((s, _)) => accepted.push(s),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
-                        failure = Some(e);
-                        break 'listeners;
-                    }
-                    // ECONNABORTED and the like: that connection only.
-                    Err(_) => {}
-                }
-            }
-        }
-        if let Some(e) = failure {
-            let backoff = self.backoff;
-            self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
-            self.accept_paused_until = now.checked_add(backoff);
-            if let Some(suppressed) = self.accept_failures.allow(now) {
-                self.shared.log(&ServerEvent::AcceptFailed {
-                    error: e.to_string(),
-                    backoff,
-                    suppressed,
-                });
-            }
-        } else if !accepted.is_empty() {
-            self.backoff = MIN_BACKOFF;
-        }
-        for stream in accepted {
-            let cred = match PeerCred::of(&stream) {
-                Ok(c) => c,
-                Err(e) => {
-                    self.report_refusal(None, e.to_string(), now);
-                    continue;
-                }
-            };
-            if let Err(problem) = options.policy.check(&cred) {
-                self.report_refusal(Some(cred), problem.to_string(), now);
-                continue;
-            }
-            if let Err(e) = self.shared.admit(stream, cred, options) {
-                let why = match e {
-                    Error::Share { problem, .. } => problem.to_string(),
-                    other => other.to_string(),
-                };
-                self.report_refusal(Some(cred), why, now);
-            }
-        }
-        // The admitted ones are in the inbox: take them now.
-        let _ = self.take_inbox(now);
-    }
-
-    fn report_refusal(&mut self, peer: Option<PeerCred>, why: String, now: Instant) {
-        if let Some(suppressed) = self.refusals.allow(now) {
-            self.shared.log(&ServerEvent::Refused {
-                peer,
-                why,
-                suppressed,
-            });
-        }
-    }
-
-    /// Reads what the clients sent; answers read requests; drops the ones
-    /// that hung up, broke the protocol or took too long over a request.
-    fn read_all(&mut self, options: &ServerOptions, now: Instant) {
-        let mut dead = Vec::new();
-        for i in 0..self.clients.len() {
-            // Nothing is read from a client that has replies waiting.
-            if self.clients[i].out.is_empty()
-                && let Err(why) = self.read_client(i, now)
-            {
-                dead.push((i, why));
-                continue;
-            }
-            let c = &self.clients[i];
-            if c.reader
-                .started()
-                .is_some_and(|t| now.duration_since(t) >= options.frame_timeout)
-            {
-                dead.push((
-                    i,
-                    format!(
-                        "a request stalled after {} bytes for {:?}",
-                        c.reader.received(),
-                        options.frame_timeout
-                    ),
-                ));
-            }
-        }
-        self.drop_clients(dead);
-    }
-
-    fn read_client(&mut self, i: usize, now: Instant) -> std::result::Result<(), String> {
-        let progress = {
-            let c = &mut self.clients[i];
-            c.reader.read_from(&c.stream).map_err(|e| e.to_string())?
-        };
-        let frame = match progress {
-            Progress::Pending => return Ok(()),
-            Progress::Closed => return Err("hung up".into()),
-            Progress::Frame(f) => f,
-        };
-        if frame.kind != Kind::ReadRequest as u16 || !frame.fds.is_empty() {
-            return Err(format!(
-                "sent a frame of kind {} with {} fds; a client may only send read-requests",
-                frame.kind,
-                frame.fds.len()
+    if cred.uid != me {
+        let open = options.max_clients.saturating_sub(options.owner_reserved);
+        if count(&|c| c.uid != me) >= open {
+            return Err((
+                RefusalReason::Reserved,
+                format!(
+                    "the slots left are kept for uid {}'s own importers ({open} of {} are for other users, all taken)",
+                    me, options.max_clients
+                ),
             ));
         }
-        let Ok(Incoming::Message(Message::ReadRequest { id, offset, length })) = decode(frame)
-        else {
-            return Err("sent a malformed read-request".into());
-        };
-        let reply = Message::ReadReply {
-            id,
-            offset,
-            result: self.shared.read(offset, length),
-        };
-        let bytes = reply.encode().map_err(|e| e.to_string())?;
-        self.clients[i].push(bytes, false, now);
-        Ok(())
-    }
-}
-
-/// Sends what `c`'s socket takes now, without blocking.
-fn flush_client(
-    c: &mut Client,
-    buf: BorrowedFd<'_>,
-    now: Instant,
-) -> std::result::Result<(), String> {
-    while let Some(head) = c.out.front_mut() {
-        let fds = [buf];
-        let with: &[BorrowedFd<'_>] = if head.with_fd && head.sent == 0 {
-            &fds
-        } else {
-            &[]
-        };
-        match rights::send_some(&c.stream, &head.bytes[head.sent..], with) {
-            Ok(n) => {
-                head.sent += n;
-                if head.sent == head.bytes.len() {
-                    c.out.pop_front();
-                    c.out_since = if c.out.is_empty() { None } else { Some(now) };
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EPIPE) => return Err("hung up".into()),
-            Err(e) => return Err(format!("sendmsg: {e}")),
+        if count(&|c| c.uid == cred.uid) >= options.max_per_uid {
+            return Err((
+                RefusalReason::UidShare,
+                format!(
+                    "uid {} has {} clients, the most one uid may have",
+                    cred.uid, options.max_per_uid
+                ),
+            ));
         }
+    }
+    if cred.pid > 0 && count(&|c| c.pid == cred.pid) >= options.max_per_process {
+        return Err((
+            RefusalReason::ProcessShare,
+            format!(
+                "pid {} has {} clients, the most one process may have",
+                cred.pid, options.max_per_process
+            ),
+        ));
     }
     Ok(())
 }
@@ -1041,13 +674,7 @@ mod tests {
     use super::*;
 
     fn latest(changes: &[BufferState]) -> Latest {
-        let mut l = Latest {
-            change: StateChange {
-                state: BufferState::Live,
-                seq: 0,
-            },
-            last_revocation: None,
-        };
+        let mut l = Latest::new();
         for (i, s) in changes.iter().enumerate() {
             l.record(&StateChange {
                 state: *s,
@@ -1104,12 +731,76 @@ mod tests {
         assert_eq!(l.change.state, BufferState::Live);
     }
 
+    /// The shares: the total, the owner's reserve, per uid, per process.
     #[test]
-    fn rate_limit_counts_what_it_hides() {
-        let mut r = RateLimit::default();
-        let t = Instant::now();
-        let shown = (0..100).filter(|_| r.allow(t).is_some()).count();
-        assert_eq!(shown, RateLimit::PER_SECOND as usize);
-        assert_eq!(r.allow(t + Duration::from_secs(2)), Some(95));
+    fn slots_are_shared_out() {
+        let me = Uid::effective().as_raw();
+        let other = me.wrapping_add(1000);
+        let options = ServerOptions {
+            max_clients: 8,
+            owner_reserved: 2,
+            max_per_uid: 4,
+            max_per_process: 3,
+            ..ServerOptions::default()
+        };
+        let mut admitted = BTreeMap::new();
+        let slot = |admitted: &BTreeMap<u64, PeerCred>, uid: u32, pid: i32| {
+            slot_for(me, &PeerCred { pid, uid, gid: 0 }, admitted, &options)
+                .err()
+                .map(|(r, _)| r)
+        };
+        // Another uid: 4 of it, from two processes (3 + 1).
+        for (i, pid) in [10, 10, 10].into_iter().enumerate() {
+            assert_eq!(slot(&admitted, other, pid), None);
+            admitted.insert(
+                i as u64,
+                PeerCred {
+                    pid,
+                    uid: other,
+                    gid: 0,
+                },
+            );
+        }
+        assert_eq!(
+            slot(&admitted, other, 10),
+            Some(RefusalReason::ProcessShare)
+        );
+        assert_eq!(slot(&admitted, other, 11), None);
+        admitted.insert(
+            3,
+            PeerCred {
+                pid: 11,
+                uid: other,
+                gid: 0,
+            },
+        );
+        assert_eq!(slot(&admitted, other, 12), Some(RefusalReason::UidShare));
+        // A third uid gets the 2 slots left for others, then the reserve
+        // holds; the owner still gets in, up to the total.
+        let third = me.wrapping_add(2000);
+        for i in 4..6 {
+            assert_eq!(slot(&admitted, third, 20 + i), None);
+            admitted.insert(
+                i as u64,
+                PeerCred {
+                    pid: 20 + i,
+                    uid: third,
+                    gid: 0,
+                },
+            );
+        }
+        assert_eq!(slot(&admitted, third, 30), Some(RefusalReason::Reserved));
+        for i in 6..8 {
+            assert_eq!(slot(&admitted, me, 40 + i), None);
+            admitted.insert(
+                i as u64,
+                PeerCred {
+                    pid: 40 + i,
+                    uid: me,
+                    gid: 0,
+                },
+            );
+        }
+        assert_eq!(slot(&admitted, me, 50), Some(RefusalReason::Full));
     }
 }

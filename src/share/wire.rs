@@ -42,8 +42,9 @@ use crate::{Error, Result};
 /// The first four bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"DPSH";
 /// The protocol version this crate speaks; a frame of another version is
-/// refused ([`ShareProblem::Version`]).
-pub const VERSION: u16 = 1;
+/// refused ([`ShareProblem::Version`]). Version 2 added `ping`, `pong`
+/// (which an importer must answer) and `refused`.
+pub const VERSION: u16 = 2;
 /// The size of a frame header.
 pub const HEADER_LEN: usize = 12;
 /// The largest payload accepted ([`ShareProblem::Oversized`] beyond).
@@ -82,11 +83,16 @@ pub(crate) fn encode_frame(kind: u16, payload: &[u8]) -> Vec<u8> {
 }
 
 /// Names the other end of `stream` for messages: `socket /run/x.sock` (the
-/// peer's path, or ours on the accepting side), else `unix socket fd N`.
+/// peer's path, or ours on the accepting side), else `unix socket fd N`. An
+/// address under `/proc/self/fd/` (how [`super::bind_listener`] binds,
+/// relative to a directory fd) means nothing to a reader and is not used;
+/// the callers that know the path name it themselves.
 pub(crate) fn describe_stream(stream: &UnixStream) -> String {
     let path = |a: io::Result<std::os::unix::net::SocketAddr>| {
         a.ok()
-            .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
+            .and_then(|a| a.as_pathname().map(std::path::Path::to_path_buf))
+            .filter(|p| !p.starts_with("/proc/self/fd"))
+            .map(|p| p.display().to_string())
     };
     match path(stream.peer_addr()).or_else(|| path(stream.local_addr())) {
         Some(p) => format!("socket {p}"),
@@ -418,8 +424,50 @@ pub(crate) fn recv_frame_within(
 mod tests {
     use super::*;
 
-    fn fd_count() -> usize {
-        std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count)
+    /// A pipe whose write end is only ever passed away: once every copy of
+    /// the write end is closed, its read end sees the end of the stream.
+    /// What a test that sends the write end checks instead of counting the
+    /// process's fds, which the tests running beside it open and close.
+    struct Witness {
+        read: std::fs::File,
+        write: Option<OwnedFd>,
+    }
+
+    impl Witness {
+        fn new() -> Self {
+            let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .unwrap_or_else(|e| unreachable!("pipe2: {e}"));
+            nix::fcntl::fcntl(
+                &read,
+                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+            )
+            .unwrap_or_else(|e| unreachable!("O_NONBLOCK: {e}"));
+            Self {
+                read: read.into(),
+                write: Some(write),
+            }
+        }
+
+        /// The write end, while this side still holds it.
+        fn write_end(&self) -> BorrowedFd<'_> {
+            self.write
+                .as_ref()
+                .map(AsFd::as_fd)
+                .unwrap_or_else(|| unreachable!("the write end was given away"))
+        }
+
+        /// Closes this side's write end: from now on only passed copies hold it.
+        fn give_away(&mut self) {
+            self.write = None;
+        }
+
+        /// Whether every copy of the write end is closed (end of stream),
+        /// rather than held open somewhere (`EAGAIN`).
+        fn all_closed(&mut self) -> bool {
+            use std::io::Read;
+            let mut b = [0u8; 1];
+            matches!(self.read.read(&mut b), Ok(0))
+        }
     }
 
     #[test]
@@ -439,17 +487,21 @@ mod tests {
         assert!(matches!(recv_frame(&b), Ok(None)));
     }
 
+    /// The refused frame's fds are closed: the test passes the write ends
+    /// of two pipes and sees each pipe's end of stream afterwards. (It does
+    /// not count the process's fds: the other unit tests open and close fds
+    /// in parallel threads of the same process.)
     #[test]
     fn fds_over_the_frame_limit_are_refused_and_closed() {
         let (a, b) = UnixStream::pair().unwrap_or_else(|e| unreachable!("{e}"));
-        let before = fd_count();
+        let (mut x, mut y) = (Witness::new(), Witness::new());
         let frame = encode_frame(1, b"{}");
         // Two fds on the first byte, then the rest: over MAX_FRAME_FDS.
-        {
-            let (x, y) = UnixStream::pair().unwrap_or_else(|e| unreachable!("{e}"));
-            send_raw(&a, &frame[..1], &[x.as_fd(), y.as_fd()], None)
-                .unwrap_or_else(|e| unreachable!("{e}"));
-        }
+        send_raw(&a, &frame[..1], &[x.write_end(), y.write_end()], None)
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        x.give_away();
+        y.give_away();
+        assert!(!x.all_closed(), "the passed copies are in flight");
         send_raw(&a, &frame[1..], &[], None).unwrap_or_else(|e| unreachable!("{e}"));
         let r = recv_frame(&b);
         assert!(
@@ -462,7 +514,8 @@ mod tests {
             ),
             "{r:?}"
         );
-        assert_eq!(fd_count(), before);
+        assert!(x.all_closed(), "the first passed fd is still open");
+        assert!(y.all_closed(), "the second passed fd is still open");
     }
 
     #[test]
@@ -521,12 +574,12 @@ mod tests {
     #[test]
     fn bad_headers_are_refused() {
         for (bytes, want) in [
-            (b"XXXX\x01\x00\x01\x00\x00\x00\x00\x00".to_vec(), "magic"),
-            (b"DPSH\x02\x00\x01\x00\x00\x00\x00\x00".to_vec(), "version"),
-            (b"DPSH\x01\x00\x01\x00\xff\xff\xff\xff".to_vec(), "limit"),
-            (b"DPSH\x01".to_vec(), "truncated header"),
+            (b"XXXX\x02\x00\x01\x00\x00\x00\x00\x00".to_vec(), "magic"),
+            (b"DPSH\x01\x00\x01\x00\x00\x00\x00\x00".to_vec(), "version"),
+            (b"DPSH\x02\x00\x01\x00\xff\xff\xff\xff".to_vec(), "limit"),
+            (b"DPSH\x02".to_vec(), "truncated header"),
             (
-                b"DPSH\x01\x00\x01\x00\x05\x00\x00\x00ab".to_vec(),
+                b"DPSH\x02\x00\x01\x00\x05\x00\x00\x00ab".to_vec(),
                 "truncated payload",
             ),
         ] {

@@ -16,4 +16,4 @@ pub use byte_range::{ByteRange, PhysRange, RangeProblem};
 pub use import_refusal::ImportRefusal;
 pub use iova_range::{AllowedIovaProblem, IovaRange};
 #[cfg(feature = "share")]
-pub use share_problem::ShareProblem;
+pub use share_problem::{RefusalReason, ShareProblem};

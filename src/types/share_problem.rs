@@ -157,10 +157,98 @@ pub enum ShareProblem {
         /// The per-frame deadline.
         after: Duration,
     },
-    /// The server serves as many clients as it may.
-    #[error("the server is full ({max} clients)")]
-    Busy {
-        /// [`ServerOptions::max_clients`](crate::share::ServerOptions::max_clients).
-        max: usize,
+    /// The exporter turned this client away and said why: a `refused`
+    /// message on the client's side, or on the exporter's the reason
+    /// [`ShareServer::add_client`](crate::share::ShareServer::add_client)
+    /// gives (the client was told the same before its socket was closed).
+    #[error("the exporter does not serve this client ({reason}): {message}")]
+    NotServed {
+        /// Why, as a kind.
+        reason: RefusalReason,
+        /// Why, in words (a peer's text: control characters escaped).
+        message: String,
     },
+}
+
+/// Why an exporter turned a client away or dropped it: the `reason` of the
+/// sharing protocol's `refused` message, sent before the socket is closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RefusalReason {
+    /// `not-allowed`: the client's credentials are not allowed.
+    NotAllowed,
+    /// `full`: every slot is taken.
+    Full,
+    /// `reserved`: the slots left are kept for the exporter's own user.
+    Reserved,
+    /// `uid-share`: the client's uid has all the slots one uid may have.
+    UidShare,
+    /// `process-share`: the client's process has all the slots one process
+    /// may have.
+    ProcessShare,
+    /// `idle`: the client did not answer a `ping` in time.
+    Idle,
+    /// `stalled`: a message of the client did not complete in time.
+    Stalled,
+    /// `not-reading`: messages to the client stayed unsent (it does not
+    /// read).
+    NotReading,
+    /// `protocol`: the client sent something a client may not send.
+    Protocol,
+    /// A reason this side does not know (a newer peer's).
+    Other,
+}
+
+impl RefusalReason {
+    /// Every reason but [`Other`](Self::Other), for tables and tests.
+    pub const KNOWN: [Self; 9] = [
+        Self::NotAllowed,
+        Self::Full,
+        Self::Reserved,
+        Self::UidShare,
+        Self::ProcessShare,
+        Self::Idle,
+        Self::Stalled,
+        Self::NotReading,
+        Self::Protocol,
+    ];
+
+    /// The name on the wire (`"not-allowed"`, ...; `"other"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::NotAllowed => "not-allowed",
+            Self::Full => "full",
+            Self::Reserved => "reserved",
+            Self::UidShare => "uid-share",
+            Self::ProcessShare => "process-share",
+            Self::Idle => "idle",
+            Self::Stalled => "stalled",
+            Self::NotReading => "not-reading",
+            Self::Protocol => "protocol",
+            Self::Other => "other",
+        }
+    }
+
+    /// The reason with this wire name; an unknown name is
+    /// [`Other`](Self::Other).
+    ///
+    /// ```
+    /// use dmabuf_p2p::share::RefusalReason;
+    /// for r in RefusalReason::KNOWN {
+    ///     assert_eq!(RefusalReason::from_name(r.name()), r);
+    /// }
+    /// assert_eq!(RefusalReason::from_name("cosmic-ray"), RefusalReason::Other);
+    /// ```
+    pub fn from_name(name: &str) -> Self {
+        Self::KNOWN
+            .into_iter()
+            .find(|r| r.name() == name)
+            .unwrap_or(Self::Other)
+    }
+}
+
+impl std::fmt::Display for RefusalReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }

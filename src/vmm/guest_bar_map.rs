@@ -574,19 +574,6 @@ impl GuestBarMap {
         })
     }
 
-    /// The registered device with this id, or [`Error::Device`].
-    fn device(st: &mut State, id: DeviceId) -> Result<&mut Device> {
-        st.slots
-            .get_mut(id.slot as usize)
-            .and_then(Option::as_mut)
-            .filter(|d| d.generation == id.generation)
-            .ok_or_else(|| Error::Device {
-                device: id.to_string(),
-                problem: "is not registered (removed, or never was)".to_owned(),
-                source: None,
-            })
-    }
-
     /// The device registered at `address`, if any.
     pub fn find(&self, address: PciAddress) -> Option<DeviceId> {
         let st = self.lock();
@@ -602,7 +589,7 @@ impl GuestBarMap {
     /// The registered device (shared with the map).
     pub fn vfio_device(&self, id: DeviceId) -> Result<Arc<VfioPciDevice>> {
         let mut st = self.lock();
-        Ok(Arc::clone(&Self::device(&mut st, id)?.dev))
+        Ok(Arc::clone(&registered(&mut st.slots, id)?.dev))
     }
 
     /// Handles a guest's config-space write of `data` at `offset` that the
@@ -616,15 +603,7 @@ impl GuestBarMap {
     pub fn config_write(&self, id: DeviceId, offset: u64, data: &[u8]) -> Result<ConfigWrite> {
         let mut st = self.lock();
         let State { slots, limits, .. } = &mut *st;
-        let d = slots
-            .get_mut(id.slot as usize)
-            .and_then(Option::as_mut)
-            .filter(|d| d.generation == id.generation)
-            .ok_or_else(|| Error::Device {
-                device: id.to_string(),
-                problem: "is not registered (removed, or never was)".to_owned(),
-                source: None,
-            })?;
+        let d = registered(slots, id)?;
         let waiting =
             d.dev.hub().change_count() != d.hub_seq && self.repair_drift(d, limits, id.slot);
         if d.gone.is_some() {
@@ -1069,15 +1048,7 @@ impl GuestBarMap {
     /// this map and repairs it. Returns whether anything was remapped.
     fn check_hub(&self, st: &mut State, id: DeviceId) -> Result<bool> {
         let State { slots, limits, .. } = st;
-        let d = slots
-            .get_mut(id.slot as usize)
-            .and_then(Option::as_mut)
-            .filter(|d| d.generation == id.generation)
-            .ok_or_else(|| Error::Device {
-                device: id.to_string(),
-                problem: "is not registered (removed, or never was)".to_owned(),
-                source: None,
-            })?;
+        let d = registered(slots, id)?;
         if d.dev.hub().change_count() == d.hub_seq {
             return Ok(false);
         }
@@ -1128,14 +1099,7 @@ impl GuestBarMap {
         let mut st = self.lock();
         self.check_hub(&mut st, id)?;
         let State { slots, limits, .. } = &mut *st;
-        let d = slots
-            .get_mut(id.slot as usize)
-            .and_then(Option::as_mut)
-            .ok_or_else(|| Error::Device {
-                device: id.to_string(),
-                problem: "is not registered".to_owned(),
-                source: None,
-            })?;
+        let d = registered(slots, id)?;
         d.dev.note_command_change(old, new);
         if old & COMMAND_MEMORY == 0 && new & COMMAND_MEMORY != 0 {
             // Whatever the map knew, the kernel revoked at the off.
@@ -1156,14 +1120,7 @@ impl GuestBarMap {
         let mut st = self.lock();
         self.check_hub(&mut st, id)?;
         let State { slots, limits, .. } = &mut *st;
-        let d = slots
-            .get_mut(id.slot as usize)
-            .and_then(Option::as_mut)
-            .ok_or_else(|| Error::Device {
-                device: id.to_string(),
-                problem: "is not registered".to_owned(),
-                source: None,
-            })?;
+        let d = registered(slots, id)?;
         let i = usize::try_from(bar).unwrap_or(usize::MAX);
         let Some(reg) = d.bars.get_mut(i).and_then(|s| s.reg.as_mut()) else {
             return Err(Error::InvalidRegion {
@@ -1192,14 +1149,7 @@ impl GuestBarMap {
         let mut st = self.lock();
         self.check_hub(&mut st, id)?;
         let State { slots, limits, .. } = &mut *st;
-        let d = slots
-            .get_mut(id.slot as usize)
-            .and_then(Option::as_mut)
-            .ok_or_else(|| Error::Device {
-                device: id.to_string(),
-                problem: "is not registered".to_owned(),
-                source: None,
-            })?;
+        let d = registered(slots, id)?;
         let told = d.dev.note_reset();
         self.reset(d, limits, id.slot, "device reset (VMM)");
         d.hub_seq = d.dev.hub().change_count();
@@ -1215,15 +1165,7 @@ impl GuestBarMap {
     pub fn note_unplug_request(&self, id: DeviceId) -> Result<()> {
         let mut st = self.lock();
         let State { slots, limits, .. } = &mut *st;
-        let d = slots
-            .get_mut(id.slot as usize)
-            .and_then(Option::as_mut)
-            .filter(|d| d.generation == id.generation)
-            .ok_or_else(|| Error::Device {
-                device: id.to_string(),
-                problem: "is not registered".to_owned(),
-                source: None,
-            })?;
+        let d = registered(slots, id)?;
         d.dev.note_unplug_request();
         d.gone = Some(RevokeReason::Unplug);
         self.unmap_all(d, limits, id.slot, "unplug requested");
@@ -1241,21 +1183,11 @@ impl GuestBarMap {
     pub fn remove(&self, id: DeviceId) -> Result<Arc<VfioPciDevice>> {
         let mut st = self.lock();
         let State { slots, limits, .. } = &mut *st;
-        let entry = slots
+        registered(slots, id)?;
+        let mut d = slots
             .get_mut(id.slot as usize)
-            .filter(|d| d.as_ref().is_some_and(|d| d.generation == id.generation))
-            .ok_or_else(|| Error::Device {
-                device: id.to_string(),
-                problem: "is not registered".to_owned(),
-                source: None,
-            })?;
-        let Some(mut d) = entry.take() else {
-            return Err(Error::Device {
-                device: id.to_string(),
-                problem: "is not registered".to_owned(),
-                source: None,
-            });
-        };
+            .and_then(Option::take)
+            .ok_or_else(|| not_registered(id))?;
         self.unmap_all(&mut d, limits, id.slot, "device removed");
         info!("IOAS {}: removed {}", self.ioas.id(), d.address);
         let dev = Arc::clone(&d.dev);
@@ -1287,7 +1219,7 @@ impl GuestBarMap {
             .collect();
         for id in ids {
             let before = {
-                let d = Self::device(&mut st, id)?;
+                let d = registered(&mut st.slots, id)?;
                 (d.dev.hub().last_change(), d.hub_seq, d.address)
             };
             if self.check_hub(&mut st, id)? {
@@ -1331,7 +1263,7 @@ impl GuestBarMap {
     /// Where BAR `bar` of `id` stands.
     pub fn bar_status(&self, id: DeviceId, bar: u32) -> Result<BarStatus> {
         let mut st = self.lock();
-        let d = Self::device(&mut st, id)?;
+        let d = registered(&mut st.slots, id)?;
         let i = usize::try_from(bar).unwrap_or(usize::MAX);
         let Some(s) = d.bars.get(i) else {
             return Err(Error::InvalidRegion {
@@ -1378,7 +1310,7 @@ impl GuestBarMap {
     /// memory BAR dword (absent and I/O BARs are the VMM's).
     pub fn bar_register_read(&self, id: DeviceId, offset: u64) -> Result<Option<u32>> {
         let mut st = self.lock();
-        let d = Self::device(&mut st, id)?;
+        let d = registered(&mut st.slots, id)?;
         if !(BAR0..BAR0 + 4 * u64::from(BAR_COUNT)).contains(&offset) || !offset.is_multiple_of(4) {
             return Ok(None);
         }
@@ -1434,5 +1366,22 @@ fn refusal(e: &Error) -> Unreachable {
             errno: other.raw_os_error().unwrap_or(0),
             message: other.to_string(),
         },
+    }
+}
+
+/// The registered device with this id, or [`Error::Device`].
+fn registered(slots: &mut [Option<Device>], id: DeviceId) -> Result<&mut Device> {
+    slots
+        .get_mut(id.slot as usize)
+        .and_then(Option::as_mut)
+        .filter(|d| d.generation == id.generation)
+        .ok_or_else(|| not_registered(id))
+}
+
+fn not_registered(id: DeviceId) -> Error {
+    Error::Device {
+        device: id.to_string(),
+        problem: "is not registered (removed, or never was)".to_owned(),
+        source: None,
     }
 }

@@ -1,13 +1,14 @@
 # The demo: the edu DMA engine copies into and out of an ivshmem BAR that was
 # exported as a dma-buf and mapped through the IOMMU (or an NVMe controller
 # reads blocks into it), then the export is revoked.
+. /etc/testbed/pci.sh
 find_dev() {
-    for d in /sys/bus/pci/devices/*; do
+    for d in $(pci_devices); do
         [ "$(cat $d/vendor):$(cat $d/device)" = "$1" ] && { echo ${d##*/}; return; }
     done
 }
 find_class() {
-    for d in /sys/bus/pci/devices/*; do
+    for d in $(pci_devices); do
         [ "$(cat $d/class)" = "$1" ] && { echo ${d##*/}; return; }
     done
 }

@@ -11,6 +11,7 @@ mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /dev/shm
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 
+. /etc/testbed/pci.sh
 report=/dev/ttyS1
 stty -F $report raw -echo 2>/dev/null
 exec 3<>$report
@@ -23,7 +24,7 @@ fail_boot() {
 
 # edu (1234:11e8), ivshmem (1af4:1110) and NVMe controllers (class 010802)
 # go to vfio-pci.
-for dev in /sys/bus/pci/devices/*; do
+for dev in $(pci_devices); do
     id="$(cat $dev/vendor):$(cat $dev/device)"
     [ "$(cat $dev/class)" = 0x010802 ] && id=nvme
     case "$id" in

@@ -545,6 +545,7 @@ fn run_shaped_with(
         vm_tests: None,
         examples: Vec::new(),
         cli: bench_bin.to_path_buf(),
+        kernfs_chain: None,
     };
     let mut vm_shape = String::new();
     let verdict = suite::run(&spec, &bins, |c| {
@@ -627,6 +628,11 @@ fn pack(spec: &RunSpec, bench: &Path, strace: bool, dest: &Path) -> Result<()> {
     fs_.host_binary("/bin/busybox", &deps::busybox()?)?;
     fs_.file("/init", 0o755, suite::INIT.as_bytes().to_vec());
     fs_.file("/etc/testbed/job.sh", 0o755, spec.job.as_bytes().to_vec());
+    fs_.file(
+        "/etc/testbed/pci.sh",
+        0o644,
+        suite::PCI_SH.as_bytes().to_vec(),
+    );
     fs_.file(
         "/etc/passwd",
         0o644,

@@ -99,6 +99,11 @@ impl Initramfs {
     /// Serialises the archive in the newc cpio format.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
+        // The root directory itself, first: the kernel unpacks into a tmpfs
+        // whose root is mode 1777 (world-writable, sticky) unless the archive
+        // says otherwise; a real system's `/` is 0755, and the sharing tests
+        // check paths from `/` down as an exporter does.
+        write_entry(&mut out, ".", 0, S_IFDIR | 0o755, 2, &[]);
         for (ino, (path, node)) in self.nodes.iter().enumerate() {
             let name = path.trim_start_matches('/');
             let (mode, data): (u32, &[u8]) = match node {
@@ -213,6 +218,9 @@ mod tests {
         let bytes = a.to_bytes();
         let text = String::from_utf8_lossy(&bytes);
         assert!(bytes.starts_with(b"070701"));
+        // The root first, mode 040755 (the 2nd field, after the inode).
+        assert_eq!(&text[6 + 8..6 + 2 * 8], "000041ed");
+        assert_eq!(&text[110..112], ".\0");
         assert!(text.contains("etc\0"));
         assert!(text.contains("etc/x\0"));
         assert!(text.contains("etc/x/y\0"));

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use fnv::FnvHasher;
 
 use crate::debian::{PrivateApt, extract_deb, newest_in_series};
+use crate::kernel_patch::Patch;
 use crate::{Error, Result, cache_dir};
 
 /// Environment variable naming a prebuilt bzImage; when set, nothing is built.
@@ -189,7 +190,16 @@ pub fn key_dir() -> Result<PathBuf> {
 /// `cargo xtask kernel [--force]`: makes sure the kernel exists (building it if
 /// needed, or always with `force`) and prints the bzImage path on stdout.
 /// Progress goes to stderr.
-pub fn xtask(force: bool) -> Result<PathBuf> {
+pub fn xtask(force: bool, patch: Option<&Path>) -> Result<PathBuf> {
+    if let Some(patch) = patch {
+        let image = build_with(force, Some(&Patch::load(patch)?))?;
+        eprintln!(
+            "kernel: patched kernel (not the CI kernel); boot it with {KERNEL_ENV}={}",
+            image.display()
+        );
+        println!("{}", image.display());
+        return Ok(image);
+    }
     let image = if force {
         if std::env::var_os(KERNEL_ENV).is_some() {
             eprintln!(
@@ -213,11 +223,20 @@ pub fn xtask(force: bool) -> Result<PathBuf> {
 /// package is fetched through a private apt sources list ([`PrivateApt`]), so the
 /// machine's apt configuration is never touched.
 pub fn build(force: bool) -> Result<PathBuf> {
+    build_with(force, None)
+}
+
+/// [`build`], or with `patch` a patched kernel under its own cache key
+/// ([`crate::kernel_patch`]).
+fn build_with(force: bool, patch: Option<&Patch>) -> Result<PathBuf> {
     let kdir = kernel_cache()?;
     check_path_usable(&kdir)?;
     let _lock = BuildLock::acquire(&kdir.join(".lock"))?;
 
-    if !force && let Some(image) = cached() {
+    if !force
+        && patch.is_none()
+        && let Some(image) = cached()
+    {
         eprintln!("kernel: cached: {}", image.display());
         return Ok(image);
     }
@@ -235,8 +254,26 @@ pub fn build(force: bool) -> Result<PathBuf> {
     let version = source_version(&kdir)?;
     phase(2, &format!("fetching {SOURCE_PACKAGE} {version}"));
     let src = source_tree(&kdir, &version)?;
-    let keydir = kdir.join(key_for(SOURCE_PACKAGE, &version, FRAGMENT));
+    let keydir = match patch {
+        None => kdir.join(key_for(SOURCE_PACKAGE, &version, FRAGMENT)),
+        Some(p) => kdir.join(format!(
+            "{}-patched",
+            key_for(
+                SOURCE_PACKAGE,
+                &version,
+                &format!("{FRAGMENT}\0{}", p.text())
+            )
+        )),
+    };
     let image = keydir.join("bzImage");
+    if !force && patch.is_some() && check_bzimage(&image).is_ok() {
+        eprintln!("kernel: cached: {}", image.display());
+        return Ok(image);
+    }
+    let src = match patch {
+        None => src,
+        Some(p) => p.source_tree(&src, &keydir)?,
+    };
 
     let out = keydir.join("build");
     if force && out.exists() {
@@ -292,14 +329,15 @@ pub fn build(force: bool) -> Result<PathBuf> {
         5,
         &format!("make -j{jobs} bzImage (this is the long part: 12-25 minutes on 2 cores)"),
     );
-    log.run(
-        make(&src)
-            .arg(&out_arg)
-            .arg(format!("-j{jobs}"))
-            .arg("bzImage"),
-        "make bzImage",
-        true,
-    )?;
+    let mut make_bzimage = make(&src);
+    make_bzimage
+        .arg(&out_arg)
+        .arg(format!("-j{jobs}"))
+        .arg("bzImage");
+    if let Some(p) = patch {
+        make_bzimage.arg(format!("LOCALVERSION={}", p.localversion()));
+    }
+    log.run(&mut make_bzimage, "make bzImage", true)?;
 
     phase(6, "installing");
     let built = out.join("arch/x86/boot/bzImage");

@@ -143,8 +143,9 @@ pub fn fnv1a64(data: &[u8]) -> u64 {
     std::hash::Hasher::finish(&h)
 }
 
-/// Most lines of one report kept after its headline.
-const MAX_TRACE_LINES: usize = 120;
+/// Most lines of one report kept after its headline (a lockdep report of a
+/// three-lock cycle with its stack dump runs to about 130).
+const MAX_TRACE_LINES: usize = 200;
 
 /// The kernel reports that fail a run (warnings, bugs, oopses, panics; lockdep
 /// and atomic-sleep reports start with `WARNING:` / `BUG:`), each as its

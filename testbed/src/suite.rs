@@ -9,6 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::initramfs::Initramfs;
+use crate::lockdep::{self, TestStarts};
 use crate::qemu::{Accel, Vm, VmConfig, read_range};
 use crate::qmp::Qmp;
 use crate::report::{Outcome, Report, fnv1a64, kernel_problems};
@@ -16,6 +17,10 @@ use crate::{Error, Result, kernel, run_captured, workspace_root};
 
 /// The guest's init, packed as `/init`.
 pub const INIT: &str = include_str!("../guest/init.sh");
+
+/// `pci_devices`, the shell function init and the jobs use to find PCI
+/// devices without listing sysfs; packed as `/etc/testbed/pci.sh`.
+pub const PCI_SH: &str = include_str!("../guest/pci.sh");
 
 /// A guest job that prints what the VM offers.
 pub const INFO_JOB: &str = include_str!("../guest/info.sh");
@@ -31,6 +36,9 @@ pub const GUEST_CLI: &str = "/bin/dmabuf-p2p";
 /// The directory of the library's examples inside the VM
 /// (`/bin/examples/export_bar`, ...).
 pub const GUEST_EXAMPLES: &str = "/bin/examples";
+/// The kernel lockdep chain's reproducer inside the VM (the `kernfs_chain`
+/// binary of the `vm-tests` package; docs/KERNEL.md).
+pub const GUEST_KERNFS_CHAIN: &str = "/bin/kernfs-chain";
 
 /// Host paths of the binaries that go into the VM.
 #[derive(Debug, Clone)]
@@ -42,6 +50,9 @@ pub struct GuestBinaries {
     /// The library's examples (name, executable), built with the in-VM
     /// suite, which runs them; packed under [`GUEST_EXAMPLES`].
     pub examples: Vec<(String, PathBuf)>,
+    /// The kernel lockdep chain's reproducer, built with the in-VM suite;
+    /// packed as [`GUEST_KERNFS_CHAIN`].
+    pub kernfs_chain: Option<PathBuf>,
 }
 
 fn cargo() -> Command {
@@ -137,7 +148,24 @@ pub fn build_guest_binaries(with_tests: bool) -> Result<GuestBinaries> {
             }
         }
     }
-    let vm_tests = if with_tests {
+    let (vm_tests, kernfs_chain) = if with_tests {
+        let mut cmd = cargo();
+        cmd.args([
+            "build",
+            "--package",
+            "dmabuf-p2p-vm-tests",
+            "--bin",
+            "kernfs_chain",
+            "--message-format=json-render-diagnostics",
+        ]);
+        let out = run_captured(&mut cmd, "cargo build (kernfs_chain)")?;
+        let kernfs_chain = executables(&out, "bin")
+            .into_iter()
+            .find(|(name, _)| name == "kernfs_chain")
+            .map(|(_, exe)| exe)
+            .ok_or_else(|| {
+                Error::Setup("cargo build reported no kernfs_chain executable".into())
+            })?;
         let mut cmd = cargo();
         cmd.args([
             "test",
@@ -149,22 +177,22 @@ pub fn build_guest_binaries(with_tests: bool) -> Result<GuestBinaries> {
             "--message-format=json-render-diagnostics",
         ]);
         let out = run_captured(&mut cmd, "cargo test --no-run (vm-tests)")?;
-        Some(
-            executables(&out, "test")
-                .into_iter()
-                .next()
-                .map(|(_, exe)| exe)
-                .ok_or_else(|| {
-                    Error::Setup("cargo test --no-run reported no vm-tests executable".into())
-                })?,
-        )
+        let vm_tests = executables(&out, "test")
+            .into_iter()
+            .next()
+            .map(|(_, exe)| exe)
+            .ok_or_else(|| {
+                Error::Setup("cargo test --no-run reported no vm-tests executable".into())
+            })?;
+        (Some(vm_tests), Some(kernfs_chain))
     } else {
-        None
+        (None, None)
     };
     Ok(GuestBinaries {
         vm_tests,
         cli,
         examples,
+        kernfs_chain,
     })
 }
 
@@ -237,6 +265,7 @@ pub fn pack_initramfs(spec: &RunSpec, bins: &GuestBinaries, dest: &Path) -> Resu
     fs_.host_binary("/bin/busybox", &crate::deps::busybox()?)?;
     fs_.file("/init", 0o755, INIT.as_bytes().to_vec());
     fs_.file("/etc/testbed/job.sh", 0o755, spec.job.as_bytes().to_vec());
+    fs_.file("/etc/testbed/pci.sh", 0o644, PCI_SH.as_bytes().to_vec());
     fs_.file(
         "/etc/passwd",
         0o644,
@@ -256,6 +285,9 @@ pub fn pack_initramfs(spec: &RunSpec, bins: &GuestBinaries, dest: &Path) -> Resu
     }
     for (name, exe) in &bins.examples {
         fs_.host_binary(&format!("{GUEST_EXAMPLES}/{name}"), exe)?;
+    }
+    if let Some(exe) = &bins.kernfs_chain {
+        fs_.host_binary(GUEST_KERNFS_CHAIN, exe)?;
     }
     fs_.write_to(dest)
 }
@@ -282,6 +314,7 @@ pub fn run(
     let mut config = VmConfig::standard(kernel, initrd, run_dir.clone());
     tweak(&mut config);
     let mut report;
+    let mut starts;
     let mut failures = Vec::new();
     let (config, stderr, elapsed) = loop {
         eprintln!(
@@ -295,10 +328,11 @@ pub fn run(
         let accel = config.accel;
         let mut vm = Vm::start(config.clone())?;
         report = Report::default();
+        starts = TestStarts::default();
         // A KVM that boots slower than software emulation is no use: give it
         // a deadline to reach userspace, then fall back to TCG for good.
         let boot_deadline = (accel == Accel::Kvm).then_some(KVM_BOOT_DEADLINE);
-        let outcome = stream(&mut vm, spec, &mut report, boot_deadline);
+        let outcome = stream(&mut vm, spec, &mut report, &mut starts, boot_deadline);
         let elapsed = vm.elapsed();
         vm.kill();
         let stderr = vm.stderr_text();
@@ -319,8 +353,8 @@ pub fn run(
     };
 
     let console = fs::read_to_string(config.console_log()).unwrap_or_default();
-    for line in kernel_problems(&console) {
-        failures.push(format!("kernel log: {line}"));
+    for problem in kernel_problems(&console) {
+        failures.push(lockdep::describe(&problem, &console, &starts));
     }
     if !report.booted {
         failures.push("the guest never reached userspace (boot failure)".into());
@@ -407,11 +441,13 @@ enum StreamError {
 
 /// Connects to the report socket, then reads lines until the guest exits,
 /// QEMU stops or the timeout passes. Answers `@@qmp`, `@@screendump` and
-/// `@@qemu-log` requests.
+/// `@@qemu-log` requests, and notes in `starts` how long the console log was
+/// when each test started.
 fn stream(
     vm: &mut Vm,
     spec: &RunSpec,
     report: &mut Report,
+    starts: &mut TestStarts,
     boot_deadline: Option<Duration>,
 ) -> Result<(), StreamError> {
     let sock_path = vm.config().report_socket();
@@ -442,6 +478,8 @@ fn stream(
         .map_err(|e| StreamError::Failed(format!("cloning report socket: {e}")))?;
     let mut log = fs::File::create(vm.config().report_log())
         .map_err(|e| StreamError::Failed(format!("creating report log: {e}")))?;
+    let console_log = vm.config().console_log();
+    let console_len = || fs::metadata(&console_log).map_or(0, |m| m.len());
     let mut reader = BufReader::new(sock);
     let mut pending: Vec<u8> = Vec::new();
     let mut qmp: Option<Qmp> = None;
@@ -480,6 +518,9 @@ fn stream(
                 prefix_carry = Some(line);
                 line = directive;
             }
+            if let Some(test) = TestStarts::test_in(&line) {
+                starts.note(test, console_len());
+            }
             let _ = writeln!(log, "{line}");
             if spec.stream && !line.starts_with("@@") {
                 println!("{line}");
@@ -502,6 +543,11 @@ fn stream(
                 let _ = writeln!(writer, "@@qemu-log-reply {answer}");
             }
             report.add(&line);
+        }
+        // libtest prints `test NAME ... ` when the test starts and the
+        // outcome when it ends.
+        if let Some(test) = TestStarts::test_in(&String::from_utf8_lossy(&pending)) {
+            starts.note(test, console_len());
         }
         if report.exit.is_some() {
             // Let init power off; QEMU exits shortly.

@@ -3,6 +3,12 @@
 //!
 //! These tests only make sense inside the test VM (`cargo xtask vm-test`); on
 //! any other machine they fail loudly, because the devices are not there.
+//!
+//! Sysfs directories are listed through the library's [`Sysfs`], which reads
+//! them into a buffer that cannot fault, never with `std::fs::read_dir`: a
+//! sysfs readdir whose buffer faults can record the lockdep edge that closes
+//! the kernfs / vfio-pci cycle of docs/KERNEL.md and switch lockdep off for
+//! the rest of the run.
 
 // Test helpers fail a test by panicking.
 #![allow(clippy::panic)]
@@ -12,34 +18,24 @@ pub mod raw_peer;
 
 use std::fs;
 use std::hash::Hasher;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+
+use dmabuf_p2p::sysfs::Sysfs;
 
 /// QEMU's `edu` device.
 pub const EDU_ID: (u16, u16) = (0x1234, 0x11e8);
 /// QEMU's `ivshmem-plain` device.
 pub const IVSHMEM_ID: (u16, u16) = (0x1af4, 0x1110);
 
-fn read_hex(path: &Path) -> Option<u64> {
-    let text = fs::read_to_string(path).ok()?;
-    u64::from_str_radix(text.trim().trim_start_matches("0x"), 16).ok()
-}
-
 /// PCI addresses (`0000:01:00.0`) of all devices with this vendor:device, sorted.
 pub fn pci_devices(id: (u16, u16)) -> Vec<String> {
-    let mut out = Vec::new();
-    let Ok(entries) = fs::read_dir("/sys/bus/pci/devices") else {
-        return out;
-    };
-    for e in entries.flatten() {
-        let p = e.path();
-        if read_hex(&p.join("vendor")) == Some(u64::from(id.0))
-            && read_hex(&p.join("device")) == Some(u64::from(id.1))
-        {
-            out.push(e.file_name().to_string_lossy().into_owned());
-        }
-    }
-    out.sort();
-    out
+    let sys = Sysfs::default();
+    sys.devices()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|a| sys.vendor(*a).ok() == Some(id.0) && sys.device_id(*a).ok() == Some(id.1))
+        .map(|a| a.to_string())
+        .collect()
 }
 
 /// The driver a PCI device is bound to, if any.
@@ -50,10 +46,8 @@ pub fn driver_of(bdf: &str) -> Option<String> {
 
 /// `/dev/vfio/devices/vfioN` of a device bound to vfio-pci.
 pub fn vfio_cdev(bdf: &str) -> Option<PathBuf> {
-    let dir = fs::read_dir(format!("/sys/bus/pci/devices/{bdf}/vfio-dev")).ok()?;
-    dir.flatten()
-        .map(|e| PathBuf::from("/dev/vfio/devices").join(e.file_name()))
-        .next()
+    let name = Sysfs::default().vfio_dev(bdf.parse().ok()?).ok()??;
+    Some(PathBuf::from("/dev/vfio/devices").join(name))
 }
 
 /// Size of BAR `bar` from sysfs `resource`.
@@ -489,15 +483,14 @@ pub fn nvme_address(name: &str) -> String {
         "nvme1" => 1,
         other => panic!("unknown NVMe controller {other}"),
     };
-    let mut all: Vec<String> = fs::read_dir("/sys/bus/pci/devices")
-        .map(|d| {
-            d.flatten()
-                .filter(|e| read_hex(&e.path().join("class")) == Some(NVME_CLASS))
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    all.sort();
+    let sys = Sysfs::default();
+    let all: Vec<String> = sys
+        .devices()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|a| sys.class(*a).ok().map(u64::from) == Some(NVME_CLASS))
+        .map(|a| a.to_string())
+        .collect();
     all.get(index)
         .cloned()
         .unwrap_or_else(|| panic!("no NVMe controller {name} (found {all:?})"))

@@ -5,7 +5,10 @@
 //! * `cargo xtask vm-test [FILTER..] [--profile=NAME] [--fail-on-purpose]` — only the
 //!   VM suite, one VM per profile (`testbed/src/profile.rs`).
 //! * `cargo xtask vm-info` — boot the VM and show what it offers.
-//! * `cargo xtask kernel [--force]` — build (or find) the test kernel.
+//! * `cargo xtask kernel [--force] [--patch FILE]` — build (or find) the test
+//!   kernel; with `--patch`, a patched kernel under its own cache key.
+//! * `cargo xtask kernfs-chain [MODE] [--readdir-first]` — reproduce the kernel
+//!   lockdep chain of docs/KERNEL.md in the VM.
 //! * `cargo xtask fuzz [TARGET..] [--seconds N]` — fuzz the parsers (`docs/FUZZING.md`).
 //! * `cargo xtask bench [--quick] [--only=PARTS] [--render FILE]` — the
 //!   in-VM benchmarks; writes `docs/BENCHMARKS.md` and `docs/bench/*.svg`.
@@ -17,9 +20,9 @@ use std::process::{Command, ExitCode};
 use std::time::Instant;
 
 use testbed::suite::{self, GuestBinaries, RunSpec};
-use testbed::{Result, deps, fuzz, kernel, profile, uapi, workspace_root};
+use testbed::{Result, deps, fuzz, kernel, kernfs_chain, profile, uapi, workspace_root};
 
-const USAGE: &str = "usage: cargo xtask <test | vm-test [FILTER..] [--profile=NAME] [--fail-on-purpose] | vm-info | kernel [--force] | bindings [--check] | bench [--quick] [--only=PARTS] [--render FILE] | fuzz [TARGET..] [--seconds N] | capture-config-writes [--held-out]>";
+const USAGE: &str = "usage: cargo xtask <test | vm-test [FILTER..] [--profile=NAME] [--fail-on-purpose] | vm-info | kernel [--force] [--patch FILE] | kernfs-chain [MODE] [--readdir-first] | bindings [--check] | bench [--quick] [--only=PARTS] [--render FILE] | fuzz [TARGET..] [--seconds N] | capture-config-writes [--held-out]>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -32,12 +35,10 @@ fn main() -> ExitCode {
         "test" => test_all(),
         "vm-test" => vm_test(rest),
         "vm-info" => vm_info(),
+        "kernfs-chain" => kernfs_chain(rest),
         "bench" => testbed::bench::xtask(rest),
         "capture-config-writes" => testbed::capture::xtask(rest),
-        "kernel" => kernel::xtask(rest.iter().any(|a| a == "--force")).map(|p| {
-            println!("{}", p.display());
-            true
-        }),
+        "kernel" => kernel_task(rest),
         "bindings" => uapi::run_bindings(rest.iter().any(|a| a == "--check")).map(|()| true),
         "fuzz" => fuzz::xtask(rest),
         "-h" | "--help" | "help" => {
@@ -83,6 +84,7 @@ fn tests_job(profile: &str, args: &[String], fail_on_purpose: bool) -> String {
         job.push_str(&shell_quote(a));
     }
     job.push('\n');
+    job.push_str(&kernfs_chain::check_after_job());
     job
 }
 
@@ -166,6 +168,37 @@ fn vm_info() -> Result<bool> {
         suite::print_verdict("vm-info", &verdict);
     }
     Ok(verdict.passed())
+}
+
+/// `cargo xtask kernel [--force] [--patch FILE]`.
+fn kernel_task(args: &[String]) -> Result<bool> {
+    let force = args.iter().any(|a| a == "--force");
+    let patch = args
+        .iter()
+        .position(|a| a == "--patch")
+        .map(|i| args.get(i + 1).map(std::path::PathBuf::from));
+    match patch {
+        Some(None) => {
+            eprintln!("--patch needs a file\n{USAGE}");
+            Ok(false)
+        }
+        // kernel::xtask prints the path.
+        Some(Some(file)) => kernel::xtask(force, Some(&file)).map(|_| true),
+        None => kernel::xtask(force, None).map(|_| true),
+    }
+}
+
+/// `cargo xtask kernfs-chain [MODE] [--readdir-first]`: boots the VM, runs the kernel lockdep
+/// chain's reproducer (docs/KERNEL.md) and checks the outcome.
+fn kernfs_chain(args: &[String]) -> Result<bool> {
+    deps::ensure_vm_tools()?;
+    let bins = suite::build_guest_binaries(true)?;
+    let mode = args
+        .iter()
+        .find(|a| !a.starts_with("--"))
+        .map_or("growsdown", String::as_str);
+    let readdir_first = args.iter().any(|a| a == "--readdir-first");
+    kernfs_chain::run(&bins, mode, readdir_first, true)
 }
 
 /// The README's test command: host tests, then the VM suite, then a check that
@@ -266,9 +299,18 @@ fn test_all() -> Result<bool> {
         );
     }
 
+    // The known kernel lock cycle (docs/KERNEL.md): reproduced, it must fail
+    // its run with the chain named (on a kernel with the fix, not reported).
+    eprintln!("testbed: self-check: the kernel lock cycle's reproducer must be named");
+    let chain_ok = kernfs_chain::run(&bins, "growsdown", true, false)?;
+    println!(
+        "test testbed-self-check::known_kernel_lock_cycle_is_named ... {}",
+        if chain_ok { "ok" } else { "FAILED" }
+    );
+
     println!(
         "xtask test: finished in {:.1} s",
         start.elapsed().as_secs_f64()
     );
-    Ok(fuzz_ok && bindings_ok && vm_ok && self_ok)
+    Ok(fuzz_ok && bindings_ok && vm_ok && self_ok && chain_ok)
 }

@@ -7,8 +7,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::fs::{File, OpenOptions};
 use std::os::fd::{AsFd, AsRawFd};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use iommufd_ioctls::{IommuFd, IommufdIoas};
 use vfio_ioctls::{VfioDevice, VfioIommufd};
 
 use dmabuf_p2p::memfd::Memfd;
+use dmabuf_p2p::sysfs::Sysfs;
 use dmabuf_p2p::vfio::{AdoptOptions, BarMapping, VfioPciDevice};
 use dmabuf_p2p::vmm::{BarStatus, DeviceId, GuestBarMap, Offer};
 use dmabuf_p2p::{Ioas, Iommufd};
@@ -52,8 +53,18 @@ pub(crate) struct GuestVmm {
     pub(crate) ram: Memfd,
 }
 
-fn sysfs(bdf: &str) -> PathBuf {
-    PathBuf::from(format!("/sys/bus/pci/devices/{bdf}"))
+/// The VFIO cdev of `bdf`, opened read-write, found through the library's
+/// `Sysfs` (which lists into a buffer that cannot fault).
+fn open_cdev(bdf: &str) -> File {
+    let name = Sysfs::default()
+        .vfio_dev(bdf.parse().unwrap())
+        .unwrap()
+        .unwrap_or_else(|| panic!("{bdf} has no VFIO cdev"));
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/dev/vfio/devices/{name}"))
+        .unwrap_or_else(|e| panic!("opening the VFIO cdev of {bdf}: {e}"))
 }
 
 impl GuestVmm {
@@ -79,7 +90,9 @@ impl GuestVmm {
         let vmm_devices: Vec<(String, VfioDevice)> = opened
             .iter()
             .map(|bdf| {
-                let dev = VfioDevice::new(&sysfs(bdf), vfio.clone(), true)
+                // Not `VfioDevice::new`: it lists sysfs with `read_dir`, which
+                // can record the lockdep edge of docs/KERNEL.md.
+                let dev = VfioDevice::new_from_fd(open_cdev(bdf), vfio.clone(), true)
                     .unwrap_or_else(|e| panic!("the VMM opening {bdf}: {e}"));
                 (bdf.clone(), dev)
             })

@@ -30,6 +30,7 @@ mod profile_virtio_gpu;
 mod revoke;
 mod share;
 mod share_attacks;
+mod share_bounds;
 mod smoke;
 mod testbed;
 mod topology;

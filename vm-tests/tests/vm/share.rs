@@ -23,8 +23,8 @@ use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::revoke::{BufferState, RestorePolicy, RevocationHub, RevokeReason};
 use dmabuf_p2p::share::FD_ROOM;
 use dmabuf_p2p::share::{
-    BufferInfo, Incoming, Message, ShareProblem, ShareServer, SharedBuffer, encode_offer, recv,
-    send_message, send_offer,
+    BufferInfo, Incoming, Message, ServerOptions, ShareProblem, ShareServer, SharedBuffer,
+    encode_offer, recv, send_message, send_offer,
 };
 use dmabuf_p2p::{BarExport, ByteRange, Error, Iommufd, IovaPlacement, MapPerms, VfioPciDevice};
 use dmabuf_p2p_engine::DmaEngine;
@@ -612,6 +612,10 @@ fn bad_messages_with_a_real_dmabuf_leave_nothing_behind() {
 fn server_forwards_events_and_drops_dead_and_stuck_clients() {
     let (dev, export) = own_export(ByteRange::new(0xe_0000, 0x10000));
     let server = ShareServer::new(&export).unwrap();
+    // The first client reads only what this test asks for: no pings.
+    let mut options = ServerOptions::default();
+    options.ping_interval = Duration::from_secs(3600);
+    server.set_options(options);
     let (ours, theirs) = UnixStream::pair().unwrap();
     server.add_client(ours).unwrap();
     match recv(&theirs).unwrap() {

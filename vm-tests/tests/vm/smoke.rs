@@ -5,6 +5,7 @@ use std::path::Path;
 
 use dmabuf_p2p::ByteRange;
 use dmabuf_p2p::importer::iommufd::Iommufd;
+use dmabuf_p2p::sysfs::Sysfs;
 use dmabuf_p2p::vfio::VfioPciDevice;
 
 use dmabuf_p2p_vm_tests::{EDU_ID, IVSHMEM_ID, driver_of, ivshmem_devices, pci_devices, vfio_cdev};
@@ -39,6 +40,33 @@ fn test_devices_are_bound_to_vfio_pci() {
             "{bdf} has no vfio cdev"
         );
     }
+}
+
+/// The library lists sysfs with its own `getdents64` into a written buffer
+/// (src/dir.rs): it finds exactly the PCI devices the kernel names in
+/// `/proc/bus/pci/devices`, a file read, not a sysfs readdir (docs/KERNEL.md,
+/// "The kernfs readdir lock cycle"). The VM has one PCI domain, 0000.
+#[test]
+fn sysfs_lists_every_pci_device() {
+    let table = fs::read_to_string("/proc/bus/pci/devices").unwrap();
+    let mut want: Vec<String> = table
+        .lines()
+        .map(|l| {
+            let bbdf = u16::from_str_radix(l.split_whitespace().next().unwrap(), 16).unwrap();
+            let (bus, devfn) = (bbdf >> 8, bbdf & 0xff);
+            format!("0000:{bus:02x}:{:02x}.{:x}", devfn >> 3, devfn & 7)
+        })
+        .collect();
+    want.sort();
+    let got: Vec<String> = Sysfs::default()
+        .devices()
+        .unwrap()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(got, want);
+    // q35's own devices, a root port per test device, and the test devices.
+    assert!(got.len() > 20, "only {} PCI devices: {got:?}", got.len());
 }
 
 #[test]

@@ -11,8 +11,11 @@
 //! The VMM is played by rust-vmm's own crates, what cloud-hypervisor uses:
 //! `iommufd-ioctls` (`IommuFd`, `IommufdIoas`) and `vfio-ioctls` with
 //! `vfio_cdev` (`VfioIommufd` without a hypervisor device handle, so no
-//! KVM: `VfioDevice::new` opens the cdev, binds it and attaches it to the
-//! IOAS). The VMM's guest RAM is a memfd it maps at `RAM_GPA` itself.
+//! KVM: `VfioDevice::new_from_fd` binds the cdev and attaches it to the
+//! IOAS). The test opens the cdev itself: `VfioDevice::new` would find it
+//! with `read_dir` on sysfs, a readdir that can record the lockdep edge of
+//! docs/KERNEL.md. The VMM's guest RAM is a memfd it maps at `RAM_GPA`
+//! itself.
 //!
 //! BAR areas (shm1, see the table in `p2p.rs`): 0x2a0_0000.. for the VMM
 //! flow, 0x2b0_0000.. for the property test, 0x2c0_0000.. for the 5d case,
@@ -24,7 +27,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -77,14 +80,21 @@ impl Vmm {
     /// Opens `/dev/iommu`, allocates an IOAS, opens, binds and attaches shm1
     /// and edu to it, and maps a memfd as guest RAM at `RAM_GPA`.
     fn new() -> Self {
-        let sysfs = |bdf: String| PathBuf::from(format!("/sys/bus/pci/devices/{bdf}"));
+        let cdev = |bdf: String| {
+            let path = dmabuf_p2p_vm_tests::vfio_cdev(&bdf).unwrap();
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .unwrap()
+        };
         let iommufd = Arc::new(IommuFd::new().unwrap());
         let ioas = Arc::new(IommufdIoas::new(Arc::clone(&iommufd)).unwrap());
         let vfio = Arc::new(
             VfioIommufd::new(Arc::clone(&iommufd), Some(Arc::clone(&ioas)), None).unwrap(),
         );
-        let shm = VfioDevice::new(&sysfs(shm_address("shm1")), vfio.clone(), true).unwrap();
-        let edu = VfioDevice::new(&sysfs(edu_address()), vfio.clone(), true).unwrap();
+        let shm = VfioDevice::new_from_fd(cdev(shm_address("shm1")), vfio.clone(), true).unwrap();
+        let edu = VfioDevice::new_from_fd(cdev(edu_address()), vfio.clone(), true).unwrap();
         let ram = Memfd::new("vmm-guest-ram", RAM_LEN).unwrap();
         ioas.map_file(ram.as_fd().as_raw_fd(), 0, RAM_LEN, RAM_GPA, true)
             .unwrap();
