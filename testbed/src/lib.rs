@@ -7,6 +7,8 @@
 //! VM, streams the guest's test report back and judges the run.
 
 pub mod bench;
+pub mod boot;
+pub mod boot_check;
 pub mod capture;
 pub mod debian;
 pub mod deps;
@@ -24,6 +26,7 @@ pub mod qmp;
 pub mod report;
 pub mod runtime_dir;
 pub mod screen;
+pub mod selftests;
 pub mod suite;
 pub mod uapi;
 pub mod udmabuf_dev;

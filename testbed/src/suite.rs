@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::boot::{Boot, console_tail};
 use crate::initramfs::Initramfs;
 use crate::lockdep::{self, TestStarts};
 use crate::qemu::{Accel, Vm, VmConfig, read_range};
@@ -208,24 +209,35 @@ pub struct RunSpec {
     pub expect_tests: bool,
     /// Longest time the VM may run.
     pub timeout: Duration,
+    /// Longest time init may take to report that it booted; past it the run
+    /// is a boot failure (a guest that hangs while booting is not left to
+    /// run into [`RunSpec::timeout`]).
+    pub boot_timeout: Duration,
     /// Print the guest's report lines as they arrive.
     pub stream: bool,
+    /// More host binaries for the guest: (guest path, host path).
+    pub extra_binaries: Vec<(String, PathBuf)>,
 }
 
 impl RunSpec {
-    /// A run of `job` named `name` with the default timeout
-    /// (`DMABUF_P2P_VM_TIMEOUT` seconds, else 900).
+    /// A run of `job` named `name` with the default timeouts
+    /// (`DMABUF_P2P_VM_TIMEOUT` seconds, else 900, for the run;
+    /// `DMABUF_P2P_BOOT_TIMEOUT` seconds, else [`BOOT_TIMEOUT`], to boot).
     pub fn new(name: &str, job: String, expect_tests: bool) -> Self {
-        let secs = std::env::var("DMABUF_P2P_VM_TIMEOUT")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(900);
+        let secs = |var: &str| {
+            std::env::var(var)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .map(Duration::from_secs)
+        };
         Self {
             name: name.to_owned(),
             job,
             expect_tests,
-            timeout: Duration::from_secs(secs),
+            timeout: secs("DMABUF_P2P_VM_TIMEOUT").unwrap_or(Duration::from_secs(900)),
+            boot_timeout: secs("DMABUF_P2P_BOOT_TIMEOUT").unwrap_or(BOOT_TIMEOUT),
             stream: true,
+            extra_binaries: Vec::new(),
         }
     }
 }
@@ -233,6 +245,9 @@ impl RunSpec {
 /// The verdict on a run.
 #[derive(Debug, Clone)]
 pub struct Verdict {
+    /// Whether the guest booted, and if not, how it failed to: a boot
+    /// failure, not a test failure.
+    pub boot: Boot,
     /// The parsed report.
     pub report: Report,
     /// Host checks run, with their outcome.
@@ -286,6 +301,9 @@ pub fn pack_initramfs(spec: &RunSpec, bins: &GuestBinaries, dest: &Path) -> Resu
     for (name, exe) in &bins.examples {
         fs_.host_binary(&format!("{GUEST_EXAMPLES}/{name}"), exe)?;
     }
+    for (guest, host) in &spec.extra_binaries {
+        fs_.host_binary(guest, host)?;
+    }
     if let Some(exe) = &bins.kernfs_chain {
         fs_.host_binary(GUEST_KERNFS_CHAIN, exe)?;
     }
@@ -316,7 +334,7 @@ pub fn run(
     let mut report;
     let mut starts;
     let mut failures = Vec::new();
-    let (config, stderr, elapsed) = loop {
+    let (config, stderr, elapsed, qemu_exit) = loop {
         eprintln!(
             "testbed: booting {} ({:?}, {} MiB, {} ivshmem) — logs in {}",
             config.kernel.display(),
@@ -334,6 +352,8 @@ pub fn run(
         let boot_deadline = (accel == Accel::Kvm).then_some(KVM_BOOT_DEADLINE);
         let outcome = stream(&mut vm, spec, &mut report, &mut starts, boot_deadline);
         let elapsed = vm.elapsed();
+        // Some(..) if QEMU ended by itself (a poweroff, a crash), not by us.
+        let qemu_exit = vm.try_wait().ok().flatten();
         vm.kill();
         let stderr = vm.stderr_text();
         drop(vm);
@@ -349,17 +369,21 @@ pub fn run(
             Err(StreamError::Failed(why)) => failures.push(why),
             Ok(()) => {}
         }
-        break (config, stderr, elapsed);
+        break (config, stderr, elapsed, qemu_exit);
     };
 
     let console = fs::read_to_string(config.console_log()).unwrap_or_default();
+    let boot = Boot::judge(report.booted, &console, qemu_exit.as_ref());
+    if !boot.booted() {
+        // First, so that a boot failure is never read as a test failure.
+        failures.insert(0, format!("BOOT FAILURE (not a test failure): {boot}"));
+    }
     for problem in kernel_problems(&console) {
         failures.push(lockdep::describe(&problem, &console, &starts));
     }
-    if !report.booted {
-        failures.push("the guest never reached userspace (boot failure)".into());
-    }
     match report.exit {
+        // Without a boot there is no job: the boot failure says it all.
+        None if !boot.booted() => {}
         None => failures
             .push("the guest job did not finish (no exit status: timeout, panic or crash)".into()),
         Some(0) => {}
@@ -368,7 +392,7 @@ pub fn run(
     for d in &report.bad_directives {
         failures.push(format!("malformed report directive: {d}"));
     }
-    if spec.expect_tests {
+    if spec.expect_tests && boot.booted() {
         if report.tests.is_empty() {
             failures.push("the guest suite reported no tests".into());
         }
@@ -417,6 +441,7 @@ pub fn run(
         failures.push(format!("qemu stderr: {}", stderr.join("\n")));
     }
     Ok(Verdict {
+        boot,
         report,
         host_checks,
         failures,
@@ -430,6 +455,11 @@ pub fn run(
 /// How long KVM may take to reach userspace before the run falls back to TCG
 /// (TCG itself boots in about 4 s).
 const KVM_BOOT_DEADLINE: Duration = Duration::from_secs(20);
+
+/// How long init may take to report that it booted, by default: far more
+/// than a boot takes under TCG even on a loaded host (measured with `cargo
+/// xtask boot-check`, docs/KERNEL.md), so a boot that takes longer has hung.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Debug)]
 enum StreamError {
@@ -574,6 +604,12 @@ fn stream(
         {
             return Err(StreamError::KvmUnusable);
         }
+        if !report.booted && vm.elapsed() > spec.boot_timeout {
+            return Err(StreamError::Failed(format!(
+                "boot timeout: init did not report within {} s",
+                spec.boot_timeout.as_secs()
+            )));
+        }
         if Instant::now() > deadline {
             return Err(StreamError::Failed(format!(
                 "timeout: the VM ran longer than {} s",
@@ -652,14 +688,22 @@ pub fn print_verdict(label: &str, v: &Verdict) {
         );
     }
     if !v.passed() {
-        println!("{label}: FAILED because:");
+        if v.boot.booted() {
+            println!("{label}: the guest booted; the run FAILED because:");
+        } else {
+            println!("{label}: BOOT FAILURE, not a test failure: {}", v.boot);
+        }
         for f in &v.failures {
             println!("  - {f}");
         }
-        println!(
-            "{label}: kernel console log: {}",
-            v.run_dir.join("console.log").display()
-        );
+        let log = v.run_dir.join("console.log");
+        if !v.boot.booted() {
+            println!("{label}: the kernel console's last lines:");
+            for line in console_tail(&read_log(&log), 25) {
+                println!("  | {line}");
+            }
+        }
+        println!("{label}: kernel console log: {}", log.display());
     }
     if !v.report.tests.is_empty() || !v.host_checks.is_empty() {
         println!("{label}: {passed} passed, {failed} failed");

@@ -9,6 +9,12 @@
 //!   kernel; with `--patch`, a patched kernel under its own cache key.
 //! * `cargo xtask kernfs-chain [MODE] [--readdir-first]` — reproduce the kernel
 //!   lockdep chain of docs/KERNEL.md in the VM.
+//! * `cargo xtask boot-check [--count N] [--load N]` — boot the VM N times
+//!   (N busy host threads meanwhile) and count the failures by kind.
+//! * `cargo xtask kernel-selftests` — the kernel's iommufd and udmabuf
+//!   selftests, built from the cached source, run in the VM.
+//! * `cargo xtask kernel-fits BZIMAGE` — whether a prebuilt kernel's config
+//!   has every option of `testbed/kernel/fragment.config` (exit status 0 if so).
 //! * `cargo xtask fuzz [TARGET..] [--seconds N]` — fuzz the parsers (`docs/FUZZING.md`).
 //! * `cargo xtask bench [--quick] [--only=PARTS] [--render FILE]` — the
 //!   in-VM benchmarks; writes `docs/BENCHMARKS.md` and `docs/bench/*.svg`.
@@ -22,7 +28,7 @@ use std::time::Instant;
 use testbed::suite::{self, GuestBinaries, RunSpec};
 use testbed::{Result, deps, fuzz, kernel, kernfs_chain, profile, uapi, workspace_root};
 
-const USAGE: &str = "usage: cargo xtask <test | vm-test [FILTER..] [--profile=NAME] [--fail-on-purpose] | vm-info | kernel [--force] [--patch FILE] | kernfs-chain [MODE] [--readdir-first] | bindings [--check] | bench [--quick] [--only=PARTS] [--render FILE] | fuzz [TARGET..] [--seconds N] | capture-config-writes [--held-out]>";
+const USAGE: &str = "usage: cargo xtask <test | vm-test [FILTER..] [--profile=NAME] [--fail-on-purpose] | vm-info | kernel [--force] [--patch FILE] | kernel-fits BZIMAGE | kernel-selftests | boot-check [--count N] [--load N] | kernfs-chain [MODE] [--readdir-first] | bindings [--check] | bench [--quick] [--only=PARTS] [--render FILE] | fuzz [TARGET..] [--seconds N] | capture-config-writes [--held-out]>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -39,6 +45,15 @@ fn main() -> ExitCode {
         "bench" => testbed::bench::xtask(rest),
         "capture-config-writes" => testbed::capture::xtask(rest),
         "kernel" => kernel_task(rest),
+        "kernel-fits" => match rest {
+            [image] => kernel::xtask_fits(std::path::Path::new(image)),
+            _ => {
+                eprintln!("usage: cargo xtask kernel-fits BZIMAGE");
+                return ExitCode::from(2);
+            }
+        },
+        "boot-check" => testbed::boot_check::xtask(rest),
+        "kernel-selftests" => testbed::selftests::xtask(),
         "bindings" => uapi::run_bindings(rest.iter().any(|a| a == "--check")).map(|()| true),
         "fuzz" => fuzz::xtask(rest),
         "-h" | "--help" | "help" => {
