@@ -91,7 +91,13 @@ fn gpus() -> Vec<(PciAddress, DrmDevice)> {
         .iter()
         .map(|b| {
             let addr: PciAddress = b.parse().unwrap();
-            (addr, DrmDevice::for_pci(addr).unwrap())
+            let card = DrmDevice::for_pci(addr).unwrap_or_else(|e| {
+                panic!(
+                    "{e}: this profile needs a kernel with the fragment's DRM block \
+                     (CONFIG_DRM_VIRTIO_GPU), which ../shared/vm/bzImage lacks"
+                )
+            });
+            (addr, card)
         })
         .collect()
 }
