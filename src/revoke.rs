@@ -42,6 +42,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use crate::dmabuf::DmaBuf;
 use crate::error::{Error, Result};
 use crate::importer::iommufd::{Ioas, IoasMapping, Iommufd, IovaPlacement, MapPerms};
+use crate::pci::PciAddress;
 use crate::range::PhysRange;
 
 /// Why a buffer was revoked.
@@ -194,9 +195,23 @@ pub struct RevocationHub {
     changes: AtomicU64,
 }
 
+/// What a hub tells each importer's hold on one of its buffers: an
+/// iommufd [`Attachment`], or a DRM PRIME import (feature `drm`).
+pub(crate) trait HubMember: Send + Sync {
+    /// The exporter revoked: tear down, and tell the callbacks if it was
+    /// live. `keep_dead` says the kernel has revoked already and the dead
+    /// object may stay to keep its name (IOVA, GEM handle) reserved.
+    /// Returns whether it was live.
+    fn on_revoked(&self, reason: RevokeReason, keep_dead: bool) -> bool;
+    /// What it does when the exporter is back.
+    fn restore_policy(&self) -> RestorePolicy;
+    /// Makes it usable again if it is revoked; `Ok` when it is live now.
+    fn try_restore(&self) -> Result<()>;
+}
+
 struct HubInner {
     state: BufferState,
-    attachments: Vec<Weak<AttachmentCore>>,
+    attachments: Vec<Weak<dyn HubMember>>,
     revocations: u64,
     /// State changes so far (the `seq` of the last [`StateChange`]).
     changes: u64,
@@ -262,10 +277,10 @@ thread_local! {
 /// the thread that revoked or restored, which holds the exporter's
 /// transition lock ([`RevocationHub::lock_transitions`]): what they call must
 /// not take it again.
-struct InCallback;
+pub(crate) struct InCallback;
 
 impl InCallback {
-    fn enter() -> Self {
+    pub(crate) fn enter() -> Self {
         IN_CALLBACK.with(|d| d.set(d.get() + 1));
         Self
     }
@@ -466,7 +481,7 @@ impl RevocationHub {
             .count()
     }
 
-    fn live_attachments(inner: &mut HubInner) -> Vec<Arc<AttachmentCore>> {
+    fn live_attachments(inner: &mut HubInner) -> Vec<Arc<dyn HubMember>> {
         inner.attachments.retain(|w| w.strong_count() > 0);
         inner.attachments.iter().filter_map(Weak::upgrade).collect()
     }
@@ -562,7 +577,7 @@ impl RevocationHub {
         };
         let n = atts
             .iter()
-            .filter(|a| a.policy() == RestorePolicy::Automatic && a.try_restore().is_ok())
+            .filter(|a| a.restore_policy() == RestorePolicy::Automatic && a.try_restore().is_ok())
             .count();
         tell(change);
         n
@@ -578,12 +593,12 @@ impl RevocationHub {
         self.revoke(reason)
     }
 
-    fn register(&self, core: &Arc<AttachmentCore>) {
+    pub(crate) fn register(&self, member: Weak<dyn HubMember>) {
         let mut inner = lock(&self.inner);
         // Forget dropped attachments here too, or a hub that is never revoked
         // would keep one entry per attachment ever made.
         inner.attachments.retain(|w| w.strong_count() > 0);
-        inner.attachments.push(Arc::downgrade(core));
+        inner.attachments.push(member);
     }
 }
 
@@ -651,6 +666,11 @@ pub trait Revocable {
     /// The physical ranges behind the buffer, when known.
     fn phys_ranges(&self) -> Vec<PhysRange> {
         Vec::new()
+    }
+    /// The PCI function and BAR the buffer was exported from, when it is a
+    /// BAR export: what a kernel importer's refusal is explained with.
+    fn exporter_bar(&self) -> Option<(PciAddress, u32)> {
+        None
     }
 }
 
@@ -726,7 +746,8 @@ impl Attachment {
             }),
             callbacks: Mutex::new(Vec::new()),
         });
-        hub.register(&core);
+        let member: Arc<dyn HubMember> = core.clone();
+        hub.register(Arc::downgrade(&member));
         // The exporter may have revoked between the state check and the
         // registration, which the hub told nobody about this attachment: if
         // it is revoked now, tear down; if it revoked and came back, the new
@@ -983,6 +1004,20 @@ impl AttachmentCore {
         };
         self.notify(&ev);
         result
+    }
+}
+
+impl HubMember for AttachmentCore {
+    fn on_revoked(&self, reason: RevokeReason, keep_dead: bool) -> bool {
+        AttachmentCore::on_revoked(self, reason, keep_dead)
+    }
+
+    fn restore_policy(&self) -> RestorePolicy {
+        self.policy()
+    }
+
+    fn try_restore(&self) -> Result<()> {
+        AttachmentCore::try_restore(self)
     }
 }
 

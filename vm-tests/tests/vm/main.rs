@@ -28,6 +28,7 @@ mod profile_aw39;
 mod profile_aw39_high_bar;
 mod profile_root_bus;
 mod profile_switch;
+mod profile_virtio_gpu;
 mod revoke;
 mod share;
 mod share_attacks;
