@@ -21,6 +21,6 @@ mod status;
 mod unreachable;
 
 pub use bar_register::{BarAddress, BarRegister};
-pub use guest_bar_map::{DeviceId, GuestBarMap, Offer};
-pub use status::{BarReport, BarStatus, ConfigWrite, Drift};
+pub use guest_bar_map::{GuestBarMap, Offer};
+pub use status::{BarReport, BarStatus, ConfigWrite, DeviceId, Drift};
 pub use unreachable::{Unreachable, address_width};

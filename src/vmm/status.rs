@@ -1,16 +1,29 @@
-//! What a [`GuestBarMap`](super::GuestBarMap) answers: where a BAR stands,
-//! the whole map's report, what a trapped write did, and drift found against
-//! the kernel.
+//! What a [`GuestBarMap`](super::GuestBarMap) answers: a registered
+//! device's id, where a BAR stands, the whole map's report, what a trapped
+//! write did, and drift found against the kernel.
 
 use std::fmt;
 
-use super::guest_bar_map::DeviceId;
 #[cfg(doc)]
 use super::guest_bar_map::GuestBarMap;
 use super::unreachable::Unreachable;
 use crate::pci::PciAddress;
 use crate::range::human_size;
 use crate::revoke::BufferState;
+
+/// A registered device, as [`GuestBarMap::register`] names it. Stale once
+/// the device is removed: a later device in the same slot has another id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DeviceId {
+    pub(super) slot: u32,
+    pub(super) generation: u32,
+}
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "device #{}.{}", self.slot, self.generation)
+    }
+}
 
 /// Where one BAR stands.
 #[derive(Debug, Clone, PartialEq, Eq)]

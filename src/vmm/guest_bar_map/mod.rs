@@ -12,7 +12,7 @@ use super::config_space::{
     overlaps,
 };
 use super::limits::{BarKey, Limits};
-use super::status::{BarReport, BarStatus, ConfigWrite, Drift};
+use super::status::{BarReport, BarStatus, ConfigWrite, DeviceId, Drift};
 use super::unreachable::Unreachable;
 use crate::error::{Error, Result};
 use crate::exporter::bar::BarExport;
@@ -21,20 +21,6 @@ use crate::pci::{BAR_COUNT, PciAddress};
 use crate::range::{ByteRange, human_size, page_size};
 use crate::revoke::{BufferState, RevokeReason};
 use crate::vfio::VfioPciDevice;
-
-/// A registered device, as [`GuestBarMap::register`] names it. Stale once
-/// the device is removed: a later device in the same slot has another id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct DeviceId {
-    slot: u32,
-    generation: u32,
-}
-
-impl fmt::Display for DeviceId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "device #{}.{}", self.slot, self.generation)
-    }
-}
 
 /// Which BARs a device offers for peer-to-peer DMA.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
