@@ -4,15 +4,15 @@
 
 use std::fmt;
 
-#[cfg(doc)]
-use super::guest_bar_map::GuestBarMap;
 use super::unreachable::Unreachable;
 use crate::pci::PciAddress;
 use crate::range::human_size;
 use crate::revoke::BufferState;
 
-/// A registered device, as [`GuestBarMap::register`] names it. Stale once
-/// the device is removed: a later device in the same slot has another id.
+/// A registered device, as
+/// [`GuestBarMap::register`](super::GuestBarMap::register) names it. Stale
+/// once the device is removed: a later device in the same slot has another
+/// id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct DeviceId {
     pub(super) slot: u32,
@@ -48,7 +48,8 @@ impl fmt::Display for BarStatus {
     }
 }
 
-/// One BAR of one device, for [`GuestBarMap::report`].
+/// One BAR of one device, for
+/// [`GuestBarMap::report`](super::GuestBarMap::report).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BarReport {
     /// The device's id.
@@ -76,7 +77,8 @@ impl fmt::Display for BarReport {
     }
 }
 
-/// How [`GuestBarMap::config_write`] handled a trapped write.
+/// How [`GuestBarMap::config_write`](super::GuestBarMap::config_write)
+/// handled a trapped write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ConfigWrite {
@@ -100,8 +102,9 @@ pub enum ConfigWrite {
 }
 
 /// A difference between what the map expected and what the kernel had,
-/// found and repaired by [`GuestBarMap::sync_with_kernel`] (or found on
-/// the way by any call).
+/// found and repaired by
+/// [`GuestBarMap::sync_with_kernel`](super::GuestBarMap::sync_with_kernel)
+/// (or found on the way by any call).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Drift {
