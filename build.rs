@@ -3,7 +3,7 @@
 //! `src/sys/bindings.rs` and needs neither bindgen nor libclang.
 //!
 //! With `--features bindgen` it runs bindgen (libclang) over the dma-buf,
-//! udmabuf, dma-heap, VFIO and iommufd uAPI headers found in
+//! udmabuf, dma-heap, VFIO, iommufd and DRM (PRIME, virtio-gpu) uAPI headers found in
 //! `$DMABUF_P2P_UAPI_INCLUDE` and writes `$OUT_DIR/bindings.rs`. The
 //! `tests/bindings_fresh.rs` test compares that file with the committed one;
 //! `cargo xtask bindings` copies it over the committed one.
@@ -34,7 +34,7 @@ mod generate {
     const MULTIARCH: &str = "x86_64-linux-gnu";
 
     /// The headers wrapped, in this order.
-    const HEADERS: [&str; 7] = [
+    const HEADERS: [&str; 9] = [
         "linux/dma-buf.h",
         "linux/udmabuf.h",
         "linux/dma-heap.h",
@@ -42,10 +42,12 @@ mod generate {
         "linux/iommufd.h",
         "linux/magic.h",
         "linux/pci_regs.h",
+        "drm/drm.h",
+        "drm/virtgpu_drm.h",
     ];
 
     /// Items (types, constants) kept; everything they use comes along.
-    const ALLOW: [&str; 15] = [
+    const ALLOW: [&str; 22] = [
         "dma_buf.*",
         "DMA_BUF.*",
         "udmabuf.*",
@@ -61,6 +63,15 @@ mod generate {
         "PCI_VENDOR_ID",
         "PCI_DEVICE_ID",
         "PCI_BASE_ADDRESS_[0-5]",
+        // DRM PRIME import (feature `drm`): the driver's name, a dma-buf fd
+        // to a GEM handle and back, closing it; virtio-gpu's parameters.
+        "drm_version",
+        "drm_prime_handle",
+        "drm_gem_close",
+        "DRM_(IOCTL_BASE|COMMAND_BASE)",
+        "DRM_IOCTL_(VERSION|GEM_CLOSE|PRIME_FD_TO_HANDLE|VIRTGPU_GETPARAM)",
+        "drm_virtgpu_getparam",
+        "VIRTGPU_PARAM_.*",
     ];
 
     pub fn run() {

@@ -5,6 +5,8 @@
 
 use std::io;
 
+#[cfg(feature = "drm")]
+pub use crate::types::ImportRefusal;
 #[cfg(feature = "share")]
 use crate::types::ShareProblem;
 pub use crate::types::{AllowedIovaProblem, RangeProblem};
@@ -269,6 +271,26 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// A kernel importer (a DRM device's PRIME import) refused a dma-buf,
+    /// for the reason `why` (read from what the kernel answered and what
+    /// the library knows of the importer and the PCI path), or the library
+    /// refused it before asking, for an import that would succeed and not
+    /// work ([`ImportRefusal::MultiRangeBlob`]).
+    #[cfg(feature = "drm")]
+    #[error("{importer} refused dma-buf {buffer}: {why}")]
+    ImportRefused {
+        /// The importer, e.g. `"/dev/dri/card0 (virtio_gpu, 0000:03:00.0)"`.
+        importer: String,
+        /// The buffer.
+        buffer: String,
+        /// Why.
+        why: ImportRefusal,
+        /// The kernel's answer (`EOPNOTSUPP`, `EINVAL`); `None` when the
+        /// library refused before asking.
+        #[source]
+        source: Option<io::Error>,
+    },
+
     /// A message of the buffer-sharing protocol ([`crate::share`]) was refused,
     /// or the connection it needed is over. Every fd that came with a refused
     /// message was closed.
@@ -323,6 +345,8 @@ impl Error {
             | Self::InvalidRegion { source, .. }
             | Self::Device { source, .. }
             | Self::Unsupported { source, .. } => source.as_ref().and_then(io::Error::raw_os_error),
+            #[cfg(feature = "drm")]
+            Self::ImportRefused { source, .. } => source.as_ref().and_then(io::Error::raw_os_error),
             Self::InvalidAllowedIova { problem, .. } => match problem {
                 AllowedIovaProblem::Reserved { .. } => Some(libc::EADDRINUSE),
                 AllowedIovaProblem::Empty | AllowedIovaProblem::Overlaps { .. } => None,

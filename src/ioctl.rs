@@ -970,6 +970,77 @@ pub fn dup_iommufd(iommufd: &iommufd_ioctls::IommuFd) -> io::Result<OwnedFd> {
 }
 
 // ---------------------------------------------------------------------------
+// DRM (feature `drm`)
+// ---------------------------------------------------------------------------
+
+/// `DRM_IOCTL_VERSION`: the name of the driver behind a DRM fd
+/// (`virtio_gpu`, `amdgpu`, ...). Asks for the length first, then the name.
+#[cfg(feature = "drm")]
+pub fn drm_driver_name(drm: BorrowedFd<'_>) -> io::Result<String> {
+    let mut arg = sys::drm_version::default();
+    // SAFETY: `DRM_IOWR(0x00, struct drm_version)`: with every length 0 the
+    // kernel copies no string (`drm_copy_field` copies at most the given
+    // length) and writes back the struct's integers, including the lengths.
+    unsafe { ioctl_with_mut(drm, sys::DRM_IOCTL_VERSION, &mut arg) }?;
+    // A driver name is a few bytes; refuse an absurd length.
+    let len = usize::try_from(arg.name_len)
+        .ok()
+        .filter(|n| *n <= 4096)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+    let mut name = vec![0u8; len];
+    let mut arg = sys::drm_version {
+        name_len: arg.name_len,
+        name: name.as_mut_ptr().cast(),
+        ..sys::drm_version::default()
+    };
+    // SAFETY: as above; now the kernel also writes at most `name_len` bytes
+    // to `name`, which `name` has room for; date and desc stay 0 and null.
+    unsafe { ioctl_with_mut(drm, sys::DRM_IOCTL_VERSION, &mut arg) }?;
+    name.truncate(usize::try_from(arg.name_len).map_or(len, |n| n.min(len)));
+    Ok(String::from_utf8_lossy(&name).into_owned())
+}
+
+/// `DRM_IOCTL_PRIME_FD_TO_HANDLE`: imports `dmabuf` into the DRM device as a
+/// GEM object (or finds this file's handle for it) and returns the handle.
+#[cfg(feature = "drm")]
+pub fn drm_prime_fd_to_handle(drm: BorrowedFd<'_>, dmabuf: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut arg = sys::drm_prime_handle {
+        handle: 0,
+        flags: 0,
+        fd: dmabuf.as_raw_fd(),
+    };
+    // SAFETY: `DRM_IOWR(0x2e, struct drm_prime_handle)`: the kernel reads and
+    // writes back exactly this struct of integers.
+    unsafe { ioctl_with_mut(drm, sys::DRM_IOCTL_PRIME_FD_TO_HANDLE, &mut arg) }?;
+    Ok(arg.handle)
+}
+
+/// `DRM_IOCTL_GEM_CLOSE`: drops GEM handle `handle` of this DRM file.
+#[cfg(feature = "drm")]
+pub fn drm_gem_close(drm: BorrowedFd<'_>, handle: u32) -> io::Result<()> {
+    let arg = sys::drm_gem_close { handle, pad: 0 };
+    // SAFETY: `DRM_IOW(0x09, struct drm_gem_close)`: the kernel only reads it.
+    unsafe { ioctl_with_ref(drm, sys::DRM_IOCTL_GEM_CLOSE, &arg) }.map(drop)
+}
+
+/// `DRM_IOCTL_VIRTGPU_GETPARAM`: one of virtio-gpu's `VIRTGPU_PARAM_*`
+/// values (`EINVAL` for a parameter the driver does not know).
+#[cfg(feature = "drm")]
+pub fn virtgpu_getparam(drm: BorrowedFd<'_>, param: u32) -> io::Result<i32> {
+    let mut value: c_int = 0;
+    let ptr: *mut c_int = &mut value;
+    let mut arg = sys::drm_virtgpu_getparam {
+        param: u64::from(param),
+        value: ptr as u64,
+    };
+    // SAFETY: `DRM_IOWR(0x43, struct drm_virtgpu_getparam)`: the kernel reads
+    // the struct and writes one `int` through `value`, which points at
+    // `value`, live and unborrowed for the call.
+    unsafe { ioctl_with_mut(drm, sys::DRM_IOCTL_VIRTGPU_GETPARAM, &mut arg) }?;
+    Ok(value)
+}
+
+// ---------------------------------------------------------------------------
 // Directory entries (getdents64)
 // ---------------------------------------------------------------------------
 //

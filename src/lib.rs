@@ -42,6 +42,8 @@ pub mod vfio;
 pub mod vmm;
 
 pub use dmabuf::{Access, DmaBuf, SyncFile, is_dmabuf};
+#[cfg(feature = "drm")]
+pub use error::ImportRefusal;
 pub use error::{AllowedIovaProblem, Error, RangeProblem, Result};
 pub use exporter::bar::BarExport;
 pub use exporter::heap::DmaHeap;
@@ -60,8 +62,8 @@ pub use types::ShareProblem;
 pub use vfio::{Bar, BarMapping, DeviceInfo, RegionInfo, VfioPciDevice};
 
 /// The VMM author's guide (`docs/GUIDE.md`), here so its snippets compile as
-/// doctests. It walks through sharing and rust-vmm interop too, hence the
-/// features (the test command turns both on).
-#[cfg(all(feature = "share", feature = "rust-vmm"))]
+/// doctests. It walks through sharing, rust-vmm interop and DRM import too,
+/// hence the features (the test command turns all three on).
+#[cfg(all(feature = "share", feature = "rust-vmm", feature = "drm"))]
 #[doc = include_str!("../docs/GUIDE.md")]
 pub mod guide {}

@@ -177,6 +177,63 @@ fn memfd_read_write_and_mmap_agree() {
     assert_eq!(open_fd_count(), before);
 }
 
+/// The word accessors' one-compare bounds check against every edge: the
+/// last word in, one byte past, unaligned, an offset that wraps, and
+/// `write_u64s` of a list that ends exactly at the end or one word past it.
+#[test]
+fn mapping_word_accessors_check_every_edge() {
+    let _g = lock();
+    let m = Memfd::new("words", 8192).unwrap();
+    let map = m.mmap().unwrap();
+    let problem = |r: dmabuf_p2p::Result<()>| match r {
+        Err(Error::InvalidRange { problem, .. }) => problem,
+        other => panic!("unexpected {other:?}"),
+    };
+    map.write_u64(8184, 0x0102_0304_0506_0708).unwrap();
+    assert_eq!(map.read_u64(8184).unwrap(), 0x0102_0304_0506_0708);
+    assert_eq!(map.read_u32(8188).unwrap(), 0x0102_0304);
+    assert_eq!(
+        problem(map.write_u32(8190, 1)),
+        RangeProblem::Unaligned { align: 4 }
+    );
+    assert_eq!(
+        problem(map.write_u64(8192, 1)),
+        RangeProblem::OutOfBounds {
+            end: 8200,
+            size: 8192
+        }
+    );
+    assert_eq!(
+        problem(map.write_u64(u64::MAX - 7, 1)),
+        RangeProblem::Overflow
+    );
+    assert!(matches!(
+        map.read_u16(u64::MAX - 1),
+        Err(Error::InvalidRange {
+            problem: RangeProblem::Overflow,
+            ..
+        })
+    ));
+
+    map.write_u64s(8192 - 64, (0..8usize).map(|i| i as u64 * 3))
+        .unwrap();
+    assert_eq!(map.read_u64(8192 - 8).unwrap(), 21);
+    assert_eq!(
+        problem(map.write_u64s(8192 - 56, [9u64; 8])),
+        RangeProblem::OutOfBounds {
+            end: 8200,
+            size: 8192
+        }
+    );
+    assert_eq!(
+        problem(map.write_u64s(4, [9u64; 2])),
+        RangeProblem::Unaligned { align: 8 }
+    );
+    // The refused list wrote nothing.
+    assert_eq!(map.read_u64(8192 - 56).unwrap(), 3);
+    map.write_u64s(0, std::iter::empty::<u64>()).unwrap();
+}
+
 #[test]
 fn memfd_without_shrink_seal_is_refused_naming_the_seal() {
     let _g = lock();

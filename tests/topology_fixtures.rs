@@ -19,8 +19,9 @@ use dmabuf_p2p::importer::iommufd::{IovaPlacement, IovaRange, IovaRanges};
 use dmabuf_p2p::pci::PciAddress;
 use dmabuf_p2p::sysfs::Sysfs;
 use dmabuf_p2p::topology::{
-    AcsFlags, ConfigSpace, Cpu, HostBridgeDevice, HostBridgeSupport, Outcome, PciPath, PcieType,
-    Platform, Probe, Reason, Route, Upstream, Verdict, acs, ats, parse_dmar_width, pcie_type,
+    AcsFlags, ConfigSpace, Cpu, HostBridgeDevice, HostBridgeSupport, KernelMapType, Outcome,
+    PciPath, PcieType, Platform, Probe, Reason, Route, Upstream, Verdict, acs, ats,
+    parse_dmar_width, pcie_type,
 };
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -788,5 +789,176 @@ fn vm_switch_with_the_bar_in_a_reserved_iova_hole() -> TestResult {
         "{}",
         advice.why
     );
+    Ok(())
+}
+
+// ------------------------------------------- what a kernel importer is told
+
+/// An AMD Zen CPU: `cpu_supports_p2pdma` vouches for its root complex.
+fn zen() -> Platform {
+    Platform {
+        cpu: Cpu::parse_cpuinfo("vendor_id : AuthenticAMD\ncpu family : 25\n"),
+        host_address_width: None,
+    }
+}
+
+/// The verdict on importer `client` and the BAR's function `provider` of
+/// dump `name` on `platform`, read as root or not.
+fn kernel_verdict(
+    name: &str,
+    client: &str,
+    provider: &str,
+    platform: &Platform,
+    unprivileged: bool,
+) -> Result<Verdict, Box<dyn std::error::Error>> {
+    let dump = load(name)?;
+    let layout = Layout {
+        unprivileged,
+        ..Layout::default()
+    };
+    let (_tmp, sysfs) = sysfs_of(&dump, &layout)?;
+    let path = PciPath::read(&sysfs, addr(client), addr(provider))?;
+    Ok(Verdict::new(&path, platform, None, None))
+}
+
+/// `Verdict::kernel_map_type` of the same.
+fn map_type(
+    name: &str,
+    client: &str,
+    provider: &str,
+    platform: &Platform,
+    unprivileged: bool,
+) -> Result<Option<KernelMapType>, Box<dyn std::error::Error>> {
+    Ok(kernel_verdict(name, client, provider, platform, unprivileged)?.kernel_map_type())
+}
+
+/// What `pci_p2pdma_map_type()` answers a kernel importer (a DRM driver
+/// mapping a VFIO BAR dma-buf) on each real topology, as
+/// `calc_map_type_and_dist` works it out: bus addresses where the two
+/// chains meet below the root complex with no ACS redirect on the way;
+/// through the host bridge only where the kernel vouches for it (an AMD
+/// Zen CPU, a listed host bridge), else not supported (the exporter's map
+/// fails with EINVAL); no answer where the ACS bits are root-only.
+#[test]
+fn kernel_map_type_follows_calc_map_type_and_dist() -> TestResult {
+    use KernelMapType::{BusAddr, NotSupported, ThruHostBridge};
+    let cases: [(&str, &str, &str, Platform, Option<KernelMapType>); 9] = [
+        // The test VM's switch: xio3130 ports without ACS (the virtio_gpu
+        // profile's gpu0 and shm0 sit so).
+        (
+            "vm-switch.txt",
+            "03:00.0",
+            "04:00.0",
+            plain(),
+            Some(BusAddr),
+        ),
+        ("vm-switch.txt", "03:00.0", "04:00.0", zen(), Some(BusAddr)),
+        // QEMU root ports, and the root bus (gpu2): through q35's host
+        // bridge 8086:29c0, which is not listed.
+        (
+            "vm-root-ports.txt",
+            "01:00.0",
+            "02:00.0",
+            plain(),
+            Some(NotSupported),
+        ),
+        (
+            "vm-root-ports.txt",
+            "01:00.0",
+            "02:00.0",
+            zen(),
+            Some(ThruHostBridge),
+        ),
+        (
+            "vm-root-bus.txt",
+            "00:10.0",
+            "00:11.0",
+            plain(),
+            Some(NotSupported),
+        ),
+        (
+            "vm-root-bus.txt",
+            "00:10.0",
+            "00:11.0",
+            zen(),
+            Some(ThruHostBridge),
+        ),
+        // The X58 board: a GeForce's two functions below root port 7 (ACS
+        // off), and the SAS controller below the NF200 to the GeForce
+        // across the ESI port's root complex.
+        (
+            "pciutils-tree-asus-p6t6.txt",
+            "06:00.1",
+            "06:00.0",
+            plain(),
+            Some(BusAddr),
+        ),
+        (
+            "pciutils-tree-asus-p6t6.txt",
+            "04:00.0",
+            "06:00.0",
+            plain(),
+            Some(NotSupported),
+        ),
+        (
+            "pciutils-tree-asus-p6t6.txt",
+            "04:00.0",
+            "06:00.0",
+            zen(),
+            Some(ThruHostBridge),
+        ),
+    ];
+    for (name, client, provider, platform, want) in cases {
+        let got = map_type(name, client, provider, &platform, false)?;
+        assert_eq!(
+            got, want,
+            "{name}: {client} -> {provider} on {:?}",
+            platform.cpu
+        );
+    }
+    // Without root the switch's ACS bits are unreadable: no answer, as the
+    // kernel's depends on them. Through the root complex, ACS does not
+    // matter (every such route goes through the host bridge).
+    assert_eq!(
+        map_type("vm-switch.txt", "03:00.0", "04:00.0", &plain(), true)?,
+        None
+    );
+    assert_eq!(
+        map_type("vm-root-ports.txt", "01:00.0", "02:00.0", &plain(), true)?,
+        Some(NotSupported)
+    );
+    Ok(())
+}
+
+/// What a kernel importer's refusal names: the reasons about the route
+/// (where the chains meet, ACS, the host bridge), not those about an IOAS
+/// or the placement in one; and the kernel's name for its answer.
+#[test]
+fn a_kernel_importer_is_told_the_routes_reasons() -> TestResult {
+    // The variant of each reason, in order.
+    let kinds = |v: &Verdict| -> Vec<String> {
+        v.map_type_reasons()
+            .map(|r| {
+                format!("{r:?}")
+                    .split([' ', '{'])
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect()
+    };
+    let answer = |v: &Verdict| v.kernel_map_type().map(|m| m.to_string());
+    // gpu2 on the root bus: through q35's unlisted host bridge. The
+    // verdict's placement reason is left out.
+    let v = kernel_verdict("vm-root-bus.txt", "00:10.0", "00:11.0", &plain(), false)?;
+    assert_eq!(kinds(&v), ["NoCommonBridge", "HostBridge"], "{v:?}");
+    assert!(v.reasons.len() > 2, "{v:?}");
+    assert_eq!(answer(&v).as_deref(), Some("PCI_P2PDMA_MAP_NOT_SUPPORTED"));
+    // gpu0 and shm0 below the switch: where they meet, and no redirect on
+    // the way; the IOVA-range and placement reasons are left out.
+    let v = kernel_verdict("vm-switch.txt", "03:00.0", "04:00.0", &plain(), false)?;
+    assert_eq!(kinds(&v), ["MeetAt", "NoAcsRedirect"], "{v:?}");
+    assert!(v.reasons.len() > 2, "{v:?}");
+    assert_eq!(answer(&v).as_deref(), Some("PCI_P2PDMA_MAP_BUS_ADDR"));
     Ok(())
 }

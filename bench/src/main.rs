@@ -28,11 +28,19 @@
 //!    against a hand-written VMM path, and registering 8 devices with
 //!    64 KiB and 64 GiB BARs; in a VM of its own with 72 ivshmem devices,
 //!    only when asked (`--only=vmm`).
+//! 9. **nvmeqd**: the NVMe engine's queues at depth 1, 8 and 32, one queue
+//!    and two, against a raw driver loop on the same queue memory
+//!    ([`nvme_qd`]); QD1 latency polled and by MSI-X; the cost of one
+//!    command's submit and reap.
+//! 10. **firstexport**: the first BAR export of a freshly opened device
+//!     against the second, and the raw export between them.
 //!
 //! Every figure is the median of repeated runs, with min and max. Options:
 //! `--quick` (a quarter of the time budgets), `--only=sweep,overhead,...`.
 
+mod first_export;
 mod nvme;
+mod nvme_qd;
 mod raw;
 mod stats;
 mod uapi;
@@ -161,6 +169,11 @@ fn run() -> R<()> {
     }
 
     let iommufd = Iommufd::open()?;
+    // Before the device is opened for the other parts: it opens its own
+    // handle each time (a device is bound once at a time).
+    if opts.wants("firstexport") {
+        first_export::first_export(&opts, &iommufd, &bdf)?;
+    }
     let ioas = iommufd.alloc_ioas()?;
     let mut dev = VfioPciDevice::open(bdf.parse()?)?;
     dev.bind(&iommufd)?;
@@ -206,6 +219,14 @@ fn run() -> R<()> {
     }
     if opts.wants("nvme") {
         nvme::reads(&opts, &dev, &ioas)?;
+    }
+    // `nvmeqd_cost` (the instruction-clock VM): only the per-command cost.
+    let cost_only = opts
+        .only
+        .as_ref()
+        .is_some_and(|l| l.iter().any(|p| p == "nvmeqd_cost"));
+    if opts.wants("nvmeqd") || cost_only {
+        nvme_qd::queue_depth(&opts, &dev, &ioas, !opts.wants("nvmeqd"))?;
     }
     emit_meta(
         "guest_seconds",

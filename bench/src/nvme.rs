@@ -20,7 +20,7 @@ const TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The first NVMe controller, if the VM has one. Listed by the library's
 /// `Sysfs` (never `std::fs::read_dir` on sysfs: docs/KERNEL.md).
-fn first_nvme() -> Option<String> {
+pub(crate) fn first_nvme() -> Option<String> {
     let sys = Sysfs::default();
     sys.devices()
         .ok()?

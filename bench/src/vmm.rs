@@ -37,10 +37,12 @@ const RAW_GPA: u64 = 0x200_0000_0000;
 const MOVE_STEP: u64 = 0x10_0000_0000;
 
 /// The ivshmem devices (1af4:1110) with a BAR2 of `size`, in address order.
+/// Listed by the library's `Sysfs` (never `std::fs::read_dir` on sysfs:
+/// docs/KERNEL.md).
 fn ivshmem_with(size: u64) -> R<Vec<String>> {
     let mut out = Vec::new();
-    for e in std::fs::read_dir("/sys/bus/pci/devices")?.flatten() {
-        let bdf = e.file_name().to_string_lossy().into_owned();
+    for addr in dmabuf_p2p::sysfs::Sysfs::default().devices()? {
+        let bdf = addr.to_string();
         let dir = format!("/sys/bus/pci/devices/{bdf}");
         let id = |f: &str| std::fs::read_to_string(format!("{dir}/{f}")).unwrap_or_default();
         if id("vendor").trim() != "0x1af4" || id("device").trim() != "0x1110" {

@@ -13,6 +13,8 @@ macro_rules! outln {
 }
 
 mod devices;
+mod drm_output;
+mod drm_test;
 mod export;
 mod lines;
 mod manual;
@@ -21,6 +23,7 @@ mod p2p_args;
 mod p2p_nvme;
 mod p2p_report;
 mod p2p_verdict;
+mod screen;
 mod share;
 pub mod target;
 mod topology;
@@ -60,6 +63,9 @@ pub enum Command {
     /// Copy into and out of a BAR with a DMA engine through the IOMMU, verify
     /// every transfer, then revoke and restore.
     P2pTest(p2p_args::Args),
+    /// Hand a BAR to a GPU's DRM driver (PRIME import), scan it out, check
+    /// the screen against the BAR, then revoke and restore.
+    DrmTest(drm_test::Args),
     /// Receive a BAR buffer from `export --serve <socket>`, map it into this
     /// process's IOAS, optionally copy into it with a DMA engine and verify.
     Map(share::MapArgs),
@@ -81,6 +87,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Export(a) => export::run(&a, cli.json),
         Command::Topology(a) => topology::run(&a, cli.json),
         Command::P2pTest(a) => p2p::run(&a, cli.json),
+        Command::DrmTest(a) => drm_test::run(&a, cli.json),
         Command::Map(a) => share::run_map(&a, cli.json),
         #[cfg(feature = "vm")]
         Command::Vm(c) => vm::run(c, cli.json),

@@ -63,7 +63,7 @@ pub(super) fn open_target(
     dev.bind(iommufd)?;
     if sysfs.class(address)? == NVME_CLASS {
         dev.attach(ioas)?;
-        let mut nvme = Nvme::from_device(dev, ioas)?;
+        let nvme = Nvme::from_device(dev, ioas)?;
         let cmb = region(nvme.enable_cmb())?;
         let cmb_is_target = cmb.is_some_and(|c| bar.is_none_or(|b| b == c.bar));
         let pmr = if cmb_is_target {

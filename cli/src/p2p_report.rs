@@ -1,5 +1,5 @@
-//! The report of `p2p-test`: its steps, the table it prints, the test
-//! pattern and the host-check directive.
+//! The report of `p2p-test`: its steps, the table it prints (`drm-test`'s
+//! too), the test pattern and the host-check directive.
 
 use std::time::Instant;
 
@@ -143,48 +143,51 @@ pub(crate) fn host_check(offset: u64, data: &[u8]) -> std::io::Result<()> {
 
 /// Prints the report as a table.
 pub(crate) fn print_report(report: &Report) -> std::io::Result<()> {
-    {
-        outln!("engine: {}", report.engine)?;
-        outln!(
-            "target: {}  phys {}  mapped at IOVA {:#x}",
-            report.target,
-            report.phys,
-            report.iova
-        )?;
-        if !report.placement.is_empty() {
-            outln!("placement: {}", report.placement)?;
-        }
-        outln!(
-            "{:<28} {:>9}  {:<6}  {:>7}  detail",
-            "step",
-            "bytes",
-            "result",
-            "time"
-        )?;
-        for s in &report.steps {
-            let bytes = if s.bytes == 0 {
-                "-".to_owned()
-            } else {
-                human_size(s.bytes)
-            };
-            outln!(
-                "{:<28} {:>9}  {:<6}  {:>5}ms  {}",
-                s.step,
-                bytes,
-                if s.ok { "ok" } else { "FAILED" },
-                s.millis,
-                s.detail
-            )?;
-        }
-        let n = report.steps.iter().filter(|s| s.ok).count();
-        outln!(
-            "p2p-test: {} ({n} of {} checks passed)",
-            if report.passed { "PASS" } else { "FAIL" },
-            report.steps.len()
-        )?;
-        if let Some(cause) = &report.likely_cause {
-            outln!("p2p-test: the data did not arrive as sent: {cause}")?;
-        }
+    outln!("engine: {}", report.engine)?;
+    outln!(
+        "target: {}  phys {}  mapped at IOVA {:#x}",
+        report.target,
+        report.phys,
+        report.iova
+    )?;
+    if !report.placement.is_empty() {
+        outln!("placement: {}", report.placement)?;
+    }
+    print_steps("p2p-test", &report.steps, report.passed)?;
+    if let Some(cause) = &report.likely_cause {
+        outln!("p2p-test: the data did not arrive as sent: {cause}")?;
     }
     Ok(())
+}
+
+/// Prints `steps` as a table and `command`'s result line.
+pub(crate) fn print_steps(command: &str, steps: &[Step], passed: bool) -> std::io::Result<()> {
+    outln!(
+        "{:<28} {:>9}  {:<6}  {:>7}  detail",
+        "step",
+        "bytes",
+        "result",
+        "time"
+    )?;
+    for s in steps {
+        let bytes = if s.bytes == 0 {
+            "-".to_owned()
+        } else {
+            human_size(s.bytes)
+        };
+        outln!(
+            "{:<28} {:>9}  {:<6}  {:>5}ms  {}",
+            s.step,
+            bytes,
+            if s.ok { "ok" } else { "FAILED" },
+            s.millis,
+            s.detail
+        )?;
+    }
+    let n = steps.iter().filter(|s| s.ok).count();
+    outln!(
+        "{command}: {} ({n} of {} checks passed)",
+        if passed { "PASS" } else { "FAIL" },
+        steps.len()
+    )
 }

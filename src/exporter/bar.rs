@@ -422,6 +422,10 @@ impl Revocable for BarExport {
     fn phys_ranges(&self) -> Vec<PhysRange> {
         self.plan.phys().to_vec()
     }
+
+    fn exporter_bar(&self) -> Option<(PciAddress, u32)> {
+        Some((self.plan.device(), self.plan.bar()))
+    }
 }
 
 impl BarExport {

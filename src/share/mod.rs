@@ -133,6 +133,8 @@ mod events;
 mod peer;
 mod rights;
 mod server;
+mod server_options;
+mod server_state;
 mod serving;
 mod socket;
 mod wire;
@@ -147,7 +149,9 @@ pub use peer::{
     AccessPolicy, MAX_NAME_LEN, MAX_TEXT_LEN, PeerCred, check_name, refuse_fds, sanitize_text,
 };
 pub use rights::FD_ROOM;
-pub use server::{ReadBack, ServerOptions, ShareServer};
+pub use server::ShareServer;
+pub use server_options::ServerOptions;
+pub use server_state::ReadBack;
 pub use socket::{
     Listener, SocketFile, SocketOptions, bind_listener, bind_listener_with, default_socket_dir,
     default_socket_path,

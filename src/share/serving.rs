@@ -13,7 +13,8 @@ use nix::poll::{PollFd, PollFlags, poll};
 
 use super::events::{Churn, Limits};
 use super::peer::PeerCred;
-use super::server::{Admitted, Latest, ServerOptions, Shared, farewell, lock, not_allowed};
+use super::server_options::ServerOptions;
+use super::server_state::{Admitted, Latest, Shared, farewell, lock, not_allowed};
 use super::socket::Listener;
 use super::wire::{self, FrameReader, Progress};
 use super::{

@@ -3,7 +3,7 @@
 // Linux uAPI bindings for dmabuf-p2p. GENERATED: do not edit by hand.
 //
 // Source:     the Linux 7.2.13 uAPI headers of Debian linux-libc-dev 7.2.13-1
-// Headers:    linux/dma-buf.h, linux/udmabuf.h, linux/dma-heap.h, linux/vfio.h, linux/iommufd.h, linux/magic.h, linux/pci_regs.h
+// Headers:    linux/dma-buf.h, linux/udmabuf.h, linux/dma-heap.h, linux/vfio.h, linux/iommufd.h, linux/magic.h, linux/pci_regs.h, drm/drm.h, drm/virtgpu_drm.h
 // Generator:  build.rs with `--features bindgen` (bindgen, libclang, rustfmt)
 // Regenerate: cargo xtask bindings    Check: cargo xtask bindings --check
 //             (see docs/BINDINGS.md)
@@ -283,11 +283,28 @@ pub const PCI_BASE_ADDRESS_2: u32 = 24;
 pub const PCI_BASE_ADDRESS_3: u32 = 28;
 pub const PCI_BASE_ADDRESS_4: u32 = 32;
 pub const PCI_BASE_ADDRESS_5: u32 = 36;
+pub const DRM_IOCTL_BASE: u8 = 100u8;
+pub const DRM_IOCTL_VERSION: u32 = 3225445376;
+pub const DRM_IOCTL_GEM_CLOSE: u32 = 1074291721;
+pub const DRM_IOCTL_PRIME_FD_TO_HANDLE: u32 = 3222037550;
+pub const DRM_COMMAND_BASE: u32 = 64;
+pub const VIRTGPU_PARAM_3D_FEATURES: u32 = 1;
+pub const VIRTGPU_PARAM_CAPSET_QUERY_FIX: u32 = 2;
+pub const VIRTGPU_PARAM_RESOURCE_BLOB: u32 = 3;
+pub const VIRTGPU_PARAM_HOST_VISIBLE: u32 = 4;
+pub const VIRTGPU_PARAM_CROSS_DEVICE: u32 = 5;
+pub const VIRTGPU_PARAM_CONTEXT_INIT: u32 = 6;
+pub const VIRTGPU_PARAM_SUPPORTED_CAPSET_IDs: u32 = 7;
+pub const VIRTGPU_PARAM_EXPLICIT_DEBUG_NAME: u32 = 8;
+pub const VIRTGPU_PARAM_BLOB_ALIGNMENT: u32 = 9;
+pub const DRM_IOCTL_VIRTGPU_GETPARAM: u32 = 3222299715;
 pub type __u8 = ::std::os::raw::c_uchar;
 pub type __u16 = ::std::os::raw::c_ushort;
 pub type __s32 = ::std::os::raw::c_int;
 pub type __u32 = ::std::os::raw::c_uint;
 pub type __u64 = ::std::os::raw::c_ulonglong;
+pub type __kernel_ulong_t = ::std::os::raw::c_ulong;
+pub type __kernel_size_t = __kernel_ulong_t;
 pub type __le64 = __u64;
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
@@ -2696,4 +2713,93 @@ const _: () = {
         [::std::mem::offset_of!(iommu_hw_queue_alloc, nesting_parent_iova) - 24usize];
     ["Offset of field: iommu_hw_queue_alloc::length"]
         [::std::mem::offset_of!(iommu_hw_queue_alloc, length) - 32usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone, PartialEq, Eq)]
+pub struct drm_version {
+    pub version_major: ::std::os::raw::c_int,
+    pub version_minor: ::std::os::raw::c_int,
+    pub version_patchlevel: ::std::os::raw::c_int,
+    pub name_len: __kernel_size_t,
+    pub name: *mut ::std::os::raw::c_char,
+    pub date_len: __kernel_size_t,
+    pub date: *mut ::std::os::raw::c_char,
+    pub desc_len: __kernel_size_t,
+    pub desc: *mut ::std::os::raw::c_char,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of drm_version"][::std::mem::size_of::<drm_version>() - 64usize];
+    ["Alignment of drm_version"][::std::mem::align_of::<drm_version>() - 8usize];
+    ["Offset of field: drm_version::version_major"]
+        [::std::mem::offset_of!(drm_version, version_major) - 0usize];
+    ["Offset of field: drm_version::version_minor"]
+        [::std::mem::offset_of!(drm_version, version_minor) - 4usize];
+    ["Offset of field: drm_version::version_patchlevel"]
+        [::std::mem::offset_of!(drm_version, version_patchlevel) - 8usize];
+    ["Offset of field: drm_version::name_len"]
+        [::std::mem::offset_of!(drm_version, name_len) - 16usize];
+    ["Offset of field: drm_version::name"][::std::mem::offset_of!(drm_version, name) - 24usize];
+    ["Offset of field: drm_version::date_len"]
+        [::std::mem::offset_of!(drm_version, date_len) - 32usize];
+    ["Offset of field: drm_version::date"][::std::mem::offset_of!(drm_version, date) - 40usize];
+    ["Offset of field: drm_version::desc_len"]
+        [::std::mem::offset_of!(drm_version, desc_len) - 48usize];
+    ["Offset of field: drm_version::desc"][::std::mem::offset_of!(drm_version, desc) - 56usize];
+};
+impl Default for drm_version {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct drm_gem_close {
+    pub handle: __u32,
+    pub pad: __u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of drm_gem_close"][::std::mem::size_of::<drm_gem_close>() - 8usize];
+    ["Alignment of drm_gem_close"][::std::mem::align_of::<drm_gem_close>() - 4usize];
+    ["Offset of field: drm_gem_close::handle"]
+        [::std::mem::offset_of!(drm_gem_close, handle) - 0usize];
+    ["Offset of field: drm_gem_close::pad"][::std::mem::offset_of!(drm_gem_close, pad) - 4usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct drm_prime_handle {
+    pub handle: __u32,
+    pub flags: __u32,
+    pub fd: __s32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of drm_prime_handle"][::std::mem::size_of::<drm_prime_handle>() - 12usize];
+    ["Alignment of drm_prime_handle"][::std::mem::align_of::<drm_prime_handle>() - 4usize];
+    ["Offset of field: drm_prime_handle::handle"]
+        [::std::mem::offset_of!(drm_prime_handle, handle) - 0usize];
+    ["Offset of field: drm_prime_handle::flags"]
+        [::std::mem::offset_of!(drm_prime_handle, flags) - 4usize];
+    ["Offset of field: drm_prime_handle::fd"]
+        [::std::mem::offset_of!(drm_prime_handle, fd) - 8usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone, PartialEq, Eq)]
+pub struct drm_virtgpu_getparam {
+    pub param: __u64,
+    pub value: __u64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of drm_virtgpu_getparam"][::std::mem::size_of::<drm_virtgpu_getparam>() - 16usize];
+    ["Alignment of drm_virtgpu_getparam"][::std::mem::align_of::<drm_virtgpu_getparam>() - 8usize];
+    ["Offset of field: drm_virtgpu_getparam::param"]
+        [::std::mem::offset_of!(drm_virtgpu_getparam, param) - 0usize];
+    ["Offset of field: drm_virtgpu_getparam::value"]
+        [::std::mem::offset_of!(drm_virtgpu_getparam, value) - 8usize];
 };

@@ -283,3 +283,34 @@ fn constants_used_by_the_crate() {
         (4, 1, 2, 4)
     );
 }
+
+#[cfg(feature = "drm")]
+#[test]
+fn drm_structs() {
+    layout!(sys::drm_version, 64, 8; version_major => 0, version_minor => 4,
+        version_patchlevel => 8, name_len => 16, name => 24, date_len => 32, date => 40,
+        desc_len => 48, desc => 56);
+    layout!(sys::drm_gem_close, 8, 4; handle => 0, pad => 4);
+    layout!(sys::drm_prime_handle, 12, 4; handle => 0, flags => 4, fd => 8);
+    layout!(sys::drm_virtgpu_getparam, 16, 8; param => 0, value => 8);
+}
+
+#[cfg(feature = "drm")]
+#[test]
+fn drm_requests() {
+    requests!(
+        DRM_IOCTL_VERSION = 0xc040_6400,
+        DRM_IOCTL_GEM_CLOSE = 0x4008_6409,
+        DRM_IOCTL_PRIME_FD_TO_HANDLE = 0xc00c_642e,
+        DRM_IOCTL_VIRTGPU_GETPARAM = 0xc010_6443,
+    );
+    assert_eq!(sys::DRM_IOCTL_TYPE, generated::DRM_IOCTL_BASE);
+    assert_eq!(generated::DRM_COMMAND_BASE, 0x40);
+    assert_eq!(
+        (
+            sys::VIRTGPU_PARAM_3D_FEATURES,
+            sys::VIRTGPU_PARAM_RESOURCE_BLOB
+        ),
+        (1, 3)
+    );
+}

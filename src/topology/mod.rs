@@ -44,4 +44,4 @@ pub use dmar::{host_address_width, parse_dmar_width};
 pub use host_bridge::{Cpu, HostBridge, HostBridgeDevice, HostBridgeSupport};
 pub use path::{BarWindow, Function, GroupPeer, PciPath, Upstream, upstream_bridges};
 pub use reason::Reason;
-pub use verdict::{Outcome, PlacementAdvice, Platform, Route, Verdict};
+pub use verdict::{KernelMapType, Outcome, PlacementAdvice, Platform, Route, Verdict};

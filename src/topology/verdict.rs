@@ -167,6 +167,40 @@ impl Route {
     }
 }
 
+/// What the kernel's `pci_p2pdma_map_type()` answers for a kernel importer
+/// (a DRM driver, an RDMA device) that maps a VFIO BAR dma-buf through its
+/// own DMA API (`dma_buf_phys_vec_to_sgt`). iommufd does not ask it; every
+/// other importer does, and `NotSupported` makes the exporter's map fail
+/// with `EINVAL`.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "snake_case")
+)]
+pub enum KernelMapType {
+    /// `PCI_P2PDMA_MAP_BUS_ADDR`: the importer gets the BAR's bus address
+    /// (the traffic turns below the root complex).
+    BusAddr,
+    /// `PCI_P2PDMA_MAP_THRU_HOST_BRIDGE`: the importer maps the BAR through
+    /// its IOMMU, and the root complex is trusted to forward.
+    ThruHostBridge,
+    /// `PCI_P2PDMA_MAP_NOT_SUPPORTED`: the kernel refuses the pair.
+    NotSupported,
+}
+
+impl fmt::Display for KernelMapType {
+    /// The kernel's name: `PCI_P2PDMA_MAP_BUS_ADDR`, ...
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::BusAddr => "PCI_P2PDMA_MAP_BUS_ADDR",
+            Self::ThruHostBridge => "PCI_P2PDMA_MAP_THRU_HOST_BRIDGE",
+            Self::NotSupported => "PCI_P2PDMA_MAP_NOT_SUPPORTED",
+        })
+    }
+}
+
 /// Where to map a BAR range so that the engine's DMA reaches it, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlacementAdvice {
@@ -283,6 +317,41 @@ impl Verdict {
             identity_iova,
             reasons,
         }
+    }
+
+    /// What `pci_p2pdma_map_type()` answers for a kernel importer on this
+    /// route (`calc_map_type_and_dist`: a shared bridge without ACS
+    /// redirect is `BusAddr`; the root complex is `ThruHostBridge` only
+    /// where `cpu_supports_p2pdma` or `host_bridge_whitelist` vouches);
+    /// `None` where the ACS bits that decide could not be read.
+    pub fn kernel_map_type(&self) -> Option<KernelMapType> {
+        match &self.route {
+            Route::SameFunction | Route::Direct { .. } => Some(KernelMapType::BusAddr),
+            Route::RootComplex { support, .. } if support.supported() => {
+                Some(KernelMapType::ThruHostBridge)
+            }
+            Route::RootComplex { .. } => Some(KernelMapType::NotSupported),
+            Route::Undetermined { .. } => None,
+        }
+    }
+
+    /// The reasons that decide [`kernel_map_type`](Self::kernel_map_type):
+    /// where the two chains meet, ACS redirect on the way (or none), and
+    /// the root complex's standing (not those about an IOAS, which a kernel
+    /// importer does not use).
+    pub fn map_type_reasons(&self) -> impl Iterator<Item = &Reason> {
+        self.reasons.iter().filter(|r| {
+            matches!(
+                r,
+                Reason::SameFunction { .. }
+                    | Reason::NoCommonBridge { .. }
+                    | Reason::MeetAt { .. }
+                    | Reason::AcsRedirect { .. }
+                    | Reason::NoAcsRedirect { .. }
+                    | Reason::AcsUnreadable { .. }
+                    | Reason::HostBridge { .. }
+            )
+        })
     }
 
     /// Whether only an IOVA equal to the BAR's bus address reaches it (or

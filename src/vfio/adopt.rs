@@ -163,6 +163,7 @@ impl VfioPciDevice {
             attached: None,
             config: OnceLock::new(),
             bars: Default::default(),
+            resources: None,
             hub: ClosingHub(RevocationHub::new(device)),
             request: RequestChannel::NotBound,
             unplug_requested: AtomicBool::new(false),

@@ -15,7 +15,7 @@ use super::known_command::KnownCommand;
 use crate::error::{Error, Result};
 use crate::importer::iommufd::{Ioas, Iommufd};
 use crate::ioctl;
-use crate::pci::{BAR_COUNT, PciAddress};
+use crate::pci::{BAR_COUNT, PciAddress, Resource, parse_resources};
 use crate::revoke::{RevocationHub, RevokeReason};
 use crate::sysfs::Sysfs;
 
@@ -84,6 +84,12 @@ pub struct VfioPciDevice {
     /// change size while vfio-pci holds the device (a resize or reassignment
     /// needs it unbound), so every export after the first reads no sysfs.
     pub(super) bars: [OnceLock<Bar>; BAR_COUNT as usize],
+    /// The device's sysfs `resource` lines, read by `open` with its other
+    /// sysfs reads, so that the first export of a BAR reads no sysfs
+    /// either (only `VFIO_DEVICE_GET_REGION_INFO`); `None` if that read
+    /// failed, or for an adopted device: [`VfioPciDevice::bar`] then reads
+    /// sysfs itself.
+    pub(super) resources: Option<Vec<Resource>>,
     /// The eventfd registered for `VFIO_PCI_REQ_IRQ_INDEX` at bind time (the
     /// kernel's "give the device back" request), or why there is none.
     pub(super) request: RequestChannel,
@@ -198,6 +204,10 @@ impl VfioPciDevice {
                     Error::sys("open", format!("{device} {}", cdev.display()), e)
                 }
             })?;
+        // One read of the whole file, no stat (the device was found above).
+        let resources = fs::read_to_string(sysfs.device_dir(address).join("resource"))
+            .ok()
+            .and_then(|text| parse_resources(&text).ok());
         Ok(Self {
             file,
             address,
@@ -207,6 +217,7 @@ impl VfioPciDevice {
             attached: None,
             config: OnceLock::new(),
             bars: Default::default(),
+            resources,
             hub: ClosingHub(RevocationHub::new(address.to_string())),
             request: RequestChannel::NotBound,
             unplug_requested: AtomicBool::new(false),

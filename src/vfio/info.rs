@@ -286,7 +286,10 @@ impl VfioPciDevice {
     /// (its physical start and kind). Indexes 6 (ROM), 7 (config) and above
     /// are [`Error::InvalidRegion`]. An absent BAR is returned with size 0
     /// ([`Bar::is_present`]). Read once, then remembered: a BAR cannot change
-    /// while vfio-pci holds the device.
+    /// while vfio-pci holds the device. The `resource` lines come from
+    /// [`open`](Self::open), which reads them with its other sysfs reads:
+    /// the first look at a BAR (the first export) asks only
+    /// `VFIO_DEVICE_GET_REGION_INFO`.
     ///
     /// ```no_run
     /// # let mut dev = dmabuf_p2p::vfio::VfioPciDevice::open("0000:00:03.0".parse()?)?;
@@ -303,7 +306,14 @@ impl VfioPciDevice {
             return Ok(*bar);
         }
         let region = self.region_info(index)?;
-        let resource = self.sysfs.bar(self.address, index)?;
+        let known = self
+            .resources
+            .as_deref()
+            .and_then(|all| all.iter().find(|r| r.index == index));
+        let resource = match known {
+            Some(r) => *r,
+            None => self.sysfs.bar(self.address, index)?,
+        };
         Ok(*slot.get_or_init(|| Bar::new(index, region, resource)))
     }
 }

@@ -66,27 +66,77 @@ impl VfioPciDevice {
     /// # Ok::<(), dmabuf_p2p::Error>(())
     /// ```
     pub fn irq_eventfd(&self, index: u32, what: &'static str) -> Result<OwnedFd> {
+        let mut fds = self.irq_eventfds(index, 1, what)?;
+        // One vector asked for, one eventfd made.
+        Ok(fds.swap_remove(0))
+    }
+
+    /// The number of vectors of VFIO interrupt `index`
+    /// (`VFIO_DEVICE_GET_IRQ_INFO`): for MSI-X, the size of the device's
+    /// MSI-X table.
+    ///
+    /// ```no_run
+    /// # let mut dev = dmabuf_p2p::vfio::VfioPciDevice::open("0000:01:00.0".parse()?)?;
+    /// # dev.bind(&dmabuf_p2p::importer::iommufd::Iommufd::open()?)?;
+    /// let n = dev.irq_vectors(dmabuf_p2p::vfio::MSIX_IRQ_INDEX)?;
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn irq_vectors(&self, index: u32) -> Result<u32> {
+        let info = ioctl::vfio_device_get_irq_info(self.fd(), index).map_err(|e| {
+            Error::sys(
+                "VFIO_DEVICE_GET_IRQ_INFO",
+                format!("{} IRQ index {index}", self.address),
+                e,
+            )
+        })?;
+        Ok(info.count)
+    }
+
+    /// Registers `count` fresh non-blocking eventfds as the triggers of
+    /// vectors `0..count` of VFIO interrupt `index`, in one
+    /// `VFIO_DEVICE_SET_IRQS`: element `i` of the result becomes readable
+    /// when vector `i` fires (an NVMe controller's MSI-X vector per queue).
+    /// More vectors than the device has ([`irq_vectors`](Self::irq_vectors))
+    /// or none at all is [`Error::Unsupported`]; `what` names the interrupt
+    /// in errors. [`disable_irq`](Self::disable_irq) undoes it.
+    ///
+    /// ```no_run
+    /// # let mut dev = dmabuf_p2p::vfio::VfioPciDevice::open("0000:01:00.0".parse()?)?;
+    /// # dev.bind(&dmabuf_p2p::importer::iommufd::Iommufd::open()?)?;
+    /// let vectors = dev.irq_eventfds(dmabuf_p2p::vfio::MSIX_IRQ_INDEX, 3, "MSI-X")?;
+    /// assert_eq!(vectors.len(), 3);
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn irq_eventfds(&self, index: u32, count: u32, what: &'static str) -> Result<Vec<OwnedFd>> {
         let target = self.address.to_string();
         let info = ioctl::vfio_device_get_irq_info(self.fd(), index)
             .map_err(|e| Error::sys("VFIO_DEVICE_GET_IRQ_INFO", format!("{target} {what}"), e))?;
-        if info.count == 0 {
+        if info.count == 0 || count == 0 || count > info.count {
             return Err(Error::Unsupported {
                 target,
                 operation: what,
-                problem: format!("VFIO reports no vector for IRQ index {index}"),
+                problem: format!(
+                    "{count} vector(s) asked for IRQ index {index}, for which VFIO reports {}",
+                    info.count
+                ),
                 source: None,
             });
         }
-        let efd: OwnedFd =
-            EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
-                .map_err(|e| Error::sys("eventfd", format!("{target} {what}"), e.into()))?
-                .into();
+        let mut fds = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let efd: OwnedFd =
+                EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                    .map_err(|e| Error::sys("eventfd", format!("{target} {what}"), e.into()))?
+                    .into();
+            fds.push(efd);
+        }
+        let raw: Vec<_> = fds.iter().map(AsRawFd::as_raw_fd).collect();
         ioctl::vfio_device_set_irqs(
             self.fd(),
             sys::VFIO_IRQ_SET_ACTION_TRIGGER,
             index,
             0,
-            ioctl::IrqData::Eventfd(&[efd.as_raw_fd()]),
+            ioctl::IrqData::Eventfd(&raw),
         )
         .map_err(|e| {
             Error::sys(
@@ -95,7 +145,7 @@ impl VfioPciDevice {
                 e,
             )
         })?;
-        Ok(efd)
+        Ok(fds)
     }
 
     /// Unregisters every trigger of VFIO interrupt `index` (`VFIO_DEVICE_SET_IRQS`

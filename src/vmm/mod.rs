@@ -17,8 +17,10 @@ mod bar_register;
 mod config_space;
 mod guest_bar_map;
 mod limits;
+mod status;
 mod unreachable;
 
 pub use bar_register::{BarAddress, BarRegister};
-pub use guest_bar_map::{BarReport, BarStatus, ConfigWrite, DeviceId, Drift, GuestBarMap, Offer};
+pub use guest_bar_map::{GuestBarMap, Offer};
+pub use status::{BarReport, BarStatus, ConfigWrite, DeviceId, Drift};
 pub use unreachable::{Unreachable, address_width};

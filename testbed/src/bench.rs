@@ -9,6 +9,11 @@
 //!   only; the docs are then written to the run directory, not `docs/`.
 //! * `cargo xtask bench --render FILE` — rewrite the docs from a saved
 //!   `results.json` without booting anything.
+//! * `cargo xtask bench --only=PARTS --merge [FILE]` — run some parts, put
+//!   their results into the saved full run `FILE` (by default
+//!   `docs/bench/results.json`) in place of that run's, and rewrite the
+//!   docs from it: one part measured again leaves the others' numbers (and
+//!   the prose written about them) alone.
 //! * `cargo xtask bench --strace` — the syscalls of two library and two raw
 //!   export-map-unmap-close cycles, labelled (needs the host's strace).
 //!
@@ -30,7 +35,9 @@ use crate::qemu::{Accel, Ivshmem};
 use crate::suite::{self, GuestBinaries, RunSpec};
 use crate::{Error, Result, deps, run_captured, workspace_root};
 
+mod first_export;
 mod notes;
+mod nvme_qd;
 mod plots;
 
 use notes::{OVERHEAD_NOTES, PLACEMENT_NOTES, REVOKE_NOTES, SCALE_NOTES, SWEEP_NOTES};
@@ -123,7 +130,8 @@ pub struct Results {
     /// Wall time of the VM.
     pub vm_seconds: f64,
     /// Wall time of the second VM, which ran the overhead and placement
-    /// parts on the instruction clock; `None` when it did not run.
+    /// parts and the NVMe part's per-command cost on the instruction clock;
+    /// `None` when it did not run.
     #[serde(default)]
     pub icount_vm_seconds: Option<f64>,
     /// Whether `--quick` was given.
@@ -187,35 +195,103 @@ struct Opts {
     quick: bool,
     only: Option<String>,
     render: Option<PathBuf>,
+    /// With `only`: put the parts' results into this saved full run's
+    /// `results.json` (`docs/bench/results.json` unless named) and rewrite
+    /// the docs from it.
+    merge: Option<PathBuf>,
     /// Run the `trace` part under strace and print the trace (no docs).
     strace: bool,
-    /// Merge a partial run's groups into `docs/bench/results.json` and
-    /// rewrite the page.
-    merge: bool,
 }
 
 fn parse_opts(args: &[String]) -> Result<Opts> {
     let mut o = Opts::default();
-    let mut it = args.iter();
+    let mut it = args.iter().peekable();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => o.quick = true,
             "--strace" => o.strace = true,
-            "--merge" => o.merge = true,
             "--render" => {
                 let f = it
                     .next()
                     .ok_or_else(|| Error::Setup("--render needs a results.json".into()))?;
                 o.render = Some(PathBuf::from(f));
             }
+            "--merge" => {
+                let file = it.next_if(|f| !f.starts_with("--")).map_or_else(
+                    || workspace_root().join(PLOTS).join("results.json"),
+                    PathBuf::from,
+                );
+                o.merge = Some(file);
+            }
             s if s.starts_with("--only=") => o.only = Some(s["--only=".len()..].to_owned()),
             other => return Err(Error::Setup(format!("bench: unknown argument {other:?}"))),
         }
     }
+    if o.merge.is_some() && o.only.is_none() {
+        return Err(Error::Setup(
+            "--merge takes the parts of --only=PARTS into a saved run".into(),
+        ));
+    }
     Ok(o)
 }
 
-/// `cargo xtask bench [--quick] [--only=PARTS] [--render FILE]`; returns
+/// `base` (a saved full run) with the results of `part`, a run of the
+/// parts `only` (comma-separated): every record of the groups `part` has
+/// replaces the base's of those groups, its facts whose key starts with a
+/// part's name are taken, the rest of its facts (kernel, CPUs, ...) are
+/// the base's; a fact `merged:<part>` says when and how each part ran.
+pub fn merge_runs(mut base: Results, part: &Results, only: &str) -> Results {
+    let parts: Vec<&str> = only.split(',').filter(|p| !p.is_empty()).collect();
+    let groups: BTreeSet<&str> = part
+        .records
+        .iter()
+        .filter(|r| r.group != "meta")
+        .map(|r| r.group.as_str())
+        .collect();
+    let taken = |r: &Record| {
+        r.group != "meta"
+            || parts.iter().any(|p| r.key.starts_with(p))
+            || r.key.starts_with("merged:")
+    };
+    base.records.retain(|r| {
+        !groups.contains(r.group.as_str())
+            && !(r.group == "meta"
+                && (parts.iter().any(|p| r.key.starts_with(p))
+                    || parts.iter().any(|p| r.key == format!("merged:{p}"))))
+    });
+    base.records
+        .extend(part.records.iter().filter(|r| taken(r)).cloned());
+    let how = format!(
+        "{}, {} accel{}, host load (1 min) {}, VM {:.0} s{}",
+        part.date,
+        part.accel,
+        if part.quick { ", --quick" } else { "" },
+        part.host_load
+            .map_or("unknown".into(), |(a, b)| format!("{a:.2} / {b:.2}")),
+        part.vm_seconds,
+        part.icount_vm_seconds.map_or(String::new(), |v| format!(
+            ", instruction-clock VM {v:.0} s"
+        )),
+    );
+    for p in parts {
+        base.records.push(Record {
+            group: "meta".into(),
+            series: String::new(),
+            op: String::new(),
+            x: 0,
+            unit: String::new(),
+            median: None,
+            min: None,
+            max: None,
+            n: 0,
+            key: format!("merged:{p}"),
+            value: how.clone(),
+        });
+    }
+    base
+}
+
+/// `cargo xtask bench [--quick] [--only=PARTS [--merge [FILE]]] [--render FILE]`; returns
 /// whether the run succeeded.
 pub fn xtask(args: &[String]) -> Result<bool> {
     let opts = parse_opts(args)?;
@@ -270,11 +346,18 @@ pub fn xtask(args: &[String]) -> Result<bool> {
         vm_seconds = main.seconds;
     }
     // The overhead and placement parts again on the instruction clock (TCG
-    // only: KVM's clock is the real one).
-    let counted_parts: Vec<&str> = ["overhead", "placement"]
-        .into_iter()
-        .filter(|part| run_main && wants(part))
-        .collect();
+    // only: KVM's clock is the real one), and the NVMe part's per-command
+    // cost (its queue-depth rows wait for the device, which that clock
+    // does not measure).
+    let counted_parts: Vec<&str> = [
+        ("overhead", "overhead"),
+        ("placement", "placement"),
+        ("nvmeqd", "nvmeqd_cost"),
+    ]
+    .into_iter()
+    .filter(|(part, _)| run_main && wants(part))
+    .map(|(_, job)| job)
+    .collect();
     let mut icount_vm_seconds = None;
     if !counted_parts.is_empty() && !opts.strace && accel == Accel::Tcg {
         let job = guest_job(opts.quick, Some(&counted_parts.join(",")));
@@ -286,6 +369,7 @@ pub fn xtask(args: &[String]) -> Result<bool> {
             r.group = match r.group.as_str() {
                 "overhead" => ICOUNT_GROUP,
                 "placement" => ICOUNT_PLACEMENT_GROUP,
+                nvme_qd::GROUP => nvme_qd::ICOUNT_GROUP,
                 _ => return None,
             }
             .to_owned();
@@ -314,7 +398,7 @@ pub fn xtask(args: &[String]) -> Result<bool> {
         Accel::Kvm => "kvm",
         Accel::Tcg => "tcg",
     };
-    let mut results = Results {
+    let results = Results {
         date: utc_date(),
         accel: accel.to_owned(),
         host_cpu: host_cpu(),
@@ -343,10 +427,20 @@ pub fn xtask(args: &[String]) -> Result<bool> {
     } else {
         write_docs(&results, &run_dir)?;
     }
-    if partial && opts.merge {
-        results = merged(results)?;
-        write_docs(&results, &workspace_root())?;
-        println!("bench: merged this run's parts into {PLOTS}/results.json; wrote {DOC}");
+    if let (Some(file), Some(only)) = (&opts.merge, &opts.only) {
+        let text = fs::read_to_string(file)
+            .map_err(|e| Error::io(format!("reading {}", file.display()), e))?;
+        let base: Results = serde_json::from_str(&text)
+            .map_err(|e| Error::Setup(format!("{}: {e}", file.display())))?;
+        let merged = merge_runs(base, &results, only);
+        let json =
+            serde_json::to_string_pretty(&merged).map_err(|e| Error::Setup(e.to_string()))?;
+        fs::write(file, json).map_err(|e| Error::io(format!("writing {}", file.display()), e))?;
+        write_docs(&merged, &workspace_root())?;
+        println!(
+            "bench: merged {only} into {} and wrote {DOC} and {PLOTS}/*.svg from it",
+            file.display()
+        );
     } else if !partial {
         write_docs(&results, &workspace_root())?;
         println!("bench: wrote {DOC} and {PLOTS}/*.svg");
@@ -363,51 +457,6 @@ pub fn xtask(args: &[String]) -> Result<bool> {
         saved.display()
     );
     Ok(true)
-}
-
-/// The saved full results (`docs/bench/results.json`) with the groups of
-/// `partial` replaced by its records (`--merge`): the rest of the page
-/// keeps its run, and the page says which parts came from which.
-fn merged(partial: Results) -> Result<Results> {
-    let path = workspace_root().join(PLOTS).join("results.json");
-    let text = fs::read_to_string(&path)
-        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-    let mut full: Results = serde_json::from_str(&text)
-        .map_err(|e| Error::Setup(format!("{}: {e}", path.display())))?;
-    let groups: BTreeSet<&str> = partial
-        .records
-        .iter()
-        .filter(|r| r.group != "meta")
-        .map(|r| r.group.as_str())
-        .collect();
-    full.records.retain(|r| {
-        !(groups.contains(r.group.as_str()) || (r.group == "meta" && r.key.starts_with("vmm_")))
-    });
-    full.records.extend(
-        partial
-            .records
-            .iter()
-            .filter(|r| r.group != "meta" || r.key.starts_with("vmm_"))
-            .cloned(),
-    );
-    full.records.push(Record {
-        group: "meta".into(),
-        key: "vmm_run".into(),
-        value: format!(
-            "{} ({}, host load {})",
-            partial.date,
-            if partial.quick {
-                "--quick"
-            } else {
-                "full budgets"
-            },
-            partial
-                .host_load
-                .map_or_else(|| "?".to_owned(), |(a, b)| format!("{a:.2} / {b:.2}"))
-        ),
-        ..Record::default()
-    });
-    Ok(full)
 }
 
 /// The vmm part's VM: no edu or NVMe, 8 ivshmem devices of 64 GiB and 64
@@ -713,7 +762,7 @@ fn fmt_signed_ns(ns: f64) -> String {
     }
 }
 
-fn sig3(v: f64) -> String {
+pub(super) fn sig3(v: f64) -> String {
     if v >= 100.0 {
         format!("{v:.0}")
     } else if v >= 10.0 {
@@ -724,7 +773,7 @@ fn sig3(v: f64) -> String {
 }
 
 /// `median (min–max)` in the unit of the median.
-fn cell(r: Option<&Record>) -> String {
+pub(super) fn cell(r: Option<&Record>) -> String {
     let Some(r) = r else { return "–".into() };
     let (Some(med), Some(min), Some(max)) = (r.median, r.min, r.max) else {
         return "–".into();
@@ -823,6 +872,8 @@ pub fn page(r: &Results) -> String {
     threads_section(&mut s, r);
     nvme_section(&mut s, r);
     vmm_section(&mut s, r);
+    nvme_qd::section(&mut s, r);
+    first_export::section(&mut s, r);
     reproducing(&mut s);
     s
 }
@@ -1055,7 +1106,7 @@ fn overhead_tables(s: &mut String, r: &Results) {
         "One cycle is: export the first `size` bytes of the BAR, map the dma-buf at a fixed IOVA, \
          unmap it, close it. **library**: `VfioPciDevice::export_bar`, `Ioas::map_dmabuf`, \
          `IoasMapping::unmap`, dropping the mapping and the export. **raw**: hand-written \
-         `libc::ioctl` calls on the bindings' structs (`VFIO_DEVICE_FEATURE`, \
+         `libc::ioctl` calls on the bench's own uAPI structs (`bench/src/uapi.rs`, written out from the kernel headers: `VFIO_DEVICE_FEATURE`, \
          `IOMMU_IOAS_MAP_FILE`, `IOMMU_IOAS_UNMAP`) and `close`, in the same binary, on the \
          same device, IOAS and iommufd. A batch runs 8 cycles of each of four paths (these two \
          and the two below) interleaved in a balanced order, every path running after every \
@@ -1377,13 +1428,14 @@ fn reproducing(s: &mut String) {
          usual ones and {} MiB of RAM, and runs the parts in \
          order (type1 first, with the device's cdev closed; then everything through the cdev). \
          Under TCG it then boots the same VM again with `-icount {}` and runs the overhead and \
-         placement parts on the instruction clock (`target/testbed/bench-icount[-TAG]/`). \
+         placement parts and the NVMe part's per-command cost on the instruction clock \
+         (`target/testbed/bench-icount[-TAG]/`). \
          The results land in `target/testbed/bench[-TAG]/results.json`. `--quick` cuts the \
-         time budgets to a quarter; `--only=sweep,profile,overhead,revoke,scale,placement,threads,nvme` \
-         runs some parts (and leaves `docs/` alone, unless `--merge` puts them into \
-         `docs/bench/results.json` and rewrites this page); `vmm` runs in a VM of its own \
-         (`target/testbed/bench-vmm[-TAG]/`). It is not part of the test suite and \
-         nothing asserts a time.",
+         time budgets to a quarter; `--only=sweep,profile,overhead,revoke,scale,placement,threads,nvme,vmm,nvmeqd,firstexport` \
+         runs some parts (and leaves `docs/` alone, unless `--merge` puts their results into \
+         `docs/bench/results.json` in place of those parts' and writes this page from it); \
+         `vmm` runs in a VM of its own (`target/testbed/bench-vmm[-TAG]/`). It is not part of \
+         the test suite and nothing asserts a time.",
         human_size(BIG_BAR),
         PCI_HOLE64,
         BENCH_MEMORY_MIB,
@@ -1440,7 +1492,7 @@ fn vmm_section(s: &mut String, r: &Results) {
          is one instruction, the kernel's included), with 64 ivshmem devices of 64 KiB and 8 of \
          64 GiB as functions on the root bus and a 48-bit vIOMMU{}. Every figure is a median of \
          instructions, with min and max.\n",
-        r.meta("vmm_run")
+        r.meta("merged:vmm")
             .map_or_else(String::new, |v| format!("; run {v}"))
     );
     let _ = writeln!(
@@ -2070,6 +2122,120 @@ mod tests {
         }
     }
 
+    /// Part 9 renders from its records, and `--merge` puts a part's run
+    /// into a saved one: that part's records and facts replaced, the rest
+    /// left alone, twice over without duplicates.
+    #[test]
+    fn nvmeqd_part_renders_and_merges_into_a_saved_run() {
+        let base = sample();
+        let mut part = sample();
+        part.records.clear();
+        part.date = "2026-12-01 10:00 UTC".into();
+        part.host_load = Some((3.5, 4.0));
+        for (op, e, c) in [("latency_polled", 60e3, 58e3), ("q1_qd8_bar", 20e3, 16e3)] {
+            part.records
+                .push(rec(nvme_qd::GROUP, "engine", op, 4096, "ns", e));
+            part.records
+                .push(rec(nvme_qd::GROUP, "raw", op, 4096, "ns", c));
+            part.records
+                .push(rec(nvme_qd::GROUP, "ratio", op, 4096, "ratio", e / c));
+        }
+        for (series, sub, reap) in [("engine", 130.0, 90.0), ("raw", 120.0, 80.0)] {
+            part.records.push(rec(
+                nvme_qd::ICOUNT_GROUP,
+                series,
+                "cost_submit",
+                4096,
+                "ns",
+                sub,
+            ));
+            part.records.push(rec(
+                nvme_qd::ICOUNT_GROUP,
+                series,
+                "cost_reap",
+                4096,
+                "ns",
+                reap,
+            ));
+            part.records.push(rec(
+                nvme_qd::ICOUNT_GROUP,
+                series,
+                "cost_total",
+                4096,
+                "ns",
+                sub + reap,
+            ));
+        }
+        let mut fact = rec("meta", "", "", 0, "", 0.0);
+        fact.key = "nvmeqd_device".into();
+        fact.value = "0000:0f:00.0".into();
+        part.records.push(fact.clone());
+        fact.key = "bar_size".into();
+        fact.value = "4096".into();
+        part.records.push(fact);
+
+        for (op, v) in [
+            ("open", 3e6),
+            ("library_first", 2e5),
+            ("library_later", 1.9e5),
+        ] {
+            part.records
+                .push(rec(first_export::GROUP, "library", op, 65536, "ns", v));
+        }
+        let merged = merge_runs(base.clone(), &part, "nvmeqd,firstexport");
+        // The base's parts and facts stay; the part's own fact is taken.
+        assert_eq!(merged.meta("bar_size"), base.meta("bar_size"));
+        assert_eq!(merged.meta("nvmeqd_device"), Some("0000:0f:00.0"));
+        assert_eq!(
+            merged
+                .records
+                .iter()
+                .filter(|r| r.group == "overhead")
+                .count(),
+            base.records
+                .iter()
+                .filter(|r| r.group == "overhead")
+                .count()
+        );
+        assert!(
+            merged
+                .meta("merged:nvmeqd")
+                .is_some_and(|m| m.contains("2026-12-01 10:00") && m.contains("3.50 / 4.00"))
+        );
+        // Merging again replaces, not adds.
+        let again = merge_runs(merged.clone(), &part, "nvmeqd,firstexport");
+        assert_eq!(again.records.len(), merged.records.len());
+
+        let p = page(&merged);
+        assert!(p.contains("## 9. NVMe queue depth and latency"), "{p}");
+        assert!(
+            p.contains("| QD1 latency, polled (spinning) | 4 KiB | 60.0 µs"),
+            "{p}"
+        );
+        assert!(
+            p.contains("Rows over 1.10 of the control: 1 queue, QD8, BAR, 4 KiB: 1.250."),
+            "{p}"
+        );
+        assert!(
+            p.contains("| 4 KiB | 130 | 120 | 90 | 80 | 220 | 200 | **1.100** (+20) |"),
+            "{p}"
+        );
+        assert!(
+            p.contains("measured in a run of its own: 2026-12-01 10:00 UTC"),
+            "{p}"
+        );
+        assert!(p.contains("## 10. The first BAR export of a device"), "{p}");
+        assert!(
+            p.contains(
+                "| `library_first` | the handle's first export, by the library (`export_bar`, \
+                 and dropping it) | 200 µs (180–220) |"
+            ),
+            "{p}"
+        );
+        // Without the parts, no sections.
+        assert!(!page(&base).contains("## 9.") && !page(&base).contains("## 10."));
+    }
+
     #[test]
     fn records_parse_from_guest_json() {
         let j = r#"{"group":"sweep","series":"dmabuf","op":"map","x":65536,"unit":"ns","median":1.5,"min":1.0,"max":2.0,"n":3}"#;
@@ -2078,6 +2244,45 @@ mod tests {
         let m: Record =
             serde_json::from_str(r#"{"group":"meta","key":"kernel","value":"7.2.13"}"#).unwrap();
         assert_eq!((m.key.as_str(), m.value.as_str()), ("kernel", "7.2.13"));
+    }
+
+    /// `--merge` names a saved run or, alone, `docs/bench/results.json`;
+    /// it needs `--only`. A merged vmm run keeps its `vmm_` facts and says
+    /// when it ran (`merged:vmm`, which the vmm section prints).
+    #[test]
+    fn merge_option_and_a_merged_vmm_part() {
+        let args = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let o = parse_opts(&args(&["--only=vmm", "--merge"])).unwrap();
+        assert_eq!(
+            o.merge,
+            Some(workspace_root().join(PLOTS).join("results.json"))
+        );
+        let o = parse_opts(&args(&["--merge", "saved.json", "--only=nvmeqd"])).unwrap();
+        assert_eq!(o.merge, Some(PathBuf::from("saved.json")));
+        let o = parse_opts(&args(&["--merge", "--quick", "--only=vmm"])).unwrap();
+        assert!(o.quick && o.merge.is_some());
+        assert!(parse_opts(&args(&["--merge"])).is_err());
+
+        let base = sample();
+        let mut part = sample();
+        part.records.clear();
+        part.quick = true;
+        part.date = "2026-12-02 08:00 UTC".into();
+        let mut fact = rec("meta", "", "", 0, "", 0.0);
+        fact.key = "vmm_vm_seconds".into();
+        fact.value = "61".into();
+        part.records.push(fact);
+        part.records
+            .push(rec("vmm_trap", "library", "decode_off", 1, "ns", 9e3));
+        let merged = merge_runs(base.clone(), &part, "vmm");
+        assert_eq!(merged.meta("vmm_vm_seconds"), Some("61"));
+        assert_eq!(merged.meta("bar_size"), base.meta("bar_size"));
+        let when = merged.meta("merged:vmm").unwrap();
+        assert!(
+            when.starts_with("2026-12-02 08:00 UTC, tcg accel, --quick"),
+            "{when}"
+        );
+        assert!(page(&merged).contains(&format!("; run {when}")));
     }
 
     #[test]

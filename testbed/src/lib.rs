@@ -25,9 +25,11 @@ pub mod qemu_binary;
 pub mod qmp;
 pub mod report;
 pub mod runtime_dir;
+pub mod screen;
 pub mod selftests;
 pub mod suite;
 pub mod uapi;
+pub mod udmabuf_dev;
 
 use std::io;
 use std::path::PathBuf;

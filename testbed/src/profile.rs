@@ -9,7 +9,7 @@
 //! run that reports none does. The guest learns its profile from the
 //! `DMABUF_P2P_VM_PROFILE` environment variable of the job.
 
-use crate::qemu::{Ivshmem, Topology, VmConfig};
+use crate::qemu::{GpuPlace, Ivshmem, Topology, VirtioGpu, VmConfig};
 
 /// The name of the standard profile.
 pub const STANDARD: &str = "standard";
@@ -97,6 +97,10 @@ pub const HIGH_BAR_SIZE: u64 = 1 << 30;
 /// QEMU starts the 64-bit PCI window after it, at 524 GiB.
 pub const HIGH_BAR_MAXMEM_GIB: u32 = 520;
 
+/// The screen of the `virtio_gpu` profile's GPUs: 256x256 pixels, so that
+/// an XRGB8888 framebuffer (256 KiB) fits in `shm0`'s 1 MiB BAR.
+pub const GPU_SCREEN: (u32, u32) = (256, 256);
+
 /// A VM with only `edu0` and the 1 MiB ivshmem `shm0` (no NVMe, no extra
 /// engines), placed as `topology` says: what a topology test needs, and no
 /// more boot time.
@@ -107,7 +111,7 @@ fn two_devices(c: &mut VmConfig, topology: Topology) {
     c.topology = topology;
 }
 
-const PROFILES: [Profile; 5] = [
+const PROFILES: [Profile; 6] = [
     Profile {
         name: STANDARD,
         about: "the standard VM: edu, ivshmem and NVMe devices, each on its own PCIe root port",
@@ -146,6 +150,37 @@ const PROFILES: [Profile; 5] = [
             }];
             c.max_memory_gib = Some(HIGH_BAR_MAXMEM_GIB);
             c.iommu_options.push("aw-bits=39".into());
+        },
+    },
+    Profile {
+        name: "virtio_gpu",
+        about: "edu0 and shm0 below one switch with two virtio-gpus (gpu0 with blob resources, \
+                gpu1 without) on ports of the same switch, and gpu2 with blob resources on the \
+                root bus: a DRM PRIME importer the VFIO exporter accepts on a peer-to-peer \
+                path, a static importer it refuses, and an importer without a path; guest RAM \
+                in a memfd, /dev/udmabuf a placeholder where the host has none",
+        shape: |c| {
+            two_devices(c, Topology::Switch);
+            c.gpus = vec![
+                VirtioGpu {
+                    id: "gpu0".into(),
+                    blob: true,
+                    place: GpuPlace::WithDevices,
+                    resolution: GPU_SCREEN,
+                },
+                VirtioGpu {
+                    id: "gpu1".into(),
+                    blob: false,
+                    place: GpuPlace::WithDevices,
+                    resolution: GPU_SCREEN,
+                },
+                VirtioGpu {
+                    id: "gpu2".into(),
+                    blob: true,
+                    place: GpuPlace::RootBus,
+                    resolution: GPU_SCREEN,
+                },
+            ];
         },
     },
 ];
@@ -251,6 +286,38 @@ mod tests {
                 .any(|a| a.contains("id=mem-shm0,") && a.ends_with("size=1073741824,share=on"))
         );
         assert_eq!(devices(&args).len(), 5, "{args:?}");
+    }
+
+    #[test]
+    fn virtio_gpu_puts_two_gpus_below_the_switch_and_one_on_the_root_bus() {
+        let args = shaped("virtio_gpu");
+        let d = devices(&args);
+        assert_eq!(
+            &d[1..],
+            [
+                "pcie-root-port,id=rp0,bus=pcie.0,chassis=1,slot=1,addr=0x10",
+                "x3130-upstream,id=up0,bus=rp0",
+                "xio3130-downstream,id=dp0,bus=up0,port=0,chassis=2,slot=0,addr=0x0",
+                "edu,id=edu0,bus=dp0,dma_mask=0xffffffffffffffff",
+                "xio3130-downstream,id=dp1,bus=up0,port=1,chassis=2,slot=1,addr=0x1",
+                "ivshmem-plain,id=shm0,memdev=mem-shm0,bus=dp1",
+                "xio3130-downstream,id=dp2,bus=up0,port=2,chassis=2,slot=2,addr=0x2",
+                "virtio-gpu-pci,id=gpu0,bus=dp2,xres=256,yres=256,blob=true",
+                "xio3130-downstream,id=dp3,bus=up0,port=3,chassis=2,slot=3,addr=0x3",
+                "virtio-gpu-pci,id=gpu1,bus=dp3,xres=256,yres=256",
+                "virtio-gpu-pci,id=gpu2,bus=pcie.0,addr=0x1a,xres=256,yres=256,blob=true",
+            ]
+        );
+        // Blob resources want a sealed memfd RAM backend.
+        assert!(
+            args.iter()
+                .any(|a| a == "memory-backend-memfd,id=ram0,size=1024M")
+        );
+        assert!(args.iter().any(|a| a == "q35,memory-backend=ram0"));
+        assert!(
+            args.iter()
+                .any(|a| a == "enable=virtio_gpu_cmd_res_back_detach")
+        );
     }
 
     #[test]

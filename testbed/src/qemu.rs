@@ -83,6 +83,43 @@ pub enum Topology {
     Switch,
 }
 
+/// Where a virtio-gpu sits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuPlace {
+    /// With the edu and ivshmem devices, as the VM's [`Topology`] places
+    /// them (below the switch, for [`Topology::Switch`]).
+    WithDevices,
+    /// On the root bus `pcie.0` (slot 0x18 and up), whatever the topology.
+    RootBus,
+}
+
+/// One virtio-gpu (`virtio-gpu-pci`, 2D, no virgl): a DRM PRIME importer
+/// for the guest, its screen read back by QMP `screendump`.
+#[derive(Debug, Clone)]
+pub struct VirtioGpu {
+    /// QEMU id (`gpu0`, ...), the `device` a screendump names.
+    pub id: String,
+    /// `blob=true`: blob resources, which make its PRIME import dynamic
+    /// and peer-to-peer (QEMU then needs `/dev/udmabuf` and a memfd RAM
+    /// backend: [`crate::udmabuf_dev`]).
+    pub blob: bool,
+    /// Where it sits.
+    pub place: GpuPlace,
+    /// The screen's size in pixels (`xres`, `yres`): its preferred mode.
+    pub resolution: (u32, u32),
+}
+
+/// The QEMU trace events a run with a virtio-gpu logs (on its stderr):
+/// blob creation, backing attach and detach, scanouts, resource flushes
+/// and frees, so that a test can see what the host did with an import.
+pub const GPU_TRACE_EVENTS: &[&str] = &[
+    "virtio_gpu_cmd_res_create_blob",
+    "virtio_gpu_cmd_res_back_attach",
+    "virtio_gpu_cmd_res_back_detach",
+    "virtio_gpu_cmd_set_scanout_blob",
+    "virtio_gpu_cmd_res_unref",
+];
+
 /// How to accelerate the VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
@@ -265,6 +302,12 @@ pub struct VmConfig {
     pub max_memory_gib: Option<u32>,
     /// Properties added to the `intel-iommu` device (`aw-bits=39`).
     pub iommu_options: Vec<String>,
+    /// virtio-gpu devices, after the edu and ivshmem devices.
+    pub gpus: Vec<VirtioGpu>,
+    /// Guest RAM from a sealed memfd (`memory-backend-memfd`) rather than
+    /// anonymous memory: what QEMU 7.2 wants before it enables virtio-gpu
+    /// blob resources (on by itself when a GPU has `blob`).
+    pub memfd_ram: bool,
     /// Extra kernel command line.
     pub extra_cmdline: String,
     /// Extra QEMU arguments, after the devices (e.g. `-global
@@ -316,6 +359,8 @@ impl VmConfig {
             topology: Topology::RootPorts,
             max_memory_gib: None,
             iommu_options: Vec::new(),
+            gpus: Vec::new(),
+            memfd_ram: false,
             extra_cmdline: String::new(),
             extra_qemu_args: Vec::new(),
             accel: Accel::detect(),
@@ -360,6 +405,23 @@ impl VmConfig {
         self.run_dir.join("console.log")
     }
 
+    /// Where QEMU's trace and guest-error log goes (runs with a
+    /// virtio-gpu): its stderr, which, unlike a `-D` log file, is not
+    /// buffered, so a test sees each line as QEMU writes it.
+    pub fn qemu_log(&self) -> PathBuf {
+        self.run_dir.join("qemu.stderr")
+    }
+
+    /// Whether QEMU needs `/dev/udmabuf` (a virtio-gpu with blob).
+    pub fn needs_udmabuf(&self) -> bool {
+        self.gpus.iter().any(|g| g.blob)
+    }
+
+    /// Whether guest RAM comes from a memfd backend.
+    fn ram_from_memfd(&self) -> bool {
+        self.memfd_ram || self.needs_udmabuf()
+    }
+
     /// Where the guest report is written.
     pub fn report_log(&self) -> PathBuf {
         self.run_dir.join("report.log")
@@ -396,12 +458,24 @@ impl VmConfig {
     /// The full QEMU argument list.
     pub fn args(&self) -> Vec<String> {
         let mut a: Vec<String> = Vec::new();
+        let ram_backend = if self.ram_from_memfd() {
+            ",memory-backend=ram0"
+        } else {
+            ""
+        };
+        if self.ram_from_memfd() {
+            a.push("-object".into());
+            a.push(format!(
+                "memory-backend-memfd,id=ram0,size={}M",
+                self.memory_mib
+            ));
+        }
         let mut push = |s: &str| a.push(s.to_owned());
         match self.accel {
             // Interrupt remapping under KVM needs the split irqchip.
             Accel::Kvm => {
                 push("-machine");
-                push("q35,accel=kvm,kernel-irqchip=split");
+                push(&format!("q35,accel=kvm,kernel-irqchip=split{ram_backend}"));
                 push("-cpu");
                 push("host");
             }
@@ -411,7 +485,7 @@ impl VmConfig {
             // keeps SMP semantics without the race.
             Accel::Tcg => {
                 push("-machine");
-                push("q35");
+                push(&format!("q35{ram_backend}"));
                 push("-accel");
                 push("tcg,thread=single");
                 push("-cpu");
@@ -472,6 +546,28 @@ impl VmConfig {
                 "ivshmem-plain,id={},memdev=mem-{},bus={rp}",
                 shm.id, shm.id
             ));
+        }
+        for (i, gpu) in self.gpus.iter().enumerate() {
+            let bus = match gpu.place {
+                GpuPlace::WithDevices => slots.next(&mut a),
+                GpuPlace::RootBus => format!("pcie.0,addr={:#x}", 0x18 + i),
+            };
+            a.push("-device".into());
+            a.push(format!(
+                "virtio-gpu-pci,id={},bus={bus},xres={},yres={}{}",
+                gpu.id,
+                gpu.resolution.0,
+                gpu.resolution.1,
+                if gpu.blob { ",blob=true" } else { "" }
+            ));
+        }
+        if !self.gpus.is_empty() {
+            a.push("-d".into());
+            a.push("guest_errors".into());
+            for ev in GPU_TRACE_EVENTS {
+                a.push("-trace".into());
+                a.push(format!("enable={ev}"));
+            }
         }
         for i in 1..=self.extra_edu {
             let rp = slots.next(&mut a);
@@ -621,11 +717,17 @@ impl Vm {
         }
         let qemu = QemuBinary::resolve()?;
         let mut cmd = qemu.command();
+        if config.needs_udmabuf() && !crate::udmabuf_dev::host_has_udmabuf() {
+            let staging = sockets.path().join("dev");
+            fs::create_dir(&staging)
+                .map_err(|e| Error::io(format!("creating {}", staging.display()), e))?;
+            crate::udmabuf_dev::run_with_placeholder(&mut cmd, &staging)?;
+        }
         cmd.args(config.args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(
-                fs::File::create(config.run_dir.join("qemu.stderr"))
+                fs::File::create(config.qemu_log())
                     .map_err(|e| Error::io("creating qemu.stderr", e))?,
             );
         let child = cmd.spawn().map_err(|e| {

@@ -9,6 +9,8 @@
 //!   hashes that range of the device's backing file and compares;
 //! * `@@qmp {json}`: run a QMP command now; the answer goes back to the guest
 //!   as `@@qmp-reply {json}` on the same port;
+//! * `@@screendump ...`, `@@qemu-log`: a virtio-gpu's screen, QEMU's new
+//!   log lines, answered at once (`crate::screen`);
 //! * `@@bench {json}`: one benchmark result (`cargo xtask bench`), kept as
 //!   the JSON text;
 //! * `@@exit <status>`: the guest job finished with this status.
@@ -78,8 +80,8 @@ pub fn parse_line(line: &str) -> Line {
         let mut words = rest.split_whitespace();
         return match words.next() {
             Some("booted") => Line::Booted,
-            // Answered by the streaming loop as it arrives.
-            Some("qmp") => Line::Text,
+            // Answered by the streaming loop as they arrive.
+            Some("qmp" | "screendump" | "qemu-log") => Line::Text,
             Some("exit") => match words.next().and_then(|w| w.parse().ok()) {
                 Some(n) => Line::Exit(n),
                 None => Line::BadDirective(line.to_owned()),

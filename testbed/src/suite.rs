@@ -85,28 +85,29 @@ fn executables(json: &str, kind: &str) -> Vec<(String, PathBuf)> {
     out
 }
 
-/// The names of the library's examples (`examples/*.rs`), which a build of
-/// the guest binaries with tests must deliver.
+/// The names of the library's and the engine's examples (`examples/*.rs`,
+/// `engine/examples/*.rs`), which a build of the guest binaries with tests
+/// must deliver.
 fn example_names() -> Result<Vec<String>> {
-    let dir = workspace_root().join("examples");
-    let entries =
-        fs::read_dir(&dir).map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
-    let mut names: Vec<String> = entries
-        .flatten()
-        .filter_map(|e| {
+    let mut names = Vec::new();
+    for dir in ["examples", "engine/examples"] {
+        let dir = workspace_root().join(dir);
+        let entries =
+            fs::read_dir(&dir).map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
+        names.extend(entries.flatten().filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             name.strip_suffix(".rs").map(str::to_owned)
-        })
-        .collect();
+        }));
+    }
     names.sort();
     Ok(names)
 }
 
 /// Builds the CLI and (if `with_tests`) the in-VM suite and the library's
-/// examples with cargo, on the host. The examples come from the CLI's cargo
-/// invocation (same profile; `share` is on for the library there anyway,
-/// through the CLI, and `rust-vmm` through the VM tests), so they cost their
-/// own compile and link only.
+/// and the engine's examples with cargo, on the host. The examples come
+/// from the CLI's cargo invocation (same profile; `share` is on for the
+/// library there anyway, through the CLI, and `rust-vmm` through the VM
+/// tests), so they cost their own compile and link only.
 pub fn build_guest_binaries(with_tests: bool) -> Result<GuestBinaries> {
     eprintln!("testbed: building the guest binaries");
     let mut cmd = cargo();
@@ -122,13 +123,15 @@ pub fn build_guest_binaries(with_tests: bool) -> Result<GuestBinaries> {
         cmd.args([
             "--package",
             "dmabuf-p2p",
+            "--package",
+            "dmabuf-p2p-engine",
             "--examples",
             "--features",
             "dmabuf-p2p/share,dmabuf-p2p/rust-vmm",
         ]);
     }
     let what = if with_tests {
-        "cargo build (dmabuf-p2p CLI and the library's examples)"
+        "cargo build (dmabuf-p2p CLI and the library's and the engine's examples)"
     } else {
         "cargo build (dmabuf-p2p CLI)"
     };
@@ -470,8 +473,9 @@ enum StreamError {
 }
 
 /// Connects to the report socket, then reads lines until the guest exits,
-/// QEMU stops or the timeout passes. Answers `@@qmp` requests, and notes in
-/// `starts` how long the console log was when each test started.
+/// QEMU stops or the timeout passes. Answers `@@qmp`, `@@screendump` and
+/// `@@qemu-log` requests, and notes in `starts` how long the console log was
+/// when each test started.
 fn stream(
     vm: &mut Vm,
     spec: &RunSpec,
@@ -512,6 +516,8 @@ fn stream(
     let mut reader = BufReader::new(sock);
     let mut pending: Vec<u8> = Vec::new();
     let mut qmp: Option<Qmp> = None;
+    let mut screendumps = 0;
+    let mut qemu_log = crate::screen::LogTail::default();
     let mut prefix_carry: Option<String> = None;
     loop {
         let mut buf = [0u8; 4096];
@@ -555,6 +561,19 @@ fn stream(
             if let Some(req) = line.strip_prefix("@@qmp ") {
                 let answer = answer_qmp(vm, &mut qmp, req);
                 let _ = writeln!(writer, "@@qmp-reply {answer}");
+            }
+            if let Some(req) = line.strip_prefix("@@screendump ") {
+                screendumps += 1;
+                let answer = match qmp_session(vm, &mut qmp) {
+                    Ok(q) => crate::screen::answer_screendump(vm.config(), q, req, screendumps),
+                    Err(e) => serde_json::json!({ "error": e }).to_string(),
+                };
+                let _ = writeln!(writer, "@@screendump-reply {answer}");
+            }
+            if line == "@@qemu-log" {
+                let lines = qemu_log.new_lines(&vm.config().qemu_log());
+                let answer = serde_json::json!({ "lines": lines });
+                let _ = writeln!(writer, "@@qemu-log-reply {answer}");
             }
             report.add(&line);
         }
@@ -628,20 +647,23 @@ fn answer_qmp(vm: &Vm, qmp: &mut Option<Qmp>, req: &str) -> String {
         Ok(v) => v,
         Err(e) => return serde_json::json!({ "error": format!("bad request: {e}") }).to_string(),
     };
-    if qmp.is_none() {
-        match Qmp::connect(&vm.config().qmp_socket()) {
-            Ok(q) => *qmp = Some(q),
-            Err(e) => return serde_json::json!({ "error": e.to_string() }).to_string(),
-        }
-    }
-    let Some(q) = qmp.as_mut() else {
-        return "{\"error\":\"no QMP\"}".into();
+    let q = match qmp_session(vm, qmp) {
+        Ok(q) => q,
+        Err(e) => return serde_json::json!({ "error": e }).to_string(),
     };
     let cmd = parsed["execute"].as_str().unwrap_or_default().to_owned();
     match q.execute(&cmd, parsed["arguments"].clone()) {
         Ok(v) => serde_json::json!({ "return": v }).to_string(),
         Err(e) => serde_json::json!({ "error": e.to_string() }).to_string(),
     }
+}
+
+/// The run's QMP session, connected on first use.
+fn qmp_session<'a>(vm: &Vm, qmp: &'a mut Option<Qmp>) -> Result<&'a mut Qmp, String> {
+    if qmp.is_none() {
+        *qmp = Some(Qmp::connect(&vm.config().qmp_socket()).map_err(|e| e.to_string())?);
+    }
+    qmp.as_mut().ok_or_else(|| "no QMP".to_owned())
 }
 
 /// Reads a whole file into a string, for callers printing logs.

@@ -34,7 +34,7 @@ pub const SOURCE_ENV: &str = "DMABUF_P2P_UAPI_SOURCE";
 pub const BINDINGS_PATH: &str = "src/sys/bindings.rs";
 
 /// Headers whose presence marks a complete, usable include directory.
-const REQUIRED: [&str; 7] = [
+const REQUIRED: [&str; 9] = [
     "linux/dma-buf.h",
     "linux/udmabuf.h",
     "linux/dma-heap.h",
@@ -42,6 +42,8 @@ const REQUIRED: [&str; 7] = [
     "linux/iommufd.h",
     "linux/version.h",
     "asm/ioctl.h",
+    "drm/drm.h",
+    "drm/virtgpu_drm.h",
 ];
 
 /// Returns an include directory holding the Linux 7.2.13 uAPI headers of

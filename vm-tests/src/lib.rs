@@ -115,10 +115,17 @@ pub fn directive(line: &str) {
 /// `{"return": ...}` or `{"error": "..."}`. The answer comes back on stdin,
 /// which the test bed connects to the same serial port as stdout.
 pub fn qmp(execute: &str, arguments: &str) -> String {
+    ask(
+        &format!("@@qmp {{\"execute\":\"{execute}\",\"arguments\":{arguments}}}"),
+        "@@qmp-reply ",
+    )
+}
+
+/// Sends a directive the host answers at once and returns the answer: the
+/// text after `reply_prefix` on the first line that starts with it.
+pub fn ask(line_out: &str, reply_prefix: &str) -> String {
     use std::io::BufRead;
-    directive(&format!(
-        "@@qmp {{\"execute\":\"{execute}\",\"arguments\":{arguments}}}"
-    ));
+    directive(line_out);
     let stdin = std::io::stdin();
     let mut line = String::new();
     loop {
@@ -127,10 +134,44 @@ pub fn qmp(execute: &str, arguments: &str) -> String {
             Ok(0) | Err(_) => return "{\"error\":\"no answer from the host\"}".to_owned(),
             Ok(_) => {}
         }
-        if let Some(answer) = line.trim_end().strip_prefix("@@qmp-reply ") {
+        if let Some(answer) = line.trim_end().strip_prefix(reply_prefix) {
             return answer.to_owned();
         }
     }
+}
+
+/// Asks the host for a screendump of virtio-gpu `gpu` (its QEMU id) and
+/// returns the host's JSON answer (`testbed/src/screen.rs`): the FNV-1a 64
+/// of the rectangle's RGB bytes and, with `backing` (ivshmem id, offset of
+/// the rectangle's first pixel, bytes per row), the same of that backing
+/// file's XRGB8888 pixels.
+pub fn screendump(
+    gpu: &str,
+    rect: (u32, u32, u32, u32),
+    backing: Option<(&str, u64, u64)>,
+) -> String {
+    let (x, y, w, h) = rect;
+    let tail = backing.map_or(String::new(), |(shm, off, stride)| {
+        format!(" {shm} {off:#x} {stride}")
+    });
+    ask(
+        &format!("@@screendump {gpu} {x} {y} {w} {h}{tail}"),
+        "@@screendump-reply ",
+    )
+}
+
+/// The lines QEMU's log got since the last call (trace events, guest
+/// errors), as the host's JSON answer.
+pub fn qemu_log() -> String {
+    ask("@@qemu-log", "@@qemu-log-reply ")
+}
+
+/// The RGB bytes of XRGB8888 pixels (little-endian B, G, R, X), as a
+/// screendump holds them.
+pub fn xrgb_to_rgb(xrgb: &[u8]) -> Vec<u8> {
+    xrgb.chunks_exact(4)
+        .flat_map(|p| [p[2], p[1], p[0]])
+        .collect()
 }
 
 /// How long one engine copy may take (edu takes 100 ms of guest time per

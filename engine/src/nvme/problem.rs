@@ -85,6 +85,67 @@ pub enum NvmeProblem {
         /// Commands outstanding.
         in_flight: usize,
     },
+    /// A wait or a give-up named a command that is not this queue's to
+    /// hand out: its completion was taken already, it was given up, it was
+    /// never submitted, or it belongs to another queue.
+    #[error(
+        "command {cid} (use {generation}) of I/O queue {qid} is not in flight on queue {queue}: its completion was taken already, it was given up, or it is another queue's"
+    )]
+    NotInFlight {
+        /// The queue the command's ID names.
+        qid: u16,
+        /// Its CID.
+        cid: u16,
+        /// Which use of the CID it was.
+        generation: u32,
+        /// The queue asked.
+        queue: u16,
+    },
+    /// A wait for any command on a queue with none in flight and no
+    /// completion to hand out.
+    #[error("no command is in flight on I/O queue {qid} and no completion waits to be taken")]
+    NothingInFlight {
+        /// The queue.
+        qid: u16,
+    },
+    /// A transfer longer than the buffer it names holds from its offset.
+    #[error(
+        "a transfer of {bytes} bytes overruns its buffer, which holds {available} bytes from IOVA {iova:#x}"
+    )]
+    BufferOverrun {
+        /// The transfer's IOVA.
+        iova: u64,
+        /// Its length.
+        bytes: u64,
+        /// What the buffer holds from there.
+        available: u64,
+    },
+    /// A queue depth the controller or the driver cannot give.
+    #[error(
+        "a queue of depth {depth} (commands in flight) was asked for; this controller allows 1..={max}"
+    )]
+    QueueDepth {
+        /// The depth asked for.
+        depth: u32,
+        /// The largest the controller allows (CAP.MQES).
+        max: u32,
+    },
+    /// Every I/O queue the controller granted is in use.
+    #[error(
+        "every I/O queue the controller granted is in use ({granted}; ask for more with NvmeOptions::io_queues)"
+    )]
+    NoQueueLeft {
+        /// I/O queue pairs the controller granted (Set Features, Number of Queues).
+        granted: u16,
+    },
+    /// Raw access to a queue that still has commands.
+    #[error("I/O queue {qid} has {in_use} command(s) in flight or not yet taken")]
+    QueueBusy {
+        /// The queue.
+        qid: u16,
+        /// Commands submitted and not yet handed out or dropped.
+        in_use: usize,
+    },
     /// The controller reported a fatal status (CSTS.CFS) or its registers
     /// read as all ones (not reachable: memory decode off, or gone).
     #[error("controller failed: {what}")]

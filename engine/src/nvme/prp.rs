@@ -1,6 +1,8 @@
 //! Physical Region Page pointers for an IOVA-contiguous buffer: PRP1 holds
 //! the first (possibly offset) page, PRP2 the second page or, for transfers
 //! over two pages, the IOVA of a list of the remaining page addresses.
+//! Planning allocates nothing: the list of a contiguous buffer is its pages
+//! in order, so the plan is their first address and count.
 
 use super::regs::PAGE;
 
@@ -10,34 +12,50 @@ use super::regs::PAGE;
 pub const LIST_ENTRIES: u64 = PAGE / 8;
 
 /// The data pointer of one command.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PrpPlan {
     /// PRP entry 1: the start of the data.
     pub prp1: u64,
     /// PRP entry 2: zero, the second page, or the list's IOVA.
     pub prp2: u64,
-    /// The list to write at the list IOVA (empty when none is needed).
-    pub list: Vec<u64>,
+    /// The first entry of the list to write at the list IOVA (the
+    /// buffer's second page).
+    pub list_first: u64,
+    /// Entries of the list: pages `list_first`, `list_first + PAGE`, ...
+    /// (zero when no list is needed).
+    pub list_len: u64,
+}
+
+impl PrpPlan {
+    /// The list's entries, in order.
+    pub fn list(&self) -> impl ExactSizeIterator<Item = u64> + use<> {
+        let first = self.list_first;
+        // At most LIST_ENTRIES (`plan`).
+        (0..self.list_len as usize).map(move |i| first + i as u64 * PAGE)
+    }
 }
 
 /// Plans the PRPs for `len` bytes at IOVA `iova`, with the list (if needed)
 /// at `list_iova`. `iova` must be dword aligned and `len` non-zero; `None`
-/// when the transfer needs more list entries than one page holds.
+/// when the transfer needs more list entries than one page holds or its
+/// pages run past the end of the IOVA space.
 ///
 /// ```
 /// use dmabuf_p2p_engine::nvme::prp::plan;
 /// // 3 pages from a page boundary: PRP1, then a list of the other two.
 /// let p = plan(0x10_0000, 3 * 4096, 0x9000).unwrap();
 /// assert_eq!((p.prp1, p.prp2), (0x10_0000, 0x9000));
-/// assert_eq!(p.list, vec![0x10_1000, 0x10_2000]);
+/// assert_eq!(p.list().collect::<Vec<_>>(), vec![0x10_1000, 0x10_2000]);
 /// ```
+#[inline]
 pub fn plan(iova: u64, len: u64, list_iova: u64) -> Option<PrpPlan> {
     let first = PAGE - iova % PAGE;
     if len <= first {
         return Some(PrpPlan {
             prp1: iova,
             prp2: 0,
-            list: Vec::new(),
+            list_first: 0,
+            list_len: 0,
         });
     }
     let second = iova.checked_add(first)?;
@@ -46,31 +64,26 @@ pub fn plan(iova: u64, len: u64, list_iova: u64) -> Option<PrpPlan> {
         return Some(PrpPlan {
             prp1: iova,
             prp2: second,
-            list: Vec::new(),
+            list_first: 0,
+            list_len: 0,
         });
     }
     let pages = rest.div_ceil(PAGE);
     if pages > LIST_ENTRIES {
         return None;
     }
-    let list = (0..pages)
-        .map(|i| second.checked_add(i * PAGE))
-        .collect::<Option<Vec<u64>>>()?;
+    second.checked_add((pages - 1) * PAGE)?;
     Some(PrpPlan {
         prp1: iova,
         prp2: list_iova,
-        list,
+        list_first: second,
+        list_len: pages,
     })
 }
 
 /// The largest transfer whose PRPs fit one list page, for any start offset:
 /// one list page of entries, each a whole page.
 pub const MAX_LIST_TRANSFER: u64 = LIST_ENTRIES * PAGE;
-
-/// The list as the bytes the controller reads.
-pub fn list_bytes(list: &[u64]) -> Vec<u8> {
-    list.iter().flat_map(|e| e.to_le_bytes()).collect()
-}
 
 #[cfg(test)]
 mod tests {
@@ -79,7 +92,7 @@ mod tests {
     #[test]
     fn within_one_page() {
         let p = plan(0x1000, 4096, 0xff000).unwrap();
-        assert_eq!((p.prp1, p.prp2, p.list.len()), (0x1000, 0, 0));
+        assert_eq!((p.prp1, p.prp2, p.list_len), (0x1000, 0, 0));
         let p = plan(0x1ffc, 4, 0xff000).unwrap();
         assert_eq!((p.prp1, p.prp2), (0x1ffc, 0));
     }
@@ -87,7 +100,7 @@ mod tests {
     #[test]
     fn offset_start_crossing_into_second_page_uses_prp2() {
         let p = plan(0x1800, 4096, 0xff000).unwrap();
-        assert_eq!((p.prp1, p.prp2, p.list.len()), (0x1800, 0x2000, 0));
+        assert_eq!((p.prp1, p.prp2, p.list_len), (0x1800, 0x2000, 0));
         let p = plan(0x1000, 8192, 0xff000).unwrap();
         assert_eq!((p.prp1, p.prp2), (0x1000, 0x2000));
     }
@@ -97,21 +110,24 @@ mod tests {
         // 0x1800 + 0x2000 ends at 0x3800: pages 0x1000, 0x2000, 0x3000.
         let p = plan(0x1800, 0x2000, 0xff000).unwrap();
         assert_eq!((p.prp1, p.prp2), (0x1800, 0xff000));
-        assert_eq!(p.list, vec![0x2000, 0x3000]);
-        assert_eq!(list_bytes(&p.list)[..8], 0x2000u64.to_le_bytes());
+        assert_eq!(p.list().collect::<Vec<_>>(), vec![0x2000, 0x3000]);
+        assert_eq!(p.list().len(), 2);
     }
 
     #[test]
     fn list_capacity() {
         // Page aligned: the first page in PRP1, 512 more in the list.
         let most = PAGE + MAX_LIST_TRANSFER;
-        assert_eq!(plan(0x10_0000, most, 0).unwrap().list.len(), 512);
+        assert_eq!(plan(0x10_0000, most, 0).unwrap().list_len, 512);
         assert!(plan(0x10_0000, most + 1, 0).is_none());
         // Any offset fits MAX_LIST_TRANSFER.
         for off in [0, 4, 0x800, 0xffc] {
             let p = plan(0x10_0000 + off, MAX_LIST_TRANSFER, 0).unwrap();
-            assert!(p.list.len() as u64 <= LIST_ENTRIES);
+            assert!(p.list_len <= LIST_ENTRIES);
         }
+        // Pages past the end of the IOVA space.
+        assert!(plan(u64::MAX - 0x2fff, 0x5000, 0).is_none());
+        assert!(plan(u64::MAX - 0xfff, 0x2000, 0).is_none());
     }
 
     #[test]
@@ -119,12 +135,12 @@ mod tests {
         for (iova, len) in [(0x2004u64, 0x5000u64), (0x3000, 0x3001), (0xffc, 0x2008)] {
             let p = plan(iova, len, 0).unwrap();
             let mut pages = vec![p.prp1];
-            if p.list.is_empty() {
+            if p.list_len == 0 {
                 if p.prp2 != 0 {
                     pages.push(p.prp2);
                 }
             } else {
-                pages.extend(&p.list);
+                pages.extend(p.list());
             }
             assert!(pages[1..].iter().all(|e| e % PAGE == 0));
             let covered = (PAGE - iova % PAGE) + (pages.len() as u64 - 1) * PAGE;

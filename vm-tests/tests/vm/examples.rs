@@ -1,13 +1,14 @@
-//! The library's examples (`examples/*.rs`), run as the programs they are
-//! against the real kernel: the test bed builds them with the CLI and packs
-//! them as `/bin/examples/<name>`. Each test runs one with arguments valid
+//! The library's examples (`examples/*.rs`) and the engine's
+//! (`engine/examples/*.rs`), run as the programs they are against the real
+//! kernel: the test bed builds them with the CLI and packs them as
+//! `/bin/examples/<name>`. Each test runs one with arguments valid
 //! in this VM (shm0, the 1 MiB ivshmem BAR2, is the `0000:02:00.0` their
 //! docs name), checks its exit status and the facts it prints, and that the
 //! device it used is left as it was found: still bound to `vfio-pci`, with
 //! the same `PCI_COMMAND` (memory decode included).
 //!
 //! The examples read BAR2 of shm0 at most (its first 64 KiB); they write
-//! no BAR.
+//! no BAR. The NVMe example only reads nvme0 (its first 2 MiB).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -17,7 +18,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use dmabuf_p2p_vm_tests::{driver_of, shm_address};
+use dmabuf_p2p_vm_tests::{driver_of, fnv1a64, nvme_address, nvme_image, shm_address};
 
 /// Where the test bed packs the examples.
 const EXAMPLES: &str = "/bin/examples";
@@ -345,4 +346,19 @@ fn vmm_adopt_follows_the_guests_bar_and_decode_writes() {
         assert_eq!(run.count("guest: "), 4, "{}", run.log());
         assert_eq!(run.count("log: "), 6, "{}", run.log());
     });
+}
+
+/// The NVMe engine's example (`engine/examples/nvme_queues.rs`, the code
+/// the README and the guide show): two queues at depth 32 from two threads
+/// read the first 2 MiB of nvme0, and what they read hashes as the image
+/// does.
+#[test]
+fn nvme_queues_reads_the_namespace_on_two_queues() {
+    let bdf = nvme_address("nvme0");
+    let run = run_example("nvme_queues", &[&bdf, "2", "32"]);
+    let (_, line) = run.line("read 2 MiB with 2 queue(s) at depth 32 in ");
+    assert!(line.ends_with(" ms"), "{}", run.log());
+    let want = format!("fnv1a64 {:016x}", fnv1a64(&nvme_image(0, 2 << 20)));
+    assert_eq!(run.line("fnv1a64 ").1, want, "{}", run.log());
+    assert_eq!(driver_of(&bdf).as_deref(), Some("vfio-pci"));
 }

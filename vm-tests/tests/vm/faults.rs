@@ -154,7 +154,12 @@ fn qmp_string(answer: &str) -> Option<String> {
 /// only while BAR2 is still mapped), and a `device_add` with the same
 /// `memdev` then aborts QEMU (`qemu_ram_set_idstr: Assertion
 /// '!new_block->idstr[0]' failed`). So the backend is replaced first: the
-/// same file, the same id, a fresh RAM block.
+/// same file, the same id, a fresh RAM block. A deleted backend's RAM block
+/// (still named after the old device) leaves QEMU's list only when the last
+/// reference to its memory region goes, which an old flat view drops in an
+/// RCU callback some time after `object-del` returns; a `device_add` before
+/// that aborts QEMU too (`RAMBlock "…/mem-shm1" already registered`), so
+/// the list (`info ramblock`) is watched until the old block is gone.
 pub(super) fn replug_shm1(addr: PciAddress) -> Duration {
     let t = Instant::now();
     let path = qmp_string(&qmp_ok(
@@ -173,6 +178,30 @@ pub(super) fn replug_shm1(addr: PciAddress) -> Duration {
             "object-del of mem-shm1 kept failing: {answer}"
         );
         std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut block_polls = 0;
+    loop {
+        block_polls += 1;
+        let blocks = qmp_ok(
+            "human-monitor-command",
+            r#"{"command-line":"info ramblock"}"#,
+        );
+        assert!(blocks.contains("Block Name"), "info ramblock: {blocks}");
+        if !blocks.contains("/mem-shm1") {
+            break;
+        }
+        assert!(
+            t.elapsed() < SYSFS_TIMEOUT,
+            "the deleted mem-shm1's RAM block stayed registered: {blocks}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if block_polls > 1 {
+        Kmsg::mark(&format!(
+            "faults: the deleted mem-shm1's RAM block lingered for {} checks ({:?} since the replug began)",
+            block_polls - 1,
+            t.elapsed()
+        ));
     }
     qmp_ok(
         "object-add",
@@ -199,7 +228,7 @@ pub(super) fn replug_shm1(addr: PciAddress) -> Duration {
             panic!("{addr} did not appear in sysfs within {SYSFS_TIMEOUT:?} after device_add")
         });
     note(&format!(
-        "backend replaced and device_add accepted after {added:?}; {addr} in sysfs {shown:?} later"
+        "backend replaced (the old RAM block gone at check {block_polls}) and device_add accepted after {added:?}; {addr} in sysfs {shown:?} later"
     ));
     added + shown
 }

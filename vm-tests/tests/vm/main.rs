@@ -6,6 +6,7 @@
 //! narrower IOMMU, another topology: `testbed/src/profile.rs`); the rest run
 //! in the standard VM.
 
+mod alloc_count;
 mod bad_input;
 mod concurrency;
 mod dmabuf;
@@ -20,12 +21,14 @@ mod iommufd;
 mod iommufd_extra;
 mod load;
 mod nvme;
+mod nvme_queue;
 mod p2p;
 mod placement;
 mod profile_aw39;
 mod profile_aw39_high_bar;
 mod profile_root_bus;
 mod profile_switch;
+mod profile_virtio_gpu;
 mod revoke;
 mod share;
 mod share_attacks;

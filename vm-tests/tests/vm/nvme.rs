@@ -383,7 +383,7 @@ fn nvme_pmr_is_a_p2p_target() {
     assert!(matches!(problem(&e), NvmeProblem::NoPmr { .. }), "{e}");
     assert!(e.to_string().contains("CAP.PMRS is 0"), "{e}");
 
-    let mut owner = open_nvme("nvme1", &ioas);
+    let owner = open_nvme("nvme1", &ioas);
     let pmr = owner.enable_pmr().unwrap();
     assert_eq!((pmr.bar, pmr.size), (4, 16 << 20), "{pmr:?}");
     let bar = owner.device().map_bar(pmr.bar).unwrap();
@@ -424,7 +424,7 @@ fn nvme_cmb_is_a_p2p_target_for_edu_and_nvme() {
     let iommufd = Iommufd::open().unwrap();
     let ioas = iommufd.alloc_ioas().unwrap();
     let mut reader = open_nvme("nvme0", &ioas);
-    let mut owner = open_nvme("nvme1", &ioas);
+    let owner = open_nvme("nvme1", &ioas);
     let cmb = owner.enable_cmb().unwrap();
     assert_eq!((cmb.bar, cmb.offset, cmb.size), (2, 0, 16 << 20), "{cmb:?}");
     let mut edu = Edu::open(edu_address().parse().unwrap(), &ioas).unwrap();

@@ -12,6 +12,7 @@ use super::config_space::{
     overlaps,
 };
 use super::limits::{BarKey, Limits};
+use super::status::{BarReport, BarStatus, ConfigWrite, DeviceId, Drift};
 use super::unreachable::Unreachable;
 use crate::error::{Error, Result};
 use crate::exporter::bar::BarExport;
@@ -20,20 +21,6 @@ use crate::pci::{BAR_COUNT, PciAddress};
 use crate::range::{ByteRange, human_size, page_size};
 use crate::revoke::{BufferState, RevokeReason};
 use crate::vfio::VfioPciDevice;
-
-/// A registered device, as [`GuestBarMap::register`] names it. Stale once
-/// the device is removed: a later device in the same slot has another id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct DeviceId {
-    slot: u32,
-    generation: u32,
-}
-
-impl fmt::Display for DeviceId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "device #{}.{}", self.slot, self.generation)
-    }
-}
 
 /// Which BARs a device offers for peer-to-peer DMA.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -46,132 +33,6 @@ pub enum Offer {
     /// These BARs only (each must be mappable as above). Huge BARs a guest
     /// never uses for P2P need not cost an export (cloud-hypervisor #7991).
     Bars(Vec<u32>),
-}
-
-/// Where one BAR stands.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BarStatus {
-    /// Mapped, live, at its guest-physical address: peers can DMA to it.
-    Mapped {
-        /// The guest-physical address (the IOVA).
-        gpa: u64,
-        /// The BAR's size.
-        size: u64,
-    },
-    /// Not reachable, and why.
-    Unreachable(Unreachable),
-}
-
-impl fmt::Display for BarStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Mapped { gpa, .. } => write!(f, "mapped at GPA {gpa:#x}"),
-            Self::Unreachable(why) => write!(f, "not reachable: {why}"),
-        }
-    }
-}
-
-/// One BAR of one device, for [`GuestBarMap::report`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BarReport {
-    /// The device's id.
-    pub id: DeviceId,
-    /// Its PCI address.
-    pub device: PciAddress,
-    /// The BAR index.
-    pub bar: u32,
-    /// The BAR's size.
-    pub size: u64,
-    /// Where it stands.
-    pub status: BarStatus,
-}
-
-impl fmt::Display for BarReport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "BAR {} of {} ({}): {}",
-            self.bar,
-            self.device,
-            human_size(self.size),
-            self.status
-        )
-    }
-}
-
-/// How [`GuestBarMap::config_write`] handled a trapped write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum ConfigWrite {
-    /// It touched `PCI_COMMAND`: written to the device, memory decode
-    /// followed.
-    Command,
-    /// It touched BAR registers: recorded (BARs are virtual), nothing
-    /// written to the device.
-    Bars,
-    /// It set Initiate Function-Level Reset: written to the device (VFIO
-    /// resets it); the BARs are unassigned and decode is off, as after any
-    /// reset.
-    Reset,
-    /// It wrote the power state: written to the device.
-    PowerState,
-    /// None of the registers above: not performed. The VMM handles it
-    /// as it would without this map.
-    NotMine,
-    /// The device is gone (unplug requested): ignored.
-    Ignored,
-}
-
-/// A difference between what the map expected and what the kernel had,
-/// found and repaired by [`GuestBarMap::sync_with_kernel`] (or found on
-/// the way by any call).
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Drift {
-    /// The device's revocation hub changed by other means than this map
-    /// (another user of the same [`VfioPciDevice`]): the map's areas may
-    /// have been revoked, so they were mapped again.
-    HubChanged {
-        /// The device.
-        device: PciAddress,
-        /// The hub's state when found.
-        state: BufferState,
-    },
-    /// The device's memory decode was off while the guest's was on: it was
-    /// turned on, and the BARs mapped again.
-    DecodeDiffers {
-        /// The device.
-        device: PciAddress,
-        /// The guest's bit.
-        guest: bool,
-        /// The device's bit as read.
-        device_bit: bool,
-    },
-}
-
-impl fmt::Display for Drift {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::HubChanged { device, state } => write!(
-                f,
-                "{device}: its revocation hub changed behind the map ({state:?}); BARs mapped again"
-            ),
-            Self::DecodeDiffers {
-                device,
-                guest,
-                device_bit,
-            } => write!(
-                f,
-                "{device}: memory decode is {} on the device but {} for the guest; set to the guest's",
-                on_off(*device_bit),
-                on_off(*guest)
-            ),
-        }
-    }
-}
-
-fn on_off(b: bool) -> &'static str {
-    if b { "on" } else { "off" }
 }
 
 /// P2P between the assigned devices of one IOAS, as a VMM needs it: every
@@ -335,6 +196,9 @@ macro_rules! ctx {
         ctx_of(&$d.dev, $d.address, $d.gone, $d.command, $d.d3, $slot)
     };
 }
+
+// After `ctx!`, which it uses.
+mod reconcile;
 
 fn ctx_of(
     dev: &VfioPciDevice,
@@ -574,19 +438,6 @@ impl GuestBarMap {
         })
     }
 
-    /// The registered device with this id, or [`Error::Device`].
-    fn device(st: &mut State, id: DeviceId) -> Result<&mut Device> {
-        st.slots
-            .get_mut(id.slot as usize)
-            .and_then(Option::as_mut)
-            .filter(|d| d.generation == id.generation)
-            .ok_or_else(|| Error::Device {
-                device: id.to_string(),
-                problem: "is not registered (removed, or never was)".to_owned(),
-                source: None,
-            })
-    }
-
     /// The device registered at `address`, if any.
     pub fn find(&self, address: PciAddress) -> Option<DeviceId> {
         let st = self.lock();
@@ -602,7 +453,7 @@ impl GuestBarMap {
     /// The registered device (shared with the map).
     pub fn vfio_device(&self, id: DeviceId) -> Result<Arc<VfioPciDevice>> {
         let mut st = self.lock();
-        Ok(Arc::clone(&Self::device(&mut st, id)?.dev))
+        Ok(Arc::clone(&registered(&mut st.slots, id)?.dev))
     }
 
     /// Handles a guest's config-space write of `data` at `offset` that the
@@ -616,15 +467,7 @@ impl GuestBarMap {
     pub fn config_write(&self, id: DeviceId, offset: u64, data: &[u8]) -> Result<ConfigWrite> {
         let mut st = self.lock();
         let State { slots, limits, .. } = &mut *st;
-        let d = slots
-            .get_mut(id.slot as usize)
-            .and_then(Option::as_mut)
-            .filter(|d| d.generation == id.generation)
-            .ok_or_else(|| Error::Device {
-                device: id.to_string(),
-                problem: "is not registered (removed, or never was)".to_owned(),
-                source: None,
-            })?;
+        let d = registered(slots, id)?;
         let waiting =
             d.dev.hub().change_count() != d.hub_seq && self.repair_drift(d, limits, id.slot);
         if d.gone.is_some() {
@@ -666,460 +509,6 @@ impl GuestBarMap {
         outcome
     }
 
-    /// The guest's `PCI_COMMAND` write (performed on the device when
-    /// `perform`, else already made by the VMM). Returns whether a claim
-    /// may have been released.
-    fn command(
-        &self,
-        d: &mut Device,
-        limits: &mut Limits,
-        slot: u32,
-        offset: u64,
-        data: &[u8],
-        perform: bool,
-    ) -> Result<bool> {
-        let old = d.command;
-        #[allow(clippy::cast_possible_truncation)]
-        let new = merge(u32::from(old), COMMAND, 2, offset, data) as u16;
-        let (was_on, on) = (old & COMMAND_MEMORY != 0, new & COMMAND_MEMORY != 0);
-        let physical = if perform {
-            d.dev.command_write_lean(offset, data)
-        } else {
-            Ok((true, true))
-        };
-        d.command = new;
-        let settled = d.half != 0;
-        for i in bars_in(d.half) {
-            if let Some(reg) = &mut d.bars[i].reg {
-                reg.settle();
-            }
-        }
-        d.half = 0;
-        let (phys_was, phys_on) = match &physical {
-            Ok(p) => *p,
-            Err(_) => {
-                let on = d.dev.known_memory_decode() == Some(true);
-                (on, on)
-            }
-        };
-        if !phys_was && phys_on && was_on {
-            // Off behind the guest's back (its bit was on): the areas are dead.
-            self.mark_dead(d, RevokeReason::External);
-        }
-        let mut released = false;
-        if was_on && !on {
-            self.mark_dead(d, RevokeReason::MemoryDecodeOff);
-        } else if on && (!was_on || settled || !phys_was) {
-            released = self.reconcile_all(d, limits, slot);
-        }
-        physical.map(|_| released)
-    }
-
-    /// BAR register writes; reconciles the BARs touched when the guest's
-    /// decode is on. Returns whether a claim may have been released.
-    fn bar_write(
-        &self,
-        d: &mut Device,
-        limits: &mut Limits,
-        slot: u32,
-        offset: u64,
-        data: &[u8],
-    ) -> bool {
-        let mut touched = 0u8;
-        for i in 0..BAR_COUNT as usize {
-            let reg_at = BAR0 + 4 * i as u64;
-            if !overlaps(offset, data.len(), reg_at, 4) {
-                continue;
-            }
-            // The dword belongs to BAR i, or is the upper half of BAR i - 1.
-            let (owner, high) = if d.bars[i].reg.is_some() {
-                (i, false)
-            } else if i > 0 && d.bars[i - 1].reg.is_some_and(|r| r.is_64bit()) {
-                (i - 1, true)
-            } else {
-                continue;
-            };
-            let Some(reg) = &mut d.bars[owner].reg else {
-                continue;
-            };
-            let current = if high {
-                reg.read_high()
-            } else {
-                reg.read_low()
-            };
-            let value = merge(current, reg_at, 4, offset, data);
-            if high {
-                reg.write_high(value);
-            } else {
-                reg.write_low(value);
-            }
-            if reg.is_half_programmed() {
-                d.half |= 1 << owner;
-            } else {
-                d.half &= !(1 << owner);
-            }
-            debug!(
-                "{} BAR{owner}: guest wrote {value:#010x} to its {} dword: {}",
-                d.address,
-                if high { "high" } else { "low" },
-                reg.address()
-            );
-            touched |= 1 << owner;
-        }
-        if d.command & COMMAND_MEMORY == 0 || d.d3 {
-            return false;
-        }
-        let mut released = false;
-        for i in 0..BAR_COUNT as usize {
-            if touched & (1 << i) != 0 {
-                let ctx = ctx!(d, slot);
-                released |= self.reconcile(&ctx, limits, i, &mut d.bars[i]);
-            }
-        }
-        released
-    }
-
-    /// Reconciles every BAR of `d`. Returns whether a claim was released.
-    fn reconcile_all(&self, d: &mut Device, limits: &mut Limits, slot: u32) -> bool {
-        let mut released = false;
-        let ctx = ctx!(d, slot);
-        for i in bars_in(d.offered) {
-            released |= self.reconcile(&ctx, limits, i, &mut d.bars[i]);
-        }
-        released
-    }
-
-    /// Where BAR `i` should be mapped now, or why not.
-    fn want(ctx: &Ctx<'_>, s: &Slot) -> std::result::Result<u64, Unreachable> {
-        if let Some(why) = &ctx.blocked {
-            return Err(why.clone());
-        }
-        let Some(reg) = &s.reg else {
-            return Err(Unreachable::NotOffered {
-                why: s.not_offered.clone().unwrap_or_default(),
-            });
-        };
-        if let Some(why) = &s.not_offered {
-            return Err(Unreachable::NotOffered { why: why.clone() });
-        }
-        match reg.address() {
-            BarAddress::At(gpa) => Ok(gpa),
-            BarAddress::Unassigned => Err(Unreachable::Unassigned),
-            BarAddress::Probing => Err(Unreachable::Probing),
-            BarAddress::HalfProgrammed => Err(Unreachable::HalfProgrammed),
-        }
-    }
-
-    /// Makes BAR `i`'s mapping what its device and registers say, with the
-    /// device's buffers live. Returns whether it released a claim.
-    fn reconcile(&self, ctx: &Ctx<'_>, limits: &mut Limits, i: usize, s: &mut Slot) -> bool {
-        #[allow(clippy::cast_possible_truncation)]
-        let key = BarKey {
-            slot: ctx.slot,
-            bar: i as u8,
-        };
-        // A BAR that is not offered is never mapped: nothing to do (and no
-        // reason to build).
-        if s.placed.is_none() && (s.reg.is_none() || s.not_offered.is_some()) {
-            return false;
-        }
-        let size = s.reg.map_or(0, |r| r.size());
-        let want = Self::want(ctx, s);
-        let mut released = false;
-        let mut moved_from = None;
-        if let Some(p) = &mut s.placed {
-            match &want {
-                Ok(gpa) if *gpa == p.gpa && p.dead.is_none() => return false,
-                Ok(gpa) if *gpa == p.gpa => {
-                    // Dead at the right GPA: unmap and map again.
-                    match p.map.remap() {
-                        Ok(()) => {
-                            let why = p.dead.take();
-                            info!(
-                                "{} BAR{i}: restored at GPA {gpa:#x} (was revoked: {})",
-                                ctx.address,
-                                why.map_or_else(String::new, |r| r.to_string())
-                            );
-                            set_refused(limits, s, None);
-                            return false;
-                        }
-                        Err(e) => {
-                            let why = refusal(&e);
-                            warn!(
-                                "{} BAR{i} at GPA {gpa:#x}: restore failed: {why}",
-                                ctx.address
-                            );
-                            limits.release(key, p.gpa);
-                            s.placed = None;
-                            set_refused(limits, s, Some(why));
-                            return true;
-                        }
-                    }
-                }
-                _ => {
-                    let old = p.gpa;
-                    if let Err(e) = p.map.unmap() {
-                        warn!("{} BAR{i}: unmapping GPA {old:#x} failed: {e}", ctx.address);
-                    }
-                    limits.release(key, old);
-                    s.placed = None;
-                    released = true;
-                    moved_from = Some(old);
-                    if let Err(why) = &want {
-                        info!("{} BAR{i}: unmapped from GPA {old:#x}: {why}", ctx.address);
-                    }
-                }
-            }
-        }
-        let gpa = match want {
-            Ok(gpa) => gpa,
-            Err(why) => {
-                set_refused(limits, s, Some(why));
-                return released;
-            }
-        };
-        let checked = limits.check(key, gpa, size).or_else(|why| {
-            // The cached ranges may be stale: ask before refusing.
-            if matches!(why, Unreachable::OutsideIovaRanges { .. })
-                && let Ok(r) = self.ioas.iova_ranges()
-            {
-                limits.set_usable(&r);
-                return limits.check(key, gpa, size);
-            }
-            Err(why)
-        });
-        let mapped = checked.and_then(|()| self.map_at(ctx, limits, i, s, gpa, size));
-        match (mapped, moved_from) {
-            (Ok(map), from) => {
-                limits.claim(key, ctx.address, gpa, size);
-                match from {
-                    Some(old) => info!(
-                        "{} BAR{i} ({}) moved: GPA {old:#x} -> {gpa:#x}",
-                        ctx.address,
-                        human_size(size)
-                    ),
-                    None => info!(
-                        "{} BAR{i} ({}) mapped at GPA {gpa:#x}",
-                        ctx.address,
-                        human_size(size)
-                    ),
-                }
-                s.placed = Some(Placed {
-                    gpa,
-                    map,
-                    dead: None,
-                });
-                set_refused(limits, s, None);
-            }
-            (Err(why), from) => {
-                let was =
-                    from.map_or_else(String::new, |old| format!(" (unmapped from GPA {old:#x})"));
-                // A retry that meets the same refusal says nothing new.
-                if from.is_some() || s.refused.as_ref() != Some(&why) {
-                    warn!(
-                        "{} BAR{i} ({}) refused at GPA {gpa:#x}{was}: {why}",
-                        ctx.address,
-                        human_size(size)
-                    );
-                }
-                set_refused(limits, s, Some(why));
-            }
-        }
-        released
-    }
-
-    /// Exports BAR `i` (once) and maps it at `gpa`.
-    fn map_at(
-        &self,
-        ctx: &Ctx<'_>,
-        limits: &mut Limits,
-        i: usize,
-        s: &mut Slot,
-        gpa: u64,
-        size: u64,
-    ) -> std::result::Result<IoasMapping, Unreachable> {
-        #[allow(clippy::cast_possible_truncation)]
-        let bar = i as u32;
-        if s.export.is_none() {
-            let export = ctx
-                .dev
-                .export_bar(bar, &[ByteRange::new(0, size)])
-                .map_err(|e| refusal(&e))?;
-            s.export = Some(export);
-        }
-        let Some(export) = &s.export else {
-            return Err(Unreachable::Unassigned);
-        };
-        match self
-            .ioas
-            .map_dmabuf(export.dmabuf(), IovaPlacement::Fixed(gpa), self.perms)
-        {
-            Ok(m) => Ok(m),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                // The kernel's ranges are the authority: name them.
-                if let Ok(r) = self.ioas.iova_ranges() {
-                    limits.set_usable(&r);
-                    #[allow(clippy::cast_possible_truncation)]
-                    let key = BarKey {
-                        slot: ctx.slot,
-                        bar: i as u8,
-                    };
-                    limits.check(key, gpa, size)?;
-                }
-                Err(refusal(&e))
-            }
-            Err(e) => Err(refusal(&e)),
-        }
-    }
-
-    /// The kernel revoked the device's buffers: its live areas are dead
-    /// (kept, so their GPAs stay reserved).
-    fn mark_dead(&self, d: &mut Device, reason: RevokeReason) {
-        for i in bars_in(d.offered) {
-            if let Some(p) = &mut d.bars[i].placed
-                && p.dead.is_none()
-            {
-                p.dead = Some(reason);
-                info!(
-                    "{} BAR{i} at GPA {:#x}: revoked: {reason}",
-                    d.address, p.gpa
-                );
-            }
-        }
-    }
-
-    /// Unmaps every area of `d` (for a reset, an unplug, a removal).
-    /// Returns whether any claim was released.
-    fn unmap_all(&self, d: &mut Device, limits: &mut Limits, slot: u32, why: &str) -> bool {
-        let mut released = false;
-        for (i, s) in d.bars.iter_mut().enumerate() {
-            if let Some(mut p) = s.placed.take() {
-                if let Err(e) = p.map.unmap() {
-                    warn!(
-                        "{} BAR{i}: unmapping GPA {:#x} failed: {e}",
-                        d.address, p.gpa
-                    );
-                }
-                #[allow(clippy::cast_possible_truncation)]
-                limits.release(BarKey { slot, bar: i as u8 }, p.gpa);
-                info!(
-                    "{} BAR{i}: unmapped from GPA {:#x}: {why}",
-                    d.address, p.gpa
-                );
-                released = true;
-            }
-        }
-        released
-    }
-
-    /// The device was reset: areas unmapped, BARs unassigned, decode off.
-    fn reset(&self, d: &mut Device, limits: &mut Limits, slot: u32, why: &str) {
-        self.unmap_all(d, limits, slot, why);
-        d.command = 0;
-        d.d3 = false;
-        d.half = 0;
-        for s in &mut d.bars {
-            if let Some(reg) = &mut s.reg {
-                reg.reset();
-            }
-            set_refused(limits, s, None);
-        }
-    }
-
-    /// The guest wrote the power state. Returns whether a claim was released.
-    fn power(&self, d: &mut Device, limits: &mut Limits, slot: u32, d3: bool) -> bool {
-        let was = d.d3;
-        d.d3 = d3;
-        if d3 && !was {
-            self.mark_dead(d, RevokeReason::External);
-            false
-        } else if !d3 && was && d.command & COMMAND_MEMORY != 0 {
-            // VFIO restored the buffers (decode on): the dead areas come back.
-            self.reconcile_all(d, limits, slot)
-        } else {
-            false
-        }
-    }
-
-    /// Tries again every BAR refused for a reason others' changes may lift.
-    fn retry_waiting(&self, st: &mut State) {
-        let State { slots, limits, .. } = st;
-        for (slot, d) in slots.iter_mut().enumerate() {
-            let Some(d) = d else { continue };
-            for i in 0..BAR_COUNT as usize {
-                if d.bars[i]
-                    .refused
-                    .as_ref()
-                    .is_some_and(Unreachable::waits_on_others)
-                {
-                    let ctx = ctx!(d, u32::try_from(slot).unwrap_or(u32::MAX));
-                    self.reconcile(&ctx, limits, i, &mut d.bars[i]);
-                }
-            }
-        }
-        limits.waiting = slots
-            .iter()
-            .flatten()
-            .flat_map(|d| d.bars.iter())
-            .filter(|s| s.refused.as_ref().is_some_and(Unreachable::waits_on_others))
-            .count();
-    }
-
-    /// Finds a change of `id`'s revocation hub made by other means than
-    /// this map and repairs it. Returns whether anything was remapped.
-    fn check_hub(&self, st: &mut State, id: DeviceId) -> Result<bool> {
-        let State { slots, limits, .. } = st;
-        let d = slots
-            .get_mut(id.slot as usize)
-            .and_then(Option::as_mut)
-            .filter(|d| d.generation == id.generation)
-            .ok_or_else(|| Error::Device {
-                device: id.to_string(),
-                problem: "is not registered (removed, or never was)".to_owned(),
-                source: None,
-            })?;
-        if d.dev.hub().change_count() == d.hub_seq {
-            return Ok(false);
-        }
-        Ok(self.repair_drift(d, limits, id.slot))
-    }
-
-    /// `d`'s hub changed behind the map: records it and repairs. Returns
-    /// true.
-    #[cold]
-    fn repair_drift(&self, d: &mut Device, limits: &mut Limits, slot: u32) -> bool {
-        let change = d.dev.hub().last_change();
-        let drift = Drift::HubChanged {
-            device: d.address,
-            state: change.state,
-        };
-        warn!("{drift}");
-        self.repair_hub(d, limits, slot, change.state);
-        d.hub_seq = d.dev.hub().change_count();
-        true
-    }
-
-    /// Brings `d` in line with its hub's `state`.
-    fn repair_hub(&self, d: &mut Device, limits: &mut Limits, slot: u32, state: BufferState) {
-        match state {
-            BufferState::Gone(r) => {
-                d.gone = Some(r);
-                self.unmap_all(d, limits, slot, "the device is gone");
-                for s in &mut d.bars {
-                    s.export = None;
-                }
-            }
-            BufferState::Revoked(r) => self.mark_dead(d, r),
-            BufferState::Live => {
-                // Revoked and restored meanwhile: every area may be dead.
-                self.mark_dead(d, RevokeReason::External);
-                if d.command & COMMAND_MEMORY != 0 && !d.d3 {
-                    self.reconcile_all(d, limits, slot);
-                }
-            }
-        }
-    }
-
     /// The VMM wrote `PCI_COMMAND` itself (from `old` to `new`, on its own
     /// fd): the device's hub is told
     /// ([`VfioPciDevice::note_command_change`]) and the map follows as for
@@ -1128,14 +517,7 @@ impl GuestBarMap {
         let mut st = self.lock();
         self.check_hub(&mut st, id)?;
         let State { slots, limits, .. } = &mut *st;
-        let d = slots
-            .get_mut(id.slot as usize)
-            .and_then(Option::as_mut)
-            .ok_or_else(|| Error::Device {
-                device: id.to_string(),
-                problem: "is not registered".to_owned(),
-                source: None,
-            })?;
+        let d = registered(slots, id)?;
         d.dev.note_command_change(old, new);
         if old & COMMAND_MEMORY == 0 && new & COMMAND_MEMORY != 0 {
             // Whatever the map knew, the kernel revoked at the off.
@@ -1156,14 +538,7 @@ impl GuestBarMap {
         let mut st = self.lock();
         self.check_hub(&mut st, id)?;
         let State { slots, limits, .. } = &mut *st;
-        let d = slots
-            .get_mut(id.slot as usize)
-            .and_then(Option::as_mut)
-            .ok_or_else(|| Error::Device {
-                device: id.to_string(),
-                problem: "is not registered".to_owned(),
-                source: None,
-            })?;
+        let d = registered(slots, id)?;
         let i = usize::try_from(bar).unwrap_or(usize::MAX);
         let Some(reg) = d.bars.get_mut(i).and_then(|s| s.reg.as_mut()) else {
             return Err(Error::InvalidRegion {
@@ -1192,14 +567,7 @@ impl GuestBarMap {
         let mut st = self.lock();
         self.check_hub(&mut st, id)?;
         let State { slots, limits, .. } = &mut *st;
-        let d = slots
-            .get_mut(id.slot as usize)
-            .and_then(Option::as_mut)
-            .ok_or_else(|| Error::Device {
-                device: id.to_string(),
-                problem: "is not registered".to_owned(),
-                source: None,
-            })?;
+        let d = registered(slots, id)?;
         let told = d.dev.note_reset();
         self.reset(d, limits, id.slot, "device reset (VMM)");
         d.hub_seq = d.dev.hub().change_count();
@@ -1215,15 +583,7 @@ impl GuestBarMap {
     pub fn note_unplug_request(&self, id: DeviceId) -> Result<()> {
         let mut st = self.lock();
         let State { slots, limits, .. } = &mut *st;
-        let d = slots
-            .get_mut(id.slot as usize)
-            .and_then(Option::as_mut)
-            .filter(|d| d.generation == id.generation)
-            .ok_or_else(|| Error::Device {
-                device: id.to_string(),
-                problem: "is not registered".to_owned(),
-                source: None,
-            })?;
+        let d = registered(slots, id)?;
         d.dev.note_unplug_request();
         d.gone = Some(RevokeReason::Unplug);
         self.unmap_all(d, limits, id.slot, "unplug requested");
@@ -1241,21 +601,11 @@ impl GuestBarMap {
     pub fn remove(&self, id: DeviceId) -> Result<Arc<VfioPciDevice>> {
         let mut st = self.lock();
         let State { slots, limits, .. } = &mut *st;
-        let entry = slots
+        registered(slots, id)?;
+        let mut d = slots
             .get_mut(id.slot as usize)
-            .filter(|d| d.as_ref().is_some_and(|d| d.generation == id.generation))
-            .ok_or_else(|| Error::Device {
-                device: id.to_string(),
-                problem: "is not registered".to_owned(),
-                source: None,
-            })?;
-        let Some(mut d) = entry.take() else {
-            return Err(Error::Device {
-                device: id.to_string(),
-                problem: "is not registered".to_owned(),
-                source: None,
-            });
-        };
+            .and_then(Option::take)
+            .ok_or_else(|| not_registered(id))?;
         self.unmap_all(&mut d, limits, id.slot, "device removed");
         info!("IOAS {}: removed {}", self.ioas.id(), d.address);
         let dev = Arc::clone(&d.dev);
@@ -1287,7 +637,7 @@ impl GuestBarMap {
             .collect();
         for id in ids {
             let before = {
-                let d = Self::device(&mut st, id)?;
+                let d = registered(&mut st.slots, id)?;
                 (d.dev.hub().last_change(), d.hub_seq, d.address)
             };
             if self.check_hub(&mut st, id)? {
@@ -1331,7 +681,7 @@ impl GuestBarMap {
     /// Where BAR `bar` of `id` stands.
     pub fn bar_status(&self, id: DeviceId, bar: u32) -> Result<BarStatus> {
         let mut st = self.lock();
-        let d = Self::device(&mut st, id)?;
+        let d = registered(&mut st.slots, id)?;
         let i = usize::try_from(bar).unwrap_or(usize::MAX);
         let Some(s) = d.bars.get(i) else {
             return Err(Error::InvalidRegion {
@@ -1378,7 +728,7 @@ impl GuestBarMap {
     /// memory BAR dword (absent and I/O BARs are the VMM's).
     pub fn bar_register_read(&self, id: DeviceId, offset: u64) -> Result<Option<u32>> {
         let mut st = self.lock();
-        let d = Self::device(&mut st, id)?;
+        let d = registered(&mut st.slots, id)?;
         if !(BAR0..BAR0 + 4 * u64::from(BAR_COUNT)).contains(&offset) || !offset.is_multiple_of(4) {
             return Ok(None);
         }
@@ -1418,21 +768,19 @@ impl GuestBarMap {
     }
 }
 
-/// The typed reason for a library error met while exporting or mapping.
-fn refusal(e: &Error) -> Unreachable {
-    match e {
-        Error::Revoked { .. } => Unreachable::Revoked(RevokeReason::External),
-        Error::Device { problem, .. } if problem.contains("being removed") => {
-            Unreachable::DeviceGone(RevokeReason::Unplug)
-        }
-        other => Unreachable::KernelRefused {
-            op: match other {
-                Error::InvalidIova { .. } => "IOMMU_IOAS_MAP_FILE",
-                Error::Sys { op, .. } => op,
-                _ => "VFIO_DEVICE_FEATURE(DMA_BUF)",
-            },
-            errno: other.raw_os_error().unwrap_or(0),
-            message: other.to_string(),
-        },
+/// The registered device with this id, or [`Error::Device`].
+fn registered(slots: &mut [Option<Device>], id: DeviceId) -> Result<&mut Device> {
+    slots
+        .get_mut(id.slot as usize)
+        .and_then(Option::as_mut)
+        .filter(|d| d.generation == id.generation)
+        .ok_or_else(|| not_registered(id))
+}
+
+fn not_registered(id: DeviceId) -> Error {
+    Error::Device {
+        device: id.to_string(),
+        problem: "is not registered (removed, or never was)".to_owned(),
+        source: None,
     }
 }
