@@ -11,7 +11,7 @@ use crate::report::kernel_problems;
 pub enum Boot {
     /// init reported `@@booted`.
     Booted,
-    /// The kernel reported an Oops, BUG, WARNING or panic before init ran
+    /// The kernel reported an Oops, BUG or panic before init ran
     /// (`panic=-1 oops=panic` then ends the VM); the report's first line.
     KernelDied(String),
     /// QEMU exited before init ran and the kernel reported nothing: QEMU
@@ -21,7 +21,8 @@ pub enum Boot {
     /// froze before the kernel's console came up.
     SilentFreeze,
     /// The kernel printed, but init did not report before the boot deadline;
-    /// the console's last line.
+    /// the console's last line, and the first WARNING before it if any (a
+    /// WARNING does not stop the kernel, so it is a clue, not the end).
     Hung(String),
 }
 
@@ -32,16 +33,23 @@ impl Boot {
         if booted {
             return Self::Booted;
         }
-        if let Some(first) = kernel_problems(console).first() {
-            let headline = first.lines().next().unwrap_or_default();
-            return Self::KernelDied(strip_timestamp(headline).to_owned());
+        let problems = kernel_problems(console);
+        let headlines: Vec<&str> = problems
+            .iter()
+            .map(|p| strip_timestamp(p.lines().next().unwrap_or_default()))
+            .collect();
+        if let Some(fatal) = headlines.iter().find(|h| !h.starts_with("WARNING:")) {
+            return Self::KernelDied((*fatal).to_owned());
         }
         if let Some(status) = qemu_exit {
             return Self::QemuExited(describe_exit(status));
         }
-        match last_line(console) {
-            None => Self::SilentFreeze,
-            Some(line) => Self::Hung(strip_timestamp(line).to_owned()),
+        match (last_line(console), headlines.first()) {
+            (None, _) => Self::SilentFreeze,
+            (Some(line), None) => Self::Hung(strip_timestamp(line).to_owned()),
+            (Some(line), Some(warning)) => {
+                Self::Hung(format!("{} (after {warning})", strip_timestamp(line)))
+            }
         }
     }
 
@@ -190,6 +198,34 @@ DMAR: IOMMU enabled\r\n";
         assert_eq!(
             Boot::judge(false, EARLY, None),
             Boot::Hung("DMAR: IOMMU enabled".into())
+        );
+    }
+
+    #[test]
+    fn a_warning_before_a_hang_is_no_death() {
+        // From a boot of ../shared/vm/bzImage under multi-threaded TCG
+        // (2026-12-07, docs/KERNEL.md "Boots that never fail"): RCU Tasks
+        // stalled, its boot-time self-test warned, and init never came.
+        let console = format!(
+            "{EARLY}[    6.568144] netconsole: network logging started\r\n\
+             [   31.508673] call_rcu_tasks() has failed boot-time tests.\r\n\
+             [   31.526653] ------------[ cut here ]------------\r\n\
+             [   31.526978] WARNING: kernel/rcu/tasks.h:1531 at rcu_tasks_verify_work_fn+0xc0/0xf0, CPU#0: kworker/0:0/9\r\n\
+             [   31.555716] ---[ end trace 0000000000000000 ]---\r\n"
+        );
+        let b = Boot::judge(false, &console, None);
+        assert_eq!(b.kind(), "hung-before-init", "{b}");
+        assert_eq!(
+            b,
+            Boot::Hung(
+                "---[ end trace 0000000000000000 ]--- (after WARNING: kernel/rcu/tasks.h:1531 at rcu_tasks_verify_work_fn+0xc0/0xf0, CPU#0: kworker/0:0/9)".into()
+            )
+        );
+        // An oops after a warning is still the kernel dying.
+        let died = format!("{console}[   32.000000] Oops: int3: 0000 [#1] SMP\r\n");
+        assert_eq!(
+            Boot::judge(false, &died, None),
+            Boot::KernelDied("Oops: int3: 0000 [#1] SMP".into())
         );
     }
 

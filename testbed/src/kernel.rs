@@ -7,7 +7,7 @@
 //! is built. It lives in `<cache>/kernel/<key>/bzImage`, where the key
 //! ([`cache_key`]) changes whenever the source version or the fragment
 //! changes, so a changed fragment means a new build. Building takes about
-//! 5 minutes on 2 idle cores (an estimate, docs/KERNEL.md); point
+//! 5.5 minutes on 2 idle cores (an estimate, docs/KERNEL.md); point
 //! [`KERNEL_ENV`] at a prebuilt bzImage to skip it ([`prebuilt_fit`] says
 //! whether one has every option the fragment names).
 
@@ -338,7 +338,7 @@ fn build_with(force: bool, patch: Option<&Patch>) -> Result<PathBuf> {
     let jobs = std::thread::available_parallelism().map_or(2, |n| n.get() + 1);
     phase(
         5,
-        &format!("make -j{jobs} bzImage (the long part: about 5 minutes on 2 idle cores)"),
+        &format!("make -j{jobs} bzImage (the long part: about 5.5 minutes on 2 idle cores)"),
     );
     let mut make_bzimage = make(&src);
     make_bzimage

@@ -620,6 +620,16 @@ fn stream(
             )));
         }
     }
+    // The socket reached its end: QEMU is exiting. The kernel closes a dying
+    // process's files before its parent can reap it, so wait for the exit
+    // status: without it a QEMU crash would be judged a hung guest.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(5) {
+        if let Ok(Some(_)) = vm.try_wait() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     if report.exit.is_some() {
         Ok(())
     } else if boot_deadline.is_some() && !report.booted {
