@@ -73,7 +73,6 @@ fn json_run(v: &Verdict) -> JsonRun {
 
 /// Runs a VM subcommand.
 pub fn run(cmd: VmCommand, json: bool) -> Result<ExitCode, CliError> {
-    testbed::deps::ensure_vm_tools()?;
     let flag = if json { " --json" } else { "" };
     let (name, job) = match cmd {
         VmCommand::Info if json => ("vm-info", format!("{}{flag} devices\n", suite::GUEST_CLI)),

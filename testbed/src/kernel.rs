@@ -4,12 +4,16 @@
 //! configured by `make allnoconfig` with the fragment
 //! `testbed/kernel/fragment.config` (embedded here as [`FRAGMENT`]) as
 //! `KCONFIG_ALLCONFIG`: only what the fragment names, and what that selects,
-//! is built. It lives in `<cache>/kernel/<key>/bzImage`, where the key
-//! ([`cache_key`]) changes whenever the source version or the fragment
-//! changes, so a changed fragment means a new build. Building takes about
-//! 5.5 minutes on 2 idle cores (an estimate, docs/KERNEL.md); point
-//! [`KERNEL_ENV`] at a prebuilt bzImage to skip it ([`prebuilt_fit`] says
-//! whether one has every option the fragment names).
+//! is built. There are two [`Flavor`]s: the base kernel (the fragment
+//! without its DRM block), which every VM without a GPU boots, the demo's
+//! included, and the DRM kernel (the whole fragment) for VMs with a
+//! virtio-gpu, built on the base kernel's objects. Each lives in
+//! `<cache>/kernel/<key>/bzImage`, where the key ([`cache_key`]) changes
+//! whenever the source version or the flavor's fragment changes, so a changed
+//! fragment means a new build. The base kernel takes about 5 minutes on 2
+//! idle cores (docs/KERNEL.md); the DRM kernel on top of it about a minute.
+//! Point [`KERNEL_ENV`] at a prebuilt bzImage to skip both ([`prebuilt_fit`]
+//! says whether one has every option the fragment names).
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions, TryLockError};
@@ -39,6 +43,64 @@ pub const SOURCE_VERSION: &str = "7.2.13-1";
 /// (the contents of `testbed/kernel/fragment.config`).
 pub const FRAGMENT: &str = include_str!("../kernel/fragment.config");
 
+/// The line of [`FRAGMENT`] that opens its DRM block: options only a VM with
+/// a GPU needs, left out of the [`Flavor::Base`] kernel. The block ends at
+/// the [`BUILD_CHOICES`] line.
+const DRM_BLOCK: &str = "# ----- DRM: only the kernel of a VM with a GPU -----";
+
+/// Which kernel a VM boots: the one its devices need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    /// [`FRAGMENT`] without its DRM block: every VM without a GPU boots it,
+    /// the demo's included, so a first demo builds only this one.
+    Base,
+    /// All of [`FRAGMENT`]: the base kernel plus DRM and virtio-gpu, built
+    /// on the base kernel's objects (only what the DRM block changes is
+    /// compiled again).
+    Drm,
+}
+
+impl Flavor {
+    /// The flavor a VM needs: [`Flavor::Drm`] if it has a GPU.
+    pub fn for_vm(has_gpu: bool) -> Self {
+        if has_gpu { Self::Drm } else { Self::Base }
+    }
+
+    /// The fragment `make allnoconfig` is given for this flavor.
+    pub fn fragment(self) -> &'static str {
+        static BASE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        match self {
+            Self::Drm => FRAGMENT,
+            Self::Base => BASE.get_or_init(|| without_drm_block(FRAGMENT)),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Base => "base",
+            Self::Drm => "DRM",
+        }
+    }
+}
+
+/// `fragment` without the lines from the [`DRM_BLOCK`] line up to (not
+/// including) the [`BUILD_CHOICES`] line.
+fn without_drm_block(fragment: &str) -> String {
+    let mut out = String::with_capacity(fragment.len());
+    let mut in_block = false;
+    for line in fragment.split_inclusive('\n') {
+        match line.trim() {
+            DRM_BLOCK => in_block = true,
+            BUILD_CHOICES => in_block = false,
+            _ => {}
+        }
+        if !in_block {
+            out.push_str(line);
+        }
+    }
+    out
+}
+
 /// Debian packages the build needs (bookworm names).
 pub const BUILD_DEPS: &[&str] = &[
     "bc",
@@ -67,19 +129,40 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(30);
 /// How many lines of a failed command's output are shown in the error.
 const TAIL_LINES: usize = 40;
 
-/// Returns the bzImage to boot.
+/// Returns the base kernel's bzImage ([`resolve_for`] with [`Flavor::Base`]).
+pub fn resolve() -> Result<PathBuf> {
+    resolve_for(Flavor::Base)
+}
+
+/// Returns the bzImage to boot for `flavor`.
 ///
 /// If [`KERNEL_ENV`] is set, its path is checked (an existing, non-empty regular
-/// file with the x86 boot header) and returned; nothing is built, and a bad path
-/// is an [`Error::KernelPath`]. Otherwise the cached kernel is returned, building
-/// it first if it is not in the cache.
-pub fn resolve() -> Result<PathBuf> {
+/// file with the x86 boot header) and returned for every flavor; nothing is
+/// built, and a bad path is an [`Error::KernelPath`]. Otherwise the cached
+/// kernel is returned, building it first if it is not in the cache.
+pub fn resolve_for(flavor: Flavor) -> Result<PathBuf> {
+    resolve_alongside(flavor, || Ok(()))
+}
+
+/// [`resolve_for`], running `alongside` (e.g. fetching QEMU) in a thread
+/// while a kernel build fetches and configures its source; a build waits
+/// for it before the long `make`, so that its error comes before that. When
+/// nothing is built, `alongside` runs before this returns.
+pub fn resolve_alongside(
+    flavor: Flavor,
+    alongside: impl FnOnce() -> Result<()> + Send + 'static,
+) -> Result<PathBuf> {
     if let Some(value) = std::env::var_os(KERNEL_ENV) {
-        return from_env(PathBuf::from(value));
+        let image = from_env(PathBuf::from(value))?;
+        alongside()?;
+        return Ok(image);
     }
-    match cached() {
-        Some(image) => Ok(image),
-        None => build(false),
+    match cached_for(flavor) {
+        Some(image) => {
+            alongside()?;
+            Ok(image)
+        }
+        None => build_flavor(false, flavor, alongside),
     }
 }
 
@@ -112,15 +195,20 @@ fn from_env(path: PathBuf) -> Result<PathBuf> {
     })
 }
 
-/// The cached bzImage for the current source version and fragment, if it has
-/// been built (and still looks like a bzImage).
+/// The cached base kernel ([`cached_for`] with [`Flavor::Base`]).
 pub fn cached() -> Option<PathBuf> {
+    cached_for(Flavor::Base)
+}
+
+/// The cached bzImage of `flavor` for the current source version and
+/// fragment, if it has been built (and still looks like a bzImage).
+pub fn cached_for(flavor: Flavor) -> Option<PathBuf> {
     let kdir = kernel_cache().ok()?;
     let mut versions = vec![SOURCE_VERSION.to_owned()];
     versions.extend(recorded_fallback(&kdir));
     versions.into_iter().find_map(|v| {
         let image = kdir
-            .join(key_for(SOURCE_PACKAGE, &v, FRAGMENT))
+            .join(key_for(SOURCE_PACKAGE, &v, flavor.fragment()))
             .join("bzImage");
         check_bzimage(&image).is_ok().then_some(image)
     })
@@ -202,25 +290,26 @@ pub fn source_dir() -> Result<PathBuf> {
     source_tree(&kdir, &version)
 }
 
-/// The cache key: the source version plus a hash of the package name, version,
-/// build recipe and [`FRAGMENT`], e.g. `7.2.13-1-0123456789abcdef`.
+/// The base kernel's cache key: the source version plus a hash of the
+/// package name, version, build recipe and [`Flavor::Base`]'s fragment, e.g.
+/// `7.2.13-1-0123456789abcdef`.
 pub fn cache_key() -> String {
-    key_for(SOURCE_PACKAGE, SOURCE_VERSION, FRAGMENT)
+    key_for(SOURCE_PACKAGE, SOURCE_VERSION, Flavor::Base.fragment())
 }
 
-/// The directory holding the kernel for the current [`cache_key`]:
+/// The directory holding the base kernel for the current [`cache_key`]:
 /// `<cache>/kernel/<key>` (with `bzImage`, `config`, `fragment.config`,
 /// `build.log` and the object tree `build/`).
 pub fn key_dir() -> Result<PathBuf> {
     Ok(kernel_cache()?.join(cache_key()))
 }
 
-/// `cargo xtask kernel [--force]`: makes sure the kernel exists (building it if
-/// needed, or always with `force`) and prints the bzImage path on stdout.
-/// Progress goes to stderr.
-pub fn xtask(force: bool, patch: Option<&Path>) -> Result<PathBuf> {
+/// `cargo xtask kernel [--force] [--drm]`: makes sure the kernel of `flavor`
+/// exists (building it if needed, or always with `force`) and prints the
+/// bzImage path on stdout. Progress goes to stderr.
+pub fn xtask(force: bool, flavor: Flavor, patch: Option<&Path>) -> Result<PathBuf> {
     if let Some(patch) = patch {
-        let image = build_with(force, Some(&Patch::load(patch)?))?;
+        let image = build_patched(force, &Patch::load(patch)?)?;
         eprintln!(
             "kernel: patched kernel (not the CI kernel); boot it with {KERNEL_ENV}={}",
             image.display()
@@ -234,15 +323,15 @@ pub fn xtask(force: bool, patch: Option<&Path>) -> Result<PathBuf> {
                 "kernel: note: {KERNEL_ENV} is set, so test runs boot that kernel, not the one built now"
             );
         }
-        build(true)?
+        build_flavor(true, flavor, || Ok(()))?
     } else {
-        resolve()?
+        resolve_for(flavor)?
     };
     println!("{}", image.display());
     Ok(image)
 }
 
-/// Builds the kernel into the cache and returns the installed bzImage.
+/// Builds the base kernel into the cache and returns the installed bzImage.
 ///
 /// Without `force`, an already cached kernel is returned as is. With `force`, the
 /// object tree is discarded and everything is rebuilt from a fresh configuration.
@@ -251,23 +340,56 @@ pub fn xtask(force: bool, patch: Option<&Path>) -> Result<PathBuf> {
 /// package is fetched through a private apt sources list ([`PrivateApt`]), so the
 /// machine's apt configuration is never touched.
 pub fn build(force: bool) -> Result<PathBuf> {
-    build_with(force, None)
+    build_flavor(force, Flavor::Base, || Ok(()))
 }
 
-/// [`build`], or with `patch` a patched kernel under its own cache key
-/// ([`crate::kernel_patch`]).
-fn build_with(force: bool, patch: Option<&Patch>) -> Result<PathBuf> {
+/// [`build`] for `flavor`. The DRM kernel needs the base kernel first: it is
+/// built in the base kernel's object tree, configured with the whole
+/// fragment, so only what the DRM block changes is compiled.
+fn build_flavor(
+    force: bool,
+    flavor: Flavor,
+    alongside: impl FnOnce() -> Result<()> + Send + 'static,
+) -> Result<PathBuf> {
     let kdir = kernel_cache()?;
     check_path_usable(&kdir)?;
     let _lock = BuildLock::acquire(&kdir.join(".lock"))?;
-
-    if !force
-        && patch.is_none()
-        && let Some(image) = cached()
-    {
-        eprintln!("kernel: cached: {}", image.display());
-        return Ok(image);
+    let base = match cached_for(Flavor::Base) {
+        Some(image) if !force => {
+            alongside()?;
+            image
+        }
+        _ => build_locked(&kdir, force, None, Flavor::Base, alongside)?,
+    };
+    match flavor {
+        Flavor::Base => Ok(base),
+        // With `force` the base tree was just rebuilt: the DRM kernel is
+        // built on it, not from scratch again.
+        Flavor::Drm => match cached_for(Flavor::Drm) {
+            Some(image) if !force => Ok(image),
+            _ => build_locked(&kdir, false, None, Flavor::Drm, || Ok(())),
+        },
     }
+}
+
+/// A patched base kernel under its own cache key ([`crate::kernel_patch`]).
+fn build_patched(force: bool, patch: &Patch) -> Result<PathBuf> {
+    let kdir = kernel_cache()?;
+    check_path_usable(&kdir)?;
+    let _lock = BuildLock::acquire(&kdir.join(".lock"))?;
+    build_locked(&kdir, force, Some(patch), Flavor::Base, || Ok(()))
+}
+
+/// Builds `flavor` (patched with `patch`) under `kdir`, whose build lock the
+/// caller holds.
+fn build_locked(
+    kdir: &Path,
+    force: bool,
+    patch: Option<&Patch>,
+    flavor: Flavor,
+    alongside: impl FnOnce() -> Result<()> + Send + 'static,
+) -> Result<PathBuf> {
+    let fragment = flavor.fragment();
     let started = Instant::now();
     let phase = |n: u32, what: &str| {
         eprintln!(
@@ -275,27 +397,32 @@ fn build_with(force: bool, patch: Option<&Patch>) -> Result<PathBuf> {
             fmt_duration(started.elapsed())
         );
     };
+    eprintln!("kernel: building the {} kernel", flavor.name());
 
     phase(1, "checking build dependencies");
     ensure_build_deps()?;
+    // After the build dependencies (which may run apt-get on the machine's
+    // own lists), before the download and unpacking that leave cores idle.
+    let alongside = std::thread::spawn(alongside);
 
-    let version = source_version(&kdir)?;
+    let version = source_version(kdir)?;
     phase(2, &format!("fetching {SOURCE_PACKAGE} {version}"));
-    let src = source_tree(&kdir, &version)?;
+    let src = source_tree(kdir, &version)?;
     let keydir = match patch {
-        None => kdir.join(key_for(SOURCE_PACKAGE, &version, FRAGMENT)),
+        None => kdir.join(key_for(SOURCE_PACKAGE, &version, fragment)),
         Some(p) => kdir.join(format!(
             "{}-patched",
             key_for(
                 SOURCE_PACKAGE,
                 &version,
-                &format!("{FRAGMENT}\0{}", p.text())
+                &format!("{fragment}\0{}", p.text())
             )
         )),
     };
     let image = keydir.join("bzImage");
     if !force && patch.is_some() && check_bzimage(&image).is_ok() {
         eprintln!("kernel: cached: {}", image.display());
+        join_alongside(alongside)?;
         return Ok(image);
     }
     let src = match patch {
@@ -303,15 +430,33 @@ fn build_with(force: bool, patch: Option<&Patch>) -> Result<PathBuf> {
         Some(p) => p.source_tree(&src, &keydir)?,
     };
 
-    let out = keydir.join("build");
+    // The DRM kernel is built in the base kernel's object tree, configured
+    // with the whole fragment: make then compiles again only the objects the
+    // changed options reach (kbuild records the options each object depends
+    // on). A copy of the tree would not do: tools/objtool records absolute
+    // paths, so a copy rebuilds objtool, and with it every object.
+    let out = match (flavor, patch) {
+        (Flavor::Drm, None) => kdir
+            .join(key_for(SOURCE_PACKAGE, &version, Flavor::Base.fragment()))
+            .join("build"),
+        _ => keydir.join("build"),
+    };
+    let on_base = flavor == Flavor::Drm && out.join(".config").is_file();
     if force && out.exists() {
         eprintln!("kernel: --force: removing {}", out.display());
         fs::remove_dir_all(&out)
             .map_err(|e| Error::io(format!("removing {}", out.display()), e))?;
     }
+    if on_base {
+        eprintln!(
+            "kernel: building on the base kernel's objects ({})",
+            out.display()
+        );
+    }
+    mkdir(&keydir)?;
     mkdir(&out)?;
     let fragment_path = keydir.join("fragment.config");
-    write_file(&fragment_path, FRAGMENT.as_bytes())?;
+    write_file(&fragment_path, fragment.as_bytes())?;
     let log_path = keydir.join("build.log");
     let mut log = Log::create(&log_path)?;
     eprintln!("kernel: full build log: {}", log_path.display());
@@ -333,13 +478,16 @@ fn build_with(force: bool, patch: Option<&Patch>) -> Result<PathBuf> {
     let config_path = out.join(".config");
     let config = fs::read_to_string(&config_path)
         .map_err(|e| Error::io(format!("reading {}", config_path.display()), e))?;
-    verify_config(&src, &version, &config_path, &config)?;
+    verify_config(&src, &version, fragment, &config_path, &config)?;
+    join_alongside(alongside)?;
 
     let jobs = std::thread::available_parallelism().map_or(2, |n| n.get() + 1);
-    phase(
-        5,
-        &format!("make -j{jobs} bzImage (the long part: about 5.5 minutes on 2 idle cores)"),
-    );
+    let long = if on_base && !force {
+        "what the DRM block adds: about a minute"
+    } else {
+        "the long part: about 5 minutes on 2 idle cores"
+    };
+    phase(5, &format!("make -j{jobs} bzImage ({long})"));
     let mut make_bzimage = make(&src);
     make_bzimage
         .arg(&out_arg)
@@ -370,6 +518,15 @@ fn build_with(force: bool, patch: Option<&Patch>) -> Result<PathBuf> {
         ),
     );
     Ok(image)
+}
+
+/// Waits for the work [`resolve_alongside`] ran beside the build.
+fn join_alongside(handle: std::thread::JoinHandle<Result<()>>) -> Result<()> {
+    handle.join().unwrap_or_else(|_| {
+        Err(Error::Setup(
+            "the set-up run beside the kernel build panicked".into(),
+        ))
+    })
 }
 
 /// `<cache>/kernel`, absolute (make's `O=` needs an absolute path).
@@ -576,8 +733,14 @@ fn check_config(fragment: &[(String, String)], config: &HashMap<String, String>)
 }
 
 /// Fails, naming every option, if the fragment does not hold in `config`.
-fn verify_config(src: &Path, version: &str, config_path: &Path, config: &str) -> Result<()> {
-    let fragment = parse_fragment(FRAGMENT)
+fn verify_config(
+    src: &Path,
+    version: &str,
+    fragment: &str,
+    config_path: &Path,
+    config: &str,
+) -> Result<()> {
+    let fragment = parse_fragment(fragment)
         .map_err(|e| Error::Setup(format!("testbed/kernel/fragment.config {e}")))?;
     let mismatches = check_config(&fragment, &parse_config(config));
     if mismatches.is_empty() {
@@ -1250,6 +1413,55 @@ mod tests {
         assert_ne!(k, key_for("linux-source-7.2", "7.2.14-1", "CONFIG_A=y\n"));
         assert!(key_for("p", "1:2.0~rc/1", "").starts_with("1_2.0_rc_1-"));
         assert!(cache_key().starts_with("7.2.13-1-"));
+    }
+
+    #[test]
+    fn the_base_kernel_is_the_fragment_without_its_drm_block() {
+        let options = |text: &str| -> Vec<String> {
+            parse_fragment(text)
+                .unwrap()
+                .into_iter()
+                .map(|(o, _)| o)
+                .collect()
+        };
+        let all = options(Flavor::Drm.fragment());
+        let base = options(Flavor::Base.fragment());
+        assert_eq!(Flavor::Drm.fragment(), FRAGMENT);
+        let dropped: Vec<&String> = all.iter().filter(|o| !base.contains(o)).collect();
+        assert_eq!(
+            dropped,
+            [
+                "CONFIG_VIRTIO_MENU",
+                "CONFIG_VIRTIO_PCI",
+                "CONFIG_DRM",
+                "CONFIG_DRM_VIRTIO_GPU",
+                "CONFIG_DRM_VIRTIO_GPU_KMS"
+            ]
+        );
+        // Everything else, the build choices too, is in both, in order.
+        assert_eq!(base.len() + dropped.len(), all.len());
+        assert!(base.contains(&"CONFIG_PROVE_LOCKING".to_owned()));
+        assert!(base.contains(&"CONFIG_CC_OPTIMIZE_FOR_SIZE".to_owned()));
+        assert!(Flavor::Base.fragment().contains(BUILD_CHOICES));
+        assert!(!Flavor::Base.fragment().contains(DRM_BLOCK));
+        // Two flavors, two cache entries.
+        assert_ne!(
+            key_for(SOURCE_PACKAGE, SOURCE_VERSION, Flavor::Base.fragment()),
+            key_for(SOURCE_PACKAGE, SOURCE_VERSION, Flavor::Drm.fragment())
+        );
+        assert_eq!(Flavor::for_vm(true), Flavor::Drm);
+        assert_eq!(Flavor::for_vm(false), Flavor::Base);
+    }
+
+    #[test]
+    fn a_drm_block_ends_at_the_build_choices() {
+        let text =
+            format!("CONFIG_A=y\n{DRM_BLOCK}\n# why\nCONFIG_B=y\n{BUILD_CHOICES}\nCONFIG_C=y\n");
+        assert_eq!(
+            without_drm_block(&text),
+            format!("CONFIG_A=y\n{BUILD_CHOICES}\nCONFIG_C=y\n")
+        );
+        assert_eq!(without_drm_block("CONFIG_A=y\n"), "CONFIG_A=y\n");
     }
 
     #[test]

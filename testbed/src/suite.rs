@@ -320,7 +320,6 @@ pub fn run(
     bins: &GuestBinaries,
     tweak: impl FnOnce(&mut VmConfig),
 ) -> Result<Verdict> {
-    let kernel = kernel::resolve()?;
     // DMABUF_P2P_RUN_TAG keeps concurrent runs (e.g. two developers' suites)
     // out of each other's run directories.
     let dir_name = match std::env::var("DMABUF_P2P_RUN_TAG") {
@@ -331,9 +330,15 @@ pub fn run(
     fs::create_dir_all(&run_dir)
         .map_err(|e| Error::io(format!("creating {}", run_dir.display()), e))?;
     let initrd = run_dir.join("initramfs.cpio");
-    pack_initramfs(spec, bins, &initrd)?;
-    let mut config = VmConfig::standard(kernel, initrd, run_dir.clone());
+    let mut config = VmConfig::standard(PathBuf::new(), initrd.clone(), run_dir.clone());
     tweak(&mut config);
+    // The VM's devices decide the kernel. QEMU and busybox are fetched while
+    // a first run's kernel build fetches its source (cores idle otherwise).
+    config.kernel = kernel::resolve_alongside(
+        kernel::Flavor::for_vm(!config.gpus.is_empty()),
+        crate::deps::ensure_vm_tools,
+    )?;
+    pack_initramfs(spec, bins, &initrd)?;
     let mut report;
     let mut starts;
     let mut failures = Vec::new();

@@ -5,8 +5,9 @@
 //! * `cargo xtask vm-test [FILTER..] [--profile=NAME] [--fail-on-purpose]` — only the
 //!   VM suite, one VM per profile (`testbed/src/profile.rs`).
 //! * `cargo xtask vm-info` — boot the VM and show what it offers.
-//! * `cargo xtask kernel [--force] [--patch FILE]` — build (or find) the test
-//!   kernel; with `--patch`, a patched kernel under its own cache key.
+//! * `cargo xtask kernel [--force] [--drm] [--patch FILE]` — build (or find) the test
+//!   kernel (with `--drm`, the one for VMs with a GPU); with `--patch`, a
+//!   patched kernel under its own cache key.
 //! * `cargo xtask kernfs-chain [MODE] [--readdir-first]` — reproduce the kernel
 //!   lockdep chain of docs/KERNEL.md in the VM.
 //! * `cargo xtask boot-check [--count N] [--load N]` — boot the VM N times
@@ -28,7 +29,7 @@ use std::time::Instant;
 use testbed::suite::{self, GuestBinaries, RunSpec};
 use testbed::{Result, deps, fuzz, kernel, kernfs_chain, profile, uapi, workspace_root};
 
-const USAGE: &str = "usage: cargo xtask <test | vm-test [FILTER..] [--profile=NAME] [--fail-on-purpose] | vm-info | kernel [--force] [--patch FILE] | kernel-fits BZIMAGE | kernel-selftests | boot-check [--count N] [--load N] | kernfs-chain [MODE] [--readdir-first] | bindings [--check] | bench [--quick] [--only=PARTS] [--render FILE] | fuzz [TARGET..] [--seconds N] | capture-config-writes [--held-out]>";
+const USAGE: &str = "usage: cargo xtask <test | vm-test [FILTER..] [--profile=NAME] [--fail-on-purpose] | vm-info | kernel [--force] [--drm] [--patch FILE] | kernel-fits BZIMAGE | kernel-selftests | boot-check [--count N] [--load N] | kernfs-chain [MODE] [--readdir-first] | bindings [--check] | bench [--quick] [--only=PARTS] [--render FILE] | fuzz [TARGET..] [--seconds N] | capture-config-writes [--held-out]>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -185,9 +186,14 @@ fn vm_info() -> Result<bool> {
     Ok(verdict.passed())
 }
 
-/// `cargo xtask kernel [--force] [--patch FILE]`.
+/// `cargo xtask kernel [--force] [--drm] [--patch FILE]`.
 fn kernel_task(args: &[String]) -> Result<bool> {
     let force = args.iter().any(|a| a == "--force");
+    let flavor = if args.iter().any(|a| a == "--drm") {
+        kernel::Flavor::Drm
+    } else {
+        kernel::Flavor::Base
+    };
     let patch = args
         .iter()
         .position(|a| a == "--patch")
@@ -198,8 +204,8 @@ fn kernel_task(args: &[String]) -> Result<bool> {
             Ok(false)
         }
         // kernel::xtask prints the path.
-        Some(Some(file)) => kernel::xtask(force, Some(&file)).map(|_| true),
-        None => kernel::xtask(force, None).map(|_| true),
+        Some(Some(file)) => kernel::xtask(force, flavor, Some(&file)).map(|_| true),
+        None => kernel::xtask(force, flavor, None).map(|_| true),
     }
 }
 
@@ -221,9 +227,13 @@ fn kernfs_chain(args: &[String]) -> Result<bool> {
 fn test_all() -> Result<bool> {
     let start = Instant::now();
     deps::ensure_vm_tools()?;
-    // Resolve the kernel first: a bad DMABUF_P2P_KERNEL should fail fast.
+    // Resolve the kernels first: a bad DMABUF_P2P_KERNEL should fail fast.
     let k = kernel::resolve()?;
     eprintln!("testbed: kernel {}", k.display());
+    let drm = kernel::resolve_for(kernel::Flavor::Drm)?;
+    if drm != k {
+        eprintln!("testbed: kernel for VMs with a GPU {}", drm.display());
+    }
 
     // Habits first, then the host tests (which also build the examples). The
     // library alone, without features, is linted too: feature gates must not
