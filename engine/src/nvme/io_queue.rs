@@ -243,7 +243,7 @@ static QUEUES_MADE: AtomicU32 = AtomicU32::new(0);
 /// DMA control block drops its last reference. A request whose data goes
 /// to or from MMIO (another controller's CMB, say) waits for QEMU's single
 /// bounce buffer; cancelling it there (`dma_aio_cancel` in
-/// system/dma-helpers.c) calls the request's completion, so QEMU prints
+/// softmmu/dma-helpers.c) calls the request's completion, so QEMU prints
 /// "aio failed: Operation canceled", but never drops that reference, and
 /// the main loop waits forever: the whole VM freezes. Reproduced in the VM
 /// with reads into nvme1's CMB and QEMU's `dma_*` trace events
