@@ -1112,15 +1112,27 @@ impl IoQueue {
 
     fn shut_down(&mut self, timeout: Duration) -> Result<()> {
         self.deleted = true;
-        let mut running = self.settle(timeout);
-        if running > 0 {
-            let cids: Vec<u16> = self.table.running().collect();
-            for cid in cids {
-                // An Abort may be refused or not abort (QEMU 7.2 answers
-                // every one "not aborted"): the wait after it says.
-                let _ = self.ctrl.admin_command(Command::abort(self.qid, cid));
-            }
+        // A controller that is gone or failed finishes nothing: no wait.
+        let mut running = self.running();
+        if running > 0 && self.ctrl.check_alive().is_ok() {
             running = self.settle(timeout);
+            if running > 0 && self.ctrl.check_alive().is_ok() {
+                let cids: Vec<u16> = self.table.running().collect();
+                for cid in cids {
+                    // An Abort may be refused or not abort (QEMU 7.2
+                    // answers every one "not aborted"): the wait after it
+                    // says. No answer, or a controller gone: stop asking.
+                    match self.ctrl.admin_command(Command::abort(self.qid, cid)) {
+                        Ok(_)
+                        | Err(Error::Nvme {
+                            problem: NvmeProblem::CommandFailed { .. },
+                            ..
+                        }) => {}
+                        Err(_) => break,
+                    }
+                }
+                running = self.settle(timeout);
+            }
         }
         // The submission queue first: the controller completes or aborts
         // its commands before it answers, so after both deletions nothing
