@@ -247,7 +247,8 @@ static QUEUES_MADE: AtomicU32 = AtomicU32::new(0);
 /// "aio failed: Operation canceled", but never drops that reference, and
 /// the main loop waits forever: the whole VM freezes. Reproduced in the VM
 /// with reads into nvme1's CMB and QEMU's `dma_*` trace events
-/// (docs/TESTBED.md); reads into RAM are cancelled without harm.
+/// (docs/TESTBED.md). A request into RAM never waits for the bounce
+/// buffer, so by QEMU's code its cancel completes.
 pub struct IoQueue {
     /// This queue's own mapping of BAR0, for its doorbells.
     db: BarMapping,
