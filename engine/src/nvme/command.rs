@@ -17,6 +17,8 @@ pub mod admin {
     pub const DELETE_IO_SQ: u8 = 0x00;
     /// Delete I/O Completion Queue.
     pub const DELETE_IO_CQ: u8 = 0x04;
+    /// Abort.
+    pub const ABORT: u8 = 0x08;
 }
 
 /// NVM command set opcodes the driver sends.
@@ -134,6 +136,22 @@ impl Command {
         }
     }
 
+    /// Abort command `cid` of submission queue `sqid` (dword 0 bit 0 of its
+    /// completion set: not aborted).
+    ///
+    /// ```
+    /// use dmabuf_p2p_engine::nvme::command::Command;
+    /// let c = Command::abort(3, 17);
+    /// assert_eq!((c.opcode, c.cdw[0]), (0x08, (17 << 16) | 3));
+    /// ```
+    pub fn abort(sqid: u16, cid: u16) -> Self {
+        Self {
+            opcode: admin::ABORT,
+            cdw: [u32::from(sqid) | (u32::from(cid) << 16), 0, 0, 0, 0, 0],
+            ..Self::default()
+        }
+    }
+
     /// Set Features: Number of Queues, asking for `sq` and `cq` I/O queues.
     pub fn set_num_queues(sq: u16, cq: u16) -> Self {
         Self {
@@ -193,6 +211,7 @@ pub fn opcode_name(opcode: u8, admin_queue: bool) -> &'static str {
         (true, admin::DELETE_IO_CQ) => "Delete I/O Completion Queue",
         (true, admin::IDENTIFY) => "Identify",
         (true, admin::SET_FEATURES) => "Set Features",
+        (true, admin::ABORT) => "Abort",
         (false, nvm::READ) => "Read",
         (false, nvm::WRITE) => "Write",
         _ => "command",

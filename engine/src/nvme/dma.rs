@@ -11,7 +11,7 @@ use dmabuf_p2p::revoke::Attachment;
 /// from, kept mapped for as long as a command may use it: hand a command
 /// an `Arc` of it ([`Dma::held`]) and the queue keeps a clone until the
 /// controller has completed the command, even if the caller gives the
-/// command up ([`IoQueue::abandon`]) and drops its own.
+/// command up ([`IoQueue::abandon`](super::IoQueue::abandon)) and drops its own.
 pub trait DmaMemory: Send + Sync + 'static {
     /// Its first IOVA.
     fn iova(&self) -> u64;
@@ -64,7 +64,7 @@ impl Dma {
     /// `offset` bytes into `buf`, which the queue holds (a clone of the
     /// `Arc`, no allocation) until the command's completion arrives. A
     /// transfer past the end of `buf` is refused
-    /// ([`NvmeProblem::BufferOverrun`]).
+    /// ([`NvmeProblem::BufferOverrun`](super::NvmeProblem::BufferOverrun)).
     #[inline]
     pub fn held<T: DmaMemory>(buf: &Arc<T>, offset: u64) -> Self {
         Self {

@@ -209,15 +209,6 @@ static QUEUES_MADE: AtomicU32 = AtomicU32::new(0);
 /// own MSI-X vector (or none, polled) and its own command IDs. It is
 /// `Send`: make one per thread ([`super::Nvme::create_queue`]) and move it
 /// there; nothing on its submit and completion paths locks or allocates.
-/// Dropping it waits up to a second for its commands to complete, then
-/// deletes the queue pair on the controller (which aborts what still
-/// runs), after which the controller touches none of its commands'
-/// memory, then unmaps it. The wait is there because QEMU 7.2's NVMe
-/// device cancels a deleted queue's in-flight I/O synchronously in its
-/// main loop: in the VM suite that froze the whole guest once in five
-/// runs (the queue property test's drop with reads in flight; QEMU's
-/// stderr said "aio failed: Operation canceled", the guest's own watchdog
-/// never ran again).
 ///
 /// A command is submitted with its data as a bare IOVA or as a held buffer
 /// ([`Dma`]). Its completion is handed out once: to [`wait`](Self::wait)
@@ -225,6 +216,39 @@ static QUEUES_MADE: AtomicU32 = AtomicU32::new(0);
 /// [`poll`](Self::poll) or [`poll_into`](Self::poll_into), oldest first. A
 /// command given up ([`abandon`](Self::abandon)) still runs; its completion
 /// is dropped when it comes, and a held buffer is kept until then.
+///
+/// # Closing a queue with commands in flight
+///
+/// [`close`](Self::close), and dropping the queue (which closes it with
+/// [`DROP_WAIT`]), never delete the queue while the controller still runs
+/// one of its commands, unless the controller fails to finish it:
+///
+/// 1. wait up to the timeout for every command submitted here, given-up
+///    ones included, to complete;
+/// 2. for any still running, send an Abort (admin) for each and wait up to
+///    the timeout again;
+/// 3. delete the submission queue, then the completion queue. The
+///    controller completes or aborts the submission queue's commands
+///    before it answers, so only then are the queue's memory and the
+///    commands' held buffers let go of. Commands aborted here make
+///    `close` fail with [`NvmeProblem::AbortedByDeletion`].
+///
+/// The NVMe specification lets a host delete a submission queue with
+/// commands outstanding (they are aborted), but a careful driver does not
+/// rely on it: the Linux driver freezes and drains its queues first. Here
+/// it is also what keeps QEMU 7.2's NVMe device alive: its Delete I/O
+/// Submission Queue (`nvme_del_sq` in hw/nvme/ctrl.c) cancels each
+/// in-flight request with the synchronous `blk_aio_cancel`, which runs the
+/// main loop (`aio_poll`, with the big QEMU lock held) until the request's
+/// DMA control block drops its last reference. A request whose data goes
+/// to or from MMIO (another controller's CMB, say) waits for QEMU's single
+/// bounce buffer; cancelling it there (`dma_aio_cancel` in
+/// softmmu/dma-helpers.c) calls the request's completion, so QEMU prints
+/// "aio failed: Operation canceled", but never drops that reference, and
+/// the main loop waits forever: the whole VM freezes. Reproduced in the VM
+/// with reads into nvme1's CMB and QEMU's `dma_*` trace events
+/// (docs/TESTBED.md). A request into RAM never waits for the bounce
+/// buffer, so by QEMU's code its cancel completes.
 pub struct IoQueue {
     /// This queue's own mapping of BAR0, for its doorbells.
     db: BarMapping,
@@ -250,6 +274,8 @@ pub struct IoQueue {
     /// The rings and PRP list pages: submission queue at 0, completion
     /// queue at `cq_offset`, lists at `lists_offset`.
     area: DmaArea,
+    /// Whether the queue pair was deleted on the controller (closed).
+    deleted: bool,
     /// Declared last: the controller outlives the queue's memory.
     ctrl: Arc<Controller>,
 }
@@ -408,6 +434,7 @@ impl IoQueue {
             polling_reason,
             namespace,
             area,
+            deleted: false,
             ctrl: Arc::clone(ctrl),
         })
     }
@@ -430,6 +457,13 @@ impl IoQueue {
     #[inline]
     pub fn in_flight(&self) -> usize {
         self.table.in_use()
+    }
+
+    /// Commands the controller still has: submitted (given up or not)
+    /// and their completion not yet reaped (a look at the command table;
+    /// the completion queue is not read).
+    pub fn running(&self) -> usize {
+        self.table.running().count()
     }
 
     /// How this queue's completions are noticed.
@@ -1059,19 +1093,52 @@ impl IoQueue {
     }
 }
 
-/// How long dropping an [`IoQueue`] waits for its commands before it
-/// deletes the queue.
-const DROP_QUIESCE: Duration = Duration::from_secs(1);
+/// How long dropping an [`IoQueue`] waits for its commands to complete
+/// before it sends an Abort for each still running, and again after (see
+/// [`IoQueue::close`]).
+pub const DROP_WAIT: Duration = Duration::from_secs(10);
 
-impl Drop for IoQueue {
-    fn drop(&mut self) {
-        // Let the commands finish first, for a bounded time (why: the
-        // type's documentation). What still runs is aborted by the deletion.
-        let _ = self.quiesce(DROP_QUIESCE);
-        // Delete the submission queue first: the controller completes or
-        // aborts its commands before it answers, so after both deletions
-        // nothing touches the queue's memory or a command's buffer, and
-        // what the commands kept alive can go.
+impl IoQueue {
+    /// Deletes the queue pair on the controller once its commands are done
+    /// (see the type's documentation, "Closing a queue with commands in
+    /// flight"): waits up to `timeout` for them, then sends an Abort for
+    /// each still running and waits up to `timeout` again, then deletes the
+    /// queues. Completions not taken are dropped; every buffer the commands
+    /// held is let go of. A command the deletion had to abort is
+    /// [`NvmeProblem::AbortedByDeletion`] (its data is undefined); a failed
+    /// deletion, the admin command's error.
+    pub fn close(mut self, timeout: Duration) -> Result<()> {
+        self.shut_down(timeout)
+    }
+
+    fn shut_down(&mut self, timeout: Duration) -> Result<()> {
+        self.deleted = true;
+        // A controller that is gone or failed finishes nothing: no wait.
+        let mut running = self.running();
+        if running > 0 && self.ctrl.check_alive().is_ok() {
+            running = self.settle(timeout);
+            if running > 0 && self.ctrl.check_alive().is_ok() {
+                let cids: Vec<u16> = self.table.running().collect();
+                for cid in cids {
+                    // An Abort may be refused or not abort (QEMU 7.2
+                    // answers every one "not aborted"): the wait after it
+                    // says. No answer, or a controller gone: stop asking.
+                    match self.ctrl.admin_command(Command::abort(self.qid, cid)) {
+                        Ok(_)
+                        | Err(Error::Nvme {
+                            problem: NvmeProblem::CommandFailed { .. },
+                            ..
+                        }) => {}
+                        Err(_) => break,
+                    }
+                }
+                running = self.settle(timeout);
+            }
+        }
+        // The submission queue first: the controller completes or aborts
+        // its commands before it answers, so after both deletions nothing
+        // touches the queue's memory or a command's buffer, and what the
+        // commands kept alive can go.
         let sq = self
             .ctrl
             .admin_command(Command::delete_io_queue(true, self.qid));
@@ -1082,6 +1149,31 @@ impl Drop for IoQueue {
             self.ctrl.release_qid(self.qid);
         }
         self.table.clear();
+        sq?;
+        cq?;
+        if running > 0 {
+            return Err(self.ctrl.error(NvmeProblem::AbortedByDeletion {
+                qid: self.qid,
+                commands: running,
+            }));
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the controller to finish every command
+    /// here; how many it still runs.
+    fn settle(&mut self, timeout: Duration) -> usize {
+        // A timeout or a dead controller: the count says what is left.
+        let _ = self.quiesce(timeout);
+        self.running()
+    }
+}
+
+impl Drop for IoQueue {
+    fn drop(&mut self) {
+        if !self.deleted {
+            let _ = self.shut_down(DROP_WAIT);
+        }
     }
 }
 

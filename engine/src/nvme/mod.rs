@@ -84,7 +84,7 @@ pub use command::Status;
 pub use dma::{Dma, DmaMemory};
 pub use identify::{ControllerIdentity, NamespaceIdentity};
 pub use io_queue::{
-    Batch, CommandId, DEFAULT_DEPTH, Done, IoQueue, MAX_DEPTH, QueueOptions, RawQueue,
+    Batch, CommandId, DEFAULT_DEPTH, DROP_WAIT, Done, IoQueue, MAX_DEPTH, QueueOptions, RawQueue,
 };
 pub use problem::NvmeProblem;
 pub use regs::{CmbInfo, PmrInfo};

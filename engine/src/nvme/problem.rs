@@ -146,6 +146,18 @@ pub enum NvmeProblem {
         /// Commands submitted and not yet handed out or dropped.
         in_use: usize,
     },
+    /// An I/O queue was deleted while the controller still ran some of its
+    /// commands: they completed neither in the wait before the deletion
+    /// nor after an Abort of each, so the deletion aborted them.
+    #[error(
+        "I/O queue {qid} was deleted with {commands} command(s) still running (not completed in the wait, nor after Abort): the deletion aborted them, so their data is undefined"
+    )]
+    AbortedByDeletion {
+        /// The queue.
+        qid: u16,
+        /// Commands the deletion aborted.
+        commands: usize,
+    },
     /// The controller reported a fatal status (CSTS.CFS) or its registers
     /// read as all ones (not reachable: memory decode off, or gone).
     #[error("controller failed: {what}")]

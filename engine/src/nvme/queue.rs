@@ -303,6 +303,15 @@ impl<K> CommandTable<K> {
             .any(|s| matches!(s.state, SlotState::InFlight | SlotState::Abandoned))
     }
 
+    /// The CIDs of the commands the controller still has (see
+    /// [`has_running`](Self::has_running)).
+    pub fn running(&self) -> impl Iterator<Item = u16> + '_ {
+        (0u16..)
+            .zip(&self.slots)
+            .filter(|(_, s)| matches!(s.state, SlotState::InFlight | SlotState::Abandoned))
+            .map(|(cid, _)| cid)
+    }
+
     /// Records the completion of CID `cid` with status field `status` and
     /// dword 0 `dw0`. The command's `keep` is released: the controller is
     /// done with its memory.

@@ -87,10 +87,9 @@ fn tests_job(profile: &str, args: &[String], fail_on_purpose: bool) -> String {
     if fail_on_purpose {
         job.push_str("export DMABUF_P2P_FAIL_ON_PURPOSE=1\n");
     }
-    // The seed of the property tests, so that a failure's seed replays.
-    if let Ok(seed) = std::env::var("DMABUF_P2P_SEED")
-        && let Ok(seed) = seed.trim().parse::<u64>()
-    {
+    // The seed of the property tests, so that a failure's seed replays
+    // (checked before any VM boots, in run_suite).
+    if let Ok(Some(seed)) = replay_seed() {
         job.push_str(&format!("export DMABUF_P2P_SEED={seed}\n"));
     }
     job.push_str(suite::GUEST_VM_TESTS);
@@ -102,6 +101,20 @@ fn tests_job(profile: &str, args: &[String], fail_on_purpose: bool) -> String {
     job.push('\n');
     job.push_str(&kernfs_chain::check_after_job());
     job
+}
+
+/// `DMABUF_P2P_SEED`, the seed the guest's property tests replay: unset, or
+/// a decimal u64 as a property test prints it (anything else is refused, so
+/// that a mistyped seed never runs a random one).
+fn replay_seed() -> Result<Option<u64>> {
+    match std::env::var("DMABUF_P2P_SEED") {
+        Err(_) => Ok(None),
+        Ok(s) => s.trim().parse().map(Some).map_err(|_| {
+            testbed::Error::Setup(format!(
+                "DMABUF_P2P_SEED={s:?} is not a seed (a decimal u64, as a property test prints it)"
+            ))
+        }),
+    }
 }
 
 fn shell_quote(s: &str) -> String {
@@ -118,6 +131,7 @@ fn run_suite(
     fail_on_purpose: bool,
     name: &str,
 ) -> Result<bool> {
+    replay_seed()?;
     let mut all_ok = true;
     let mut ran = 0;
     for p in profile::all() {
