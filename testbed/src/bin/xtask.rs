@@ -283,6 +283,23 @@ fn test_all() -> Result<bool> {
         }
     }
 
+    // The API docs as docs.rs builds them, and the engine's: a broken
+    // intra-doc link or bad doc markup fails the run.
+    let doc_args = "doc --no-deps --package dmabuf-p2p --package dmabuf-p2p-engine \
+                    --features dmabuf-p2p/serde,dmabuf-p2p/share,dmabuf-p2p/drm";
+    eprintln!("testbed: API docs: RUSTDOCFLAGS='-D warnings' cargo {doc_args}");
+    let docs_ok = Command::new(&cargo)
+        .current_dir(workspace_root())
+        .args(doc_args.split_whitespace())
+        .env("RUSTDOCFLAGS", "-D warnings")
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !docs_ok {
+        eprintln!("testbed: API docs failed");
+        return Ok(false);
+    }
+
     // A short run of every fuzz target (parsers and range checks).
     eprintln!("testbed: fuzz smoke run");
     let fuzz_ok = fuzz::smoke()?;
