@@ -22,6 +22,7 @@ mod p2p;
 mod p2p_args;
 mod p2p_nvme;
 mod p2p_report;
+mod p2p_target;
 mod p2p_verdict;
 mod screen;
 mod share;

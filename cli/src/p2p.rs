@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use dmabuf_p2p::ByteRange;
 use dmabuf_p2p::importer::iommufd::{Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
-use dmabuf_p2p::revoke::{Attachment, RestorePolicy};
 use dmabuf_p2p::sysfs::Sysfs;
 use dmabuf_p2p_engine::DmaEngine;
 use dmabuf_p2p_engine::detect::EngineKind;
@@ -16,7 +15,7 @@ use dmabuf_p2p_engine::edu::Edu;
 
 use crate::p2p_args::Args;
 use crate::p2p_report::{Report, host_check, pattern, print_report};
-use crate::p2p_verdict;
+use crate::p2p_target;
 use crate::{CliError, print_json};
 
 /// Runs the test.
@@ -45,39 +44,20 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     // The engine first: the verdict judges the target against the usable
     // IOVAs of an IOAS it is attached to.
     let mut engine = Edu::open(args.engine, &ioas)?;
-    let (target_dev, nvme_default) =
-        super::p2p_nvme::open_target(args.target.device, args.target.bar, &iommufd, &ioas)?;
+    let (target_dev, default) =
+        p2p_target::open_target(args.target.device, args.target.bar, &iommufd, &ioas)?;
     let target = target_dev.dev();
-    let (default_bar, default_range) = match nvme_default {
-        Some((bar, range)) => (bar, Some(range)),
-        None => (2, None),
-    };
-    let bar = args.target.bar.unwrap_or(default_bar);
-    let bar_size = target.bar(bar)?.size();
-    let range = args
-        .target
-        .range
-        .or(default_range)
-        .unwrap_or(ByteRange::new(0, bar_size.min(0x10000)));
     let size = args.size;
-    if size == 0 || size.checked_mul(2).is_none_or(|two| two > range.length) {
-        return Err(
-            format!("--size {size:#x}: the target range {range} must hold two transfers").into(),
-        );
-    }
-    let verdict = p2p_verdict::judge(args.engine, args.target.device, bar, &ioas);
-    if !json {
-        p2p_verdict::print(&verdict)?;
-    }
-    let (placement, why) = p2p_verdict::placement(&verdict, range);
-    let export = target.export_bar(bar, &[range])?;
-    let att = Attachment::map(
-        &export,
-        &ioas,
-        placement,
-        MapPerms::ReadWrite,
-        RestorePolicy::Automatic,
-    )?;
+    let mapped = p2p_target::map_target(args, target, default, &ioas, json, |range| {
+        if size == 0 || size.checked_mul(2).is_none_or(|two| two > range.length) {
+            return Err(format!(
+                "--size {size:#x}: the target range {range} must hold two transfers"
+            )
+            .into());
+        }
+        Ok(())
+    })?;
+    let (bar, range) = (mapped.bar, mapped.range);
     let ram = Memfd::new("p2p-test", range.length)?;
     let ram_map = ioas.map_file(
         &ram,
@@ -85,7 +65,6 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
         IovaPlacement::Auto,
         MapPerms::ReadWrite,
     )?;
-    let window = target.map_bar(bar)?;
     let bar_at = |off: u64| range.offset + off;
 
     let mut report = Report::new(
@@ -96,20 +75,20 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
             engine.completion()
         ),
         format!("{} BAR{bar} {range}", args.target.device),
-        export.phys_ranges(),
-        att.iova(),
+        mapped.export.phys_ranges(),
+        mapped.att.iova(),
     );
-    report.set_verdict(verdict, why);
+    report.set_verdict(mapped.verdict, mapped.placement);
     let len = usize::try_from(size)?;
 
     // 1. host RAM -> BAR
     let t = Instant::now();
     let a = pattern(0x11, size);
-    window.write(bar_at(0), &vec![0u8; len])?;
+    mapped.window.write(bar_at(0), &vec![0u8; len])?;
     ram.write_at(0, &a)?;
-    engine.memcpy(ram_map.iova(), att.iova(), size, timeout)?;
+    engine.memcpy(ram_map.iova(), mapped.att.iova(), size, timeout)?;
     let mut got = vec![0u8; len];
-    window.read(bar_at(0), &mut got)?;
+    mapped.window.read(bar_at(0), &mut got)?;
     let ok = got == a;
     let detail = report.data_detail(
         ok,
@@ -123,9 +102,14 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     // 2. BAR -> host RAM
     let t = Instant::now();
     let b = pattern(0x5a, size);
-    window.write(bar_at(size), &b)?;
+    mapped.window.write(bar_at(size), &b)?;
     ram.write_at(size, &vec![0u8; len])?;
-    engine.memcpy(att.iova() + size, ram_map.iova() + size, size, timeout)?;
+    engine.memcpy(
+        mapped.att.iova() + size,
+        ram_map.iova() + size,
+        size,
+        timeout,
+    )?;
     let mut got = vec![0u8; len];
     ram.read_at(size, &mut got)?;
     let ok = got == b;
@@ -141,15 +125,15 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     // 3. revoke: memory decode off tears the mapping down
     let t = Instant::now();
     let mut before = vec![0u8; len];
-    window.read(bar_at(0), &mut before)?;
-    let iova = att.iova();
+    mapped.window.read(bar_at(0), &mut before)?;
+    let iova = mapped.att.iova();
     target.set_memory_decode(false)?;
-    let ok = att.is_revoked() && att.ensure_live().is_err();
+    let ok = mapped.att.is_revoked() && mapped.att.ensure_live().is_err();
     report.push(
         "revoke (memory decode off)",
         0,
         ok,
-        format!("attachment revoked: {}", att.is_revoked()),
+        format!("attachment revoked: {}", mapped.att.is_revoked()),
         t,
     );
 
@@ -160,7 +144,7 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     let attempted = engine.memcpy(ram_map.iova(), iova, size, timeout);
     target.set_memory_decode(true)?;
     let mut after = vec![0u8; len];
-    window.read(bar_at(0), &mut after)?;
+    mapped.window.read(bar_at(0), &mut after)?;
     let changed = before.iter().zip(&after).filter(|(x, y)| x != y).count();
     let ok = changed == 0;
     report.push(
@@ -180,20 +164,20 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
 
     // 5. decode on restored the mapping at the same IOVA
     let t = Instant::now();
-    let ok = !att.is_revoked() && att.iova() == iova;
+    let ok = !mapped.att.is_revoked() && mapped.att.iova() == iova;
     report.push(
         "restore (memory decode on)",
         0,
         ok,
-        format!("live again at IOVA {:#x}", att.iova()),
+        format!("live again at IOVA {:#x}", mapped.att.iova()),
         t,
     );
 
     // 6. and the next copy lands
     let t = Instant::now();
     let before_copy = after.clone();
-    engine.memcpy(ram_map.iova(), att.iova(), size, timeout)?;
-    window.read(bar_at(0), &mut after)?;
+    engine.memcpy(ram_map.iova(), mapped.att.iova(), size, timeout)?;
+    mapped.window.read(bar_at(0), &mut after)?;
     let ok = after == c;
     let detail = report.data_detail(
         ok,

@@ -8,91 +8,19 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use dmabuf_p2p::importer::iommufd::{Ioas, Iommufd, IovaPlacement, MapPerms};
+use dmabuf_p2p::importer::iommufd::{Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
-use dmabuf_p2p::revoke::{Attachment, RestorePolicy};
-use dmabuf_p2p::sysfs::Sysfs;
-use dmabuf_p2p::{BarMapping, ByteRange, PciAddress, VfioPciDevice};
+use dmabuf_p2p::{BarMapping, ByteRange};
 use dmabuf_p2p_engine::StorageEngine;
-use dmabuf_p2p_engine::nvme::{NVME_CLASS, Nvme, NvmeProblem};
+use dmabuf_p2p_engine::nvme::Nvme;
 
 use super::{CliError, print_json};
 use crate::p2p_args::Args;
 use crate::p2p_report::{Report, host_check, pattern, print_report};
-use crate::p2p_verdict;
+use crate::p2p_target::{map_target, open_target};
 
 /// The target: a plain device (ivshmem), or an NVMe controller whose CMB or
 /// PMR is the target, brought up by the driver to enable them.
-pub(super) enum Target {
-    Plain(Box<VfioPciDevice>),
-    Nvme(Box<Nvme>),
-}
-
-impl Target {
-    pub(super) fn dev(&self) -> &VfioPciDevice {
-        match self {
-            Self::Plain(d) => d,
-            Self::Nvme(n) => n.device(),
-        }
-    }
-}
-
-/// `Ok(None)` for an NVMe controller that lacks the region asked for.
-fn region<T>(asked: dmabuf_p2p_engine::Result<T>) -> Result<Option<T>, CliError> {
-    match asked {
-        Ok(info) => Ok(Some(info)),
-        Err(dmabuf_p2p_engine::Error::Nvme {
-            problem: NvmeProblem::NoCmb | NvmeProblem::NoPmr { .. },
-            ..
-        }) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Opens the target device: an NVMe controller is brought up and its CMB
-/// enabled; its PMR too when `bar` names another BAR than the CMB's, or
-/// there is no CMB. The CMB, or else the PMR, is the default target range.
-pub(super) fn open_target(
-    address: PciAddress,
-    bar: Option<u32>,
-    iommufd: &Iommufd,
-    ioas: &Ioas,
-) -> Result<(Target, Option<(u32, ByteRange)>), CliError> {
-    let sysfs = Sysfs::default();
-    let mut dev = VfioPciDevice::open(address)?;
-    dev.bind(iommufd)?;
-    if sysfs.class(address)? == NVME_CLASS {
-        dev.attach(ioas)?;
-        let nvme = Nvme::from_device(dev, ioas)?;
-        let cmb = region(nvme.enable_cmb())?;
-        let cmb_is_target = cmb.is_some_and(|c| bar.is_none_or(|b| b == c.bar));
-        let pmr = if cmb_is_target {
-            None
-        } else {
-            region(nvme.enable_pmr())?
-        };
-        // The first 64 KiB of the region.
-        let first =
-            |bar: u32, offset: u64, size: u64| (bar, ByteRange::new(offset, size.min(0x10000)));
-        let default = match (cmb, pmr) {
-            (Some(cmb), _) if cmb_is_target => first(cmb.bar, cmb.offset, cmb.size),
-            (_, Some(pmr)) => first(pmr.bar, 0, pmr.size),
-            (Some(cmb), None) => first(cmb.bar, cmb.offset, cmb.size),
-            (None, None) => {
-                return Err(format!(
-                    "NVMe controller {address} has neither a controller memory buffer nor a \
-                     persistent memory region to be the target"
-                )
-                .into());
-            }
-        };
-        return Ok((Target::Nvme(Box::new(nvme)), Some(default)));
-    }
-    dev.set_memory_decode(true)?;
-    Ok((Target::Plain(Box::new(dev)), None))
-}
-
-/// Runs the NVMe flavour of the test.
 pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     let timeout = Duration::from_secs(args.timeout);
     let iommufd = Iommufd::open()?;
@@ -115,38 +43,18 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
         .into());
     }
     let count = u32::try_from(blocks)?;
-    let (target, nvme_default) = open_target(args.target.device, args.target.bar, &iommufd, &ioas)?;
+    let (target, default) = open_target(args.target.device, args.target.bar, &iommufd, &ioas)?;
     let dev = target.dev();
-    let (default_bar, default_range) = match nvme_default {
-        Some((bar, range)) => (bar, Some(range)),
-        None => (2, None),
-    };
-    let bar = args.target.bar.unwrap_or(default_bar);
-    let bar_size = dev.bar(bar)?.size();
-    let range = args
-        .target
-        .range
-        .or(default_range)
-        .unwrap_or(ByteRange::new(0, bar_size.min(0x10000)));
-    if size.checked_mul(2).is_none_or(|two| two > range.length) {
-        return Err(format!(
-            "{blocks} blocks ({size:#x} bytes): the target range {range} must hold two reads"
-        )
-        .into());
-    }
-    let verdict = p2p_verdict::judge(args.engine, args.target.device, bar, &ioas);
-    if !json {
-        p2p_verdict::print(&verdict)?;
-    }
-    let (placement, why) = p2p_verdict::placement(&verdict, range);
-    let export = dev.export_bar(bar, &[range])?;
-    let att = Attachment::map(
-        &export,
-        &ioas,
-        placement,
-        MapPerms::ReadWrite,
-        RestorePolicy::Automatic,
-    )?;
+    let mapped = map_target(args, dev, default, &ioas, json, |range| {
+        if size.checked_mul(2).is_none_or(|two| two > range.length) {
+            return Err(format!(
+                "{blocks} blocks ({size:#x} bytes): the target range {range} must hold two reads"
+            )
+            .into());
+        }
+        Ok(())
+    })?;
+    let (bar, range) = (mapped.bar, mapped.range);
     let ram = Memfd::new("p2p-test-nvme", 4 * size)?;
     let ram_map = ioas.map_file(
         &ram,
@@ -154,7 +62,6 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
         IovaPlacement::Auto,
         MapPerms::ReadWrite,
     )?;
-    let window = dev.map_bar(bar)?;
     let bar_at = |off: u64| range.offset + off;
     let len = usize::try_from(size)?;
     let ns = engine.namespace().copied();
@@ -170,10 +77,10 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
             args.lba,
         ),
         format!("{} BAR{bar} {range}", args.target.device),
-        export.phys_ranges(),
-        att.iova(),
+        mapped.export.phys_ranges(),
+        mapped.att.iova(),
     );
-    report.set_verdict(verdict, why);
+    report.set_verdict(mapped.verdict, mapped.placement);
     let read_ram = |off: u64| -> Result<Vec<u8>, CliError> {
         let mut v = vec![0u8; len];
         ram.read_at(off, &mut v)?;
@@ -200,10 +107,10 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     // 2. storage -> BAR, compared with host RAM
     let t = Instant::now();
     let sentinel = pattern(0xa5, size);
-    window.write(bar_at(0), &sentinel)?;
-    window.write(bar_at(size), &sentinel)?;
-    engine.read_blocks(args.lba, count, att.iova(), timeout)?;
-    let got = read_bar(&window, 0)?;
+    mapped.window.write(bar_at(0), &sentinel)?;
+    mapped.window.write(bar_at(size), &sentinel)?;
+    engine.read_blocks(args.lba, count, mapped.att.iova(), timeout)?;
+    let got = read_bar(&mapped.window, 0)?;
     let ok = got == from_disk;
     let detail = report.data_detail(
         ok,
@@ -216,14 +123,14 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
 
     // 3. revoke
     let t = Instant::now();
-    let iova = att.iova();
+    let iova = mapped.att.iova();
     dev.set_memory_decode(false)?;
-    let ok = att.is_revoked() && att.ensure_live().is_err();
+    let ok = mapped.att.is_revoked() && mapped.att.ensure_live().is_err();
     report.push(
         "revoke (memory decode off)",
         0,
         ok,
-        format!("attachment revoked: {}", att.is_revoked()),
+        format!("attachment revoked: {}", mapped.att.is_revoked()),
         t,
     );
 
@@ -231,7 +138,7 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     let t = Instant::now();
     let attempted = engine.read_blocks(args.lba, count, iova + size, timeout);
     dev.set_memory_decode(true)?;
-    let after = read_bar(&window, size)?;
+    let after = read_bar(&mapped.window, size)?;
     let changed = sentinel.iter().zip(&after).filter(|(x, y)| x != y).count();
     report.push(
         "read while revoked",
@@ -249,19 +156,19 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
 
     // 5. restore
     let t = Instant::now();
-    let ok = !att.is_revoked() && att.iova() == iova;
+    let ok = !mapped.att.is_revoked() && mapped.att.iova() == iova;
     report.push(
         "restore (memory decode on)",
         0,
         ok,
-        format!("live again at IOVA {:#x}", att.iova()),
+        format!("live again at IOVA {:#x}", mapped.att.iova()),
         t,
     );
 
     // 6. the next read lands
     let t = Instant::now();
-    engine.read_blocks(args.lba, count, att.iova() + size, timeout)?;
-    let got = read_bar(&window, size)?;
+    engine.read_blocks(args.lba, count, mapped.att.iova() + size, timeout)?;
+    let got = read_bar(&mapped.window, size)?;
     let ok = got == from_disk;
     let detail = report.data_detail(
         ok,
@@ -296,8 +203,8 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
             let data = pattern(0x3c, size);
             ram.write_at(size, &data)?;
             engine.write_blocks(args.lba, count, ram_map.iova() + size, timeout)?;
-            engine.read_blocks(args.lba, count, att.iova(), timeout)?;
-            let back = read_bar(&window, 0)?;
+            engine.read_blocks(args.lba, count, mapped.att.iova(), timeout)?;
+            let back = read_bar(&mapped.window, 0)?;
             // Put the original blocks back and check that they are.
             engine.write_blocks(args.lba, count, ram_map.iova(), timeout)?;
             engine.read_blocks(args.lba, count, ram_map.iova() + 2 * size, timeout)?;
