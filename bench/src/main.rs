@@ -121,6 +121,13 @@ fn main() -> ExitCode {
 fn run() -> R<()> {
     let opts = Opts::parse();
     let start = Instant::now();
+    if opts
+        .only
+        .as_ref()
+        .is_some_and(|l| l.iter().any(|p| p == "vmm_trace"))
+    {
+        return vmm::trace(20);
+    }
     raise_fd_limit(1 << 16)?;
     // The vmm part needs a VM of its own shape (many devices): alone.
     if opts

@@ -378,7 +378,8 @@ pub fn xtask(args: &[String]) -> Result<bool> {
         icount_vm_seconds = Some(counted.seconds);
     }
     if wants("vmm") && !opts.strace && accel == Accel::Tcg {
-        let job = guest_job(opts.quick, Some("vmm"));
+        let job = std::env::var("DMABUF_P2P_BENCH_VMM_JOB")
+            .unwrap_or_else(|_| guest_job(opts.quick, Some("vmm")));
         let Some(vmm) = run_vmm_vm(job, &bench_bin)? else {
             return Ok(false);
         };
@@ -692,8 +693,21 @@ fn pack(spec: &RunSpec, bench: &Path, strace: bool, dest: &Path) -> Result<()> {
         fs_.dir(d);
     }
     fs_.host_binary(GUEST_BENCH, bench)?;
-    if strace {
+    if strace || std::env::var_os("DMABUF_P2P_BENCH_TOOLS").is_some() {
         fs_.host_binary("/bin/strace", Path::new("/usr/bin/strace"))?;
+    }
+    if std::env::var_os("DMABUF_P2P_BENCH_TOOLS").is_some() {
+        fs_.host_binary("/usr/bin/valgrind", Path::new("/usr/bin/valgrind.bin"))?;
+        for f in [
+            "callgrind-amd64-linux",
+            "vgpreload_core-amd64-linux.so",
+            "default.supp",
+        ] {
+            fs_.host_binary(
+                &format!("/usr/libexec/valgrind/{f}"),
+                &Path::new("/usr/libexec/valgrind").join(f),
+            )?;
+        }
     }
     fs_.write_to(dest)
 }
