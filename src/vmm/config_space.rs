@@ -81,13 +81,29 @@ impl Layout {
 }
 
 /// Whether `[offset, offset + len)` overlaps `[reg, reg + width)`.
+#[inline]
 pub(crate) fn overlaps(offset: u64, len: usize, reg: u64, width: u64) -> bool {
     offset < reg + width && reg < offset.saturating_add(len as u64)
 }
 
 /// `current` (a register of `width` bytes at `reg`) with the bytes a write
 /// of `data` at `offset` covers replaced.
+#[inline]
 pub(crate) fn merge(current: u32, reg: u64, width: u64, offset: u64, data: &[u8]) -> u32 {
+    // A guest writes a register whole and aligned (a trapped write's hot
+    // path): no loop over its bytes.
+    if offset == reg {
+        match (width, data) {
+            (4, &[a, b, c, d]) => return u32::from_le_bytes([a, b, c, d]),
+            (2, &[a, b]) => return (current & 0xffff_0000) | u32::from(u16::from_le_bytes([a, b])),
+            _ => {}
+        }
+    }
+    merge_bytes(current, reg, width, offset, data)
+}
+
+/// [`merge`] byte by byte: partial, unaligned or wider writes.
+fn merge_bytes(current: u32, reg: u64, width: u64, offset: u64, data: &[u8]) -> u32 {
     let mut bytes = current.to_le_bytes();
     for (i, b) in data.iter().enumerate() {
         let at = offset + i as u64;
@@ -143,6 +159,14 @@ mod tests {
         assert_eq!(
             merge(0x1122_3344, 0x10, 4, 0x10, &0xdead_beefu32.to_le_bytes()),
             0xdead_beef
+        );
+        assert_eq!(
+            merge(0xffff_0000, COMMAND, 2, 4, &[0x06, 0x01]),
+            0xffff_0106
+        );
+        assert_eq!(
+            merge(0x1122_3344, 0x10, 4, 0x11, &[0xaa, 0xbb]),
+            0x11bb_aa44
         );
         // A word write at 4 into PCI_COMMAND only.
         assert_eq!(

@@ -154,9 +154,19 @@ struct Device {
     bars: [Slot; BAR_COUNT as usize],
 }
 
-/// The BAR indexes whose bits are set in `mask`.
+/// The BAR indexes whose bits are set in `mask`, ascending (one step per
+/// set bit: the trap path walks the one or two BARs concerned, not six).
+#[inline]
 fn bars_in(mask: u8) -> impl Iterator<Item = usize> {
-    (0..BAR_COUNT as usize).filter(move |i| mask & (1 << i) != 0)
+    let mut left = mask & ((1 << BAR_COUNT) - 1);
+    std::iter::from_fn(move || {
+        if left == 0 {
+            return None;
+        }
+        let i = left.trailing_zeros() as usize;
+        left &= left - 1;
+        Some(i)
+    })
 }
 
 /// One BAR index of a device.
@@ -186,7 +196,26 @@ struct Ctx<'a> {
     address: PciAddress,
     slot: u32,
     /// Why the BAR must not be mapped now, device-wide.
-    blocked: Option<Unreachable>,
+    blocked: Option<Blocked>,
+}
+
+/// A device-wide reason not to map, small and `Copy` (built on every trapped
+/// write; the [`Unreachable`] is made only when asked).
+#[derive(Clone, Copy)]
+enum Blocked {
+    Gone(RevokeReason),
+    DecodeOff,
+    PoweredDown,
+}
+
+impl From<Blocked> for Unreachable {
+    fn from(b: Blocked) -> Self {
+        match b {
+            Blocked::Gone(r) => Self::DeviceGone(r),
+            Blocked::DecodeOff => Self::DecodeOff,
+            Blocked::PoweredDown => Self::PoweredDown,
+        }
+    }
 }
 
 /// The [`Ctx`] of device `$d` in slot `$slot`, borrowing only its fields
@@ -200,6 +229,7 @@ macro_rules! ctx {
 // After `ctx!`, which it uses.
 mod reconcile;
 
+#[inline]
 fn ctx_of(
     dev: &VfioPciDevice,
     address: PciAddress,
@@ -209,11 +239,11 @@ fn ctx_of(
     slot: u32,
 ) -> Ctx<'_> {
     let blocked = if let Some(r) = gone {
-        Some(Unreachable::DeviceGone(r))
+        Some(Blocked::Gone(r))
     } else if command & COMMAND_MEMORY == 0 {
-        Some(Unreachable::DecodeOff)
+        Some(Blocked::DecodeOff)
     } else if d3 {
-        Some(Unreachable::PoweredDown)
+        Some(Blocked::PoweredDown)
     } else {
         None
     };
@@ -234,6 +264,7 @@ fn set_refused(limits: &mut Limits, s: &mut Slot, why: Option<Unreachable>) {
 }
 
 /// Locks, recovering from poisoning (a panicking logger).
+#[inline]
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -475,11 +506,21 @@ impl GuestBarMap {
         }
         let len = data.len();
         let mut changed = waiting;
-        let outcome = if overlaps(offset, len, COMMAND, 2) {
+        // The trap path's most common write, apart: no result to carry
+        // through the other branches.
+        if overlaps(offset, len, COMMAND, 2) {
             let result = self.command(d, limits, id.slot, offset, data, true);
-            changed |= result.as_ref().is_ok_and(|c| *c);
-            result.map(|_| ConfigWrite::Command)
-        } else if overlaps(offset, len, BAR0, 4 * u64::from(BAR_COUNT)) {
+            changed |= matches!(result, Ok(true));
+            d.hub_seq = d.dev.hub().change_count();
+            if changed && limits.waiting > 0 {
+                self.retry_waiting(&mut st);
+            }
+            return match result {
+                Ok(_) => Ok(ConfigWrite::Command),
+                Err(e) => Err(e),
+            };
+        }
+        let outcome = if overlaps(offset, len, BAR0, 4 * u64::from(BAR_COUNT)) {
             changed |= self.bar_write(d, limits, id.slot, offset, data);
             Ok(ConfigWrite::Bars)
         } else if let Some(reg) = d.layout.pcie_devctl
