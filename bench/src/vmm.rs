@@ -347,19 +347,25 @@ fn type1_cost(opts: &Opts, bdf: &str) -> R<()> {
 /// Part `vmm_trace` (only when asked, in the vmm VM; for strace or
 /// callgrind): one device's trapped writes through the map and by hand,
 /// each kind in a function of its own, between marks (`write(-1, label)`).
-pub fn trace(rounds: usize) -> R<()> {
+pub fn trace(rounds: usize, offered: usize) -> R<()> {
     let small = ivshmem_with(64 << 10)?;
-    let Some(bdf) = small.first() else {
-        return Err("vmm_trace needs an ivshmem device of 64 KiB".into());
-    };
+    if small.len() < offered.max(1) {
+        return Err(format!("vmm_trace needs {offered} ivshmem devices of 64 KiB").into());
+    }
     let iommufd = Iommufd::open()?;
     let ioas = iommufd.alloc_ioas()?;
-    let devs = open_all(std::slice::from_ref(bdf), &ioas)?;
+    let devs = open_all(&small[..offered.max(1)], &ioas)?;
     let dev = &devs[0];
     let map = GuestBarMap::new(&ioas)?;
-    let id = map.register(Arc::clone(dev), Offer::AllMappable)?;
-    map.place_bar(id, BAR, Some(LIB_GPA))?;
-    map.config_write(id, COMMAND, &ON.to_le_bytes())?;
+    // As the trapped-writes table places them.
+    let mut ids = Vec::new();
+    for (i, d) in devs.iter().enumerate() {
+        let id = map.register(Arc::clone(d), Offer::AllMappable)?;
+        map.place_bar(id, BAR, Some(LIB_GPA + 0x1_0000 * i as u64))?;
+        map.config_write(id, COMMAND, &ON.to_le_bytes())?;
+        ids.push(id);
+    }
+    let id = ids[0];
     let fd = dev.as_raw_fd();
     let (config, _) = raw::region_info(fd, uapi::VFIO_PCI_CONFIG_REGION_INDEX)?;
     let len = 64 << 10;
@@ -388,7 +394,7 @@ pub fn trace(rounds: usize) -> R<()> {
     }
     raw::unmap(ifd, ioas_id, raw_at, len)?;
     raw::close(buf)?;
-    println!("bench: vmm_trace: {rounds} rounds");
+    println!("bench: vmm_trace: {rounds} rounds, {offered} offered BARs");
     Ok(())
 }
 
