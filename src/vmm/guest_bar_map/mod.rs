@@ -256,6 +256,7 @@ fn ctx_of(
 }
 
 /// Sets a BAR's refusal, keeping count of those that wait on others.
+#[inline]
 fn set_refused(limits: &mut Limits, s: &mut Slot, why: Option<Unreachable>) {
     let was = s.refused.as_ref().is_some_and(Unreachable::waits_on_others);
     let is = why.as_ref().is_some_and(Unreachable::waits_on_others);
@@ -520,10 +521,16 @@ impl GuestBarMap {
                 Err(e) => Err(e),
             };
         }
-        let outcome = if overlaps(offset, len, BAR0, 4 * u64::from(BAR_COUNT)) {
+        // The other common one (a BAR dword), apart too.
+        if overlaps(offset, len, BAR0, 4 * u64::from(BAR_COUNT)) {
             changed |= self.bar_write(d, limits, id.slot, offset, data);
-            Ok(ConfigWrite::Bars)
-        } else if let Some(reg) = d.layout.pcie_devctl
+            d.hub_seq = d.dev.hub().change_count();
+            if changed && limits.waiting > 0 {
+                self.retry_waiting(&mut st);
+            }
+            return Ok(ConfigWrite::Bars);
+        }
+        let outcome = if let Some(reg) = d.layout.pcie_devctl
             && overlaps(offset, len, reg, 2)
             && merge(0, reg, 2, offset, data) & u32::from(DEVCTL_FLR) != 0
         {

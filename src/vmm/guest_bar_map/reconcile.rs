@@ -137,6 +137,7 @@ impl GuestBarMap {
     }
 
     /// Where BAR `i` should be mapped now, or why not.
+    #[inline]
     pub(super) fn want(ctx: &Ctx<'_>, s: &Slot) -> std::result::Result<u64, Unreachable> {
         if let Some(why) = ctx.blocked {
             return Err(why.into());
