@@ -36,15 +36,8 @@ pub(crate) struct Limits {
     /// The VMM's declared mappings, sorted by start, with their names.
     vmm: Vec<(IovaRange, String)>,
     /// GPA spans of BAR mappings (live or dead: a dead area still holds its
-    /// IOVA), disjoint, in slots that `order` sorts by start. A moved BAR's
-    /// claim leaves its slot and takes a free one; only `order`'s small
-    /// indexes shift (a BAR moved from the lowest GPA to past the others
-    /// moved every claim of 64 BARs, 2 KiB, on each move).
+    /// IOVA), sorted by start, disjoint.
     claims: Vec<Claim>,
-    /// Indexes into `claims`, by start.
-    order: Vec<u32>,
-    /// Slots of `claims` no longer in `order`.
-    free: Vec<u32>,
     /// How many BARs are refused for a reason others' changes may lift
     /// (kept by the map, so that a change looks for them only if any).
     pub(crate) waiting: usize,
@@ -99,13 +92,9 @@ impl Limits {
                 label: label.clone(),
             });
         }
-        let claims = &self.claims;
-        let i = self
-            .order
-            .partition_point(|&k| claims[k as usize].last < gpa);
-        if let Some(c) = self.order[i..]
+        let i = self.claims.partition_point(|c| c.last < gpa);
+        if let Some(c) = self.claims[i..]
             .iter()
-            .map(|&k| &claims[k as usize])
             .take_while(|c| c.start <= last)
             .find(|c| c.key != key)
         {
@@ -133,43 +122,27 @@ impl Limits {
         let Some(last) = last_of(gpa, size) else {
             return;
         };
-        let claim = Claim {
-            start: gpa,
-            last,
-            key,
-            device,
-        };
-        let slot = match self.free.pop() {
-            Some(k) => {
-                self.claims[k as usize] = claim;
-                k
-            }
-            None => {
-                self.claims.push(claim);
-                u32::try_from(self.claims.len() - 1).unwrap_or(u32::MAX)
-            }
-        };
-        let claims = &self.claims;
-        let at = self
-            .order
-            .partition_point(|&k| claims[k as usize].start < gpa);
-        self.order.insert(at, slot);
+        let at = self.claims.partition_point(|c| c.start < gpa);
+        self.claims.insert(
+            at,
+            Claim {
+                start: gpa,
+                last,
+                key,
+                device,
+            },
+        );
     }
 
     /// Forgets `key`'s claim at `gpa`.
     pub(crate) fn release(&mut self, key: BarKey, gpa: u64) {
-        let claims = &self.claims;
-        let at = self
-            .order
-            .partition_point(|&k| claims[k as usize].start < gpa);
-        if let Some(pos) = self.order[at..]
+        let at = self.claims.partition_point(|c| c.start < gpa);
+        if let Some(pos) = self.claims[at..]
             .iter()
-            .map(|&k| &claims[k as usize])
             .take_while(|c| c.start == gpa)
             .position(|c| c.key == key)
         {
-            let slot = self.order.remove(at + pos);
-            self.free.push(slot);
+            self.claims.remove(at + pos);
         }
     }
 }
@@ -217,44 +190,6 @@ mod tests {
             l.check(key(0, 2), u64::MAX - 0xfff, 0x2000),
             Err(Unreachable::OutsideIovaRanges { .. })
         ));
-    }
-
-    /// Claims moved around many times (slots reused) keep answering as a
-    /// plain list would.
-    #[test]
-    fn claims_moved_many_times_answer_as_a_list() {
-        let mut l = limits();
-        let dev: PciAddress = "0000:03:00.0".parse().unwrap();
-        let base = 0x10_0000_0000u64;
-        for i in 0..8u8 {
-            l.claim(
-                key(u32::from(i), 2),
-                dev,
-                base + u64::from(i) * 0x1_0000,
-                0x1_0000,
-            );
-        }
-        let mut at: Vec<u64> = (0..8).map(|i| base + i * 0x1_0000).collect();
-        for step in 0..200u64 {
-            let i = (step * 5 % 8) as usize;
-            #[allow(clippy::cast_possible_truncation)]
-            let k = key(i as u32, 2);
-            l.release(k, at[i]);
-            at[i] ^= 0x20_0000_0000;
-            l.claim(k, dev, at[i], 0x1_0000);
-            for (j, &gpa) in at.iter().enumerate() {
-                #[allow(clippy::cast_possible_truncation)]
-                let other = key(j as u32, 2);
-                // Its own claim does not count; every other's does.
-                assert!(l.check(other, gpa, 0x1_0000).is_ok());
-                assert!(matches!(
-                    l.check(key(99, 0), gpa + 0x8000, 0x1000),
-                    Err(Unreachable::OverlapsBar { other_bar: 2, .. })
-                ));
-            }
-        }
-        assert_eq!(l.order.len(), 8);
-        assert!(l.claims.len() <= 9, "slots are reused");
     }
 
     #[test]
