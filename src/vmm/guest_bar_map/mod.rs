@@ -176,6 +176,8 @@ struct Slot {
     reg: Option<BarRegister>,
     /// Why it is not offered, if it is not.
     not_offered: Option<String>,
+    /// It holds the MSI-X table or PBA (the typed reason it is not offered).
+    msix: Option<Unreachable>,
     export: Option<BarExport>,
     placed: Option<Placed>,
     /// The last refusal, while no mapping stands.
@@ -383,7 +385,16 @@ impl GuestBarMap {
                 if bar.size() < page_size() || !bar.size().is_multiple_of(page_size()) {
                     Some(format!("smaller than a page ({})", human_size(bar.size())))
                 } else if layout.msix_bars & (1 << i) != 0 {
-                    Some("it holds the MSI-X table or PBA".to_owned())
+                    let in_bar = |p: Option<(u8, ByteRange)>| {
+                        p.filter(|(b, _)| u32::from(*b) == i).map(|(_, r)| r)
+                    };
+                    let why = Unreachable::HoldsMsix {
+                        table: in_bar(layout.msix_table),
+                        pba: in_bar(layout.msix_pba),
+                    };
+                    let text = why.to_string();
+                    slot.msix = Some(why);
+                    Some(text.trim_start_matches("not offered for P2P: ").to_owned())
                 } else {
                     None
                 }

@@ -148,7 +148,10 @@ impl GuestBarMap {
             });
         };
         if let Some(why) = &s.not_offered {
-            return Err(Unreachable::NotOffered { why: why.clone() });
+            return Err(s
+                .msix
+                .clone()
+                .unwrap_or_else(|| Unreachable::NotOffered { why: why.clone() }));
         }
         match reg.address() {
             BarAddress::At(gpa) => Ok(gpa),

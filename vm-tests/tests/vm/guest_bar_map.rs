@@ -1121,3 +1121,34 @@ fn resets_and_d3_unmap_until_the_guest_maps_again() {
         request_host_check("nvme1-pmr", off, &bytes);
     }
 }
+
+/// A BAR holding the MSI-X table and PBA (nvme1's BAR0, registered with
+/// every mappable BAR offered) is not offered, with a typed reason naming
+/// where the table and PBA sit in it, which matches what VFIO says of the
+/// device's MSI-X table size.
+#[test]
+fn a_bar_holding_the_msix_table_is_refused_naming_it() {
+    let nvme1 = nvme_address("nvme1");
+    let (vmm, ids) = GuestVmm::new(std::slice::from_ref(&nvme1), false);
+    let id = ids[0];
+    vmm.place(id, 0, 0x60_0000_0000);
+    let vectors = vmm
+        .map
+        .vfio_device(id)
+        .unwrap()
+        .irq_vectors(dmabuf_p2p::vfio::MSIX_IRQ_INDEX)
+        .unwrap();
+    match vmm.map.bar_status(id, 0).unwrap() {
+        BarStatus::Unreachable(Unreachable::HoldsMsix {
+            table: Some(table),
+            pba: Some(pba),
+        }) => {
+            assert_eq!(table.length, 16 * u64::from(vectors), "{table} {pba}");
+            assert!(pba.length >= u64::from(vectors).div_ceil(8), "{pba}");
+        }
+        other => panic!("nvme1 BAR0: {other:?}"),
+    }
+    let why = vmm.map.why_unreachable(nvme1.parse().unwrap(), 0).unwrap();
+    assert!(why.to_string().contains("MSI-X table at"), "{why}");
+    assert_eq!(vmm.mapped_at(id, 0), None);
+}
