@@ -121,6 +121,18 @@ fn main() -> ExitCode {
 fn run() -> R<()> {
     let opts = Opts::parse();
     let start = Instant::now();
+    // `vmm_trace` or `vmm_trace=N`: N offered BARs (default 1).
+    if let Some(part) = opts
+        .only
+        .as_ref()
+        .and_then(|l| l.iter().find(|p| p.starts_with("vmm_trace")))
+    {
+        let offered = part
+            .strip_prefix("vmm_trace=")
+            .map_or(Ok(1), str::parse)
+            .map_err(|e| format!("{part}: {e}"))?;
+        return vmm::trace(20, offered);
+    }
     raise_fd_limit(1 << 16)?;
     // The vmm part needs a VM of its own shape (many devices): alone.
     if opts

@@ -343,3 +343,98 @@ fn type1_cost(opts: &Opts, bdf: &str) -> R<()> {
     }
     Ok(())
 }
+
+/// Part `vmm_trace` (only when asked, in the vmm VM; for strace or
+/// callgrind): one device's trapped writes through the map and by hand,
+/// each kind in a function of its own, between marks (`write(-1, label)`).
+pub fn trace(rounds: usize, offered: usize) -> R<()> {
+    let small = ivshmem_with(64 << 10)?;
+    if small.len() < offered.max(1) {
+        return Err(format!("vmm_trace needs {offered} ivshmem devices of 64 KiB").into());
+    }
+    let iommufd = Iommufd::open()?;
+    let ioas = iommufd.alloc_ioas()?;
+    let devs = open_all(&small[..offered.max(1)], &ioas)?;
+    let dev = &devs[0];
+    let map = GuestBarMap::new(&ioas)?;
+    // As the trapped-writes table places them.
+    let mut ids = Vec::new();
+    for (i, d) in devs.iter().enumerate() {
+        let id = map.register(Arc::clone(d), Offer::AllMappable)?;
+        map.place_bar(id, BAR, Some(LIB_GPA + 0x1_0000 * i as u64))?;
+        map.config_write(id, COMMAND, &ON.to_le_bytes())?;
+        ids.push(id);
+    }
+    let id = ids[0];
+    let fd = dev.as_raw_fd();
+    let (config, _) = raw::region_info(fd, uapi::VFIO_PCI_CONFIG_REGION_INDEX)?;
+    let len = 64 << 10;
+    let buf = raw::export(fd, BAR, 0, len)?;
+    let (ifd, ioas_id) = (iommufd.as_raw_fd(), ioas.id());
+    raw::map_file(ifd, ioas_id, buf, 0, len, RAW_GPA)?;
+    let mark = |label: &str| {
+        // SAFETY: writes from a valid buffer to an invalid fd (fails, EBADF).
+        unsafe { libc::write(-1, label.as_ptr().cast(), label.len()) };
+    };
+    let (mut lib_at, mut raw_at) = (LIB_GPA, RAW_GPA);
+    for _ in 0..rounds {
+        mark("library decode off");
+        lib_decode_off(&map, id)?;
+        mark("library decode on");
+        lib_decode_on(&map, id)?;
+        mark("library move");
+        lib_at = lib_move(&map, id, lib_at)?;
+        mark("raw decode off");
+        raw_decode_off(fd, config)?;
+        mark("raw decode on");
+        raw_decode_on(fd, config, ifd, ioas_id, buf, raw_at)?;
+        mark("raw move");
+        raw_at = raw_move(ifd, ioas_id, buf, raw_at)?;
+        mark("end");
+    }
+    raw::unmap(ifd, ioas_id, raw_at, len)?;
+    raw::close(buf)?;
+    println!("bench: vmm_trace: {rounds} rounds, {offered} offered BARs");
+    Ok(())
+}
+
+#[inline(never)]
+fn lib_decode_off(map: &GuestBarMap, id: DeviceId) -> R<()> {
+    map.config_write(id, COMMAND, &OFF.to_le_bytes())?;
+    Ok(())
+}
+
+#[inline(never)]
+fn lib_decode_on(map: &GuestBarMap, id: DeviceId) -> R<()> {
+    map.config_write(id, COMMAND, &ON.to_le_bytes())?;
+    Ok(())
+}
+
+#[inline(never)]
+fn lib_move(map: &GuestBarMap, id: DeviceId, at: u64) -> R<u64> {
+    let next = at ^ MOVE_STEP;
+    write_bar(map, id, next)?;
+    Ok(next)
+}
+
+#[inline(never)]
+fn raw_decode_off(fd: i32, config: u64) -> R<()> {
+    raw::set_command(fd, config, OFF)?;
+    Ok(())
+}
+
+#[inline(never)]
+fn raw_decode_on(fd: i32, config: u64, ifd: i32, ioas: u32, buf: i32, at: u64) -> R<()> {
+    raw::set_command(fd, config, ON)?;
+    raw::unmap(ifd, ioas, at, 64 << 10)?;
+    raw::map_file(ifd, ioas, buf, 0, 64 << 10, at)?;
+    Ok(())
+}
+
+#[inline(never)]
+fn raw_move(ifd: i32, ioas: u32, buf: i32, at: u64) -> R<u64> {
+    let next = at ^ MOVE_STEP;
+    raw::unmap(ifd, ioas, at, 64 << 10)?;
+    raw::map_file(ifd, ioas, buf, 0, 64 << 10, next)?;
+    Ok(next)
+}

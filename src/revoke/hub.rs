@@ -221,6 +221,7 @@ impl RevocationHub {
     ///     hub.revoked_by_kernel(RevokeReason::MemoryDecodeOff);
     /// }
     /// ```
+    #[inline]
     pub fn lock_transitions(&self) -> MutexGuard<'_, ()> {
         lock(&self.transitions)
     }
@@ -249,6 +250,7 @@ impl RevocationHub {
     }
 
     /// The current state.
+    #[inline]
     pub fn state(&self) -> BufferState {
         lock(&self.inner).state
     }
@@ -372,33 +374,50 @@ impl RevocationHub {
     /// hub.revoked_by_kernel(RevokeReason::Reset);
     /// assert_eq!(hub.state(), BufferState::Revoked(RevokeReason::Reset));
     /// ```
+    #[inline]
     pub fn revoked_by_kernel(&self, reason: RevokeReason) -> usize {
         self.revoke_with(reason, true)
     }
 
+    #[inline]
     fn revoke_with(&self, reason: RevokeReason, kernel_revoked: bool) -> usize {
+        let mut inner = lock(&self.inner);
+        if matches!(inner.state, BufferState::Gone(_)) {
+            return 0;
+        }
+        if inner.state == BufferState::Live {
+            inner.revocations += 1;
+        }
+        let state = if reason.is_permanent() {
+            BufferState::Gone(reason)
+        } else {
+            BufferState::Revoked(reason)
+        };
+        if inner.attachments.is_empty() && inner.observers.is_empty() {
+            // Nobody to tell (a VMM's map keeps its own areas): the state
+            // alone, without building the lists; inline in the trap path.
+            inner.set_state_quietly(state, &self.changes);
+            return 0;
+        }
+        self.revoke_members(inner, state, reason, kernel_revoked)
+    }
+
+    /// [`revoke_with`](Self::revoke_with) for a hub with attachments or
+    /// observers to tell, its lock held by `inner`.
+    #[inline(never)]
+    fn revoke_members(
+        &self,
+        mut inner: MutexGuard<'_, HubInner>,
+        state: BufferState,
+        reason: RevokeReason,
+        kernel_revoked: bool,
+    ) -> usize {
         let keep_dead_area = kernel_revoked && !reason.is_permanent();
         let (atts, change) = {
-            let mut inner = lock(&self.inner);
-            if matches!(inner.state, BufferState::Gone(_)) {
-                return 0;
-            }
-            if inner.state == BufferState::Live {
-                inner.revocations += 1;
-            }
-            let state = if reason.is_permanent() {
-                BufferState::Gone(reason)
-            } else {
-                BufferState::Revoked(reason)
-            };
-            if inner.attachments.is_empty() && inner.observers.is_empty() {
-                // Nobody to tell (a VMM's map keeps its own areas): the state
-                // alone, without building the lists.
-                inner.set_state_quietly(state, &self.changes);
-                return 0;
-            }
             let change = inner.set_state(state, &self.changes);
-            (Self::live_attachments(&mut inner), change)
+            let atts = Self::live_attachments(&mut inner);
+            drop(inner);
+            (atts, change)
         };
         let n = atts
             .iter()
@@ -411,22 +430,34 @@ impl RevocationHub {
     /// The exporter's buffers are usable again: attachments with
     /// [`RestorePolicy::Automatic`] map again. Returns how many were restored.
     /// Does nothing once the hub is [`BufferState::Gone`].
+    #[inline]
     pub fn restore(&self) -> usize {
-        let (atts, change) = {
-            let mut inner = lock(&self.inner);
-            let change = match inner.state {
-                BufferState::Gone(_) => return 0,
-                BufferState::Live => None,
-                BufferState::Revoked(_)
-                    if inner.attachments.is_empty() && inner.observers.is_empty() =>
-                {
-                    inner.set_state_quietly(BufferState::Live, &self.changes);
-                    return 0;
-                }
-                BufferState::Revoked(_) => inner.set_state(BufferState::Live, &self.changes),
-            };
-            (Self::live_attachments(&mut inner), change)
+        let mut inner = lock(&self.inner);
+        let change = match inner.state {
+            BufferState::Gone(_) => return 0,
+            BufferState::Live => None,
+            BufferState::Revoked(_)
+                if inner.attachments.is_empty() && inner.observers.is_empty() =>
+            {
+                // Nobody to tell: inline in the trap path.
+                inner.set_state_quietly(BufferState::Live, &self.changes);
+                return 0;
+            }
+            BufferState::Revoked(_) => inner.set_state(BufferState::Live, &self.changes),
         };
+        self.restore_members(inner, change)
+    }
+
+    /// [`restore`](Self::restore) for a hub with attachments or observers,
+    /// its lock held by `inner`.
+    #[inline(never)]
+    fn restore_members(
+        &self,
+        mut inner: MutexGuard<'_, HubInner>,
+        change: Option<(StateChange, Vec<Observer>)>,
+    ) -> usize {
+        let atts = Self::live_attachments(&mut inner);
+        drop(inner);
         let n = atts
             .iter()
             .filter(|a| a.restore_policy() == RestorePolicy::Automatic && a.try_restore().is_ok())

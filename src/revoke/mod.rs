@@ -154,6 +154,7 @@ pub struct AttachmentInfo {
 
 /// Locks a mutex, recovering from poisoning: every critical section here leaves
 /// the state consistent, so a panic in a caller's callback must not wedge it.
+#[inline]
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }

@@ -98,6 +98,7 @@ impl VfioPciDevice {
 
     /// With the command lock held and decode on: restores a revoked hub
     /// (not a gone one).
+    #[inline]
     pub(super) fn restore_if_revoked(&self) {
         if matches!(self.hub.state(), BufferState::Revoked(_)) {
             self.hub.restore();
@@ -146,6 +147,7 @@ impl VfioPciDevice {
     /// kernel had revoked, and so attachments whose areas are dead); and an
     /// attachment's own restore or map could run between the kernel's
     /// revocation and the hub's.
+    #[inline]
     pub(super) fn lock_command(&self) -> MutexGuard<'_, ()> {
         self.hub.lock_transitions()
     }
@@ -201,6 +203,7 @@ impl VfioPciDevice {
     /// [`config_write`](Self::config_write) does. Returns memory decode
     /// before and after. A failed write reads the register back to learn
     /// what the device has (the kernel revokes before it writes).
+    #[inline]
     pub(crate) fn command_write_lean(&self, offset: u64, data: &[u8]) -> Result<(bool, bool)> {
         let held = self.lock_command();
         let was_on = match self.known.memory_decode() {
@@ -212,25 +215,54 @@ impl VfioPciDevice {
             Some(r) if offset + data.len() as u64 <= 0x40 => r.offset + offset,
             _ => self.config_at(offset, data.len())?,
         };
-        if let Err(e) = self.file.write_all_at(data, at) {
-            let err = self.config_error("pwrite", offset, data.len(), e);
-            let now_on = match self.read_command_quiet(&held) {
-                Ok(c) => c & COMMAND_MEMORY != 0,
-                Err(_) => {
-                    self.known.forget();
-                    false
-                }
-            };
-            self.follow_decode(was_on, now_on);
-            return Err(err);
+        // One `pwrite` (nix's, inlined: std's `write_at` is an outlined
+        // wrapper of twice the instructions). A config write of a register
+        // is never short; a short one is an error, as in `write_all_at`.
+        let at_off = libc::off_t::try_from(at).unwrap_or(libc::off_t::MAX);
+        match nix::sys::uio::pwrite(&self.file, data, at_off) {
+            Ok(n) if n == data.len() => {}
+            Ok(_) => {
+                let e = io::Error::from(io::ErrorKind::WriteZero);
+                return Err(self.command_write_failed(&held, was_on, offset, data.len(), e));
+            }
+            Err(e) => {
+                let e = io::Error::from(e);
+                return Err(self.command_write_failed(&held, was_on, offset, data.len(), e));
+            }
         }
         let now_on = self.known.record_write(offset, data).unwrap_or(was_on);
         self.follow_decode(was_on, now_on);
         Ok((was_on, now_on))
     }
 
+    /// [`command_write_lean`](Self::command_write_lean)'s `pwrite` failed:
+    /// reads the register back (the kernel revokes before it writes), tells
+    /// the hub, and returns the error naming the write.
+    #[cold]
+    #[inline(never)]
+    fn command_write_failed(
+        &self,
+        held: &MutexGuard<'_, ()>,
+        was_on: bool,
+        offset: u64,
+        len: usize,
+        e: io::Error,
+    ) -> Error {
+        let err = self.config_error("pwrite", offset, len, e);
+        let now_on = match self.read_command_quiet(held) {
+            Ok(c) => c & COMMAND_MEMORY != 0,
+            Err(_) => {
+                self.known.forget();
+                false
+            }
+        };
+        self.follow_decode(was_on, now_on);
+        err
+    }
+
     /// Tells the hub of a change of memory decode from `was_on` to `now_on`
     /// (the command lock held).
+    #[inline]
     fn follow_decode(&self, was_on: bool, now_on: bool) {
         if !now_on {
             if was_on || self.hub.state() == BufferState::Live {

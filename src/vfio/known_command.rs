@@ -54,6 +54,7 @@ impl KnownCommand {
 
     /// Records the whole register (read or written under the transition
     /// lock, or told by the VMM): always wins.
+    #[inline]
     pub(crate) fn set(&self, command: u16) {
         self.update(|w| with(w, u64::from(command) | LOW_KNOWN | HIGH_KNOWN));
     }
@@ -95,7 +96,14 @@ impl KnownCommand {
     /// offset `offset` under the transition lock: always wins, and keeps
     /// the byte the write did not cover. Returns the memory-decode bit as
     /// known afterwards.
+    #[inline]
     pub(crate) fn record_write(&self, offset: u64, bytes: &[u8]) -> Option<bool> {
+        // The whole register (a guest's or a VMM's usual write).
+        if let (COMMAND_OFFSET, &[low, high]) = (offset, bytes) {
+            let v = u16::from_le_bytes([low, high]);
+            self.set(v);
+            return Some(v & MEMORY != 0);
+        }
         let (low, high) = command_bytes(offset, bytes);
         if low.is_some() || high.is_some() {
             self.update(|w| merged(w, low, high));
@@ -103,6 +111,7 @@ impl KnownCommand {
         self.memory_decode()
     }
 
+    #[inline]
     fn update(&self, f: impl Fn(u64) -> u64) {
         let _ = self
             .0
@@ -213,6 +222,11 @@ mod tests {
         assert_eq!(k.record_write(5, &[0x00]), Some(false));
         assert_eq!(k.command(), Some(0x0004));
         assert_eq!(k.record_write(8, &[1]), Some(false));
+        // The whole register at once (the trap path's fast case).
+        assert_eq!(k.record_write(4, &[0x06, 0x01]), Some(true));
+        assert_eq!(k.command(), Some(0x0106));
+        assert_eq!(k.record_write(4, &[0x04, 0x00]), Some(false));
+        assert_eq!(k.command(), Some(0x0004));
     }
 
     #[test]

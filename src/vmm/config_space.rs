@@ -4,6 +4,8 @@
 //! and the PCIe device control register (for function-level reset); and which
 //! BARs hold the MSI-X table and PBA (never offered to peers).
 
+use crate::range::ByteRange;
+
 /// Offset of `PCI_COMMAND`.
 pub(crate) const COMMAND: u64 = 0x04;
 /// `PCI_COMMAND` memory decode.
@@ -33,6 +35,9 @@ pub(crate) struct Layout {
     pub(crate) pcie_devctl: Option<u64>,
     /// BARs that hold the MSI-X table or PBA (bit per BAR).
     pub(crate) msix_bars: u8,
+    /// The MSI-X table and the PBA: (BAR, byte range in it).
+    pub(crate) msix_table: Option<(u8, ByteRange)>,
+    pub(crate) msix_pba: Option<(u8, ByteRange)>,
 }
 
 impl Layout {
@@ -66,9 +71,23 @@ impl Layout {
                 CAP_ID_PM => out.pm_control = Some(next as u64 + 4),
                 CAP_ID_EXP => out.pcie_devctl = Some(next as u64 + 8),
                 CAP_ID_MSIX => {
-                    for at in [next + 4, next + 8] {
+                    // Message Control: table size N - 1; N entries of 16
+                    // bytes, and N pending bits in 8-byte words.
+                    let n = byte(next + 2).zip(byte(next + 3)).map_or(1, |(lo, hi)| {
+                        u64::from(u16::from_le_bytes([lo, hi]) & 0x7ff) + 1
+                    });
+                    let lengths = [n * 16, n.div_ceil(64) * 8];
+                    for (k, at) in [next + 4, next + 8].into_iter().enumerate() {
                         if let Some(v) = dword(at) {
-                            out.msix_bars |= 1 << (v & 7).min(7);
+                            #[allow(clippy::cast_possible_truncation)]
+                            let bir = (v & 7).min(7) as u8;
+                            out.msix_bars |= 1 << bir;
+                            let range = ByteRange::new(u64::from(v & !7), lengths[k]);
+                            if k == 0 {
+                                out.msix_table = Some((bir, range));
+                            } else {
+                                out.msix_pba = Some((bir, range));
+                            }
                         }
                     }
                 }
@@ -81,13 +100,29 @@ impl Layout {
 }
 
 /// Whether `[offset, offset + len)` overlaps `[reg, reg + width)`.
+#[inline]
 pub(crate) fn overlaps(offset: u64, len: usize, reg: u64, width: u64) -> bool {
     offset < reg + width && reg < offset.saturating_add(len as u64)
 }
 
 /// `current` (a register of `width` bytes at `reg`) with the bytes a write
 /// of `data` at `offset` covers replaced.
+#[inline]
 pub(crate) fn merge(current: u32, reg: u64, width: u64, offset: u64, data: &[u8]) -> u32 {
+    // A guest writes a register whole and aligned (a trapped write's hot
+    // path): no loop over its bytes.
+    if offset == reg {
+        match (width, data) {
+            (4, &[a, b, c, d]) => return u32::from_le_bytes([a, b, c, d]),
+            (2, &[a, b]) => return (current & 0xffff_0000) | u32::from(u16::from_le_bytes([a, b])),
+            _ => {}
+        }
+    }
+    merge_bytes(current, reg, width, offset, data)
+}
+
+/// [`merge`] byte by byte: partial, unaligned or wider writes.
+fn merge_bytes(current: u32, reg: u64, width: u64, offset: u64, data: &[u8]) -> u32 {
     let mut bytes = current.to_le_bytes();
     for (i, b) in data.iter().enumerate() {
         let at = offset + i as u64;
@@ -123,6 +158,9 @@ mod tests {
         assert_eq!(l.pm_control, Some(0x64));
         assert_eq!(l.pcie_devctl, Some(0x88));
         assert_eq!(l.msix_bars, 0b1);
+        // Table size field 0 in the hand-built chain: one entry.
+        assert_eq!(l.msix_table, Some((0, ByteRange::new(0x2000, 16))));
+        assert_eq!(l.msix_pba, Some((0, ByteRange::new(0x3000, 8))));
     }
 
     #[test]
@@ -143,6 +181,14 @@ mod tests {
         assert_eq!(
             merge(0x1122_3344, 0x10, 4, 0x10, &0xdead_beefu32.to_le_bytes()),
             0xdead_beef
+        );
+        assert_eq!(
+            merge(0xffff_0000, COMMAND, 2, 4, &[0x06, 0x01]),
+            0xffff_0106
+        );
+        assert_eq!(
+            merge(0x1122_3344, 0x10, 4, 0x11, &[0xaa, 0xbb]),
+            0x11bb_aa44
         );
         // A word write at 4 into PCI_COMMAND only.
         assert_eq!(

@@ -5,7 +5,7 @@ use std::fmt;
 
 use crate::importer::iommufd::IovaRange;
 use crate::pci::PciAddress;
-use crate::range::human_size;
+use crate::range::{ByteRange, human_size};
 use crate::revoke::RevokeReason;
 
 /// Why a BAR is not mapped at its guest-physical address. Each refusal
@@ -36,6 +36,19 @@ pub enum Unreachable {
     NotOffered {
         /// Why.
         why: String,
+    },
+    /// It holds the device's MSI-X table or PBA (`table`, `pba`: byte
+    /// ranges in this BAR, when there). Linux 7.2's VFIO exports any
+    /// page-aligned range of a BAR, the table's pages included, so a peer
+    /// could write the VMM's interrupt vectors; the map does not offer such
+    /// a BAR (a VMM that wants the rest reachable exports the pages around
+    /// the table itself, as QEMU's `vfio_pci_fixup_msix_region` does for
+    /// mmaps).
+    HoldsMsix {
+        /// The MSI-X table's bytes in this BAR.
+        table: Option<ByteRange>,
+        /// The pending-bit array's bytes in this BAR.
+        pba: Option<ByteRange>,
     },
     /// The guest has not placed it (address 0), or a reset cleared it.
     Unassigned,
@@ -121,6 +134,20 @@ impl fmt::Display for Unreachable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::NotOffered { why } => write!(f, "not offered for P2P: {why}"),
+            Self::HoldsMsix { table, pba } => {
+                f.write_str("not offered for P2P: it holds the MSI-X")?;
+                if let Some(t) = table {
+                    write!(f, " table at {t}")?;
+                }
+                if let Some(p) = pba {
+                    write!(
+                        f,
+                        "{} PBA at {p}",
+                        if table.is_some() { " and" } else { "" }
+                    )?;
+                }
+                f.write_str(" (VFIO would export those pages too: a peer could write the interrupt vectors)")
+            }
             Self::Unassigned => f.write_str("the guest has not placed it (address 0)"),
             Self::Probing => f.write_str("the guest is sizing it (all ones written)"),
             Self::HalfProgrammed => {

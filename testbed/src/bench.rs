@@ -378,7 +378,8 @@ pub fn xtask(args: &[String]) -> Result<bool> {
         icount_vm_seconds = Some(counted.seconds);
     }
     if wants("vmm") && !opts.strace && accel == Accel::Tcg {
-        let job = guest_job(opts.quick, Some("vmm"));
+        let job = std::env::var("DMABUF_P2P_BENCH_VMM_JOB")
+            .unwrap_or_else(|_| guest_job(opts.quick, Some("vmm")));
         let Some(vmm) = run_vmm_vm(job, &bench_bin)? else {
             return Ok(false);
         };
@@ -692,8 +693,21 @@ fn pack(spec: &RunSpec, bench: &Path, strace: bool, dest: &Path) -> Result<()> {
         fs_.dir(d);
     }
     fs_.host_binary(GUEST_BENCH, bench)?;
-    if strace {
+    if strace || std::env::var_os("DMABUF_P2P_BENCH_TOOLS").is_some() {
         fs_.host_binary("/bin/strace", Path::new("/usr/bin/strace"))?;
+    }
+    if std::env::var_os("DMABUF_P2P_BENCH_TOOLS").is_some() {
+        fs_.host_binary("/usr/bin/valgrind", Path::new("/usr/bin/valgrind.bin"))?;
+        for f in [
+            "callgrind-amd64-linux",
+            "vgpreload_core-amd64-linux.so",
+            "default.supp",
+        ] {
+            fs_.host_binary(
+                &format!("/usr/libexec/valgrind/{f}"),
+                &Path::new("/usr/libexec/valgrind").join(f),
+            )?;
+        }
     }
     fs_.write_to(dest)
 }
@@ -1479,6 +1493,42 @@ fn nvme_section(s: &mut String, r: &Results) {
     );
 }
 
+/// Part 8's account of the extra instructions: counted with callgrind on
+/// the bench's `vmm_trace` part (user space; strace showed the syscalls
+/// equal), so not in `results.json`; dated, and redone when the map's trap
+/// path changes.
+const VMM_WHERE: &str = "**Where the extra instructions go** (2026-12-07, at the code \
+     this table was run with). strace of the bench's `vmm_trace` part shows the map making \
+     exactly the raw path's syscalls: decode off one `pwrite`; decode on the `pwrite`, \
+     `IOMMU_IOAS_UNMAP` and `IOMMU_IOAS_MAP_FILE`; a move the unmap at the low dword's write \
+     and the map at the high one's. So the difference is user space, which callgrind counts \
+     on the same part (`DMABUF_P2P_BENCH_TOOLS=1 DMABUF_P2P_BENCH_VMM_JOB='valgrind \
+     --tool=callgrind ... dmabuf-p2p-bench --only=vmm_trace=N' cargo xtask bench --only=vmm`): \
+     with 1 offered BAR, decode off costs 315 instructions more than the raw path's 35 \
+     (two locks the raw path needs none of, the map's and the device's `PCI_COMMAND` \
+     transition lock, each with std's poison checks; the device's lookup and hub check; the \
+     known-register update; the hub's own lock and state change; the log-level tests); decode \
+     on 692 more than 115 (the same, and the dead area's unmap and map through its \
+     `IoasMapping`, with the IOAS's area set updated under its lock); a BAR move 1211 more \
+     than 90, in two trapped writes of about 230 each (lock, lookup, hub check, the BAR \
+     register's shadow) and two reconciles of about 380 (the GPA checked against the usable \
+     ranges, the VMM's mappings and the other BARs; a new `IoasMapping` at the new GPA, the \
+     old one unmapped and dropped; the BAR claims and the IOAS's area set updated; the \
+     half-programmed refusal kept and dropped). These match the table's differences to within \
+     30 instructions. With 8 offered BARs a move costs 197 more user-space instructions than \
+     with 1, with 64 482 more: binary searches over the sorted BAR claims (the check, the \
+     claim, the release) and the IOAS's area set, and the shift of those vectors when the \
+     moved BAR goes from the lowest GPA to past the others and back (memmove: 23 with 8 BARs, \
+     210 with 64). That growth is what keeps the 8 and 64 rows of the move above 1% (the \
+     kernel's side grows too, less for the map's BAR among its neighbours than for the raw \
+     path's lone one). Claims in reusable slots ordered by an index vector were tried against \
+     it (b64b729, reverted): 80 fewer with 64 BARs, but 62 more with 1 and 81 more with 8. \
+     Before this round (the page of 2026-12-07 15:29) the medians were: decode off 1.014, \
+     decode on 1.005–1.006, move 1.012–1.014; the cuts are in the commits from 8b59141 on \
+     (whole-register fast paths, the hub's quiet revoke and restore inline, one nix \
+     `pwrite`, BAR dwords walked by the write's span, the IOAS's area set shrunk and grown \
+     in place).";
+
 /// Part 8: the `GuestBarMap` against a hand-written VMM path.
 fn vmm_section(s: &mut String, r: &Results) {
     let ns = r.xs("vmm_trap");
@@ -1511,6 +1561,7 @@ fn vmm_section(s: &mut String, r: &Results) {
     );
     let med = |series: &str, op: &str, x: u64| r.median("vmm_trap", series, op, x);
     let mut worst: f64 = 0.0;
+    let mut over = Vec::new();
     for n in &ns {
         let mut row = format!("| {n} |");
         for op in ["decode_off", "decode_on", "move"] {
@@ -1518,6 +1569,12 @@ fn vmm_section(s: &mut String, r: &Results) {
             let ratio = r.get("vmm_trap", "ratio", op, *n);
             if let Some(m) = ratio.and_then(|x| x.median) {
                 worst = worst.max(m);
+                if m > 1.01 {
+                    let extra = l.zip(w).map_or(String::new(), |(l, w)| {
+                        format!(", {:.0} instructions over", l - w)
+                    });
+                    over.push(format!("{} with {n} ({m:.4}{extra})", op.replace('_', " ")));
+                }
             }
             let _ = write!(
                 row,
@@ -1535,11 +1592,15 @@ fn vmm_section(s: &mut String, r: &Results) {
          lookup of the device, no shadow of its registers, no check of the GPA, no log \
          level test; every instruction the map spends on those is in the ratio.\n",
         if worst <= 1.01 {
-            "within 1% of the hand-written path"
+            "within 1% of the hand-written path on every row: the goal is met"
         } else {
-            "more than 1% over the hand-written path: the goal of 1% is not met"
+            "more than 1% over the hand-written path: the goal of 1% is not met on every row"
         }
     );
+    if !over.is_empty() {
+        let _ = writeln!(s, "Rows over 1%: {}.\n", over.join("; "));
+    }
+    let _ = writeln!(s, "{VMM_WHERE}\n");
     let profile: Vec<(&str, &str)> = [
         ("not_mine_write", "a trapped write the map leaves to the VMM: its lock, the device's lookup, the hub check, the classification"),
         ("bar_status", "a status query: the lock, the lookup, the reason"),

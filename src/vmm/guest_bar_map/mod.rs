@@ -154,9 +154,19 @@ struct Device {
     bars: [Slot; BAR_COUNT as usize],
 }
 
-/// The BAR indexes whose bits are set in `mask`.
+/// The BAR indexes whose bits are set in `mask`, ascending (one step per
+/// set bit: the trap path walks the one or two BARs concerned, not six).
+#[inline]
 fn bars_in(mask: u8) -> impl Iterator<Item = usize> {
-    (0..BAR_COUNT as usize).filter(move |i| mask & (1 << i) != 0)
+    let mut left = mask & ((1 << BAR_COUNT) - 1);
+    std::iter::from_fn(move || {
+        if left == 0 {
+            return None;
+        }
+        let i = left.trailing_zeros() as usize;
+        left &= left - 1;
+        Some(i)
+    })
 }
 
 /// One BAR index of a device.
@@ -166,6 +176,8 @@ struct Slot {
     reg: Option<BarRegister>,
     /// Why it is not offered, if it is not.
     not_offered: Option<String>,
+    /// It holds the MSI-X table or PBA (the typed reason it is not offered).
+    msix: Option<Unreachable>,
     export: Option<BarExport>,
     placed: Option<Placed>,
     /// The last refusal, while no mapping stands.
@@ -186,7 +198,26 @@ struct Ctx<'a> {
     address: PciAddress,
     slot: u32,
     /// Why the BAR must not be mapped now, device-wide.
-    blocked: Option<Unreachable>,
+    blocked: Option<Blocked>,
+}
+
+/// A device-wide reason not to map, small and `Copy` (built on every trapped
+/// write; the [`Unreachable`] is made only when asked).
+#[derive(Clone, Copy)]
+enum Blocked {
+    Gone(RevokeReason),
+    DecodeOff,
+    PoweredDown,
+}
+
+impl From<Blocked> for Unreachable {
+    fn from(b: Blocked) -> Self {
+        match b {
+            Blocked::Gone(r) => Self::DeviceGone(r),
+            Blocked::DecodeOff => Self::DecodeOff,
+            Blocked::PoweredDown => Self::PoweredDown,
+        }
+    }
 }
 
 /// The [`Ctx`] of device `$d` in slot `$slot`, borrowing only its fields
@@ -200,6 +231,7 @@ macro_rules! ctx {
 // After `ctx!`, which it uses.
 mod reconcile;
 
+#[inline]
 fn ctx_of(
     dev: &VfioPciDevice,
     address: PciAddress,
@@ -209,11 +241,11 @@ fn ctx_of(
     slot: u32,
 ) -> Ctx<'_> {
     let blocked = if let Some(r) = gone {
-        Some(Unreachable::DeviceGone(r))
+        Some(Blocked::Gone(r))
     } else if command & COMMAND_MEMORY == 0 {
-        Some(Unreachable::DecodeOff)
+        Some(Blocked::DecodeOff)
     } else if d3 {
-        Some(Unreachable::PoweredDown)
+        Some(Blocked::PoweredDown)
     } else {
         None
     };
@@ -226,6 +258,7 @@ fn ctx_of(
 }
 
 /// Sets a BAR's refusal, keeping count of those that wait on others.
+#[inline]
 fn set_refused(limits: &mut Limits, s: &mut Slot, why: Option<Unreachable>) {
     let was = s.refused.as_ref().is_some_and(Unreachable::waits_on_others);
     let is = why.as_ref().is_some_and(Unreachable::waits_on_others);
@@ -234,6 +267,7 @@ fn set_refused(limits: &mut Limits, s: &mut Slot, why: Option<Unreachable>) {
 }
 
 /// Locks, recovering from poisoning (a panicking logger).
+#[inline]
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -351,7 +385,16 @@ impl GuestBarMap {
                 if bar.size() < page_size() || !bar.size().is_multiple_of(page_size()) {
                     Some(format!("smaller than a page ({})", human_size(bar.size())))
                 } else if layout.msix_bars & (1 << i) != 0 {
-                    Some("it holds the MSI-X table or PBA".to_owned())
+                    let in_bar = |p: Option<(u8, ByteRange)>| {
+                        p.filter(|(b, _)| u32::from(*b) == i).map(|(_, r)| r)
+                    };
+                    let why = Unreachable::HoldsMsix {
+                        table: in_bar(layout.msix_table),
+                        pba: in_bar(layout.msix_pba),
+                    };
+                    let text = why.to_string();
+                    slot.msix = Some(why);
+                    Some(text.trim_start_matches("not offered for P2P: ").to_owned())
                 } else {
                     None
                 }
@@ -475,14 +518,30 @@ impl GuestBarMap {
         }
         let len = data.len();
         let mut changed = waiting;
-        let outcome = if overlaps(offset, len, COMMAND, 2) {
+        // The trap path's most common write, apart: no result to carry
+        // through the other branches.
+        if overlaps(offset, len, COMMAND, 2) {
             let result = self.command(d, limits, id.slot, offset, data, true);
-            changed |= result.as_ref().is_ok_and(|c| *c);
-            result.map(|_| ConfigWrite::Command)
-        } else if overlaps(offset, len, BAR0, 4 * u64::from(BAR_COUNT)) {
+            changed |= matches!(result, Ok(true));
+            d.hub_seq = d.dev.hub().change_count();
+            if changed && limits.waiting > 0 {
+                self.retry_waiting(&mut st);
+            }
+            return match result {
+                Ok(_) => Ok(ConfigWrite::Command),
+                Err(e) => Err(e),
+            };
+        }
+        // The other common one (a BAR dword), apart too.
+        if overlaps(offset, len, BAR0, 4 * u64::from(BAR_COUNT)) {
             changed |= self.bar_write(d, limits, id.slot, offset, data);
-            Ok(ConfigWrite::Bars)
-        } else if let Some(reg) = d.layout.pcie_devctl
+            d.hub_seq = d.dev.hub().change_count();
+            if changed && limits.waiting > 0 {
+                self.retry_waiting(&mut st);
+            }
+            return Ok(ConfigWrite::Bars);
+        }
+        let outcome = if let Some(reg) = d.layout.pcie_devctl
             && overlaps(offset, len, reg, 2)
             && merge(0, reg, 2, offset, data) & u32::from(DEVCTL_FLR) != 0
         {

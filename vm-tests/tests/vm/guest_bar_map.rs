@@ -26,7 +26,8 @@ use std::sync::Mutex;
 
 use dmabuf_p2p::vmm::{BarStatus, ConfigWrite, DeviceId, Drift, Unreachable};
 use dmabuf_p2p_vm_tests::{
-    assert_bytes, bar_read, edu_address, ivshmem_devices, pattern, request_host_check, shm_address,
+    assert_bytes, bar_read, edu_address, ivshmem_devices, nvme_address, pattern,
+    request_host_check, shm_address,
 };
 
 use super::guest_vmm::{COMMAND, GuestVmm, MASTER, MEMORY, RAM_GPA};
@@ -952,4 +953,202 @@ fn auto_placement_in_the_vmms_ioas_avoids_its_guest_ram() {
     drop(c);
     // The RAM mapping is the VMM's, untouched: it unmaps it itself.
     vmm_ioas.unmap(RAM_AT, RAM_LEN).unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Resets and power states on a real device
+// ---------------------------------------------------------------------------
+
+/// nvme1's registers (BAR0) that switch its PMR (BAR4) on, and the
+/// capability offsets the guest's resets go through.
+const PMRCTL: u64 = 0xe04;
+const PMRSTS: u64 = 0xe08;
+const PMRSTS_NRDY: u32 = 1 << 8;
+
+/// The offset of capability `id` in `dev`'s config space (walked through
+/// the library's config reads).
+fn capability(dev: &dmabuf_p2p::VfioPciDevice, id: u8) -> u64 {
+    let mut at = u64::from(dev.config_read_u8(0x34).unwrap() & !3);
+    for _ in 0..48 {
+        assert!(at >= 0x40, "capability {id:#x} not found");
+        if dev.config_read_u8(at).unwrap() == id {
+            return at;
+        }
+        at = u64::from(dev.config_read_u8(at + 1).unwrap() & !3);
+    }
+    panic!("capability {id:#x}: the list loops");
+}
+
+/// Switches nvme1's PMR on through its BAR0 (a controller reset or a D3
+/// cycle may switch it off) and waits for it to be ready.
+fn enable_pmr(vmm: &GuestVmm, id: DeviceId) {
+    let bar0 = vmm.bar(id, 0);
+    bar0.write_u32(PMRCTL, 1).unwrap();
+    for _ in 0..5000 {
+        if bar0.read_u32(PMRSTS).unwrap() & PMRSTS_NRDY == 0 {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    panic!(
+        "nvme1's PMR not ready (PMRSTS {:#x})",
+        bar0.read_u32(PMRSTS).unwrap()
+    );
+}
+
+/// The reset paths on a real device with FLR and power management (nvme1;
+/// its PMR, BAR4, is the target, backed by the host's `nvme1-pmr` file):
+/// the guest's Initiate FLR through `config_write`, a D3hot/D0 cycle of
+/// `PMCSR`, and the VMM's own `VFIO_DEVICE_RESET` told with `note_reset`.
+/// After each, edu's copy to the BAR's GPA changes nothing (host file
+/// checked) until the guest maps it again, and then lands.
+#[test]
+fn resets_and_d3_unmap_until_the_guest_maps_again() {
+    const G1: u64 = 0x40_0000_0000;
+    const G2: u64 = 0x50_0000_0000;
+    // nvme1's PMR area for this test (nvme.rs uses 0x0..0x10000 and
+    // 0x200000..0x208000).
+    const AREA: u64 = 0x21_0000;
+    let nvme1 = nvme_address("nvme1");
+    let (mut vmm, ids) = GuestVmm::new(std::slice::from_ref(&nvme1), false);
+    let id = ids[0];
+    let dev = vmm.map.vfio_device(id).unwrap();
+    let exp = capability(&dev, 0x10);
+    let pm = capability(&dev, 0x01);
+    assert!(
+        dev.config_read_u32(exp + 4).unwrap() & (1 << 28) != 0,
+        "nvme1 has no FLR (DEVCAP)"
+    );
+    let devctl = exp + 8;
+    let pmcsr = pm + 4;
+
+    // Mapped, and DMA lands.
+    vmm.place(id, 4, G1);
+    assert_eq!(vmm.mapped_at(id, 4), Some(G1));
+    enable_pmr(&vmm, id);
+    let mut host = Vec::new();
+    let first = pattern(2801, 0x100);
+    vmm.copy_lands(id, 4, AREA, &first, "before the FLR");
+    host.push((AREA, first));
+
+    // The guest's FLR: unmapped, the guest's view reset (BAR unassigned,
+    // decode off); a copy to the old GPA changes nothing.
+    let ctl = dev.config_read_u16(devctl).unwrap();
+    let how = vmm
+        .map
+        .config_write(id, devctl, &(ctl | 0x8000).to_le_bytes())
+        .unwrap();
+    assert_eq!(how, ConfigWrite::Reset);
+    assert_eq!(
+        vmm.map.bar_status(id, 4).unwrap(),
+        BarStatus::Unreachable(Unreachable::DecodeOff)
+    );
+    assert_eq!(vmm.map.bar_register_read(id, 0x24).unwrap(), Some(0));
+    let kept = bar_read(&vmm.bar(id, 4), AREA + 0x100, 0x100);
+    vmm.edu_copy(
+        &pattern(2802, 0x100),
+        G1 + AREA + 0x100,
+        "to G1 after the FLR",
+    );
+    host.push((AREA + 0x100, kept));
+
+    // The guest maps it again (elsewhere): lands.
+    vmm.place(id, 4, G2);
+    assert_eq!(vmm.mapped_at(id, 4), Some(G2));
+    enable_pmr(&vmm, id);
+    let second = pattern(2803, 0x100);
+    vmm.copy_lands(id, 4, AREA + 0x200, &second, "after the FLR, at G2");
+    host.push((AREA + 0x200, second));
+
+    // D3hot: dead until D0, then mapped again at the same GPA by the map
+    // itself (the guest's BARs survive D3 in the map's view).
+    let pmc = dev.config_read_u16(pmcsr).unwrap();
+    let how = vmm
+        .map
+        .config_write(id, pmcsr, &((pmc & !3) | 3).to_le_bytes())
+        .unwrap();
+    assert_eq!(how, ConfigWrite::PowerState);
+    assert!(
+        matches!(
+            vmm.map.bar_status(id, 4).unwrap(),
+            BarStatus::Unreachable(Unreachable::PoweredDown)
+        ),
+        "{:?}",
+        vmm.map.bar_status(id, 4)
+    );
+    vmm.edu_copy(&pattern(2804, 0x100), G2 + AREA + 0x300, "to G2 in D3hot");
+    vmm.map
+        .config_write(id, pmcsr, &(pmc & !3).to_le_bytes())
+        .unwrap();
+    assert_eq!(vmm.mapped_at(id, 4), Some(G2), "back in D0");
+    enable_pmr(&vmm, id);
+    // The D3 copy changed nothing: its bytes are the PMR's as read now,
+    // unless the copy landed (then they equal the stray pattern).
+    let after_d3 = bar_read(&vmm.bar(id, 4), AREA + 0x300, 0x100);
+    assert_ne!(after_d3, pattern(2804, 0x100), "the copy in D3hot landed");
+    host.push((AREA + 0x300, after_d3));
+    let third = pattern(2805, 0x100);
+    vmm.copy_lands(id, 4, AREA + 0x400, &third, "after D0");
+    host.push((AREA + 0x400, third));
+
+    // The VMM's own reset on its fd, told: unmapped, the guest's view
+    // reset; mapped again when the guest places the BAR.
+    vmm.vmm_device(&nvme1).reset();
+    vmm.map.note_reset(id).unwrap();
+    assert_eq!(
+        vmm.map.bar_status(id, 4).unwrap(),
+        BarStatus::Unreachable(Unreachable::DecodeOff)
+    );
+    assert!(
+        !matches!(dev.hub().state(), dmabuf_p2p::revoke::BufferState::Gone(_)),
+        "the hub is gone after a reset"
+    );
+    let kept = bar_read(&vmm.bar(id, 4), AREA + 0x500, 0x100);
+    vmm.edu_copy(
+        &pattern(2806, 0x100),
+        G2 + AREA + 0x500,
+        "to G2 after note_reset",
+    );
+    host.push((AREA + 0x500, kept));
+    vmm.place(id, 4, G1);
+    assert_eq!(vmm.mapped_at(id, 4), Some(G1));
+    enable_pmr(&vmm, id);
+    let fourth = pattern(2807, 0x100);
+    vmm.copy_lands(id, 4, AREA + 0x600, &fourth, "after note_reset, at G1");
+    host.push((AREA + 0x600, fourth));
+
+    for (off, bytes) in host {
+        request_host_check("nvme1-pmr", off, &bytes);
+    }
+}
+
+/// A BAR holding the MSI-X table and PBA (nvme1's BAR0, registered with
+/// every mappable BAR offered) is not offered, with a typed reason naming
+/// where the table and PBA sit in it, which matches what VFIO says of the
+/// device's MSI-X table size.
+#[test]
+fn a_bar_holding_the_msix_table_is_refused_naming_it() {
+    let nvme1 = nvme_address("nvme1");
+    let (vmm, ids) = GuestVmm::new(std::slice::from_ref(&nvme1), false);
+    let id = ids[0];
+    vmm.place(id, 0, 0x60_0000_0000);
+    let vectors = vmm
+        .map
+        .vfio_device(id)
+        .unwrap()
+        .irq_vectors(dmabuf_p2p::vfio::MSIX_IRQ_INDEX)
+        .unwrap();
+    match vmm.map.bar_status(id, 0).unwrap() {
+        BarStatus::Unreachable(Unreachable::HoldsMsix {
+            table: Some(table),
+            pba: Some(pba),
+        }) => {
+            assert_eq!(table.length, 16 * u64::from(vectors), "{table} {pba}");
+            assert!(pba.length >= u64::from(vectors).div_ceil(8), "{pba}");
+        }
+        other => panic!("nvme1 BAR0: {other:?}"),
+    }
+    let why = vmm.map.why_unreachable(nvme1.parse().unwrap(), 0).unwrap();
+    assert!(why.to_string().contains("MSI-X table at"), "{why}");
+    assert_eq!(vmm.mapped_at(id, 0), None);
 }
