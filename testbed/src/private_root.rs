@@ -151,17 +151,19 @@ impl PrivateRoot {
             fs::remove_dir_all(&root)
                 .map_err(|e| Error::io(format!("removing {}", root.display()), e))?;
         }
-        for p in &plan.install {
-            // The private tree's libraries load with the machine's dynamic
-            // loader, which must match the machine's own libc.
-            if p.name.starts_with("libc6") || p.name.starts_with("libc-bin") {
-                eprintln!(
-                    "testbed: not unpacking {} {} (the machine's libc stays in use)",
-                    p.name, p.version
-                );
-                continue;
-            }
-            let deb = download(p, &debs)?;
+        // The private tree's libraries load with the machine's dynamic
+        // loader, which must match the machine's own libc.
+        let (libc, wanted): (Vec<&PlannedPackage>, Vec<&PlannedPackage>) = plan
+            .install
+            .iter()
+            .partition(|p| p.name.starts_with("libc6") || p.name.starts_with("libc-bin"));
+        for p in libc {
+            eprintln!(
+                "testbed: not unpacking {} {} (the machine's libc stays in use)",
+                p.name, p.version
+            );
+        }
+        for deb in download_all(&wanted, &debs)? {
             extract_deb(&deb, &root)?;
         }
         let listing: String = plan
@@ -175,30 +177,49 @@ impl PrivateRoot {
     }
 }
 
-/// Downloads one planned package into `dir` (reusing a `.deb` already there)
-/// and returns its path.
-fn download(p: &PlannedPackage, dir: &Path) -> Result<PathBuf> {
-    let bare = p.name.split(':').next().unwrap_or(&p.name);
-    let prefix = format!("{bare}_{}_", p.version.replace(':', "%3a"));
-    let find = || -> Option<PathBuf> {
-        fs::read_dir(dir).ok()?.flatten().find_map(|e| {
-            let f = e.file_name();
-            let f = f.to_string_lossy();
-            (f.starts_with(&prefix) && f.ends_with(".deb")).then(|| e.path())
-        })
-    };
-    if let Some(deb) = find() {
-        return Ok(deb);
+/// Downloads the planned packages into `dir` with one `apt-get download`
+/// (one read of the package lists, not one per package), reusing the `.deb`
+/// files already there, and returns their paths in plan order.
+fn download_all(packages: &[&PlannedPackage], dir: &Path) -> Result<Vec<PathBuf>> {
+    let missing: Vec<String> = packages
+        .iter()
+        .filter(|p| find_deb(p, dir).is_none())
+        .map(|p| format!("{}={}", p.name, p.version))
+        .collect();
+    if !missing.is_empty() {
+        let mut cmd = Command::new("apt-get");
+        cmd.args(["download", "-q"]).args(&missing).current_dir(dir);
+        run_captured(&mut cmd, &format!("apt-get download {}", missing.join(" ")))?;
     }
-    let spec = format!("{}={}", p.name, p.version);
-    let mut cmd = Command::new("apt-get");
-    cmd.args(["download", "-q", &spec]).current_dir(dir);
-    run_captured(&mut cmd, &format!("apt-get download {spec}"))?;
-    find().ok_or_else(|| {
-        Error::Setup(format!(
-            "apt-get download {spec} left no {prefix}*.deb in {}",
-            dir.display()
-        ))
+    packages
+        .iter()
+        .map(|p| {
+            find_deb(p, dir).ok_or_else(|| {
+                Error::Setup(format!(
+                    "apt-get download {}={} left no {}*.deb in {}",
+                    p.name,
+                    p.version,
+                    deb_prefix(p),
+                    dir.display()
+                ))
+            })
+        })
+        .collect()
+}
+
+/// The start of the file name `apt-get download` gives a package's `.deb`.
+fn deb_prefix(p: &PlannedPackage) -> String {
+    let bare = p.name.split(':').next().unwrap_or(&p.name);
+    format!("{bare}_{}_", p.version.replace(':', "%3a"))
+}
+
+/// The package's `.deb` in `dir`, if it has been downloaded.
+fn find_deb(p: &PlannedPackage, dir: &Path) -> Option<PathBuf> {
+    let prefix = deb_prefix(p);
+    fs::read_dir(dir).ok()?.flatten().find_map(|e| {
+        let f = e.file_name();
+        let f = f.to_string_lossy();
+        (f.starts_with(&prefix) && f.ends_with(".deb")).then(|| e.path())
     })
 }
 

@@ -151,10 +151,12 @@ pub fn resolve_for(flavor: Flavor) -> Result<PathBuf> {
     resolve_alongside(flavor, || Ok(()))
 }
 
-/// [`resolve_for`], running `alongside` (e.g. fetching QEMU) in a thread
-/// while a kernel build fetches and configures its source; a build waits
-/// for it before the long `make`, so that its error comes before that. When
-/// nothing is built, `alongside` runs before this returns.
+/// [`resolve_for`], running `alongside` (e.g. fetching QEMU) in a thread at
+/// the lowest CPU priority while a kernel is built, so that it takes only
+/// what the build leaves idle (network waits, the serial steps). An error
+/// it has already met when `make` starts stops the build there; otherwise
+/// it is waited for once the kernel is built. When nothing is built,
+/// `alongside` runs before this returns.
 pub fn resolve_alongside(
     flavor: Flavor,
     alongside: impl FnOnce() -> Result<()> + Send + 'static,
@@ -409,8 +411,11 @@ fn build_locked(
     phase(1, "checking build dependencies");
     ensure_build_deps()?;
     // After the build dependencies (which may run apt-get on the machine's
-    // own lists), before the download and unpacking that leave cores idle.
-    let alongside = std::thread::spawn(alongside);
+    // own lists).
+    let alongside = std::thread::spawn(move || {
+        lowest_cpu_priority();
+        alongside()
+    });
 
     let version = source_version(kdir)?;
     phase(2, &format!("fetching {SOURCE_PACKAGE} {version}"));
@@ -486,7 +491,12 @@ fn build_locked(
     let config = fs::read_to_string(&config_path)
         .map_err(|e| Error::io(format!("reading {}", config_path.display()), e))?;
     verify_config(&src, &version, fragment, &config_path, &config)?;
-    join_alongside(alongside)?;
+    let alongside = if alongside.is_finished() {
+        join_alongside(alongside)?;
+        None
+    } else {
+        Some(alongside)
+    };
 
     let jobs = std::thread::available_parallelism().map_or(2, |n| n.get() + 1);
     let long = if on_base && !force {
@@ -515,6 +525,9 @@ fn build_locked(
     })?;
     install(&config_path, &keydir.join("config"))?;
     install(&built, &image)?;
+    if let Some(alongside) = alongside {
+        join_alongside(alongside)?;
+    }
 
     phase(
         7,
@@ -525,6 +538,16 @@ fn build_locked(
         ),
     );
     Ok(image)
+}
+
+/// Makes the calling thread, and the programs it starts, yield the CPU to
+/// everything else (nice 19; on Linux a thread's nice value is its own).
+fn lowest_cpu_priority() {
+    // SAFETY: nice(2) takes an integer and touches no memory of ours; a
+    // failure (-1 with errno) only leaves the priority as it was.
+    unsafe {
+        libc::nice(19);
+    }
 }
 
 /// Waits for the work [`resolve_alongside`] ran beside the build.
