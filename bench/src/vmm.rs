@@ -109,6 +109,32 @@ pub fn run(opts: &Opts) -> R<()> {
     Ok(())
 }
 
+/// Registers `devs` with `map`, each offering its BARs, BAR2 placed at
+/// `LIB_GPA` plus 64 KiB per device and decode on: mapped, as a guest
+/// leaves them.
+fn register_offered(map: &GuestBarMap, devs: &[Arc<VfioPciDevice>]) -> R<Vec<DeviceId>> {
+    let mut ids = Vec::with_capacity(devs.len());
+    for (i, d) in devs.iter().enumerate() {
+        let id = map.register(Arc::clone(d), Offer::AllMappable)?;
+        map.place_bar(id, BAR, Some(LIB_GPA + 0x1_0000 * i as u64))?;
+        map.config_write(id, COMMAND, &ON.to_le_bytes())?;
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
+/// The hand-written VMM's side of `dev`: its config region's offset, and
+/// the first 64 KiB of BAR2 exported (the dma-buf's fd) and mapped at
+/// `RAW_GPA`; returns (config offset, dma-buf fd, length).
+fn raw_path(dev: &VfioPciDevice, iommufd: &Iommufd, ioas: &Ioas) -> R<(u64, i32, u64)> {
+    let fd = dev.as_raw_fd();
+    let (config, _) = raw::region_info(fd, uapi::VFIO_PCI_CONFIG_REGION_INDEX)?;
+    let len = 64 << 10;
+    let buf = raw::export(fd, BAR, 0, len)?;
+    raw::map_file(iommufd.as_raw_fd(), ioas.id(), buf, 0, len, RAW_GPA)?;
+    Ok((config, buf, len))
+}
+
 /// Table 1 for `n` offered BARs: the map and the raw path, interleaved.
 fn trapped(
     opts: &Opts,
@@ -119,21 +145,11 @@ fn trapped(
 ) -> R<()> {
     const OPS: [&str; 3] = ["decode_off", "decode_on", "move"];
     let map = GuestBarMap::new(ioas)?;
-    let ids = devs
-        .iter()
-        .map(|d| map.register(Arc::clone(d), Offer::AllMappable))
-        .collect::<Result<Vec<_>, _>>()?;
-    for (i, id) in ids.iter().enumerate() {
-        map.place_bar(*id, BAR, Some(LIB_GPA + 0x1_0000 * i as u64))?;
-        map.config_write(*id, COMMAND, &ON.to_le_bytes())?;
-    }
+    let ids = register_offered(&map, devs)?;
     let (id, dev) = (ids[0], &devs[0]);
     let fd = dev.as_raw_fd();
-    let (config, _) = raw::region_info(fd, uapi::VFIO_PCI_CONFIG_REGION_INDEX)?;
-    let len = 64 << 10;
-    let buf = raw::export(fd, BAR, 0, len)?;
+    let (config, buf, len) = raw_path(dev, iommufd, ioas)?;
     let (ifd, ioas_id) = (iommufd.as_raw_fd(), ioas.id());
-    raw::map_file(ifd, ioas_id, buf, 0, len, RAW_GPA)?;
     let mut lib_at = LIB_GPA;
     let mut raw_at = RAW_GPA;
     let lib_round = |lib_at: &mut u64| -> R<[f64; 3]> {
@@ -358,20 +374,10 @@ pub fn trace(rounds: usize, offered: usize) -> R<()> {
     let dev = &devs[0];
     let map = GuestBarMap::new(&ioas)?;
     // As the trapped-writes table places them.
-    let mut ids = Vec::new();
-    for (i, d) in devs.iter().enumerate() {
-        let id = map.register(Arc::clone(d), Offer::AllMappable)?;
-        map.place_bar(id, BAR, Some(LIB_GPA + 0x1_0000 * i as u64))?;
-        map.config_write(id, COMMAND, &ON.to_le_bytes())?;
-        ids.push(id);
-    }
-    let id = ids[0];
+    let id = register_offered(&map, &devs)?[0];
     let fd = dev.as_raw_fd();
-    let (config, _) = raw::region_info(fd, uapi::VFIO_PCI_CONFIG_REGION_INDEX)?;
-    let len = 64 << 10;
-    let buf = raw::export(fd, BAR, 0, len)?;
+    let (config, buf, len) = raw_path(dev, &iommufd, &ioas)?;
     let (ifd, ioas_id) = (iommufd.as_raw_fd(), ioas.id());
-    raw::map_file(ifd, ioas_id, buf, 0, len, RAW_GPA)?;
     let mark = |label: &str| {
         // SAFETY: writes from a valid buffer to an invalid fd (fails, EBADF).
         unsafe { libc::write(-1, label.as_ptr().cast(), label.len()) };
