@@ -178,6 +178,22 @@ pub fn xrgb_to_rgb(xrgb: &[u8]) -> Vec<u8> {
 /// transfer).
 pub const DMA_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The seed of a property test: `DMABUF_P2P_SEED` when the host set it (a
+/// replay; the test bed refuses one that is not a u64), else one from the
+/// clock. Odd, so that an xorshift generator seeded with it never sticks at
+/// zero. The test prints it.
+pub fn property_seed() -> u64 {
+    std::env::var("DMABUF_P2P_SEED")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+                | 1
+        })
+}
+
 /// `len` bytes of a pattern that differs with `seed` and has no short period
 /// (so a copy landing at the wrong offset does not look right by accident).
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {

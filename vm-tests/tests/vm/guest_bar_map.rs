@@ -452,14 +452,7 @@ impl Rng {
 #[test]
 fn random_guest_and_vmm_interleavings_match_the_model() {
     const STEPS: u64 = 500;
-    let seed = std::env::var("DMABUF_P2P_SEED")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        });
+    let seed = dmabuf_p2p_vm_tests::property_seed();
     // In the kernel log (console.log) and, on failure, in libtest's output:
     // a write to stdout here would split libtest's result line.
     let seed_line =

@@ -40,7 +40,7 @@ fn open_nvme(name: &str, ioas: &Ioas) -> Nvme {
 }
 
 /// A zeroed memfd of `size` bytes mapped read-write in `ioas`.
-fn ram(ioas: &Ioas, size: u64) -> (Memfd, IoasMapping) {
+pub(crate) fn ram(ioas: &Ioas, size: u64) -> (Memfd, IoasMapping) {
     let mem = Memfd::new("nvme-data", size).unwrap();
     let map = ioas
         .map_file(

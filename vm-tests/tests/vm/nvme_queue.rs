@@ -13,7 +13,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crate::alloc_count::allocations;
 use dmabuf_p2p::importer::iommufd::{Ioas, IoasMapping, Iommufd, IovaPlacement, MapPerms};
@@ -33,16 +33,8 @@ const IO_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A memfd of `size` bytes filled with `fill`, mapped read-write in `ioas`.
 fn ram(ioas: &Ioas, size: u64, fill: u8) -> (Memfd, IoasMapping) {
-    let mem = Memfd::new("nvme-queue-data", size).unwrap();
+    let (mem, map) = super::nvme::ram(ioas, size);
     mem.write_at(0, &vec![fill; size as usize]).unwrap();
-    let map = ioas
-        .map_file(
-            &mem,
-            ByteRange::new(0, size),
-            IovaPlacement::Auto,
-            MapPerms::ReadWrite,
-        )
-        .unwrap();
     (mem, map)
 }
 
@@ -583,15 +575,7 @@ impl Drop for Watchdog {
 fn nvme_queues_random_interleavings_match_the_namespace() {
     const SEGMENTS: usize = 8;
     const STEPS: usize = 200;
-    let seed = std::env::var("DMABUF_P2P_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-                | 1
-        });
+    let seed = dmabuf_p2p_vm_tests::property_seed();
     directive(&format!(
         "nvme queue property test: seed {seed} (replay: DMABUF_P2P_SEED={seed} cargo xtask vm-test nvme_queues_random)"
     ));

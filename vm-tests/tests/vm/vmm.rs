@@ -29,7 +29,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use iommufd_ioctls::{IommuFd, IommufdIoas};
 use vfio_ioctls::{VfioDevice, VfioIommufd};
@@ -525,15 +525,7 @@ impl Rng {
 fn random_decode_toggles_resets_and_restores_never_report_a_dead_mapping_live() {
     const AREA: u64 = 0x2b0_0000;
     const STEPS: usize = 24;
-    let seed = std::env::var("DMABUF_P2P_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-                | 1
-        });
+    let seed = dmabuf_p2p_vm_tests::property_seed();
     println!("seed {seed} (DMABUF_P2P_SEED={seed} replays it)");
     Kmsg::mark(&format!("vmm property test: seed {seed}"));
     let mut rng = Rng(seed);
