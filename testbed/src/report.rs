@@ -52,6 +52,12 @@ impl fmt::Display for HostCheck {
 pub enum Line {
     /// `test NAME ... ok|FAILED|ignored`.
     Test(String, Outcome),
+    /// `test NAME ... ` followed by the test's own output (a line it wrote
+    /// straight to stdout): its outcome comes on a later line.
+    Started(String),
+    /// `ok`, `FAILED` or `ignored` alone on a line: the outcome of the test
+    /// whose line the test's output split.
+    Outcome(Outcome),
     /// `@@booted`.
     Booted,
     /// `@@host-check ...`.
@@ -121,19 +127,28 @@ pub fn parse_line(line: &str) -> Line {
         };
     }
     if let Some(rest) = line.strip_prefix("test ")
-        && let Some((name, outcome)) = rest.rsplit_once(" ... ")
+        && let Some((name, after)) = rest.split_once(" ... ")
+        && !name.contains(' ')
     {
-        let outcome = match outcome.trim() {
-            "ok" => Some(Outcome::Ok),
-            "FAILED" => Some(Outcome::Failed),
-            o if o.starts_with("ignored") => Some(Outcome::Ignored),
-            _ => None,
+        return match outcome(after) {
+            Some(o) => Line::Test(name.to_owned(), o),
+            None => Line::Started(name.to_owned()),
         };
-        if let Some(o) = outcome {
-            return Line::Test(name.trim().to_owned(), o);
-        }
     }
-    Line::Text
+    match outcome(line) {
+        Some(o) => Line::Outcome(o),
+        None => Line::Text,
+    }
+}
+
+/// libtest's word for a test's outcome.
+fn outcome(text: &str) -> Option<Outcome> {
+    match text.trim() {
+        "ok" => Some(Outcome::Ok),
+        "FAILED" => Some(Outcome::Failed),
+        o if o.starts_with("ignored") => Some(Outcome::Ignored),
+        _ => None,
+    }
 }
 
 /// FNV-1a, 64 bit: the hash both sides use for host checks.
@@ -204,13 +219,24 @@ pub struct Report {
     pub bad_directives: Vec<String>,
     /// Benchmark results (`@@bench`), the JSON objects as sent.
     pub bench: Vec<String>,
+    /// A test whose line its own output split, until its outcome comes.
+    started: Option<String>,
 }
 
 impl Report {
     /// Folds one line into the report.
     pub fn add(&mut self, line: &str) {
         match parse_line(line) {
-            Line::Test(n, o) => self.tests.push((n, o)),
+            Line::Test(n, o) => {
+                self.started = None;
+                self.tests.push((n, o));
+            }
+            Line::Started(n) => self.started = Some(n),
+            Line::Outcome(o) => {
+                if let Some(n) = self.started.take() {
+                    self.tests.push((n, o));
+                }
+            }
             Line::Booted => self.booted = true,
             Line::HostCheck(c) => self.host_checks.push(c),
             Line::Exit(n) => self.exit = Some(n),
@@ -249,6 +275,37 @@ mod tests {
             Line::Text
         );
         assert_eq!(parse_line("running 3 tests"), Line::Text);
+        assert_eq!(
+            parse_line("test nvme_queue::random ... nvme queue property test: seed 7 ... more"),
+            Line::Started("nvme_queue::random".into())
+        );
+        assert_eq!(parse_line("ok"), Line::Outcome(Outcome::Ok));
+        assert_eq!(parse_line("FAILED\r"), Line::Outcome(Outcome::Failed));
+    }
+
+    #[test]
+    fn a_test_line_split_by_the_tests_output_still_counts() {
+        let mut r = Report::default();
+        for line in [
+            "ok",
+            "test a::lone ... seed 42 (DMABUF_P2P_SEED=42 replays it)",
+            "vmm property test: 24 steps",
+            "ok",
+            "ok",
+            "test a::next ... FAILED",
+            "test a::split ... seed 1",
+            "FAILED",
+        ] {
+            r.add(line);
+        }
+        assert_eq!(
+            r.tests,
+            [
+                ("a::lone".to_owned(), Outcome::Ok),
+                ("a::next".to_owned(), Outcome::Failed),
+                ("a::split".to_owned(), Outcome::Failed),
+            ]
+        );
     }
 
     #[test]
