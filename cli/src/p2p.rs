@@ -13,10 +13,10 @@ use dmabuf_p2p_engine::DmaEngine;
 use dmabuf_p2p_engine::detect::EngineKind;
 use dmabuf_p2p_engine::edu::Edu;
 
+use crate::CliError;
 use crate::p2p_args::Args;
-use crate::p2p_report::{Report, host_check, pattern, print_report};
+use crate::p2p_report::{Report, host_check, pattern};
 use crate::p2p_target;
-use crate::{CliError, print_json};
 
 /// Runs the test.
 pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
@@ -128,14 +128,7 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     mapped.window.read(bar_at(0), &mut before)?;
     let iova = mapped.att.iova();
     target.set_memory_decode(false)?;
-    let ok = mapped.att.is_revoked() && mapped.att.ensure_live().is_err();
-    report.push(
-        "revoke (memory decode off)",
-        0,
-        ok,
-        format!("attachment revoked: {}", mapped.att.is_revoked()),
-        t,
-    );
+    report.push_revoked(&mapped.att, t);
 
     // 4. a copy to the revoked IOVA must not land
     let t = Instant::now();
@@ -164,14 +157,7 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
 
     // 5. decode on restored the mapping at the same IOVA
     let t = Instant::now();
-    let ok = !mapped.att.is_revoked() && mapped.att.iova() == iova;
-    report.push(
-        "restore (memory decode on)",
-        0,
-        ok,
-        format!("live again at IOVA {:#x}", mapped.att.iova()),
-        t,
-    );
+    report.push_restored(&mapped.att, iova, t);
 
     // 6. and the next copy lands
     let t = Instant::now();
@@ -191,15 +177,5 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     // write to each place is what it sees.
     host_check(bar_at(0), &c)?;
 
-    report.passed = report.steps.iter().all(|s| s.ok);
-    if json {
-        print_json(&report)?;
-    } else {
-        print_report(&report)?;
-    }
-    Ok(if report.passed {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    report.finish(json)
 }

@@ -14,9 +14,9 @@ use dmabuf_p2p::{BarMapping, ByteRange};
 use dmabuf_p2p_engine::StorageEngine;
 use dmabuf_p2p_engine::nvme::Nvme;
 
-use super::{CliError, print_json};
+use super::CliError;
 use crate::p2p_args::Args;
-use crate::p2p_report::{Report, host_check, pattern, print_report};
+use crate::p2p_report::{Report, host_check, pattern};
 use crate::p2p_target::{map_target, open_target};
 
 /// The target: a plain device (ivshmem), or an NVMe controller whose CMB or
@@ -125,14 +125,7 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
     let t = Instant::now();
     let iova = mapped.att.iova();
     dev.set_memory_decode(false)?;
-    let ok = mapped.att.is_revoked() && mapped.att.ensure_live().is_err();
-    report.push(
-        "revoke (memory decode off)",
-        0,
-        ok,
-        format!("attachment revoked: {}", mapped.att.is_revoked()),
-        t,
-    );
+    report.push_revoked(&mapped.att, t);
 
     // 4. a read into the revoked IOVA must not land
     let t = Instant::now();
@@ -156,14 +149,7 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
 
     // 5. restore
     let t = Instant::now();
-    let ok = !mapped.att.is_revoked() && mapped.att.iova() == iova;
-    report.push(
-        "restore (memory decode on)",
-        0,
-        ok,
-        format!("live again at IOVA {:#x}", mapped.att.iova()),
-        t,
-    );
+    report.push_restored(&mapped.att, iova, t);
 
     // 6. the next read lands
     let t = Instant::now();
@@ -228,17 +214,7 @@ pub fn run(args: &Args, json: bool) -> Result<ExitCode, CliError> {
         }
     }
 
-    report.passed = report.steps.iter().all(|s| s.ok);
-    if json {
-        print_json(&report)?;
-    } else {
-        print_report(&report)?;
-    }
-    Ok(if report.passed {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    report.finish(json)
 }
 
 #[cfg(test)]

@@ -1,12 +1,14 @@
 //! The report of `p2p-test`: its steps, the table it prints (`drm-test`'s
 //! too), the test pattern and the host-check directive.
 
+use std::process::ExitCode;
 use std::time::Instant;
 
+use dmabuf_p2p::Attachment;
 use dmabuf_p2p::range::human_size;
 use dmabuf_p2p::topology::Verdict;
 
-use crate::fnv1a64;
+use crate::{CliError, fnv1a64, print_json};
 
 /// One verified step.
 #[derive(Debug, serde::Serialize)]
@@ -119,6 +121,48 @@ impl Report {
             detail,
             millis: t.elapsed().as_millis(),
         });
+    }
+
+    /// The step after the target's memory decode was turned off (at `t`):
+    /// `att` must say revoked and refuse DMA.
+    pub(crate) fn push_revoked(&mut self, att: &Attachment, t: Instant) {
+        let ok = att.is_revoked() && att.ensure_live().is_err();
+        self.push(
+            "revoke (memory decode off)",
+            0,
+            ok,
+            format!("attachment revoked: {}", att.is_revoked()),
+            t,
+        );
+    }
+
+    /// The step after decode came back on (at `t`): `att` must be live
+    /// again at the IOVA it had, `iova`.
+    pub(crate) fn push_restored(&mut self, att: &Attachment, iova: u64, t: Instant) {
+        let ok = !att.is_revoked() && att.iova() == iova;
+        self.push(
+            "restore (memory decode on)",
+            0,
+            ok,
+            format!("live again at IOVA {:#x}", att.iova()),
+            t,
+        );
+    }
+
+    /// Judges the run (every step passed), prints the report (as JSON with
+    /// `json`) and gives the exit code.
+    pub(crate) fn finish(mut self, json: bool) -> Result<ExitCode, CliError> {
+        self.passed = self.steps.iter().all(|s| s.ok);
+        if json {
+            print_json(&self)?;
+        } else {
+            print_report(&self)?;
+        }
+        Ok(if self.passed {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
     }
 }
 
