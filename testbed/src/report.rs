@@ -166,7 +166,7 @@ const MAX_TRACE_LINES: usize = 200;
 /// and atomic-sleep reports start with `WARNING:` / `BUG:`), each as its
 /// headline line followed by the rest of the report, indented: the lines up to
 /// the end of its stack dump (`</TASK>` or `---[ end trace`), the next report,
-/// or [`MAX_TRACE_LINES`] lines.
+/// or 200 lines.
 pub fn kernel_problems(console: &str) -> Vec<String> {
     const BAD: &[&str] = &[
         "WARNING:",

@@ -276,11 +276,12 @@ fn test_all() -> Result<bool> {
             "test --workspace --exclude dmabuf-p2p-vm-tests --features dmabuf-p2p/rust-vmm",
             None,
         ),
-        // The API docs as docs.rs builds them, and the engine's: a broken
-        // intra-doc link or bad doc markup fails the run.
+        // The API docs with the features docs.rs builds, and every other
+        // package's (libraries only: the CLI's binary has the library's
+        // name): a broken intra-doc link or bad doc markup fails the run.
         (
             "API docs",
-            "doc --no-deps --package dmabuf-p2p --package dmabuf-p2p-engine \
+            "doc --no-deps --workspace --lib \
              --features dmabuf-p2p/serde,dmabuf-p2p/share,dmabuf-p2p/drm",
             Some("-D warnings"),
         ),

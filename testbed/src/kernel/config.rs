@@ -186,7 +186,7 @@ fn kconfig_defines(src: &Path, option: &str) -> bool {
 pub(super) const BUILD_CHOICES: &str = "# ----- build choices -----";
 
 /// The part of [`FRAGMENT`] that every kernel the tests boot must have: all
-/// of it up to the [`BUILD_CHOICES`] line.
+/// of it up to the `# ----- build choices -----` line.
 pub fn required_fragment() -> &'static str {
     let mut end = 0;
     for line in FRAGMENT.split_inclusive('\n') {
@@ -249,7 +249,7 @@ impl Fit {
     }
 }
 
-/// Checks the config next to a prebuilt bzImage (see [`CONFIG_NAMES`])
+/// Checks the config next to a prebuilt bzImage (`kernel.config` or `config`)
 /// against the [`required_fragment`]: the test bed may boot it in place of a
 /// kernel built from the fragment only if every option holds.
 pub fn prebuilt_fit(image: &Path) -> Result<Fit> {
