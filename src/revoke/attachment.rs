@@ -42,15 +42,12 @@ struct AttachmentCore {
     info: AttachmentInfo,
     policy: Mutex<RestorePolicy>,
     state: Mutex<AttState>,
-    callbacks: Mutex<Vec<Callback>>,
+    listeners: Listeners<AttachmentInfo>,
 }
 
 struct AttState {
     mapping: IoasMapping,
-    revoked: Option<RevokeReason>,
-    revocations: u64,
-    restores: u64,
-    last_error: Option<String>,
+    record: RevocationRecord,
 }
 
 impl fmt::Debug for Attachment {
@@ -58,7 +55,7 @@ impl fmt::Debug for Attachment {
         let st = lock(&self.core.state);
         f.debug_struct("Attachment")
             .field("info", &self.core.info)
-            .field("revoked", &st.revoked)
+            .field("revoked", &st.record.revoked())
             .field("policy", &*lock(&self.core.policy))
             .finish()
     }
@@ -147,12 +144,9 @@ impl Attachment {
             policy: Mutex::new(policy),
             state: Mutex::new(AttState {
                 mapping,
-                revoked: None,
-                revocations: 0,
-                restores: 0,
-                last_error: None,
+                record: RevocationRecord::default(),
             }),
-            callbacks: Mutex::new(Vec::new()),
+            listeners: Listeners::default(),
         });
         let member: Arc<dyn HubMember> = core.clone();
         hub.register(Arc::downgrade(&member));
@@ -199,23 +193,22 @@ impl Attachment {
 
     /// Whether the mapping is revoked (torn down) now.
     pub fn is_revoked(&self) -> bool {
-        lock(&self.core.state).revoked.is_some()
+        lock(&self.core.state).record.revoked().is_some()
     }
 
     /// Why the mapping is revoked, if it is.
     pub fn revoked_reason(&self) -> Option<RevokeReason> {
-        lock(&self.core.state).revoked
+        lock(&self.core.state).record.revoked()
     }
 
     /// How many times the mapping was revoked and restored.
     pub fn counts(&self) -> (u64, u64) {
-        let st = lock(&self.core.state);
-        (st.revocations, st.restores)
+        lock(&self.core.state).record.counts()
     }
 
     /// The last restore error, if a restore failed.
     pub fn last_error(&self) -> Option<String> {
-        lock(&self.core.state).last_error.clone()
+        lock(&self.core.state).record.last_error()
     }
 
     /// The restore policy.
@@ -231,7 +224,7 @@ impl Attachment {
     /// Registers a callback for revoke and restore events. It runs on the
     /// thread that revoked or restored, with no lock of this attachment held.
     pub fn on_event(&self, f: impl Fn(&AttachmentInfo, &RevocationEvent) + Send + Sync + 'static) {
-        lock(&self.core.callbacks).push(Arc::new(f));
+        self.core.listeners.push(f);
     }
 
     /// Fails with [`Error::Revoked`] if the mapping is revoked: the check to
@@ -284,11 +277,9 @@ impl Attachment {
         let result = {
             let mut st = lock(&self.core.state);
             let result = st.mapping.remap();
-            if result.is_ok() {
-                st.revoked = None;
-            } else if !st.mapping.is_mapped() && st.revoked.is_none() {
-                // Unmapped by the failed remap: not live, whatever the error.
-                st.revoked = Some(RevokeReason::External);
+            // Unmapped by a failed remap: not live, whatever the error.
+            if result.is_ok() || !st.mapping.is_mapped() {
+                st.record.refreshed(result.is_ok());
             }
             result
         };
@@ -327,38 +318,26 @@ impl AttachmentCore {
         *lock(&self.policy)
     }
 
-    fn notify(&self, ev: &RevocationEvent) {
-        // Call without the lock, so a callback may register another.
-        let cbs: Vec<Callback> = lock(&self.callbacks).clone();
-        let _inside = InCallback::enter();
-        for cb in cbs {
-            cb(&self.info, ev);
-        }
-    }
-
     /// Tears the mapping down; returns whether it was live before. With
     /// `keep_dead_area` (the kernel has revoked the area already) the area
     /// stays, reserving the IOVA; otherwise it is unmapped.
     fn on_revoked(&self, reason: RevokeReason, keep_dead_area: bool) -> bool {
         let was_live = {
             let mut st = lock(&self.state);
-            let was_live = st.revoked.is_none();
-            if was_live {
-                st.revocations += 1;
-            }
-            st.revoked = Some(reason);
+            let was_live = st.record.revoke(reason);
             // Unmapping cannot fail for a revoked dma-buf area; a failure
             // leaves it for the restore's remap or for drop.
             if !keep_dead_area
                 && st.mapping.is_mapped()
                 && let Err(e) = st.mapping.unmap()
             {
-                st.last_error = Some(format!("unmap after revoke: {e}"));
+                st.record.note_error(format!("unmap after revoke: {e}"));
             }
             was_live
         };
         if was_live {
-            self.notify(&RevocationEvent::Revoked(reason));
+            self.listeners
+                .notify(&self.info, &RevocationEvent::Revoked(reason));
         }
         was_live
     }
@@ -369,12 +348,12 @@ impl AttachmentCore {
     /// event; a failure leaves it revoked with the error recorded.
     fn remap_unheard(&self) {
         let mut st = lock(&self.state);
-        if st.revoked.is_none()
+        if st.record.revoked().is_none()
             && let Err(e) = st.mapping.remap()
         {
-            st.revoked = Some(RevokeReason::External);
-            st.revocations += 1;
-            st.last_error = Some(format!("remap after a revocation during the map: {e}"));
+            st.record.revoke(RevokeReason::External);
+            st.record
+                .note_error(format!("remap after a revocation during the map: {e}"));
         }
     }
 
@@ -393,24 +372,13 @@ impl AttachmentCore {
     fn try_restore(&self) -> Result<()> {
         let (ev, result) = {
             let mut st = lock(&self.state);
-            if st.revoked.is_none() {
+            if st.record.revoked().is_none() {
                 return Ok(());
             }
-            match st.mapping.remap() {
-                Ok(()) => {
-                    st.revoked = None;
-                    st.restores += 1;
-                    st.last_error = None;
-                    (RevocationEvent::Restored, Ok(()))
-                }
-                Err(e) => {
-                    let msg = e.to_string();
-                    st.last_error = Some(msg.clone());
-                    (RevocationEvent::RestoreFailed(msg), Err(e))
-                }
-            }
+            let remap = st.mapping.remap();
+            st.record.settle_restore(remap)
         };
-        self.notify(&ev);
+        self.listeners.notify(&self.info, &ev);
         result
     }
 }

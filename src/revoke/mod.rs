@@ -36,15 +36,17 @@
 
 mod attachment;
 mod hub;
+mod member;
 
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crate::range::PhysRange;
 
 pub use attachment::{Attachment, Revocable, probe_revoked};
 pub(crate) use hub::{HubMember, InCallback};
 pub use hub::{RevocationHub, Subscription};
+pub(crate) use member::{Listeners, RevocationRecord};
 
 /// Why a buffer was revoked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,8 +122,6 @@ pub enum RevocationEvent {
     /// The exporter is back but mapping again failed (the attachment stays revoked).
     RestoreFailed(String),
 }
-
-type Callback = Arc<dyn Fn(&AttachmentInfo, &RevocationEvent) + Send + Sync>;
 
 /// A change of a hub's [`BufferState`], told to the hub's observers
 /// ([`RevocationHub::subscribe`]).

@@ -26,8 +26,8 @@ use crate::ioctl;
 use crate::pci::PciAddress;
 use crate::range::PhysRange;
 use crate::revoke::{
-    BufferState, HubMember, InCallback, RestorePolicy, Revocable, RevocationEvent, RevocationHub,
-    RevokeReason,
+    BufferState, HubMember, Listeners, RestorePolicy, Revocable, RevocationEvent, RevocationHub,
+    RevocationRecord, RevokeReason,
 };
 use crate::sysfs::Sysfs;
 use crate::topology::{KernelMapType, PciPath, Platform, Verdict};
@@ -47,8 +47,6 @@ pub struct GemImportInfo {
     /// The buffer's size in bytes.
     pub size: u64,
 }
-
-type Callback = Arc<dyn Fn(&GemImportInfo, &RevocationEvent) + Send + Sync>;
 
 /// A dma-buf imported into a DRM device (`DRM_IOCTL_PRIME_FD_TO_HANDLE`):
 /// a GEM handle that framebuffers (`DRM_IOCTL_MODE_ADDFB2`) and the
@@ -98,18 +96,15 @@ struct GemCore {
     info: GemImportInfo,
     policy: Mutex<RestorePolicy>,
     state: Mutex<GemState>,
-    callbacks: Mutex<Vec<Callback>>,
+    listeners: Listeners<GemImportInfo>,
 }
 
 struct GemState {
     /// The GEM handle, while this file holds one.
     handle: Option<u32>,
-    revoked: Option<RevokeReason>,
     /// Imports made: 1 for the first, one more per restore.
     generation: u64,
-    revocations: u64,
-    restores: u64,
-    last_error: Option<String>,
+    record: RevocationRecord,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -122,7 +117,7 @@ impl fmt::Debug for GemImport {
         f.debug_struct("GemImport")
             .field("info", &self.core.info)
             .field("handle", &st.handle)
-            .field("revoked", &st.revoked)
+            .field("revoked", &st.record.revoked())
             .field("generation", &st.generation)
             .finish()
     }
@@ -207,13 +202,10 @@ impl GemImport {
             policy: Mutex::new(policy),
             state: Mutex::new(GemState {
                 handle: Some(handle),
-                revoked: None,
                 generation: 1,
-                revocations: 0,
-                restores: 0,
-                last_error: None,
+                record: RevocationRecord::default(),
             }),
-            callbacks: Mutex::new(Vec::new()),
+            listeners: Listeners::default(),
         });
         let member: Arc<dyn HubMember> = core.clone();
         hub.register(Arc::downgrade(&member));
@@ -273,7 +265,7 @@ impl GemImport {
     /// The GEM handle; [`Error::Revoked`] while the import is revoked.
     pub fn handle(&self) -> Result<u32> {
         let st = lock(&self.core.state);
-        match (st.revoked, st.handle) {
+        match (st.record.revoked(), st.handle) {
             (None, Some(h)) => Ok(h),
             (r, _) => Err(Error::Revoked {
                 buffer: format!(
@@ -310,23 +302,22 @@ impl GemImport {
 
     /// Whether the import is revoked now.
     pub fn is_revoked(&self) -> bool {
-        lock(&self.core.state).revoked.is_some()
+        lock(&self.core.state).record.revoked().is_some()
     }
 
     /// Why the import is revoked, if it is.
     pub fn revoked_reason(&self) -> Option<RevokeReason> {
-        lock(&self.core.state).revoked
+        lock(&self.core.state).record.revoked()
     }
 
     /// How many times the import was revoked and restored.
     pub fn counts(&self) -> (u64, u64) {
-        let st = lock(&self.core.state);
-        (st.revocations, st.restores)
+        lock(&self.core.state).record.counts()
     }
 
     /// The last restore error, if a restore failed.
     pub fn last_error(&self) -> Option<String> {
-        lock(&self.core.state).last_error.clone()
+        lock(&self.core.state).record.last_error()
     }
 
     /// The restore policy.
@@ -342,7 +333,7 @@ impl GemImport {
     /// Registers a callback for revoke and restore events. It runs on the
     /// thread that revoked or restored, with no lock of this import held.
     pub fn on_event(&self, f: impl Fn(&GemImportInfo, &RevocationEvent) + Send + Sync + 'static) {
-        lock(&self.core.callbacks).push(Arc::new(f));
+        self.core.listeners.push(f);
     }
 
     /// Imports the buffer again now, whatever the policy. Fails with
@@ -373,20 +364,13 @@ impl Drop for GemImport {
 }
 
 impl GemCore {
-    fn notify(&self, ev: &RevocationEvent) {
-        let cbs: Vec<Callback> = lock(&self.callbacks).clone();
-        let _inside = InCallback::enter();
-        for cb in cbs {
-            cb(&self.info, ev);
-        }
-    }
-
     fn close_handle(&self) {
         let mut st = lock(&self.state);
         if let Some(h) = st.handle.take()
             && let Err(e) = ioctl::drm_gem_close(self.drm.as_fd(), h)
         {
-            st.last_error = Some(format!("DRM_IOCTL_GEM_CLOSE({h}): {e}"));
+            st.record
+                .note_error(format!("DRM_IOCTL_GEM_CLOSE({h}): {e}"));
         }
     }
 
@@ -405,27 +389,19 @@ impl GemCore {
 
     fn reimport_unheard(&self) {
         let mut st = lock(&self.state);
-        if st.revoked.is_none()
+        if st.record.revoked().is_none()
             && let Err(e) = self.reimport(&mut st)
         {
-            st.revoked = Some(RevokeReason::External);
-            st.revocations += 1;
-            st.last_error = Some(format!("import after a revocation during the import: {e}"));
+            st.record.revoke(RevokeReason::External);
+            st.record
+                .note_error(format!("import after a revocation during the import: {e}"));
         }
     }
 }
 
 impl HubMember for GemCore {
     fn on_revoked(&self, reason: RevokeReason, keep_dead: bool) -> bool {
-        let was_live = {
-            let mut st = lock(&self.state);
-            let was_live = st.revoked.is_none();
-            if was_live {
-                st.revocations += 1;
-            }
-            st.revoked = Some(reason);
-            was_live
-        };
+        let was_live = { lock(&self.state).record.revoke(reason) };
         // The kernel has not cut the device off (a revocation only the hub
         // knows of), or never will again (permanent): drop the handle, so
         // the GEM object goes with the last framebuffer made from it.
@@ -433,7 +409,8 @@ impl HubMember for GemCore {
             self.close_handle();
         }
         if was_live {
-            self.notify(&RevocationEvent::Revoked(reason));
+            self.listeners
+                .notify(&self.info, &RevocationEvent::Revoked(reason));
         }
         was_live
     }
@@ -445,24 +422,13 @@ impl HubMember for GemCore {
     fn try_restore(&self) -> Result<()> {
         let (ev, result) = {
             let mut st = lock(&self.state);
-            if st.revoked.is_none() {
+            if st.record.revoked().is_none() {
                 return Ok(());
             }
-            match self.reimport(&mut st) {
-                Ok(()) => {
-                    st.revoked = None;
-                    st.restores += 1;
-                    st.last_error = None;
-                    (RevocationEvent::Restored, Ok(()))
-                }
-                Err(e) => {
-                    let msg = e.to_string();
-                    st.last_error = Some(msg.clone());
-                    (RevocationEvent::RestoreFailed(msg), Err(e))
-                }
-            }
+            let reimport = self.reimport(&mut st);
+            st.record.settle_restore(reimport)
         };
-        self.notify(&ev);
+        self.listeners.notify(&self.info, &ev);
         result
     }
 }
