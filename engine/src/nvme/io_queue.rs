@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering, fence};
 use std::time::{Duration, Instant};
 
-use dmabuf_p2p::vfio::BarMapping;
+use dmabuf_p2p::{MappedRegister, MappedRing};
 
 use super::command::{self, Command, Status, nvm};
 use super::controller::{Controller, DmaArea, IRQ_SLICE, POLL_SLEEP};
@@ -23,7 +23,7 @@ use super::dma::{Dma, DmaMemory};
 use super::identify::NamespaceIdentity;
 use super::problem::NvmeProblem;
 use super::prp;
-use super::queue::{Arrival, CommandTable, CompletionRing, SlotState, Taken};
+use super::queue::{Arrival, CommandTable, SlotState, Taken};
 use super::regs::PAGE;
 use crate::deadline::Deadline;
 use crate::{Completion, Error, Result, StorageEngine, wait_readable};
@@ -161,11 +161,11 @@ impl QueueOptions {
 
 /// What the checks of a Read or Write need from the namespace.
 #[derive(Debug, Clone, Copy)]
-struct Limits {
-    nsid: u32,
+pub(super) struct Limits {
+    pub(super) nsid: u32,
     /// log2 of the block size.
     shift: u32,
-    blocks: u64,
+    pub(super) blocks: u64,
     /// Blocks one command may move (0 without a namespace: nothing passes).
     max_blocks: u32,
     /// Bytes one command may move.
@@ -199,7 +199,7 @@ impl Limits {
 }
 
 /// The keep-alive of a command's memory.
-type Keep = Arc<dyn DmaMemory>;
+pub(super) type Keep = Arc<dyn DmaMemory>;
 
 /// Every queue the process makes gets a number of its own, which its
 /// command IDs carry.
@@ -250,34 +250,34 @@ static QUEUES_MADE: AtomicU32 = AtomicU32::new(0);
 /// (docs/TESTBED.md). A request into RAM never waits for the bounce
 /// buffer, so by QEMU's code its cancel completes.
 pub struct IoQueue {
-    /// This queue's own mapping of BAR0, for its doorbells.
-    db: BarMapping,
-    sq_tail: u16,
-    entries: u16,
-    cq: CompletionRing,
-    sq_db: u64,
-    cq_db: u64,
-    cq_offset: u64,
-    lists_offset: u64,
-    lists_iova: u64,
+    /// The submission ring (64-byte entries; its cursor is the tail) and
+    /// the completion ring (16-byte entries; its cursor is the head, its
+    /// lap the phase tag expected: a new entry's is `!lap`), in `area`.
+    pub(super) sq: MappedRing<8>,
+    pub(super) cq: MappedRing<2>,
+    /// The doorbells, in this queue's own mapping of BAR0.
+    pub(super) sq_doorbell: MappedRegister,
+    pub(super) cq_doorbell: MappedRegister,
+    pub(super) lists_offset: u64,
+    pub(super) lists_iova: u64,
     qid: u16,
     /// This queue's number in the process ([`CommandId`]).
     serial: u32,
-    limits: Limits,
-    table: CommandTable<Keep>,
-    spin: Duration,
+    pub(super) limits: Limits,
+    pub(super) table: CommandTable<Keep>,
+    pub(super) spin: Duration,
     irq: Option<File>,
     /// Completions for no command in flight (ignored).
-    strays: u64,
+    pub(super) strays: u64,
     polling_reason: Option<String>,
     namespace: Option<NamespaceIdentity>,
-    /// The rings and PRP list pages: submission queue at 0, completion
-    /// queue at `cq_offset`, lists at `lists_offset`.
-    area: DmaArea,
+    /// The rings and PRP list pages: submission queue at 0, then the
+    /// completion queue, then the lists at `lists_offset`.
+    pub(super) area: DmaArea,
     /// Whether the queue pair was deleted on the controller (closed).
     deleted: bool,
     /// Declared last: the controller outlives the queue's memory.
-    ctrl: Arc<Controller>,
+    pub(super) ctrl: Arc<Controller>,
 }
 
 impl fmt::Debug for IoQueue {
@@ -358,8 +358,23 @@ impl IoQueue {
             "nvme-io-queue",
             sq_bytes + cq_bytes + lists_bytes,
         )?;
-        let db = ctrl.dev.map_bar(0)?;
+        let db = Arc::new(ctrl.dev.map_bar(0)?);
         let qid = ctrl.take_qid()?;
+        let rings = (|| -> Result<_> {
+            Ok((
+                area.cpu.ring::<8>(0, entries)?,
+                area.cpu.ring::<2>(sq_bytes, entries)?,
+                db.register_u32(ctrl.cap.sq_doorbell(qid))?,
+                db.register_u32(ctrl.cap.cq_doorbell(qid))?,
+            ))
+        })();
+        let (sq, cq, sq_doorbell, cq_doorbell) = match rings {
+            Ok(r) => r,
+            Err(e) => {
+                ctrl.release_qid(qid);
+                return Err(e);
+            }
+        };
         let wants_irq = opts.completion.unwrap_or(if ctrl.vectors.is_empty() {
             Completion::Polling
         } else {
@@ -415,13 +430,10 @@ impl IoQueue {
             return Err(e);
         }
         Ok(Self {
-            db,
-            sq_tail: 0,
-            entries,
-            cq: CompletionRing::new(entries),
-            sq_db: ctrl.cap.sq_doorbell(qid),
-            cq_db: ctrl.cap.cq_doorbell(qid),
-            cq_offset: sq_bytes,
+            sq,
+            cq,
+            sq_doorbell,
+            cq_doorbell,
             lists_offset: sq_bytes + cq_bytes,
             lists_iova: area.iova(sq_bytes + cq_bytes),
             qid,
@@ -637,12 +649,7 @@ impl IoQueue {
     /// nothing (for an event loop, or to spin on outside a timed span).
     #[inline]
     pub fn has_completion(&self) -> bool {
-        self.table.has_ready()
-            || self
-                .area
-                .cpu
-                .read_u32(self.cq_offset + u64::from(self.cq.head()) * 16 + 12)
-                .is_ok_and(|dw3| self.cq.is_new(dw3 & (1 << 16) != 0))
+        self.table.has_ready() || self.cq_is_new()
     }
 
     /// Without waiting, hands out up to `out.len()` completions, oldest
@@ -712,28 +719,31 @@ impl IoQueue {
                 in_use,
             }));
         }
-        let base = self.area.cpu.as_ptr();
-        let bar = self.db.as_ptr();
         let mut raw = RawQueue {
             qid: self.qid,
-            entries: self.entries,
+            entries: self.sq.entries(),
             depth: self.table.depth(),
-            sq: base,
-            cq: base.wrapping_add(self.cq_offset as usize),
-            sq_doorbell: bar.wrapping_add(self.sq_db as usize).cast(),
-            cq_doorbell: bar.wrapping_add(self.cq_db as usize).cast(),
-            lists: base.wrapping_add(self.lists_offset as usize),
+            sq: self.sq.as_ptr(),
+            cq: self.cq.as_ptr(),
+            sq_doorbell: self.sq_doorbell.as_ptr(),
+            cq_doorbell: self.cq_doorbell.as_ptr(),
+            lists: self
+                .area
+                .cpu
+                .as_ptr()
+                .wrapping_add(self.lists_offset as usize),
             lists_iova: self.lists_iova,
-            sq_tail: self.sq_tail,
-            cq_head: self.cq.head(),
-            cq_phase: self.cq.phase(),
+            sq_tail: self.sq.position(),
+            cq_head: self.cq.position(),
+            cq_phase: !self.cq.lap(),
             nsid: self.limits.nsid,
             block_size: 1 << self.limits.shift,
             interrupt: self.irq.as_ref().map(AsRawFd::as_raw_fd),
         };
         let r = f(&mut raw);
-        self.sq_tail = raw.sq_tail % self.entries;
-        self.cq = CompletionRing::at(self.entries, raw.cq_head, raw.cq_phase);
+        let lap = self.sq.lap();
+        self.sq.set_position(raw.sq_tail, lap);
+        self.cq.set_position(raw.cq_head, !raw.cq_phase);
         Ok(r)
     }
 
@@ -778,7 +788,7 @@ impl IoQueue {
     /// blocks, inside the namespace, a dword-aligned IOVA whose range does
     /// not wrap, and no longer than a held buffer. Returns the byte count.
     #[inline(always)]
-    fn check_blocks(&self, lba: u64, count: u32, dma: &Dma) -> Result<u64> {
+    pub(super) fn check_blocks(&self, lba: u64, count: u32, dma: &Dma) -> Result<u64> {
         let l = &self.limits;
         let bytes = u64::from(count) << l.shift;
         let ok = (count.wrapping_sub(1) < l.max_blocks)
@@ -933,23 +943,31 @@ impl IoQueue {
             cdw[1],
             cdw[2],
         ];
-        self.area
-            .cpu
-            .write_u64s(u64::from(self.sq_tail) * 64, entry)?;
-        self.sq_tail += 1;
-        if self.sq_tail == self.entries {
-            self.sq_tail = 0;
-        }
+        self.sq.write(&entry);
+        self.sq.advance();
         Ok(())
     }
 
     /// Tells the controller about every entry written so far.
     #[inline(always)]
     fn ring(&mut self) -> Result<()> {
+        self.ring_sq();
+        Ok(())
+    }
+
+    /// Rings the submission doorbell with the tail.
+    #[inline(always)]
+    pub(super) fn ring_sq(&self) {
         // The entries (and PRP lists) are in memory before the controller
         // hears of them.
         fence(Ordering::SeqCst);
-        Ok(self.db.write_u32(self.sq_db, u32::from(self.sq_tail))?)
+        self.sq_doorbell.write(u32::from(self.sq.position()));
+    }
+
+    /// Whether the completion queue's head entry is new (its phase tag).
+    #[inline(always)]
+    pub(super) fn cq_is_new(&self) -> bool {
+        (self.cq.read_u32::<3>() & (1 << 16) != 0) != self.cq.lap()
     }
 
     /// Takes every new completion off the completion queue into the
@@ -965,14 +983,13 @@ impl IoQueue {
     fn reap_for(&mut self, waited: Option<u16>) -> Result<usize> {
         let mut n = 0usize;
         loop {
-            let at = self.cq_offset + u64::from(self.cq.head()) * 16;
-            let dw3 = self.area.cpu.read_u32(at + 12)?;
-            if !self.cq.is_new(dw3 & (1 << 16) != 0) {
+            let dw3 = self.cq.read_u32::<3>();
+            if (dw3 & (1 << 16) != 0) == self.cq.lap() {
                 break;
             }
             // The rest of the entry is read only after its phase tag.
             fence(Ordering::Acquire);
-            let dw0 = self.area.cpu.read_u32(at)?;
+            let dw0 = self.cq.read_u32::<0>();
             self.cq.advance();
             // CID in bits 15:0, the status field in 31:17.
             let arrival = self
@@ -987,12 +1004,12 @@ impl IoQueue {
                 break;
             }
             // A whole ring's worth at a time; the rest on the next call.
-            if n == usize::from(self.entries) {
+            if n == usize::from(self.cq.entries()) {
                 break;
             }
         }
         if n > 0 {
-            self.db.write_u32(self.cq_db, u32::from(self.cq.head()))?;
+            self.cq_doorbell.write(u32::from(self.cq.position()));
         }
         Ok(n)
     }
@@ -1052,7 +1069,7 @@ impl IoQueue {
     /// Blocks on the interrupt (bounded, in case one is missed) or sleeps
     /// briefly; past `deadline`, the timeout error (or the controller's
     /// fatal status, if it reports one).
-    fn idle(&self, deadline: Deadline, timeout: Duration, what: &str) -> Result<()> {
+    pub(super) fn idle(&self, deadline: Deadline, timeout: Duration, what: &str) -> Result<()> {
         let left = deadline.left();
         if left.is_zero() {
             self.ctrl.check_alive()?;

@@ -1,0 +1,407 @@
+//! Prepared commands: the hot path of an [`IoQueue`] for callers who move
+//! the same buffers over and over (a userspace driver's fixed I/O buffers).
+//!
+//! Each buffer is registered once ([`IoQueue::prepare`]), which checks it
+//! (its length against MDTS and the namespace, its IOVA's alignment, a held
+//! buffer's length), builds its PRP list and its 64-byte submission entry,
+//! and ties it to one command slot: the slot index is the command ID. A
+//! submit then only puts the opcode and the LBA into that entry (one
+//! comparison: the LBA against the namespace's end), copies it into the
+//! submission queue and rings the doorbell; a reap reads the completion
+//! queue's head entry and hands its slot back with the status.
+//!
+//! The promises of the checked API hold by the types instead of by a
+//! command table: a slot is submitted by moving its [`Slot`] into the
+//! queue, which is the only way to name it, and is handed back only by the
+//! reap of that slot's completion, once; a slot of another set is refused
+//! ([`NvmeProblem::ForeignSlot`]); the queue owns the registered buffers
+//! until [`Prepared`] is dropped, and then keeps those of commands still
+//! running until they complete (the queue's close waits for them).
+
+use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering, fence};
+use std::time::{Duration, Instant};
+
+use super::command::{Status, nvm};
+use super::dma::{Dma, DmaMemory};
+use super::io_queue::IoQueue;
+use super::problem::NvmeProblem;
+use super::prp;
+use super::regs::PAGE;
+use crate::Result;
+use crate::deadline::Deadline;
+
+/// Every prepared set gets a number of its own, which its slots carry.
+static SETS_MADE: AtomicU32 = AtomicU32::new(0);
+
+/// What a prepared command does with its buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Op {
+    /// NVM Read: blocks into the buffer.
+    Read = nvm::READ,
+    /// NVM Write: blocks from the buffer.
+    Write = nvm::WRITE,
+}
+
+/// The right to submit a command on one slot of a [`Prepared`] set (its
+/// buffer, its command ID). Not `Clone`: submitting moves it into the
+/// queue, and only the reap of that command's completion hands it back,
+/// so a slot is never in flight twice and a completion goes to its own
+/// command once.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Slot {
+    index: u16,
+    set: u32,
+}
+
+impl Slot {
+    /// The slot's index: its buffer's place in the list given to
+    /// [`IoQueue::prepare`], and its command ID.
+    #[inline]
+    pub fn index(&self) -> u16 {
+        self.index
+    }
+}
+
+/// A prepared command's completion: its slot, handed back, and the
+/// completion's status field.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Reaped {
+    /// The slot, free for its next command.
+    pub slot: Slot,
+    /// The 15-bit status field (CQE dword 3 bits 31:17).
+    pub status_field: u16,
+}
+
+impl Reaped {
+    /// Whether the command succeeded (status code type and code zero).
+    #[inline]
+    pub fn is_success(&self) -> bool {
+        self.status_field & 0x7ff == 0
+    }
+
+    /// The status, decoded.
+    pub fn status(&self) -> Status {
+        Status::from_field(self.status_field)
+    }
+}
+
+/// A prepared command the queue refused: its slot, handed back, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("prepared slot {}: {problem}", slot.index)]
+pub struct Refused {
+    /// The slot, still free.
+    pub slot: Slot,
+    /// What was wrong.
+    pub problem: NvmeProblem,
+}
+
+/// One registered buffer: its submission entry without opcode and LBA.
+struct Template {
+    entry: [u64; 8],
+    /// The last LBA a command of this length may start at.
+    last_lba: u64,
+    in_flight: bool,
+    keep: Option<std::sync::Arc<dyn DmaMemory>>,
+}
+
+/// A set of buffers registered on an [`IoQueue`], driven through their
+/// [`Slot`]s ([`IoQueue::prepare`]). While it lives the queue is its
+/// alone (it borrows the queue); when it is dropped the queue takes the
+/// slots back, and a command still running keeps its buffer alive until
+/// it completes (as a given-up command does: the queue's close waits for
+/// it).
+///
+/// Nothing on its submit and reap paths allocates, locks or makes a
+/// `Result` of a completion.
+pub struct Prepared<'q> {
+    queue: &'q mut IoQueue,
+    slots: Box<[Template]>,
+    set: u32,
+}
+
+impl fmt::Debug for Prepared<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Prepared")
+            .field("qid", &self.queue.qid())
+            .field("slots", &self.slots.len())
+            .field("in_flight", &self.in_flight())
+            .finish_non_exhaustive()
+    }
+}
+
+impl IoQueue {
+    /// Registers `buffers` for prepared commands: each `(memory, blocks)`
+    /// is one slot (slot `i` is the `i`-th buffer, and command ID `i`),
+    /// whose commands move `blocks` blocks of the queue's namespace to or
+    /// from that memory. Every check of a Read or Write that does not
+    /// depend on the LBA is made here (see
+    /// [`submit_read`](Self::submit_read)), and each buffer's PRP list is
+    /// written into the queue's list page of its slot. A held buffer
+    /// ([`Dma::held`]) is kept by the set (and past it while a command on
+    /// it runs); a bare IOVA must stay mapped as long.
+    ///
+    /// The queue must have no command in flight
+    /// ([`NvmeProblem::QueueBusy`]); 1 to [`depth`](Self::depth) buffers
+    /// ([`NvmeProblem::PreparedSlots`]).
+    ///
+    /// ```no_run
+    /// # fn f(q: &mut dmabuf_p2p_engine::nvme::IoQueue, iova: u64) -> dmabuf_p2p_engine::Result<()> {
+    /// use dmabuf_p2p_engine::nvme::{Dma, Op};
+    /// // Eight 4 KiB buffers (8 blocks of 512 bytes each).
+    /// let (mut p, mut free) = q.prepare((0..8u64).map(|i| (Dma::at(iova + i * 4096), 8)))?;
+    /// for (i, slot) in free.drain(..).enumerate() {
+    ///     p.submit(slot, Op::Read, i as u64 * 8).map_err(|r| r.problem)?;
+    /// }
+    /// while p.in_flight() > 0 {
+    ///     let done = p.wait(std::time::Duration::from_secs(5))?;
+    ///     assert!(done.is_success());
+    ///     free.push(done.slot); // ready for its next command
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn prepare(
+        &mut self,
+        buffers: impl IntoIterator<Item = (Dma, u32)>,
+    ) -> Result<(Prepared<'_>, Vec<Slot>)> {
+        let in_use = self.table.in_use();
+        if in_use != 0 {
+            return Err(self.ctrl.error(NvmeProblem::QueueBusy {
+                qid: self.qid(),
+                in_use,
+            }));
+        }
+        let depth = self.depth();
+        let mut slots = Vec::new();
+        for (i, (dma, blocks)) in buffers.into_iter().enumerate() {
+            if i >= usize::from(depth) {
+                return Err(self.ctrl.error(NvmeProblem::PreparedSlots {
+                    asked: i + 1,
+                    depth,
+                }));
+            }
+            let bytes = self.check_blocks(0, blocks, &dma)?;
+            let list_at = i as u64 * PAGE;
+            let plan = prp::plan(dma.iova, bytes, self.lists_iova + list_at).ok_or_else(|| {
+                self.ctrl.error(NvmeProblem::TransferTooLarge {
+                    bytes,
+                    max: prp::MAX_LIST_TRANSFER,
+                })
+            })?;
+            if plan.list_len > 0 {
+                self.area
+                    .cpu
+                    .write_u64s(self.lists_offset + list_at, plan.list())?;
+            }
+            slots.push(Template {
+                entry: [
+                    ((i as u64) << 16) | (u64::from(self.limits.nsid) << 32),
+                    0,
+                    0,
+                    plan.prp1,
+                    plan.prp2,
+                    0,
+                    u64::from(blocks - 1),
+                    0,
+                ],
+                last_lba: self.limits.blocks - u64::from(blocks),
+                in_flight: false,
+                keep: dma.keep,
+            });
+        }
+        // 1..=depth slots (checked above).
+        let n = slots.len() as u16;
+        if !self.table.lend(n) {
+            return Err(self.ctrl.error(NvmeProblem::PreparedSlots {
+                asked: slots.len(),
+                depth,
+            }));
+        }
+        let set = SETS_MADE.fetch_add(1, Ordering::Relaxed);
+        let tokens = (0..n).map(|index| Slot { index, set }).collect();
+        Ok((
+            Prepared {
+                queue: self,
+                slots: slots.into_boxed_slice(),
+                set,
+            },
+            tokens,
+        ))
+    }
+}
+
+impl Prepared<'_> {
+    /// Slots in the set.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Always false: a set has at least one slot.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Blocks each command of slot `index` moves.
+    pub fn blocks(&self, index: u16) -> Option<u32> {
+        // NLB + 1 (`prepare`).
+        self.slots
+            .get(usize::from(index))
+            .map(|t| t.entry[6] as u32 + 1)
+    }
+
+    /// Commands submitted whose completion has not been reaped.
+    pub fn in_flight(&self) -> usize {
+        self.slots.iter().filter(|t| t.in_flight).count()
+    }
+
+    /// Writes `slot`'s command (`op` on its blocks from `lba`) to the
+    /// submission queue without ringing the doorbell (see
+    /// [`ring`](Self::ring)). An LBA whose blocks run past the namespace,
+    /// or a slot of another set, is refused and the slot handed back.
+    #[inline(always)]
+    pub fn push(&mut self, slot: Slot, op: Op, lba: u64) -> Result<(), Refused> {
+        let i = usize::from(slot.index);
+        let fits = self
+            .slots
+            .get(i)
+            .is_some_and(|t| (slot.set == self.set) & (lba <= t.last_lba));
+        if !fits {
+            return Err(self.refuse(slot, lba));
+        }
+        let t = &mut self.slots[i];
+        // A Slot exists only while its command is not in flight.
+        debug_assert!(!t.in_flight);
+        t.in_flight = true;
+        let mut entry = t.entry;
+        entry[0] |= op as u64;
+        entry[5] = lba;
+        self.queue.sq.write(&entry);
+        self.queue.sq.advance();
+        Ok(())
+    }
+
+    /// Tells the controller about every command pushed so far (one
+    /// doorbell write).
+    #[inline(always)]
+    pub fn ring(&mut self) {
+        self.queue.ring_sq();
+    }
+
+    /// [`push`](Self::push), then [`ring`](Self::ring).
+    #[inline(always)]
+    pub fn submit(&mut self, slot: Slot, op: Op, lba: u64) -> Result<(), Refused> {
+        self.push(slot, op, lba)?;
+        self.ring();
+        Ok(())
+    }
+
+    /// The next completion, if the completion queue holds one: its slot
+    /// handed back, with its status. The completion queue's head doorbell
+    /// is rung for it. Never waits.
+    #[inline(always)]
+    pub fn reap(&mut self) -> Option<Reaped> {
+        loop {
+            let q = &mut *self.queue;
+            let dw3 = q.cq.read_u32::<3>();
+            if (dw3 & (1 << 16) != 0) == q.cq.lap() {
+                return None;
+            }
+            // Whatever the caller reads of the buffer comes after the
+            // phase tag.
+            fence(Ordering::Acquire);
+            q.cq.advance();
+            q.cq_doorbell.write(u32::from(q.cq.position()));
+            // CID in bits 15:0, the status field in 31:17.
+            let index = dw3 as u16;
+            if let Some(t) = self.slots.get_mut(usize::from(index))
+                && t.in_flight
+            {
+                t.in_flight = false;
+                return Some(Reaped {
+                    slot: Slot {
+                        index,
+                        set: self.set,
+                    },
+                    status_field: (dw3 >> 17) as u16,
+                });
+            }
+            // For no command in flight: ignored (a controller bug).
+            q.strays += 1;
+        }
+    }
+
+    /// Whether the completion queue holds a completion (a look that
+    /// changes nothing).
+    #[inline]
+    pub fn has_completion(&self) -> bool {
+        self.queue.cq_is_new()
+    }
+
+    /// Waits up to `timeout` for the next completion: spinning for the
+    /// queue's spin budget ([`IoQueue::set_spin`]), then blocking on its
+    /// interrupt or sleeping between looks. With nothing in flight,
+    /// [`NvmeProblem::NothingInFlight`] at once.
+    pub fn wait(&mut self, timeout: Duration) -> Result<Reaped> {
+        if let Some(r) = self.reap() {
+            return Ok(r);
+        }
+        if self.in_flight() == 0 {
+            return Err(self.queue.ctrl.error(NvmeProblem::NothingInFlight {
+                qid: self.queue.qid(),
+            }));
+        }
+        let start = Instant::now();
+        let budget = self.queue.spin.min(timeout);
+        if !budget.is_zero() {
+            let mut spins = 0u32;
+            loop {
+                if let Some(r) = self.reap() {
+                    return Ok(r);
+                }
+                spins = spins.wrapping_add(1);
+                if spins.is_multiple_of(64) && start.elapsed() >= budget {
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+        }
+        let deadline = Deadline::after(timeout.saturating_sub(start.elapsed()));
+        loop {
+            if let Some(r) = self.reap() {
+                return Ok(r);
+            }
+            self.queue
+                .idle(deadline, timeout, "a prepared NVMe command")?;
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn refuse(&self, slot: Slot, lba: u64) -> Refused {
+        let problem = match self.slots.get(usize::from(slot.index)) {
+            Some(t) if slot.set == self.set => {
+                let count = t.entry[6] as u32 + 1;
+                NvmeProblem::LbaOutOfRange {
+                    nsid: self.queue.limits.nsid,
+                    lba,
+                    count,
+                    blocks: self.queue.limits.blocks,
+                }
+            }
+            _ => NvmeProblem::ForeignSlot {
+                slot: slot.index,
+                qid: self.queue.qid(),
+            },
+        };
+        Refused { slot, problem }
+    }
+}
+
+impl Drop for Prepared<'_> {
+    fn drop(&mut self) {
+        for (cid, t) in (0u16..).zip(self.slots.iter_mut()) {
+            self.queue.table.give_back(cid, t.in_flight, t.keep.take());
+        }
+    }
+}
