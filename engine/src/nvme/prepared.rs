@@ -19,6 +19,7 @@
 //! running until they complete (the queue's close waits for them).
 
 use std::fmt;
+use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicU32, Ordering, fence};
 use std::time::{Duration, Instant};
 
@@ -32,7 +33,7 @@ use crate::Result;
 use crate::deadline::Deadline;
 
 /// Every prepared set gets a number of its own, which its slots carry.
-static SETS_MADE: AtomicU32 = AtomicU32::new(0);
+static SETS_MADE: AtomicU32 = AtomicU32::new(1);
 
 /// What a prepared command does with its buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -64,26 +65,53 @@ impl Slot {
     }
 }
 
-/// A prepared command's completion: its slot, handed back, and the
-/// completion's status field.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Reaped {
-    /// The slot, free for its next command.
-    pub slot: Slot,
-    /// The 15-bit status field (CQE dword 3 bits 31:17).
-    pub status_field: u16,
-}
+/// A prepared command's completion: its slot, handed back
+/// ([`into_slot`](Self::into_slot)), and the completion's status. Eight
+/// bytes (the completion's dword 3 and the set's number), so that a reap
+/// returns it in a register.
+#[derive(PartialEq, Eq)]
+pub struct Reaped(NonZeroU64);
 
 impl Reaped {
+    /// The slot's index (its command ID).
+    #[inline]
+    pub fn index(&self) -> u16 {
+        self.0.get() as u16
+    }
+
+    /// The 15-bit status field (CQE dword 3 bits 31:17).
+    #[inline]
+    pub fn status_field(&self) -> u16 {
+        (self.0.get() as u32 >> 17) as u16
+    }
+
     /// Whether the command succeeded (status code type and code zero).
     #[inline]
     pub fn is_success(&self) -> bool {
-        self.status_field & 0x7ff == 0
+        self.status_field() & 0x7ff == 0
     }
 
     /// The status, decoded.
     pub fn status(&self) -> Status {
-        Status::from_field(self.status_field)
+        Status::from_field(self.status_field())
+    }
+
+    /// The slot, free for its next command.
+    #[inline]
+    pub fn into_slot(self) -> Slot {
+        Slot {
+            index: self.index(),
+            set: (self.0.get() >> 32) as u32,
+        }
+    }
+}
+
+impl fmt::Debug for Reaped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reaped")
+            .field("index", &self.index())
+            .field("status", &self.status())
+            .finish()
     }
 }
 
@@ -97,14 +125,17 @@ pub struct Refused {
     pub problem: NvmeProblem,
 }
 
-/// One registered buffer: its submission entry without opcode and LBA.
-struct Template {
-    entry: [u64; 8],
-    /// The last LBA a command of this length may start at.
-    last_lba: u64,
-    in_flight: bool,
-    keep: Option<std::sync::Arc<dyn DmaMemory>>,
-}
+/// One registered buffer: its submission entry without opcode and LBA,
+/// whose words 1 and 2 (dwords 2 to 5, zero in a Read or Write) hold what
+/// the set knows of the slot instead: 64 bytes, one cache line, the only
+/// memory of the set a submit or a reap touches.
+type Template = [u64; 8];
+/// The word of a [`Template`] holding the last LBA a command of the
+/// slot's length may start at.
+const LAST_LBA: usize = 1;
+/// The word of a [`Template`] that is 1 while the slot's command is in
+/// flight, else 0.
+const IN_FLIGHT: usize = 2;
 
 /// A set of buffers registered on an [`IoQueue`], driven through their
 /// [`Slot`]s ([`IoQueue::prepare`]). While it lives the queue is its
@@ -118,6 +149,9 @@ struct Template {
 pub struct Prepared<'q> {
     queue: &'q mut IoQueue,
     slots: Box<[Template]>,
+    /// What each slot's commands keep alive (held buffers).
+    keeps: Box<[Option<std::sync::Arc<dyn DmaMemory>>]>,
+    /// This set's number, never 0 (a [`Reaped`] is never zero).
     set: u32,
 }
 
@@ -147,17 +181,17 @@ impl IoQueue {
     /// ([`NvmeProblem::PreparedSlots`]).
     ///
     /// ```no_run
-    /// # fn f(q: &mut dmabuf_p2p_engine::nvme::IoQueue, iova: u64) -> dmabuf_p2p_engine::Result<()> {
+    /// # fn f(q: &mut dmabuf_p2p_engine::nvme::IoQueue, iova: u64) -> Result<(), Box<dyn std::error::Error>> {
     /// use dmabuf_p2p_engine::nvme::{Dma, Op};
     /// // Eight 4 KiB buffers (8 blocks of 512 bytes each).
     /// let (mut p, mut free) = q.prepare((0..8u64).map(|i| (Dma::at(iova + i * 4096), 8)))?;
     /// for (i, slot) in free.drain(..).enumerate() {
-    ///     p.submit(slot, Op::Read, i as u64 * 8).map_err(|r| r.problem)?;
+    ///     p.submit(slot, Op::Read, i as u64 * 8)?; // refused: the slot comes back in the error
     /// }
     /// while p.in_flight() > 0 {
     ///     let done = p.wait(std::time::Duration::from_secs(5))?;
     ///     assert!(done.is_success());
-    ///     free.push(done.slot); // ready for its next command
+    ///     free.push(done.into_slot()); // ready for its next command
     /// }
     /// # Ok(()) }
     /// ```
@@ -173,7 +207,7 @@ impl IoQueue {
             }));
         }
         let depth = self.depth();
-        let mut slots = Vec::new();
+        let (mut slots, mut keeps) = (Vec::new(), Vec::new());
         for (i, (dma, blocks)) in buffers.into_iter().enumerate() {
             if i >= usize::from(depth) {
                 return Err(self.ctrl.error(NvmeProblem::PreparedSlots {
@@ -194,21 +228,17 @@ impl IoQueue {
                     .cpu
                     .write_u64s(self.lists_offset + list_at, plan.list())?;
             }
-            slots.push(Template {
-                entry: [
-                    ((i as u64) << 16) | (u64::from(self.limits.nsid) << 32),
-                    0,
-                    0,
-                    plan.prp1,
-                    plan.prp2,
-                    0,
-                    u64::from(blocks - 1),
-                    0,
-                ],
-                last_lba: self.limits.blocks - u64::from(blocks),
-                in_flight: false,
-                keep: dma.keep,
-            });
+            slots.push([
+                ((i as u64) << 16) | (u64::from(self.limits.nsid) << 32),
+                self.limits.blocks - u64::from(blocks),
+                0,
+                plan.prp1,
+                plan.prp2,
+                0,
+                u64::from(blocks - 1),
+                0,
+            ]);
+            keeps.push(dma.keep);
         }
         // 1..=depth slots (checked above).
         let n = slots.len() as u16;
@@ -218,12 +248,13 @@ impl IoQueue {
                 depth,
             }));
         }
-        let set = SETS_MADE.fetch_add(1, Ordering::Relaxed);
+        let set = SETS_MADE.fetch_add(1, Ordering::Relaxed).max(1);
         let tokens = (0..n).map(|index| Slot { index, set }).collect();
         Ok((
             Prepared {
                 queue: self,
                 slots: slots.into_boxed_slice(),
+                keeps: keeps.into_boxed_slice(),
                 set,
             },
             tokens,
@@ -245,40 +276,40 @@ impl Prepared<'_> {
     /// Blocks each command of slot `index` moves.
     pub fn blocks(&self, index: u16) -> Option<u32> {
         // NLB + 1 (`prepare`).
-        self.slots
-            .get(usize::from(index))
-            .map(|t| t.entry[6] as u32 + 1)
+        self.slots.get(usize::from(index)).map(|t| t[6] as u32 + 1)
     }
 
     /// Commands submitted whose completion has not been reaped.
     pub fn in_flight(&self) -> usize {
-        self.slots.iter().filter(|t| t.in_flight).count()
+        self.slots.iter().filter(|t| t[IN_FLIGHT] != 0).count()
     }
 
     /// Writes `slot`'s command (`op` on its blocks from `lba`) to the
     /// submission queue without ringing the doorbell (see
-    /// [`ring`](Self::ring)). An LBA whose blocks run past the namespace,
-    /// or a slot of another set, is refused and the slot handed back.
+    /// [`ring`](Self::ring); dropping the set rings it too). An LBA whose
+    /// blocks run past the namespace, or a slot of another set, is refused
+    /// and the slot handed back.
     #[inline(always)]
     pub fn push(&mut self, slot: Slot, op: Op, lba: u64) -> Result<(), Refused> {
+        self.write(slot, op, lba).map(drop)
+    }
+
+    /// [`push`](Self::push); the submission queue's new tail.
+    #[inline(always)]
+    fn write(&mut self, slot: Slot, op: Op, lba: u64) -> Result<u16, Refused> {
         let i = usize::from(slot.index);
-        let fits = self
-            .slots
-            .get(i)
-            .is_some_and(|t| (slot.set == self.set) & (lba <= t.last_lba));
-        if !fits {
-            return Err(self.refuse(slot, lba));
-        }
-        let t = &mut self.slots[i];
+        let set = self.set;
+        let t = match self.slots.get_mut(i) {
+            Some(t) if (slot.set == set) & (lba <= t[LAST_LBA]) => t,
+            _ => return Err(self.refuse(slot, lba)),
+        };
         // A Slot exists only while its command is not in flight.
-        debug_assert!(!t.in_flight);
-        t.in_flight = true;
-        let mut entry = t.entry;
-        entry[0] |= op as u64;
-        entry[5] = lba;
+        debug_assert_eq!(t[IN_FLIGHT], 0);
+        t[IN_FLIGHT] = 1;
+        // Dwords 2 to 5 and 14 to 15 of a Read or Write are zero.
+        let entry = [t[0] | op as u64, 0, 0, t[3], t[4], lba, t[6], 0];
         self.queue.sq.write(&entry);
-        self.queue.sq.advance();
-        Ok(())
+        Ok(self.queue.sq.advance())
     }
 
     /// Tells the controller about every command pushed so far (one
@@ -291,44 +322,59 @@ impl Prepared<'_> {
     /// [`push`](Self::push), then [`ring`](Self::ring).
     #[inline(always)]
     pub fn submit(&mut self, slot: Slot, op: Op, lba: u64) -> Result<(), Refused> {
-        self.push(slot, op, lba)?;
-        self.ring();
+        let tail = self.write(slot, op, lba)?;
+        // The entry is in memory before the controller hears of it.
+        fence(Ordering::SeqCst);
+        self.queue.sq_doorbell.write(u32::from(tail));
         Ok(())
     }
 
     /// The next completion, if the completion queue holds one: its slot
-    /// handed back, with its status. The completion queue's head doorbell
-    /// is rung for it. Never waits.
+    /// handed back, with its status. Never waits; the completion queue's
+    /// head doorbell is rung for it. `None` also when the entry was for no
+    /// command in flight (a controller bug: counted in
+    /// [`IoQueue::stray_completions`], and the next reap looks further).
     #[inline(always)]
     pub fn reap(&mut self) -> Option<Reaped> {
-        loop {
-            let q = &mut *self.queue;
-            let dw3 = q.cq.read_u32::<3>();
-            if (dw3 & (1 << 16) != 0) == q.cq.lap() {
-                return None;
-            }
-            // Whatever the caller reads of the buffer comes after the
-            // phase tag.
-            fence(Ordering::Acquire);
-            q.cq.advance();
-            q.cq_doorbell.write(u32::from(q.cq.position()));
-            // CID in bits 15:0, the status field in 31:17.
-            let index = dw3 as u16;
-            if let Some(t) = self.slots.get_mut(usize::from(index))
-                && t.in_flight
-            {
-                t.in_flight = false;
-                return Some(Reaped {
-                    slot: Slot {
-                        index,
-                        set: self.set,
-                    },
-                    status_field: (dw3 >> 17) as u16,
-                });
-            }
-            // For no command in flight: ignored (a controller bug).
-            q.strays += 1;
+        self.take::<true>()
+    }
+
+    /// The head entry of the completion queue, if new, taken; the head
+    /// doorbell rung at once (`RING`), or once the queue is drained (while
+    /// a new entry waits at the head, the next take, here or on the queue,
+    /// rings it).
+    #[inline(always)]
+    fn take<const RING: bool>(&mut self) -> Option<Reaped> {
+        let q = &mut *self.queue;
+        let dw3 = q.cq.read_u32::<3>();
+        if (dw3 & (1 << 16) != 0) == q.cq.lap() {
+            return None;
         }
+        // Whatever the caller reads of the buffer comes after the phase
+        // tag.
+        fence(Ordering::Acquire);
+        let head = q.cq.advance();
+        if RING || !q.cq_is_new() {
+            q.cq_doorbell.write(u32::from(head));
+        }
+        // CID in bits 15:0, the status field in 31:17.
+        match self.slots.get_mut(usize::from(dw3 as u16)) {
+            Some(t) if t[IN_FLIGHT] != 0 => {
+                t[IN_FLIGHT] = 0;
+                // Never zero: the set's number is not.
+                NonZeroU64::new(u64::from(dw3) | (u64::from(self.set) << 32)).map(Reaped)
+            }
+            _ => {
+                self.stray();
+                None
+            }
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn stray(&mut self) {
+        self.queue.strays += 1;
     }
 
     /// Whether the completion queue holds a completion (a look that
@@ -341,9 +387,11 @@ impl Prepared<'_> {
     /// Waits up to `timeout` for the next completion: spinning for the
     /// queue's spin budget ([`IoQueue::set_spin`]), then blocking on its
     /// interrupt or sleeping between looks. With nothing in flight,
-    /// [`NvmeProblem::NothingInFlight`] at once.
+    /// [`NvmeProblem::NothingInFlight`] at once. The completion queue's head
+    /// doorbell is rung once a run of completions taken one by one is
+    /// drained, not for each.
     pub fn wait(&mut self, timeout: Duration) -> Result<Reaped> {
-        if let Some(r) = self.reap() {
+        if let Some(r) = self.take::<false>() {
             return Ok(r);
         }
         if self.in_flight() == 0 {
@@ -356,7 +404,7 @@ impl Prepared<'_> {
         if !budget.is_zero() {
             let mut spins = 0u32;
             loop {
-                if let Some(r) = self.reap() {
+                if let Some(r) = self.take::<false>() {
                     return Ok(r);
                 }
                 spins = spins.wrapping_add(1);
@@ -368,7 +416,7 @@ impl Prepared<'_> {
         }
         let deadline = Deadline::after(timeout.saturating_sub(start.elapsed()));
         loop {
-            if let Some(r) = self.reap() {
+            if let Some(r) = self.take::<false>() {
                 return Ok(r);
             }
             self.queue
@@ -381,7 +429,7 @@ impl Prepared<'_> {
     fn refuse(&self, slot: Slot, lba: u64) -> Refused {
         let problem = match self.slots.get(usize::from(slot.index)) {
             Some(t) if slot.set == self.set => {
-                let count = t.entry[6] as u32 + 1;
+                let count = t[6] as u32 + 1;
                 NvmeProblem::LbaOutOfRange {
                     nsid: self.queue.limits.nsid,
                     lba,
@@ -400,8 +448,15 @@ impl Prepared<'_> {
 
 impl Drop for Prepared<'_> {
     fn drop(&mut self) {
-        for (cid, t) in (0u16..).zip(self.slots.iter_mut()) {
-            self.queue.table.give_back(cid, t.in_flight, t.keep.take());
+        // Every command pushed and every completion taken is announced
+        // (the same values again are no news to the controller).
+        self.queue.ring_sq();
+        let head = self.queue.cq.position();
+        self.queue.cq_doorbell.write(u32::from(head));
+        for ((cid, t), keep) in (0u16..).zip(self.slots.iter()).zip(self.keeps.iter_mut()) {
+            self.queue
+                .table
+                .give_back(cid, t[IN_FLIGHT] != 0, keep.take());
         }
     }
 }
