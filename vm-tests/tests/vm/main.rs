@@ -21,6 +21,7 @@ mod iommufd;
 mod iommufd_extra;
 mod load;
 mod nvme;
+mod nvme_prepared;
 mod nvme_queue;
 mod p2p;
 mod placement;
