@@ -146,15 +146,6 @@ pub enum NvmeProblem {
         /// Commands submitted and not yet handed out or dropped.
         in_use: usize,
     },
-    /// A prepared slot of another set (another queue's, or an earlier set
-    /// of this queue's).
-    #[error("slot {slot} is not one of the prepared slots of I/O queue {qid}")]
-    ForeignSlot {
-        /// The slot's index.
-        slot: u16,
-        /// The queue asked.
-        qid: u16,
-    },
     /// Prepared buffers for a queue: 1 to its depth.
     #[error("{asked} prepared buffers for an I/O queue of depth {depth} (1 to its depth)")]
     PreparedSlots {
