@@ -1132,6 +1132,7 @@ impl IoQueue {
         self.deleted = true;
         // A controller that is gone or failed finishes nothing: no wait.
         let mut running = self.running();
+        let mut aborts = 0;
         if running > 0 && self.ctrl.check_alive().is_ok() {
             running = self.settle(timeout);
             if running > 0 && self.ctrl.check_alive().is_ok() {
@@ -1145,7 +1146,7 @@ impl IoQueue {
                         | Err(Error::Nvme {
                             problem: NvmeProblem::CommandFailed { .. },
                             ..
-                        }) => {}
+                        }) => aborts += 1,
                         Err(_) => break,
                     }
                 }
@@ -1172,6 +1173,7 @@ impl IoQueue {
             return Err(self.ctrl.error(NvmeProblem::AbortedByDeletion {
                 qid: self.qid,
                 commands: running,
+                aborts,
             }));
         }
         Ok(())
