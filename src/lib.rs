@@ -52,7 +52,7 @@ pub use exporter::udmabuf::Udmabuf;
 pub use importer::iommufd::{
     Ioas, IoasMapping, Iommufd, IovaPlacement, IovaRange, IovaRanges, MapPerms,
 };
-pub use mapping::Mapping;
+pub use mapping::{MappedRegister, MappedRing, Mapping};
 pub use memfd::{Memfd, MemfdOptions, Seals};
 pub use pci::PciAddress;
 pub use range::{ByteRange, PhysRange};

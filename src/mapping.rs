@@ -8,6 +8,7 @@ use std::io;
 use std::num::NonZeroUsize;
 use std::os::fd::BorrowedFd;
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 
@@ -356,6 +357,219 @@ impl Mapping {
     }
 }
 
+impl Mapping {
+    /// A ring of `entries` entries of `W` 64-bit words each, from `offset`
+    /// (8-byte aligned) of this writable mapping, with its cursor at entry
+    /// 0 ([`MappedRing`]: a device queue). Bounds, alignment and write
+    /// permission are checked here, once; the ring keeps the mapping alive.
+    /// No entries, or a ring past the end, is [`Error::InvalidRange`]; a
+    /// read-only mapping, [`Error::Sys`] with `EACCES`.
+    ///
+    /// ```no_run
+    /// # use std::sync::Arc;
+    /// # let map = Arc::new(dmabuf_p2p::exporter::heap::DmaHeap::open("system")?.alloc(4096)?.mmap()?);
+    /// let mut sq = map.ring::<8>(0, 4)?; // four 64-byte entries
+    /// sq.write(&[1, 2, 3, 4, 5, 6, 7, 8]);
+    /// assert_eq!(sq.read_u32::<2>(), 2);
+    /// assert_eq!(sq.advance(), 1);
+    /// # Ok::<(), dmabuf_p2p::Error>(())
+    /// ```
+    pub fn ring<const W: usize>(
+        self: &Arc<Self>,
+        offset: u64,
+        entries: u16,
+    ) -> Result<MappedRing<W>> {
+        self.check_writable()?;
+        let bytes = usize::from(entries).saturating_mul(W.saturating_mul(8));
+        if bytes == 0 {
+            return Err(Error::InvalidRange {
+                target: format!("{} ({})", self.label, human_size(self.len as u64)),
+                range: ByteRange::new(offset, 0),
+                problem: RangeProblem::Empty,
+            });
+        }
+        let at = self.check(offset, bytes, 8)?;
+        Ok(MappedRing {
+            base: self.ptr.as_ptr().wrapping_add(at).cast::<u64>(),
+            entries,
+            at: 0,
+            lap: false,
+            _map: Arc::clone(self),
+        })
+    }
+
+    /// The 32-bit register at `offset` (4-byte aligned) of this writable
+    /// mapping, checked once ([`MappedRegister`]: a doorbell); it keeps the
+    /// mapping alive.
+    pub fn register_u32(self: &Arc<Self>, offset: u64) -> Result<MappedRegister> {
+        self.check_writable()?;
+        let at = self.check(offset, 4, 4)?;
+        Ok(MappedRegister {
+            ptr: self.ptr.as_ptr().wrapping_add(at).cast::<u32>(),
+            _map: Arc::clone(self),
+        })
+    }
+}
+
+/// A ring of fixed-size entries inside a [`Mapping`] (a device's
+/// submission or completion queue), with a cursor: `W` 64-bit words per
+/// entry. Made by [`Mapping::ring`], which checks the whole ring against the
+/// mapping once; every access after that is to the entry at the cursor,
+/// which only the ring moves and keeps below [`entries`](Self::entries), so
+/// no access can leave the ring and none is checked again. Accesses are
+/// volatile, as [`Mapping`]'s are.
+pub struct MappedRing<const W: usize> {
+    /// Entry 0; `entries * W` words from here lie inside the mapping.
+    base: *mut u64,
+    entries: u16,
+    /// The cursor, below `entries`.
+    at: u16,
+    /// Flips each time the cursor wraps to entry 0.
+    lap: bool,
+    /// Keeps the memory mapped.
+    _map: Arc<Mapping>,
+}
+
+// SAFETY: the ring is an address range inside a mapping it keeps alive
+// (which is Send); nothing in it is tied to a thread.
+unsafe impl<const W: usize> Send for MappedRing<W> {}
+// SAFETY: shared access is volatile loads and stores only (see `Mapping`'s
+// Sync); the cursor moves only through `&mut self`.
+unsafe impl<const W: usize> Sync for MappedRing<W> {}
+
+impl<const W: usize> fmt::Debug for MappedRing<W> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MappedRing")
+            .field("words", &W)
+            .field("entries", &self.entries)
+            .field("at", &self.at)
+            .field("lap", &self.lap)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<const W: usize> MappedRing<W> {
+    /// Entries of the ring.
+    #[inline]
+    pub fn entries(&self) -> u16 {
+        self.entries
+    }
+
+    /// The entry the cursor is at.
+    #[inline]
+    pub fn position(&self) -> u16 {
+        self.at
+    }
+
+    /// False on the first pass over the ring, flipped at each wrap.
+    #[inline]
+    pub fn lap(&self) -> bool {
+        self.lap
+    }
+
+    /// Moves the cursor to entry `at` (modulo the entries) of lap `lap`.
+    pub fn set_position(&mut self, at: u16, lap: bool) {
+        self.at = at % self.entries;
+        self.lap = lap;
+    }
+
+    /// Moves the cursor to the next entry (wrapping to 0 and flipping the
+    /// lap); the new position.
+    #[inline(always)]
+    pub fn advance(&mut self) -> u16 {
+        // Without a branch: a wrap costs what another step does.
+        let next = self.at + 1;
+        let wrap = next == self.entries;
+        self.at = if wrap { 0 } else { next };
+        self.lap ^= wrap;
+        self.at
+    }
+
+    /// Volatile stores of `words` into the entry at the cursor, in order.
+    #[inline(always)]
+    pub fn write(&self, words: &[u64; W]) {
+        let entry = self.entry();
+        for (i, &w) in words.iter().enumerate() {
+            // SAFETY: `at < entries`, so the entry's `W` words lie inside
+            // the ring, which `Mapping::ring` checked to be inside the live,
+            // writable mapping and 8-byte aligned; `i < W`.
+            unsafe { entry.wrapping_add(i).write_volatile(w) };
+        }
+    }
+
+    /// A volatile 32-bit load of dword `I` of the entry at the cursor.
+    #[inline(always)]
+    pub fn read_u32<const I: usize>(&self) -> u32 {
+        const { assert!(I < 2 * W, "dword past the entry") };
+        // SAFETY: `at < entries` and `I < 2 * W` (checked when compiled):
+        // inside the checked ring, 4-byte aligned.
+        unsafe { self.entry().cast::<u32>().wrapping_add(I).read_volatile() }
+    }
+
+    /// The address of entry 0, for callers that take on raw access (see
+    /// [`Mapping::as_ptr`]).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.base.cast()
+    }
+
+    /// Volatile loads of the entry at the cursor.
+    pub fn read(&self) -> [u64; W] {
+        let entry = self.entry();
+        // SAFETY: as in `write`, for loads.
+        std::array::from_fn(|i| unsafe { entry.wrapping_add(i).read_volatile() })
+    }
+
+    #[inline(always)]
+    fn entry(&self) -> *mut u64 {
+        self.base.wrapping_add(usize::from(self.at) * W)
+    }
+}
+
+/// A 32-bit register inside a [`Mapping`] (a doorbell), checked once by
+/// [`Mapping::register_u32`]; accessed with volatile loads and stores.
+pub struct MappedRegister {
+    /// Inside the mapping, 4-byte aligned.
+    ptr: *mut u32,
+    /// Keeps the memory mapped.
+    _map: Arc<Mapping>,
+}
+
+// SAFETY: as for `MappedRing`.
+unsafe impl Send for MappedRegister {}
+// SAFETY: as for `MappedRing`: volatile accesses only.
+unsafe impl Sync for MappedRegister {}
+
+impl fmt::Debug for MappedRegister {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MappedRegister")
+            .field("ptr", &self.ptr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MappedRegister {
+    /// One volatile 32-bit store.
+    #[inline(always)]
+    pub fn write(&self, value: u32) {
+        // SAFETY: `register_u32` checked the register inside the live,
+        // writable mapping and aligned.
+        unsafe { self.ptr.write_volatile(value) };
+    }
+
+    /// The register's address, for callers that take on raw access (see
+    /// [`Mapping::as_ptr`]).
+    pub fn as_ptr(&self) -> *mut u32 {
+        self.ptr
+    }
+
+    /// One volatile 32-bit load.
+    #[inline]
+    pub fn read(&self) -> u32 {
+        // SAFETY: as in `write`, for a load.
+        unsafe { self.ptr.read_volatile() }
+    }
+}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: `ptr`/`map_len` are exactly the range mmap returned; no Rust
@@ -424,6 +638,63 @@ unsafe fn volatile_write(dst: *mut u8, src: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn memfd_map(len: u64) -> Arc<Mapping> {
+        let m = crate::memfd::Memfd::new("ring-test", len).unwrap();
+        Arc::new(m.mmap().unwrap())
+    }
+
+    #[test]
+    fn a_ring_is_checked_once_and_its_cursor_wraps() {
+        let map = memfd_map(4096);
+        // 4 entries of 64 bytes from 3840: ends at 4096, fits; one more
+        // byte of offset, or a fifth entry, does not.
+        assert!(map.ring::<8>(3840, 4).is_ok());
+        assert!(matches!(
+            map.ring::<8>(3848, 4),
+            Err(Error::InvalidRange {
+                problem: RangeProblem::OutOfBounds { .. },
+                ..
+            })
+        ));
+        assert!(map.ring::<8>(3840, 5).is_err());
+        assert!(matches!(
+            map.ring::<2>(4, 4),
+            Err(Error::InvalidRange {
+                problem: RangeProblem::Unaligned { align: 8 },
+                ..
+            })
+        ));
+        assert!(matches!(
+            map.ring::<2>(0, 0),
+            Err(Error::InvalidRange {
+                problem: RangeProblem::Empty,
+                ..
+            })
+        ));
+        let mut r = map.ring::<2>(64, 3).unwrap();
+        for i in 0..7u64 {
+            r.write(&[i, i << 32 | 0xabcd]);
+            assert_eq!(r.read(), [i, i << 32 | 0xabcd]);
+            assert_eq!(r.read_u32::<2>(), 0xabcd);
+            assert_eq!(r.read_u32::<3>(), i as u32);
+            r.advance();
+        }
+        // 7 entries on a ring of 3: at 1, two wraps.
+        assert_eq!((r.position(), r.lap()), (1, false));
+        assert_eq!(map.read_u64(64).unwrap(), 6);
+        r.set_position(5, true);
+        assert_eq!((r.position(), r.lap()), (2, true));
+        let reg = map.register_u32(4092).unwrap();
+        reg.write(0xfeed);
+        assert_eq!((reg.read(), map.read_u32(4092).unwrap()), (0xfeed, 0xfeed));
+        assert!(map.register_u32(4094).is_err());
+        assert!(map.register_u32(4096).is_err());
+        drop(map);
+        // The ring and the register keep the memory mapped.
+        reg.write(1);
+        r.write(&[1, 2]);
+    }
 
     #[test]
     fn volatile_copies_round_trip_at_every_alignment() {

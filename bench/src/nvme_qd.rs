@@ -11,6 +11,11 @@
 //! command IDs it gives out and hands back once, the buffers it keeps, its
 //! errors.
 //!
+//! A third path, **prepared**, is the engine's hot path
+//! ([`IoQueue::prepare`]): the row's buffers registered once per round
+//! (outside the timed span), each command then its slot's entry with the
+//! LBA filled in, and its slot token handed back by the reap.
+//!
 //! Rows, each engine and control interleaved in rounds (which goes first
 //! alternates): QD1 latency, polled (spinning) and by MSI-X; the time per
 //! command at QD 1, 8 and 32 of 4 KiB and 128 KiB Reads into host RAM and
@@ -31,7 +36,9 @@ use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::vfio::BarMapping;
 use dmabuf_p2p::{ByteRange, VfioPciDevice};
 use dmabuf_p2p_engine::Completion;
-use dmabuf_p2p_engine::nvme::{IoQueue, Nvme, NvmeOptions, QueueOptions, RawQueue};
+use dmabuf_p2p_engine::nvme::{
+    Dma, IoQueue, Nvme, NvmeOptions, Op, Prepared, QueueOptions, RawQueue, Slot,
+};
 
 use crate::nvme::first_nvme;
 use crate::stats::{Stats, emit, emit_meta, ns_since};
@@ -54,6 +61,27 @@ pub const GROUP: &str = "nvmeqd";
 enum Target {
     Ram,
     Bar,
+}
+
+/// Which way a round drives the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// The engine's checked API (`submit_read`, `wait`, `wait_any`).
+    Engine,
+    /// The engine's prepared commands.
+    Prepared,
+    /// The raw loop written here.
+    Control,
+}
+
+impl Path {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Engine => "engine",
+            Self::Prepared => "prepared",
+            Self::Control => "control",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -261,8 +289,8 @@ pub fn queue_depth(opts: &Opts, dev: &VfioPciDevice, ioas: &Ioas, cost_only: boo
     Ok(())
 }
 
-/// Runs `row` in interleaved rounds and emits engine, control and their
-/// ratio (engine / control, time per command).
+/// Runs `row` in interleaved rounds and emits engine, prepared, control
+/// and the ratios to the control (time per command).
 fn measure_row(opts: &Opts, nvme: &Nvme, areas: &Areas, blocks: u64, row: &Row) -> R<()> {
     let completion = match row.wait {
         Wait::Spin => Completion::Polling,
@@ -289,30 +317,39 @@ fn measure_row(opts: &Opts, nvme: &Nvme, areas: &Areas, blocks: u64, row: &Row) 
         (false, _) => 64,
     };
     let budget = opts.budget(15, 61, 10.0);
-    let (mut engine, mut raw, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut engine, mut prepared, mut raw) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ratio, mut ratio_prepared) = (Vec::new(), Vec::new());
     // One untimed round of each first.
     let mut lbas: Vec<Lbas> = (0..row.queues)
         .map(|q| Lbas::new(row.size, blocks, q as u64 * 4096))
         .collect();
-    run_round(&mut queues, areas, row, &mut lbas, per_round, true)?;
-    run_round(&mut queues, areas, row, &mut lbas, per_round, false)?;
+    const PATHS: [Path; 3] = [Path::Engine, Path::Prepared, Path::Control];
+    for path in PATHS {
+        run_round(&mut queues, areas, row, &mut lbas, per_round, path)?;
+    }
     budget.repeat(|i| -> R<()> {
-        let order = if i % 2 == 0 {
-            [true, false]
-        } else {
-            [false, true]
-        };
-        let mut got = [0.0; 2];
-        for use_engine in order {
-            let ns = run_round(&mut queues, areas, row, &mut lbas, per_round, use_engine)?;
-            got[usize::from(!use_engine)] = ns;
+        // Which path goes first rotates.
+        let mut got = [0.0; 3];
+        for k in 0..3 {
+            let at = (i + k) % 3;
+            got[at] = run_round(&mut queues, areas, row, &mut lbas, per_round, PATHS[at])?;
         }
         engine.push(got[0]);
-        raw.push(got[1]);
-        ratio.push(got[0] / got[1]);
+        prepared.push(got[1]);
+        raw.push(got[2]);
+        ratio.push(got[0] / got[2]);
+        ratio_prepared.push(got[1] / got[2]);
         Ok(())
     })?;
     emit(GROUP, "engine", row.op, row.size, "ns", &Stats::of(&engine));
+    emit(
+        GROUP,
+        "prepared",
+        row.op,
+        row.size,
+        "ns",
+        &Stats::of(&prepared),
+    );
     emit(GROUP, "raw", row.op, row.size, "ns", &Stats::of(&raw));
     emit(
         GROUP,
@@ -321,6 +358,14 @@ fn measure_row(opts: &Opts, nvme: &Nvme, areas: &Areas, blocks: u64, row: &Row) 
         row.size,
         "ratio",
         &Stats::of(&ratio),
+    );
+    emit(
+        GROUP,
+        "ratio_prepared",
+        row.op,
+        row.size,
+        "ratio",
+        &Stats::of(&ratio_prepared),
     );
     Ok(())
 }
@@ -334,7 +379,7 @@ fn run_round(
     row: &Row,
     lbas: &mut [Lbas],
     per_round: usize,
-    use_engine: bool,
+    path: Path,
 ) -> R<f64> {
     for q in 0..queues.len() {
         areas.clear_head(row.target, q, 0)?;
@@ -347,7 +392,7 @@ fn run_round(
             &mut lbas[0],
             0,
             per_round,
-            use_engine,
+            path,
         )?]
     } else {
         std::thread::scope(|s| -> R<Vec<Round>> {
@@ -357,8 +402,7 @@ fn run_round(
                 .enumerate()
                 .map(|(qi, (q, l))| {
                     s.spawn(move || {
-                        one_queue(q, areas, row, l, qi, per_round, use_engine)
-                            .map_err(|e| e.to_string())
+                        one_queue(q, areas, row, l, qi, per_round, path).map_err(|e| e.to_string())
                     })
                 })
                 .collect();
@@ -378,7 +422,7 @@ fn run_round(
                 return Err(format!(
                     "{} ({}): slot 0 of queue {qi} does not hold LBA {lba}: {got:02x?}",
                     row.op,
-                    if use_engine { "engine" } else { "control" }
+                    path.name()
                 )
                 .into());
             }
@@ -394,15 +438,27 @@ fn one_queue(
     lbas: &mut Lbas,
     qi: usize,
     n: usize,
-    use_engine: bool,
+    path: Path,
 ) -> R<Round> {
     let base = areas.iova(row.target) + qi as u64 * SLOTS * SLOT;
-    if use_engine {
+    if path == Path::Engine {
         if row.latency {
             engine_latency(q, row, base, lbas, n)
         } else {
             engine_depth(q, row, base, lbas, n)
         }
+    } else if path == Path::Prepared {
+        let blocks = (row.size / BLOCK) as u32;
+        q.prepare(
+            (0..u64::from(row.qd)).map(|i| (Dma::at(base + i * SLOT), blocks)),
+            |p, slots| {
+                if row.latency {
+                    prepared_latency(p, slots, lbas, n)
+                } else {
+                    prepared_depth(p, slots, lbas, n)
+                }
+            },
+        )?
     } else {
         let r = q.with_raw(|raw| {
             if row.latency {
@@ -465,6 +521,76 @@ fn engine_depth(q: &mut IoQueue, row: &Row, base: u64, lbas: &mut Lbas, n: usize
             let id = q.submit_read(lba, blocks, base + u64::from(slot) * SLOT)?;
             slot_of[usize::from(id.cid())] = slot;
             lba_of[usize::from(slot)] = lba;
+            submitted += 1;
+        }
+    }
+    let ns = ns_since(t) / n as f64;
+    Ok(Round {
+        ns,
+        slot0_lba: Some(lba_of[0]),
+    })
+}
+
+// ---------------------------------------------------------------------------
+// The engine's prepared commands
+// ---------------------------------------------------------------------------
+
+/// QD1, one prepared slot: submit, wait for it, `n` times; the median
+/// latency.
+fn prepared_latency<'id>(
+    p: &mut Prepared<'_, 'id>,
+    slots: Vec<Slot<'id>>,
+    lbas: &mut Lbas,
+    n: usize,
+) -> R<Round> {
+    let mut slot = slots.into_iter().next().ok_or("no prepared slot")?;
+    let mut lat = Vec::with_capacity(n);
+    let mut last = 0;
+    for _ in 0..n {
+        last = lbas.take();
+        let t = Instant::now();
+        p.submit(slot, Op::Read, last).map_err(|r| r.problem)?;
+        let done = p.wait(TIMEOUT)?;
+        lat.push(ns_since(t));
+        if !done.is_success() {
+            return Err(format!("prepared: a Read failed: {}", done.status()).into());
+        }
+        slot = done.into_slot();
+    }
+    Ok(Round {
+        ns: Stats::of(&lat).median,
+        slot0_lba: Some(last),
+    })
+}
+
+/// QD = the slots: fill the queue, then resubmit each slot as its
+/// completion is reaped, until `n` completed.
+fn prepared_depth<'id>(
+    p: &mut Prepared<'_, 'id>,
+    slots: Vec<Slot<'id>>,
+    lbas: &mut Lbas,
+    n: usize,
+) -> R<Round> {
+    let mut lba_of = [0u64; SLOTS as usize];
+    let t = Instant::now();
+    let qd = slots.len();
+    for slot in slots {
+        let lba = lbas.take();
+        lba_of[usize::from(slot.index())] = lba;
+        p.submit(slot, Op::Read, lba).map_err(|r| r.problem)?;
+    }
+    let (mut submitted, mut done) = (qd, 0);
+    while done < n {
+        let d = p.wait(TIMEOUT)?;
+        if !d.is_success() {
+            return Err(format!("prepared: a Read failed: {}", d.status()).into());
+        }
+        done += 1;
+        if submitted < n {
+            let lba = lbas.take();
+            lba_of[usize::from(d.index())] = lba;
+            p.submit(d.into_slot(), Op::Read, lba)
+                .map_err(|r| r.problem)?;
             submitted += 1;
         }
     }
@@ -703,17 +829,36 @@ fn raw_depth(raw: &mut RawQueue, row: &Row, base: u64, lbas: &mut Lbas, n: usize
 /// QD1 on a polled queue: the time of the submit call and of the reap (a
 /// wait for a completion already there), with the clock stopped while the
 /// device works; minus the time of an empty timed span. On the
-/// instruction clock these are instructions.
+/// instruction clock these are instructions. The prepared path runs on a
+/// second queue of the same shape (its set holds its queue for the run).
 fn command_cost(opts: &Opts, nvme: &Nvme, areas: &Areas, blocks: u64, size: u64) -> R<()> {
-    let mut q = nvme.create_queue(
-        QueueOptions::new()
-            .depth(1)
-            .completion(Completion::Polling)
-            .spin(Duration::MAX),
-    )?;
+    let polled = QueueOptions::new()
+        .depth(1)
+        .completion(Completion::Polling)
+        .spin(Duration::MAX);
+    let mut q = nvme.create_queue(polled)?;
+    let mut pq = nvme.create_queue(polled)?;
     let base = areas.ram.iova();
     let nblocks = size / BLOCK;
     let mut lbas = Lbas::new(size, blocks, 0);
+    pq.prepare([(Dma::at(base), nblocks as u32)], |p, slots| {
+        command_cost_in(opts, &mut q, p, slots, base, nblocks, &mut lbas, size)
+    })?
+}
+
+/// [`command_cost`] with the prepared set made.
+#[allow(clippy::too_many_arguments)]
+fn command_cost_in<'id>(
+    opts: &Opts,
+    q: &mut IoQueue,
+    p: &mut Prepared<'_, 'id>,
+    slots: Vec<Slot<'id>>,
+    base: u64,
+    nblocks: u64,
+    lbas: &mut Lbas,
+    size: u64,
+) -> R<()> {
+    let mut slot = slots.into_iter().next();
     // The clock's own cost, the same way.
     let mut empty = Vec::new();
     for _ in 0..1001 {
@@ -723,15 +868,36 @@ fn command_cost(opts: &Opts, nvme: &Nvme, areas: &Areas, blocks: u64, size: u64)
     let clock = Stats::of(&empty).median;
     let (mut e_sub, mut e_reap, mut r_sub, mut r_reap) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut p_sub, mut p_reap) = (Vec::new(), Vec::new());
     let budget = opts.budget(201, 2001, 4.0);
     budget.repeat(|i| -> R<()> {
-        for use_engine in if i % 2 == 0 {
-            [true, false]
-        } else {
-            [false, true]
-        } {
+        for k in 0..3 {
+            let path = [Path::Engine, Path::Prepared, Path::Control][(i + k) % 3];
             let lba = lbas.take();
-            if use_engine {
+            if path == Path::Prepared {
+                let s = slot.take().ok_or("the prepared slot was not handed back")?;
+                let t = Instant::now();
+                let sent = p.submit(s, Op::Read, lba);
+                let sub = ns_since(t);
+                sent.map_err(|r| r.problem)?;
+                let start = Instant::now();
+                while !p.has_completion() {
+                    std::hint::spin_loop();
+                    if start.elapsed() > TIMEOUT {
+                        return Err("prepared: no completion within 20 s".into());
+                    }
+                }
+                let t = Instant::now();
+                let done = p.reap();
+                let reap = ns_since(t);
+                let done = done.ok_or("prepared: the completion was not reaped")?;
+                if !done.is_success() {
+                    return Err(format!("prepared: a Read failed: {}", done.status()).into());
+                }
+                slot = Some(done.into_slot());
+                p_sub.push(sub - clock);
+                p_reap.push(reap - clock);
+            } else if path == Path::Engine {
                 let t = Instant::now();
                 let id = q.submit_read(lba, nblocks as u32, base)?;
                 let sub = ns_since(t);
@@ -788,6 +954,30 @@ fn command_cost(opts: &Opts, nvme: &Nvme, areas: &Areas, blocks: u64, size: u64)
         &Stats::of(&e_sub),
     );
     emit(GROUP, "raw", "cost_submit", size, "ns", &Stats::of(&r_sub));
+    emit(
+        GROUP,
+        "prepared",
+        "cost_submit",
+        size,
+        "ns",
+        &Stats::of(&p_sub),
+    );
+    emit(
+        GROUP,
+        "prepared",
+        "cost_reap",
+        size,
+        "ns",
+        &Stats::of(&p_reap),
+    );
+    emit(
+        GROUP,
+        "prepared",
+        "cost_total",
+        size,
+        "ns",
+        &Stats::of(&total(&p_sub, &p_reap)),
+    );
     emit(
         GROUP,
         "engine",

@@ -36,7 +36,11 @@ fn guide_parts() -> Vec<String> {
 #[test]
 fn the_guide_shows_the_compiled_example() {
     let parts = guide_parts();
-    assert_eq!(parts.len(), 2, "two guide parts in examples/nvme_queues.rs");
+    assert_eq!(
+        parts.len(),
+        3,
+        "three guide parts in examples/nvme_queues.rs"
+    );
     let guide = include_str!("../../docs/GUIDE.md");
     let both = parts.join("\n\n");
     assert!(

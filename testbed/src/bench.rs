@@ -2201,7 +2201,23 @@ mod tests {
             part.records
                 .push(rec(nvme_qd::GROUP, "ratio", op, 4096, "ratio", e / c));
         }
-        for (series, sub, reap) in [("engine", 130.0, 90.0), ("raw", 120.0, 80.0)] {
+        for (op, p, c) in [("latency_polled", 59e3, 58e3), ("q1_qd8_bar", 21e3, 16e3)] {
+            part.records
+                .push(rec(nvme_qd::GROUP, "prepared", op, 4096, "ns", p));
+            part.records.push(rec(
+                nvme_qd::GROUP,
+                "ratio_prepared",
+                op,
+                4096,
+                "ratio",
+                p / c,
+            ));
+        }
+        for (series, sub, reap) in [
+            ("engine", 130.0, 90.0),
+            ("prepared", 70.0, 60.0),
+            ("raw", 120.0, 80.0),
+        ] {
             part.records.push(rec(
                 nvme_qd::ICOUNT_GROUP,
                 series,
@@ -2278,7 +2294,13 @@ mod tests {
             "{p}"
         );
         assert!(
-            p.contains("| 4 KiB | 130 | 120 | 90 | 80 | 220 | 200 | **1.100** (+20) |"),
+            p.contains("Prepared rows over 1.10 of the control: 1 queue, QD8, BAR, 4 KiB: 1.312."),
+            "{p}"
+        );
+        assert!(
+            p.contains(
+                "| 4 KiB | 130 | 70 | 120 | 90 | 60 | 80 | 220 | 130 | 200 | **1.100** (+20) | **0.650** (-70) |"
+            ),
             "{p}"
         );
         assert!(

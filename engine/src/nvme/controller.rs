@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsFd;
 use std::sync::atomic::{Ordering, fence};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use dmabuf_p2p::memfd::Memfd;
@@ -42,7 +42,7 @@ const ADMIN_AREA: u64 = 3 * PAGE;
 /// IOAS mapping (unmapped from the IOAS before the memfd closes).
 #[derive(Debug)]
 pub(super) struct DmaArea {
-    pub(super) cpu: Mapping,
+    pub(super) cpu: Arc<Mapping>,
     pub(super) iova: IoasMapping,
     _memfd: Memfd,
 }
@@ -50,7 +50,7 @@ pub(super) struct DmaArea {
 impl DmaArea {
     pub(super) fn new(ioas: &Ioas, name: &str, size: u64) -> Result<Self> {
         let memfd = Memfd::new(name, size)?;
-        let cpu = memfd.mmap()?;
+        let cpu = Arc::new(memfd.mmap()?);
         let iova = ioas.map_file(
             &memfd,
             ByteRange::new(0, size),

@@ -72,6 +72,7 @@ mod controller;
 mod dma;
 pub mod identify;
 mod io_queue;
+mod prepared;
 pub mod problem;
 pub mod prp;
 pub mod queue;
@@ -86,6 +87,7 @@ pub use identify::{ControllerIdentity, NamespaceIdentity};
 pub use io_queue::{
     Batch, CommandId, DEFAULT_DEPTH, DROP_WAIT, Done, IoQueue, MAX_DEPTH, QueueOptions, RawQueue,
 };
+pub use prepared::{Op, Prepared, Reaped, Refused, Slot};
 pub use problem::NvmeProblem;
 pub use regs::{CmbInfo, PmrInfo};
 

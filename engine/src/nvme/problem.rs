@@ -146,17 +146,28 @@ pub enum NvmeProblem {
         /// Commands submitted and not yet handed out or dropped.
         in_use: usize,
     },
+    /// Prepared buffers for a queue: 1 to its depth.
+    #[error("{asked} prepared buffers for an I/O queue of depth {depth} (1 to its depth)")]
+    PreparedSlots {
+        /// Buffers given (counted up to the first too many).
+        asked: usize,
+        /// The queue's depth.
+        depth: u16,
+    },
     /// An I/O queue was deleted while the controller still ran some of its
     /// commands: they completed neither in the wait before the deletion
     /// nor after an Abort of each, so the deletion aborted them.
     #[error(
-        "I/O queue {qid} was deleted with {commands} command(s) still running (not completed in the wait, nor after Abort): the deletion aborted them, so their data is undefined"
+        "I/O queue {qid} was deleted with {commands} command(s) still running (not completed in the wait, nor after Abort, {aborts} sent): the deletion aborted them, so their data is undefined"
     )]
     AbortedByDeletion {
         /// The queue.
         qid: u16,
         /// Commands the deletion aborted.
         commands: usize,
+        /// Abort commands the controller took before the deletion (one for
+        /// each command still running after the first wait).
+        aborts: usize,
     },
     /// The controller reported a fatal status (CSTS.CFS) or its registers
     /// read as all ones (not reachable: memory decode off, or gone).

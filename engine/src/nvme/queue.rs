@@ -446,6 +446,46 @@ impl<K> CommandTable<K> {
         self.ready_tail = NONE;
     }
 
+    /// Lends slots `0..n` of an empty table to a caller that drives them
+    /// itself (prepared commands): they count as in flight, so no command
+    /// gets their CIDs, until [`give_back`](Self::give_back). `false` (and
+    /// nothing lent) if a slot is in use or `n` is not `1..=depth`.
+    pub fn lend(&mut self, n: u16) -> bool {
+        let depth = self.depth();
+        if self.in_use() != 0 || n == 0 || n > depth {
+            return false;
+        }
+        for slot in &mut self.slots[..usize::from(n)] {
+            slot.generation = slot.generation.wrapping_add(1);
+            slot.state = SlotState::InFlight;
+            slot.opcode = 0;
+        }
+        for (i, f) in (n..depth).zip(self.free.iter_mut()) {
+            *f = i;
+        }
+        self.free_head = 0;
+        self.free_len = usize::from(depth - n);
+        true
+    }
+
+    /// Takes back lent slot `cid`: free again, or, if its command still
+    /// runs, given up (its completion dropped when it comes) and keeping
+    /// `keep` alive until then. Other slots are left alone.
+    pub fn give_back(&mut self, cid: u16, running: bool, keep: Option<K>) {
+        let Some(slot) = self.slots.get_mut(usize::from(cid)) else {
+            return;
+        };
+        if slot.state != SlotState::InFlight {
+            return;
+        }
+        if running {
+            slot.state = SlotState::Abandoned;
+            slot.keep = keep;
+        } else {
+            self.release(cid);
+        }
+    }
+
     /// Puts `cid` at the end of the free ring.
     #[inline]
     fn release(&mut self, cid: u16) {
@@ -559,6 +599,33 @@ mod tests {
         // A second completion for it, or one for a CID never given out.
         assert_eq!(t.complete(a.0, 0, 0), Arrival::Stray);
         assert_eq!(t.complete(7, 0, 0), Arrival::Stray);
+    }
+
+    #[test]
+    fn lent_slots_are_given_to_no_command_until_given_back() {
+        let kept = std::sync::Arc::new(());
+        let mut t = CommandTable::new(4);
+        let a = t.take(1, None).unwrap();
+        assert!(!t.lend(2), "a slot is in use");
+        t.complete(a.0, 0, 0);
+        t.take_completed(a.0).unwrap();
+        assert!(!t.lend(0) && !t.lend(5));
+        assert!(t.lend(3));
+        assert_eq!(t.in_use(), 3);
+        assert_eq!(t.take(1, None).map(|x| x.0), Some(3));
+        assert_eq!(t.take(1, None), None);
+        // Slot 1's command still runs: given up, its keep held until its
+        // completion; slots 0 and 2 are free at once.
+        t.give_back(0, false, None);
+        t.give_back(1, true, Some(std::sync::Arc::clone(&kept)));
+        t.give_back(2, false, Some(std::sync::Arc::clone(&kept)));
+        assert_eq!(std::sync::Arc::strong_count(&kept), 2);
+        assert_eq!(t.running().collect::<Vec<_>>(), vec![1, 3]);
+        assert_eq!(t.complete(1, 0, 0), Arrival::Dropped);
+        assert_eq!(std::sync::Arc::strong_count(&kept), 1);
+        assert_eq!(t.in_use(), 1);
+        let next: Vec<u16> = (0..3).map(|_| t.take(1, None).unwrap().0).collect();
+        assert_eq!(next, vec![0, 2, 1]);
     }
 
     #[test]

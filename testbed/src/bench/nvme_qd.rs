@@ -76,26 +76,30 @@ pub fn section(s: &mut String, r: &Results) {
         s,
         "QEMU's NVMe controller ({}), namespace 1, Reads of 4 KiB and 128 KiB into host RAM (a \
          memfd) and into the ivshmem BAR (its dma-buf mapped in the IOAS), through the engine's \
-         I/O queues (`dmabuf-p2p-engine`'s `IoQueue`) and through a **control**: a raw driver \
-         loop in the benchmark that drives the same queue pair by hand (`IoQueue::with_raw`: the \
+         I/O queues (`dmabuf-p2p-engine`'s `IoQueue`: its checked `submit_read`/`wait_any`, \
+         and its **prepared** commands, `IoQueue::prepare`: the row's buffers registered once \
+         per round, outside the timed span, each command its slot's ready entry with the LBA \
+         filled in) and through a **control**: a raw driver loop in the benchmark that drives the same queue pair by hand (`IoQueue::with_raw`: the \
          64-byte entries and PRP lists written into the queue's own memory, the doorbells rung, \
-         the completion queue's phase tag watched). Each row runs the engine and the control in \
-         rounds, alternating which goes first; a round is 64 commands (QD1 latency, 128 KiB) or \
+         the completion queue's phase tag watched). Each row runs the three in rounds, rotating \
+         which goes first; a round is 64 commands (QD1 latency, 128 KiB) or \
          256 (4 KiB) per queue, resubmitting into a command's slot after its completion is \
-         taken (`wait_any`, or the control's equivalent: reap every new entry with one head \
+         taken (`wait_any`; prepared: `Prepared::wait`, whose reap rings the head doorbell once \
+         the completion queue is drained; the control: reap every new entry with one head \
          doorbell, then take them one by one). Polled rows spin on the completion queue (queues \
          made with interrupts off, `spin(Duration::MAX)`); the MSI-X row blocks on the queue's \
          eventfd. Two queues: a thread each, on the 2 vCPUs. Cells are time per command \
          (median over rounds, min–max in µs) and the rate it means (both queues together); the \
-         ratio is engine / control per round, so above 1 the engine is slower.{when}\n",
+         ratios are per round, to the control, so above 1 the engine is slower.{when}\n",
         r.meta("nvmeqd_device")
             .unwrap_or("the first NVMe controller"),
     );
     let _ = writeln!(
         s,
-        "| row | size | engine | control | engine / control |\n|---|---|---|---|---|"
+        "| row | size | engine | prepared | control | engine / control | prepared / control |\n|---|---|---|---|---|---|---|"
     );
     let mut over = Vec::new();
+    let mut over_prepared = Vec::new();
     let mut worst: Option<(f64, String)> = None;
     for (op, what) in ROWS {
         let queues = if op.starts_with("q2") { 2 } else { 1 };
@@ -112,13 +116,21 @@ pub fn section(s: &mut String, r: &Results) {
                     worst = Some((m, label.clone()));
                 }
             }
+            let prepared_ratio = r.get(GROUP, "ratio_prepared", op, x);
+            if let Some(m) = prepared_ratio.and_then(|p| p.median)
+                && m > GOAL
+            {
+                over_prepared.push(format!("{label}: {m:.3}"));
+            }
             let _ = writeln!(
                 s,
-                "| {what} | {} | {} | {} | {} |",
+                "| {what} | {} | {} | {} | {} | {} | {} |",
                 human_size(x),
                 per_command(r.get(GROUP, "engine", op, x), queues),
+                per_command(r.get(GROUP, "prepared", op, x), queues),
                 per_command(r.get(GROUP, "raw", op, x), queues),
                 ratio(Some(ratio_rec)),
+                ratio(prepared_ratio),
             );
         }
     }
@@ -138,6 +150,13 @@ pub fn section(s: &mut String, r: &Results) {
             );
         }
         (None, true) => {}
+    }
+    if !over_prepared.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nPrepared rows over {GOAL:.2} of the control: {}.",
+            over_prepared.join("; ")
+        );
     }
     cost_table(s, r);
     s.push_str(NVMEQD_NOTES);
@@ -173,7 +192,7 @@ fn cost_table(s: &mut String, r: &Results) {
     );
     let _ = writeln!(
         s,
-        "| size | submit: engine | control | reap: engine | control | submit + reap: engine | control | engine / control |\n|---|---|---|---|---|---|---|---|"
+        "| size | submit: engine | prepared | control | reap: engine | prepared | control | submit + reap: engine | prepared | control | engine / control | prepared / control |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     let fmt = |v: Option<f64>| match (v, group == ICOUNT_GROUP) {
         (Some(v), true) => format!("{v:.0}"),
@@ -182,22 +201,28 @@ fn cost_table(s: &mut String, r: &Results) {
     };
     for x in sizes {
         let get = |series: &str, op: &str| r.median(group, series, op, x);
-        let total = get("engine", "cost_total").zip(get("raw", "cost_total"));
+        let to_control = |series: &str| {
+            get(series, "cost_total")
+                .zip(get("raw", "cost_total"))
+                .map_or("–".into(), |(e, c)| {
+                    format!("**{:.3}** ({:+.0})", e / c, e - c)
+                })
+        };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             human_size(x),
             fmt(get("engine", "cost_submit")),
+            fmt(get("prepared", "cost_submit")),
             fmt(get("raw", "cost_submit")),
             fmt(get("engine", "cost_reap")),
+            fmt(get("prepared", "cost_reap")),
             fmt(get("raw", "cost_reap")),
             fmt(get("engine", "cost_total")),
+            fmt(get("prepared", "cost_total")),
             fmt(get("raw", "cost_total")),
-            total.map_or("–".into(), |(e, c)| format!(
-                "**{:.3}** ({:+.0})",
-                e / c,
-                e - c
-            )),
+            to_control("engine"),
+            to_control("prepared"),
         );
     }
 }
