@@ -139,6 +139,7 @@ pub fn section(s: &mut String, r: &Results) {
         }
         (None, true) => {}
     }
+    super::nvme_peer::section(s, r);
     cost_table(s, r);
     s.push_str(NVMEQD_NOTES);
 }
