@@ -6,18 +6,19 @@
 //! The peer is libvfn's `examples/perf` (a polled read loop over one I/O
 //! queue, each command one logical block into a 4 KiB page of its own),
 //! built outside this repository and put into the VM by the test bed
-//! (`DMABUF_P2P_BENCH_PEER`). Each round runs, in alternating order, the
-//! peer's `perf -q QD -t 1` and the engine's same loop for the same time:
-//! one polled, spinning I/O queue of depth QD, sequential one-block Reads
-//! into host RAM, resubmitting after each completion taken. Only one
+//! (`DMABUF_P2P_BENCH_PEER`). Each round runs `perf -q QD -t 1` and the
+//! engine's same loop for the same time, three ways: as part 9 drives it
+//! (`wait_any`, then `submit_read`), as the peer's loop does (every
+//! completion there taken, then that many Reads in one `batch`), and that
+//! second way with a PAUSE in its spin (a diagnostic: the engine's own
+//! spinning wait pauses); the order rotates from round to round. Only one
 //! driver may hold the controller at a time, so each side opens it for its
-//! round and closes it after: the engine's round opens its own
-//! `/dev/iommu`, the controller and the buffer and closes them all (no fd
-//! of this process to `/dev/iommu` or `/dev/vfio` is left, checked before
-//! the peer starts, so nothing of ours is bound or mapped); the peer's
-//! round ends when its process has exited (its fds closed by the kernel),
-//! and the engine's next open would fail if the controller were still
-//! bound.
+//! run and closes it after: the engine's run opens its own `/dev/iommu`,
+//! the controller and the buffer and closes them all (no fd of this
+//! process to `/dev/iommu` or `/dev/vfio` is left, checked before the next
+//! side starts, so nothing of ours is bound or mapped); the peer's run
+//! ends when its process has exited (its fds closed by the kernel), and
+//! the engine's next open would fail if the controller were still bound.
 
 use std::fs;
 use std::path::Path;
@@ -76,12 +77,18 @@ pub fn run(opts: &Opts, peer: &str) -> R<()> {
     }
     let mut lba = 0;
     let mut backend = None;
-    // The sides of a round: the engine two ways, and the peer.
-    let sides = [Some(Style::Plain), Some(Style::Batched), None];
+    // The sides of a round: the engine three ways (the third a
+    // diagnostic), and the peer.
+    let sides = [
+        Some(Style::Plain),
+        Some(Style::Batched { pause: false }),
+        Some(Style::Batched { pause: true }),
+        None,
+    ];
     for qd in DEPTHS {
-        let mut got: [Vec<Side>; 3] = Default::default();
+        let mut got: [Vec<Side>; 4] = Default::default();
         let mut walls = Vec::new();
-        opts.budget(7, 21, 60.0).repeat(|i| -> R<()> {
+        opts.budget(9, 41, 150.0).repeat(|i| -> R<()> {
             // Which goes first rotates from round to round.
             for k in 0..sides.len() {
                 let which = (i + k) % sides.len();
@@ -104,22 +111,47 @@ pub fn run(opts: &Opts, peer: &str) -> R<()> {
             Ok(())
         })?;
         let x = u64::from(qd);
-        let [plain, batched, theirs] = &got;
+        let [plain, batched, paused, theirs] = &got;
         let measures: [Measure; 2] = [
             ("iops", "iops", |s| s.iops),
             ("latency", "ns", |s| s.latency_ns),
         ];
         for (op, unit, f) in measures {
             let of = |v: &[Side]| Stats::of(&v.iter().map(f).collect::<Vec<f64>>());
-            let ratio = |v: &[Side]| {
-                let r: Vec<f64> = v.iter().zip(theirs).map(|(o, p)| f(o) / f(p)).collect();
+            let ratio = |v: &[Side], to: &[Side]| {
+                let r: Vec<f64> = v.iter().zip(to).map(|(o, p)| f(o) / f(p)).collect();
                 Stats::of(&r)
             };
             emit(GROUP, "peer", op, x, unit, &of(theirs));
             emit(GROUP, "engine", op, x, unit, &of(plain));
-            emit(GROUP, "ratio", op, x, "ratio", &ratio(plain));
+            emit(GROUP, "ratio", op, x, "ratio", &ratio(plain, theirs));
             emit(GROUP, "engine_batched", op, x, unit, &of(batched));
-            emit(GROUP, "ratio_batched", op, x, "ratio", &ratio(batched));
+            emit(
+                GROUP,
+                "ratio_batched",
+                op,
+                x,
+                "ratio",
+                &ratio(batched, theirs),
+            );
+            // Within the engine, per round: the diagnostics.
+            emit(GROUP, "engine_paused", op, x, unit, &of(paused));
+            emit(
+                GROUP,
+                "plain_over_batched",
+                op,
+                x,
+                "ratio",
+                &ratio(plain, batched),
+            );
+            emit(
+                GROUP,
+                "paused_over_batched",
+                op,
+                x,
+                "ratio",
+                &ratio(paused, batched),
+            );
         }
         emit(GROUP, "peer", "wall", x, "ns", &Stats::of(&walls));
     }
@@ -204,8 +236,10 @@ enum Style {
     Plain,
     /// As the peer's loop does: every completion there is taken
     /// (`poll`, one head doorbell), then as many Reads submitted in one
-    /// `batch` (one tail doorbell).
-    Batched,
+    /// `batch` (one tail doorbell). With `pause`, a `spin_loop` hint (x86
+    /// PAUSE) after each look that found nothing, as the engine's own
+    /// spinning wait does: the diagnostic that tells the two apart.
+    Batched { pause: bool },
 }
 
 /// QD `qd` for [`ROUND_SECS`]: fill the queue, then resubmit into each
@@ -253,7 +287,7 @@ fn engine_loop(
         free.clear();
         match style {
             Style::Plain => free.push(q.wait_any(TIMEOUT)?),
-            Style::Batched => {
+            Style::Batched { pause } => {
                 let spinning = Instant::now();
                 while free.is_empty() {
                     while let Some(d) = q.poll()? {
@@ -261,6 +295,9 @@ fn engine_loop(
                     }
                     if spinning.elapsed() > TIMEOUT {
                         return Err("engine: no completion within 20 s".into());
+                    }
+                    if pause && free.is_empty() {
+                        std::hint::spin_loop();
                     }
                 }
             }
@@ -288,7 +325,7 @@ fn engine_loop(
                 sent_at[usize::from(id.cid())] = Some(t);
                 lba_of[usize::from(page)] = l;
             }
-            Style::Batched => {
+            Style::Batched { .. } => {
                 let mut batch = q.batch();
                 for d in &free {
                     let page = page_of[usize::from(d.id.cid())];

@@ -143,6 +143,7 @@ pub fn section(s: &mut String, r: &Results) {
             );
         }
     }
+    diagnostics(s, r);
     let walls: Vec<String> = [1u64, 32]
         .iter()
         .filter_map(|qd| {
@@ -159,6 +160,37 @@ pub fn section(s: &mut String, r: &Results) {
         );
     }
     s.push_str(PEER_NOTES);
+}
+
+/// Within the engine, per round (median, min–max): the part-9 loop against
+/// the peer-style loop, and the peer-style loop with a PAUSE in its spin
+/// against without.
+fn diagnostics(s: &mut String, r: &Results) {
+    let line = |series: &str| {
+        let cells: Vec<String> = ROWS
+            .iter()
+            .filter_map(|(op, qd, what, _)| {
+                let x = r.get(GROUP, series, op, *qd)?;
+                Some(format!(
+                    "{what} **{:.3}** ({:.2}–{:.2})",
+                    x.median?, x.min?, x.max?
+                ))
+            })
+            .collect();
+        cells.join("; ")
+    };
+    let plain = line("plain_over_batched");
+    let paused = line("paused_over_batched");
+    if plain.is_empty() && paused.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\nWithin the engine, the same rounds, ratio per round (median, min–max):\n\n\
+         - `wait_any` + `submit_read` / `poll` + `batch`: {plain}.\n\
+         - `poll` + `batch` with a `std::hint::spin_loop()` (x86 PAUSE) after each empty look \
+         at the completion queue, as the engine's spinning wait has / without: {paused}."
+    );
 }
 
 /// How the peer was obtained and built, and what the run says.
