@@ -9,9 +9,10 @@
 //! (`DMABUF_P2P_BENCH_PEER`). Each round runs `perf -q QD -t 1` and the
 //! engine's same loop for the same time, three ways: as part 9 drives it
 //! (`wait_any`, then `submit_read`), as the peer's loop does (every
-//! completion there taken, then that many Reads in one `batch`), and that
-//! second way with a PAUSE in its spin (a diagnostic: the engine's own
-//! spinning wait pauses); the order rotates from round to round. Only one
+//! completion there taken, then that many Reads in one `batch`), and the
+//! first way on a queue 64 deep whatever the commands in flight (a
+//! diagnostic: the peer's queue is 2048 deep); the order rotates from
+//! round to round. Only one
 //! driver may hold the controller at a time, so each side opens it for its
 //! run and closes it after: the engine's run opens its own `/dev/iommu`,
 //! the controller and the buffer and closes them all (no fd of this
@@ -41,6 +42,10 @@ use crate::{Opts, R};
 pub const GROUP: &str = "nvmepeer";
 /// The queue depths compared.
 const DEPTHS: [u16; 2] = [1, 32];
+/// The diagnostic side's queue depth (its rings one entry more), whatever
+/// the commands in flight: the engine's queue is otherwise QD deep (a ring
+/// of QD + 1 entries), the peer's 2048 (CAP.MQES + 1).
+const DEEP_RING: u16 = 64;
 /// Seconds each side runs in a round (the peer's `-t`, whole seconds).
 const ROUND_SECS: u64 = 1;
 /// A page per command, as the peer's buffer has.
@@ -52,12 +57,13 @@ const PEER_GRACE: Duration = Duration::from_secs(60);
 /// A measure of a round: its name, unit and value.
 type Measure = (&'static str, &'static str, fn(&Side) -> f64);
 
-/// One side's round: completions per second, and the mean time from
-/// submitting a command to taking its completion.
+/// One side's round: completions per second, and the mean and the
+/// shortest time from submitting a command to taking its completion.
 #[derive(Debug, Clone, Copy)]
 struct Side {
     iops: f64,
     latency_ns: f64,
+    fastest_ns: f64,
 }
 
 /// The part: `peer` is the peer's `perf` in the VM.
@@ -78,11 +84,12 @@ pub fn run(opts: &Opts, peer: &str) -> R<()> {
     let mut lba = 0;
     let mut backend = None;
     // The sides of a round: the engine three ways (the third a
-    // diagnostic), and the peer.
+    // diagnostic: the first on a queue of DEEP_RING commands, still QD in
+    // flight), and the peer.
     let sides = [
-        Some(Style::Plain),
-        Some(Style::Batched { pause: false }),
-        Some(Style::Batched { pause: true }),
+        Some((Style::Plain, None)),
+        Some((Style::Batched, None)),
+        Some((Style::Plain, Some(DEEP_RING))),
         None,
     ];
     for qd in DEPTHS {
@@ -92,8 +99,11 @@ pub fn run(opts: &Opts, peer: &str) -> R<()> {
             // Which goes first rotates from round to round.
             for k in 0..sides.len() {
                 let which = (i + k) % sides.len();
-                if let Some(style) = sides[which] {
-                    got[which].push(engine_round(address, qd, style, blocks, block, &mut lba)?);
+                if let Some((style, ring)) = sides[which] {
+                    let queue = ring.unwrap_or(qd);
+                    got[which].push(engine_round(
+                        address, qd, queue, style, blocks, block, &mut lba,
+                    )?);
                     let held = vfio_fds(Path::new("/proc/self/fd"));
                     if !held.is_empty() {
                         return Err(format!(
@@ -111,10 +121,11 @@ pub fn run(opts: &Opts, peer: &str) -> R<()> {
             Ok(())
         })?;
         let x = u64::from(qd);
-        let [plain, batched, paused, theirs] = &got;
-        let measures: [Measure; 2] = [
+        let [plain, batched, deep, theirs] = &got;
+        let measures: [Measure; 3] = [
             ("iops", "iops", |s| s.iops),
             ("latency", "ns", |s| s.latency_ns),
+            ("fastest", "ns", |s| s.fastest_ns),
         ];
         for (op, unit, f) in measures {
             let of = |v: &[Side]| Stats::of(&v.iter().map(f).collect::<Vec<f64>>());
@@ -135,7 +146,7 @@ pub fn run(opts: &Opts, peer: &str) -> R<()> {
                 &ratio(batched, theirs),
             );
             // Within the engine, per round: the diagnostics.
-            emit(GROUP, "engine_paused", op, x, unit, &of(paused));
+            emit(GROUP, "engine_deep", op, x, unit, &of(deep));
             emit(
                 GROUP,
                 "plain_over_batched",
@@ -146,11 +157,11 @@ pub fn run(opts: &Opts, peer: &str) -> R<()> {
             );
             emit(
                 GROUP,
-                "paused_over_batched",
+                "deep_over_plain",
                 op,
                 x,
                 "ratio",
-                &ratio(paused, batched),
+                &ratio(deep, plain),
             );
         }
         emit(GROUP, "peer", "wall", x, "ns", &Stats::of(&walls));
@@ -191,9 +202,11 @@ fn namespace(address: PciAddress) -> R<(u64, u64)> {
 }
 
 /// The engine's round: everything opened for it and closed after.
+#[allow(clippy::too_many_arguments)]
 fn engine_round(
     address: PciAddress,
     qd: u16,
+    queue_depth: u16,
     style: Style,
     blocks: u64,
     block: u64,
@@ -202,7 +215,7 @@ fn engine_round(
     let iommufd = Iommufd::open()?;
     let ioas = iommufd.alloc_ioas()?;
     let polled = QueueOptions::new()
-        .depth(qd)
+        .depth(queue_depth)
         .completion(Completion::Polling)
         .spin(Duration::MAX);
     let mut nvme = Nvme::open_with_options(
@@ -236,10 +249,8 @@ enum Style {
     Plain,
     /// As the peer's loop does: every completion there is taken
     /// (`poll`, one head doorbell), then as many Reads submitted in one
-    /// `batch` (one tail doorbell). With `pause`, a `spin_loop` hint (x86
-    /// PAUSE) after each look that found nothing, as the engine's own
-    /// spinning wait does: the diagnostic that tells the two apart.
-    Batched { pause: bool },
+    /// `batch` (one tail doorbell).
+    Batched,
 }
 
 /// QD `qd` for [`ROUND_SECS`]: fill the queue, then resubmit into each
@@ -281,13 +292,13 @@ fn engine_loop(
         }
         batch.submit()?;
     }
-    let (mut done, mut total_ns) = (0u64, 0.0);
+    let (mut done, mut total_ns, mut fastest_ns) = (0u64, 0.0, f64::INFINITY);
     let mut free = Vec::with_capacity(depth);
     let elapsed = loop {
         free.clear();
         match style {
             Style::Plain => free.push(q.wait_any(TIMEOUT)?),
-            Style::Batched { pause } => {
+            Style::Batched => {
                 let spinning = Instant::now();
                 while free.is_empty() {
                     while let Some(d) = q.poll()? {
@@ -295,9 +306,6 @@ fn engine_loop(
                     }
                     if spinning.elapsed() > TIMEOUT {
                         return Err("engine: no completion within 20 s".into());
-                    }
-                    if pause && free.is_empty() {
-                        std::hint::spin_loop();
                     }
                 }
             }
@@ -308,7 +316,9 @@ fn engine_loop(
             if !d.is_success() {
                 return Err(format!("engine: a Read failed: {}", d.status).into());
             }
-            total_ns += sent.elapsed().as_secs_f64() * 1e9;
+            let ns = sent.elapsed().as_secs_f64() * 1e9;
+            total_ns += ns;
+            fastest_ns = fastest_ns.min(ns);
             done += 1;
         }
         let elapsed = start.elapsed();
@@ -325,7 +335,7 @@ fn engine_loop(
                 sent_at[usize::from(id.cid())] = Some(t);
                 lba_of[usize::from(page)] = l;
             }
-            Style::Batched { .. } => {
+            Style::Batched => {
                 let mut batch = q.batch();
                 for d in &free {
                     let page = page_of[usize::from(d.id.cid())];
@@ -357,6 +367,7 @@ fn engine_loop(
     Ok(Side {
         iops: done as f64 / elapsed.as_secs_f64(),
         latency_ns: total_ns / done as f64,
+        fastest_ns,
     })
 }
 
@@ -414,9 +425,10 @@ fn parse_perf(text: &str) -> Option<Side> {
         .collect::<Result<_, _>>()
         .ok()?;
     match v[..] {
-        [iops, _, lavg, _, _] if iops > 0.0 => Some(Side {
+        [iops, _, lavg, lmin, _] if iops > 0.0 => Some(Side {
             iops,
             latency_ns: lavg * 1e3,
+            fastest_ns: lmin * 1e3,
         }),
         _ => None,
     }
@@ -462,6 +474,7 @@ mod tests {
         let s = parse_perf(text).unwrap();
         assert_eq!(s.iops, 9560.0);
         assert!((s.latency_ns - 104_380.0).abs() < 1e-6);
+        assert!((s.fastest_ns - 17_750.0).abs() < 1e-6);
         assert!(parse_perf("      iops       mbps       lavg       lmin       lmax\n").is_none());
         assert!(parse_perf("perf: failed to init nvme controller\n").is_none());
     }
