@@ -239,9 +239,9 @@ in one `batch`), it is within the noise of the peer at QD32 (0.983 here,
 0.981 and 0.925 then) and at QD1 in two runs of three (0.937 here, 0.999
 then, 0.707 in the 22:26 run); the round's fastest QD1 command is still
 slower than the peer's (21.8 µs against 18.3 µs, 1.17). The rounds
-spread widely (min-max of a ratio 0.1-20: another engineer's VMs shared
-the 2 cores), so only medians over 25-30 rounds and the agreement of runs
-mean anything here.
+spread widely (a ratio's min-max reaches 0.14-12 in this run, 0.01-44
+in the first: other engineers' VMs shared the 2 cores), so only medians
+over 28-29 rounds and the agreement of runs mean anything here.
 
 **Where the time goes.**
 
