@@ -180,8 +180,21 @@ struct Slot {
     msix: Option<Unreachable>,
     export: Option<BarExport>,
     placed: Option<Placed>,
+    /// An unmapped handle of the export, kept from the last unmap for the
+    /// next map (a BAR moved: no handle built again). Holds the export's
+    /// dma-buf: closed with it.
+    spare: Option<IoasMapping>,
     /// The last refusal, while no mapping stands.
     refused: Option<Unreachable>,
+}
+
+impl Slot {
+    /// Closes the BAR's export (the device is going): the spare handle
+    /// holds its dma-buf too.
+    fn close_export(&mut self) {
+        self.spare = None;
+        self.export = None;
+    }
 }
 
 /// A BAR's area in the IOAS.
@@ -647,7 +660,7 @@ impl GuestBarMap {
         d.gone = Some(RevokeReason::Unplug);
         self.unmap_all(d, limits, id.slot, "unplug requested");
         for s in &mut d.bars {
-            s.export = None;
+            s.close_export();
         }
         d.hub_seq = d.dev.hub().change_count();
         self.retry_waiting(&mut st);

@@ -219,7 +219,14 @@ impl GuestBarMap {
                         warn!("{} BAR{i}: unmapping GPA {old:#x} failed: {e}", ctx.address);
                     }
                     limits.release(key, old);
-                    s.placed = None;
+                    // The unmapped handle is kept for this BAR's next map
+                    // (a move's second dword): the same buffer at another
+                    // GPA, without building a handle again.
+                    if let Some(p) = s.placed.take()
+                        && !p.map.is_mapped()
+                    {
+                        s.spare = Some(p.map);
+                    }
                     released = true;
                     moved_from = Some(old);
                     if let Err(why) = &want {
@@ -235,13 +242,14 @@ impl GuestBarMap {
                 return released;
             }
         };
-        let checked = limits.check(key, gpa, size).or_else(|why| {
+        let mapped = |g, n| self.ioas.has_mapped_area_in(g, n);
+        let checked = limits.check(key, gpa, size, mapped).or_else(|why| {
             // The cached ranges may be stale: ask before refusing.
             if matches!(why, Unreachable::OutsideIovaRanges { .. })
                 && let Ok(r) = self.ioas.iova_ranges()
             {
                 limits.set_usable(&r);
-                return limits.check(key, gpa, size);
+                return limits.check(key, gpa, size, mapped);
             }
             Err(why)
         });
@@ -295,22 +303,31 @@ impl GuestBarMap {
         gpa: u64,
         size: u64,
     ) -> std::result::Result<IoasMapping, Unreachable> {
-        #[allow(clippy::cast_possible_truncation)]
-        let bar = i as u32;
-        if s.export.is_none() {
-            let export = ctx
-                .dev
-                .export_bar(bar, &[ByteRange::new(0, size)])
-                .map_err(|e| refusal(&e))?;
-            s.export = Some(export);
-        }
-        let Some(export) = &s.export else {
-            return Err(Unreachable::Unassigned);
+        let mapped = if let Some(mut m) = s.spare.take() {
+            match m.map_again_at(gpa) {
+                Ok(()) => Ok(m),
+                Err(e) => {
+                    s.spare = Some(m);
+                    Err(e)
+                }
+            }
+        } else {
+            #[allow(clippy::cast_possible_truncation)]
+            let bar = i as u32;
+            if s.export.is_none() {
+                let export = ctx
+                    .dev
+                    .export_bar(bar, &[ByteRange::new(0, size)])
+                    .map_err(|e| refusal(&e))?;
+                s.export = Some(export);
+            }
+            let Some(export) = &s.export else {
+                return Err(Unreachable::Unassigned);
+            };
+            self.ioas
+                .map_dmabuf(export.dmabuf(), IovaPlacement::Fixed(gpa), self.perms)
         };
-        match self
-            .ioas
-            .map_dmabuf(export.dmabuf(), IovaPlacement::Fixed(gpa), self.perms)
-        {
+        match mapped {
             Ok(m) => Ok(m),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 // The kernel's ranges are the authority: name them.
@@ -321,7 +338,7 @@ impl GuestBarMap {
                         slot: ctx.slot,
                         bar: i as u8,
                     };
-                    limits.check(key, gpa, size)?;
+                    limits.check(key, gpa, size, |g, n| self.ioas.has_mapped_area_in(g, n))?;
                 }
                 Err(refusal(&e))
             }
@@ -467,7 +484,7 @@ impl GuestBarMap {
                 d.gone = Some(r);
                 self.unmap_all(d, limits, slot, "the device is gone");
                 for s in &mut d.bars {
-                    s.export = None;
+                    s.close_export();
                 }
             }
             BufferState::Revoked(r) => self.mark_dead(d, r),
