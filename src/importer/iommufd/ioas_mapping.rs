@@ -730,7 +730,9 @@ impl IoasMapping {
     /// handle. If the map fails, the handle stays unmapped.
     #[inline]
     pub(crate) fn map_again_at(&mut self, iova: u64) -> Result<()> {
-        self.unmap()?;
+        if self.mapped {
+            self.unmap()?;
+        }
         self.iova = iova;
         // SAFETY: a file source maps kernel-owned pages; for user memory the
         // contract of `Ioas::map_user` covers device access until this

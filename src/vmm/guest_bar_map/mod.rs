@@ -179,28 +179,31 @@ struct Slot {
     /// It holds the MSI-X table or PBA (the typed reason it is not offered).
     msix: Option<Unreachable>,
     export: Option<BarExport>,
+    /// The export's handle in the IOAS, built at its first map and kept:
+    /// mapped while `placed` is set (live or dead), unmapped otherwise and
+    /// mapped again in place at the next GPA (a move, a restore). Holds the
+    /// export's dma-buf: closed with it.
+    area: Option<IoasMapping>,
+    /// Where `area` is mapped.
     placed: Option<Placed>,
-    /// An unmapped handle of the export, kept from the last unmap for the
-    /// next map (a BAR moved: no handle built again). Holds the export's
-    /// dma-buf: closed with it.
-    spare: Option<IoasMapping>,
     /// The last refusal, while no mapping stands.
     refused: Option<Unreachable>,
 }
 
 impl Slot {
-    /// Closes the BAR's export (the device is going): the spare handle
-    /// holds its dma-buf too.
+    /// Closes the BAR's export (the device is going): its handle in the
+    /// IOAS holds the dma-buf too.
     fn close_export(&mut self) {
-        self.spare = None;
+        self.area = None;
         self.export = None;
     }
 }
 
-/// A BAR's area in the IOAS.
+/// Where a BAR's area is mapped in the IOAS (its handle is the slot's
+/// `area`): small, so that a move touches no handle but to map it.
+#[derive(Clone, Copy)]
 struct Placed {
     gpa: u64,
-    map: IoasMapping,
     /// Why the kernel revoked it, if it did (the area is dead).
     dead: Option<RevokeReason>,
 }

@@ -184,12 +184,13 @@ impl GuestBarMap {
         let want = Self::want(ctx, s);
         let mut released = false;
         let mut moved_from = None;
-        if let Some(p) = &mut s.placed {
+        // (`placed` without a handle cannot be: mapped afresh below.)
+        if let (Some(p), Some(area)) = (&mut s.placed, &mut s.area) {
             match &want {
                 Ok(gpa) if *gpa == p.gpa && p.dead.is_none() => return false,
                 Ok(gpa) if *gpa == p.gpa => {
                     // Dead at the right GPA: unmap and map again.
-                    match p.map.remap() {
+                    match area.remap() {
                         Ok(()) => {
                             let why = p.dead.take();
                             info!(
@@ -215,18 +216,15 @@ impl GuestBarMap {
                 }
                 _ => {
                     let old = p.gpa;
-                    if let Err(e) = p.map.unmap() {
+                    // The handle stays for the next map (a move's second
+                    // dword): the same buffer at another GPA, in place.
+                    if let Err(e) = area.unmap() {
                         warn!("{} BAR{i}: unmapping GPA {old:#x} failed: {e}", ctx.address);
+                        // Dropped: its drop tries the unmap once more.
+                        s.area = None;
                     }
+                    s.placed = None;
                     limits.release(key, old);
-                    // The unmapped handle is kept for this BAR's next map
-                    // (a move's second dword): the same buffer at another
-                    // GPA, without building a handle again.
-                    if let Some(p) = s.placed.take()
-                        && !p.map.is_mapped()
-                    {
-                        s.spare = Some(p.map);
-                    }
                     released = true;
                     moved_from = Some(old);
                     if let Err(why) = &want {
@@ -255,7 +253,7 @@ impl GuestBarMap {
         });
         let mapped = checked.and_then(|()| self.map_at(ctx, limits, i, s, gpa, size));
         match (mapped, moved_from) {
-            (Ok(map), from) => {
+            (Ok(()), from) => {
                 limits.claim(key, ctx.address, gpa, size);
                 match from {
                     Some(old) => info!(
@@ -269,11 +267,7 @@ impl GuestBarMap {
                         human_size(size)
                     ),
                 }
-                s.placed = Some(Placed {
-                    gpa,
-                    map,
-                    dead: None,
-                });
+                s.placed = Some(Placed { gpa, dead: None });
                 set_refused(limits, s, None);
             }
             (Err(why), from) => {
@@ -293,7 +287,8 @@ impl GuestBarMap {
         released
     }
 
-    /// Exports BAR `i` (once) and maps it at `gpa`.
+    /// Maps BAR `i` at `gpa`: its handle again, in place, or for the first
+    /// time (exported once).
     pub(super) fn map_at(
         &self,
         ctx: &Ctx<'_>,
@@ -302,15 +297,9 @@ impl GuestBarMap {
         s: &mut Slot,
         gpa: u64,
         size: u64,
-    ) -> std::result::Result<IoasMapping, Unreachable> {
-        let mapped = if let Some(mut m) = s.spare.take() {
-            match m.map_again_at(gpa) {
-                Ok(()) => Ok(m),
-                Err(e) => {
-                    s.spare = Some(m);
-                    Err(e)
-                }
-            }
+    ) -> std::result::Result<(), Unreachable> {
+        let mapped = if let Some(area) = &mut s.area {
+            area.map_again_at(gpa)
         } else {
             #[allow(clippy::cast_possible_truncation)]
             let bar = i as u32;
@@ -326,9 +315,10 @@ impl GuestBarMap {
             };
             self.ioas
                 .map_dmabuf(export.dmabuf(), IovaPlacement::Fixed(gpa), self.perms)
+                .map(|m| s.area = Some(m))
         };
         match mapped {
-            Ok(m) => Ok(m),
+            Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 // The kernel's ranges are the authority: name them.
                 if let Ok(r) = self.ioas.iova_ranges() {
@@ -373,12 +363,16 @@ impl GuestBarMap {
     ) -> bool {
         let mut released = false;
         for (i, s) in d.bars.iter_mut().enumerate() {
-            if let Some(mut p) = s.placed.take() {
-                if let Err(e) = p.map.unmap() {
+            if let Some(p) = s.placed.take() {
+                if let Some(area) = &mut s.area
+                    && let Err(e) = area.unmap()
+                {
                     warn!(
                         "{} BAR{i}: unmapping GPA {:#x} failed: {e}",
                         d.address, p.gpa
                     );
+                    // Dropped: its drop tries the unmap once more.
+                    s.area = None;
                 }
                 #[allow(clippy::cast_possible_truncation)]
                 limits.release(BarKey { slot, bar: i as u8 }, p.gpa);
