@@ -7,6 +7,7 @@
 
 use crate::importer::iommufd::{IovaRange, IovaRanges};
 use crate::pci::{BAR_COUNT, PciAddress};
+use crate::range::ByteRange;
 
 use super::unreachable::{Unreachable, address_width};
 
@@ -40,6 +41,10 @@ pub(crate) struct Limits {
     /// taken is asked of the IOAS's own set of mapped areas (sorted, one
     /// search); this names who holds one, when one is.
     held: Vec<Option<Held>>,
+    /// The ranges of held spans that are not mapped (a BAR's MSI-X table
+    /// and PBA pages), with their BAR: not in the IOAS's area set, still
+    /// the BAR's. Few (empty unless such a BAR is offered).
+    holes: Vec<(u64, u64, BarKey)>,
     /// How many BARs are refused for a reason others' changes may lift
     /// (kept by the map, so that a change looks for them only if any).
     pub(crate) waiting: usize,
@@ -110,7 +115,12 @@ impl Limits {
                 label: label.clone(),
             });
         }
-        if mapped(gpa, size) {
+        if mapped(gpa, size)
+            || self
+                .holes
+                .iter()
+                .any(|&(s, l, k)| k != key && s <= last && gpa <= l)
+        {
             return self.overlapping(key, gpa, last);
         }
         Ok(())
@@ -150,12 +160,26 @@ impl Limits {
         }
     }
 
-    /// Records that `key` holds `[gpa, gpa + size)` (checked before).
+    /// Records that `key` holds `[gpa, gpa + size)` (checked before), of
+    /// which `holes` (offsets in it) are not mapped.
     #[inline]
-    pub(crate) fn claim(&mut self, key: BarKey, device: PciAddress, gpa: u64, size: u64) {
+    pub(crate) fn claim(
+        &mut self,
+        key: BarKey,
+        device: PciAddress,
+        gpa: u64,
+        size: u64,
+        holes: &[ByteRange],
+    ) {
         let Some(last) = last_of(gpa, size) else {
             return;
         };
+        for h in holes {
+            if let Some(hl) = last_of(gpa.saturating_add(h.offset), h.length) {
+                self.holes
+                    .push((gpa.saturating_add(h.offset), hl.min(last), key));
+            }
+        }
         let i = index(key);
         if i >= self.held.len() {
             self.held.resize(i + 1, None);
@@ -174,6 +198,9 @@ impl Limits {
             && h.is_some_and(|h| h.start == gpa)
         {
             *h = None;
+            if !self.holes.is_empty() {
+                self.holes.retain(|&(_, _, k)| k != key);
+            }
         }
     }
 }
@@ -246,7 +273,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        l.claim(key(0, 2), dev, 0xc000_0000, 1 << 20);
+        l.claim(key(0, 2), dev, 0xc000_0000, 1 << 20, &[]);
         areas.insert(0xc000_0000, 1 << 20);
         // Its own claim does not count against it (a remap at the same GPA).
         assert!(check(&l, &areas, key(0, 2), 0xc000_0000, 1 << 20).is_ok());
@@ -279,7 +306,7 @@ mod tests {
             let key = key(k / 6, (k % 6) as u8);
             let gpa = 0x1_0000_0000 + u64::from(k) * 0x1_0000;
             assert!(check(&l, &areas, key, gpa, 0x1_0000).is_ok());
-            l.claim(key, dev, gpa, 0x1_0000);
+            l.claim(key, dev, gpa, 0x1_0000, &[]);
             areas.insert(gpa, 0x1_0000);
         }
         // BAR 3 of 0000:04:07.0 is the 46th: 0x1_002d_0000.
@@ -305,6 +332,7 @@ mod tests {
             "0000:04:07.0".parse().unwrap(),
             0x2_0000_0000,
             0x1_0000,
+            &[],
         );
         areas.insert(0x2_0000_0000, 0x1_0000);
         l.release(key(7, 3), 0x1_002d_0000);
@@ -312,6 +340,24 @@ mod tests {
             check(&l, &areas, key(0, 0), 0x2_0000_0000, 0x1000),
             Err(Unreachable::OverlapsBar { other_bar: 3, .. })
         ));
+        // A BAR with a hole (its MSI-X table's page, not mapped): the hole
+        // is still its own.
+        l.claim(
+            key(30, 0),
+            "0000:05:00.0".parse().unwrap(),
+            0x4_0000_0000,
+            0x4000,
+            &[ByteRange::new(0x2000, 0x2000)],
+        );
+        areas.insert(0x4_0000_0000, 0x2000);
+        assert!(matches!(
+            check(&l, &areas, key(0, 0), 0x4_0000_3000, 0x1000),
+            Err(Unreachable::OverlapsBar { other_bar: 0, .. })
+        ));
+        assert!(check(&l, &areas, key(30, 0), 0x4_0000_3000, 0x1000).is_ok());
+        l.release(key(30, 0), 0x4_0000_0000);
+        areas.remove(0x4_0000_0000, 0x2000);
+        assert!(check(&l, &areas, key(0, 0), 0x4_0000_3000, 0x1000).is_ok());
         // An area of the IOAS that no BAR holds is left to the kernel.
         areas.insert(0x3_0000_0000, 0x1000);
         assert!(check(&l, &areas, key(0, 0), 0x3_0000_0000, 0x1000).is_ok());

@@ -184,13 +184,12 @@ impl GuestBarMap {
         let want = Self::want(ctx, s);
         let mut released = false;
         let mut moved_from = None;
-        // (`placed` without a handle cannot be: mapped afresh below.)
-        if let (Some(p), Some(area)) = (&mut s.placed, &mut s.area) {
+        if let Some(p) = &mut s.placed {
             match &want {
                 Ok(gpa) if *gpa == p.gpa && p.dead.is_none() => return false,
                 Ok(gpa) if *gpa == p.gpa => {
                     // Dead at the right GPA: unmap and map again.
-                    match area.remap() {
+                    match remap_parts(&mut s.parts) {
                         Ok(()) => {
                             let why = p.dead.take();
                             info!(
@@ -207,6 +206,7 @@ impl GuestBarMap {
                                 "{} BAR{i} at GPA {gpa:#x}: restore failed: {why}",
                                 ctx.address
                             );
+                            unmap_parts(&mut s.parts, ctx.address, i, p.gpa);
                             limits.release(key, p.gpa);
                             s.placed = None;
                             set_refused(limits, s, Some(why));
@@ -216,13 +216,9 @@ impl GuestBarMap {
                 }
                 _ => {
                     let old = p.gpa;
-                    // The handle stays for the next map (a move's second
-                    // dword): the same buffer at another GPA, in place.
-                    if let Err(e) = area.unmap() {
-                        warn!("{} BAR{i}: unmapping GPA {old:#x} failed: {e}", ctx.address);
-                        // Dropped: its drop tries the unmap once more.
-                        s.area = None;
-                    }
+                    // The handles stay for the next map (a move's second
+                    // dword): the same buffers at another GPA, in place.
+                    unmap_parts(&mut s.parts, ctx.address, i, old);
                     s.placed = None;
                     limits.release(key, old);
                     released = true;
@@ -254,7 +250,7 @@ impl GuestBarMap {
         let mapped = checked.and_then(|()| self.map_at(ctx, limits, i, s, gpa, size));
         match (mapped, moved_from) {
             (Ok(()), from) => {
-                limits.claim(key, ctx.address, gpa, size);
+                limits.claim(key, ctx.address, gpa, size, &s.holes);
                 match from {
                     Some(old) => info!(
                         "{} BAR{i} ({}) moved: GPA {old:#x} -> {gpa:#x}",
@@ -287,8 +283,9 @@ impl GuestBarMap {
         released
     }
 
-    /// Maps BAR `i` at `gpa`: its handle again, in place, or for the first
-    /// time (exported once).
+    /// Maps BAR `i`'s parts at `gpa`: their handles again, in place, or
+    /// for the first time (each exported once). All or none: a part that
+    /// fails unmaps the parts mapped before it.
     pub(super) fn map_at(
         &self,
         ctx: &Ctx<'_>,
@@ -298,28 +295,24 @@ impl GuestBarMap {
         gpa: u64,
         size: u64,
     ) -> std::result::Result<(), Unreachable> {
-        let mapped = if let Some(area) = &mut s.area {
-            area.map_again_at(gpa)
-        } else {
-            #[allow(clippy::cast_possible_truncation)]
-            let bar = i as u32;
-            if s.export.is_none() {
-                let export = ctx
-                    .dev
-                    .export_bar(bar, &[ByteRange::new(0, size)])
-                    .map_err(|e| refusal(&e))?;
-                s.export = Some(export);
+        let mut failed = None;
+        let mut done = 0;
+        for part in &mut s.parts {
+            match self.map_part(ctx, i, part, gpa) {
+                Ok(()) => done += 1,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
             }
-            let Some(export) = &s.export else {
-                return Err(Unreachable::Unassigned);
-            };
-            self.ioas
-                .map_dmabuf(export.dmabuf(), IovaPlacement::Fixed(gpa), self.perms)
-                .map(|m| s.area = Some(m))
+        }
+        let Some(e) = failed else {
+            return Ok(());
         };
-        match mapped {
-            Ok(()) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+        unmap_parts(&mut s.parts[..done], ctx.address, i, gpa);
+        match e {
+            Failed::Export(why) => Err(why),
+            Failed::Map(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 // The kernel's ranges are the authority: name them.
                 if let Ok(r) = self.ioas.iova_ranges() {
                     limits.set_usable(&r);
@@ -332,8 +325,40 @@ impl GuestBarMap {
                 }
                 Err(refusal(&e))
             }
-            Err(e) => Err(refusal(&e)),
+            Failed::Map(e) => Err(refusal(&e)),
         }
+    }
+
+    /// Maps one part of BAR `i` at its offset from `gpa`.
+    #[inline]
+    fn map_part(
+        &self,
+        ctx: &Ctx<'_>,
+        i: usize,
+        part: &mut Part,
+        gpa: u64,
+    ) -> std::result::Result<(), Failed> {
+        let at = gpa.saturating_add(part.range.offset);
+        if let Some(area) = &mut part.area {
+            return area.map_again_at(at).map_err(Failed::Map);
+        }
+        if part.export.is_none() {
+            #[allow(clippy::cast_possible_truncation)]
+            let export = ctx
+                .dev
+                .export_bar(i as u32, &[part.range])
+                .map_err(|e| Failed::Export(refusal(&e)))?;
+            part.export = Some(export);
+        }
+        let Some(export) = &part.export else {
+            return Err(Failed::Export(Unreachable::Unassigned));
+        };
+        let area = self
+            .ioas
+            .map_dmabuf(export.dmabuf(), IovaPlacement::Fixed(at), self.perms)
+            .map_err(Failed::Map)?;
+        part.area = Some(area);
+        Ok(())
     }
 
     /// The kernel revoked the device's buffers: its live areas are dead
@@ -364,16 +389,7 @@ impl GuestBarMap {
         let mut released = false;
         for (i, s) in d.bars.iter_mut().enumerate() {
             if let Some(p) = s.placed.take() {
-                if let Some(area) = &mut s.area
-                    && let Err(e) = area.unmap()
-                {
-                    warn!(
-                        "{} BAR{i}: unmapping GPA {:#x} failed: {e}",
-                        d.address, p.gpa
-                    );
-                    // Dropped: its drop tries the unmap once more.
-                    s.area = None;
-                }
+                unmap_parts(&mut s.parts, d.address, i, p.gpa);
                 #[allow(clippy::cast_possible_truncation)]
                 limits.release(BarKey { slot, bar: i as u8 }, p.gpa);
                 info!(
@@ -478,7 +494,7 @@ impl GuestBarMap {
                 d.gone = Some(r);
                 self.unmap_all(d, limits, slot, "the device is gone");
                 for s in &mut d.bars {
-                    s.close_export();
+                    s.close_exports();
                 }
             }
             BufferState::Revoked(r) => self.mark_dead(d, r),
@@ -491,6 +507,46 @@ impl GuestBarMap {
             }
         }
     }
+}
+
+/// Why a part was not mapped: its export's refusal, or the map's error.
+enum Failed {
+    Export(Unreachable),
+    Map(Error),
+}
+
+/// Unmaps `parts` of BAR `i` of `address` (placed at `gpa`, for messages),
+/// keeping their handles for the next map; a handle whose unmap fails is
+/// dropped (its drop tries once more).
+fn unmap_parts(parts: &mut [Part], address: PciAddress, i: usize, gpa: u64) {
+    for part in parts {
+        if let Some(area) = &mut part.area
+            && let Err(e) = area.unmap()
+        {
+            warn!(
+                "{address} BAR{i}: unmapping GPA {:#x} failed: {e}",
+                gpa.saturating_add(part.range.offset)
+            );
+            part.area = None;
+        }
+    }
+}
+
+/// Maps every part again at its IOVA (a restore); stops at the first
+/// failure (the caller unmaps them all).
+fn remap_parts(parts: &mut [Part]) -> Result<()> {
+    for part in parts {
+        match &mut part.area {
+            Some(area) => area.remap()?,
+            None => {
+                return Err(Error::Revoked {
+                    buffer: format!("BAR part {}", part.range),
+                    source: None,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The typed reason for a library error met while exporting or mapping.
