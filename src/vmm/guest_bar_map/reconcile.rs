@@ -208,6 +208,7 @@ impl GuestBarMap {
                             );
                             unmap_parts(&mut s.parts, ctx.address, i, p.gpa);
                             limits.release(key, p.gpa);
+                            self.forget_holes(&s.holes, p.gpa);
                             s.placed = None;
                             set_refused(limits, s, Some(why));
                             return true;
@@ -221,6 +222,7 @@ impl GuestBarMap {
                     unmap_parts(&mut s.parts, ctx.address, i, old);
                     s.placed = None;
                     limits.release(key, old);
+                    self.forget_holes(&s.holes, old);
                     released = true;
                     moved_from = Some(old);
                     if let Err(why) = &want {
@@ -251,6 +253,12 @@ impl GuestBarMap {
         match (mapped, moved_from) {
             (Ok(()), from) => {
                 limits.claim(key, ctx.address, gpa, size, &s.holes);
+                // The table's pages stay unmapped: no automatic placement
+                // in the IOAS may put anything there either.
+                for h in &s.holes {
+                    self.ioas
+                        .declare_foreign_area(gpa.saturating_add(h.offset), h.length);
+                }
                 match from {
                     Some(old) => info!(
                         "{} BAR{i} ({}) moved: GPA {old:#x} -> {gpa:#x}",
@@ -361,6 +369,15 @@ impl GuestBarMap {
         Ok(())
     }
 
+    /// Undoes what placing a BAR with `holes` at `gpa` declared to the
+    /// IOAS's automatic placement.
+    fn forget_holes(&self, holes: &[ByteRange], gpa: u64) {
+        for h in holes {
+            self.ioas
+                .forget_foreign_area(gpa.saturating_add(h.offset), h.length);
+        }
+    }
+
     /// The kernel revoked the device's buffers: its live areas are dead
     /// (kept, so their GPAs stay reserved).
     pub(super) fn mark_dead(&self, d: &mut Device, reason: RevokeReason) {
@@ -392,6 +409,7 @@ impl GuestBarMap {
                 unmap_parts(&mut s.parts, d.address, i, p.gpa);
                 #[allow(clippy::cast_possible_truncation)]
                 limits.release(BarKey { slot, bar: i as u8 }, p.gpa);
+                self.forget_holes(&s.holes, p.gpa);
                 info!(
                     "{} BAR{i}: unmapped from GPA {:#x}: {why}",
                     d.address, p.gpa
