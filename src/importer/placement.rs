@@ -275,6 +275,7 @@ impl IovaSet {
     }
 
     /// Whether any of `[start, start + length)` is in the set.
+    #[inline]
     pub fn overlaps(&self, start: u64, length: u64) -> bool {
         let Some(last) = last_of(start, length) else {
             return false;
@@ -462,6 +463,13 @@ impl PlacementState {
     #[inline(always)]
     pub(crate) fn record_unmapped(&self, iova: u64, length: u64) {
         self.known().areas.remove(iova, length);
+    }
+
+    /// Whether any of `[iova, iova + length)` is mapped through a handle
+    /// of this IOAS.
+    #[inline]
+    pub(crate) fn overlaps_mapped(&self, iova: u64, length: u64) -> bool {
+        self.known().areas.overlaps(iova, length)
     }
 
     /// Records an area mapped by someone else, which automatic placement

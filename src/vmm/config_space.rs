@@ -99,6 +99,44 @@ impl Layout {
     }
 }
 
+impl Layout {
+    /// The parts of BAR `bar` (of `size` bytes) a peer may reach when it
+    /// holds the MSI-X table or PBA: the page-aligned ranges before, between
+    /// and after the pages the table and PBA touch (what VFIO's sparse mmap
+    /// offers a VMM, and what QEMU and cloud-hypervisor map around the
+    /// table), ascending. The whole BAR if it holds neither; empty if
+    /// nothing is left.
+    pub(crate) fn reachable_parts(&self, bar: u8, size: u64, page: u64) -> Vec<ByteRange> {
+        let mut holes: Vec<(u64, u64)> = [self.msix_table, self.msix_pba]
+            .into_iter()
+            .flatten()
+            .filter(|(b, r)| *b == bar && r.length > 0)
+            .map(|(_, r)| {
+                let start = r.offset - r.offset % page;
+                let end = r
+                    .offset
+                    .saturating_add(r.length)
+                    .div_ceil(page)
+                    .saturating_mul(page);
+                (start, end.min(size))
+            })
+            .collect();
+        holes.sort_unstable();
+        let mut parts = Vec::new();
+        let mut from = 0;
+        for (start, end) in holes {
+            if start > from && from < size {
+                parts.push(ByteRange::new(from, start.min(size) - from));
+            }
+            from = from.max(end);
+        }
+        if from < size {
+            parts.push(ByteRange::new(from, size - from));
+        }
+        parts
+    }
+}
+
 /// Whether `[offset, offset + len)` overlaps `[reg, reg + width)`.
 #[inline]
 pub(crate) fn overlaps(offset: u64, len: usize, reg: u64, width: u64) -> bool {
@@ -161,6 +199,44 @@ mod tests {
         // Table size field 0 in the hand-built chain: one entry.
         assert_eq!(l.msix_table, Some((0, ByteRange::new(0x2000, 16))));
         assert_eq!(l.msix_pba, Some((0, ByteRange::new(0x3000, 8))));
+    }
+
+    #[test]
+    fn the_parts_around_the_msix_table_and_pba_are_whole_pages() {
+        const P: u64 = 4096;
+        let l = Layout::of(&nvme_like());
+        // QEMU's NVMe: registers and doorbells, the table at 0x2000, the
+        // PBA at 0x3000, in a 16 KiB BAR: one part before.
+        assert_eq!(l.reachable_parts(0, 0x4000, P), [ByteRange::new(0, 0x2000)]);
+        // A larger BAR: the part after too.
+        assert_eq!(
+            l.reachable_parts(0, 0x10000, P),
+            [ByteRange::new(0, 0x2000), ByteRange::new(0x4000, 0xc000)]
+        );
+        // Another BAR holds neither: whole.
+        assert_eq!(l.reachable_parts(2, 0x8000, P), [ByteRange::new(0, 0x8000)]);
+        // Unaligned table and PBA with a page between them: their pages
+        // are left out, the page between is a part.
+        let mut odd = l;
+        odd.msix_table = Some((0, ByteRange::new(0x1800, 0x100)));
+        odd.msix_pba = Some((0, ByteRange::new(0x3f00, 0x200)));
+        assert_eq!(
+            odd.reachable_parts(0, 0x8000, P),
+            [
+                ByteRange::new(0, 0x1000),
+                ByteRange::new(0x2000, 0x1000),
+                ByteRange::new(0x5000, 0x3000)
+            ]
+        );
+        // Table and PBA in one page, at the start: the rest after it.
+        odd.msix_table = Some((0, ByteRange::new(0, 0x800)));
+        odd.msix_pba = Some((0, ByteRange::new(0x800, 8)));
+        assert_eq!(
+            odd.reachable_parts(0, 0x2000, P),
+            [ByteRange::new(0x1000, 0x1000)]
+        );
+        // Nothing left.
+        assert_eq!(odd.reachable_parts(0, 0x1000, P), []);
     }
 
     #[test]

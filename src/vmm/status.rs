@@ -6,7 +6,7 @@ use std::fmt;
 
 use super::unreachable::Unreachable;
 use crate::pci::PciAddress;
-use crate::range::human_size;
+use crate::range::{ByteRange, human_size};
 use crate::revoke::BufferState;
 
 /// A registered device, as
@@ -35,6 +35,19 @@ pub enum BarStatus {
         /// The BAR's size.
         size: u64,
     },
+    /// Mapped, live, at its guest-physical address, but for the pages of
+    /// the MSI-X table and PBA it holds: peers reach the rest, each part at
+    /// its offset from `gpa`.
+    MappedAroundMsix {
+        /// The guest-physical address (the IOVA of the BAR's first byte).
+        gpa: u64,
+        /// The BAR's size.
+        size: u64,
+        /// The BAR's ranges that are not mapped (offsets in the BAR).
+        not_mapped: Vec<ByteRange>,
+        /// Why not ([`Unreachable::HoldsMsix`]).
+        why: Unreachable,
+    },
     /// Not reachable, and why.
     Unreachable(Unreachable),
 }
@@ -43,6 +56,19 @@ impl fmt::Display for BarStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Mapped { gpa, .. } => write!(f, "mapped at GPA {gpa:#x}"),
+            Self::MappedAroundMsix {
+                gpa,
+                not_mapped,
+                why,
+                ..
+            } => {
+                let holes: Vec<String> = not_mapped.iter().map(ToString::to_string).collect();
+                write!(
+                    f,
+                    "mapped at GPA {gpa:#x} except BAR bytes {}: {why}",
+                    holes.join(", ")
+                )
+            }
             Self::Unreachable(why) => write!(f, "not reachable: {why}"),
         }
     }

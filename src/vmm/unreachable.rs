@@ -40,10 +40,11 @@ pub enum Unreachable {
     /// It holds the device's MSI-X table or PBA (`table`, `pba`: byte
     /// ranges in this BAR, when there). Linux 7.2's VFIO exports any
     /// page-aligned range of a BAR, the table's pages included, so a peer
-    /// could write the VMM's interrupt vectors; the map does not offer such
-    /// a BAR (a VMM that wants the rest reachable exports the pages around
-    /// the table itself, as QEMU's `vfio_pci_fixup_msix_region` does for
-    /// mmaps).
+    /// could write the VMM's interrupt vectors: the map never maps those
+    /// pages. It maps the pages around them (as QEMU and cloud-hypervisor
+    /// mmap around the table), and gives this reason for the pages it
+    /// leaves out ([`BarStatus::MappedAroundMsix`](super::BarStatus)), or
+    /// for the whole BAR when nothing else is left.
     HoldsMsix {
         /// The MSI-X table's bytes in this BAR.
         table: Option<ByteRange>,

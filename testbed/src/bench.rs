@@ -1511,37 +1511,50 @@ fn nvme_section(s: &mut String, r: &Results) {
 /// the bench's `vmm_trace` part (user space; strace showed the syscalls
 /// equal), so not in `results.json`; dated, and redone when the map's trap
 /// path changes.
-const VMM_WHERE: &str = "**Where the extra instructions go** (2026-12-07, at the code \
-     this table was run with). strace of the bench's `vmm_trace` part shows the map making \
+const VMM_WHERE: &str = "**Where the extra instructions go** (2026-12-07 23:05 UTC, at the \
+     code this table was run with). strace of the bench's `vmm_trace` part shows the map making \
      exactly the raw path's syscalls: decode off one `pwrite`; decode on the `pwrite`, \
      `IOMMU_IOAS_UNMAP` and `IOMMU_IOAS_MAP_FILE`; a move the unmap at the low dword's write \
      and the map at the high one's. So the difference is user space, which callgrind counts \
      on the same part (`DMABUF_P2P_BENCH_TOOLS=1 DMABUF_P2P_BENCH_VMM_JOB='valgrind \
      --tool=callgrind ... dmabuf-p2p-bench --only=vmm_trace=N' cargo xtask bench --only=vmm`): \
-     with 1 offered BAR, decode off costs 315 instructions more than the raw path's 35 \
+     with 1 offered BAR, decode off costs 313 instructions more than the raw path's 35 \
      (two locks the raw path needs none of, the map's and the device's `PCI_COMMAND` \
      transition lock, each with std's poison checks; the device's lookup and hub check; the \
      known-register update; the hub's own lock and state change; the log-level tests); decode \
-     on 692 more than 115 (the same, and the dead area's unmap and map through its \
-     `IoasMapping`, with the IOAS's area set updated under its lock); a BAR move 1211 more \
-     than 90, in two trapped writes of about 230 each (lock, lookup, hub check, the BAR \
-     register's shadow) and two reconciles of about 380 (the GPA checked against the usable \
-     ranges, the VMM's mappings and the other BARs; a new `IoasMapping` at the new GPA, the \
-     old one unmapped and dropped; the BAR claims and the IOAS's area set updated; the \
-     half-programmed refusal kept and dropped). These match the table's differences to within \
-     30 instructions. With 8 offered BARs a move costs 197 more user-space instructions than \
-     with 1, with 64 482 more: binary searches over the sorted BAR claims (the check, the \
-     claim, the release) and the IOAS's area set, and the shift of those vectors when the \
-     moved BAR goes from the lowest GPA to past the others and back (memmove: 23 with 8 BARs, \
-     210 with 64). That growth is what keeps the 8 and 64 rows of the move above 1% (the \
-     kernel's side grows too, less for the map's BAR among its neighbours than for the raw \
-     path's lone one). Claims in reusable slots ordered by an index vector were tried against \
-     it (b64b729, reverted): 80 fewer with 64 BARs, but 62 more with 1 and 81 more with 8. \
-     Before this round (the page of 2026-12-07 15:29) the medians were: decode off 1.014, \
-     decode on 1.005–1.006, move 1.012–1.014; the cuts are in the commits from 8b59141 on \
-     (whole-register fast paths, the hub's quiet revoke and restore inline, one nix \
-     `pwrite`, BAR dwords walked by the write's span, the IOAS's area set shrunk and grown \
-     in place).";
+     on 722 more than 115 (the same, and the dead area's unmap and map in place through its \
+     `IoasMapping`, with the IOAS's area set updated under its lock); a BAR move 1184 more \
+     than 90, in two trapped writes (lock, lookup, hub check, the BAR register's shadow) and \
+     two reconciles: at the low dword the area unmapped (its handle stays in the BAR's slot), \
+     the BAR's span released and the half-programmed refusal recorded; at the high dword the \
+     GPA checked against the usable ranges, the VMM's mappings and the IOAS's set of mapped \
+     areas (one search, under its lock), the same handle (one per part of the BAR) mapped at the new GPA, the span \
+     recorded and the refusal dropped. These match the table's differences to within 30 \
+     instructions with 1 and 8 BARs; with 64 the kernel's side adds less for the map's BAR \
+     among its neighbours than for the raw path's lone one. A move no longer grows with the \
+     number of BARs: 1274, 1337 and 1337 user-space instructions with 1, 8 and 64 offered \
+     BARs (1301, 1497 and 1783 before this round; 87 of them are the walk over a BAR's \
+     parts, added with the BARs mapped around their MSI-X table). The growth was the sorted vector of BAR \
+     claims: binary searches for the check, the claim and the release, and its shift when \
+     the bench moves the BAR from the lowest GPA past the others and back (memmove: 210 \
+     instructions with 64 BARs). The check now asks the IOAS's area set, which the library \
+     keeps anyway for automatic placement and which holds every BAR's area; the BARs' spans \
+     are kept per (device, BAR), set and cleared in place, and walked only when that set has \
+     an area in the way, to name the BAR there. The 63 left between 1 BAR and 8 are that set \
+     merging the moved BAR back into its neighbours' span. The bench's BARs sit side by side, \
+     so the set holds one span; a guest that leaves gaps between its BARs gives it one span \
+     per BAR, and a move from the lowest GPA past the others then shifts that vector (as any \
+     map and unmap through the library's handles does, `GuestBarMap` or not). Measured on the way \
+     (callgrind, per move with 1 / 8 / 64 BARs): the check on the area set with the moved \
+     BAR's unmapped handle kept aside and mapped again, 1324 / 1384 / 1384 (moving the \
+     handle in and out of `Option`s cost about 100); the handle kept in place in the \
+     BAR's slot, 1187 / 1248 / 1248 (table of 22:28 UTC: 1.0081 / 1.0086 / 1.0075); with \
+     the parts, 1274 / 1337 / 1337; `reconcile` forced inline into the trap path, 9 more, not \
+     kept. Earlier: claims in reusable slots ordered by an index vector (b64b729, reverted) \
+     saved 80 with 64 BARs but cost 62 more with 1 and 81 more with 8. Before the last two \
+     rounds (the page of 2026-12-07 15:29) the medians were: decode off 1.014, decode on \
+     1.005–1.006, move 1.012–1.014; then 20:30 UTC: decode off 1.0085, decode on \
+     1.004–1.005, move 1.0090 / 1.0105 / 1.0115.";
 
 /// Part 8: the `GuestBarMap` against a hand-written VMM path.
 fn vmm_section(s: &mut String, r: &Results) {

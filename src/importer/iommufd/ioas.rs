@@ -169,6 +169,13 @@ impl Ioas {
         &self.inner.placement
     }
 
+    /// Whether any of `[iova, iova + length)` is mapped through a handle of
+    /// this IOAS (its set of mapped areas, one search).
+    #[inline]
+    pub(crate) fn has_mapped_area_in(&self, iova: u64, length: u64) -> bool {
+        self.inner.placement.overlaps_mapped(iova, length)
+    }
+
     /// The usable IOVA ranges and the required alignment
     /// (`IOMMU_IOAS_IOVA_RANGES`; an array too small for the answer,
     /// `EMSGSIZE`, is grown and the question asked again).

@@ -722,11 +722,22 @@ impl IoasMapping {
         // unmap and the map (the map is fixed, so it does not lock again).
         let ioas = self.ioas.clone();
         let _placing = ioas.placement().lock();
-        self.unmap()?;
+        self.map_again_at(self.iova)
+    }
+
+    /// Maps the same source at another fixed IOVA, unmapping first if
+    /// still mapped: a VMM's BAR the guest moved, without building a new
+    /// handle. If the map fails, the handle stays unmapped.
+    #[inline]
+    pub(crate) fn map_again_at(&mut self, iova: u64) -> Result<()> {
+        if self.mapped {
+            self.unmap()?;
+        }
+        self.iova = iova;
         // SAFETY: a file source maps kernel-owned pages; for user memory the
         // contract of `Ioas::map_user` covers device access until this
-        // handle is dropped, remaps included.
-        unsafe { self.map_at(IovaPlacement::Fixed(self.iova)) }
+        // handle is dropped, remaps included, at whatever IOVA.
+        unsafe { self.map_at(IovaPlacement::Fixed(iova)) }
     }
 
     /// Issues the map ioctl for this handle's source at `at`, and records the

@@ -26,8 +26,10 @@ use crate::vfio::VfioPciDevice;
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Offer {
-    /// Every memory BAR of at least one page that holds no MSI-X table or
-    /// PBA.
+    /// Every memory BAR of at least one page; one that holds the MSI-X
+    /// table or PBA is offered around their pages (up to three parts, each
+    /// its own export, mapped at its offset from the BAR's GPA), and not at
+    /// all if nothing else is left.
     #[default]
     AllMappable,
     /// These BARs only (each must be mappable as above). Huge BARs a guest
@@ -176,18 +178,78 @@ struct Slot {
     reg: Option<BarRegister>,
     /// Why it is not offered, if it is not.
     not_offered: Option<String>,
-    /// It holds the MSI-X table or PBA (the typed reason it is not offered).
+    /// It holds the MSI-X table or PBA: why the pages of those are never
+    /// mapped (and why the BAR is not offered if nothing else is left).
     msix: Option<Unreachable>,
-    export: Option<BarExport>,
+    /// The parts of the BAR peers may reach, each exported and mapped at
+    /// its offset from the BAR's GPA: the whole BAR, or for one holding the
+    /// MSI-X table or PBA the pages around them (up to three). They move,
+    /// revoke and come back together.
+    parts: Vec<Part>,
+    /// The BAR's ranges between its parts (the MSI-X table's and PBA's
+    /// pages): never mapped, still the BAR's for the other BARs' checks.
+    holes: Vec<ByteRange>,
+    /// Where the parts are mapped.
     placed: Option<Placed>,
     /// The last refusal, while no mapping stands.
     refused: Option<Unreachable>,
 }
 
-/// A BAR's area in the IOAS.
+/// One part of an offered BAR.
+struct Part {
+    /// Bytes of the BAR.
+    range: ByteRange,
+    export: Option<BarExport>,
+    /// The export's handle in the IOAS, built at its first map and kept:
+    /// mapped while the BAR is placed (live or dead), unmapped otherwise
+    /// and mapped again in place at the next GPA (a move, a restore). Holds
+    /// the export's dma-buf: closed with it.
+    area: Option<IoasMapping>,
+}
+
+impl Part {
+    fn new(range: ByteRange) -> Self {
+        Self {
+            range,
+            export: None,
+            area: None,
+        }
+    }
+}
+
+/// The ranges of `[0, size)` between and around `parts` (ascending,
+/// disjoint).
+fn gaps(parts: &[ByteRange], size: u64) -> Vec<ByteRange> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    for p in parts {
+        if p.offset > from {
+            out.push(ByteRange::new(from, p.offset - from));
+        }
+        from = p.offset + p.length;
+    }
+    if from < size {
+        out.push(ByteRange::new(from, size - from));
+    }
+    out
+}
+
+impl Slot {
+    /// Closes the BAR's exports (the device is going): their handles in
+    /// the IOAS hold the dma-bufs too.
+    fn close_exports(&mut self) {
+        for part in &mut self.parts {
+            part.area = None;
+            part.export = None;
+        }
+    }
+}
+
+/// Where a BAR's area is mapped in the IOAS (its handle is the slot's
+/// `area`): small, so that a move touches no handle but to map it.
+#[derive(Clone, Copy)]
 struct Placed {
     gpa: u64,
-    map: IoasMapping,
     /// Why the kernel revoked it, if it did (the area is dead).
     dead: Option<RevokeReason>,
 }
@@ -394,8 +456,17 @@ impl GuestBarMap {
                     };
                     let text = why.to_string();
                     slot.msix = Some(why);
-                    Some(text.trim_start_matches("not offered for P2P: ").to_owned())
+                    #[allow(clippy::cast_possible_truncation)]
+                    let parts = layout.reachable_parts(i as u8, bar.size(), page_size());
+                    if parts.is_empty() {
+                        Some(text.trim_start_matches("not offered for P2P: ").to_owned())
+                    } else {
+                        slot.holes = gaps(&parts, bar.size());
+                        slot.parts = parts.into_iter().map(Part::new).collect();
+                        None
+                    }
                 } else {
+                    slot.parts = vec![Part::new(ByteRange::new(0, bar.size()))];
                     None
                 }
             };
@@ -647,7 +718,7 @@ impl GuestBarMap {
         d.gone = Some(RevokeReason::Unplug);
         self.unmap_all(d, limits, id.slot, "unplug requested");
         for s in &mut d.bars {
-            s.export = None;
+            s.close_exports();
         }
         d.hub_seq = d.dev.hub().change_count();
         self.retry_waiting(&mut st);
@@ -758,7 +829,18 @@ impl GuestBarMap {
         match Self::want(ctx, s) {
             Err(why) => BarStatus::Unreachable(why),
             Ok(gpa) => match &s.placed {
-                Some(p) if p.gpa == gpa && p.dead.is_none() => BarStatus::Mapped { gpa, size },
+                Some(p) if p.gpa == gpa && p.dead.is_none() && s.holes.is_empty() => {
+                    BarStatus::Mapped { gpa, size }
+                }
+                Some(p) if p.gpa == gpa && p.dead.is_none() => BarStatus::MappedAroundMsix {
+                    gpa,
+                    size,
+                    not_mapped: s.holes.clone(),
+                    why: s.msix.clone().unwrap_or(Unreachable::HoldsMsix {
+                        table: None,
+                        pba: None,
+                    }),
+                },
                 Some(p) if p.gpa == gpa => BarStatus::Unreachable(Unreachable::Revoked(
                     p.dead.unwrap_or(RevokeReason::External),
                 )),
@@ -771,13 +853,14 @@ impl GuestBarMap {
         }
     }
 
-    /// Why BAR `bar` of the device at `address` is not reachable; `None` if
-    /// it is mapped, or no such device is registered.
+    /// Why BAR `bar` of the device at `address` is not reachable (for a BAR
+    /// mapped around its MSI-X table and PBA, why those pages are not);
+    /// `None` if it is mapped whole, or no such device is registered.
     pub fn why_unreachable(&self, address: PciAddress, bar: u32) -> Option<Unreachable> {
         let id = self.find(address)?;
         match self.bar_status(id, bar).ok()? {
             BarStatus::Mapped { .. } => None,
-            BarStatus::Unreachable(why) => Some(why),
+            BarStatus::MappedAroundMsix { why, .. } | BarStatus::Unreachable(why) => Some(why),
         }
     }
 

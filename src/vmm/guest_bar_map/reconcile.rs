@@ -189,7 +189,7 @@ impl GuestBarMap {
                 Ok(gpa) if *gpa == p.gpa && p.dead.is_none() => return false,
                 Ok(gpa) if *gpa == p.gpa => {
                     // Dead at the right GPA: unmap and map again.
-                    match p.map.remap() {
+                    match remap_parts(&mut s.parts) {
                         Ok(()) => {
                             let why = p.dead.take();
                             info!(
@@ -206,7 +206,9 @@ impl GuestBarMap {
                                 "{} BAR{i} at GPA {gpa:#x}: restore failed: {why}",
                                 ctx.address
                             );
+                            unmap_parts(&mut s.parts, ctx.address, i, p.gpa);
                             limits.release(key, p.gpa);
+                            self.forget_holes(&s.holes, p.gpa);
                             s.placed = None;
                             set_refused(limits, s, Some(why));
                             return true;
@@ -215,11 +217,12 @@ impl GuestBarMap {
                 }
                 _ => {
                     let old = p.gpa;
-                    if let Err(e) = p.map.unmap() {
-                        warn!("{} BAR{i}: unmapping GPA {old:#x} failed: {e}", ctx.address);
-                    }
-                    limits.release(key, old);
+                    // The handles stay for the next map (a move's second
+                    // dword): the same buffers at another GPA, in place.
+                    unmap_parts(&mut s.parts, ctx.address, i, old);
                     s.placed = None;
+                    limits.release(key, old);
+                    self.forget_holes(&s.holes, old);
                     released = true;
                     moved_from = Some(old);
                     if let Err(why) = &want {
@@ -235,20 +238,27 @@ impl GuestBarMap {
                 return released;
             }
         };
-        let checked = limits.check(key, gpa, size).or_else(|why| {
+        let mapped = |g, n| self.ioas.has_mapped_area_in(g, n);
+        let checked = limits.check(key, gpa, size, mapped).or_else(|why| {
             // The cached ranges may be stale: ask before refusing.
             if matches!(why, Unreachable::OutsideIovaRanges { .. })
                 && let Ok(r) = self.ioas.iova_ranges()
             {
                 limits.set_usable(&r);
-                return limits.check(key, gpa, size);
+                return limits.check(key, gpa, size, mapped);
             }
             Err(why)
         });
         let mapped = checked.and_then(|()| self.map_at(ctx, limits, i, s, gpa, size));
         match (mapped, moved_from) {
-            (Ok(map), from) => {
-                limits.claim(key, ctx.address, gpa, size);
+            (Ok(()), from) => {
+                limits.claim(key, ctx.address, gpa, size, &s.holes);
+                // The table's pages stay unmapped: no automatic placement
+                // in the IOAS may put anything there either.
+                for h in &s.holes {
+                    self.ioas
+                        .declare_foreign_area(gpa.saturating_add(h.offset), h.length);
+                }
                 match from {
                     Some(old) => info!(
                         "{} BAR{i} ({}) moved: GPA {old:#x} -> {gpa:#x}",
@@ -261,11 +271,7 @@ impl GuestBarMap {
                         human_size(size)
                     ),
                 }
-                s.placed = Some(Placed {
-                    gpa,
-                    map,
-                    dead: None,
-                });
+                s.placed = Some(Placed { gpa, dead: None });
                 set_refused(limits, s, None);
             }
             (Err(why), from) => {
@@ -285,7 +291,9 @@ impl GuestBarMap {
         released
     }
 
-    /// Exports BAR `i` (once) and maps it at `gpa`.
+    /// Maps BAR `i`'s parts at `gpa`: their handles again, in place, or
+    /// for the first time (each exported once). All or none: a part that
+    /// fails unmaps the parts mapped before it.
     pub(super) fn map_at(
         &self,
         ctx: &Ctx<'_>,
@@ -294,25 +302,25 @@ impl GuestBarMap {
         s: &mut Slot,
         gpa: u64,
         size: u64,
-    ) -> std::result::Result<IoasMapping, Unreachable> {
-        #[allow(clippy::cast_possible_truncation)]
-        let bar = i as u32;
-        if s.export.is_none() {
-            let export = ctx
-                .dev
-                .export_bar(bar, &[ByteRange::new(0, size)])
-                .map_err(|e| refusal(&e))?;
-            s.export = Some(export);
+    ) -> std::result::Result<(), Unreachable> {
+        let mut failed = None;
+        let mut done = 0;
+        for part in &mut s.parts {
+            match self.map_part(ctx, i, part, gpa) {
+                Ok(()) => done += 1,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
         }
-        let Some(export) = &s.export else {
-            return Err(Unreachable::Unassigned);
+        let Some(e) = failed else {
+            return Ok(());
         };
-        match self
-            .ioas
-            .map_dmabuf(export.dmabuf(), IovaPlacement::Fixed(gpa), self.perms)
-        {
-            Ok(m) => Ok(m),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+        unmap_parts(&mut s.parts[..done], ctx.address, i, gpa);
+        match e {
+            Failed::Export(why) => Err(why),
+            Failed::Map(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 // The kernel's ranges are the authority: name them.
                 if let Ok(r) = self.ioas.iova_ranges() {
                     limits.set_usable(&r);
@@ -321,11 +329,52 @@ impl GuestBarMap {
                         slot: ctx.slot,
                         bar: i as u8,
                     };
-                    limits.check(key, gpa, size)?;
+                    limits.check(key, gpa, size, |g, n| self.ioas.has_mapped_area_in(g, n))?;
                 }
                 Err(refusal(&e))
             }
-            Err(e) => Err(refusal(&e)),
+            Failed::Map(e) => Err(refusal(&e)),
+        }
+    }
+
+    /// Maps one part of BAR `i` at its offset from `gpa`.
+    #[inline]
+    fn map_part(
+        &self,
+        ctx: &Ctx<'_>,
+        i: usize,
+        part: &mut Part,
+        gpa: u64,
+    ) -> std::result::Result<(), Failed> {
+        let at = gpa.saturating_add(part.range.offset);
+        if let Some(area) = &mut part.area {
+            return area.map_again_at(at).map_err(Failed::Map);
+        }
+        if part.export.is_none() {
+            #[allow(clippy::cast_possible_truncation)]
+            let export = ctx
+                .dev
+                .export_bar(i as u32, &[part.range])
+                .map_err(|e| Failed::Export(refusal(&e)))?;
+            part.export = Some(export);
+        }
+        let Some(export) = &part.export else {
+            return Err(Failed::Export(Unreachable::Unassigned));
+        };
+        let area = self
+            .ioas
+            .map_dmabuf(export.dmabuf(), IovaPlacement::Fixed(at), self.perms)
+            .map_err(Failed::Map)?;
+        part.area = Some(area);
+        Ok(())
+    }
+
+    /// Undoes what placing a BAR with `holes` at `gpa` declared to the
+    /// IOAS's automatic placement.
+    fn forget_holes(&self, holes: &[ByteRange], gpa: u64) {
+        for h in holes {
+            self.ioas
+                .forget_foreign_area(gpa.saturating_add(h.offset), h.length);
         }
     }
 
@@ -356,15 +405,11 @@ impl GuestBarMap {
     ) -> bool {
         let mut released = false;
         for (i, s) in d.bars.iter_mut().enumerate() {
-            if let Some(mut p) = s.placed.take() {
-                if let Err(e) = p.map.unmap() {
-                    warn!(
-                        "{} BAR{i}: unmapping GPA {:#x} failed: {e}",
-                        d.address, p.gpa
-                    );
-                }
+            if let Some(p) = s.placed.take() {
+                unmap_parts(&mut s.parts, d.address, i, p.gpa);
                 #[allow(clippy::cast_possible_truncation)]
                 limits.release(BarKey { slot, bar: i as u8 }, p.gpa);
+                self.forget_holes(&s.holes, p.gpa);
                 info!(
                     "{} BAR{i}: unmapped from GPA {:#x}: {why}",
                     d.address, p.gpa
@@ -467,7 +512,7 @@ impl GuestBarMap {
                 d.gone = Some(r);
                 self.unmap_all(d, limits, slot, "the device is gone");
                 for s in &mut d.bars {
-                    s.export = None;
+                    s.close_exports();
                 }
             }
             BufferState::Revoked(r) => self.mark_dead(d, r),
@@ -480,6 +525,46 @@ impl GuestBarMap {
             }
         }
     }
+}
+
+/// Why a part was not mapped: its export's refusal, or the map's error.
+enum Failed {
+    Export(Unreachable),
+    Map(Error),
+}
+
+/// Unmaps `parts` of BAR `i` of `address` (placed at `gpa`, for messages),
+/// keeping their handles for the next map; a handle whose unmap fails is
+/// dropped (its drop tries once more).
+fn unmap_parts(parts: &mut [Part], address: PciAddress, i: usize, gpa: u64) {
+    for part in parts {
+        if let Some(area) = &mut part.area
+            && let Err(e) = area.unmap()
+        {
+            warn!(
+                "{address} BAR{i}: unmapping GPA {:#x} failed: {e}",
+                gpa.saturating_add(part.range.offset)
+            );
+            part.area = None;
+        }
+    }
+}
+
+/// Maps every part again at its IOVA (a restore); stops at the first
+/// failure (the caller unmaps them all).
+fn remap_parts(parts: &mut [Part]) -> Result<()> {
+    for part in parts {
+        match &mut part.area {
+            Some(area) => area.remap()?,
+            None => {
+                return Err(Error::Revoked {
+                    buffer: format!("BAR part {}", part.range),
+                    source: None,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The typed reason for a library error met while exporting or mapping.

@@ -1115,33 +1115,143 @@ fn resets_and_d3_unmap_until_the_guest_maps_again() {
     }
 }
 
-/// A BAR holding the MSI-X table and PBA (nvme1's BAR0, registered with
-/// every mappable BAR offered) is not offered, with a typed reason naming
-/// where the table and PBA sit in it, which matches what VFIO says of the
-/// device's MSI-X table size.
+/// A BAR holding the MSI-X table and PBA (nvme1's BAR0: the controller's
+/// registers and doorbells below them), registered with every mappable BAR
+/// offered, is mapped around the table's and PBA's pages: a status query
+/// names those pages as not mapped, with a typed reason that matches what
+/// VFIO says of the table's size; edu's write to a register below the table
+/// lands (`INTMS`, read back through the BAR), its write to the table's
+/// GPA changes nothing there (the IOMMU blocks it); after a move the parts
+/// are at the new GPA, and decode off revokes them together.
 #[test]
-fn a_bar_holding_the_msix_table_is_refused_naming_it() {
+fn a_bar_holding_the_msix_table_is_mapped_around_it() {
+    const INTMS: u64 = 0x0c;
+    const INTMC: u64 = 0x10;
+    let (g1, g2) = (0x60_0000_0000u64, 0x61_0000_0000u64);
     let nvme1 = nvme_address("nvme1");
-    let (vmm, ids) = GuestVmm::new(std::slice::from_ref(&nvme1), false);
+    let (mut vmm, ids) = GuestVmm::new(std::slice::from_ref(&nvme1), false);
     let id = ids[0];
-    vmm.place(id, 0, 0x60_0000_0000);
+    vmm.place(id, 0, g1);
     let vectors = vmm
         .map
         .vfio_device(id)
         .unwrap()
         .irq_vectors(dmabuf_p2p::vfio::MSIX_IRQ_INDEX)
         .unwrap();
-    match vmm.map.bar_status(id, 0).unwrap() {
-        BarStatus::Unreachable(Unreachable::HoldsMsix {
-            table: Some(table),
-            pba: Some(pba),
-        }) => {
+    let (table, not_mapped) = match vmm.map.bar_status(id, 0).unwrap() {
+        BarStatus::MappedAroundMsix {
+            gpa,
+            not_mapped,
+            why:
+                Unreachable::HoldsMsix {
+                    table: Some(table),
+                    pba: Some(pba),
+                },
+            ..
+        } => {
+            assert_eq!(gpa, g1);
             assert_eq!(table.length, 16 * u64::from(vectors), "{table} {pba}");
             assert!(pba.length >= u64::from(vectors).div_ceil(8), "{pba}");
+            // The table's and the PBA's bytes are all in the pages not mapped.
+            for r in [table, pba] {
+                assert!(
+                    not_mapped
+                        .iter()
+                        .any(|h| h.offset <= r.offset && r.offset + r.length <= h.offset + h.length),
+                    "{r} not in {not_mapped:?}"
+                );
+            }
+            assert!(
+                not_mapped.iter().all(|h| h.offset > INTMC),
+                "{not_mapped:?}"
+            );
+            (table, not_mapped)
         }
         other => panic!("nvme1 BAR0: {other:?}"),
-    }
+    };
     let why = vmm.map.why_unreachable(nvme1.parse().unwrap(), 0).unwrap();
     assert!(why.to_string().contains("MSI-X table at"), "{why}");
-    assert_eq!(vmm.mapped_at(id, 0), None);
+    let status = vmm.map.bar_status(id, 0).unwrap().to_string();
+    assert!(status.contains("except BAR bytes"), "{status}");
+
+    // A register below the table: edu's write lands (MSI-X is off, so the
+    // controller keeps the interrupt mask it is given).
+    let bar = vmm.bar(id, 0);
+    bar.write_u32(INTMC, u32::MAX).unwrap();
+    assert_eq!(bar.read_u32(INTMS).unwrap(), 0, "INTMS before");
+    vmm.edu_copy(&1u32.to_le_bytes(), g1 + INTMS, "INTMS at g1");
+    assert_eq!(
+        bar.read_u32(INTMS).unwrap(),
+        1,
+        "edu's write to INTMS at g1"
+    );
+
+    // The table: edu's write to its GPA changes nothing in it (its first
+    // entry read a dword at a time, as the table takes it).
+    let entry = pattern(2901, 16);
+    let first_entry = |bar: &dmabuf_p2p::vfio::BarMapping| -> Vec<u32> {
+        (0..4)
+            .map(|k| bar.read_u32(table.offset + 4 * k).unwrap())
+            .collect()
+    };
+    let before = first_entry(&bar);
+    vmm.edu_copy(&entry, g1 + table.offset, "the MSI-X table at g1");
+    assert_eq!(
+        first_entry(&bar),
+        before,
+        "the MSI-X table after edu's write at g1"
+    );
+
+    // Moved: the parts follow; the old GPA is gone.
+    vmm.place(id, 0, g2);
+    assert_eq!(vmm.mapped_at(id, 0), Some(g2));
+    vmm.edu_copy(&2u32.to_le_bytes(), g1 + INTMS, "INTMS at the old g1");
+    assert_eq!(
+        bar.read_u32(INTMS).unwrap(),
+        1,
+        "edu's write to the old GPA"
+    );
+    vmm.edu_copy(&2u32.to_le_bytes(), g2 + INTMS, "INTMS at g2");
+    assert_eq!(
+        bar.read_u32(INTMS).unwrap(),
+        3,
+        "edu's write to INTMS at g2"
+    );
+    vmm.edu_copy(&entry, g2 + table.offset, "the MSI-X table at g2");
+    assert_eq!(
+        first_entry(&bar),
+        before,
+        "the MSI-X table after edu's write at g2"
+    );
+    match vmm.map.bar_status(id, 0).unwrap() {
+        BarStatus::MappedAroundMsix {
+            gpa,
+            not_mapped: now,
+            ..
+        } => {
+            assert_eq!((gpa, &now), (g2, &not_mapped));
+        }
+        other => panic!("nvme1 BAR0 after the move: {other:?}"),
+    }
+
+    // Decode off revokes every part: nothing lands.
+    vmm.write(id, COMMAND, 2, u32::from(MASTER));
+    assert_eq!(
+        vmm.map.bar_status(id, 0).unwrap(),
+        BarStatus::Unreachable(Unreachable::DecodeOff)
+    );
+    vmm.write(id, COMMAND, 2, u32::from(MEMORY | MASTER));
+    assert_eq!(vmm.mapped_at(id, 0), Some(g2));
+    bar.write_u32(INTMC, u32::MAX).unwrap();
+    vmm.edu_copy(
+        &4u32.to_le_bytes(),
+        g2 + INTMS,
+        "INTMS at g2 after decode on",
+    );
+    assert_eq!(
+        bar.read_u32(INTMS).unwrap(),
+        4,
+        "edu's write after decode on"
+    );
+    bar.write_u32(INTMC, u32::MAX).unwrap();
 }

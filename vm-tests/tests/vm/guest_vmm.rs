@@ -166,7 +166,7 @@ impl GuestVmm {
     /// Where BAR `bar` of `id` is mapped, if it is.
     pub(crate) fn mapped_at(&self, id: DeviceId, bar: u32) -> Option<u64> {
         match self.map.bar_status(id, bar).unwrap() {
-            BarStatus::Mapped { gpa, .. } => Some(gpa),
+            BarStatus::Mapped { gpa, .. } | BarStatus::MappedAroundMsix { gpa, .. } => Some(gpa),
             BarStatus::Unreachable(_) => None,
         }
     }
