@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering, fence};
 use std::time::{Duration, Instant};
 
-use dmabuf_p2p::{MappedRegister, MappedRing};
+use dmabuf_p2p::MappedRing;
 
 use super::command::{self, Command, Status, nvm};
 use super::controller::{Controller, DmaArea, IRQ_SLICE, POLL_SLEEP};
@@ -25,6 +25,7 @@ use super::problem::NvmeProblem;
 use super::prp;
 use super::queue::{Arrival, CommandTable, SlotState, Taken};
 use super::regs::PAGE;
+use super::shadow_doorbell::{Doorbell, DoorbellWrites};
 use crate::deadline::Deadline;
 use crate::{Completion, Error, Result, StorageEngine, wait_readable};
 
@@ -255,9 +256,10 @@ pub struct IoQueue {
     /// lap the phase tag expected: a new entry's is `!lap`), in `area`.
     pub(super) sq: MappedRing<8>,
     pub(super) cq: MappedRing<2>,
-    /// The doorbells, in this queue's own mapping of BAR0.
-    pub(super) sq_doorbell: MappedRegister,
-    pub(super) cq_doorbell: MappedRegister,
+    /// The doorbells, in this queue's own mapping of BAR0, with their
+    /// shadows when the controller uses shadow doorbells.
+    pub(super) sq_doorbell: Doorbell,
+    pub(super) cq_doorbell: Doorbell,
     pub(super) lists_offset: u64,
     pub(super) lists_iova: u64,
     qid: u16,
@@ -296,7 +298,7 @@ impl fmt::Debug for IoQueue {
 /// rings and doorbells are, and the ring indices, which the loop must
 /// leave consistent (every command it submitted completed and consumed).
 #[derive(Debug)]
-pub struct RawQueue {
+pub struct RawQueue<'q> {
     /// The queue ID.
     pub qid: u16,
     /// Entries of each ring.
@@ -307,10 +309,18 @@ pub struct RawQueue {
     pub sq: *mut u8,
     /// CPU address of completion queue entry 0 (16-byte entries).
     pub cq: *mut u8,
-    /// CPU address of the submission queue tail doorbell (MMIO).
+    /// CPU address of the submission queue tail doorbell (MMIO). On a
+    /// queue with shadow doorbells the controller reads the shadow, so a
+    /// loop that writes only here loses commands: ring through `sq_bell`.
     pub sq_doorbell: *mut u32,
-    /// CPU address of the completion queue head doorbell (MMIO).
+    /// CPU address of the completion queue head doorbell (MMIO); see
+    /// `sq_doorbell`.
     pub cq_doorbell: *mut u32,
+    /// The queue's tail doorbell as the engine rings it (shadow, event
+    /// index, MMIO when needed).
+    pub sq_bell: &'q Doorbell,
+    /// The queue's head doorbell as the engine rings it.
+    pub cq_bell: &'q Doorbell,
     /// CPU address of the PRP list pages, one per CID (`depth` of them).
     pub lists: *mut u8,
     /// IOVA of the first PRP list page.
@@ -361,11 +371,20 @@ impl IoQueue {
         let db = Arc::new(ctrl.dev.map_bar(0)?);
         let qid = ctrl.take_qid()?;
         let rings = (|| -> Result<_> {
+            // Shadows zeroed before the queue is made: it starts at 0.
+            let shadow = ctrl.shadow_doorbells();
+            let bell = |register: u64| -> Result<Doorbell> {
+                let entry = match &shadow {
+                    Some(b) => b.entry(register)?,
+                    None => None,
+                };
+                Ok(Doorbell::new(db.register_u32(register)?, entry, entries))
+            };
             Ok((
                 area.cpu.ring::<8>(0, entries)?,
                 area.cpu.ring::<2>(sq_bytes, entries)?,
-                db.register_u32(ctrl.cap.sq_doorbell(qid))?,
-                db.register_u32(ctrl.cap.cq_doorbell(qid))?,
+                bell(ctrl.cap.sq_doorbell(qid))?,
+                bell(ctrl.cap.cq_doorbell(qid))?,
             ))
         })();
         let (sq, cq, sq_doorbell, cq_doorbell) = match rings {
@@ -517,6 +536,25 @@ impl IoQueue {
     /// were ignored (a controller bug if ever non-zero).
     pub fn stray_completions(&self) -> u64 {
         self.strays
+    }
+
+    /// Whether this queue's doorbells have shadows (the controller took
+    /// Doorbell Buffer Config): most updates then need no MMIO write.
+    pub fn shadow_doorbells(&self) -> bool {
+        self.sq_doorbell.is_shadowed()
+    }
+
+    /// Doorbell updates since the queue was made, and how many of them
+    /// were MMIO writes (every one without shadow doorbells).
+    pub fn doorbell_writes(&self) -> DoorbellWrites {
+        let (sq_updates, sq_mmio) = self.sq_doorbell.counts();
+        let (cq_updates, cq_mmio) = self.cq_doorbell.counts();
+        DoorbellWrites {
+            sq_updates,
+            sq_mmio,
+            cq_updates,
+            cq_mmio,
+        }
     }
 
     /// Starts reading `count` blocks from `lba` of the queue's namespace
@@ -711,7 +749,7 @@ impl IoQueue {
     /// flight ([`NvmeProblem::QueueBusy`]); `f` must leave none either, and
     /// update `sq_tail`, `cq_head` and `cq_phase`, which the queue takes
     /// back. What `f` does with the pointers is its own `unsafe` business.
-    pub fn with_raw<R>(&mut self, f: impl FnOnce(&mut RawQueue) -> R) -> Result<R> {
+    pub fn with_raw<R>(&mut self, f: impl FnOnce(&mut RawQueue<'_>) -> R) -> Result<R> {
         let in_use = self.table.in_use();
         if in_use != 0 {
             return Err(self.ctrl.error(NvmeProblem::QueueBusy {
@@ -727,6 +765,8 @@ impl IoQueue {
             cq: self.cq.as_ptr(),
             sq_doorbell: self.sq_doorbell.as_ptr(),
             cq_doorbell: self.cq_doorbell.as_ptr(),
+            sq_bell: &self.sq_doorbell,
+            cq_bell: &self.cq_doorbell,
             lists: self
                 .area
                 .cpu
