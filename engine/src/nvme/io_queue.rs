@@ -544,6 +544,11 @@ impl IoQueue {
         self.sq_doorbell.is_shadowed()
     }
 
+    /// The submission queue tail and completion queue head doorbells.
+    pub fn doorbells(&self) -> (&Doorbell, &Doorbell) {
+        (&self.sq_doorbell, &self.cq_doorbell)
+    }
+
     /// Doorbell updates since the queue was made, and how many of them
     /// were MMIO writes (every one without shadow doorbells).
     pub fn doorbell_writes(&self) -> DoorbellWrites {

@@ -166,6 +166,7 @@ impl Doorbell {
         bump(&self.updates);
         match &self.shadow {
             None => {
+                self.last.store(value, Ordering::Relaxed);
                 bump(&self.mmio_writes);
                 self.mmio.write(value);
             }
@@ -191,12 +192,23 @@ impl Doorbell {
     pub fn write_always(&self, value: u32) {
         bump(&self.updates);
         bump(&self.mmio_writes);
+        self.last.store(value, Ordering::Relaxed);
         if let Some(s) = &self.shadow {
-            self.last.store(value, Ordering::Relaxed);
             s.value.write(value);
             fence(Ordering::SeqCst);
         }
         self.mmio.write(value);
+    }
+
+    /// The value last written (the tail or head the controller was told).
+    pub fn last(&self) -> u32 {
+        self.last.load(Ordering::Relaxed)
+    }
+
+    /// The controller's event index for this doorbell (what it last
+    /// published), when the doorbell has a shadow.
+    pub fn event_index(&self) -> Option<u32> {
+        self.shadow.as_ref().map(|s| s.event.read())
     }
 
     /// Updates so far and MMIO writes among them.
