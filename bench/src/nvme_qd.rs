@@ -449,13 +449,16 @@ fn one_queue(
         }
     } else if path == Path::Prepared {
         let blocks = (row.size / BLOCK) as u32;
-        let (mut p, slots) =
-            q.prepare((0..u64::from(row.qd)).map(|i| (Dma::at(base + i * SLOT), blocks)))?;
-        if row.latency {
-            prepared_latency(&mut p, slots, lbas, n)
-        } else {
-            prepared_depth(&mut p, slots, lbas, n)
-        }
+        q.prepare(
+            (0..u64::from(row.qd)).map(|i| (Dma::at(base + i * SLOT), blocks)),
+            |p, slots| {
+                if row.latency {
+                    prepared_latency(p, slots, lbas, n)
+                } else {
+                    prepared_depth(p, slots, lbas, n)
+                }
+            },
+        )?
     } else {
         let r = q.with_raw(|raw| {
             if row.latency {
@@ -534,14 +537,19 @@ fn engine_depth(q: &mut IoQueue, row: &Row, base: u64, lbas: &mut Lbas, n: usize
 
 /// QD1, one prepared slot: submit, wait for it, `n` times; the median
 /// latency.
-fn prepared_latency(p: &mut Prepared<'_>, slots: Vec<Slot>, lbas: &mut Lbas, n: usize) -> R<Round> {
+fn prepared_latency<'id>(
+    p: &mut Prepared<'_, 'id>,
+    slots: Vec<Slot<'id>>,
+    lbas: &mut Lbas,
+    n: usize,
+) -> R<Round> {
     let mut slot = slots.into_iter().next().ok_or("no prepared slot")?;
     let mut lat = Vec::with_capacity(n);
     let mut last = 0;
     for _ in 0..n {
         last = lbas.take();
         let t = Instant::now();
-        p.submit(slot, Op::Read, last)?;
+        p.submit(slot, Op::Read, last).map_err(|r| r.problem)?;
         let done = p.wait(TIMEOUT)?;
         lat.push(ns_since(t));
         if !done.is_success() {
@@ -557,14 +565,19 @@ fn prepared_latency(p: &mut Prepared<'_>, slots: Vec<Slot>, lbas: &mut Lbas, n: 
 
 /// QD = the slots: fill the queue, then resubmit each slot as its
 /// completion is reaped, until `n` completed.
-fn prepared_depth(p: &mut Prepared<'_>, slots: Vec<Slot>, lbas: &mut Lbas, n: usize) -> R<Round> {
+fn prepared_depth<'id>(
+    p: &mut Prepared<'_, 'id>,
+    slots: Vec<Slot<'id>>,
+    lbas: &mut Lbas,
+    n: usize,
+) -> R<Round> {
     let mut lba_of = [0u64; SLOTS as usize];
     let t = Instant::now();
     let qd = slots.len();
     for slot in slots {
         let lba = lbas.take();
         lba_of[usize::from(slot.index())] = lba;
-        p.submit(slot, Op::Read, lba)?;
+        p.submit(slot, Op::Read, lba).map_err(|r| r.problem)?;
     }
     let (mut submitted, mut done) = (qd, 0);
     while done < n {
@@ -576,7 +589,8 @@ fn prepared_depth(p: &mut Prepared<'_>, slots: Vec<Slot>, lbas: &mut Lbas, n: us
         if submitted < n {
             let lba = lbas.take();
             lba_of[usize::from(d.index())] = lba;
-            p.submit(d.into_slot(), Op::Read, lba)?;
+            p.submit(d.into_slot(), Op::Read, lba)
+                .map_err(|r| r.problem)?;
             submitted += 1;
         }
     }
@@ -827,7 +841,23 @@ fn command_cost(opts: &Opts, nvme: &Nvme, areas: &Areas, blocks: u64, size: u64)
     let base = areas.ram.iova();
     let nblocks = size / BLOCK;
     let mut lbas = Lbas::new(size, blocks, 0);
-    let (mut p, slots) = pq.prepare([(Dma::at(base), nblocks as u32)])?;
+    pq.prepare([(Dma::at(base), nblocks as u32)], |p, slots| {
+        command_cost_in(opts, &mut q, p, slots, base, nblocks, &mut lbas, size)
+    })?
+}
+
+/// [`command_cost`] with the prepared set made.
+#[allow(clippy::too_many_arguments)]
+fn command_cost_in<'id>(
+    opts: &Opts,
+    q: &mut IoQueue,
+    p: &mut Prepared<'_, 'id>,
+    slots: Vec<Slot<'id>>,
+    base: u64,
+    nblocks: u64,
+    lbas: &mut Lbas,
+    size: u64,
+) -> R<()> {
     let mut slot = slots.into_iter().next();
     // The clock's own cost, the same way.
     let mut empty = Vec::new();
@@ -847,8 +877,9 @@ fn command_cost(opts: &Opts, nvme: &Nvme, areas: &Areas, blocks: u64, size: u64)
             if path == Path::Prepared {
                 let s = slot.take().ok_or("the prepared slot was not handed back")?;
                 let t = Instant::now();
-                p.submit(s, Op::Read, lba)?;
+                let sent = p.submit(s, Op::Read, lba);
                 let sub = ns_since(t);
+                sent.map_err(|r| r.problem)?;
                 let start = Instant::now();
                 while !p.has_completion() {
                     std::hint::spin_loop();

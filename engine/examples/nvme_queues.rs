@@ -159,31 +159,39 @@ fn read_prepared(
     let (chunk, chunks) = (4096, PER_QUEUE / 4096);
     let blocks = (chunk / block) as u32;
     let slots = u64::from(q.depth()).min(chunks);
-    let (mut p, free) = q.prepare((0..slots).map(|s| (Dma::held(buf, s * chunk), blocks)))?;
-    let mut chunk_of = vec![0; slots as usize];
-    let mut next = 0;
-    for slot in free {
-        chunk_of[usize::from(slot.index())] = next;
-        p.submit(slot, Op::Read, lba + next * chunk / block)?;
-        next += 1;
-    }
-    let mut out = vec![0u8; PER_QUEUE as usize];
-    while p.in_flight() > 0 {
-        // The slot comes back with its completion, once.
-        let done = p.wait(Duration::from_secs(5))?;
-        if !done.is_success() {
-            return Err(format!("a read failed: {}", done.status()).into());
-        }
-        let s = usize::from(done.index());
-        let at = (chunk_of[s] * chunk) as usize;
-        mem.read_at(s as u64 * chunk, &mut out[at..at + chunk as usize])?;
-        if next < chunks {
-            chunk_of[s] = next;
-            p.submit(done.into_slot(), Op::Read, lba + next * chunk / block)?;
-            next += 1;
-        }
-    }
-    drop(p);
+    let bufs = (0..slots).map(|s| (Dma::held(buf, s * chunk), blocks));
+    // The set and its slots live in the closure; a slot is its set's only.
+    let out = q.prepare(
+        bufs,
+        |p, free| -> Result<Vec<u8>, Box<dyn Error + Send + Sync>> {
+            let mut chunk_of = vec![0; slots as usize];
+            let mut next = 0;
+            for slot in free {
+                chunk_of[usize::from(slot.index())] = next;
+                p.submit(slot, Op::Read, lba + next * chunk / block)
+                    .map_err(|r| r.problem)?;
+                next += 1;
+            }
+            let mut out = vec![0u8; PER_QUEUE as usize];
+            while p.in_flight() > 0 {
+                // The slot comes back with its completion, once.
+                let done = p.wait(Duration::from_secs(5))?;
+                if !done.is_success() {
+                    return Err(format!("a read failed: {}", done.status()).into());
+                }
+                let s = usize::from(done.index());
+                let at = (chunk_of[s] * chunk) as usize;
+                mem.read_at(s as u64 * chunk, &mut out[at..at + chunk as usize])?;
+                if next < chunks {
+                    chunk_of[s] = next;
+                    p.submit(done.into_slot(), Op::Read, lba + next * chunk / block)
+                        .map_err(|r| r.problem)?;
+                    next += 1;
+                }
+            }
+            Ok(out)
+        },
+    )??;
     mem.write_at(0, &out)?;
     Ok(())
 }

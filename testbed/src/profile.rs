@@ -111,7 +111,11 @@ fn two_devices(c: &mut VmConfig, topology: Topology) {
     c.topology = topology;
 }
 
-const PROFILES: [Profile; 6] = [
+/// Reads from the image of the `nvme_throttled` profile's `nvme0`, in bytes
+/// per second: eight 128 KiB reads take about two seconds.
+pub const THROTTLED_READ_BPS: u64 = 512 << 10;
+
+const PROFILES: [Profile; 7] = [
     Profile {
         name: STANDARD,
         about: "the standard VM: edu, ivshmem and NVMe devices, each on its own PCIe root port",
@@ -181,6 +185,19 @@ const PROFILES: [Profile; 6] = [
                     resolution: GPU_SCREEN,
                 },
             ];
+        },
+    },
+    Profile {
+        name: "nvme_throttled",
+        about: "edu0, shm0 and nvme0 alone, nvme0's reads from its image throttled \
+                (throttling.bps-read): commands that are still running when a queue is \
+                closed at once, so that the close's Abort step and the deletion of a \
+                queue with reads into host RAM in flight run",
+        shape: |c| {
+            two_devices(c, Topology::RootPorts);
+            let mut nvme0 = VmConfig::standard_nvme().remove(0);
+            nvme0.read_bps = THROTTLED_READ_BPS;
+            c.nvme = vec![nvme0];
         },
     },
 ];

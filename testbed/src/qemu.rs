@@ -40,6 +40,9 @@ pub struct NvmeDrive {
     pub pmr_mib: u32,
     /// Maximum data transfer size as a power of two of 4 KiB pages (`mdts`).
     pub mdts: u8,
+    /// Reads from the image throttled to this many bytes per second
+    /// (`throttling.bps-read` of the drive); 0 for none.
+    pub read_bps: u64,
 }
 
 impl NvmeDrive {
@@ -379,6 +382,7 @@ impl VmConfig {
                 cmb_mib: 0,
                 pmr_mib: 0,
                 mdts: 5,
+                read_bps: 0,
             },
             NvmeDrive {
                 id: "nvme1".into(),
@@ -386,6 +390,7 @@ impl VmConfig {
                 cmb_mib: 16,
                 pmr_mib: 16,
                 mdts: 7,
+                read_bps: 0,
             },
         ]
     }
@@ -588,9 +593,14 @@ impl VmConfig {
             ));
             a.push("-drive".into());
             a.push(format!(
-                "file={},if=none,format=raw,id=drv-{}",
+                "file={},if=none,format=raw,id=drv-{}{}",
                 self.backing_file(&drive.id).display(),
-                drive.id
+                drive.id,
+                if drive.read_bps > 0 {
+                    format!(",throttling.bps-read={}", drive.read_bps)
+                } else {
+                    String::new()
+                }
             ));
             let mut dev = format!(
                 "nvme,id={id},serial={id},drive=drv-{id},bus={rp},mdts={}",

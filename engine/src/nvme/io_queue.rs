@@ -1177,6 +1177,7 @@ impl IoQueue {
         self.deleted = true;
         // A controller that is gone or failed finishes nothing: no wait.
         let mut running = self.running();
+        let mut aborts = 0;
         if running > 0 && self.ctrl.check_alive().is_ok() {
             running = self.settle(timeout);
             if running > 0 && self.ctrl.check_alive().is_ok() {
@@ -1190,7 +1191,7 @@ impl IoQueue {
                         | Err(Error::Nvme {
                             problem: NvmeProblem::CommandFailed { .. },
                             ..
-                        }) => {}
+                        }) => aborts += 1,
                         Err(_) => break,
                     }
                 }
@@ -1217,6 +1218,7 @@ impl IoQueue {
             return Err(self.ctrl.error(NvmeProblem::AbortedByDeletion {
                 qid: self.qid,
                 commands: running,
+                aborts,
             }));
         }
         Ok(())

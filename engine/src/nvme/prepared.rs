@@ -13,14 +13,17 @@
 //! The promises of the checked API hold by the types instead of by a
 //! command table: a slot is submitted by moving its [`Slot`] into the
 //! queue, which is the only way to name it, and is handed back only by the
-//! reap of that slot's completion, once; a slot of another set is refused
-//! ([`NvmeProblem::ForeignSlot`]); the queue owns the registered buffers
-//! until [`Prepared`] is dropped, and then keeps those of commands still
-//! running until they complete (the queue's close waits for them).
+//! reap of that slot's completion, once; a set and its slots live inside
+//! the closure given to [`IoQueue::prepare`] and carry a lifetime of their
+//! own, so a slot of another set, or of an earlier one, does not compile
+//! (no check at run time); the set owns the registered buffers, and when
+//! the closure returns the queue keeps those of commands still running
+//! until they complete (the queue's close waits for them).
 
 use std::fmt;
+use std::marker::PhantomData;
 use std::num::NonZeroU64;
-use std::sync::atomic::{AtomicU32, Ordering, fence};
+use std::sync::atomic::{Ordering, fence};
 use std::time::{Duration, Instant};
 
 use super::command::{Status, nvm};
@@ -32,8 +35,10 @@ use super::regs::PAGE;
 use crate::Result;
 use crate::deadline::Deadline;
 
-/// Every prepared set gets a number of its own, which its slots carry.
-static SETS_MADE: AtomicU32 = AtomicU32::new(1);
+/// The brand of one set: an invariant lifetime that only the closure given
+/// to [`IoQueue::prepare`] knows, so that no two sets' slots have the same
+/// type.
+type Brand<'id> = PhantomData<fn(&'id ()) -> &'id ()>;
 
 /// What a prepared command does with its buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -49,14 +54,35 @@ pub enum Op {
 /// buffer, its command ID). Not `Clone`: submitting moves it into the
 /// queue, and only the reap of that command's completion hands it back,
 /// so a slot is never in flight twice and a completion goes to its own
-/// command once.
+/// command once. Its lifetime `'id` is its set's alone: it cannot leave
+/// the closure given to [`IoQueue::prepare`], nor be given to another set.
+///
+/// ```compile_fail
+/// # fn f(q: &mut dmabuf_p2p_engine::nvme::IoQueue, r: &mut dmabuf_p2p_engine::nvme::IoQueue) -> dmabuf_p2p_engine::Result<()> {
+/// use dmabuf_p2p_engine::nvme::{Dma, Op};
+/// q.prepare([(Dma::at(0x10000), 8)], |p, mut mine| {
+///     r.prepare([(Dma::at(0x20000), 8)], |other, _| {
+///         // A slot of another set: does not compile.
+///         let _ = other.submit(mine.pop().unwrap(), Op::Read, 0);
+///     })
+/// })??;
+/// # Ok(()) }
+/// ```
+///
+/// ```compile_fail
+/// # fn f(q: &mut dmabuf_p2p_engine::nvme::IoQueue) -> dmabuf_p2p_engine::Result<()> {
+/// use dmabuf_p2p_engine::nvme::Dma;
+/// // A slot kept past its set: does not compile.
+/// let kept = q.prepare([(Dma::at(0x10000), 8)], |_, mut slots| slots.pop())?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug, PartialEq, Eq)]
-pub struct Slot {
+pub struct Slot<'id> {
     index: u16,
-    set: u32,
+    brand: Brand<'id>,
 }
 
-impl Slot {
+impl Slot<'_> {
     /// The slot's index: its buffer's place in the list given to
     /// [`IoQueue::prepare`], and its command ID.
     #[inline]
@@ -67,22 +93,25 @@ impl Slot {
 
 /// A prepared command's completion: its slot, handed back
 /// ([`into_slot`](Self::into_slot)), and the completion's status. Eight
-/// bytes (the completion's dword 3 and the set's number), so that a reap
-/// returns it in a register.
+/// bytes (the completion's dword 3 shifted left by one, and bit 0 set so
+/// that it is never zero), so that a reap returns it in a register.
 #[derive(PartialEq, Eq)]
-pub struct Reaped(NonZeroU64);
+pub struct Reaped<'id> {
+    raw: NonZeroU64,
+    brand: Brand<'id>,
+}
 
-impl Reaped {
+impl<'id> Reaped<'id> {
     /// The slot's index (its command ID).
     #[inline]
     pub fn index(&self) -> u16 {
-        self.0.get() as u16
+        (self.raw.get() >> 1) as u16
     }
 
     /// The 15-bit status field (CQE dword 3 bits 31:17).
     #[inline]
     pub fn status_field(&self) -> u16 {
-        (self.0.get() as u32 >> 17) as u16
+        (self.raw.get() >> 18) as u16
     }
 
     /// Whether the command succeeded (status code type and code zero).
@@ -98,15 +127,15 @@ impl Reaped {
 
     /// The slot, free for its next command.
     #[inline]
-    pub fn into_slot(self) -> Slot {
+    pub fn into_slot(self) -> Slot<'id> {
         Slot {
             index: self.index(),
-            set: (self.0.get() >> 32) as u32,
+            brand: PhantomData,
         }
     }
 }
 
-impl fmt::Debug for Reaped {
+impl fmt::Debug for Reaped<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Reaped")
             .field("index", &self.index())
@@ -118,44 +147,45 @@ impl fmt::Debug for Reaped {
 /// A prepared command the queue refused: its slot, handed back, and why.
 #[derive(Debug, thiserror::Error)]
 #[error("prepared slot {}: {problem}", slot.index)]
-pub struct Refused {
+pub struct Refused<'id> {
     /// The slot, still free.
-    pub slot: Slot,
+    pub slot: Slot<'id>,
     /// What was wrong.
     pub problem: NvmeProblem,
 }
 
 /// One registered buffer: its submission entry without opcode and LBA,
-/// whose words 1 and 2 (dwords 2 to 5, zero in a Read or Write) hold what
-/// the set knows of the slot instead: 64 bytes, one cache line, the only
-/// memory of the set a submit or a reap touches.
+/// whose word 1 (dwords 2 and 3, zero in a Read or Write) holds the last
+/// LBA a command of the slot's length may start at: 64 bytes, one cache
+/// line.
 type Template = [u64; 8];
-/// The word of a [`Template`] holding the last LBA a command of the
-/// slot's length may start at.
+/// The word of a [`Template`] holding the last LBA.
 const LAST_LBA: usize = 1;
-/// The word of a [`Template`] that is 1 while the slot's command is in
-/// flight, else 0.
-const IN_FLIGHT: usize = 2;
+/// One in-flight flag for every command ID a completion can name, so that
+/// a reap looks its CID up without a bounds check (64 KiB a set).
+type InFlight = Box<[bool; 1 << 16]>;
 
 /// A set of buffers registered on an [`IoQueue`], driven through their
-/// [`Slot`]s ([`IoQueue::prepare`]). While it lives the queue is its
-/// alone (it borrows the queue); when it is dropped the queue takes the
-/// slots back, and a command still running keeps its buffer alive until
-/// it completes (as a given-up command does: the queue's close waits for
-/// it).
+/// [`Slot`]s inside the closure given to [`IoQueue::prepare`]. While it
+/// lives the queue is its alone; when the closure returns the queue takes
+/// the slots back, and a command still running keeps its buffer alive
+/// until it completes (as a given-up command does: the queue's close waits
+/// for it).
 ///
-/// Nothing on its submit and reap paths allocates, locks or makes a
-/// `Result` of a completion.
-pub struct Prepared<'q> {
+/// Nothing on its submit and reap paths allocates, locks, checks a slot's
+/// set or makes a `Result` of a completion.
+pub struct Prepared<'q, 'id> {
     queue: &'q mut IoQueue,
     slots: Box<[Template]>,
     /// What each slot's commands keep alive (held buffers).
     keeps: Box<[Option<std::sync::Arc<dyn DmaMemory>>]>,
-    /// This set's number, never 0 (a [`Reaped`] is never zero).
-    set: u32,
+    /// Whether each CID has a command of this set in flight (only those
+    /// below the slot count ever do).
+    in_flight: InFlight,
+    brand: Brand<'id>,
 }
 
-impl fmt::Debug for Prepared<'_> {
+impl fmt::Debug for Prepared<'_, '_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Prepared")
             .field("qid", &self.queue.qid())
@@ -166,15 +196,19 @@ impl fmt::Debug for Prepared<'_> {
 }
 
 impl IoQueue {
-    /// Registers `buffers` for prepared commands: each `(memory, blocks)`
-    /// is one slot (slot `i` is the `i`-th buffer, and command ID `i`),
-    /// whose commands move `blocks` blocks of the queue's namespace to or
-    /// from that memory. Every check of a Read or Write that does not
+    /// Registers `buffers` for prepared commands and runs `work` with the
+    /// set and its slots; returns what `work` returns. Each
+    /// `(memory, blocks)` is one slot (slot `i` is the `i`-th buffer, and
+    /// command ID `i`), whose commands move `blocks` blocks of the queue's
+    /// namespace to or from that memory. Every check of a Read or Write that does not
     /// depend on the LBA is made here (see
     /// [`submit_read`](Self::submit_read)), and each buffer's PRP list is
     /// written into the queue's list page of its slot. A held buffer
     /// ([`Dma::held`]) is kept by the set (and past it while a command on
-    /// it runs); a bare IOVA must stay mapped as long.
+    /// it runs); a bare IOVA must stay mapped as long. When `work` returns
+    /// (or unwinds) the queue takes the slots back: a command still
+    /// running is then given up (its completion dropped when it comes, its
+    /// buffer kept until then).
     ///
     /// The queue must have no command in flight
     /// ([`NvmeProblem::QueueBusy`]); 1 to [`depth`](Self::depth) buffers
@@ -184,21 +218,25 @@ impl IoQueue {
     /// # fn f(q: &mut dmabuf_p2p_engine::nvme::IoQueue, iova: u64) -> Result<(), Box<dyn std::error::Error>> {
     /// use dmabuf_p2p_engine::nvme::{Dma, Op};
     /// // Eight 4 KiB buffers (8 blocks of 512 bytes each).
-    /// let (mut p, mut free) = q.prepare((0..8u64).map(|i| (Dma::at(iova + i * 4096), 8)))?;
-    /// for (i, slot) in free.drain(..).enumerate() {
-    ///     p.submit(slot, Op::Read, i as u64 * 8)?; // refused: the slot comes back in the error
-    /// }
-    /// while p.in_flight() > 0 {
-    ///     let done = p.wait(std::time::Duration::from_secs(5))?;
-    ///     assert!(done.is_success());
-    ///     free.push(done.into_slot()); // ready for its next command
-    /// }
+    /// q.prepare((0..8u64).map(|i| (Dma::at(iova + i * 4096), 8)), |p, mut free| {
+    ///     for (i, slot) in free.drain(..).enumerate() {
+    ///         // Refused (an LBA past the end): the slot comes back in the error.
+    ///         p.submit(slot, Op::Read, i as u64 * 8).map_err(|r| r.problem.to_string())?;
+    ///     }
+    ///     while p.in_flight() > 0 {
+    ///         let done = p.wait(std::time::Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    ///         assert!(done.is_success());
+    ///         free.push(done.into_slot()); // ready for its next command
+    ///     }
+    ///     Ok::<_, String>(())
+    /// })??;
     /// # Ok(()) }
     /// ```
-    pub fn prepare(
+    pub fn prepare<R>(
         &mut self,
         buffers: impl IntoIterator<Item = (Dma, u32)>,
-    ) -> Result<(Prepared<'_>, Vec<Slot>)> {
+        work: impl for<'id> FnOnce(&mut Prepared<'_, 'id>, Vec<Slot<'id>>) -> R,
+    ) -> Result<R> {
         let in_use = self.table.in_use();
         if in_use != 0 {
             return Err(self.ctrl.error(NvmeProblem::QueueBusy {
@@ -248,21 +286,27 @@ impl IoQueue {
                 depth,
             }));
         }
-        let set = SETS_MADE.fetch_add(1, Ordering::Relaxed).max(1);
-        let tokens = (0..n).map(|index| Slot { index, set }).collect();
-        Ok((
-            Prepared {
-                queue: self,
-                slots: slots.into_boxed_slice(),
-                keeps: keeps.into_boxed_slice(),
-                set,
-            },
-            tokens,
-        ))
+        let tokens = (0..n)
+            .map(|index| Slot {
+                index,
+                brand: PhantomData,
+            })
+            .collect();
+        let mut set = Prepared {
+            queue: self,
+            slots: slots.into_boxed_slice(),
+            keeps: keeps.into_boxed_slice(),
+            in_flight: vec![false; 1 << 16]
+                .into_boxed_slice()
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("1 << 16 flags")),
+            brand: PhantomData,
+        };
+        Ok(work(&mut set, tokens))
     }
 }
 
-impl Prepared<'_> {
+impl<'id> Prepared<'_, 'id> {
     /// Slots in the set.
     pub fn len(&self) -> usize {
         self.slots.len()
@@ -281,31 +325,33 @@ impl Prepared<'_> {
 
     /// Commands submitted whose completion has not been reaped.
     pub fn in_flight(&self) -> usize {
-        self.slots.iter().filter(|t| t[IN_FLIGHT] != 0).count()
+        self.in_flight[..self.slots.len()]
+            .iter()
+            .filter(|&&f| f)
+            .count()
     }
 
     /// Writes `slot`'s command (`op` on its blocks from `lba`) to the
     /// submission queue without ringing the doorbell (see
-    /// [`ring`](Self::ring); dropping the set rings it too). An LBA whose
-    /// blocks run past the namespace, or a slot of another set, is refused
-    /// and the slot handed back.
+    /// [`ring`](Self::ring); the end of the set rings it too). An LBA
+    /// whose blocks run past the namespace is refused and the slot handed
+    /// back.
     #[inline(always)]
-    pub fn push(&mut self, slot: Slot, op: Op, lba: u64) -> Result<(), Refused> {
+    pub fn push(&mut self, slot: Slot<'id>, op: Op, lba: u64) -> Result<(), Refused<'id>> {
         self.write(slot, op, lba).map(drop)
     }
 
     /// [`push`](Self::push); the submission queue's new tail.
     #[inline(always)]
-    fn write(&mut self, slot: Slot, op: Op, lba: u64) -> Result<u16, Refused> {
-        let i = usize::from(slot.index);
-        let set = self.set;
-        let t = match self.slots.get_mut(i) {
-            Some(t) if (slot.set == set) & (lba <= t[LAST_LBA]) => t,
+    fn write(&mut self, slot: Slot<'id>, op: Op, lba: u64) -> Result<u16, Refused<'id>> {
+        let t = match self.slots.get(usize::from(slot.index)) {
+            Some(t) if lba <= t[LAST_LBA] => t,
             _ => return Err(self.refuse(slot, lba)),
         };
         // A Slot exists only while its command is not in flight.
-        debug_assert_eq!(t[IN_FLIGHT], 0);
-        t[IN_FLIGHT] = 1;
+        let index = usize::from(slot.index);
+        debug_assert!(!self.in_flight[index]);
+        self.in_flight[index] = true;
         // Dwords 2 to 5 and 14 to 15 of a Read or Write are zero.
         let entry = [t[0] | op as u64, 0, 0, t[3], t[4], lba, t[6], 0];
         self.queue.sq.write(&entry);
@@ -321,7 +367,7 @@ impl Prepared<'_> {
 
     /// [`push`](Self::push), then [`ring`](Self::ring).
     #[inline(always)]
-    pub fn submit(&mut self, slot: Slot, op: Op, lba: u64) -> Result<(), Refused> {
+    pub fn submit(&mut self, slot: Slot<'id>, op: Op, lba: u64) -> Result<(), Refused<'id>> {
         let tail = self.write(slot, op, lba)?;
         // The entry is in memory before the controller hears of it.
         fence(Ordering::SeqCst);
@@ -335,7 +381,7 @@ impl Prepared<'_> {
     /// command in flight (a controller bug: counted in
     /// [`IoQueue::stray_completions`], and the next reap looks further).
     #[inline(always)]
-    pub fn reap(&mut self) -> Option<Reaped> {
+    pub fn reap(&mut self) -> Option<Reaped<'id>> {
         self.take::<true>()
     }
 
@@ -344,7 +390,7 @@ impl Prepared<'_> {
     /// a new entry waits at the head, the next take, here or on the queue,
     /// rings it).
     #[inline(always)]
-    fn take<const RING: bool>(&mut self) -> Option<Reaped> {
+    fn take<const RING: bool>(&mut self) -> Option<Reaped<'id>> {
         let q = &mut *self.queue;
         let dw3 = q.cq.read_u32::<3>();
         if (dw3 & (1 << 16) != 0) == q.cq.lap() {
@@ -358,16 +404,17 @@ impl Prepared<'_> {
             q.cq_doorbell.write(u32::from(head));
         }
         // CID in bits 15:0, the status field in 31:17.
-        match self.slots.get_mut(usize::from(dw3 as u16)) {
-            Some(t) if t[IN_FLIGHT] != 0 => {
-                t[IN_FLIGHT] = 0;
-                // Never zero: the set's number is not.
-                NonZeroU64::new(u64::from(dw3) | (u64::from(self.set) << 32)).map(Reaped)
-            }
-            _ => {
-                self.stray();
-                None
-            }
+        let flag = &mut self.in_flight[usize::from(dw3 as u16)];
+        if *flag {
+            *flag = false;
+            // Never zero: bit 0 is set.
+            NonZeroU64::new((u64::from(dw3) << 1) | 1).map(|raw| Reaped {
+                raw,
+                brand: PhantomData,
+            })
+        } else {
+            self.stray();
+            None
         }
     }
 
@@ -390,7 +437,7 @@ impl Prepared<'_> {
     /// [`NvmeProblem::NothingInFlight`] at once. The completion queue's head
     /// doorbell is rung once a run of completions taken one by one is
     /// drained, not for each.
-    pub fn wait(&mut self, timeout: Duration) -> Result<Reaped> {
+    pub fn wait(&mut self, timeout: Duration) -> Result<Reaped<'id>> {
         if let Some(r) = self.take::<false>() {
             return Ok(r);
         }
@@ -426,37 +473,34 @@ impl Prepared<'_> {
 
     #[cold]
     #[inline(never)]
-    fn refuse(&self, slot: Slot, lba: u64) -> Refused {
-        let problem = match self.slots.get(usize::from(slot.index)) {
-            Some(t) if slot.set == self.set => {
-                let count = t[6] as u32 + 1;
-                NvmeProblem::LbaOutOfRange {
-                    nsid: self.queue.limits.nsid,
-                    lba,
-                    count,
-                    blocks: self.queue.limits.blocks,
-                }
-            }
-            _ => NvmeProblem::ForeignSlot {
-                slot: slot.index,
-                qid: self.queue.qid(),
-            },
+    fn refuse(&self, slot: Slot<'id>, lba: u64) -> Refused<'id> {
+        // A slot of this set (the brand says so): its index is in range.
+        let count = self
+            .slots
+            .get(usize::from(slot.index))
+            .map_or(0, |t| t[6] as u32 + 1);
+        let problem = NvmeProblem::LbaOutOfRange {
+            nsid: self.queue.limits.nsid,
+            lba,
+            count,
+            blocks: self.queue.limits.blocks,
         };
         Refused { slot, problem }
     }
 }
 
-impl Drop for Prepared<'_> {
+impl Drop for Prepared<'_, '_> {
     fn drop(&mut self) {
         // Every command pushed and every completion taken is announced
         // (the same values again are no news to the controller).
         self.queue.ring_sq();
         let head = self.queue.cq.position();
         self.queue.cq_doorbell.write(u32::from(head));
-        for ((cid, t), keep) in (0u16..).zip(self.slots.iter()).zip(self.keeps.iter_mut()) {
-            self.queue
-                .table
-                .give_back(cid, t[IN_FLIGHT] != 0, keep.take());
+        for ((cid, &running), keep) in (0u16..)
+            .zip(self.in_flight.iter())
+            .zip(self.keeps.iter_mut())
+        {
+            self.queue.table.give_back(cid, running, keep.take());
         }
     }
 }

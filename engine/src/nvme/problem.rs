@@ -146,15 +146,6 @@ pub enum NvmeProblem {
         /// Commands submitted and not yet handed out or dropped.
         in_use: usize,
     },
-    /// A prepared slot of another set (another queue's, or an earlier set
-    /// of this queue's).
-    #[error("slot {slot} is not one of the prepared slots of I/O queue {qid}")]
-    ForeignSlot {
-        /// The slot's index.
-        slot: u16,
-        /// The queue asked.
-        qid: u16,
-    },
     /// Prepared buffers for a queue: 1 to its depth.
     #[error("{asked} prepared buffers for an I/O queue of depth {depth} (1 to its depth)")]
     PreparedSlots {
@@ -167,13 +158,16 @@ pub enum NvmeProblem {
     /// commands: they completed neither in the wait before the deletion
     /// nor after an Abort of each, so the deletion aborted them.
     #[error(
-        "I/O queue {qid} was deleted with {commands} command(s) still running (not completed in the wait, nor after Abort): the deletion aborted them, so their data is undefined"
+        "I/O queue {qid} was deleted with {commands} command(s) still running (not completed in the wait, nor after Abort, {aborts} sent): the deletion aborted them, so their data is undefined"
     )]
     AbortedByDeletion {
         /// The queue.
         qid: u16,
         /// Commands the deletion aborted.
         commands: usize,
+        /// Abort commands the controller took before the deletion (one for
+        /// each command still running after the first wait).
+        aborts: usize,
     },
     /// The controller reported a fatal status (CSTS.CFS) or its registers
     /// read as all ones (not reachable: memory decode off, or gone).

@@ -236,39 +236,49 @@ What the numbers say:
 pub(super) const NVMEQD_NOTES: &str = r#"
 How to read it: the control does the least a driver can (no request
 checks, the slot index as the command ID, nothing kept alive, no error
-values), so engine / control is what the engine's checks and bookkeeping
-cost on each row.
+values), so engine / control is what the checked API's checks and
+bookkeeping cost on each row, and prepared / control what is left of them
+when the checks that do not depend on the LBA are made once per buffer.
 
-What the numbers say (the run of 2026-12-07 16:22 UTC, on a 2-core host
-with a load average of 10: other engineers' VMs):
+What the numbers say (the run of 2026-12-07 22:43 UTC, on a 2-core host
+with a load average of 6 to 8: other engineers' VMs):
 
-- **The wall clock is noisy here.** Each row's 61 rounds spread widely:
-  the min–max of the per-round ratio reaches 0.1–13 on the host-RAM rows,
-  and a row's own times are bimodal (QD8, 4 KiB into RAM: 17 µs per
-  command at best, 60–66 µs at the median, for both). The BAR rows ran in
-  a quieter stretch (QD8, 4 KiB: 0.43–1.38). Twenty of the 26 rows have
-  a median ratio within 1.10; the six above it (1.10–1.16) have rounds
-  below 0.5 and above 2.5, so this run cannot tell them from noise. A
-  quick run earlier the same day (a quarter of the budget, before the
-  hot-path work below, host load about 7) had 25 of 26 rows within 1.10.
-  QD1 latency, polled and by MSI-X, is within 3% of the control.
-- **On the instruction clock the engine is not within 10% of the
-  control**: a 4 KiB Read costs 315 instructions to submit and reap
-  through the engine against 63 for the control (5.0 times), a 128 KiB
-  Read 595 against 191 (3.1 times; its 31-entry PRP list is written by
-  both). The submit adds about 95 instructions (the request checks, a
-  command ID from the table, the ID returned), the reap about 155 (the ID
-  looked up and checked against its generation, the table's state
-  machine, the completion and its status made into a `Done` in a
-  `Result`). The control leaves out exactly what issue 26 asked the
-  engine for: a completion handed out once to the command it belongs to,
-  stale IDs refused, buffers held until the device is done, typed errors.
-  Those 250 instructions are a small part of a command's time under TCG
-  (17–90 µs per command on the rows above), which is why the wall-clock
-  rows sit near 1.0. Before the hot-path work (inlining, one table lookup
-  per wait, the waited completion handed over without the ready list) the
-  engine took 377 instructions against 160 for a control that still read
-  the clock in its reap.
+- **Prepared commands cost what the raw loop does, on the instruction
+  clock**: 70 instructions to submit and reap a 4 KiB Read against 65 for
+  the control (1.077, +5: the goal of +10% is met), and 70 against 193 at
+  128 KiB (0.363: the control writes its 31-entry PRP list for every
+  command, the prepared slot wrote it once when it was registered). The
+  submit is 42 against 42: the slot's 64-byte template with the opcode and
+  the LBA put in, one comparison of the LBA against the namespace's end,
+  eight volatile stores, the tail doorbell. The reap is 28 against 23: the
+  phase tag, the head doorbell, and what the control leaves out, the
+  command's in-flight flag looked up by its CID and cleared (a completion
+  for no command in flight is counted, never handed out) and the slot
+  token handed back. What the types promise costs nothing at run time: a
+  slot is named only by its non-`Clone` token, which the reap of its
+  completion hands back once, and the token's lifetime is its set's, so a
+  slot of another set does not compile.
+- The path there, in this session's quick runs (instructions, 4 KiB,
+  prepared / control): 102 / 65 with a table entry per slot and a set
+  number checked on each submit; 82 with the head doorbell rung on every
+  reap and the stray loop made cold; 74 with the template one cache line
+  and the completion returned as one 8-byte value; 70 with the set's
+  brand a lifetime (no set check, no set number in the completion), the
+  in-flight flags indexed by the whole 16-bit CID (no bounds check) and a
+  ring cursor that wraps without a branch.
+- **The checked API is where it was**: 267 instructions against 65 (4.1
+  times) and 556 against 193 (2.9 times): request checks, a CID from the
+  table, its generation, the completion handed out once through the
+  table's state machine, typed errors. It stays for raw commands, bare
+  IOVAs checked per command, and callers who do not want fixed buffers.
+- **The wall clock cannot tell the three apart here.** Every prepared row
+  has a median ratio to the control within 1.10 (the highest 1.083, 2
+  queues, QD32 into the BAR, 128 KiB); four rows of the checked path are
+  just over (1.109 to 1.128), and their rounds spread from below 0.5 to
+  above 2.5, as the control's own do. A command takes 16 to 460 µs under
+  TCG, of which the 200 instructions between the checked path and the
+  control are a fraction of a microsecond. QD1 latency, polled and by
+  MSI-X, is within 2% of the control on both paths.
 - Two queues on two threads are not faster than one here: TCG runs both
   vCPUs on one host thread, and the controller's model runs in QEMU's
   main loop.

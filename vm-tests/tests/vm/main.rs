@@ -28,6 +28,7 @@ mod p2p;
 mod placement;
 mod profile_aw39;
 mod profile_aw39_high_bar;
+mod profile_nvme_throttled;
 mod profile_root_bus;
 mod profile_switch;
 mod profile_virtio_gpu;
