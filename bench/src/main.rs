@@ -35,11 +35,17 @@
 //! 10. **firstexport**: the first BAR export of a freshly opened device
 //!     against the second, and the raw export between them.
 //!
+//! And only when asked (`--only=peer --peer=PATH`), alone: **peer**
+//! ([`nvme_peer`]), an outside NVMe driver (libvfn's `perf`) against the
+//! engine on the same controller, issue 26's outside check.
+//!
 //! Every figure is the median of repeated runs, with min and max. Options:
-//! `--quick` (a quarter of the time budgets), `--only=sweep,overhead,...`.
+//! `--quick` (a quarter of the time budgets), `--only=sweep,overhead,...`,
+//! `--peer=PATH`.
 
 mod first_export;
 mod nvme;
+mod nvme_peer;
 mod nvme_qd;
 mod raw;
 mod stats;
@@ -78,6 +84,8 @@ const MIN_SIZE: u64 = 64 << 10;
 struct Opts {
     quick: bool,
     only: Option<Vec<String>>,
+    /// `--peer=PATH`: the outside driver of the peer part.
+    peer: Option<String>,
 }
 
 impl Opts {
@@ -85,12 +93,15 @@ impl Opts {
         let mut o = Self {
             quick: false,
             only: None,
+            peer: None,
         };
         for a in std::env::args().skip(1) {
             if a == "--quick" {
                 o.quick = true;
             } else if let Some(list) = a.strip_prefix("--only=") {
                 o.only = Some(list.split(',').map(str::to_owned).collect());
+            } else if let Some(path) = a.strip_prefix("--peer=") {
+                o.peer = Some(path.to_owned());
             }
         }
         o
@@ -147,6 +158,23 @@ fn run() -> R<()> {
         vmm::run(&opts)?;
         println!("bench: done in {:.1} s", start.elapsed().as_secs_f64());
         return Ok(());
+    }
+    // The peer part opens the NVMe controller only, first, when asked;
+    // the other parts named with it run after it.
+    if let Some(only) = opts.only.as_ref().filter(|l| l.iter().any(|p| p == "peer")) {
+        let peer = opts
+            .peer
+            .as_deref()
+            .ok_or("--only=peer needs --peer=PATH")?;
+        nvme_peer::run(&opts, peer)?;
+        if only.iter().all(|p| p == "peer") {
+            emit_meta(
+                "kernel",
+                fs::read_to_string("/proc/sys/kernel/osrelease")?.trim(),
+            );
+            println!("bench: done in {:.1} s", start.elapsed().as_secs_f64());
+            return Ok(());
+        }
     }
     let (bdf, bar_size) = largest_ivshmem()?;
     let group = iommu_group(&bdf)?;

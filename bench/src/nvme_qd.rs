@@ -145,7 +145,7 @@ impl Areas {
 
 /// The byte at `offset` of the test bed's NVMe images (the test bed's
 /// `nvme_image_byte`): a read that landed is checked against it.
-fn image_byte(offset: u64) -> u8 {
+pub(crate) fn image_byte(offset: u64) -> u8 {
     let mut z = (offset / 8).wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);

@@ -37,6 +37,7 @@ use crate::{Error, Result, deps, run_captured, workspace_root};
 
 mod first_export;
 mod notes;
+mod nvme_peer;
 mod nvme_qd;
 mod plots;
 
@@ -45,6 +46,9 @@ use plots::{plot_overhead, plot_revoke, plot_scale, plot_sweep};
 
 /// Where the benchmark binary lives in the VM.
 pub const GUEST_BENCH: &str = "/bin/dmabuf-p2p-bench";
+/// Where the peer part's outside driver (`DMABUF_P2P_BENCH_PEER`) lives in
+/// the VM.
+pub const GUEST_PEER: &str = "/bin/peer-perf";
 
 /// Size of the ivshmem device the benchmark maps: a GPU-sized BAR (a
 /// sparse backing file; nothing touches most of it).
@@ -308,6 +312,7 @@ pub fn xtask(args: &[String]) -> Result<bool> {
         return Ok(true);
     }
     let start = Instant::now();
+    nvme_peer::check_peer_asked(opts.only.as_deref())?;
     deps::ensure_vm_tools()?;
     let load_before = load_average();
     let bench_bin = build_bench()?;
@@ -519,6 +524,9 @@ fn guest_job(quick: bool, only: Option<&str>) -> String {
     if let Some(only) = only {
         job.push_str(&format!(" --only={only}"));
     }
+    if std::env::var_os(nvme_peer::PEER_ENV).is_some() {
+        job.push_str(&format!(" --peer={GUEST_PEER}"));
+    }
     job + "\n"
 }
 
@@ -693,6 +701,9 @@ fn pack(spec: &RunSpec, bench: &Path, strace: bool, dest: &Path) -> Result<()> {
         fs_.dir(d);
     }
     fs_.host_binary(GUEST_BENCH, bench)?;
+    if let Some(peer) = std::env::var_os(nvme_peer::PEER_ENV) {
+        fs_.host_binary(GUEST_PEER, Path::new(&peer))?;
+    }
     if strace || std::env::var_os("DMABUF_P2P_BENCH_TOOLS").is_some() {
         fs_.host_binary("/bin/strace", Path::new("/usr/bin/strace"))?;
     }
@@ -887,6 +898,9 @@ pub fn page(r: &Results) -> String {
     nvme_section(&mut s, r);
     vmm_section(&mut s, r);
     nvme_qd::section(&mut s, r);
+    if r.xs(nvme_qd::GROUP).is_empty() {
+        nvme_peer::section(&mut s, r);
+    }
     first_export::section(&mut s, r);
     reproducing(&mut s);
     s

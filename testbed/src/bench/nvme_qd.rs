@@ -158,6 +158,7 @@ pub fn section(s: &mut String, r: &Results) {
             over_prepared.join("; ")
         );
     }
+    super::nvme_peer::section(s, r);
     cost_table(s, r);
     s.push_str(NVMEQD_NOTES);
 }
