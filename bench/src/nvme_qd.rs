@@ -658,8 +658,9 @@ fn raw_entry(raw: &RawQueue, tail: u16, cid: u16, lba: u64, blocks: u64, iova: u
 #[inline]
 fn raw_ring(raw: &RawQueue, tail: u16) {
     fence(Ordering::SeqCst);
-    // SAFETY: the queue's tail doorbell in its BAR0 mapping.
-    unsafe { raw.sq_doorbell.write_volatile(u32::from(tail)) };
+    // The engine's doorbell mode (shadow doorbells where the controller
+    // took them): the control differs from the engine above the doorbell.
+    raw.sq_bell.write(u32::from(tail));
 }
 
 /// The completion at the head if it is new: its CID and status field.
@@ -686,8 +687,7 @@ fn raw_advance(raw: &mut RawQueue) {
 
 #[inline]
 fn raw_head_doorbell(raw: &RawQueue) {
-    // SAFETY: the queue's head doorbell in its BAR0 mapping.
-    unsafe { raw.cq_doorbell.write_volatile(u32::from(raw.cq_head)) };
+    raw.cq_bell.write(u32::from(raw.cq_head));
 }
 
 /// Blocks on the queue's MSI-X eventfd (up to 20 ms) and clears it.

@@ -40,6 +40,7 @@ mod notes;
 mod nvme_peer;
 mod nvme_qd;
 mod plots;
+mod shadow_doorbells;
 
 use notes::{OVERHEAD_NOTES, PLACEMENT_NOTES, REVOKE_NOTES, SCALE_NOTES, SWEEP_NOTES};
 use plots::{plot_overhead, plot_revoke, plot_scale, plot_sweep};

@@ -19,6 +19,8 @@ pub mod admin {
     pub const DELETE_IO_CQ: u8 = 0x04;
     /// Abort.
     pub const ABORT: u8 = 0x08;
+    /// Doorbell Buffer Config (NVMe 1.3, OACS bit 8).
+    pub const DOORBELL_BUFFER_CONFIG: u8 = 0x7c;
 }
 
 /// NVM command set opcodes the driver sends.
@@ -152,6 +154,24 @@ impl Command {
         }
     }
 
+    /// Doorbell Buffer Config: the shadow doorbell buffer at IOVA `shadow`
+    /// (PRP1) and the event index buffer at `eventidx` (PRP2), each a
+    /// page-aligned memory page.
+    ///
+    /// ```
+    /// use dmabuf_p2p_engine::nvme::command::Command;
+    /// let c = Command::doorbell_buffer_config(0x1000, 0x2000);
+    /// assert_eq!((c.opcode, c.prp1, c.prp2), (0x7c, 0x1000, 0x2000));
+    /// ```
+    pub fn doorbell_buffer_config(shadow: u64, eventidx: u64) -> Self {
+        Self {
+            opcode: admin::DOORBELL_BUFFER_CONFIG,
+            prp1: shadow,
+            prp2: eventidx,
+            ..Self::default()
+        }
+    }
+
     /// Set Features: Number of Queues, asking for `sq` and `cq` I/O queues.
     pub fn set_num_queues(sq: u16, cq: u16) -> Self {
         Self {
@@ -212,6 +232,7 @@ pub fn opcode_name(opcode: u8, admin_queue: bool) -> &'static str {
         (true, admin::IDENTIFY) => "Identify",
         (true, admin::SET_FEATURES) => "Set Features",
         (true, admin::ABORT) => "Abort",
+        (true, admin::DOORBELL_BUFFER_CONFIG) => "Doorbell Buffer Config",
         (false, nvm::READ) => "Read",
         (false, nvm::WRITE) => "Write",
         _ => "command",

@@ -19,6 +19,7 @@ use super::command::{Command, Completion as Cqe};
 use super::problem::NvmeProblem;
 use super::queue::{CompletionRing, SubmissionRing};
 use super::regs::{self, Capabilities, PAGE};
+use super::shadow_doorbell::ShadowBuffers;
 use crate::deadline::Deadline;
 use crate::{Error, Result, wait_readable};
 
@@ -98,6 +99,9 @@ pub(super) struct Controller {
     qids: Mutex<Vec<bool>>,
     /// I/O queue pairs the controller granted.
     pub(super) granted: u16,
+    /// The shadow doorbell buffers, once Doorbell Buffer Config took them;
+    /// forgotten when the controller is disabled (a reset drops them).
+    shadow: Mutex<Option<Arc<ShadowBuffers>>>,
     /// MSI-X eventfds, by vector: 0 for the admin queue, `q` for I/O queue
     /// `q`. Empty when the controller runs without interrupts.
     pub(super) vectors: Vec<File>,
@@ -137,6 +141,7 @@ impl Controller {
             }),
             qids: Mutex::new(Vec::new()),
             granted: 0,
+            shadow: Mutex::new(None),
             vectors: Vec::new(),
             dev,
         };
@@ -171,6 +176,27 @@ impl Controller {
         me.granted = sqs.min(cqs).saturating_add(1).min(asked);
         me.qids = Mutex::new(vec![false; usize::from(me.granted) + 1]);
         Ok((me, no_irq))
+    }
+
+    /// Sends Doorbell Buffer Config with new buffers for every queue the
+    /// controller granted; the queues made after it use them. Before any
+    /// I/O queue is made.
+    pub(super) fn configure_shadow_doorbells(&self) -> Result<()> {
+        let buffers = ShadowBuffers::new(&self.ioas, &self.cap, self.granted)?;
+        self.admin_command(buffers.config_command())?;
+        *self.lock_shadow() = Some(Arc::new(buffers));
+        Ok(())
+    }
+
+    /// The shadow doorbell buffers, when in use.
+    pub(super) fn shadow_doorbells(&self) -> Option<Arc<ShadowBuffers>> {
+        self.lock_shadow().clone()
+    }
+
+    fn lock_shadow(&self) -> MutexGuard<'_, Option<Arc<ShadowBuffers>>> {
+        self.shadow
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn lock_admin(&self) -> MutexGuard<'_, Admin> {
@@ -337,13 +363,17 @@ impl Controller {
         Ok(())
     }
 
-    /// Clears CC.EN and waits for CSTS.RDY to clear (up to CAP.TO).
+    /// Clears CC.EN and waits for CSTS.RDY to clear (up to CAP.TO). The
+    /// reset forgets Doorbell Buffer Config: so does the driver.
     fn disable(&self) -> Result<()> {
         let cc = self.bar0.read_u32(regs::CC)?;
         if cc & regs::CC_EN != 0 {
             self.bar0.write_u32(regs::CC, cc & !regs::CC_EN)?;
         }
-        self.wait_ready(false)
+        self.wait_ready(false)?;
+        // Only once the controller stopped: it wrote event indices there.
+        self.lock_shadow().take();
+        Ok(())
     }
 
     /// Sets CC (enable, NVM command set, 4 KiB pages, 64/16-byte entries)

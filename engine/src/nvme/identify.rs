@@ -18,6 +18,15 @@ pub struct ControllerIdentity {
     pub mdts: u8,
     /// Number of namespaces (the highest valid NSID).
     pub namespaces: u32,
+    /// Optional Admin Command Support (OACS): bit 8, Doorbell Buffer Config.
+    pub oacs: u16,
+}
+
+impl ControllerIdentity {
+    /// Whether the controller takes Doorbell Buffer Config (OACS bit 8).
+    pub fn has_doorbell_buffer_config(&self) -> bool {
+        self.oacs & (1 << 8) != 0
+    }
 }
 
 /// What the driver needs from Identify Namespace.
@@ -70,8 +79,10 @@ fn le_u64(b: &[u8], at: usize) -> u64 {
 /// d[4..9].copy_from_slice(b"nvme0");
 /// d[77] = 7;
 /// d[516] = 1;
+/// d[257] = 0x01; // OACS bit 8
 /// let c = parse_controller(&d);
 /// assert_eq!((c.vendor, c.serial.as_str(), c.mdts, c.namespaces), (0x1b36, "nvme0", 7, 1));
+/// assert!(c.has_doorbell_buffer_config());
 /// ```
 pub fn parse_controller(d: &[u8; 4096]) -> ControllerIdentity {
     ControllerIdentity {
@@ -81,6 +92,7 @@ pub fn parse_controller(d: &[u8; 4096]) -> ControllerIdentity {
         firmware: text(&d[64..72]),
         mdts: d[77],
         namespaces: le_u32(d, 516),
+        oacs: le_u16(d, 256),
     }
 }
 

@@ -77,6 +77,7 @@ pub mod problem;
 pub mod prp;
 pub mod queue;
 pub mod regs;
+pub mod shadow_doorbell;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -90,6 +91,7 @@ pub use io_queue::{
 pub use prepared::{Op, Prepared, Reaped, Refused, Slot};
 pub use problem::NvmeProblem;
 pub use regs::{CmbInfo, PmrInfo};
+pub use shadow_doorbell::{Doorbell, DoorbellWrites};
 
 use self::command::cns;
 use self::controller::{Controller, read_u64_lo_hi, write_u64_lo_hi};
@@ -118,6 +120,7 @@ pub struct NvmeOptions {
     completion: Completion,
     io_queues: u16,
     queue: QueueOptions,
+    shadow_doorbells: bool,
 }
 
 impl Default for NvmeOptions {
@@ -126,6 +129,7 @@ impl Default for NvmeOptions {
             completion: Completion::Interrupt,
             io_queues: 1,
             queue: QueueOptions::default(),
+            shadow_doorbells: true,
         }
     }
 }
@@ -163,6 +167,20 @@ impl NvmeOptions {
         self.io_queues
     }
 
+    /// Shadow doorbells (Doorbell Buffer Config, see
+    /// [`shadow_doorbell`]): on by default where the controller advertises
+    /// them (OACS bit 8); `false` writes every doorbell over MMIO (for
+    /// comparisons).
+    pub fn shadow_doorbells(mut self, on: bool) -> Self {
+        self.shadow_doorbells = on;
+        self
+    }
+
+    /// Whether shadow doorbells are asked for.
+    pub fn shadow_doorbells_asked(&self) -> bool {
+        self.shadow_doorbells
+    }
+
     /// How to make the controller's first I/O queue (the one [`Nvme`]
     /// keeps).
     pub fn queue(mut self, queue: QueueOptions) -> Self {
@@ -198,6 +216,8 @@ pub struct Nvme {
     max_transfer: u64,
     /// Why the controller has no interrupts, if it has none.
     no_irq: Option<String>,
+    /// Why Doorbell Buffer Config failed, if it was sent and failed.
+    shadow_refused: Option<Error>,
     ctrl: Arc<Controller>,
 }
 
@@ -299,6 +319,17 @@ impl Nvme {
         };
         let ctrl = Arc::new(ctrl);
         let identity = identify::parse_controller(&*ctrl.identify(cns::CONTROLLER, 0)?);
+        let mut shadow_refused = None;
+        if options.shadow_doorbells && identity.has_doorbell_buffer_config() {
+            // Without them every doorbell goes over MMIO: slower, as correct.
+            if let Err(e) = ctrl.configure_shadow_doorbells() {
+                log::warn!(
+                    "{}: Doorbell Buffer Config failed, doorbells over MMIO only: {e}",
+                    ctrl.label
+                );
+                shadow_refused = Some(e);
+            }
+        }
         let mdts_bytes = if identity.mdts == 0 || identity.mdts >= 32 {
             u64::MAX
         } else {
@@ -324,8 +355,21 @@ impl Nvme {
             namespace,
             max_transfer,
             no_irq,
+            shadow_refused,
             ctrl,
         })
+    }
+
+    /// Whether the controller's queues use shadow doorbells (asked for, OACS
+    /// bit 8 set, and Doorbell Buffer Config succeeded).
+    pub fn shadow_doorbells(&self) -> bool {
+        self.ctrl.shadow_doorbells().is_some()
+    }
+
+    /// The error of a Doorbell Buffer Config the controller refused (the
+    /// doorbells then go over MMIO only).
+    pub fn shadow_doorbells_error(&self) -> Option<&Error> {
+        self.shadow_refused.as_ref()
     }
 
     /// The VFIO device behind the engine.

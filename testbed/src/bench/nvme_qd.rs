@@ -159,6 +159,7 @@ pub fn section(s: &mut String, r: &Results) {
         );
     }
     super::nvme_peer::section(s, r);
+    s.push_str(super::shadow_doorbells::SHADOW_DOORBELL_NOTES);
     cost_table(s, r);
     s.push_str(NVMEQD_NOTES);
 }

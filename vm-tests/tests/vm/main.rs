@@ -23,6 +23,7 @@ mod load;
 mod nvme;
 mod nvme_prepared;
 mod nvme_queue;
+mod nvme_shadow;
 mod p2p;
 mod placement;
 mod profile_aw39;

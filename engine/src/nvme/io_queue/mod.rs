@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use dmabuf_p2p::{MappedRegister, MappedRing};
+use dmabuf_p2p::MappedRing;
 
 use super::command::{Command, nvm};
 use super::controller::{Controller, DmaArea};
@@ -22,6 +22,7 @@ use super::identify::NamespaceIdentity;
 use super::problem::NvmeProblem;
 use super::queue::{CommandTable, SlotState};
 use super::regs::PAGE;
+use super::shadow_doorbell::{Doorbell, DoorbellWrites};
 use crate::deadline::Deadline;
 use crate::{Completion, Result};
 
@@ -137,8 +138,8 @@ pub struct IoQueue {
     pub(super) sq: MappedRing<8>,
     pub(super) cq: MappedRing<2>,
     /// The doorbells, in this queue's own mapping of BAR0.
-    pub(super) sq_doorbell: MappedRegister,
-    pub(super) cq_doorbell: MappedRegister,
+    pub(super) sq_doorbell: Doorbell,
+    pub(super) cq_doorbell: Doorbell,
     pub(super) lists_offset: u64,
     pub(super) lists_iova: u64,
     qid: u16,
@@ -205,11 +206,20 @@ impl IoQueue {
         let db = Arc::new(ctrl.dev.map_bar(0)?);
         let qid = ctrl.take_qid()?;
         let rings = (|| -> Result<_> {
+            // Shadows zeroed before the queue is made: it starts at 0.
+            let shadow = ctrl.shadow_doorbells();
+            let bell = |register: u64| -> Result<Doorbell> {
+                let entry = match &shadow {
+                    Some(b) => b.entry(register)?,
+                    None => None,
+                };
+                Ok(Doorbell::new(db.register_u32(register)?, entry, entries))
+            };
             Ok((
                 area.cpu.ring::<8>(0, entries)?,
                 area.cpu.ring::<2>(sq_bytes, entries)?,
-                db.register_u32(ctrl.cap.sq_doorbell(qid))?,
-                db.register_u32(ctrl.cap.cq_doorbell(qid))?,
+                bell(ctrl.cap.sq_doorbell(qid))?,
+                bell(ctrl.cap.cq_doorbell(qid))?,
             ))
         })();
         let (sq, cq, sq_doorbell, cq_doorbell) = match rings {
@@ -361,6 +371,30 @@ impl IoQueue {
     /// were ignored (a controller bug if ever non-zero).
     pub fn stray_completions(&self) -> u64 {
         self.strays
+    }
+
+    /// Whether this queue's doorbells have shadows (the controller took
+    /// Doorbell Buffer Config): most updates then need no MMIO write.
+    pub fn shadow_doorbells(&self) -> bool {
+        self.sq_doorbell.is_shadowed()
+    }
+
+    /// The submission queue tail and completion queue head doorbells.
+    pub fn doorbells(&self) -> (&Doorbell, &Doorbell) {
+        (&self.sq_doorbell, &self.cq_doorbell)
+    }
+
+    /// Doorbell updates since the queue was made, and how many of them
+    /// were MMIO writes (every one without shadow doorbells).
+    pub fn doorbell_writes(&self) -> DoorbellWrites {
+        let (sq_updates, sq_mmio) = self.sq_doorbell.counts();
+        let (cq_updates, cq_mmio) = self.cq_doorbell.counts();
+        DoorbellWrites {
+            sq_updates,
+            sq_mmio,
+            cq_updates,
+            cq_mmio,
+        }
     }
 
     /// Starts reading `count` blocks from `lba` of the queue's namespace

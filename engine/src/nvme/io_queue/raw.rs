@@ -4,6 +4,7 @@
 use std::os::fd::{AsRawFd, RawFd};
 
 use super::super::problem::NvmeProblem;
+use super::super::shadow_doorbell::Doorbell;
 use super::IoQueue;
 use crate::Result;
 
@@ -11,7 +12,7 @@ use crate::Result;
 /// rings and doorbells are, and the ring indices, which the loop must
 /// leave consistent (every command it submitted completed and consumed).
 #[derive(Debug)]
-pub struct RawQueue {
+pub struct RawQueue<'q> {
     /// The queue ID.
     pub qid: u16,
     /// Entries of each ring.
@@ -22,10 +23,18 @@ pub struct RawQueue {
     pub sq: *mut u8,
     /// CPU address of completion queue entry 0 (16-byte entries).
     pub cq: *mut u8,
-    /// CPU address of the submission queue tail doorbell (MMIO).
+    /// CPU address of the submission queue tail doorbell (MMIO). On a
+    /// queue with shadow doorbells the controller reads the shadow, so a
+    /// loop that writes only here loses commands: ring through `sq_bell`.
     pub sq_doorbell: *mut u32,
-    /// CPU address of the completion queue head doorbell (MMIO).
+    /// CPU address of the completion queue head doorbell (MMIO); see
+    /// `sq_doorbell`.
     pub cq_doorbell: *mut u32,
+    /// The queue's tail doorbell as the engine rings it (shadow, event
+    /// index, MMIO when needed).
+    pub sq_bell: &'q Doorbell,
+    /// The queue's head doorbell as the engine rings it.
+    pub cq_bell: &'q Doorbell,
     /// CPU address of the PRP list pages, one per CID (`depth` of them).
     pub lists: *mut u8,
     /// IOVA of the first PRP list page.
@@ -51,7 +60,7 @@ impl IoQueue {
     /// flight ([`NvmeProblem::QueueBusy`]); `f` must leave none either, and
     /// update `sq_tail`, `cq_head` and `cq_phase`, which the queue takes
     /// back. What `f` does with the pointers is its own `unsafe` business.
-    pub fn with_raw<R>(&mut self, f: impl FnOnce(&mut RawQueue) -> R) -> Result<R> {
+    pub fn with_raw<R>(&mut self, f: impl FnOnce(&mut RawQueue<'_>) -> R) -> Result<R> {
         let in_use = self.table.in_use();
         if in_use != 0 {
             return Err(self.ctrl.error(NvmeProblem::QueueBusy {
@@ -67,6 +76,8 @@ impl IoQueue {
             cq: self.cq.as_ptr(),
             sq_doorbell: self.sq_doorbell.as_ptr(),
             cq_doorbell: self.cq_doorbell.as_ptr(),
+            sq_bell: &self.sq_doorbell,
+            cq_bell: &self.cq_doorbell,
             lists: self
                 .area
                 .cpu
