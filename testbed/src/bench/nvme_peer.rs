@@ -230,18 +230,19 @@ TSC. It reads no data back; the engine's runs check that the last Read
 into page 0 holds that block.
 
 **The verdict (2026-12-07): the engine is not at or above the peer on
-every row.** Driven as part 9 drives it, it is below the peer on every
-row, in this run and in the two full runs before it the same evening
-(22:19 and 22:26 UTC, host load 3.5-7): QD1 Reads per second 0.616 here,
-0.708 and 0.763 then; QD32 0.325 here, 0.822 and 0.568 then. Driven as
+every row.** Four full runs were made that evening: 22:19, 22:26 and
+22:40 UTC (host load 3-7) without shadow doorbells, and 23:02 (host load
+11, the table above) with them. Driven as part 9 drives it, the engine
+is below the peer on every row in all four: QD1 Reads per second 0.708,
+0.763, 0.616 and 0.869; QD32 0.822, 0.568, 0.325 and 0.871. Driven as
 the peer drives its queue (`poll` until nothing is left, then the Reads
-in one `batch`), it is within the noise of the peer at QD32 (0.983 here,
-0.981 and 0.925 then) and at QD1 in two runs of three (0.937 here, 0.999
-then, 0.707 in the 22:26 run); the round's fastest QD1 command is still
-slower than the peer's (21.8 µs against 18.3 µs, 1.17). The rounds
-spread widely (a ratio's min-max reaches 0.14-12 in this run, 0.01-44
-in the first: other engineers' VMs shared the 2 cores), so only medians
-over 28-29 rounds and the agreement of runs mean anything here.
+in one `batch`), it is within the noise of the peer at QD32 (0.981,
+0.925, 0.983, 0.915) and at QD1 in two runs of four (0.999, 0.707, 0.937,
+0.784); the round's fastest QD1 command is still slower than the peer's
+(21.8 µs against 18.3 µs at 22:40, 1.17; 1.25 at 23:02). The rounds
+spread widely (a ratio's min-max reaches 0.14-12 at 22:40, 0.01-44 at
+22:19: other engineers' VMs shared the 2 cores), so only medians over
+28-29 rounds and the agreement of runs mean anything here.
 
 **Where the time goes.**
 
@@ -249,8 +250,8 @@ over 28-29 rounds and the agreement of runs mean anything here.
   submission doorbell in every `submit_read`; an MMIO write that, under
   TCG, goes into QEMU's NVMe model under QEMU's big lock, 32 times per
   pass where the peer writes once. In the same rounds the part-9 loop
-  reached 0.42 of the batched loop's Reads per second here (0.65 at
-  22:26). `IoQueue::batch` removes it; the engine gives the caller the
+  reached 0.42 of the batched loop's Reads per second at 22:40 (0.65
+  at 22:26). `IoQueue::batch` removes it; the engine gives the caller the
   means, the obvious loop does not use them.
 - Not the peer's shadow doorbells: with them compiled out of a second
   build (one line of `nvme_init`, a local diagnostic build, not the peer
@@ -265,11 +266,12 @@ over 28-29 rounds and the agreement of runs mean anything here.
   diagnostic, run of 22:26: 0.996 of the batched loop's Reads per second
   at QD1). The queue's depth is not clearly it either (a 65-entry ring
   against the 2-entry one: the fastest command 0.934, Reads per second
-  1.857 here but 1.083 at 22:34, both with rounds from 0.3 to 4 and
+  1.857 at 22:40 but 1.083 at 22:34, both with rounds from 0.3 to 4 and
   more). Not isolated further in this session.
 - Not the engine's per-command instructions as such: part 9's
-  instruction clock puts submit and reap at about 315 instructions (63
-  for its raw loop), at most a few microseconds under TCG, and both
+  instruction clock puts the checked submit and reap at about 330
+  instructions (327 at 23:02, 131 for its raw loop, both with shadow
+  doorbells), at most a few microseconds under TCG, and both
   engine loops pay them; the gaps are 7-11 µs in the fastest command and
   tens of µs in the means.
 
