@@ -233,15 +233,18 @@ mod tests {
             .success();
         assert!(ok);
         let deb = dir.join("test.deb");
-        let ok = Command::new("dpkg-deb")
-            .args(["--root-owner-group", "--build"])
-            .arg(&pkg)
-            .arg(&deb)
-            .stdout(Stdio::null())
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
+        let build_deb = || {
+            let ok = Command::new("dpkg-deb")
+                .args(["--root-owner-group", "--build"])
+                .arg(&pkg)
+                .arg(&deb)
+                .stdout(Stdio::null())
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok);
+        };
+        build_deb();
         let dest = dir.join("tree");
         fs::create_dir_all(&dest).unwrap();
         unpack_source(&deb, &dest).unwrap();
@@ -251,15 +254,7 @@ mod tests {
         );
         // A .deb without the tarball fails in the stage that looks for it.
         fs::remove_file(&tarball).unwrap();
-        let ok = Command::new("dpkg-deb")
-            .args(["--root-owner-group", "--build"])
-            .arg(&pkg)
-            .arg(&deb)
-            .stdout(Stdio::null())
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
+        build_deb();
         let e = unpack_source(&deb, &dir.join("tree")).unwrap_err();
         assert!(e.to_string().contains("tar -xO"), "{e}");
         fs::remove_dir_all(&dir).unwrap();

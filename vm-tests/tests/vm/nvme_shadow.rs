@@ -13,8 +13,7 @@
 
 use std::time::Duration;
 
-use dmabuf_p2p::ByteRange;
-use dmabuf_p2p::importer::iommufd::{Ioas, IoasMapping, Iommufd, IovaPlacement, MapPerms};
+use dmabuf_p2p::importer::iommufd::{Ioas, IoasMapping, Iommufd};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p_engine::Completion;
 use dmabuf_p2p_engine::nvme::{
@@ -39,19 +38,6 @@ fn open(ioas: &Ioas, shadow: bool) -> Nvme {
             .shadow_doorbells(shadow),
     )
     .unwrap()
-}
-
-fn ram(ioas: &Ioas, size: u64) -> (Memfd, IoasMapping) {
-    let mem = Memfd::new("nvme-shadow", size).unwrap();
-    let map = ioas
-        .map_file(
-            &mem,
-            ByteRange::new(0, size),
-            IovaPlacement::Auto,
-            MapPerms::ReadWrite,
-        )
-        .unwrap();
-    (mem, map)
 }
 
 /// The LBA of command `i` (4 KiB reads spread over the first 3 MiB).
@@ -143,7 +129,7 @@ fn run(nvme: &Nvme, mem: &Memfd, map: &IoasMapping, depth: u16, how: &str) -> Do
 fn nvme_shadow_doorbells_skip_mmio_writes_and_reads_land() {
     let iommufd = Iommufd::open().unwrap();
     let ioas = iommufd.alloc_ioas().unwrap();
-    let (mem, map) = ram(&ioas, COMMANDS * 4096);
+    let (mem, map) = super::nvme::ram(&ioas, COMMANDS * 4096);
 
     let off = open(&ioas, false);
     assert!(
