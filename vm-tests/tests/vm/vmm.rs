@@ -524,7 +524,7 @@ impl Rng {
 #[test]
 fn random_decode_toggles_resets_and_restores_never_report_a_dead_mapping_live() {
     const AREA: u64 = 0x2b0_0000;
-    const STEPS: usize = 24;
+    const STEPS: usize = 300;
     let seed = dmabuf_p2p_vm_tests::property_seed();
     println!("seed {seed} (DMABUF_P2P_SEED={seed} replays it)");
     Kmsg::mark(&format!("vmm property test: seed {seed}"));
