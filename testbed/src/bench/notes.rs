@@ -242,11 +242,13 @@ when the checks that do not depend on the LBA are made once per buffer.
 
 What the numbers say (the run of 2026-12-07 22:43 UTC, on a 2-core host
 with a load average of 6 to 8: other engineers' VMs, before shadow
-doorbells; the tables above are the run of 23:02 with them, where each
-doorbell costs both paths about 33 instructions more: prepared 142
-against the control's 131 at 4 KiB, 1.084, still within the goal; on the
-wall clock 2 checked rows and 1 prepared row over 1.10 at host load 11;
-see "Shadow doorbells" above):
+doorbells; the tables above are a run with them on an idle host,
+2026-12-08 00:06 UTC, where each doorbell costs both paths about 33
+instructions more: prepared 142 against the control's 131 at 4 KiB,
+1.084, still within the goal; on the wall clock every prepared row is
+within 1.10 of the control (at most 1.050) and one checked row is over
+(2 queues, QD32 each, BAR, 128 KiB: 1.124); see "Shadow doorbells"
+above):
 
 - **Prepared commands cost what the raw loop does, on the instruction
   clock**: 70 instructions to submit and reap a 4 KiB Read against 65 for

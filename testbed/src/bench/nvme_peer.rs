@@ -230,19 +230,22 @@ TSC. It reads no data back; the engine's runs check that the last Read
 into page 0 holds that block.
 
 **The verdict (2026-12-07): the engine is not at or above the peer on
-every row.** Four full runs were made that evening: 22:19, 22:26 and
-22:40 UTC (host load 3-7) without shadow doorbells, and 23:02 (host load
-11, the table above) with them. Driven as part 9 drives it, the engine
-is below the peer on every row in all four: QD1 Reads per second 0.708,
-0.763, 0.616 and 0.869; QD32 0.822, 0.568, 0.325 and 0.871. Driven as
-the peer drives its queue (`poll` until nothing is left, then the Reads
-in one `batch`), it is within the noise of the peer at QD32 (0.981,
-0.925, 0.983, 0.915) and at QD1 in two runs of four (0.999, 0.707, 0.937,
-0.784); the round's fastest QD1 command is still slower than the peer's
-(21.8 µs against 18.3 µs at 22:40, 1.17; 1.25 at 23:02). The rounds
-spread widely (a ratio's min-max reaches 0.14-12 at 22:40, 0.01-44 at
-22:19: other engineers' VMs shared the 2 cores), so only medians over
-28-29 rounds and the agreement of runs mean anything here.
+every row.** Five full runs were made: on 2026-12-07 at 22:19, 22:26
+and 22:40 UTC (host load 3-7) without shadow doorbells, at 23:02 (host
+load 11) with them, and on 2026-12-08 at 00:07 (an idle host, load under
+1.2: the table above) with them. Driven as part 9 drives it, the engine
+is below the peer on every row in all five: QD1 Reads per second 0.708,
+0.763, 0.616, 0.869 and 0.622; QD32 0.822, 0.568, 0.325, 0.871 and
+0.756. Driven as the peer drives its queue (`poll` until nothing is
+left, then the Reads in one `batch`), it is within the noise of the peer
+at QD32 (0.981, 0.925, 0.983, 0.915, 0.951) and at QD1 in two runs of
+five (0.999, 0.707, 0.937, 0.784, 0.851); the round's fastest QD1
+command is slower than the peer's in every run (on the idle host 19.0
+µs against 15.7 µs, 1.19; the part-9 loop's 27.8 µs, 1.72). The rounds
+spread widely under load (a ratio's min-max reaches 0.14-12 at 22:40,
+0.01-44 at 22:19: other engineers' VMs shared the 2 cores; 0.16-1.49 on
+the idle host), so only medians over 28-29 rounds and the agreement of
+runs mean anything here.
 
 **Where the time goes.**
 
@@ -260,7 +263,8 @@ spread widely (a ratio's min-max reaches 0.14-12 at 22:40, 0.01-44 at
   it (QD1 0.832, QD32 0.555).
 - At QD1 there is one doorbell each way per command for both engine
   loops, yet the part-9 loop's fastest command takes 29.1 µs against 21.8
-  µs for the batched one (1.32 per round): the difference is in
+  µs for the batched one at 22:40 (1.32 per round; 27.8 against 19.0 on
+  the idle host): the difference is in
   `wait_any`'s own spin (the table lookups of its reap, a clock read
   every 64 looks, a PAUSE per look). The PAUSE alone is not it (that
   diagnostic, run of 22:26: 0.996 of the batched loop's Reads per second
