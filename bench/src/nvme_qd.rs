@@ -880,13 +880,7 @@ fn command_cost_in<'id>(
                 let sent = p.submit(s, Op::Read, lba);
                 let sub = ns_since(t);
                 sent.map_err(|r| r.problem)?;
-                let start = Instant::now();
-                while !p.has_completion() {
-                    std::hint::spin_loop();
-                    if start.elapsed() > TIMEOUT {
-                        return Err("prepared: no completion within 20 s".into());
-                    }
-                }
+                spin_until("prepared", || p.has_completion())?;
                 let t = Instant::now();
                 let done = p.reap();
                 let reap = ns_since(t);
@@ -901,13 +895,7 @@ fn command_cost_in<'id>(
                 let t = Instant::now();
                 let id = q.submit_read(lba, nblocks as u32, base)?;
                 let sub = ns_since(t);
-                let start = Instant::now();
-                while !q.has_completion() {
-                    std::hint::spin_loop();
-                    if start.elapsed() > TIMEOUT {
-                        return Err("engine: no completion within 20 s".into());
-                    }
-                }
+                spin_until("engine", || q.has_completion())?;
                 let t = Instant::now();
                 q.wait(id, TIMEOUT)?;
                 let reap = ns_since(t);
@@ -921,13 +909,7 @@ fn command_cost_in<'id>(
                     raw.sq_tail = if tail + 1 == raw.entries { 0 } else { tail + 1 };
                     raw_ring(raw, raw.sq_tail);
                     let sub = ns_since(t);
-                    let start = Instant::now();
-                    while raw_peek(raw).is_none() {
-                        std::hint::spin_loop();
-                        if start.elapsed() > TIMEOUT {
-                            return Err("control: no completion within 20 s".into());
-                        }
-                    }
+                    spin_until("control", || raw_peek(raw).is_some())?;
                     let t = Instant::now();
                     let (_, status) = raw_peek(raw).unwrap_or((0, u32::MAX));
                     raw_advance(raw);
@@ -1011,5 +993,19 @@ fn command_cost_in<'id>(
         "ns",
         &Stats::of(&empty),
     );
+    Ok(())
+}
+
+/// Spins until `ready` (outside any timed span: the cost loop times the
+/// submit and the reap, not the device's work); `who`'s error after
+/// [`TIMEOUT`].
+fn spin_until(who: &str, mut ready: impl FnMut() -> bool) -> R<()> {
+    let start = Instant::now();
+    while !ready() {
+        std::hint::spin_loop();
+        if start.elapsed() > TIMEOUT {
+            return Err(format!("{who}: no completion within 20 s").into());
+        }
+    }
     Ok(())
 }
