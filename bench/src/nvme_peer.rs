@@ -31,7 +31,7 @@ use dmabuf_p2p::importer::iommufd::{Iommufd, IovaPlacement, MapPerms};
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::pci::PciAddress;
 use dmabuf_p2p_engine::Completion;
-use dmabuf_p2p_engine::nvme::{MAX_DEPTH, Nvme, NvmeOptions, QueueOptions};
+use dmabuf_p2p_engine::nvme::{Dma, MAX_DEPTH, Nvme, NvmeOptions, Op, QueueOptions};
 
 use crate::nvme::first_nvme;
 use crate::nvme_qd::image_byte;
@@ -42,10 +42,6 @@ use crate::{Opts, R};
 pub const GROUP: &str = "nvmepeer";
 /// The queue depths compared.
 const DEPTHS: [u16; 2] = [1, 32];
-/// The diagnostic side's queue depth (its rings one entry more), whatever
-/// the commands in flight: the engine's queue is otherwise QD deep (a ring
-/// of QD + 1 entries), the peer's 2048 (CAP.MQES + 1).
-const DEEP_RING: u16 = 64;
 /// Seconds each side runs in a round (the peer's `-t`, whole seconds).
 const ROUND_SECS: u64 = 1;
 /// A page per command, as the peer's buffer has.
@@ -83,13 +79,11 @@ pub fn run(opts: &Opts, peer: &str) -> R<()> {
     }
     let mut lba = 0;
     let mut backend = None;
-    // The sides of a round: the engine three ways (the third a
-    // diagnostic: the first on a queue of DEEP_RING commands, still QD in
-    // flight), and the peer.
+    // The sides of a round: the engine three ways, and the peer.
     let sides = [
-        Some((Style::Plain, None)),
-        Some((Style::Batched, None)),
-        Some((Style::Plain, Some(DEEP_RING))),
+        Some(Style::Plain),
+        Some(Style::Batched),
+        Some(Style::Prepared),
         None,
     ];
     for qd in DEPTHS {
@@ -99,11 +93,8 @@ pub fn run(opts: &Opts, peer: &str) -> R<()> {
             // Which goes first rotates from round to round.
             for k in 0..sides.len() {
                 let which = (i + k) % sides.len();
-                if let Some((style, ring)) = sides[which] {
-                    let queue = ring.unwrap_or(qd);
-                    got[which].push(engine_round(
-                        address, qd, queue, style, blocks, block, &mut lba,
-                    )?);
+                if let Some(style) = sides[which] {
+                    got[which].push(engine_round(address, qd, style, blocks, block, &mut lba)?);
                     let held = vfio_fds(Path::new("/proc/self/fd"));
                     if !held.is_empty() {
                         return Err(format!(
@@ -121,7 +112,7 @@ pub fn run(opts: &Opts, peer: &str) -> R<()> {
             Ok(())
         })?;
         let x = u64::from(qd);
-        let [plain, batched, deep, theirs] = &got;
+        let [plain, batched, prepared, theirs] = &got;
         let measures: [Measure; 3] = [
             ("iops", "iops", |s| s.iops),
             ("latency", "ns", |s| s.latency_ns),
@@ -145,8 +136,16 @@ pub fn run(opts: &Opts, peer: &str) -> R<()> {
                 "ratio",
                 &ratio(batched, theirs),
             );
-            // Within the engine, per round: the diagnostics.
-            emit(GROUP, "engine_deep", op, x, unit, &of(deep));
+            emit(GROUP, "engine_prepared", op, x, unit, &of(prepared));
+            emit(
+                GROUP,
+                "ratio_prepared",
+                op,
+                x,
+                "ratio",
+                &ratio(prepared, theirs),
+            );
+            // Within the engine, per round.
             emit(
                 GROUP,
                 "plain_over_batched",
@@ -154,14 +153,6 @@ pub fn run(opts: &Opts, peer: &str) -> R<()> {
                 x,
                 "ratio",
                 &ratio(plain, batched),
-            );
-            emit(
-                GROUP,
-                "deep_over_plain",
-                op,
-                x,
-                "ratio",
-                &ratio(deep, plain),
             );
         }
         emit(GROUP, "peer", "wall", x, "ns", &Stats::of(&walls));
@@ -206,7 +197,6 @@ fn namespace(address: PciAddress) -> R<(u64, u64)> {
 fn engine_round(
     address: PciAddress,
     qd: u16,
-    queue_depth: u16,
     style: Style,
     blocks: u64,
     block: u64,
@@ -215,7 +205,7 @@ fn engine_round(
     let iommufd = Iommufd::open()?;
     let ioas = iommufd.alloc_ioas()?;
     let polled = QueueOptions::new()
-        .depth(queue_depth)
+        .depth(qd)
         .completion(Completion::Polling)
         .spin(Duration::MAX);
     let mut nvme = Nvme::open_with_options(
@@ -233,7 +223,10 @@ fn engine_round(
         IovaPlacement::Auto,
         MapPerms::ReadWrite,
     )?;
-    let side = engine_loop(&mut nvme, map.iova(), &mem, qd, style, blocks, block, lba)?;
+    let side = match style {
+        Style::Prepared => prepared_loop(&mut nvme, map.iova(), &mem, qd, blocks, block, lba)?,
+        _ => engine_loop(&mut nvme, map.iova(), &mem, qd, style, blocks, block, lba)?,
+    };
     drop(nvme);
     drop(map);
     drop(ioas);
@@ -251,6 +244,9 @@ enum Style {
     /// (`poll`, one head doorbell), then as many Reads submitted in one
     /// `batch` (one tail doorbell).
     Batched,
+    /// Prepared commands (`IoQueue::prepare`, a slot per page): `wait`,
+    /// then `submit` on the slot it hands back (a doorbell per command).
+    Prepared,
 }
 
 /// QD `qd` for [`ROUND_SECS`]: fill the queue, then resubmit into each
@@ -300,15 +296,19 @@ fn engine_loop(
             Style::Plain => free.push(q.wait_any(TIMEOUT)?),
             Style::Batched => {
                 let spinning = Instant::now();
+                let mut looks = 0u32;
                 while free.is_empty() {
                     while let Some(d) = q.poll()? {
                         free.push(d);
                     }
-                    if spinning.elapsed() > TIMEOUT {
+                    // The clock every 64 looks, as the engine's own wait.
+                    looks = looks.wrapping_add(1);
+                    if looks.is_multiple_of(64) && spinning.elapsed() > TIMEOUT {
                         return Err("engine: no completion within 20 s".into());
                     }
                 }
             }
+            Style::Prepared => unreachable!("prepared_loop"),
         }
         for d in &free {
             let cid = usize::from(d.id.cid());
@@ -348,27 +348,100 @@ fn engine_loop(
                 }
                 batch.submit()?;
             }
+            Style::Prepared => unreachable!("prepared_loop"),
         }
     };
     while q.in_flight() > 0 {
         let d = q.wait_any(TIMEOUT)?;
         q.check(d)?;
     }
-    let mut head = [0u8; 16];
-    mem.read_at(0, &mut head)?;
-    let want: Vec<u8> = (0..16).map(|i| image_byte(lba_of[0] * block + i)).collect();
-    if head[..] != want[..] {
-        return Err(format!(
-            "engine: page 0 does not hold LBA {}: {head:02x?}",
-            lba_of[0]
-        )
-        .into());
-    }
+    check_page0(mem, lba_of[0], block)?;
     Ok(Side {
         iops: done as f64 / elapsed.as_secs_f64(),
         latency_ns: total_ns / done as f64,
         fastest_ns,
     })
+}
+
+/// [`engine_loop`] through prepared commands: a slot per page, each
+/// completion's slot resubmitted at once (a doorbell per command).
+fn prepared_loop(
+    nvme: &mut Nvme,
+    base: u64,
+    mem: &Memfd,
+    qd: u16,
+    blocks: u64,
+    block: u64,
+    lba: &mut u64,
+) -> R<Side> {
+    let depth = usize::from(qd);
+    let mut sent_at: Vec<Option<Instant>> = vec![None; depth];
+    let mut lba_of = vec![0u64; depth];
+    let mut next = || {
+        let l = *lba % blocks;
+        *lba = l + 1;
+        l
+    };
+    let run = Duration::from_secs(ROUND_SECS);
+    let pages = (0..u64::from(qd)).map(|i| (Dma::at(base + i * PAGE), 1));
+    let side = nvme.queue().prepare(pages, |p, mut free| -> R<Side> {
+        let start = Instant::now();
+        for slot in free.drain(..) {
+            let page = usize::from(slot.index());
+            let l = next();
+            sent_at[page] = Some(Instant::now());
+            p.push(slot, Op::Read, l)
+                .map_err(|r| r.problem.to_string())?;
+            lba_of[page] = l;
+        }
+        p.ring();
+        let (mut done, mut total_ns, mut fastest_ns) = (0u64, 0.0, f64::INFINITY);
+        let elapsed = loop {
+            let r = p.wait(TIMEOUT)?;
+            let page = usize::from(r.index());
+            let sent = sent_at[page].take().ok_or("a completion for no command")?;
+            if !r.is_success() {
+                return Err(format!("engine: a Read failed: {}", r.status()).into());
+            }
+            let ns = sent.elapsed().as_secs_f64() * 1e9;
+            total_ns += ns;
+            fastest_ns = fastest_ns.min(ns);
+            done += 1;
+            let elapsed = start.elapsed();
+            if elapsed >= run {
+                break elapsed;
+            }
+            let l = next();
+            sent_at[page] = Some(Instant::now());
+            p.submit(r.into_slot(), Op::Read, l)
+                .map_err(|r| r.problem.to_string())?;
+            lba_of[page] = l;
+        };
+        while p.in_flight() > 0 {
+            let r = p.wait(TIMEOUT)?;
+            if !r.is_success() {
+                return Err(format!("engine: a Read failed: {}", r.status()).into());
+            }
+        }
+        Ok(Side {
+            iops: done as f64 / elapsed.as_secs_f64(),
+            latency_ns: total_ns / done as f64,
+            fastest_ns,
+        })
+    })??;
+    check_page0(mem, lba_of[0], block)?;
+    Ok(side)
+}
+
+/// Page 0 holds LBA `lba`'s first bytes (the last Read into it landed).
+fn check_page0(mem: &Memfd, lba: u64, block: u64) -> R<()> {
+    let mut head = [0u8; 16];
+    mem.read_at(0, &mut head)?;
+    let want: Vec<u8> = (0..16).map(|i| image_byte(lba * block + i)).collect();
+    if head[..] != want[..] {
+        return Err(format!("engine: page 0 does not hold LBA {lba}: {head:02x?}").into());
+    }
+    Ok(())
 }
 
 /// The peer's round: `perf` run to its end; what it printed, its wall

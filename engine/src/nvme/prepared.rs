@@ -382,15 +382,19 @@ impl<'id> Prepared<'_, 'id> {
     /// [`IoQueue::stray_completions`], and the next reap looks further).
     #[inline(always)]
     pub fn reap(&mut self) -> Option<Reaped<'id>> {
-        self.take::<true>()
+        self.take()
     }
 
-    /// The head entry of the completion queue, if new, taken; the head
-    /// doorbell rung at once (`RING`), or once the queue is drained (while
-    /// a new entry waits at the head, the next take, here or on the queue,
-    /// rings it).
+    /// The head entry of the completion queue, if new, taken, and the head
+    /// doorbell rung for it. Rung at once, not when a run of completions is
+    /// drained: a caller that resubmits between takes would otherwise send
+    /// new commands while the controller still counts the old entries, and
+    /// a queue as deep as its ring (depth + 1 entries) looks full to it and
+    /// stalls (0.67 of the peer's Reads per second at QD32, BENCHMARKS).
+    /// With shadow doorbells the ring is a memory write, MMIO only when the
+    /// controller's event index asks.
     #[inline(always)]
-    fn take<const RING: bool>(&mut self) -> Option<Reaped<'id>> {
+    fn take(&mut self) -> Option<Reaped<'id>> {
         let q = &mut *self.queue;
         let dw3 = q.cq.read_u32::<3>();
         if (dw3 & (1 << 16) != 0) == q.cq.lap() {
@@ -400,9 +404,7 @@ impl<'id> Prepared<'_, 'id> {
         // tag.
         fence(Ordering::Acquire);
         let head = q.cq.advance();
-        if RING || !q.cq_is_new() {
-            q.cq_doorbell.write(u32::from(head));
-        }
+        q.cq_doorbell.write(u32::from(head));
         // CID in bits 15:0, the status field in 31:17.
         let flag = &mut self.in_flight[usize::from(dw3 as u16)];
         if *flag {
@@ -435,10 +437,9 @@ impl<'id> Prepared<'_, 'id> {
     /// queue's spin budget ([`IoQueue::set_spin`]), then blocking on its
     /// interrupt or sleeping between looks. With nothing in flight,
     /// [`NvmeProblem::NothingInFlight`] at once. The completion queue's head
-    /// doorbell is rung once a run of completions taken one by one is
-    /// drained, not for each.
+    /// doorbell is rung for the completion (as [`reap`](Self::reap)).
     pub fn wait(&mut self, timeout: Duration) -> Result<Reaped<'id>> {
-        if let Some(r) = self.take::<false>() {
+        if let Some(r) = self.take() {
             return Ok(r);
         }
         if self.in_flight() == 0 {
@@ -451,19 +452,19 @@ impl<'id> Prepared<'_, 'id> {
         if !budget.is_zero() {
             let mut spins = 0u32;
             loop {
-                if let Some(r) = self.take::<false>() {
+                if let Some(r) = self.take() {
                     return Ok(r);
                 }
+                // No PAUSE between looks (see `IoQueue::wait_for`).
                 spins = spins.wrapping_add(1);
                 if spins.is_multiple_of(64) && start.elapsed() >= budget {
                     break;
                 }
-                std::hint::spin_loop();
             }
         }
         let deadline = Deadline::after(timeout.saturating_sub(start.elapsed()));
         loop {
-            if let Some(r) = self.take::<false>() {
+            if let Some(r) = self.take() {
                 return Ok(r);
             }
             self.queue

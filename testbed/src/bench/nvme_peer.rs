@@ -44,6 +44,32 @@ const ROWS: [(&str, u64, &str, bool); 5] = [
     ),
 ];
 
+/// The engine's ways, the table's columns: (series, ratio series, name,
+/// how it is driven).
+const WAYS: [(&str, &str, &str, &str); 3] = [
+    (
+        "engine",
+        "ratio",
+        "`wait_any` + `submit_read`",
+        "the engine driven as part 9 drives it (`wait_any`, then `submit_read`: a doorbell per \
+         command)",
+    ),
+    (
+        "engine_batched",
+        "ratio_batched",
+        "`poll` + `batch`",
+        "the engine driven as the peer's loop is (every completion there taken with `poll`, then \
+         as many Reads in one `batch`: one doorbell each way per pass)",
+    ),
+    (
+        "engine_prepared",
+        "ratio_prepared",
+        "prepared `wait` + `submit`",
+        "the engine's prepared commands (`IoQueue::prepare`, a slot per page: `wait`, then \
+         `submit` on the slot it hands back: a doorbell per command)",
+    ),
+];
+
 fn value(r: Option<&Record>, op: &str) -> String {
     let Some((m, lo, hi)) = r.and_then(|r| Some((r.median?, r.min?, r.max?))) else {
         return "–".into();
@@ -72,9 +98,8 @@ pub fn section(s: &mut String, r: &Results) {
          against the engine on the same controller ({}) and namespace 1: sequential Reads of \
          one logical block ({block} bytes, the namespace's format; `perf` reads one block per \
          command) into a 4 KiB page of host RAM per command, polled, spinning, one I/O queue, \
-         resubmitting after each completion. The engine runs two ways (the table's columns) \
-         and a third as a diagnostic (below the table), the peer one way; each round runs the \
-         four for one second each, in an order that rotates from round to round; each engine \
+         resubmitting after each completion. The engine runs three ways (the table's columns), \
+         the peer one way; each round runs the four for one second each, in an order that rotates from round to round; each engine \
          run opens its own `/dev/iommu`, the controller (`Nvme::open_with_options`, \
          `Completion::Polling`, its queue `depth(QD)`, `spin(Duration::MAX)`), a memfd buffer, \
          and closes them all before the next run starts \
@@ -94,17 +119,21 @@ pub fn section(s: &mut String, r: &Results) {
     if let Some(b) = r.meta("peer_backend") {
         let _ = writeln!(s, "- the peer's IOMMU interface, seen in its open fds: {b}");
     }
-    let _ = writeln!(
-        s,
-        "\n| row | peer | ours: `wait_any` + `submit_read` | ours / peer | ours: `poll` + `batch` | \
-         ours / peer |\n|---|---|---|---|---|---|"
-    );
-    let mut below: [Vec<String>; 2] = Default::default();
+    let _ = write!(s, "\n| row | peer |");
+    for (_, _, name, _) in WAYS {
+        let _ = write!(s, " ours: {name} | ours / peer |");
+    }
+    let _ = writeln!(s, "\n|---|---|{}", "---|---|".repeat(WAYS.len()));
+    let mut below: [Vec<String>; WAYS.len()] = Default::default();
     for (op, qd, what, higher_better) in ROWS {
-        let mut ratios = [String::new(), String::new()];
-        for (k, series) in ["ratio", "ratio_batched"].into_iter().enumerate() {
-            ratios[k] = match r
-                .get(GROUP, series, op, qd)
+        let _ = write!(
+            s,
+            "| {what} | {} |",
+            value(r.get(GROUP, "peer", op, qd), op)
+        );
+        for (k, (series, ratio, _, _)) in WAYS.into_iter().enumerate() {
+            let cell = match r
+                .get(GROUP, ratio, op, qd)
                 .and_then(|x| Some((x.median?, x.min?, x.max?)))
             {
                 Some((m, lo, hi)) => {
@@ -115,27 +144,12 @@ pub fn section(s: &mut String, r: &Results) {
                 }
                 None => "–".into(),
             };
+            let _ = write!(s, " {} | {cell} |", value(r.get(GROUP, series, op, qd), op));
         }
-        let _ = writeln!(
-            s,
-            "| {what} | {} | {} | {} | {} | {} |",
-            value(r.get(GROUP, "peer", op, qd), op),
-            value(r.get(GROUP, "engine", op, qd), op),
-            ratios[0],
-            value(r.get(GROUP, "engine_batched", op, qd), op),
-            ratios[1],
-        );
+        let _ = writeln!(s);
     }
     let _ = writeln!(s);
-    for (k, how) in [
-        "the engine driven as part 9 drives it (`wait_any`, then `submit_read`: a doorbell per \
-         command)",
-        "the engine driven as the peer's loop is (every completion there taken with `poll`, then \
-         as many Reads in one `batch`: one doorbell each way per pass)",
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for (k, (_, _, _, how)) in WAYS.into_iter().enumerate() {
         if below[k].is_empty() {
             let _ = writeln!(s, "- {how}: at or above the peer on every row.");
         } else {
@@ -166,33 +180,26 @@ pub fn section(s: &mut String, r: &Results) {
 }
 
 /// Within the engine, per round (median, min–max): the part-9 loop against
-/// the peer-style loop, and the part-9 loop on a deeper queue against on
-/// its own.
+/// the peer-style loop.
 fn diagnostics(s: &mut String, r: &Results) {
-    let line = |series: &str| {
-        let cells: Vec<String> = ROWS
-            .iter()
-            .filter_map(|(op, qd, what, _)| {
-                let x = r.get(GROUP, series, op, *qd)?;
-                Some(format!(
-                    "{what} **{:.3}** ({:.2}–{:.2})",
-                    x.median?, x.min?, x.max?
-                ))
-            })
-            .collect();
-        cells.join("; ")
-    };
-    let plain = line("plain_over_batched");
-    let deep = line("deep_over_plain");
-    if plain.is_empty() && deep.is_empty() {
+    let cells: Vec<String> = ROWS
+        .iter()
+        .filter_map(|(op, qd, what, _)| {
+            let x = r.get(GROUP, "plain_over_batched", op, *qd)?;
+            Some(format!(
+                "{what} **{:.3}** ({:.2}–{:.2})",
+                x.median?, x.min?, x.max?
+            ))
+        })
+        .collect();
+    if cells.is_empty() {
         return;
     }
     let _ = writeln!(
         s,
-        "\nWithin the engine, the same rounds, ratio per round (median, min–max):\n\n\
-         - `wait_any` + `submit_read` / `poll` + `batch`: {plain}.\n\
-         - `wait_any` + `submit_read` on a queue 64 deep (a ring of 65 entries), the same \
-         commands in flight / on a queue QD deep (QD + 1 entries; the peer's has 2048): {deep}."
+        "\nWithin the engine, the same rounds, ratio per round (median, min–max), \
+         `wait_any` + `submit_read` / `poll` + `batch`: {}.",
+        cells.join("; ")
     );
 }
 
