@@ -715,9 +715,10 @@ fn raw_wait(raw: &mut RawQueue, wait: Wait) -> R<(u16, u32)> {
             raw_head_doorbell(raw);
             return Ok(c);
         }
-        match (wait, raw.interrupt) {
-            (Wait::Irq, Some(fd)) => raw_block(fd),
-            _ => std::hint::spin_loop(),
+        // Spinning: no PAUSE between looks, as the engine (under TCG a
+        // PAUSE leaves the translated code).
+        if let (Wait::Irq, Some(fd)) = (wait, raw.interrupt) {
+            raw_block(fd);
         }
         spins = spins.wrapping_add(1);
         if spins.is_multiple_of(64) && start.elapsed() > TIMEOUT {
@@ -792,7 +793,6 @@ fn raw_depth(raw: &mut RawQueue, row: &Row, base: u64, lbas: &mut Lbas, n: usize
                 got += 1;
             }
             if got == 0 {
-                std::hint::spin_loop();
                 spins = spins.wrapping_add(1);
                 if spins.is_multiple_of(64) && start.elapsed() > TIMEOUT {
                     return Err("control: no completion within 20 s".into());
@@ -1002,7 +1002,6 @@ fn command_cost_in<'id>(
 fn spin_until(who: &str, mut ready: impl FnMut() -> bool) -> R<()> {
     let start = Instant::now();
     while !ready() {
-        std::hint::spin_loop();
         if start.elapsed() > TIMEOUT {
             return Err(format!("{who}: no completion within 20 s").into());
         }
