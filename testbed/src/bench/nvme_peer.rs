@@ -125,6 +125,7 @@ pub fn section(s: &mut String, r: &Results) {
     }
     let _ = writeln!(s, "\n|---|---|{}", "---|---|".repeat(WAYS.len()));
     let mut below: [Vec<String>; WAYS.len()] = Default::default();
+    let mut measured = [false; WAYS.len()];
     for (op, qd, what, higher_better) in ROWS {
         let _ = write!(
             s,
@@ -137,6 +138,7 @@ pub fn section(s: &mut String, r: &Results) {
                 .and_then(|x| Some((x.median?, x.min?, x.max?)))
             {
                 Some((m, lo, hi)) => {
+                    measured[k] = true;
                     if (higher_better && m < 1.0) || (!higher_better && m > 1.0) {
                         below[k].push(format!("{what}: {m:.3}"));
                     }
@@ -150,7 +152,9 @@ pub fn section(s: &mut String, r: &Results) {
     }
     let _ = writeln!(s);
     for (k, (_, _, _, how)) in WAYS.into_iter().enumerate() {
-        if below[k].is_empty() {
+        if !measured[k] {
+            let _ = writeln!(s, "- {how}: not in this run.");
+        } else if below[k].is_empty() {
             let _ = writeln!(s, "- {how}: at or above the peer on every row.");
         } else {
             let _ = writeln!(
