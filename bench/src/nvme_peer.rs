@@ -9,10 +9,9 @@
 //! (`DMABUF_P2P_BENCH_PEER`). Each round runs `perf -q QD -t 1` and the
 //! engine's same loop for the same time, three ways: as part 9 drives it
 //! (`wait_any`, then `submit_read`), as the peer's loop does (every
-//! completion there taken, then that many Reads in one `batch`), and the
-//! first way on a queue 64 deep whatever the commands in flight (a
-//! diagnostic: the peer's queue is 2048 deep); the order rotates from
-//! round to round. Only one
+//! completion there taken, then that many Reads in one `batch`), and
+//! through prepared commands (`wait`, then `submit` on the slot handed
+//! back); the order rotates from round to round. Only one
 //! driver may hold the controller at a time, so each side opens it for its
 //! run and closes it after: the engine's run opens its own `/dev/iommu`,
 //! the controller and the buffer and closes them all (no fd of this

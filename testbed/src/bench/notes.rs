@@ -242,13 +242,15 @@ when the checks that do not depend on the LBA are made once per buffer.
 
 What the numbers say (the run of 2026-12-07 22:43 UTC, on a 2-core host
 with a load average of 6 to 8: other engineers' VMs, before shadow
-doorbells; the tables above are a run with them on an idle host,
-2026-12-08 00:06 UTC, where each doorbell costs both paths about 33
-instructions more: prepared 142 against the control's 131 at 4 KiB,
-1.084, still within the goal; on the wall clock every prepared row is
-within 1.10 of the control (at most 1.050) and one checked row is over
-(2 queues, QD32 each, BAR, 128 KiB: 1.124); see "Shadow doorbells"
-above):
+doorbells; the tables above are a later run, 2026-12-08 01:24 UTC on an
+idle host, with shadow doorbells, where each doorbell costs both paths
+about 33 instructions more, and with no PAUSE between the looks of any
+spinning wait, the engine's or the control's: prepared 138 against the
+control's 131 at 4 KiB, 1.053, within the goal; on the wall clock every
+row, checked and prepared, is within 1.10 of the control, the worst
+1.067. The run before it, at 00:06 with the PAUSE, had one checked row
+over, 1.124, on the same row (2 queues, QD32 each, BAR, 128 KiB); see
+"Shadow doorbells" above and the peer check for the PAUSE):
 
 - **Prepared commands cost what the raw loop does, on the instruction
   clock**: 70 instructions to submit and reap a 4 KiB Read against 65 for

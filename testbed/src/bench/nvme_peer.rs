@@ -240,55 +240,65 @@ only when the controller's event index asks for one; it times with the
 TSC. It reads no data back; the engine's runs check that the last Read
 into page 0 holds that block.
 
-**The verdict (2026-12-07): the engine is not at or above the peer on
-every row.** Five full runs were made: on 2026-12-07 at 22:19, 22:26
-and 22:40 UTC (host load 3-7) without shadow doorbells, at 23:02 (host
-load 11) with them, and on 2026-12-08 at 00:07 (an idle host, load under
-1.2: the table above) with them. Driven as part 9 drives it, the engine
-is below the peer on every row in all five: QD1 Reads per second 0.708,
-0.763, 0.616, 0.869 and 0.622; QD32 0.822, 0.568, 0.325, 0.871 and
-0.756. Driven as the peer drives its queue (`poll` until nothing is
-left, then the Reads in one `batch`), it is within the noise of the peer
-at QD32 (0.981, 0.925, 0.983, 0.915, 0.951) and at QD1 in two runs of
-five (0.999, 0.707, 0.937, 0.784, 0.851); the round's fastest QD1
-command is slower than the peer's in every run (on the idle host 19.0
-µs against 15.7 µs, 1.19; the part-9 loop's 27.8 µs, 1.72). The rounds
-spread widely under load (a ratio's min-max reaches 0.14-12 at 22:40,
-0.01-44 at 22:19: other engineers' VMs shared the 2 cores; 0.16-1.49 on
-the idle host), so only medians over 28-29 rounds and the agreement of
-runs mean anything here.
+**The verdict (2026-12-08): still not at or above the peer on every
+row; level with it at QD32, below it at QD1.** The run on the page
+(01:29 UTC, host load 1.3-2.3), after the two changes below: QD32 Reads
+per second 0.988 (part-9 loop), 0.920 (batched) and 1.018 (prepared) of
+the peer, medians within the rounds' spread around 1 (0.73-1.36); QD1 0.852, 0.774 and 0.754, below it, with the fastest
+QD1 command 18.4-19.1 µs against the peer's 15.3 µs. Five full runs
+before (2026-12-07 22:19 to 2026-12-08 00:07, with the PAUSE) had the
+part-9 loop at QD1 0.62-0.87 and QD32 0.33-0.87, and the batched loop at
+QD1 0.71-1.00 and QD32 0.92-0.98. The rounds spread widely (0.45-1.46
+per round on this run), so only medians over 30 rounds and the
+agreement of runs mean anything here.
 
-**Where the time goes.**
+**What changed on 2026-12-08.**
 
-- At QD32, the doorbell per command: the part-9 loop writes the
-  submission doorbell in every `submit_read`; an MMIO write that, under
-  TCG, goes into QEMU's NVMe model under QEMU's big lock, 32 times per
-  pass where the peer writes once. In the same rounds the part-9 loop
-  reached 0.42 of the batched loop's Reads per second at 22:40 (0.65
-  at 22:26). `IoQueue::batch` removes it; the engine gives the caller the
-  means, the obvious loop does not use them.
-- Not the peer's shadow doorbells: with them compiled out of a second
-  build (one line of `nvme_init`, a local diagnostic build, not the peer
-  of this check; run of 22:34 UTC, host load 2.6) the batched engine
-  still matched the peer at QD32 (1.003) and the part-9 loop stayed below
-  it (QD1 0.832, QD32 0.555).
-- At QD1 there is one doorbell each way per command for both engine
-  loops, yet the part-9 loop's fastest command takes 29.1 µs against 21.8
-  µs for the batched one at 22:40 (1.32 per round; 27.8 against 19.0 on
-  the idle host): the difference is in
-  `wait_any`'s own spin (the table lookups of its reap, a clock read
-  every 64 looks, a PAUSE per look). The PAUSE alone is not it (that
-  diagnostic, run of 22:26: 0.996 of the batched loop's Reads per second
-  at QD1). The queue's depth is not clearly it either (a 65-entry ring
-  against the 2-entry one: the fastest command 0.934, Reads per second
-  1.857 at 22:40 but 1.083 at 22:34, both with rounds from 0.3 to 4 and
-  more). Not isolated further in this session.
-- Not the engine's per-command instructions as such: part 9's
-  instruction clock puts the checked submit and reap at about 330
-  instructions (327 at 23:02, 131 for its raw loop, both with shadow
-  doorbells), at most a few microseconds under TCG, and both
-  engine loops pay them; the gaps are 7-11 µs in the fastest command and
-  tens of µs in the means.
+- **No PAUSE in a spinning wait.** The engine's waits (`wait`,
+  `wait_any`, `Prepared::wait`) put an x86 PAUSE (`spin_loop`) between
+  their looks at the completion queue. Under TCG a PAUSE ends the
+  translated block and returns to QEMU's CPU loop (with
+  `-accel tcg,thread=single`, through the round-robin over the vCPUs and
+  QEMU's big lock). A diagnostic run (2026-12-08 00:58 UTC, not merged;
+  20 rounds, the part-9 loop four ways against the peer): with the
+  PAUSE and the clock every 64 looks, the fastest QD1 command 25.0 µs
+  and QD32 0.83 of the peer's Reads per second; without the PAUSE, 18.8
+  µs and 0.98; a clock read every look changed little. The earlier
+  diagnostic that cleared the PAUSE had put it in the batched loop,
+  which read the clock on every look, so the PAUSE was rare there. libvfn's
+  loop does not pause either. The control of part 9 lost its PAUSE too.
+- **A prepared wait rings the head doorbell for each completion.** It
+  rang it once a run of completions was drained. A caller resubmitting
+  between waits then sent new commands while the controller still
+  counted the taken entries, and a queue as deep as its ring (depth + 1
+  entries) looked full to the controller, which held completions back:
+  the prepared way was 0.67 of the peer at QD32 in a run of 01:08 UTC,
+  and is 1.018 on the page.
+
+**What is left at QD1, looked at and not found.** All three ways of the
+engine are below the peer by about the same (0.75-0.85, the fastest
+command 3-4 µs slower), though their submit and reap cost 70 to 330
+instructions (part 9): the gap is not in the engine's code. Diagnostic
+runs (2026-12-08 01:15 to 01:35 UTC, not merged):
+
+- part 9's own raw loop (entries written by hand into the engine's
+  queue, its doorbells, a spin on the phase tag), run as a fourth way
+  at QD1, was as far below the peer: 0.69, fastest 21.3 µs against 16.0;
+- the queue 1024 deep (the peer's is 2048) or shadow doorbells off:
+  Reads per second 0.96 of the 1-deep queue each; a completion ring one
+  entry deeper than the submission ring, so that it never looks full to
+  QEMU: the fastest command 21.6 µs against 18-19 before (not kept);
+- the engine's loop without a clock read per command: 0.90 of the same
+  loop with them;
+- the doorbells: the engine writes both over MMIO for every command at
+  QD1 (13,126 MMIO writes of 13,127 updates each way in one round), as
+  the event indices QEMU 7.2 publishes ask, and as libvfn's check does;
+- a host profile of QEMU (perf, 20 s of the engine's prepared loop and
+  20 s of the peer, one boot): the vCPU thread spends about twice as
+  many samples waiting for QEMU's big lock, and wakes the main loop more
+  often, in the engine's run than in the peer's, while its translated
+  code runs the same share. Why the engine's loop meets the main loop
+  on that lock more often was not found.
 
 Run it again with the peer built as above:
 `DMABUF_P2P_BENCH_PEER=/path/to/libvfn/build/examples/perf cargo xtask

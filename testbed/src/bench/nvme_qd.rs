@@ -84,10 +84,10 @@ pub fn section(s: &mut String, r: &Results) {
          the completion queue's phase tag watched). Each row runs the three in rounds, rotating \
          which goes first; a round is 64 commands (QD1 latency, 128 KiB) or \
          256 (4 KiB) per queue, resubmitting into a command's slot after its completion is \
-         taken (`wait_any`; prepared: `Prepared::wait`, whose reap rings the head doorbell once \
-         the completion queue is drained; the control: reap every new entry with one head \
-         doorbell, then take them one by one). Polled rows spin on the completion queue (queues \
-         made with interrupts off, `spin(Duration::MAX)`); the MSI-X row blocks on the queue's \
+         taken (`wait_any`; prepared: `Prepared::wait`, which rings the head doorbell for each \
+         completion it takes; the control: reap every new entry with one head \
+         doorbell, then take them one by one). Polled rows spin on the completion queue without a PAUSE \
+         between looks, all three (queues made with interrupts off, `spin(Duration::MAX)`); the MSI-X row blocks on the queue's \
          eventfd. Two queues: a thread each, on the 2 vCPUs. Cells are time per command \
          (median over rounds, min–max in µs) and the rate it means (both queues together); the \
          ratios are per round, to the control, so above 1 the engine is slower.{when}\n",
