@@ -287,7 +287,7 @@ fn engine_loop(
         }
         batch.submit()?;
     }
-    let (mut done, mut total_ns, mut fastest_ns) = (0u64, 0.0, f64::INFINITY);
+    let mut times = Times::default();
     let mut free = Vec::with_capacity(depth);
     let elapsed = loop {
         free.clear();
@@ -315,10 +315,7 @@ fn engine_loop(
             if !d.is_success() {
                 return Err(format!("engine: a Read failed: {}", d.status).into());
             }
-            let ns = sent.elapsed().as_secs_f64() * 1e9;
-            total_ns += ns;
-            fastest_ns = fastest_ns.min(ns);
-            done += 1;
+            times.took(sent);
         }
         let elapsed = start.elapsed();
         if elapsed >= run {
@@ -355,11 +352,44 @@ fn engine_loop(
         q.check(d)?;
     }
     check_page0(mem, lba_of[0], block)?;
-    Ok(Side {
-        iops: done as f64 / elapsed.as_secs_f64(),
-        latency_ns: total_ns / done as f64,
-        fastest_ns,
-    })
+    Ok(times.side(elapsed))
+}
+
+/// A round's completions: how many, and their times since submit.
+#[derive(Debug)]
+struct Times {
+    done: u64,
+    total_ns: f64,
+    fastest_ns: f64,
+}
+
+impl Default for Times {
+    fn default() -> Self {
+        Self {
+            done: 0,
+            total_ns: 0.0,
+            fastest_ns: f64::INFINITY,
+        }
+    }
+}
+
+impl Times {
+    /// A completion taken of a command submitted at `sent`.
+    fn took(&mut self, sent: Instant) {
+        let ns = sent.elapsed().as_secs_f64() * 1e9;
+        self.total_ns += ns;
+        self.fastest_ns = self.fastest_ns.min(ns);
+        self.done += 1;
+    }
+
+    /// The round's side, over `elapsed`.
+    fn side(&self, elapsed: Duration) -> Side {
+        Side {
+            iops: self.done as f64 / elapsed.as_secs_f64(),
+            latency_ns: self.total_ns / self.done as f64,
+            fastest_ns: self.fastest_ns,
+        }
+    }
 }
 
 /// [`engine_loop`] through prepared commands: a slot per page, each
@@ -394,7 +424,7 @@ fn prepared_loop(
             lba_of[page] = l;
         }
         p.ring();
-        let (mut done, mut total_ns, mut fastest_ns) = (0u64, 0.0, f64::INFINITY);
+        let mut times = Times::default();
         let elapsed = loop {
             let r = p.wait(TIMEOUT)?;
             let page = usize::from(r.index());
@@ -402,10 +432,7 @@ fn prepared_loop(
             if !r.is_success() {
                 return Err(format!("engine: a Read failed: {}", r.status()).into());
             }
-            let ns = sent.elapsed().as_secs_f64() * 1e9;
-            total_ns += ns;
-            fastest_ns = fastest_ns.min(ns);
-            done += 1;
+            times.took(sent);
             let elapsed = start.elapsed();
             if elapsed >= run {
                 break elapsed;
@@ -422,11 +449,7 @@ fn prepared_loop(
                 return Err(format!("engine: a Read failed: {}", r.status()).into());
             }
         }
-        Ok(Side {
-            iops: done as f64 / elapsed.as_secs_f64(),
-            latency_ns: total_ns / done as f64,
-            fastest_ns,
-        })
+        Ok(times.side(elapsed))
     })??;
     check_page0(mem, lba_of[0], block)?;
     Ok(side)
