@@ -658,6 +658,7 @@ fn raw_entry(raw: &RawQueue, tail: u16, cid: u16, lba: u64, blocks: u64, iova: u
 #[inline]
 fn raw_ring(raw: &RawQueue, tail: u16) {
     fence(Ordering::SeqCst);
+    raw_announce_head(raw);
     // The engine's doorbell mode (shadow doorbells where the controller
     // took them): the control differs from the engine above the doorbell.
     raw.sq_bell.write(u32::from(tail));
@@ -685,9 +686,14 @@ fn raw_advance(raw: &mut RawQueue) {
     }
 }
 
+/// Rings the head doorbell if completions were taken since it was last
+/// rung: right before each tail doorbell, and when a look finds nothing
+/// new, as the engine does (`IoQueue::announce_head`).
 #[inline]
-fn raw_head_doorbell(raw: &RawQueue) {
-    raw.cq_bell.write(u32::from(raw.cq_head));
+fn raw_announce_head(raw: &RawQueue) {
+    if raw.cq_bell.last() != u32::from(raw.cq_head) {
+        raw.cq_bell.write(u32::from(raw.cq_head));
+    }
 }
 
 /// Blocks on the queue's MSI-X eventfd (up to 20 ms) and clears it.
@@ -712,9 +718,9 @@ fn raw_wait(raw: &mut RawQueue, wait: Wait) -> R<(u16, u32)> {
     loop {
         if let Some(c) = raw_peek(raw) {
             raw_advance(raw);
-            raw_head_doorbell(raw);
             return Ok(c);
         }
+        raw_announce_head(raw);
         // Spinning: no PAUSE between looks, as the engine (under TCG a
         // PAUSE leaves the translated code).
         if let (Wait::Irq, Some(fd)) = (wait, raw.interrupt) {
@@ -781,7 +787,7 @@ fn raw_depth(raw: &mut RawQueue, row: &Row, base: u64, lbas: &mut Lbas, n: usize
     let mut spins = 0u32;
     while done < n {
         if ready_len == 0 {
-            // Reap every new completion, one head doorbell.
+            // Reap every new completion (the head doorbell goes with the next tail).
             let mut got = 0;
             while let Some((cid, status)) = raw_peek(raw) {
                 if status != 0 {
@@ -793,13 +799,13 @@ fn raw_depth(raw: &mut RawQueue, row: &Row, base: u64, lbas: &mut Lbas, n: usize
                 got += 1;
             }
             if got == 0 {
+                raw_announce_head(raw);
                 spins = spins.wrapping_add(1);
                 if spins.is_multiple_of(64) && start.elapsed() > TIMEOUT {
                     return Err("control: no completion within 20 s".into());
                 }
                 continue;
             }
-            raw_head_doorbell(raw);
         }
         let slot = ready[ready_head];
         ready_head = (ready_head + 1) % qd;
@@ -913,7 +919,6 @@ fn command_cost_in<'id>(
                     let t = Instant::now();
                     let (_, status) = raw_peek(raw).unwrap_or((0, u32::MAX));
                     raw_advance(raw);
-                    raw_head_doorbell(raw);
                     let reap = ns_since(t);
                     if status != 0 {
                         return Err(format!("control: a Read failed: status {status:#x}").into());

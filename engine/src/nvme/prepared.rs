@@ -369,15 +369,18 @@ impl<'id> Prepared<'_, 'id> {
     #[inline(always)]
     pub fn submit(&mut self, slot: Slot<'id>, op: Op, lba: u64) -> Result<(), Refused<'id>> {
         let tail = self.write(slot, op, lba)?;
-        // The entry is in memory before the controller hears of it.
+        // The entry is in memory before the controller hears of it; the
+        // head of completions taken goes right before the tail.
         fence(Ordering::SeqCst);
+        self.queue.announce_head();
         self.queue.sq_doorbell.write(u32::from(tail));
         Ok(())
     }
 
     /// The next completion, if the completion queue holds one: its slot
     /// handed back, with its status. Never waits; the completion queue's
-    /// head doorbell is rung for it. `None` also when the entry was for no
+    /// head doorbell is rung with the next submission (or the next look
+    /// that finds nothing new). `None` also when the entry was for no
     /// command in flight (a controller bug: counted in
     /// [`IoQueue::stray_completions`], and the next reap looks further).
     #[inline(always)]
@@ -385,26 +388,24 @@ impl<'id> Prepared<'_, 'id> {
         self.take()
     }
 
-    /// The head entry of the completion queue, if new, taken, and the head
-    /// doorbell rung for it. Rung at once, not when a run of completions is
-    /// drained: a caller that resubmits between takes would otherwise send
-    /// new commands while the controller still counts the old entries, and
-    /// a queue as deep as its ring (depth + 1 entries) looks full to it and
-    /// stalls (0.67 of the peer's Reads per second at QD32, BENCHMARKS).
-    /// With shadow doorbells the ring is a memory write, MMIO only when the
-    /// controller's event index asks.
+    /// The head entry of the completion queue, if new, taken. Its head
+    /// doorbell is rung with the next tail, or when a look finds nothing
+    /// new ([`IoQueue::announce_head`]): ringing it at once, alone, is
+    /// slower under QEMU, and ringing it only once a run of completions
+    /// was drained let a queue as deep as its ring look full to the
+    /// controller (0.67 of the peer's Reads per second at QD32).
     #[inline(always)]
     fn take(&mut self) -> Option<Reaped<'id>> {
         let q = &mut *self.queue;
         let dw3 = q.cq.read_u32::<3>();
         if (dw3 & (1 << 16) != 0) == q.cq.lap() {
+            q.announce_head();
             return None;
         }
         // Whatever the caller reads of the buffer comes after the phase
         // tag.
         fence(Ordering::Acquire);
-        let head = q.cq.advance();
-        q.cq_doorbell.write(u32::from(head));
+        q.cq.advance();
         // CID in bits 15:0, the status field in 31:17.
         let flag = &mut self.in_flight[usize::from(dw3 as u16)];
         if *flag {
@@ -437,7 +438,7 @@ impl<'id> Prepared<'_, 'id> {
     /// queue's spin budget ([`IoQueue::set_spin`]), then blocking on its
     /// interrupt or sleeping between looks. With nothing in flight,
     /// [`NvmeProblem::NothingInFlight`] at once. The completion queue's head
-    /// doorbell is rung for the completion (as [`reap`](Self::reap)).
+    /// doorbell is rung as [`reap`](Self::reap) says.
     pub fn wait(&mut self, timeout: Duration) -> Result<Reaped<'id>> {
         if let Some(r) = self.take() {
             return Ok(r);

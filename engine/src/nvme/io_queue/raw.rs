@@ -68,6 +68,8 @@ impl IoQueue {
                 in_use,
             }));
         }
+        // The loop starts from a head the controller knows.
+        self.announce_head();
         let mut raw = RawQueue {
             qid: self.qid,
             entries: self.sq.entries(),

@@ -142,13 +142,34 @@ impl IoQueue {
         Ok(())
     }
 
-    /// Rings the submission doorbell with the tail.
+    /// Rings the submission doorbell with the tail, the completion
+    /// queue's head first if completions were taken since it was last
+    /// told.
     #[inline(always)]
     pub(in crate::nvme) fn ring_sq(&self) {
         // The entries (and PRP lists) are in memory before the controller
         // hears of them.
         fence(Ordering::SeqCst);
+        self.announce_head();
         self.sq_doorbell.write(u32::from(self.sq.position()));
+    }
+
+    /// Tells the controller the completion queue's head if completions
+    /// were taken since it last heard. Called right before each tail
+    /// doorbell, and when a look finds no new completion; not as each
+    /// completion is taken. The two doorbells back to back are what QEMU's
+    /// NVMe model serves fastest: a head rung alone at once, then the tail
+    /// later, made a QD1 Read loop 0.70 of libvfn's Reads per second, the
+    /// same loop in libvfn's order 1.48 (BENCHMARKS, the peer check). The
+    /// controller never sees its ring full: each tail doorbell announces
+    /// the head, so it counts at most the commands in flight then, fewer
+    /// than the ring's entries.
+    #[inline(always)]
+    pub(in crate::nvme) fn announce_head(&self) {
+        let head = u32::from(self.cq.position());
+        if self.cq_doorbell.last() != head {
+            self.cq_doorbell.write(head);
+        }
     }
 
     /// Whether the completion queue's head entry is new (its phase tag).
@@ -158,7 +179,9 @@ impl IoQueue {
     }
 
     /// Takes every new completion off the completion queue into the
-    /// command table and rings its head doorbell; how many.
+    /// command table; how many. The head doorbell is rung with the next
+    /// tail ([`announce_head`](Self::announce_head)), or here when there
+    /// was nothing new.
     #[inline(always)]
     pub(super) fn reap(&mut self) -> Result<usize> {
         self.reap_for(None)
@@ -195,8 +218,8 @@ impl IoQueue {
                 break;
             }
         }
-        if n > 0 {
-            self.cq_doorbell.write(u32::from(self.cq.position()));
+        if n == 0 {
+            self.announce_head();
         }
         Ok(n)
     }
@@ -265,6 +288,8 @@ impl IoQueue {
         timeout: Duration,
         what: &str,
     ) -> Result<()> {
+        // Before blocking, the controller knows every completion taken.
+        self.announce_head();
         let left = deadline.left();
         if left.is_zero() {
             self.ctrl.check_alive()?;
