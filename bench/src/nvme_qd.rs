@@ -687,8 +687,8 @@ fn raw_advance(raw: &mut RawQueue) {
 }
 
 /// Rings the head doorbell if completions were taken since it was last
-/// rung: right before each tail doorbell, and when a look finds nothing
-/// new, as the engine does (`IoQueue::announce_head`).
+/// rung: right before each tail doorbell, as the engine does
+/// (`IoQueue::announce_head`).
 #[inline]
 fn raw_announce_head(raw: &RawQueue) {
     if raw.cq_bell.last() != u32::from(raw.cq_head) {
@@ -720,10 +720,11 @@ fn raw_wait(raw: &mut RawQueue, wait: Wait) -> R<(u16, u32)> {
             raw_advance(raw);
             return Ok(c);
         }
-        raw_announce_head(raw);
         // Spinning: no PAUSE between looks, as the engine (under TCG a
         // PAUSE leaves the translated code).
         if let (Wait::Irq, Some(fd)) = (wait, raw.interrupt) {
+            // Before blocking, as the engine's wait.
+            raw_announce_head(raw);
             raw_block(fd);
         }
         spins = spins.wrapping_add(1);
@@ -799,7 +800,6 @@ fn raw_depth(raw: &mut RawQueue, row: &Row, base: u64, lbas: &mut Lbas, n: usize
                 got += 1;
             }
             if got == 0 {
-                raw_announce_head(raw);
                 spins = spins.wrapping_add(1);
                 if spins.is_multiple_of(64) && start.elapsed() > TIMEOUT {
                     return Err("control: no completion within 20 s".into());

@@ -379,8 +379,8 @@ impl<'id> Prepared<'_, 'id> {
 
     /// The next completion, if the completion queue holds one: its slot
     /// handed back, with its status. Never waits; the completion queue's
-    /// head doorbell is rung with the next submission (or the next look
-    /// that finds nothing new). `None` also when the entry was for no
+    /// head doorbell is rung with the next submission (or before a wait
+    /// blocks). `None` also when the entry was for no
     /// command in flight (a controller bug: counted in
     /// [`IoQueue::stray_completions`], and the next reap looks further).
     #[inline(always)]
@@ -389,8 +389,8 @@ impl<'id> Prepared<'_, 'id> {
     }
 
     /// The head entry of the completion queue, if new, taken. Its head
-    /// doorbell is rung with the next tail, or when a look finds nothing
-    /// new ([`IoQueue::announce_head`]): ringing it at once, alone, is
+    /// doorbell is rung with the next tail, or before a wait blocks
+    /// (`IoQueue::announce_head`): ringing it at once, alone, is
     /// slower under QEMU, and ringing it only once a run of completions
     /// was drained let a queue as deep as its ring look full to the
     /// controller (0.67 of the peer's Reads per second at QD32).
@@ -399,7 +399,6 @@ impl<'id> Prepared<'_, 'id> {
         let q = &mut *self.queue;
         let dw3 = q.cq.read_u32::<3>();
         if (dw3 & (1 << 16) != 0) == q.cq.lap() {
-            q.announce_head();
             return None;
         }
         // Whatever the caller reads of the buffer comes after the phase

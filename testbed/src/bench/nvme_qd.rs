@@ -139,13 +139,13 @@ pub fn section(s: &mut String, r: &Results) {
         (Some((w, at)), true) => {
             let _ = writeln!(
                 s,
-                "Every row within {GOAL:.2} of the control (the worst median ratio {w:.3}, {at})."
+                "Every checked row within {GOAL:.2} of the control (the worst median ratio {w:.3}, {at})."
             );
         }
         (_, false) => {
             let _ = writeln!(
                 s,
-                "Rows over {GOAL:.2} of the control: {}.",
+                "Checked rows over {GOAL:.2} of the control: {}.",
                 over.join("; ")
             );
         }

@@ -41,7 +41,9 @@ pub struct RawQueue<'q> {
     pub lists_iova: u64,
     /// The next submission queue slot; update it.
     pub sq_tail: u16,
-    /// The next completion queue slot; update it.
+    /// The next completion queue slot; update it. The controller was last
+    /// told `cq_bell.last()`, which may be behind it: the engine rings the
+    /// head right before the next tail, and a raw loop should too.
     pub cq_head: u16,
     /// The phase tag a new completion at `cq_head` carries; update it.
     pub cq_phase: bool,
@@ -68,8 +70,6 @@ impl IoQueue {
                 in_use,
             }));
         }
-        // The loop starts from a head the controller knows.
-        self.announce_head();
         let mut raw = RawQueue {
             qid: self.qid,
             entries: self.sq.entries(),

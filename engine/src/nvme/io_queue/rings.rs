@@ -156,8 +156,11 @@ impl IoQueue {
 
     /// Tells the controller the completion queue's head if completions
     /// were taken since it last heard. Called right before each tail
-    /// doorbell, and when a look finds no new completion; not as each
-    /// completion is taken. The two doorbells back to back are what QEMU's
+    /// doorbell, and before a wait blocks (an interrupt is raised while
+    /// the controller counts entries); not as each completion is taken,
+    /// nor when a look finds nothing (that ring, alone, then a tail, is
+    /// the slow order again: a `poll`-until-empty loop was 0.91 of libvfn
+    /// at QD1 with it). The two doorbells back to back are what QEMU's
     /// NVMe model serves fastest: a head rung alone at once, then the tail
     /// later, made a QD1 Read loop 0.70 of libvfn's Reads per second, the
     /// same loop in libvfn's order 1.48 (BENCHMARKS, the peer check). The
@@ -180,8 +183,7 @@ impl IoQueue {
 
     /// Takes every new completion off the completion queue into the
     /// command table; how many. The head doorbell is rung with the next
-    /// tail ([`announce_head`](Self::announce_head)), or here when there
-    /// was nothing new.
+    /// tail, or before a wait blocks (`announce_head`).
     #[inline(always)]
     pub(super) fn reap(&mut self) -> Result<usize> {
         self.reap_for(None)
@@ -217,9 +219,6 @@ impl IoQueue {
             if n == usize::from(self.cq.entries()) {
                 break;
             }
-        }
-        if n == 0 {
-            self.announce_head();
         }
         Ok(n)
     }
