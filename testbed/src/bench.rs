@@ -2318,7 +2318,7 @@ mod tests {
             "{p}"
         );
         assert!(
-            p.contains("Rows over 1.10 of the control: 1 queue, QD8, BAR, 4 KiB: 1.250."),
+            p.contains("Checked rows over 1.10 of the control: 1 queue, QD8, BAR, 4 KiB: 1.250."),
             "{p}"
         );
         assert!(

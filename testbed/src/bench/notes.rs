@@ -242,15 +242,20 @@ when the checks that do not depend on the LBA are made once per buffer.
 
 What the numbers say (the run of 2026-12-07 22:43 UTC, on a 2-core host
 with a load average of 6 to 8: other engineers' VMs, before shadow
-doorbells; the tables above are a later run, 2026-12-08 01:24 UTC on an
-idle host, with shadow doorbells, where each doorbell costs both paths
-about 33 instructions more, and with no PAUSE between the looks of any
-spinning wait, the engine's or the control's: prepared 138 against the
-control's 131 at 4 KiB, 1.053, within the goal; on the wall clock every
-row, checked and prepared, is within 1.10 of the control, the worst
-1.067. The run before it, at 00:06 with the PAUSE, had one checked row
-over, 1.124, on the same row (2 queues, QD32 each, BAR, 128 KiB); see
-"Shadow doorbells" above and the peer check for the PAUSE):
+doorbells; the tables above are a later run, 2026-12-08 02:17 UTC on an
+idle host, with shadow doorbells (each doorbell about 33 instructions
+more, for both paths), with no PAUSE between the looks of any spinning
+wait, and with the head doorbell rung right before the next tail, by the
+engine and the control alike: prepared 136 against the control's 134 at
+4 KiB, 1.015, within the goal; on the wall clock every checked row is
+within 1.10 of the control (the worst 1.091) and one prepared row is
+over (2 queues, QD1 each, BAR, 128 KiB: 1.181, its rounds 0.38-1.98; 1.032
+and 1.086 in the runs of 01:24 and 02:10). At QD1 the checked loop now
+beats the control by 11-19%, likely because its 200 instructions more
+between a completion and its doorbells leave QEMU's main loop time to
+let go of its lock (see the peer check; not measured). The run of 00:06, with the PAUSE, had one
+checked row over, 1.124; see "Shadow doorbells" above and the peer
+check):
 
 - **Prepared commands cost what the raw loop does, on the instruction
   clock**: 70 instructions to submit and reap a 4 KiB Read against 65 for

@@ -232,7 +232,8 @@ do here; its open fds (above) confirm it.
 **What the peer's loop does that the engine's part-9 loop does not**
 (from its source): after the first fill it rings the submission doorbell
 once per pass of its reap loop, after every completion found has been
-resubmitted, and the completion doorbell once per pass; its queue is 2048
+resubmitted, and the completion doorbell once per pass, right before the
+submission doorbell (the order the engine now follows); its queue is 2048
 entries deep (CAP.MQES + 1); it sets up the controller's shadow doorbells
 (Doorbell Buffer Config, when OACS says the controller has them; QEMU's
 NVMe model has advertised them since 7.1, and ours is 7.2), so a doorbell is first a write to memory and an MMIO write
@@ -240,65 +241,74 @@ only when the controller's event index asks for one; it times with the
 TSC. It reads no data back; the engine's runs check that the last Read
 into page 0 holds that block.
 
-**The verdict (2026-12-08): still not at or above the peer on every
-row; level with it at QD32, below it at QD1.** The run on the page
-(01:29 UTC, host load 1.3-2.3), after the two changes below: QD32 Reads
-per second 0.988 (part-9 loop), 0.920 (batched) and 1.018 (prepared) of
-the peer, medians within the rounds' spread around 1 (0.73-1.36); QD1 0.852, 0.774 and 0.754, below it, with the fastest
-QD1 command 18.4-19.1 µs against the peer's 15.3 µs. Five full runs
-before (2026-12-07 22:19 to 2026-12-08 00:07, with the PAUSE) had the
-part-9 loop at QD1 0.62-0.87 and QD32 0.33-0.87, and the batched loop at
-QD1 0.71-1.00 and QD32 0.92-0.98. The rounds spread widely (0.45-1.46
-per round on this run), so only medians over 30 rounds and the
+**The verdict (2026-12-08, the run on the page, 02:22 UTC, host load
+1.6-2.5): through prepared commands the engine is at or above the peer on
+every row;** QD1 Reads per second 1.959 of the peer's, mean latency
+0.501, the fastest command 0.999 (14.9 µs against 15.1), QD32 Reads per
+second 1.047, mean latency 0.952. Driven as part 9 drives it (`wait_any`,
+then `submit_read`) it is above on four rows and 1.2% slower on the
+fastest QD1 command (1.012: 16.0 µs against 15.1); driven as the peer's
+loop (`poll` until empty, then one `batch`) it is above on the two QD1
+rates and below on the fastest QD1 command (1.009) and at QD32 (Reads
+per second 0.965, mean latency 1.020). A second run
+with the same code (02:28 UTC, not merged) agrees: prepared 1.868,
+0.526, 0.974, 1.012, 0.988 (at or above on every row); the part-9 loop
+1.834, 0.537, 0.986, 1.005, 0.996 (at or above on every row there); the
+batched loop below again at QD32 (0.941, 1.045), so that miss looks
+real: a few percent, not looked into. The rounds spread widely
+(per-round ratios 0.34-3.6), so only medians over 30 rounds and the
 agreement of runs mean anything here.
+Runs before the changes below (five on 2026-12-07 22:19 to 2026-12-08
+00:07, one at 01:29) had every engine way below the peer at QD1
+(0.62-1.00) and the part-9 loop below at QD32 (0.33-0.99).
 
 **What changed on 2026-12-08.**
 
-- **No PAUSE in a spinning wait.** The engine's waits (`wait`,
-  `wait_any`, `Prepared::wait`) put an x86 PAUSE (`spin_loop`) between
-  their looks at the completion queue. Under TCG a PAUSE ends the
-  translated block and returns to QEMU's CPU loop (with
+- **The completion queue's head doorbell goes right before the next
+  tail doorbell.** The engine rang the head as it took completions, and
+  the tail later, when the caller submitted. QEMU's NVMe model serves the
+  two back to back much faster. Found with part 9's raw loop run beside
+  the peer (diagnostic run of 02:04 UTC, not merged, QD1, 12 rounds): in
+  the engine's order 0.70 of the peer's Reads per second (fastest 20.9
+  µs), in libvfn's order (entry, head, tail) 1.48 (15.5 µs). Now the
+  engine rings the head only before a tail (`IoQueue::announce_head`)
+  and before a wait blocks; not when a look finds nothing, which put the
+  `poll`-until-empty loop back in the slow order (0.91 at QD1 in the run
+  of 02:13, not merged). The controller never sees its ring full: each
+  tail doorbell announces the head, so it counts at most the commands in
+  flight then. Part 9's control rings in the same order.
+- **No PAUSE in a spinning wait.** The engine's waits put an x86 PAUSE
+  (`spin_loop`) between their looks at the completion queue. Under TCG a
+  PAUSE ends the translated block and returns to QEMU's CPU loop (with
   `-accel tcg,thread=single`, through the round-robin over the vCPUs and
-  QEMU's big lock). A diagnostic run (2026-12-08 00:58 UTC, not merged;
-  20 rounds, the part-9 loop four ways against the peer): with the
-  PAUSE and the clock every 64 looks, the fastest QD1 command 25.0 µs
-  and QD32 0.83 of the peer's Reads per second; without the PAUSE, 18.8
-  µs and 0.98; a clock read every look changed little. The earlier
-  diagnostic that cleared the PAUSE had put it in the batched loop,
-  which read the clock on every look, so the PAUSE was rare there. libvfn's
-  loop does not pause either. The control of part 9 lost its PAUSE too.
-- **A prepared wait rings the head doorbell for each completion.** It
-  rang it once a run of completions was drained. A caller resubmitting
-  between waits then sent new commands while the controller still
-  counted the taken entries, and a queue as deep as its ring (depth + 1
-  entries) looked full to the controller, which held completions back:
-  the prepared way was 0.67 of the peer at QD32 in a run of 01:08 UTC,
-  and is 1.018 on the page.
+  QEMU's big lock). Diagnostic run of 00:58 UTC (not merged, 20 rounds,
+  the part-9 loop four ways): with the PAUSE the fastest QD1 command
+  25.0 µs and QD32 0.83 of the peer's Reads per second; without it 18.8
+  µs and 0.98; a clock read on every look changed little. The diagnostic
+  of 2026-12-07 that cleared the PAUSE had put it in the batched loop,
+  which read the clock on every look, so the PAUSE was rare there.
+  libvfn's loop does not pause either; part 9's control lost its PAUSE
+  too.
+- **A prepared wait no longer holds the head back until a run of
+  completions is drained.** A caller resubmitting between waits then
+  sent new commands while the controller still counted the taken
+  entries, and a queue as deep as its ring (depth + 1 entries) looked
+  full to the controller, which held completions back: 0.67 of the peer
+  at QD32 in a run of 01:08.
 
-**What is left at QD1, looked at and not found.** All three ways of the
-engine are below the peer by about the same (0.75-0.85, the fastest
-command 3-4 µs slower), though their submit and reap cost 70 to 330
-instructions (part 9): the gap is not in the engine's code. Diagnostic
-runs (2026-12-08 01:15 to 01:35 UTC, not merged):
-
-- part 9's own raw loop (entries written by hand into the engine's
-  queue, its doorbells, a spin on the phase tag), run as a fourth way
-  at QD1, was as far below the peer: 0.69, fastest 21.3 µs against 16.0;
-- the queue 1024 deep (the peer's is 2048) or shadow doorbells off:
-  Reads per second 0.96 of the 1-deep queue each; a completion ring one
-  entry deeper than the submission ring, so that it never looks full to
-  QEMU: the fastest command 21.6 µs against 18-19 before (not kept);
-- the engine's loop without a clock read per command: 0.90 of the same
-  loop with them;
-- the doorbells: the engine writes both over MMIO for every command at
-  QD1 (13,126 MMIO writes of 13,127 updates each way in one round), as
-  the event indices QEMU 7.2 publishes ask, and as libvfn's check does;
-- a host profile of QEMU (perf, 20 s of the engine's prepared loop and
-  20 s of the peer, one boot): the vCPU thread spends about twice as
-  many samples waiting for QEMU's big lock, and wakes the main loop more
-  often, in the engine's run than in the peer's, while its translated
-  code runs the same share. Why the engine's loop meets the main loop
-  on that lock more often was not found.
+**What was ruled out on the way** (diagnostic runs of 01:15 to 01:35
+UTC, not merged, with the head still rung as completions were taken):
+a queue 1024 deep, shadow doorbells off, no clock read per command (each
+within 0.90-0.96 of the same loop); a completion ring one entry deeper
+than the submission ring (the fastest command slower, 21.6 µs against
+18-19); the MMIO writes (both doorbells over MMIO for every command at
+QD1, 13,126 of 13,127 updates, as QEMU's event indices ask and as
+libvfn's check does); the guest (over 10-second sides, the same timer,
+call-function and TLB interrupts and context switches for the engine
+and the peer, all their time in user mode). A host profile of QEMU
+(perf, 20 s of each side) pointed the way: the vCPU thread waited for
+QEMU's big lock about twice as often, and woke the main loop more often,
+in the engine's run than in the peer's.
 
 Run it again with the peer built as above:
 `DMABUF_P2P_BENCH_PEER=/path/to/libvfn/build/examples/perf cargo xtask
