@@ -11,11 +11,11 @@ use std::sync::atomic::{Ordering, fence};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use dmabuf_p2p::memfd::Memfd;
+use dmabuf_p2p::Ioas;
 use dmabuf_p2p::vfio::{BarMapping, MSIX_IRQ_INDEX, VfioPciDevice};
-use dmabuf_p2p::{ByteRange, Ioas, IoasMapping, IovaPlacement, MapPerms, Mapping};
 
 use super::command::{Command, Completion as Cqe};
+use super::dma_area::DmaArea;
 use super::problem::NvmeProblem;
 use super::queue::{CompletionRing, SubmissionRing};
 use super::regs::{self, Capabilities, PAGE};
@@ -38,37 +38,6 @@ const ADMIN_SQ: u64 = 0;
 const ADMIN_CQ: u64 = PAGE;
 const IDENTIFY_BUF: u64 = 2 * PAGE;
 const ADMIN_AREA: u64 = 3 * PAGE;
-
-/// Memory the controller reaches by DMA: a memfd, its CPU mapping and its
-/// IOAS mapping (unmapped from the IOAS before the memfd closes).
-#[derive(Debug)]
-pub(super) struct DmaArea {
-    pub(super) cpu: Arc<Mapping>,
-    pub(super) iova: IoasMapping,
-    _memfd: Memfd,
-}
-
-impl DmaArea {
-    pub(super) fn new(ioas: &Ioas, name: &str, size: u64) -> Result<Self> {
-        let memfd = Memfd::new(name, size)?;
-        let cpu = Arc::new(memfd.mmap()?);
-        let iova = ioas.map_file(
-            &memfd,
-            ByteRange::new(0, size),
-            IovaPlacement::Auto,
-            MapPerms::ReadWrite,
-        )?;
-        Ok(Self {
-            cpu,
-            iova,
-            _memfd: memfd,
-        })
-    }
-
-    pub(super) fn iova(&self, offset: u64) -> u64 {
-        self.iova.iova() + offset
-    }
-}
 
 /// The admin queue pair and its memory.
 #[derive(Debug)]

@@ -70,6 +70,7 @@
 pub mod command;
 mod controller;
 mod dma;
+mod dma_area;
 pub mod identify;
 mod io_queue;
 mod prepared;

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 use dmabuf_p2p::{Ioas, MappedRegister};
 
 use super::command::Command;
-use super::controller::DmaArea;
+use super::dma_area::DmaArea;
 use super::regs::{Capabilities, PAGE};
 use crate::Result;
 

@@ -16,8 +16,9 @@ use std::time::Duration;
 use dmabuf_p2p::MappedRing;
 
 use super::command::{Command, nvm};
-use super::controller::{Controller, DmaArea};
+use super::controller::Controller;
 use super::dma::{Dma, DmaMemory};
+use super::dma_area::DmaArea;
 use super::identify::NamespaceIdentity;
 use super::problem::NvmeProblem;
 use super::queue::{CommandTable, SlotState};
