@@ -224,7 +224,8 @@ fn engine_round(
     )?;
     let side = match style {
         Style::Prepared => prepared_loop(&mut nvme, map.iova(), &mem, qd, blocks, block, lba)?,
-        _ => engine_loop(&mut nvme, map.iova(), &mem, qd, style, blocks, block, lba)?,
+        Style::Plain => engine_loop(&mut nvme, map.iova(), &mem, qd, false, blocks, block, lba)?,
+        Style::Batched => engine_loop(&mut nvme, map.iova(), &mem, qd, true, blocks, block, lba)?,
     };
     drop(nvme);
     drop(map);
@@ -250,14 +251,15 @@ enum Style {
 
 /// QD `qd` for [`ROUND_SECS`]: fill the queue, then resubmit into each
 /// command's page after its completion is taken; then drain and check that
-/// the last Read into page 0 landed.
+/// the last Read into page 0 landed. `batched`: as the peer's loop
+/// ([`Style::Batched`]), else as part 9's ([`Style::Plain`]).
 #[allow(clippy::too_many_arguments)]
 fn engine_loop(
     nvme: &mut Nvme,
     base: u64,
     mem: &Memfd,
     qd: u16,
-    style: Style,
+    batched: bool,
     blocks: u64,
     block: u64,
     lba: &mut u64,
@@ -291,23 +293,21 @@ fn engine_loop(
     let mut free = Vec::with_capacity(depth);
     let elapsed = loop {
         free.clear();
-        match style {
-            Style::Plain => free.push(q.wait_any(TIMEOUT)?),
-            Style::Batched => {
-                let spinning = Instant::now();
-                let mut looks = 0u32;
-                while free.is_empty() {
-                    while let Some(d) = q.poll()? {
-                        free.push(d);
-                    }
-                    // The clock every 64 looks, as the engine's own wait.
-                    looks = looks.wrapping_add(1);
-                    if looks.is_multiple_of(64) && spinning.elapsed() > TIMEOUT {
-                        return Err("engine: no completion within 20 s".into());
-                    }
+        if !batched {
+            free.push(q.wait_any(TIMEOUT)?);
+        } else {
+            let spinning = Instant::now();
+            let mut looks = 0u32;
+            while free.is_empty() {
+                while let Some(d) = q.poll()? {
+                    free.push(d);
+                }
+                // The clock every 64 looks, as the engine's own wait.
+                looks = looks.wrapping_add(1);
+                if looks.is_multiple_of(64) && spinning.elapsed() > TIMEOUT {
+                    return Err("engine: no completion within 20 s".into());
                 }
             }
-            Style::Prepared => unreachable!("prepared_loop"),
         }
         for d in &free {
             let cid = usize::from(d.id.cid());
@@ -321,30 +321,26 @@ fn engine_loop(
         if elapsed >= run {
             break elapsed;
         }
-        match style {
-            Style::Plain => {
-                let page = page_of[usize::from(free[0].id.cid())];
+        if !batched {
+            let page = page_of[usize::from(free[0].id.cid())];
+            let l = next();
+            let t = Instant::now();
+            let id = q.submit_read(l, 1, base + u64::from(page) * PAGE)?;
+            page_of[usize::from(id.cid())] = page;
+            sent_at[usize::from(id.cid())] = Some(t);
+            lba_of[usize::from(page)] = l;
+        } else {
+            let mut batch = q.batch();
+            for d in &free {
+                let page = page_of[usize::from(d.id.cid())];
                 let l = next();
                 let t = Instant::now();
-                let id = q.submit_read(l, 1, base + u64::from(page) * PAGE)?;
+                let id = batch.read(l, 1, base + u64::from(page) * PAGE)?;
                 page_of[usize::from(id.cid())] = page;
                 sent_at[usize::from(id.cid())] = Some(t);
                 lba_of[usize::from(page)] = l;
             }
-            Style::Batched => {
-                let mut batch = q.batch();
-                for d in &free {
-                    let page = page_of[usize::from(d.id.cid())];
-                    let l = next();
-                    let t = Instant::now();
-                    let id = batch.read(l, 1, base + u64::from(page) * PAGE)?;
-                    page_of[usize::from(id.cid())] = page;
-                    sent_at[usize::from(id.cid())] = Some(t);
-                    lba_of[usize::from(page)] = l;
-                }
-                batch.submit()?;
-            }
-            Style::Prepared => unreachable!("prepared_loop"),
+            batch.submit()?;
         }
     };
     while q.in_flight() > 0 {

@@ -338,12 +338,6 @@ impl<'id> Prepared<'_, 'id> {
     /// back.
     #[inline(always)]
     pub fn push(&mut self, slot: Slot<'id>, op: Op, lba: u64) -> Result<(), Refused<'id>> {
-        self.write(slot, op, lba).map(drop)
-    }
-
-    /// [`push`](Self::push); the submission queue's new tail.
-    #[inline(always)]
-    fn write(&mut self, slot: Slot<'id>, op: Op, lba: u64) -> Result<u16, Refused<'id>> {
         let t = match self.slots.get(usize::from(slot.index)) {
             Some(t) if lba <= t[LAST_LBA] => t,
             _ => return Err(self.refuse(slot, lba)),
@@ -355,7 +349,8 @@ impl<'id> Prepared<'_, 'id> {
         // Dwords 2 to 5 and 14 to 15 of a Read or Write are zero.
         let entry = [t[0] | op as u64, 0, 0, t[3], t[4], lba, t[6], 0];
         self.queue.sq.write(&entry);
-        Ok(self.queue.sq.advance())
+        self.queue.sq.advance();
+        Ok(())
     }
 
     /// Tells the controller about every command pushed so far (one
@@ -368,12 +363,8 @@ impl<'id> Prepared<'_, 'id> {
     /// [`push`](Self::push), then [`ring`](Self::ring).
     #[inline(always)]
     pub fn submit(&mut self, slot: Slot<'id>, op: Op, lba: u64) -> Result<(), Refused<'id>> {
-        let tail = self.write(slot, op, lba)?;
-        // The entry is in memory before the controller hears of it; the
-        // head of completions taken goes right before the tail.
-        fence(Ordering::SeqCst);
-        self.queue.announce_head();
-        self.queue.sq_doorbell.write(u32::from(tail));
+        self.push(slot, op, lba)?;
+        self.queue.ring_sq();
         Ok(())
     }
 
@@ -493,10 +484,8 @@ impl<'id> Prepared<'_, 'id> {
 impl Drop for Prepared<'_, '_> {
     fn drop(&mut self) {
         // Every command pushed and every completion taken is announced
-        // (the same values again are no news to the controller).
+        // (the same tail again is no news to the controller).
         self.queue.ring_sq();
-        let head = self.queue.cq.position();
-        self.queue.cq_doorbell.write(u32::from(head));
         for ((cid, &running), keep) in (0u16..)
             .zip(self.in_flight.iter())
             .zip(self.keeps.iter_mut())

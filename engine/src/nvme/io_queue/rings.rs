@@ -155,18 +155,11 @@ impl IoQueue {
     }
 
     /// Tells the controller the completion queue's head if completions
-    /// were taken since it last heard. Called right before each tail
-    /// doorbell, and before a wait blocks (an interrupt is raised while
-    /// the controller counts entries); not as each completion is taken,
-    /// nor when a look finds nothing (that ring, alone, then a tail, is
-    /// the slow order again: a `poll`-until-empty loop was 0.91 of libvfn
-    /// at QD1 with it). The two doorbells back to back are what QEMU's
-    /// NVMe model serves fastest: a head rung alone at once, then the tail
-    /// later, made a QD1 Read loop 0.70 of libvfn's Reads per second, the
-    /// same loop in libvfn's order 1.48 (BENCHMARKS, the peer check). The
-    /// controller never sees its ring full: each tail doorbell announces
-    /// the head, so it counts at most the commands in flight then, fewer
-    /// than the ring's entries.
+    /// were taken since it last heard: right before each tail doorbell
+    /// and before a wait blocks, never alone as completions are taken
+    /// (QEMU serves head-then-tail back to back far faster: BENCHMARKS,
+    /// the peer check). Each tail announcing the head, the controller
+    /// counts at most the commands then in flight, so never a full ring.
     #[inline(always)]
     pub(in crate::nvme) fn announce_head(&self) {
         let head = u32::from(self.cq.position());
