@@ -23,7 +23,7 @@ use dmabuf_p2p::importer::iommufd::{Ioas, IoasMapping, Iommufd, IovaPlacement, M
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::revoke::{Attachment, RestorePolicy};
 use dmabuf_p2p_engine::edu::Edu;
-use dmabuf_p2p_engine::nvme::{CommandId, Nvme, NvmeProblem};
+use dmabuf_p2p_engine::nvme::{CommandId, Nvme, NvmeOptions, NvmeProblem};
 use dmabuf_p2p_engine::{Completion, DmaEngine, Error, StorageEngine};
 use dmabuf_p2p_vm_tests::{
     DMA_TIMEOUT, Kmsg, assert_bytes, bar_read, bar_write, directive, edu_address, nvme_address,
@@ -37,6 +37,16 @@ fn open_nvme(name: &str, ioas: &Ioas) -> Nvme {
     let nvme = Nvme::open(nvme_address(name).parse().unwrap(), ioas).unwrap();
     assert_eq!(nvme.identity().serial, name, "serial number of {name}");
     nvme
+}
+
+/// `name` (`nvme0`, ...) opened in `ioas` with `io_queues` I/O queues.
+pub(crate) fn open_with_queues(name: &str, ioas: &Ioas, io_queues: u16) -> Nvme {
+    Nvme::open_with_options(
+        nvme_address(name).parse().unwrap(),
+        ioas,
+        NvmeOptions::new().io_queues(io_queues),
+    )
+    .unwrap()
 }
 
 /// A zeroed memfd of `size` bytes mapped read-write in `ioas`.

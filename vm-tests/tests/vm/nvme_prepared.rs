@@ -18,12 +18,10 @@ use dmabuf_p2p::importer::iommufd::{IoasMapping, Iommufd, IovaPlacement, MapPerm
 use dmabuf_p2p::memfd::Memfd;
 use dmabuf_p2p::vfio::BarMapping;
 use dmabuf_p2p::{ByteRange, VfioPciDevice};
-use dmabuf_p2p_engine::nvme::{
-    Dma, Nvme, NvmeOptions, NvmeProblem, Op, Prepared, QueueOptions, Reaped, Slot,
-};
+use dmabuf_p2p_engine::nvme::{Dma, NvmeProblem, Op, Prepared, QueueOptions, Reaped, Slot};
 use dmabuf_p2p_engine::{Completion, StorageEngine};
 use dmabuf_p2p_vm_tests::{
-    Kmsg, assert_bytes, directive, nvme_address, nvme_image, request_host_check, shm_address,
+    Kmsg, assert_bytes, directive, nvme_image, request_host_check, shm_address,
 };
 
 const BLOCK: u64 = 512;
@@ -277,12 +275,7 @@ fn nvme_prepared_random_slots_match_the_namespace() {
     let started = Instant::now();
     let iommufd = Iommufd::open().unwrap();
     let ioas = iommufd.alloc_ioas().unwrap();
-    let mut nvme = Nvme::open_with_options(
-        nvme_address("nvme0").parse().unwrap(),
-        &ioas,
-        NvmeOptions::new().io_queues(2),
-    )
-    .unwrap();
+    let mut nvme = super::nvme::open_with_queues("nvme0", &ioas, 2);
     let len = PER_KIND * BUF_LEN;
     let (ram, ram_map) = super::nvme::ram(&ioas, len);
     let shm = {

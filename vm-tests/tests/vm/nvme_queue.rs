@@ -1393,12 +1393,7 @@ fn nvme_queue_closed_with_reads_in_flight_waits_for_them() {
     const LEN: u64 = 128 << 10;
     let iommufd = Iommufd::open().unwrap();
     let ioas = iommufd.alloc_ioas().unwrap();
-    let nvme = Nvme::open_with_options(
-        nvme_address("nvme0").parse().unwrap(),
-        &ioas,
-        NvmeOptions::new().io_queues(2),
-    )
-    .unwrap();
+    let nvme = super::nvme::open_with_queues("nvme0", &ioas, 2);
     let owner = Nvme::open(nvme_address("nvme1").parse().unwrap(), &ioas).unwrap();
     let cmb = owner.enable_cmb().unwrap();
     let export = owner

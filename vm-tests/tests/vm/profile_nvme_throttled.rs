@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dmabuf_p2p::importer::iommufd::Iommufd;
-use dmabuf_p2p_engine::nvme::{Dma, Nvme, NvmeOptions, NvmeProblem, QueueOptions};
+use dmabuf_p2p_engine::nvme::{Dma, NvmeProblem, QueueOptions};
 use dmabuf_p2p_engine::{Error, StorageEngine};
-use dmabuf_p2p_vm_tests::{Kmsg, nvme_address, nvme_image, vm_profile};
+use dmabuf_p2p_vm_tests::{Kmsg, nvme_image, vm_profile};
 
 const BLOCK: u64 = 512;
 
@@ -29,12 +29,7 @@ fn a_queue_closed_at_once_aborts_its_running_reads_and_says_so() {
     assert_eq!(vm_profile(), "nvme_throttled");
     let iommufd = Iommufd::open().unwrap();
     let ioas = iommufd.alloc_ioas().unwrap();
-    let mut nvme = Nvme::open_with_options(
-        nvme_address("nvme0").parse().unwrap(),
-        &ioas,
-        NvmeOptions::new().io_queues(2),
-    )
-    .unwrap();
+    let mut nvme = super::nvme::open_with_queues("nvme0", &ioas, 2);
     let (mem, map) = super::nvme::ram(&ioas, READS * LEN);
     mem.write_at(0, &vec![0xa5; (READS * LEN) as usize])
         .unwrap();
